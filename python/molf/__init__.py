@@ -1,0 +1,51 @@
+"""molf: optimizer-level routing between full fine-tuning and LoRA (MoLF).
+
+    import molf
+    model = molf.wrap(model, molf.MoLFConfig(ranks=(128,), fft=True))
+    opt = molf.MoLFAdamW(model, lr=2e-5, lora_lr=5e-5)
+    ...; loss.backward(); opt.step(); opt.zero_grad()
+    model = molf.merge(model)
+"""
+
+from ._core import (
+    PHASES,
+    POLICIES,
+    ConfigError,
+    InternalError,
+    Ledger,
+    Router,
+    ScoreError,
+    StateError,
+)
+from ._core import __version__ as core_version
+from .config import MoLFConfig
+from .layer import MoLFLinear
+from .optimizer import SCORES, MoLFAdamW
+from .routing_log import RoutingLog, read_routing_log
+from .summary import RoutingSummary
+from .wrap import is_wrapped, merge, routed_modules, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PHASES",
+    "POLICIES",
+    "SCORES",
+    "ConfigError",
+    "InternalError",
+    "Ledger",
+    "MoLFAdamW",
+    "MoLFConfig",
+    "MoLFLinear",
+    "Router",
+    "RoutingLog",
+    "RoutingSummary",
+    "ScoreError",
+    "StateError",
+    "core_version",
+    "is_wrapped",
+    "merge",
+    "read_routing_log",
+    "routed_modules",
+    "wrap",
+]

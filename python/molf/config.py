@@ -1,0 +1,98 @@
+"""`MoLFConfig`: which layers become routed modules and which experts they carry."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from ._core import ConfigError
+
+__all__ = ["MoLFConfig"]
+
+
+def _tuple_of_str(value: str | Iterable[str] | None, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    out = tuple(value)
+    if not all(isinstance(v, str) and v for v in out):
+        raise ConfigError(f"{name} must be a sequence of non-empty module names, got {value!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class MoLFConfig:
+    """Shape of the experts every wrapped linear layer carries.
+
+    ranks / alphas: one entry per LoRA expert; alphas default to 32 for every rank.
+    fft: keep the dense weight as expert 0 (MoLF); False freezes every base
+        parameter and routes between the LoRA experts alone (MoLF-Efficient).
+    rslora: scale s = alpha / sqrt(r) (default) instead of alpha / r.
+    dropout: dropout on the LoRA path only.
+    target_modules: name suffixes to wrap (e.g. ("q_proj", "v_proj")); None
+        wraps every linear layer (and HF GPT-2 Conv1D) not excluded.
+    exclude_modules: name suffixes never wrapped (default: the output head).
+    """
+
+    ranks: tuple[int, ...] = (128,)
+    alphas: tuple[float, ...] | None = None
+    fft: bool = True
+    rslora: bool = True
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    exclude_modules: tuple[str, ...] = field(default=("lm_head",))
+
+    def __post_init__(self) -> None:
+        ranks = (self.ranks,) if isinstance(self.ranks, int) else tuple(self.ranks)
+        if not ranks:
+            raise ConfigError("ranks must name at least one LoRA expert, got ()")
+        for r in ranks:
+            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+                raise ConfigError(f"ranks must be positive integers, got {self.ranks!r}")
+        if self.alphas is None:
+            alphas = (32.0,) * len(ranks)
+        else:
+            alphas = (self.alphas,) if isinstance(self.alphas, (int, float)) else tuple(self.alphas)
+            if len(alphas) != len(ranks):
+                raise ConfigError(
+                    f"alphas must have one entry per rank: ranks={ranks} but alphas={alphas}"
+                )
+            for a in alphas:
+                if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
+                    raise ConfigError(f"alphas must be positive finite numbers, got {self.alphas!r}")
+            alphas = tuple(float(a) for a in alphas)
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.fft, bool) or not isinstance(self.rslora, bool):
+            raise ConfigError("fft and rslora must be booleans")
+        object.__setattr__(self, "ranks", ranks)
+        object.__setattr__(self, "alphas", alphas)
+        object.__setattr__(self, "target_modules", _tuple_of_str(self.target_modules, "target_modules"))
+        object.__setattr__(self, "exclude_modules", _tuple_of_str(self.exclude_modules, "exclude_modules") or ())
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """The LoRA scale s_i of each LoRA expert."""
+        return tuple(a / (math.sqrt(r) if self.rslora else r) for a, r in zip(self.alphas, self.ranks))
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.ranks) + int(self.fft)
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        lora = tuple(f"lora{i}_r{r}" for i, r in enumerate(self.ranks))
+        return (("dense",) + lora) if self.fft else lora
+
+    def to_dict(self) -> dict:
+        return {
+            "ranks": list(self.ranks),
+            "alphas": list(self.alphas),
+            "fft": self.fft,
+            "rslora": self.rslora,
+            "dropout": self.dropout,
+            "target_modules": None if self.target_modules is None else list(self.target_modules),
+            "exclude_modules": list(self.exclude_modules),
+        }

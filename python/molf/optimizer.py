@@ -1,0 +1,449 @@
+"""`MoLFAdamW`: AdamW whose update goes, per wrapped module and step, to the
+expert(s) that the Rust router picks from gradient-guided scores (SPEC §2)."""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import warnings
+from collections import defaultdict
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _kernels
+from ._core import ConfigError, Ledger, Router, StateError
+from .routing_log import RoutingLog
+from .summary import RoutingSummary
+from .wrap import expert_tag
+
+__all__ = ["MoLFAdamW", "SCORES"]
+
+SCORES = ("epd", "pfn")
+_ROLES = ("plain", "dense", "lora")
+_META_KEY = "molf_meta"
+_META_VERSION = 1
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if value < low or value > high or (high_open and value == high):
+        bracket = ")" if high_open else "]"
+        raise ConfigError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
+
+
+def _resolve_state_dtype(state_dtype: Any) -> str | torch.dtype:
+    if state_dtype in ("auto", "param"):
+        return state_dtype
+    if isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point:
+        return state_dtype
+    raise ConfigError(f"state_dtype must be 'auto', 'param' or a floating torch.dtype, got {state_dtype!r}")
+
+
+class MoLFAdamW(torch.optim.Optimizer):
+    """AdamW with per-module routing between the experts of molf-wrapped layers.
+
+    `params` is the wrapped model, or parameters / param groups of it (as the
+    HF Trainer passes them). Dense experts and unrouted parameters use `lr` and
+    `weight_decay`; LoRA experts use `lora_lr` and `lora_weight_decay` (defaulting
+    to `lr` and `weight_decay`; group keys of the same names override them per
+    group). Tensors with fewer than 2 dimensions (biases, norm weights) and
+    groups with `weight_decay=0` get no decay.
+
+    Routing: `topk` experts per module win each step by `score` ("epd", the
+    expected preconditioned descent, or "pfn"); `policy` "topk" is the paper's,
+    "hysteresis" keeps an incumbent unless a challenger beats it by `margin`
+    (relative) and holds each choice at least `min_dwell` steps; during the first
+    `warmup_steps` steps every expert is updated; after `freeze_after` steps the
+    routing is frozen.
+
+    `state_dtype`: "auto" (default) keeps the moments in float32 for bf16/fp16
+    parameters and in the parameter's dtype otherwise; "param" always uses the
+    parameter's dtype (exactly what torch.optim.AdamW does); or a torch dtype.
+
+    `log_path`: append one JSON line per `log_every` steps with every module's
+    scores and winners (see `molf.routing_log`).
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        lora_lr: float | None = None,
+        weight_decay: float = 1e-2,
+        lora_weight_decay: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        *,
+        topk: int = 1,
+        score: str = "epd",
+        policy: str = "topk",
+        margin: float = 0.0,
+        min_dwell: int = 0,
+        warmup_steps: int = 0,
+        freeze_after: int | None = None,
+        ema_decay: float = 0.9,
+        state_dtype: str | torch.dtype = "auto",
+        log_path: str | os.PathLike | None = None,
+        log_every: int = 1,
+    ) -> None:
+        _check_number("lr", lr)
+        _check_number("weight_decay", weight_decay)
+        _check_number("eps", eps)
+        if lora_lr is not None:
+            _check_number("lora_lr", lora_lr)
+        if lora_weight_decay is not None:
+            _check_number("lora_weight_decay", lora_weight_decay)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        if score not in SCORES:
+            raise ConfigError(f"unknown score {score!r}; expected one of {', '.join(map(repr, SCORES))}")
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise ConfigError(f"log_every must be an integer >= 1, got {log_every!r}")
+        self._state_dtype = _resolve_state_dtype(state_dtype)
+        self.score = score
+
+        groups, self.module_names, self.expert_names = self._build_groups(
+            params, lr, lora_lr, weight_decay, lora_weight_decay
+        )
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(groups, defaults)
+        self._router = Router(
+            len(self.module_names), len(self.expert_names), topk=topk, policy=policy, margin=margin,
+            min_dwell=min_dwell, warmup_steps=warmup_steps, freeze_after=freeze_after,
+        )
+        self._ledger = Ledger(len(self.module_names), len(self.expert_names), ema_decay=ema_decay)
+        if topk >= len(self.expert_names):
+            warnings.warn(
+                f"topk={topk} >= {len(self.expert_names)} experts per module: routing is off and every "
+                "expert is updated every step (plain AdamW over all experts)",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._log = None if log_path is None else RoutingLog(log_path, self.module_names, self.expert_names, log_every)
+
+    # ------------------------------------------------------------------ groups
+
+    @staticmethod
+    def _user_groups(params: Any) -> list[dict]:
+        if isinstance(params, nn.Module):
+            return [{"params": [p for p in params.parameters() if p.requires_grad]}]
+        if isinstance(params, torch.Tensor):
+            raise ConfigError("params must be a model, an iterable of parameters or of param-group dicts, not a tensor")
+        items = list(params)
+        if not items:
+            raise ConfigError("MoLFAdamW got an empty parameter list")
+        if all(isinstance(g, dict) for g in items):
+            out = []
+            for g in items:
+                if "params" not in g:
+                    raise ConfigError(f"param group without a 'params' key: keys {sorted(g)}")
+                ps = g["params"]
+                ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+                out.append({**g, "params": ps})
+            return out
+        if all(isinstance(p, torch.Tensor) for p in items):
+            return [{"params": items}]
+        raise ConfigError("params must be a model, an iterable of parameters, or an iterable of param-group dicts")
+
+    def _build_groups(self, params, lr, lora_lr, weight_decay, lora_weight_decay):
+        """Split each user group by role (plain / dense expert / LoRA expert) and
+        decay; return the groups, the routed module names and the expert names."""
+        user_groups = self._user_groups(params)
+        seen: set[int] = set()
+        tags = []
+        for g in user_groups:
+            for p in g["params"]:
+                if not isinstance(p, torch.Tensor):
+                    raise ConfigError(f"param groups must hold tensors, got {type(p).__name__}")
+                if id(p) in seen:
+                    raise ConfigError("a parameter appears in more than one param group (or twice in one)")
+                seen.add(id(p))
+                tag = expert_tag(p)
+                if tag is not None:
+                    tags.append(tag)
+        if not tags:
+            raise ConfigError(
+                "MoLFAdamW found no molf-wrapped parameters to route: call molf.wrap(model, config) "
+                "before building the optimizer (or pass the wrapped model's parameters)"
+            )
+        # Compact module indices, in wrap order, over the modules this optimizer sees.
+        orders = sorted({t.order for t in tags})
+        index_of = {o: i for i, o in enumerate(orders)}
+        num_experts = {t.num_experts for t in tags}
+        if len(num_experts) != 1:
+            raise ConfigError(f"all routed modules must carry the same number of experts, got {sorted(num_experts)}")
+        (E,) = num_experts
+        module_names = [""] * len(orders)
+        expert_names = [""] * E
+        for t in tags:
+            module_names[index_of[t.order]] = t.module
+            expert_names[t.expert] = t.name
+        if not all(expert_names):
+            raise ConfigError(f"the parameters given cover only experts {expert_names} of every module")
+
+        groups: list[dict] = []
+        for g in user_groups:
+            extra = {k: v for k, v in g.items() if k not in ("params", "lora_lr", "lora_weight_decay")}
+            group_lr = g.get("lr", lr)
+            group_wd = g.get("weight_decay", weight_decay)
+            g_lora_lr = g.get("lora_lr", lora_lr if lora_lr is not None else group_lr)
+            g_lora_wd = g.get("lora_weight_decay", lora_weight_decay if lora_weight_decay is not None else group_wd)
+            split: dict[tuple[str, bool], dict] = {}
+            for p in g["params"]:
+                tag = expert_tag(p)
+                role = "plain" if tag is None else tag.kind
+                decay = p.dim() >= 2 and group_wd != 0
+                key = (role, decay)
+                if key not in split:
+                    is_lora = role == "lora"
+                    split[key] = {
+                        **extra,
+                        "params": [],
+                        "lr": g_lora_lr if is_lora else group_lr,
+                        "weight_decay": (g_lora_wd if is_lora else group_wd) if decay else 0.0,
+                        "molf_role": role,
+                    }
+                    if role != "plain":
+                        split[key]["molf_slots"] = []
+                split[key]["params"].append(p)
+                if tag is not None:
+                    split[key]["molf_slots"].append(index_of[tag.order] * E + tag.expert)
+            groups.extend(split[k] for k in sorted(split, key=lambda k: (_ROLES.index(k[0]), not k[1])))
+        return groups, module_names, expert_names
+
+    def _state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
+        if self._state_dtype == "param":
+            return p.dtype
+        if self._state_dtype == "auto":
+            return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+        return self._state_dtype
+
+    def _init_group(self, group: dict):
+        """Params with a gradient, their grads (in state dtype) and lazily created state."""
+        idx, params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("MoLFAdamW does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                dtype = self._state_dtype_for(p)
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            m = state["exp_avg"]
+            idx.append(i)
+            params.append(p)
+            grads.append(p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype))
+            exp_avgs.append(m)
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return idx, params, grads, exp_avgs, exp_avg_sqs, steps
+
+    # -------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One MoLF step: moments for all experts, scores, route, update winners."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = []  # (group, idx, params, exp_avgs, exp_avg_sqs, steps)
+        for group in self.param_groups:
+            idx, params, grads, exp_avgs, exp_avg_sqs, steps = self._init_group(group)
+            beta1, beta2 = group["betas"]
+            _kernels.update_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
+            if steps:
+                torch._foreach_add_(steps, 1)
+            work.append((group, idx, params, exp_avgs, exp_avg_sqs, steps))
+
+        scores = self._scores(work)
+        mask = self._router.route(scores)
+        self._ledger.record(scores, mask)
+        if self._log is not None:
+            self._log.write(self._ledger.step, self._router_phase_of_last_step(), scores, mask)
+
+        winner_slots = mask.reshape(-1)
+        for group, idx, params, exp_avgs, exp_avg_sqs, steps in work:
+            if group["molf_role"] != "plain":
+                slots = np.asarray(group["molf_slots"], dtype=np.int64)[idx] if idx else np.empty(0, np.int64)
+                keep = np.flatnonzero(winner_slots[slots])
+                params = [params[k] for k in keep]
+                exp_avgs = [exp_avgs[k] for k in keep]
+                exp_avg_sqs = [exp_avg_sqs[k] for k in keep]
+                steps = [steps[k] for k in keep]
+            self._update(group, params, exp_avgs, exp_avg_sqs, steps)
+        return loss
+
+    def _scores(self, work) -> np.ndarray:
+        """The [modules x experts] score matrix, with one device-to-host transfer."""
+        sums, slots, lrs, numels = [], [], [], []
+        for group, idx, params, exp_avgs, exp_avg_sqs, _ in work:
+            if group["molf_role"] == "plain" or not idx:
+                continue
+            sums.append(_kernels.score_sums(exp_avgs, exp_avg_sqs, group["eps"], self.score))
+            group_slots = group["molf_slots"]
+            slots.extend(group_slots[i] for i in idx)
+            lrs.extend([float(group["lr"])] * len(idx))
+            numels.extend(p.numel() for p in params)
+        M, E = len(self.module_names), len(self.expert_names)
+        if not sums:
+            return np.full((M, E), np.nan)
+        per_tensor = torch.cat([s.to("cpu", non_blocking=False) for s in sums]).numpy()
+        slots_a = np.asarray(slots, dtype=np.int64)
+        numel = np.bincount(slots_a, weights=np.asarray(numels, dtype=np.float64), minlength=M * E)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if self.score == "epd":
+                num = np.bincount(slots_a, weights=np.asarray(lrs) * per_tensor, minlength=M * E)
+                scores = num / numel
+            else:
+                num = np.bincount(slots_a, weights=per_tensor, minlength=M * E)
+                scores = np.sqrt(num) / np.sqrt(numel)
+        scores[numel == 0] = np.nan  # an expert without gradients this step never wins
+        return scores.reshape(M, E)
+
+    def _router_phase_of_last_step(self) -> str:
+        # The router's `phase` is that of its next call; the step just routed was call step-1.
+        s = self._router.step - 1
+        r = self._router
+        if s < r.warmup_steps:
+            return "warmup"
+        if r.freeze_after is not None and s >= r.freeze_after:
+            return "frozen"
+        return "routing"
+
+    def _update(self, group, params, exp_avgs, exp_avg_sqs, steps) -> None:
+        """AdamW on the given tensors, batched by (step count, needs an upcast copy)."""
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        batches: dict[tuple[float, bool], list[int]] = defaultdict(list)
+        for k, (p, m, s) in enumerate(zip(params, exp_avgs, steps)):
+            batches[(float(s), p.dtype != m.dtype)].append(k)
+        for (step, upcast), ks in batches.items():
+            ps = [params[k] for k in ks]
+            targets = [p.to(exp_avgs[k].dtype) for p, k in zip(ps, ks)] if upcast else ps
+            _kernels.adamw_update_(
+                targets, [exp_avgs[k] for k in ks], [exp_avg_sqs[k] for k in ks], step,
+                float(group["lr"]), group["weight_decay"], beta1, beta2, group["eps"],
+            )
+            if upcast:
+                torch._foreach_copy_(ps, targets)
+
+    # ---------------------------------------------------------------- insight
+
+    @property
+    def router(self) -> Router:
+        """The Rust router (read it, don't step it: the optimizer does)."""
+        return self._router
+
+    @property
+    def ledger(self) -> Ledger:
+        """The Rust ledger of scores, wins and switches."""
+        return self._ledger
+
+    def routing_summary(self) -> RoutingSummary:
+        """Per-expert shares, switches and per-module statistics so far."""
+        return RoutingSummary.from_ledger(self._ledger, self.module_names, self.expert_names, self._router.phase)
+
+    # ------------------------------------------------------------- checkpoint
+
+    def _meta(self) -> dict:
+        return {
+            "version": _META_VERSION,
+            "modules": list(self.module_names),
+            "experts": list(self.expert_names),
+            "score": self.score,
+            "router": base64.b64encode(self._router.to_bytes()).decode("ascii"),
+            "ledger": base64.b64encode(self._ledger.to_bytes()).decode("ascii"),
+        }
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state, plus the router and ledger as plain data in
+        the first routed param group (group scalars only, so
+        torch.distributed.checkpoint and `torch.load(weights_only=True)` accept it)."""
+        sd = super().state_dict()
+        sd["param_groups"][self._meta_group_index()][_META_KEY] = self._meta()
+        return sd
+
+    def _meta_group_index(self) -> int:
+        return next(i for i, g in enumerate(self.param_groups) if g["molf_role"] != "plain")
+
+    def _decode_meta(self, meta: Any) -> tuple[Router, Ledger]:
+        if not isinstance(meta, dict) or meta.get("version") != _META_VERSION:
+            version = meta.get("version") if isinstance(meta, dict) else None
+            raise StateError(f"unsupported molf optimizer state version {version!r}; this molf reads {_META_VERSION}")
+        if meta.get("modules") != self.module_names or meta.get("experts") != self.expert_names:
+            raise StateError(
+                "optimizer checkpoint is for a different routing structure: "
+                f"{len(meta.get('modules', []))} modules x experts {meta.get('experts')} saved, "
+                f"{len(self.module_names)} modules x experts {self.expert_names} here"
+            )
+        if meta.get("score") != self.score:
+            raise StateError(f"checkpoint was saved with score={meta.get('score')!r}, this optimizer uses {self.score!r}")
+        try:
+            router = Router.from_bytes(base64.b64decode(meta["router"], validate=True))
+            ledger = Ledger.from_bytes(base64.b64decode(meta["ledger"], validate=True))
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, StateError):
+                raise
+            raise StateError(f"corrupt molf router state in checkpoint: {exc}") from exc
+        if (router.num_modules, router.num_experts) != (ledger.num_modules, ledger.num_experts) or (
+            router.num_modules,
+            router.num_experts,
+        ) != (len(self.module_names), len(self.expert_names)):
+            raise StateError("router and ledger state do not match this optimizer's routing structure")
+        return router, ledger
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a `state_dict()`; refuse (changing nothing) one from another model."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list):
+            raise StateError("not an optimizer state_dict: no 'param_groups' list")
+        metas = [(i, g[_META_KEY]) for i, g in enumerate(groups) if isinstance(g, dict) and _META_KEY in g]
+        if len(metas) != 1:
+            raise StateError(f"expected the molf routing state in exactly one param group, found {len(metas)}")
+        router, ledger = self._decode_meta(metas[0][1])
+        if len(groups) != len(self.param_groups):
+            raise StateError(f"checkpoint has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
+        stripped = dict(state_dict)
+        stripped["param_groups"] = [{k: v for k, v in g.items() if k != _META_KEY} for g in groups]
+        for mine, saved in zip(self.param_groups, stripped["param_groups"]):
+            if mine["molf_role"] != saved.get("molf_role") or mine.get("molf_slots") != saved.get("molf_slots"):
+                raise StateError("optimizer checkpoint's param groups do not match this model's routing structure")
+        super().load_state_dict(stripped)
+        # torch casts loaded state to each parameter's dtype; restore the state dtype we chose.
+        saved_ids = [i for g in stripped["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if saved is None:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                self.state[p][key] = saved[key].to(device=p.device, dtype=self._state_dtype_for(p), copy=True)
+        self._router, self._ledger = router, ledger
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update(
+            score=self.score, _state_dtype=self._state_dtype, module_names=self.module_names,
+            expert_names=self.expert_names, _log=self._log, _molf_meta=self._meta(),
+        )
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        meta = state.pop("_molf_meta")
+        super().__setstate__(state)
+        self._router = Router.from_bytes(base64.b64decode(meta["router"]))
+        self._ledger = Ledger.from_bytes(base64.b64decode(meta["ledger"]))

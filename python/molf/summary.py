@@ -1,0 +1,70 @@
+"""`RoutingSummary`: what the router has decided so far, for logs and people."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["RoutingSummary"]
+
+
+@dataclass(frozen=True)
+class RoutingSummary:
+    """Routing statistics of one optimizer.
+
+    `win_share`: share of all (module, step) wins taken by each expert so far;
+    `current_share`: share of modules whose latest winners include each expert;
+    `switches`: times a module's winner set changed; `no_winner_events`: module
+    steps skipped because no expert had a finite score.
+    `modules`: per module name, its wins per expert, switches and latest winners.
+    """
+
+    step: int
+    phase: str
+    experts: list[str]
+    win_share: dict[str, float]
+    current_share: dict[str, float]
+    switches: int
+    switch_rate: float
+    no_winner_events: int
+    checksum: int
+    modules: dict[str, dict]
+
+    @classmethod
+    def from_ledger(cls, ledger, module_names: list[str], expert_names: list[str], phase: str) -> "RoutingSummary":
+        s = ledger.summary()
+        wins, switches, last = ledger.wins(), ledger.switches(), ledger.last_mask()
+        modules = {
+            name: {
+                "wins": {e: int(w) for e, w in zip(expert_names, wins[i])},
+                "switches": int(switches[i]),
+                "winners": [e for e, won in zip(expert_names, last[i]) if won],
+            }
+            for i, name in enumerate(module_names)
+        }
+        return cls(
+            step=int(s["step"]),
+            phase=phase,
+            experts=list(expert_names),
+            win_share=dict(zip(expert_names, map(float, s["win_share"]))),
+            current_share=dict(zip(expert_names, map(float, s["current_share"]))),
+            switches=int(s["switches"]),
+            switch_rate=float(s["switch_rate"]),
+            no_winner_events=int(s["no_winner_events"]),
+            checksum=int(s["checksum"]),
+            modules=modules,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        width = max(len(e) for e in self.experts)
+        lines = [
+            f"molf routing after {self.step} steps ({self.phase}); {len(self.modules)} modules, "
+            f"{self.switches} switches (rate {self.switch_rate:.4f}), "
+            f"{self.no_winner_events} module-steps without a finite score",
+            f"  {'expert':<{width}}  {'now':>7}  {'overall':>7}",
+        ]
+        for e in self.experts:
+            lines.append(f"  {e:<{width}}  {self.current_share[e]:>7.1%}  {self.win_share[e]:>7.1%}")
+        return "\n".join(lines)
