@@ -27,6 +27,7 @@ class MoLFConfig:
     """Shape of the experts every wrapped linear layer carries.
 
     ranks / alphas: one entry per LoRA expert; alphas default to 32 for every rank.
+        ranks=() with fft=True leaves the dense weight as the only expert.
     fft: keep the dense weight as expert 0 (MoLF); False freezes every base
         parameter and routes between the LoRA experts alone (MoLF-Efficient).
     rslora: scale s = alpha / sqrt(r) (default) instead of alpha / r.
@@ -46,8 +47,8 @@ class MoLFConfig:
 
     def __post_init__(self) -> None:
         ranks = (self.ranks,) if isinstance(self.ranks, int) else tuple(self.ranks)
-        if not ranks:
-            raise ConfigError("ranks must name at least one LoRA expert, got ()")
+        if not ranks and not self.fft:
+            raise ConfigError("ranks must name at least one LoRA expert when fft=False, got ()")
         for r in ranks:
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
                 raise ConfigError(f"ranks must be positive integers, got {self.ranks!r}")

@@ -83,17 +83,21 @@ class MoLFLinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """sum_i s_i B_i A_i in float32, shaped like `base.weight`."""
+        """sum_i s_i B_i A_i, shaped like `base.weight`, in at least float32."""
+        dtype = torch.promote_types(self.base.weight.dtype, torch.float32)
         delta = sum(
-            s * (b.float() @ a.float()) for a, b, s in zip(self.lora_A, self.lora_B, self.scales)
+            s * (b.to(dtype) @ a.to(dtype)) for a, b, s in zip(self.lora_A, self.lora_B, self.scales)
         )
         return delta.T if self.transposed else delta
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
         """The base layer with every LoRA expert folded into its weight."""
+        if not self.ranks:
+            return self.base
         w = self.base.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        delta = self.delta_weight()
+        w.copy_((w.to(delta.dtype) + delta).to(w.dtype))
         return self.base
 
     def extra_repr(self) -> str:
