@@ -68,7 +68,7 @@ CASES = [
 def test_matches_float64_reference(fft, ranks, topk, score, seed):
     cfg = molf.MoLFConfig(ranks=ranks, alphas=(8.0,) * len(ranks), fft=fft)
     model = build(seed, cfg)
-    hp = dict(lr=3e-3, lora_lr=2e-2, wd=0.1, lora_wd=0.01, betas=(0.9, 0.99), eps=1e-8)
+    hp = dict(lr=3e-3, lora_lr=3e-3, wd=0.1, lora_wd=0.01, betas=(0.9, 0.99), eps=1e-8)
     opt = molf.MoLFAdamW(
         model, lr=hp["lr"], lora_lr=hp["lora_lr"], weight_decay=hp["wd"], lora_weight_decay=hp["lora_wd"],
         betas=hp["betas"], eps=hp["eps"], topk=topk, score=score,
@@ -103,4 +103,4 @@ def test_matches_float64_reference(fft, ranks, topk, score, seed):
                     p.detach().numpy(), ref.p[n], rtol=1e-10, atol=1e-13, err_msg=f"{n} differs at step {t}"
                 )
     # The run must exercise routing, not pass through one expert only.
-    assert len(wins_seen) >= min(2, len(modules[0])), f"only experts {wins_seen} ever won"
+    assert wins_seen == set(range(len(modules[0]))), f"only experts {wins_seen} ever won"

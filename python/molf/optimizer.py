@@ -443,7 +443,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        meta = state.pop("_molf_meta")
+        # torch's load_state_dict also comes through here, with state and groups only.
+        meta = state.pop("_molf_meta", None)
         super().__setstate__(state)
+        if meta is None:
+            return
         self._router = Router.from_bytes(base64.b64decode(meta["router"]))
         self._ledger = Ledger.from_bytes(base64.b64decode(meta["ledger"]))
