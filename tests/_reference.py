@@ -17,7 +17,8 @@ class ReferenceMoLF:
     plain: names of parameters outside routed modules.
     lora: set of names of LoRA-expert parameters (they use lora_lr / lora_wd)."""
 
-    def __init__(self, params, modules, plain, lora, *, lr, lora_lr, wd, lora_wd, betas, eps, topk, score):
+    def __init__(self, params, modules, plain, lora, *, lr, lora_lr, wd, lora_wd, betas, eps, topk, score,
+                 lagged=False):
         self.p = {n: np.array(v, dtype=np.float64) for n, v in params.items()}
         self.m = {n: np.zeros_like(v) for n, v in self.p.items()}
         self.v = {n: np.zeros_like(v) for n, v in self.p.items()}
@@ -27,6 +28,8 @@ class ReferenceMoLF:
         self.b1, self.b2 = betas
         self.eps, self.topk, self.score = eps, topk, score
         self.history = []  # winners per step: list (per module) of sorted expert lists
+        self.lagged = lagged  # route step t on the scores of step t-1 (step 1 on its own)
+        self.previous_scores = None
 
     def _lr(self, name, factor):
         return (self.lora_lr if name in self.lora else self.lr) * factor
@@ -72,9 +75,13 @@ class ReferenceMoLF:
             self.m[n] = self.b1 * self.m[n] + (1 - self.b1) * g
             self.v[n] = self.b2 * self.v[n] + (1 - self.b2) * g * g
             self.t[n] += 1
+        scores_now = [[self._expert_score(names, factor) for names in experts] for experts in self.modules]
+        routed_on = scores_now
+        if self.lagged and self.previous_scores is not None:
+            routed_on = self.previous_scores
+        self.previous_scores = scores_now
         winners_per_module = []
-        for experts in self.modules:
-            scores = [self._expert_score(names, factor) for names in experts]
+        for experts, scores in zip(self.modules, routed_on):
             winners = self._route(scores)
             winners_per_module.append(winners)
             for e in winners:

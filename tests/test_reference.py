@@ -66,17 +66,30 @@ CASES = [
 @pytest.mark.parametrize("fft,ranks,topk,score", CASES)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_float64_reference(fft, ranks, topk, score, seed):
+    check_against_reference(fft, ranks, topk, score, seed)
+
+
+@pytest.mark.parametrize("fft,ranks,topk,score", [CASES[0], CASES[4], CASES[5]])
+def test_lagged_matches_float64_reference(fft, ranks, topk, score):
+    check_against_reference(fft, ranks, topk, score, seed=0, lagged=True)
+
+
+def check_against_reference(fft, ranks, topk, score, seed, lagged=False, configure=None):
+    """Train a float64 model with MoLFAdamW and the reference side by side;
+    `configure(opt)` may switch the optimizer's kernels before the first step."""
     cfg = molf.MoLFConfig(ranks=ranks, alphas=(8.0,) * len(ranks), fft=fft)
     model = build(seed, cfg)
     hp = dict(lr=3e-3, lora_lr=3e-3, wd=0.1, lora_wd=0.01, betas=(0.9, 0.99), eps=1e-8)
     opt = molf.MoLFAdamW(
         model, lr=hp["lr"], lora_lr=hp["lora_lr"], weight_decay=hp["wd"], lora_weight_decay=hp["lora_wd"],
-        betas=hp["betas"], eps=hp["eps"], topk=topk, score=score,
+        betas=hp["betas"], eps=hp["eps"], topk=topk, score=score, lagged=lagged,
     )
+    if configure is not None:
+        configure(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     modules, plain, lora = structure(model)
     params = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if p.requires_grad}
-    ref = ReferenceMoLF(params, modules, plain, lora, topk=topk, score=score, **hp)
+    ref = ReferenceMoLF(params, modules, plain, lora, topk=topk, score=score, lagged=lagged, **hp)
 
     gen = torch.Generator().manual_seed(100 + seed)
     wins_seen = set()

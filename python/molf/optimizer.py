@@ -8,7 +8,8 @@ import math
 import os
 import warnings
 from collections import defaultdict
-from typing import Any, Iterable
+from types import ModuleType
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +46,87 @@ def _resolve_state_dtype(state_dtype: Any) -> str | torch.dtype:
     raise ConfigError(f"state_dtype must be 'auto', 'param' or a floating torch.dtype, got {state_dtype!r}")
 
 
+def _fused_kernels(option: bool | None, params: list[torch.Tensor]) -> ModuleType | None:
+    """The Triton kernels when they apply (every parameter on CUDA, triton
+    importable, `fused` not False), else None for the foreach path."""
+    if option is False:
+        return None
+    kernels = None
+    if params and all(p.is_cuda for p in params):
+        try:
+            from . import _fused as kernels
+        except ImportError:
+            kernels = None
+    if option is True and kernels is None:
+        raise ConfigError("fused=True needs every parameter on a CUDA device and triton installed")
+    return kernels
+
+
+class _GroupWork(NamedTuple):
+    """One param group's tensors that have a gradient this step (positions in `idx`)."""
+
+    group: dict
+    idx: list[int]
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    steps: list[torch.Tensor]
+
+
+class _ScoreSources:
+    """Per-tensor score sums on the device, and what turns them into the
+    [modules x experts] score matrix on the host: slot, lr and element count."""
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor] = []
+        self.slots: list[int] = []
+        self.lrs: list[float] = []
+        self.numels: list[int] = []
+        self._host: torch.Tensor | None = None
+        self._event = None
+
+    def add(self, sums: torch.Tensor, slots: list[int], lr: float, numels: list[int]) -> None:
+        self.sums.append(sums)
+        self.slots.extend(slots)
+        self.lrs.extend([lr] * len(slots))
+        self.numels.extend(numels)
+
+    def start_copy(self) -> None:
+        """Begin the device-to-host copy without waiting for it (lagged mode)."""
+        if not self.sums or self.sums[0].device.type != "cuda":
+            return
+        flat = torch.cat(self.sums)
+        self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        self._host.copy_(flat, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def _per_tensor(self) -> np.ndarray:
+        if self._host is not None:
+            if not self._event.query():
+                self._event.synchronize()
+            return self._host.numpy()
+        return torch.cat(self.sums).cpu().numpy()  # the step's one device-to-host transfer
+
+    def matrix(self, shape: tuple[int, int], score: str) -> np.ndarray:
+        M, E = shape
+        if not self.sums:
+            return np.full(shape, np.nan)
+        per_tensor = self._per_tensor()
+        slots = np.asarray(self.slots, dtype=np.int64)
+        numel = np.bincount(slots, weights=np.asarray(self.numels, dtype=np.float64), minlength=M * E)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if score == "epd":
+                num = np.bincount(slots, weights=np.asarray(self.lrs) * per_tensor, minlength=M * E)
+                scores = num / numel
+            else:
+                num = np.bincount(slots, weights=per_tensor, minlength=M * E)
+                scores = np.sqrt(num) / np.sqrt(numel)
+        scores[numel == 0] = np.nan  # an expert without gradients this step never wins
+        return scores.reshape(M, E)
+
+
 class MoLFAdamW(torch.optim.Optimizer):
     """AdamW with per-module routing between the experts of molf-wrapped layers.
 
@@ -68,6 +150,15 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     `log_path`: append one JSON line per `log_every` steps with every module's
     scores and winners (see `molf.routing_log`).
+
+    `fused`: None (default) uses the Triton kernels when every parameter is on
+    CUDA and triton is installed, the foreach path otherwise; True requires them.
+    Either way a step makes one device-to-host transfer (the score sums).
+
+    `lagged`: route step t on the scores computed at step t-1 (the first step
+    routes on its own). The step then never waits for the device; moments
+    still advance every step and the winners' updates use the current moments.
+    The routing log and ledger record, at step t, the scores that were routed on.
     """
 
     def __init__(
@@ -91,6 +182,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         state_dtype: str | torch.dtype = "auto",
         log_path: str | os.PathLike | None = None,
         log_every: int = 1,
+        fused: bool | None = None,
+        lagged: bool = False,
     ) -> None:
         _check_number("lr", lr)
         _check_number("weight_decay", weight_decay)
@@ -128,6 +221,11 @@ class MoLFAdamW(torch.optim.Optimizer):
                 stacklevel=2,
             )
         self._log = None if log_path is None else RoutingLog(log_path, self.module_names, self.expert_names, log_every)
+        if fused not in (None, True, False) or not isinstance(lagged, bool):
+            raise ConfigError(f"fused must be None, True or False and lagged a bool, got {fused!r}, {lagged!r}")
+        self._fused = _fused_kernels(fused, [p for g in self.param_groups for p in g["params"]])
+        self.lagged = lagged
+        self._pending: _ScoreSources | np.ndarray | None = None  # lagged mode: the previous step's scores
 
     # ------------------------------------------------------------------ groups
 
@@ -226,9 +324,9 @@ class MoLFAdamW(torch.optim.Optimizer):
             return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
         return self._state_dtype
 
-    def _init_group(self, group: dict):
+    def _init_group(self, group: dict) -> _GroupWork:
         """Params with a gradient, their grads (in state dtype) and lazily created state."""
-        idx, params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
+        w = _GroupWork(group, [], [], [], [], [], [])
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -241,13 +339,14 @@ class MoLFAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             m = state["exp_avg"]
-            idx.append(i)
-            params.append(p)
-            grads.append(p.grad if p.grad.dtype == m.dtype else p.grad.to(m.dtype))
-            exp_avgs.append(m)
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        return idx, params, grads, exp_avgs, exp_avg_sqs, steps
+            w.idx.append(i)
+            w.params.append(p)
+            # The fused kernels read any grad dtype; the foreach ops need the state's.
+            w.grads.append(p.grad if p.grad.dtype == m.dtype or self._fused else p.grad.to(m.dtype))
+            w.exp_avgs.append(m)
+            w.exp_avg_sqs.append(state["exp_avg_sq"])
+            w.steps.append(state["step"])
+        return w
 
     # -------------------------------------------------------------------- step
 
@@ -258,60 +357,92 @@ class MoLFAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = [self._init_group(g) for g in self.param_groups]
+        sources = _ScoreSources()
+        for w in work:
+            if not w.params:
+                continue
+            torch._foreach_add_(w.steps, 1)
+            if w.group["molf_role"] == "plain":
+                self._moments_and_update(w)
+            else:
+                self._moments_and_scores(w, sources)
 
-        work = []  # (group, idx, params, exp_avgs, exp_avg_sqs, steps)
-        for group in self.param_groups:
-            idx, params, grads, exp_avgs, exp_avg_sqs, steps = self._init_group(group)
-            beta1, beta2 = group["betas"]
-            _kernels.update_moments_(exp_avgs, exp_avg_sqs, grads, beta1, beta2)
-            if steps:
-                torch._foreach_add_(steps, 1)
-            work.append((group, idx, params, exp_avgs, exp_avg_sqs, steps))
-
-        scores = self._scores(work)
+        scores = self._scores_to_route(sources)
         mask = self._router.route(scores)
         self._ledger.record(scores, mask)
         if self._log is not None:
             self._log.write(self._ledger.step, self._router_phase_of_last_step(), scores, mask)
 
         winner_slots = mask.reshape(-1)
-        for group, idx, params, exp_avgs, exp_avg_sqs, steps in work:
-            if group["molf_role"] != "plain":
-                slots = np.asarray(group["molf_slots"], dtype=np.int64)[idx] if idx else np.empty(0, np.int64)
-                keep = np.flatnonzero(winner_slots[slots])
-                params = [params[k] for k in keep]
-                exp_avgs = [exp_avgs[k] for k in keep]
-                exp_avg_sqs = [exp_avg_sqs[k] for k in keep]
-                steps = [steps[k] for k in keep]
-            self._update(group, params, exp_avgs, exp_avg_sqs, steps)
+        for w in work:
+            if w.group["molf_role"] != "plain" and w.params:
+                slots = np.asarray(w.group["molf_slots"], dtype=np.int64)[w.idx]
+                self._update(w, np.flatnonzero(winner_slots[slots]))
         return loss
 
-    def _scores(self, work) -> np.ndarray:
-        """The [modules x experts] score matrix, with one device-to-host transfer."""
-        sums, slots, lrs, numels = [], [], [], []
-        for group, idx, params, exp_avgs, exp_avg_sqs, _ in work:
-            if group["molf_role"] == "plain" or not idx:
-                continue
-            sums.append(_kernels.score_sums(exp_avgs, exp_avg_sqs, group["eps"], self.score))
-            group_slots = group["molf_slots"]
-            slots.extend(group_slots[i] for i in idx)
-            lrs.extend([float(group["lr"])] * len(idx))
-            numels.extend(p.numel() for p in params)
-        M, E = len(self.module_names), len(self.expert_names)
-        if not sums:
-            return np.full((M, E), np.nan)
-        per_tensor = torch.cat([s.to("cpu", non_blocking=False) for s in sums]).numpy()
-        slots_a = np.asarray(slots, dtype=np.int64)
-        numel = np.bincount(slots_a, weights=np.asarray(numels, dtype=np.float64), minlength=M * E)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if self.score == "epd":
-                num = np.bincount(slots_a, weights=np.asarray(lrs) * per_tensor, minlength=M * E)
-                scores = num / numel
+    @staticmethod
+    def _batches(w: _GroupWork, positions: Iterable[int]) -> dict[tuple, list[int]]:
+        """Positions grouped so that one kernel launch sees one dtype combination and one step count."""
+        out: dict[tuple, list[int]] = defaultdict(list)
+        for k in positions:
+            p, g, m = w.params[k], w.grads[k], w.exp_avgs[k]
+            out[(p.dtype, g.dtype, m.dtype, p.device, float(w.steps[k]))].append(k)
+        return out
+
+    def _hyper(self, group: dict, step: float, n: int):
+        """Per-tensor AdamW scalars for the fused kernels: lr/bc1, sqrt(bc2), 1 - lr wd."""
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        return (
+            np.full(n, lr / (1 - beta1**step)),
+            np.full(n, (1 - beta2**step) ** 0.5),
+            np.full(n, 1 - lr * group["weight_decay"]),
+        )
+
+    def _moments_and_update(self, w: _GroupWork) -> None:
+        """Unrouted parameters: plain AdamW (one pass on the fused path)."""
+        beta1, beta2 = w.group["betas"]
+        if not self._fused:
+            _kernels.update_moments_(w.exp_avgs, w.exp_avg_sqs, w.grads, beta1, beta2)
+            self._update(w, range(len(w.params)))
+            return
+        for (*_, step), ks in self._batches(w, range(len(w.params))).items():
+            step_sizes, bc2_sqrts, decays = self._hyper(w.group, step, len(ks))
+            self._fused.moments_and_scores(
+                [w.grads[k] for k in ks], [w.exp_avgs[k] for k in ks], [w.exp_avg_sqs[k] for k in ks],
+                beta1, beta2, w.group["eps"], self.score, params=[w.params[k] for k in ks],
+                step_sizes=step_sizes, bc2_sqrts=bc2_sqrts, decays=decays,
+            )
+
+    def _moments_and_scores(self, w: _GroupWork, sources: _ScoreSources) -> None:
+        """Routed experts: advance every moment and collect per-tensor score sums on the device."""
+        beta1, beta2 = w.group["betas"]
+        eps, lr, slots = w.group["eps"], float(w.group["lr"]), w.group["molf_slots"]
+        if self._fused:
+            batches = self._batches(w, range(len(w.params))).values()
+        else:
+            _kernels.update_moments_(w.exp_avgs, w.exp_avg_sqs, w.grads, beta1, beta2)
+            batches = [range(len(w.params))]
+        for ks in batches:
+            ms, vs = [w.exp_avgs[k] for k in ks], [w.exp_avg_sqs[k] for k in ks]
+            if self._fused:
+                sums = self._fused.moments_and_scores([w.grads[k] for k in ks], ms, vs, beta1, beta2, eps, self.score)
             else:
-                num = np.bincount(slots_a, weights=per_tensor, minlength=M * E)
-                scores = np.sqrt(num) / np.sqrt(numel)
-        scores[numel == 0] = np.nan  # an expert without gradients this step never wins
-        return scores.reshape(M, E)
+                sums = _kernels.score_sums(ms, vs, eps, self.score)
+            sources.add(sums, [slots[w.idx[k]] for k in ks], lr, [w.params[k].numel() for k in ks])
+
+    def _scores_to_route(self, sources: _ScoreSources) -> np.ndarray:
+        """This step's score matrix (exact mode: one device-to-host transfer), or
+        in lagged mode the previous step's, while this step's copies in the background."""
+        shape = (len(self.module_names), len(self.expert_names))
+        if not self.lagged:
+            return sources.matrix(shape, self.score)
+        previous, self._pending = self._pending, sources
+        sources.start_copy()
+        if previous is None:  # the first step has no previous scores: route on its own
+            previous = sources
+        return previous if isinstance(previous, np.ndarray) else previous.matrix(shape, self.score)
 
     def _router_phase_of_last_step(self) -> str:
         # The router's `phase` is that of its next call; the step just routed was call step-1.
@@ -323,20 +454,18 @@ class MoLFAdamW(torch.optim.Optimizer):
             return "frozen"
         return "routing"
 
-    def _update(self, group, params, exp_avgs, exp_avg_sqs, steps) -> None:
-        """AdamW on the given tensors, batched by (step count, needs an upcast copy)."""
-        if not params:
-            return
-        beta1, beta2 = group["betas"]
-        batches: dict[tuple[float, bool], list[int]] = defaultdict(list)
-        for k, (p, m, s) in enumerate(zip(params, exp_avgs, steps)):
-            batches[(float(s), p.dtype != m.dtype)].append(k)
-        for (step, upcast), ks in batches.items():
-            ps = [params[k] for k in ks]
-            targets = [p.to(exp_avgs[k].dtype) for p, k in zip(ps, ks)] if upcast else ps
+    def _update(self, w: _GroupWork, positions: Iterable[int]) -> None:
+        """AdamW from the (already advanced) moments for the tensors at `positions`."""
+        beta1, beta2 = w.group["betas"]
+        for (p_dtype, _, s_dtype, _, step), ks in self._batches(w, positions).items():
+            ps, ms, vs = [w.params[k] for k in ks], [w.exp_avgs[k] for k in ks], [w.exp_avg_sqs[k] for k in ks]
+            if self._fused:
+                self._fused.adamw_apply(ps, ms, vs, *self._hyper(w.group, step, len(ks)), w.group["eps"])
+                continue
+            upcast = p_dtype != s_dtype
+            targets = [p.to(s_dtype) for p in ps] if upcast else ps
             _kernels.adamw_update_(
-                targets, [exp_avgs[k] for k in ks], [exp_avg_sqs[k] for k in ks], step,
-                float(group["lr"]), group["weight_decay"], beta1, beta2, group["eps"],
+                targets, ms, vs, step, float(w.group["lr"]), w.group["weight_decay"], beta1, beta2, w.group["eps"]
             )
             if upcast:
                 torch._foreach_copy_(ps, targets)
@@ -359,8 +488,16 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------- checkpoint
 
+    def _pending_scores(self) -> np.ndarray | None:
+        """Lagged mode's scores waiting for the next step, as a host matrix."""
+        if isinstance(self._pending, _ScoreSources):
+            self._pending = self._pending.matrix((len(self.module_names), len(self.expert_names)), self.score)
+        return self._pending
+
     def _meta(self) -> dict:
+        pending = self._pending_scores()
         return {
+            "pending": None if pending is None else pending.tolist(),
             "version": _META_VERSION,
             "modules": list(self.module_names),
             "experts": list(self.expert_names),
@@ -433,12 +570,15 @@ class MoLFAdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 self.state[p][key] = saved[key].to(device=p.device, dtype=self._state_dtype_for(p), copy=True)
         self._router, self._ledger = router, ledger
+        pending = metas[0][1].get("pending")
+        self._pending = None if pending is None else np.asarray(pending, dtype=np.float64)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.update(
             score=self.score, _state_dtype=self._state_dtype, module_names=self.module_names,
-            expert_names=self.expert_names, _log=self._log, _molf_meta=self._meta(),
+            expert_names=self.expert_names, _log=self._log, lagged=self.lagged,
+            _fused=self._fused is not None, _molf_meta=self._meta(),
         )
         return state
 
@@ -450,3 +590,5 @@ class MoLFAdamW(torch.optim.Optimizer):
             return
         self._router = Router.from_bytes(base64.b64decode(meta["router"]))
         self._ledger = Ledger.from_bytes(base64.b64decode(meta["ledger"]))
+        self._pending = None if meta["pending"] is None else np.asarray(meta["pending"], dtype=np.float64)
+        self._fused = _fused_kernels(True, [p for g in self.param_groups for p in g["params"]]) if self._fused else None
