@@ -72,6 +72,7 @@ class _GroupWork(NamedTuple):
     exp_avgs: list[torch.Tensor]
     exp_avg_sqs: list[torch.Tensor]
     steps: list[torch.Tensor]
+    step_values: list[float]  # the steps as floats, after this step's increment
 
 
 class _ScoreSources:
@@ -326,7 +327,7 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     def _init_group(self, group: dict) -> _GroupWork:
         """Params with a gradient, their grads (in state dtype) and lazily created state."""
-        w = _GroupWork(group, [], [], [], [], [], [])
+        w = _GroupWork(group, [], [], [], [], [], [], [])
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -363,6 +364,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             if not w.params:
                 continue
             torch._foreach_add_(w.steps, 1)
+            w.step_values.extend(torch.stack(w.steps).tolist())
             if w.group["molf_role"] == "plain":
                 self._moments_and_update(w)
             else:
@@ -387,7 +389,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         out: dict[tuple, list[int]] = defaultdict(list)
         for k in positions:
             p, g, m = w.params[k], w.grads[k], w.exp_avgs[k]
-            out[(p.dtype, g.dtype, m.dtype, p.device, float(w.steps[k]))].append(k)
+            out[(p.dtype, g.dtype, m.dtype, p.device, w.step_values[k])].append(k)
         return out
 
     def _hyper(self, group: dict, step: float, n: int):
