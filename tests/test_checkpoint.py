@@ -32,6 +32,7 @@ VARIANTS = {
     "hysteresis": (dict(ranks=(3,), fft=True), dict(policy="hysteresis", margin=0.2, min_dwell=2)),
     "warmup-freeze": (dict(ranks=(2, 3), fft=True), dict(warmup_steps=2, freeze_after=6, topk=2)),
     "pfn-bf16": (dict(ranks=(3,), fft=True), dict(score="pfn")),
+    "lagged": (dict(ranks=(2, 4), fft=False), dict(lagged=True)),
 }
 
 
