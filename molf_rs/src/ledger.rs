@@ -1,0 +1,404 @@
+//! The ledger: per-module, per-expert bookkeeping of scores and routing decisions, plus a
+//! running checksum of the decision history so distributed ranks can check they agree.
+
+use crate::error::{filled, Error, Result};
+use crate::router::{Score, MAX_ENTRIES, MAX_STEP};
+use crate::serial::Fnv1a;
+
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    num_modules: usize,
+    num_experts: usize,
+    ema_decay: f64,
+    step: u64,
+    checksum: u64,
+    /// Row-major `[modules × experts]`; NaN before the first record.
+    last_scores: Vec<f64>,
+    /// Row-major; NaN until the expert's first finite score.
+    ema: Vec<f64>,
+    wins: Vec<u64>,
+    /// Per module.
+    switches: Vec<u64>,
+    /// Per module; -1 = never switched.
+    last_switch_step: Vec<i64>,
+    no_winner: Vec<u64>,
+    /// Row-major; the last non-empty mask row of each module (all false before one).
+    last_mask: Vec<bool>,
+}
+
+/// Everything `Ledger::from_parts` needs; mirrors the serialised payload.
+#[derive(Debug, Clone)]
+pub struct LedgerParts {
+    pub num_modules: u64,
+    pub num_experts: u64,
+    pub ema_decay: f64,
+    pub step: u64,
+    pub checksum: u64,
+    pub last_scores: Vec<f64>,
+    pub ema: Vec<f64>,
+    pub wins: Vec<u64>,
+    pub switches: Vec<u64>,
+    pub last_switch_step: Vec<i64>,
+    pub no_winner: Vec<u64>,
+    pub last_mask: Vec<bool>,
+}
+
+/// Aggregates for logs; see `Ledger::summary`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub step: u64,
+    pub checksum: u64,
+    /// Per expert: its cumulative wins over all wins (zeros if none yet).
+    pub win_share: Vec<f64>,
+    /// Per expert: fraction of modules whose last non-empty mask row includes it.
+    pub current_share: Vec<f64>,
+    pub switches: u64,
+    /// `switches / (num_modules · max(step − 1, 1))`.
+    pub switch_rate: f64,
+    pub no_winner_events: u64,
+}
+
+impl PartialEq for Ledger {
+    /// Float state is compared bit for bit: "equal" means "identical state", NaNs included.
+    fn eq(&self, other: &Self) -> bool {
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        self.num_modules == other.num_modules
+            && self.num_experts == other.num_experts
+            && self.ema_decay.to_bits() == other.ema_decay.to_bits()
+            && self.step == other.step
+            && self.checksum == other.checksum
+            && bits(&self.last_scores) == bits(&other.last_scores)
+            && bits(&self.ema) == bits(&other.ema)
+            && self.wins == other.wins
+            && self.switches == other.switches
+            && self.last_switch_step == other.last_switch_step
+            && self.no_winner == other.no_winner
+            && self.last_mask == other.last_mask
+    }
+}
+
+fn validate_config(num_modules: u64, num_experts: u64, ema_decay: f64) -> Result<()> {
+    let cfg = |msg: String| Err(Error::Config(msg));
+    if num_modules < 1 {
+        return cfg(format!("num_modules must be >= 1, got {num_modules}"));
+    }
+    if num_experts < 1 {
+        return cfg(format!("num_experts must be >= 1, got {num_experts}"));
+    }
+    if num_modules
+        .checked_mul(num_experts)
+        .is_none_or(|n| n > MAX_ENTRIES)
+    {
+        return cfg(format!(
+            "num_modules * num_experts must be <= {MAX_ENTRIES}, got {num_modules} * {num_experts}"
+        ));
+    }
+    // Written so that NaN fails too.
+    if !(0.0..1.0).contains(&ema_decay) {
+        return cfg(format!("ema_decay must be in [0, 1), got {ema_decay}"));
+    }
+    Ok(())
+}
+
+impl Ledger {
+    pub fn new(num_modules: u64, num_experts: u64, ema_decay: f64) -> Result<Self> {
+        validate_config(num_modules, num_experts, ema_decay)?;
+        let (m, e) = (num_modules as usize, num_experts as usize);
+        Ok(Ledger {
+            num_modules: m,
+            num_experts: e,
+            ema_decay,
+            step: 0,
+            checksum: 0,
+            last_scores: filled(m * e, f64::NAN, "last_scores")?,
+            ema: filled(m * e, f64::NAN, "ema")?,
+            wins: filled(m * e, 0, "wins")?,
+            switches: filled(m, 0, "switches")?,
+            last_switch_step: filled(m, -1, "last_switch_step")?,
+            no_winner: filled(m, 0, "no_winner")?,
+            last_mask: filled(m * e, false, "last_mask")?,
+        })
+    }
+
+    /// Rebuilds a ledger from decoded state, checking every invariant `record` maintains;
+    /// any violation is a `State` error.
+    pub fn from_parts(p: LedgerParts) -> Result<Self> {
+        let state = |msg: String| Err(Error::State(msg));
+        if let Err(e) = validate_config(p.num_modules, p.num_experts, p.ema_decay) {
+            return state(format!("invalid ledger configuration in state: {e}"));
+        }
+        let (m, e) = (p.num_modules as usize, p.num_experts as usize);
+        let sizes = [
+            p.last_scores.len(),
+            p.ema.len(),
+            p.wins.len(),
+            p.last_mask.len(),
+            p.switches.len() * e,
+            p.last_switch_step.len() * e,
+            p.no_winner.len() * e,
+        ];
+        if sizes.iter().any(|&n| n != m * e) {
+            return state(format!("ledger state arrays do not match shape ({m}, {e})"));
+        }
+        if p.step > MAX_STEP {
+            return state(format!("ledger step {} exceeds {MAX_STEP}", p.step));
+        }
+        if p.step == 0
+            && (p.checksum != 0 || p.last_scores.iter().chain(&p.ema).any(|x| !x.is_nan()))
+        {
+            return state("ledger at step 0 has recorded scores or a checksum".into());
+        }
+        for row in 0..m {
+            let cells = row * e..(row + 1) * e;
+            let wins = &p.wins[cells.clone()];
+            let mask = &p.last_mask[cells];
+            let (sw, last, empty) = (p.switches[row], p.last_switch_step[row], p.no_winner[row]);
+            let Some(filled_rows) = p.step.checked_sub(empty) else {
+                return state(format!(
+                    "module {row}: {empty} no-winner events in {} steps",
+                    p.step
+                ));
+            };
+            // Each non-empty row adds at least one win; a switch needs an earlier non-empty row.
+            let total_wins: u128 = wins.iter().map(|&w| u128::from(w)).sum();
+            let ok = wins.iter().all(|&w| w <= filled_rows)
+                && total_wins >= u128::from(filled_rows)
+                && sw <= filled_rows.saturating_sub(1)
+                && (sw == 0) == (last == -1)
+                && (last == -1 || (last >= 0 && (last as u64) < p.step))
+                && mask.iter().any(|&b| b) == (filled_rows > 0)
+                && mask.iter().zip(wins).all(|(&b, &w)| !b || w > 0);
+            if !ok {
+                return state(format!(
+                    "module {row}: inconsistent counters (step {}, wins {wins:?}, switches {sw}, \
+                     last switch {last}, no-winner {empty}, last mask {mask:?})",
+                    p.step
+                ));
+            }
+        }
+        Ok(Ledger {
+            num_modules: m,
+            num_experts: e,
+            ema_decay: p.ema_decay,
+            step: p.step,
+            checksum: p.checksum,
+            last_scores: p.last_scores,
+            ema: p.ema,
+            wins: p.wins,
+            switches: p.switches,
+            last_switch_step: p.last_switch_step,
+            no_winner: p.no_winner,
+            last_mask: p.last_mask,
+        })
+    }
+
+    /// Records one step's scores and winner mask (both row-major `[modules × experts]`).
+    pub fn record<S: Score>(&mut self, scores: &[S], mask: &[bool]) -> Result<()> {
+        let n = self.last_scores.len();
+        if scores.len() != n || mask.len() != n {
+            return Err(Error::Score(format!(
+                "scores and mask must have {} x {} = {n} entries, got {} scores and {} mask entries",
+                self.num_modules,
+                self.num_experts,
+                scores.len(),
+                mask.len()
+            )));
+        }
+        if self.step >= MAX_STEP {
+            return Err(Error::Internal(format!(
+                "ledger step counter reached {MAX_STEP}"
+            )));
+        }
+        let s = self.step;
+        let d = self.ema_decay;
+        let cells = scores
+            .iter()
+            .zip(&mut self.last_scores)
+            .zip(&mut self.ema)
+            .zip(mask.iter().zip(&mut self.wins));
+        for (((x, last), ema), (&won, wins)) in cells {
+            let x = x.to_f64();
+            *last = x;
+            if x.is_finite() {
+                *ema = if ema.is_nan() {
+                    x
+                } else {
+                    d * *ema + (1.0 - d) * x
+                };
+            }
+            *wins += u64::from(won);
+        }
+        let e = self.num_experts;
+        let rows = mask
+            .chunks_exact(e)
+            .zip(self.last_mask.chunks_exact_mut(e))
+            .zip(self.switches.iter_mut().zip(&mut self.last_switch_step))
+            .zip(&mut self.no_winner);
+        for (((row, prev), (switches, last_switch)), no_winner) in rows {
+            if !row.iter().any(|&b| b) {
+                *no_winner += 1;
+                continue;
+            }
+            if prev.iter().any(|&b| b) && prev != row {
+                *switches += 1;
+                *last_switch = s as i64;
+            }
+            prev.copy_from_slice(row);
+        }
+        self.checksum = decision_checksum(self.checksum, s, mask);
+        self.step += 1;
+        Ok(())
+    }
+
+    pub fn summary(&self) -> Summary {
+        let (m, e) = (self.num_modules, self.num_experts);
+        let mut per_expert = vec![0u128; e];
+        let mut current = vec![0u64; e];
+        for (wins, mask) in self
+            .wins
+            .chunks_exact(e)
+            .zip(self.last_mask.chunks_exact(e))
+        {
+            for j in 0..e {
+                per_expert[j] += u128::from(wins[j]);
+                current[j] += u64::from(mask[j]);
+            }
+        }
+        let total: u128 = per_expert.iter().sum();
+        let switches: u64 = self.switches.iter().sum();
+        let steps = self.step.saturating_sub(1).max(1);
+        Summary {
+            step: self.step,
+            checksum: self.checksum,
+            win_share: per_expert
+                .iter()
+                .map(|&w| {
+                    if total == 0 {
+                        0.0
+                    } else {
+                        w as f64 / total as f64
+                    }
+                })
+                .collect(),
+            current_share: current.iter().map(|&c| c as f64 / m as f64).collect(),
+            switches,
+            switch_rate: switches as f64 / (m as u128 * u128::from(steps)) as f64,
+            no_winner_events: self.no_winner_total(),
+        }
+    }
+
+    pub fn num_modules(&self) -> usize {
+        self.num_modules
+    }
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+    pub fn ema_decay(&self) -> f64 {
+        self.ema_decay
+    }
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+    pub fn checksum(&self) -> u64 {
+        self.checksum
+    }
+    pub fn no_winner_total(&self) -> u64 {
+        self.no_winner.iter().sum()
+    }
+    pub fn last_scores(&self) -> &[f64] {
+        &self.last_scores
+    }
+    pub fn ema(&self) -> &[f64] {
+        &self.ema
+    }
+    pub fn wins(&self) -> &[u64] {
+        &self.wins
+    }
+    pub fn switches(&self) -> &[u64] {
+        &self.switches
+    }
+    pub fn last_switch_step(&self) -> &[i64] {
+        &self.last_switch_step
+    }
+    pub fn no_winner(&self) -> &[u64] {
+        &self.no_winner
+    }
+    pub fn last_mask(&self) -> &[bool] {
+        &self.last_mask
+    }
+}
+
+/// `fnv1a64(prev.to_le_bytes() ++ step.to_le_bytes() ++ [one byte 0/1 per mask entry])`.
+pub fn decision_checksum(prev: u64, step: u64, mask: &[bool]) -> u64 {
+    let mut h = Fnv1a::new();
+    h.write(&prev.to_le_bytes());
+    h.write(&step.to_le_bytes());
+    for &b in mask {
+        h.write(&[u8::from(b)]);
+    }
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_counts_switches_and_ema() {
+        let mut l = Ledger::new(2, 2, 0.5).unwrap();
+        l.record(
+            &[1.0f64, 2.0, f64::NAN, f64::NAN],
+            &[false, true, false, false],
+        )
+        .unwrap();
+        l.record(
+            &[3.0f64, 0.0, 1.0, f64::INFINITY],
+            &[true, false, true, false],
+        )
+        .unwrap();
+        assert_eq!(l.step(), 2);
+        assert_eq!(l.wins(), [1, 1, 1, 0]);
+        assert_eq!(l.switches(), [1, 0]);
+        assert_eq!(l.last_switch_step(), [1, -1]);
+        assert_eq!(l.no_winner(), [0, 1]);
+        assert_eq!(l.last_mask(), [true, false, true, false]);
+        assert_eq!(&l.ema()[..3], [2.0, 1.0, 1.0]);
+        assert!(l.ema()[3].is_nan());
+        assert!(l.last_scores()[3].is_infinite());
+        let s = l.summary();
+        assert_eq!(s.win_share, [2.0 / 3.0, 1.0 / 3.0]);
+        assert_eq!(s.current_share, [1.0, 0.0]);
+        assert_eq!(s.switch_rate, 0.5);
+        assert_eq!(s.no_winner_events, 1);
+    }
+
+    #[test]
+    fn checksum_follows_documented_formula() {
+        let mut l = Ledger::new(1, 2, 0.9).unwrap();
+        l.record(&[1.0f32, 0.0], &[true, false]).unwrap();
+        let mut h = Fnv1a::new();
+        h.write(&0u64.to_le_bytes());
+        h.write(&0u64.to_le_bytes());
+        h.write(&[1, 0]);
+        assert_eq!(l.checksum(), h.finish());
+        let first = l.checksum();
+        l.record(&[1.0f32, 0.0], &[true, false]).unwrap();
+        assert_eq!(l.checksum(), decision_checksum(first, 1, &[true, false]));
+    }
+
+    #[test]
+    fn equality_is_bitwise_and_reflexive_with_nan() {
+        let l = Ledger::new(1, 1, 0.0).unwrap();
+        assert_eq!(l, l.clone());
+    }
+
+    #[test]
+    fn config_validation() {
+        assert!(matches!(Ledger::new(0, 1, 0.5), Err(Error::Config(_))));
+        assert!(matches!(Ledger::new(1, 0, 0.5), Err(Error::Config(_))));
+        for d in [1.0, -0.1, f64::NAN] {
+            assert!(matches!(Ledger::new(1, 1, d), Err(Error::Config(_))));
+        }
+        assert!(Ledger::new(1, 1, 0.0).is_ok());
+    }
+}

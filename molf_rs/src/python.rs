@@ -1,0 +1,566 @@
+//! Python bindings (`molf._core`).
+//!
+//! Every entry point runs inside [`guarded`], so a Rust panic surfaces as
+//! `molf._core.InternalError` instead of pyo3's `PanicException` (a `BaseException` that
+//! ordinary `except Exception` handlers would not catch). Arrays cross the boundary as whole
+//! numpy buffers: no per-element Python work, and the GIL is released for large inputs.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use numpy::{
+    dtype, Element, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray2,
+    PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+
+use crate::error::{at_least, Error};
+use crate::ledger::Ledger;
+use crate::phase::PHASES;
+use crate::router::{Policy, Router, RouterConfig, POLICIES};
+
+create_exception!(
+    molf._core,
+    ConfigError,
+    PyValueError,
+    "Invalid configuration or argument value."
+);
+create_exception!(
+    molf._core,
+    ScoreError,
+    PyValueError,
+    "Score or mask array of the wrong shape, dtype or number of dimensions."
+);
+create_exception!(
+    molf._core,
+    StateError,
+    PyValueError,
+    "Serialised state that is truncated, corrupt, of another kind or version, or inconsistent."
+);
+create_exception!(
+    molf._core,
+    InternalError,
+    PyRuntimeError,
+    "A broken invariant inside the molf core (a bug; please report it)."
+);
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        match e {
+            Error::Config(m) => ConfigError::new_err(m),
+            Error::Score(m) => ScoreError::new_err(m),
+            Error::State(m) => StateError::new_err(m),
+            Error::Internal(m) => InternalError::new_err(m),
+        }
+    }
+}
+
+/// Above this many entries, `route` and `record` release the GIL while they compute; below
+/// it, releasing and re-acquiring costs more than the work.
+const DETACH_ENTRIES: usize = 4096;
+
+/// Runs `f`, turning a panic into `InternalError`.
+fn guarded<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(InternalError::new_err(format!(
+            "molf core panicked (a bug, please report it): {msg}"
+        )))
+    })
+}
+
+/// Runs `f` with the GIL released when the input is large.
+fn maybe_detach<T: Send>(py: Python<'_>, entries: usize, f: impl FnOnce() -> T + Send) -> T {
+    if entries > DETACH_ENTRIES {
+        py.detach(f)
+    } else {
+        f()
+    }
+}
+
+/// An integer argument. Python ints that do not fit in i64 are kept aside so the constructor
+/// can report them as `ConfigError` naming the argument, instead of pyo3's `OverflowError`.
+enum Int {
+    Small(i64),
+    Huge(String),
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Int {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        match obj.extract::<i64>() {
+            Ok(v) => Ok(Int::Small(v)),
+            Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => {
+                Ok(Int::Huge(obj.repr()?.to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Int {
+    fn count(&self, name: &str, min: u64) -> Result<u64, Error> {
+        match self {
+            Int::Small(v) => at_least(name, *v, min),
+            Int::Huge(repr) => Err(Error::Config(format!(
+                "{name} must be >= {min} and <= {}, got {repr}",
+                i64::MAX
+            ))),
+        }
+    }
+}
+
+/// A 2-D input array borrowed from numpy when C-contiguous, else copied in row-major order.
+enum Input<'py, T: Element> {
+    Borrowed(PyReadonlyArray2<'py, T>),
+    Copied(Vec<T>),
+}
+
+impl<T: Element + Copy> Input<'_, T> {
+    fn slice(&self) -> &[T] {
+        match self {
+            Input::Borrowed(a) => a.as_slice().expect("checked C-contiguous in `read`"),
+            Input::Copied(v) => v,
+        }
+    }
+}
+
+enum Scores<'py> {
+    F32(Input<'py, f32>),
+    F64(Input<'py, f64>),
+}
+
+/// The score buffer alone: plain slices, so it can cross into a GIL-free closure.
+enum ScoreSlice<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+impl Scores<'_> {
+    fn view(&self) -> ScoreSlice<'_> {
+        match self {
+            Scores::F32(s) => ScoreSlice::F32(s.slice()),
+            Scores::F64(s) => ScoreSlice::F64(s.slice()),
+        }
+    }
+}
+
+/// Checks that `obj` is a numpy array of shape `(m, e)` and an allowed dtype; the message
+/// names the argument, the expected and the given shape and dtype.
+fn check_array<'a, 'py>(
+    obj: &'a Bound<'py, PyAny>,
+    name: &str,
+    (m, e): (usize, usize),
+    allowed: &str,
+) -> PyResult<&'a Bound<'py, PyUntypedArray>> {
+    let expected = format!("a numpy array of shape ({m}, {e}) and dtype {allowed}");
+    let Ok(arr) = obj.cast::<PyUntypedArray>() else {
+        let ty = obj.get_type().name()?;
+        return Err(ScoreError::new_err(format!(
+            "{name} must be {expected}, got an object of type {ty}"
+        )));
+    };
+    if arr.shape() != [m, e] {
+        return Err(ScoreError::new_err(format!(
+            "{name} must be {expected}, got shape {} (ndim {}) and dtype {}",
+            arr.getattr("shape")?.repr()?,
+            arr.ndim(),
+            arr.dtype()
+        )));
+    }
+    Ok(arr)
+}
+
+fn read<'py, T: Element + Copy>(arr: &Bound<'py, PyUntypedArray>) -> PyResult<Input<'py, T>> {
+    let typed = arr.cast::<PyArray2<T>>()?;
+    let ro = typed
+        .try_readonly()
+        .map_err(|e| ScoreError::new_err(format!("cannot read the array: {e}")))?;
+    // `as_slice` also accepts Fortran order, whose buffer is column-major: check C order.
+    Ok(if arr.is_c_contiguous() {
+        Input::Borrowed(ro)
+    } else {
+        Input::Copied(ro.as_array().iter().copied().collect())
+    })
+}
+
+fn read_scores<'py>(obj: &Bound<'py, PyAny>, shape: (usize, usize)) -> PyResult<Scores<'py>> {
+    let py = obj.py();
+    let arr = check_array(obj, "scores", shape, "float32 or float64")?;
+    let dt = arr.dtype();
+    if dt.is_equiv_to(&dtype::<f32>(py)) {
+        Ok(Scores::F32(read(arr)?))
+    } else if dt.is_equiv_to(&dtype::<f64>(py)) {
+        Ok(Scores::F64(read(arr)?))
+    } else {
+        Err(ScoreError::new_err(format!(
+            "scores must be a numpy array of shape ({}, {}) and dtype float32 or float64, got dtype {dt}",
+            shape.0, shape.1
+        )))
+    }
+}
+
+fn read_mask<'py>(obj: &Bound<'py, PyAny>, shape: (usize, usize)) -> PyResult<Input<'py, bool>> {
+    let arr = check_array(obj, "mask", shape, "bool")?;
+    let dt = arr.dtype();
+    if !dt.is_equiv_to(&dtype::<bool>(obj.py())) {
+        return Err(ScoreError::new_err(format!(
+            "mask must be a numpy array of shape ({}, {}) and dtype bool, got dtype {dt}",
+            shape.0, shape.1
+        )));
+    }
+    read(arr)
+}
+
+fn matrix<'py, T: Element + Copy>(
+    py: Python<'py>,
+    data: &[T],
+    shape: (usize, usize),
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    PyArray1::from_slice(py, data).reshape([shape.0, shape.1])
+}
+
+#[pyclass(name = "Router", module = "molf._core", eq)]
+#[derive(PartialEq)]
+struct PyRouter {
+    inner: Router,
+}
+
+impl PyRouter {
+    fn shape(&self) -> (usize, usize) {
+        let c = self.inner.config();
+        (c.num_modules as usize, c.num_experts as usize)
+    }
+}
+
+#[pymethods]
+impl PyRouter {
+    #[new]
+    #[pyo3(signature = (
+        num_modules, num_experts, topk = Int::Small(1), policy = "topk", margin = 0.0,
+        min_dwell = Int::Small(0), warmup_steps = Int::Small(0), freeze_after = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        num_modules: Int,
+        num_experts: Int,
+        topk: Int,
+        policy: &str,
+        margin: f64,
+        min_dwell: Int,
+        warmup_steps: Int,
+        freeze_after: Option<Int>,
+    ) -> PyResult<Self> {
+        guarded(|| {
+            let config = RouterConfig {
+                num_modules: num_modules.count("num_modules", 1)?,
+                num_experts: num_experts.count("num_experts", 1)?,
+                topk: topk.count("topk", 1)?,
+                policy: Policy::parse(policy)?,
+                margin,
+                min_dwell: min_dwell.count("min_dwell", 0)?,
+                warmup_steps: warmup_steps.count("warmup_steps", 0)?,
+                freeze_after: freeze_after
+                    .map(|f| f.count("freeze_after", 0))
+                    .transpose()?,
+            };
+            Ok(PyRouter {
+                inner: Router::new(config)?,
+            })
+        })
+    }
+
+    #[getter]
+    fn num_modules(&self) -> u64 {
+        self.inner.config().num_modules
+    }
+    #[getter]
+    fn num_experts(&self) -> u64 {
+        self.inner.config().num_experts
+    }
+    #[getter]
+    fn topk(&self) -> u64 {
+        self.inner.config().topk
+    }
+    #[getter]
+    fn policy(&self) -> &'static str {
+        self.inner.config().policy.name()
+    }
+    #[getter]
+    fn margin(&self) -> f64 {
+        self.inner.config().margin
+    }
+    #[getter]
+    fn min_dwell(&self) -> u64 {
+        self.inner.config().min_dwell
+    }
+    #[getter]
+    fn warmup_steps(&self) -> u64 {
+        self.inner.config().warmup_steps
+    }
+    #[getter]
+    fn freeze_after(&self) -> Option<u64> {
+        self.inner.config().freeze_after
+    }
+    #[getter]
+    fn step(&self) -> u64 {
+        self.inner.step()
+    }
+    #[getter]
+    fn phase(&self) -> &'static str {
+        self.inner.phase().name()
+    }
+
+    fn route<'py>(
+        &mut self,
+        py: Python<'py>,
+        scores: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray2<bool>>> {
+        guarded(|| {
+            let shape = self.shape();
+            let scores = read_scores(scores, shape)?;
+            let out = PyArray2::<bool>::zeros(py, [shape.0, shape.1], false);
+            {
+                let mut rw = out
+                    .try_readwrite()
+                    .map_err(|e| InternalError::new_err(e.to_string()))?;
+                let dst = rw
+                    .as_slice_mut()
+                    .map_err(|e| InternalError::new_err(e.to_string()))?;
+                let router = &mut self.inner;
+                let view = scores.view();
+                maybe_detach(py, dst.len(), || match view {
+                    ScoreSlice::F32(s) => router.route(s, dst),
+                    ScoreSlice::F64(s) => router.route(s, dst),
+                })?;
+            }
+            Ok(out)
+        })
+    }
+
+    fn incumbents<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<bool>>> {
+        guarded(|| matrix(py, self.inner.incumbents(), self.shape()))
+    }
+
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        guarded(|| {
+            let c = self.inner.config();
+            let d = PyDict::new(py);
+            d.set_item("num_modules", c.num_modules)?;
+            d.set_item("num_experts", c.num_experts)?;
+            d.set_item("topk", c.topk)?;
+            d.set_item("policy", c.policy.name())?;
+            d.set_item("margin", c.margin)?;
+            d.set_item("min_dwell", c.min_dwell)?;
+            d.set_item("warmup_steps", c.warmup_steps)?;
+            d.set_item("freeze_after", c.freeze_after)?;
+            Ok(d)
+        })
+    }
+
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        guarded(|| Ok(PyBytes::new(py, &self.inner.to_bytes())))
+    }
+
+    #[staticmethod]
+    fn from_bytes(data: &[u8]) -> PyResult<Self> {
+        guarded(|| {
+            Ok(PyRouter {
+                inner: Router::from_bytes(data)?,
+            })
+        })
+    }
+
+    /// Pickling (and `copy.deepcopy`) go through the versioned byte format.
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let bytes = slf.borrow().to_bytes(slf.py())?;
+        Ok((slf.get_type().getattr("from_bytes")?, (bytes,)))
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.inner.config();
+        let freeze = c.freeze_after.map_or("None".to_string(), |f| f.to_string());
+        format!(
+            "Router(num_modules={}, num_experts={}, topk={}, policy='{}', margin={:?}, \
+             min_dwell={}, warmup_steps={}, freeze_after={freeze}, step={}, phase='{}')",
+            c.num_modules,
+            c.num_experts,
+            c.topk,
+            c.policy.name(),
+            c.margin,
+            c.min_dwell,
+            c.warmup_steps,
+            self.inner.step(),
+            self.inner.phase().name()
+        )
+    }
+}
+
+#[pyclass(name = "Ledger", module = "molf._core", eq)]
+#[derive(PartialEq)]
+struct PyLedger {
+    inner: Ledger,
+}
+
+impl PyLedger {
+    fn shape(&self) -> (usize, usize) {
+        (self.inner.num_modules(), self.inner.num_experts())
+    }
+}
+
+#[pymethods]
+impl PyLedger {
+    #[new]
+    #[pyo3(signature = (num_modules, num_experts, ema_decay = 0.9))]
+    fn new(num_modules: Int, num_experts: Int, ema_decay: f64) -> PyResult<Self> {
+        guarded(|| {
+            Ok(PyLedger {
+                inner: Ledger::new(
+                    num_modules.count("num_modules", 1)?,
+                    num_experts.count("num_experts", 1)?,
+                    ema_decay,
+                )?,
+            })
+        })
+    }
+
+    fn record(
+        &mut self,
+        py: Python<'_>,
+        scores: &Bound<'_, PyAny>,
+        mask: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        guarded(|| {
+            let shape = self.shape();
+            let scores = read_scores(scores, shape)?;
+            let mask = read_mask(mask, shape)?;
+            let mask = mask.slice();
+            let ledger = &mut self.inner;
+            let view = scores.view();
+            maybe_detach(py, mask.len(), || match view {
+                ScoreSlice::F32(s) => ledger.record(s, mask),
+                ScoreSlice::F64(s) => ledger.record(s, mask),
+            })?;
+            Ok(())
+        })
+    }
+
+    #[getter]
+    fn num_modules(&self) -> usize {
+        self.inner.num_modules()
+    }
+    #[getter]
+    fn num_experts(&self) -> usize {
+        self.inner.num_experts()
+    }
+    #[getter]
+    fn ema_decay(&self) -> f64 {
+        self.inner.ema_decay()
+    }
+    #[getter]
+    fn step(&self) -> u64 {
+        self.inner.step()
+    }
+    #[getter]
+    fn checksum(&self) -> u64 {
+        self.inner.checksum()
+    }
+    #[getter]
+    fn no_winner_total(&self) -> u64 {
+        self.inner.no_winner_total()
+    }
+
+    fn last_scores<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        guarded(|| matrix(py, self.inner.last_scores(), self.shape()))
+    }
+    fn ema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        guarded(|| matrix(py, self.inner.ema(), self.shape()))
+    }
+    fn wins<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u64>>> {
+        guarded(|| matrix(py, self.inner.wins(), self.shape()))
+    }
+    fn last_mask<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<bool>>> {
+        guarded(|| matrix(py, self.inner.last_mask(), self.shape()))
+    }
+    fn switches<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        PyArray1::from_slice(py, self.inner.switches())
+    }
+    fn last_switch_step<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        PyArray1::from_slice(py, self.inner.last_switch_step())
+    }
+    fn no_winner<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        PyArray1::from_slice(py, self.inner.no_winner())
+    }
+
+    fn summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        guarded(|| {
+            let s = self.inner.summary();
+            let d = PyDict::new(py);
+            d.set_item("step", s.step)?;
+            d.set_item("checksum", s.checksum)?;
+            d.set_item("win_share", s.win_share)?;
+            d.set_item("current_share", s.current_share)?;
+            d.set_item("switches", s.switches)?;
+            d.set_item("switch_rate", s.switch_rate)?;
+            d.set_item("no_winner_events", s.no_winner_events)?;
+            Ok(d)
+        })
+    }
+
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        guarded(|| Ok(PyBytes::new(py, &self.inner.to_bytes())))
+    }
+
+    #[staticmethod]
+    fn from_bytes(data: &[u8]) -> PyResult<Self> {
+        guarded(|| {
+            Ok(PyLedger {
+                inner: Ledger::from_bytes(data)?,
+            })
+        })
+    }
+
+    /// Pickling (and `copy.deepcopy`) go through the versioned byte format.
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let bytes = slf.borrow().to_bytes(slf.py())?;
+        Ok((slf.get_type().getattr("from_bytes")?, (bytes,)))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Ledger(num_modules={}, num_experts={}, ema_decay={:?}, step={}, checksum={:#018x})",
+            self.inner.num_modules(),
+            self.inner.num_experts(),
+            self.inner.ema_decay(),
+            self.inner.step(),
+            self.inner.checksum()
+        )
+    }
+}
+
+#[pymodule]
+#[pyo3(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<PyRouter>()?;
+    m.add_class::<PyLedger>()?;
+    m.add("ConfigError", py.get_type::<ConfigError>())?;
+    m.add("ScoreError", py.get_type::<ScoreError>())?;
+    m.add("StateError", py.get_type::<StateError>())?;
+    m.add("InternalError", py.get_type::<InternalError>())?;
+    m.add("PHASES", PyTuple::new(py, PHASES)?)?;
+    m.add("POLICIES", PyTuple::new(py, POLICIES)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

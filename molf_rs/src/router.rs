@@ -1,0 +1,550 @@
+//! The router: per module, which experts win this step.
+//!
+//! Scores arrive as one row-major `[modules × experts]` buffer and the winner mask is written
+//! into a caller-provided buffer of the same size, so a call allocates nothing: the Python
+//! binding routes straight into the numpy output array.
+
+use crate::error::{filled, Error, Result};
+use crate::phase::{Phase, Schedule};
+
+/// Policy names as exposed to Python (`molf._core.POLICIES`).
+pub const POLICIES: [&str; 2] = ["topk", "hysteresis"];
+
+/// Largest `num_modules × num_experts` accepted. It keeps every size computation far from
+/// overflow and turns absurd sizes into a `ConfigError` instead of an out-of-memory abort.
+pub const MAX_ENTRIES: u64 = 1 << 32;
+
+/// Step counters stay within `i64` so that they round-trip through Python ints and the
+/// ledger's signed `last_switch_step`.
+pub const MAX_STEP: u64 = i64::MAX as u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Plain top-k by score (the paper).
+    TopK,
+    /// Incumbents keep their place unless beaten by a relative margin, and are held for at
+    /// least `min_dwell` steps after they change.
+    Hysteresis,
+}
+
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::TopK => POLICIES[0],
+            Policy::Hysteresis => POLICIES[1],
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "topk" => Ok(Policy::TopK),
+            "hysteresis" => Ok(Policy::Hysteresis),
+            other => Err(Error::Config(format!(
+                "unknown policy '{other}'; expected one of 'topk', 'hysteresis'"
+            ))),
+        }
+    }
+}
+
+/// Everything the constructor takes. Validated by [`RouterConfig::validate`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouterConfig {
+    pub num_modules: u64,
+    pub num_experts: u64,
+    pub topk: u64,
+    pub policy: Policy,
+    /// Relative advantage an incumbent enjoys (hysteresis only).
+    pub margin: f64,
+    /// Steps an incumbent is held after it changed (hysteresis only).
+    pub min_dwell: u64,
+    pub warmup_steps: u64,
+    pub freeze_after: Option<u64>,
+}
+
+impl RouterConfig {
+    /// Plain top-k routing with no warm-up and no freeze.
+    pub fn topk(num_modules: u64, num_experts: u64, topk: u64) -> Self {
+        RouterConfig {
+            num_modules,
+            num_experts,
+            topk,
+            policy: Policy::TopK,
+            margin: 0.0,
+            min_dwell: 0,
+            warmup_steps: 0,
+            freeze_after: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let cfg = |msg: String| Err(Error::Config(msg));
+        for (name, v) in [
+            ("num_modules", self.num_modules),
+            ("num_experts", self.num_experts),
+            ("topk", self.topk),
+        ] {
+            if v < 1 {
+                return cfg(format!("{name} must be >= 1, got {v}"));
+            }
+        }
+        let entries = self.num_modules.checked_mul(self.num_experts);
+        if entries.is_none_or(|n| n > MAX_ENTRIES) {
+            return cfg(format!(
+                "num_modules * num_experts must be <= {MAX_ENTRIES}, got {} * {}",
+                self.num_modules, self.num_experts
+            ));
+        }
+        for (name, v) in [
+            ("topk", self.topk),
+            ("min_dwell", self.min_dwell),
+            ("warmup_steps", self.warmup_steps),
+            ("freeze_after", self.freeze_after.unwrap_or(0)),
+        ] {
+            if v > MAX_STEP {
+                return cfg(format!("{name} must be <= {MAX_STEP}, got {v}"));
+            }
+        }
+        if !self.margin.is_finite() || self.margin < 0.0 {
+            return cfg(format!(
+                "margin must be finite and >= 0, got {}",
+                self.margin
+            ));
+        }
+        if self.policy == Policy::TopK && (self.margin != 0.0 || self.min_dwell != 0) {
+            return cfg(format!(
+                "margin and min_dwell belong to policy 'hysteresis'; with policy 'topk' they \
+                 must be 0, got margin={} min_dwell={}",
+                self.margin, self.min_dwell
+            ));
+        }
+        Schedule::new(self.warmup_steps, self.freeze_after)?;
+        Ok(())
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule {
+            warmup_steps: self.warmup_steps,
+            freeze_after: self.freeze_after,
+        }
+    }
+}
+
+/// A score element type. Scores are compared as `f64`, which represents every `f32` exactly,
+/// so `f32` and `f64` inputs route identically.
+pub trait Score: Copy + Send + Sync {
+    fn to_f64(self) -> f64;
+}
+
+impl Score for f32 {
+    #[inline]
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+impl Score for f64 {
+    #[inline]
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Router {
+    config: RouterConfig,
+    schedule: Schedule,
+    /// Cached `config.num_experts`, `config.topk` as `usize`.
+    experts: usize,
+    k: usize,
+    /// Number of `route` calls so far.
+    step: u64,
+    /// Row-major `[modules × experts]`: the last non-empty winner set of a routing step.
+    incumbents: Vec<bool>,
+    /// Per module: step at which its incumbents last changed (0 while it has none).
+    last_change: Vec<u64>,
+}
+
+impl Router {
+    pub fn new(config: RouterConfig) -> Result<Self> {
+        config.validate()?;
+        let entries = (config.num_modules * config.num_experts) as usize;
+        Ok(Router {
+            config,
+            schedule: config.schedule(),
+            experts: config.num_experts as usize,
+            k: usize::try_from(config.topk).unwrap_or(usize::MAX),
+            step: 0,
+            incumbents: filled(entries, false, "incumbents")?,
+            last_change: filled(config.num_modules as usize, 0, "last_change")?,
+        })
+    }
+
+    /// Rebuilds a router from decoded state, checking every invariant that `route` maintains;
+    /// any violation is a `State` error.
+    pub fn from_parts(
+        config: RouterConfig,
+        step: u64,
+        incumbents: Vec<bool>,
+        last_change: Vec<u64>,
+    ) -> Result<Self> {
+        let state = |msg: String| Err(Error::State(msg));
+        if let Err(e) = config.validate() {
+            return state(format!("invalid router configuration in state: {e}"));
+        }
+        let (m, e) = (config.num_modules as usize, config.num_experts as usize);
+        if incumbents.len() != m * e || last_change.len() != m {
+            return state(format!(
+                "router state arrays do not match shape ({m}, {e}): {} incumbents, {} last_change",
+                incumbents.len(),
+                last_change.len()
+            ));
+        }
+        if step > MAX_STEP {
+            return state(format!("router step {step} exceeds {MAX_STEP}"));
+        }
+        let max_winners = e.min(usize::try_from(config.topk).unwrap_or(usize::MAX));
+        for (row, (inc, &changed)) in incumbents.chunks_exact(e).zip(&last_change).enumerate() {
+            let n = inc.iter().filter(|&&b| b).count();
+            if n > max_winners {
+                return state(format!(
+                    "module {row} has {n} incumbents, more than min(topk, num_experts) = {max_winners}"
+                ));
+            }
+            let ok = if n == 0 {
+                changed == 0
+            } else {
+                // Incumbents only change in routing steps: warmup_steps <= changed < step,
+                // and before the freeze.
+                changed >= config.warmup_steps
+                    && changed < step
+                    && config.freeze_after.is_none_or(|f| changed < f)
+            };
+            if !ok {
+                return state(format!(
+                    "module {row}: last change at step {changed} is inconsistent with {n} \
+                     incumbents at step {step} (warmup_steps={}, freeze_after={:?})",
+                    config.warmup_steps, config.freeze_after
+                ));
+            }
+        }
+        let mut router = Router::new(config).map_err(|e| Error::State(e.to_string()))?;
+        router.step = step;
+        router.incumbents = incumbents;
+        router.last_change = last_change;
+        Ok(router)
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Phase of the next `route` call.
+    pub fn phase(&self) -> Phase {
+        self.schedule.phase_at(self.step)
+    }
+
+    pub fn incumbents(&self) -> &[bool] {
+        &self.incumbents
+    }
+
+    pub fn last_change(&self) -> &[u64] {
+        &self.last_change
+    }
+
+    /// Routes one step: writes the winner mask of `scores` (row-major `[modules × experts]`)
+    /// into `out`, advances the step, and returns the phase the call ran in.
+    pub fn route<S: Score>(&mut self, scores: &[S], out: &mut [bool]) -> Result<Phase> {
+        let n = self.incumbents.len();
+        if scores.len() != n || out.len() != n {
+            return Err(Error::Score(format!(
+                "scores and mask must have {} x {} = {n} entries, got {} scores and {} mask entries",
+                self.config.num_modules,
+                self.config.num_experts,
+                scores.len(),
+                out.len()
+            )));
+        }
+        if self.step >= MAX_STEP {
+            return Err(Error::Internal(format!(
+                "router step counter reached {MAX_STEP}"
+            )));
+        }
+        let phase = self.phase();
+        let e = self.experts;
+        match phase {
+            Phase::Warmup => {
+                for (o, s) in out.iter_mut().zip(scores) {
+                    *o = s.to_f64().is_finite();
+                }
+            }
+            Phase::Routing => {
+                let s = self.step;
+                let rows = scores
+                    .chunks_exact(e)
+                    .zip(out.chunks_exact_mut(e))
+                    .zip(self.incumbents.chunks_exact_mut(e))
+                    .zip(self.last_change.iter_mut());
+                for (((row, win), inc), changed) in rows {
+                    match self.config.policy {
+                        Policy::TopK => top_k(row, self.k, None, win),
+                        Policy::Hysteresis => {
+                            let has_inc = inc.iter().any(|&b| b);
+                            let held = has_inc
+                                && s - *changed < self.config.min_dwell
+                                && hold(row, inc, win);
+                            if !held {
+                                let pref = has_inc.then_some((&*inc, self.config.margin));
+                                top_k(row, self.k, pref, win);
+                            }
+                        }
+                    }
+                    // An empty row (no finite score) leaves the incumbents alone.
+                    if win.iter().any(|&b| b) && win != inc {
+                        inc.copy_from_slice(win);
+                        *changed = s;
+                    }
+                }
+            }
+            Phase::Frozen => {
+                let rows = scores
+                    .chunks_exact(e)
+                    .zip(out.chunks_exact_mut(e))
+                    .zip(self.incumbents.chunks_exact(e));
+                for ((row, win), inc) in rows {
+                    if inc.iter().any(|&b| b) {
+                        hold(row, inc, win);
+                    } else {
+                        top_k(row, self.k, None, win);
+                    }
+                }
+            }
+        }
+        self.step += 1;
+        Ok(phase)
+    }
+}
+
+/// Writes `incumbents ∩ finite` into `win`; returns whether it is non-empty.
+fn hold<S: Score>(row: &[S], inc: &[bool], win: &mut [bool]) -> bool {
+    let mut any = false;
+    for ((w, &i), s) in win.iter_mut().zip(inc).zip(row) {
+        *w = i && s.to_f64().is_finite();
+        any |= *w;
+    }
+    any
+}
+
+/// Writes the top-`k` experts of `row` among finite scores into `win`.
+///
+/// With `pref = Some((incumbents, margin))` an incumbent's score `s` counts as
+/// `s + margin·|s|` and incumbents win ties; otherwise ties go to the lower index.
+/// No allocation: O(E) for k = 1, O(E²) otherwise (E, the experts per module, is small).
+fn top_k<S: Score>(row: &[S], k: usize, pref: Option<(&[bool], f64)>, win: &mut [bool]) {
+    let key = |e: usize| -> (f64, bool) {
+        let s = row[e].to_f64();
+        match pref {
+            Some((inc, margin)) if inc[e] => (s + margin * s.abs(), true),
+            _ => (s, false),
+        }
+    };
+    // Does expert a (key ka) rank strictly before expert b (key kb)? Lower index breaks ties.
+    let before = |a: usize, ka: (f64, bool), b: usize, kb: (f64, bool)| {
+        ka.0 > kb.0 || (ka.0 == kb.0 && ((ka.1 && !kb.1) || (ka.1 == kb.1 && a < b)))
+    };
+    let finite = |e: usize| row[e].to_f64().is_finite();
+    win.fill(false);
+    if k == 1 {
+        let mut best: Option<(usize, (f64, bool))> = None;
+        for e in (0..row.len()).filter(|&e| finite(e)) {
+            let ke = key(e);
+            if best.is_none_or(|(b, kb)| before(e, ke, b, kb)) {
+                best = Some((e, ke));
+            }
+        }
+        if let Some((b, _)) = best {
+            win[b] = true;
+        }
+        return;
+    }
+    for a in (0..row.len()).filter(|&a| finite(a)) {
+        let ka = key(a);
+        let rank = (0..row.len())
+            .filter(|&b| b != a && finite(b) && before(b, key(b), a, ka))
+            .count();
+        win[a] = rank < k;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hyst(m: u64, e: u64, k: u64, margin: f64, min_dwell: u64) -> RouterConfig {
+        RouterConfig {
+            policy: Policy::Hysteresis,
+            margin,
+            min_dwell,
+            ..RouterConfig::topk(m, e, k)
+        }
+    }
+
+    fn route(r: &mut Router, scores: &[f64]) -> Vec<bool> {
+        let mut out = vec![false; scores.len()];
+        r.route(scores, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn topk_picks_highest_and_breaks_ties_low() {
+        let mut r = Router::new(RouterConfig::topk(3, 3, 1)).unwrap();
+        let out = route(
+            &mut r,
+            &[1.0, 3.0, 2.0, 5.0, 5.0, 1.0, f64::NAN, f64::INFINITY, -1.0],
+        );
+        assert_eq!(
+            out,
+            [false, true, false, true, false, false, false, false, true]
+        );
+        assert_eq!(r.step(), 1);
+    }
+
+    #[test]
+    fn topk_two_with_too_few_finite() {
+        let mut r = Router::new(RouterConfig::topk(2, 3, 2)).unwrap();
+        let nan = f64::NAN;
+        let out = route(&mut r, &[nan, 1.0, f64::NEG_INFINITY, 0.0, 0.0, 0.0]);
+        assert_eq!(out, [false, true, false, true, true, false]);
+    }
+
+    #[test]
+    fn warmup_then_routing_then_frozen() {
+        let cfg = RouterConfig {
+            warmup_steps: 1,
+            freeze_after: Some(2),
+            ..RouterConfig::topk(1, 2, 1)
+        };
+        let mut r = Router::new(cfg).unwrap();
+        assert_eq!(r.phase(), Phase::Warmup);
+        assert_eq!(route(&mut r, &[1.0, f64::NAN]), [true, false]);
+        assert!(r.incumbents().iter().all(|&b| !b));
+        assert_eq!(r.phase(), Phase::Routing);
+        assert_eq!(route(&mut r, &[1.0, 2.0]), [false, true]);
+        assert_eq!(r.phase(), Phase::Frozen);
+        assert_eq!(route(&mut r, &[9.0, 2.0]), [false, true]);
+        assert_eq!(route(&mut r, &[9.0, f64::NAN]), [false, false]);
+        assert_eq!(r.incumbents(), [false, true]);
+    }
+
+    #[test]
+    fn hysteresis_margin_protects_incumbent() {
+        let mut r = Router::new(hyst(1, 2, 1, 0.5, 0)).unwrap();
+        assert_eq!(route(&mut r, &[2.0, 1.0]), [true, false]);
+        // 2.9 < 2 + 0.5·2 = 3: incumbent stays.
+        assert_eq!(route(&mut r, &[2.0, 2.9]), [true, false]);
+        // Tie with the adjusted score: incumbent wins.
+        assert_eq!(route(&mut r, &[2.0, 3.0]), [true, false]);
+        assert_eq!(route(&mut r, &[2.0, 3.1]), [false, true]);
+        assert_eq!(r.last_change(), [3]);
+    }
+
+    #[test]
+    fn hysteresis_min_dwell_holds() {
+        let mut r = Router::new(hyst(1, 2, 1, 0.0, 2)).unwrap();
+        assert_eq!(route(&mut r, &[1.0, 0.0]), [true, false]); // change at 0
+        assert_eq!(route(&mut r, &[0.0, 1.0]), [true, false]); // 1 - 0 < 2: held
+        assert_eq!(route(&mut r, &[0.0, 1.0]), [false, true]); // 2 - 0 >= 2
+                                                               // Incumbent non-finite: not held even inside the dwell time.
+        assert_eq!(route(&mut r, &[1.0, f64::NAN]), [true, false]);
+    }
+
+    #[test]
+    fn empty_row_keeps_incumbents() {
+        let mut r = Router::new(hyst(1, 2, 1, 0.1, 0)).unwrap();
+        route(&mut r, &[1.0, 0.0]);
+        assert_eq!(route(&mut r, &[f64::NAN, f64::NAN]), [false, false]);
+        assert_eq!(r.incumbents(), [true, false]);
+        assert_eq!(r.last_change(), [0]);
+    }
+
+    #[test]
+    fn f32_and_f64_route_alike() {
+        let s32 = [1.5f32, 1.5, f32::NAN, 0.25];
+        let s64: Vec<f64> = s32.iter().map(|&x| x.into()).collect();
+        let mut a = Router::new(RouterConfig::topk(2, 2, 1)).unwrap();
+        let mut b = a.clone();
+        let (mut o1, mut o2) = ([false; 4], [false; 4]);
+        a.route(&s32, &mut o1).unwrap();
+        b.route(&s64, &mut o2).unwrap();
+        assert_eq!(o1, o2);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn wrong_sizes_are_score_errors() {
+        let mut r = Router::new(RouterConfig::topk(2, 2, 1)).unwrap();
+        let mut out = [false; 4];
+        assert!(matches!(
+            r.route(&[1.0f64; 3], &mut out),
+            Err(Error::Score(_))
+        ));
+        assert_eq!(r.step(), 0);
+    }
+
+    #[test]
+    fn config_validation_messages() {
+        let bad = |c: RouterConfig| match Router::new(c) {
+            Err(Error::Config(m)) => m,
+            other => panic!("expected ConfigError, got {other:?}"),
+        };
+        assert_eq!(bad(RouterConfig::topk(1, 1, 0)), "topk must be >= 1, got 0");
+        assert!(bad(RouterConfig::topk(0, 1, 1)).starts_with("num_modules must be >= 1"));
+        assert!(bad(RouterConfig {
+            margin: 0.1,
+            ..RouterConfig::topk(1, 1, 1)
+        })
+        .contains("belong to policy 'hysteresis'"));
+        assert!(bad(hyst(1, 1, 1, f64::NAN, 0)).starts_with("margin must be finite"));
+        assert!(bad(hyst(1, 1, 1, -1.0, 0)).starts_with("margin must be finite"));
+        assert!(bad(RouterConfig::topk(1 << 20, 1 << 20, 1)).contains("<= 4294967296"));
+        assert!(bad(RouterConfig {
+            warmup_steps: 3,
+            freeze_after: Some(3),
+            ..RouterConfig::topk(1, 1, 1)
+        })
+        .starts_with("freeze_after must be None or > warmup_steps"));
+        assert_eq!(
+            Policy::parse("foo").unwrap_err().to_string(),
+            "unknown policy 'foo'; expected one of 'topk', 'hysteresis'"
+        );
+        // topk >= num_experts is allowed.
+        assert!(Router::new(RouterConfig::topk(1, 2, 5)).is_ok());
+    }
+
+    #[test]
+    fn from_parts_rejects_inconsistent_state() {
+        let cfg = RouterConfig {
+            warmup_steps: 2,
+            ..RouterConfig::topk(1, 2, 1)
+        };
+        // Incumbents recorded during warm-up.
+        assert!(matches!(
+            Router::from_parts(cfg, 3, vec![true, false], vec![1]),
+            Err(Error::State(_))
+        ));
+        // More incumbents than topk.
+        assert!(matches!(
+            Router::from_parts(cfg, 3, vec![true, true], vec![2]),
+            Err(Error::State(_))
+        ));
+        // Change in the future.
+        assert!(matches!(
+            Router::from_parts(cfg, 3, vec![true, false], vec![3]),
+            Err(Error::State(_))
+        ));
+        assert!(Router::from_parts(cfg, 3, vec![true, false], vec![2]).is_ok());
+    }
+}

@@ -1,0 +1,431 @@
+//! Versioned, self-checking binary format for routers and ledgers.
+//!
+//! Layout, all little-endian:
+//!
+//! ```text
+//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 1) | payload length: u64
+//!        | payload | checksum: u64 = FNV-1a 64 over every byte before it
+//! ```
+//!
+//! Router payload (version 1): num_modules u64, num_experts u64, topk u64, policy u8
+//! (0 topk, 1 hysteresis), margin f64, min_dwell u64, warmup_steps u64, has_freeze u8 (0/1),
+//! freeze_after u64 (0 when absent), step u64, incumbents u8×(M·E) (0/1, row-major),
+//! last_change u64×M.
+//!
+//! Ledger payload (version 1): num_modules u64, num_experts u64, ema_decay f64, step u64,
+//! checksum u64, last_scores f64×(M·E), ema f64×(M·E), wins u64×(M·E), switches u64×M,
+//! last_switch_step i64×M, no_winner u64×M, last_mask u8×(M·E) (0/1).
+//!
+//! Floats are stored as their IEEE bit patterns, so NaN payloads and signed zeros survive.
+//! Decoding is strict: one encoding per state (flags and bools must be exactly 0 or 1, no
+//! trailing bytes), and the decoded state must satisfy every invariant the live object keeps.
+
+use crate::error::{Error, Result};
+use crate::ledger::{Ledger, LedgerParts};
+use crate::router::{Policy, Router, RouterConfig};
+
+pub const MAGIC: &[u8; 4] = b"MOLF";
+pub const FORMAT_VERSION: u16 = 1;
+pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+
+const HEADER_LEN: usize = 4 + 1 + 2 + 8;
+const CHECKSUM_LEN: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Router = 1,
+    Ledger = 2,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Router => "router",
+            Kind::Ledger => "ledger",
+        }
+    }
+}
+
+/// FNV-1a, 64 bit: tiny, dependency-free and fully specified, so other tools can recompute it.
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv1a(u64);
+
+impl Fnv1a {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    pub fn new() -> Self {
+        Fnv1a(Self::OFFSET_BASIS)
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(Self::PRIME);
+        }
+    }
+
+    pub fn finish(self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h = Fnv1a::new();
+    h.write(bytes);
+    h.finish()
+}
+
+/// Appends little-endian fields to a buffer that starts with the header.
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn new(kind: Kind) -> Self {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(MAGIC);
+        buf.push(kind as u8);
+        buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        buf.extend_from_slice(&0u64.to_le_bytes()); // payload length, patched in `finish`
+        Writer(buf)
+    }
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f64(&mut self, v: f64) {
+        self.u64(v.to_bits());
+    }
+    fn bools(&mut self, v: &[bool]) {
+        self.0.extend(v.iter().map(|&b| u8::from(b)));
+    }
+    fn u64s(&mut self, v: &[u64]) {
+        v.iter().for_each(|&x| self.u64(x));
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let payload_len = (self.0.len() - HEADER_LEN) as u64;
+        self.0[7..HEADER_LEN].copy_from_slice(&payload_len.to_le_bytes());
+        let sum = fnv1a64(&self.0);
+        self.0.extend_from_slice(&sum.to_le_bytes());
+        self.0
+    }
+}
+
+/// Reads little-endian fields from a payload whose total length is already verified.
+struct Reader<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.buf.len() < n {
+            return Err(Error::State(format!("{} payload is truncated", self.what)));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn f64(&mut self) -> Result<f64> {
+        Ok(f64::from_bits(self.u64()?))
+    }
+    fn flag(&mut self, field: &str) -> Result<bool> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(Error::State(format!("{field} must be 0 or 1, got {v}"))),
+        }
+    }
+    fn bools(&mut self, n: usize, field: &str) -> Result<Vec<bool>> {
+        self.take(n)?
+            .iter()
+            .map(|&v| match v {
+                0 => Ok(false),
+                1 => Ok(true),
+                v => Err(Error::State(format!(
+                    "{field} entries must be 0 or 1, got {v}"
+                ))),
+            })
+            .collect()
+    }
+    fn u64s(&mut self, n: usize) -> Result<Vec<u64>> {
+        Ok(self
+            .take(n.checked_mul(8).ok_or_else(|| self.too_short())?)?
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect())
+    }
+    fn too_short(&self) -> Error {
+        Error::State(format!("{} payload is truncated", self.what))
+    }
+    /// Returns `(modules, modules × experts)` after checking, before anything is allocated,
+    /// that exactly the bytes the arrays of that shape need remain.
+    fn shape(
+        &self,
+        modules: u64,
+        experts: u64,
+        per_entry: u64,
+        per_module: u64,
+    ) -> Result<(usize, usize)> {
+        let entries = modules.checked_mul(experts);
+        let needed = entries
+            .and_then(|n| n.checked_mul(per_entry))
+            .zip(modules.checked_mul(per_module))
+            .and_then(|(a, b)| a.checked_add(b));
+        match (needed, entries) {
+            (Some(n), Some(entries)) if n == self.buf.len() as u64 => {
+                // Both fit in usize: they are at most the length of an in-memory buffer.
+                Ok((modules as usize, entries as usize))
+            }
+            _ => Err(Error::State(format!(
+                "{} payload has {} bytes of arrays, which does not match its shape ({modules}, {experts})",
+                self.what,
+                self.buf.len()
+            ))),
+        }
+    }
+}
+
+/// Validates the envelope and returns the payload.
+fn open(data: &[u8], kind: Kind) -> Result<&[u8]> {
+    let state = |msg: String| Err(Error::State(msg));
+    if data.len() < HEADER_LEN + CHECKSUM_LEN {
+        return state(format!(
+            "serialised {} is truncated: {} bytes, the envelope alone needs {}",
+            kind.name(),
+            data.len(),
+            HEADER_LEN + CHECKSUM_LEN
+        ));
+    }
+    if &data[..4] != MAGIC {
+        return state(format!(
+            "not molf state: magic bytes {:?}, expected {:?}",
+            &data[..4],
+            MAGIC
+        ));
+    }
+    if data[4] != kind as u8 {
+        let seen = match data[4] {
+            1 => "a router",
+            2 => "a ledger",
+            _ => "an unknown kind",
+        };
+        return state(format!(
+            "serialised state is {seen} (kind byte {}), expected a {} (kind byte {})",
+            data[4],
+            kind.name(),
+            kind as u8
+        ));
+    }
+    let version = u16::from_le_bytes([data[5], data[6]]);
+    if !SUPPORTED_VERSIONS.contains(&version) {
+        return state(format!(
+            "unsupported {} format version {version}; supported versions: {SUPPORTED_VERSIONS:?}",
+            kind.name()
+        ));
+    }
+    let payload_len = u64::from_le_bytes(data[7..HEADER_LEN].try_into().expect("8 bytes"));
+    let actual = (data.len() - HEADER_LEN - CHECKSUM_LEN) as u64;
+    if payload_len != actual {
+        return state(format!(
+            "serialised {} is truncated or has trailing bytes: header says {payload_len} \
+             payload bytes, found {actual}",
+            kind.name()
+        ));
+    }
+    let (body, sum) = data.split_at(data.len() - CHECKSUM_LEN);
+    let stored = u64::from_le_bytes(sum.try_into().expect("8 bytes"));
+    let computed = fnv1a64(body);
+    if stored != computed {
+        return state(format!(
+            "serialised {} failed its checksum (stored {stored:#018x}, computed {computed:#018x}): \
+             the data is corrupt or was modified",
+            kind.name()
+        ));
+    }
+    Ok(&body[HEADER_LEN..])
+}
+
+impl Router {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let c = self.config();
+        let mut w = Writer::new(Kind::Router);
+        w.u64(c.num_modules);
+        w.u64(c.num_experts);
+        w.u64(c.topk);
+        w.u8(match c.policy {
+            Policy::TopK => 0,
+            Policy::Hysteresis => 1,
+        });
+        w.f64(c.margin);
+        w.u64(c.min_dwell);
+        w.u64(c.warmup_steps);
+        w.u8(u8::from(c.freeze_after.is_some()));
+        w.u64(c.freeze_after.unwrap_or(0));
+        w.u64(self.step());
+        w.bools(self.incumbents());
+        w.u64s(self.last_change());
+        w.finish()
+    }
+
+    pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        let mut r = Reader {
+            buf: open(data, Kind::Router)?,
+            what: "router",
+        };
+        let num_modules = r.u64()?;
+        let num_experts = r.u64()?;
+        let topk = r.u64()?;
+        let policy = match r.u8()? {
+            0 => Policy::TopK,
+            1 => Policy::Hysteresis,
+            v => {
+                return Err(Error::State(format!(
+                    "unknown policy code {v} in router state"
+                )))
+            }
+        };
+        let margin = r.f64()?;
+        let min_dwell = r.u64()?;
+        let warmup_steps = r.u64()?;
+        let has_freeze = r.flag("has_freeze")?;
+        let freeze = r.u64()?;
+        if !has_freeze && freeze != 0 {
+            return Err(Error::State(
+                "freeze_after is absent but its field is non-zero".into(),
+            ));
+        }
+        let step = r.u64()?;
+        let (m, entries) = r.shape(num_modules, num_experts, 1, 8)?;
+        let incumbents = r.bools(entries, "incumbents")?;
+        let last_change = r.u64s(m)?;
+        let config = RouterConfig {
+            num_modules,
+            num_experts,
+            topk,
+            policy,
+            margin,
+            min_dwell,
+            warmup_steps,
+            freeze_after: has_freeze.then_some(freeze),
+        };
+        Router::from_parts(config, step, incumbents, last_change)
+    }
+}
+
+impl Ledger {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = Writer::new(Kind::Ledger);
+        w.u64(self.num_modules() as u64);
+        w.u64(self.num_experts() as u64);
+        w.f64(self.ema_decay());
+        w.u64(self.step());
+        w.u64(self.checksum());
+        self.last_scores().iter().for_each(|&x| w.f64(x));
+        self.ema().iter().for_each(|&x| w.f64(x));
+        w.u64s(self.wins());
+        w.u64s(self.switches());
+        self.last_switch_step()
+            .iter()
+            .for_each(|&x| w.u64(x as u64));
+        w.u64s(self.no_winner());
+        w.bools(self.last_mask());
+        w.finish()
+    }
+
+    pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        let mut r = Reader {
+            buf: open(data, Kind::Ledger)?,
+            what: "ledger",
+        };
+        let num_modules = r.u64()?;
+        let num_experts = r.u64()?;
+        let ema_decay = r.f64()?;
+        let step = r.u64()?;
+        let checksum = r.u64()?;
+        // Per entry: 3 arrays of 8-byte cells + 1 of 1-byte cells; per module: 3 of 8 bytes.
+        let (m, entries) = r.shape(num_modules, num_experts, 25, 24)?;
+        let floats = |v: Vec<u64>| v.into_iter().map(f64::from_bits).collect();
+        let last_scores = floats(r.u64s(entries)?);
+        let ema = floats(r.u64s(entries)?);
+        let wins = r.u64s(entries)?;
+        let switches = r.u64s(m)?;
+        let last_switch_step = r.u64s(m)?.into_iter().map(|x| x as i64).collect();
+        let no_winner = r.u64s(m)?;
+        let last_mask = r.bools(entries, "last_mask")?;
+        Ledger::from_parts(LedgerParts {
+            num_modules,
+            num_experts,
+            ema_decay,
+            step,
+            checksum,
+            last_scores,
+            ema,
+            wins,
+            switches,
+            last_switch_step,
+            no_winner,
+            last_mask,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_known_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn router_round_trip_and_envelope_checks() {
+        let mut r = Router::new(RouterConfig::topk(2, 3, 1)).unwrap();
+        let mut out = [false; 6];
+        r.route(&[1.0f64, 2.0, 3.0, 3.0, 2.0, 1.0], &mut out)
+            .unwrap();
+        let bytes = r.to_bytes();
+        assert_eq!(&bytes[..4], MAGIC);
+        assert_eq!(Router::from_bytes(&bytes).unwrap(), r);
+        assert!(
+            matches!(Ledger::from_bytes(&bytes), Err(Error::State(m)) if m.contains("is a router"))
+        );
+        let mut v2 = bytes.clone();
+        v2[5] = 2;
+        assert!(matches!(Router::from_bytes(&v2), Err(Error::State(m)) if m.contains("version 2")));
+        for n in 0..bytes.len() {
+            assert!(Router::from_bytes(&bytes[..n]).is_err());
+        }
+    }
+
+    #[test]
+    fn ledger_round_trip_keeps_nan_bits() {
+        let mut l = Ledger::new(1, 2, 0.25).unwrap();
+        l.record(
+            &[f64::from_bits(0x7ff8_0000_0000_0001), -0.0],
+            &[false, true],
+        )
+        .unwrap();
+        let back = Ledger::from_bytes(&l.to_bytes()).unwrap();
+        assert_eq!(back, l);
+        assert_eq!(back.last_scores()[0].to_bits(), 0x7ff8_0000_0000_0001);
+    }
+}

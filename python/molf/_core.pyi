@@ -1,0 +1,270 @@
+"""Rust routing core of molf (``molf_rs``), compiled with pyo3.
+
+Everything here is deterministic and pure: no torch, no randomness, no clock. All arrays are
+numpy arrays of shape ``(num_modules, num_experts)`` (row = routed module, column = expert;
+expert 0 is the dense/FFT expert when present) unless stated otherwise.
+
+No Rust panic ever reaches Python: a panic is reported as :class:`InternalError`.
+Objects are not meant to be shared between threads while a call is running.
+"""
+
+from typing import Final, Literal, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: Final[str]
+"""Version of the Rust core (``molf_rs`` crate)."""
+
+PHASES: Final[tuple[Literal["warmup"], Literal["routing"], Literal["frozen"]]]
+"""Routing phases, in schedule order."""
+
+POLICIES: Final[tuple[Literal["topk"], Literal["hysteresis"]]]
+"""Routing policies accepted by :class:`Router`."""
+
+_Phase = Literal["warmup", "routing", "frozen"]
+_Policy = Literal["topk", "hysteresis"]
+_ScoreArray = npt.NDArray[np.float32] | npt.NDArray[np.float64]
+
+class ConfigError(ValueError):
+    """Invalid configuration or argument value (the message names the argument and the
+    allowed values, e.g. ``topk must be >= 1, got 0``)."""
+
+class ScoreError(ValueError):
+    """A score or mask array of the wrong shape, dtype or number of dimensions (the message
+    gives the expected and the received shape and dtype)."""
+
+class StateError(ValueError):
+    """Serialised state that is truncated, tampered with (checksum), of the wrong magic or
+    kind, of an unsupported format version, or internally inconsistent."""
+
+class InternalError(RuntimeError):
+    """A broken invariant inside the core. Never expected: please report it."""
+
+class _RouterConfig(TypedDict):
+    num_modules: int
+    num_experts: int
+    topk: int
+    policy: _Policy
+    margin: float
+    min_dwell: int
+    warmup_steps: int
+    freeze_after: int | None
+
+class Router:
+    """Picks the winning experts of every module from a score matrix.
+
+    Phases (of the call with 0-based index ``s``): ``"warmup"`` while ``s < warmup_steps``
+    (every expert with a finite score wins; no incumbents are recorded), then ``"frozen"``
+    once ``freeze_after`` is set and ``s >= freeze_after`` (winners = incumbents with a
+    finite score; a module without incumbents gets plain top-k), else ``"routing"``.
+
+    Routing, policy ``"topk"``: per module, the ``topk`` highest finite scores win; ties go
+    to the lower expert index; NaN and ±Inf never win; if fewer than ``topk`` scores are
+    finite only those win; if none is, the row is all False.
+
+    Routing, policy ``"hysteresis"``: the incumbents ``I`` of a module (its last non-empty
+    winner set) are held while ``s - last_change < min_dwell`` (if any incumbent has a
+    finite score); otherwise experts are ranked by ``s_e + margin * |s_e|`` for incumbents
+    and ``s_e`` for the rest, top-k among finite scores, ties to incumbents first, then to
+    the lower index. A challenger thus displaces an incumbent only by beating it by the
+    relative margin.
+
+    After each routing step, a module whose winner row is non-empty and differs from its
+    incumbents takes that row as incumbents (``last_change = s``); an empty row changes
+    nothing.
+
+    Args:
+        num_modules: rows of the score matrix, >= 1.
+        num_experts: columns, >= 1.
+        topk: winners per module, >= 1 (``topk >= num_experts`` means every finite
+            expert wins).
+        policy: one of :data:`POLICIES`.
+        margin: relative advantage of incumbents, finite and >= 0 (``"hysteresis"`` only;
+            must be 0 for ``"topk"``).
+        min_dwell: steps incumbents are held after a change, >= 0 (``"hysteresis"`` only;
+            must be 0 for ``"topk"``).
+        warmup_steps: number of initial warm-up calls, >= 0.
+        freeze_after: index of the first frozen call, or None; must be > ``warmup_steps``.
+
+    Raises:
+        ConfigError: any argument out of range (also integers that do not fit in 64 bits,
+            and ``num_modules * num_experts > 2**32``).
+        TypeError: an argument of the wrong type (e.g. a float for an integer argument).
+    """
+
+    def __init__(
+        self,
+        num_modules: int,
+        num_experts: int,
+        topk: int = 1,
+        policy: _Policy = "topk",
+        margin: float = 0.0,
+        min_dwell: int = 0,
+        warmup_steps: int = 0,
+        freeze_after: int | None = None,
+    ) -> None: ...
+    @property
+    def num_modules(self) -> int: ...
+    @property
+    def num_experts(self) -> int: ...
+    @property
+    def topk(self) -> int: ...
+    @property
+    def policy(self) -> _Policy: ...
+    @property
+    def margin(self) -> float: ...
+    @property
+    def min_dwell(self) -> int: ...
+    @property
+    def warmup_steps(self) -> int: ...
+    @property
+    def freeze_after(self) -> int | None: ...
+    @property
+    def step(self) -> int:
+        """Number of :meth:`route` calls so far."""
+    @property
+    def phase(self) -> _Phase:
+        """Phase of the *next* :meth:`route` call."""
+    def route(self, scores: _ScoreArray) -> npt.NDArray[np.bool_]:
+        """Routes one step and advances :attr:`step`.
+
+        Args:
+            scores: float32 or float64 array of shape exactly ``(num_modules, num_experts)``;
+                any memory layout (non-C-contiguous input is copied). f32 and f64 inputs
+                with the same values route identically.
+
+        Returns:
+            A new bool array ``(num_modules, num_experts)``: True where the expert wins.
+
+        Raises:
+            ScoreError: wrong type, ndim, shape or dtype; the router is left unchanged.
+        """
+    def incumbents(self) -> npt.NDArray[np.bool_]:
+        """Copy of the current incumbents, bool ``(num_modules, num_experts)``."""
+    def config(self) -> _RouterConfig:
+        """The constructor arguments: ``Router(**r.config())`` builds a fresh equal-config
+        router."""
+    def to_bytes(self) -> bytes:
+        """Serialises configuration and state (format: see :meth:`from_bytes`)."""
+    @staticmethod
+    def from_bytes(data: bytes) -> Router:
+        """Restores a router exactly: it takes the same future decisions as the original.
+
+        Format (little-endian): ``b"MOLF"``, kind byte (1 = router, 2 = ledger), format
+        version u16 (currently 1), payload length u64, payload, then a u64 FNV-1a-64
+        checksum of every preceding byte. Floats are stored bit-exact.
+
+        Raises:
+            StateError: truncated data, wrong magic or kind, unsupported version (the
+                message names the version seen and the supported ones), bad checksum, or a
+                decoded state that violates an invariant.
+        """
+    def __eq__(self, other: object) -> bool:
+        """Equal configuration and state (step, incumbents, last changes)."""
+    def __reduce__(self) -> tuple[object, tuple[bytes]]:
+        """Pickle / ``copy.deepcopy`` support via :meth:`to_bytes`."""
+
+class _LedgerSummary(TypedDict):
+    step: int
+    checksum: int
+    win_share: list[float]
+    current_share: list[float]
+    switches: int
+    switch_rate: float
+    no_winner_events: int
+
+class Ledger:
+    """Score and decision bookkeeping per module and expert.
+
+    With ``s = step`` before a :meth:`record` call:
+
+    * ``last_scores = scores`` (as float64; non-finite values kept as they are);
+    * for each finite score: ``ema = score`` if unset (NaN) else
+      ``ema_decay * ema + (1 - ema_decay) * score`` (evaluated in exactly this order, f64);
+    * ``wins[m, e] += mask[m, e]``;
+    * per module: an empty mask row counts a no-winner event and keeps the previous row;
+      otherwise, if a previous row exists and differs, ``switches[m] += 1`` and
+      ``last_switch_step[m] = s``; the row becomes the previous row;
+    * ``checksum = fnv1a64(prev_checksum.to_bytes(8, "little") + s.to_bytes(8, "little")
+      + bytes(mask.ravel(order="C")))`` (one 0/1 byte per mask entry, row-major), with
+      ``prev_checksum = 0`` before the first record and FNV-1a 64 (offset basis
+      ``0xcbf29ce484222325``, prime ``0x100000001b3``). Two ledgers have equal checksums iff
+      they saw the same decision history, with overwhelming probability: compare it across
+      distributed ranks;
+    * ``step += 1``.
+
+    Args:
+        num_modules: >= 1.
+        num_experts: >= 1.
+        ema_decay: in ``[0, 1)``.
+
+    Raises:
+        ConfigError: an argument out of range.
+    """
+
+    def __init__(self, num_modules: int, num_experts: int, ema_decay: float = 0.9) -> None: ...
+    @property
+    def num_modules(self) -> int: ...
+    @property
+    def num_experts(self) -> int: ...
+    @property
+    def ema_decay(self) -> float: ...
+    @property
+    def step(self) -> int:
+        """Number of :meth:`record` calls so far."""
+    @property
+    def checksum(self) -> int:
+        """Decision checksum (u64), see the class docstring."""
+    @property
+    def no_winner_total(self) -> int:
+        """Total no-winner events over all modules."""
+    def record(self, scores: _ScoreArray, mask: npt.NDArray[np.bool_]) -> None:
+        """Records one step.
+
+        Args:
+            scores: as for :meth:`Router.route`.
+            mask: bool array ``(num_modules, num_experts)``, usually ``Router.route``'s
+                result.
+
+        Raises:
+            ScoreError: wrong type, ndim, shape or dtype of either array; nothing is
+                recorded.
+        """
+    def last_scores(self) -> npt.NDArray[np.float64]:
+        """Copy, ``(M, E)``: scores of the last record (NaN before the first)."""
+    def ema(self) -> npt.NDArray[np.float64]:
+        """Copy, ``(M, E)``: EMA of finite scores (NaN where no finite score was seen)."""
+    def wins(self) -> npt.NDArray[np.uint64]:
+        """Copy, ``(M, E)``: cumulative win counts."""
+    def switches(self) -> npt.NDArray[np.uint64]:
+        """Copy, ``(M,)``: changes of the non-empty winner row."""
+    def last_switch_step(self) -> npt.NDArray[np.int64]:
+        """Copy, ``(M,)``: step of the last switch, -1 if never."""
+    def no_winner(self) -> npt.NDArray[np.uint64]:
+        """Copy, ``(M,)``: steps in which the module's mask row was empty."""
+    def last_mask(self) -> npt.NDArray[np.bool_]:
+        """Copy, ``(M, E)``: last non-empty mask row per module (all False before one)."""
+    def summary(self) -> _LedgerSummary:
+        """Aggregates for logs.
+
+        * ``win_share[e]``: cumulative wins of expert ``e`` over all wins (zeros if none);
+        * ``current_share[e]``: fraction of modules whose last non-empty row includes ``e``;
+        * ``switches``: total over modules;
+        * ``switch_rate``: ``switches / (num_modules * max(step - 1, 1))``;
+        * ``no_winner_events``: total no-winner events.
+        """
+    def to_bytes(self) -> bytes:
+        """Serialises configuration and state (format: see :meth:`Router.from_bytes`)."""
+    @staticmethod
+    def from_bytes(data: bytes) -> Ledger:
+        """Restores a ledger bit-exactly.
+
+        Raises:
+            StateError: as for :meth:`Router.from_bytes` (router bytes are rejected as the
+                wrong kind).
+        """
+    def __eq__(self, other: object) -> bool:
+        """Identical configuration and state; floats compared bit for bit (NaN == NaN)."""
+    def __reduce__(self) -> tuple[object, tuple[bytes]]:
+        """Pickle / ``copy.deepcopy`` support via :meth:`to_bytes`."""
