@@ -29,6 +29,10 @@ def tensors(dtype, scale=1.0, seed=0):
     return [(torch.randn(s, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE) for s in SHAPES]
 
 
+def ok():
+    return torch.zeros(1, dtype=torch.int32, device=DEVICE)
+
+
 def tol(dtype):
     if dtype == torch.bfloat16:  # both sides round the same float32 value: at most one bf16 ulp apart
         return dict(rtol=2**-7, atol=0.0)
@@ -43,7 +47,7 @@ def test_moments_and_scores_match_foreach(state_dtype, grad_dtype, score):
     m = tensors(state_dtype, 0.1, seed=2)
     v = [t.abs() * 0.01 for t in tensors(state_dtype, seed=3)]
     m_ref, v_ref = [t.clone() for t in m], [t.clone() for t in v]
-    sums = _fused.moments_and_scores(grads, m, v, 0.9, 0.99, 1e-8, score)
+    sums = _fused.moments_and_scores(grads, m, v, 0.9, 0.99, 1e-8, score, _fused.nonfinite_flag(grads))
     _kernels.update_moments_(m_ref, v_ref, [g.to(state_dtype) for g in grads], 0.9, 0.99)
     expected = _kernels.score_sums(m_ref, v_ref, 1e-8, score)
     for a, b in zip(m + v, m_ref + v_ref):
@@ -61,7 +65,7 @@ def test_apply_and_full_update_match_foreach(param_dtype, state_dtype):
     hyper = (np.full(len(p), lr / (1 - 0.9**step)), np.full(len(p), (1 - 0.99**step) ** 0.5), np.full(len(p), 1 - lr * wd))
     expected = [t.to(state_dtype) for t in p]
     _kernels.adamw_update_(expected, [t.clone() for t in m], [t.clone() for t in v], step, lr, wd, 0.9, 0.99, 1e-8)
-    _fused.adamw_apply(p, m, v, *hyper, 1e-8)
+    _fused.adamw_apply(p, m, v, *hyper, 1e-8, ok())
     for a, b in zip(p, expected):
         torch.testing.assert_close(a, b.to(param_dtype), **tol(param_dtype))
 
@@ -72,10 +76,28 @@ def test_apply_and_full_update_match_foreach(param_dtype, state_dtype):
     m_ref, v_ref = [t.clone() for t in m2], [t.clone() for t in v2]
     _kernels.update_moments_(m_ref, v_ref, grads, 0.9, 0.99)
     _kernels.adamw_update_(expected, m_ref, v_ref, step, lr, wd, 0.9, 0.99, 1e-8)
-    assert _fused.moments_and_scores(grads, m2, v2, 0.9, 0.99, 1e-8, "epd", params=p2, step_sizes=hyper[0],
+    assert _fused.moments_and_scores(grads, m2, v2, 0.9, 0.99, 1e-8, "epd", ok(), params=p2, step_sizes=hyper[0],
                                      bc2_sqrts=hyper[1], decays=hyper[2]) is None
     for a, b in zip(p2 + m2 + v2, [t.to(param_dtype) for t in expected] + m_ref + v_ref):
         torch.testing.assert_close(a, b, **tol(a.dtype))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 2, 4])
+def test_nonfinite_flag_and_kernels_write_nothing(bad, where):
+    grads = tensors(torch.float32, seed=8) + tensors(torch.bfloat16, seed=9)
+    assert _fused.nonfinite_flag(grads).item() == 0
+    grads[where].view(-1)[-1] = bad  # the last element: the ragged tail of the last chunk
+    flag = _fused.nonfinite_flag(grads)
+    assert flag.item() == 1
+    p, m, v = tensors(torch.float32, seed=10), tensors(torch.float32, seed=11), tensors(torch.float32, seed=12)
+    before = [t.clone() for t in p + m + v]
+    hyper = (np.full(len(p), 0.1), np.full(len(p), 0.5), np.full(len(p), 0.99))
+    _fused.moments_and_scores(grads[: len(p)], m, v, 0.9, 0.99, 1e-8, "epd", flag)
+    _fused.moments_and_scores(grads[: len(p)], m, v, 0.9, 0.99, 1e-8, "epd", flag, params=p, step_sizes=hyper[0],
+                              bc2_sqrts=hyper[1], decays=hyper[2])
+    _fused.adamw_apply(p, m, v, *hyper, 1e-8, flag)
+    assert all(torch.equal(a, b) for a, b in zip(p + m + v, before))
 
 
 def _use_fused(opt):

@@ -26,18 +26,19 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 @triton.jit
 def _moments_kernel(
-    g_ptrs, m_ptrs, v_ptrs, p_ptrs, numels, hyper, block_tensor, block_start, partial,
+    g_ptrs, m_ptrs, v_ptrs, p_ptrs, numels, hyper, block_tensor, block_start, partial, flag,
     beta1, beta2, eps,
     G_DT: tl.constexpr, S_DT: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr,
     EPD: tl.constexpr, SCORE: tl.constexpr, APPLY: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """m, v <- moments(g); SCORE: partial[pid] = chunk sum of the score term;
-    APPLY: also the AdamW update of p (unrouted parameters: one pass)."""
+    APPLY: also the AdamW update of p (unrouted parameters: one pass).
+    Writes nothing when `flag` is set (a non-finite gradient this step)."""
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
     start = tl.load(block_start + pid)
-    n = tl.load(numels + t)
+    n = tl.load(numels + t) * (tl.load(flag) == 0)
     g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
     m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(S_DT))
     v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(S_DT))
@@ -91,15 +92,33 @@ def _reduce_kernel(partial, first_block, num_blocks, out, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _apply_kernel(
-    p_ptrs, m_ptrs, v_ptrs, numels, hyper, block_tensor, block_start,
-    S_DT: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-):
-    """The winners' update: p <- p (1 - lr wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)."""
+def _nonfinite_kernel(g_ptrs, numels, block_tensor, block_start, flag, G_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """flag <- 1 if any gradient element is NaN or infinite (racing writes all write 1)."""
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
     start = tl.load(block_start + pid)
     n = tl.load(numels + t)
+    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        bad += ((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32)
+    if tl.sum(bad, axis=0) > 0:
+        tl.store(flag, 1)
+
+
+@triton.jit
+def _apply_kernel(
+    p_ptrs, m_ptrs, v_ptrs, numels, hyper, block_tensor, block_start, flag,
+    S_DT: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """The winners' update: p <- p (1 - lr wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+    Writes nothing when `flag` is set (lagged mode learns of it only later)."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(numels + t) * (tl.load(flag) == 0)
     p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DT))
     m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(S_DT))
     v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(S_DT))
@@ -142,13 +161,33 @@ def _hyper(step_sizes, bc2_sqrts, decays, eps) -> np.ndarray:
     return np.stack([step_sizes, bc2_sqrts, decays, np.broadcast_to(eps, len(step_sizes))], axis=1).reshape(-1)
 
 
+def nonfinite_flag(grads: list[torch.Tensor]) -> torch.Tensor:
+    """A device int32 [1]: 1 if any of `grads` holds a NaN or an infinity."""
+    device = grads[0].device
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for dtype, gs in by_dtype.items():
+        numels = np.fromiter((g.numel() for g in gs), dtype=np.int64, count=len(gs))
+        block_tensor, block_start, _, _ = _blocks(numels)
+        ptrs = np.fromiter((g.data_ptr() for g in gs), dtype=np.int64, count=len(gs))
+        table = _to_device(np.concatenate([ptrs, numels, block_tensor, block_start]), device)
+        T, B = len(gs), len(block_tensor)
+        _nonfinite_kernel[(B,)](
+            table[:T], table[T:2 * T], table[2 * T:2 * T + B], table[2 * T + B:], flag,
+            G_DT=_TL_DTYPES[dtype], BLOCK=BLOCK, CHUNK=CHUNK,
+        )
+    return flag
+
+
 def moments_and_scores(
-    grads, exp_avgs, exp_avg_sqs, beta1: float, beta2: float, eps: float, score: str,
+    grads, exp_avgs, exp_avg_sqs, beta1: float, beta2: float, eps: float, score: str, flag: torch.Tensor,
     params=None, step_sizes=None, bc2_sqrts=None, decays=None,
 ) -> torch.Tensor | None:
-    """Update the moments of every tensor in one launch. Without `params`:
-    return each tensor's float64 score sum (device tensor). With `params`
-    (unrouted parameters): apply AdamW in the same pass and return None."""
+    """Update the moments of every tensor in one launch (none if `flag` is set).
+    Without `params`: return each tensor's float64 score sum (device tensor).
+    With `params` (unrouted parameters): apply AdamW in the same pass, return None."""
     if not grads:
         return None
     device = grads[0].device
@@ -164,7 +203,7 @@ def moments_and_scores(
     partial = torch.empty(B, dtype=torch.float64, device=device) if not apply else numels_d
     state_dtype = exp_avgs[0].dtype
     _moments_kernel[(B,)](
-        g_ptrs, m_ptrs, v_ptrs, p_ptrs, numels_d, hyper, block_tensor_d, block_start_d, partial,
+        g_ptrs, m_ptrs, v_ptrs, p_ptrs, numels_d, hyper, block_tensor_d, block_start_d, partial, flag,
         beta1, beta2, eps,
         G_DT=_TL_DTYPES[grads[0].dtype], S_DT=_TL_DTYPES[state_dtype],
         P_DT=_TL_DTYPES[params[0].dtype] if apply else tl.float32, C_DT=_compute_dtype(state_dtype),
@@ -178,8 +217,8 @@ def moments_and_scores(
     return sums
 
 
-def adamw_apply(params, exp_avgs, exp_avg_sqs, step_sizes, bc2_sqrts, decays, eps: float) -> None:
-    """The winners' AdamW update in one launch (moments already updated)."""
+def adamw_apply(params, exp_avgs, exp_avg_sqs, step_sizes, bc2_sqrts, decays, eps: float, flag: torch.Tensor) -> None:
+    """The winners' AdamW update in one launch (moments already updated; none if `flag` is set)."""
     if not params:
         return
     device = params[0].device
@@ -192,7 +231,7 @@ def adamw_apply(params, exp_avgs, exp_avg_sqs, step_sizes, bc2_sqrts, decays, ep
     state_dtype = exp_avgs[0].dtype
     _apply_kernel[(B,)](
         table[:T], table[T:2 * T], table[2 * T:3 * T], table[3 * T:4 * T], hyper,
-        table[4 * T:4 * T + B], table[4 * T + B:],
+        table[4 * T:4 * T + B], table[4 * T + B:], flag,
         S_DT=_TL_DTYPES[state_dtype], P_DT=_TL_DTYPES[params[0].dtype], C_DT=_compute_dtype(state_dtype),
         BLOCK=BLOCK, CHUNK=CHUNK,
     )

@@ -53,3 +53,12 @@ def adamw_update_(
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, -(lr / bias_correction1))
+
+
+def any_nonfinite(tensors: Tensors) -> bool:
+    """True if any tensor holds a NaN or an infinity (one host read)."""
+    by_dtype: dict[torch.dtype, Tensors] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    finite = [torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in by_dtype.values()]
+    return not bool(torch.stack(finite).all())

@@ -76,14 +76,18 @@ class _GroupWork(NamedTuple):
 
 
 class _ScoreSources:
-    """Per-tensor score sums on the device, and what turns them into the
-    [modules x experts] score matrix on the host: slot, lr and element count."""
+    """One step's per-tensor score sums on the device, the non-finite flag of its
+    gradients, and what turns them into the [modules x experts] score matrix on
+    the host (slot, lr and element count per tensor); also the step counters the
+    step advanced, so a skipped step can give them back."""
 
-    def __init__(self) -> None:
+    def __init__(self, flag: torch.Tensor | None) -> None:
+        self.flag = flag
         self.sums: list[torch.Tensor] = []
         self.slots: list[int] = []
         self.lrs: list[float] = []
         self.numels: list[int] = []
+        self.steps: list[torch.Tensor] = []
         self._host: torch.Tensor | None = None
         self._event = None
 
@@ -93,39 +97,52 @@ class _ScoreSources:
         self.lrs.extend([lr] * len(slots))
         self.numels.extend(numels)
 
+    def _flat(self) -> torch.Tensor:
+        parts = list(self.sums)
+        if self.flag is not None:
+            parts.append(self.flag.to(torch.float64))
+        return torch.cat(parts)
+
     def start_copy(self) -> None:
         """Begin the device-to-host copy without waiting for it (lagged mode)."""
         if not self.sums or self.sums[0].device.type != "cuda":
             return
-        flat = torch.cat(self.sums)
+        flat = self._flat()
         self._host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
         self._host.copy_(flat, non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record()
 
-    def _per_tensor(self) -> np.ndarray:
-        if self._host is not None:
-            if not self._event.query():
-                self._event.synchronize()
-            return self._host.numpy()
-        return torch.cat(self.sums).cpu().numpy()  # the step's one device-to-host transfer
-
-    def matrix(self, shape: tuple[int, int], score: str) -> np.ndarray:
+    def resolve(self, shape: tuple[int, int], score: str) -> np.ndarray | None:
+        """The score matrix, or None when the step's gradients were not finite."""
         M, E = shape
         if not self.sums:
             return np.full(shape, np.nan)
-        per_tensor = self._per_tensor()
+        if self._host is not None:
+            if not self._event.query():
+                self._event.synchronize()
+            flat = self._host.numpy()
+        else:
+            flat = self._flat().cpu().numpy()  # the step's one device-to-host transfer
+        if self.flag is not None:
+            if flat[-1] != 0:
+                return None
+            flat = flat[:-1]
         slots = np.asarray(self.slots, dtype=np.int64)
         numel = np.bincount(slots, weights=np.asarray(self.numels, dtype=np.float64), minlength=M * E)
         with np.errstate(divide="ignore", invalid="ignore"):
             if score == "epd":
-                num = np.bincount(slots, weights=np.asarray(self.lrs) * per_tensor, minlength=M * E)
+                num = np.bincount(slots, weights=np.asarray(self.lrs) * flat, minlength=M * E)
                 scores = num / numel
             else:
-                num = np.bincount(slots, weights=per_tensor, minlength=M * E)
+                num = np.bincount(slots, weights=flat, minlength=M * E)
                 scores = np.sqrt(num) / np.sqrt(numel)
         scores[numel == 0] = np.nan  # an expert without gradients this step never wins
         return scores.reshape(M, E)
+
+    def give_back_steps(self) -> None:
+        if self.steps:
+            torch._foreach_sub_(self.steps, 1)
 
 
 class MoLFAdamW(torch.optim.Optimizer):
@@ -160,6 +177,14 @@ class MoLFAdamW(torch.optim.Optimizer):
     routes on its own). The step then never waits for the device; moments
     still advance every step and the winners' updates use the current moments.
     The routing log and ledger record, at step t, the scores that were routed on.
+
+    `skip_nonfinite` (default True): a step whose gradients hold a NaN or an
+    infinity changes nothing (weights, moments, step counters, router) and is
+    counted in `routing_summary().skipped_steps` and the log. The check runs in
+    the step's own pass on CUDA (no extra sync). With `lagged=True` on CUDA the
+    host learns of it one step later: the device still skipped every write,
+    but the router had already recorded that step; the next step then routes
+    on its own scores.
     """
 
     def __init__(
@@ -185,6 +210,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         log_every: int = 1,
         fused: bool | None = None,
         lagged: bool = False,
+        skip_nonfinite: bool = True,
     ) -> None:
         _check_number("lr", lr)
         _check_number("weight_decay", weight_decay)
@@ -222,8 +248,12 @@ class MoLFAdamW(torch.optim.Optimizer):
                 stacklevel=2,
             )
         self._log = None if log_path is None else RoutingLog(log_path, self.module_names, self.expert_names, log_every)
-        if fused not in (None, True, False) or not isinstance(lagged, bool):
-            raise ConfigError(f"fused must be None, True or False and lagged a bool, got {fused!r}, {lagged!r}")
+        if fused not in (None, True, False):
+            raise ConfigError(f"fused must be None, True or False, got {fused!r}")
+        if not isinstance(lagged, bool) or not isinstance(skip_nonfinite, bool):
+            raise ConfigError(f"lagged and skip_nonfinite must be booleans, got {lagged!r}, {skip_nonfinite!r}")
+        self.skip_nonfinite = skip_nonfinite
+        self._skipped_steps = 0
         self._fused = _fused_kernels(fused, [p for g in self.param_groups for p in g["params"]])
         self.lagged = lagged
         self._pending: _ScoreSources | np.ndarray | None = None  # lagged mode: the previous step's scores
@@ -353,24 +383,46 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One MoLF step: moments for all experts, scores, route, update winners."""
+        """One MoLF step: moments for all experts, scores, route, update winners.
+
+        A step whose gradients hold a NaN or an infinity is skipped whole
+        (weights, moments, step counters and router untouched) and counted,
+        unless `skip_nonfinite=False`."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.lagged:
+            self._resolve_pending()
         work = [self._init_group(g) for g in self.param_groups]
-        sources = _ScoreSources()
+        grads = [g for w in work for g in w.grads]
+        if not grads:
+            return loss
+        flag = None
+        if self._fused:
+            # Device-side: the kernels read the flag and write nothing when it is set.
+            flag = self._fused.nonfinite_flag(grads) if self.skip_nonfinite else grads[0].new_zeros(1, dtype=torch.int32)
+        elif self.skip_nonfinite and _kernels.any_nonfinite(grads):
+            self._record_skip()
+            return loss
+
+        sources = _ScoreSources(flag)
         for w in work:
             if not w.params:
                 continue
             torch._foreach_add_(w.steps, 1)
+            sources.steps.extend(w.steps)
             w.step_values.extend(torch.stack(w.steps).tolist())
             if w.group["molf_role"] == "plain":
-                self._moments_and_update(w)
+                self._moments_and_update(w, flag)
             else:
                 self._moments_and_scores(w, sources)
 
         scores = self._scores_to_route(sources)
+        if scores is None:
+            sources.give_back_steps()
+            self._record_skip()
+            return loss
         mask = self._router.route(scores)
         self._ledger.record(scores, mask)
         if self._log is not None:
@@ -380,8 +432,24 @@ class MoLFAdamW(torch.optim.Optimizer):
         for w in work:
             if w.group["molf_role"] != "plain" and w.params:
                 slots = np.asarray(w.group["molf_slots"], dtype=np.int64)[w.idx]
-                self._update(w, np.flatnonzero(winner_slots[slots]))
+                self._update(w, np.flatnonzero(winner_slots[slots]), flag)
         return loss
+
+    def _record_skip(self) -> None:
+        self._skipped_steps += 1
+        if self._log is not None:
+            self._log.write_skip(self._ledger.step, "non-finite gradient")
+
+    def _resolve_pending(self) -> None:
+        """Lagged mode: read the previous step's scores before this step counts.
+        If its gradients were not finite its device work was skipped: give its
+        step counters back and route this step on its own scores."""
+        if isinstance(self._pending, _ScoreSources):
+            matrix = self._pending.resolve(self._shape, self.score)
+            if matrix is None:
+                self._pending.give_back_steps()
+                self._record_skip()
+            self._pending = matrix
 
     @staticmethod
     def _batches(w: _GroupWork, positions: Iterable[int]) -> dict[tuple, list[int]]:
@@ -402,18 +470,18 @@ class MoLFAdamW(torch.optim.Optimizer):
             np.full(n, 1 - lr * group["weight_decay"]),
         )
 
-    def _moments_and_update(self, w: _GroupWork) -> None:
+    def _moments_and_update(self, w: _GroupWork, flag: torch.Tensor | None) -> None:
         """Unrouted parameters: plain AdamW (one pass on the fused path)."""
         beta1, beta2 = w.group["betas"]
         if not self._fused:
             _kernels.update_moments_(w.exp_avgs, w.exp_avg_sqs, w.grads, beta1, beta2)
-            self._update(w, range(len(w.params)))
+            self._update(w, range(len(w.params)), flag)
             return
         for (*_, step), ks in self._batches(w, range(len(w.params))).items():
             step_sizes, bc2_sqrts, decays = self._hyper(w.group, step, len(ks))
             self._fused.moments_and_scores(
                 [w.grads[k] for k in ks], [w.exp_avgs[k] for k in ks], [w.exp_avg_sqs[k] for k in ks],
-                beta1, beta2, w.group["eps"], self.score, params=[w.params[k] for k in ks],
+                beta1, beta2, w.group["eps"], self.score, flag, params=[w.params[k] for k in ks],
                 step_sizes=step_sizes, bc2_sqrts=bc2_sqrts, decays=decays,
             )
 
@@ -429,22 +497,28 @@ class MoLFAdamW(torch.optim.Optimizer):
         for ks in batches:
             ms, vs = [w.exp_avgs[k] for k in ks], [w.exp_avg_sqs[k] for k in ks]
             if self._fused:
-                sums = self._fused.moments_and_scores([w.grads[k] for k in ks], ms, vs, beta1, beta2, eps, self.score)
+                sums = self._fused.moments_and_scores(
+                    [w.grads[k] for k in ks], ms, vs, beta1, beta2, eps, self.score, sources.flag
+                )
             else:
                 sums = _kernels.score_sums(ms, vs, eps, self.score)
             sources.add(sums, [slots[w.idx[k]] for k in ks], lr, [w.params[k].numel() for k in ks])
 
-    def _scores_to_route(self, sources: _ScoreSources) -> np.ndarray:
-        """This step's score matrix (exact mode: one device-to-host transfer), or
-        in lagged mode the previous step's, while this step's copies in the background."""
-        shape = (len(self.module_names), len(self.expert_names))
+    def _scores_to_route(self, sources: _ScoreSources) -> np.ndarray | None:
+        """This step's score matrix (exact mode: one device-to-host transfer), or in
+        lagged mode the previous step's while this step's copies in the background.
+        None when the scores to route on came from non-finite gradients."""
         if not self.lagged:
-            return sources.matrix(shape, self.score)
+            return sources.resolve(self._shape, self.score)
         previous, self._pending = self._pending, sources
         sources.start_copy()
-        if previous is None:  # the first step has no previous scores: route on its own
-            previous = sources
-        return previous if isinstance(previous, np.ndarray) else previous.matrix(shape, self.score)
+        if previous is None:  # the first step, or the one after a skipped step: its own scores
+            previous = self._pending = sources.resolve(self._shape, self.score)
+        return previous
+
+    @property
+    def _shape(self) -> tuple[int, int]:
+        return len(self.module_names), len(self.expert_names)
 
     def _router_phase_of_last_step(self) -> str:
         # The router's `phase` is that of its next call; the step just routed was call step-1.
@@ -456,13 +530,13 @@ class MoLFAdamW(torch.optim.Optimizer):
             return "frozen"
         return "routing"
 
-    def _update(self, w: _GroupWork, positions: Iterable[int]) -> None:
+    def _update(self, w: _GroupWork, positions: Iterable[int], flag: torch.Tensor | None) -> None:
         """AdamW from the (already advanced) moments for the tensors at `positions`."""
         beta1, beta2 = w.group["betas"]
         for (p_dtype, _, s_dtype, _, step), ks in self._batches(w, positions).items():
             ps, ms, vs = [w.params[k] for k in ks], [w.exp_avgs[k] for k in ks], [w.exp_avg_sqs[k] for k in ks]
             if self._fused:
-                self._fused.adamw_apply(ps, ms, vs, *self._hyper(w.group, step, len(ks)), w.group["eps"])
+                self._fused.adamw_apply(ps, ms, vs, *self._hyper(w.group, step, len(ks)), w.group["eps"], flag)
                 continue
             upcast = p_dtype != s_dtype
             targets = [p.to(s_dtype) for p in ps] if upcast else ps
@@ -486,19 +560,21 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     def routing_summary(self) -> RoutingSummary:
         """Per-expert shares, switches and per-module statistics so far."""
-        return RoutingSummary.from_ledger(self._ledger, self.module_names, self.expert_names, self._router.phase)
+        return RoutingSummary.from_ledger(
+            self._ledger, self.module_names, self.expert_names, self._router.phase, self._skipped_steps
+        )
 
     # ------------------------------------------------------------- checkpoint
 
     def _pending_scores(self) -> np.ndarray | None:
         """Lagged mode's scores waiting for the next step, as a host matrix."""
-        if isinstance(self._pending, _ScoreSources):
-            self._pending = self._pending.matrix((len(self.module_names), len(self.expert_names)), self.score)
+        self._resolve_pending()
         return self._pending
 
     def _meta(self) -> dict:
         pending = self._pending_scores()
         return {
+            "skipped_steps": self._skipped_steps,
             "pending": None if pending is None else pending.tolist(),
             "version": _META_VERSION,
             "modules": list(self.module_names),
@@ -574,12 +650,13 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._router, self._ledger = router, ledger
         pending = metas[0][1].get("pending")
         self._pending = None if pending is None else np.asarray(pending, dtype=np.float64)
+        self._skipped_steps = int(metas[0][1].get("skipped_steps", 0))
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.update(
             score=self.score, _state_dtype=self._state_dtype, module_names=self.module_names,
-            expert_names=self.expert_names, _log=self._log, lagged=self.lagged,
+            expert_names=self.expert_names, _log=self._log, lagged=self.lagged, skip_nonfinite=self.skip_nonfinite,
             _fused=self._fused is not None, _molf_meta=self._meta(),
         )
         return state
@@ -593,4 +670,5 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._router = Router.from_bytes(base64.b64decode(meta["router"]))
         self._ledger = Ledger.from_bytes(base64.b64decode(meta["ledger"]))
         self._pending = None if meta["pending"] is None else np.asarray(meta["pending"], dtype=np.float64)
+        self._skipped_steps = meta["skipped_steps"]
         self._fused = _fused_kernels(True, [p for g in self.param_groups for p in g["params"]]) if self._fused else None

@@ -7,6 +7,8 @@ Each line is self-describing:
 
 Scores are written at full precision (Python's shortest round-trip repr);
 non-finite scores are written as null, since JSON has no NaN or Infinity.
+A step skipped for non-finite gradients is one line
+`{"skipped_after_step": 12, "reason": "non-finite gradient"}`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ class RoutingLog:
             {"step": step, "phase": phase, "experts": self.expert_names, "modules": modules},
             allow_nan=False,
         )
+        self._append(line)
+
+    def write_skip(self, after_step: int, reason: str) -> None:
+        """A step skipped whole: no routing took place, the step count did not advance."""
+        self._append(json.dumps({"skipped_after_step": after_step, "reason": reason}))
+
+    def _append(self, line: str) -> None:
         # One write of a whole line: a crash leaves at most a missing line, never a torn one.
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")

@@ -14,7 +14,8 @@ class RoutingSummary:
     `win_share`: share of all (module, step) wins taken by each expert so far;
     `current_share`: share of modules whose latest winners include each expert;
     `switches`: times a module's winner set changed; `no_winner_events`: module
-    steps skipped because no expert had a finite score.
+    steps without any finite expert score; `skipped_steps`: optimizer steps
+    skipped whole for non-finite gradients.
     `modules`: per module name, its wins per expert, switches and latest winners.
     """
 
@@ -26,11 +27,14 @@ class RoutingSummary:
     switches: int
     switch_rate: float
     no_winner_events: int
+    skipped_steps: int
     checksum: int
     modules: dict[str, dict]
 
     @classmethod
-    def from_ledger(cls, ledger, module_names: list[str], expert_names: list[str], phase: str) -> "RoutingSummary":
+    def from_ledger(
+        cls, ledger, module_names: list[str], expert_names: list[str], phase: str, skipped_steps: int = 0
+    ) -> "RoutingSummary":
         s = ledger.summary()
         wins, switches, last = ledger.wins(), ledger.switches(), ledger.last_mask()
         modules = {
@@ -50,6 +54,7 @@ class RoutingSummary:
             switches=int(s["switches"]),
             switch_rate=float(s["switch_rate"]),
             no_winner_events=int(s["no_winner_events"]),
+            skipped_steps=skipped_steps,
             checksum=int(s["checksum"]),
             modules=modules,
         )
@@ -62,7 +67,8 @@ class RoutingSummary:
         lines = [
             f"molf routing after {self.step} steps ({self.phase}); {len(self.modules)} modules, "
             f"{self.switches} switches (rate {self.switch_rate:.4f}), "
-            f"{self.no_winner_events} module-steps without a finite score",
+            f"{self.no_winner_events} module-steps without a finite score, "
+            f"{self.skipped_steps} steps skipped for non-finite gradients",
             f"  {'expert':<{width}}  {'now':>7}  {'overall':>7}",
         ]
         for e in self.experts:
