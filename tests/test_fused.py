@@ -109,3 +109,33 @@ def _use_fused(opt):
 @pytest.mark.parametrize("lagged", [False, True])
 def test_optimizer_fused_path_matches_float64_reference(fft, ranks, topk, score, lagged):
     check_against_reference(fft, ranks, topk, score, seed=0, lagged=lagged, configure=_use_fused)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="drives the fused path on CPU tensors through Triton's interpreter")
+@pytest.mark.parametrize("lagged", [False, True])
+def test_optimizer_fused_path_skips_nonfinite_steps(lagged):
+    from test_nonfinite import Net, good_step
+
+    import molf
+
+    torch.manual_seed(0)
+    model = molf.wrap(Net(), molf.MoLFConfig(ranks=(2,), exclude_modules=("head",)))
+    opt = molf.MoLFAdamW(model, lr=1e-2, lagged=lagged)
+    _use_fused(opt)
+    for s in range(2):
+        good_step(model, opt, s)
+    params = [p.detach().clone() for p in model.parameters()]
+    moments = [(s["exp_avg"].clone(), s["exp_avg_sq"].clone(), s["step"].clone()) for s in opt.state.values()]
+    model(torch.randn(4, 5)).pow(2).mean().backward()
+    model.fc1.lora_B[0].grad.view(-1)[0] = float("nan")
+    opt.step()
+    opt.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    for s, (m, v, _) in zip(opt.state.values(), moments):
+        assert torch.equal(s["exp_avg"], m) and torch.equal(s["exp_avg_sq"], v)
+    if lagged:  # the host learns of it at the next step, which gives the step counters back
+        good_step(model, opt, 5)
+        assert all(s["step"].item() == t.item() + 1 for s, (_, _, t) in zip(opt.state.values(), moments))
+    else:
+        assert all(torch.equal(s["step"], t) for s, (_, _, t) in zip(opt.state.values(), moments))
+    assert opt.routing_summary().skipped_steps == 1
