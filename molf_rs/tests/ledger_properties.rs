@@ -1,0 +1,71 @@
+//! Property tests of the ledger against the naive reference model in `common`.
+
+mod common;
+
+use common::{config_and_steps, rows, RefLedger};
+use molf_rs::{Ledger, Router};
+use proptest::prelude::*;
+
+fn bits(v: &[f64]) -> Vec<u64> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn matches_reference_model(
+        (cfg, steps) in config_and_steps(1..14),
+        decay in prop_oneof![Just(0.0), Just(0.9), 0.0f64..1.0],
+        random_masks in any::<bool>(),
+        mask_bits in prop::collection::vec(any::<bool>(), 14 * 24),
+    ) {
+        let (m, e) = (cfg.num_modules as usize, cfg.num_experts as usize);
+        let mut router = Router::new(cfg).unwrap();
+        let mut ledger = Ledger::new(cfg.num_modules, cfg.num_experts, decay).unwrap();
+        let mut model = RefLedger::new(m, e, decay);
+        for (i, scores) in steps.iter().enumerate() {
+            // Either the router's decisions or arbitrary masks (empty rows, many winners).
+            let mask: Vec<bool> = if random_masks {
+                mask_bits[i * m * e..(i + 1) * m * e].to_vec()
+            } else {
+                let mut out = vec![false; m * e];
+                router.route(scores, &mut out).unwrap();
+                out
+            };
+            ledger.record(scores, &mask).unwrap();
+            model.record(&rows(scores, e), &mask.chunks(e).map(<[bool]>::to_vec).collect::<Vec<_>>());
+            prop_assert_eq!(ledger.step(), model.step);
+            prop_assert_eq!(ledger.checksum(), model.checksum);
+            prop_assert_eq!(bits(ledger.last_scores()), bits(&model.last_scores.concat()));
+            prop_assert_eq!(bits(ledger.ema()), bits(&model.ema.concat()));
+            prop_assert_eq!(ledger.wins().to_vec(), model.wins.concat());
+            prop_assert_eq!(ledger.switches(), model.switches.as_slice());
+            prop_assert_eq!(ledger.last_switch_step(), model.last_switch_step.as_slice());
+            prop_assert_eq!(ledger.no_winner(), model.no_winner.as_slice());
+            let last_mask: Vec<bool> = model
+                .prev
+                .iter()
+                .flat_map(|p| p.clone().unwrap_or(vec![false; e]))
+                .collect();
+            prop_assert_eq!(ledger.last_mask(), last_mask.as_slice());
+            // Summary, from the model.
+            let s = ledger.summary();
+            let total: u64 = model.wins.iter().flatten().sum();
+            for j in 0..e {
+                let w: u64 = model.wins.iter().map(|r| r[j]).sum();
+                let share = if total == 0 { 0.0 } else { w as f64 / total as f64 };
+                prop_assert_eq!(s.win_share[j], share);
+                let cur = model.prev.iter().filter(|p| p.as_ref().is_some_and(|p| p[j])).count();
+                prop_assert_eq!(s.current_share[j], cur as f64 / m as f64);
+            }
+            let switches: u64 = model.switches.iter().sum();
+            prop_assert_eq!(s.switches, switches);
+            let denom = (m as u64 * model.step.saturating_sub(1).max(1)) as f64;
+            prop_assert_eq!(s.switch_rate, switches as f64 / denom);
+            prop_assert_eq!(s.no_winner_events, model.no_winner.iter().sum::<u64>());
+        }
+        let back = Ledger::from_bytes(&ledger.to_bytes()).unwrap();
+        prop_assert_eq!(&back, &ledger);
+    }
+}

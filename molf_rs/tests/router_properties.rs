@@ -1,0 +1,222 @@
+//! Property tests of the router against the naive reference model in `common`.
+
+mod common;
+
+use common::{config, config_and_steps, flatten, rows, score, RefRouter};
+use molf_rs::{Phase, Policy, Router, RouterConfig};
+use proptest::prelude::*;
+
+fn route(r: &mut Router, scores: &[f64]) -> Vec<bool> {
+    let mut out = vec![false; scores.len()];
+    r.route(scores, &mut out).unwrap();
+    out
+}
+
+/// A row of 6 scores whose finite values are pairwise distinct (non-finite ones may repeat).
+fn distinct_row() -> impl Strategy<Value = Vec<f64>> {
+    (
+        Just((-50i32..50).collect::<Vec<_>>()).prop_shuffle(),
+        prop::collection::vec(
+            prop_oneof![6 => Just(None), 1 => Just(Some(f64::NAN)),
+            1 => Just(Some(f64::INFINITY)), 1 => Just(Some(f64::NEG_INFINITY))],
+            6,
+        ),
+        -1e3f64..1e3,
+    )
+        .prop_map(|(values, special, scale)| {
+            values[..6]
+                .iter()
+                .zip(special)
+                .map(|(&v, sp)| sp.unwrap_or(f64::from(v) * 0.37 + scale))
+                .collect()
+        })
+}
+
+fn fresh_routing(cfg: RouterConfig) -> Router {
+    Router::new(RouterConfig {
+        warmup_steps: 0,
+        freeze_after: None,
+        ..cfg
+    })
+    .unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn matches_reference_model((cfg, steps) in config_and_steps(1..14)) {
+        let e = cfg.num_experts as usize;
+        let mut r = Router::new(cfg).unwrap();
+        let mut model = RefRouter::new(cfg);
+        for (i, scores) in steps.iter().enumerate() {
+            prop_assert_eq!(r.phase().name(), model.phase(), "phase before step {}", i);
+            let got = route(&mut r, scores);
+            let want = flatten(&model.route(&rows(scores, e)));
+            prop_assert_eq!(&got, &want, "step {} scores {:?}", i, scores);
+            prop_assert_eq!(r.step(), model.step);
+            prop_assert_eq!(r.incumbents().to_vec(), flatten(&model.incumbents));
+            prop_assert_eq!(r.last_change(), model.last_change.as_slice());
+        }
+    }
+
+    #[test]
+    fn topk_routing_picks_min_k_finite((cfg, steps) in config_and_steps(1..2)) {
+        let cfg = RouterConfig { policy: Policy::TopK, margin: 0.0, min_dwell: 0, ..cfg };
+        let mut r = fresh_routing(cfg);
+        let e = cfg.num_experts as usize;
+        let out = route(&mut r, &steps[0]);
+        for (row, win) in steps[0].chunks(e).zip(out.chunks(e)) {
+            let finite = row.iter().filter(|x| x.is_finite()).count() as u64;
+            let winners = win.iter().filter(|&&b| b).count() as u64;
+            prop_assert_eq!(winners, finite.min(cfg.topk));
+            prop_assert!(row.iter().zip(win).all(|(x, &w)| !w || x.is_finite()));
+        }
+    }
+
+    #[test]
+    fn non_finite_never_wins((cfg, steps) in config_and_steps(1..12)) {
+        let mut r = Router::new(cfg).unwrap();
+        for scores in &steps {
+            let out = route(&mut r, scores);
+            prop_assert!(scores.iter().zip(&out).all(|(x, &w)| !w || x.is_finite()));
+        }
+    }
+
+    #[test]
+    fn equivariant_under_expert_permutation(
+        cfg in config(),
+        steps in prop::collection::vec(prop::collection::vec(distinct_row(), 4), 1..8),
+        seed in any::<u64>(),
+    ) {
+        // Without ties among finite scores only the values decide, wherever they sit. Margin 0:
+        // an adjusted incumbent score could otherwise tie with a challenger.
+        let cfg = RouterConfig { margin: 0.0, ..cfg };
+        let e = cfg.num_experts as usize;
+        let mut perm: Vec<usize> = (0..e).collect();
+        let mut x = seed;
+        for i in (1..e).rev() {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            perm.swap(i, (x >> 33) as usize % (i + 1));
+        }
+        let permute = |v: &[f64]| -> Vec<f64> {
+            v.chunks(e).flat_map(|row| perm.iter().map(move |&p| row[p])).collect()
+        };
+        let mut a = Router::new(cfg).unwrap();
+        let mut b = Router::new(cfg).unwrap();
+        for s in &steps {
+            let s: Vec<f64> = s[..cfg.num_modules as usize]
+                .iter()
+                .flat_map(|row| row[..e].to_vec())
+                .collect();
+            let wa = route(&mut a, &s);
+            let wb = route(&mut b, &permute(&s));
+            let wa_perm: Vec<bool> =
+                wa.chunks(e).flat_map(|row| perm.iter().map(move |&p| row[p])).collect();
+            prop_assert_eq!(wa_perm, wb);
+        }
+    }
+
+    #[test]
+    fn invariant_to_positive_row_scaling(
+        cfg in config(),
+        raw in prop::collection::vec(prop::collection::vec(
+            prop_oneof![
+                4 => (-3i32..=3).prop_map(f64::from),
+                4 => -1e6f64..1e6,
+                1 => Just(f64::NAN),
+                1 => Just(f64::INFINITY),
+                1 => Just(f64::NEG_INFINITY),
+            ], 36), 1..10),
+        exps in prop::collection::vec(-8i32..=8, 4),
+    ) {
+        // Powers of two scale exactly (no rounding, and no overflow or underflow at these
+        // magnitudes), so ties and the margin comparison are preserved bit for bit.
+        let n = (cfg.num_modules * cfg.num_experts) as usize;
+        let e = cfg.num_experts as usize;
+        let mut a = Router::new(cfg).unwrap();
+        let mut b = Router::new(cfg).unwrap();
+        for s in &raw {
+            let s = &s[..n];
+            let scaled: Vec<f64> = s
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| x * 2f64.powi(exps[i / e]))
+                .collect();
+            prop_assert_eq!(route(&mut a, s), route(&mut b, &scaled));
+        }
+    }
+
+    #[test]
+    fn monotone_in_own_score(
+        (cfg, steps) in config_and_steps(1..8),
+        target in any::<prop::sample::Index>(),
+    ) {
+        // In any state: raising a winner keeps it a winner, lowering a loser keeps it out.
+        let mut r = Router::new(cfg).unwrap();
+        let (last, prefix) = steps.split_last().unwrap();
+        for s in prefix {
+            route(&mut r, s);
+        }
+        let before = route(&mut r.clone(), last);
+        let i = target.index(last.len());
+        let x = last[i];
+        prop_assume!(x.is_finite());
+        let mut changed = last.clone();
+        changed[i] = if before[i] { x + x.abs() + 1.0 } else { x - x.abs() - 1.0 };
+        prop_assume!(changed[i].is_finite());
+        let after = route(&mut r, &changed);
+        prop_assert_eq!(after[i], before[i]);
+    }
+
+    #[test]
+    fn serialise_restore_continues_identically(
+        (cfg, steps) in config_and_steps(2..14),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let cut = cut.index(steps.len());
+        let mut a = Router::new(cfg).unwrap();
+        for s in &steps[..cut] {
+            route(&mut a, s);
+        }
+        let mut b = Router::from_bytes(&a.to_bytes()).unwrap();
+        prop_assert_eq!(&a, &b);
+        for s in &steps[cut..] {
+            prop_assert_eq!(route(&mut a, s), route(&mut b, s));
+        }
+        prop_assert_eq!(&a, &b);
+    }
+
+    #[test]
+    fn f32_routes_like_its_f64_widening((cfg, steps) in config_and_steps(1..8)) {
+        let mut a = Router::new(cfg).unwrap();
+        let mut b = Router::new(cfg).unwrap();
+        for s in &steps {
+            let narrow: Vec<f32> = s.iter().map(|&x| x as f32).collect();
+            let wide: Vec<f64> = narrow.iter().map(|&x| f64::from(x)).collect();
+            let mut out = vec![false; s.len()];
+            a.route(&narrow, &mut out).unwrap();
+            prop_assert_eq!(out, route(&mut b, &wide));
+        }
+    }
+
+    #[test]
+    fn deterministic((cfg, steps) in config_and_steps(1..8)) {
+        let mut a = Router::new(cfg).unwrap();
+        let mut b = Router::new(cfg).unwrap();
+        for s in &steps {
+            prop_assert_eq!(route(&mut a, s), route(&mut b, s));
+        }
+    }
+
+    #[test]
+    fn warmup_routes_every_finite_expert(cfg in config(), s in prop::collection::vec(score(), 36)) {
+        let cfg = RouterConfig { warmup_steps: cfg.warmup_steps.max(1), freeze_after: None, ..cfg };
+        let mut r = Router::new(cfg).unwrap();
+        prop_assert_eq!(r.phase(), Phase::Warmup);
+        let s = &s[..(cfg.num_modules * cfg.num_experts) as usize];
+        let out = route(&mut r, s);
+        prop_assert!(s.iter().zip(&out).all(|(x, &w)| w == x.is_finite()));
+        prop_assert!(r.incumbents().iter().all(|&b| !b));
+    }
+}

@@ -1,0 +1,142 @@
+//! The byte format: exact round trips, and no input whatsoever makes `from_bytes` panic.
+
+mod common;
+
+use common::{config_and_steps, fnv1a64};
+use molf_rs::{Error, Ledger, Router};
+use proptest::prelude::*;
+
+/// A router and a ledger that have seen a few steps, and their serialisations.
+fn states() -> impl Strategy<Value = (Router, Ledger)> {
+    (config_and_steps(0..6), 0.0f64..1.0).prop_map(|((cfg, steps), decay)| {
+        let mut r = Router::new(cfg).unwrap();
+        let mut l = Ledger::new(cfg.num_modules, cfg.num_experts, decay).unwrap();
+        for s in &steps {
+            let mut out = vec![false; s.len()];
+            r.route(s, &mut out).unwrap();
+            l.record(s, &out).unwrap();
+        }
+        (r, l)
+    })
+}
+
+/// Wraps `payload` in a valid version-1 envelope of the given kind.
+fn seal(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut blob = b"MOLF".to_vec();
+    blob.push(kind);
+    blob.extend(1u16.to_le_bytes());
+    blob.extend((payload.len() as u64).to_le_bytes());
+    blob.extend(payload);
+    blob.extend([0; 8]);
+    reseal(blob)
+}
+
+/// Re-seals a modified blob with a valid checksum, to reach the payload decoder.
+fn reseal(mut blob: Vec<u8>) -> Vec<u8> {
+    if blob.len() >= 8 {
+        let n = blob.len() - 8;
+        let sum = fnv1a64(&blob[..n]);
+        blob[n..].copy_from_slice(&sum.to_le_bytes());
+    }
+    blob
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn round_trips_are_exact((r, l) in states()) {
+        let rb = r.to_bytes();
+        let lb = l.to_bytes();
+        let r2 = Router::from_bytes(&rb).unwrap();
+        let l2 = Ledger::from_bytes(&lb).unwrap();
+        prop_assert_eq!(&r2, &r);
+        prop_assert_eq!(&l2, &l);
+        prop_assert_eq!(r2.to_bytes(), rb);
+        prop_assert_eq!(l2.to_bytes(), lb);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..256)) {
+        let _ = Router::from_bytes(&data);
+        let _ = Ledger::from_bytes(&data);
+        // A valid envelope around random payload bytes reaches the payload decoder.
+        let _ = Router::from_bytes(&seal(1, &data));
+        let _ = Ledger::from_bytes(&seal(2, &data));
+    }
+
+    #[test]
+    fn truncation_is_rejected((r, l) in states(), cut in any::<prop::sample::Index>()) {
+        let rb = r.to_bytes();
+        let lb = l.to_bytes();
+        prop_assert!(matches!(Router::from_bytes(&rb[..cut.index(rb.len())]), Err(Error::State(_))));
+        prop_assert!(matches!(Ledger::from_bytes(&lb[..cut.index(lb.len())]), Err(Error::State(_))));
+    }
+
+    #[test]
+    fn any_single_bit_flip_is_rejected(
+        (r, l) in states(),
+        pos in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+    ) {
+        // FNV-1a detects every single-byte change: each step is a bijection of the state.
+        for blob in [r.to_bytes(), l.to_bytes()] {
+            let mut bad = blob.clone();
+            let i = pos.index(bad.len());
+            bad[i] ^= 1 << bit;
+            prop_assert!(matches!(Router::from_bytes(&bad), Err(Error::State(_))));
+            prop_assert!(matches!(Ledger::from_bytes(&bad), Err(Error::State(_))));
+        }
+    }
+
+    #[test]
+    fn resealed_tampering_decodes_canonically_or_fails(
+        (r, l) in states(),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+    ) {
+        // With a valid checksum the payload decoder and invariant checks are on their own:
+        // they must never panic, and whatever they accept must re-encode to the same bytes.
+        let (mut rb, mut lb) = (r.to_bytes(), l.to_bytes());
+        for (i, v) in &edits {
+            let ri = 15 + i.index(rb.len() - 23);
+            rb[ri] = *v;
+            let li = 15 + i.index(lb.len() - 23);
+            lb[li] = *v;
+        }
+        let (rb, lb) = (reseal(rb), reseal(lb));
+        if let Ok(x) = Router::from_bytes(&rb) {
+            prop_assert_eq!(x.to_bytes(), rb);
+        }
+        if let Ok(x) = Ledger::from_bytes(&lb) {
+            prop_assert_eq!(x.to_bytes(), lb);
+        }
+    }
+
+    #[test]
+    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 2u16..) {
+        let msg = |e: Error| e.to_string();
+        prop_assert!(msg(Ledger::from_bytes(&r.to_bytes()).unwrap_err()).contains("is a router"));
+        prop_assert!(msg(Router::from_bytes(&l.to_bytes()).unwrap_err()).contains("is a ledger"));
+        let mut rb = r.to_bytes();
+        rb[5..7].copy_from_slice(&version.to_le_bytes());
+        let m = msg(Router::from_bytes(&reseal(rb)).unwrap_err());
+        prop_assert!(m.contains(&format!("version {version}")) && m.contains("[1]"), "{}", m);
+    }
+}
+
+#[test]
+fn version_zero_and_bad_magic_are_rejected() {
+    let r = Router::new(molf_rs::RouterConfig::topk(1, 1, 1)).unwrap();
+    let mut b = r.to_bytes();
+    b[5] = 0;
+    assert!(Router::from_bytes(&reseal(b.clone()))
+        .unwrap_err()
+        .to_string()
+        .contains("version 0"));
+    b = r.to_bytes();
+    b[0] = b'X';
+    assert!(Router::from_bytes(&reseal(b))
+        .unwrap_err()
+        .to_string()
+        .contains("magic"));
+}
