@@ -74,11 +74,11 @@ def test_lagged_matches_float64_reference(fft, ranks, topk, score):
     check_against_reference(fft, ranks, topk, score, seed=0, lagged=True)
 
 
-def check_against_reference(fft, ranks, topk, score, seed, lagged=False, configure=None):
+def check_against_reference(fft, ranks, topk, score, seed, lagged=False, configure=None, device="cpu"):
     """Train a float64 model with MoLFAdamW and the reference side by side;
     `configure(opt)` may switch the optimizer's kernels before the first step."""
     cfg = molf.MoLFConfig(ranks=ranks, alphas=(8.0,) * len(ranks), fft=fft)
-    model = build(seed, cfg)
+    model = build(seed, cfg).to(device)
     hp = dict(lr=3e-3, lora_lr=3e-3, wd=0.1, lora_wd=0.01, betas=(0.9, 0.99), eps=1e-8)
     opt = molf.MoLFAdamW(
         model, lr=hp["lr"], lora_lr=hp["lora_lr"], weight_decay=hp["wd"], lora_weight_decay=hp["lora_wd"],
@@ -88,17 +88,17 @@ def check_against_reference(fft, ranks, topk, score, seed, lagged=False, configu
         configure(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     modules, plain, lora = structure(model)
-    params = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: p.detach().cpu().numpy() for n, p in model.named_parameters() if p.requires_grad}
     ref = ReferenceMoLF(params, modules, plain, lora, topk=topk, score=score, lagged=lagged, **hp)
 
     gen = torch.Generator().manual_seed(100 + seed)
     wins_seen = set()
     for t in range(STEPS):
-        x = torch.randn(16, 6, generator=gen, dtype=torch.float64)
-        y = torch.randn(16, 3, generator=gen, dtype=torch.float64)
+        x = torch.randn(16, 6, generator=gen, dtype=torch.float64).to(device)
+        y = torch.randn(16, 3, generator=gen, dtype=torch.float64).to(device)
         loss = ((model(x) - y) ** 2).mean()
         loss.backward()
-        grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
+        grads = {n: p.grad.cpu().numpy() for n, p in model.named_parameters() if p.grad is not None}
         opt.step()
         opt.zero_grad()
         winners = ref.step(grads, schedule(t))
@@ -113,7 +113,7 @@ def check_against_reference(fft, ranks, topk, score, seed, lagged=False, configu
         for n, p in model.named_parameters():
             if p.requires_grad:
                 np.testing.assert_allclose(
-                    p.detach().numpy(), ref.p[n], rtol=1e-10, atol=1e-13, err_msg=f"{n} differs at step {t}"
+                    p.detach().cpu().numpy(), ref.p[n], rtol=1e-10, atol=1e-13, err_msg=f"{n} differs at step {t}"
                 )
     # The run must exercise routing, not pass through one expert only.
     assert wins_seen == set(range(len(modules[0]))), f"only experts {wins_seen} ever won"
