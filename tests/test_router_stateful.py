@@ -1,0 +1,169 @@
+"""Stateful test: a real Router + Ledger and plain-Python models of both, in lockstep.
+
+Hypothesis chooses a configuration, then any interleaving of: route a score matrix and
+record it, record an arbitrary mask (empty rows, several winners), serialise and restore
+mid-run, query the summary. After every step the invariants compare everything the core
+exposes. The models compute in the same order as the specification (Python floats are IEEE
+doubles), so even the EMA must match bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+from hypothesis import note, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import molf._core as core
+from molf.testing import router_configs, score_matrices
+
+from test_router_properties import RefRouter
+
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+U64 = (1 << 64) - 1
+
+
+def fnv1a64(data: bytes) -> int:
+    h = FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * FNV_PRIME) & U64
+    return h
+
+
+class RefLedger:
+    def __init__(self, m, e, decay):
+        self.m, self.e, self.decay = m, e, decay
+        self.step = 0
+        self.checksum = 0
+        self.last_scores = [[math.nan] * e for _ in range(m)]
+        self.ema = [[math.nan] * e for _ in range(m)]
+        self.wins = [[0] * e for _ in range(m)]
+        self.switches = [0] * m
+        self.last_switch_step = [-1] * m
+        self.no_winner = [0] * m
+        self.prev = [None] * m
+
+    def record(self, scores, mask):
+        s = self.step
+        rows, mrows = np.asarray(scores).tolist(), np.asarray(mask).tolist()
+        for m in range(self.m):
+            for e in range(self.e):
+                x = rows[m][e]
+                self.last_scores[m][e] = x
+                if math.isfinite(x):
+                    old = self.ema[m][e]
+                    self.ema[m][e] = x if math.isnan(old) else self.decay * old + (1.0 - self.decay) * x
+                self.wins[m][e] += int(mrows[m][e])
+            if not any(mrows[m]):
+                self.no_winner[m] += 1
+                continue
+            if self.prev[m] is not None and self.prev[m] != mrows[m]:
+                self.switches[m] += 1
+                self.last_switch_step[m] = s
+            self.prev[m] = list(mrows[m])
+        payload = struct.pack("<QQ", self.checksum, s) + bytes(int(b) for row in mrows for b in row)
+        self.checksum = fnv1a64(payload)
+        self.step += 1
+
+    def last_mask(self):
+        return [p if p is not None else [False] * self.e for p in self.prev]
+
+    def summary(self):
+        total = sum(map(sum, self.wins))
+        per_expert = [sum(row[e] for row in self.wins) for e in range(self.e)]
+        switches = sum(self.switches)
+        return {
+            "step": self.step,
+            "checksum": self.checksum,
+            "win_share": [w / total if total else 0.0 for w in per_expert],
+            "current_share": [sum(row[e] for row in self.last_mask()) / self.m for e in range(self.e)],
+            "switches": switches,
+            "switch_rate": switches / (self.m * max(self.step - 1, 1)),
+            "no_winner_events": sum(self.no_winner),
+        }
+
+
+def same_floats(got: np.ndarray, want) -> bool:
+    """Bit-exact comparison (NaN equals NaN, -0.0 differs from 0.0)."""
+    want = np.array(want, dtype=np.float64)
+    return got.dtype == np.float64 and np.array_equal(got.view(np.uint64), want.view(np.uint64))
+
+
+class RoutingMachine(RuleBasedStateMachine):
+    @initialize(config=router_configs(num_modules=st.integers(1, 4), num_experts=st.integers(1, 4)),
+                decay=st.one_of(st.sampled_from([0.0, 0.5, 0.9]), st.floats(0.0, 0.999)))
+    def setup(self, config, decay):
+        note(f"Router(**{config}); Ledger(decay={decay!r})")
+        self.config = config
+        self.shape = (config["num_modules"], config["num_experts"])
+        self.router, self.ref_router = core.Router(**config), RefRouter(**config)
+        self.ledger = core.Ledger(*self.shape, ema_decay=decay)
+        self.ref_ledger = RefLedger(*self.shape, decay)
+
+    @rule(data=st.data())
+    def route_and_record(self, data):
+        scores = data.draw(score_matrices(self.shape, layouts=True), label="scores")
+        phase = self.router.phase
+        mask = self.router.route(scores)
+        want = self.ref_router.route(scores)
+        note(f"step {self.ref_router.step - 1} ({phase}): scores={scores.tolist()} -> {mask.tolist()}")
+        assert np.array_equal(mask, want), f"router gave {mask.tolist()}, model {want.tolist()}"
+        self.ledger.record(scores, mask)
+        self.ref_ledger.record(scores, want)
+
+    @rule(data=st.data())
+    def record_arbitrary_mask(self, data):
+        scores = data.draw(score_matrices(self.shape), label="scores")
+        mask = data.draw(st.lists(st.booleans(), min_size=self.shape[0] * self.shape[1],
+                                  max_size=self.shape[0] * self.shape[1]), label="mask")
+        mask = np.array(mask, dtype=bool).reshape(self.shape)
+        note(f"ledger-only record: mask={mask.tolist()}")
+        self.ledger.record(scores, mask)
+        self.ref_ledger.record(scores, mask)
+
+    @rule()
+    def serialise_and_restore(self):
+        router = core.Router.from_bytes(self.router.to_bytes())
+        ledger = core.Ledger.from_bytes(self.ledger.to_bytes())
+        assert router == self.router and ledger == self.ledger
+        note("serialised and restored")
+        self.router, self.ledger = router, ledger
+
+    @precondition(lambda self: hasattr(self, "ledger"))
+    @invariant()
+    def summary_matches(self):
+        assert self.ledger.summary() == self.ref_ledger.summary()
+
+    @precondition(lambda self: hasattr(self, "router"))
+    @invariant()
+    def router_matches(self):
+        r, ref = self.router, self.ref_router
+        assert r.step == ref.step
+        assert r.phase == ref.phase
+        assert np.array_equal(r.incumbents(), np.array(ref.incumbents, dtype=bool))
+
+    @precondition(lambda self: hasattr(self, "ledger"))
+    @invariant()
+    def ledger_matches(self):
+        lg, ref = self.ledger, self.ref_ledger
+        assert lg.step == ref.step
+        assert lg.checksum == ref.checksum
+        assert lg.wins().dtype == np.uint64 and lg.wins().tolist() == ref.wins
+        assert lg.switches().tolist() == ref.switches
+        assert lg.last_switch_step().dtype == np.int64
+        assert lg.last_switch_step().tolist() == ref.last_switch_step
+        assert lg.no_winner().tolist() == ref.no_winner
+        assert lg.no_winner_total == sum(ref.no_winner)
+        assert lg.last_mask().tolist() == ref.last_mask()
+        assert same_floats(lg.last_scores(), ref.last_scores)
+        assert same_floats(lg.ema(), ref.ema)
+
+
+RoutingMachine.TestCase.settings = settings(
+    settings.default, stateful_step_count=40, max_examples=settings.default.max_examples
+)
+test_routing_machine = RoutingMachine.TestCase
