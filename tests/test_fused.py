@@ -21,7 +21,7 @@ from molf import _kernels  # noqa: E402
 from test_reference import CASES, check_against_reference  # noqa: E402
 
 # Several chunks per tensor, ragged tails, a scalar-like tensor.
-SHAPES = [(40, 30), (7,), (_fused.CHUNK * 2 + 5,), (3, 5), (1,)]
+SHAPES = [(40, 30), (7,), (_fused.CHUNK * 2 + 5,), (3, 5), (_fused.CHUNK + 1,)]
 
 
 def tensors(dtype, scale=1.0, seed=0):
@@ -29,8 +29,11 @@ def tensors(dtype, scale=1.0, seed=0):
     return [(torch.randn(s, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE) for s in SHAPES]
 
 
-def ok():
-    return torch.zeros(1, dtype=torch.int32, device=DEVICE)
+GROUPS = [
+    {"betas": (0.9, 0.99), "eps": 1e-8, "lr": 1e-2, "weight_decay": 0.1},
+    {"betas": (0.8, 0.999), "eps": 1e-6, "lr": 3e-3, "weight_decay": 0.0},
+]
+ROUTED = 3  # the first three tensors are routed (slots 0, 1, 2), the rest unrouted
 
 
 def tol(dtype):
@@ -39,65 +42,63 @@ def tol(dtype):
     return dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("grad_dtype", [None, torch.bfloat16])
-@pytest.mark.parametrize("score", ["epd", "pfn"])
-def test_moments_and_scores_match_foreach(state_dtype, grad_dtype, score):
-    grads = tensors(grad_dtype or state_dtype, seed=1)
-    m = tensors(state_dtype, 0.1, seed=2)
-    v = [t.abs() * 0.01 for t in tensors(state_dtype, seed=3)]
-    m_ref, v_ref = [t.clone() for t in m], [t.clone() for t in v]
-    sums = _fused.moments_and_scores(grads, m, v, 0.9, 0.99, 1e-8, score, _fused.nonfinite_flag(grads))
-    _kernels.update_moments_(m_ref, v_ref, [g.to(state_dtype) for g in grads], 0.9, 0.99)
-    expected = _kernels.score_sums(m_ref, v_ref, 1e-8, score)
-    for a, b in zip(m + v, m_ref + v_ref):
-        torch.testing.assert_close(a, b, **tol(state_dtype))
-    assert sums.dtype == torch.float64 and sums.shape == (len(SHAPES),)
-    torch.testing.assert_close(sums, expected, **tol(state_dtype))
+def make_plan(param_dtype, state_dtype, step=3.0):
+    params = tensors(param_dtype, seed=4)
+    for p, g in zip(params, tensors(param_dtype, seed=1)):
+        p.grad = g
+    m = tensors(state_dtype, 0.1, seed=5)
+    v = [t.abs() * 0.01 for t in tensors(state_dtype, seed=6)]
+    steps = [torch.tensor(step) for _ in params]
+    entries = [(p, mi, vi, s, 0 if k < ROUTED else 1, k if k < ROUTED else -1)
+               for k, (p, mi, vi, s) in enumerate(zip(params, m, v, steps))]
+    return _fused.FusedStep(entries), params, m, v
+
+
+def expected_after(params, m, v, state_dtype, winners, score, step=3.0):
+    """The foreach path's result: moments for all, AdamW for the unrouted and the winners."""
+    grads = [p.grad.to(state_dtype) for p in params]
+    params = [p.detach().clone() for p in params]
+    m, v = [t.clone() for t in m], [t.clone() for t in v]
+    sums = []
+    for k in range(len(params)):
+        g = GROUPS[0 if k < ROUTED else 1]
+        _kernels.update_moments_([m[k]], [v[k]], [grads[k]], *g["betas"])
+        if k < ROUTED:
+            sums.append(_kernels.score_sums([m[k]], [v[k]], g["eps"], score)[0])
+        if k >= ROUTED or winners[k]:
+            target = [params[k].to(state_dtype)]
+            _kernels.adamw_update_(target, [m[k]], [v[k]], step, g["lr"], g["weight_decay"], *g["betas"], g["eps"])
+            params[k] = target[0].to(params[k].dtype)
+    return params, m, v, torch.stack(sums)
 
 
 @pytest.mark.parametrize("param_dtype,state_dtype", [(torch.float32,) * 2, (torch.float64,) * 2, (torch.bfloat16, torch.float32)])
-def test_apply_and_full_update_match_foreach(param_dtype, state_dtype):
-    p = tensors(param_dtype, seed=4)
-    m = tensors(state_dtype, 0.1, seed=5)
-    v = [t.abs() * 0.01 for t in tensors(state_dtype, seed=6)]
-    step, lr, wd = 3.0, 1e-2, 0.1
-    hyper = (np.full(len(p), lr / (1 - 0.9**step)), np.full(len(p), (1 - 0.99**step) ** 0.5), np.full(len(p), 1 - lr * wd))
-    expected = [t.to(state_dtype) for t in p]
-    _kernels.adamw_update_(expected, [t.clone() for t in m], [t.clone() for t in v], step, lr, wd, 0.9, 0.99, 1e-8)
-    _fused.adamw_apply(p, m, v, *hyper, 1e-8, ok())
-    for a, b in zip(p, expected):
-        torch.testing.assert_close(a, b.to(param_dtype), **tol(param_dtype))
-
-    # APPLY: moments and update in one pass, for unrouted parameters
-    grads = tensors(state_dtype, seed=7)
-    p2, m2, v2 = [t.clone() for t in p], [t.clone() for t in m], [t.clone() for t in v]
-    expected = [t.to(state_dtype) for t in p2]
-    m_ref, v_ref = [t.clone() for t in m2], [t.clone() for t in v2]
-    _kernels.update_moments_(m_ref, v_ref, grads, 0.9, 0.99)
-    _kernels.adamw_update_(expected, m_ref, v_ref, step, lr, wd, 0.9, 0.99, 1e-8)
-    assert _fused.moments_and_scores(grads, m2, v2, 0.9, 0.99, 1e-8, "epd", ok(), params=p2, step_sizes=hyper[0],
-                                     bc2_sqrts=hyper[1], decays=hyper[2]) is None
-    for a, b in zip(p2 + m2 + v2, [t.to(param_dtype) for t in expected] + m_ref + v_ref):
-        torch.testing.assert_close(a, b, **tol(a.dtype))
+@pytest.mark.parametrize("score", ["epd", "pfn"])
+def test_fused_step_matches_foreach(param_dtype, state_dtype, score):
+    plan, params, m, v = make_plan(param_dtype, state_dtype)
+    winners = np.array([True, False, True])
+    want_p, want_m, want_v, want_sums = expected_after(params, m, v, state_dtype, winners, score)
+    steps = np.full(len(params), 3.0)
+    sums, flag, hyper = plan.moments(GROUPS, steps, score, check_finite=True)
+    assert flag.item() == 0 and sums.dtype == torch.float64 and sums.shape == (ROUTED,)
+    torch.testing.assert_close(sums, want_sums, **tol(state_dtype))
+    plan.apply(winners, hyper, flag)
+    for a, b in zip(m + v, want_m + want_v):
+        torch.testing.assert_close(a, b, **tol(state_dtype))
+    for a, b in zip(params, want_p):
+        torch.testing.assert_close(a, b, **tol(param_dtype))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", [0, 2, 4])
 def test_nonfinite_flag_and_kernels_write_nothing(bad, where):
-    grads = tensors(torch.float32, seed=8) + tensors(torch.bfloat16, seed=9)
-    assert _fused.nonfinite_flag(grads).item() == 0
-    grads[where].view(-1)[-1] = bad  # the last element: the ragged tail of the last chunk
-    flag = _fused.nonfinite_flag(grads)
+    plan, params, m, v = make_plan(torch.float32, torch.float32)
+    params[where].grad.view(-1)[-1] = bad  # the last element: the ragged tail of the last chunk
+    before = [t.clone() for t in params + m + v]
+    sums, flag, hyper = plan.moments(GROUPS, np.full(len(params), 3.0), "epd", check_finite=True)
     assert flag.item() == 1
-    p, m, v = tensors(torch.float32, seed=10), tensors(torch.float32, seed=11), tensors(torch.float32, seed=12)
-    before = [t.clone() for t in p + m + v]
-    hyper = (np.full(len(p), 0.1), np.full(len(p), 0.5), np.full(len(p), 0.99))
-    _fused.moments_and_scores(grads[: len(p)], m, v, 0.9, 0.99, 1e-8, "epd", flag)
-    _fused.moments_and_scores(grads[: len(p)], m, v, 0.9, 0.99, 1e-8, "epd", flag, params=p, step_sizes=hyper[0],
-                              bc2_sqrts=hyper[1], decays=hyper[2])
-    _fused.adamw_apply(p, m, v, *hyper, 1e-8, flag)
-    assert all(torch.equal(a, b) for a, b in zip(p + m + v, before))
+    plan.apply(np.array([True, True, True]), hyper, flag)
+    assert all(torch.equal(a, b) for a, b in zip(params + m + v, before))
 
 
 def _use_fused(opt):

@@ -1,17 +1,21 @@
-"""Triton kernels for the MoLF step on CUDA: multi-tensor, a few launches per step.
+"""The MoLF step on CUDA as a few multi-tensor Triton launches.
 
 Each launch walks a table of tensor pointers, so one launch covers every tensor
-of one dtype combination. Work is split in chunks of CHUNK elements; a chunk's
-partial score sum goes to its own slot and a second tiny kernel adds the
-chunks of each tensor in a fixed order, so scores are bitwise reproducible
-(no atomics), which routing, resume and distributed agreement rely on.
+of one dtype combination. `FusedStep` builds those tables once for a set of
+tensors (parameters, moments, element counts, chunk maps) and keeps them on the
+device; a step then uploads only the gradient pointers and the per-tensor
+hyper-parameters (one copy), and for the winners one more small table.
 
-The math is SPEC §2 in the state dtype's compute precision (float32, or
-float64 for float64 state); it matches the foreach path to rounding, not bit
-for bit (fused multiply-adds).
+Work is split in chunks of CHUNK elements; a chunk's partial score sum goes to
+its own slot and a second kernel adds each tensor's chunks in a fixed order, so
+scores are bitwise reproducible (no atomics), which routing, resume and
+distributed agreement rely on. The math is SPEC §2 in float32 (float64 for
+float64 state); it matches the foreach path to rounding, not bit for bit.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,75 +24,10 @@ import triton.language as tl
 
 BLOCK = 1024
 CHUNK = 16 * BLOCK
+# Per-tensor hyper-parameters, one row of HYPER float64 values each.
+HYPER = 8  # 1-beta1, beta2, 1-beta2, eps, lr/bc1, sqrt(bc2), 1-lr*wd, (unused)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
-
-
-@triton.jit
-def _moments_kernel(
-    g_ptrs, m_ptrs, v_ptrs, p_ptrs, numels, hyper, block_tensor, block_start, partial, flag,
-    beta1, beta2, eps,
-    G_DT: tl.constexpr, S_DT: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr,
-    EPD: tl.constexpr, SCORE: tl.constexpr, APPLY: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-):
-    """m, v <- moments(g); SCORE: partial[pid] = chunk sum of the score term;
-    APPLY: also the AdamW update of p (unrouted parameters: one pass).
-    Writes nothing when `flag` is set (a non-finite gradient this step)."""
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
-    n = tl.load(numels + t) * (tl.load(flag) == 0)
-    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
-    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(S_DT))
-    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(S_DT))
-    if APPLY:
-        p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DT))
-        step_size = tl.load(hyper + 4 * t).to(C_DT)
-        bc2_sqrt = tl.load(hyper + 4 * t + 1).to(C_DT)
-        decay = tl.load(hyper + 4 * t + 2).to(C_DT)
-        p_eps = tl.load(hyper + 4 * t + 3).to(C_DT)
-    acc = tl.zeros([BLOCK], dtype=C_DT)
-    for i in range(0, CHUNK, BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(C_DT)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(C_DT)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(C_DT)
-        m = m + (1.0 - beta1) * (g - m)
-        v = v * beta2 + (1.0 - beta2) * g * g
-        # Round to the state dtype first: scores and updates see the stored moments.
-        m = m.to(S_DT).to(C_DT)
-        v = v.to(S_DT).to(C_DT)
-        tl.store(m_ptr + offs, m.to(S_DT), mask=mask)
-        tl.store(v_ptr + offs, v.to(S_DT), mask=mask)
-        if SCORE:
-            denom = tl.sqrt(v) + eps
-            if EPD:
-                term = m * m / denom
-            else:
-                q = m / denom
-                term = q * q
-            acc += tl.where(mask, term, 0.0)
-        if APPLY:
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DT)
-            p = p * decay - step_size * m / (tl.sqrt(v) / bc2_sqrt + p_eps)
-            tl.store(p_ptr + offs, p.to(P_DT), mask=mask)
-    if SCORE:
-        tl.store(partial + pid, tl.sum(acc, axis=0).to(tl.float64))
-
-
-@triton.jit
-def _reduce_kernel(partial, first_block, num_blocks, out, BLOCK: tl.constexpr):
-    """out[t] = sum of tensor t's chunk partials, in a fixed order."""
-    t = tl.program_id(0)
-    first = tl.load(first_block + t)
-    nb = tl.load(num_blocks + t)
-    acc = tl.zeros([BLOCK], dtype=tl.float64)
-    for i in range(0, nb, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        acc += tl.load(partial + first + offs, mask=offs < nb, other=0.0)
-    tl.store(out + t, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -109,6 +48,76 @@ def _nonfinite_kernel(g_ptrs, numels, block_tensor, block_start, flag, G_DT: tl.
 
 
 @triton.jit
+def _moments_kernel(
+    g_ptrs, m_ptrs, v_ptrs, p_ptrs, numels, hyper, block_tensor, block_start, partial, flag,
+    G_DT: tl.constexpr, S_DT: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr,
+    EPD: tl.constexpr, SCORE: tl.constexpr, APPLY: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """m, v <- moments(g); SCORE: partial[pid] = chunk sum of the score term;
+    APPLY: also the AdamW update of p (unrouted parameters: one pass).
+    Writes nothing when `flag` is set (a non-finite gradient this step)."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(numels + t) * (tl.load(flag) == 0)
+    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
+    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(S_DT))
+    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(S_DT))
+    h = hyper + 8 * t  # HYPER values per tensor
+    one_minus_beta1 = tl.load(h).to(C_DT)
+    beta2 = tl.load(h + 1).to(C_DT)
+    one_minus_beta2 = tl.load(h + 2).to(C_DT)
+    eps = tl.load(h + 3).to(C_DT)
+    if APPLY:
+        p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DT))
+        step_size = tl.load(h + 4).to(C_DT)
+        bc2_sqrt = tl.load(h + 5).to(C_DT)
+        decay = tl.load(h + 6).to(C_DT)
+    acc = tl.zeros([BLOCK], dtype=C_DT)
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(C_DT)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(C_DT)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(C_DT)
+        m = m + one_minus_beta1 * (g - m)
+        v = v * beta2 + one_minus_beta2 * g * g
+        # Round to the state dtype first: scores and updates see the stored moments.
+        m = m.to(S_DT).to(C_DT)
+        v = v.to(S_DT).to(C_DT)
+        tl.store(m_ptr + offs, m.to(S_DT), mask=mask)
+        tl.store(v_ptr + offs, v.to(S_DT), mask=mask)
+        if SCORE:
+            denom = tl.sqrt(v) + eps
+            if EPD:
+                term = m * m / denom
+            else:
+                q = m / denom
+                term = q * q
+            acc += tl.where(mask, term, 0.0)
+        if APPLY:
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DT)
+            p = p * decay - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+            tl.store(p_ptr + offs, p.to(P_DT), mask=mask)
+    if SCORE:
+        tl.store(partial + pid, tl.sum(acc, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _reduce_kernel(partial, first_block, num_blocks, out, BLOCK: tl.constexpr):
+    """out[t] = sum of tensor t's chunk partials, in a fixed order."""
+    t = tl.program_id(0)
+    first = tl.load(first_block + t)
+    nb = tl.load(num_blocks + t)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for i in range(0, nb, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(partial + first + offs, mask=offs < nb, other=0.0)
+    tl.store(out + t, tl.sum(acc, axis=0))
+
+
+@triton.jit
 def _apply_kernel(
     p_ptrs, m_ptrs, v_ptrs, numels, hyper, block_tensor, block_start, flag,
     S_DT: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
@@ -122,10 +131,11 @@ def _apply_kernel(
     p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DT))
     m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(S_DT))
     v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(S_DT))
-    step_size = tl.load(hyper + 4 * t).to(C_DT)
-    bc2_sqrt = tl.load(hyper + 4 * t + 1).to(C_DT)
-    decay = tl.load(hyper + 4 * t + 2).to(C_DT)
-    eps = tl.load(hyper + 4 * t + 3).to(C_DT)
+    h = hyper + 8 * t  # HYPER values per tensor
+    eps = tl.load(h + 3).to(C_DT)
+    step_size = tl.load(h + 4).to(C_DT)
+    bc2_sqrt = tl.load(h + 5).to(C_DT)
+    decay = tl.load(h + 6).to(C_DT)
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < n
@@ -140,16 +150,17 @@ def _compute_dtype(state_dtype: torch.dtype):
     return tl.float64 if state_dtype == torch.float64 else tl.float32
 
 
-def _blocks(numels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Chunk map: for every program its tensor and start offset; per tensor its first chunk and count."""
+def _chunks(numels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chunk counts per tensor, and for every chunk its tensor (index into
+    `numels`) and start offset."""
     nblocks = (numels + CHUNK - 1) // CHUNK
     first = np.concatenate(([0], np.cumsum(nblocks)[:-1])).astype(np.int64)
     block_tensor = np.repeat(np.arange(len(numels), dtype=np.int64), nblocks)
     block_start = (np.arange(int(nblocks.sum()), dtype=np.int64) - np.repeat(first, nblocks)) * CHUNK
-    return block_tensor, block_start, first, nblocks.astype(np.int64)
+    return nblocks.astype(np.int64), block_tensor, block_start
 
 
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":  # Triton's interpreter (TRITON_INTERPRET=1), used by the CPU tests
         return torch.from_numpy(array)
     # Through pinned memory: an asynchronous copy, no host sync; torch's caching
@@ -157,81 +168,144 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(array).pin_memory().to(device, non_blocking=True)
 
 
-def _hyper(step_sizes, bc2_sqrts, decays, eps) -> np.ndarray:
-    return np.stack([step_sizes, bc2_sqrts, decays, np.broadcast_to(eps, len(step_sizes))], axis=1).reshape(-1)
+def hyper_rows(groups: list[dict], group_of: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """The HYPER-wide float64 rows for tensors of the given groups and step counts."""
+    per_group = np.array(
+        [[1 - g["betas"][0], g["betas"][1], 1 - g["betas"][1], g["eps"], float(g["lr"]), g["betas"][0], g["weight_decay"], 0.0]
+         for g in groups],
+        dtype=np.float64,
+    )
+    rows = per_group[group_of]
+    lr, beta1, wd = rows[:, 4].copy(), rows[:, 5].copy(), rows[:, 6].copy()
+    rows[:, 4] = lr / (1 - beta1**steps)
+    rows[:, 5] = np.sqrt(1 - rows[:, 1] ** steps)
+    rows[:, 6] = 1 - lr * wd
+    rows[:, 7] = 0.0
+    return rows
 
 
-def nonfinite_flag(grads: list[torch.Tensor]) -> torch.Tensor:
-    """A device int32 [1]: 1 if any of `grads` holds a NaN or an infinity."""
-    device = grads[0].device
-    flag = torch.zeros(1, dtype=torch.int32, device=device)
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for dtype, gs in by_dtype.items():
-        numels = np.fromiter((g.numel() for g in gs), dtype=np.int64, count=len(gs))
-        block_tensor, block_start, _, _ = _blocks(numels)
-        ptrs = np.fromiter((g.data_ptr() for g in gs), dtype=np.int64, count=len(gs))
-        table = _to_device(np.concatenate([ptrs, numels, block_tensor, block_start]), device)
-        T, B = len(gs), len(block_tensor)
-        _nonfinite_kernel[(B,)](
-            table[:T], table[T:2 * T], table[2 * T:2 * T + B], table[2 * T + B:], flag,
-            G_DT=_TL_DTYPES[dtype], BLOCK=BLOCK, CHUNK=CHUNK,
+@dataclass
+class _Batch:
+    """Tensors [lo, hi) of the plan sharing one dtype combination and role; chunks [clo, chi)."""
+
+    lo: int
+    hi: int
+    clo: int
+    chi: int
+    g_dtype: torch.dtype
+    s_dtype: torch.dtype
+    p_dtype: torch.dtype
+    routed: bool
+
+
+@dataclass
+class FusedStep:
+    """Device tables for one fixed set of tensors with gradients.
+
+    `entries`: per tensor (param, exp_avg, exp_avg_sq, step tensor, group index,
+    slot), slot -1 for unrouted parameters. Build it again when that set changes."""
+
+    entries: list[tuple]
+    device: torch.device = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Routed tensors first (their chunks then form one prefix of the partial
+        # buffer), then by dtype combination: one launch per batch.
+        def key(e):
+            p, m, _, _, _, slot = e
+            return (slot < 0, str(p.dtype), str(p.grad.dtype if p.grad is not None else p.dtype), str(m.dtype))
+
+        self.entries = sorted(self.entries, key=key)
+        params = [e[0] for e in self.entries]
+        self.params = params
+        self.exp_avgs = [e[1] for e in self.entries]
+        self.exp_avg_sqs = [e[2] for e in self.entries]
+        self.steps = [e[3] for e in self.entries]
+        self.group_of = np.array([e[4] for e in self.entries], dtype=np.int64)
+        self.slots = np.array([e[5] for e in self.entries], dtype=np.int64)
+        self.device = params[0].device
+        self.numels = np.array([p.numel() for p in params], dtype=np.int64)
+        nblocks, block_tensor, block_start = _chunks(self.numels)
+        self.num_routed = int((self.slots >= 0).sum())
+        self.routed_blocks = int(nblocks[: self.num_routed].sum())
+        first = np.concatenate(([0], np.cumsum(nblocks)[:-1])).astype(np.int64)
+        self.batches: list[_Batch] = []
+        lo = 0
+        for hi in range(1, len(params) + 1):
+            if hi == len(params) or key(self.entries[hi]) != key(self.entries[lo]):
+                p, m = params[lo], self.exp_avgs[lo]
+                g = p.grad if p.grad is not None else p
+                clo = int(first[lo])
+                chi = int(first[hi - 1] + nblocks[hi - 1])
+                self.batches.append(_Batch(lo, hi, clo, chi, g.dtype, m.dtype, p.dtype, bool(self.slots[lo] >= 0)))
+                lo = hi
+        self.ptrs = np.array(
+            [[t.data_ptr() for t in ts] for ts in (params, self.exp_avgs, self.exp_avg_sqs)], dtype=np.int64
         )
-    return flag
+        T = len(params)
+        table = _upload(np.concatenate([self.ptrs.reshape(-1), self.numels, block_tensor, block_start,
+                                        first[: self.num_routed], nblocks[: self.num_routed]]), self.device)
+        B = len(block_tensor)
+        self._p, self._m, self._v = table[:T], table[T:2 * T], table[2 * T:3 * T]
+        self._numels = table[3 * T:4 * T]
+        self._block_tensor, self._block_start = table[4 * T:4 * T + B], table[4 * T + B:4 * T + 2 * B]
+        rest = table[4 * T + 2 * B:]
+        self._first, self._nblocks = rest[: self.num_routed], rest[self.num_routed:]
 
+    def moments(self, groups: list[dict], steps: np.ndarray, score: str, check_finite: bool):
+        """Every tensor's moments; unrouted parameters' whole AdamW update; the
+        routed tensors' float64 score sums. Returns (sums, flag, hyper rows)."""
+        grads = [p.grad for p in self.params]
+        g_ptrs = np.fromiter((g.data_ptr() for g in grads), dtype=np.int64, count=len(grads))
+        hyper = hyper_rows(groups, self.group_of, steps)
+        T = len(grads)
+        upload = _upload(np.concatenate([g_ptrs, hyper.reshape(-1).view(np.int64)]), self.device)
+        g_d, hyper_d = upload[:T], upload[T:].view(torch.float64)
+        flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        if check_finite:
+            for b in self.batches:
+                _nonfinite_kernel[(b.chi - b.clo,)](
+                    g_d, self._numels, self._block_tensor[b.clo:], self._block_start[b.clo:], flag,
+                    G_DT=_TL_DTYPES[b.g_dtype], BLOCK=BLOCK, CHUNK=CHUNK,
+                )
+        partial = torch.empty(max(self.routed_blocks, 1), dtype=torch.float64, device=self.device)
+        for b in self.batches:
+            _moments_kernel[(b.chi - b.clo,)](
+                g_d, self._m, self._v, self._p, self._numels, hyper_d,
+                self._block_tensor[b.clo:], self._block_start[b.clo:], partial[b.clo:] if b.routed else partial, flag,
+                G_DT=_TL_DTYPES[b.g_dtype], S_DT=_TL_DTYPES[b.s_dtype], P_DT=_TL_DTYPES[b.p_dtype],
+                C_DT=_compute_dtype(b.s_dtype), EPD=score == "epd", SCORE=b.routed, APPLY=not b.routed,
+                BLOCK=BLOCK, CHUNK=CHUNK,
+            )
+        sums = torch.empty(self.num_routed, dtype=torch.float64, device=self.device)
+        if self.num_routed:
+            _reduce_kernel[(self.num_routed,)](partial, self._first, self._nblocks, sums, BLOCK=256)
+        return sums, flag, hyper
 
-def moments_and_scores(
-    grads, exp_avgs, exp_avg_sqs, beta1: float, beta2: float, eps: float, score: str, flag: torch.Tensor,
-    params=None, step_sizes=None, bc2_sqrts=None, decays=None,
-) -> torch.Tensor | None:
-    """Update the moments of every tensor in one launch (none if `flag` is set).
-    Without `params`: return each tensor's float64 score sum (device tensor).
-    With `params` (unrouted parameters): apply AdamW in the same pass, return None."""
-    if not grads:
-        return None
-    device = grads[0].device
-    numels = np.fromiter((g.numel() for g in grads), dtype=np.int64, count=len(grads))
-    block_tensor, block_start, first, nblocks = _blocks(numels)
-    apply = params is not None
-    ptrs = [[t.data_ptr() for t in ts] for ts in (grads, exp_avgs, exp_avg_sqs, params if apply else grads)]
-    table = _to_device(np.concatenate([np.asarray(ptrs, dtype=np.int64).reshape(-1), numels, block_tensor, block_start]), device)
-    T, B = len(grads), len(block_tensor)
-    g_ptrs, m_ptrs, v_ptrs, p_ptrs = (table[i * T:(i + 1) * T] for i in range(4))
-    numels_d, block_tensor_d, block_start_d = table[4 * T:5 * T], table[5 * T:5 * T + B], table[5 * T + B:]
-    hyper = _to_device(_hyper(step_sizes, bc2_sqrts, decays, eps), device) if apply else numels_d
-    partial = torch.empty(B, dtype=torch.float64, device=device) if not apply else numels_d
-    state_dtype = exp_avgs[0].dtype
-    _moments_kernel[(B,)](
-        g_ptrs, m_ptrs, v_ptrs, p_ptrs, numels_d, hyper, block_tensor_d, block_start_d, partial, flag,
-        beta1, beta2, eps,
-        G_DT=_TL_DTYPES[grads[0].dtype], S_DT=_TL_DTYPES[state_dtype],
-        P_DT=_TL_DTYPES[params[0].dtype] if apply else tl.float32, C_DT=_compute_dtype(state_dtype),
-        EPD=score == "epd", SCORE=not apply, APPLY=apply, BLOCK=BLOCK, CHUNK=CHUNK,
-    )
-    if apply:
-        return None
-    meta = _to_device(np.concatenate([first, nblocks]), device)
-    sums = torch.empty(T, dtype=torch.float64, device=device)
-    _reduce_kernel[(T,)](partial, meta[:T], meta[T:], sums, BLOCK=256)
-    return sums
-
-
-def adamw_apply(params, exp_avgs, exp_avg_sqs, step_sizes, bc2_sqrts, decays, eps: float, flag: torch.Tensor) -> None:
-    """The winners' AdamW update in one launch (moments already updated; none if `flag` is set)."""
-    if not params:
-        return
-    device = params[0].device
-    numels = np.fromiter((p.numel() for p in params), dtype=np.int64, count=len(params))
-    block_tensor, block_start, _, _ = _blocks(numels)
-    ptrs = np.asarray([[t.data_ptr() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)], dtype=np.int64)
-    table = _to_device(np.concatenate([ptrs.reshape(-1), numels, block_tensor, block_start]), device)
-    T, B = len(params), len(block_tensor)
-    hyper = _to_device(_hyper(step_sizes, bc2_sqrts, decays, eps), device)
-    state_dtype = exp_avgs[0].dtype
-    _apply_kernel[(B,)](
-        table[:T], table[T:2 * T], table[2 * T:3 * T], table[3 * T:4 * T], hyper,
-        table[4 * T:4 * T + B], table[4 * T + B:], flag,
-        S_DT=_TL_DTYPES[state_dtype], P_DT=_TL_DTYPES[params[0].dtype], C_DT=_compute_dtype(state_dtype),
-        BLOCK=BLOCK, CHUNK=CHUNK,
-    )
+    def apply(self, winners: np.ndarray, hyper: np.ndarray, flag: torch.Tensor) -> None:
+        """AdamW for the routed tensors whose slot won (`winners`: bool per slot)."""
+        chosen = np.flatnonzero(winners[self.slots[: self.num_routed]])
+        if not len(chosen):
+            return
+        numels = self.numels[chosen]
+        _, block_tensor, block_start = _chunks(numels)
+        W, B = len(chosen), len(block_tensor)
+        table = _upload(np.concatenate([self.ptrs[:, chosen].reshape(-1), numels, block_tensor, block_start,
+                                        hyper[chosen].reshape(-1).view(np.int64)]), self.device)
+        p_d, m_d, v_d, n_d = table[:W], table[W:2 * W], table[2 * W:3 * W], table[3 * W:4 * W]
+        bt_d, bs_d = table[4 * W:4 * W + B], table[4 * W + B:4 * W + 2 * B]
+        hyper_d = table[4 * W + 2 * B:].view(torch.float64)
+        # Launch per batch: the chosen tensors keep the plan's order, so each batch is a contiguous run.
+        first_chunk = np.concatenate(([0], np.cumsum((numels + CHUNK - 1) // CHUNK)))
+        for b in self.batches:
+            if not b.routed:
+                continue
+            lo, hi = np.searchsorted(chosen, [b.lo, b.hi])
+            if lo == hi:
+                continue
+            clo, chi = int(first_chunk[lo]), int(first_chunk[hi])
+            _apply_kernel[(chi - clo,)](
+                p_d, m_d, v_d, n_d, hyper_d, bt_d[clo:], bs_d[clo:], flag,
+                S_DT=_TL_DTYPES[b.s_dtype], P_DT=_TL_DTYPES[b.p_dtype], C_DT=_compute_dtype(b.s_dtype),
+                BLOCK=BLOCK, CHUNK=CHUNK,
+            )

@@ -9,7 +9,7 @@ import os
 import warnings
 from collections import defaultdict
 from types import ModuleType
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -91,10 +91,10 @@ class _ScoreSources:
         self._host: torch.Tensor | None = None
         self._event = None
 
-    def add(self, sums: torch.Tensor, slots: list[int], lr: float, numels: list[int]) -> None:
+    def add(self, sums: torch.Tensor, slots: Sequence[int], lrs: Sequence[float], numels: Sequence[int]) -> None:
         self.sums.append(sums)
         self.slots.extend(slots)
-        self.lrs.extend([lr] * len(slots))
+        self.lrs.extend(lrs)
         self.numels.extend(numels)
 
     def _flat(self) -> torch.Tensor:
@@ -256,6 +256,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._skipped_steps = 0
         self._fused = _fused_kernels(fused, [p for g in self.param_groups for p in g["params"]])
         self.lagged = lagged
+        self._plan = None  # fused path: device tables, rebuilt when the tensors with gradients change
+        self._plan_signature = None
         self._pending: _ScoreSources | np.ndarray | None = None  # lagged mode: the previous step's scores
 
     # ------------------------------------------------------------------ groups
@@ -372,8 +374,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             m = state["exp_avg"]
             w.idx.append(i)
             w.params.append(p)
-            # The fused kernels read any grad dtype; the foreach ops need the state's.
-            w.grads.append(p.grad if p.grad.dtype == m.dtype or self._fused else p.grad.to(m.dtype))
+            w.grads.append(p.grad)
             w.exp_avgs.append(m)
             w.exp_avg_sqs.append(state["exp_avg_sq"])
             w.steps.append(state["step"])
@@ -394,29 +395,20 @@ class MoLFAdamW(torch.optim.Optimizer):
                 loss = closure()
         if self.lagged:
             self._resolve_pending()
-        work = [self._init_group(g) for g in self.param_groups]
-        grads = [g for w in work for g in w.grads]
-        if not grads:
-            return loss
-        flag = None
         if self._fused:
-            # Device-side: the kernels read the flag and write nothing when it is set.
-            flag = self._fused.nonfinite_flag(grads) if self.skip_nonfinite else grads[0].new_zeros(1, dtype=torch.int32)
-        elif self.skip_nonfinite and _kernels.any_nonfinite(grads):
-            self._record_skip()
-            return loss
-
-        sources = _ScoreSources(flag)
-        for w in work:
-            if not w.params:
-                continue
-            torch._foreach_add_(w.steps, 1)
-            sources.steps.extend(w.steps)
-            w.step_values.extend(torch.stack(w.steps).tolist())
-            if w.group["molf_role"] == "plain":
-                self._moments_and_update(w, flag)
-            else:
-                self._moments_and_scores(w, sources)
+            plan = self._fused_plan()
+            if plan is None:
+                return loss
+            sources, apply_winners = self._fused_moments(plan)
+        else:
+            work = [self._init_group(g) for g in self.param_groups]
+            grads = [g for w in work for g in w.grads]
+            if not grads:
+                return loss
+            if self.skip_nonfinite and _kernels.any_nonfinite(grads):
+                self._record_skip()
+                return loss
+            sources, apply_winners = self._foreach_moments(work)
 
         scores = self._scores_to_route(sources)
         if scores is None:
@@ -427,12 +419,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._ledger.record(scores, mask)
         if self._log is not None:
             self._log.write(self._ledger.step, self._router_phase_of_last_step(), scores, mask)
-
-        winner_slots = mask.reshape(-1)
-        for w in work:
-            if w.group["molf_role"] != "plain" and w.params:
-                slots = np.asarray(w.group["molf_slots"], dtype=np.int64)[w.idx]
-                self._update(w, np.flatnonzero(winner_slots[slots]), flag)
+        apply_winners(mask.reshape(-1))
         return loss
 
     def _record_skip(self) -> None:
@@ -451,58 +438,85 @@ class MoLFAdamW(torch.optim.Optimizer):
                 self._record_skip()
             self._pending = matrix
 
+    # ---------------------------------------------------------- foreach path
+
+    def _foreach_moments(self, work: list[_GroupWork]):
+        """Moments of every tensor, unrouted parameters' AdamW, routed tensors'
+        score sums; returns the sources and the function applying the winners."""
+        sources = _ScoreSources(None)
+        for w in work:
+            if not w.params:
+                continue
+            torch._foreach_add_(w.steps, 1)
+            sources.steps.extend(w.steps)
+            w.step_values.extend(torch.stack(w.steps).tolist())
+            beta1, beta2 = w.group["betas"]
+            exp_avgs = w.exp_avgs
+            grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(w.grads, exp_avgs)]
+            _kernels.update_moments_(exp_avgs, w.exp_avg_sqs, grads, beta1, beta2)
+            if w.group["molf_role"] == "plain":
+                self._foreach_update(w, range(len(w.params)))
+                continue
+            sums = _kernels.score_sums(exp_avgs, w.exp_avg_sqs, w.group["eps"], self.score)
+            slots = w.group["molf_slots"]
+            sources.add(sums, [slots[i] for i in w.idx], [float(w.group["lr"])] * len(w.idx), [p.numel() for p in w.params])
+
+        def apply_winners(winner_slots: np.ndarray) -> None:
+            for w in work:
+                if w.group["molf_role"] != "plain" and w.params:
+                    slots = np.asarray(w.group["molf_slots"], dtype=np.int64)[w.idx]
+                    self._foreach_update(w, np.flatnonzero(winner_slots[slots]))
+
+        return sources, apply_winners
+
     @staticmethod
-    def _batches(w: _GroupWork, positions: Iterable[int]) -> dict[tuple, list[int]]:
-        """Positions grouped so that one kernel launch sees one dtype combination and one step count."""
-        out: dict[tuple, list[int]] = defaultdict(list)
+    def _foreach_update(w: _GroupWork, positions: Iterable[int]) -> None:
+        """AdamW from the (already advanced) moments for the tensors at `positions`,
+        batched by (step count, parameter dtype) for torch's foreach ops."""
+        beta1, beta2 = w.group["betas"]
+        batches: dict[tuple, list[int]] = defaultdict(list)
         for k in positions:
-            p, g, m = w.params[k], w.grads[k], w.exp_avgs[k]
-            out[(p.dtype, g.dtype, m.dtype, p.device, w.step_values[k])].append(k)
-        return out
-
-    def _hyper(self, group: dict, step: float, n: int):
-        """Per-tensor AdamW scalars for the fused kernels: lr/bc1, sqrt(bc2), 1 - lr wd."""
-        beta1, beta2 = group["betas"]
-        lr = float(group["lr"])
-        return (
-            np.full(n, lr / (1 - beta1**step)),
-            np.full(n, (1 - beta2**step) ** 0.5),
-            np.full(n, 1 - lr * group["weight_decay"]),
-        )
-
-    def _moments_and_update(self, w: _GroupWork, flag: torch.Tensor | None) -> None:
-        """Unrouted parameters: plain AdamW (one pass on the fused path)."""
-        beta1, beta2 = w.group["betas"]
-        if not self._fused:
-            _kernels.update_moments_(w.exp_avgs, w.exp_avg_sqs, w.grads, beta1, beta2)
-            self._update(w, range(len(w.params)), flag)
-            return
-        for (*_, step), ks in self._batches(w, range(len(w.params))).items():
-            step_sizes, bc2_sqrts, decays = self._hyper(w.group, step, len(ks))
-            self._fused.moments_and_scores(
-                [w.grads[k] for k in ks], [w.exp_avgs[k] for k in ks], [w.exp_avg_sqs[k] for k in ks],
-                beta1, beta2, w.group["eps"], self.score, flag, params=[w.params[k] for k in ks],
-                step_sizes=step_sizes, bc2_sqrts=bc2_sqrts, decays=decays,
+            batches[(w.step_values[k], w.params[k].dtype)].append(k)
+        for (step, p_dtype), ks in batches.items():
+            ps, ms, vs = [w.params[k] for k in ks], [w.exp_avgs[k] for k in ks], [w.exp_avg_sqs[k] for k in ks]
+            upcast = [p.dtype != m.dtype for p, m in zip(ps, ms)]
+            targets = [p.to(m.dtype) if u else p for p, m, u in zip(ps, ms, upcast)]
+            _kernels.adamw_update_(
+                targets, ms, vs, step, float(w.group["lr"]), w.group["weight_decay"], beta1, beta2, w.group["eps"]
             )
+            for p, t, u in zip(ps, targets, upcast):
+                if u:
+                    p.copy_(t)
 
-    def _moments_and_scores(self, w: _GroupWork, sources: _ScoreSources) -> None:
-        """Routed experts: advance every moment and collect per-tensor score sums on the device."""
-        beta1, beta2 = w.group["betas"]
-        eps, lr, slots = w.group["eps"], float(w.group["lr"]), w.group["molf_slots"]
-        if self._fused:
-            batches = self._batches(w, range(len(w.params))).values()
-        else:
-            _kernels.update_moments_(w.exp_avgs, w.exp_avg_sqs, w.grads, beta1, beta2)
-            batches = [range(len(w.params))]
-        for ks in batches:
-            ms, vs = [w.exp_avgs[k] for k in ks], [w.exp_avg_sqs[k] for k in ks]
-            if self._fused:
-                sums = self._fused.moments_and_scores(
-                    [w.grads[k] for k in ks], ms, vs, beta1, beta2, eps, self.score, sources.flag
-                )
-            else:
-                sums = _kernels.score_sums(ms, vs, eps, self.score)
-            sources.add(sums, [slots[w.idx[k]] for k in ks], lr, [w.params[k].numel() for k in ks])
+    # ------------------------------------------------------------ fused path
+
+    def _fused_plan(self):
+        """The device tables for the tensors that have gradients now (built again
+        only when that set changes); None when no tensor has a gradient."""
+        signature = tuple(tuple(i for i, p in enumerate(g["params"]) if p.grad is not None) for g in self.param_groups)
+        if self._plan is not None and self._plan_signature == signature:
+            return self._plan
+        entries = []
+        for gi, group in enumerate(self.param_groups):
+            w = self._init_group(group)
+            slots = group.get("molf_slots")
+            for k, i in enumerate(w.idx):
+                slot = -1 if slots is None else slots[i]
+                entries.append((w.params[k], w.exp_avgs[k], w.exp_avg_sqs[k], w.steps[k], gi, slot))
+        self._plan = self._fused.FusedStep(entries) if entries else None
+        self._plan_signature = signature
+        return self._plan
+
+    def _fused_moments(self, plan):
+        torch._foreach_add_(plan.steps, 1)
+        steps = torch.stack(plan.steps).double().numpy()
+        sums, flag, hyper = plan.moments(self.param_groups, steps, self.score, self.skip_nonfinite)
+        sources = _ScoreSources(flag if self.skip_nonfinite else None)
+        sources.steps = plan.steps
+        routed = slice(0, plan.num_routed)
+        group_lr = np.array([float(g["lr"]) for g in self.param_groups])
+        sources.add(sums, plan.slots[routed], group_lr[plan.group_of[routed]], plan.numels[routed])
+        return sources, lambda winner_slots: plan.apply(winner_slots, hyper, flag)
 
     def _scores_to_route(self, sources: _ScoreSources) -> np.ndarray | None:
         """This step's score matrix (exact mode: one device-to-host transfer), or in
@@ -529,22 +543,6 @@ class MoLFAdamW(torch.optim.Optimizer):
         if r.freeze_after is not None and s >= r.freeze_after:
             return "frozen"
         return "routing"
-
-    def _update(self, w: _GroupWork, positions: Iterable[int], flag: torch.Tensor | None) -> None:
-        """AdamW from the (already advanced) moments for the tensors at `positions`."""
-        beta1, beta2 = w.group["betas"]
-        for (p_dtype, _, s_dtype, _, step), ks in self._batches(w, positions).items():
-            ps, ms, vs = [w.params[k] for k in ks], [w.exp_avgs[k] for k in ks], [w.exp_avg_sqs[k] for k in ks]
-            if self._fused:
-                self._fused.adamw_apply(ps, ms, vs, *self._hyper(w.group, step, len(ks)), w.group["eps"], flag)
-                continue
-            upcast = p_dtype != s_dtype
-            targets = [p.to(s_dtype) for p in ps] if upcast else ps
-            _kernels.adamw_update_(
-                targets, ms, vs, step, float(w.group["lr"]), w.group["weight_decay"], beta1, beta2, w.group["eps"]
-            )
-            if upcast:
-                torch._foreach_copy_(ps, targets)
 
     # ---------------------------------------------------------------- insight
 
@@ -648,9 +646,15 @@ class MoLFAdamW(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 self.state[p][key] = saved[key].to(device=p.device, dtype=self._state_dtype_for(p), copy=True)
         self._router, self._ledger = router, ledger
+        self._plan = None
         pending = metas[0][1].get("pending")
         self._pending = None if pending is None else np.asarray(pending, dtype=np.float64)
         self._skipped_steps = int(metas[0][1].get("skipped_steps", 0))
+
+    def add_param_group(self, param_group: dict) -> None:
+        param_group.setdefault("molf_role", "plain")
+        super().add_param_group(param_group)
+        self._plan = None
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -665,6 +669,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         # torch's load_state_dict also comes through here, with state and groups only.
         meta = state.pop("_molf_meta", None)
         super().__setstate__(state)
+        self._plan = None
         if meta is None:
             return
         self._router = Router.from_bytes(base64.b64decode(meta["router"]))
