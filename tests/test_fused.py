@@ -74,15 +74,18 @@ def expected_after(params, m, v, state_dtype, winners, score, step=3.0):
 
 @pytest.mark.parametrize("param_dtype,state_dtype", [(torch.float32,) * 2, (torch.float64,) * 2, (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("score", ["epd", "pfn"])
-def test_fused_step_matches_foreach(param_dtype, state_dtype, score):
+@pytest.mark.parametrize("single_pass", [False, True])
+def test_fused_step_matches_foreach(param_dtype, state_dtype, score, single_pass):
+    """Two passes (exact mode: moments, then the winners), or one (lagged mode: winners known ahead)."""
     plan, params, m, v = make_plan(param_dtype, state_dtype)
     winners = np.array([True, False, True])
     want_p, want_m, want_v, want_sums = expected_after(params, m, v, state_dtype, winners, score)
     steps = np.full(len(params), 3.0)
-    sums, flag, hyper = plan.moments(GROUPS, steps, score, check_finite=True)
+    sums, flag, hyper = plan.moments(GROUPS, steps, score, True, winners if single_pass else None)
     assert flag.item() == 0 and sums.dtype == torch.float64 and sums.shape == (ROUTED,)
     torch.testing.assert_close(sums, want_sums, **tol(state_dtype))
-    plan.apply(winners, hyper, flag)
+    if not single_pass:
+        plan.apply(winners, hyper, flag)
     for a, b in zip(m + v, want_m + want_v):
         torch.testing.assert_close(a, b, **tol(state_dtype))
     for a, b in zip(params, want_p):

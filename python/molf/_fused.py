@@ -25,7 +25,7 @@ import triton.language as tl
 BLOCK = 1024
 CHUNK = 16 * BLOCK
 # Per-tensor hyper-parameters, one row of HYPER float64 values each.
-HYPER = 8  # 1-beta1, beta2, 1-beta2, eps, lr/bc1, sqrt(bc2), 1-lr*wd, (unused)
+HYPER = 8  # 1-beta1, beta2, 1-beta2, eps, lr/bc1, sqrt(bc2), 1-lr*wd, apply (1.0: update p too)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
 
@@ -51,11 +51,12 @@ def _nonfinite_kernel(g_ptrs, numels, block_tensor, block_start, flag, G_DT: tl.
 def _moments_kernel(
     g_ptrs, m_ptrs, v_ptrs, p_ptrs, numels, hyper, block_tensor, block_start, partial, flag,
     G_DT: tl.constexpr, S_DT: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr,
-    EPD: tl.constexpr, SCORE: tl.constexpr, APPLY: tl.constexpr,
+    EPD: tl.constexpr, SCORE: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """m, v <- moments(g); SCORE: partial[pid] = chunk sum of the score term;
-    APPLY: also the AdamW update of p (unrouted parameters: one pass).
+    """m, v <- moments(g); SCORE: partial[pid] = chunk sum of the score term.
+    Tensors whose `apply` hyper value is set also get their AdamW update in the
+    same pass (unrouted parameters; in lagged mode the winners, known ahead).
     Writes nothing when `flag` is set (a non-finite gradient this step)."""
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
@@ -69,11 +70,11 @@ def _moments_kernel(
     beta2 = tl.load(h + 1).to(C_DT)
     one_minus_beta2 = tl.load(h + 2).to(C_DT)
     eps = tl.load(h + 3).to(C_DT)
-    if APPLY:
-        p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DT))
-        step_size = tl.load(h + 4).to(C_DT)
-        bc2_sqrt = tl.load(h + 5).to(C_DT)
-        decay = tl.load(h + 6).to(C_DT)
+    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DT))
+    step_size = tl.load(h + 4).to(C_DT)
+    bc2_sqrt = tl.load(h + 5).to(C_DT)
+    decay = tl.load(h + 6).to(C_DT)
+    apply = tl.load(h + 7) != 0
     acc = tl.zeros([BLOCK], dtype=C_DT)
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
@@ -96,7 +97,7 @@ def _moments_kernel(
                 q = m / denom
                 term = q * q
             acc += tl.where(mask, term, 0.0)
-        if APPLY:
+        if apply:
             p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DT)
             p = p * decay - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
             tl.store(p_ptr + offs, p.to(P_DT), mask=mask)
@@ -168,7 +169,7 @@ def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(array).pin_memory().to(device, non_blocking=True)
 
 
-def hyper_rows(groups: list[dict], group_of: np.ndarray, steps: np.ndarray) -> np.ndarray:
+def hyper_rows(groups: list[dict], group_of: np.ndarray, steps: np.ndarray, apply: np.ndarray) -> np.ndarray:
     """The HYPER-wide float64 rows for tensors of the given groups and step counts."""
     per_group = np.array(
         [[1 - g["betas"][0], g["betas"][1], 1 - g["betas"][1], g["eps"], float(g["lr"]), g["betas"][0], g["weight_decay"], 0.0]
@@ -180,7 +181,7 @@ def hyper_rows(groups: list[dict], group_of: np.ndarray, steps: np.ndarray) -> n
     rows[:, 4] = lr / (1 - beta1**steps)
     rows[:, 5] = np.sqrt(1 - rows[:, 1] ** steps)
     rows[:, 6] = 1 - lr * wd
-    rows[:, 7] = 0.0
+    rows[:, 7] = apply
     return rows
 
 
@@ -252,12 +253,17 @@ class FusedStep:
         rest = table[4 * T + 2 * B:]
         self._first, self._nblocks = rest[: self.num_routed], rest[self.num_routed:]
 
-    def moments(self, groups: list[dict], steps: np.ndarray, score: str, check_finite: bool):
+    def moments(self, groups: list[dict], steps: np.ndarray, score: str, check_finite: bool,
+                winners: np.ndarray | None = None):
         """Every tensor's moments; unrouted parameters' whole AdamW update; the
-        routed tensors' float64 score sums. Returns (sums, flag, hyper rows)."""
+        routed tensors' float64 score sums. With `winners` (bool per slot, lagged
+        mode) the winners' updates happen in the same pass. Returns (sums, flag, hyper rows)."""
         grads = [p.grad for p in self.params]
         g_ptrs = np.fromiter((g.data_ptr() for g in grads), dtype=np.int64, count=len(grads))
-        hyper = hyper_rows(groups, self.group_of, steps)
+        apply = self.slots < 0
+        if winners is not None:
+            apply[: self.num_routed] = winners[self.slots[: self.num_routed]]
+        hyper = hyper_rows(groups, self.group_of, steps, apply)
         T = len(grads)
         upload = _upload(np.concatenate([g_ptrs, hyper.reshape(-1).view(np.int64)]), self.device)
         g_d, hyper_d = upload[:T], upload[T:].view(torch.float64)
@@ -274,7 +280,7 @@ class FusedStep:
                 g_d, self._m, self._v, self._p, self._numels, hyper_d,
                 self._block_tensor[b.clo:], self._block_start[b.clo:], partial[b.clo:] if b.routed else partial, flag,
                 G_DT=_TL_DTYPES[b.g_dtype], S_DT=_TL_DTYPES[b.s_dtype], P_DT=_TL_DTYPES[b.p_dtype],
-                C_DT=_compute_dtype(b.s_dtype), EPD=score == "epd", SCORE=b.routed, APPLY=not b.routed,
+                C_DT=_compute_dtype(b.s_dtype), EPD=score == "epd", SCORE=b.routed,
                 BLOCK=BLOCK, CHUNK=CHUNK,
             )
         sums = torch.empty(self.num_routed, dtype=torch.float64, device=self.device)

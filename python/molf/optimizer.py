@@ -399,6 +399,13 @@ class MoLFAdamW(torch.optim.Optimizer):
             plan = self._fused_plan()
             if plan is None:
                 return loss
+            if self.lagged and self._pending is not None:
+                # The winners are known before the pass: one pass does moments,
+                # scores and updates, and nothing waits for the device.
+                mask = self._route(self._pending)
+                self._pending, _ = self._fused_moments(plan, winners=mask.reshape(-1))
+                self._pending.start_copy()
+                return loss
             sources, apply_winners = self._fused_moments(plan)
         else:
             work = [self._init_group(g) for g in self.param_groups]
@@ -415,12 +422,16 @@ class MoLFAdamW(torch.optim.Optimizer):
             sources.give_back_steps()
             self._record_skip()
             return loss
+        apply_winners(self._route(scores).reshape(-1))
+        return loss
+
+    def _route(self, scores: np.ndarray) -> np.ndarray:
+        """One call into the Rust router for all modules; book and log it."""
         mask = self._router.route(scores)
         self._ledger.record(scores, mask)
         if self._log is not None:
             self._log.write(self._ledger.step, self._router_phase_of_last_step(), scores, mask)
-        apply_winners(mask.reshape(-1))
-        return loss
+        return mask
 
     def _record_skip(self) -> None:
         self._skipped_steps += 1
@@ -507,10 +518,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._plan_signature = signature
         return self._plan
 
-    def _fused_moments(self, plan):
+    def _fused_moments(self, plan, winners: np.ndarray | None = None):
         torch._foreach_add_(plan.steps, 1)
         steps = torch.stack(plan.steps).double().numpy()
-        sums, flag, hyper = plan.moments(self.param_groups, steps, self.score, self.skip_nonfinite)
+        sums, flag, hyper = plan.moments(self.param_groups, steps, self.score, self.skip_nonfinite, winners)
         sources = _ScoreSources(flag if self.skip_nonfinite else None)
         sources.steps = plan.steps
         routed = slice(0, plan.num_routed)
