@@ -5,12 +5,15 @@ fused AdamW over the very same parameters, on the Qwen2.5-1.5B shape.
     python benches/step_bench.py --shape small   # the small shape anywhere
     python benches/step_bench.py --json out.json
 
-Random gradients (fixed per run), so only the optimizer is timed. On CUDA each
-step is timed with CUDA events (median over --steps after --warmup); host
-synchronisations per step are counted with torch.cuda.set_sync_debug_mode;
-peak memory is torch.cuda.max_memory_allocated during the steps. It also times
-the forward+backward of one 8x512 batch, for context, and Router.route on a
-10,000 x 4 score matrix.
+Random gradients (fixed per run), so only the optimizer is timed. Step times:
+CUDA events around --steps steps issued back to back, in --rounds rounds that
+interleave the optimizers over one model (the machine's drift hits all alike);
+medians, and ratios paired per round. Host synchronisations per step are
+counted with torch.cuda.set_sync_debug_mode; peak memory is
+torch.cuda.max_memory_allocated, each optimizer on its own fresh model. It also
+times the forward+backward of one 8x512 batch, for context, and Router.route
+on a 10,000 x 4 score matrix. On the CPU (small shape) the times are wall
+clock and torch's AdamW runs its foreach path.
 """
 
 from __future__ import annotations
@@ -52,55 +55,89 @@ def fill_grads(model, seed=0):
             if p.requires_grad else None
 
 
-def time_steps(opt, device: str, warmup: int, steps: int) -> dict:
-    for _ in range(warmup):
-        opt.step()
-    syncs = None
+def sync_count(opt) -> int:
+    """Host synchronisations in one step, as torch.cuda.set_sync_debug_mode reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def timed(device: str, fn, n: int) -> float:
+    """Milliseconds per call of `fn`, over n calls issued back to back."""
     if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                opt.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
-        times = []
-        for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            opt.step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            opt.step()
-            times.append((time.perf_counter() - t0) * 1e3)
-        peak = None
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "syncs_per_step": syncs, "peak_gib": peak}
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / n
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / n
 
 
-def run_case(name, shape, dtype, device, make_opt, fft, ranks, warmup, steps):
+def fresh(shape, dtype, device, fft, ranks):
     torch.manual_seed(0)
     model = build_model(shape, dtype, device)
     if ranks is not None:
         model = molf.wrap(model, molf.MoLFConfig(ranks=ranks, alphas=(32,) * len(ranks), fft=fft))
     fill_grads(model)
-    opt = make_opt(model)
-    result = time_steps(opt, device, warmup, steps)
-    result["params_m"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-    del opt, model
+    return model
+
+
+def release():
     gc.collect()
-    if device == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    print(f"  {name:<44} {result['median_ms']:9.3f} ms", flush=True)
-    return name, result
+
+
+def run_config(label, shape, dtype, device, optimizers: dict, fft, ranks, rounds, steps) -> dict:
+    """Memory and syncs of each optimizer on its own fresh model; then the step
+    times of all of them over one model, interleaved round by round, so that
+    drift of the machine hits all alike. Ratios are paired per round."""
+    out = {name: {} for name in optimizers}
+    for name, make in optimizers.items():
+        model = fresh(shape, dtype, device, fft, ranks)
+        opt = make(model)
+        for _ in range(3):
+            opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            out[name]["syncs_per_step"] = sync_count(opt)
+            opt.step()
+            torch.cuda.synchronize()
+            out[name]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out[name]["params_m"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+        del opt, model
+        release()
+    model = fresh(shape, dtype, device, fft, ranks)
+    opts = {name: make(model) for name, make in optimizers.items()}
+    for opt in opts.values():
+        for _ in range(3):
+            opt.step()
+    per_round = {name: [] for name in opts}
+    for _ in range(rounds):
+        for name, opt in opts.items():
+            per_round[name].append(timed(device, opt.step, steps))
+    base = next(iter(opts))
+    for name in opts:
+        out[name]["median_ms"] = statistics.median(per_round[name])
+        out[name]["spread_ms"] = [min(per_round[name]), max(per_round[name])]
+        out[name]["ratio_vs_" + base] = statistics.median(a / b for a, b in zip(per_round[name], per_round[base]))
+    for name, r in out.items():
+        print(f"  {label} {name:<22} {r['median_ms']:8.3f} ms  x{r['ratio_vs_' + base]:.3f}", flush=True)
+    del opts, model
+    release()
+    return out
 
 
 def forward_backward_ms(shape, dtype, device, batch=8, seq=512, reps=5) -> float | None:
@@ -142,15 +179,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp32")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--steps", type=int, default=10, help="back-to-back steps per round")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = args.shape or ("qwen2.5-1.5b" if device == "cuda" else "small")
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} torch={torch.__version__} "
-          f"shape={shape} steps={args.steps} warmup={args.warmup}", flush=True)
+          f"shape={shape} rounds={args.rounds} steps/round={args.steps}", flush=True)
 
     def adamw(model):
         kw = dict(fused=True) if device == "cuda" else dict(foreach=True)
@@ -159,54 +196,39 @@ def main(argv=None) -> None:
     def molf_opt(**kw):
         return lambda model: molf.MoLFAdamW(model, lr=1e-5, lora_lr=1e-4, state_dtype="param", **kw)
 
-    results = {}
+    optimizers = {"AdamW (torch fused)": adamw, "MoLF exact": molf_opt(), "MoLF lagged": molf_opt(lagged=True)}
+    configs = {"dense+LoRA128": (True, (128,)), "LoRA16+LoRA128 (Efficient)": (False, (16, 128))}
+    results: dict = {}
     for dname in args.dtypes.split(","):
-        dtype = dtypes[dname]
-        print(f"[{dname} parameters, {dname} optimizer state]", flush=True)
-        cases = [
-            ("AdamW fused, dense+LoRA128 params", adamw, True, (128,)),
-            ("MoLF exact, dense+LoRA128", molf_opt(), True, (128,)),
-            ("MoLF lagged, dense+LoRA128", molf_opt(lagged=True), True, (128,)),
-            ("AdamW fused, LoRA16+LoRA128 params", adamw, False, (16, 128)),
-            ("MoLF-Efficient exact, LoRA16+LoRA128", molf_opt(), False, (16, 128)),
-            ("MoLF-Efficient lagged, LoRA16+LoRA128", molf_opt(lagged=True), False, (16, 128)),
-            ("AdamW fused, plain model (no experts)", adamw, True, None),
-        ]
-        for name, make, fft, ranks in cases:
-            key, res = run_case(name, shape, dtype, device, make, fft, ranks, args.warmup, args.steps)
-            results[f"{dname}: {key}"] = res
-        fb = forward_backward_ms(shape, dtype, device)
+        for cname, (fft, ranks) in configs.items():
+            label = f"{dname} {cname}"
+            results[label] = run_config(label, shape, dtypes[dname], device, optimizers, fft, ranks,
+                                        args.rounds, args.steps)
+        fb = forward_backward_ms(shape, dtypes[dname], device)
         if fb is not None:
-            results[f"{dname}: forward+backward 8x512"] = {"median_ms": fb}
-    results["Router.route 10000x4 (us)"] = {"median_us": router_us()}
+            results[f"{dname} forward+backward 8x512"] = {"median_ms": fb}
+    results["Router.route 10000x4"] = {"median_us": router_us()}
 
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "shape": shape, "torch": torch.__version__, "results": results}, f, indent=1)
 
-    print("\n| case | median ms | vs AdamW same params | host syncs/step | peak GiB | vs AdamW peak |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for dname in args.dtypes.split(","):
-        for key, base_key in [
-            ("MoLF exact, dense+LoRA128", "AdamW fused, dense+LoRA128 params"),
-            ("MoLF lagged, dense+LoRA128", "AdamW fused, dense+LoRA128 params"),
-            ("AdamW fused, dense+LoRA128 params", None),
-            ("MoLF-Efficient exact, LoRA16+LoRA128", "AdamW fused, LoRA16+LoRA128 params"),
-            ("MoLF-Efficient lagged, LoRA16+LoRA128", "AdamW fused, LoRA16+LoRA128 params"),
-            ("AdamW fused, LoRA16+LoRA128 params", None),
-            ("AdamW fused, plain model (no experts)", None),
-        ]:
-            r = results[f"{dname}: {key}"]
-            b = results[f"{dname}: {base_key}"] if base_key else None
-            ratio = f"{r['median_ms'] / b['median_ms']:.2f}x" if b else ""
-            mem = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-            mem_ratio = f"{r['peak_gib'] / b['peak_gib']:.3f}x" if b and r["peak_gib"] else ""
-            syncs = "-" if r["syncs_per_step"] is None else r["syncs_per_step"]
-            print(f"| {dname} {key} | {r['median_ms']:.2f} | {ratio} | {syncs} | {mem} | {mem_ratio} |")
-        fb = results.get(f"{dname}: forward+backward 8x512")
-        if fb:
-            print(f"| {dname} forward+backward 8x512 (context) | {fb['median_ms']:.2f} | | | | |")
-    print(f"| Router.route 10000x4 | {results['Router.route 10000x4 (us)']['median_us']:.1f} us | | | | |")
+    print("\n| parameters, experts | optimizer | ms/step (median) | vs AdamW (paired median) | host syncs/step | peak GiB | vs AdamW peak |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for label, res in results.items():
+        if label.startswith("Router") or "forward" in label:
+            continue
+        base = res["AdamW (torch fused)"]
+        for name, r in res.items():
+            syncs = r.get("syncs_per_step", "-")
+            peak = r.get("peak_gib")
+            mem = f"{peak:.2f}" if peak else "-"
+            mem_ratio = f"{peak / base['peak_gib']:.3f}x" if peak else "-"
+            print(f"| {label} | {name} | {r['median_ms']:.2f} | {r['ratio_vs_AdamW (torch fused)']:.3f}x | {syncs} | {mem} | {mem_ratio} |")
+    for label, res in results.items():
+        if "forward" in label:
+            print(f"| {label} (context) | | {res['median_ms']:.2f} | | | | |")
+    print(f"| Router.route, 10,000 modules x 4 experts | | {results['Router.route 10000x4']['median_us']:.1f} us | | | | |")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ def test_fused_step_matches_foreach(param_dtype, state_dtype, score, single_pass
     steps = np.full(len(params), 3.0)
     sums, flag, hyper = plan.moments(GROUPS, steps, score, True, winners if single_pass else None)
     assert flag.item() == 0 and sums.dtype == torch.float64 and sums.shape == (ROUTED,)
-    torch.testing.assert_close(sums, want_sums, **tol(state_dtype))
+    # The plan orders tensors into launch batches; its `slots` say which sum is whose.
+    torch.testing.assert_close(sums, want_sums[plan.slots[:ROUTED]], **tol(state_dtype))
     if not single_pass:
         plan.apply(winners, hyper, flag)
     for a, b in zip(m + v, want_m + want_v):

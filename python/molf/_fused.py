@@ -31,13 +31,25 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 
 @triton.jit
-def _nonfinite_kernel(g_ptrs, numels, block_tensor, block_start, flag, G_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+def _aligned(x):
+    """Promise 16-byte-aligned pointers and element counts that are multiples of
+    16: masked loads and stores can then be vectorised (checked on the host)."""
+    return tl.multiple_of(x, 16)
+
+
+@triton.jit
+def _nonfinite_kernel(
+    g_ptrs, numels, block_tensor, block_start, flag,
+    G_DT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
     """flag <- 1 if any gradient element is NaN or infinite (racing writes all write 1)."""
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
     start = tl.load(block_start + pid)
     n = tl.load(numels + t)
     g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
+    if ALIGNED:
+        start, n, g_ptr = _aligned(start), _aligned(n), _aligned(g_ptr)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
@@ -51,7 +63,7 @@ def _nonfinite_kernel(g_ptrs, numels, block_tensor, block_start, flag, G_DT: tl.
 def _moments_kernel(
     g_ptrs, m_ptrs, v_ptrs, p_ptrs, numels, hyper, block_tensor, block_start, partial, flag,
     G_DT: tl.constexpr, S_DT: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr,
-    EPD: tl.constexpr, SCORE: tl.constexpr,
+    EPD: tl.constexpr, SCORE: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """m, v <- moments(g); SCORE: partial[pid] = chunk sum of the score term.
@@ -75,6 +87,9 @@ def _moments_kernel(
     bc2_sqrt = tl.load(h + 5).to(C_DT)
     decay = tl.load(h + 6).to(C_DT)
     apply = tl.load(h + 7) != 0
+    if ALIGNED:
+        start, n = _aligned(start), _aligned(n)
+        g_ptr, m_ptr, v_ptr, p_ptr = _aligned(g_ptr), _aligned(m_ptr), _aligned(v_ptr), _aligned(p_ptr)
     acc = tl.zeros([BLOCK], dtype=C_DT)
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
@@ -121,7 +136,8 @@ def _reduce_kernel(partial, first_block, num_blocks, out, BLOCK: tl.constexpr):
 @triton.jit
 def _apply_kernel(
     p_ptrs, m_ptrs, v_ptrs, numels, hyper, block_tensor, block_start, flag,
-    S_DT: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    S_DT: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """The winners' update: p <- p (1 - lr wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
     Writes nothing when `flag` is set (lagged mode learns of it only later)."""
@@ -137,6 +153,9 @@ def _apply_kernel(
     step_size = tl.load(h + 4).to(C_DT)
     bc2_sqrt = tl.load(h + 5).to(C_DT)
     decay = tl.load(h + 6).to(C_DT)
+    if ALIGNED:
+        start, n = _aligned(start), _aligned(n)
+        m_ptr, v_ptr, p_ptr = _aligned(m_ptr), _aligned(v_ptr), _aligned(p_ptr)
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = offs < n
@@ -197,6 +216,7 @@ class _Batch:
     s_dtype: torch.dtype
     p_dtype: torch.dtype
     routed: bool
+    aligned: bool  # parameters and moments 16-byte aligned, element counts multiples of 16
 
 
 @dataclass
@@ -213,8 +233,9 @@ class FusedStep:
         # Routed tensors first (their chunks then form one prefix of the partial
         # buffer), then by dtype combination: one launch per batch.
         def key(e):
-            p, m, _, _, _, slot = e
-            return (slot < 0, str(p.dtype), str(p.grad.dtype if p.grad is not None else p.dtype), str(m.dtype))
+            p, m, v, _, _, slot = e
+            aligned = p.numel() % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (p, m, v))
+            return (slot < 0, str(p.dtype), str(p.grad.dtype if p.grad is not None else p.dtype), str(m.dtype), aligned)
 
         self.entries = sorted(self.entries, key=key)
         params = [e[0] for e in self.entries]
@@ -238,7 +259,9 @@ class FusedStep:
                 g = p.grad if p.grad is not None else p
                 clo = int(first[lo])
                 chi = int(first[hi - 1] + nblocks[hi - 1])
-                self.batches.append(_Batch(lo, hi, clo, chi, g.dtype, m.dtype, p.dtype, bool(self.slots[lo] >= 0)))
+                self.batches.append(
+                    _Batch(lo, hi, clo, chi, g.dtype, m.dtype, p.dtype, bool(self.slots[lo] >= 0), key(self.entries[lo])[-1])
+                )
                 lo = hi
         self.ptrs = np.array(
             [[t.data_ptr() for t in ts] for ts in (params, self.exp_avgs, self.exp_avg_sqs)], dtype=np.int64
@@ -268,19 +291,20 @@ class FusedStep:
         upload = _upload(np.concatenate([g_ptrs, hyper.reshape(-1).view(np.int64)]), self.device)
         g_d, hyper_d = upload[:T], upload[T:].view(torch.float64)
         flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        aligned = [b.aligned and not (g_ptrs[b.lo:b.hi] % 16).any() for b in self.batches]
         if check_finite:
-            for b in self.batches:
+            for b, al in zip(self.batches, aligned):
                 _nonfinite_kernel[(b.chi - b.clo,)](
                     g_d, self._numels, self._block_tensor[b.clo:], self._block_start[b.clo:], flag,
-                    G_DT=_TL_DTYPES[b.g_dtype], BLOCK=BLOCK, CHUNK=CHUNK,
+                    G_DT=_TL_DTYPES[b.g_dtype], ALIGNED=al, BLOCK=BLOCK, CHUNK=CHUNK,
                 )
         partial = torch.empty(max(self.routed_blocks, 1), dtype=torch.float64, device=self.device)
-        for b in self.batches:
+        for b, al in zip(self.batches, aligned):
             _moments_kernel[(b.chi - b.clo,)](
                 g_d, self._m, self._v, self._p, self._numels, hyper_d,
                 self._block_tensor[b.clo:], self._block_start[b.clo:], partial[b.clo:] if b.routed else partial, flag,
                 G_DT=_TL_DTYPES[b.g_dtype], S_DT=_TL_DTYPES[b.s_dtype], P_DT=_TL_DTYPES[b.p_dtype],
-                C_DT=_compute_dtype(b.s_dtype), EPD=score == "epd", SCORE=b.routed,
+                C_DT=_compute_dtype(b.s_dtype), EPD=score == "epd", SCORE=b.routed, ALIGNED=al,
                 BLOCK=BLOCK, CHUNK=CHUNK,
             )
         sums = torch.empty(self.num_routed, dtype=torch.float64, device=self.device)
@@ -313,5 +337,5 @@ class FusedStep:
             _apply_kernel[(chi - clo,)](
                 p_d, m_d, v_d, n_d, hyper_d, bt_d[clo:], bs_d[clo:], flag,
                 S_DT=_TL_DTYPES[b.s_dtype], P_DT=_TL_DTYPES[b.p_dtype], C_DT=_compute_dtype(b.s_dtype),
-                BLOCK=BLOCK, CHUNK=CHUNK,
+                ALIGNED=b.aligned, BLOCK=BLOCK, CHUNK=CHUNK,
             )
