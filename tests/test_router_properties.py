@@ -156,8 +156,9 @@ def test_invariant_to_positive_row_scaling(run, data):
 @given(routing_runs(), st.data())
 def test_monotone_in_own_score(run, data):
     # In any state and phase: raising a winner's score keeps it a winner, lowering a finite
-    # loser's keeps it out.
+    # loser's keeps it out. Only for margin <= 1: see the next test.
     config, steps = run
+    assume(config["margin"] <= 1.0)
     router = core.Router(**config)
     for scores in steps[:-1]:
         router.route(scores)
@@ -174,6 +175,16 @@ def test_monotone_in_own_score(run, data):
     assume(np.isfinite(changed[m, e]))
     note(f"module {m} expert {e}: {x!r} -> {changed[m, e]!r}, winner={before[m, e]}")
     assert router.route(changed)[m, e] == before[m, e]
+
+
+def test_hysteresis_margin_above_one_is_not_monotone_for_negative_scores():
+    # Pins a consequence of the specified adjusted score s + margin*|s|: for s < 0 it is
+    # s*(1 - margin), which grows as s falls when margin > 1. (molf's EPD/PFN scores are >= 0.)
+    r = core.Router(1, 2, policy="hysteresis", margin=2.0)
+    assert_mask(r.route(np.array([[1.0, 0.0]])), np.array([[True, False]]))
+    lowered = core.Router.from_bytes(r.to_bytes())
+    assert_mask(r.route(np.array([[-0.01, 0.1]])), np.array([[False, True]]))
+    assert_mask(lowered.route(np.array([[-1.0, 0.1]])), np.array([[True, False]]))
 
 
 @given(routing_runs(min_steps=2, max_steps=16), st.data())

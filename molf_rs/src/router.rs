@@ -303,8 +303,17 @@ impl Router {
                         }
                     }
                     // An empty row (no finite score) leaves the incumbents alone.
-                    if win.iter().any(|&b| b) && win != inc {
-                        inc.copy_from_slice(win);
+                    // Element loops rather than slice `!=`/`copy_from_slice`: rows are a few
+                    // bytes long, and memcmp/memcpy calls per row would dominate.
+                    let (mut any, mut differs) = (false, false);
+                    for (&w, &i) in win.iter().zip(inc.iter()) {
+                        any |= w;
+                        differs |= w != i;
+                    }
+                    if any && differs {
+                        for (i, &w) in inc.iter_mut().zip(win.iter()) {
+                            *i = w;
+                        }
                         *changed = s;
                     }
                 }
@@ -356,6 +365,32 @@ fn top_k<S: Score>(row: &[S], k: usize, pref: Option<(&[bool], f64)>, win: &mut 
         ka.0 > kb.0 || (ka.0 == kb.0 && ((ka.1 && !kb.1) || (ka.1 == kb.1 && a < b)))
     };
     let finite = |e: usize| row[e].to_f64().is_finite();
+    if k == 1 && pref.is_none() {
+        // The hot path (the paper's setting), branch-free so random scores cost no branch
+        // mispredictions: the maximum finite score, then the lowest index holding it.
+        let masked = |s: &S| {
+            let v = s.to_f64();
+            if v.is_finite() {
+                v
+            } else {
+                f64::NEG_INFINITY
+            }
+        };
+        let top = row
+            .iter()
+            .map(masked)
+            .fold(f64::NEG_INFINITY, |t, v| if v > t { v } else { t });
+        let mut best = usize::MAX; // stays MAX when no score is finite
+        if top != f64::NEG_INFINITY {
+            for (e, s) in row.iter().enumerate().rev() {
+                best = if masked(s) == top { e } else { best };
+            }
+        }
+        for (e, w) in win.iter_mut().enumerate() {
+            *w = e == best;
+        }
+        return;
+    }
     win.fill(false);
     if k == 1 {
         let mut best: Option<(usize, (f64, bool))> = None;
@@ -449,6 +484,21 @@ mod tests {
         assert_eq!(route(&mut r, &[2.0, 3.0]), [true, false]);
         assert_eq!(route(&mut r, &[2.0, 3.1]), [false, true]);
         assert_eq!(r.last_change(), [3]);
+    }
+
+    #[test]
+    fn hysteresis_margin_above_one_is_not_monotone_for_negative_scores() {
+        // Pins a consequence of the specified formula: for s < 0 the adjusted incumbent score
+        // s + margin·|s| = s·(1 − margin) grows as s falls when margin > 1, so lowering a
+        // negative incumbent's score can win it back. Non-negative scores (molf's EPD and
+        // PFN) and margins <= 1 are monotone.
+        let mut r = Router::new(hyst(1, 2, 1, 2.0, 0)).unwrap();
+        assert_eq!(route(&mut r, &[1.0, 0.0]), [true, false]);
+        let mut lowered = r.clone();
+        // Adjusted -0.01·(1 − 2) = 0.01 < 0.1: the challenger wins ...
+        assert_eq!(route(&mut r, &[-0.01, 0.1]), [false, true]);
+        // ... but the lower -1·(1 − 2) = 1 > 0.1 keeps the incumbent.
+        assert_eq!(route(&mut lowered, &[-1.0, 0.1]), [true, false]);
     }
 
     #[test]

@@ -68,7 +68,10 @@ class Router:
     finite score); otherwise experts are ranked by ``s_e + margin * |s_e|`` for incumbents
     and ``s_e`` for the rest, top-k among finite scores, ties to incumbents first, then to
     the lower index. A challenger thus displaces an incumbent only by beating it by the
-    relative margin.
+    relative margin. (For a negative incumbent score the adjusted score is
+    ``s_e * (1 - margin)``; with ``margin > 1`` it grows as ``s_e`` falls, so routing is
+    monotone in the scores only for ``margin <= 1`` or non-negative scores, such as
+    molf's EPD and PFN.)
 
     After each routing step, a module whose winner row is non-empty and differs from its
     incumbents takes that row as incumbents (``last_change = s``); an empty row changes
