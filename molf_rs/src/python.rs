@@ -491,14 +491,14 @@ impl PyLedger {
     fn last_mask<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<bool>>> {
         guarded(|| matrix(py, self.inner.last_mask(), self.shape()))
     }
-    fn switches<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
-        PyArray1::from_slice(py, self.inner.switches())
+    fn switches<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        guarded(|| Ok(PyArray1::from_slice(py, self.inner.switches())))
     }
-    fn last_switch_step<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
-        PyArray1::from_slice(py, self.inner.last_switch_step())
+    fn last_switch_step<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        guarded(|| Ok(PyArray1::from_slice(py, self.inner.last_switch_step())))
     }
-    fn no_winner<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
-        PyArray1::from_slice(py, self.inner.no_winner())
+    fn no_winner<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        guarded(|| Ok(PyArray1::from_slice(py, self.inner.no_winner())))
     }
 
     fn summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -563,4 +563,41 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("POLICIES", PyTuple::new(py, POLICIES)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Run with `cargo test -p molf_rs --features python` (embeds the Python interpreter).
+    use super::*;
+
+    #[test]
+    fn panics_become_internal_error() {
+        Python::initialize();
+        Python::attach(|py| {
+            let err = guarded::<()>(|| panic!("boom")).unwrap_err();
+            assert!(err.is_instance_of::<InternalError>(py));
+            assert!(err.to_string().contains("boom"));
+            assert!(err.is_instance_of::<PyRuntimeError>(py));
+        });
+    }
+
+    #[test]
+    fn errors_map_to_their_classes() {
+        Python::initialize();
+        Python::attach(|py| {
+            let cases = [
+                (Error::Config("c".into()), py.get_type::<ConfigError>()),
+                (Error::Score("s".into()), py.get_type::<ScoreError>()),
+                (Error::State("t".into()), py.get_type::<StateError>()),
+                (Error::Internal("i".into()), py.get_type::<InternalError>()),
+            ];
+            for (e, ty) in cases {
+                let err = PyErr::from(e);
+                assert!(err.get_type(py).is(&ty));
+                assert!(
+                    err.is_instance_of::<PyValueError>(py) != ty.is(py.get_type::<InternalError>())
+                );
+            }
+        });
+    }
 }
