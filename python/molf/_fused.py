@@ -22,8 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024
-CHUNK = 16 * BLOCK
+CHUNK = 16384  # elements per program
+
+
+def _block(*dtypes: torch.dtype) -> int:
+    """Elements per loop iteration: 4 KiB of the narrowest operand, so 16-bit
+    tensors keep as many bytes in flight as float32 ones."""
+    return 4096 // min(d.itemsize for d in dtypes)
 # Per-tensor hyper-parameters, one row of HYPER float64 values each.
 HYPER = 8  # 1-beta1, beta2, 1-beta2, eps, lr/bc1, sqrt(bc2), 1-lr*wd, apply (1.0: update p too)
 
@@ -296,7 +301,7 @@ class FusedStep:
             for b, al in zip(self.batches, aligned):
                 _nonfinite_kernel[(b.chi - b.clo,)](
                     g_d, self._numels, self._block_tensor[b.clo:], self._block_start[b.clo:], flag,
-                    G_DT=_TL_DTYPES[b.g_dtype], ALIGNED=al, BLOCK=BLOCK, CHUNK=CHUNK,
+                    G_DT=_TL_DTYPES[b.g_dtype], ALIGNED=al, BLOCK=_block(b.g_dtype), CHUNK=CHUNK,
                 )
         partial = torch.empty(max(self.routed_blocks, 1), dtype=torch.float64, device=self.device)
         for b, al in zip(self.batches, aligned):
@@ -305,7 +310,7 @@ class FusedStep:
                 self._block_tensor[b.clo:], self._block_start[b.clo:], partial[b.clo:] if b.routed else partial, flag,
                 G_DT=_TL_DTYPES[b.g_dtype], S_DT=_TL_DTYPES[b.s_dtype], P_DT=_TL_DTYPES[b.p_dtype],
                 C_DT=_compute_dtype(b.s_dtype), EPD=score == "epd", SCORE=b.routed, ALIGNED=al,
-                BLOCK=BLOCK, CHUNK=CHUNK,
+                BLOCK=_block(b.g_dtype, b.s_dtype, b.p_dtype), CHUNK=CHUNK,
             )
         sums = torch.empty(self.num_routed, dtype=torch.float64, device=self.device)
         if self.num_routed:
@@ -337,5 +342,5 @@ class FusedStep:
             _apply_kernel[(chi - clo,)](
                 p_d, m_d, v_d, n_d, hyper_d, bt_d[clo:], bs_d[clo:], flag,
                 S_DT=_TL_DTYPES[b.s_dtype], P_DT=_TL_DTYPES[b.p_dtype], C_DT=_compute_dtype(b.s_dtype),
-                ALIGNED=b.aligned, BLOCK=BLOCK, CHUNK=CHUNK,
+                ALIGNED=b.aligned, BLOCK=_block(b.s_dtype, b.p_dtype), CHUNK=CHUNK,
             )
