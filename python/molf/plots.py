@@ -42,7 +42,7 @@ def routing_shares(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.n
                 counts[module["winners"]] += 1
             steps.append(int(rec["step"]))
             shares.append(counts / len(rec["modules"]))
-    except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+    except (json.JSONDecodeError, AttributeError, KeyError, IndexError, TypeError) as exc:
         raise ValueError(f"{path}: malformed routing log ({type(exc).__name__}: {exc})") from exc
     if experts is None:
         raise ValueError(f"{path}: no routing records")
