@@ -49,9 +49,17 @@ def _parser() -> argparse.ArgumentParser:
         "held-out loss per method and regime; writes results.json, routing logs and routing_share.png.",
     )
     demo.add_argument("--out", default="molf-demo", metavar="DIR", help="output directory (default: ./molf-demo)")
-    demo.add_argument("--steps", type=_positive_int, metavar="N", help=f"optimizer steps per run (default: {DEFAULT_STEPS}; --quick: {QUICK_STEPS})")
-    demo.add_argument("--seeds", type=_positive_int, metavar="N", help=f"seeds per regime and method (default: {DEFAULT_SEEDS}; --quick: {QUICK_SEEDS})")
-    demo.add_argument("--seed", type=_seed, default=0, metavar="S", help="first seed; runs use S, S+1, ... (default: 0)")
+    demo.add_argument(
+        "--steps", type=_positive_int, metavar="N",
+        help=f"optimizer steps per run (default: {DEFAULT_STEPS}; --quick: {QUICK_STEPS})",
+    )
+    demo.add_argument(
+        "--seeds", type=_positive_int, metavar="N",
+        help=f"seeds per regime and method (default: {DEFAULT_SEEDS}; --quick: {QUICK_SEEDS})",
+    )
+    demo.add_argument(
+        "--seed", type=_seed, default=0, metavar="S", help="first seed; runs use S, S+1, ... (default: 0)"
+    )
     demo.add_argument("--quick", action="store_true", help="a few seconds' smoke run; its numbers mean little")
     demo.set_defaults(run=_demo, parser=demo)
 

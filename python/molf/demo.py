@@ -60,11 +60,17 @@ class Regime:
     delta_norm: float  # ||ΔW||_F / ||W0||_F per layer
     n_train: int
     label_noise: float  # noise std, in units of the teacher-student output gap's RMS
+    expected_winner: str
+
+    def describe(self) -> str:
+        delta = "full-rank" if self.delta_rank is None else f"rank-{self.delta_rank}"
+        noise = f"label noise {self.label_noise:g}x the signal" if self.label_noise else "clean labels"
+        return f"{delta} ΔW, {self.n_train} training samples, {noise} ({self.expected_winner} should win)"
 
 
 REGIMES = (
-    Regime("high-rank", delta_rank=None, delta_norm=0.5, n_train=4096, label_noise=0.0),
-    Regime("low-rank-noisy", delta_rank=1, delta_norm=0.5, n_train=1024, label_noise=1.0),
+    Regime("high-rank", delta_rank=None, delta_norm=0.5, n_train=4096, label_noise=0.0, expected_winner="FFT"),
+    Regime("low-rank-noisy", delta_rank=1, delta_norm=0.5, n_train=1024, label_noise=1.0, expected_winner="LoRA"),
 )
 
 
@@ -78,7 +84,8 @@ class StudentMLP(nn.Module):
         self.head = nn.Linear(WIDTH, D_OUT)
         with torch.no_grad():  # He-scaled weights keep the signal alive through the stack
             for layer in self.linears():
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * math.sqrt(2 / layer.in_features))
+                std = math.sqrt(2 / layer.in_features)
+                layer.weight.copy_(std * torch.randn(layer.weight.shape, generator=generator))
                 layer.bias.copy_(0.1 * torch.randn(layer.bias.shape, generator=generator))
 
     def linears(self) -> list[nn.Linear]:
@@ -110,7 +117,8 @@ def make_task(regime: Regime, seed: int) -> Task:
         if regime.delta_rank is None:
             delta = torch.randn(out_f, in_f, generator=g)
         else:
-            delta = torch.randn(out_f, regime.delta_rank, generator=g) @ torch.randn(regime.delta_rank, in_f, generator=g)
+            r = regime.delta_rank
+            delta = torch.randn(out_f, r, generator=g) @ torch.randn(r, in_f, generator=g)
         layer.weight += delta * (regime.delta_norm * layer.weight.norm() / delta.norm())
     n = regime.n_train
     x = torch.randn(n + N_TEST, D_IN, generator=g)
@@ -122,24 +130,24 @@ def make_task(regime: Regime, seed: int) -> Task:
 
 
 # A method: (fresh copy of the student, routing log path or None) -> (model, optimizer).
-Builder = Callable[[nn.Module, "str | None"], tuple[nn.Module, torch.optim.Optimizer]]
+Builder = Callable[[nn.Module, "Path | None"], tuple[nn.Module, torch.optim.Optimizer]]
 
 
 def _lora_config(ranks: tuple[int, ...], fft: bool) -> MoLFConfig:
     return MoLFConfig(ranks=ranks, alphas=tuple(float(r) for r in ranks), fft=fft, exclude_modules=())
 
 
-def _fft(model: nn.Module, log_path: str | None):
+def _fft(model: nn.Module, log_path: Path | None):
     return model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
 
 
-def _lora(model: nn.Module, log_path: str | None):
+def _lora(model: nn.Module, log_path: Path | None):
     wrap(model, _lora_config((LORA_RANK,), fft=False))
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
 
 
 def _molf(ranks: tuple[int, ...], fft: bool) -> Builder:
-    def build(model: nn.Module, log_path: str | None):
+    def build(model: nn.Module, log_path: Path | None):
         wrap(model, _lora_config(ranks, fft))
         opt = MoLFAdamW(model, lr=LR, lora_lr=LR, weight_decay=0.0, lora_weight_decay=0.0, topk=1, log_path=log_path)
         return model, opt
@@ -160,8 +168,11 @@ def routing_log_name(regime: str, method: str) -> str:
     return f"routing_{regime}_{method.lower()}.jsonl"
 
 
-def train_one(task: Task, method: str, seed: int, steps: int, log_path: str | None, on_chunk: Callable) -> dict:
-    """Train one method on one task; return held-out loss, wall time and routing."""
+def train_one(
+    task: Task, method: str, seed: int, steps: int, log_path: Path | None, on_chunk: Callable[[int, float], None]
+) -> dict:
+    """Train one method on one task; return held-out loss, wall time and routing.
+    `on_chunk(step, loss)` reports progress about 20 times per run."""
     with torch.random.fork_rng(devices=[]):  # LoRA's init draws from the global RNG
         torch.manual_seed(seed)
         model, opt = METHODS[method](copy.deepcopy(task.student), log_path)
@@ -198,7 +209,10 @@ def _mean_dicts(ds: list[dict]) -> dict:
 def _summarise(runs: dict[str, list[dict]]) -> dict:
     methods = {}
     for method, rs in runs.items():
-        entry = {"heldout_loss": _mean_std([r["heldout"] for r in rs]), "wall_s": statistics.fmean(r["wall_s"] for r in rs)}
+        entry = {
+            "heldout_loss": _mean_std([r["heldout"] for r in rs]),
+            "wall_s": statistics.fmean(r["wall_s"] for r in rs),
+        }
         if method in ROUTED:
             entry["routing"] = {
                 "win_share": _mean_dicts([r["routing"]["win_share"] for r in rs]),
@@ -225,15 +239,19 @@ def run_demo(
 ) -> dict:
     """Run every (regime, method, seed), write results.json, the routing logs of
     the first seed and routing_share.png into `out_dir`; return the results."""
-    steps = steps or (QUICK_STEPS if quick else DEFAULT_STEPS)
-    seeds = seeds or (QUICK_SEEDS if quick else DEFAULT_SEEDS)
+    if steps is None:
+        steps = QUICK_STEPS if quick else DEFAULT_STEPS
+    if seeds is None:
+        seeds = QUICK_SEEDS if quick else DEFAULT_SEEDS
+    if steps < 1 or seeds < 1:
+        raise ValueError(f"steps and seeds must be >= 1, got steps={steps}, seeds={seeds}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_list = [seed + i for i in range(seeds)]
     tty = sys.stderr.isatty()
     bar = tqdm(
         total=len(REGIMES) * len(METHODS) * seeds * steps, unit="step", disable=not progress,
-        mininterval=0.2 if tty else 15.0, dynamic_ncols=True, file=sys.stderr,
+        mininterval=0.2 if tty else 15.0, dynamic_ncols=True,
     )
     logs: dict[str, str] = {}
     results = {"regimes": {}}
@@ -259,7 +277,8 @@ def run_demo(
                         done = step
 
                     runs[method].append(train_one(task, method, s, steps, log_path, on_chunk))
-            results["regimes"][regime.name] = {"regime": asdict(regime), **_summarise(runs)}
+            summary = _summarise(runs)
+            results["regimes"][regime.name] = {"regime": asdict(regime), "description": regime.describe(), **summary}
     results["config"] = {
         "steps": steps, "seeds": seed_list, "quick": quick, "lr": LR, "batch_size": BATCH,
         "lora_rank": LORA_RANK, "efficient_ranks": list(EFFICIENT_RANKS), "alpha": "= rank (rsLoRA)",
@@ -291,18 +310,21 @@ def format_table(results: dict) -> str:
     rows.append([])
     for method in ROUTED:
         gaps = [results["regimes"][r]["gap_to_best_baseline"][method] for r in regimes]
-        rows.append([f"{method} gap to best of FFT/LoRA", *(f"{g:+.1%}" for g in gaps)])
+        rows.append([f"{method} gap to best of FFT/LoRA", *(f"{g:+.1%}  " for g in gaps)])
     rows.append([])
     for method in ROUTED:
         experts = results["regimes"][regimes[0]]["methods"][method]["routing"]["win_share"]
         for e in experts:
             shares = [results["regimes"][r]["methods"][method]["routing"]["win_share"][e] for r in regimes]
-            rows.append([f"{method} updates to {e}", *(f"{s:.1%}" for s in shares)])
+            rows.append([f"{method} updates to {e}", *(f"{s:.1%}  " for s in shares)])
     widths = [max(len(row[i]) for row in rows if row) for i in range(len(rows[0]))]
     lines = [
         f"held-out loss (MSE to the clean teacher / untouched student's; mean ± std over {seeds} "
         f"seed{'s' if seeds > 1 else ''}; * = best per regime)"
     ]
     for row in rows:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip() if row else "")
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    lines.append("")
+    lines.extend(f"{r}: {results['regimes'][r]['description']}" for r in regimes)
     return "\n".join(lines)
