@@ -130,7 +130,7 @@ def make_task(regime: Regime, seed: int) -> Task:
 
 
 # A method: (fresh copy of the student, routing log path or None) -> (model, optimizer).
-Builder = Callable[[nn.Module, "Path | None"], tuple[nn.Module, torch.optim.Optimizer]]
+Builder = Callable[[nn.Module, Path | None], tuple[nn.Module, torch.optim.Optimizer]]
 
 
 def _lora_config(ranks: tuple[int, ...], fft: bool) -> MoLFConfig:
