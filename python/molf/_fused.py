@@ -36,10 +36,23 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 
 @triton.jit
-def _aligned(x):
-    """Promise 16-byte-aligned pointers and element counts that are multiples of
-    16: masked loads and stores can then be vectorised (checked on the host)."""
-    return tl.multiple_of(x, 16)
+def _at(base, offs, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """The pointers base + offs. ALIGNED promises (the host checked it) that the
+    tensor starts 16-byte aligned: loads and stores can then be vectorised."""
+    ptrs = base + offs
+    if ALIGNED:
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, 16), BLOCK)
+    return ptrs
+
+
+@triton.jit
+def _in_bounds(offs, n, ALIGNED: tl.constexpr):
+    """offs < n; with ALIGNED, n and the chunk starts are multiples of 16, so
+    the mask is constant over runs of 16 elements."""
+    mask = offs < n
+    if ALIGNED:
+        mask = tl.max_constancy(mask, 16)
+    return mask
 
 
 @triton.jit
@@ -53,12 +66,10 @@ def _nonfinite_kernel(
     start = tl.load(block_start + pid)
     n = tl.load(numels + t)
     g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
-    if ALIGNED:
-        start, n, g_ptr = _aligned(start), _aligned(n), _aligned(g_ptr)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
-        g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        g = tl.load(_at(g_ptr, offs, ALIGNED, BLOCK), mask=_in_bounds(offs, n, ALIGNED), other=0.0).to(tl.float32)
         bad += ((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32)
     if tl.sum(bad, axis=0) > 0:
         tl.store(flag, 1)
@@ -92,23 +103,20 @@ def _moments_kernel(
     bc2_sqrt = tl.load(h + 5).to(C_DT)
     decay = tl.load(h + 6).to(C_DT)
     apply = tl.load(h + 7) != 0
-    if ALIGNED:
-        start, n = _aligned(start), _aligned(n)
-        g_ptr, m_ptr, v_ptr, p_ptr = _aligned(g_ptr), _aligned(m_ptr), _aligned(v_ptr), _aligned(p_ptr)
     acc = tl.zeros([BLOCK], dtype=C_DT)
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(C_DT)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(C_DT)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(C_DT)
+        mask = _in_bounds(offs, n, ALIGNED)
+        g = tl.load(_at(g_ptr, offs, ALIGNED, BLOCK), mask=mask, other=0.0).to(C_DT)
+        m = tl.load(_at(m_ptr, offs, ALIGNED, BLOCK), mask=mask, other=0.0).to(C_DT)
+        v = tl.load(_at(v_ptr, offs, ALIGNED, BLOCK), mask=mask, other=0.0).to(C_DT)
         m = m + one_minus_beta1 * (g - m)
         v = v * beta2 + one_minus_beta2 * g * g
         # Round to the state dtype first: scores and updates see the stored moments.
         m = m.to(S_DT).to(C_DT)
         v = v.to(S_DT).to(C_DT)
-        tl.store(m_ptr + offs, m.to(S_DT), mask=mask)
-        tl.store(v_ptr + offs, v.to(S_DT), mask=mask)
+        tl.store(_at(m_ptr, offs, ALIGNED, BLOCK), m.to(S_DT), mask=mask)
+        tl.store(_at(v_ptr, offs, ALIGNED, BLOCK), v.to(S_DT), mask=mask)
         if SCORE:
             denom = tl.sqrt(v) + eps
             if EPD:
@@ -118,9 +126,9 @@ def _moments_kernel(
                 term = q * q
             acc += tl.where(mask, term, 0.0)
         if apply:
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DT)
+            p = tl.load(_at(p_ptr, offs, ALIGNED, BLOCK), mask=mask, other=0.0).to(C_DT)
             p = p * decay - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
-            tl.store(p_ptr + offs, p.to(P_DT), mask=mask)
+            tl.store(_at(p_ptr, offs, ALIGNED, BLOCK), p.to(P_DT), mask=mask)
     if SCORE:
         tl.store(partial + pid, tl.sum(acc, axis=0).to(tl.float64))
 
@@ -158,17 +166,14 @@ def _apply_kernel(
     step_size = tl.load(h + 4).to(C_DT)
     bc2_sqrt = tl.load(h + 5).to(C_DT)
     decay = tl.load(h + 6).to(C_DT)
-    if ALIGNED:
-        start, n = _aligned(start), _aligned(n)
-        m_ptr, v_ptr, p_ptr = _aligned(m_ptr), _aligned(v_ptr), _aligned(p_ptr)
     for i in range(0, CHUNK, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
-        mask = offs < n
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(C_DT)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(C_DT)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DT)
+        mask = _in_bounds(offs, n, ALIGNED)
+        m = tl.load(_at(m_ptr, offs, ALIGNED, BLOCK), mask=mask, other=0.0).to(C_DT)
+        v = tl.load(_at(v_ptr, offs, ALIGNED, BLOCK), mask=mask, other=0.0).to(C_DT)
+        p = tl.load(_at(p_ptr, offs, ALIGNED, BLOCK), mask=mask, other=0.0).to(C_DT)
         p = p * decay - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
-        tl.store(p_ptr + offs, p.to(P_DT), mask=mask)
+        tl.store(_at(p_ptr, offs, ALIGNED, BLOCK), p.to(P_DT), mask=mask)
 
 
 def _compute_dtype(state_dtype: torch.dtype):
