@@ -252,7 +252,11 @@ class FusedStep:
         self.params = params
         self.exp_avgs = [e[1] for e in self.entries]
         self.exp_avg_sqs = [e[2] for e in self.entries]
-        self.steps = [e[3] for e in self.entries]
+        # The step counters live in one host buffer whose elements the optimizer
+        # installs as each parameter's state["step"]: a step advances them all
+        # with one add and reads them without stacking a thousand scalars.
+        self.step_buffer = torch.stack([e[3].detach().to("cpu", torch.float32) for e in self.entries])
+        self.steps = list(self.step_buffer.unbind())
         self.group_of = np.array([e[4] for e in self.entries], dtype=np.int64)
         self.slots = np.array([e[5] for e in self.entries], dtype=np.int64)
         self.device = params[0].device

@@ -515,15 +515,18 @@ class MoLFAdamW(torch.optim.Optimizer):
                 slot = -1 if slots is None else slots[i]
                 entries.append((w.params[k], w.exp_avgs[k], w.exp_avg_sqs[k], w.steps[k], gi, slot))
         self._plan = self._fused.FusedStep(entries) if entries else None
+        if self._plan is not None:
+            for p, step in zip(self._plan.params, self._plan.steps):
+                self.state[p]["step"] = step
         self._plan_signature = signature
         return self._plan
 
     def _fused_moments(self, plan, winners: np.ndarray | None = None):
-        torch._foreach_add_(plan.steps, 1)
-        steps = torch.stack(plan.steps).double().numpy()
+        plan.step_buffer.add_(1)
+        steps = plan.step_buffer.numpy().astype(np.float64)
         sums, flag, hyper = plan.moments(self.param_groups, steps, self.score, self.skip_nonfinite, winners)
         sources = _ScoreSources(flag if self.skip_nonfinite else None)
-        sources.steps = plan.steps
+        sources.steps = [plan.step_buffer]
         routed = slice(0, plan.num_routed)
         group_lr = np.array([float(g["lr"]) for g in self.param_groups])
         sources.add(sums, plan.slots[routed], group_lr[plan.group_of[routed]], plan.numels[routed])
