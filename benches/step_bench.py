@@ -183,6 +183,28 @@ def router_us(modules=10_000, experts=4, reps=2000) -> float:
     return statistics.median(times) / 1e3
 
 
+def profile_host(shape, dtype, device, make, fft, ranks, steps=20, top=14) -> None:
+    """cProfile of the host side of `steps` steps (kernels are asynchronous, so
+    this is where a step's Python time goes)."""
+    import cProfile
+    import pstats
+
+    model = fresh(shape, dtype, device, fft, ranks)
+    opt = make(model)
+    for _ in range(3):
+        opt.step()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        opt.step()
+    prof.disable()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    del opt, model
+    release()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
@@ -190,6 +212,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=10, help="back-to-back steps per round")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--profile", action="store_true",
+                        help="only print a cProfile of the host side of MoLF exact and lagged steps, per configuration")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = args.shape or ("qwen2.5-1.5b" if device == "cuda" else "small")
@@ -207,6 +231,13 @@ def main(argv=None) -> None:
     optimizers = {"AdamW (torch fused)": adamw, "MoLF exact": molf_opt(), "MoLF lagged": molf_opt(lagged=True)}
     configs = {"dense+LoRA128": (True, (128,)), "LoRA16+LoRA128 (Efficient)": (False, (16, 128))}
     results: dict = {}
+    if args.profile:
+        for dname in args.dtypes.split(","):
+            for cname, (fft, ranks) in configs.items():
+                for name in ("MoLF exact", "MoLF lagged"):
+                    print(f"\n=== host profile: {dname} {cname} {name}", flush=True)
+                    profile_host(shape, dtypes[dname], device, optimizers[name], fft, ranks)
+        return
     for dname in args.dtypes.split(","):
         for cname, (fft, ranks) in configs.items():
             label = f"{dname} {cname}"
