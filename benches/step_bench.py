@@ -136,6 +136,9 @@ def run_config(label, shape, dtype, device, optimizers: dict, fft, ranks, rounds
                 host[name].append((time.perf_counter() - t0) * 1e3)
                 torch.cuda.synchronize()
     base = next(iter(opts))
+    for name, opt in opts.items():
+        if isinstance(opt, molf.MoLFAdamW):  # which experts the timed steps updated
+            out[name]["win_share"] = opt.routing_summary().current_share
     for name in opts:
         out[name]["median_ms"] = statistics.median(per_round[name])
         out[name]["spread_ms"] = [min(per_round[name]), max(per_round[name])]
@@ -226,9 +229,15 @@ def main(argv=None) -> None:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, **kw)
 
     def molf_opt(**kw):
-        return lambda model: molf.MoLFAdamW(model, lr=1e-5, lora_lr=1e-4, state_dtype="param", **kw)
+        kw = {"lora_lr": 1e-4, **kw}
+        return lambda model: molf.MoLFAdamW(model, lr=1e-5, state_dtype="param", **kw)
 
+    # With equal random gradients EPD follows the learning rates: lora_lr = 10 lr
+    # sends modules to LoRA, whose losers' dense weights are not written. The
+    # "dense wins" variants (lora_lr = lr / 100) are the worst case for traffic:
+    # every dense weight is updated every step.
     optimizers = {"AdamW (torch fused)": adamw, "MoLF exact": molf_opt(), "MoLF lagged": molf_opt(lagged=True)}
+    worst_case = {"MoLF exact, dense wins": molf_opt(lora_lr=1e-7), "MoLF lagged, dense wins": molf_opt(lora_lr=1e-7, lagged=True)}
     configs = {"dense+LoRA128": (True, (128,)), "LoRA16+LoRA128 (Efficient)": (False, (16, 128))}
     results: dict = {}
     if args.profile:
@@ -241,7 +250,8 @@ def main(argv=None) -> None:
     for dname in args.dtypes.split(","):
         for cname, (fft, ranks) in configs.items():
             label = f"{dname} {cname}"
-            results[label] = run_config(label, shape, dtypes[dname], device, optimizers, fft, ranks,
+            opts = {**optimizers, **worst_case} if fft else optimizers
+            results[label] = run_config(label, shape, dtypes[dname], device, opts, fft, ranks,
                                         args.rounds, args.steps)
         fb = forward_backward_ms(shape, dtypes[dname], device)
         if fb is not None:
@@ -252,8 +262,8 @@ def main(argv=None) -> None:
         with open(args.json, "w") as f:
             json.dump({"device": device, "shape": shape, "torch": torch.__version__, "results": results}, f, indent=1)
 
-    print("\n| parameters, experts | optimizer | ms/step (median) | vs AdamW (paired median) | host ms in step() | host syncs/step | peak GiB | vs AdamW peak |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| parameters, experts | optimizer | ms/step (median) | vs AdamW (paired median) | host ms in step() | host syncs/step | peak GiB | vs AdamW peak | modules per expert |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for label, res in results.items():
         if label.startswith("Router") or "forward" in label:
             continue
@@ -264,11 +274,12 @@ def main(argv=None) -> None:
             mem = f"{peak:.2f}" if peak else "-"
             mem_ratio = f"{peak / base['peak_gib']:.3f}x" if peak else "-"
             host_ms = f"{r['host_ms']:.2f}" if r.get("host_ms") is not None else "-"
-            print(f"| {label} | {name} | {r['median_ms']:.2f} | {r['ratio_vs_AdamW (torch fused)']:.3f}x | {host_ms} | {syncs} | {mem} | {mem_ratio} |")
+            share = " ".join(f"{e} {v:.0%}" for e, v in r.get("win_share", {}).items()) or "-"
+            print(f"| {label} | {name} | {r['median_ms']:.2f} | {r['ratio_vs_AdamW (torch fused)']:.3f}x | {host_ms} | {syncs} | {mem} | {mem_ratio} | {share} |")
     for label, res in results.items():
         if "forward" in label:
-            print(f"| {label} (context) | | {res['median_ms']:.2f} | | | | | |")
-    print(f"| Router.route, 10,000 modules x 4 experts | | {results['Router.route 10000x4']['median_us']:.1f} us | | | | | |")
+            print(f"| {label} (context) | | {res['median_ms']:.2f} | | | | | | |")
+    print(f"| Router.route, 10,000 modules x 4 experts | | {results['Router.route 10000x4']['median_us']:.1f} us | | | | | | |")
 
 
 if __name__ == "__main__":
