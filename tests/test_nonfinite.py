@@ -126,3 +126,19 @@ def test_skip_nonfinite_false_lets_nan_through(tmp_path):
     opt.step()
     assert torch.isnan(model.norm.weight).all()
     assert opt.routing_summary().skipped_steps == 0
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_any_nonfinite_is_exact(device):
+    """Finite values whose sum overflows are finite; one NaN or infinity anywhere is not."""
+    from molf import _kernels
+
+    huge = [torch.full((10,), 1e308, dtype=torch.float64, device=device), torch.ones(3, device=device)]
+    assert not _kernels.any_nonfinite(huge)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(7, device=device).to(torch.bfloat16)
+        t[3] = bad
+        assert _kernels.any_nonfinite([torch.randn(4, device=device), t])
+    pair = torch.tensor([float("inf"), -float("inf")], device=device)  # sums to NaN
+    assert _kernels.any_nonfinite([pair])
+    assert not _kernels.any_nonfinite([torch.randn(5, 5, device=device).to(torch.bfloat16)])
