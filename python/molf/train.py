@@ -1,0 +1,591 @@
+"""`molf train`: fine-tune a local causal LM on local prompt/completion data.
+
+Modes: "fft" (AdamW over every weight), "lora" (frozen base, one LoRA adapter,
+AdamW), "molf" (dense + LoRA experts, MoLFAdamW routing) and "molf-e"
+(MoLF-Efficient: frozen base, two LoRA experts of different rank, routed).
+The loss covers the completion tokens only. Checkpoints hold everything a run
+needs to continue bit for bit (model, optimizer, scheduler, RNG, data position);
+`resume` picks one up. At the end the merged model (fft, molf) or the PEFT
+adapter (lora, molf-e) is saved with the tokenizer, and for the routed modes
+the routing log and its figures.
+
+Without a model, a tiny Qwen2 built from a config (random weights, a byte-level
+tokenizer, no download) and a generated arithmetic dataset stand in, so the
+whole pipeline runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ._core import POLICIES, ConfigError, StateError
+from .config import MoLFConfig
+from .optimizer import SCORES, MoLFAdamW
+from .wrap import merge, wrap
+
+__all__ = ["MODES", "TrainConfig", "TrainResult", "train", "load_config_file", "build_model", "tokenize_pair"]
+
+MODES = ("fft", "lora", "molf", "molf-e")
+ROUTED_MODES = ("molf", "molf-e")
+ADAPTER_MODES = ("lora", "molf-e")
+SCHEDULERS = ("constant", "linear", "cosine")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATE_DTYPES = ("auto", "param", "float32")
+DEFAULT_RANKS = {"lora": (16,), "molf": (16,), "molf-e": (8, 32)}
+# Options that may differ between a run and its resumption; every other one shapes the trajectory.
+RESUME_FREE = ("resume", "save_every", "keep_checkpoints", "progress", "device")
+ROUTING_LOG = "routing.jsonl"
+CHECKPOINTS = "checkpoints"
+BASE_MODEL = "base_model"
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `molf train` (the CLI flags and config-file keys have these names)."""
+
+    model: str | None = None  # local model directory; None: the embedded tiny Qwen2
+    data: list[str] | None = None  # JSONL / parquet files; None: a generated arithmetic set
+    out: str = "molf-train"
+    mode: str = "molf"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    max_length: int = 512
+    batch_size: int = 8
+    steps: int | None = None  # optimizer steps; None: `epochs` passes over the data
+    epochs: int = 1
+    lr: float = 2e-5  # dense weights and everything outside the LoRA experts
+    lora_lr: float = 1e-4
+    weight_decay: float = 0.1
+    lora_weight_decay: float = 0.01
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.0  # share of the steps with a linear LR warm-up
+    max_grad_norm: float = 1.0  # 0: no clipping
+    ranks: list[int] | None = None  # None: 16 (lora, molf) or 8, 32 (molf-e)
+    alphas: list[float] | None = None
+    rslora: bool = True
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    score: str = "epd"
+    topk: int = 1
+    policy: str = "topk"
+    margin: float = 0.0
+    min_dwell: int = 0
+    routing_warmup: int = 0  # steps in which every expert is updated
+    freeze_after: int | None = None
+    lagged: bool = False
+    state_dtype: str = "auto"
+    dtype: str = "float32"
+    device: str = "auto"
+    seed: int = 0
+    save_every: int = 100  # checkpoint period in steps (a final checkpoint is always written)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    resume: str | None = None  # a checkpoint file, or "latest" (in OUT/checkpoints)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        for name in ("ranks", "alphas", "target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (str, int, float)):
+                setattr(self, name, [value])
+            elif value is not None:
+                setattr(self, name, list(value))
+        _choice("mode", self.mode, MODES)
+        _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        _choice("score", self.score, SCORES)
+        _choice("policy", self.policy, POLICIES)
+        _choice("dtype", self.dtype, tuple(DTYPES))
+        _choice("state_dtype", self.state_dtype, STATE_DTYPES)
+        for name in ("max_length", "batch_size", "epochs", "topk", "save_every", "keep_checkpoints", "log_every"):
+            _integer(name, getattr(self, name), low=1)
+        for name in ("min_dwell", "routing_warmup", "seed"):
+            _integer(name, getattr(self, name), low=0)
+        for name in ("steps", "freeze_after"):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), low=1)
+        for name in ("lr", "lora_lr", "weight_decay", "lora_weight_decay", "max_grad_norm", "margin"):
+            _number(name, getattr(self, name))
+        _number("warmup_ratio", self.warmup_ratio, high=1.0)
+        for name in ("lagged", "rslora", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.model is not None and not Path(self.model, "config.json").is_file():
+            raise ConfigError(f"model {self.model!r}: not a local model directory (no config.json)")
+        for path in self.data or ():
+            if not Path(path).is_file():
+                raise ConfigError(f"data {path!r}: no such file")
+            _data_format(path)
+        if self.mode == "lora" and self.ranks is not None and len(self.ranks) != 1:
+            raise ConfigError(f"mode 'lora' trains one adapter: ranks must have one entry, got {self.ranks}")
+        if self.mode == "molf-e" and self.ranks is not None and len(self.ranks) < 2:
+            raise ConfigError(f"mode 'molf-e' routes between LoRA experts: ranks needs >= 2 entries, got {self.ranks}")
+        if self.mode != "fft":
+            self.molf_config()  # validates ranks, alphas, dropout and module names
+
+    def molf_config(self) -> MoLFConfig:
+        ranks = tuple(self.ranks) if self.ranks is not None else DEFAULT_RANKS[self.mode]
+        return MoLFConfig(
+            ranks=ranks,
+            alphas=None if self.alphas is None else tuple(self.alphas),
+            fft=self.mode == "molf",
+            rslora=self.rslora,
+            dropout=self.dropout,
+            target_modules=None if self.target_modules is None else tuple(self.target_modules),
+            exclude_modules=tuple(self.exclude_modules),
+        )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _integer(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _number(name: str, value: Any, high: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+        raise ConfigError(f"{name} must be a number in [0, {high}], got {value!r}")
+
+
+def _data_format(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "json"
+    if suffix == ".parquet":
+        return "parquet"
+    raise ConfigError(f"data {path!r}: unknown format {suffix!r}; expected .jsonl, .json or .parquet")
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """The options in a TOML (.toml) or YAML (.yaml/.yml) file, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config {str(path)!r}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        import tomllib
+
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {str(path)!r}: invalid TOML: {exc}") from None
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(
+                f"config {str(path)!r}: YAML needs PyYAML (pip install pyyaml), or use a .toml config"
+            ) from None
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {str(path)!r}: invalid YAML: {exc}") from None
+        values = {} if values is None else values
+    else:
+        raise ConfigError(f"config {str(path)!r}: unknown format {suffix!r}; expected .toml, .yaml or .yml")
+    if not isinstance(values, dict):
+        raise ConfigError(f"config {str(path)!r}: expected a table of options, got {type(values).__name__}")
+    return values
+
+
+# ------------------------------------------------------------------ the embedded default
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built locally (256 byte tokens, pad and eos): no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|endoftext|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=specials[0], eos_token=specials[1])
+
+
+def save_tiny_model(path: Path, seed: int) -> None:
+    """A tiny random Qwen2 and its byte-level tokenizer, saved to `path`."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    tokenizer = byte_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def write_arithmetic_data(path: Path, rows: int = 256, seed: int = 0) -> None:
+    """Prompt/completion pairs "12+34=" -> "46": a task a tiny model learns in minutes."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(rows):
+            a, b = rng.randrange(100), rng.randrange(100)
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n")
+
+
+# ------------------------------------------------------------------ data
+
+
+def load_pairs(paths: list[str], prompt_field: str, completion_field: str) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs from local files through `datasets`; a row
+    without both fields as strings raises ConfigError naming file, row and field."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    pairs: list[tuple[str, str]] = []
+    for path in paths:
+        try:
+            ds = datasets.load_dataset(_data_format(path), data_files=[path], split="train")
+        except Exception as exc:  # datasets raises many types for unreadable files
+            raise ConfigError(f"data {path!r}: cannot be read ({type(exc).__name__}: {exc})") from None
+        for name in (prompt_field, completion_field):
+            if name not in ds.column_names:
+                raise ConfigError(f"data {path!r}: row 1: missing field {name!r} (fields: {ds.column_names})")
+        for row, (p, c) in enumerate(zip(ds[prompt_field], ds[completion_field]), start=1):
+            for name, value in ((prompt_field, p), (completion_field, c)):
+                if value is None:
+                    raise ConfigError(f"data {path!r}: row {row}: missing field {name!r}")
+                if not isinstance(value, str):
+                    raise ConfigError(f"data {path!r}: row {row}: field {name!r} must be a string, got {value!r}")
+            if not c:
+                raise ConfigError(f"data {path!r}: row {row}: field {completion_field!r} is empty")
+            pairs.append((p, c))
+    if not pairs:
+        raise ConfigError(f"data {', '.join(paths)}: no rows")
+    return pairs
+
+
+def tokenize_pair(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of prompt + completion + eos, truncated to `max_length`;
+    labels are -100 on the prompt, so the loss covers the completion only."""
+    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    p = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (p + c)[:max_length]
+    labels = ([-100] * len(p) + c)[:max_length]
+    return ids, labels
+
+
+def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _batch_indices(n: int, batch_size: int, seed: int, epoch: int, index: int) -> list[int]:
+    """Batch `index` of `epoch`: a fixed function of (seed, epoch), so a resumed run sees the same data."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[index * batch_size : (index + 1) * batch_size].tolist()
+
+
+# ------------------------------------------------------------------ model and optimizer
+
+
+def build_model(cfg: TrainConfig, model_dir: str | os.PathLike) -> nn.Module:
+    """The model as training sees it: loaded from `model_dir` and, except for
+    fft, wrapped by molf (LoRA init draws from torch's RNG: seed first)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[cfg.dtype], local_files_only=True)
+    if cfg.mode != "fft":
+        wrap(model, cfg.molf_config())
+    return model
+
+
+def _build_optimizer(cfg: TrainConfig, model: nn.Module, log_path: Path | None) -> torch.optim.Optimizer:
+    if cfg.mode in ROUTED_MODES:
+        return MoLFAdamW(
+            model, lr=cfg.lr, lora_lr=cfg.lora_lr, weight_decay=cfg.weight_decay,
+            lora_weight_decay=cfg.lora_weight_decay, topk=cfg.topk, score=cfg.score, policy=cfg.policy,
+            margin=cfg.margin, min_dwell=cfg.min_dwell, warmup_steps=cfg.routing_warmup,
+            freeze_after=cfg.freeze_after, lagged=cfg.lagged, log_path=log_path, log_every=cfg.log_every,
+            state_dtype=torch.float32 if cfg.state_dtype == "float32" else cfg.state_dtype,
+        )
+    # fft and lora: plain AdamW over the trainable tensors; none for biases and norm weights.
+    lr, wd = (cfg.lora_lr, cfg.lora_weight_decay) if cfg.mode == "lora" else (cfg.lr, cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": wd},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    warm = round(cfg.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        if cfg.lr_scheduler == "linear":
+            return 1.0 - progress
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {name!r}") from None
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _checkpoint_path(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS / f"step-{step:08d}.pt"
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / CHECKPOINTS).glob("step-*.pt"))
+
+
+def _save_checkpoint(out: Path, cfg: TrainConfig, step: int, epoch: int, index: int, model, opt, sched) -> Path:
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    blob = {
+        "step": step,
+        "data": {"epoch": epoch, "batch": index},
+        "config": json.dumps(cfg.to_dict()),
+        "model": {n: t for n, t in model.state_dict().items() if n in trainable},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": _rng_state(),
+    }
+    path = _checkpoint_path(out, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)  # a crash mid-save never leaves a torn checkpoint under the real name
+    for old in _checkpoints(out)[: -cfg.keep_checkpoints]:
+        old.unlink()
+    return path
+
+
+def _resolve_resume(cfg: TrainConfig, out: Path) -> Path:
+    if cfg.resume == "latest":
+        found = _checkpoints(out)
+        if not found:
+            raise StateError(f"resume 'latest': no checkpoint in {out / CHECKPOINTS}")
+        return found[-1]
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise StateError(f"resume {cfg.resume!r}: no such checkpoint file")
+    return path
+
+
+def _check_resumable(cfg: TrainConfig, saved: dict, path: Path) -> None:
+    now = cfg.to_dict()
+    differ = [k for k in now if k not in RESUME_FREE and now[k] != saved.get(k)]
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ)
+        raise StateError(f"resume {str(path)!r}: options differ from the checkpointed run ({shown})")
+
+
+def _truncate_routing_log(path: Path, step: int) -> None:
+    """Drop the log lines written after the checkpoint, which the resumed run writes again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        rec = json.loads(line)
+        if rec.get("step", math.inf) <= step or rec.get("skipped_after_step", math.inf) < step:
+            kept.append(line)
+    path.write_text("".join(kept), encoding="utf-8")
+
+
+# ------------------------------------------------------------------ the run
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int  # optimizer steps taken in total
+    losses: list[float]  # training loss of each step this invocation ran
+    saved: Path  # the merged model or the adapter directory
+    checkpoint: Path  # the final checkpoint
+    routing_log: Path | None
+    figures: list[Path]
+    routing_summary: dict | None
+
+
+def _routing_postfix(opt: torch.optim.Optimizer) -> dict[str, str]:
+    if not isinstance(opt, MoLFAdamW) or opt.ledger.summary()["step"] == 0:
+        return {}
+    share = opt.routing_summary().current_share
+    return {e: f"{s:.0%}" for e, s in share.items()}
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Run (or resume) the training job `cfg` describes; `on_step(step, loss)`
+    is called after every optimizer step."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out {cfg.out!r}: exists and is not a directory")
+    log_path = out / ROUTING_LOG if cfg.mode in ROUTED_MODES else None
+    resume_path = None
+    if cfg.resume is not None:
+        resume_path = _resolve_resume(cfg, out)
+        blob = torch.load(resume_path, weights_only=True)
+        _check_resumable(cfg, json.loads(blob["config"]), resume_path)
+    elif _checkpoints(out) or (out / ROUTING_LOG).exists():
+        raise ConfigError(f"out {cfg.out!r} already holds a run: pass resume='latest' or choose another out")
+    device = _device(cfg.device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(cfg.model) if cfg.model is not None else out / BASE_MODEL
+    if cfg.model is None and not (model_dir / "config.json").is_file():
+        save_tiny_model(model_dir, cfg.seed)
+    data = cfg.data
+    if data is None:
+        data = [str(out / "data.jsonl")]
+        if not Path(data[0]).is_file():
+            write_arithmetic_data(Path(data[0]), seed=cfg.seed)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model {str(model_dir)!r}: the tokenizer has no eos token to end completions")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pairs = load_pairs(data, cfg.prompt_field, cfg.completion_field)
+    examples = [tokenize_pair(tokenizer, p, c, cfg.max_length) for p, c in pairs]
+    examples = [e for e in examples if any(y != -100 for y in e[1])]
+    if len(examples) < len(pairs):
+        warnings.warn(f"{len(pairs) - len(examples)} rows lost every completion token to max_length={cfg.max_length}")
+    if not examples:
+        raise ConfigError(f"max_length={cfg.max_length} leaves no completion token in any row")
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
+
+    model = build_model(cfg, model_dir).to(device)
+    opt = _build_optimizer(cfg, model, log_path)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
+    step = 0
+    if resume_path is not None:
+        missing = model.load_state_dict(blob["model"], strict=False).missing_keys
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if trainable & set(missing):
+            raise StateError(f"resume {str(resume_path)!r}: the checkpoint lacks {sorted(trainable & set(missing))[:3]}")
+        opt.load_state_dict(blob["optimizer"])
+        sched.load_state_dict(blob["scheduler"])
+        _set_rng_state(blob["rng"])
+        step = int(blob["step"])
+        if blob["data"] != {"epoch": step // per_epoch, "batch": step % per_epoch}:
+            raise StateError(f"resume {str(resume_path)!r}: data position {blob['data']} does not match step {step}")
+        if log_path is not None:
+            _truncate_routing_log(log_path, step)
+
+    from tqdm.auto import tqdm
+
+    losses: list[float] = []
+    model.train()
+    checkpoint = resume_path
+    with tqdm(total=total, initial=step, desc=f"molf train ({cfg.mode})", disable=not cfg.progress) as bar:
+        while step < total:
+            epoch, index = divmod(step, per_epoch)
+            batch = _collate([examples[i] for i in _batch_indices(len(examples), cfg.batch_size, cfg.seed, epoch, index)], pad_id)
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", **_routing_postfix(opt))
+            if step % cfg.save_every == 0 or step == total:
+                checkpoint = _save_checkpoint(out, cfg, step, *divmod(step, per_epoch), model, opt, sched)
+            if on_step is not None:
+                on_step(step, losses[-1])
+
+    summary = opt.routing_summary().to_dict() if isinstance(opt, MoLFAdamW) else None
+    saved = _save_result(cfg, model, tokenizer, out, model_dir)
+    figures = []
+    if log_path is not None and log_path.exists():
+        from .plots import plot_routing_log
+
+        figures = plot_routing_log(log_path, out / "routing_share.png")
+    return TrainResult(out, step, losses, saved, checkpoint, log_path, figures, summary)
+
+
+def _save_result(cfg: TrainConfig, model: nn.Module, tokenizer, out: Path, model_dir: Path) -> Path:
+    if cfg.mode in ADAPTER_MODES:
+        from .export import export_peft
+
+        path = out / "adapter"
+        export_peft(model, path, base_model_name_or_path=str(model_dir.resolve()))
+    else:
+        path = out / "model"
+        if cfg.mode == "molf":
+            model = merge(model)
+        model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
