@@ -1,4 +1,5 @@
-"""The `molf` command: `molf demo` (the synthetic suite) and `molf plot LOG`."""
+"""The `molf` command: `molf demo` (the synthetic suite), `molf train` (fine-tune
+a local model on local data) and `molf plot LOG` (figures of a routing log)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from ._core import POLICIES, ConfigError, StateError
 from .demo import DEFAULT_SEEDS, DEFAULT_STEPS, QUICK_SEEDS, QUICK_STEPS, format_table, run_demo
-from .plots import plot_routing_share
+from .optimizer import SCORES
+from .plots import plot_routing_log
+from .train import DTYPES, MODES, SCHEDULERS, STATE_DTYPES, TrainConfig, load_config_file, train
 
 __all__ = ["main"]
 
@@ -63,11 +67,89 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a few seconds' smoke run; its numbers mean little")
     demo.set_defaults(run=_demo, parser=demo)
 
-    plot = sub.add_parser("plot", help="plot the share of modules routed to each expert from a routing log")
+    _add_train_parser(sub)
+
+    plot = sub.add_parser(
+        "plot",
+        help="figures of a routing log: expert shares, the winner of every module per step, shares per module type",
+        description="Writes three PNGs: the share of modules on each expert over the steps (PNG), the winning "
+        "expert of every module at every step (PNG stem + _winners.png; long runs are binned) and the share of "
+        "the dense expert (else the largest LoRA expert) per module type (PNG stem + _by_type.png).",
+    )
     plot.add_argument("log", metavar="LOG", help="routing log (JSONL) written by MoLFAdamW(log_path=...)")
-    plot.add_argument("--out", metavar="PNG", help="figure path (default: LOG with the suffix .png)")
+    plot.add_argument("--out", metavar="PNG", help="path of the share figure (default: LOG with the suffix .png)")
     plot.set_defaults(run=_plot, parser=plot)
     return parser
+
+
+def _add_train_parser(sub) -> None:
+    d = TrainConfig()
+    train_p = sub.add_parser(
+        "train",
+        help="fine-tune a local causal LM on local prompt/completion data (fft, lora, molf, molf-e)",
+        description="Fine-tune a causal LM from a local directory on JSONL/parquet prompt/completion pairs, with "
+        "the loss on the completion only. Without --model a tiny random Qwen2 with a byte-level tokenizer and, "
+        "without --data, a generated arithmetic set stand in (a few seconds on a CPU). Options come from "
+        "--config (TOML, or YAML with PyYAML installed; keys named like the flags, with _ or -) and flags, "
+        "which override the file. Writes OUT/checkpoints, the merged model (OUT/model, for fft and molf) or a "
+        "PEFT adapter (OUT/adapter, for lora and molf-e), and for molf/molf-e OUT/routing.jsonl and its figures.",
+    )
+    S = argparse.SUPPRESS  # only the flags given reach the config, over the file's values
+    boolean = argparse.BooleanOptionalAction
+    train_p.add_argument("--config", metavar="FILE", default=S, help="TOML or YAML file of options")
+    io = train_p.add_argument_group("model and data")
+    io.add_argument("--model", metavar="DIR", default=S, help="local model directory (default: an embedded tiny Qwen2)")
+    io.add_argument("--data", metavar="FILE", nargs="+", default=S,
+                    help="JSONL or parquet files of prompt/completion rows (default: generated arithmetic)")
+    io.add_argument("--prompt-field", default=S, help=f"prompt column (default: {d.prompt_field})")
+    io.add_argument("--completion-field", default=S, help=f"completion column (default: {d.completion_field})")
+    io.add_argument("--max-length", type=_positive_int, default=S, metavar="N",
+                    help=f"tokens per example, prompt + completion (default: {d.max_length})")
+    io.add_argument("--out", metavar="DIR", default=S, help=f"output directory (default: ./{d.out})")
+    run = train_p.add_argument_group("training")
+    run.add_argument("--mode", choices=MODES, default=S, help=f"what to train (default: {d.mode})")
+    run.add_argument("--steps", type=_positive_int, default=S, metavar="N", help="optimizer steps (default: --epochs)")
+    run.add_argument("--epochs", type=_positive_int, default=S, metavar="N", help=f"passes over the data (default: {d.epochs})")
+    run.add_argument("--batch-size", type=_positive_int, default=S, metavar="N", help=f"(default: {d.batch_size})")
+    run.add_argument("--lr", type=float, default=S, help=f"dense and non-LoRA learning rate (default: {d.lr})")
+    run.add_argument("--lora-lr", type=float, default=S, help=f"LoRA learning rate (default: {d.lora_lr})")
+    run.add_argument("--weight-decay", type=float, default=S, help=f"(default: {d.weight_decay})")
+    run.add_argument("--lora-weight-decay", type=float, default=S, help=f"(default: {d.lora_weight_decay})")
+    run.add_argument("--lr-scheduler", choices=SCHEDULERS, default=S, help=f"(default: {d.lr_scheduler})")
+    run.add_argument("--warmup-ratio", type=float, default=S, help="share of steps with linear LR warm-up (default: 0)")
+    run.add_argument("--max-grad-norm", type=float, default=S, help=f"gradient clipping, 0 for none (default: {d.max_grad_norm})")
+    run.add_argument("--dtype", choices=tuple(DTYPES), default=S, help=f"model dtype (default: {d.dtype})")
+    run.add_argument("--device", default=S, help="'auto' (default: CUDA if present), 'cpu', 'cuda:0', ...")
+    run.add_argument("--seed", type=_seed, default=S, help=f"(default: {d.seed})")
+    experts = train_p.add_argument_group("experts")
+    experts.add_argument("--ranks", type=_positive_int, nargs="+", default=S,
+                         help="LoRA ranks (default: 16 for lora and molf; 8 32 for molf-e)")
+    experts.add_argument("--alphas", type=float, nargs="+", default=S, help="LoRA alphas, one per rank (default: 32)")
+    experts.add_argument("--rslora", action=boolean, default=S, help="scale alpha/sqrt(r) instead of alpha/r (default: on)")
+    experts.add_argument("--dropout", type=float, default=S, help="LoRA dropout (default: 0)")
+    experts.add_argument("--target-modules", nargs="+", default=S, metavar="NAME",
+                         help="module name suffixes to wrap (default: every linear layer but the head)")
+    experts.add_argument("--exclude-modules", nargs="+", default=S, metavar="NAME", help="(default: lm_head)")
+    routing = train_p.add_argument_group("routing (molf, molf-e)")
+    routing.add_argument("--score", choices=SCORES, default=S, help=f"(default: {d.score})")
+    routing.add_argument("--topk", type=_positive_int, default=S, help=f"winners per module and step (default: {d.topk})")
+    routing.add_argument("--policy", choices=POLICIES, default=S, help=f"(default: {d.policy})")
+    routing.add_argument("--margin", type=float, default=S, help="hysteresis: relative margin a challenger needs (default: 0)")
+    routing.add_argument("--min-dwell", type=_seed, default=S, metavar="N", help="hysteresis: steps a choice holds (default: 0)")
+    routing.add_argument("--routing-warmup", type=_seed, default=S, metavar="N",
+                         help="first N steps update every expert (default: 0)")
+    routing.add_argument("--freeze-after", type=_positive_int, default=S, metavar="N", help="fix the routing from step N on")
+    routing.add_argument("--lagged", action=boolean, default=S, help="route on the previous step's scores (default: off)")
+    routing.add_argument("--state-dtype", choices=STATE_DTYPES, default=S,
+                         help="Adam moments: auto = float32 for bf16/fp16 weights (default: auto)")
+    routing.add_argument("--log-every", type=_positive_int, default=S, metavar="N", help="routing log period (default: 1)")
+    ckpt = train_p.add_argument_group("checkpoints")
+    ckpt.add_argument("--save-every", type=_positive_int, default=S, metavar="N", help=f"(default: {d.save_every})")
+    ckpt.add_argument("--keep-checkpoints", type=_positive_int, default=S, metavar="N", help=f"(default: {d.keep_checkpoints})")
+    ckpt.add_argument("--resume", nargs="?", const="latest", default=S, metavar="CKPT",
+                      help="continue exactly from a checkpoint file, or the latest in OUT/checkpoints")
+    train_p.add_argument("--progress", action=boolean, default=S, help="progress bar (default: on)")
+    train_p.set_defaults(run=_train, parser=train_p)
 
 
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -81,15 +163,35 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    flags = {k: v for k, v in vars(args).items() if k not in ("run", "parser", "command", "config")}
+    try:
+        values = load_config_file(args.config) if "config" in args else {}
+        cfg = TrainConfig.from_mapping({**values, **flags}, source=getattr(args, "config", "flags"))
+        result = train(cfg)
+    except (ConfigError, StateError) as exc:
+        parser.error(str(exc))
+    if result.losses:
+        print(f"{result.steps} steps; loss {result.losses[0]:.4f} (first step of this run) -> {result.losses[-1]:.4f}")
+    if result.routing_summary is not None:
+        shares = ", ".join(f"{e} {s:.1%}" for e, s in result.routing_summary["win_share"].items())
+        print(f"routing: share of module-steps per expert: {shares}; {result.routing_summary['switches']} switches")
+    print(f"wrote {os.path.abspath(result.saved)}, checkpoint {result.checkpoint}")
+    for path in ([result.routing_log] if result.routing_log else []) + result.figures:
+        print(f"wrote {path}")
+    return 0
+
+
 def _plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not Path(args.log).is_file():
         parser.error(f"LOG {args.log}: no such file")
     out = args.out or str(Path(args.log).with_suffix(".png"))
     try:
-        written = plot_routing_share(args.log, out)
+        written = plot_routing_log(args.log, out)
     except ValueError as exc:
         parser.error(str(exc))
-    print(f"wrote {written}")
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 

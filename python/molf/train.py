@@ -496,16 +496,18 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     elif _checkpoints(out) or (out / ROUTING_LOG).exists():
         raise ConfigError(f"out {cfg.out!r} already holds a run: pass resume='latest' or choose another out")
     device = _device(cfg.device)
+    # The user's data is checked before anything is written.
+    pairs = load_pairs(cfg.data, cfg.prompt_field, cfg.completion_field) if cfg.data else None
 
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(cfg.model) if cfg.model is not None else out / BASE_MODEL
     if cfg.model is None and not (model_dir / "config.json").is_file():
         save_tiny_model(model_dir, cfg.seed)
-    data = cfg.data
-    if data is None:
-        data = [str(out / "data.jsonl")]
-        if not Path(data[0]).is_file():
-            write_arithmetic_data(Path(data[0]), seed=cfg.seed)
+    if pairs is None:
+        generated = out / "data.jsonl"
+        if not generated.is_file():
+            write_arithmetic_data(generated, seed=cfg.seed)
+        pairs = load_pairs([str(generated)], "prompt", "completion")
 
     from transformers import AutoTokenizer
 
@@ -513,7 +515,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"model {str(model_dir)!r}: the tokenizer has no eos token to end completions")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pairs = load_pairs(data, cfg.prompt_field, cfg.completion_field)
     examples = [tokenize_pair(tokenizer, p, c, cfg.max_length) for p, c in pairs]
     examples = [e for e in examples if any(y != -100 for y in e[1])]
     if len(examples) < len(pairs):
@@ -560,7 +561,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
             step += 1
             losses.append(loss.item())
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", **_routing_postfix(opt))
+            bar.set_postfix({"loss": f"{losses[-1]:.4f}", **_routing_postfix(opt)})
             if step % cfg.save_every == 0 or step == total:
                 checkpoint = _save_checkpoint(out, cfg, step, *divmod(step, per_epoch), model, opt, sched)
             if on_step is not None:
