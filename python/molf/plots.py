@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -27,6 +26,7 @@ from .routing_log import read_routing_log
 __all__ = [
     "RoutingRecords",
     "read_routing_records",
+    "shares_by_type",
     "module_layout",
     "routing_shares",
     "plot_routing_share",
@@ -174,10 +174,11 @@ def read_routing_records(path: str | os.PathLike) -> RoutingRecords:
 
 def _layer_and_type(name: str) -> tuple[int | None, str]:
     """("model.layers.3.self_attn.q_proj") -> (3, "q"): the first numeric path
-    component is the layer; the last one, less "_proj", the type."""
-    layer = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
-    last = name.rsplit(".", 1)[-1]
-    return (int(layer.group(1)) if layer else None), last.removesuffix("_proj")
+    component is the layer; the last non-numeric one, less "_proj", the type."""
+    parts = name.split(".")
+    layer = next((int(p) for p in parts if p.isdigit()), None)
+    kind = next((p for p in reversed(parts) if not p.isdigit()), name)
+    return layer, kind.removesuffix("_proj")
 
 
 def module_layout(modules: list[str]) -> tuple[list[int], list[int | None], list[str]]:
@@ -296,6 +297,20 @@ def plot_routing_heatmap(
     return out
 
 
+def shares_by_type(rec: RoutingRecords, expert: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Per module type (in q/k/v/o/gate/up/down order, then "all"): the share of
+    its modules whose winners include `expert` at each logged step, and the
+    number of modules of that type."""
+    if expert not in rec.experts:
+        raise ValueError(f"expert {expert!r} is not in the log; its experts: {', '.join(rec.experts)}")
+    won = rec.winners[:, :, rec.experts.index(expert)]  # [T, M]
+    kinds = [_layer_and_type(n)[1] for n in rec.modules]
+    types = sorted(set(kinds), key=lambda k: (_TYPE_ORDER.index(k) if k in _TYPE_ORDER else len(_TYPE_ORDER), k))
+    columns = {kind: [m for m, k in enumerate(kinds) if k == kind] for kind in types}
+    columns["all"] = list(range(len(kinds)))
+    return {k: won[:, c].mean(axis=1) for k, c in columns.items()}, {k: len(c) for k, c in columns.items()}
+
+
 def plot_share_by_type(
     log: str | os.PathLike | RoutingRecords,
     out: str | os.PathLike,
@@ -310,21 +325,15 @@ def plot_share_by_type(
     rec = log if isinstance(log, RoutingRecords) else read_routing_records(log)
     if expert is None:
         expert = "dense" if "dense" in rec.experts else rec.experts[-1]
-    if expert not in rec.experts:
-        raise ValueError(f"expert {expert!r} is not in the log; its experts: {', '.join(rec.experts)}")
-    won = rec.winners[:, :, rec.experts.index(expert)].astype(float)  # [T, M]
-    kinds_of = [_layer_and_type(n)[1] for n in rec.modules]
-    types = sorted(set(kinds_of), key=lambda k: (_TYPE_ORDER.index(k) if k in _TYPE_ORDER else len(_TYPE_ORDER), k))
+    shares, counts = shares_by_type(rec, expert)
     window = smooth or max(1, len(rec.steps) // 50)
 
     fig = Figure(figsize=(9, 4.2), layout="constrained")
     ax = fig.subplots()
-    for j, kind in enumerate(types):
-        cols = [m for m, k in enumerate(kinds_of) if k == kind]
-        share = _moving_average(won[:, cols].mean(axis=1, keepdims=True), window)[:, 0]
-        ax.plot(rec.steps, share, color=f"C{j % 10}", lw=1.4, label=f"{kind} ({len(cols)})")
-    overall = _moving_average(won.mean(axis=1, keepdims=True), window)[:, 0]
-    ax.plot(rec.steps, overall, color="black", lw=2.2, ls="--", label=f"all ({won.shape[1]})")
+    for j, (kind, share) in enumerate(shares.items()):
+        colour, width, style = ("black", 2.2, "--") if kind == "all" else (f"C{j % 10}", 1.4, "-")
+        ax.plot(rec.steps, _moving_average(share[:, None], window)[:, 0], color=colour, lw=width, ls=style,
+                label=f"{kind} ({counts[kind]})")
     ax.set_xlim(rec.steps[0], max(rec.steps[-1], rec.steps[0] + 1))
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("optimizer step")
