@@ -116,12 +116,12 @@ def test_labels_cover_the_completion_only():
 # ---------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("mode", ["molf", "fft"])
-def test_resume_continues_exactly(mode, model_dir, data, tmp_path):
+@pytest.mark.parametrize("mode, lagged", [("molf", False), ("molf", True), ("fft", False)])
+def test_resume_continues_exactly(mode, lagged, model_dir, data, tmp_path):
     # Dropout draws from the RNG and the 7 steps cross two epoch boundaries (3 batches per epoch).
     opts = dict(mode=mode, steps=7, save_every=2, dropout=0.1 if mode == "molf" else 0.0,
                 policy="hysteresis" if mode == "molf" else "topk", margin=0.05, lr_scheduler="cosine",
-                warmup_ratio=0.3)
+                warmup_ratio=0.3, lagged=lagged)
     whole = train(common(model_dir, data, tmp_path / "whole", **opts))
 
     def stop_at_5(step: int, loss: float) -> None:
@@ -135,7 +135,7 @@ def test_resume_continues_exactly(mode, model_dir, data, tmp_path):
     argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "cut"), "--resume",
             "--no-progress", "--batch-size", "4", "--lr", "1e-3", "--lora-lr", "1e-3", "--mode", mode,
             "--steps", "7", "--save-every", "2", "--dropout", str(opts["dropout"]), "--policy", opts["policy"],
-            "--margin", "0.05", "--warmup-ratio", "0.3"]
+            "--margin", "0.05", "--warmup-ratio", "0.3", "--lagged" if lagged else "--no-lagged"]
     assert main(argv) == 0
 
     a, b = checkpoint(tmp_path / "whole", 7), checkpoint(tmp_path / "cut", 7)
