@@ -4,8 +4,16 @@
 //! `molf._core.InternalError` instead of pyo3's `PanicException` (a `BaseException` that
 //! ordinary `except Exception` handlers would not catch). Arrays cross the boundary as whole
 //! numpy buffers: no per-element Python work, and the GIL is released for large inputs.
+//!
+//! `Router` and `Ledger` are shared between Python threads safely: each holds its state in a
+//! mutex, taken inside the GIL-free section, so concurrent calls run one after another (in
+//! the order they get the lock) instead of failing with pyo3's "Already borrowed". No thread
+//! waits for the GIL while holding a lock, so the two cannot deadlock: state is copied out
+//! under the lock and only then turned into Python objects (whose allocation may run arbitrary
+//! Python code, e.g. a finaliser).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Mutex, MutexGuard};
 
 use numpy::{
     dtype, Element, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray2,
@@ -73,6 +81,12 @@ fn guarded<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
             "molf core panicked (a bug, please report it): {msg}"
         )))
     })
+}
+
+/// Locks a binding's state. A poisoned lock (a panic inside the core, already reported as
+/// `InternalError`) is taken over as is, as a plain `&mut` borrow would have been.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Runs `f` with the GIL released when the input is large.
@@ -227,16 +241,34 @@ fn matrix<'py, T: Element + Copy>(
     PyArray1::from_slice(py, data).reshape([shape.0, shape.1])
 }
 
-#[pyclass(name = "Router", module = "molf._core", eq)]
-#[derive(PartialEq)]
+#[pyclass(name = "Router", module = "molf._core", eq, frozen)]
 struct PyRouter {
-    inner: Router,
+    inner: Mutex<Router>,
+    /// `(num_modules, num_experts)`, fixed at construction: readable without the lock.
+    shape: (usize, usize),
+}
+
+impl PartialEq for PyRouter {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other) || *self.router() == *other.router()
+    }
 }
 
 impl PyRouter {
+    fn wrap(router: Router) -> Self {
+        let c = router.config();
+        PyRouter {
+            shape: (c.num_modules as usize, c.num_experts as usize),
+            inner: Mutex::new(router),
+        }
+    }
+
+    fn router(&self) -> MutexGuard<'_, Router> {
+        lock(&self.inner)
+    }
+
     fn shape(&self) -> (usize, usize) {
-        let c = self.inner.config();
-        (c.num_modules as usize, c.num_experts as usize)
+        self.shape
     }
 }
 
@@ -271,55 +303,53 @@ impl PyRouter {
                     .map(|f| f.count("freeze_after", 0))
                     .transpose()?,
             };
-            Ok(PyRouter {
-                inner: Router::new(config)?,
-            })
+            Ok(PyRouter::wrap(Router::new(config)?))
         })
     }
 
     #[getter]
     fn num_modules(&self) -> u64 {
-        self.inner.config().num_modules
+        self.router().config().num_modules
     }
     #[getter]
     fn num_experts(&self) -> u64 {
-        self.inner.config().num_experts
+        self.router().config().num_experts
     }
     #[getter]
     fn topk(&self) -> u64 {
-        self.inner.config().topk
+        self.router().config().topk
     }
     #[getter]
     fn policy(&self) -> &'static str {
-        self.inner.config().policy.name()
+        self.router().config().policy.name()
     }
     #[getter]
     fn margin(&self) -> f64 {
-        self.inner.config().margin
+        self.router().config().margin
     }
     #[getter]
     fn min_dwell(&self) -> u64 {
-        self.inner.config().min_dwell
+        self.router().config().min_dwell
     }
     #[getter]
     fn warmup_steps(&self) -> u64 {
-        self.inner.config().warmup_steps
+        self.router().config().warmup_steps
     }
     #[getter]
     fn freeze_after(&self) -> Option<u64> {
-        self.inner.config().freeze_after
+        self.router().config().freeze_after
     }
     #[getter]
     fn step(&self) -> u64 {
-        self.inner.step()
+        self.router().step()
     }
     #[getter]
     fn phase(&self) -> &'static str {
-        self.inner.phase().name()
+        self.router().phase().name()
     }
 
     fn route<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         scores: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray2<bool>>> {
@@ -334,11 +364,14 @@ impl PyRouter {
                 let dst = rw
                     .as_slice_mut()
                     .map_err(|e| InternalError::new_err(e.to_string()))?;
-                let router = &mut self.inner;
+                let inner = &self.inner;
                 let view = scores.view();
-                maybe_detach(py, dst.len(), || match view {
-                    ScoreSlice::F32(s) => router.route(s, dst),
-                    ScoreSlice::F64(s) => router.route(s, dst),
+                maybe_detach(py, dst.len(), || {
+                    let mut router = lock(inner);
+                    match view {
+                        ScoreSlice::F32(s) => router.route(s, dst),
+                        ScoreSlice::F64(s) => router.route(s, dst),
+                    }
                 })?;
             }
             Ok(out)
@@ -346,12 +379,13 @@ impl PyRouter {
     }
 
     fn incumbents<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<bool>>> {
-        guarded(|| matrix(py, self.inner.incumbents(), self.shape()))
+        let incumbents = self.router().incumbents().to_vec();
+        guarded(|| matrix(py, &incumbents, self.shape()))
     }
 
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         guarded(|| {
-            let c = self.inner.config();
+            let c = *self.router().config();
             let d = PyDict::new(py);
             d.set_item("num_modules", c.num_modules)?;
             d.set_item("num_experts", c.num_experts)?;
@@ -366,28 +400,26 @@ impl PyRouter {
     }
 
     fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        guarded(|| Ok(PyBytes::new(py, &self.inner.to_bytes())))
+        let bytes = self.router().to_bytes();
+        guarded(|| Ok(PyBytes::new(py, &bytes)))
     }
 
     #[staticmethod]
     fn from_bytes(data: &[u8]) -> PyResult<Self> {
-        guarded(|| {
-            Ok(PyRouter {
-                inner: Router::from_bytes(data)?,
-            })
-        })
+        guarded(|| Ok(PyRouter::wrap(Router::from_bytes(data)?)))
     }
 
     /// Pickling (and `copy.deepcopy`) go through the versioned byte format.
     fn __reduce__<'py>(
         slf: &Bound<'py, Self>,
     ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
-        let bytes = slf.borrow().to_bytes(slf.py())?;
+        let bytes = slf.get().to_bytes(slf.py())?;
         Ok((slf.get_type().getattr("from_bytes")?, (bytes,)))
     }
 
     fn __repr__(&self) -> String {
-        let c = self.inner.config();
+        let r = self.router();
+        let c = r.config();
         let freeze = c.freeze_after.map_or("None".to_string(), |f| f.to_string());
         format!(
             "Router(num_modules={}, num_experts={}, topk={}, policy='{}', margin={:?}, \
@@ -399,21 +431,39 @@ impl PyRouter {
             c.margin,
             c.min_dwell,
             c.warmup_steps,
-            self.inner.step(),
-            self.inner.phase().name()
+            r.step(),
+            r.phase().name()
         )
     }
 }
 
-#[pyclass(name = "Ledger", module = "molf._core", eq)]
-#[derive(PartialEq)]
+#[pyclass(name = "Ledger", module = "molf._core", eq, frozen)]
 struct PyLedger {
-    inner: Ledger,
+    inner: Mutex<Ledger>,
+    /// `(num_modules, num_experts)`, fixed at construction: readable without the lock.
+    shape: (usize, usize),
+}
+
+impl PartialEq for PyLedger {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other) || *self.ledger() == *other.ledger()
+    }
 }
 
 impl PyLedger {
+    fn wrap(ledger: Ledger) -> Self {
+        PyLedger {
+            shape: (ledger.num_modules(), ledger.num_experts()),
+            inner: Mutex::new(ledger),
+        }
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        lock(&self.inner)
+    }
+
     fn shape(&self) -> (usize, usize) {
-        (self.inner.num_modules(), self.inner.num_experts())
+        self.shape
     }
 }
 
@@ -423,18 +473,16 @@ impl PyLedger {
     #[pyo3(signature = (num_modules, num_experts, ema_decay = 0.9))]
     fn new(num_modules: Int, num_experts: Int, ema_decay: f64) -> PyResult<Self> {
         guarded(|| {
-            Ok(PyLedger {
-                inner: Ledger::new(
-                    num_modules.count("num_modules", 1)?,
-                    num_experts.count("num_experts", 1)?,
-                    ema_decay,
-                )?,
-            })
+            Ok(PyLedger::wrap(Ledger::new(
+                num_modules.count("num_modules", 1)?,
+                num_experts.count("num_experts", 1)?,
+                ema_decay,
+            )?))
         })
     }
 
     fn record(
-        &mut self,
+        &self,
         py: Python<'_>,
         scores: &Bound<'_, PyAny>,
         mask: &Bound<'_, PyAny>,
@@ -444,11 +492,14 @@ impl PyLedger {
             let scores = read_scores(scores, shape)?;
             let mask = read_mask(mask, shape)?;
             let mask = mask.slice();
-            let ledger = &mut self.inner;
+            let inner = &self.inner;
             let view = scores.view();
-            maybe_detach(py, mask.len(), || match view {
-                ScoreSlice::F32(s) => ledger.record(s, mask),
-                ScoreSlice::F64(s) => ledger.record(s, mask),
+            maybe_detach(py, mask.len(), || {
+                let mut ledger = lock(inner);
+                match view {
+                    ScoreSlice::F32(s) => ledger.record(s, mask),
+                    ScoreSlice::F64(s) => ledger.record(s, mask),
+                }
             })?;
             Ok(())
         })
@@ -456,54 +507,61 @@ impl PyLedger {
 
     #[getter]
     fn num_modules(&self) -> usize {
-        self.inner.num_modules()
+        self.ledger().num_modules()
     }
     #[getter]
     fn num_experts(&self) -> usize {
-        self.inner.num_experts()
+        self.ledger().num_experts()
     }
     #[getter]
     fn ema_decay(&self) -> f64 {
-        self.inner.ema_decay()
+        self.ledger().ema_decay()
     }
     #[getter]
     fn step(&self) -> u64 {
-        self.inner.step()
+        self.ledger().step()
     }
     #[getter]
     fn checksum(&self) -> u64 {
-        self.inner.checksum()
+        self.ledger().checksum()
     }
     #[getter]
     fn no_winner_total(&self) -> u64 {
-        self.inner.no_winner_total()
+        self.ledger().no_winner_total()
     }
 
     fn last_scores<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        guarded(|| matrix(py, self.inner.last_scores(), self.shape()))
+        let data = self.ledger().last_scores().to_vec();
+        guarded(|| matrix(py, &data, self.shape()))
     }
     fn ema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        guarded(|| matrix(py, self.inner.ema(), self.shape()))
+        let data = self.ledger().ema().to_vec();
+        guarded(|| matrix(py, &data, self.shape()))
     }
     fn wins<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u64>>> {
-        guarded(|| matrix(py, self.inner.wins(), self.shape()))
+        let data = self.ledger().wins().to_vec();
+        guarded(|| matrix(py, &data, self.shape()))
     }
     fn last_mask<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<bool>>> {
-        guarded(|| matrix(py, self.inner.last_mask(), self.shape()))
+        let data = self.ledger().last_mask().to_vec();
+        guarded(|| matrix(py, &data, self.shape()))
     }
     fn switches<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u64>>> {
-        guarded(|| Ok(PyArray1::from_slice(py, self.inner.switches())))
+        let data = self.ledger().switches().to_vec();
+        guarded(|| Ok(PyArray1::from_slice(py, &data)))
     }
     fn last_switch_step<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i64>>> {
-        guarded(|| Ok(PyArray1::from_slice(py, self.inner.last_switch_step())))
+        let data = self.ledger().last_switch_step().to_vec();
+        guarded(|| Ok(PyArray1::from_slice(py, &data)))
     }
     fn no_winner<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u64>>> {
-        guarded(|| Ok(PyArray1::from_slice(py, self.inner.no_winner())))
+        let data = self.ledger().no_winner().to_vec();
+        guarded(|| Ok(PyArray1::from_slice(py, &data)))
     }
 
     fn summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         guarded(|| {
-            let s = self.inner.summary();
+            let s = self.ledger().summary();
             let d = PyDict::new(py);
             d.set_item("step", s.step)?;
             d.set_item("checksum", s.checksum)?;
@@ -517,34 +575,32 @@ impl PyLedger {
     }
 
     fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        guarded(|| Ok(PyBytes::new(py, &self.inner.to_bytes())))
+        let bytes = self.ledger().to_bytes();
+        guarded(|| Ok(PyBytes::new(py, &bytes)))
     }
 
     #[staticmethod]
     fn from_bytes(data: &[u8]) -> PyResult<Self> {
-        guarded(|| {
-            Ok(PyLedger {
-                inner: Ledger::from_bytes(data)?,
-            })
-        })
+        guarded(|| Ok(PyLedger::wrap(Ledger::from_bytes(data)?)))
     }
 
     /// Pickling (and `copy.deepcopy`) go through the versioned byte format.
     fn __reduce__<'py>(
         slf: &Bound<'py, Self>,
     ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
-        let bytes = slf.borrow().to_bytes(slf.py())?;
+        let bytes = slf.get().to_bytes(slf.py())?;
         Ok((slf.get_type().getattr("from_bytes")?, (bytes,)))
     }
 
     fn __repr__(&self) -> String {
+        let l = self.ledger();
         format!(
             "Ledger(num_modules={}, num_experts={}, ema_decay={:?}, step={}, checksum={:#018x})",
-            self.inner.num_modules(),
-            self.inner.num_experts(),
-            self.inner.ema_decay(),
-            self.inner.step(),
-            self.inner.checksum()
+            l.num_modules(),
+            l.num_experts(),
+            l.ema_decay(),
+            l.step(),
+            l.checksum()
         )
     }
 }

@@ -281,6 +281,12 @@ impl Router {
                     *o = s.to_f64().is_finite();
                 }
             }
+            // The paper's setting has its own loop; `route_top1` declines expert counts it
+            // has no loop for, which then take the general one below.
+            Phase::Routing
+                if self.config.policy == Policy::TopK
+                    && self.k == 1
+                    && self.route_top1(scores, out) => {}
             Phase::Routing => {
                 let s = self.step;
                 let rows = scores
@@ -335,6 +341,100 @@ impl Router {
         self.step += 1;
         Ok(phase)
     }
+
+    /// The paper's setting (top-1, no hysteresis) in a routing step, for 2 to 8 experts: the
+    /// expert count is a compile-time constant so that each row's loops unroll into
+    /// straight-line code (~3 ns a row). Returns false (nothing written) for other counts.
+    fn route_top1<S: Score>(&mut self, scores: &[S], out: &mut [bool]) -> bool {
+        let args = (
+            scores,
+            out,
+            &mut self.incumbents[..],
+            &mut self.last_change[..],
+            self.step,
+        );
+        match self.experts {
+            2 => top1_rows::<S, 2>(args),
+            3 => top1_rows::<S, 3>(args),
+            4 => top1_rows::<S, 4>(args),
+            5 => top1_rows::<S, 5>(args),
+            6 => top1_rows::<S, 6>(args),
+            7 => top1_rows::<S, 7>(args),
+            8 => top1_rows::<S, 8>(args),
+            _ => return false,
+        }
+        true
+    }
+}
+
+type Top1Args<'a, S> = (&'a [S], &'a mut [bool], &'a mut [bool], &'a mut [u64], u64);
+
+/// Row `e` is the winner mask of expert `e` among up to 8; row 8 is the empty mask.
+const ONE_HOT: [[bool; 8]; 9] = {
+    let mut t = [[false; 8]; 9];
+    let mut e = 0;
+    while e < 8 {
+        t[e][e] = true;
+        e += 1;
+    }
+    t
+};
+
+/// Top-1 routing of every row of `E` experts, and the incumbents' bookkeeping: a row with
+/// a winner makes it the incumbent, changed at `step` when it differs.
+fn top1_rows<S: Score, const E: usize>(
+    (scores, out, incumbents, last_change, step): Top1Args<'_, S>,
+) {
+    let rows = scores
+        .chunks_exact(E)
+        .zip(out.chunks_exact_mut(E))
+        .zip(incumbents.chunks_exact_mut(E))
+        .zip(last_change.iter_mut());
+    for (((row, win), inc), changed) in rows {
+        let best = top1::<S, E>(row);
+        let hot = &ONE_HOT[best.min(8)][..E];
+        win.copy_from_slice(hot);
+        let any = best < E;
+        // Arithmetic, not a branch or select (which LLVM may turn into one): winners change
+        // at random, and a mispredicted branch per row costs more than the rest of the row.
+        let moved = u64::from(any & (*inc != *hot));
+        *changed += moved * (step - *changed); // last_change <= step always
+        if any {
+            inc.copy_from_slice(hot); // an empty row (no finite score) keeps its incumbents
+        }
+    }
+}
+
+/// [`argmax_finite`] of a row of `E` scores, fast when all are finite (the usual case): one
+/// predictable check, then a maximum and a comparison per score without branches.
+#[inline(always)]
+fn top1<S: Score, const E: usize>(row: &[S]) -> usize {
+    // 0·v is 0 for a finite v and NaN otherwise, so the sum is 0 exactly when all are finite.
+    let all_finite = row.iter().fold(0.0, |a, s| a + s.to_f64() * 0.0) == 0.0;
+    if !all_finite {
+        return argmax_finite(row);
+    }
+    let top = row.iter().fold(f64::NEG_INFINITY, |t, s| t.max(s.to_f64()));
+    let mut at_top = 1u32 << E;
+    for (e, s) in row.iter().enumerate() {
+        at_top |= u32::from(s.to_f64() == top) << e;
+    }
+    at_top.trailing_zeros() as usize // the lowest index holding the maximum
+}
+
+/// The lowest index holding the maximum finite score of `row`, or `row.len()` when no score
+/// is finite.
+#[inline]
+fn argmax_finite<S: Score>(row: &[S]) -> usize {
+    let (mut best, mut top) = (row.len(), f64::NEG_INFINITY);
+    for (e, s) in row.iter().enumerate() {
+        let v = s.to_f64();
+        // A strict `>` keeps the lowest index among equal maxima; -inf never beats the start.
+        let better = v.is_finite() & (v > top);
+        best = if better { e } else { best };
+        top = if better { v } else { top };
+    }
+    best
 }
 
 /// Writes `incumbents ∩ finite` into `win`; returns whether it is non-empty.
@@ -366,26 +466,7 @@ fn top_k<S: Score>(row: &[S], k: usize, pref: Option<(&[bool], f64)>, win: &mut 
     };
     let finite = |e: usize| row[e].to_f64().is_finite();
     if k == 1 && pref.is_none() {
-        // The hot path (the paper's setting), branch-free so random scores cost no branch
-        // mispredictions: the maximum finite score, then the lowest index holding it.
-        let masked = |s: &S| {
-            let v = s.to_f64();
-            if v.is_finite() {
-                v
-            } else {
-                f64::NEG_INFINITY
-            }
-        };
-        let top = row
-            .iter()
-            .map(masked)
-            .fold(f64::NEG_INFINITY, |t, v| if v > t { v } else { t });
-        let mut best = usize::MAX; // stays MAX when no score is finite
-        if top != f64::NEG_INFINITY {
-            for (e, s) in row.iter().enumerate().rev() {
-                best = if masked(s) == top { e } else { best };
-            }
-        }
+        let best = argmax_finite(row);
         for (e, w) in win.iter_mut().enumerate() {
             *w = e == best;
         }
@@ -531,6 +612,54 @@ mod tests {
         b.route(&s64, &mut o2).unwrap();
         assert_eq!(o1, o2);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn top1_loops_match_the_general_top_k() {
+        // Every expert count, with ties, signed zeros and non-finite scores: the unrolled
+        // top-1 loops decide as `top_k` does and keep the incumbents as the general loop.
+        let values = [
+            0.0,
+            -0.0,
+            1.0,
+            2.0,
+            -1.0,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ];
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        for e in 1..=9usize {
+            let m = 64;
+            let mut r = Router::new(RouterConfig::topk(m as u64, e as u64, 1)).unwrap();
+            for step in 0..20u64 {
+                let scores: Vec<f64> = (0..m * e)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        values[(seed % values.len() as u64) as usize]
+                    })
+                    .collect();
+                let (before, changed_before) = (r.incumbents().to_vec(), r.last_change().to_vec());
+                let out = route(&mut r, &scores);
+                for row in 0..m {
+                    let span = row * e..(row + 1) * e;
+                    let mut want = vec![false; e];
+                    top_k(&scores[span.clone()], 1, None, &mut want);
+                    assert_eq!(out[span.clone()], want[..], "e={e} step={step} row={row}");
+                    let (inc, changed) = if !want.contains(&true) {
+                        (before[span.clone()].to_vec(), changed_before[row])
+                    } else if want[..] != before[span.clone()] {
+                        (want.clone(), step)
+                    } else {
+                        (want.clone(), changed_before[row])
+                    };
+                    assert_eq!(r.incumbents()[span], inc[..]);
+                    assert_eq!(r.last_change()[row], changed);
+                }
+            }
+        }
     }
 
     #[test]
