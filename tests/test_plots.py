@@ -1,7 +1,6 @@
 """Routing-log figures: reading a log, the heatmap's row layout and binning,
 and that the PNGs show what the log says (pixel colours), through `molf plot` too."""
 
-import json
 from collections import Counter
 from pathlib import Path
 

@@ -28,6 +28,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -109,7 +119,8 @@ def _add_train_parser(sub) -> None:
     run = train_p.add_argument_group("training")
     run.add_argument("--mode", choices=MODES, default=S, help=f"what to train (default: {d.mode})")
     run.add_argument("--steps", type=_positive_int, default=S, metavar="N", help="optimizer steps (default: --epochs)")
-    run.add_argument("--epochs", type=_positive_int, default=S, metavar="N", help=f"passes over the data (default: {d.epochs})")
+    run.add_argument("--epochs", type=_positive_int, default=S, metavar="N",
+                     help=f"passes over the data (default: {d.epochs})")
     run.add_argument("--batch-size", type=_positive_int, default=S, metavar="N", help=f"(default: {d.batch_size})")
     run.add_argument("--lr", type=float, default=S, help=f"dense and non-LoRA learning rate (default: {d.lr})")
     run.add_argument("--lora-lr", type=float, default=S, help=f"LoRA learning rate (default: {d.lora_lr})")
@@ -117,7 +128,8 @@ def _add_train_parser(sub) -> None:
     run.add_argument("--lora-weight-decay", type=float, default=S, help=f"(default: {d.lora_weight_decay})")
     run.add_argument("--lr-scheduler", choices=SCHEDULERS, default=S, help=f"(default: {d.lr_scheduler})")
     run.add_argument("--warmup-ratio", type=float, default=S, help="share of steps with linear LR warm-up (default: 0)")
-    run.add_argument("--max-grad-norm", type=float, default=S, help=f"gradient clipping, 0 for none (default: {d.max_grad_norm})")
+    run.add_argument("--max-grad-norm", type=float, default=S,
+                     help=f"gradient clipping, 0 for none (default: {d.max_grad_norm})")
     run.add_argument("--dtype", choices=tuple(DTYPES), default=S, help=f"model dtype (default: {d.dtype})")
     run.add_argument("--device", default=S, help="'auto' (default: CUDA if present), 'cpu', 'cuda:0', ...")
     run.add_argument("--seed", type=_seed, default=S, help=f"(default: {d.seed})")
@@ -125,27 +137,35 @@ def _add_train_parser(sub) -> None:
     experts.add_argument("--ranks", type=_positive_int, nargs="+", default=S,
                          help="LoRA ranks (default: 16 for lora and molf; 8 32 for molf-e)")
     experts.add_argument("--alphas", type=float, nargs="+", default=S, help="LoRA alphas, one per rank (default: 32)")
-    experts.add_argument("--rslora", action=boolean, default=S, help="scale alpha/sqrt(r) instead of alpha/r (default: on)")
+    experts.add_argument("--rslora", action=boolean, default=S,
+                         help="scale alpha/sqrt(r) instead of alpha/r (default: on)")
     experts.add_argument("--dropout", type=float, default=S, help="LoRA dropout (default: 0)")
     experts.add_argument("--target-modules", nargs="+", default=S, metavar="NAME",
                          help="module name suffixes to wrap (default: every linear layer but the head)")
     experts.add_argument("--exclude-modules", nargs="+", default=S, metavar="NAME", help="(default: lm_head)")
     routing = train_p.add_argument_group("routing (molf, molf-e)")
     routing.add_argument("--score", choices=SCORES, default=S, help=f"(default: {d.score})")
-    routing.add_argument("--topk", type=_positive_int, default=S, help=f"winners per module and step (default: {d.topk})")
+    routing.add_argument("--topk", type=_positive_int, default=S,
+                         help=f"winners per module and step (default: {d.topk})")
     routing.add_argument("--policy", choices=POLICIES, default=S, help=f"(default: {d.policy})")
-    routing.add_argument("--margin", type=float, default=S, help="hysteresis: relative margin a challenger needs (default: 0)")
-    routing.add_argument("--min-dwell", type=_seed, default=S, metavar="N", help="hysteresis: steps a choice holds (default: 0)")
-    routing.add_argument("--routing-warmup", type=_seed, default=S, metavar="N",
+    routing.add_argument("--margin", type=float, default=S,
+                         help="hysteresis: relative margin a challenger needs (default: 0)")
+    routing.add_argument("--min-dwell", type=_nonnegative_int, default=S, metavar="N",
+                         help="hysteresis: steps a choice holds (default: 0)")
+    routing.add_argument("--routing-warmup", type=_nonnegative_int, default=S, metavar="N",
                          help="first N steps update every expert (default: 0)")
-    routing.add_argument("--freeze-after", type=_positive_int, default=S, metavar="N", help="fix the routing from step N on")
-    routing.add_argument("--lagged", action=boolean, default=S, help="route on the previous step's scores (default: off)")
+    routing.add_argument("--freeze-after", type=_positive_int, default=S, metavar="N",
+                         help="fix the routing from step N on")
+    routing.add_argument("--lagged", action=boolean, default=S,
+                         help="route on the previous step's scores (default: off)")
     routing.add_argument("--state-dtype", choices=STATE_DTYPES, default=S,
                          help="Adam moments: auto = float32 for bf16/fp16 weights (default: auto)")
-    routing.add_argument("--log-every", type=_positive_int, default=S, metavar="N", help="routing log period (default: 1)")
+    routing.add_argument("--log-every", type=_positive_int, default=S, metavar="N",
+                         help="routing log period (default: 1)")
     ckpt = train_p.add_argument_group("checkpoints")
     ckpt.add_argument("--save-every", type=_positive_int, default=S, metavar="N", help=f"(default: {d.save_every})")
-    ckpt.add_argument("--keep-checkpoints", type=_positive_int, default=S, metavar="N", help=f"(default: {d.keep_checkpoints})")
+    ckpt.add_argument("--keep-checkpoints", type=_positive_int, default=S, metavar="N",
+                      help=f"(default: {d.keep_checkpoints})")
     ckpt.add_argument("--resume", nargs="?", const="latest", default=S, metavar="CKPT",
                       help="continue exactly from a checkpoint file, or the latest in OUT/checkpoints")
     train_p.add_argument("--progress", action=boolean, default=S, help="progress bar (default: on)")

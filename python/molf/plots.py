@@ -341,7 +341,8 @@ def plot_share_by_type(
     handles, _ = ax.get_legend_handles_labels()
     if _mark_skipped(ax, rec.skipped):
         handles.append(Line2D([], [], ls="none", marker="v", color=_SKIP_COLOUR, label="skipped step"))
-    ax.legend(handles=handles, title="module type (count)", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    ax.legend(handles=handles, title="module type (count)", loc="upper left", bbox_to_anchor=(1.01, 1),
+              fontsize="small")
     ax.set_title(f"MoLF routing: share of modules updated through {expert}, per module type", fontsize="medium", pad=14)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

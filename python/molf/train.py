@@ -531,8 +531,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     if resume_path is not None:
         missing = model.load_state_dict(blob["model"], strict=False).missing_keys
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        if trainable & set(missing):
-            raise StateError(f"resume {str(resume_path)!r}: the checkpoint lacks {sorted(trainable & set(missing))[:3]}")
+        lacking = sorted(trainable & set(missing))
+        if lacking:
+            raise StateError(f"resume {str(resume_path)!r}: the checkpoint lacks trainable tensors {lacking[:3]}")
         opt.load_state_dict(blob["optimizer"])
         sched.load_state_dict(blob["scheduler"])
         _set_rng_state(blob["rng"])
@@ -549,8 +550,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     checkpoint = resume_path
     with tqdm(total=total, initial=step, desc=f"molf train ({cfg.mode})", disable=not cfg.progress) as bar:
         while step < total:
-            epoch, index = divmod(step, per_epoch)
-            batch = _collate([examples[i] for i in _batch_indices(len(examples), cfg.batch_size, cfg.seed, epoch, index)], pad_id)
+            rows = _batch_indices(len(examples), cfg.batch_size, cfg.seed, *divmod(step, per_epoch))
+            batch = _collate([examples[i] for i in rows], pad_id)
             loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
             loss.backward()
             if cfg.max_grad_norm > 0:
