@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .distributed import to_local
+
 CHUNK = 16384  # elements per program
 
 
@@ -234,7 +236,9 @@ class FusedStep:
     """Device tables for one fixed set of tensors with gradients.
 
     `entries`: per tensor (param, exp_avg, exp_avg_sq, step tensor, group index,
-    slot), slot -1 for unrouted parameters. Build it again when that set changes."""
+    slot), slot -1 for unrouted parameters. Build it again when that set changes.
+    FSDP2 DTensor parameters are worked on through their local shards; the
+    moments come already local."""
 
     entries: list[tuple]
     device: torch.device = field(init=False)
@@ -244,7 +248,8 @@ class FusedStep:
         # buffer), then by dtype combination: one launch per batch.
         def key(e):
             p, m, v, _, _, slot = e
-            aligned = p.numel() % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (p, m, v))
+            local = to_local(p)
+            aligned = local.numel() % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (local, m, v))
             return (slot < 0, str(p.dtype), str(p.grad.dtype if p.grad is not None else p.dtype), str(m.dtype), aligned)
 
         self.entries = sorted(self.entries, key=key)
@@ -260,7 +265,9 @@ class FusedStep:
         self.group_of = np.array([e[4] for e in self.entries], dtype=np.int64)
         self.slots = np.array([e[5] for e in self.entries], dtype=np.int64)
         self.device = params[0].device
-        self.numels = np.array([p.numel() for p in params], dtype=np.int64)
+        local_params = [to_local(p) for p in params]
+        self.numels = np.array([p.numel() for p in local_params], dtype=np.int64)
+        self.global_numels = np.array([p.numel() for p in params], dtype=np.int64)  # what scores divide by
         nblocks, block_tensor, block_start = _chunks(self.numels)
         self.num_routed = int((self.slots >= 0).sum())
         self.routed_blocks = int(nblocks[: self.num_routed].sum())
@@ -278,7 +285,7 @@ class FusedStep:
                 )
                 lo = hi
         self.ptrs = np.array(
-            [[t.data_ptr() for t in ts] for ts in (params, self.exp_avgs, self.exp_avg_sqs)], dtype=np.int64
+            [[t.data_ptr() for t in ts] for ts in (local_params, self.exp_avgs, self.exp_avg_sqs)], dtype=np.int64
         )
         T = len(params)
         table = _upload(np.concatenate([self.ptrs.reshape(-1), self.numels, block_tensor, block_start,
@@ -295,7 +302,7 @@ class FusedStep:
         """Every tensor's moments; unrouted parameters' whole AdamW update; the
         routed tensors' float64 score sums. With `winners` (bool per slot, lagged
         mode) the winners' updates happen in the same pass. Returns (sums, flag, hyper rows)."""
-        grads = [p.grad for p in self.params]
+        grads = [to_local(p.grad) for p in self.params]
         g_ptrs = np.fromiter((g.data_ptr() for g in grads), dtype=np.int64, count=len(grads))
         apply = self.slots < 0
         if winners is not None:

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _kernels
+from . import _kernels, distributed
 from ._core import ConfigError, Ledger, Router, StateError
 from .routing_log import RoutingLog
 from .summary import RoutingSummary
-from .wrap import expert_tag
+from .wrap import expert_tag, retag
 
 __all__ = ["MoLFAdamW", "SCORES"]
 
@@ -81,8 +81,9 @@ class _ScoreSources:
     the host (slot, lr and element count per tensor); also the step counters the
     step advanced, so a skipped step can give them back."""
 
-    def __init__(self, flag: torch.Tensor | None) -> None:
+    def __init__(self, flag: torch.Tensor | None, group=None) -> None:
         self.flag = flag
+        self.group = group  # FSDP2: the shard group whose ranks' sums add up to the global ones
         self.sums: list[torch.Tensor] = []
         self.slots: list[int] = []
         self.lrs: list[float] = []
@@ -101,7 +102,11 @@ class _ScoreSources:
         parts = list(self.sums)
         if self.flag is not None:
             parts.append(self.flag.to(torch.float64))
-        return torch.cat(parts)
+        flat = torch.cat(parts)
+        if self.group is not None:
+            # Global numerators (and the non-finite flag of any rank), identical on every rank.
+            torch.distributed.all_reduce(flat, group=self.group)
+        return flat
 
     def start_copy(self) -> None:
         """Begin the device-to-host copy without waiting for it (lagged mode)."""
@@ -178,6 +183,14 @@ class MoLFAdamW(torch.optim.Optimizer):
     still advance every step and the winners' updates use the current moments.
     The routing log and ledger record, at step t, the scores that were routed on.
 
+    Distributed (DDP, FSDP2 `fully_shard`): every rank must take the same
+    decision. Under FSDP2 the math runs on each rank's local shards and the
+    flat score tensor is all-reduced (SUM) over the mesh's shard dimension once
+    per step; under DDP the averaged gradients make every rank's scores equal
+    bitwise. Every `check_every` steps (0: never) the ranks compare their
+    ledger checksums and `molf.distributed.RankDivergenceError` names the first
+    module that was routed differently.
+
     `skip_nonfinite` (default True): a step whose gradients hold a NaN or an
     infinity changes nothing (weights, moments, step counters, router) and is
     counted in `routing_summary().skipped_steps` and the log. The check runs in
@@ -211,6 +224,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         fused: bool | None = None,
         lagged: bool = False,
         skip_nonfinite: bool = True,
+        check_every: int = 100,
     ) -> None:
         _check_number("lr", lr)
         _check_number("weight_decay", weight_decay)
@@ -227,6 +241,9 @@ class MoLFAdamW(torch.optim.Optimizer):
             raise ConfigError(f"unknown score {score!r}; expected one of {', '.join(map(repr, SCORES))}")
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise ConfigError(f"log_every must be an integer >= 1, got {log_every!r}")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+            raise ConfigError(f"check_every must be an integer >= 0 (0: never), got {check_every!r}")
+        self._check_every = check_every
         self._state_dtype = _resolve_state_dtype(state_dtype)
         self.score = score
 
@@ -259,6 +276,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._plan = None  # fused path: device tables, rebuilt when the tensors with gradients change
         self._plan_signature = None
         self._pending: _ScoreSources | np.ndarray | None = None  # lagged mode: the previous step's scores
+        self._group_key = None  # (first routed parameter, its score group): see _score_group
 
     # ------------------------------------------------------------------ groups
 
@@ -288,6 +306,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         """Split each user group by role (plain / dense expert / LoRA expert) and
         decay; return the groups, the routed module names and the expert names."""
         user_groups = self._user_groups(params)
+        retag(params if isinstance(params, nn.Module) else None)  # FSDP2 may have dropped the tags
         seen: set[int] = set()
         tags = []
         for g in user_groups:
@@ -371,12 +390,12 @@ class MoLFAdamW(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            m = state["exp_avg"]
+            # The math runs on the local shards of FSDP2's DTensors (views: writes land in them).
             w.idx.append(i)
-            w.params.append(p)
-            w.grads.append(p.grad)
-            w.exp_avgs.append(m)
-            w.exp_avg_sqs.append(state["exp_avg_sq"])
+            w.params.append(distributed.to_local(p))
+            w.grads.append(distributed.to_local(p.grad))
+            w.exp_avgs.append(distributed.to_local(state["exp_avg"]))
+            w.exp_avg_sqs.append(distributed.to_local(state["exp_avg_sq"]))
             w.steps.append(state["step"])
         return w
 
@@ -412,7 +431,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             grads = [g for w in work for g in w.grads]
             if not grads:
                 return loss
-            if self.skip_nonfinite and _kernels.any_nonfinite(grads):
+            if self.skip_nonfinite and distributed.any_on_group(_kernels.any_nonfinite(grads), self._score_group()):
                 self._record_skip()
                 return loss
             sources, apply_winners = self._foreach_moments(work)
@@ -429,6 +448,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         """One call into the Rust router for all modules; book and log it."""
         mask = self._router.route(scores)
         self._ledger.record(scores, mask)
+        if self._check_every and self._ledger.step % self._check_every == 0:
+            distributed.check_ranks_agree(self)
         if self._log is not None:
             self._log.write(self._ledger.step, self._router_phase_of_last_step(), scores, mask)
         return mask
@@ -454,7 +475,7 @@ class MoLFAdamW(torch.optim.Optimizer):
     def _foreach_moments(self, work: list[_GroupWork]):
         """Moments of every tensor, unrouted parameters' AdamW, routed tensors'
         score sums; returns the sources and the function applying the winners."""
-        sources = _ScoreSources(None)
+        sources = _ScoreSources(None, self._score_group())
         for w in work:
             if not w.params:
                 continue
@@ -470,7 +491,8 @@ class MoLFAdamW(torch.optim.Optimizer):
                 continue
             sums = _kernels.score_sums(exp_avgs, w.exp_avg_sqs, w.group["eps"], self.score)
             slots = w.group["molf_slots"]
-            sources.add(sums, [slots[i] for i in w.idx], [float(w.group["lr"])] * len(w.idx), [p.numel() for p in w.params])
+            numels = [w.group["params"][i].numel() for i in w.idx]  # global element counts under FSDP2
+            sources.add(sums, [slots[i] for i in w.idx], [float(w.group["lr"])] * len(w.idx), numels)
 
         def apply_winners(winner_slots: np.ndarray) -> None:
             for w in work:
@@ -513,7 +535,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             slots = group.get("molf_slots")
             for k, i in enumerate(w.idx):
                 slot = -1 if slots is None else slots[i]
-                entries.append((w.params[k], w.exp_avgs[k], w.exp_avg_sqs[k], w.steps[k], gi, slot))
+                entries.append((group["params"][i], w.exp_avgs[k], w.exp_avg_sqs[k], w.steps[k], gi, slot))
         self._plan = self._fused.FusedStep(entries) if entries else None
         if self._plan is not None:
             for p, step in zip(self._plan.params, self._plan.steps):
@@ -525,11 +547,11 @@ class MoLFAdamW(torch.optim.Optimizer):
         plan.step_buffer.add_(1)
         steps = plan.step_buffer.numpy().astype(np.float64)
         sums, flag, hyper = plan.moments(self.param_groups, steps, self.score, self.skip_nonfinite, winners)
-        sources = _ScoreSources(flag if self.skip_nonfinite else None)
+        sources = _ScoreSources(flag if self.skip_nonfinite else None, self._score_group())
         sources.steps = [plan.step_buffer]
         routed = slice(0, plan.num_routed)
         group_lr = np.array([float(g["lr"]) for g in self.param_groups])
-        sources.add(sums, plan.slots[routed], group_lr[plan.group_of[routed]], plan.numels[routed])
+        sources.add(sums, plan.slots[routed], group_lr[plan.group_of[routed]], plan.global_numels[routed])
         return sources, lambda winner_slots: plan.apply(winner_slots, hyper, flag)
 
     def _scores_to_route(self, sources: _ScoreSources) -> np.ndarray | None:
@@ -543,6 +565,16 @@ class MoLFAdamW(torch.optim.Optimizer):
         if previous is None:  # the first step, or the one after a skipped step: its own scores
             previous = self._pending = sources.resolve(self._shape, self.score)
         return previous
+
+    def _score_group(self):
+        """The process group the score sums are all-reduced over (None: no
+        reduction), looked up again whenever the first routed parameter object
+        changes (accelerate and FSDP2 swap parameters after construction)."""
+        first = next(g["params"][0] for g in self.param_groups if g["molf_role"] != "plain" and g["params"])
+        if self._group_key is None or self._group_key[0] is not first:
+            routed = [p for g in self.param_groups if g["molf_role"] != "plain" for p in g["params"]]
+            self._group_key = (first, distributed.score_group(routed))
+        return self._group_key[1]
 
     @property
     def _shape(self) -> tuple[int, int]:
@@ -675,7 +707,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         state.update(
             score=self.score, _state_dtype=self._state_dtype, module_names=self.module_names,
             expert_names=self.expert_names, _log=self._log, lagged=self.lagged, skip_nonfinite=self.skip_nonfinite,
-            _fused=self._fused is not None, _molf_meta=self._meta(),
+            _fused=self._fused is not None, _molf_meta=self._meta(), _check_every=self._check_every,
         )
         return state
 
@@ -684,6 +716,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         meta = state.pop("_molf_meta", None)
         super().__setstate__(state)
         self._plan = None
+        self._group_key = None
         if meta is None:
             return
         self._router = Router.from_bytes(base64.b64decode(meta["router"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -9,13 +10,17 @@ from torch import nn
 
 from ._core import ConfigError
 from .config import MoLFConfig
+from .distributed import is_sharded, merged_sharded
 from .layer import MoLFLinear, is_linear_like
 
-__all__ = ["wrap", "merge", "routed_modules", "is_wrapped", "ExpertTag", "expert_tag"]
+__all__ = ["wrap", "merge", "routed_modules", "is_wrapped", "ExpertTag", "expert_tag", "retag"]
 
 _CONFIG_ATTR = "molf_config"
 _FROZEN_ATTR = "_molf_frozen_by_wrap"
 _TAG_ATTR = "_molf_expert"
+# Every model wrap() returned and still alive: `retag` finds them when the
+# optimizer is given bare parameters that FSDP2 has swapped (HF Trainer, accelerate).
+_WRAPPED_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class ExpertTag(NamedTuple):
@@ -98,7 +103,25 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
         _tag_experts(name, order, layer, config.expert_names)
     setattr(model, _CONFIG_ATTR, config)
     setattr(model, _FROZEN_ATTR, frozen)
+    _WRAPPED_MODELS.add(model)
     return model
+
+
+def retag(model: nn.Module | None = None) -> None:
+    """Attach the expert tags again to the current parameter objects of `model`'s
+    wrapped layers (default: of every wrapped model alive). FSDP2's `fully_shard`
+    replaces each parameter by a new DTensor parameter without the tag; the
+    routing structure is recovered from the layers, whose names and order do
+    not change. `MoLFAdamW` calls this itself."""
+    roots = [model] if model is not None else list(_WRAPPED_MODELS)
+    for root in roots:
+        # The wrapped model may sit inside a wrapper (DDP's `module.`): name layers from it.
+        wrapped = next((m for m in root.modules() if hasattr(m, _CONFIG_ATTR)), None)
+        if wrapped is None:
+            continue
+        expert_names = getattr(wrapped, _CONFIG_ATTR).expert_names
+        for order, (name, layer) in enumerate(routed_modules(wrapped)):
+            _tag_experts(name, order, layer, expert_names)
 
 
 @torch.no_grad()
@@ -112,7 +135,7 @@ def merge(model: nn.Module) -> nn.Module:
     if not layers:
         raise ConfigError("merge: the model has no molf-wrapped layers (already merged, or never wrapped)")
     for name, layer in layers:
-        base = layer.merged()
+        base = merged_sharded(layer) if is_sharded(layer.base.weight) else layer.merged()
         for p in base.parameters():
             if hasattr(p, _TAG_ATTR):
                 delattr(p, _TAG_ATTR)

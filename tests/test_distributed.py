@@ -1,0 +1,191 @@
+"""MoLFAdamW under torch.distributed on the CPU (gloo, 2 processes): DDP and
+FSDP2 runs must give the parameters and the routing of a single-process run on
+the same global batch; a rank that routes differently must be caught."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import molf
+from molf.distributed import RankDivergenceError, check_ranks_agree
+
+WORLD = 2
+STEPS = 6
+BATCH = 8  # global batch; each rank takes BATCH // WORLD rows
+OPT_KW = dict(lr=1e-2, lora_lr=1.5e-2, weight_decay=0.1, lora_weight_decay=0.01)  # routing mixes experts
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    return molf.wrap(model, molf.MoLFConfig(ranks=(2,), alphas=(4,), exclude_modules=()))
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 8, generator=gen), torch.randn(BATCH, 4, generator=gen)) for _ in range(STEPS)]
+
+
+def _train(model, opt, batches, rows=slice(None)) -> list[np.ndarray]:
+    """Steps over `batches` (this rank's `rows` of each); the winner mask of each step."""
+    masks = []
+    for x, y in batches:
+        loss = nn.functional.mse_loss(model(x[rows]), y[rows])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        masks.append(opt.ledger.last_mask())
+    return masks
+
+
+def _full_params(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        name = name.removeprefix("module.")
+        out[name] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+    return out
+
+
+def _reference(**kw):
+    """The single-process run on the global batch: params, masks, ledger checksum."""
+    model = _model()
+    opt = molf.MoLFAdamW(model, **OPT_KW, **kw)
+    masks = _train(model, opt, _batches())
+    return model, opt, masks
+
+
+def _assert_same_run(model, opt, masks, ref_model, ref_opt, ref_masks) -> None:
+    # The test is only worth something if routing actually varies over modules and steps.
+    winners = np.stack(ref_masks)
+    assert winners[..., 0].any() and winners[..., 1].any(), "the reference run never routes to one of the experts"
+    assert opt.module_names == ref_opt.module_names
+    for step, (got, want) in enumerate(zip(masks, ref_masks)):
+        np.testing.assert_array_equal(got, want, err_msg=f"winners differ at step {step}")
+    np.testing.assert_array_equal(opt.ledger.wins(), ref_opt.ledger.wins())
+    assert opt.ledger.checksum == ref_opt.ledger.checksum
+    ref = _full_params(ref_model)
+    got = _full_params(model)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _spawn(fn, *args) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(fn, args=(port, *args), nprocs=WORLD, join=True)
+
+
+def _init(rank: int, port: int) -> slice:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    per = BATCH // WORLD
+    return slice(rank * per, (rank + 1) * per)
+
+
+# --------------------------------------------------------------------- DDP
+
+
+def _ddp_worker(rank: int, port: int) -> None:
+    rows = _init(rank, port)
+    try:
+        ref_model, ref_opt, ref_masks = _reference(check_every=0)
+        model = nn.parallel.DistributedDataParallel(_model())
+        opt = molf.MoLFAdamW(model, **OPT_KW, check_every=2)
+        masks = _train(model, opt, _batches(), rows)
+        _assert_same_run(model, opt, masks, ref_model, ref_opt, ref_masks)
+        check_ranks_agree(opt)
+
+        # A rank that diverges (here: another LoRA learning rate on rank 1, so its
+        # dense experts win everywhere) is caught at the next check, on every rank.
+        model = nn.parallel.DistributedDataParallel(_model())
+        opt = molf.MoLFAdamW(model, **{**OPT_KW, "lora_lr": 1e-5 if rank == 1 else OPT_KW["lora_lr"]}, check_every=3)
+        with pytest.raises(RankDivergenceError, match=r"module '0' \(index 0\)"):
+            _train(model, opt, _batches(), rows)
+        assert opt.ledger.step == 3  # raised at the first check
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_matches_single_process_and_catches_a_diverged_rank():
+    _spawn(_ddp_worker)
+
+
+# ------------------------------------------------------------------- FSDP2
+
+
+def _sharded_model():
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for layer in molf.routed_modules(model):
+        fully_shard(layer[1])
+    fully_shard(model)
+    return model
+
+
+def _fsdp_worker(rank: int, port: int, ckpt_dir: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    import torch.distributed.checkpoint as dcp
+
+    rows = _init(rank, port)
+    try:
+        for lagged in (False, True):
+            ref_model, ref_opt, ref_masks = _reference(check_every=0, lagged=lagged)
+            model = _sharded_model()
+            opt = molf.MoLFAdamW(model, **OPT_KW, lagged=lagged, check_every=1)
+            assert opt._score_group() is not None  # the sums are all-reduced over the shard group
+            masks = _train(model, opt, _batches(), rows)
+            _assert_same_run(model, opt, masks, ref_model, ref_opt, ref_masks)
+
+        # Built from bare parameter groups after sharding (as HF Trainer does): the
+        # expert tags that fully_shard dropped are recovered from the wrapped layers.
+        model = _sharded_model()
+        opt = molf.MoLFAdamW([{"params": list(model.parameters())}], **OPT_KW)
+        assert opt.module_names == ref_opt.module_names
+
+        # Optimizer state through torch.distributed.checkpoint: stop after 3 steps,
+        # load into a fresh sharded model + optimizer, finish: same as straight through.
+        ref_model, ref_opt, ref_masks = _reference(check_every=0)
+        batches = _batches()
+        model = _sharded_model()
+        opt = molf.MoLFAdamW(model, **OPT_KW)
+        masks = _train(model, opt, batches[:3], rows)
+        dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt_dir)
+        model = _sharded_model()
+        opt = molf.MoLFAdamW(model, **OPT_KW)
+        state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=ckpt_dir)
+        model.load_state_dict(state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        assert opt.ledger.step == 3
+        masks += _train(model, opt, batches[3:], rows)
+        _assert_same_run(model, opt, masks, ref_model, ref_opt, ref_masks)
+
+        # merge gathers the LoRA experts and folds them into the sharded weights.
+        molf.merge(model)
+        molf.merge(ref_model)
+        ref = _full_params(ref_model)
+        got = _full_params(model)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_matches_single_process_checkpoints_and_merges():
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        _spawn(_fsdp_worker, ckpt_dir)
