@@ -696,6 +696,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         pending = metas[0][1].get("pending")
         self._pending = None if pending is None else np.asarray(pending, dtype=np.float64)
         self._skipped_steps = int(metas[0][1].get("skipped_steps", 0))
+        if self._log is not None:
+            self._log.resume(self._ledger.step, self._skipped_steps)
 
     def add_param_group(self, param_group: dict) -> None:
         param_group.setdefault("molf_role", "plain")
