@@ -19,6 +19,7 @@ from ._core import (
 )
 from ._core import __version__ as core_version
 from .config import MoLFConfig
+from .export import export_peft, import_peft
 from .layer import MoLFLinear
 from .optimizer import SCORES, MoLFAdamW
 from .routing_log import RoutingLog, read_routing_log
@@ -43,6 +44,8 @@ __all__ = [
     "ScoreError",
     "StateError",
     "core_version",
+    "export_peft",
+    "import_peft",
     "is_wrapped",
     "merge",
     "read_routing_log",
