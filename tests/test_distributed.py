@@ -127,14 +127,17 @@ def test_ddp_matches_single_process_and_catches_a_diverged_rank():
 # ------------------------------------------------------------------- FSDP2
 
 
-def _sharded_model():
+def _shard_in_place(model):
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
-    for layer in molf.routed_modules(model):
-        fully_shard(layer[1])
+    for _, layer in molf.routed_modules(model):
+        fully_shard(layer)
     fully_shard(model)
     return model
+
+
+def _sharded_model():
+    return _shard_in_place(_model())
 
 
 def _fsdp_worker(rank: int, port: int, ckpt_dir: str) -> None:
@@ -156,6 +159,18 @@ def _fsdp_worker(rank: int, port: int, ckpt_dir: str) -> None:
         model = _sharded_model()
         opt = molf.MoLFAdamW([{"params": list(model.parameters())}], **OPT_KW)
         assert opt.module_names == ref_opt.module_names
+
+        # Built before sharding, then given the sharded parameter objects in the same
+        # places (what accelerate's prepare does): the routing structure is positional.
+        ref_model, ref_opt, ref_masks = _reference(check_every=0)
+        model = _model()
+        opt = molf.MoLFAdamW(model, **OPT_KW)
+        unsharded = list(model.parameters())
+        swap = {id(old): new for old, new in zip(unsharded, _shard_in_place(model).parameters())}
+        for group in opt.param_groups:
+            group["params"] = [swap[id(p)] for p in group["params"]]
+        masks = _train(model, opt, _batches(), rows)
+        _assert_same_run(model, opt, masks, ref_model, ref_opt, ref_masks)
 
         # Optimizer state through torch.distributed.checkpoint: stop after 3 steps,
         # load into a fresh sharded model + optimizer, finish: same as straight through.

@@ -1,0 +1,166 @@
+"""FSDP2 step benchmark: MoLF (exact, lagged) against torch's fused AdamW on the
+same `fully_shard`-ed parameters, plus the time of the score all-reduce.
+
+    torchrun --nproc-per-node 2 benches/fsdp_bench.py                 # CUDA + NCCL: Qwen2.5-1.5B shape
+    torchrun --nproc-per-node 2 benches/fsdp_bench.py --shape small   # anywhere (CPU: gloo, wall clock)
+
+The model comes from benches/step_bench.py (bf16, wrapped dense + LoRA-128),
+each decoder layer and the root sharded with `fully_shard`. Gradients are random
+local shards (fixed per run), so only the optimizer step is timed: CUDA events
+around --steps back-to-back steps, --rounds rounds interleaving the optimizers,
+medians, ratios paired per round. "MoLF exact, no all-reduce" skips the
+reduction (its routing is then per rank and wrong: a timing device only) to
+show what the collective costs inside the step; the all-reduce is also timed
+alone on a float64 tensor the size of the step's flat score tensor.
+Rank 0 prints a markdown table and writes --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import molf  # noqa: E402
+from step_bench import SHAPES, build_model  # noqa: E402
+
+
+def sharded_model(shape: str, dtype: torch.dtype, device: str):
+    torch.manual_seed(0)
+    model = molf.wrap(build_model(shape, dtype, device), molf.MoLFConfig(ranks=(128,), alphas=(32,), fft=True))
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def fill_local_grads(model, seed: int) -> None:
+    """Random gradients, generated shard by shard on each rank (as FSDP2's
+    reduce-scatter would leave them)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + dist.get_rank())
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        local = p.to_local()
+        g = torch.randn(local.shape, generator=gen, device=local.device, dtype=torch.float32).mul_(1e-3)
+        p.grad = DTensor.from_local(g.to(p.dtype), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+
+def timed(device: str, fn, n: int) -> float:
+    """Milliseconds per call of `fn` over n back-to-back calls, ranks started together."""
+    dist.barrier()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / n
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
+class _NoReduce(molf.MoLFAdamW):
+    def _score_group(self):
+        return None
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shape = args.shape or ("qwen2.5-1.5b" if device == "cuda" else "small")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} x{world} torch={torch.__version__} "
+        f"shape={shape} rounds={args.rounds} steps/round={args.steps}", flush=True)
+
+    def adamw(model):
+        kw = dict(fused=True) if device == "cuda" else dict(foreach=True)
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, **kw)
+
+    def molf_opt(cls=molf.MoLFAdamW, **kw):
+        # lora_lr = 10 lr: with equal random gradients most modules route to LoRA (as in step_bench).
+        kw = {"lora_lr": 1e-4, **kw}
+        return lambda model: cls(model, lr=1e-5, state_dtype="param", **kw)
+
+    makers = {
+        "AdamW (torch fused)": adamw,
+        "MoLF exact": molf_opt(),
+        "MoLF lagged": molf_opt(lagged=True),
+        "MoLF exact, no all-reduce": molf_opt(_NoReduce),
+        "MoLF exact, dense wins": molf_opt(lora_lr=1e-7),
+    }
+    # One model per optimizer (each owns its parameters' state); the same random gradients on each.
+    models = {name: sharded_model(shape, torch.bfloat16, device) for name in makers}
+    for model in models.values():
+        fill_local_grads(model, seed=0)
+    opts = {name: make(models[name]) for name, make in makers.items()}
+    for opt in opts.values():
+        for _ in range(3):
+            opt.step()
+    per_round = {name: [] for name in opts}
+    for _ in range(args.rounds):
+        for name, opt in opts.items():
+            per_round[name].append(timed(device, opt.step, args.steps))
+
+    # The score all-reduce alone: one float64 element per routed tensor, plus the non-finite flag.
+    molf_opt_exact = opts["MoLF exact"]
+    n_scores = sum(len(g["params"]) for g in molf_opt_exact.param_groups if g["molf_role"] != "plain") + 1
+    flat = torch.zeros(n_scores, dtype=torch.float64, device=device)
+    group = molf_opt_exact._score_group()
+    for _ in range(10):
+        dist.all_reduce(flat, group=group)
+    allreduce = [timed(device, lambda: dist.all_reduce(flat, group=group), 100) * 1e3 for _ in range(args.rounds)]
+
+    base = "AdamW (torch fused)"
+    results = {
+        name: {
+            "median_ms": statistics.median(times),
+            "spread_ms": [min(times), max(times)],
+            "ratio_vs_adamw": statistics.median(a / b for a, b in zip(times, per_round[base])),
+        }
+        for name, times in per_round.items()
+    }
+    for name, opt in opts.items():
+        if isinstance(opt, molf.MoLFAdamW):
+            results[name]["win_share"] = opt.routing_summary().current_share
+    results["score all-reduce"] = {"elements": n_scores, "median_us": statistics.median(allreduce)}
+    local_params = sum(p.to_local().numel() for p in models[base].parameters() if p.requires_grad)
+    log(f"\n{local_params / 1e6:.1f} M parameters per rank (of {world}); bf16 params and state\n")
+    log("| optimizer | step ms (median) | spread ms | × fused AdamW (paired) |")
+    log("| --- | ---: | ---: | ---: |")
+    for name, r in results.items():
+        if "median_ms" in r:
+            log(f"| {name} | {r['median_ms']:.3f} | {r['spread_ms'][0]:.3f}–{r['spread_ms'][1]:.3f} "
+                f"| {r['ratio_vs_adamw']:.3f} |")
+    log(f"\nscore all-reduce alone ({n_scores} float64, {dist.get_backend(group)}): "
+        f"{results['score all-reduce']['median_us']:.1f} µs median")
+    if args.json and rank == 0:
+        with open(args.json, "w") as f:
+            json.dump({"shape": shape, "world": world, "device": device, "results": results}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
