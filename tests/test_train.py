@@ -43,7 +43,7 @@ def data(tmp_path) -> Path:
 
 def common(model_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:
     values = dict(model=str(model_dir), data=[str(data)], out=str(out), batch_size=4, steps=3, lr=1e-3,
-                  lora_lr=1e-3, ranks=None, progress=False)
+                  lora_lr=1e-3, ranks=None, progress=False, plots=False)
     return TrainConfig(**{**values, **overrides})
 
 
@@ -118,27 +118,28 @@ def test_labels_cover_the_completion_only():
 
 @pytest.mark.parametrize("mode, lagged", [("molf", False), ("molf", True), ("fft", False)])
 def test_resume_continues_exactly(mode, lagged, model_dir, data, tmp_path):
-    # Dropout draws from the RNG and the 7 steps cross two epoch boundaries (3 batches per epoch).
-    opts = dict(mode=mode, steps=7, save_every=2, dropout=0.1 if mode == "molf" else 0.0,
+    # Dropout draws from the RNG and the 5 steps cross an epoch boundary (3 batches per epoch).
+    opts = dict(mode=mode, steps=5, save_every=2, dropout=0.1 if mode == "molf" else 0.0,
                 policy="hysteresis" if mode == "molf" else "topk", margin=0.05, lr_scheduler="cosine",
                 warmup_ratio=0.3, lagged=lagged)
     whole = train(common(model_dir, data, tmp_path / "whole", **opts))
 
-    def stop_at_5(step: int, loss: float) -> None:
-        if step == 5:  # past the step-4 checkpoint: the resumed run redoes step 5
+    def stop_at_3(step: int, loss: float) -> None:
+        if step == 3:  # past the step-2 checkpoint: the resumed run redoes step 3
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(common(model_dir, data, tmp_path / "cut", **opts), on_step=stop_at_5)
-    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == [
-        "step-00000002.pt", "step-00000004.pt"]
+        train(common(model_dir, data, tmp_path / "cut", **opts), on_step=stop_at_3)
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-00000002.pt"]
+    if mode == "molf":  # the resumed run drops step 3's line and writes it again
+        assert len((tmp_path / "cut" / "routing.jsonl").read_text().splitlines()) == 3
     argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "cut"), "--resume",
             "--no-progress", "--batch-size", "4", "--lr", "1e-3", "--lora-lr", "1e-3", "--mode", mode,
-            "--steps", "7", "--save-every", "2", "--dropout", str(opts["dropout"]), "--policy", opts["policy"],
-            "--margin", "0.05", "--warmup-ratio", "0.3", "--lagged" if lagged else "--no-lagged"]
+            "--steps", "5", "--save-every", "2", "--no-plots", "--dropout", str(opts["dropout"]),
+            "--policy", opts["policy"], "--margin", "0.05", "--warmup-ratio", "0.3", "--lagged" if lagged else "--no-lagged"]
     assert main(argv) == 0
 
-    a, b = checkpoint(tmp_path / "whole", 7), checkpoint(tmp_path / "cut", 7)
+    a, b = checkpoint(tmp_path / "whole", 5), checkpoint(tmp_path / "cut", 5)
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
@@ -171,7 +172,7 @@ def test_config_file_with_flag_override(model_dir, data, tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text(
         f'model = "{model_dir}"\ndata = ["{data}"]\nout = "{tmp_path / "toml"}"\nmode = "molf"\n'
-        'steps = 2\nbatch-size = 4\nlr = 3e-4\nranks = [4]\nalphas = [8]\npolicy = "hysteresis"\nprogress = false\n'
+        'steps = 2\nbatch-size = 4\nlr = 3e-4\nranks = [4]\nalphas = [8]\npolicy = "hysteresis"\nprogress = false\nplots = false\n'
     )
     assert main(["train", "--config", str(cfg), "--steps", "3", "--lr", "5e-4"]) == 0
     saved = json.loads(checkpoint(tmp_path / "toml", 3)["config"])
@@ -185,7 +186,8 @@ def test_yaml_config(model_dir, data, tmp_path, monkeypatch, capsys):
     yaml = pytest.importorskip("yaml")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({"model": str(model_dir), "data": [str(data)], "out": str(tmp_path / "y"),
-                                   "mode": "fft", "steps": 1, "batch_size": 4, "progress": False}))
+                                   "mode": "fft", "steps": 1, "batch_size": 4, "progress": False,
+                                   "plots": False}))
     assert main(["train", "--config", str(cfg)]) == 0
     assert checkpoint(tmp_path / "y", 1)["step"] == 1
     monkeypatch.setitem(sys.modules, "yaml", None)  # as if PyYAML were not installed

@@ -169,6 +169,7 @@ def _add_train_parser(sub) -> None:
     ckpt.add_argument("--resume", nargs="?", const="latest", default=S, metavar="CKPT",
                       help="continue exactly from a checkpoint file, or the latest in OUT/checkpoints")
     train_p.add_argument("--progress", action=boolean, default=S, help="progress bar (default: on)")
+    train_p.add_argument("--plots", action=boolean, default=S, help="routing figures at the end (default: on)")
     train_p.set_defaults(run=_train, parser=train_p)
 
 

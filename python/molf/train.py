@@ -44,7 +44,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 STATE_DTYPES = ("auto", "param", "float32")
 DEFAULT_RANKS = {"lora": (16,), "molf": (16,), "molf-e": (8, 32)}
 # Options that may differ between a run and its resumption; every other one shapes the trajectory.
-RESUME_FREE = ("resume", "save_every", "keep_checkpoints", "progress", "device")
+RESUME_FREE = ("resume", "save_every", "keep_checkpoints", "progress", "plots", "device")
 ROUTING_LOG = "routing.jsonl"
 CHECKPOINTS = "checkpoints"
 BASE_MODEL = "base_model"
@@ -94,6 +94,7 @@ class TrainConfig:
     log_every: int = 1
     resume: str | None = None  # a checkpoint file, or "latest" (in OUT/checkpoints)
     progress: bool = True
+    plots: bool = True  # routing figures at the end (molf, molf-e)
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
@@ -120,7 +121,7 @@ class TrainConfig:
         for name in ("lr", "lora_lr", "weight_decay", "lora_weight_decay", "max_grad_norm", "margin"):
             _number(name, getattr(self, name))
         _number("warmup_ratio", self.warmup_ratio, high=1.0)
-        for name in ("lagged", "rslora", "progress"):
+        for name in ("lagged", "rslora", "progress", "plots"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.model is not None and not Path(self.model, "config.json").is_file():
@@ -571,7 +572,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     summary = opt.routing_summary().to_dict() if isinstance(opt, MoLFAdamW) else None
     saved = _save_result(cfg, model, tokenizer, out, model_dir)
     figures = []
-    if log_path is not None and log_path.exists():
+    if cfg.plots and log_path is not None and log_path.exists():
         from .plots import plot_routing_log
 
         figures = plot_routing_log(log_path, out / "routing_share.png")
