@@ -136,7 +136,8 @@ def test_resume_continues_exactly(mode, lagged, model_dir, data, tmp_path):
     argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "cut"), "--resume",
             "--no-progress", "--batch-size", "4", "--lr", "1e-3", "--lora-lr", "1e-3", "--mode", mode,
             "--steps", "5", "--save-every", "2", "--no-plots", "--dropout", str(opts["dropout"]),
-            "--policy", opts["policy"], "--margin", "0.05", "--warmup-ratio", "0.3", "--lagged" if lagged else "--no-lagged"]
+            "--policy", opts["policy"], "--margin", "0.05", "--warmup-ratio", "0.3",
+            "--lagged" if lagged else "--no-lagged"]
     assert main(argv) == 0
 
     a, b = checkpoint(tmp_path / "whole", 5), checkpoint(tmp_path / "cut", 5)
@@ -172,7 +173,8 @@ def test_config_file_with_flag_override(model_dir, data, tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text(
         f'model = "{model_dir}"\ndata = ["{data}"]\nout = "{tmp_path / "toml"}"\nmode = "molf"\n'
-        'steps = 2\nbatch-size = 4\nlr = 3e-4\nranks = [4]\nalphas = [8]\npolicy = "hysteresis"\nprogress = false\nplots = false\n'
+        'steps = 2\nbatch-size = 4\nlr = 3e-4\nranks = [4]\nalphas = [8]\npolicy = "hysteresis"\n'
+        'progress = false\nplots = false\n'
     )
     assert main(["train", "--config", str(cfg), "--steps", "3", "--lr", "5e-4"]) == 0
     saved = json.loads(checkpoint(tmp_path / "toml", 3)["config"])
