@@ -73,6 +73,8 @@ def _assert_same_run(model, opt, masks, ref_model, ref_opt, ref_masks) -> None:
     for step, (got, want) in enumerate(zip(masks, ref_masks)):
         np.testing.assert_array_equal(got, want, err_msg=f"winners differ at step {step}")
     np.testing.assert_array_equal(opt.ledger.wins(), ref_opt.ledger.wins())
+    # Equal routing alone would miss a uniform scale (a sum over too many ranks, local element counts).
+    np.testing.assert_allclose(opt.ledger.last_scores(), ref_opt.ledger.last_scores(), rtol=1e-4)
     assert opt.ledger.checksum == ref_opt.ledger.checksum
     ref = _full_params(ref_model)
     got = _full_params(model)
@@ -127,17 +129,17 @@ def test_ddp_matches_single_process_and_catches_a_diverged_rank():
 # ------------------------------------------------------------------- FSDP2
 
 
-def _shard_in_place(model):
+def _shard_in_place(model, mesh=None):
     from torch.distributed.fsdp import fully_shard
 
     for _, layer in molf.routed_modules(model):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
-def _sharded_model():
-    return _shard_in_place(_model())
+def _sharded_model(mesh=None):
+    return _shard_in_place(_model(), mesh)
 
 
 def _fsdp_worker(rank: int, port: int, ckpt_dir: str) -> None:
@@ -154,11 +156,36 @@ def _fsdp_worker(rank: int, port: int, ckpt_dir: str) -> None:
             masks = _train(model, opt, _batches(), rows)
             _assert_same_run(model, opt, masks, ref_model, ref_opt, ref_masks)
 
+        # HSDP meshes (replicate, shard): the sums are reduced over the shard dimension only.
+        from torch.distributed.device_mesh import init_device_mesh
+
+        ref_model, ref_opt, ref_masks = _reference(check_every=0)
+        for shape, reduced in (((2, 1), False), ((1, 2), True)):
+            mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+            model = _sharded_model(mesh)
+            opt = molf.MoLFAdamW(model, **OPT_KW)
+            assert (opt._score_group() is not None) == reduced
+            masks = _train(model, opt, _batches(), rows)
+            _assert_same_run(model, opt, masks, ref_model, ref_opt, ref_masks)
+
         # Built from bare parameter groups after sharding (as HF Trainer does): the
         # expert tags that fully_shard dropped are recovered from the wrapped layers.
         model = _sharded_model()
         opt = molf.MoLFAdamW([{"params": list(model.parameters())}], **OPT_KW)
         assert opt.module_names == ref_opt.module_names
+
+        # A non-finite gradient on one rank's shard only: every rank skips the step.
+        model = _sharded_model()
+        opt = molf.MoLFAdamW(model, **OPT_KW)
+        x, y = _batches()[0]
+        nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+        if rank == 1:
+            next(model.parameters()).grad.to_local().view(-1)[0] = float("nan")
+        before = _full_params(model)
+        opt.step()
+        assert opt.routing_summary().skipped_steps == 1 and opt.ledger.step == 0
+        for name, p in _full_params(model).items():
+            torch.testing.assert_close(p, before[name], rtol=0, atol=0)
 
         # Built before sharding, then given the sharded parameter objects in the same
         # places (what accelerate's prepare does): the routing structure is positional.
