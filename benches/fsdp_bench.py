@@ -13,6 +13,11 @@ reduction (its routing is then per rank and wrong: a timing device only) to
 show what the collective costs inside the step; the all-reduce is also timed
 alone on a float64 tensor the size of the step's flat score tensor.
 Rank 0 prints a markdown table and writes --json.
+
+`--check` first runs a few steps of MoLF (exact and lagged) on the small shape
+in float32, sharded and on one unsharded device with the same global
+gradients, and compares winners, scores and parameters (on CUDA this checks
+the fused Triton path on local shards).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import molf  # noqa: E402
@@ -73,6 +78,42 @@ def timed(device: str, fn, n: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / n
 
 
+def check_against_one_device(device: str, steps: int = 5) -> None:
+    """Sharded MoLF against an unsharded one with the same global gradients."""
+    from molf.distributed import check_ranks_agree
+
+    for lagged in (False, True):
+        models = {"sharded": sharded_model("small", torch.float32, device)}
+        torch.manual_seed(0)
+        models["one device"] = molf.wrap(build_model("small", torch.float32, device),
+                                         molf.MoLFConfig(ranks=(128,), alphas=(32,), fft=True))
+        opts = {k: molf.MoLFAdamW(m, lr=1e-3, lora_lr=1e-3, lagged=lagged, check_every=0) for k, m in models.items()}
+        masks = {k: [] for k in opts}
+        for step in range(steps):
+            gen = torch.Generator(device=device).manual_seed(step)
+            full = {n: torch.randn(p.shape, generator=gen, device=device) * 1e-3
+                    for n, p in models["one device"].named_parameters() if p.requires_grad}
+            for n, p in models["one device"].named_parameters():
+                p.grad = full[n].clone()
+            for n, p in models["sharded"].named_parameters():
+                p.grad = distribute_tensor(full[n], p.device_mesh, p.placements)
+            for k, opt in opts.items():
+                opt.step()
+                masks[k].append(opt.ledger.last_mask())
+        check_ranks_agree(opts["sharded"])
+        a, b = opts["sharded"].ledger, opts["one device"].ledger
+        same_routing = all((x == y).all() for x, y in zip(masks["sharded"], masks["one device"]))
+        score_err = float(abs(a.last_scores() / b.last_scores() - 1).max())
+        ref = dict(models["one device"].named_parameters())
+        param_err = max(float((p.full_tensor() - ref[n]).detach().abs().max()) for n, p in models["sharded"].named_parameters())
+        mixed = bool(b.wins()[:, 0].any() and b.wins()[:, 1].any())
+        print(f"check rank {dist.get_rank()} lagged={lagged}: same routing {same_routing} (both experts win: {mixed}), "
+              f"max rel score diff {score_err:.2e}, max |param diff| {param_err:.2e}", flush=True)
+        if not same_routing or score_err > 1e-4 or param_err > 1e-5:
+            raise SystemExit("sharded MoLF differs from the one-device run")
+        del models, opts
+
+
 class _NoReduce(molf.MoLFAdamW):
     def _score_group(self):
         return None
@@ -84,6 +125,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--check", action="store_true", help="first compare sharded and one-device MoLF steps")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -92,6 +134,8 @@ def main(argv=None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     shape = args.shape or ("qwen2.5-1.5b" if device == "cuda" else "small")
     log = print if rank == 0 else (lambda *a, **k: None)
+    if args.check:
+        check_against_one_device(device)
     log(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} x{world} torch={torch.__version__} "
         f"shape={shape} rounds={args.rounds} steps/round={args.steps}", flush=True)
 
