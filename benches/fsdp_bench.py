@@ -105,7 +105,8 @@ def check_against_one_device(device: str, steps: int = 5) -> None:
         same_routing = all((x == y).all() for x, y in zip(masks["sharded"], masks["one device"]))
         score_err = float(abs(a.last_scores() / b.last_scores() - 1).max())
         ref = dict(models["one device"].named_parameters())
-        param_err = max(float((p.full_tensor() - ref[n]).detach().abs().max()) for n, p in models["sharded"].named_parameters())
+        param_err = max(float((p.full_tensor() - ref[n]).detach().abs().max())
+                        for n, p in models["sharded"].named_parameters())
         mixed = bool(b.wins()[:, 0].any() and b.wins()[:, 1].any())
         print(f"check rank {dist.get_rank()} lagged={lagged}: same routing {same_routing} (both experts win: {mixed}), "
               f"max rel score diff {score_err:.2e}, max |param diff| {param_err:.2e}", flush=True)
