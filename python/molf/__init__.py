@@ -28,6 +28,17 @@ from .wrap import is_wrapped, merge, routed_modules, wrap
 
 __version__ = "0.1.0"
 
+# transformers is optional and slow to import: molf.hf loads on first use.
+_HF_NAMES = ("RoutingCallback", "add_routing_callback")
+
+
+def __getattr__(name: str):
+    if name in _HF_NAMES:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'molf' has no attribute {name!r}")
+
 __all__ = [
     "PHASES",
     "POLICIES",
@@ -39,10 +50,12 @@ __all__ = [
     "MoLFConfig",
     "MoLFLinear",
     "Router",
+    "RoutingCallback",
     "RoutingLog",
     "RoutingSummary",
     "ScoreError",
     "StateError",
+    "add_routing_callback",
     "core_version",
     "export_peft",
     "import_peft",

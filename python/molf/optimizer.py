@@ -157,8 +157,9 @@ class MoLFAdamW(torch.optim.Optimizer):
     HF Trainer passes them). Dense experts and unrouted parameters use `lr` and
     `weight_decay`; LoRA experts use `lora_lr` and `lora_weight_decay` (defaulting
     to `lr` and `weight_decay`; group keys of the same names override them per
-    group). Tensors with fewer than 2 dimensions (biases, norm weights) and
-    groups with `weight_decay=0` get no decay.
+    group). Tensors with fewer than 2 dimensions (biases, norm weights) get no
+    decay; LoRA experts decay by `lora_weight_decay` even in a group whose
+    `weight_decay` is 0 (as the HF Trainer's groups are by default).
 
     Routing: `topk` experts per module win each step by `score` ("epd", the
     expected preconditioned descent, or "pfn"); `policy` "topk" is the paper's,
@@ -252,6 +253,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         )
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
+        self._hold_meta_key()
         self._router = Router(
             len(self.module_names), len(self.expert_names), topk=topk, policy=policy, margin=margin,
             min_dwell=min_dwell, warmup_steps=warmup_steps, freeze_after=freeze_after,
@@ -350,15 +352,19 @@ class MoLFAdamW(torch.optim.Optimizer):
             for p in g["params"]:
                 tag = expert_tag(p)
                 role = "plain" if tag is None else tag.kind
-                decay = p.dim() >= 2 and group_wd != 0
+                is_lora = role == "lora"
+                # Each expert kind has its own decay (SPEC §2): a group's weight_decay=0 (the
+                # HF Trainer's no-decay group, or TrainingArguments' default) spares its
+                # dense and plain tensors, not LoRA experts given a lora_weight_decay.
+                wd = g_lora_wd if is_lora else group_wd
+                decay = p.dim() >= 2 and wd != 0
                 key = (role, decay)
                 if key not in split:
-                    is_lora = role == "lora"
                     split[key] = {
                         **extra,
                         "params": [],
                         "lr": g_lora_lr if is_lora else group_lr,
-                        "weight_decay": (g_lora_wd if is_lora else group_wd) if decay else 0.0,
+                        "weight_decay": wd if decay else 0.0,
                         "molf_role": role,
                     }
                     if role != "plain":
@@ -450,9 +456,16 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._ledger.record(scores, mask)
         if self._check_every and self._ledger.step % self._check_every == 0:
             distributed.check_ranks_agree(self)
-        if self._log is not None:
+        if self._log is not None and not self._is_state_init_step(scores):
             self._log.write(self._ledger.step, self._router_phase_of_last_step(), scores, mask)
         return mask
+
+    def _is_state_init_step(self, scores: np.ndarray) -> bool:
+        """Whether this is the step torch.distributed.checkpoint's `get_state_dict` runs on a
+        fresh optimizer to create its state (the first step, all-zero gradients, every lr 0):
+        a checkpoint load replaces what it did, so it stays out of the routing log (and does
+        not start the log afresh under the run about to be resumed)."""
+        return self._ledger.step == 1 and not np.any(scores) and all(float(g["lr"]) == 0 for g in self.param_groups)
 
     def _record_skip(self) -> None:
         self._skipped_steps += 1
@@ -636,6 +649,12 @@ class MoLFAdamW(torch.optim.Optimizer):
         sd["param_groups"][self._meta_group_index()][_META_KEY] = self._meta()
         return sd
 
+    def _hold_meta_key(self) -> None:
+        # The live group carries the key (as None; `state_dict` fills it in): torch.distributed
+        # .checkpoint's flattened optimizer state dicts rebuild each group from the keys of the
+        # live group, and would drop a key only the saved group has.
+        self.param_groups[self._meta_group_index()][_META_KEY] = None
+
     def _meta_group_index(self) -> int:
         return next(i for i, g in enumerate(self.param_groups) if g["molf_role"] != "plain")
 
@@ -682,6 +701,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             if mine["molf_role"] != saved.get("molf_role") or mine.get("molf_slots") != saved.get("molf_slots"):
                 raise StateError("optimizer checkpoint's param groups do not match this model's routing structure")
         super().load_state_dict(stripped)
+        self._hold_meta_key()
         # torch casts loaded state to each parameter's dtype; restore the state dtype we chose.
         saved_ids = [i for g in stripped["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
