@@ -495,7 +495,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         blob = torch.load(resume_path, weights_only=True)
         _check_resumable(cfg, json.loads(blob["config"]), resume_path)
     elif _checkpoints(out) or (out / ROUTING_LOG).exists():
-        raise ConfigError(f"out {cfg.out!r} already holds a run: resume it (--resume, resume='latest') or choose another out")
+        raise ConfigError(
+            f"out {cfg.out!r} already holds a run: resume it (--resume, resume='latest') or choose another out"
+        )
     device = _device(cfg.device)
     # The user's data is checked before anything is written.
     pairs = load_pairs(cfg.data, cfg.prompt_field, cfg.completion_field) if cfg.data else None
