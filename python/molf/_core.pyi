@@ -77,6 +77,9 @@ class Router:
     incumbents takes that row as incumbents (``last_change = s``); an empty row changes
     nothing.
 
+    Threads: one Router (or Ledger) may be shared; concurrent calls run one after another
+    (large inputs release the GIL meanwhile), as if made sequentially in the order served.
+
     Args:
         num_modules: rows of the score matrix, >= 1.
         num_experts: columns, >= 1.
