@@ -52,6 +52,7 @@ def args(tmp_path, **overrides):
 
 
 OPT_KW = dict(lr=5e-3, lora_lr=1e-2, lora_weight_decay=0.01)
+SWITCHING = dict(lora_lr=5e-3)  # on these tiny models, equal rates make modules switch experts
 
 
 def opt_kwargs(**extra) -> tuple:
@@ -113,3 +114,179 @@ def test_optimizer_cls_and_kwargs_trains_like_a_plain_loop(tmp_path):
     got, want = dict(model.named_parameters()), dict(reference.named_parameters())
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_optimizers_tuple_is_the_optimizer_the_trainer_steps(tmp_path):
+    model = wrapped(fft=False)
+    opt = molf.MoLFAdamW(model, **OPT_KW)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    trainer = transformers.Trainer(model=model, args=args(tmp_path, max_steps=3), train_dataset=TokenData(12),
+                                   optimizers=(opt, sched))
+    trainer.train()
+    assert find_molf_optimizer(trainer.optimizer) is opt
+    assert opt.routing_summary().step == 3
+    assert [g["lr"] for g in opt.param_groups] == [1e-2 / 4] * len(opt.param_groups)  # the scheduler acted
+
+
+# ------------------------------------------------------------------ routing logs
+
+
+class Recorder(transformers.TrainerCallback):
+    """Stands in for a reporting integration (TensorBoard, W&B): records what on_log receives."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+class MaskTracker(transformers.TrainerCallback):
+    """Records the winner mask and skip count after every optimizer step (the reference for the logs)."""
+
+    def __init__(self) -> None:
+        self.masks: list[torch.Tensor] = []
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.masks.append(torch.as_tensor(find_molf_optimizer(optimizer).ledger.last_mask()).clone())
+
+
+def integration_slot(monkeypatch, recorder: Recorder) -> None:
+    # The Trainer puts reporting integrations right after its DefaultFlowCallback,
+    # before user callbacks: install the recorder exactly there.
+    monkeypatch.setattr(transformers.trainer, "get_reporting_integration_callbacks", lambda report_to: [recorder])
+
+
+ROUTING_KEY = re.compile(r"molf/(share/.+|switches_per_step|skipped_steps|no_winner_events)")
+
+
+def test_routing_callback_keys_reach_history_loggers_and_console(tmp_path, monkeypatch, capsys):
+    recorder, tracker = Recorder(), MaskTracker()
+    integration_slot(monkeypatch, recorder)
+    model = wrapped()
+    trainer = transformers.Trainer(model=model, args=args(tmp_path, max_steps=6, logging_steps=2),
+                                   train_dataset=TokenData(24), optimizer_cls_and_kwargs=opt_kwargs(**SWITCHING),
+                                   callbacks=[tracker])
+    callback = add_routing_callback(trainer)
+    assert trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in train_logs] == [2, 4, 6]
+    # Independent reference from the recorded masks: shares now, winner changes per module and step.
+    masks = torch.stack(tracker.masks)  # [steps, modules, experts]
+    assert masks.shape == (6, 14, 2)
+    changes = [0] + [int((masks[t] != masks[t - 1]).any(dim=1).sum()) for t in range(1, 6)]
+    for h in train_logs:
+        t = h["step"]
+        share = masks[t - 1].double().mean(dim=0)
+        assert h["molf/share/dense"] == pytest.approx(float(share[0]))
+        assert h["molf/share/lora0_r2"] == pytest.approx(float(share[1]))
+        assert h["molf/switches_per_step"] == pytest.approx(sum(changes[t - 2:t]) / 2)
+        assert h["molf/skipped_steps"] == 0 and h["molf/no_winner_events"] == 0
+    assert sum(changes) > 0, "the run must switch at least once for the switch rate to be tested"
+    # The integration-slot logger and the console (PrinterCallback) saw the same keys.
+    recorded = [r for r in recorder.logs if "loss" in r]
+    assert [{k: v for k, v in r.items() if ROUTING_KEY.fullmatch(k)} for r in recorded] == [
+        {k: v for k, v in h.items() if ROUTING_KEY.fullmatch(k)} for h in train_logs
+    ]
+    printed = capsys.readouterr().out
+    assert printed.count("'molf/share/dense'") == 3
+    assert "molf/" not in str([h for h in trainer.state.log_history if "train_runtime" in h])
+
+
+def test_routing_callback_passed_through_callbacks_reaches_history(tmp_path, monkeypatch):
+    """Passed the ordinary way it runs after the integrations: the history gets
+    the keys, an integration does not (which is why add_routing_callback exists)."""
+    recorder = Recorder()
+    integration_slot(monkeypatch, recorder)
+    trainer = transformers.Trainer(model=wrapped(fft=False), args=args(tmp_path, max_steps=2),
+                                   train_dataset=TokenData(8), optimizer_cls_and_kwargs=opt_kwargs(),
+                                   callbacks=[RoutingCallback()])
+    trainer.train()
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(train_logs) == 2
+    assert all(h["molf/share/lora0_r2"] + h["molf/share/lora1_r4"] == pytest.approx(1.0) for h in train_logs)
+    assert not any("molf/share/lora0_r2" in r for r in recorder.logs)
+    with pytest.raises(molf.ConfigError, match="already has a RoutingCallback"):
+        add_routing_callback(trainer) and add_routing_callback(trainer)
+
+
+def test_routing_callback_counts_skipped_steps(tmp_path):
+    class NanOnce(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:  # the second optimizer step
+                next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+
+    trainer = transformers.Trainer(model=wrapped(), args=args(tmp_path, max_steps=3, max_grad_norm=0.0),
+                                   train_dataset=TokenData(12), optimizer_cls_and_kwargs=opt_kwargs(),
+                                   callbacks=[NanOnce()])
+    add_routing_callback(trainer)
+    trainer.train()
+    skipped = [h["molf/skipped_steps"] for h in trainer.state.log_history if "loss" in h]
+    assert skipped == [0.0, 1.0, 1.0]
+
+
+def test_routing_callback_warns_without_molf_optimizer(tmp_path):
+    trainer = transformers.Trainer(model=tiny_qwen2(), args=args(tmp_path, max_steps=2), train_dataset=TokenData(8))
+    add_routing_callback(trainer)
+    with pytest.warns(UserWarning, match="not molf.MoLFAdamW"):
+        trainer.train()
+    assert not any(k.startswith("molf/") for h in trainer.state.log_history for k in h)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+@pytest.mark.parametrize("fft,lagged", [(True, False), (False, True)])
+def test_resume_from_checkpoint_is_exact(fft, lagged, tmp_path):
+    """Train 7 steps straight vs 3 steps, then a fresh Trainer on a freshly
+    built model resumes from checkpoint-3: bitwise equal parameters, equal
+    routing summary and equal logged routing statistics. Shuffled data over
+    two epochs and LoRA dropout exercise the data skip and the RNG restore."""
+    kw = dict(max_steps=7, save_strategy="steps", save_steps=3, weight_decay=0.1)
+
+    def run(out, seed, resume=None):
+        model = wrapped(fft=fft, seed=seed, dropout=0.1)
+        trainer = transformers.Trainer(model=model, args=args(out, **kw), train_dataset=TokenData(20),
+                                       optimizer_cls_and_kwargs=opt_kwargs(lagged=lagged, **SWITCHING))
+        add_routing_callback(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer
+
+    straight_model, straight = run(tmp_path / "straight", seed=0)
+
+    # A first run that stops at its checkpoint (the same arguments: the schedule must match).
+    model = wrapped(fft=fft, seed=0, dropout=0.1)
+    first = transformers.Trainer(model=model, args=args(tmp_path / "cut", **kw),
+                                 train_dataset=TokenData(20), optimizer_cls_and_kwargs=opt_kwargs(lagged=lagged, **SWITCHING),
+                                 callbacks=[StopAt(3)])
+    add_routing_callback(first)
+    first.train()
+    assert (tmp_path / "cut" / "checkpoint-3").is_dir()
+    assert find_molf_optimizer(first.optimizer).routing_summary().step == 3
+
+    resumed_model, resumed = run(tmp_path / "cut", seed=123, resume=str(tmp_path / "cut" / "checkpoint-3"))
+    want, got = dict(straight_model.named_parameters()), dict(resumed_model.named_parameters())
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    s_straight = find_molf_optimizer(straight.optimizer).routing_summary().to_dict()
+    s_resumed = find_molf_optimizer(resumed.optimizer).routing_summary().to_dict()
+    assert s_resumed == s_straight and s_straight["step"] == 7
+
+    def routing_history(trainer):
+        return [{k: v for k, v in h.items() if ROUTING_KEY.fullmatch(k) or k in ("step", "loss")}
+                for h in trainer.state.log_history if "loss" in h]
+
+    assert routing_history(resumed) == routing_history(straight)
+
+
+class StopAt(transformers.TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
