@@ -409,8 +409,9 @@ fn top1_rows<S: Score, const E: usize>(
 /// predictable check, then a maximum and a comparison per score without branches.
 #[inline(always)]
 fn top1<S: Score, const E: usize>(row: &[S]) -> usize {
-    // 0·v is 0 for a finite v and NaN otherwise, so the sum is 0 exactly when all are finite.
-    let all_finite = row.iter().fold(0.0, |a, s| a + s.to_f64() * 0.0) == 0.0;
+    // A NaN or an infinity makes the sum non-finite (so does an overflow, which only takes
+    // the exact path below needlessly).
+    let all_finite = row.iter().fold(0.0, |a, s| a + s.to_f64()).is_finite();
     if !all_finite {
         return argmax_finite(row);
     }
