@@ -61,9 +61,17 @@ class Regime:
     n_train: int
     label_noise: float  # noise std, in units of the teacher-student output gap's RMS
     expected_winner: str
+    # Per-layer ΔW ranks (blocks then head; None = full rank), overriding delta_rank:
+    # "mixed" targets where some layers need a high-rank update and others a low-rank one.
+    layer_ranks: tuple[int | None, ...] | None = None
+
+    def rank_of(self, layer: int) -> int | None:
+        return self.delta_rank if self.layer_ranks is None else self.layer_ranks[layer]
 
     def describe(self) -> str:
         delta = "full-rank" if self.delta_rank is None else f"rank-{self.delta_rank}"
+        if self.layer_ranks is not None:
+            delta = "per-layer " + "/".join("full" if r is None else str(r) for r in self.layer_ranks) + "-rank"
         noise = f"label noise {self.label_noise:g}x the signal" if self.label_noise else "clean labels"
         return f"{delta} ΔW, {self.n_train} training samples, {noise} ({self.expected_winner} should win)"
 
@@ -108,16 +116,18 @@ class Task:
 
 
 @torch.no_grad()
-def make_task(regime: Regime, seed: int) -> Task:
+def make_task(regime: Regime, seed: int, student: StudentMLP | None = None) -> Task:
+    """A student (drawn from `seed`, or the given one: a second target for the
+    same pretrained weights), its teacher and the train/test data."""
     g = torch.Generator().manual_seed(seed)
-    student = StudentMLP(g)
+    student = StudentMLP(g) if student is None else student
     teacher = copy.deepcopy(student)
-    for layer in teacher.linears():
+    for i, layer in enumerate(teacher.linears()):
         out_f, in_f = layer.weight.shape
-        if regime.delta_rank is None:
+        r = regime.rank_of(i)
+        if r is None:
             delta = torch.randn(out_f, in_f, generator=g)
         else:
-            r = regime.delta_rank
             delta = torch.randn(out_f, r, generator=g) @ torch.randn(r, in_f, generator=g)
         layer.weight += delta * (regime.delta_norm * layer.weight.norm() / delta.norm())
     n = regime.n_train

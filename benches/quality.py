@@ -1,0 +1,469 @@
+"""Adaptation quality at matched budgets: FFT, LoRA, MoLF as published, MoLF-
+Efficient, AdaLoRA and molf's default routing, on regimes where a static
+choice should lose somewhere (issue 7).
+
+    python3 benches/quality.py --quick              # CPU, whole suite in minutes
+    python3 benches/quality.py --full --device cuda # bigger models, more steps
+
+Regimes: four synthetic teacher-student tasks built on `molf.demo`'s student
+(high-rank clean: FFT should win; low-rank noisy: LoRA should win; mixed ranks
+per layer; a target shift midway) and two tasks on a small Qwen2 pre-trained
+on a generated corpus (`quality_lm.py`): counterfactual fact injection and
+question -> SQL translation, both scored by exact match.
+
+Every method sees the same steps, batch size and minibatches. Its learning rate
+is the best of one small grid on a validation instance (its own seed, its
+validation split); then it is trained on `seeds` test instances and scored on
+their test splits (mean ± std). Writes results.json, table.txt and one
+routing-share figure per regime into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import molf  # noqa: E402
+from molf import demo  # noqa: E402
+from molf.plots import plot_routing_share  # noqa: E402
+import quality_lm as lm  # noqa: E402
+
+LORA_RANK = 8
+EFFICIENT_RANKS = (4, 32)
+VAL_SEED = 10_000  # the validation instance's seed; test instances use seed, seed+1, ...
+
+
+def paper_routing() -> dict:
+    """MoLF as published (EPD score, top-1): the named policy once the core has it."""
+    try:
+        molf.Router(1, 2, policy="paper")
+        return {"policy": "paper"}
+    except ValueError:
+        return {"policy": "topk", "score": "epd", "topk": 1}
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sequence: does greedy decoding reproduce every labelled token? With
+    teacher forcing, greedy decoding yields the target exactly when the argmax
+    at each labelled position (predicted from the position before) is the label."""
+    pred = logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    ok = (pred == target) | (target == lm.IGNORE)
+    return ok.all(dim=1)
+
+
+def relative_mse(pred: torch.Tensor, target: torch.Tensor, base_mse: float) -> float:
+    """Held-out MSE against the clean target over the untouched model's MSE."""
+    return F.mse_loss(pred, target).item() / base_mse
+
+
+# ------------------------------------------------------------------ regimes
+
+
+@dataclass
+class Instance:
+    """One task instance: the pretrained model (copied per run), the training
+    batches, the loss, and the metric on a split ("val" or "test")."""
+
+    model: nn.Module
+    batch: Callable[[int, int, torch.Generator], object]  # (step, steps, generator) -> batch
+    loss: Callable[[nn.Module, object], torch.Tensor]
+    evaluate: Callable[[nn.Module, str], float]
+    targets: tuple[str, ...]  # name suffixes of the adapted linear layers
+
+
+@dataclass(frozen=True)
+class RegimeSpec:
+    name: str
+    family: str  # "synthetic" or "lm"
+    metric: str
+    higher_is_better: bool
+    description: str
+    build: Callable[[int, "Scale", str], Instance] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Scale:
+    steps_synthetic: int
+    steps_lm: int
+    batch_synthetic: int
+    batch_lm: int
+    seeds: int
+    lrs: tuple[float, ...]
+    lm: lm.LMScale
+    cache_dir: str = "~/.cache/molf/quality"
+
+
+QUICK = Scale(
+    steps_synthetic=200, steps_lm=120, batch_synthetic=64, batch_lm=16, seeds=3, lrs=(3e-4, 1e-3, 3e-3),
+    lm=lm.LMScale(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, pretrain_steps=600,
+                  pretrain_batch=32, pretrain_lr=3e-3, n_facts=32, n_sql_train=256, n_sql_eval=64),
+)
+FULL = Scale(
+    steps_synthetic=1000, steps_lm=600, batch_synthetic=64, batch_lm=32, seeds=5, lrs=(1e-4, 3e-4, 1e-3),
+    lm=lm.LMScale(hidden=256, layers=4, heads=8, kv_heads=2, intermediate=704, pretrain_steps=4000,
+                  pretrain_batch=64, pretrain_lr=1e-3, n_facts=128, n_sql_train=1024, n_sql_eval=256),
+)
+
+MLP_TARGETS = tuple(f"blocks.{i}" for i in range(demo.DEPTH)) + ("head",)
+
+
+def _synthetic(phases: tuple[demo.Regime, ...]) -> Callable[[int, Scale, str], Instance]:
+    """Train on each phase's data for an equal share of the steps (one phase: a
+    fixed target; two: the target shifts midway); score on the last phase's
+    teacher (validation: first half of its held-out inputs, test: second half)."""
+
+    def build(seed: int, scale: Scale, device: str) -> Instance:
+        tasks = [demo.make_task(phases[0], seed)]
+        for i, regime in enumerate(phases[1:], start=1):
+            tasks.append(demo.make_task(regime, seed + 7919 * i, student=tasks[0].student))
+        xs = [t.x_train.to(device) for t in tasks]
+        ys = [t.y_train.to(device) for t in tasks]
+        last = tasks[-1]
+        half = last.x_test.shape[0] // 2
+        held = {"val": (last.x_test[:half], last.y_test[:half]), "test": (last.x_test[half:], last.y_test[half:])}
+        held = {k: (x.to(device), y.to(device)) for k, (x, y) in held.items()}
+        with torch.no_grad():
+            base = {k: F.mse_loss(tasks[0].student.to(device)(x), y).item() for k, (x, y) in held.items()}
+
+        def batch(step: int, steps: int, g: torch.Generator):
+            phase = min((step - 1) * len(tasks) // steps, len(tasks) - 1)
+            idx = torch.randint(xs[phase].shape[0], (scale.batch_synthetic,), generator=g).to(device)
+            return xs[phase][idx], ys[phase][idx]
+
+        def loss(model: nn.Module, b) -> torch.Tensor:
+            return F.mse_loss(model(b[0]), b[1])
+
+        @torch.no_grad()
+        def evaluate(model: nn.Module, split: str) -> float:
+            x, y = held[split]
+            return relative_mse(model(x), y, base[split])
+
+        return Instance(tasks[0].student.to(device), batch, loss, evaluate, MLP_TARGETS)
+
+    return build
+
+
+def _language(splits_of: Callable[[int, lm.LMScale], dict]) -> Callable[[int, Scale, str], Instance]:
+    def build(seed: int, scale: Scale, device: str) -> Instance:
+        model = lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device)
+        splits = splits_of(seed, scale.lm)
+        train = splits["train"]
+        evals = {k: lm.collate(v, device) for k, v in splits.items() if k != "train"}
+
+        def batch(step: int, steps: int, g: torch.Generator):
+            idx = torch.randint(len(train), (scale.batch_lm,), generator=g).tolist()
+            return lm.collate([train[i] for i in idx], device)
+
+        def loss(model: nn.Module, b) -> torch.Tensor:
+            return model(**b).loss
+
+        @torch.no_grad()
+        def evaluate(model: nn.Module, split: str) -> float:
+            b = evals[split]
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            return exact_match(logits, b["labels"]).float().mean().item()
+
+        return Instance(model, batch, loss, evaluate, lm.LM_TARGETS)
+
+    return build
+
+
+_HIGH, _LOW = demo.REGIMES
+_MIXED = demo.Regime("mixed", delta_rank=None, delta_norm=0.5, n_train=2048, label_noise=0.5,
+                     expected_winner="MoLF", layer_ranks=(None, None, 1, 1, 1))
+_SHIFT_A = demo.Regime("shift-a", delta_rank=1, delta_norm=0.5, n_train=2048, label_noise=0.0, expected_winner="-")
+_SHIFT_B = demo.Regime("shift-b", delta_rank=None, delta_norm=0.5, n_train=2048, label_noise=0.0, expected_winner="-")
+_MSE = "held-out MSE / untouched student's"
+
+REGIMES: dict[str, RegimeSpec] = {
+    r.name: r
+    for r in (
+        RegimeSpec("high-rank", "synthetic", _MSE, False, _HIGH.describe(), _synthetic((_HIGH,))),
+        RegimeSpec("low-rank-noisy", "synthetic", _MSE, False, _LOW.describe(), _synthetic((_LOW,))),
+        RegimeSpec("mixed", "synthetic", _MSE, False,
+                   "blocks 0-1 need a full-rank ΔW, blocks 2-3 and the head rank 1; 2048 samples, label noise 0.5x",
+                   _synthetic((_MIXED,))),
+        RegimeSpec("shift", "synthetic", _MSE, False,
+                   "rank-1 target for the first half of the steps, then a full-rank one (clean, 2048 samples each);"
+                   " scored on the second", _synthetic((_SHIFT_A, _SHIFT_B))),
+        RegimeSpec("facts", "lm", "exact-match recall", True,
+                   "counterfactual fact injection into the pre-trained char-level Qwen2", _language(lm.fact_splits)),
+        RegimeSpec("sql", "lm", "held-out exact match", True,
+                   "templated questions -> SQL-like programs, new phrasings", _language(lm.sql_splits)),
+    )
+}
+
+# ------------------------------------------------------------------ methods
+
+# A method: (fresh model copy, lr, steps, adapted layer suffixes, routing log) -> (model, optimizer, after-step hook).
+Built = tuple[nn.Module, torch.optim.Optimizer, Callable[[int], None]]
+
+
+def _none(step: int) -> None:
+    pass
+
+
+def _fft(model, lr, steps, targets, log_path) -> Built:
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), _none
+
+
+def _trainable(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _lora(model, lr, steps, targets, log_path) -> Built:
+    from peft import LoraConfig, get_peft_model
+
+    # alpha = rank with rsLoRA: the same scale sqrt(r) as molf's experts.
+    cfg = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, use_rslora=True, target_modules=list(targets))
+    model = get_peft_model(model, cfg)
+    return model, torch.optim.AdamW(_trainable(model), lr=lr, weight_decay=0.0), _none
+
+
+def _adalora(model, lr, steps, targets, log_path) -> Built:
+    from peft import AdaLoraConfig, get_peft_model
+
+    # Its initial rank per module is MoLF-E's total (same trainable parameters at the
+    # start); the budget then shrinks to the larger expert's rank on average.
+    init_r, target_r = sum(EFFICIENT_RANKS), max(EFFICIENT_RANKS)
+    cfg = AdaLoraConfig(init_r=init_r, target_r=target_r, lora_alpha=init_r, target_modules=list(targets),
+                        tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 50), total_step=steps)
+    model = get_peft_model(model, cfg)
+    opt = torch.optim.AdamW(_trainable(model), lr=lr, weight_decay=0.0)
+    return model, opt, lambda step: model.base_model.update_and_allocate(step - 1)
+
+
+def _molf(ranks: tuple[int, ...], fft: bool, routing: Callable[[], dict]):
+    def build(model, lr, steps, targets, log_path) -> Built:
+        cfg = molf.MoLFConfig(ranks=ranks, alphas=tuple(float(r) for r in ranks), fft=fft,
+                              target_modules=targets, exclude_modules=())
+        molf.wrap(model, cfg)
+        opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lr, weight_decay=0.0, lora_weight_decay=0.0,
+                             log_path=log_path, **routing())
+        return model, opt, _none
+
+    return build
+
+
+METHODS: dict[str, Callable[..., Built]] = {
+    "FFT": _fft,
+    "LoRA": _lora,
+    "MoLF (paper)": _molf((LORA_RANK,), True, paper_routing),
+    "MoLF-E": _molf(EFFICIENT_RANKS, False, paper_routing),
+    "AdaLoRA": _adalora,
+    "molf default": _molf((LORA_RANK,), True, dict),  # MoLFAdamW(model, ...) with no routing options
+}
+ROUTED = ("MoLF (paper)", "MoLF-E", "molf default")
+BASELINES = ("FFT", "LoRA")
+
+# ------------------------------------------------------------------ harness
+
+
+def train_eval(inst: Instance, method: str, lr: float, seed: int, steps: int, split: str,
+               log_path: Path | None = None, tick: Callable[[], None] = lambda: None) -> dict:
+    """Train one method on one instance; its metric on `split` (NaN-safe), wall
+    time and, for routed methods, the routing summary."""
+    with torch.random.fork_rng(devices=[]):  # LoRA inits draw from the global RNG
+        torch.manual_seed(seed)
+        model, opt, after_step = METHODS[method](copy.deepcopy(inst.model), lr, steps, inst.targets, log_path)
+        batches = torch.Generator().manual_seed(seed + 1)  # the same minibatches for every method
+        model.train()
+        start = time.perf_counter()
+        for step in range(1, steps + 1):
+            inst.loss(model, inst.batch(step, steps, batches)).backward()
+            opt.step()
+            after_step(step)
+            opt.zero_grad()
+            tick()
+        wall = time.perf_counter() - start
+        model.eval()
+        out = {"metric": inst.evaluate(model, split), "wall_s": wall}
+    if method in ROUTED:
+        s = opt.routing_summary()
+        out["routing"] = {"current_share": s.current_share, "win_share": s.win_share, "switches": s.switches}
+    return out
+
+
+def _better(a: float, b: float, higher: bool) -> bool:
+    """Is a strictly better than b? NaN is never better."""
+    if math.isnan(a):
+        return False
+    return math.isnan(b) or (a > b if higher else a < b)
+
+
+def _gap(value: float, best: float, higher: bool) -> float:
+    """Relative shortfall against `best` (positive = worse, negative = better)."""
+    return (1 - value / best) if higher else (value / best - 1)
+
+
+def _mean_std(xs: list[float]) -> dict:
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "per_seed": xs}
+
+
+def run_regime(spec: RegimeSpec, scale: Scale, methods: list[str], seeds: list[int], device: str,
+               out: Path, bar) -> dict:
+    steps = scale.steps_synthetic if spec.family == "synthetic" else scale.steps_lm
+    val_inst = spec.build(VAL_SEED, scale, device)
+    test_insts = {s: spec.build(s, scale, device) for s in seeds}
+    logs: dict[str, str] = {}
+    result: dict = {"family": spec.family, "metric": spec.metric, "higher_is_better": spec.higher_is_better,
+                    "description": spec.description, "steps": steps, "methods": {}}
+    for method in methods:
+        bar.set_description(f"{spec.name} · {method}", refresh=False)
+        tick = lambda: bar.update(1)  # noqa: E731
+        val = {lr: train_eval(val_inst, method, lr, VAL_SEED, steps, "val", tick=tick)["metric"] for lr in scale.lrs}
+        best_lr = scale.lrs[0]
+        for lr in scale.lrs[1:]:
+            best_lr = lr if _better(val[lr], val[best_lr], spec.higher_is_better) else best_lr
+        runs = []
+        for s in seeds:
+            log_path = None
+            if method in ROUTED and s == seeds[0]:
+                log_path = out / f"routing_{spec.name}_{method.replace(' ', '_').replace('(', '').replace(')', '')}.jsonl"
+                log_path.unlink(missing_ok=True)  # the log appends; start it afresh
+                logs[method] = str(log_path)
+            runs.append(train_eval(test_insts[s], method, best_lr, s, steps, "test", log_path, tick))
+        entry = {"lr": best_lr, "val_by_lr": {str(k): v for k, v in val.items()},
+                 "test": _mean_std([r["metric"] for r in runs]),
+                 "wall_s": statistics.fmean(r["wall_s"] for r in runs)}
+        if method in ROUTED:
+            entry["routing"] = {
+                k: {e: statistics.fmean(r["routing"][k][e] for r in runs) for e in runs[0]["routing"][k]}
+                for k in ("current_share", "win_share")
+            }
+            entry["routing"]["switches"] = statistics.fmean(r["routing"]["switches"] for r in runs)
+        result["methods"][method] = entry
+    means = {m: e["test"]["mean"] for m, e in result["methods"].items()}
+    winner = None
+    for m in means:
+        winner = m if winner is None or _better(means[m], means[winner], spec.higher_is_better) else winner
+    result["winner"] = winner
+    if all(b in means for b in BASELINES):
+        a, b = (means[x] for x in BASELINES)
+        best = b if _better(b, a, spec.higher_is_better) else a
+        result["gap_to_best_baseline"] = {  # None: the best baseline scored 0, no relative gap
+            m: _gap(means[m], best, spec.higher_is_better) if best != 0 else None for m in ROUTED if m in means
+        }
+    if logs:
+        png = out / f"routing_share_{spec.name}.png"
+        plot_routing_share(logs, png)
+        result["routing_plot"] = png.name
+    return result
+
+
+def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str | Path, device: str = "cpu",
+              seed: int = 0, progress: bool = True) -> dict:
+    for name, known in (("regime", REGIMES), ("method", METHODS)):
+        bad = [x for x in (regimes if name == "regime" else methods) if x not in known]
+        if bad:
+            raise ValueError(f"unknown {name}(s) {bad}; expected some of {list(known)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [seed + i for i in range(scale.seeds)]
+    steps = {n: scale.steps_synthetic if REGIMES[n].family == "synthetic" else scale.steps_lm for n in regimes}
+    total = sum(steps[n] * len(methods) * (len(scale.lrs) + len(seeds)) for n in regimes)
+    start = time.perf_counter()
+    results: dict = {"regimes": {}}
+    tty = sys.stderr.isatty()
+    with tqdm(total=total, unit="step", disable=not progress, mininterval=0.2 if tty else 15.0) as bar:
+        for name in regimes:
+            results["regimes"][name] = run_regime(REGIMES[name], scale, methods, seeds, device, out, bar)
+    results["config"] = {
+        "scale": asdict(scale), "seeds": seeds, "val_seed": VAL_SEED, "device": device, "methods": methods,
+        "lora_rank": LORA_RANK, "efficient_ranks": list(EFFICIENT_RANKS),
+        "paper_routing": paper_routing(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    results["wall_s"] = time.perf_counter() - start
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
+    return results
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.1%}"
+
+
+def format_table(results: dict) -> str:
+    """Markdown: metric per method x regime (mean ± std, winner in bold), the
+    routed methods' gap to the better of FFT/LoRA, and their end-of-run share
+    of modules per expert."""
+    regs = results["regimes"]
+    names = list(regs)
+    methods = list(next(iter(regs.values()))["methods"])
+    lines = ["| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for r in names:
+            t = regs[r]["methods"][m]["test"]
+            cell = f"{t['mean']:.3f} ± {t['std']:.3f}"
+            cells.append(f"**{cell}**" if regs[r]["winner"] == m else cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("| *metric* | " + " | ".join(("↑ " if regs[r]["higher_is_better"] else "↓ ") + regs[r]["metric"]
+                                              for r in names) + " |")
+    lines.append("| *lr chosen (FFT / LoRA / MoLF paper)* | " + " | ".join(
+        " / ".join(f"{regs[r]['methods'][m]['lr']:g}" for m in ("FFT", "LoRA", "MoLF (paper)") if m in regs[r]["methods"])
+        for r in names) + " |")
+    for m in ROUTED:
+        if all(m in regs[r].get("gap_to_best_baseline", {}) for r in names):
+            lines.append(f"| gap of {m} to best of FFT/LoRA | "
+                         + " | ".join(_pct(regs[r]["gap_to_best_baseline"][m]) for r in names) + " |")
+    for m in ROUTED:
+        if m in methods:
+            lines.append(f"| {m}: modules per expert at the end | " + " | ".join(
+                ", ".join(f"{e} {s:.0%}" for e, s in regs[r]["methods"][m]["routing"]["current_share"].items())
+                for r in names) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="CPU settings (default)")
+    mode.add_argument("--full", action="store_true", help="bigger models and more steps, for a GPU")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="quality-results", help="directory for results.json, table.txt, figures")
+    p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", type=int, help="test seeds (default: 3 quick, 5 full)")
+    p.add_argument("--seed", type=int, default=0, help="first test seed")
+    p.add_argument("--cache-dir", help="where the pre-trained LM is cached (default ~/.cache/molf/quality)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (on a busy machine 1 is often fastest)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    scale = FULL if args.full else QUICK
+    if args.seeds is not None:
+        if args.seeds < 1:
+            p.error(f"--seeds must be >= 1, got {args.seeds}")
+        scale = replace(scale, seeds=args.seeds)
+    if args.cache_dir:
+        scale = replace(scale, cache_dir=args.cache_dir)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    res = run_suite(scale, args.regimes, args.methods, args.out, args.device, args.seed, not args.no_progress)
+    print(format_table(res))
+    print(f"\nwall {res['wall_s']:.0f} s; results in {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

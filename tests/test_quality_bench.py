@@ -1,0 +1,119 @@
+"""benches/quality.py: the harness end to end on a tiny setting, and its metrics
+against hand-made inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+
+import quality as q  # noqa: E402
+import quality_lm as lm  # noqa: E402
+
+
+def _one_hot_logits(next_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Logits whose argmax at position t is next_ids[:, t]."""
+    return torch.nn.functional.one_hot(next_ids, vocab).float() * 5.0
+
+
+def test_exact_match_hand_made():
+    I = lm.IGNORE
+    labels = torch.tensor([[I, I, 3, 4], [I, I, 3, 4], [I, 2, 3, I]])
+    # argmax at t predicts token t+1; positions 0-2 are the predicting ones
+    pred_next = torch.tensor([[9, 3, 4, 0], [9, 3, 5, 0], [2, 3, 7, 1]])
+    logits = _one_hot_logits(pred_next, 10)
+    assert q.exact_match(logits, labels).tolist() == [True, False, True]
+    # a wrong prediction at an unlabelled (prompt) position does not count
+    pred_next[0, 0] = 8
+    assert q.exact_match(_one_hot_logits(pred_next, 10), labels).tolist()[0] is True
+
+
+def test_exact_match_on_collated_batch():
+    """The labels `collate` makes line up with the model's next-token logits:
+    predicting each following input token is an exact match, missing the
+    end-of-text or one target character is not."""
+    b = lm.collate([("q: a", " b;"), ("name lives in", " oslo.")], "cpu")
+    ids = b["input_ids"]
+    nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+    vocab = lm.TOKENIZER.vocab_size
+    assert q.exact_match(_one_hot_logits(nxt, vocab), b["labels"]).tolist() == [True, True]
+    wrong = nxt.clone()
+    wrong[0, len("q: a") + 1] = lm.TOKENIZER.encode("x")[0]  # predicts item 0's ';'
+    wrong[1, len("name lives in") + len(" oslo.") - 1] = lm.TOKENIZER.pad_id  # no end-of-text
+    assert q.exact_match(_one_hot_logits(wrong, vocab), b["labels"]).tolist() == [False, False]
+
+
+def test_relative_mse_hand_made():
+    pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    target = torch.tensor([[1.0, 0.0], [3.0, 6.0]])
+    assert q.relative_mse(pred, target, base_mse=4.0) == pytest.approx((0 + 4 + 0 + 4) / 4 / 4.0)
+
+
+def test_gap_and_better():
+    assert q._gap(1.1, 1.0, higher=False) == pytest.approx(0.1)
+    assert q._gap(0.9, 1.0, higher=True) == pytest.approx(0.1)
+    assert q._gap(1.2, 1.0, higher=True) == pytest.approx(-0.2)
+    assert q._better(0.5, math.nan, higher=False) and not q._better(math.nan, 0.5, higher=False)
+    assert q._better(0.9, 0.5, higher=True) and not q._better(0.9, 0.5, higher=False)
+
+
+TINY = replace(
+    q.QUICK, steps_synthetic=6, steps_lm=3, batch_lm=4, seeds=1, lrs=(1e-3, 3e-3),
+    lm=lm.LMScale(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32, pretrain_steps=2,
+                  pretrain_batch=4, pretrain_lr=1e-3, n_facts=4, n_sql_train=8, n_sql_eval=4),
+)
+
+
+def test_tiny_suite_structure(tmp_path):
+    scale = replace(TINY, cache_dir=str(tmp_path / "cache"))
+    res = q.run_suite(scale, ["mixed", "sql"], list(q.METHODS), tmp_path / "out", progress=False)
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk["regimes"].keys() == {"mixed", "sql"}
+    assert list(tmp_path.joinpath("cache").glob("qwen2-char-*.pt")), "the pre-trained LM is cached"
+    for name, reg in on_disk["regimes"].items():
+        assert reg["higher_is_better"] is (name == "sql")
+        assert reg["methods"].keys() == set(q.METHODS)
+        assert reg["winner"] in q.METHODS
+        assert reg["gap_to_best_baseline"].keys() == set(q.ROUTED)
+        assert (tmp_path / "out" / reg["routing_plot"]).stat().st_size > 0
+        for method, e in reg["methods"].items():
+            assert e["lr"] in scale.lrs and set(e["val_by_lr"]) == {str(lr) for lr in scale.lrs}
+            assert len(e["test"]["per_seed"]) == 1 and e["test"]["std"] == 0.0
+            assert e["test"]["mean"] == e["test"]["per_seed"][0]
+            if method in q.ROUTED:  # top-1: every module has exactly one current winner
+                assert sum(e["routing"]["current_share"].values()) == pytest.approx(1.0)
+            else:
+                assert "routing" not in e
+        if name == "sql":
+            assert all(0.0 <= e["test"]["mean"] <= 1.0 for e in reg["methods"].values())
+    table = (tmp_path / "out" / "table.txt").read_text()
+    assert table == q.format_table(res) + "\n"
+    for method in q.METHODS:
+        assert f"| {method} |" in table
+    assert "gap of MoLF (paper) to best of FFT/LoRA" in table
+
+
+def test_runs_are_deterministic():
+    inst = q.REGIMES["shift"].build(3, TINY, "cpu")
+    for method in ("MoLF (paper)", "LoRA"):
+        a = q.train_eval(inst, method, 1e-3, 3, 6, "val")
+        b = q.train_eval(inst, method, 1e-3, 3, 6, "val")
+        assert a["metric"] == b["metric"]
+        assert a.get("routing") == b.get("routing")
+
+
+def test_paper_routing_is_published_topk_epd():
+    r = q.paper_routing()
+    assert r in ({"policy": "paper"}, {"policy": "topk", "score": "epd", "topk": 1})
+
+
+def test_unknown_regime_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown regime"):
+        q.run_suite(TINY, ["nope"], ["FFT"], tmp_path)
