@@ -20,6 +20,16 @@ VOCAB = 61
 SEQ = 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared, busy
+    # machine two spinning threads make each step tens of times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_qwen2(seed: int = 0):
     torch.manual_seed(seed)
     cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,

@@ -39,6 +39,10 @@ def __getattr__(name: str):
         return getattr(hf, name)
     raise AttributeError(f"module 'molf' has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HF_NAMES))
+
 __all__ = [
     "PHASES",
     "POLICIES",
