@@ -153,6 +153,19 @@ def test_export_peft_single_expert_and_target_subset(tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
 
 
+def test_export_peft_through_a_wrapper_names_modules_as_the_base_model_does(tmp_path):
+    """DDP / accelerate put the model under `module.`; the adapter must not carry that prefix."""
+    base, model = base_and_trained("gpt2", molf.MoLFConfig(ranks=(2,), fft=False), steps=1)
+    outer = torch.nn.Module()
+    outer.module = model
+    molf.export_peft(outer, tmp_path)
+    config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert sorted(config["target_modules"]) == sorted(n for n, _ in molf.routed_modules(model))
+    assert config["task_type"] == "CAUSAL_LM"
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(logits(loaded), logits(model), atol=2e-5, rtol=1e-5)
+
+
 def test_export_peft_refuses_fft_merged_and_unwrapped(tmp_path):
     _, model = base_and_trained("qwen2", molf.MoLFConfig(ranks=(4,), fft=True), steps=1)
     with pytest.raises(molf.ConfigError, match=r"fft=False.*molf\.merge"):

@@ -25,7 +25,7 @@ from torch import nn
 
 from ._core import ConfigError
 from .layer import MoLFLinear
-from .wrap import routed_modules
+from .wrap import _CONFIG_ATTR, routed_modules
 
 __all__ = ["export_peft", "import_peft", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
@@ -44,14 +44,17 @@ _TASK_TYPES = {
 }
 
 
-def _layers_or_refuse(model: nn.Module, what: str) -> list[tuple[str, MoLFLinear]]:
-    layers = routed_modules(model)
+def _wrapped_root(model: nn.Module, what: str) -> tuple[nn.Module, list[tuple[str, MoLFLinear]]]:
+    """The model `wrap` returned (it may sit inside a DDP or accelerate wrapper,
+    whose `module.` prefix is no part of the base model's names) and its layers."""
+    root = next((m for m in model.modules() if hasattr(m, _CONFIG_ATTR)), model)
+    layers = routed_modules(root)
     if not layers:
         raise ConfigError(
             f"{what}: the model has no molf-wrapped layers (merged already, or never wrapped); "
             "pass the model molf.wrap returned"
         )
-    return layers
+    return root, layers
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -95,7 +98,7 @@ def export_peft(
     Refused: a model with a dense expert (fft=True changes the base weights:
     use `molf.merge` and `save_pretrained`), and a merged or unwrapped model.
     """
-    layers = _layers_or_refuse(model, "export_peft")
+    model, layers = _wrapped_root(model, "export_peft")
     dense = [name for name, layer in layers if layer.fft]
     if dense:
         raise ConfigError(
@@ -214,7 +217,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike, *, expert: int) -> nn
     not wrapped is refused. Everything is checked before anything is written.
     Returns the model.
     """
-    layers = dict(_layers_or_refuse(model, "import_peft"))
+    _, layers = _wrapped_root(model, "import_peft")
+    layers = dict(layers)
     first = next(iter(layers.values()))
     lora_experts = range(int(first.fft), first.num_experts)
     if isinstance(expert, bool) or not isinstance(expert, int) or expert not in lora_experts:
