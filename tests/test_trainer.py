@@ -108,10 +108,10 @@ def test_optimizer_cls_and_kwargs_trains_like_a_plain_loop(tmp_path):
     model = wrapped()
     reference = copy.deepcopy(model)
     trainer = transformers.Trainer(model=model, args=args(tmp_path, max_grad_norm=0.0, weight_decay=0.1),
-                                   train_dataset=data, optimizer_cls_and_kwargs=opt_kwargs())
+                                   train_dataset=data, optimizer_cls_and_kwargs=opt_kwargs(**SWITCHING))
     trainer.train()
 
-    opt = molf.MoLFAdamW(reference, weight_decay=0.1, **OPT_KW)
+    opt = molf.MoLFAdamW(reference, weight_decay=0.1, **{**OPT_KW, **SWITCHING})
     batch = {"input_ids": data.ids, "labels": data.ids.clone()}
     reference.train()
     for _ in range(4):
@@ -121,6 +121,7 @@ def test_optimizer_cls_and_kwargs_trains_like_a_plain_loop(tmp_path):
     trained = find_molf_optimizer(trainer.optimizer)
     assert trained.routing_summary().step == 4
     assert trained.routing_summary().modules == opt.routing_summary().modules
+    assert 0 < opt.routing_summary().win_share["dense"] < 1, "both kinds of expert must have been updated"
     got, want = dict(model.named_parameters()), dict(reference.named_parameters())
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -219,7 +220,7 @@ def test_routing_callback_passed_through_callbacks_reaches_history(tmp_path, mon
     assert all(h["molf/share/lora0_r2"] + h["molf/share/lora1_r4"] == pytest.approx(1.0) for h in train_logs)
     assert not any("molf/share/lora0_r2" in r for r in recorder.logs)
     with pytest.raises(molf.ConfigError, match="already has a RoutingCallback"):
-        add_routing_callback(trainer) and add_routing_callback(trainer)
+        add_routing_callback(trainer)
 
 
 def test_routing_callback_counts_skipped_steps(tmp_path):
@@ -248,30 +249,36 @@ def test_routing_callback_warns_without_molf_optimizer(tmp_path):
 # ------------------------------------------------------------------ checkpoints
 
 
-@pytest.mark.parametrize("fft,lagged", [(True, False), (False, True)])
-def test_resume_from_checkpoint_is_exact(fft, lagged, tmp_path):
+@pytest.mark.parametrize("fft,lagged,plug", [(True, False, "cls"), (False, True, "cls"), (True, False, "tuple")])
+def test_resume_from_checkpoint_is_exact(fft, lagged, plug, tmp_path):
     """Train 7 steps straight vs 3 steps, then a fresh Trainer on a freshly
     built model resumes from checkpoint-3: bitwise equal parameters, equal
     routing summary and equal logged routing statistics. Shuffled data over
-    two epochs and LoRA dropout exercise the data skip and the RNG restore."""
+    two epochs and LoRA dropout exercise the data skip and the RNG restore;
+    `plug` is how MoLFAdamW reaches the Trainer (a decaying schedule with "tuple")."""
     kw = dict(max_steps=7, save_strategy="steps", save_steps=3, weight_decay=0.1)
 
-    def run(out, seed, resume=None):
+    def trainer_for(out, seed, callbacks=None):
         model = wrapped(fft=fft, seed=seed, dropout=0.1)
+        if plug == "cls":
+            plugged = dict(optimizer_cls_and_kwargs=opt_kwargs(lagged=lagged, **SWITCHING))
+        else:
+            opt = molf.MoLFAdamW(model, weight_decay=0.1, lagged=lagged, **{**OPT_KW, **SWITCHING})
+            plugged = dict(optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t))))
         trainer = transformers.Trainer(model=model, args=args(out, **kw), train_dataset=TokenData(20),
-                                       optimizer_cls_and_kwargs=opt_kwargs(lagged=lagged, **SWITCHING))
+                                       callbacks=callbacks, **plugged)
         add_routing_callback(trainer)
+        return model, trainer
+
+    def run(out, seed, resume=None):
+        model, trainer = trainer_for(out, seed)
         trainer.train(resume_from_checkpoint=resume)
         return model, trainer
 
     straight_model, straight = run(tmp_path / "straight", seed=0)
 
     # A first run that stops at its checkpoint (the same arguments: the schedule must match).
-    model = wrapped(fft=fft, seed=0, dropout=0.1)
-    first = transformers.Trainer(model=model, args=args(tmp_path / "cut", **kw),
-                                 train_dataset=TokenData(20), optimizer_cls_and_kwargs=opt_kwargs(lagged=lagged, **SWITCHING),
-                                 callbacks=[StopAt(3)])
-    add_routing_callback(first)
+    _, first = trainer_for(tmp_path / "cut", seed=0, callbacks=[StopAt(3)])
     first.train()
     assert (tmp_path / "cut" / "checkpoint-3").is_dir()
     assert find_molf_optimizer(first.optimizer).routing_summary().step == 3
