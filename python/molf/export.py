@@ -151,7 +151,7 @@ def export_peft(
         "alpha_pattern": {},
         "use_dora": False,
     }
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # optional (comes with transformers): imported on use
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +235,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike, *, expert: int) -> nn
     for key, tensor in weights.items():
         match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
         if match is None:
-            raise ConfigError(f"import_peft: unexpected tensor {key!r} in the adapter; only lora_A/lora_B weights import")
+            raise ConfigError(
+                f"import_peft: unexpected tensor {key!r} in the adapter; only lora_A/lora_B weights import"
+            )
         pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
     if not pairs:
         raise ConfigError(f"import_peft: the adapter in {str(adapter_dir)!r} holds no LoRA weights")
@@ -248,7 +250,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike, *, expert: int) -> nn
                 f"(wrapped: {', '.join(list(layers)[:4])}, ...); wrap it too (MoLFConfig.target_modules)"
             )
         if set(pair) != {"lora_A", "lora_B"}:
-            raise ConfigError(f"import_peft: module {name!r} has {sorted(pair)} in the adapter, needs lora_A and lora_B")
+            raise ConfigError(
+                f"import_peft: module {name!r} has {sorted(pair)} in the adapter, needs lora_A and lora_B"
+            )
         layer = layers[name]
         a, b = pair["lora_A"], pair["lora_B"]
         want_a, want_b = tuple(layer.lora_A[slot].shape), tuple(layer.lora_B[slot].shape)
