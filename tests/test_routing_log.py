@@ -146,3 +146,16 @@ def test_new_run_moves_an_old_log_aside(tmp_path):
     assert len(warned) == 1 and f"{path}.prev" in warned[0]
     assert [r["step"] for r in _records(path)] == [1, 2]
     assert [r["step"] for r in _records(f"{path}.prev")] == [1, 2, 3]
+
+
+def test_first_step_at_lr_zero_is_logged(tmp_path):
+    """A warm-up from lr 0 makes every EPD score 0 on the first step, like the state-init
+    step DCP runs on a fresh optimizer; real gradients tell them apart: this one is logged."""
+    path = tmp_path / "routing.jsonl"
+    model, opt, sched = make("molf", path)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    run(model, opt, sched, range(2))
+    records = _records(path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(s == 0 for m in records[0]["modules"].values() for s in m["scores"])

@@ -462,10 +462,22 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     def _is_state_init_step(self, scores: np.ndarray) -> bool:
         """Whether this is the step torch.distributed.checkpoint's `get_state_dict` runs on a
-        fresh optimizer to create its state (the first step, all-zero gradients, every lr 0):
-        a checkpoint load replaces what it did, so it stays out of the routing log (and does
-        not start the log afresh under the run about to be resumed)."""
-        return self._ledger.step == 1 and not np.any(scores) and all(float(g["lr"]) == 0 for g in self.param_groups)
+        fresh optimizer to create its state (the first step, every lr 0, every gradient
+        zero): a checkpoint load replaces what it did, so it stays out of the routing log (and
+        does not start the log afresh under the run about to be resumed). A real first step
+        at lr 0 (a warm-up from 0) has non-zero gradients; the gradient check runs only once
+        the cheap conditions hold."""
+        return (
+            self._ledger.step == 1
+            and not np.any(scores)
+            and all(float(g["lr"]) == 0 for g in self.param_groups)
+            and all(
+                p.grad is not None and not p.grad.any()
+                for g in self.param_groups
+                for p in g["params"]
+                if p.requires_grad
+            )
+        )
 
     def _record_skip(self) -> None:
         self._skipped_steps += 1
