@@ -644,17 +644,17 @@ mod tests {
                     .collect();
                 let (before, changed_before) = (r.incumbents().to_vec(), r.last_change().to_vec());
                 let out = route(&mut r, &scores);
-                for row in 0..m {
+                for (row, &changed_then) in changed_before.iter().enumerate() {
                     let span = row * e..(row + 1) * e;
                     let mut want = vec![false; e];
                     top_k(&scores[span.clone()], 1, None, &mut want);
                     assert_eq!(out[span.clone()], want[..], "e={e} step={step} row={row}");
                     let (inc, changed) = if !want.contains(&true) {
-                        (before[span.clone()].to_vec(), changed_before[row])
+                        (before[span.clone()].to_vec(), changed_then)
                     } else if want[..] != before[span.clone()] {
                         (want.clone(), step)
                     } else {
-                        (want.clone(), changed_before[row])
+                        (want.clone(), changed_then)
                     };
                     assert_eq!(r.incumbents()[span], inc[..]);
                     assert_eq!(r.last_change()[row], changed);
