@@ -113,14 +113,14 @@ class Scale:
 
 
 QUICK = Scale(
-    steps_synthetic=200, steps_lm=120, batch_synthetic=64, batch_lm=16, seeds=3, lrs=(3e-4, 1e-3, 3e-3),
+    steps_synthetic=200, steps_lm=120, batch_synthetic=64, batch_lm=16, seeds=3, lrs=(3e-4, 1e-3, 3e-3, 1e-2),
     lm=lm.LMScale(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, pretrain_steps=600,
-                  pretrain_batch=32, pretrain_lr=3e-3, n_facts=32, n_sql_train=256, n_sql_eval=64),
+                  pretrain_batch=32, pretrain_lr=3e-3, n_facts=96, n_sql_train=256, n_sql_eval=64),
 )
 FULL = Scale(
-    steps_synthetic=1000, steps_lm=600, batch_synthetic=64, batch_lm=32, seeds=5, lrs=(1e-4, 3e-4, 1e-3),
+    steps_synthetic=1000, steps_lm=600, batch_synthetic=64, batch_lm=32, seeds=5, lrs=(1e-4, 3e-4, 1e-3, 3e-3),
     lm=lm.LMScale(hidden=256, layers=4, heads=8, kv_heads=2, intermediate=704, pretrain_steps=4000,
-                  pretrain_batch=64, pretrain_lr=1e-3, n_facts=128, n_sql_train=1024, n_sql_eval=256),
+                  pretrain_batch=64, pretrain_lr=1e-3, n_facts=512, n_sql_train=1024, n_sql_eval=256),
 )
 
 MLP_TARGETS = tuple(f"blocks.{i}" for i in range(demo.DEPTH)) + ("head",)
@@ -357,6 +357,7 @@ def run_regime(spec: RegimeSpec, scale: Scale, methods: list[str], seeds: list[i
     for m in means:
         winner = m if winner is None or _better(means[m], means[winner], spec.higher_is_better) else winner
     result["winner"] = winner
+    result["tied_best"] = [m for m in means if means[m] == means[winner]]
     if all(b in means for b in BASELINES):
         a, b = (means[x] for x in BASELINES)
         best = b if _better(b, a, spec.higher_is_better) else a
@@ -403,7 +404,7 @@ def _pct(x: float | None) -> str:
 
 
 def format_table(results: dict) -> str:
-    """Markdown: metric per method x regime (mean ± std, winner in bold), the
+    """Markdown: metric per method x regime (mean ± std, the best in bold), the
     routed methods' gap to the better of FFT/LoRA, and their end-of-run share
     of modules per expert."""
     regs = results["regimes"]
@@ -415,7 +416,7 @@ def format_table(results: dict) -> str:
         for r in names:
             t = regs[r]["methods"][m]["test"]
             cell = f"{t['mean']:.3f} ± {t['std']:.3f}"
-            cells.append(f"**{cell}**" if regs[r]["winner"] == m else cell)
+            cells.append(f"**{cell}**" if m in regs[r]["tied_best"] else cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("| *metric* | " + " | ".join(("↑ " if regs[r]["higher_is_better"] else "↓ ") + regs[r]["metric"]
                                               for r in names) + " |")

@@ -149,7 +149,8 @@ def build_lm(scale: LMScale) -> nn.Module:
 def pretrained_lm(scale: LMScale, cache_dir: Path, device: str, progress: bool = True) -> nn.Module:
     """The pre-trained model for `scale`, trained once and cached under `cache_dir`
     (the file name hashes everything that determines the weights)."""
-    key = hashlib.sha256(json.dumps({"scale": asdict(scale), "world": [WORLD_SEED, WORLD_SIZE],
+    arch = {k: v for k, v in asdict(scale).items() if not k.startswith(("n_facts", "n_sql"))}  # task sizes: not weights
+    key = hashlib.sha256(json.dumps({"scale": arch, "world": [WORLD_SEED, WORLD_SIZE],
                                      "sql": PRETRAIN_SQL, "chars": TOKENIZER.chars, "v": 1}).encode()).hexdigest()
     path = Path(cache_dir).expanduser() / f"qwen2-char-{key[:16]}.pt"
     torch.manual_seed(0)
