@@ -118,6 +118,7 @@ def _ddp_worker(rank: int, port: int) -> None:
         with pytest.raises(RankDivergenceError, match=r"module '0' \(index 0\)"):
             _train(model, opt, _batches(), rows)
         assert opt.ledger.step == 3  # raised at the first check
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
@@ -174,6 +175,14 @@ def _fsdp_worker(rank: int, port: int, ckpt_dir: str) -> None:
         opt = molf.MoLFAdamW([{"params": list(model.parameters())}], **OPT_KW)
         assert opt.module_names == ref_opt.module_names
 
+        # Half a model sharded: the score sums could not be reduced consistently.
+        from torch.distributed.fsdp import fully_shard
+
+        model = _model()
+        fully_shard(molf.routed_modules(model)[0][1])
+        with pytest.raises(molf.ConfigError, match="all DTensors"):
+            molf.MoLFAdamW(model, **OPT_KW)
+
         # A non-finite gradient on one rank's shard only: every rank skips the step.
         model = _sharded_model()
         opt = molf.MoLFAdamW(model, **OPT_KW)
@@ -224,6 +233,7 @@ def _fsdp_worker(rank: int, port: int, ckpt_dir: str) -> None:
         got = _full_params(model)
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

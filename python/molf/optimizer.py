@@ -279,6 +279,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._plan_signature = None
         self._pending: _ScoreSources | np.ndarray | None = None  # lagged mode: the previous step's scores
         self._group_key = None  # (first routed parameter, its score group): see _score_group
+        self._score_group()  # refuse a half-sharded model here rather than at the first step
 
     # ------------------------------------------------------------------ groups
 
