@@ -120,7 +120,7 @@ QUICK = Scale(
 FULL = Scale(
     steps_synthetic=1000, steps_lm=600, batch_synthetic=64, batch_lm=32, seeds=5, lrs=(1e-4, 3e-4, 1e-3, 3e-3),
     lm=lm.LMScale(hidden=256, layers=4, heads=8, kv_heads=2, intermediate=704, pretrain_steps=4000,
-                  pretrain_batch=64, pretrain_lr=1e-3, n_facts=512, n_sql_train=1024, n_sql_eval=256),
+                  pretrain_batch=64, pretrain_lr=1e-3, n_facts=256, n_sql_train=1024, n_sql_eval=256),
 )
 
 MLP_TARGETS = tuple(f"blocks.{i}" for i in range(demo.DEPTH)) + ("head",)

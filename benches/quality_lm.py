@@ -179,6 +179,8 @@ def fact_splits(seed: int, scale: LMScale) -> dict[str, list[tuple[str, str]]]:
     """Counterfactual facts: known names moved to another city. The facts are
     trained on and recalled, so train and test hold the same pairs; the
     learning rate is chosen on another seed's facts (see quality.py)."""
+    if not 0 < scale.n_facts <= WORLD_SIZE:
+        raise ValueError(f"n_facts must be in [1, {WORLD_SIZE}] (the names the corpus knows), got {scale.n_facts}")
     rng = random.Random(seed)
     known = world()
     names = rng.sample(sorted(known), scale.n_facts)
