@@ -418,6 +418,7 @@ def format_table(results: dict) -> str:
             cell = f"{t['mean']:.3f} ± {t['std']:.3f}"
             cells.append(f"**{cell}**" if m in regs[r]["tied_best"] else cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("| *best* | " + " | ".join(", ".join(regs[r]["tied_best"]) for r in names) + " |")
     lines.append("| *metric* | " + " | ".join(("↑ " if regs[r]["higher_is_better"] else "↓ ") + regs[r]["metric"]
                                               for r in names) + " |")
     lines.append("| *lr chosen (FFT / LoRA / MoLF paper)* | " + " | ".join(
