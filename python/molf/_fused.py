@@ -298,10 +298,12 @@ class FusedStep:
         self._first, self._nblocks = rest[: self.num_routed], rest[self.num_routed:]
 
     def moments(self, groups: list[dict], steps: np.ndarray, score: str, check_finite: bool,
-                winners: np.ndarray | None = None):
+                winners: np.ndarray | None = None, group=None):
         """Every tensor's moments; unrouted parameters' whole AdamW update; the
         routed tensors' float64 score sums. With `winners` (bool per slot, lagged
-        mode) the winners' updates happen in the same pass. Returns (sums, flag, hyper rows)."""
+        mode) the winners' updates happen in the same pass. `group` (FSDP2): the
+        process group whose ranks hold the other shards; a non-finite gradient on
+        any of them stops every rank's writes. Returns (sums, flag, hyper rows)."""
         grads = [to_local(p.grad) for p in self.params]
         g_ptrs = np.fromiter((g.data_ptr() for g in grads), dtype=np.int64, count=len(grads))
         apply = self.slots < 0
@@ -319,6 +321,8 @@ class FusedStep:
                     g_d, self._numels, self._block_tensor[b.clo:], self._block_start[b.clo:], flag,
                     G_DT=_TL_DTYPES[b.g_dtype], ALIGNED=al, BLOCK=_block(b.g_dtype), CHUNK=CHUNK,
                 )
+            if group is not None:  # on the device's stream: no host sync
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
         partial = torch.empty(max(self.routed_blocks, 1), dtype=torch.float64, device=self.device)
         for b, al in zip(self.batches, aligned):
             _moments_kernel[(b.chi - b.clo,)](

@@ -572,8 +572,9 @@ class MoLFAdamW(torch.optim.Optimizer):
     def _fused_moments(self, plan, winners: np.ndarray | None = None):
         plan.step_buffer.add_(1)
         steps = plan.step_buffer.numpy().astype(np.float64)
-        sums, flag, hyper = plan.moments(self.param_groups, steps, self.score, self.skip_nonfinite, winners)
-        sources = _ScoreSources(flag if self.skip_nonfinite else None, self._score_group())
+        group = self._score_group()
+        sums, flag, hyper = plan.moments(self.param_groups, steps, self.score, self.skip_nonfinite, winners, group)
+        sources = _ScoreSources(flag if self.skip_nonfinite else None, group)
         sources.steps = [plan.step_buffer]
         routed = slice(0, plan.num_routed)
         group_lr = np.array([float(g["lr"]) for g in self.param_groups])
