@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -92,7 +93,9 @@ def _spawn(fn, *args) -> None:
 
 def _init(rank: int, port: int) -> slice:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A bounded timeout: a rank that fails an assertion leaves its peer in a
+    # collective, which must then fail within minutes instead of gloo's 30.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
     per = BATCH // WORLD
     return slice(rank * per, (rank + 1) * per)
