@@ -338,7 +338,8 @@ def run_regime(spec: RegimeSpec, scale: Scale, methods: list[str], seeds: list[i
         for s in seeds:
             log_path = None
             if method in ROUTED and s == seeds[0]:
-                log_path = out / f"routing_{spec.name}_{method.replace(' ', '_').replace('(', '').replace(')', '')}.jsonl"
+                slug = method.replace(" ", "_").replace("(", "").replace(")", "")
+                log_path = out / f"routing_{spec.name}_{slug}.jsonl"
                 log_path.unlink(missing_ok=True)  # the log appends; start it afresh
                 logs[method] = str(log_path)
             runs.append(train_eval(test_insts[s], method, best_lr, s, steps, "test", log_path, tick))
@@ -422,7 +423,8 @@ def format_table(results: dict) -> str:
     lines.append("| *metric* | " + " | ".join(("↑ " if regs[r]["higher_is_better"] else "↓ ") + regs[r]["metric"]
                                               for r in names) + " |")
     lines.append("| *lr chosen (FFT / LoRA / MoLF paper)* | " + " | ".join(
-        " / ".join(f"{regs[r]['methods'][m]['lr']:g}" for m in ("FFT", "LoRA", "MoLF (paper)") if m in regs[r]["methods"])
+        " / ".join(f"{regs[r]['methods'][m]['lr']:g}" for m in ("FFT", "LoRA", "MoLF (paper)")
+                   if m in regs[r]["methods"])
         for r in names) + " |")
     for m in ROUTED:
         if all(m in regs[r].get("gap_to_best_baseline", {}) for r in names):
@@ -437,7 +439,8 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="CPU settings (default)")
     mode.add_argument("--full", action="store_true", help="bigger models and more steps, for a GPU")
