@@ -10,6 +10,9 @@ use crate::phase::{Phase, Schedule};
 /// Policy names as exposed to Python (`molf._core.POLICIES`).
 pub const POLICIES: [&str; 2] = ["topk", "hysteresis"];
 
+/// Alias of `topk` accepted by [`Policy::parse`]: the paper's routing (arXiv 2605.07111).
+pub const PAPER_ALIAS: &str = "paper";
+
 /// Largest `num_modules × num_experts` accepted. It keeps every size computation far from
 /// overflow and turns absurd sizes into a `ConfigError` instead of an out-of-memory abort.
 pub const MAX_ENTRIES: u64 = 1 << 32;
@@ -35,12 +38,16 @@ impl Policy {
         }
     }
 
+    /// Accepts the names in [`POLICIES`] and [`PAPER_ALIAS`], which names the published EPD
+    /// top-1 (`topk`) explicitly: code that wants the paper's semantics says so even if the
+    /// default policy changes.
     pub fn parse(name: &str) -> Result<Self> {
         match name {
-            "topk" => Ok(Policy::TopK),
+            "topk" | PAPER_ALIAS => Ok(Policy::TopK),
             "hysteresis" => Ok(Policy::Hysteresis),
             other => Err(Error::Config(format!(
-                "unknown policy '{other}'; expected one of 'topk', 'hysteresis'"
+                "unknown policy '{other}'; expected one of 'topk', 'hysteresis', 'paper' \
+                 (an alias of 'topk')"
             ))),
         }
     }
@@ -698,8 +705,9 @@ mod tests {
         .starts_with("freeze_after must be None or > warmup_steps"));
         assert_eq!(
             Policy::parse("foo").unwrap_err().to_string(),
-            "unknown policy 'foo'; expected one of 'topk', 'hysteresis'"
+            "unknown policy 'foo'; expected one of 'topk', 'hysteresis', 'paper' (an alias of 'topk')"
         );
+        assert_eq!(Policy::parse("paper").unwrap(), Policy::TopK);
         // topk >= num_experts is allowed.
         assert!(Router::new(RouterConfig::topk(1, 2, 5)).is_ok());
     }

@@ -23,7 +23,7 @@ POLICIES: Final[tuple[Literal["topk"], Literal["hysteresis"]]]
 """Routing policies accepted by :class:`Router`."""
 
 _Phase = Literal["warmup", "routing", "frozen"]
-_Policy = Literal["topk", "hysteresis"]
+_Policy = Literal["topk", "hysteresis", "paper"]  # "paper": alias of "topk"
 _ScoreArray = npt.NDArray[np.float32] | npt.NDArray[np.float64]
 
 class ConfigError(ValueError):

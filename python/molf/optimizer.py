@@ -162,7 +162,8 @@ class MoLFAdamW(torch.optim.Optimizer):
     `weight_decay` is 0 (as the HF Trainer's groups are by default).
 
     Routing: `topk` experts per module win each step by `score` ("epd", the
-    expected preconditioned descent, or "pfn"); `policy` "topk" is the paper's,
+    expected preconditioned descent, or "pfn"); `policy` "topk" is the paper's
+    ("paper" names it explicitly and requires score "epd"),
     "hysteresis" keeps an incumbent unless a challenger beats it by `margin`
     (relative) and holds each choice at least `min_dwell` steps; during the first
     `warmup_steps` steps every expert is updated; after `freeze_after` steps the
@@ -240,6 +241,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
         if score not in SCORES:
             raise ConfigError(f"unknown score {score!r}; expected one of {', '.join(map(repr, SCORES))}")
+        if policy == "paper" and score != "epd":
+            raise ConfigError(f"policy 'paper' is the published EPD top-1 routing: score must be 'epd', got {score!r}")
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise ConfigError(f"log_every must be an integer >= 1, got {log_every!r}")
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
