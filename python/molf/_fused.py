@@ -154,21 +154,23 @@ def _apply_kernel(
     S_DT: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """The winners' update: p <- p (1 - lr wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
-    Writes nothing when `flag` is set (lagged mode learns of it only later)."""
+    """The winners' update: p <- p (1 - lr wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
+    for the tensors whose `apply` hyper value is set (the grid covers every routed
+    chunk: the host never builds per-step chunk lists). Writes nothing when `flag`
+    is set (lagged mode learns of it only later)."""
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
     start = tl.load(block_start + pid)
-    n = tl.load(numels + t) * (tl.load(flag) == 0)
+    h = hyper + 8 * t  # HYPER values per tensor
+    n = tl.load(numels + t) * (tl.load(flag) == 0) * (tl.load(h + 7) != 0)
     p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DT))
     m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(S_DT))
     v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(S_DT))
-    h = hyper + 8 * t  # HYPER values per tensor
     eps = tl.load(h + 3).to(C_DT)
     step_size = tl.load(h + 4).to(C_DT)
     bc2_sqrt = tl.load(h + 5).to(C_DT)
     decay = tl.load(h + 6).to(C_DT)
-    for i in range(0, CHUNK, BLOCK):
+    for i in range(0, CHUNK if n > 0 else 0, BLOCK):
         offs = start + i + tl.arange(0, BLOCK)
         mask = _in_bounds(offs, n, ALIGNED)
         m = tl.load(_at(m_ptr, offs, ALIGNED, BLOCK), mask=mask, other=0.0).to(C_DT)
@@ -338,29 +340,21 @@ class FusedStep:
         return sums, flag, hyper
 
     def apply(self, winners: np.ndarray, hyper: np.ndarray, flag: torch.Tensor) -> None:
-        """AdamW for the routed tensors whose slot won (`winners`: bool per slot)."""
-        chosen = np.flatnonzero(winners[self.slots[: self.num_routed]])
-        if not len(chosen):
+        """AdamW for the routed tensors whose slot won (`winners`: bool per slot).
+        One upload of the routed tensors' hyper rows with their apply flags set;
+        the launches reuse the plan's chunk tables."""
+        won = winners[self.slots[: self.num_routed]]
+        if not won.any():
             return
-        numels = self.numels[chosen]
-        _, block_tensor, block_start = _chunks(numels)
-        W, B = len(chosen), len(block_tensor)
-        table = _upload(np.concatenate([self.ptrs[:, chosen].reshape(-1), numels, block_tensor, block_start,
-                                        hyper[chosen].reshape(-1).view(np.int64)]), self.device)
-        p_d, m_d, v_d, n_d = table[:W], table[W:2 * W], table[2 * W:3 * W], table[3 * W:4 * W]
-        bt_d, bs_d = table[4 * W:4 * W + B], table[4 * W + B:4 * W + 2 * B]
-        hyper_d = table[4 * W + 2 * B:].view(torch.float64)
-        # Launch per batch: the chosen tensors keep the plan's order, so each batch is a contiguous run.
-        first_chunk = np.concatenate(([0], np.cumsum((numels + CHUNK - 1) // CHUNK)))
+        rows = hyper[: self.num_routed].copy()
+        rows[:, 7] = won
+        hyper_d = _upload(rows.reshape(-1), self.device)
         for b in self.batches:
-            if not b.routed:
+            if not b.routed or not won[b.lo:b.hi].any():
                 continue
-            lo, hi = np.searchsorted(chosen, [b.lo, b.hi])
-            if lo == hi:
-                continue
-            clo, chi = int(first_chunk[lo]), int(first_chunk[hi])
-            _apply_kernel[(chi - clo,)](
-                p_d, m_d, v_d, n_d, hyper_d, bt_d[clo:], bs_d[clo:], flag,
+            _apply_kernel[(b.chi - b.clo,)](
+                self._p, self._m, self._v, self._numels, hyper_d, self._block_tensor[b.clo:],
+                self._block_start[b.clo:], flag,
                 S_DT=_TL_DTYPES[b.s_dtype], P_DT=_TL_DTYPES[b.p_dtype], C_DT=_compute_dtype(b.s_dtype),
                 ALIGNED=b.aligned, BLOCK=_block(b.s_dtype, b.p_dtype), CHUNK=CHUNK,
             )
