@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import molf  # noqa: E402
+import step_bench  # noqa: E402
 from step_bench import SHAPES, build_model  # noqa: E402
 
 
@@ -61,21 +62,9 @@ def fill_local_grads(model, seed: int) -> None:
 
 
 def timed(device: str, fn, n: int) -> float:
-    """Milliseconds per call of `fn` over n back-to-back calls, ranks started together."""
+    """step_bench's timing, with the ranks started together."""
     dist.barrier()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / n
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / n
+    return step_bench.timed(device, fn, n)
 
 
 def check_against_one_device(device: str, steps: int = 5) -> None:

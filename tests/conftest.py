@@ -1,4 +1,5 @@
-"""Shared pytest configuration: Hypothesis profiles.
+"""Shared pytest configuration: Hypothesis profiles, Triton's interpreter on CPU-only
+machines, and a one-thread fixture.
 
 * ``fast`` (default, CI): ~50 examples per property, no deadline (a 2-core CI machine must
   not flake on timing);
@@ -10,7 +11,15 @@ Choose with the environment variable ``HYPOTHESIS_PROFILE``, e.g.
 
 import os
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
+
+if not torch.cuda.is_available():
+    # tests/test_fused.py runs the Triton kernels through Triton's interpreter on
+    # the CPU; it must be on before anything (transformers, torch.distributed's
+    # checkpointing) first imports triton, which other test modules do.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile(
     "fast",
@@ -25,3 +34,13 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared, busy
+    machine two spinning threads make each step tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

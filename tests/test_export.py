@@ -22,13 +22,8 @@ VOCAB = 97
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared, busy
-    # machine two spinning threads make each step tens of times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here on one torch thread (conftest's `one_thread`)."""
 
 
 def qwen2():
