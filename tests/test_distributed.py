@@ -244,3 +244,45 @@ def _fsdp_worker(rank: int, port: int, ckpt_dir: str) -> None:
 def test_fsdp2_matches_single_process_checkpoints_and_merges():
     with tempfile.TemporaryDirectory() as ckpt_dir:
         _spawn(_fsdp_worker, ckpt_dir)
+
+
+# ------------------------------------------------------- export under FSDP2
+
+
+def _efficient_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    return molf.wrap(model, molf.MoLFConfig(ranks=(2, 4), alphas=(4, 8), fft=False, exclude_modules=()))
+
+
+def _export_worker(rank: int, port: int, out_dir: str) -> None:
+    from safetensors.torch import load_file
+
+    rows = _init(rank, port)
+    try:
+        ref = _efficient_model()
+        _train(ref, molf.MoLFAdamW(ref, **OPT_KW, check_every=0), _batches()[:3])
+        model = _shard_in_place(_efficient_model())
+        _train(model, molf.MoLFAdamW(model, **OPT_KW), _batches()[:3], rows)
+        molf.export_peft(model, os.path.join(out_dir, "sharded"))  # every rank gathers, rank 0 writes
+        if rank == 0:
+            molf.export_peft(ref, os.path.join(out_dir, "single"))
+        dist.barrier()
+        if rank == 0:
+            want = load_file(os.path.join(out_dir, "single", "adapter_model.safetensors"))
+            got = load_file(os.path.join(out_dir, "sharded", "adapter_model.safetensors"))
+            assert got.keys() == want.keys() and any(t.abs().sum() > 0 for k, t in want.items() if "lora_B" in k)
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+            with open(os.path.join(out_dir, "single", "adapter_config.json")) as a, \
+                    open(os.path.join(out_dir, "sharded", "adapter_config.json")) as b:
+                assert a.read() == b.read()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_export_peft_gathers_fsdp2_shards():
+    pytest.importorskip("safetensors")
+    with tempfile.TemporaryDirectory() as out_dir:
+        _spawn(_export_worker, out_dir)

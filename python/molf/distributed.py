@@ -45,6 +45,12 @@ def to_local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every rank must call it),
+    any other tensor as is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
 def _shard_dims(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(i for i, placement in enumerate(p.placements) if placement.is_shard())
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ._core import ConfigError
+from .distributed import full
 from .layer import MoLFLinear
 from .wrap import _CONFIG_ATTR, routed_modules
 
@@ -95,6 +96,9 @@ def export_peft(
     model's `config._name_or_path`; `task_type` "auto" infers it from the
     model class (e.g. CAUSAL_LM for *ForCausalLM), None leaves it unset.
 
+    Under torch.distributed call it on every rank: FSDP2-sharded experts are
+    gathered (a collective), and rank 0 writes.
+
     Refused: a model with a dense expert (fft=True changes the base weights:
     use `molf.merge` and `save_pretrained`), and a merged or unwrapped model.
     """
@@ -126,8 +130,11 @@ def export_peft(
     conv1d = False
     for name, layer in layers:
         dtype = layer.lora_B[0].dtype
-        a = torch.cat([a.detach() for a in layer.lora_A], dim=0)
-        b = torch.cat([(s * b.detach().to(torch.float64)).to(dtype) for b, s in zip(layer.lora_B, layer.scales)], dim=1)
+        # Under FSDP2 the experts are DTensor shards: gather them (on every rank).
+        a = torch.cat([full(a.detach()) for a in layer.lora_A], dim=0)
+        b = torch.cat(
+            [(s * full(b.detach()).to(torch.float64)).to(dtype) for b, s in zip(layer.lora_B, layer.scales)], dim=1
+        )
         tensors[f"{_KEY_PREFIX}{name}.lora_A.weight"] = a.cpu().contiguous()
         tensors[f"{_KEY_PREFIX}{name}.lora_B.weight"] = b.cpu().contiguous()
         conv1d |= layer.transposed
@@ -151,6 +158,8 @@ def export_peft(
         "alpha_pattern": {},
         "use_dora": False,
     }
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return  # one writer; the other ranks took part in the gathers above
     from safetensors.torch import save_file  # optional (comes with transformers): imported on use
 
     out = Path(path)
