@@ -5,7 +5,6 @@ the same global batch; a rank that routes differently must be caught."""
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from datetime import timedelta
 
@@ -85,17 +84,17 @@ def _assert_same_run(model, opt, masks, ref_model, ref_opt, ref_masks) -> None:
 
 
 def _spawn(fn, *args) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(fn, args=(port, *args), nprocs=WORLD, join=True)
+    # Rendezvous through a file, not a TCP port picked ahead: no port can be taken
+    # by another process between picking and binding it.
+    with tempfile.TemporaryDirectory() as store:
+        mp.spawn(fn, args=(f"file://{store}/rendezvous", *args), nprocs=WORLD, join=True)
 
 
-def _init(rank: int, port: int) -> slice:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _init(rank: int, init_method: str) -> slice:
     # A bounded timeout: a rank that fails an assertion leaves its peer in a
     # collective, which must then fail within minutes instead of gloo's 30.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=120))
     torch.set_num_threads(1)
     per = BATCH // WORLD
     return slice(rank * per, (rank + 1) * per)
@@ -104,8 +103,8 @@ def _init(rank: int, port: int) -> slice:
 # --------------------------------------------------------------------- DDP
 
 
-def _ddp_worker(rank: int, port: int) -> None:
-    rows = _init(rank, port)
+def _ddp_worker(rank: int, init_method: str) -> None:
+    rows = _init(rank, init_method)
     try:
         ref_model, ref_opt, ref_masks = _reference(check_every=0)
         model = nn.parallel.DistributedDataParallel(_model())
@@ -146,11 +145,11 @@ def _sharded_model(mesh=None):
     return _shard_in_place(_model(), mesh)
 
 
-def _fsdp_worker(rank: int, port: int, ckpt_dir: str) -> None:
+def _fsdp_worker(rank: int, init_method: str, ckpt_dir: str) -> None:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     import torch.distributed.checkpoint as dcp
 
-    rows = _init(rank, port)
+    rows = _init(rank, init_method)
     try:
         for lagged in (False, True):
             ref_model, ref_opt, ref_masks = _reference(check_every=0, lagged=lagged)
@@ -255,10 +254,10 @@ def _efficient_model() -> nn.Module:
     return molf.wrap(model, molf.MoLFConfig(ranks=(2, 4), alphas=(4, 8), fft=False, exclude_modules=()))
 
 
-def _export_worker(rank: int, port: int, out_dir: str) -> None:
+def _export_worker(rank: int, init_method: str, out_dir: str) -> None:
     from safetensors.torch import load_file
 
-    rows = _init(rank, port)
+    rows = _init(rank, init_method)
     try:
         ref = _efficient_model()
         _train(ref, molf.MoLFAdamW(ref, **OPT_KW, check_every=0), _batches()[:3])
@@ -283,6 +282,5 @@ def _export_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_export_peft_gathers_fsdp2_shards():
-    pytest.importorskip("safetensors")
     with tempfile.TemporaryDirectory() as out_dir:
         _spawn(_export_worker, out_dir)

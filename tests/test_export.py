@@ -14,9 +14,9 @@ import torch
 import molf
 from molf.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+import peft  # noqa: E402  (test dependencies: a missing one fails, never skips)
+import safetensors.torch as safetensors_torch  # noqa: E402
+import transformers  # noqa: E402
 
 VOCAB = 97
 

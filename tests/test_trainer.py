@@ -12,8 +12,9 @@ import torch
 
 import molf
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+import accelerate  # noqa: E402,F401  (test dependencies: a missing one fails, never skips)
+import transformers  # noqa: E402
+
 from molf.hf import RoutingCallback, add_routing_callback, find_molf_optimizer  # noqa: E402
 
 VOCAB = 61
