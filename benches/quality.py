@@ -88,6 +88,7 @@ class Instance:
     loss: Callable[[nn.Module, object], torch.Tensor]
     evaluate: Callable[[nn.Module, str], float]
     targets: tuple[str, ...]  # name suffixes of the adapted linear layers
+    heldout: object = None  # the validation split as one batch, for routing that measures held-out loss
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def _synthetic(phases: tuple[demo.Regime, ...]) -> Callable[[int, Scale, str], I
             x, y = held[split]
             return relative_mse(model(x), y, base[split])
 
-        return Instance(tasks[0].student.to(device), batch, loss, evaluate, MLP_TARGETS)
+        return Instance(tasks[0].student.to(device), batch, loss, evaluate, MLP_TARGETS, held["val"])
 
     return build
 
@@ -182,7 +183,7 @@ def _language(splits_of: Callable[[int, lm.LMScale], dict]) -> Callable[[int, Sc
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             return exact_match(logits, b["labels"]).float().mean().item()
 
-        return Instance(model, batch, loss, evaluate, lm.LM_TARGETS)
+        return Instance(model, batch, loss, evaluate, lm.LM_TARGETS, evals["val"])
 
     return build
 

@@ -24,7 +24,17 @@ pub struct Ledger {
     no_winner: Vec<u64>,
     /// Row-major; the last non-empty mask row of each module (all false before one).
     last_mask: Vec<bool>,
+    /// Decay of `heldout_ema`, applied once per held-out window.
+    heldout_decay: f64,
+    /// Held-out windows recorded.
+    heldout_windows: u64,
+    /// Row-major: EMA of each expert's held-out loss decrease per step over the windows in
+    /// which it moved; NaN until the first.
+    heldout_ema: Vec<f64>,
 }
+
+/// Default decay of the held-out EMA: a window's measurement counts as much as all before.
+pub const DEFAULT_HELDOUT_DECAY: f64 = 0.5;
 
 /// Everything `Ledger::from_parts` needs; mirrors the serialised payload.
 #[derive(Debug, Clone)]
@@ -41,6 +51,9 @@ pub struct LedgerParts {
     pub last_switch_step: Vec<i64>,
     pub no_winner: Vec<u64>,
     pub last_mask: Vec<bool>,
+    pub heldout_decay: f64,
+    pub heldout_windows: u64,
+    pub heldout_ema: Vec<f64>,
 }
 
 /// Aggregates for logs; see `Ledger::summary`.
@@ -74,6 +87,9 @@ impl PartialEq for Ledger {
             && self.last_switch_step == other.last_switch_step
             && self.no_winner == other.no_winner
             && self.last_mask == other.last_mask
+            && self.heldout_decay.to_bits() == other.heldout_decay.to_bits()
+            && self.heldout_windows == other.heldout_windows
+            && bits(&self.heldout_ema) == bits(&other.heldout_ema)
     }
 }
 
@@ -93,9 +109,15 @@ fn validate_config(num_modules: u64, num_experts: u64, ema_decay: f64) -> Result
             "num_modules * num_experts must be <= {MAX_ENTRIES}, got {num_modules} * {num_experts}"
         ));
     }
+    check_decay("ema_decay", ema_decay)
+}
+
+fn check_decay(name: &str, decay: f64) -> Result<()> {
     // Written so that NaN fails too.
-    if !(0.0..1.0).contains(&ema_decay) {
-        return cfg(format!("ema_decay must be in [0, 1), got {ema_decay}"));
+    if !(0.0..1.0).contains(&decay) {
+        return Err(Error::Config(format!(
+            "{name} must be in [0, 1), got {decay}"
+        )));
     }
     Ok(())
 }
@@ -117,7 +139,17 @@ impl Ledger {
             last_switch_step: filled(m, -1, "last_switch_step")?,
             no_winner: filled(m, 0, "no_winner")?,
             last_mask: filled(m * e, false, "last_mask")?,
+            heldout_decay: DEFAULT_HELDOUT_DECAY,
+            heldout_windows: 0,
+            heldout_ema: filled(m * e, f64::NAN, "heldout_ema")?,
         })
+    }
+
+    /// The same ledger with another decay for the held-out EMA.
+    pub fn with_heldout_decay(mut self, decay: f64) -> Result<Self> {
+        check_decay("heldout_decay", decay)?;
+        self.heldout_decay = decay;
+        Ok(self)
     }
 
     /// Rebuilds a ledger from decoded state, checking every invariant `record` maintains;
@@ -133,6 +165,7 @@ impl Ledger {
             p.ema.len(),
             p.wins.len(),
             p.last_mask.len(),
+            p.heldout_ema.len(),
             p.switches.len() * e,
             p.last_switch_step.len() * e,
             p.no_winner.len() * e,
@@ -142,6 +175,18 @@ impl Ledger {
         }
         if p.step > MAX_STEP {
             return state(format!("ledger step {} exceeds {MAX_STEP}", p.step));
+        }
+        if let Err(e) = check_decay("heldout_decay", p.heldout_decay) {
+            return state(format!("invalid ledger configuration in state: {e}"));
+        }
+        if p.heldout_windows > MAX_STEP
+            || (p.heldout_windows == 0 && p.heldout_ema.iter().any(|x| !x.is_nan()))
+            || p.heldout_ema.iter().any(|x| x.is_infinite())
+        {
+            return state(format!(
+                "held-out EMA is inconsistent with {} recorded windows (or not finite)",
+                p.heldout_windows
+            ));
         }
         if p.step == 0
             && (p.checksum != 0 || p.last_scores.iter().chain(&p.ema).any(|x| !x.is_nan()))
@@ -189,7 +234,44 @@ impl Ledger {
             last_switch_step: p.last_switch_step,
             no_winner: p.no_winner,
             last_mask: p.last_mask,
+            heldout_decay: p.heldout_decay,
+            heldout_windows: p.heldout_windows,
+            heldout_ema: p.heldout_ema,
         })
+    }
+
+    /// Records one held-out window: `descent` (row-major `[modules × experts]`) is each
+    /// expert's held-out loss decrease per step over the window, `moved` whether the expert
+    /// was active in it. The EMA takes the finite values of experts that moved; the others
+    /// keep their estimate (a frozen expert's last measurement stands until it moves again).
+    pub fn record_heldout(&mut self, descent: &[f64], moved: &[bool]) -> Result<()> {
+        let n = self.heldout_ema.len();
+        if descent.len() != n || moved.len() != n {
+            return Err(Error::Score(format!(
+                "descent and moved must have {} x {} = {n} entries, got {} and {}",
+                self.num_modules,
+                self.num_experts,
+                descent.len(),
+                moved.len()
+            )));
+        }
+        if self.heldout_windows >= MAX_STEP {
+            return Err(Error::Internal(format!(
+                "held-out window counter reached {MAX_STEP}"
+            )));
+        }
+        let d = self.heldout_decay;
+        for ((ema, &x), &m) in self.heldout_ema.iter_mut().zip(descent).zip(moved) {
+            if m && x.is_finite() {
+                *ema = if ema.is_nan() {
+                    x
+                } else {
+                    d * *ema + (1.0 - d) * x
+                };
+            }
+        }
+        self.heldout_windows += 1;
+        Ok(())
     }
 
     /// Records one step's scores and winner mask (both row-major `[modules × experts]`).
@@ -326,6 +408,15 @@ impl Ledger {
     pub fn last_mask(&self) -> &[bool] {
         &self.last_mask
     }
+    pub fn heldout_decay(&self) -> f64 {
+        self.heldout_decay
+    }
+    pub fn heldout_windows(&self) -> u64 {
+        self.heldout_windows
+    }
+    pub fn heldout_ema(&self) -> &[f64] {
+        &self.heldout_ema
+    }
 }
 
 /// `fnv1a64(prev.to_le_bytes() ++ step.to_le_bytes() ++ [one byte 0/1 per mask entry])`.
@@ -370,6 +461,32 @@ mod tests {
         assert_eq!(s.current_share, [1.0, 0.0]);
         assert_eq!(s.switch_rate, 0.5);
         assert_eq!(s.no_winner_events, 1);
+    }
+
+    #[test]
+    fn heldout_ema_takes_moved_finite_values_only() {
+        let mut l = Ledger::new(1, 3, 0.9)
+            .unwrap()
+            .with_heldout_decay(0.25)
+            .unwrap();
+        l.record_heldout(&[1.0, 2.0, f64::NAN], &[true, false, true])
+            .unwrap();
+        assert_eq!(l.heldout_ema()[0], 1.0);
+        assert!(l.heldout_ema()[1].is_nan() && l.heldout_ema()[2].is_nan());
+        l.record_heldout(&[-3.0, 4.0, f64::INFINITY], &[true, true, true])
+            .unwrap();
+        assert_eq!(l.heldout_ema()[0], 0.25 * 1.0 + 0.75 * -3.0);
+        assert_eq!(l.heldout_ema()[1], 4.0);
+        assert!(l.heldout_ema()[2].is_nan());
+        assert_eq!(l.heldout_windows(), 2);
+        assert!(matches!(
+            l.record_heldout(&[1.0], &[true]),
+            Err(Error::Score(_))
+        ));
+        assert!(matches!(
+            Ledger::new(1, 1, 0.5).unwrap().with_heldout_decay(1.0),
+            Err(Error::Config(_))
+        ));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use crate::error::{at_least, Error};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, DEFAULT_HELDOUT_DECAY};
 use crate::phase::PHASES;
 use crate::router::{Policy, Router, RouterConfig, POLICIES};
 
@@ -221,6 +221,23 @@ fn read_scores<'py>(obj: &Bound<'py, PyAny>, shape: (usize, usize)) -> PyResult<
     }
 }
 
+/// A float64 matrix argument of shape `shape` (e.g. held-out measurements).
+fn read_f64<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    shape: (usize, usize),
+) -> PyResult<Input<'py, f64>> {
+    let arr = check_array(obj, name, shape, "float64")?;
+    let dt = arr.dtype();
+    if !dt.is_equiv_to(&dtype::<f64>(obj.py())) {
+        return Err(ScoreError::new_err(format!(
+            "{name} must be a numpy array of shape ({}, {}) and dtype float64, got dtype {dt}",
+            shape.0, shape.1
+        )));
+    }
+    read(arr)
+}
+
 fn read_mask<'py>(obj: &Bound<'py, PyAny>, shape: (usize, usize)) -> PyResult<Input<'py, bool>> {
     let arr = check_array(obj, "mask", shape, "bool")?;
     let dt = arr.dtype();
@@ -378,6 +395,17 @@ impl PyRouter {
         })
     }
 
+    /// Policy 'heldout': updates the active experts from held-out measurements (see the
+    /// Rust `Router::regate`); returns the number of modules whose set changed.
+    fn regate(&self, descent: &Bound<'_, PyAny>, potential: &Bound<'_, PyAny>) -> PyResult<usize> {
+        guarded(|| {
+            let shape = self.shape();
+            let descent = read_f64(descent, "descent", shape)?;
+            let potential = read_f64(potential, "potential", shape)?;
+            Ok(self.router().regate(descent.slice(), potential.slice())?)
+        })
+    }
+
     fn incumbents<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<bool>>> {
         let incumbents = self.router().incumbents().to_vec();
         guarded(|| matrix(py, &incumbents, self.shape()))
@@ -470,15 +498,48 @@ impl PyLedger {
 #[pymethods]
 impl PyLedger {
     #[new]
-    #[pyo3(signature = (num_modules, num_experts, ema_decay = 0.9))]
-    fn new(num_modules: Int, num_experts: Int, ema_decay: f64) -> PyResult<Self> {
+    #[pyo3(signature = (num_modules, num_experts, ema_decay = 0.9, heldout_decay = DEFAULT_HELDOUT_DECAY))]
+    fn new(
+        num_modules: Int,
+        num_experts: Int,
+        ema_decay: f64,
+        heldout_decay: f64,
+    ) -> PyResult<Self> {
         guarded(|| {
-            Ok(PyLedger::wrap(Ledger::new(
-                num_modules.count("num_modules", 1)?,
-                num_experts.count("num_experts", 1)?,
-                ema_decay,
-            )?))
+            Ok(PyLedger::wrap(
+                Ledger::new(
+                    num_modules.count("num_modules", 1)?,
+                    num_experts.count("num_experts", 1)?,
+                    ema_decay,
+                )?
+                .with_heldout_decay(heldout_decay)?,
+            ))
         })
+    }
+
+    /// Records one held-out window (see the Rust `Ledger::record_heldout`).
+    fn record_heldout(&self, descent: &Bound<'_, PyAny>, moved: &Bound<'_, PyAny>) -> PyResult<()> {
+        guarded(|| {
+            let shape = self.shape();
+            let descent = read_f64(descent, "descent", shape)?;
+            let moved = read_mask(moved, shape)?;
+            Ok(self
+                .ledger()
+                .record_heldout(descent.slice(), moved.slice())?)
+        })
+    }
+
+    #[getter]
+    fn heldout_decay(&self) -> f64 {
+        self.ledger().heldout_decay()
+    }
+    #[getter]
+    fn heldout_windows(&self) -> u64 {
+        self.ledger().heldout_windows()
+    }
+    fn heldout_ema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let data = self.ledger().heldout_ema().to_vec();
+        guarded(|| matrix(py, &data, self.shape()))
     }
 
     fn record(

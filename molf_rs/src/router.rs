@@ -8,7 +8,7 @@ use crate::error::{filled, Error, Result};
 use crate::phase::{Phase, Schedule};
 
 /// Policy names as exposed to Python (`molf._core.POLICIES`).
-pub const POLICIES: [&str; 2] = ["topk", "hysteresis"];
+pub const POLICIES: [&str; 3] = ["topk", "hysteresis", "heldout"];
 
 /// Alias of `topk` accepted by [`Policy::parse`]: the paper's routing (arXiv 2605.07111).
 pub const PAPER_ALIAS: &str = "paper";
@@ -28,6 +28,11 @@ pub enum Policy {
     /// Incumbents keep their place unless beaten by a relative margin, and are held for at
     /// least `min_dwell` steps after they change.
     Hysteresis,
+    /// Every expert starts active; [`Router::regate`] drops an expert whose measured movement
+    /// raised the held-out loss and re-admits a dropped one, `min_dwell` steps after its
+    /// module last changed, once a step of it would lower that loss. Training scores only
+    /// veto non-finite experts; `topk` is not used.
+    Heldout,
 }
 
 impl Policy {
@@ -35,6 +40,7 @@ impl Policy {
         match self {
             Policy::TopK => POLICIES[0],
             Policy::Hysteresis => POLICIES[1],
+            Policy::Heldout => POLICIES[2],
         }
     }
 
@@ -45,9 +51,10 @@ impl Policy {
         match name {
             "topk" | PAPER_ALIAS => Ok(Policy::TopK),
             "hysteresis" => Ok(Policy::Hysteresis),
+            "heldout" => Ok(Policy::Heldout),
             other => Err(Error::Config(format!(
-                "unknown policy '{other}'; expected one of 'topk', 'hysteresis', 'paper' \
-                 (an alias of 'topk')"
+                "unknown policy '{other}'; expected one of 'topk', 'hysteresis', 'heldout', \
+                 'paper' (an alias of 'topk')"
             ))),
         }
     }
@@ -62,7 +69,8 @@ pub struct RouterConfig {
     pub policy: Policy,
     /// Relative advantage an incumbent enjoys (hysteresis only).
     pub margin: f64,
-    /// Steps an incumbent is held after it changed (hysteresis only).
+    /// Steps an incumbent is held after it changed (hysteresis); steps after a module's
+    /// active set changed before a dropped expert may return (heldout).
     pub min_dwell: u64,
     pub warmup_steps: u64,
     pub freeze_after: Option<u64>,
@@ -114,6 +122,12 @@ impl RouterConfig {
         if !self.margin.is_finite() || self.margin < 0.0 {
             return cfg(format!(
                 "margin must be finite and >= 0, got {}",
+                self.margin
+            ));
+        }
+        if self.policy == Policy::Heldout && self.margin != 0.0 {
+            return cfg(format!(
+                "margin belongs to policy 'hysteresis'; with policy 'heldout' it must be 0, got {}",
                 self.margin
             ));
         }
@@ -181,7 +195,7 @@ impl Router {
             experts: config.num_experts as usize,
             k: usize::try_from(config.topk).unwrap_or(usize::MAX),
             step: 0,
-            incumbents: filled(entries, false, "incumbents")?,
+            incumbents: filled(entries, config.policy == Policy::Heldout, "incumbents")?,
             last_change: filled(config.num_modules as usize, 0, "last_change")?,
         })
     }
@@ -209,7 +223,12 @@ impl Router {
         if step > MAX_STEP {
             return state(format!("router step {step} exceeds {MAX_STEP}"));
         }
-        let max_winners = e.min(usize::try_from(config.topk).unwrap_or(usize::MAX));
+        let heldout = config.policy == Policy::Heldout;
+        let max_winners = if heldout {
+            e
+        } else {
+            e.min(usize::try_from(config.topk).unwrap_or(usize::MAX))
+        };
         for (row, (inc, &changed)) in incumbents.chunks_exact(e).zip(&last_change).enumerate() {
             let n = inc.iter().filter(|&&b| b).count();
             if n > max_winners {
@@ -217,7 +236,11 @@ impl Router {
                     "module {row} has {n} incumbents, more than min(topk, num_experts) = {max_winners}"
                 ));
             }
-            let ok = if n == 0 {
+            let ok = if heldout {
+                // `regate` runs after the step's `route`, so a change can be stamped `step`;
+                // any set (all experts dropped included) is reachable.
+                changed <= step && (changed > 0 || n == e)
+            } else if n == 0 {
                 changed == 0
             } else {
                 // Incumbents only change in routing steps: warmup_steps <= changed < step,
@@ -304,6 +327,11 @@ impl Router {
                 for (((row, win), inc), changed) in rows {
                     match self.config.policy {
                         Policy::TopK => top_k(row, self.k, None, win),
+                        // The active set changes in `regate` only.
+                        Policy::Heldout => {
+                            hold(row, inc, win);
+                            continue;
+                        }
                         Policy::Hysteresis => {
                             let has_inc = inc.iter().any(|&b| b);
                             let held = has_inc
@@ -332,12 +360,14 @@ impl Router {
                 }
             }
             Phase::Frozen => {
+                // A heldout module with every expert dropped stays without updates.
+                let heldout = self.config.policy == Policy::Heldout;
                 let rows = scores
                     .chunks_exact(e)
                     .zip(out.chunks_exact_mut(e))
                     .zip(self.incumbents.chunks_exact(e));
                 for ((row, win), inc) in rows {
-                    if inc.iter().any(|&b| b) {
+                    if heldout || inc.iter().any(|&b| b) {
                         hold(row, inc, win);
                     } else {
                         top_k(row, self.k, None, win);
@@ -347,6 +377,62 @@ impl Router {
         }
         self.step += 1;
         Ok(phase)
+    }
+
+    /// Policy `heldout`: updates each module's active experts from a held-out measurement and
+    /// returns how many modules changed. `descent` (row-major `[modules × experts]`) is each
+    /// expert's smoothed held-out loss decrease per step while it moved (NaN: not measured
+    /// yet), `potential` the first-order decrease one step of it would buy now. An active
+    /// expert stays while `descent` is NaN or positive; an inactive one returns when
+    /// `potential` is positive and finite and its module's set last changed at least
+    /// `min_dwell` steps ago. Nothing changes in the frozen phase.
+    pub fn regate(&mut self, descent: &[f64], potential: &[f64]) -> Result<usize> {
+        if self.config.policy != Policy::Heldout {
+            return Err(Error::Config(format!(
+                "regate needs policy 'heldout', this router's is '{}'",
+                self.config.policy.name()
+            )));
+        }
+        let n = self.incumbents.len();
+        if descent.len() != n || potential.len() != n {
+            return Err(Error::Score(format!(
+                "descent and potential must have {} x {} = {n} entries, got {} and {}",
+                self.config.num_modules,
+                self.config.num_experts,
+                descent.len(),
+                potential.len()
+            )));
+        }
+        if self.phase() == Phase::Frozen {
+            return Ok(0);
+        }
+        let (e, s, dwell) = (self.experts, self.step, self.config.min_dwell);
+        let mut changed_modules = 0;
+        let rows = self
+            .incumbents
+            .chunks_exact_mut(e)
+            .zip(self.last_change.iter_mut())
+            .zip(descent.chunks_exact(e).zip(potential.chunks_exact(e)));
+        for ((inc, changed), (d, p)) in rows {
+            let may_return = s - *changed >= dwell;
+            let mut differs = false;
+            for ((i, &d), &p) in inc.iter_mut().zip(d).zip(p) {
+                // Written so that a NaN descent keeps the expert and a NaN potential does
+                // not bring one back.
+                let next = if *i {
+                    d.is_nan() || d > 0.0
+                } else {
+                    may_return && p.is_finite() && p > 0.0
+                };
+                differs |= next != *i;
+                *i = next;
+            }
+            if differs {
+                *changed = s;
+                changed_modules += 1;
+            }
+        }
+        Ok(changed_modules)
     }
 
     /// The paper's setting (top-1, no hysteresis) in a routing step, for 2 to 8 experts: the
@@ -705,7 +791,7 @@ mod tests {
         .starts_with("freeze_after must be None or > warmup_steps"));
         assert_eq!(
             Policy::parse("foo").unwrap_err().to_string(),
-            "unknown policy 'foo'; expected one of 'topk', 'hysteresis', 'paper' (an alias of 'topk')"
+            "unknown policy 'foo'; expected one of 'topk', 'hysteresis', 'heldout', 'paper' (an alias of 'topk')"
         );
         assert_eq!(Policy::parse("paper").unwrap(), Policy::TopK);
         // topk >= num_experts is allowed.
@@ -734,5 +820,97 @@ mod tests {
             Err(Error::State(_))
         ));
         assert!(Router::from_parts(cfg, 3, vec![true, false], vec![2]).is_ok());
+    }
+
+    fn heldout(modules: u64, experts: u64, min_dwell: u64) -> Router {
+        Router::new(RouterConfig {
+            policy: Policy::Heldout,
+            min_dwell,
+            ..RouterConfig::topk(modules, experts, 1)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn heldout_starts_all_active_and_routes_the_active_finite_experts() {
+        let mut r = heldout(2, 2, 0);
+        let mut out = [false; 4];
+        r.route(&[1.0f64, 9.0, f64::NAN, 0.0], &mut out).unwrap();
+        assert_eq!(out, [true, true, false, true]);
+        assert_eq!(r.incumbents(), [true; 4]);
+    }
+
+    #[test]
+    fn heldout_regate_drops_harm_and_readmits_after_the_dwell() {
+        let mut r = heldout(1, 2, 2);
+        let mut out = [false; 2];
+        r.route(&[1.0f64, 1.0], &mut out).unwrap(); // step 1
+                                                    // Dense raised the held-out loss, LoRA lowered it: dense leaves.
+        assert_eq!(r.regate(&[-1.0, 2.0], &[5.0, 5.0]).unwrap(), 1);
+        assert_eq!(r.incumbents(), [false, true]);
+        assert_eq!(r.last_change(), [1]);
+        r.route(&[1.0f64, 1.0], &mut out).unwrap();
+        assert_eq!(out, [false, true]);
+        // Within the dwell a positive potential does not bring it back ...
+        assert_eq!(r.regate(&[-1.0, 2.0], &[5.0, 5.0]).unwrap(), 0);
+        r.route(&[1.0f64, 1.0], &mut out).unwrap(); // step 3
+                                                    // ... after it, a NaN or non-positive potential does not either ...
+        assert_eq!(r.regate(&[-1.0, 2.0], &[f64::NAN, 5.0]).unwrap(), 0);
+        assert_eq!(r.regate(&[-1.0, 2.0], &[0.0, 5.0]).unwrap(), 0);
+        // ... a positive one does; a NaN descent keeps an active expert.
+        assert_eq!(r.regate(&[-1.0, f64::NAN], &[1e-30, 5.0]).unwrap(), 1);
+        assert_eq!(r.incumbents(), [true, true]);
+        assert_eq!(r.last_change(), [3]);
+        // Every expert may leave: the module then gets no update.
+        r.route(&[1.0f64, 1.0], &mut out).unwrap();
+        assert_eq!(r.regate(&[0.0, -1.0], &[0.0, 0.0]).unwrap(), 1);
+        r.route(&[1.0f64, 1.0], &mut out).unwrap();
+        assert_eq!(out, [false, false]);
+        let back = Router::from_parts(
+            *r.config(),
+            r.step(),
+            r.incumbents().to_vec(),
+            r.last_change().to_vec(),
+        )
+        .unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn heldout_checks_its_inputs_and_policy() {
+        let mut r = heldout(1, 2, 0);
+        assert!(matches!(
+            r.regate(&[1.0], &[1.0, 1.0]),
+            Err(Error::Score(_))
+        ));
+        let mut t = Router::new(RouterConfig::topk(1, 2, 1)).unwrap();
+        assert!(matches!(
+            t.regate(&[1.0, 1.0], &[1.0, 1.0]),
+            Err(Error::Config(_))
+        ));
+        let cfg = RouterConfig {
+            policy: Policy::Heldout,
+            margin: 0.1,
+            ..RouterConfig::topk(1, 2, 1)
+        };
+        assert!(matches!(Router::new(cfg), Err(Error::Config(_))));
+        // A state claiming a change with every expert active but stamped in the future.
+        assert!(Router::from_parts(*r.config(), 0, vec![false, true], vec![1]).is_err());
+        assert!(Router::from_parts(*r.config(), 0, vec![false, true], vec![0]).is_err());
+    }
+
+    #[test]
+    fn heldout_frozen_phase_keeps_the_set() {
+        let cfg = RouterConfig {
+            policy: Policy::Heldout,
+            freeze_after: Some(1),
+            ..RouterConfig::topk(1, 2, 1)
+        };
+        let mut r = Router::new(cfg).unwrap();
+        let mut out = [false; 2];
+        r.route(&[1.0f64, 1.0], &mut out).unwrap();
+        assert_eq!(r.regate(&[-1.0, -1.0], &[0.0, 0.0]).unwrap(), 0);
+        r.route(&[1.0f64, 1.0], &mut out).unwrap();
+        assert_eq!(out, [true, true]);
     }
 }

@@ -3,30 +3,32 @@
 //! Layout, all little-endian:
 //!
 //! ```text
-//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 1) | payload length: u64
+//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 2) | payload length: u64
 //!        | payload | checksum: u64 = FNV-1a 64 over every byte before it
 //! ```
 //!
-//! Router payload (version 1): num_modules u64, num_experts u64, topk u64, policy u8
-//! (0 topk, 1 hysteresis), margin f64, min_dwell u64, warmup_steps u64, has_freeze u8 (0/1),
+//! Router payload (versions 1 and 2): num_modules u64, num_experts u64, topk u64, policy u8
+//! (0 topk, 1 hysteresis, 2 heldout: version 2 only), margin f64, min_dwell u64, warmup_steps u64, has_freeze u8 (0/1),
 //! freeze_after u64 (0 when absent), step u64, incumbents u8×(M·E) (0/1, row-major),
 //! last_change u64×M.
 //!
 //! Ledger payload (version 1): num_modules u64, num_experts u64, ema_decay f64, step u64,
 //! checksum u64, last_scores f64×(M·E), ema f64×(M·E), wins u64×(M·E), switches u64×M,
 //! last_switch_step i64×M, no_winner u64×M, last_mask u8×(M·E) (0/1).
+//! Version 2 appends heldout_decay f64, heldout_windows u64, heldout_ema f64×(M·E); a
+//! version-1 ledger loads with decay 0.5, no windows and NaN EMAs.
 //!
 //! Floats are stored as their IEEE bit patterns, so NaN payloads and signed zeros survive.
 //! Decoding is strict: one encoding per state (flags and bools must be exactly 0 or 1, no
 //! trailing bytes), and the decoded state must satisfy every invariant the live object keeps.
 
 use crate::error::{Error, Result};
-use crate::ledger::{Ledger, LedgerParts};
+use crate::ledger::{Ledger, LedgerParts, DEFAULT_HELDOUT_DECAY};
 use crate::router::{Policy, Router, RouterConfig};
 
 pub const MAGIC: &[u8; 4] = b"MOLF";
-pub const FORMAT_VERSION: u16 = 1;
-pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+pub const FORMAT_VERSION: u16 = 2;
+pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2];
 
 const HEADER_LEN: usize = 4 + 1 + 2 + 8;
 const CHECKSUM_LEN: usize = 8;
@@ -181,12 +183,14 @@ impl<'a> Reader<'a> {
         experts: u64,
         per_entry: u64,
         per_module: u64,
+        fixed: u64,
     ) -> Result<(usize, usize)> {
         let entries = modules.checked_mul(experts);
         let needed = entries
             .and_then(|n| n.checked_mul(per_entry))
             .zip(modules.checked_mul(per_module))
-            .and_then(|(a, b)| a.checked_add(b));
+            .and_then(|(a, b)| a.checked_add(b))
+            .and_then(|n| n.checked_add(fixed));
         match (needed, entries) {
             (Some(n), Some(entries)) if n == self.buf.len() as u64 => {
                 // Both fit in usize: they are at most the length of an in-memory buffer.
@@ -201,8 +205,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Validates the envelope and returns the payload.
-fn open(data: &[u8], kind: Kind) -> Result<&[u8]> {
+/// Validates the envelope and returns the format version and the payload.
+fn open(data: &[u8], kind: Kind) -> Result<(u16, &[u8])> {
     let state = |msg: String| Err(Error::State(msg));
     if data.len() < HEADER_LEN + CHECKSUM_LEN {
         return state(format!(
@@ -258,7 +262,7 @@ fn open(data: &[u8], kind: Kind) -> Result<&[u8]> {
             kind.name()
         ));
     }
-    Ok(&body[HEADER_LEN..])
+    Ok((version, &body[HEADER_LEN..]))
 }
 
 impl Router {
@@ -271,6 +275,7 @@ impl Router {
         w.u8(match c.policy {
             Policy::TopK => 0,
             Policy::Hysteresis => 1,
+            Policy::Heldout => 2,
         });
         w.f64(c.margin);
         w.u64(c.min_dwell);
@@ -284,8 +289,9 @@ impl Router {
     }
 
     pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        let (version, buf) = open(data, Kind::Router)?;
         let mut r = Reader {
-            buf: open(data, Kind::Router)?,
+            buf,
             what: "router",
         };
         let num_modules = r.u64()?;
@@ -294,6 +300,7 @@ impl Router {
         let policy = match r.u8()? {
             0 => Policy::TopK,
             1 => Policy::Hysteresis,
+            2 if version >= 2 => Policy::Heldout,
             v => {
                 return Err(Error::State(format!(
                     "unknown policy code {v} in router state"
@@ -311,7 +318,7 @@ impl Router {
             ));
         }
         let step = r.u64()?;
-        let (m, entries) = r.shape(num_modules, num_experts, 1, 8)?;
+        let (m, entries) = r.shape(num_modules, num_experts, 1, 8, 0)?;
         let incumbents = r.bools(entries, "incumbents")?;
         let last_change = r.u64s(m)?;
         let config = RouterConfig {
@@ -345,12 +352,16 @@ impl Ledger {
             .for_each(|&x| w.u64(x as u64));
         w.u64s(self.no_winner());
         w.bools(self.last_mask());
+        w.f64(self.heldout_decay());
+        w.u64(self.heldout_windows());
+        self.heldout_ema().iter().for_each(|&x| w.f64(x));
         w.finish()
     }
 
     pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        let (version, buf) = open(data, Kind::Ledger)?;
         let mut r = Reader {
-            buf: open(data, Kind::Ledger)?,
+            buf,
             what: "ledger",
         };
         let num_modules = r.u64()?;
@@ -358,8 +369,11 @@ impl Ledger {
         let ema_decay = r.f64()?;
         let step = r.u64()?;
         let checksum = r.u64()?;
-        // Per entry: 3 arrays of 8-byte cells + 1 of 1-byte cells; per module: 3 of 8 bytes.
-        let (m, entries) = r.shape(num_modules, num_experts, 25, 24)?;
+        // Per entry: 3 arrays of 8-byte cells + 1 of 1-byte cells (version 2: + the held-out
+        // EMA); per module: 3 of 8 bytes; version 2 also has 16 bytes of held-out scalars.
+        let v2 = version >= 2;
+        let (per_entry, fixed) = if v2 { (33, 16) } else { (25, 0) };
+        let (m, entries) = r.shape(num_modules, num_experts, per_entry, 24, fixed)?;
         let floats = |v: Vec<u64>| v.into_iter().map(f64::from_bits).collect();
         let last_scores = floats(r.u64s(entries)?);
         let ema = floats(r.u64s(entries)?);
@@ -368,6 +382,11 @@ impl Ledger {
         let last_switch_step = r.u64s(m)?.into_iter().map(|x| x as i64).collect();
         let no_winner = r.u64s(m)?;
         let last_mask = r.bools(entries, "last_mask")?;
+        let (heldout_decay, heldout_windows, heldout_ema) = if v2 {
+            (r.f64()?, r.u64()?, floats(r.u64s(entries)?))
+        } else {
+            (DEFAULT_HELDOUT_DECAY, 0, vec![f64::NAN; entries])
+        };
         Ledger::from_parts(LedgerParts {
             num_modules,
             num_experts,
@@ -381,6 +400,9 @@ impl Ledger {
             last_switch_step,
             no_winner,
             last_mask,
+            heldout_decay,
+            heldout_windows,
+            heldout_ema,
         })
     }
 }
@@ -408,9 +430,9 @@ mod tests {
         assert!(
             matches!(Ledger::from_bytes(&bytes), Err(Error::State(m)) if m.contains("is a router"))
         );
-        let mut v2 = bytes.clone();
-        v2[5] = 2;
-        assert!(matches!(Router::from_bytes(&v2), Err(Error::State(m)) if m.contains("version 2")));
+        let mut v3 = bytes.clone();
+        v3[5] = 3;
+        assert!(matches!(Router::from_bytes(&v3), Err(Error::State(m)) if m.contains("version 3")));
         for n in 0..bytes.len() {
             assert!(Router::from_bytes(&bytes[..n]).is_err());
         }
@@ -427,5 +449,60 @@ mod tests {
         let back = Ledger::from_bytes(&l.to_bytes()).unwrap();
         assert_eq!(back, l);
         assert_eq!(back.last_scores()[0].to_bits(), 0x7ff8_0000_0000_0001);
+    }
+
+    /// Re-wraps `payload` in an envelope of the given version (checksum recomputed).
+    fn envelope(kind: Kind, version: u16, payload: &[u8]) -> Vec<u8> {
+        let mut v = MAGIC.to_vec();
+        v.push(kind as u8);
+        v.extend_from_slice(&version.to_le_bytes());
+        v.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        v.extend_from_slice(payload);
+        let sum = fnv1a64(&v);
+        v.extend_from_slice(&sum.to_le_bytes());
+        v
+    }
+
+    fn payload(bytes: &[u8]) -> &[u8] {
+        &bytes[HEADER_LEN..bytes.len() - CHECKSUM_LEN]
+    }
+
+    #[test]
+    fn version_1_ledger_loads_with_heldout_defaults() {
+        let mut l = Ledger::new(2, 2, 0.5).unwrap();
+        l.record(&[1.0f64, 2.0, 3.0, 4.0], &[true, false, false, true])
+            .unwrap();
+        let v2 = l.to_bytes();
+        let body = payload(&v2);
+        let v1 = envelope(Kind::Ledger, 1, &body[..body.len() - 16 - 8 * 4]);
+        assert_eq!(Ledger::from_bytes(&v1).unwrap(), l);
+        // Version 2 data cut back to version 1's length is rejected, not misread.
+        assert!(Ledger::from_bytes(&envelope(Kind::Ledger, 2, &body[..body.len() - 48])).is_err());
+    }
+
+    #[test]
+    fn heldout_state_round_trips_and_needs_version_2() {
+        let mut l = Ledger::new(1, 2, 0.5)
+            .unwrap()
+            .with_heldout_decay(0.3)
+            .unwrap();
+        l.record_heldout(&[-1.5, f64::NAN], &[true, true]).unwrap();
+        assert_eq!(Ledger::from_bytes(&l.to_bytes()).unwrap(), l);
+
+        let cfg = RouterConfig {
+            policy: Policy::Heldout,
+            min_dwell: 3,
+            ..RouterConfig::topk(1, 2, 1)
+        };
+        let mut r = Router::new(cfg).unwrap();
+        let mut out = [false; 2];
+        r.route(&[1.0f64, 1.0], &mut out).unwrap();
+        assert_eq!(r.regate(l.heldout_ema(), &[0.0, 0.0]).unwrap(), 1);
+        let bytes = r.to_bytes();
+        assert_eq!(Router::from_bytes(&bytes).unwrap(), r);
+        let v1 = envelope(Kind::Router, 1, payload(&bytes));
+        assert!(
+            matches!(Router::from_bytes(&v1), Err(Error::State(m)) if m.contains("policy code 2"))
+        );
     }
 }
