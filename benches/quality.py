@@ -215,15 +215,17 @@ REGIMES: dict[str, RegimeSpec] = {
 
 # ------------------------------------------------------------------ methods
 
-# A method: (fresh model copy, lr, steps, adapted layer suffixes, routing log) -> (model, optimizer, after-step hook).
+# A method: (fresh model copy, lr, steps, adapted layer suffixes, routing log, held-out loss of a model)
+# -> (model, optimizer, after-step hook). Only molf's held-out routing uses the held-out loss.
 Built = tuple[nn.Module, torch.optim.Optimizer, Callable[[int], None]]
+HeldoutLoss = Callable[[nn.Module], torch.Tensor]
 
 
 def _none(step: int) -> None:
     pass
 
 
-def _fft(model, lr, steps, targets, log_path) -> Built:
+def _fft(model, lr, steps, targets, log_path, heldout) -> Built:
     return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), _none
 
 
@@ -231,7 +233,7 @@ def _trainable(model: nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _lora(model, lr, steps, targets, log_path) -> Built:
+def _lora(model, lr, steps, targets, log_path, heldout) -> Built:
     from peft import LoraConfig, get_peft_model
 
     # alpha = rank with rsLoRA: the same scale sqrt(r) as molf's experts.
@@ -240,7 +242,7 @@ def _lora(model, lr, steps, targets, log_path) -> Built:
     return model, torch.optim.AdamW(_trainable(model), lr=lr, weight_decay=0.0), _none
 
 
-def _adalora(model, lr, steps, targets, log_path) -> Built:
+def _adalora(model, lr, steps, targets, log_path, heldout) -> Built:
     from peft import AdaLoraConfig, get_peft_model
 
     # Its initial rank per module is MoLF-E's total (same trainable parameters at the
@@ -254,12 +256,26 @@ def _adalora(model, lr, steps, targets, log_path) -> Built:
 
 
 def _molf(ranks: tuple[int, ...], fft: bool, routing: Callable[[], dict]):
-    def build(model, lr, steps, targets, log_path) -> Built:
+    def build(model, lr, steps, targets, log_path, heldout: HeldoutLoss) -> Built:
         cfg = molf.MoLFConfig(ranks=ranks, alphas=tuple(float(r) for r in ranks), fft=fft,
                               target_modules=targets, exclude_modules=())
         molf.wrap(model, cfg)
         opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lr, weight_decay=0.0, lora_weight_decay=0.0,
                              log_path=log_path, **routing())
+        return model, opt, _none
+
+    return build
+
+
+def _molf_heldout(ranks: tuple[int, ...], fft: bool):
+    """molf's default routing: MoLFAdamW(model, lr=…, lora_lr=…, heldout=…), nothing else set."""
+
+    def build(model, lr, steps, targets, log_path, heldout: HeldoutLoss) -> Built:
+        cfg = molf.MoLFConfig(ranks=ranks, alphas=tuple(float(r) for r in ranks), fft=fft,
+                              target_modules=targets, exclude_modules=())
+        molf.wrap(model, cfg)
+        opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lr, weight_decay=0.0, lora_weight_decay=0.0,
+                             log_path=log_path, heldout=lambda: heldout(model))
         return model, opt, _none
 
     return build
@@ -271,9 +287,10 @@ METHODS: dict[str, Callable[..., Built]] = {
     "MoLF (paper)": _molf((LORA_RANK,), True, paper_routing),
     "MoLF-E": _molf(EFFICIENT_RANKS, False, paper_routing),
     "AdaLoRA": _adalora,
-    "molf default": _molf((LORA_RANK,), True, dict),  # MoLFAdamW(model, ...) with no routing options
+    "molf default": _molf_heldout((LORA_RANK,), True),
+    "molf-E default": _molf_heldout(EFFICIENT_RANKS, False),
 }
-ROUTED = ("MoLF (paper)", "MoLF-E", "molf default")
+ROUTED = ("MoLF (paper)", "MoLF-E", "molf default", "molf-E default")
 BASELINES = ("FFT", "LoRA")
 
 # ------------------------------------------------------------------ harness
@@ -285,7 +302,8 @@ def train_eval(inst: Instance, method: str, lr: float, seed: int, steps: int, sp
     time and, for routed methods, the routing summary."""
     with torch.random.fork_rng(devices=[]):  # LoRA inits draw from the global RNG
         torch.manual_seed(seed)
-        model, opt, after_step = METHODS[method](copy.deepcopy(inst.model), lr, steps, inst.targets, log_path)
+        heldout = lambda m: inst.loss(m, inst.heldout)  # noqa: E731 - the instance's validation split
+        model, opt, after_step = METHODS[method](copy.deepcopy(inst.model), lr, steps, inst.targets, log_path, heldout)
         batches = torch.Generator().manual_seed(seed + 1)  # the same minibatches for every method
         model.train()
         start = time.perf_counter()

@@ -9,7 +9,7 @@ import os
 import warnings
 from collections import defaultdict
 from types import ModuleType
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from . import _kernels, distributed
 from ._core import ConfigError, Ledger, Router, StateError
+from .heldout import HeldoutProbe
 from .routing_log import RoutingLog
 from .summary import RoutingSummary
 from .wrap import expert_tag, retag
@@ -161,13 +162,22 @@ class MoLFAdamW(torch.optim.Optimizer):
     decay; LoRA experts decay by `lora_weight_decay` even in a group whose
     `weight_decay` is 0 (as the HF Trainer's groups are by default).
 
-    Routing: `topk` experts per module win each step by `score` ("epd", the
-    expected preconditioned descent, or "pfn"); `policy` "topk" is the paper's
-    ("paper" names it explicitly and requires score "epd"),
-    "hysteresis" keeps an incumbent unless a challenger beats it by `margin`
-    (relative) and holds each choice at least `min_dwell` steps; during the first
-    `warmup_steps` steps every expert is updated; after `freeze_after` steps the
-    routing is frozen.
+    Routing: with `heldout` (a callable returning a loss on held-out data) the
+    default policy is "heldout": every expert of a module is updated until its
+    own movement is measured to raise the held-out loss; every `heldout_every`
+    steps the optimizer calls `heldout()`, back-propagates it, attributes the
+    held-out loss change since the last call to each expert's movement
+    (trapezoid rule), smooths it (EMA, decay `heldout_decay`), drops the
+    experts that hurt and brings a dropped one back, `min_dwell` steps (default
+    3 x `heldout_every`) after its module last changed, once a step of it would
+    lower the held-out loss (first order). See `molf.heldout`.
+    Without `heldout` the default is the paper's: `topk` experts per module win
+    each step by `score` ("epd", the expected preconditioned descent, or
+    "pfn"); `policy` "topk" ("paper" names it explicitly and requires score
+    "epd"); "hysteresis" keeps an incumbent unless a challenger beats it by
+    `margin` (relative) and holds each choice at least `min_dwell` steps.
+    During the first `warmup_steps` steps every expert is updated; after
+    `freeze_after` steps the routing is frozen.
 
     `state_dtype`: "auto" (default) keeps the moments in float32 for bf16/fp16
     parameters and in the parameter's dtype otherwise; "param" always uses the
@@ -214,9 +224,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         *,
         topk: int = 1,
         score: str = "epd",
-        policy: str = "topk",
+        policy: str | None = None,
         margin: float = 0.0,
-        min_dwell: int = 0,
+        min_dwell: int | None = None,
         warmup_steps: int = 0,
         freeze_after: int | None = None,
         ema_decay: float = 0.9,
@@ -227,6 +237,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         lagged: bool = False,
         skip_nonfinite: bool = True,
         check_every: int = 100,
+        heldout: Callable[[], torch.Tensor] | None = None,
+        heldout_every: int = 10,
+        heldout_decay: float = 0.5,
     ) -> None:
         _check_number("lr", lr)
         _check_number("weight_decay", weight_decay)
@@ -241,6 +254,15 @@ class MoLFAdamW(torch.optim.Optimizer):
         _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
         if score not in SCORES:
             raise ConfigError(f"unknown score {score!r}; expected one of {', '.join(map(repr, SCORES))}")
+        if policy is None:
+            policy = "heldout" if heldout is not None else "topk"
+        if policy == "heldout" and heldout is None:
+            raise ConfigError("policy 'heldout' needs heldout=, a callable returning a loss on held-out data")
+        if heldout is not None and policy != "heldout":
+            raise ConfigError(f"heldout= is used by policy 'heldout' only; got policy {policy!r}")
+        self._probe = None if heldout is None else HeldoutProbe(heldout, heldout_every)
+        if min_dwell is None:
+            min_dwell = 3 * heldout_every if heldout is not None else 0
         if policy == "paper" and score != "epd":
             raise ConfigError(f"policy 'paper' is the published EPD top-1 routing: score must be 'epd', got {score!r}")
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
@@ -261,8 +283,10 @@ class MoLFAdamW(torch.optim.Optimizer):
             len(self.module_names), len(self.expert_names), topk=topk, policy=policy, margin=margin,
             min_dwell=min_dwell, warmup_steps=warmup_steps, freeze_after=freeze_after,
         )
-        self._ledger = Ledger(len(self.module_names), len(self.expert_names), ema_decay=ema_decay)
-        if topk >= len(self.expert_names):
+        self._ledger = Ledger(
+            len(self.module_names), len(self.expert_names), ema_decay=ema_decay, heldout_decay=heldout_decay
+        )
+        if topk >= len(self.expert_names) and self._probe is None:
             warnings.warn(
                 f"topk={topk} >= {len(self.expert_names)} experts per module: routing is off and every "
                 "expert is updated every step (plain AdamW over all experts)",
@@ -434,6 +458,7 @@ class MoLFAdamW(torch.optim.Optimizer):
                 mask = self._route(self._pending)
                 self._pending, _ = self._fused_moments(plan, winners=mask.reshape(-1))
                 self._pending.start_copy()
+                self._measure_heldout()
                 return loss
             sources, apply_winners = self._fused_moments(plan)
         else:
@@ -452,7 +477,12 @@ class MoLFAdamW(torch.optim.Optimizer):
             self._record_skip()
             return loss
         apply_winners(self._route(scores).reshape(-1))
+        self._measure_heldout()
         return loss
+
+    def _measure_heldout(self) -> None:
+        if self._probe is not None and self._probe.due(self._router.step):
+            self._probe.measure(self)
 
     def _route(self, scores: np.ndarray) -> np.ndarray:
         """One call into the Rust router for all modules; book and log it."""
@@ -654,6 +684,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             "modules": list(self.module_names),
             "experts": list(self.expert_names),
             "score": self.score,
+            "heldout_step": None if self._probe is None else self._probe.last_step,
             "router": base64.b64encode(self._router.to_bytes()).decode("ascii"),
             "ledger": base64.b64encode(self._ledger.to_bytes()).decode("ascii"),
         }
@@ -699,6 +730,11 @@ class MoLFAdamW(torch.optim.Optimizer):
             router.num_experts,
         ) != (len(self.module_names), len(self.expert_names)):
             raise StateError("router and ledger state do not match this optimizer's routing structure")
+        if (router.policy == "heldout") != (self._probe is not None):
+            raise StateError(
+                f"checkpoint was saved with routing policy {router.policy!r}; this optimizer "
+                + ("routes by held-out loss (heldout= given)" if self._probe is not None else "has no heldout=")
+            )
         return router, ledger
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -733,6 +769,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         pending = metas[0][1].get("pending")
         self._pending = None if pending is None else np.asarray(pending, dtype=np.float64)
         self._skipped_steps = int(metas[0][1].get("skipped_steps", 0))
+        if self._probe is not None:
+            # A checkpoint from before the held-out policy has no measurement to continue.
+            self._probe.last_step = int(metas[0][1].get("heldout_step") or 0)
         if self._log is not None:
             self._log.resume(self._ledger.step, self._skipped_steps)
 
@@ -747,6 +786,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             score=self.score, _state_dtype=self._state_dtype, module_names=self.module_names,
             expert_names=self.expert_names, _log=self._log, lagged=self.lagged, skip_nonfinite=self.skip_nonfinite,
             _fused=self._fused is not None, _molf_meta=self._meta(), _check_every=self._check_every,
+            _probe=self._probe,
         )
         return state
 

@@ -1,0 +1,217 @@
+"""Prototype routing policies on the quality suite (issue 7), in Python, before the Rust core gets them.
+
+    python3 benches/policy_lab.py lca:10:0.5 --regimes high-rank low-rank-noisy
+
+Each spec is a policy; the method is MoLF (dense + LoRA r=8) or MoLF-E (r4 + r32, prefix "E/")
+with the policy deciding the mask; lr grid and seeds as in quality.py --quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import molf  # noqa: E402
+import quality as q  # noqa: E402
+from molf.wrap import expert_tag  # noqa: E402
+
+
+import os
+RIGHT = os.environ.get('LCA_RIGHT') == '1'
+
+
+class Fixed:
+    """Stands in for the optimizer's router: the Rust router still counts steps, the lab decides."""
+
+    def __init__(self, real, mask):
+        self.real, self.mask = real, mask
+
+    def route(self, scores):
+        self.real.route(scores)
+        return self.mask.copy()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+class LCA:
+    """Held-out loss-change allocation: every K steps a validation gradient; each expert's
+    parameter movement over the window, dotted with the mean of the two end gradients
+    (trapezoid: exact on a quadratic), is its share of the held-out loss change."""
+
+    def __init__(self, model, opt, inst, every, decay, rule, extra):
+        self.model, self.opt, self.inst, self.every, self.decay, self.rule, self.extra = (
+            model, opt, inst, every, decay, rule, extra)
+        self.M, self.E = len(opt.module_names), len(opt.expert_names)
+        orders = sorted({t.order for p in model.parameters() if (t := expert_tag(p)) is not None})
+        self.where = [(p, orders.index(t.order), t.expert, g) for g in opt.param_groups for p in g["params"]
+                      if (t := expert_tag(p)) is not None]
+        self.params = [w[0] for w in self.where]
+        self.mask = np.ones((self.M, self.E), bool)
+        self.mask_before = self.mask.copy()
+        self.ema = None
+        self.snap = None
+        self.g_prev = None
+        opt._router = Fixed(opt._router, self.mask)
+        self.history = []
+
+    def grads(self):
+        with torch.enable_grad():
+            loss = self.inst.loss(self.model, self.inst.heldout)
+            return torch.autograd.grad(loss, self.params, allow_unused=True)
+
+    def __call__(self, step):
+        if step % self.every:
+            return
+        was_training = self.model.training
+        g_now = self.grads()
+        g_now = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, g_now)]
+        if self.snap is not None:
+            lca = np.zeros((self.M, self.E))
+            for (p, m, e, _), s, a, b in zip(self.where, self.snap, self.g_prev, g_now):
+                lca[m, e] += float(((a + b) * (p.detach() - s)).sum()) / 2 if not RIGHT else float((b * (p.detach() - s)).sum())
+            lca /= self.every
+            # a frozen expert did not move: keep its last estimate instead of decaying it to 0
+            fresh = self.mask_before
+            if self.ema is None:
+                self.ema = np.where(fresh, lca, 0.0)
+            else:
+                self.ema = np.where(fresh, self.decay * self.ema + (1 - self.decay) * lca, self.ema)
+            self.pot = self.potential(g_now)
+            self.decide(step)
+        self.snap = [p.detach().clone() for p in self.params]
+        self.g_prev = g_now
+        self.mask_before = self.mask.copy()
+        self.model.train(was_training)
+
+    def potential(self, g_val):
+        """First-order held-out loss change per step if each expert took its Adam step."""
+        pot = np.zeros((self.M, self.E))
+        for (p, m, e, grp), gv in zip(self.where, g_val):
+            st = self.opt.state.get(p)
+            if not st:
+                continue
+            (b1, b2), t = grp["betas"], float(st["step"])
+            d = (st["exp_avg"] / (1 - b1**t)) / ((st["exp_avg_sq"] / (1 - b2**t)).sqrt() + grp["eps"])
+            pot[m, e] -= grp["lr"] * float((gv * d).sum())
+        return pot
+
+    def decide(self, step):
+        ema = self.ema
+        if self.rule == "drop":  # keep the experts whose movement lowers held-out loss
+            new = (ema < 0) & self.mask
+        elif self.rule == "dropkeep":  # same, but the most helpful (or least harmful) stays
+            new = (ema < 0) & self.mask
+            best = np.argmin(np.where(self.mask, ema, np.inf), 1)
+            new[np.arange(self.M), best] |= ~new.any(1)
+        elif self.rule == "rel":  # drop an expert that helps less than `extra` x the best's help
+            new = self.mask & (ema < 0)
+            best = np.min(np.where(self.mask, ema, np.inf), 1, keepdims=True)
+            new &= ema <= self.extra * best
+        elif self.rule == "re1":  # drop on realized harm; re-admit when the first-order potential helps
+            new = (ema < 0) & self.mask
+            self.since = getattr(self, "since", np.zeros((self.M, self.E), int)) + 1
+            back = ~self.mask & (self.pot < 0) & (self.since > self.extra)
+            new |= back
+            self.since[new != self.mask] = 0
+        elif self.rule == "re2":  # re-admit when the potential beats the best active expert's realized help
+            new = (ema < 0) & self.mask
+            best = np.min(np.where(new, ema, 0.0), 1, keepdims=True)
+            back = ~self.mask & (self.pot < 0) & (self.pot < self.extra * best)
+            new |= back
+        else:
+            raise SystemExit(self.rule)
+        self.mask[:] = new
+        self.history.append(new[:, 0].mean())
+
+
+def make_method(spec):
+    efficient = spec.startswith("E/")
+    name, *args = spec.removeprefix("E/").split(":")
+    ranks = q.EFFICIENT_RANKS if efficient else (q.LORA_RANK,)
+
+    def build(model, lr, steps, targets, log_path, inst):
+        cfg = molf.MoLFConfig(ranks=ranks, alphas=tuple(float(r) for r in ranks), fft=not efficient,
+                              target_modules=targets, exclude_modules=())
+        molf.wrap(model, cfg)
+        opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lr, weight_decay=0.0, lora_weight_decay=0.0, topk=2)
+        if name == "both":
+            return model, opt, q._none
+        every, decay = int(args[0]), float(args[1])
+        rule = args[2] if len(args) > 2 else "drop"
+        extra = float(args[3]) if len(args) > 3 else 0.0
+        hook = LCA(model, opt, inst, every, decay, rule, extra)
+        return model, opt, hook
+
+    return build
+
+
+def run(spec, regime, scale, seeds):
+    rs = q.REGIMES[regime]
+    steps = scale.steps_synthetic if rs.family == "synthetic" else scale.steps_lm
+    build = make_method(spec)
+    results = {}
+
+    def train(inst, lr, seed, split):
+        import copy, time
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, opt, hook = build(copy.deepcopy(inst.model), lr, steps, inst.targets, None, inst)
+            g = torch.Generator().manual_seed(seed + 1)
+            model.train()
+            for step in range(1, steps + 1):
+                inst.loss(model, inst.batch(step, steps, g)).backward()
+                opt.step()
+                hook(step)
+                opt.zero_grad()
+            model.eval()
+            share = float(np.mean(hook.mask[:, 0])) if hasattr(hook, "mask") else 1.0
+            return inst.evaluate(model, split), share
+
+    val_inst = rs.build(q.VAL_SEED, scale, "cpu")
+    val = {lr: train(val_inst, lr, q.VAL_SEED, "val")[0] for lr in scale.lrs}
+    best = scale.lrs[0]
+    for lr in scale.lrs[1:]:
+        best = lr if q._better(val[lr], val[best], rs.higher_is_better) else best
+    outs = [train(rs.build(s, scale, "cpu"), best, s, "test") for s in seeds]
+    return best, [o[0] for o in outs], [o[1] for o in outs]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("specs", nargs="+")
+    ap.add_argument("--regimes", nargs="+", default=list(q.REGIMES))
+    ap.add_argument("--baseline", default="benches/results/quality-quick/results.json")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    base = json.load(open(args.baseline))["regimes"]
+    seeds = [0, 1, 2]
+    out = {}
+    for regime in args.regimes:
+        b = base[regime]
+        hib = b["higher_is_better"]
+        means = {m: b["methods"][m]["test"]["mean"] for m in ("FFT", "LoRA", "AdaLoRA", "MoLF-E")}
+        best = max(means["FFT"], means["LoRA"]) if hib else min(means["FFT"], means["LoRA"])
+        print(f"== {regime}: FFT {means['FFT']:.4f} LoRA {means['LoRA']:.4f} AdaLoRA {means['AdaLoRA']:.4f}", flush=True)
+        for spec in args.specs:
+            lr, vals, shares = run(spec, regime, q.QUICK, seeds)
+            m = statistics.fmean(vals)
+            gap = q._gap(m, best, hib)
+            ada = q._gap(m, means["AdaLoRA"], hib)
+            print(f"  {spec:28s} lr {lr:g}  {m:.4f}  gap {gap:+.1%}  vs AdaLoRA {ada:+.1%}  share0 {np.mean(shares):.2f}"
+                  f"  seeds {' '.join(f'{v:.3f}' for v in vals)}", flush=True)
+            out.setdefault(regime, {})[spec] = {"lr": lr, "vals": vals, "gap": gap}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
