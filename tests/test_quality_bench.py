@@ -87,8 +87,10 @@ def test_tiny_suite_structure(tmp_path):
             assert e["lr"] in scale.lrs and set(e["val_by_lr"]) == {str(lr) for lr in scale.lrs}
             assert len(e["test"]["per_seed"]) == 1 and e["test"]["std"] == 0.0
             assert e["test"]["mean"] == e["test"]["per_seed"][0]
-            if method in q.ROUTED:  # top-1: every module has exactly one current winner
+            if method in ("MoLF (paper)", "MoLF-E"):  # top-1: every module has exactly one current winner
                 assert sum(e["routing"]["current_share"].values()) == pytest.approx(1.0)
+            elif method in q.ROUTED:  # held-out routing: 6 steps < the first window, every expert active
+                assert set(e["routing"]["current_share"].values()) == {1.0}
             else:
                 assert "routing" not in e
         if name == "sql":

@@ -25,7 +25,8 @@ class RefRouter:
         self.policy, self.margin, self.min_dwell = policy, margin, min_dwell
         self.warmup_steps, self.freeze_after = warmup_steps, freeze_after
         self.step = 0
-        self.incumbents = [[False] * num_experts for _ in range(num_modules)]
+        # Policy heldout starts with every expert active; the others with no incumbent.
+        self.incumbents = [[policy == "heldout"] * num_experts for _ in range(num_modules)]
         self.last_change = [0] * num_modules
 
     @property
@@ -59,6 +60,8 @@ class RefRouter:
             held = [i and f for i, f in zip(inc, finite)]
             if phase == "warmup":
                 win = finite
+            elif self.policy == "heldout":  # the active set changes in regate only
+                win = held
             elif phase == "frozen":
                 win = held if any(inc) else self.top_k(row, self.k)
             elif self.policy == "topk":
@@ -69,12 +72,35 @@ class RefRouter:
                 win = self.top_k(row, self.k, inc, self.margin)
             else:
                 win = self.top_k(row, self.k)
-            if phase == "routing" and any(win) and win != inc:
+            if phase == "routing" and self.policy != "heldout" and any(win) and win != inc:
                 self.incumbents[m] = list(win)
                 self.last_change[m] = s
             out.append(win)
         self.step += 1
         return np.array(out, dtype=bool).reshape(self.m, self.e)
+
+    def regate(self, descent, potential):
+        """Policy heldout: an active expert stays unless its smoothed held-out descent is
+        <= 0 (NaN: not measured, stays); a dropped one returns when its potential is finite
+        and > 0 and its module's set last changed >= min_dwell steps ago. Not when frozen."""
+        if self.phase == "frozen":
+            return 0
+        changed = 0
+        for m in range(self.m):
+            inc = self.incumbents[m]
+            may_return = self.step - self.last_change[m] >= self.min_dwell
+            new = []
+            for e in range(self.e):
+                d, p = float(descent[m][e]), float(potential[m][e])
+                if inc[e]:
+                    new.append(math.isnan(d) or d > 0)
+                else:
+                    new.append(may_return and math.isfinite(p) and p > 0)
+            if new != inc:
+                self.incumbents[m] = new
+                self.last_change[m] = self.step
+                changed += 1
+        return changed
 
 
 def assert_mask(got, want, context=""):
@@ -318,5 +344,5 @@ def test_exception_hierarchy_and_module():
         cls = getattr(core, name)
         assert issubclass(cls, base) and cls.__module__ == "molf._core" and cls.__name__ == name
     assert core.PHASES == ("warmup", "routing", "frozen")
-    assert core.POLICIES == ("topk", "hysteresis")
+    assert core.POLICIES == ("topk", "hysteresis", "heldout")
     assert isinstance(core.__version__, str)

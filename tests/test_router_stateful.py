@@ -35,8 +35,11 @@ def fnv1a64(data: bytes) -> int:
 
 
 class RefLedger:
-    def __init__(self, m, e, decay):
+    def __init__(self, m, e, decay, heldout_decay=0.5):
         self.m, self.e, self.decay = m, e, decay
+        self.heldout_decay = heldout_decay
+        self.heldout_windows = 0
+        self.heldout_ema = [[math.nan] * e for _ in range(m)]
         self.step = 0
         self.checksum = 0
         self.last_scores = [[math.nan] * e for _ in range(m)]
@@ -69,6 +72,17 @@ class RefLedger:
         self.checksum = fnv1a64(payload)
         self.step += 1
 
+    def record_heldout(self, descent, moved):
+        """EMA of the finite held-out descents of experts that moved; the rest keep theirs."""
+        d = self.heldout_decay
+        for m in range(self.m):
+            for e in range(self.e):
+                x = float(descent[m][e])
+                if moved[m][e] and math.isfinite(x):
+                    old = self.heldout_ema[m][e]
+                    self.heldout_ema[m][e] = x if math.isnan(old) else d * old + (1.0 - d) * x
+        self.heldout_windows += 1
+
     def last_mask(self):
         return [p if p is not None else [False] * self.e for p in self.prev]
 
@@ -95,14 +109,15 @@ def same_floats(got: np.ndarray, want) -> bool:
 
 class RoutingMachine(RuleBasedStateMachine):
     @initialize(config=router_configs(num_modules=st.integers(1, 4), num_experts=st.integers(1, 4)),
-                decay=st.one_of(st.sampled_from([0.0, 0.5, 0.9]), st.floats(0.0, 0.999)))
-    def setup(self, config, decay):
-        note(f"Router(**{config}); Ledger(decay={decay!r})")
+                decay=st.one_of(st.sampled_from([0.0, 0.5, 0.9]), st.floats(0.0, 0.999)),
+                heldout_decay=st.one_of(st.sampled_from([0.0, 0.5]), st.floats(0.0, 0.999)))
+    def setup(self, config, decay, heldout_decay):
+        note(f"Router(**{config}); Ledger(decay={decay!r}, heldout_decay={heldout_decay!r})")
         self.config = config
         self.shape = (config["num_modules"], config["num_experts"])
         self.router, self.ref_router = core.Router(**config), RefRouter(**config)
-        self.ledger = core.Ledger(*self.shape, ema_decay=decay)
-        self.ref_ledger = RefLedger(*self.shape, decay)
+        self.ledger = core.Ledger(*self.shape, ema_decay=decay, heldout_decay=heldout_decay)
+        self.ref_ledger = RefLedger(*self.shape, decay, heldout_decay)
 
     @rule(data=st.data())
     def route_and_record(self, data):
@@ -124,6 +139,30 @@ class RoutingMachine(RuleBasedStateMachine):
         note(f"ledger-only record: mask={mask.tolist()}")
         self.ledger.record(scores, mask)
         self.ref_ledger.record(scores, mask)
+
+    @rule(data=st.data())
+    def heldout_window(self, data):
+        """A held-out measurement: the ledger's EMA, then (policy heldout) the regate."""
+        n = self.shape[0] * self.shape[1]
+        values = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64),
+                           st.sampled_from([0.0, -0.0, 1e-300, -1e-300, math.nan]))
+        descent = np.array(data.draw(st.lists(values, min_size=n, max_size=n), label="descent")).reshape(self.shape)
+        potential = np.array(data.draw(st.lists(values, min_size=n, max_size=n), label="potential")).reshape(self.shape)
+        moved = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n), label="moved"),
+                         dtype=bool).reshape(self.shape)
+        self.ledger.record_heldout(descent, moved)
+        self.ref_ledger.record_heldout(descent.tolist(), moved.tolist())
+        if self.config["policy"] != "heldout":
+            try:
+                self.router.regate(self.ledger.heldout_ema(), potential)
+            except core.ConfigError:
+                return
+            raise AssertionError("regate accepted a router whose policy is not 'heldout'")
+        got = self.router.regate(self.ledger.heldout_ema(), potential)
+        want = self.ref_router.regate(self.ref_ledger.heldout_ema, potential.tolist())
+        note(f"held-out window: descent={descent.tolist()} moved={moved.tolist()} "
+             f"potential={potential.tolist()} -> {got} modules changed")
+        assert got == want
 
     @rule()
     def serialise_and_restore(self):
@@ -161,6 +200,8 @@ class RoutingMachine(RuleBasedStateMachine):
         assert lg.last_mask().tolist() == ref.last_mask()
         assert same_floats(lg.last_scores(), ref.last_scores)
         assert same_floats(lg.ema(), ref.ema)
+        assert lg.heldout_windows == ref.heldout_windows
+        assert same_floats(lg.heldout_ema(), ref.heldout_ema)
 
 
 RoutingMachine.TestCase.settings = settings(

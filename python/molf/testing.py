@@ -215,11 +215,12 @@ def router_configs(
 
     Each argument may be left out (drawn from a default range that covers every policy,
     phase and option), pinned to a value, or given as a strategy. Defaults: ``num_modules``
-    1–6, ``num_experts`` 1–5, ``topk`` 1–``num_experts + 1``, ``policy`` either,
-    ``margin`` (hysteresis) 0, small values or up to 3, ``min_dwell`` (hysteresis) 0–3,
+    1–6, ``num_experts`` 1–5, ``topk`` 1–``num_experts + 1``, ``policy`` any of
+    ``POLICIES``, ``margin`` (hysteresis) 0, small values or up to 3, ``min_dwell``
+    (hysteresis, heldout) 0–3,
     ``warmup_steps`` 0–3, ``freeze_after`` None or ``warmup_steps + 1`` … ``+ 6``.
-    With policy ``"topk"``, unpinned ``margin`` and ``min_dwell`` are 0 (the router
-    requires it).
+    With policy ``"topk"``, unpinned ``margin`` and ``min_dwell`` are 0, with
+    ``"heldout"`` unpinned ``margin`` is 0 (the router requires it).
     """
 
     @st.composite
@@ -235,7 +236,7 @@ def router_configs(
             else st.just(0.0)
         )
         mar = draw(_as_strategy(margin, default_margin))
-        dwell = draw(_as_strategy(min_dwell, st.integers(0, 3) if hyst else st.just(0)))
+        dwell = draw(_as_strategy(min_dwell, st.integers(0, 3) if pol != "topk" else st.just(0)))
         warm = draw(_as_strategy(warmup_steps, st.integers(0, 3)))
         freeze = draw(
             _as_strategy(
