@@ -1,6 +1,8 @@
 //! `route` on arbitrary configurations and score matrices (every f64/f32 bit pattern):
 //! never panics, never lets a non-finite score win, never exceeds `topk` winners outside
-//! warm-up, and survives a serialisation round trip mid-run with identical decisions.
+//! warm-up (policy heldout: never routes an inactive expert outside warm-up), and survives a
+//! serialisation round trip mid-run with identical decisions. Under policy heldout every
+//! other step's scores also serve as a held-out window (descent, and negated as potential).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -10,25 +12,26 @@ fuzz_target!(|data: &[u8]| {
     let Some((head, body)) = data.split_first_chunk::<16>() else {
         return;
     };
-    let hysteresis = head[3] & 1 == 1;
+    let policy = match head[3] % 3 {
+        0 => Policy::TopK,
+        1 => Policy::Hysteresis,
+        _ => Policy::Heldout,
+    };
+    let hysteresis = policy == Policy::Hysteresis;
     let config = RouterConfig {
         num_modules: 1 + u64::from(head[0] % 8),
         num_experts: 1 + u64::from(head[1] % 8),
         topk: 1 + u64::from(head[2] % 9),
-        policy: if hysteresis {
-            Policy::Hysteresis
-        } else {
-            Policy::TopK
-        },
+        policy,
         margin: if hysteresis {
             f64::from(head[4]) / 32.0
         } else {
             0.0
         },
-        min_dwell: if hysteresis {
-            u64::from(head[5] % 4)
-        } else {
+        min_dwell: if policy == Policy::TopK {
             0
+        } else {
+            u64::from(head[5] % 4)
         },
         warmup_steps: u64::from(head[6] % 3),
         freeze_after: (head[7] & 1 == 1)
@@ -60,14 +63,27 @@ fuzz_target!(|data: &[u8]| {
             router.route(&scores, &mut out).unwrap()
         };
         ledger.record(&scores, &out).unwrap();
-        for (row, win) in scores
-            .chunks(config.num_experts as usize)
-            .zip(out.chunks(config.num_experts as usize))
+        let e = config.num_experts as usize;
+        for ((row, win), inc) in scores
+            .chunks(e)
+            .zip(out.chunks(e))
+            .zip(router.incumbents().chunks(e))
         {
             assert!(row.iter().zip(win).all(|(x, &w)| !w || x.is_finite()));
-            if phase != Phase::Warmup {
+            if phase == Phase::Warmup {
+                continue;
+            }
+            if policy == Policy::Heldout {
+                assert!(win.iter().zip(inc).all(|(&w, &i)| !w || i));
+            } else {
                 assert!(win.iter().filter(|&&w| w).count() as u64 <= config.topk);
             }
+        }
+        if i % 2 == 1 {
+            ledger.record_heldout(&scores, &out).unwrap();
+            let potential: Vec<f64> = scores.iter().map(|x| -x).collect();
+            let regated = router.regate(ledger.heldout_ema(), &potential);
+            assert_eq!(regated.is_ok(), policy == Policy::Heldout);
         }
     }
     assert_eq!(Ledger::from_bytes(&ledger.to_bytes()).unwrap(), ledger);

@@ -61,6 +61,40 @@ proptest! {
     }
 
     #[test]
+    fn heldout_regate_matches_reference_model(
+        (cfg, steps) in config_and_steps(1..14),
+        measure in prop::collection::vec(any::<bool>(), 14),
+    ) {
+        let cfg = RouterConfig { policy: Policy::Heldout, margin: 0.0, ..cfg };
+        let e = cfg.num_experts as usize;
+        let mut r = Router::new(cfg).unwrap();
+        let mut model = RefRouter::new(cfg);
+        for (i, scores) in steps.iter().enumerate() {
+            let warmup = r.phase() == Phase::Warmup;
+            let got = route(&mut r, scores);
+            let want = flatten(&model.route(&rows(scores, e)));
+            prop_assert_eq!(&got, &want, "step {} scores {:?}", i, scores);
+            // Outside warm-up a mask holds exactly the active experts with finite scores.
+            for ((w, inc), x) in got.iter().zip(r.incumbents()).zip(scores) {
+                prop_assert!(warmup || *w == (*inc && x.is_finite()));
+            }
+            if measure[i] {
+                // The scores double as descent; their negation as potential.
+                let potential: Vec<f64> = scores.iter().map(|x| -x).collect();
+                let n = r.regate(scores, &potential).unwrap();
+                let m = model.regate(&rows(scores, e), &rows(&potential, e));
+                prop_assert_eq!(n, m, "step {}", i);
+                prop_assert_eq!(r.incumbents().to_vec(), flatten(&model.incumbents));
+                prop_assert_eq!(r.last_change(), model.last_change.as_slice());
+                let back = Router::from_parts(
+                    cfg, r.step(), r.incumbents().to_vec(), r.last_change().to_vec(),
+                );
+                prop_assert_eq!(back.unwrap(), r.clone());
+            }
+        }
+    }
+
+    #[test]
     fn topk_routing_picks_min_k_finite((cfg, steps) in config_and_steps(1..2)) {
         let cfg = RouterConfig { policy: Policy::TopK, margin: 0.0, min_dwell: 0, ..cfg };
         let mut r = fresh_routing(cfg);
@@ -221,6 +255,8 @@ proptest! {
         let s = &s[..(cfg.num_modules * cfg.num_experts) as usize];
         let out = route(&mut r, s);
         prop_assert!(s.iter().zip(&out).all(|(x, &w)| w == x.is_finite()));
-        prop_assert!(r.incumbents().iter().all(|&b| !b));
+        // Warm-up sets no incumbent; policy heldout starts with every expert active.
+        let heldout = cfg.policy == Policy::Heldout;
+        prop_assert!(r.incumbents().iter().all(|&b| b == heldout));
     }
 }

@@ -39,7 +39,8 @@ impl RefRouter {
         RefRouter {
             cfg,
             step: 0,
-            incumbents: vec![vec![false; e]; m],
+            // Policy heldout starts with every expert active.
+            incumbents: vec![vec![cfg.policy == Policy::Heldout; e]; m],
             last_change: vec![0; m],
         }
     }
@@ -66,10 +67,12 @@ impl RefRouter {
             let held: Vec<bool> = inc.iter().zip(&finite).map(|(&i, &f)| i && f).collect();
             let win = match phase {
                 "warmup" => finite.clone(),
+                _ if self.cfg.policy == Policy::Heldout => held,
                 "frozen" if has_inc => held,
                 "frozen" => ref_top_k(row, self.cfg.topk, None),
                 _ => match self.cfg.policy {
                     Policy::TopK => ref_top_k(row, self.cfg.topk, None),
+                    Policy::Heldout => unreachable!("handled above"),
                     Policy::Hysteresis => {
                         if has_inc
                             && held.iter().any(|&b| b)
@@ -84,7 +87,8 @@ impl RefRouter {
                     }
                 },
             };
-            if phase == "routing" && win.iter().any(|&b| b) && win != inc {
+            let routes = self.cfg.policy != Policy::Heldout;
+            if routes && phase == "routing" && win.iter().any(|&b| b) && win != inc {
                 self.incumbents[m] = win.clone();
                 self.last_change[m] = s;
             }
@@ -92,6 +96,35 @@ impl RefRouter {
         }
         self.step += 1;
         out
+    }
+
+    /// Policy heldout: keep an active expert unless its descent is <= 0 (NaN keeps it);
+    /// bring a dropped one back when its potential is finite and > 0 and the module's set
+    /// last changed >= min_dwell steps ago. Nothing changes when frozen.
+    pub fn regate(&mut self, descent: &[Vec<f64>], potential: &[Vec<f64>]) -> usize {
+        if self.phase() == "frozen" {
+            return 0;
+        }
+        let mut changed = 0;
+        for m in 0..self.incumbents.len() {
+            let may_return = self.step - self.last_change[m] >= self.cfg.min_dwell;
+            let new: Vec<bool> = (0..self.incumbents[m].len())
+                .map(|e| {
+                    let (d, p) = (descent[m][e], potential[m][e]);
+                    if self.incumbents[m][e] {
+                        d.is_nan() || d > 0.0
+                    } else {
+                        may_return && p.is_finite() && p > 0.0
+                    }
+                })
+                .collect();
+            if new != self.incumbents[m] {
+                self.incumbents[m] = new;
+                self.last_change[m] = self.step;
+                changed += 1;
+            }
+        }
+        changed
     }
 }
 
@@ -119,20 +152,24 @@ pub fn config() -> impl Strategy<Value = RouterConfig> {
         0u64..4,
         0u64..4,
         prop::option::of(1u64..8),
-        any::<bool>(),
+        prop_oneof![
+            Just(Policy::TopK),
+            Just(Policy::Hysteresis),
+            Just(Policy::Heldout)
+        ],
     )
         .prop_map(
-            |(m, e, k, margin, dwell, warmup, freeze, hyst)| RouterConfig {
+            |(m, e, k, margin, dwell, warmup, freeze, policy)| RouterConfig {
                 num_modules: m,
                 num_experts: e,
                 topk: k,
-                policy: if hyst {
-                    Policy::Hysteresis
+                policy,
+                margin: if policy == Policy::Hysteresis {
+                    margin
                 } else {
-                    Policy::TopK
+                    0.0
                 },
-                margin: if hyst { margin } else { 0.0 },
-                min_dwell: if hyst { dwell } else { 0 },
+                min_dwell: if policy == Policy::TopK { 0 } else { dwell },
                 warmup_steps: warmup,
                 freeze_after: freeze.map(|f| warmup + f),
             },
