@@ -291,6 +291,7 @@ METHODS: dict[str, Callable[..., Built]] = {
     "molf-E default": _molf_heldout(EFFICIENT_RANKS, False),
 }
 ROUTED = ("MoLF (paper)", "MoLF-E", "molf default", "molf-E default")
+EFFICIENT = ("MoLF-E", "molf-E default")  # frozen base: compared with AdaLoRA
 BASELINES = ("FFT", "LoRA")
 
 # ------------------------------------------------------------------ harness
@@ -378,6 +379,9 @@ def run_regime(spec: RegimeSpec, scale: Scale, methods: list[str], seeds: list[i
         winner = m if winner is None or _better(means[m], means[winner], spec.higher_is_better) else winner
     result["winner"] = winner
     result["tied_best"] = [m for m in means if means[m] == means[winner]]
+    if "AdaLoRA" in means and means["AdaLoRA"] != 0:  # the efficient variants' reference (issue 7)
+        result["gap_to_adalora"] = {m: _gap(means[m], means["AdaLoRA"], spec.higher_is_better)
+                                    for m in EFFICIENT if m in means}
     if all(b in means for b in BASELINES):
         a, b = (means[x] for x in BASELINES)
         best = b if _better(b, a, spec.higher_is_better) else a
@@ -391,8 +395,19 @@ def run_regime(spec: RegimeSpec, scale: Scale, methods: list[str], seeds: list[i
     return result
 
 
+def _run_regime_job(name: str, scale: Scale, methods: list[str], seeds: list[int], device: str, out: Path,
+                    threads: int) -> tuple[str, dict, float]:
+    """One regime in a worker process (--jobs): no progress bar, its wall time back."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    start = time.perf_counter()
+    with tqdm(disable=True) as bar:
+        result = run_regime(REGIMES[name], scale, methods, seeds, device, out, bar)
+    return name, result, time.perf_counter() - start
+
+
 def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str | Path, device: str = "cpu",
-              seed: int = 0, progress: bool = True) -> dict:
+              seed: int = 0, progress: bool = True, jobs: int = 1) -> dict:
     for name, known in (("regime", REGIMES), ("method", METHODS)):
         bad = [x for x in (regimes if name == "regime" else methods) if x not in known]
         if bad:
@@ -405,18 +420,49 @@ def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str
     start = time.perf_counter()
     results: dict = {"regimes": {}}
     tty = sys.stderr.isatty()
-    with tqdm(total=total, unit="step", disable=not progress, mininterval=0.2 if tty else 15.0) as bar:
-        for name in regimes:
-            results["regimes"][name] = run_regime(REGIMES[name], scale, methods, seeds, device, out, bar)
+    if jobs > 1:
+        # Regimes are independent: each runs whole in its own process (same results as a
+        # sequential run). The LM regimes share the pre-trained checkpoint: build it first.
+        if any(REGIMES[n].family == "lm" for n in regimes):
+            lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        done: dict[str, dict] = {}
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_run_regime_job, n, scale, methods, seeds, device, out, torch.get_num_threads())
+                       for n in regimes]
+            for f in as_completed(futures):
+                name, result, wall = f.result()
+                done[name] = result
+                results["regimes"] = {n: done[n] for n in regimes if n in done}
+                _write(out, results, scale, seeds, device, methods, jobs, start)
+                if progress:
+                    print(f"[quality] {name} done in {wall:.0f} s ({len(done)}/{len(regimes)})", file=sys.stderr, flush=True)
+        results["regimes"] = {n: done[n] for n in regimes}
+    else:
+        with tqdm(total=total, unit="step", disable=not progress, mininterval=0.2 if tty else 15.0) as bar:
+            for name in regimes:
+                results["regimes"][name] = run_regime(REGIMES[name], scale, methods, seeds, device, out, bar)
+                _write(out, results, scale, seeds, device, methods, jobs, start)
+    _write(out, results, scale, seeds, device, methods, jobs, start)
+    return results
+
+
+def _write(out: Path, results: dict, scale: Scale, seeds: list[int], device: str, methods: list[str], jobs: int,
+           start: float) -> None:
+    """results.json and table.txt for the regimes finished so far (rewritten after each)."""
     results["config"] = {
         "scale": asdict(scale), "seeds": seeds, "val_seed": VAL_SEED, "device": device, "methods": methods,
         "lora_rank": LORA_RANK, "efficient_ranks": list(EFFICIENT_RANKS),
         "paper_routing": paper_routing(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "jobs": jobs,
     }
     results["wall_s"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
-    return results
+    if results["regimes"]:
+        (out / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
 
 
 def _pct(x: float | None) -> str:
@@ -449,6 +495,10 @@ def format_table(results: dict) -> str:
         if all(m in regs[r].get("gap_to_best_baseline", {}) for r in names):
             lines.append(f"| gap of {m} to best of FFT/LoRA | "
                          + " | ".join(_pct(regs[r]["gap_to_best_baseline"][m]) for r in names) + " |")
+    for m in EFFICIENT:
+        if all(m in regs[r].get("gap_to_adalora", {}) for r in names):
+            lines.append(f"| gap of {m} to AdaLoRA | "
+                         + " | ".join(_pct(regs[r]["gap_to_adalora"][m]) for r in names) + " |")
     for m in ROUTED:
         if m in methods:
             lines.append(f"| {m}: modules per expert at the end | " + " | ".join(
@@ -471,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="first test seed")
     p.add_argument("--cache-dir", help="where the pre-trained LM is cached (default ~/.cache/molf/quality)")
     p.add_argument("--threads", type=int, help="torch CPU threads (on a busy machine 1 is often fastest)")
+    p.add_argument("--jobs", type=int, default=1, help="regimes run in parallel processes (same results)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     scale = FULL if args.full else QUICK
@@ -483,7 +534,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    res = run_suite(scale, args.regimes, args.methods, args.out, args.device, args.seed, not args.no_progress)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    res = run_suite(scale, args.regimes, args.methods, args.out, args.device, args.seed, not args.no_progress,
+                    args.jobs)
     print(format_table(res))
     print(f"\nwall {res['wall_s']:.0f} s; results in {args.out}/")
     return 0

@@ -119,3 +119,15 @@ def test_paper_routing_is_published_topk_epd():
 def test_unknown_regime_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown regime"):
         q.run_suite(TINY, ["nope"], ["FFT"], tmp_path)
+
+
+def test_parallel_regimes_match_a_sequential_run(tmp_path):
+    methods = ["FFT", "molf default"]
+    seq = q.run_suite(TINY, ["mixed", "shift"], methods, tmp_path / "seq", progress=False)
+    par = q.run_suite(TINY, ["mixed", "shift"], methods, tmp_path / "par", progress=False, jobs=2)
+    assert list(par["regimes"]) == ["mixed", "shift"]
+    for name in ("mixed", "shift"):
+        for m in methods:
+            assert par["regimes"][name]["methods"][m]["test"] == seq["regimes"][name]["methods"][m]["test"]
+            assert par["regimes"][name]["methods"][m]["val_by_lr"] == seq["regimes"][name]["methods"][m]["val_by_lr"]
+    assert json.loads((tmp_path / "par" / "results.json").read_text())["config"]["jobs"] == 2
