@@ -73,7 +73,10 @@ class HeldoutProbe:
                     f"model's parameters), got {type(loss).__name__}"
                     + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
                 )
-            loss.backward()
+            # Gradients land in this optimizer's parameters only (another optimizer's stay as
+            # they are), except under FSDP2, whose sharded parameters are not graph leaves.
+            own = [p for p in params if p.requires_grad]
+            loss.backward(inputs=None if any(distributed.is_sharded(p) for p in own) else own)
         window = opt.router.step - self.last_step
         descent, potential, moved = self._sums(opt, window)
         for p in params:

@@ -419,7 +419,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("MoLFAdamW does not support sparse gradients")
             state = self.state[p]
-            if not state:
+            if "step" not in state:  # (a held-out measurement may have created the state first)
                 dtype = self._state_dtype_for(p)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
@@ -763,7 +763,8 @@ class MoLFAdamW(torch.optim.Optimizer):
             if saved is None:
                 continue
             for key in ("exp_avg", "exp_avg_sq"):
-                self.state[p][key] = saved[key].to(device=p.device, dtype=self._state_dtype_for(p), copy=True)
+                if key in saved:  # absent: a tensor held-out-measured before its first gradient
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=self._state_dtype_for(p), copy=True)
         self._router, self._ledger = router, ledger
         self._plan = None
         pending = metas[0][1].get("pending")
