@@ -4,6 +4,7 @@ the same global batch; a rank that routes differently must be caught."""
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from datetime import timedelta
@@ -32,9 +33,9 @@ def _model() -> nn.Module:
     return molf.wrap(model, molf.MoLFConfig(ranks=(2,), alphas=(4,), exclude_modules=()))
 
 
-def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, 8, generator=gen), torch.randn(BATCH, 4, generator=gen)) for _ in range(STEPS)]
+    return [(torch.randn(BATCH, 8, generator=gen), torch.randn(BATCH, 4, generator=gen)) for _ in range(steps)]
 
 
 def _train(model, opt, batches, rows=slice(None)) -> list[np.ndarray]:
@@ -83,11 +84,19 @@ def _assert_same_run(model, opt, masks, ref_model, ref_opt, ref_masks) -> None:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def _collected(rank: int, fn, *args) -> None:
+    fn(rank, *args)
+    # Free the worker's reference cycles (DDP holds some) while the interpreter is whole:
+    # left to its finalization, a DDP worker sometimes dies of SIGABRT ("terminate called
+    # without an active exception", no Python frame) after passing, in ~1 of 4 runs here.
+    gc.collect()
+
+
 def _spawn(fn, *args) -> None:
     # Rendezvous through a file, not a TCP port picked ahead: no port can be taken
     # by another process between picking and binding it.
     with tempfile.TemporaryDirectory() as store:
-        mp.spawn(fn, args=(f"file://{store}/rendezvous", *args), nprocs=WORLD, join=True)
+        mp.spawn(_collected, args=(fn, f"file://{store}/rendezvous", *args), nprocs=WORLD, join=True)
 
 
 def _init(rank: int, init_method: str) -> slice:
@@ -284,3 +293,231 @@ def _export_worker(rank: int, init_method: str, out_dir: str) -> None:
 def test_export_peft_gathers_fsdp2_shards():
     with tempfile.TemporaryDirectory() as out_dir:
         _spawn(_export_worker, out_dir)
+
+
+# ---------------------------------------------------------- policy heldout
+
+HELDOUT_STEPS = 8
+HELDOUT_EVERY = 2
+# A held-out measurement every 2 steps (at steps 2, 4, 6, 8: three windows), and a dropped
+# expert may come back 4 steps after its module last changed. On this data the run drops
+# three experts at step 4, re-admits two of them at step 8 and drops another there, with
+# every deciding descent and potential at least ~6e-5 away from 0, far beyond rounding
+# (the drop and the re-admission are asserted: the tests are not vacuous).
+HELDOUT_KW = dict(heldout_every=HELDOUT_EVERY, heldout_decay=0.5, min_dwell=4)
+
+
+def _heldout_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(BATCH, 8, generator=gen), torch.randn(BATCH, 4, generator=gen)
+
+
+def _heldout_opt(model, rows=slice(None), **kw):
+    """MoLFAdamW whose held-out closure is the loss on this rank's `rows` of the held-out
+    batch. Each rank measures other rows; DDP and FSDP2 average the closure's gradients
+    over the ranks, so the measured held-out gradient is that of the loss on the whole
+    batch, which the single-process reference uses (equal rows per rank: the mean of the
+    ranks' means)."""
+    x, y = _heldout_batch()
+    return molf.MoLFAdamW(
+        model, **OPT_KW, **HELDOUT_KW, heldout=lambda: nn.functional.mse_loss(model(x[rows]), y[rows]), **kw
+    )
+
+
+def _spy_windows(opt) -> list:
+    """Records what each held-out measurement hands the Ledger and the Router (descent per
+    step, potential, moved; None at the first): the potential is seen nowhere else."""
+    windows = []
+    sums = opt._probe._sums
+
+    def spy(*args):
+        out = sums(*args)
+        windows.append(None if out[0] is None else tuple(np.array(a) for a in out))
+        return out
+
+    opt._probe._sums = spy
+    return windows
+
+
+def _train_heldout(model, opt, batches, rows=slice(None)) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Steps as `_train`; per step the winner mask and the active set after the step."""
+    trace = []
+    for batch in batches:
+        (mask,) = _train(model, opt, [batch], rows)
+        trace.append((mask, np.array(opt.router.incumbents(), dtype=bool)))
+    return trace
+
+
+def _heldout_reference():
+    """The single-process run: the global training batch, the whole held-out batch."""
+    model = _model()
+    opt = _heldout_opt(model, check_every=0)
+    windows = _spy_windows(opt)
+    trace = _train_heldout(model, opt, _batches(HELDOUT_STEPS))
+    return model, opt, trace, windows
+
+
+def _heldout_state(model, opt) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's held-out measurement state (θ and held-out gradient), whole tensors."""
+    out = {}
+    for name, p in model.named_parameters():
+        state = opt.state.get(p, {})
+        if "heldout_theta" in state:
+            out[name.removeprefix("module.")] = {
+                key: state[key].full_tensor() if hasattr(state[key], "full_tensor") else state[key].detach().clone()
+                for key in ("heldout_theta", "heldout_grad")
+            }
+    return out
+
+
+def _assert_same_heldout_run(model, opt, trace, windows, ref_model, ref_opt, ref_trace, ref_windows) -> None:
+    # Worth something only if the active sets change: a drop, and a re-admission.
+    active = np.stack([inc for _, inc in ref_trace])
+    assert (~active).any(), "the reference run never dropped an expert"
+    assert (~active[:-1] & active[1:]).any(), "the reference run never re-admitted a dropped expert"
+    assert len(trace) == len(ref_trace) == HELDOUT_STEPS
+    for step, ((mask, inc), (ref_mask, ref_inc)) in enumerate(zip(trace, ref_trace), start=1):
+        np.testing.assert_array_equal(inc, ref_inc, err_msg=f"active experts differ after step {step}")
+        np.testing.assert_array_equal(mask, ref_mask, err_msg=f"updated experts differ at step {step}")
+    # A sum over too many ranks, or a held-out gradient of one rank's rows only, would
+    # change the measured descents and potentials.
+    assert len(windows) == len(ref_windows) == HELDOUT_STEPS // HELDOUT_EVERY
+    assert windows[0] is None and ref_windows[0] is None
+    for n, (got, want) in enumerate(zip(windows[1:], ref_windows[1:]), start=2):
+        for what, g, w in zip(("descent", "potential", "moved"), got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-9, err_msg=f"{what} of measurement {n}")
+    assert opt.router.step == ref_opt.router.step == HELDOUT_STEPS
+    assert opt.router.to_bytes() == ref_opt.router.to_bytes()  # active sets, last changes, step
+    assert opt.ledger.heldout_windows == ref_opt.ledger.heldout_windows == HELDOUT_STEPS // HELDOUT_EVERY - 1
+    ema, ref_ema = opt.ledger.heldout_ema(), ref_opt.ledger.heldout_ema()
+    assert np.isfinite(ref_ema).all()  # every expert moved in some window
+    np.testing.assert_allclose(ema, ref_ema, rtol=1e-4, atol=1e-9)
+    assert opt.ledger.checksum == ref_opt.ledger.checksum
+    ref, got = _full_params(ref_model), _full_params(model)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    ref, got = _heldout_state(ref_model, ref_opt), _heldout_state(model, opt)
+    # Kept for every tensor of every routed expert.
+    assert ref.keys() == {f"{module}.{name}" for module, layer in molf.routed_modules(ref_model)
+                          for name, _ in layer.named_parameters()}
+    assert got.keys() == ref.keys()
+    for name in ref:
+        for key in ref[name]:
+            torch.testing.assert_close(got[name][key], ref[name][key], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{name} {key}: {m}")
+
+
+def _assert_ranks_identical(model, opt, trace) -> None:
+    """Every rank holds bitwise the same routing, held-out EMA, parameters and held-out state."""
+    mine = {
+        "trace": [(mask.tolist(), inc.tolist()) for mask, inc in trace],
+        "router": opt.router.to_bytes(),
+        "ledger": opt.ledger.to_bytes(),
+        "heldout_ema": opt.ledger.heldout_ema().tobytes(),
+        "params": {name: t.detach().numpy().tobytes() for name, t in _full_params(model).items()},
+        "heldout_state": {
+            name: {key: t.detach().numpy().tobytes() for key, t in state.items()}
+            for name, state in _heldout_state(model, opt).items()
+        },
+    }
+    everyone = [None] * WORLD
+    dist.all_gather_object(everyone, mine)
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        for key in mine:
+            assert theirs[key] == everyone[0][key], f"rank {rank} differs from rank 0 in {key}"
+
+
+def _ddp_heldout_worker(rank: int, init_method: str) -> None:
+    rows = _init(rank, init_method)
+    try:
+        ref = _heldout_reference()
+        model = nn.parallel.DistributedDataParallel(_model())
+        opt = _heldout_opt(model, rows, check_every=1)
+        windows = _spy_windows(opt)
+        trace = _train_heldout(model, opt, _batches(HELDOUT_STEPS), rows)
+        _assert_same_heldout_run(model, opt, trace, windows, *ref)
+        _assert_ranks_identical(model, opt, trace)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_heldout_matches_single_process():
+    _spawn(_ddp_heldout_worker)
+
+
+def _fsdp_heldout_worker(rank: int, init_method: str) -> None:
+    rows = _init(rank, init_method)
+    try:
+        ref = _heldout_reference()
+        model = _sharded_model()
+        opt = _heldout_opt(model, rows, check_every=1)
+        assert opt._score_group() is not None  # the held-out sums are all-reduced over the shard group
+        windows = _spy_windows(opt)
+        trace = _train_heldout(model, opt, _batches(HELDOUT_STEPS), rows)
+        _assert_same_heldout_run(model, opt, trace, windows, *ref)
+        _assert_ranks_identical(model, opt, trace)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_heldout_matches_single_process():
+    _spawn(_fsdp_heldout_worker)
+
+
+def _fsdp_heldout_dcp_worker(rank: int, init_method: str, ckpt_dir: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    import torch.distributed.checkpoint as dcp
+
+    rows = _init(rank, init_method)
+    try:
+        ref = _heldout_reference()
+        batches = _batches(HELDOUT_STEPS)
+        # Stop mid-window (after a measurement, before the next): before the first drop, and
+        # with experts dropped (their re-admission then waits on the restored dwell). The next
+        # measurement needs θ and the held-out gradient of the last one: they must come back
+        # from the sharded checkpoint, and the resumed run must be the straight one.
+        for stop in (3, 5):
+            path = os.path.join(ckpt_dir, str(stop))
+            model = _sharded_model()
+            opt = _heldout_opt(model, rows)
+            windows = _spy_windows(opt)
+            trace = _train_heldout(model, opt, batches[:stop], rows)
+            saved = _heldout_state(model, opt)
+            assert saved
+            dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+            model = _sharded_model()
+            opt = _heldout_opt(model, rows)
+            state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=path)
+            model.load_state_dict(state["model"])
+            set_optimizer_state_dict(model, opt, state["optim"])
+            assert opt.ledger.step == opt.router.step == stop
+            np.testing.assert_array_equal(opt.router.incumbents(), trace[-1][1])
+            loaded = _heldout_state(model, opt)
+            assert loaded.keys() == saved.keys(), f"held-out state of {sorted(saved.keys() - loaded.keys())} lost"
+            for name in saved:
+                for key in saved[name]:
+                    torch.testing.assert_close(loaded[name][key], saved[name][key], rtol=0, atol=0)
+            resumed = _spy_windows(opt)
+            trace += _train_heldout(model, opt, batches[stop:], rows)
+            _assert_same_heldout_run(model, opt, trace, windows + resumed, *ref)
+            _assert_ranks_identical(model, opt, trace)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# molf bug: the per-parameter held-out state (heldout_theta / heldout_grad) exists only after
+# the first measurement (python/molf/heldout.py `_remember`), so the state that
+# torch.distributed.checkpoint's get_optimizer_state_dict makes for a fresh optimizer (one
+# zero-lr step, python/molf/optimizer.py `_init_group`) lacks those keys, dcp.load loads only
+# the keys of the state dict it is given, and the resumed run's next measurement counts as
+# the first (a window lost, no regate: it diverges from the straight run).
+@pytest.mark.xfail(strict=True, raises=mp.ProcessRaisedException,
+                   reason="molf bug: heldout_theta/heldout_grad are lost through torch.distributed.checkpoint")
+def test_fsdp2_heldout_resumes_through_dcp():
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        _spawn(_fsdp_heldout_dcp_worker, ckpt_dir)
