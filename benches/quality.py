@@ -319,7 +319,11 @@ def train_eval(inst: Instance, method: str, lr: float, seed: int, steps: int, sp
         out = {"metric": inst.evaluate(model, split), "wall_s": wall}
     if method in ROUTED:
         s = opt.routing_summary()
-        out["routing"] = {"current_share": s.current_share, "win_share": s.win_share, "switches": s.switches}
+        # Modules in which each expert is routed at the end: the router's incumbents (top-1:
+        # the last winner; heldout: the active set, which may be empty).
+        active = opt.router.incumbents().mean(axis=0)
+        out["routing"] = {"current_share": s.current_share, "win_share": s.win_share, "switches": s.switches,
+                          "active_share": dict(zip(opt.expert_names, map(float, active)))}
     return out
 
 
@@ -369,7 +373,7 @@ def run_regime(spec: RegimeSpec, scale: Scale, methods: list[str], seeds: list[i
         if method in ROUTED:
             entry["routing"] = {
                 k: {e: statistics.fmean(r["routing"][k][e] for r in runs) for e in runs[0]["routing"][k]}
-                for k in ("current_share", "win_share")
+                for k in ("current_share", "win_share", "active_share")
             }
             entry["routing"]["switches"] = statistics.fmean(r["routing"]["switches"] for r in runs)
         result["methods"][method] = entry
@@ -502,7 +506,7 @@ def format_table(results: dict) -> str:
     for m in ROUTED:
         if m in methods:
             lines.append(f"| {m}: modules per expert at the end | " + " | ".join(
-                ", ".join(f"{e} {s:.0%}" for e, s in regs[r]["methods"][m]["routing"]["current_share"].items())
+                ", ".join(f"{e} {s:.0%}" for e, s in regs[r]["methods"][m]["routing"]["active_share"].items())
                 for r in names) + " |")
     return "\n".join(lines)
 

@@ -516,8 +516,6 @@ def _fsdp_heldout_dcp_worker(rank: int, init_method: str, ckpt_dir: str) -> None
 # zero-lr step, python/molf/optimizer.py `_init_group`) lacks those keys, dcp.load loads only
 # the keys of the state dict it is given, and the resumed run's next measurement counts as
 # the first (a window lost, no regate: it diverges from the straight run).
-@pytest.mark.xfail(strict=True, raises=mp.ProcessRaisedException,
-                   reason="molf bug: heldout_theta/heldout_grad are lost through torch.distributed.checkpoint")
 def test_fsdp2_heldout_resumes_through_dcp():
     with tempfile.TemporaryDirectory() as ckpt_dir:
         _spawn(_fsdp_heldout_dcp_worker, ckpt_dir)

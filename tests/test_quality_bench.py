@@ -91,6 +91,8 @@ def test_tiny_suite_structure(tmp_path):
                 assert sum(e["routing"]["current_share"].values()) == pytest.approx(1.0)
             elif method in q.ROUTED:  # held-out routing: 6 steps < the first window, every expert active
                 assert set(e["routing"]["current_share"].values()) == {1.0}
+            if method in q.ROUTED:  # the router's incumbents: the last winners, or the active set
+                assert e["routing"]["active_share"] == e["routing"]["current_share"]
             else:
                 assert "routing" not in e
         if name == "sql":

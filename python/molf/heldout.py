@@ -94,7 +94,7 @@ class HeldoutProbe:
         M, E = opt._shape
         rows: list[torch.Tensor] = []
         slots: list[int] = []
-        first = False
+        first = self.last_step == 0
         for group in opt.param_groups:
             if group["molf_role"] == "plain":
                 continue
@@ -108,12 +108,11 @@ class HeldoutProbe:
                 g32 = grad.float().reshape(-1)
                 zero = torch.zeros((), dtype=torch.float32, device=theta.device)
                 # float32 math one tensor at a time: bounded temporaries on large models.
-                if THETA_KEY in state:
+                if not first and THETA_KEY in state:
                     delta = (theta.float() - distributed.to_local(state[THETA_KEY]).float()).reshape(-1)
                     mean_grad = (distributed.to_local(state[GRAD_KEY]).float().reshape(-1) + g32) * 0.5
                     realized, movement = torch.dot(mean_grad, delta), delta.abs().sum()
                 else:
-                    first = True
                     realized = movement = zero
                 if "exp_avg" in state:
                     t = float(state["step"])
@@ -144,6 +143,15 @@ class HeldoutProbe:
         moved = per_slot(host[:, 2]) > 0
         descent[~np.isfinite(descent)] = math.nan
         return descent, potential, moved
+
+    @staticmethod
+    def init_state(state: dict, p: torch.Tensor) -> None:
+        """The held-out keys of a routed tensor's fresh optimizer state, so that every
+        checkpoint template (torch.distributed.checkpoint loads only the keys a fresh
+        optimizer's state has) carries them. θ as it is: a tensor without a gradient so
+        far has not moved since the last measurement."""
+        state[THETA_KEY] = p.detach().clone(memory_format=torch.preserve_format)
+        state[GRAD_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     @staticmethod
     def _remember(state: dict, p: torch.Tensor, theta: torch.Tensor, grad: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import _kernels, distributed
 from ._core import ConfigError, Ledger, Router, StateError
-from .heldout import HeldoutProbe
+from .heldout import THETA_KEY, HeldoutProbe
 from .routing_log import RoutingLog
 from .summary import RoutingSummary
 from .wrap import expert_tag, retag
@@ -261,6 +261,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         if heldout is not None and policy != "heldout":
             raise ConfigError(f"heldout= is used by policy 'heldout' only; got policy {policy!r}")
         self._probe = None if heldout is None else HeldoutProbe(heldout, heldout_every)
+        self._state_init_step = False
         if min_dwell is None:
             min_dwell = 3 * heldout_every if heldout is not None else 0
         if policy == "paper" and score != "epd":
@@ -424,6 +425,8 @@ class MoLFAdamW(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                if self._probe is not None and group["molf_role"] != "plain" and THETA_KEY not in state:
+                    HeldoutProbe.init_state(state, p)
             # The math runs on the local shards of FSDP2's DTensors (views: writes land in them).
             w.idx.append(i)
             w.params.append(distributed.to_local(p))
@@ -481,16 +484,18 @@ class MoLFAdamW(torch.optim.Optimizer):
         return loss
 
     def _measure_heldout(self) -> None:
-        if self._probe is not None and self._probe.due(self._router.step):
+        # Not on torch.distributed.checkpoint's state-init step: a load replaces it.
+        if self._probe is not None and self._probe.due(self._router.step) and not self._state_init_step:
             self._probe.measure(self)
 
     def _route(self, scores: np.ndarray) -> np.ndarray:
         """One call into the Rust router for all modules; book and log it."""
         mask = self._router.route(scores)
         self._ledger.record(scores, mask)
+        self._state_init_step = self._is_state_init_step(scores)
         if self._check_every and self._ledger.step % self._check_every == 0:
             distributed.check_ranks_agree(self)
-        if self._log is not None and not self._is_state_init_step(scores):
+        if self._log is not None and not self._state_init_step:
             self._log.write(self._ledger.step, self._router_phase_of_last_step(), scores, mask)
         return mask
 
@@ -797,6 +802,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         super().__setstate__(state)
         self._plan = None
         self._group_key = None
+        self._state_init_step = False
         if meta is None:
             return
         self._router = Router.from_bytes(base64.b64decode(meta["router"]))
