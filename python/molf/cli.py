@@ -137,11 +137,15 @@ def _add_train_parser(sub) -> None:
     routing.add_argument("--score", choices=SCORES, default=S, help=f"(default: {d.score})")
     routing.add_argument("--topk", type=_positive_int, default=S,
                          help=f"winners per module and step (default: {d.topk})")
-    routing.add_argument("--policy", choices=POLICIES, default=S, help=f"(default: {d.policy})")
+    routing.add_argument("--policy", choices=POLICIES, default=S,
+                         help="topk: the best-scoring experts each step; hysteresis: topk with --margin and "
+                         "--min-dwell; heldout: drop and re-admit experts by held-out loss (needs --heldout-data) "
+                         "(default: heldout with --heldout-data, else topk)")
     routing.add_argument("--margin", type=float, default=S,
                          help="hysteresis: relative margin a challenger needs (default: 0)")
     routing.add_argument("--min-dwell", type=_nonnegative_int, default=S, metavar="N",
-                         help="hysteresis: steps a choice holds (default: 0)")
+                         help="hysteresis: steps a choice holds; heldout: steps after a module's last change "
+                         "before a dropped expert may return (default: 3 x --heldout-every for heldout, else 0)")
     routing.add_argument("--routing-warmup", type=_nonnegative_int, default=S, metavar="N",
                          help="first N steps update every expert (default: 0)")
     routing.add_argument("--freeze-after", type=_positive_int, default=S, metavar="N",
@@ -152,6 +156,19 @@ def _add_train_parser(sub) -> None:
                          help="Adam moments: auto = float32 for bf16/fp16 weights (default: auto)")
     routing.add_argument("--log-every", type=_positive_int, default=S, metavar="N",
                          help="routing log period (default: 1)")
+    held = train_p.add_argument_group(
+        "held-out routing (molf, molf-e)",
+        "With --heldout-data the routing policy defaults to heldout: every expert starts active; every "
+        "--heldout-every steps the optimizer measures the loss on one fixed held-out batch (eval mode, "
+        "completion tokens only) and drops the experts whose updates raised it, re-admitting them once a step "
+        "of theirs would lower it.",
+    )
+    held.add_argument("--heldout-data", metavar="FILE", nargs="+", default=S,
+                      help="JSONL or parquet files of held-out prompt/completion rows (same fields as --data)")
+    held.add_argument("--heldout-batch", type=_positive_int, default=S, metavar="N",
+                      help=f"the first N held-out rows form the fixed held-out batch (default: {d.heldout_batch})")
+    held.add_argument("--heldout-every", type=_positive_int, default=S, metavar="K",
+                      help=f"steps between held-out measurements (default: {d.heldout_every})")
     ckpt = train_p.add_argument_group("checkpoints")
     ckpt.add_argument("--save-every", type=_positive_int, default=S, metavar="N", help=f"(default: {d.save_every})")
     ckpt.add_argument("--keep-checkpoints", type=_positive_int, default=S, metavar="N",
@@ -187,6 +204,10 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if result.routing_summary is not None:
         shares = ", ".join(f"{e} {s:.1%}" for e, s in result.routing_summary["win_share"].items())
         print(f"routing: share of module-steps per expert: {shares}; {result.routing_summary['switches']} switches")
+    if result.heldout is not None:
+        active = ", ".join(f"{e} {s:.1%}" for e, s in result.heldout["active_share"].items())
+        windows = result.heldout["windows"]
+        print(f"held-out routing: {windows} measured windows; modules with each expert active: {active}")
     print(f"wrote {os.path.abspath(result.saved)}, checkpoint {result.checkpoint}")
     for path in ([result.routing_log] if result.routing_log else []) + result.figures:
         print(f"wrote {path}")

@@ -3,7 +3,10 @@
 Modes: "fft" (AdamW over every weight), "lora" (frozen base, one LoRA adapter,
 AdamW), "molf" (dense + LoRA experts, MoLFAdamW routing) and "molf-e"
 (MoLF-Efficient: frozen base, two LoRA experts of different rank, routed).
-The loss covers the completion tokens only. Checkpoints hold everything a run
+The loss covers the completion tokens only. With held-out data the routed
+modes use MoLFAdamW's policy "heldout": every `heldout_every` steps the
+optimizer measures the loss on one fixed held-out batch and drops (or brings
+back) experts by what their updates did to it. Checkpoints hold everything a run
 needs to continue bit for bit (model, optimizer, scheduler, RNG, data position);
 `resume` picks one up. At the end the merged model (fft, molf) or the PEFT
 adapter (lora, molf-e) is saved with the tokenizer, and for the routed modes
@@ -34,7 +37,10 @@ from .config import MoLFConfig
 from .optimizer import SCORES, MoLFAdamW
 from .wrap import merge, wrap
 
-__all__ = ["MODES", "TrainConfig", "TrainResult", "train", "load_config_file", "build_model", "tokenize_pair"]
+__all__ = [
+    "MODES", "TrainConfig", "TrainResult", "train", "load_config_file", "build_model", "tokenize_pair",
+    "build_heldout_batch", "heldout_loss_fn",
+]
 
 MODES = ("fft", "lora", "molf", "molf-e")
 ROUTED_MODES = ("molf", "molf-e")
@@ -56,6 +62,9 @@ class TrainConfig:
 
     model: str | None = None  # local model directory; None: the embedded tiny Qwen2
     data: list[str] | None = None  # JSONL / parquet files; None: a generated arithmetic set
+    heldout_data: list[str] | None = None  # files like `data`; given: policy "heldout" (molf, molf-e)
+    heldout_batch: int = 64  # the first N held-out rows form the one fixed held-out batch
+    heldout_every: int = 10  # routing steps between held-out measurements
     out: str = "molf-train"
     mode: str = "molf"
     prompt_field: str = "prompt"
@@ -79,9 +88,9 @@ class TrainConfig:
     exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])
     score: str = "epd"
     topk: int = 1
-    policy: str = "topk"
+    policy: str | None = None  # None: "heldout" with heldout_data, else "topk"
     margin: float = 0.0
-    min_dwell: int = 0
+    min_dwell: int | None = None  # None: 3 * heldout_every for policy "heldout", else 0
     routing_warmup: int = 0  # steps in which every expert is updated
     freeze_after: int | None = None
     lagged: bool = False
@@ -97,8 +106,14 @@ class TrainConfig:
     plots: bool = True  # routing figures at the end (molf, molf-e)
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, str):
-            self.data = [self.data]
+        for name in ("data", "heldout_data"):
+            value = getattr(self, name)
+            if isinstance(value, (str, os.PathLike)):
+                setattr(self, name, [os.fspath(value)])
+            elif isinstance(value, (list, tuple)):
+                setattr(self, name, [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value])
+            elif value is not None:
+                raise ConfigError(f"{name} must be a file path or a list of them, got {value!r}")
         for name in ("ranks", "alphas", "target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (str, int, float)):
@@ -108,16 +123,20 @@ class TrainConfig:
         _choice("mode", self.mode, MODES)
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _choice("score", self.score, SCORES)
-        _choice("policy", self.policy, POLICIES)
+        if self.policy is not None:
+            _choice("policy", self.policy, POLICIES)
         _choice("dtype", self.dtype, tuple(DTYPES))
         _choice("state_dtype", self.state_dtype, STATE_DTYPES)
-        for name in ("max_length", "batch_size", "epochs", "topk", "save_every", "keep_checkpoints", "log_every"):
+        for name in ("max_length", "batch_size", "epochs", "topk", "save_every", "keep_checkpoints", "log_every",
+                     "heldout_batch", "heldout_every"):
             _integer(name, getattr(self, name), low=1)
-        for name in ("min_dwell", "routing_warmup", "seed"):
+        for name in ("routing_warmup", "seed"):
             _integer(name, getattr(self, name), low=0)
         for name in ("steps", "freeze_after"):
             if getattr(self, name) is not None:
                 _integer(name, getattr(self, name), low=1)
+        if self.min_dwell is not None:
+            _integer("min_dwell", self.min_dwell, low=0)
         for name in ("lr", "lora_lr", "weight_decay", "lora_weight_decay", "max_grad_norm", "margin"):
             _number(name, getattr(self, name))
         _number("warmup_ratio", self.warmup_ratio, high=1.0)
@@ -126,16 +145,49 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.model is not None and not Path(self.model, "config.json").is_file():
             raise ConfigError(f"model {self.model!r}: not a local model directory (no config.json)")
-        for path in self.data or ():
-            if not Path(path).is_file():
-                raise ConfigError(f"data {path!r}: no such file")
-            _data_format(path)
+        for name in ("data", "heldout_data"):
+            for path in getattr(self, name) or ():
+                if not isinstance(path, str):
+                    raise ConfigError(f"{name} must be a list of file paths, got {path!r}")
+                if not Path(path).is_file():
+                    raise ConfigError(f"{name} {path!r}: no such file")
+                _data_format(path, name)
+        self._check_heldout()
         if self.mode == "lora" and self.ranks is not None and len(self.ranks) != 1:
             raise ConfigError(f"mode 'lora' trains one adapter: ranks must have one entry, got {self.ranks}")
         if self.mode == "molf-e" and self.ranks is not None and len(self.ranks) < 2:
             raise ConfigError(f"mode 'molf-e' routes between LoRA experts: ranks needs >= 2 entries, got {self.ranks}")
         if self.mode != "fft":
             self.molf_config()  # validates ranks, alphas, dropout and module names
+
+    def _check_heldout(self) -> None:
+        if self.heldout_data is not None and not self.heldout_data:
+            raise ConfigError("heldout_data must name at least one file (or be left out)")
+        if self.heldout_data:
+            if self.mode not in ROUTED_MODES:
+                raise ConfigError(
+                    f"heldout_data routes experts by held-out loss; mode {self.mode!r} has no routing "
+                    "(use mode 'molf' or 'molf-e', or drop heldout_data)"
+                )
+            if self.policy not in (None, "heldout"):
+                raise ConfigError(
+                    f"heldout_data is used by policy 'heldout' only, got policy {self.policy!r} "
+                    "(leave policy unset or set it to 'heldout', or drop heldout_data)"
+                )
+        elif self.policy == "heldout":
+            raise ConfigError(
+                "policy 'heldout' needs held-out data: give heldout_data (--heldout-data FILE ...), "
+                "prompt/completion files like data"
+            )
+        if self.routing_policy == "heldout" and self.margin != 0:
+            raise ConfigError(
+                f"margin belongs to policy 'hysteresis'; with policy 'heldout' it must be 0, got {self.margin!r}"
+            )
+
+    @property
+    def routing_policy(self) -> str:
+        """The routing policy the routed modes use: `policy`, or its default."""
+        return _effective_policy(self.policy, self.heldout_data)
 
     def molf_config(self) -> MoLFConfig:
         ranks = tuple(self.ranks) if self.ranks is not None else DEFAULT_RANKS[self.mode]
@@ -162,6 +214,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _effective_policy(policy: str | None, heldout_data: list[str] | None) -> str:
+    if policy is not None:
+        return policy
+    return "heldout" if heldout_data else "topk"
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
@@ -177,13 +235,13 @@ def _number(name: str, value: Any, high: float = math.inf) -> None:
         raise ConfigError(f"{name} must be a number in [0, {high}], got {value!r}")
 
 
-def _data_format(path: str) -> str:
+def _data_format(path: str, what: str = "data") -> str:
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".json"):
         return "json"
     if suffix == ".parquet":
         return "parquet"
-    raise ConfigError(f"data {path!r}: unknown format {suffix!r}; expected .jsonl, .json or .parquet")
+    raise ConfigError(f"{what} {path!r}: unknown format {suffix!r}; expected .jsonl, .json or .parquet")
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
@@ -264,32 +322,35 @@ def write_arithmetic_data(path: Path, rows: int = 256, seed: int = 0) -> None:
 # ------------------------------------------------------------------ data
 
 
-def load_pairs(paths: list[str], prompt_field: str, completion_field: str) -> list[tuple[str, str]]:
+def load_pairs(
+    paths: list[str], prompt_field: str, completion_field: str, what: str = "data"
+) -> list[tuple[str, str]]:
     """(prompt, completion) pairs from local files through `datasets`; a row
-    without both fields as strings raises ConfigError naming file, row and field."""
+    without both fields as strings raises ConfigError naming file, row and field
+    (`what`: the option the files came from, for the message)."""
     import datasets
 
     datasets.disable_progress_bars()
     pairs: list[tuple[str, str]] = []
     for path in paths:
         try:
-            ds = datasets.load_dataset(_data_format(path), data_files=[path], split="train")
+            ds = datasets.load_dataset(_data_format(path, what), data_files=[path], split="train")
         except Exception as exc:  # datasets raises many types for unreadable files
-            raise ConfigError(f"data {path!r}: cannot be read ({type(exc).__name__}: {exc})") from None
+            raise ConfigError(f"{what} {path!r}: cannot be read ({type(exc).__name__}: {exc})") from None
         for name in (prompt_field, completion_field):
             if name not in ds.column_names:
-                raise ConfigError(f"data {path!r}: row 1: missing field {name!r} (fields: {ds.column_names})")
+                raise ConfigError(f"{what} {path!r}: row 1: missing field {name!r} (fields: {ds.column_names})")
         for row, (p, c) in enumerate(zip(ds[prompt_field], ds[completion_field]), start=1):
             for name, value in ((prompt_field, p), (completion_field, c)):
                 if value is None:
-                    raise ConfigError(f"data {path!r}: row {row}: missing field {name!r}")
+                    raise ConfigError(f"{what} {path!r}: row {row}: missing field {name!r}")
                 if not isinstance(value, str):
-                    raise ConfigError(f"data {path!r}: row {row}: field {name!r} must be a string, got {value!r}")
+                    raise ConfigError(f"{what} {path!r}: row {row}: field {name!r} must be a string, got {value!r}")
             if not c:
-                raise ConfigError(f"data {path!r}: row {row}: field {completion_field!r} is empty")
+                raise ConfigError(f"{what} {path!r}: row {row}: field {completion_field!r} is empty")
             pairs.append((p, c))
     if not pairs:
-        raise ConfigError(f"data {', '.join(paths)}: no rows")
+        raise ConfigError(f"{what} {', '.join(paths)}: no rows")
     return pairs
 
 
@@ -316,6 +377,41 @@ def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def build_heldout_batch(
+    tokenizer, pairs: list[tuple[str, str]], rows: int, max_length: int, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """The one fixed held-out batch: the first `rows` pairs, tokenized and
+    collated like training rows (labels on the completion only); rows that
+    keep no completion token under `max_length` are left out, with a warning."""
+    examples = [tokenize_pair(tokenizer, p, c, max_length) for p, c in pairs[:rows]]
+    kept = [e for e in examples if any(y != -100 for y in e[1])]
+    if not kept:
+        raise ConfigError(f"max_length={max_length} leaves no completion token in any held-out row")
+    if len(kept) < len(examples):
+        warnings.warn(
+            f"{len(examples) - len(kept)} held-out rows lost every completion token to max_length={max_length}"
+        )
+    return _collate(kept, pad_id)
+
+
+def heldout_loss_fn(model: nn.Module, batch: Mapping[str, torch.Tensor], device) -> Callable[[], torch.Tensor]:
+    """The `heldout=` closure of MoLFAdamW: the model's loss (the training loss,
+    completion tokens only) on `batch`, moved to `device` once. It runs in eval
+    mode (no dropout: a deterministic measurement that draws no random numbers)
+    and puts the model back in the mode it found it in."""
+    on_device = {k: v.to(device) for k, v in batch.items()}
+
+    def loss() -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return model(**on_device).loss
+        finally:
+            model.train(was_training)
+
+    return loss
+
+
 def _batch_indices(n: int, batch_size: int, seed: int, epoch: int, index: int) -> list[int]:
     """Batch `index` of `epoch`: a fixed function of (seed, epoch), so a resumed run sees the same data."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -337,14 +433,17 @@ def build_model(cfg: TrainConfig, model_dir: str | os.PathLike) -> nn.Module:
     return model
 
 
-def _build_optimizer(cfg: TrainConfig, model: nn.Module, log_path: Path | None) -> torch.optim.Optimizer:
+def _build_optimizer(
+    cfg: TrainConfig, model: nn.Module, log_path: Path | None, heldout: Callable[[], torch.Tensor] | None = None
+) -> torch.optim.Optimizer:
     if cfg.mode in ROUTED_MODES:
+        extra = {} if heldout is None else {"heldout": heldout, "heldout_every": cfg.heldout_every}
         return MoLFAdamW(
             model, lr=cfg.lr, lora_lr=cfg.lora_lr, weight_decay=cfg.weight_decay,
-            lora_weight_decay=cfg.lora_weight_decay, topk=cfg.topk, score=cfg.score, policy=cfg.policy,
+            lora_weight_decay=cfg.lora_weight_decay, topk=cfg.topk, score=cfg.score, policy=cfg.routing_policy,
             margin=cfg.margin, min_dwell=cfg.min_dwell, warmup_steps=cfg.routing_warmup,
             freeze_after=cfg.freeze_after, lagged=cfg.lagged, log_path=log_path, log_every=cfg.log_every,
-            state_dtype=torch.float32 if cfg.state_dtype == "float32" else cfg.state_dtype,
+            state_dtype=torch.float32 if cfg.state_dtype == "float32" else cfg.state_dtype, **extra,
         )
     # fft and lora: plain AdamW over the trainable tensors; none for biases and norm weights.
     lr, wd = (cfg.lora_lr, cfg.lora_weight_decay) if cfg.mode == "lora" else (cfg.lr, cfg.weight_decay)
@@ -438,8 +537,26 @@ def _resolve_resume(cfg: TrainConfig, out: Path) -> Path:
     return path
 
 
+def _acting_options(values: Mapping[str, Any]) -> dict:
+    """A config dict as it acts on the run: options a checkpoint from an older
+    molf lacks take their defaults, and policy / min_dwell their resolved values
+    (an unset policy with held-out data is policy "heldout")."""
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in values:
+            out[f.name] = values[f.name]
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        else:
+            out[f.name] = f.default_factory()
+    out["policy"] = _effective_policy(out["policy"], out["heldout_data"])
+    if out["min_dwell"] is None:
+        out["min_dwell"] = 3 * out["heldout_every"] if out["policy"] == "heldout" else 0
+    return out
+
+
 def _check_resumable(cfg: TrainConfig, saved: dict, path: Path) -> None:
-    now = cfg.to_dict()
+    now, saved = _acting_options(cfg.to_dict()), _acting_options(saved)
     differ = [k for k in now if k not in RESUME_FREE and now[k] != saved.get(k)]
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ)
@@ -473,6 +590,9 @@ class TrainResult:
     routing_log: Path | None
     figures: list[Path]
     routing_summary: dict | None
+    # policy "heldout": {"windows": measured windows, "active": {module: [active experts]},
+    # "active_share": {expert: share of modules where it is active}}; else None
+    heldout: dict | None = None
 
 
 def _routing_postfix(opt: torch.optim.Optimizer) -> dict[str, str]:
@@ -501,6 +621,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     device = _device(cfg.device)
     # The user's data is checked before anything is written.
     pairs = load_pairs(cfg.data, cfg.prompt_field, cfg.completion_field) if cfg.data else None
+    heldout_pairs = None
+    if cfg.heldout_data:
+        heldout_pairs = load_pairs(cfg.heldout_data, cfg.prompt_field, cfg.completion_field, what="heldout_data")
 
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(cfg.model) if cfg.model is not None else out / BASE_MODEL
@@ -528,7 +651,11 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
 
     model = build_model(cfg, model_dir).to(device)
-    opt = _build_optimizer(cfg, model, log_path)
+    heldout = None
+    if heldout_pairs is not None:
+        batch = build_heldout_batch(tokenizer, heldout_pairs, cfg.heldout_batch, cfg.max_length, pad_id)
+        heldout = heldout_loss_fn(model, batch, device)
+    opt = _build_optimizer(cfg, model, log_path, heldout)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
     step = 0
     if resume_path is not None:
@@ -572,13 +699,23 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
                 on_step(step, losses[-1])
 
     summary = opt.routing_summary().to_dict() if isinstance(opt, MoLFAdamW) else None
+    heldout_info = _heldout_info(opt) if heldout is not None else None
     saved = _save_result(cfg, model, tokenizer, out, model_dir)
     figures = []
     if cfg.plots and log_path is not None and log_path.exists():
         from .plots import plot_routing_log
 
         figures = plot_routing_log(log_path, out / "routing_share.png")
-    return TrainResult(out, step, losses, saved, checkpoint, log_path, figures, summary)
+    return TrainResult(out, step, losses, saved, checkpoint, log_path, figures, summary, heldout_info)
+
+
+def _heldout_info(opt: MoLFAdamW) -> dict:
+    active = opt.router.incumbents()
+    return {
+        "windows": int(opt.ledger.heldout_windows),
+        "active": {m: [e for e, on in zip(opt.expert_names, row) if on] for m, row in zip(opt.module_names, active)},
+        "active_share": {e: float(active[:, j].mean()) for j, e in enumerate(opt.expert_names)},
+    }
 
 
 def _save_result(cfg: TrainConfig, model: nn.Module, tokenizer, out: Path, model_dir: Path) -> Path:
