@@ -1,9 +1,27 @@
-"""Prototype routing policies on the quality suite (issue 7), in Python, before the Rust core gets them.
+"""Prototype routing policies on the quality suite's harness (issue 7), in Python, before the
+Rust core gets them. The "lca" family became policy "heldout" (`molf.heldout`):
 
-    python3 benches/policy_lab.py lca:10:0.5 --regimes high-rank low-rank-noisy
+    python3 benches/policy_lab.py both lca:10:0.5:re1:2 --regimes high-rank low-rank-noisy
+    python3 benches/policy_lab.py --full --baseline results/quality-full-synthetic/results.json \
+        lca:10:0.5:re1z:2:1 --regimes high-rank
 
-Each spec is a policy; the method is MoLF (dense + LoRA r=8) or MoLF-E (r4 + r32, prefix "E/")
-with the policy deciding the mask; lr grid and seeds as in quality.py --quick.
+A spec routes MoLF (dense + LoRA r=8), or MoLF-E (r4 + r32) with the prefix "E/":
+* ``both``: every expert every step (k = 2);
+* ``lca:K:D:RULE[:DWELL[:Z]]``: every K steps a validation gradient; each expert's held-out
+  loss-change allocation over the window (trapezoid rule, env LCA_RIGHT=1: right-point rule),
+  its EMA (decay D), and RULE: ``drop`` (drop experts that raised the loss, for good),
+  ``dropkeep`` (but keep the best), ``re1`` (drop; re-admit on positive first-order potential
+  after DWELL windows — the shipped policy), ``re1z`` (drop only when the EMA's harm exceeds Z
+  standard errors), ``re2``, ``rel``.
+Learning rate grid and seeds as quality.py --quick (or --full); FFT/LoRA/AdaLoRA from --baseline.
+
+Measured (2-core CPU, quick scale unless noted; gap to the better of FFT/LoRA):
+* ``both``: high-rank −9.5%, low-rank-noisy +8.7%, mixed +2.2%, shift −3.1%, facts +1.1%, sql −1.3%;
+* ``lca:10:0.5:re1:2`` (shipped): −9.9%, +0.6%, −1.5%, −5.9%, +1.1%, 0.0%; full scale high-rank +43%;
+* ``drop`` without re-admission: shift +474% (the held-out set is the post-shift target: every
+  expert is dropped in the first half and can never return);
+* right-point instead of trapezoid: high-rank +45%, mixed +17% (curvature double-counted);
+* ``re1z`` z=1: quick low-rank-noisy +8.6% (no drop), full high-rank −0.9%.
 """
 
 from __future__ import annotations
@@ -82,8 +100,10 @@ class LCA:
             fresh = self.mask_before
             if self.ema is None:
                 self.ema = np.where(fresh, lca, 0.0)
+                self.sq = np.where(fresh, lca**2, 0.0)
             else:
                 self.ema = np.where(fresh, self.decay * self.ema + (1 - self.decay) * lca, self.ema)
+                self.sq = np.where(fresh, self.decay * self.sq + (1 - self.decay) * lca**2, self.sq)
             self.pot = self.potential(g_now)
             self.decide(step)
         self.snap = [p.detach().clone() for p in self.params]
@@ -121,6 +141,14 @@ class LCA:
             back = ~self.mask & (self.pot < 0) & (self.since > self.extra)
             new |= back
             self.since[new != self.mask] = 0
+        elif self.rule == "re1z":  # drop only when the EMA's harm is beyond z standard errors
+            n_eff = (1 + self.decay) / (1 - self.decay)
+            se = np.sqrt(np.maximum(self.sq - ema**2, 0.0) / n_eff)
+            new = ~(ema - self.z * se > 0) & self.mask
+            self.since = getattr(self, "since", np.zeros((self.M, self.E), int)) + 1
+            back = ~self.mask & (self.pot < 0) & (self.since > self.extra)
+            new |= back
+            self.since[new != self.mask] = 0
         elif self.rule == "re2":  # re-admit when the potential beats the best active expert's realized help
             new = (ema < 0) & self.mask
             best = np.min(np.where(new, ema, 0.0), 1, keepdims=True)
@@ -148,6 +176,7 @@ def make_method(spec):
         rule = args[2] if len(args) > 2 else "drop"
         extra = float(args[3]) if len(args) > 3 else 0.0
         hook = LCA(model, opt, inst, every, decay, rule, extra)
+        hook.z = float(args[4]) if len(args) > 4 else 0.0
         return model, opt, hook
 
     return build
@@ -190,10 +219,12 @@ def main():
     ap.add_argument("--regimes", nargs="+", default=list(q.REGIMES))
     ap.add_argument("--baseline", default="benches/results/quality-quick/results.json")
     ap.add_argument("--json")
+    ap.add_argument("--full", action="store_true", help="quality.py's full scale (seeds 0-4)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     base = json.load(open(args.baseline))["regimes"]
-    seeds = [0, 1, 2]
+    scale = q.FULL if args.full else q.QUICK
+    seeds = list(range(scale.seeds))
     out = {}
     for regime in args.regimes:
         b = base[regime]
@@ -202,7 +233,7 @@ def main():
         best = max(means["FFT"], means["LoRA"]) if hib else min(means["FFT"], means["LoRA"])
         print(f"== {regime}: FFT {means['FFT']:.4f} LoRA {means['LoRA']:.4f} AdaLoRA {means['AdaLoRA']:.4f}", flush=True)
         for spec in args.specs:
-            lr, vals, shares = run(spec, regime, q.QUICK, seeds)
+            lr, vals, shares = run(spec, regime, scale, seeds)
             m = statistics.fmean(vals)
             gap = q._gap(m, best, hib)
             ada = q._gap(m, means["AdaLoRA"], hib)
