@@ -804,3 +804,24 @@ def test_heldout_gradients_stay_out_of_other_optimizers_parameters():
             assert torch.equal(p.grad, g)
         assert all(p.grad is None for p in own)
         model.zero_grad()
+
+
+def test_routing_summary_reports_the_active_sets():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+    molf.wrap(model, molf.MoLFConfig(ranks=(2,), exclude_modules=()))
+    x, y, xv = torch.randn(16, 4), torch.randn(16, 2), torch.randn(16, 4)
+    # The held-out loss is the negated training loss: every moving expert is dropped.
+    opt = molf.MoLFAdamW(model, lr=1e-2, heldout=lambda: -((model(x) - y) ** 2).mean(), heldout_every=2)
+    for _ in range(4):
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    s = opt.routing_summary()
+    inc = opt.router.incumbents()
+    assert not inc.all(), "the negated training loss drops experts"
+    assert s.active_share == {e: float(inc[:, j].mean()) for j, e in enumerate(opt.expert_names)}
+    assert s.current_share == {e: 1.0 for e in opt.expert_names}  # the last non-empty winners: all
+    for i, m in enumerate(s.modules.values()):
+        assert m["active"] == [e for e, on in zip(opt.expert_names, inc[i]) if on]
+    assert "active" in str(s)

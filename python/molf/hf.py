@@ -77,6 +77,7 @@ class RoutingCallback(TrainerCallback):
         step0, switches0 = self._since or (0, 0)
         steps = summary.step - step0
         logs = {f"{self.prefix}share/{e}": float(s) for e, s in summary.current_share.items()}
+        logs.update({f"{self.prefix}active/{e}": float(s) for e, s in summary.active_share.items()})
         logs[f"{self.prefix}switches_per_step"] = (summary.switches - switches0) / steps if steps > 0 else 0.0
         logs[f"{self.prefix}skipped_steps"] = float(summary.skipped_steps)
         logs[f"{self.prefix}no_winner_events"] = float(summary.no_winner_events)

@@ -670,7 +670,8 @@ class MoLFAdamW(torch.optim.Optimizer):
     def routing_summary(self) -> RoutingSummary:
         """Per-expert shares, switches and per-module statistics so far."""
         return RoutingSummary.from_ledger(
-            self._ledger, self.module_names, self.expert_names, self._router.phase, self._skipped_steps
+            self._ledger, self.module_names, self.expert_names, self._router.phase, self._skipped_steps,
+            incumbents=self._router.incumbents(),
         )
 
     # ------------------------------------------------------------- checkpoint

@@ -13,10 +13,14 @@ class RoutingSummary:
 
     `win_share`: share of all (module, step) wins taken by each expert so far;
     `current_share`: share of modules whose latest winners include each expert;
+    `active_share`: share of modules in which the router routes each expert now
+    (its incumbents: the latest winners under top-1, the active set under policy
+    "heldout", where a module may have every expert or none active);
     `switches`: times a module's winner set changed; `no_winner_events`: module
     steps without any finite expert score; `skipped_steps`: optimizer steps
     skipped whole for non-finite gradients.
-    `modules`: per module name, its wins per expert, switches and latest winners.
+    `modules`: per module name, its wins per expert, switches, latest winners
+    and active experts.
     """
 
     step: int
@@ -24,6 +28,7 @@ class RoutingSummary:
     experts: list[str]
     win_share: dict[str, float]
     current_share: dict[str, float]
+    active_share: dict[str, float]
     switches: int
     switch_rate: float
     no_winner_events: int
@@ -33,15 +38,20 @@ class RoutingSummary:
 
     @classmethod
     def from_ledger(
-        cls, ledger, module_names: list[str], expert_names: list[str], phase: str, skipped_steps: int = 0
+        cls, ledger, module_names: list[str], expert_names: list[str], phase: str, skipped_steps: int = 0,
+        incumbents=None,
     ) -> "RoutingSummary":
+        """`incumbents`: the router's `[modules x experts]` incumbents (default: the ledger's
+        latest winners)."""
         s = ledger.summary()
         wins, switches, last = ledger.wins(), ledger.switches(), ledger.last_mask()
+        active = last if incumbents is None else incumbents
         modules = {
             name: {
                 "wins": {e: int(w) for e, w in zip(expert_names, wins[i])},
                 "switches": int(switches[i]),
                 "winners": [e for e, won in zip(expert_names, last[i]) if won],
+                "active": [e for e, on in zip(expert_names, active[i]) if on],
             }
             for i, name in enumerate(module_names)
         }
@@ -51,6 +61,7 @@ class RoutingSummary:
             experts=list(expert_names),
             win_share=dict(zip(expert_names, map(float, s["win_share"]))),
             current_share=dict(zip(expert_names, map(float, s["current_share"]))),
+            active_share={e: float(active[:, j].mean()) for j, e in enumerate(expert_names)},
             switches=int(s["switches"]),
             switch_rate=float(s["switch_rate"]),
             no_winner_events=int(s["no_winner_events"]),
@@ -69,8 +80,8 @@ class RoutingSummary:
             f"{self.switches} switches (rate {self.switch_rate:.4f}), "
             f"{self.no_winner_events} module-steps without a finite score, "
             f"{self.skipped_steps} steps skipped for non-finite gradients",
-            f"  {'expert':<{width}}  {'now':>7}  {'overall':>7}",
+            f"  {'expert':<{width}}  {'active':>7}  {'overall':>7}",
         ]
         for e in self.experts:
-            lines.append(f"  {e:<{width}}  {self.current_share[e]:>7.1%}  {self.win_share[e]:>7.1%}")
+            lines.append(f"  {e:<{width}}  {self.active_share[e]:>7.1%}  {self.win_share[e]:>7.1%}")
         return "\n".join(lines)
