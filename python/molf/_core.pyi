@@ -19,7 +19,7 @@ __version__: Final[str]
 PHASES: Final[tuple[Literal["warmup"], Literal["routing"], Literal["frozen"]]]
 """Routing phases, in schedule order."""
 
-POLICIES: Final[tuple[Literal["topk"], Literal["hysteresis"]]]
+POLICIES: Final[tuple[Literal["topk"], Literal["hysteresis"], Literal["heldout"]]]
 """Routing policies accepted by :class:`Router`."""
 
 _Phase = Literal["warmup", "routing", "frozen"]
@@ -85,11 +85,15 @@ class Router:
         num_experts: columns, >= 1.
         topk: winners per module, >= 1 (``topk >= num_experts`` means every finite
             expert wins).
-        policy: one of :data:`POLICIES`.
+        policy: one of :data:`POLICIES` (or ``"paper"``, an alias of ``"topk"``).
+            ``"heldout"``: every expert starts active; a routing step's winners are the
+            active experts with finite scores; only :meth:`regate` changes the active set
+            (``topk`` is not used).
         margin: relative advantage of incumbents, finite and >= 0 (``"hysteresis"`` only;
-            must be 0 for ``"topk"``).
-        min_dwell: steps incumbents are held after a change, >= 0 (``"hysteresis"`` only;
-            must be 0 for ``"topk"``).
+            must be 0 otherwise).
+        min_dwell: steps incumbents are held after a change (``"hysteresis"``), or steps
+            after a module's active set changed before a dropped expert may return
+            (``"heldout"``), >= 0; must be 0 for ``"topk"``.
         warmup_steps: number of initial warm-up calls, >= 0.
         freeze_after: index of the first frozen call, or None; must be > ``warmup_steps``.
 
@@ -146,8 +150,23 @@ class Router:
         Raises:
             ScoreError: wrong type, ndim, shape or dtype; the router is left unchanged.
         """
+    def regate(self, descent: npt.NDArray[np.float64], potential: npt.NDArray[np.float64]) -> int:
+        """Policy ``"heldout"``: updates the active experts; returns how many modules changed.
+
+        Per module, at the current step: an active expert stays while its ``descent`` (the
+        smoothed held-out loss decrease per step while it moved, usually
+        :meth:`Ledger.heldout_ema`) is NaN or > 0; an inactive one becomes active when its
+        ``potential`` (first-order held-out decrease of one step of it) is finite and > 0
+        and the module's set last changed at least ``min_dwell`` steps ago. A changed
+        module's last change becomes the current step. Nothing changes when frozen.
+
+        Raises:
+            ConfigError: the router's policy is not ``"heldout"``.
+            ScoreError: an argument is not a float64 array of shape (M, E).
+        """
     def incumbents(self) -> npt.NDArray[np.bool_]:
-        """Copy of the current incumbents, bool ``(num_modules, num_experts)``."""
+        """Copy of the current incumbents, bool ``(num_modules, num_experts)`` (the active
+        set under policy ``"heldout"``)."""
     def config(self) -> _RouterConfig:
         """The constructor arguments: ``Router(**r.config())`` builds a fresh equal-config
         router."""
@@ -204,12 +223,32 @@ class Ledger:
         num_modules: >= 1.
         num_experts: >= 1.
         ema_decay: in ``[0, 1)``.
+        heldout_decay: in ``[0, 1)``, the decay of :meth:`heldout_ema` per
+            :meth:`record_heldout` window.
 
     Raises:
         ConfigError: an argument out of range.
     """
 
-    def __init__(self, num_modules: int, num_experts: int, ema_decay: float = 0.9) -> None: ...
+    def __init__(
+        self, num_modules: int, num_experts: int, ema_decay: float = 0.9, heldout_decay: float = 0.5
+    ) -> None: ...
+    @property
+    def heldout_decay(self) -> float: ...
+    @property
+    def heldout_windows(self) -> int:
+        """Number of :meth:`record_heldout` calls so far."""
+    def record_heldout(self, descent: npt.NDArray[np.float64], moved: npt.NDArray[np.bool_]) -> None:
+        """Records one held-out window: for each expert that ``moved`` with a finite
+        ``descent``, ``heldout_ema = descent`` if unset (NaN) else
+        ``heldout_decay * heldout_ema + (1 - heldout_decay) * descent``; the others keep
+        theirs.
+
+        Raises:
+            ScoreError: an argument of the wrong type, dtype or shape; nothing is recorded.
+        """
+    def heldout_ema(self) -> npt.NDArray[np.float64]:
+        """Copy, ``(M, E)``: the held-out descent EMA (NaN where never measured)."""
     @property
     def num_modules(self) -> int: ...
     @property
