@@ -8,10 +8,12 @@ teacher, the same net with W0 + ΔW in every layer. Two regimes:
 * low-rank-noisy: ΔW has rank 1, the labels are few and very noisy, so FFT
   fits the noise while LoRA's low-rank update regularises — LoRA should win.
 
-Four methods train on the same data and minibatches per seed: FFT (AdamW over
+Five methods train on the same data and minibatches per seed: FFT (AdamW over
 every weight), LoRA (frozen base, rank-4 adapters, AdamW), MoLF (dense + rank-4
-expert, top-1 routing) and MoLF-Efficient (frozen base, rank-2 and rank-16
-experts). All use one learning rate; every LoRA expert has alpha = rank
+expert, the paper's EPD top-1 routing), MoLF-Efficient (frozen base, rank-2 and
+rank-16 experts, same routing) and MoLF-heldout (dense + rank-4, molf's default
+routing given `heldout=`: the loss on a validation split drawn like the
+training data, noisy labels included). All use one learning rate; every LoRA expert has alpha = rank
 (rsLoRA scale √r). The score is the held-out MSE against the clean teacher,
 relative to the untouched student's (1.0 = no better than before training).
 """
@@ -43,6 +45,7 @@ __all__ = ["Regime", "REGIMES", "METHODS", "run_demo", "format_table"]
 
 D_IN, WIDTH, DEPTH, D_OUT = 16, 64, 4, 8
 N_TEST = 2048
+N_VAL = 512  # validation samples (noisy labels, like training): MoLF-heldout's held-out loss
 BATCH = 64
 LR = 1e-3
 LORA_RANK = 4
@@ -113,6 +116,8 @@ class Task:
     x_test: torch.Tensor
     y_test: torch.Tensor  # clean teacher outputs
     base_loss: float  # held-out MSE of the untouched student
+    x_val: torch.Tensor  # a validation split drawn like the training data (same label noise)
+    y_val: torch.Tensor
 
 
 @torch.no_grad()
@@ -136,30 +141,41 @@ def make_task(regime: Regime, seed: int, student: StudentMLP | None = None) -> T
     gap_rms = (y[:n] - y0[:n]).pow(2).mean().sqrt()
     y_train = y[:n] + regime.label_noise * gap_rms * torch.randn(n, D_OUT, generator=g)
     base_loss = F.mse_loss(y0[n:], y[n:]).item()
-    return Task(student, x[:n], y_train, x[n:], y[n:], base_loss)
+    # Drawn last, so the other data are those of a task without it.
+    x_val = torch.randn(N_VAL, D_IN, generator=g)
+    y_val = teacher(x_val)
+    y_val = y_val + regime.label_noise * gap_rms * torch.randn(N_VAL, D_OUT, generator=g)
+    return Task(student, x[:n], y_train, x[n:], y[n:], base_loss, x_val, y_val)
 
 
-# A method: (fresh copy of the student, routing log path or None) -> (model, optimizer).
-Builder = Callable[[nn.Module, Path | None], tuple[nn.Module, torch.optim.Optimizer]]
+# A method: (fresh copy of the student, routing log path or None, the task) -> (model, optimizer).
+Builder = Callable[[nn.Module, Path | None, "Task"], tuple[nn.Module, torch.optim.Optimizer]]
 
 
 def _lora_config(ranks: tuple[int, ...], fft: bool) -> MoLFConfig:
     return MoLFConfig(ranks=ranks, alphas=tuple(float(r) for r in ranks), fft=fft, exclude_modules=())
 
 
-def _fft(model: nn.Module, log_path: Path | None):
+def _fft(model: nn.Module, log_path: Path | None, task: Task):
     return model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
 
 
-def _lora(model: nn.Module, log_path: Path | None):
+def _lora(model: nn.Module, log_path: Path | None, task: Task):
     wrap(model, _lora_config((LORA_RANK,), fft=False))
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
 
 
-def _molf(ranks: tuple[int, ...], fft: bool) -> Builder:
-    def build(model: nn.Module, log_path: Path | None):
+def _molf(ranks: tuple[int, ...], fft: bool, heldout: bool = False) -> Builder:
+    """Paper routing (EPD top-1), or with `heldout` molf's default: routing by the loss on
+    the task's validation split."""
+
+    def build(model: nn.Module, log_path: Path | None, task: Task):
         wrap(model, _lora_config(ranks, fft))
-        opt = MoLFAdamW(model, lr=LR, lora_lr=LR, weight_decay=0.0, lora_weight_decay=0.0, topk=1, log_path=log_path)
+        routing = (
+            {"heldout": lambda: F.mse_loss(model(task.x_val), task.y_val)} if heldout else {"policy": "paper"}
+        )
+        opt = MoLFAdamW(model, lr=LR, lora_lr=LR, weight_decay=0.0, lora_weight_decay=0.0, log_path=log_path,
+                        **routing)
         return model, opt
 
     return build
@@ -170,8 +186,9 @@ METHODS: dict[str, Builder] = {
     "LoRA": _lora,
     "MoLF": _molf((LORA_RANK,), fft=True),
     "MoLF-E": _molf(EFFICIENT_RANKS, fft=False),
+    "MoLF-heldout": _molf((LORA_RANK,), fft=True, heldout=True),
 }
-ROUTED = ("MoLF", "MoLF-E")
+ROUTED = ("MoLF", "MoLF-E", "MoLF-heldout")
 
 
 def routing_log_name(regime: str, method: str) -> str:
@@ -185,7 +202,7 @@ def train_one(
     `on_chunk(step, loss)` reports progress about 20 times per run."""
     with torch.random.fork_rng(devices=[]):  # LoRA's init draws from the global RNG
         torch.manual_seed(seed)
-        model, opt = METHODS[method](copy.deepcopy(task.student), log_path)
+        model, opt = METHODS[method](copy.deepcopy(task.student), log_path, task)
     batches = torch.Generator().manual_seed(seed + 1)  # same minibatches for every method
     n = task.x_train.shape[0]
     chunk = max(1, steps // 20)
@@ -204,7 +221,8 @@ def train_one(
     out = {"heldout": heldout, "wall_s": wall}
     if method in ROUTED:
         s = opt.routing_summary()
-        out["routing"] = {"win_share": s.win_share, "current_share": s.current_share, "switches": s.switches}
+        out["routing"] = {"win_share": s.win_share, "current_share": s.current_share,
+                          "active_share": s.active_share, "switches": s.switches}
     return out
 
 
@@ -227,6 +245,7 @@ def _summarise(runs: dict[str, list[dict]]) -> dict:
             entry["routing"] = {
                 "win_share": _mean_dicts([r["routing"]["win_share"] for r in rs]),
                 "current_share": _mean_dicts([r["routing"]["current_share"] for r in rs]),
+                "active_share": _mean_dicts([r["routing"]["active_share"] for r in rs]),
                 "switches": statistics.fmean(r["routing"]["switches"] for r in rs),
             }
         methods[method] = entry
@@ -293,6 +312,7 @@ def run_demo(
         "steps": steps, "seeds": seed_list, "quick": quick, "lr": LR, "batch_size": BATCH,
         "lora_rank": LORA_RANK, "efficient_ranks": list(EFFICIENT_RANKS), "alpha": "= rank (rsLoRA)",
         "student": {"d_in": D_IN, "width": WIDTH, "hidden_layers": DEPTH, "d_out": D_OUT}, "n_test": N_TEST,
+        "n_val": N_VAL,
         "heldout_loss": "MSE to the clean teacher / MSE of the untouched student",
     }
     results["wall_s"] = time.perf_counter() - start
