@@ -192,3 +192,49 @@ def test_optimizer_fused_path_resumes_exactly(lagged, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_c.parameters()))
     assert opt_a.ledger.checksum == opt_c.ledger.checksum
     assert all(state["step"].item() == 5 for state in opt_c.state.values())
+
+
+@pytest.mark.parametrize("lagged", [False, True])
+def test_fused_path_routes_by_heldout_loss_like_the_foreach_path(lagged):
+    """Policy "heldout" on the fused path (Triton on CUDA, its interpreter on CPU): the same
+    active sets, held-out EMA and (within float tolerance) parameters as the foreach path."""
+    import molf
+
+    class Wide(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.head = torch.nn.Linear(5, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+    gen = torch.Generator().manual_seed(1)
+    xv = torch.randn(32, 5, generator=gen).to(DEVICE)
+    yv = torch.randn(32, 2, generator=gen).to(DEVICE)  # unrelated to the training target: experts get dropped
+
+    def build(fused):
+        torch.manual_seed(0)
+        model = molf.wrap(Wide(), molf.MoLFConfig(ranks=(2,), exclude_modules=("head",))).to(DEVICE)
+        opt = molf.MoLFAdamW(model, lr=3e-2, lagged=lagged, fused=None if fused else False, heldout_every=2,
+                             min_dwell=4, heldout=lambda: torch.nn.functional.mse_loss(model(xv), yv))
+        if fused:
+            (_use_fused if DEVICE == "cpu" else _assert_fused)(opt)
+        else:
+            assert opt._fused is None
+        return model, opt
+
+    (mf, of), (mr, orf) = build(True), build(False)
+    changed = False
+    for s in range(16):
+        x = torch.randn(16, 5, generator=torch.Generator().manual_seed(100 + s)).to(DEVICE)
+        for model, opt in ((mf, of), (mr, orf)):
+            torch.nn.functional.mse_loss(model(x), torch.sin(x[:, :2])).backward()
+            opt.step()
+            opt.zero_grad()
+        assert np.array_equal(of.router.incumbents(), orf.router.incumbents()), f"step {s}"
+        changed |= not of.router.incumbents().all()
+    assert changed, "no expert was dropped: the comparison would be vacuous"
+    assert of.ledger.heldout_windows == orf.ledger.heldout_windows > 0
+    np.testing.assert_allclose(of.ledger.heldout_ema(), orf.ledger.heldout_ema(), rtol=1e-3, atol=1e-9)
+    for p, q in zip(mf.parameters(), mr.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
