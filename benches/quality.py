@@ -255,40 +255,37 @@ def _adalora(model, lr, steps, targets, log_path, heldout) -> Built:
     return model, opt, lambda step: model.base_model.update_and_allocate(step - 1)
 
 
-def _molf(ranks: tuple[int, ...], fft: bool, routing: Callable[[], dict]):
+def _molf(ranks: tuple[int, ...], fft: bool, routing: Callable[[Callable[[], torch.Tensor]], dict]):
+    """MoLFAdamW with the routing options `routing(held-out loss closure)` returns."""
+
     def build(model, lr, steps, targets, log_path, heldout: HeldoutLoss) -> Built:
         cfg = molf.MoLFConfig(ranks=ranks, alphas=tuple(float(r) for r in ranks), fft=fft,
                               target_modules=targets, exclude_modules=())
         molf.wrap(model, cfg)
         opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lr, weight_decay=0.0, lora_weight_decay=0.0,
-                             log_path=log_path, **routing())
+                             log_path=log_path, **routing(lambda: heldout(model)))
         return model, opt, _none
 
     return build
 
 
-def _molf_heldout(ranks: tuple[int, ...], fft: bool):
+def _paper(heldout) -> dict:
+    return paper_routing()
+
+
+def _default(heldout) -> dict:
     """molf's default routing: MoLFAdamW(model, lr=…, lora_lr=…, heldout=…), nothing else set."""
-
-    def build(model, lr, steps, targets, log_path, heldout: HeldoutLoss) -> Built:
-        cfg = molf.MoLFConfig(ranks=ranks, alphas=tuple(float(r) for r in ranks), fft=fft,
-                              target_modules=targets, exclude_modules=())
-        molf.wrap(model, cfg)
-        opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lr, weight_decay=0.0, lora_weight_decay=0.0,
-                             log_path=log_path, heldout=lambda: heldout(model))
-        return model, opt, _none
-
-    return build
+    return {"heldout": heldout}
 
 
 METHODS: dict[str, Callable[..., Built]] = {
     "FFT": _fft,
     "LoRA": _lora,
-    "MoLF (paper)": _molf((LORA_RANK,), True, paper_routing),
-    "MoLF-E": _molf(EFFICIENT_RANKS, False, paper_routing),
+    "MoLF (paper)": _molf((LORA_RANK,), True, _paper),
+    "MoLF-E": _molf(EFFICIENT_RANKS, False, _paper),
     "AdaLoRA": _adalora,
-    "molf default": _molf_heldout((LORA_RANK,), True),
-    "molf-E default": _molf_heldout(EFFICIENT_RANKS, False),
+    "molf default": _molf((LORA_RANK,), True, _default),
+    "molf-E default": _molf(EFFICIENT_RANKS, False, _default),
 }
 ROUTED = ("MoLF (paper)", "MoLF-E", "molf default", "molf-E default")
 EFFICIENT = ("MoLF-E", "molf-E default")  # frozen base: compared with AdaLoRA

@@ -428,12 +428,14 @@ def _assert_ranks_identical(model, opt, trace) -> None:
             assert theirs[key] == everyone[0][key], f"rank {rank} differs from rank 0 in {key}"
 
 
-def _ddp_heldout_worker(rank: int, init_method: str) -> None:
+def _heldout_worker(rank: int, init_method: str, kind: str) -> None:
     rows = _init(rank, init_method)
     try:
         ref = _heldout_reference()
-        model = nn.parallel.DistributedDataParallel(_model())
+        model = nn.parallel.DistributedDataParallel(_model()) if kind == "ddp" else _sharded_model()
         opt = _heldout_opt(model, rows, check_every=1)
+        if kind == "fsdp2":
+            assert opt._score_group() is not None  # the held-out sums are all-reduced over the shard group
         windows = _spy_windows(opt)
         trace = _train_heldout(model, opt, _batches(HELDOUT_STEPS), rows)
         _assert_same_heldout_run(model, opt, trace, windows, *ref)
@@ -444,27 +446,11 @@ def _ddp_heldout_worker(rank: int, init_method: str) -> None:
 
 
 def test_ddp_heldout_matches_single_process():
-    _spawn(_ddp_heldout_worker)
-
-
-def _fsdp_heldout_worker(rank: int, init_method: str) -> None:
-    rows = _init(rank, init_method)
-    try:
-        ref = _heldout_reference()
-        model = _sharded_model()
-        opt = _heldout_opt(model, rows, check_every=1)
-        assert opt._score_group() is not None  # the held-out sums are all-reduced over the shard group
-        windows = _spy_windows(opt)
-        trace = _train_heldout(model, opt, _batches(HELDOUT_STEPS), rows)
-        _assert_same_heldout_run(model, opt, trace, windows, *ref)
-        _assert_ranks_identical(model, opt, trace)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    _spawn(_heldout_worker, "ddp")
 
 
 def test_fsdp2_heldout_matches_single_process():
-    _spawn(_fsdp_heldout_worker)
+    _spawn(_heldout_worker, "fsdp2")
 
 
 def _fsdp_heldout_dcp_worker(rank: int, init_method: str, ckpt_dir: str) -> None:

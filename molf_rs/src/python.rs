@@ -221,29 +221,19 @@ fn read_scores<'py>(obj: &Bound<'py, PyAny>, shape: (usize, usize)) -> PyResult<
     }
 }
 
-/// A float64 matrix argument of shape `shape` (e.g. held-out measurements).
-fn read_f64<'py>(
+/// A matrix argument of shape `shape` and exactly the element type `T` (named `label` in
+/// messages): masks, held-out measurements.
+fn read_exact<'py, T: Element + Copy>(
     obj: &Bound<'py, PyAny>,
     name: &str,
     shape: (usize, usize),
-) -> PyResult<Input<'py, f64>> {
-    let arr = check_array(obj, name, shape, "float64")?;
+    label: &str,
+) -> PyResult<Input<'py, T>> {
+    let arr = check_array(obj, name, shape, label)?;
     let dt = arr.dtype();
-    if !dt.is_equiv_to(&dtype::<f64>(obj.py())) {
+    if !dt.is_equiv_to(&dtype::<T>(obj.py())) {
         return Err(ScoreError::new_err(format!(
-            "{name} must be a numpy array of shape ({}, {}) and dtype float64, got dtype {dt}",
-            shape.0, shape.1
-        )));
-    }
-    read(arr)
-}
-
-fn read_mask<'py>(obj: &Bound<'py, PyAny>, shape: (usize, usize)) -> PyResult<Input<'py, bool>> {
-    let arr = check_array(obj, "mask", shape, "bool")?;
-    let dt = arr.dtype();
-    if !dt.is_equiv_to(&dtype::<bool>(obj.py())) {
-        return Err(ScoreError::new_err(format!(
-            "mask must be a numpy array of shape ({}, {}) and dtype bool, got dtype {dt}",
+            "{name} must be a numpy array of shape ({}, {}) and dtype {label}, got dtype {dt}",
             shape.0, shape.1
         )));
     }
@@ -400,8 +390,8 @@ impl PyRouter {
     fn regate(&self, descent: &Bound<'_, PyAny>, potential: &Bound<'_, PyAny>) -> PyResult<usize> {
         guarded(|| {
             let shape = self.shape();
-            let descent = read_f64(descent, "descent", shape)?;
-            let potential = read_f64(potential, "potential", shape)?;
+            let descent = read_exact::<f64>(descent, "descent", shape, "float64")?;
+            let potential = read_exact::<f64>(potential, "potential", shape, "float64")?;
             Ok(self.router().regate(descent.slice(), potential.slice())?)
         })
     }
@@ -521,8 +511,8 @@ impl PyLedger {
     fn record_heldout(&self, descent: &Bound<'_, PyAny>, moved: &Bound<'_, PyAny>) -> PyResult<()> {
         guarded(|| {
             let shape = self.shape();
-            let descent = read_f64(descent, "descent", shape)?;
-            let moved = read_mask(moved, shape)?;
+            let descent = read_exact::<f64>(descent, "descent", shape, "float64")?;
+            let moved = read_exact::<bool>(moved, "moved", shape, "bool")?;
             Ok(self
                 .ledger()
                 .record_heldout(descent.slice(), moved.slice())?)
@@ -551,7 +541,7 @@ impl PyLedger {
         guarded(|| {
             let shape = self.shape();
             let scores = read_scores(scores, shape)?;
-            let mask = read_mask(mask, shape)?;
+            let mask = read_exact::<bool>(mask, "mask", shape, "bool")?;
             let mask = mask.slice();
             let inner = &self.inner;
             let view = scores.view();

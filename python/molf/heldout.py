@@ -25,7 +25,6 @@ exactly.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -87,62 +86,62 @@ class HeldoutProbe:
         opt.ledger.record_heldout(descent, moved)
         opt.router.regate(opt.ledger.heldout_ema(), potential)
 
+    @staticmethod
+    def _expert_tensors(opt: MoLFAdamW):
+        """(group, parameter, its (module, expert) slot) of every routed expert tensor."""
+        for group in opt.param_groups:
+            if group["molf_role"] != "plain":
+                for p, slot in zip(group["params"], group["molf_slots"]):
+                    if expert_tag(p) is not None:
+                        yield group, p, slot
+
     @torch.no_grad()
     def _sums(self, opt: MoLFAdamW, window: int):
         """Per (module, expert): realized descent per step, potential, and whether it moved;
         (None, None, None) at the first measurement. One device-to-host transfer."""
+        if self.last_step == 0:  # nothing moved under observation yet: only remember
+            for _, p, _ in self._expert_tensors(opt):
+                theta = distributed.to_local(p.detach())
+                self._remember(opt.state[p], p, theta, self._grad(p, theta))
+            return None, None, None
         M, E = opt._shape
         rows: list[torch.Tensor] = []
         slots: list[int] = []
-        first = self.last_step == 0
-        for group in opt.param_groups:
-            if group["molf_role"] == "plain":
-                continue
-            beta1, beta2 = group["betas"]
-            for p, slot in zip(group["params"], group["molf_slots"]):
-                if expert_tag(p) is None:
-                    continue
-                state = opt.state[p]
-                theta = distributed.to_local(p.detach())
-                grad = torch.zeros_like(theta) if p.grad is None else distributed.to_local(p.grad)
-                g32 = grad.float().reshape(-1)
-                zero = torch.zeros((), dtype=torch.float32, device=theta.device)
-                # float32 math one tensor at a time: bounded temporaries on large models.
-                if not first and THETA_KEY in state:
-                    delta = (theta.float() - distributed.to_local(state[THETA_KEY]).float()).reshape(-1)
-                    mean_grad = (distributed.to_local(state[GRAD_KEY]).float().reshape(-1) + g32) * 0.5
-                    realized, movement = torch.dot(mean_grad, delta), delta.abs().sum()
-                else:
-                    realized = movement = zero
-                if "exp_avg" in state:
-                    t = float(state["step"])
-                    m_hat = distributed.to_local(state["exp_avg"]).float().reshape(-1) / (1 - beta1**t)
-                    v_hat = distributed.to_local(state["exp_avg_sq"]).float().reshape(-1) / (1 - beta2**t)
-                    potential = float(group["lr"]) * torch.dot(g32, m_hat / (v_hat.sqrt() + group["eps"]))
-                else:
-                    potential = zero
-                rows.append(torch.stack([realized, potential, movement]).double())
-                slots.append(slot)
-                self._remember(state, p, theta, grad)
-        if not rows:
-            return None, None, None
+        for group, p, slot in self._expert_tensors(opt):
+            state = opt.state[p]
+            theta = distributed.to_local(p.detach())
+            grad = self._grad(p, theta)
+            g32 = grad.float().reshape(-1)
+            # float32 math one tensor at a time: bounded temporaries on large models.
+            delta = (theta.float() - distributed.to_local(state[THETA_KEY]).float()).reshape(-1)
+            mean_grad = (distributed.to_local(state[GRAD_KEY]).float().reshape(-1) + g32) * 0.5
+            realized, movement = torch.dot(mean_grad, delta), delta.abs().sum()
+            if "exp_avg" in state:
+                (beta1, beta2), t = group["betas"], float(state["step"])
+                m_hat = distributed.to_local(state["exp_avg"]).float().reshape(-1) / (1 - beta1**t)
+                v_hat = distributed.to_local(state["exp_avg_sq"]).float().reshape(-1) / (1 - beta2**t)
+                potential = float(group["lr"]) * torch.dot(g32, m_hat / (v_hat.sqrt() + group["eps"]))
+            else:  # no gradient so far: no Adam step to take
+                potential = torch.zeros_like(realized)
+            rows.append(torch.stack([realized, potential, movement]).double())
+            slots.append(slot)
+            self._remember(state, p, theta, grad)
         flat = torch.stack(rows)
         group = opt._score_group()
         if group is not None:  # FSDP2: the shards' partial sums add up to the whole tensor's
             torch.distributed.all_reduce(flat, group=group)
         host = flat.cpu().numpy()
-        if first:
-            return None, None, None
         idx = np.asarray(slots, dtype=np.int64)
 
         def per_slot(col: np.ndarray) -> np.ndarray:
             return np.bincount(idx, weights=col, minlength=M * E).reshape(M, E)
 
-        descent = -per_slot(host[:, 0]) / max(window, 1)
-        potential = per_slot(host[:, 1])
-        moved = per_slot(host[:, 2]) > 0
-        descent[~np.isfinite(descent)] = math.nan
-        return descent, potential, moved
+        # Non-finite values reach the Ledger as they are: it keeps only finite ones.
+        return -per_slot(host[:, 0]) / window, per_slot(host[:, 1]), per_slot(host[:, 2]) > 0
+
+    @staticmethod
+    def _grad(p: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(theta) if p.grad is None else distributed.to_local(p.grad)
 
     @staticmethod
     def init_state(state: dict, p: torch.Tensor) -> None:
@@ -157,7 +156,6 @@ class HeldoutProbe:
     def _remember(state: dict, p: torch.Tensor, theta: torch.Tensor, grad: torch.Tensor) -> None:
         """θ and the held-out gradient at this measurement, in the parameter's layout."""
         if THETA_KEY not in state:
-            state[THETA_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state[GRAD_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            HeldoutProbe.init_state(state, p)
         distributed.to_local(state[THETA_KEY]).copy_(theta)
         distributed.to_local(state[GRAD_KEY]).copy_(grad)

@@ -492,7 +492,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         """One call into the Rust router for all modules; book and log it."""
         mask = self._router.route(scores)
         self._ledger.record(scores, mask)
-        self._state_init_step = self._is_state_init_step(scores)
+        # Only what keeps records (the log, the held-out probe) needs to know.
+        keeps_records = self._log is not None or self._probe is not None
+        self._state_init_step = keeps_records and self._is_state_init_step(scores)
         if self._check_every and self._ledger.step % self._check_every == 0:
             distributed.check_ranks_agree(self)
         if self._log is not None and not self._state_init_step:
@@ -670,8 +672,8 @@ class MoLFAdamW(torch.optim.Optimizer):
     def routing_summary(self) -> RoutingSummary:
         """Per-expert shares, switches and per-module statistics so far."""
         return RoutingSummary.from_ledger(
-            self._ledger, self.module_names, self.expert_names, self._router.phase, self._skipped_steps,
-            incumbents=self._router.incumbents(),
+            self._ledger, self._router.incumbents(), self.module_names, self.expert_names, self._router.phase,
+            self._skipped_steps,
         )
 
     # ------------------------------------------------------------- checkpoint

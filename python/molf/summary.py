@@ -38,14 +38,12 @@ class RoutingSummary:
 
     @classmethod
     def from_ledger(
-        cls, ledger, module_names: list[str], expert_names: list[str], phase: str, skipped_steps: int = 0,
-        incumbents=None,
+        cls, ledger, incumbents, module_names: list[str], expert_names: list[str], phase: str,
+        skipped_steps: int = 0,
     ) -> "RoutingSummary":
-        """`incumbents`: the router's `[modules x experts]` incumbents (default: the ledger's
-        latest winners)."""
+        """`incumbents`: the router's `[modules x experts]` incumbents (`Router.incumbents()`)."""
         s = ledger.summary()
-        wins, switches, last = ledger.wins(), ledger.switches(), ledger.last_mask()
-        active = last if incumbents is None else incumbents
+        wins, switches, last, active = ledger.wins(), ledger.switches(), ledger.last_mask(), incumbents
         modules = {
             name: {
                 "wins": {e: int(w) for e, w in zip(expert_names, wins[i])},
