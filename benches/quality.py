@@ -4,6 +4,7 @@ choice should lose somewhere (issue 7).
 
     python3 benches/quality.py --quick              # CPU, whole suite in minutes
     python3 benches/quality.py --full --device cuda # bigger models, more steps
+    python3 benches/quality.py --full --jobs 8      # (regime, method) pairs in 8 processes
 
 Regimes: four synthetic teacher-student tasks built on `molf.demo`'s student
 (high-rank clean: FFT should win; low-rank noisy: LoRA should win; mixed ranks
@@ -15,7 +16,10 @@ Every method sees the same steps, batch size and minibatches. Its learning rate
 is the best of one small grid on a validation instance (its own seed, its
 validation split); then it is trained on `seeds` test instances and scored on
 their test splits (mean ± std). Writes results.json, table.txt and one
-routing-share figure per regime into --out.
+routing-share figure per regime into --out, rewritten as each regime finishes.
+With --jobs N, each (regime, method) pair is one job in a pool of N processes
+that builds its own instances (deterministic from their seeds): the results
+are those of a sequential run.
 """
 
 from __future__ import annotations
@@ -340,41 +344,55 @@ def _mean_std(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "per_seed": xs}
 
 
-def run_regime(spec: RegimeSpec, scale: Scale, methods: list[str], seeds: list[int], device: str,
-               out: Path, bar) -> dict:
-    steps = scale.steps_synthetic if spec.family == "synthetic" else scale.steps_lm
-    val_inst = spec.build(VAL_SEED, scale, device)
-    test_insts = {s: spec.build(s, scale, device) for s in seeds}
-    logs: dict[str, str] = {}
+def _steps(spec: RegimeSpec, scale: Scale) -> int:
+    return scale.steps_synthetic if spec.family == "synthetic" else scale.steps_lm
+
+
+def _instances(spec: RegimeSpec, scale: Scale, seeds: list[int], device: str) -> tuple[Instance, dict[int, Instance]]:
+    """The validation instance and the test instances (deterministic from their seeds)."""
+    return spec.build(VAL_SEED, scale, device), {s: spec.build(s, scale, device) for s in seeds}
+
+
+def _routing_log(out: Path, regime: str, method: str) -> Path:
+    slug = method.replace(" ", "_").replace("(", "").replace(")", "")
+    return out / f"routing_{regime}_{slug}.jsonl"
+
+
+def run_method(spec: RegimeSpec, scale: Scale, method: str, val_inst: Instance, test_insts: dict[int, Instance],
+               out: Path, tick: Callable[[], None] = lambda: None) -> dict:
+    """One method's entry in one regime: its lr chosen on the validation instance,
+    its test metric over the seeds and, for routed methods, the mean routing
+    summary (the first seed's routing log goes to `_routing_log`)."""
+    steps = _steps(spec, scale)
+    val = {lr: train_eval(val_inst, method, lr, VAL_SEED, steps, "val", tick=tick)["metric"] for lr in scale.lrs}
+    best_lr = scale.lrs[0]
+    for lr in scale.lrs[1:]:
+        best_lr = lr if _better(val[lr], val[best_lr], spec.higher_is_better) else best_lr
+    runs = []
+    for i, (s, inst) in enumerate(test_insts.items()):
+        log_path = None
+        if method in ROUTED and i == 0:
+            log_path = _routing_log(out, spec.name, method)
+            log_path.unlink(missing_ok=True)  # the log appends; start it afresh
+        runs.append(train_eval(inst, method, best_lr, s, steps, "test", log_path, tick))
+    entry = {"lr": best_lr, "val_by_lr": {str(k): v for k, v in val.items()},
+             "test": _mean_std([r["metric"] for r in runs]),
+             "wall_s": statistics.fmean(r["wall_s"] for r in runs)}
+    if method in ROUTED:
+        entry["routing"] = {
+            k: {e: statistics.fmean(r["routing"][k][e] for r in runs) for e in runs[0]["routing"][k]}
+            for k in ("current_share", "win_share", "active_share")
+        }
+        entry["routing"]["switches"] = statistics.fmean(r["routing"]["switches"] for r in runs)
+    return entry
+
+
+def assemble_regime(spec: RegimeSpec, scale: Scale, entries: dict[str, dict], out: Path) -> dict:
+    """A regime's result from its methods' entries (in the requested order): the
+    winner, the gaps to AdaLoRA and to the best baseline, the routing figure."""
     result: dict = {"family": spec.family, "metric": spec.metric, "higher_is_better": spec.higher_is_better,
-                    "description": spec.description, "steps": steps, "methods": {}}
-    for method in methods:
-        bar.set_description(f"{spec.name} · {method}", refresh=False)
-        tick = lambda: bar.update(1)  # noqa: E731
-        val = {lr: train_eval(val_inst, method, lr, VAL_SEED, steps, "val", tick=tick)["metric"] for lr in scale.lrs}
-        best_lr = scale.lrs[0]
-        for lr in scale.lrs[1:]:
-            best_lr = lr if _better(val[lr], val[best_lr], spec.higher_is_better) else best_lr
-        runs = []
-        for s in seeds:
-            log_path = None
-            if method in ROUTED and s == seeds[0]:
-                slug = method.replace(" ", "_").replace("(", "").replace(")", "")
-                log_path = out / f"routing_{spec.name}_{slug}.jsonl"
-                log_path.unlink(missing_ok=True)  # the log appends; start it afresh
-                logs[method] = str(log_path)
-            runs.append(train_eval(test_insts[s], method, best_lr, s, steps, "test", log_path, tick))
-        entry = {"lr": best_lr, "val_by_lr": {str(k): v for k, v in val.items()},
-                 "test": _mean_std([r["metric"] for r in runs]),
-                 "wall_s": statistics.fmean(r["wall_s"] for r in runs)}
-        if method in ROUTED:
-            entry["routing"] = {
-                k: {e: statistics.fmean(r["routing"][k][e] for r in runs) for e in runs[0]["routing"][k]}
-                for k in ("current_share", "win_share", "active_share")
-            }
-            entry["routing"]["switches"] = statistics.fmean(r["routing"]["switches"] for r in runs)
-        result["methods"][method] = entry
-    means = {m: e["test"]["mean"] for m, e in result["methods"].items()}
+                    "description": spec.description, "steps": _steps(spec, scale), "methods": entries}
+    means = {m: e["test"]["mean"] for m, e in entries.items()}
     winner = None
     for m in means:
         winner = m if winner is None or _better(means[m], means[winner], spec.higher_is_better) else winner
@@ -389,6 +407,7 @@ def run_regime(spec: RegimeSpec, scale: Scale, methods: list[str], seeds: list[i
         result["gap_to_best_baseline"] = {  # None: the best baseline scored 0, no relative gap
             m: _gap(means[m], best, spec.higher_is_better) if best != 0 else None for m in ROUTED if m in means
         }
+    logs = {m: str(_routing_log(out, spec.name, m)) for m in entries if m in ROUTED}
     if logs:
         png = out / f"routing_share_{spec.name}.png"
         plot_routing_share(logs, png)
@@ -396,15 +415,57 @@ def run_regime(spec: RegimeSpec, scale: Scale, methods: list[str], seeds: list[i
     return result
 
 
-def _run_regime_job(name: str, scale: Scale, methods: list[str], seeds: list[int], device: str, out: Path,
-                    threads: int) -> tuple[str, dict, float]:
-    """One regime in a worker process (--jobs): no progress bar, its wall time back."""
+def run_regime(spec: RegimeSpec, scale: Scale, methods: list[str], seeds: list[int], device: str,
+               out: Path, bar) -> dict:
+    """One regime, its methods one after the other on instances built once."""
+    val_inst, test_insts = _instances(spec, scale, seeds, device)
+    entries = {}
+    for method in methods:
+        bar.set_description(f"{spec.name} · {method}", refresh=False)
+        entries[method] = run_method(spec, scale, method, val_inst, test_insts, out, lambda: bar.update(1))
+    return assemble_regime(spec, scale, entries, out)
+
+
+def _run_method_job(name: str, method: str, scale: Scale, seeds: list[int], device: str, out: Path,
+                    threads: int) -> tuple[str, str, dict, float]:
+    """One (regime, method) pair in a worker process (--jobs): it builds its own
+    instances; no progress bar; its wall time back."""
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     start = time.perf_counter()
-    with tqdm(disable=True) as bar:
-        result = run_regime(REGIMES[name], scale, methods, seeds, device, out, bar)
-    return name, result, time.perf_counter() - start
+    spec = REGIMES[name]
+    entry = run_method(spec, scale, method, *_instances(spec, scale, seeds, device), out)
+    return name, method, entry, time.perf_counter() - start
+
+
+def _run_parallel(scale: Scale, regimes: list[str], methods: list[str], seeds: list[int], device: str, out: Path,
+                  jobs: int, progress: bool, write: Callable[[dict], None]) -> dict:
+    """Every (regime, method) pair in its own job (same results as a sequential run);
+    a regime is assembled and written once all its methods are done. Returns the
+    regimes' results in the requested order, whatever the completion order."""
+    # The LM regimes share the pre-trained checkpoint: build it once, before the workers load it.
+    if any(REGIMES[n].family == "lm" for n in regimes):
+        lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    entries: dict[str, dict[str, dict]] = {n: {} for n in regimes}
+    done: dict[str, dict] = {}
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_run_method_job, n, m, scale, seeds, device, out, torch.get_num_threads())
+                   for n in regimes for m in methods]  # regime-major: the first regimes finish first
+        for k, f in enumerate(as_completed(futures), start=1):
+            name, method, entry, wall = f.result()
+            entries[name][method] = entry
+            if progress:
+                print(f"[quality] {name} · {method} done in {wall:.0f} s ({k}/{len(futures)})",
+                      file=sys.stderr, flush=True)
+            if len(entries[name]) == len(methods):
+                ordered = {m: entries[name][m] for m in methods}
+                done[name] = assemble_regime(REGIMES[name], scale, ordered, out)
+                write({n: done[n] for n in regimes if n in done})
+    return {n: done[n] for n in regimes}
 
 
 def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str | Path, device: str = "cpu",
@@ -413,41 +474,28 @@ def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str
         bad = [x for x in (regimes if name == "regime" else methods) if x not in known]
         if bad:
             raise ValueError(f"unknown {name}(s) {bad}; expected some of {list(known)}")
+    methods = list(dict.fromkeys(methods))  # a method named twice runs once (one job, one entry)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [seed + i for i in range(scale.seeds)]
-    steps = {n: scale.steps_synthetic if REGIMES[n].family == "synthetic" else scale.steps_lm for n in regimes}
-    total = sum(steps[n] * len(methods) * (len(scale.lrs) + len(seeds)) for n in regimes)
     start = time.perf_counter()
     results: dict = {"regimes": {}}
-    tty = sys.stderr.isatty()
-    if jobs > 1:
-        # Regimes are independent: each runs whole in its own process (same results as a
-        # sequential run). The LM regimes share the pre-trained checkpoint: build it first.
-        if any(REGIMES[n].family == "lm" for n in regimes):
-            lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device)
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        done: dict[str, dict] = {}
-        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(_run_regime_job, n, scale, methods, seeds, device, out, torch.get_num_threads())
-                       for n in regimes]
-            for f in as_completed(futures):
-                name, result, wall = f.result()
-                done[name] = result
-                results["regimes"] = {n: done[n] for n in regimes if n in done}
-                _write(out, results, scale, seeds, device, methods, jobs, start)
-                if progress:
-                    print(f"[quality] {name} done in {wall:.0f} s ({len(done)}/{len(regimes)})", file=sys.stderr, flush=True)
-        results["regimes"] = {n: done[n] for n in regimes}
+    def write(regs: dict) -> None:
+        results["regimes"] = regs
+        _write(out, results, scale, seeds, device, methods, jobs, start)
+
+    if jobs > 1:
+        regs = _run_parallel(scale, regimes, methods, seeds, device, out, jobs, progress, write)
     else:
+        regs = {}
+        total = sum(_steps(REGIMES[n], scale) * len(methods) * (len(scale.lrs) + len(seeds)) for n in regimes)
+        tty = sys.stderr.isatty()
         with tqdm(total=total, unit="step", disable=not progress, mininterval=0.2 if tty else 15.0) as bar:
             for name in regimes:
-                results["regimes"][name] = run_regime(REGIMES[name], scale, methods, seeds, device, out, bar)
-                _write(out, results, scale, seeds, device, methods, jobs, start)
-    _write(out, results, scale, seeds, device, methods, jobs, start)
+                regs[name] = run_regime(REGIMES[name], scale, methods, seeds, device, out, bar)
+                write(regs)
+    write(regs)
     return results
 
 
@@ -522,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="first test seed")
     p.add_argument("--cache-dir", help="where the pre-trained LM is cached (default ~/.cache/molf/quality)")
     p.add_argument("--threads", type=int, help="torch CPU threads (on a busy machine 1 is often fastest)")
-    p.add_argument("--jobs", type=int, default=1, help="regimes run in parallel processes (same results)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="parallel processes, one job per (regime, method) pair (same results)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     scale = FULL if args.full else QUICK
