@@ -24,8 +24,11 @@ pub struct Ledger {
     no_winner: Vec<u64>,
     /// Row-major; the last non-empty mask row of each module (all false before one).
     last_mask: Vec<bool>,
-    /// Decay of `heldout_ema`, applied once per held-out window.
+    /// Decay of `heldout_ema` per held-out window; with a horizon, its floor.
     heldout_decay: f64,
+    /// Fraction of the windows so far that the held-out EMA spans (0: the fixed
+    /// `heldout_decay`); see `record_heldout`.
+    heldout_horizon: f64,
     /// Held-out windows recorded.
     heldout_windows: u64,
     /// Row-major: EMA of each expert's held-out loss decrease per step over the windows in
@@ -35,6 +38,9 @@ pub struct Ledger {
 
 /// Default decay of the held-out EMA: a window's measurement counts as much as all before.
 pub const DEFAULT_HELDOUT_DECAY: f64 = 0.5;
+
+/// Default held-out horizon: the EMA averages about the last quarter of the run.
+pub const DEFAULT_HELDOUT_HORIZON: f64 = 0.25;
 
 /// Everything `Ledger::from_parts` needs; mirrors the serialised payload.
 #[derive(Debug, Clone)]
@@ -52,6 +58,7 @@ pub struct LedgerParts {
     pub no_winner: Vec<u64>,
     pub last_mask: Vec<bool>,
     pub heldout_decay: f64,
+    pub heldout_horizon: f64,
     pub heldout_windows: u64,
     pub heldout_ema: Vec<f64>,
 }
@@ -88,6 +95,7 @@ impl PartialEq for Ledger {
             && self.no_winner == other.no_winner
             && self.last_mask == other.last_mask
             && self.heldout_decay.to_bits() == other.heldout_decay.to_bits()
+            && self.heldout_horizon.to_bits() == other.heldout_horizon.to_bits()
             && self.heldout_windows == other.heldout_windows
             && bits(&self.heldout_ema) == bits(&other.heldout_ema)
     }
@@ -109,14 +117,15 @@ fn validate_config(num_modules: u64, num_experts: u64, ema_decay: f64) -> Result
             "num_modules * num_experts must be <= {MAX_ENTRIES}, got {num_modules} * {num_experts}"
         ));
     }
-    check_decay("ema_decay", ema_decay)
+    check_unit("ema_decay", ema_decay)
 }
 
-fn check_decay(name: &str, decay: f64) -> Result<()> {
+/// Checks a decay or horizon: in [0, 1).
+fn check_unit(name: &str, value: f64) -> Result<()> {
     // Written so that NaN fails too.
-    if !(0.0..1.0).contains(&decay) {
+    if !(0.0..1.0).contains(&value) {
         return Err(Error::Config(format!(
-            "{name} must be in [0, 1), got {decay}"
+            "{name} must be in [0, 1), got {value}"
         )));
     }
     Ok(())
@@ -140,6 +149,7 @@ impl Ledger {
             no_winner: filled(m, 0, "no_winner")?,
             last_mask: filled(m * e, false, "last_mask")?,
             heldout_decay: DEFAULT_HELDOUT_DECAY,
+            heldout_horizon: DEFAULT_HELDOUT_HORIZON,
             heldout_windows: 0,
             heldout_ema: filled(m * e, f64::NAN, "heldout_ema")?,
         })
@@ -147,8 +157,15 @@ impl Ledger {
 
     /// The same ledger with another decay for the held-out EMA.
     pub fn with_heldout_decay(mut self, decay: f64) -> Result<Self> {
-        check_decay("heldout_decay", decay)?;
+        check_unit("heldout_decay", decay)?;
         self.heldout_decay = decay;
+        Ok(self)
+    }
+
+    /// The same ledger with another horizon for the held-out EMA (see `record_heldout`).
+    pub fn with_heldout_horizon(mut self, horizon: f64) -> Result<Self> {
+        check_unit("heldout_horizon", horizon)?;
+        self.heldout_horizon = horizon;
         Ok(self)
     }
 
@@ -176,7 +193,9 @@ impl Ledger {
         if p.step > MAX_STEP {
             return state(format!("ledger step {} exceeds {MAX_STEP}", p.step));
         }
-        if let Err(e) = check_decay("heldout_decay", p.heldout_decay) {
+        if let Err(e) = check_unit("heldout_decay", p.heldout_decay)
+            .and_then(|()| check_unit("heldout_horizon", p.heldout_horizon))
+        {
             return state(format!("invalid ledger configuration in state: {e}"));
         }
         if p.heldout_windows > MAX_STEP
@@ -235,6 +254,7 @@ impl Ledger {
             no_winner: p.no_winner,
             last_mask: p.last_mask,
             heldout_decay: p.heldout_decay,
+            heldout_horizon: p.heldout_horizon,
             heldout_windows: p.heldout_windows,
             heldout_ema: p.heldout_ema,
         })
@@ -244,6 +264,14 @@ impl Ledger {
     /// expert's held-out loss decrease per step over the window, `moved` whether the expert
     /// was active in it. The EMA takes the finite values of experts that moved; the others
     /// keep their estimate (a frozen expert's last measurement stands until it moves again).
+    ///
+    /// The decay at window n (counted from 1) is `heldout_decay` when `heldout_horizon` h is
+    /// 0, else `max(heldout_decay, 1 − a/n)` with a = 1/h − 1. Late in a long run one
+    /// window's change is noise around a small drift, and the noise of an average over a
+    /// span shrinks like 1/span, so the span grows with the run: window k enters with weight
+    /// a/k and has shrunk by about (k/n)^a at window n, a weight of about (a/n)(k/n)^(a−1),
+    /// so the EMA's mean age is about h × n (h = 0.25: the last quarter of the run), never
+    /// shorter than the fixed decay gives. h = 0 is the fixed decay of format version 2.
     pub fn record_heldout(&mut self, descent: &[f64], moved: &[bool]) -> Result<()> {
         let n = self.heldout_ema.len();
         if descent.len() != n || moved.len() != n {
@@ -260,7 +288,13 @@ impl Ledger {
                 "held-out window counter reached {MAX_STEP}"
             )));
         }
-        let d = self.heldout_decay;
+        let (floor, h) = (self.heldout_decay, self.heldout_horizon);
+        let n = (self.heldout_windows + 1) as f64;
+        let d = if h == 0.0 {
+            floor
+        } else {
+            floor.max(1.0 - (1.0 / h - 1.0) / n)
+        };
         for ((ema, &x), &m) in self.heldout_ema.iter_mut().zip(descent).zip(moved) {
             if m && x.is_finite() {
                 *ema = if ema.is_nan() {
@@ -411,6 +445,9 @@ impl Ledger {
     pub fn heldout_decay(&self) -> f64 {
         self.heldout_decay
     }
+    pub fn heldout_horizon(&self) -> f64 {
+        self.heldout_horizon
+    }
     pub fn heldout_windows(&self) -> u64 {
         self.heldout_windows
     }
@@ -487,6 +524,86 @@ mod tests {
             Ledger::new(1, 1, 0.5).unwrap().with_heldout_decay(1.0),
             Err(Error::Config(_))
         ));
+    }
+
+    /// Held-out EMAs of two experts, the second moving in odd windows only, by the plain
+    /// recurrence with decay `decay(n)` at window n.
+    fn heldout_by_hand(xs: &[f64], decay: impl Fn(f64) -> f64) -> Vec<[f64; 2]> {
+        let mut ema = [f64::NAN; 2];
+        let mut out = Vec::new();
+        for (i, &x) in xs.iter().enumerate() {
+            let d = decay((i + 1) as f64);
+            for (e, v) in ema.iter_mut().enumerate() {
+                if e == 0 || i % 2 == 0 {
+                    *v = if v.is_nan() {
+                        x
+                    } else {
+                        d * *v + (1.0 - d) * x
+                    };
+                }
+            }
+            out.push(ema);
+        }
+        out
+    }
+
+    fn heldout_run(l: &mut Ledger, xs: &[f64]) -> Vec<[f64; 2]> {
+        xs.iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                l.record_heldout(&[x, x], &[true, i % 2 == 0]).unwrap();
+                [l.heldout_ema()[0], l.heldout_ema()[1]]
+            })
+            .collect()
+    }
+
+    const XS: [f64; 12] = [
+        4.0, -2.0, 1.0, 3.0, -1.0, 0.5, 2.0, -3.0, 1.5, 0.25, -0.75, 5.0,
+    ];
+
+    #[test]
+    fn heldout_horizon_grows_the_span_above_the_floor() {
+        let mut l = Ledger::new(1, 2, 0.9).unwrap();
+        assert_eq!(l.heldout_horizon(), DEFAULT_HELDOUT_HORIZON);
+        let got = heldout_run(&mut l, &XS);
+        // h = 0.25: a = 3, so windows 1..=6 use the floor 0.5, window 7 uses 4/7, 12 uses 3/4.
+        let want = heldout_by_hand(&XS, |n| f64::max(0.5, 1.0 - 3.0 / n));
+        assert_eq!(got, want);
+        let fixed = heldout_by_hand(&XS, |_| 0.5);
+        assert_eq!(got[..6], fixed[..6]);
+        assert_ne!(got[6], fixed[6]);
+        assert!((got[6][0] - (4.0 / 7.0 * got[5][0] + 3.0 / 7.0 * XS[6])).abs() < 1e-15);
+        assert_eq!(
+            got[7][1], got[6][1],
+            "window 8 leaves the resting expert alone"
+        );
+        assert_eq!(l.heldout_windows(), 12);
+    }
+
+    #[test]
+    fn heldout_horizon_zero_is_the_fixed_decay() {
+        let mut l = Ledger::new(1, 2, 0.9)
+            .unwrap()
+            .with_heldout_decay(0.3)
+            .unwrap()
+            .with_heldout_horizon(0.0)
+            .unwrap();
+        assert_eq!(heldout_run(&mut l, &XS), heldout_by_hand(&XS, |_| 0.3));
+    }
+
+    #[test]
+    fn heldout_horizon_is_validated() {
+        for h in [1.0, 1.5, -0.1, f64::NAN, f64::INFINITY] {
+            let err = Ledger::new(1, 1, 0.5).unwrap().with_heldout_horizon(h);
+            assert!(
+                matches!(&err, Err(Error::Config(m)) if m.contains("heldout_horizon") && m.contains(&h.to_string())),
+                "{err:?}"
+            );
+        }
+        for h in [0.0, 0.5, 0.999] {
+            let l = Ledger::new(1, 1, 0.5).unwrap().with_heldout_horizon(h);
+            assert_eq!(l.unwrap().heldout_horizon(), h);
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use crate::error::{at_least, Error};
-use crate::ledger::{Ledger, DEFAULT_HELDOUT_DECAY};
+use crate::ledger::{Ledger, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON};
 use crate::phase::PHASES;
 use crate::router::{Policy, Router, RouterConfig, POLICIES};
 
@@ -488,12 +488,19 @@ impl PyLedger {
 #[pymethods]
 impl PyLedger {
     #[new]
-    #[pyo3(signature = (num_modules, num_experts, ema_decay = 0.9, heldout_decay = DEFAULT_HELDOUT_DECAY))]
+    #[pyo3(signature = (
+        num_modules,
+        num_experts,
+        ema_decay = 0.9,
+        heldout_decay = DEFAULT_HELDOUT_DECAY,
+        heldout_horizon = DEFAULT_HELDOUT_HORIZON,
+    ))]
     fn new(
         num_modules: Int,
         num_experts: Int,
         ema_decay: f64,
         heldout_decay: f64,
+        heldout_horizon: f64,
     ) -> PyResult<Self> {
         guarded(|| {
             Ok(PyLedger::wrap(
@@ -502,7 +509,8 @@ impl PyLedger {
                     num_experts.count("num_experts", 1)?,
                     ema_decay,
                 )?
-                .with_heldout_decay(heldout_decay)?,
+                .with_heldout_decay(heldout_decay)?
+                .with_heldout_horizon(heldout_horizon)?,
             ))
         })
     }
@@ -522,6 +530,10 @@ impl PyLedger {
     #[getter]
     fn heldout_decay(&self) -> f64 {
         self.ledger().heldout_decay()
+    }
+    #[getter]
+    fn heldout_horizon(&self) -> f64 {
+        self.ledger().heldout_horizon()
     }
     #[getter]
     fn heldout_windows(&self) -> u64 {

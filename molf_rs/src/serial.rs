@@ -3,20 +3,22 @@
 //! Layout, all little-endian:
 //!
 //! ```text
-//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 2) | payload length: u64
+//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 3) | payload length: u64
 //!        | payload | checksum: u64 = FNV-1a 64 over every byte before it
 //! ```
 //!
-//! Router payload (versions 1 and 2): num_modules u64, num_experts u64, topk u64, policy u8
-//! (0 topk, 1 hysteresis, 2 heldout: version 2 only), margin f64, min_dwell u64, warmup_steps u64, has_freeze u8 (0/1),
-//! freeze_after u64 (0 when absent), step u64, incumbents u8×(M·E) (0/1, row-major),
-//! last_change u64×M.
+//! Router payload (all versions): num_modules u64, num_experts u64, topk u64, policy u8
+//! (0 topk, 1 hysteresis, 2 heldout: version >= 2), margin f64, min_dwell u64,
+//! warmup_steps u64, has_freeze u8 (0/1), freeze_after u64 (0 when absent), step u64,
+//! incumbents u8×(M·E) (0/1, row-major), last_change u64×M.
 //!
 //! Ledger payload (version 1): num_modules u64, num_experts u64, ema_decay f64, step u64,
 //! checksum u64, last_scores f64×(M·E), ema f64×(M·E), wins u64×(M·E), switches u64×M,
 //! last_switch_step i64×M, no_winner u64×M, last_mask u8×(M·E) (0/1).
 //! Version 2 appends heldout_decay f64, heldout_windows u64, heldout_ema f64×(M·E); a
 //! version-1 ledger loads with decay 0.5, no windows and NaN EMAs.
+//! Version 3 appends heldout_horizon f64; versions 1 and 2 load with horizon 0 (their fixed
+//! held-out decay).
 //!
 //! Floats are stored as their IEEE bit patterns, so NaN payloads and signed zeros survive.
 //! Decoding is strict: one encoding per state (flags and bools must be exactly 0 or 1, no
@@ -27,8 +29,8 @@ use crate::ledger::{Ledger, LedgerParts, DEFAULT_HELDOUT_DECAY};
 use crate::router::{Policy, Router, RouterConfig};
 
 pub const MAGIC: &[u8; 4] = b"MOLF";
-pub const FORMAT_VERSION: u16 = 2;
-pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2];
+pub const FORMAT_VERSION: u16 = 3;
+pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3];
 
 const HEADER_LEN: usize = 4 + 1 + 2 + 8;
 const CHECKSUM_LEN: usize = 8;
@@ -355,6 +357,7 @@ impl Ledger {
         w.f64(self.heldout_decay());
         w.u64(self.heldout_windows());
         self.heldout_ema().iter().for_each(|&x| w.f64(x));
+        w.f64(self.heldout_horizon());
         w.finish()
     }
 
@@ -369,10 +372,14 @@ impl Ledger {
         let ema_decay = r.f64()?;
         let step = r.u64()?;
         let checksum = r.u64()?;
-        // Per entry: 3 arrays of 8-byte cells + 1 of 1-byte cells (version 2: + the held-out
-        // EMA); per module: 3 of 8 bytes; version 2 also has 16 bytes of held-out scalars.
-        let v2 = version >= 2;
-        let (per_entry, fixed) = if v2 { (33, 16) } else { (25, 0) };
+        // Per entry: 3 arrays of 8-byte cells + 1 of 1-byte cells (version >= 2: + the
+        // held-out EMA); per module: 3 of 8 bytes; held-out scalars: 16 bytes in version 2,
+        // 24 in version 3.
+        let (per_entry, fixed) = match version {
+            1 => (25, 0),
+            2 => (33, 16),
+            _ => (33, 24),
+        };
         let (m, entries) = r.shape(num_modules, num_experts, per_entry, 24, fixed)?;
         let floats = |v: Vec<u64>| v.into_iter().map(f64::from_bits).collect();
         let last_scores = floats(r.u64s(entries)?);
@@ -382,11 +389,12 @@ impl Ledger {
         let last_switch_step = r.u64s(m)?.into_iter().map(|x| x as i64).collect();
         let no_winner = r.u64s(m)?;
         let last_mask = r.bools(entries, "last_mask")?;
-        let (heldout_decay, heldout_windows, heldout_ema) = if v2 {
+        let (heldout_decay, heldout_windows, heldout_ema) = if version >= 2 {
             (r.f64()?, r.u64()?, floats(r.u64s(entries)?))
         } else {
             (DEFAULT_HELDOUT_DECAY, 0, vec![f64::NAN; entries])
         };
+        let heldout_horizon = if version >= 3 { r.f64()? } else { 0.0 };
         Ledger::from_parts(LedgerParts {
             num_modules,
             num_experts,
@@ -401,6 +409,7 @@ impl Ledger {
             no_winner,
             last_mask,
             heldout_decay,
+            heldout_horizon,
             heldout_windows,
             heldout_ema,
         })
@@ -430,9 +439,16 @@ mod tests {
         assert!(
             matches!(Ledger::from_bytes(&bytes), Err(Error::State(m)) if m.contains("is a router"))
         );
-        let mut v3 = bytes.clone();
-        v3[5] = 3;
-        assert!(matches!(Router::from_bytes(&v3), Err(Error::State(m)) if m.contains("version 3")));
+        let mut v4 = bytes.clone();
+        v4[5] = 4;
+        assert!(matches!(Router::from_bytes(&v4), Err(Error::State(m)) if m.contains("version 4")));
+        // The router payload is the same in every version.
+        for version in [2, 3] {
+            assert_eq!(
+                Router::from_bytes(&envelope(Kind::Router, version, payload(&bytes))).unwrap(),
+                r
+            );
+        }
         for n in 0..bytes.len() {
             assert!(Router::from_bytes(&bytes[..n]).is_err());
         }
@@ -469,15 +485,52 @@ mod tests {
 
     #[test]
     fn version_1_ledger_loads_with_heldout_defaults() {
-        let mut l = Ledger::new(2, 2, 0.5).unwrap();
+        let mut l = Ledger::new(2, 2, 0.5)
+            .unwrap()
+            .with_heldout_horizon(0.0)
+            .unwrap();
         l.record(&[1.0f64, 2.0, 3.0, 4.0], &[true, false, false, true])
             .unwrap();
-        let v2 = l.to_bytes();
-        let body = payload(&v2);
-        let v1 = envelope(Kind::Ledger, 1, &body[..body.len() - 16 - 8 * 4]);
+        let v3 = l.to_bytes();
+        let body = payload(&v3);
+        let v1 = envelope(Kind::Ledger, 1, &body[..body.len() - 24 - 8 * 4]);
         assert_eq!(Ledger::from_bytes(&v1).unwrap(), l);
         // Version 2 data cut back to version 1's length is rejected, not misread.
-        assert!(Ledger::from_bytes(&envelope(Kind::Ledger, 2, &body[..body.len() - 48])).is_err());
+        assert!(Ledger::from_bytes(&envelope(Kind::Ledger, 2, &body[..body.len() - 56])).is_err());
+    }
+
+    #[test]
+    fn version_2_ledger_loads_with_the_fixed_decay() {
+        let mut l = Ledger::new(1, 2, 0.5)
+            .unwrap()
+            .with_heldout_decay(0.3)
+            .unwrap();
+        l.record_heldout(&[-1.5, 2.0], &[true, false]).unwrap();
+        let v3 = l.to_bytes();
+        assert_eq!(v3[5..7], 3u16.to_le_bytes());
+        assert_eq!(Ledger::from_bytes(&v3).unwrap(), l);
+        let body = payload(&v3);
+        let v2 = envelope(Kind::Ledger, 2, &body[..body.len() - 8]);
+        let back = Ledger::from_bytes(&v2).unwrap();
+        assert_eq!(back.heldout_horizon(), 0.0);
+        assert_eq!(back, l.with_heldout_horizon(0.0).unwrap());
+        // Version 3 data cut back to version 2's length is rejected, not misread.
+        assert!(Ledger::from_bytes(&envelope(Kind::Ledger, 3, &body[..body.len() - 8])).is_err());
+    }
+
+    #[test]
+    fn invalid_heldout_horizon_in_state_is_rejected() {
+        let l = Ledger::new(1, 1, 0.5).unwrap();
+        let mut body = payload(&l.to_bytes()).to_vec();
+        let at = body.len() - 8;
+        for h in [f64::NAN, 1.0, -0.5, f64::INFINITY] {
+            body[at..].copy_from_slice(&h.to_bits().to_le_bytes());
+            let err = Ledger::from_bytes(&envelope(Kind::Ledger, 3, &body)).unwrap_err();
+            assert!(
+                matches!(&err, Error::State(m) if m.contains("heldout_horizon")),
+                "{err:?}"
+            );
+        }
     }
 
     #[test]
@@ -485,9 +538,14 @@ mod tests {
         let mut l = Ledger::new(1, 2, 0.5)
             .unwrap()
             .with_heldout_decay(0.3)
+            .unwrap()
+            .with_heldout_horizon(0.7)
             .unwrap();
         l.record_heldout(&[-1.5, f64::NAN], &[true, true]).unwrap();
-        assert_eq!(Ledger::from_bytes(&l.to_bytes()).unwrap(), l);
+        let back = Ledger::from_bytes(&l.to_bytes()).unwrap();
+        assert_eq!(back, l);
+        assert_eq!(back.heldout_horizon().to_bits(), 0.7f64.to_bits());
+        assert_ne!(back, l.clone().with_heldout_horizon(0.25).unwrap());
 
         let cfg = RouterConfig {
             policy: Policy::Heldout,

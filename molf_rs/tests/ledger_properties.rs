@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{config_and_steps, rows, RefLedger};
+use common::{config_and_steps, heldout_decay, heldout_horizon, rows, RefLedger};
 use molf_rs::{Ledger, Router};
 use proptest::prelude::*;
 
@@ -19,11 +19,18 @@ proptest! {
         decay in prop_oneof![Just(0.0), Just(0.9), 0.0f64..1.0],
         random_masks in any::<bool>(),
         mask_bits in prop::collection::vec(any::<bool>(), 14 * 24),
+        (hdecay, horizon) in (heldout_decay(), heldout_horizon()),
+        windows in prop::collection::vec(any::<bool>(), 14),
     ) {
         let (m, e) = (cfg.num_modules as usize, cfg.num_experts as usize);
         let mut router = Router::new(cfg).unwrap();
-        let mut ledger = Ledger::new(cfg.num_modules, cfg.num_experts, decay).unwrap();
-        let mut model = RefLedger::new(m, e, decay);
+        let mut ledger = Ledger::new(cfg.num_modules, cfg.num_experts, decay)
+            .unwrap()
+            .with_heldout_decay(hdecay)
+            .unwrap()
+            .with_heldout_horizon(horizon)
+            .unwrap();
+        let mut model = RefLedger::new(m, e, decay, hdecay, horizon);
         for (i, scores) in steps.iter().enumerate() {
             // Either the router's decisions or arbitrary masks (empty rows, many winners).
             let mask: Vec<bool> = if random_masks {
@@ -33,8 +40,16 @@ proptest! {
                 router.route(scores, &mut out).unwrap();
                 out
             };
+            let mask_rows: Vec<Vec<bool>> = mask.chunks(e).map(<[bool]>::to_vec).collect();
             ledger.record(scores, &mask).unwrap();
-            model.record(&rows(scores, e), &mask.chunks(e).map(<[bool]>::to_vec).collect::<Vec<_>>());
+            model.record(&rows(scores, e), &mask_rows);
+            if windows[i] {
+                // The scores double as held-out descent, the mask as which experts moved.
+                ledger.record_heldout(scores, &mask).unwrap();
+                model.record_heldout(&rows(scores, e), &mask_rows);
+            }
+            prop_assert_eq!(ledger.heldout_windows(), model.heldout_windows);
+            prop_assert_eq!(bits(ledger.heldout_ema()), bits(&model.heldout_ema.concat()));
             prop_assert_eq!(ledger.step(), model.step);
             prop_assert_eq!(ledger.checksum(), model.checksum);
             prop_assert_eq!(bits(ledger.last_scores()), bits(&model.last_scores.concat()));

@@ -2,33 +2,41 @@
 
 mod common;
 
-use common::{config_and_steps, fnv1a64};
+use common::{config_and_steps, fnv1a64, heldout_horizon};
 use molf_rs::{Error, Ledger, Policy, Router};
 use proptest::prelude::*;
 
 /// A router and a ledger that have seen a few steps (and held-out windows, which regate a
 /// heldout router: the steps' scores double as measurements), and their serialisations.
 fn states() -> impl Strategy<Value = (Router, Ledger)> {
-    (config_and_steps(0..6), 0.0f64..1.0, any::<u8>()).prop_map(|((cfg, steps), decay, windows)| {
-        let mut r = Router::new(cfg).unwrap();
-        let mut l = Ledger::new(cfg.num_modules, cfg.num_experts, decay)
-            .unwrap()
-            .with_heldout_decay(decay)
-            .unwrap();
-        for (i, s) in steps.iter().enumerate() {
-            let mut out = vec![false; s.len()];
-            r.route(s, &mut out).unwrap();
-            l.record(s, &out).unwrap();
-            if windows >> (i % 8) & 1 == 1 {
-                l.record_heldout(s, &out).unwrap();
-                if cfg.policy == Policy::Heldout {
-                    let potential: Vec<f64> = s.iter().map(|x| -x).collect();
-                    r.regate(l.heldout_ema(), &potential).unwrap();
+    (
+        config_and_steps(0..6),
+        0.0f64..1.0,
+        heldout_horizon(),
+        any::<u8>(),
+    )
+        .prop_map(|((cfg, steps), decay, horizon, windows)| {
+            let mut r = Router::new(cfg).unwrap();
+            let mut l = Ledger::new(cfg.num_modules, cfg.num_experts, decay)
+                .unwrap()
+                .with_heldout_decay(decay)
+                .unwrap()
+                .with_heldout_horizon(horizon)
+                .unwrap();
+            for (i, s) in steps.iter().enumerate() {
+                let mut out = vec![false; s.len()];
+                r.route(s, &mut out).unwrap();
+                l.record(s, &out).unwrap();
+                if windows >> (i % 8) & 1 == 1 {
+                    l.record_heldout(s, &out).unwrap();
+                    if cfg.policy == Policy::Heldout {
+                        let potential: Vec<f64> = s.iter().map(|x| -x).collect();
+                        r.regate(l.heldout_ema(), &potential).unwrap();
+                    }
                 }
             }
-        }
-        (r, l)
-    })
+            (r, l)
+        })
 }
 
 /// Wraps `payload` in a valid version-1 envelope of the given kind.
@@ -124,14 +132,19 @@ proptest! {
     }
 
     #[test]
-    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 3u16..) {
+    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 4u16..) {
         let msg = |e: Error| e.to_string();
         prop_assert!(msg(Ledger::from_bytes(&r.to_bytes()).unwrap_err()).contains("is a router"));
         prop_assert!(msg(Router::from_bytes(&l.to_bytes()).unwrap_err()).contains("is a ledger"));
-        let mut rb = r.to_bytes();
+        let (mut rb, mut lb) = (r.to_bytes(), l.to_bytes());
         rb[5..7].copy_from_slice(&version.to_le_bytes());
-        let m = msg(Router::from_bytes(&reseal(rb)).unwrap_err());
-        prop_assert!(m.contains(&format!("version {version}")) && m.contains("[1, 2]"), "{}", m);
+        lb[5..7].copy_from_slice(&version.to_le_bytes());
+        for m in [
+            msg(Router::from_bytes(&reseal(rb)).unwrap_err()),
+            msg(Ledger::from_bytes(&reseal(lb)).unwrap_err()),
+        ] {
+            prop_assert!(m.contains(&format!("version {version}")) && m.contains("[1, 2, 3]"), "{}", m);
+        }
     }
 }
 

@@ -206,6 +206,16 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     })
 }
 
+/// A held-out decay: the default, the extremes, or any value in [0, 1).
+pub fn heldout_decay() -> impl Strategy<Value = f64> {
+    prop_oneof![Just(0.5), Just(0.0), 0.0f64..1.0]
+}
+
+/// A held-out horizon: 0 (the fixed decay) sometimes, else any value in [0, 0.999).
+pub fn heldout_horizon() -> impl Strategy<Value = f64> {
+    prop_oneof![1 => Just(0.0), 1 => Just(0.25), 3 => 0.0f64..0.999]
+}
+
 /// The ledger, per module, straight from the specification.
 #[derive(Debug, Clone)]
 pub struct RefLedger {
@@ -219,10 +229,14 @@ pub struct RefLedger {
     pub last_switch_step: Vec<i64>,
     pub no_winner: Vec<u64>,
     pub prev: Vec<Option<Vec<bool>>>,
+    pub heldout_decay: f64,
+    pub heldout_horizon: f64,
+    pub heldout_windows: u64,
+    pub heldout_ema: Vec<Vec<f64>>,
 }
 
 impl RefLedger {
-    pub fn new(m: usize, e: usize, decay: f64) -> Self {
+    pub fn new(m: usize, e: usize, decay: f64, heldout_decay: f64, heldout_horizon: f64) -> Self {
         RefLedger {
             decay,
             step: 0,
@@ -234,7 +248,37 @@ impl RefLedger {
             last_switch_step: vec![-1; m],
             no_winner: vec![0; m],
             prev: vec![None; m],
+            heldout_decay,
+            heldout_horizon,
+            heldout_windows: 0,
+            heldout_ema: vec![vec![f64::NAN; e]; m],
         }
+    }
+
+    /// Window n (from 1) decays by `heldout_decay`, or with a horizon h > 0 by
+    /// `max(heldout_decay, 1 - (1/h - 1)/n)`; only experts that moved with a finite value
+    /// update (the first such value initialises), but every call counts as a window.
+    pub fn record_heldout(&mut self, descent: &[Vec<f64>], moved: &[Vec<bool>]) {
+        let n = (self.heldout_windows + 1) as f64;
+        let h = self.heldout_horizon;
+        let d = if h == 0.0 {
+            self.heldout_decay
+        } else {
+            f64::max(self.heldout_decay, 1.0 - (1.0 / h - 1.0) / n)
+        };
+        for m in 0..descent.len() {
+            for (e, &x) in descent[m].iter().enumerate() {
+                if moved[m][e] && x.is_finite() {
+                    let old = self.heldout_ema[m][e];
+                    self.heldout_ema[m][e] = if old.is_nan() {
+                        x
+                    } else {
+                        d * old + (1.0 - d) * x
+                    };
+                }
+            }
+        }
+        self.heldout_windows += 1;
     }
 
     pub fn record(&mut self, scores: &[Vec<f64>], mask: &[Vec<bool>]) {
