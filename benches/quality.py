@@ -459,7 +459,9 @@ def _run_parallel(scale: Scale, regimes: list[str], methods: list[str], seeds: l
             name, method, entry, wall = f.result()
             entries[name][method] = entry
             if progress:
-                print(f"[quality] {name} · {method} done in {wall:.0f} s ({k}/{len(futures)})",
+                t = entry["test"]  # the figures too: a run cut short still reports its finished pairs
+                print(f"[quality] {name} · {method} done in {wall:.0f} s ({k}/{len(futures)}): "
+                      f"{t['mean']:.4f} ± {t['std']:.4f} at lr {entry['lr']:g}",
                       file=sys.stderr, flush=True)
             if len(entries[name]) == len(methods):
                 ordered = {m: entries[name][m] for m in methods}

@@ -73,13 +73,14 @@ class Reference:
     Parameter keys: (layer, "W"), (layer, "b"), (layer, "A", i), (layer, "B", i).
     """
 
-    def __init__(self, model, dims, wrapped, ranks, fft, *, lr, lora_lr, wd, lora_wd, every, decay, min_dwell):
+    def __init__(self, model, dims, wrapped, ranks, fft, *, lr, lora_lr, wd, lora_wd, every, decay, horizon,
+                 min_dwell):
         self.layers = [str(2 * i) for i in range(len(dims) - 1)]
         self.wrapped = list(wrapped)  # in module order
         self.ranks = tuple(ranks)
         self.scales = [ALPHA / math.sqrt(r) for r in ranks]
         self.fft = fft
-        self.every, self.decay, self.min_dwell = every, decay, min_dwell
+        self.every, self.decay, self.horizon, self.min_dwell = every, decay, horizon, min_dwell
         self.P: dict[tuple, torch.Tensor] = {}
         self.hyper: dict[tuple, tuple[float, float]] = {}  # key -> (lr, weight decay)
         self.trainable: list[tuple] = []
@@ -199,7 +200,9 @@ class Reference:
         self.last_potential = potential
         if first:
             return
-        d = self.decay
+        # This window's decay: the EMA's mean age grows to `horizon` of the windows so far.
+        n = self.windows + 1
+        d = self.decay if self.horizon == 0 else max(self.decay, 1 - (1 / self.horizon - 1) / n)
         for mi in range(self.M):
             for e in range(self.E):
                 x = -realized[mi][e] / window
@@ -265,13 +268,14 @@ LOCKSTEP = {
 }
 
 
+@pytest.mark.parametrize("horizon", [0.0, 0.4])  # 0: the fixed decay; 0.4: it grows from window 6 on
 @pytest.mark.parametrize("case", list(LOCKSTEP))
-def test_lockstep_with_float64_reference(case):
+def test_lockstep_with_float64_reference(case, horizon):
     ranks, fft, lr, lora_lr, wd, lora_wd = LOCKSTEP[case]
     dims, wrapped, K, D, dwell, steps = (4, 8, 8, 2), ("0", "2"), 3, 0.7, 4, 40  # layer "4" stays unrouted
     model = build(dims, wrapped, ranks, fft)
     ref = Reference(model, dims, wrapped, ranks, fft, lr=lr, lora_lr=lora_lr, wd=wd, lora_wd=lora_wd,
-                    every=K, decay=D, min_dwell=dwell)
+                    every=K, decay=D, horizon=horizon, min_dwell=dwell)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert bool(frozen) == (not fft)
     train, (xh, yh) = teacher_data(dims, seed=0)
@@ -282,8 +286,9 @@ def test_lockstep_with_float64_reference(case):
         return mse(model, xh, yh)
 
     opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lora_lr, weight_decay=wd, lora_weight_decay=lora_wd,
-                         heldout=heldout, heldout_every=K, heldout_decay=D, min_dwell=dwell)
+                         heldout=heldout, heldout_every=K, heldout_decay=D, heldout_horizon=horizon, min_dwell=dwell)
     assert opt.router.policy == "heldout" and opt.router.min_dwell == dwell
+    assert opt.ledger.heldout_horizon == horizon
     assert opt.router.incumbents().all()
     wins = opt.ledger.wins().copy()
     for s in range(1, steps + 1):
@@ -587,6 +592,10 @@ def ok_heldout():
         dict(heldout=ok_heldout, heldout_decay=1.5),
         dict(heldout=ok_heldout, heldout_decay=-0.1),
         dict(heldout=ok_heldout, heldout_decay=float("nan")),
+        dict(heldout=ok_heldout, heldout_horizon=1.0),
+        dict(heldout=ok_heldout, heldout_horizon=-0.25),
+        dict(heldout=ok_heldout, heldout_horizon=float("nan")),
+        dict(heldout=ok_heldout, heldout_horizon=float("inf")),
         dict(heldout="not a callable"),
         dict(heldout=ok_heldout, min_dwell=-1),
     ],
@@ -601,7 +610,7 @@ def test_config_errors(kwargs):
 def test_heldout_defaults():
     opt = molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout)
     assert opt.router.policy == "heldout" and opt.router.min_dwell == 3 * 10
-    assert opt.ledger.heldout_decay == 0.5
+    assert opt.ledger.heldout_decay == 0.5 and opt.ledger.heldout_horizon == 0.25
     opt = molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout, policy="heldout", heldout_every=2, heldout_decay=0.0)
     assert opt.router.min_dwell == 6 and opt.ledger.heldout_decay == 0.0
     opt = molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout, heldout_every=2, min_dwell=0)

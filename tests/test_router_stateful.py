@@ -35,9 +35,9 @@ def fnv1a64(data: bytes) -> int:
 
 
 class RefLedger:
-    def __init__(self, m, e, decay, heldout_decay=0.5):
+    def __init__(self, m, e, decay, heldout_decay=0.5, heldout_horizon=0.25):
         self.m, self.e, self.decay = m, e, decay
-        self.heldout_decay = heldout_decay
+        self.heldout_decay, self.heldout_horizon = heldout_decay, heldout_horizon
         self.heldout_windows = 0
         self.heldout_ema = [[math.nan] * e for _ in range(m)]
         self.step = 0
@@ -73,8 +73,10 @@ class RefLedger:
         self.step += 1
 
     def record_heldout(self, descent, moved):
-        """EMA of the finite held-out descents of experts that moved; the rest keep theirs."""
-        d = self.heldout_decay
+        """EMA of the finite held-out descents of experts that moved; the rest keep theirs.
+        The decay grows with the window count n so that the mean age is ~horizon x n."""
+        n, h = self.heldout_windows + 1, self.heldout_horizon
+        d = self.heldout_decay if h == 0 else max(self.heldout_decay, 1.0 - (1.0 / h - 1.0) / n)
         for m in range(self.m):
             for e in range(self.e):
                 x = float(descent[m][e])
@@ -110,14 +112,17 @@ def same_floats(got: np.ndarray, want) -> bool:
 class RoutingMachine(RuleBasedStateMachine):
     @initialize(config=router_configs(num_modules=st.integers(1, 4), num_experts=st.integers(1, 4)),
                 decay=st.one_of(st.sampled_from([0.0, 0.5, 0.9]), st.floats(0.0, 0.999)),
-                heldout_decay=st.one_of(st.sampled_from([0.0, 0.5]), st.floats(0.0, 0.999)))
-    def setup(self, config, decay, heldout_decay):
-        note(f"Router(**{config}); Ledger(decay={decay!r}, heldout_decay={heldout_decay!r})")
+                heldout_decay=st.one_of(st.sampled_from([0.0, 0.5]), st.floats(0.0, 0.999)),
+                heldout_horizon=st.one_of(st.sampled_from([0.0, 0.25]), st.floats(0.0, 0.999)))
+    def setup(self, config, decay, heldout_decay, heldout_horizon):
+        note(f"Router(**{config}); Ledger(decay={decay!r}, heldout_decay={heldout_decay!r}, "
+             f"heldout_horizon={heldout_horizon!r})")
         self.config = config
         self.shape = (config["num_modules"], config["num_experts"])
         self.router, self.ref_router = core.Router(**config), RefRouter(**config)
-        self.ledger = core.Ledger(*self.shape, ema_decay=decay, heldout_decay=heldout_decay)
-        self.ref_ledger = RefLedger(*self.shape, decay, heldout_decay)
+        self.ledger = core.Ledger(*self.shape, ema_decay=decay, heldout_decay=heldout_decay,
+                                  heldout_horizon=heldout_horizon)
+        self.ref_ledger = RefLedger(*self.shape, decay, heldout_decay, heldout_horizon)
 
     @rule(data=st.data())
     def route_and_record(self, data):
@@ -201,6 +206,7 @@ class RoutingMachine(RuleBasedStateMachine):
         assert same_floats(lg.last_scores(), ref.last_scores)
         assert same_floats(lg.ema(), ref.ema)
         assert lg.heldout_windows == ref.heldout_windows
+        assert lg.heldout_horizon == ref.heldout_horizon
         assert same_floats(lg.heldout_ema(), ref.heldout_ema)
 
 

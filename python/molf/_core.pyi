@@ -224,25 +224,39 @@ class Ledger:
         num_experts: >= 1.
         ema_decay: in ``[0, 1)``.
         heldout_decay: in ``[0, 1)``, the decay of :meth:`heldout_ema` per
-            :meth:`record_heldout` window.
+            :meth:`record_heldout` window (with ``heldout_horizon``: its floor).
+        heldout_horizon: in ``[0, 1)``; > 0: the decay at window ``n`` (counted from 1) is
+            ``max(heldout_decay, 1 - a / n)`` with ``a = 1 / heldout_horizon - 1``, so window
+            ``k`` weighs about ``(a / n) * (k / n) ** (a - 1)`` and the EMA's mean age is
+            about ``heldout_horizon`` of the windows so far (0.25: the last quarter of the
+            run): late in a long run one window is noise around a small drift, and a span
+            growing with the run resolves it. 0: the fixed ``heldout_decay`` (what
+            checkpoints of format version 1 and 2 load with).
 
     Raises:
         ConfigError: an argument out of range.
     """
 
     def __init__(
-        self, num_modules: int, num_experts: int, ema_decay: float = 0.9, heldout_decay: float = 0.5
+        self,
+        num_modules: int,
+        num_experts: int,
+        ema_decay: float = 0.9,
+        heldout_decay: float = 0.5,
+        heldout_horizon: float = 0.25,
     ) -> None: ...
     @property
     def heldout_decay(self) -> float: ...
+    @property
+    def heldout_horizon(self) -> float: ...
     @property
     def heldout_windows(self) -> int:
         """Number of :meth:`record_heldout` calls so far."""
     def record_heldout(self, descent: npt.NDArray[np.float64], moved: npt.NDArray[np.bool_]) -> None:
         """Records one held-out window: for each expert that ``moved`` with a finite
         ``descent``, ``heldout_ema = descent`` if unset (NaN) else
-        ``heldout_decay * heldout_ema + (1 - heldout_decay) * descent``; the others keep
-        theirs.
+        ``d * heldout_ema + (1 - d) * descent`` with this window's decay ``d`` (see
+        ``heldout_horizon``); the others keep theirs.
 
         Raises:
             ScoreError: an argument of the wrong type, dtype or shape; nothing is recorded.

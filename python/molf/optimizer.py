@@ -167,7 +167,10 @@ class MoLFAdamW(torch.optim.Optimizer):
     own movement is measured to raise the held-out loss; every `heldout_every`
     steps the optimizer calls `heldout()`, back-propagates it, attributes the
     held-out loss change since the last call to each expert's movement
-    (trapezoid rule), smooths it (EMA, decay `heldout_decay`), drops the
+    (trapezoid rule), smooths it (an EMA whose mean age grows to about
+    `heldout_horizon` of the windows so far, never shorter than a decay of
+    `heldout_decay` per window gives: late in a long run one window's change is
+    noise around a small drift, a longer average resolves it), drops the
     experts that hurt and brings a dropped one back, `min_dwell` steps (default
     3 x `heldout_every`) after its module last changed, once a step of it would
     lower the held-out loss (first order). See `molf.heldout`.
@@ -240,6 +243,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         heldout: Callable[[], torch.Tensor] | None = None,
         heldout_every: int = 10,
         heldout_decay: float = 0.5,
+        heldout_horizon: float = 0.25,
     ) -> None:
         _check_number("lr", lr)
         _check_number("weight_decay", weight_decay)
@@ -285,7 +289,8 @@ class MoLFAdamW(torch.optim.Optimizer):
             min_dwell=min_dwell, warmup_steps=warmup_steps, freeze_after=freeze_after,
         )
         self._ledger = Ledger(
-            len(self.module_names), len(self.expert_names), ema_decay=ema_decay, heldout_decay=heldout_decay
+            len(self.module_names), len(self.expert_names), ema_decay=ema_decay, heldout_decay=heldout_decay,
+            heldout_horizon=heldout_horizon,
         )
         if topk >= len(self.expert_names) and self._probe is None:
             warnings.warn(
