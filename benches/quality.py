@@ -387,7 +387,7 @@ def run_method(spec: RegimeSpec, scale: Scale, method: str, val_inst: Instance, 
     return entry
 
 
-def assemble_regime(spec: RegimeSpec, scale: Scale, entries: dict[str, dict], out: Path) -> dict:
+def assemble_regime(spec: RegimeSpec, scale: Scale, entries: dict[str, dict], out: Path, plot: bool = True) -> dict:
     """A regime's result from its methods' entries (in the requested order): the
     winner, the gaps to AdaLoRA and to the best baseline, the routing figure."""
     result: dict = {"family": spec.family, "metric": spec.metric, "higher_is_better": spec.higher_is_better,
@@ -408,7 +408,7 @@ def assemble_regime(spec: RegimeSpec, scale: Scale, entries: dict[str, dict], ou
             m: _gap(means[m], best, spec.higher_is_better) if best != 0 else None for m in ROUTED if m in means
         }
     logs = {m: str(_routing_log(out, spec.name, m)) for m in entries if m in ROUTED}
-    if logs:
+    if logs and plot:
         png = out / f"routing_share_{spec.name}.png"
         plot_routing_share(logs, png)
         result["routing_plot"] = png.name
@@ -516,6 +516,41 @@ def _write(out: Path, results: dict, scale: Scale, seeds: list[int], device: str
         (out / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
 
 
+def merge_results(paths: list[str | Path], out_dir: str | Path) -> dict:
+    """One results.json and table.txt from runs that split the methods between them
+    (e.g. device calls too short for all of them): same scale, seeds and validation
+    seed required; a (regime, method) pair may come from one run only. No routing
+    figures (their logs stay with the runs)."""
+    runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    if not runs:
+        raise ValueError("nothing to merge")
+    first = runs[0]["config"]
+    for p, r in zip(paths, runs):
+        c = r["config"]
+        for key in ("scale", "seeds", "val_seed", "lora_rank", "efficient_ranks"):
+            if c[key] != first[key]:
+                raise ValueError(f"{p}: {key} {c[key]!r} differs from {paths[0]}'s {first[key]!r}")
+    scale = Scale(**{**first["scale"], "lm": lm.LMScale(**first["scale"]["lm"])})
+    entries: dict[str, dict[str, dict]] = {}
+    for p, r in zip(paths, runs):
+        for name, reg in r["regimes"].items():
+            for m, e in reg["methods"].items():
+                if m in entries.setdefault(name, {}):
+                    raise ValueError(f"{p}: {name} · {m} is in two of the runs")
+                entries[name][m] = e
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    regimes = {n: assemble_regime(REGIMES[n], scale, {m: entries[n][m] for m in METHODS if m in entries[n]},
+                                  out, plot=False) for n in REGIMES if n in entries}
+    config = {**first, "methods": [m for m in METHODS if any(m in e for e in entries.values())],
+              "merged_from": [str(p) for p in paths], "devices": sorted({r["config"]["device"] for r in runs}),
+              "jobs": [r["config"]["jobs"] for r in runs]}
+    results = {"regimes": regimes, "config": config, "wall_s": sum(r["wall_s"] for r in runs)}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
+    return results
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.1%}"
 
@@ -575,7 +610,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1,
                    help="parallel processes, one job per (regime, method) pair (same results)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="instead of running: merge the results.json of runs that split the methods into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        print(format_table(merge_results(args.merge, args.out)))
+        return 0
     scale = FULL if args.full else QUICK
     if args.seeds is not None:
         if args.seeds < 1:

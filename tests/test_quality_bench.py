@@ -144,3 +144,24 @@ def test_parallel_pairs_match_a_sequential_run(tmp_path):
     # A pair does not depend on the others: FFT alone gets the entry it got after "molf default".
     alone = _without_walls(q.run_suite(TINY, ["shift"], ["FFT"], tmp_path / "alone", progress=False)["regimes"])
     assert alone["shift"]["methods"] == {"FFT": _without_walls(seq["regimes"])["shift"]["methods"]["FFT"]}
+
+
+def test_merge_joins_runs_that_split_the_methods(tmp_path):
+    runs = {m: tmp_path / m / "results.json" for m in ("FFT", "LoRA")}
+    for m in runs:
+        q.run_suite(TINY, ["shift"], [m], runs[m].parent, progress=False)
+    both = q.run_suite(TINY, ["shift"], ["FFT", "LoRA"], tmp_path / "both", progress=False)
+    assert q.main(["--merge", str(runs["LoRA"]), str(runs["FFT"]), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    # the winner and gaps recomputed over both runs, the methods in the suite's order
+    assert _without_walls(merged["regimes"]) == _without_walls(both["regimes"])
+    assert (tmp_path / "merged" / "table.txt").read_text() == (tmp_path / "both" / "table.txt").read_text()
+    assert merged["config"]["merged_from"] == [str(runs["LoRA"]), str(runs["FFT"])]
+
+    with pytest.raises(ValueError, match="in two of the runs"):
+        q.merge_results([runs["FFT"], runs["FFT"]], tmp_path / "twice")
+    other = json.loads(runs["LoRA"].read_text())
+    other["config"]["seeds"] = [5]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="seeds"):
+        q.merge_results([runs["FFT"], tmp_path / "other.json"], tmp_path / "bad")
