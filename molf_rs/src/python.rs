@@ -401,6 +401,19 @@ impl PyRouter {
         guarded(|| matrix(py, &incumbents, self.shape()))
     }
 
+    /// Copy, int64 `(num_modules, num_experts)`: the step at which `regate` last flipped
+    /// each expert (0: never; other policies leave it 0). Steps are <= 2**63 - 1, so the
+    /// conversion is exact.
+    fn expert_last_change<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<i64>>> {
+        let steps: Vec<i64> = self
+            .router()
+            .expert_last_change()
+            .iter()
+            .map(|&s| s as i64)
+            .collect();
+        guarded(|| matrix(py, &steps, self.shape()))
+    }
+
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         guarded(|| {
             let c = *self.router().config();
@@ -697,6 +710,36 @@ mod tests {
             assert!(err.is_instance_of::<InternalError>(py));
             assert!(err.to_string().contains("boom"));
             assert!(err.is_instance_of::<PyRuntimeError>(py));
+        });
+    }
+
+    #[test]
+    fn expert_last_change_is_an_int64_matrix() {
+        use numpy::{PyArrayMethods, PyUntypedArrayMethods};
+        Python::initialize();
+        Python::attach(|py| {
+            // The embedded interpreter may lack numpy (the Python test suite covers the
+            // getter then).
+            if py.import("numpy").is_err() {
+                eprintln!("numpy not importable in the embedded interpreter: skipped");
+                return;
+            }
+            let cfg = RouterConfig {
+                policy: Policy::Heldout,
+                min_dwell: 2,
+                ..RouterConfig::topk(2, 3, 1)
+            };
+            let mut router = Router::new(cfg).unwrap();
+            let mut out = [false; 6];
+            router.route(&[1.0f64; 6], &mut out).unwrap();
+            router
+                .regate(&[1.0, -1.0, 1.0, 1.0, 1.0, 1.0], &[0.0; 6])
+                .unwrap();
+            let r = PyRouter::wrap(router);
+            let a = r.expert_last_change(py).unwrap();
+            assert_eq!(a.shape(), [2, 3]);
+            assert!(a.dtype().is_equiv_to(&numpy::dtype::<i64>(py)));
+            assert_eq!(a.to_vec().unwrap(), [0, 1, 0, 0, 0, 0]);
         });
     }
 

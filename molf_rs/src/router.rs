@@ -29,9 +29,9 @@ pub enum Policy {
     /// least `min_dwell` steps after they change.
     Hysteresis,
     /// Every expert starts active; [`Router::regate`] drops an expert whose measured movement
-    /// raised the held-out loss and re-admits a dropped one, `min_dwell` steps after its
-    /// module last changed, once a step of it would lower that loss. Training scores only
-    /// veto non-finite experts; `topk` is not used.
+    /// raised the held-out loss and re-admits a dropped one, `min_dwell` steps after that
+    /// expert's last change (its drop), once a step of it would lower that loss. Training
+    /// scores only veto non-finite experts; `topk` is not used.
     Heldout,
 }
 
@@ -69,8 +69,8 @@ pub struct RouterConfig {
     pub policy: Policy,
     /// Relative advantage an incumbent enjoys (hysteresis only).
     pub margin: f64,
-    /// Steps an incumbent is held after it changed (hysteresis); steps after a module's
-    /// active set changed before a dropped expert may return (heldout).
+    /// Steps an incumbent is held after it changed (hysteresis); steps after that expert's
+    /// last change (its drop) before a dropped expert may return (heldout).
     pub min_dwell: u64,
     pub warmup_steps: u64,
     pub freeze_after: Option<u64>,
@@ -170,6 +170,10 @@ impl Score for f64 {
     }
 }
 
+/// Picks each step's winners per module under a [`Policy`] and the phase schedule. Under
+/// policy heldout the active set changes only in [`Router::regate`], and a dropped expert may
+/// return `min_dwell` steps after that expert's last change ([`Router::expert_last_change`]),
+/// whatever the other experts of its module did since.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Router {
     config: RouterConfig,
@@ -183,6 +187,10 @@ pub struct Router {
     incumbents: Vec<bool>,
     /// Per module: step at which its incumbents last changed (0 while it has none).
     last_change: Vec<u64>,
+    /// Row-major `[modules × experts]`, policy heldout: step at which [`Router::regate`] last
+    /// flipped each expert's active flag (0: never). The re-admission dwell counts from it.
+    /// Other policies leave it 0.
+    expert_last_change: Vec<u64>,
 }
 
 impl Router {
@@ -197,27 +205,34 @@ impl Router {
             step: 0,
             incumbents: filled(entries, config.policy == Policy::Heldout, "incumbents")?,
             last_change: filled(config.num_modules as usize, 0, "last_change")?,
+            expert_last_change: filled(entries, 0, "expert_last_change")?,
         })
     }
 
-    /// Rebuilds a router from decoded state, checking every invariant that `route` maintains;
-    /// any violation is a `State` error.
+    /// Rebuilds a router from decoded state, checking every invariant that `route` and
+    /// `regate` maintain; any violation is a `State` error. `expert_last_change` (row-major
+    /// `[modules × experts]`) has every entry <= `step`; under policy heldout each module's
+    /// `last_change` is the latest of its experts', under the other policies it is all 0.
     pub fn from_parts(
         config: RouterConfig,
         step: u64,
         incumbents: Vec<bool>,
         last_change: Vec<u64>,
+        expert_last_change: Vec<u64>,
     ) -> Result<Self> {
         let state = |msg: String| Err(Error::State(msg));
         if let Err(e) = config.validate() {
             return state(format!("invalid router configuration in state: {e}"));
         }
         let (m, e) = (config.num_modules as usize, config.num_experts as usize);
-        if incumbents.len() != m * e || last_change.len() != m {
+        if incumbents.len() != m * e || last_change.len() != m || expert_last_change.len() != m * e
+        {
             return state(format!(
-                "router state arrays do not match shape ({m}, {e}): {} incumbents, {} last_change",
+                "router state arrays do not match shape ({m}, {e}): {} incumbents, {} \
+                 last_change, {} expert_last_change",
                 incumbents.len(),
-                last_change.len()
+                last_change.len(),
+                expert_last_change.len()
             ));
         }
         if step > MAX_STEP {
@@ -229,7 +244,33 @@ impl Router {
         } else {
             e.min(usize::try_from(config.topk).unwrap_or(usize::MAX))
         };
-        for (row, (inc, &changed)) in incumbents.chunks_exact(e).zip(&last_change).enumerate() {
+        let rows = incumbents
+            .chunks_exact(e)
+            .zip(&last_change)
+            .zip(expert_last_change.chunks_exact(e));
+        for (row, ((inc, &changed), since)) in rows.enumerate() {
+            // Only `regate` (policy heldout) stamps experts, between routing steps (so the
+            // current step may be one); every flip also stamps the module, so its last change
+            // is its experts' latest.
+            if let Some((col, &t)) = since.iter().enumerate().find(|&(_, &t)| t > step) {
+                return state(format!(
+                    "module {row}, expert {col}: last change at step {t} is after the router's \
+                     step {step}"
+                ));
+            }
+            let latest = since.iter().copied().max().unwrap_or(0);
+            if heldout && latest != changed {
+                return state(format!(
+                    "module {row}: last change at step {changed} is not its experts' latest \
+                     ({latest})"
+                ));
+            }
+            if !heldout && latest != 0 {
+                return state(format!(
+                    "module {row}: expert last changes are set (latest {latest}), but only \
+                     policy 'heldout' sets them"
+                ));
+            }
             let n = inc.iter().filter(|&&b| b).count();
             if n > max_winners {
                 return state(format!(
@@ -261,6 +302,7 @@ impl Router {
         router.step = step;
         router.incumbents = incumbents;
         router.last_change = last_change;
+        router.expert_last_change = expert_last_change;
         Ok(router)
     }
 
@@ -283,6 +325,12 @@ impl Router {
 
     pub fn last_change(&self) -> &[u64] {
         &self.last_change
+    }
+
+    /// Row-major `[modules × experts]`: the step at which [`Router::regate`] last flipped each
+    /// expert (0: never; always 0 under policies other than heldout).
+    pub fn expert_last_change(&self) -> &[u64] {
+        &self.expert_last_change
     }
 
     /// Routes one step: writes the winner mask of `scores` (row-major `[modules × experts]`)
@@ -384,8 +432,10 @@ impl Router {
     /// expert's smoothed held-out loss decrease per step while it moved (NaN: not measured
     /// yet), `potential` the first-order decrease one step of it would buy now. An active
     /// expert stays while `descent` is NaN or positive; an inactive one returns when
-    /// `potential` is positive and finite and its module's set last changed at least
-    /// `min_dwell` steps ago. Nothing changes in the frozen phase.
+    /// `potential` is positive and finite and that expert's last change (its drop) was at
+    /// least `min_dwell` steps ago, whatever its module's other experts did since. A flip
+    /// stamps the expert ([`Router::expert_last_change`]) and its module
+    /// ([`Router::last_change`]) with the current step. Nothing changes in the frozen phase.
     pub fn regate(&mut self, descent: &[f64], potential: &[f64]) -> Result<usize> {
         if self.config.policy != Policy::Heldout {
             return Err(Error::Config(format!(
@@ -411,21 +461,24 @@ impl Router {
         let rows = self
             .incumbents
             .chunks_exact_mut(e)
+            .zip(self.expert_last_change.chunks_exact_mut(e))
             .zip(self.last_change.iter_mut())
             .zip(descent.chunks_exact(e).zip(potential.chunks_exact(e)));
-        for ((inc, changed), (d, p)) in rows {
-            let may_return = s - *changed >= dwell;
+        for (((inc, since), changed), (d, p)) in rows {
             let mut differs = false;
-            for ((i, &d), &p) in inc.iter_mut().zip(d).zip(p) {
+            for (((i, t), &d), &p) in inc.iter_mut().zip(since.iter_mut()).zip(d).zip(p) {
                 // Written so that a NaN descent keeps the expert and a NaN potential does
-                // not bring one back.
+                // not bring one back. The dwell counts from this expert's own last change.
                 let next = if *i {
                     d.is_nan() || d > 0.0
                 } else {
-                    may_return && p.is_finite() && p > 0.0
+                    s - *t >= dwell && p.is_finite() && p > 0.0
                 };
-                differs |= next != *i;
-                *i = next;
+                if next != *i {
+                    *i = next;
+                    *t = s;
+                    differs = true;
+                }
             }
             if differs {
                 *changed = s;
@@ -806,20 +859,27 @@ mod tests {
         };
         // Incumbents recorded during warm-up.
         assert!(matches!(
-            Router::from_parts(cfg, 3, vec![true, false], vec![1]),
+            Router::from_parts(cfg, 3, vec![true, false], vec![1], vec![0, 0]),
             Err(Error::State(_))
         ));
         // More incumbents than topk.
         assert!(matches!(
-            Router::from_parts(cfg, 3, vec![true, true], vec![2]),
+            Router::from_parts(cfg, 3, vec![true, true], vec![2], vec![0, 0]),
             Err(Error::State(_))
         ));
         // Change in the future.
         assert!(matches!(
-            Router::from_parts(cfg, 3, vec![true, false], vec![3]),
+            Router::from_parts(cfg, 3, vec![true, false], vec![3], vec![0, 0]),
             Err(Error::State(_))
         ));
-        assert!(Router::from_parts(cfg, 3, vec![true, false], vec![2]).is_ok());
+        assert!(Router::from_parts(cfg, 3, vec![true, false], vec![2], vec![0, 0]).is_ok());
+        // Expert last changes belong to policy heldout; wrong lengths are state errors too.
+        for elc in [vec![0, 2], vec![0], vec![0, 0, 0]] {
+            assert!(matches!(
+                Router::from_parts(cfg, 3, vec![true, false], vec![2], elc),
+                Err(Error::State(_))
+            ));
+        }
     }
 
     fn heldout(modules: u64, experts: u64, min_dwell: u64) -> Router {
@@ -849,6 +909,7 @@ mod tests {
         assert_eq!(r.regate(&[-1.0, 2.0], &[5.0, 5.0]).unwrap(), 1);
         assert_eq!(r.incumbents(), [false, true]);
         assert_eq!(r.last_change(), [1]);
+        assert_eq!(r.expert_last_change(), [1, 0]);
         r.route(&[1.0f64, 1.0], &mut out).unwrap();
         assert_eq!(out, [false, true]);
         // Within the dwell a positive potential does not bring it back ...
@@ -861,9 +922,11 @@ mod tests {
         assert_eq!(r.regate(&[-1.0, f64::NAN], &[1e-30, 5.0]).unwrap(), 1);
         assert_eq!(r.incumbents(), [true, true]);
         assert_eq!(r.last_change(), [3]);
+        assert_eq!(r.expert_last_change(), [3, 0]);
         // Every expert may leave: the module then gets no update.
         r.route(&[1.0f64, 1.0], &mut out).unwrap();
         assert_eq!(r.regate(&[0.0, -1.0], &[0.0, 0.0]).unwrap(), 1);
+        assert_eq!(r.expert_last_change(), [4, 4]);
         r.route(&[1.0f64, 1.0], &mut out).unwrap();
         assert_eq!(out, [false, false]);
         let back = Router::from_parts(
@@ -871,9 +934,76 @@ mod tests {
             r.step(),
             r.incumbents().to_vec(),
             r.last_change().to_vec(),
+            r.expert_last_change().to_vec(),
         )
         .unwrap();
         assert_eq!(back, r);
+    }
+
+    /// Advances a router by `n` routing steps (all scores 1).
+    fn advance(r: &mut Router, n: u64) {
+        let mut out = vec![false; r.incumbents().len()];
+        let ones = vec![1.0f64; out.len()];
+        for _ in 0..n {
+            r.route(&ones, &mut out).unwrap();
+        }
+    }
+
+    #[test]
+    fn heldout_dwell_counts_from_each_experts_own_change() {
+        // Expert 1 leaves at step 10, expert 0 at step 20; min_dwell 15. At step 25 expert 1
+        // (15 steps after its drop) may return, expert 0 (5 steps) may not. The old per-module
+        // rule (25 − 20 < 15) would have held both back.
+        let mut r = heldout(1, 2, 15);
+        advance(&mut r, 10);
+        assert_eq!(r.regate(&[1.0, -1.0], &[5.0, 5.0]).unwrap(), 1);
+        assert_eq!(r.incumbents(), [true, false]);
+        assert_eq!(r.expert_last_change(), [0, 10]);
+        advance(&mut r, 10);
+        // Expert 1 is 10 steps into its dwell: a positive potential does not bring it back.
+        assert_eq!(r.regate(&[0.0, 1.0], &[5.0, 5.0]).unwrap(), 1);
+        assert_eq!(r.incumbents(), [false, false]);
+        assert_eq!(r.expert_last_change(), [20, 10]);
+        assert_eq!(r.last_change(), [20]);
+        advance(&mut r, 4);
+        // Step 24: 14 steps after expert 1's drop, still inside.
+        assert_eq!(r.regate(&[0.0, 0.0], &[5.0, 5.0]).unwrap(), 0);
+        advance(&mut r, 1);
+        assert_eq!(r.step(), 25);
+        assert!(r.step() - r.last_change()[0] < r.config().min_dwell);
+        assert_eq!(r.regate(&[0.0, 0.0], &[5.0, 5.0]).unwrap(), 1);
+        assert_eq!(r.incumbents(), [false, true]);
+        assert_eq!(r.expert_last_change(), [20, 25]);
+        assert_eq!(r.last_change(), [25]);
+        // Expert 0 returns 15 steps after its own drop, at step 35.
+        advance(&mut r, 9);
+        assert_eq!(r.regate(&[0.0, 1.0], &[5.0, 5.0]).unwrap(), 0);
+        advance(&mut r, 1);
+        assert_eq!(r.regate(&[0.0, 1.0], &[5.0, 5.0]).unwrap(), 1);
+        assert_eq!(r.incumbents(), [true, true]);
+        assert_eq!(r.expert_last_change(), [35, 25]);
+        assert_eq!(r.last_change(), [35]);
+        // Other policies never stamp experts.
+        let mut t = Router::new(hyst(1, 2, 1, 0.0, 1)).unwrap();
+        assert_eq!(route(&mut t, &[1.0, 0.0]), [true, false]);
+        assert_eq!(route(&mut t, &[0.0, 1.0]), [false, true]);
+        assert_eq!(t.expert_last_change(), [0, 0]);
+    }
+
+    #[test]
+    fn heldout_from_parts_checks_expert_last_change() {
+        let cfg = *heldout(1, 2, 3).config();
+        let parts =
+            |elc: Vec<u64>, lc: u64| Router::from_parts(cfg, 7, vec![true, false], vec![lc], elc);
+        assert!(parts(vec![2, 7], 7).is_ok());
+        assert!(parts(vec![0, 0], 0).is_ok());
+        // An expert stamped after the router's step.
+        assert!(matches!(parts(vec![2, 8], 8), Err(Error::State(m)) if m.contains("expert 1")));
+        // The module's last change is not its experts' latest.
+        assert!(matches!(parts(vec![2, 5], 7), Err(Error::State(_))));
+        assert!(matches!(parts(vec![2, 7], 5), Err(Error::State(_))));
+        // Wrong length.
+        assert!(matches!(parts(vec![7], 7), Err(Error::State(_))));
     }
 
     #[test]
@@ -895,8 +1025,10 @@ mod tests {
         };
         assert!(matches!(Router::new(cfg), Err(Error::Config(_))));
         // A change stamped after the router's step is impossible; at step 0 it is not.
-        assert!(Router::from_parts(*r.config(), 0, vec![false, true], vec![1]).is_err());
-        assert!(Router::from_parts(*r.config(), 0, vec![false, true], vec![0]).is_ok());
+        assert!(
+            Router::from_parts(*r.config(), 0, vec![false, true], vec![1], vec![1, 0]).is_err()
+        );
+        assert!(Router::from_parts(*r.config(), 0, vec![false, true], vec![0], vec![0, 0]).is_ok());
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //! (0 topk, 1 hysteresis, 2 heldout: version >= 2), margin f64, min_dwell u64,
 //! warmup_steps u64, has_freeze u8 (0/1), freeze_after u64 (0 when absent), step u64,
 //! incumbents u8×(M·E) (0/1, row-major), last_change u64×M.
+//! Version 3 appends expert_last_change u64×(M·E) (row-major: the step at which `regate`
+//! last flipped each expert; all 0 except under policy heldout). Versions 1 and 2 load with
+//! each heldout expert's entry set to its module's last_change (the per-module dwell timing
+//! they were saved with), and 0 under the other policies.
 //!
 //! Ledger payload (version 1): num_modules u64, num_experts u64, ema_decay f64, step u64,
 //! checksum u64, last_scores f64×(M·E), ema f64×(M·E), wins u64×(M·E), switches u64×M,
@@ -287,6 +291,7 @@ impl Router {
         w.u64(self.step());
         w.bools(self.incumbents());
         w.u64s(self.last_change());
+        w.u64s(self.expert_last_change());
         w.finish()
     }
 
@@ -320,9 +325,25 @@ impl Router {
             ));
         }
         let step = r.u64()?;
-        let (m, entries) = r.shape(num_modules, num_experts, 1, 8, 0)?;
+        // Per entry: an incumbent byte (version 3: + an expert's last change, 8 bytes); per
+        // module: its last change.
+        let per_entry = if version >= 3 { 9 } else { 1 };
+        let (m, entries) = r.shape(num_modules, num_experts, per_entry, 8, 0)?;
         let incumbents = r.bools(entries, "incumbents")?;
         let last_change = r.u64s(m)?;
+        let expert_last_change = if version >= 3 {
+            r.u64s(entries)?
+        } else if policy == Policy::Heldout {
+            // Every expert starts from its module's last change, the timing the state was
+            // saved with. `shape` checked the sizes: entries = m × experts.
+            let e = entries.checked_div(m).unwrap_or(0);
+            last_change
+                .iter()
+                .flat_map(|&c| std::iter::repeat_n(c, e))
+                .collect()
+        } else {
+            vec![0; entries]
+        };
         let config = RouterConfig {
             num_modules,
             num_experts,
@@ -333,7 +354,7 @@ impl Router {
             warmup_steps,
             freeze_after: has_freeze.then_some(freeze),
         };
-        Router::from_parts(config, step, incumbents, last_change)
+        Router::from_parts(config, step, incumbents, last_change, expert_last_change)
     }
 }
 
@@ -442,10 +463,12 @@ mod tests {
         let mut v4 = bytes.clone();
         v4[5] = 4;
         assert!(matches!(Router::from_bytes(&v4), Err(Error::State(m)) if m.contains("version 4")));
-        // The router payload is the same in every version.
-        for version in [2, 3] {
+        // Versions 1 and 2 lack the expert last changes (8 bytes an entry), 0 for this policy.
+        let body = payload(&bytes);
+        let old = &body[..body.len() - 8 * 6];
+        for version in [1, 2] {
             assert_eq!(
-                Router::from_bytes(&envelope(Kind::Router, version, payload(&bytes))).unwrap(),
+                Router::from_bytes(&envelope(Kind::Router, version, old)).unwrap(),
                 r
             );
         }
@@ -562,5 +585,124 @@ mod tests {
         assert!(
             matches!(Router::from_bytes(&v1), Err(Error::State(m)) if m.contains("policy code 2"))
         );
+    }
+
+    /// A heldout router (2 modules × 2 experts, min_dwell 3) at step 5 whose experts changed at
+    /// different steps: expert (0, 1) at step 1, (0, 0) at 3 and (1, 1) at 4.
+    fn staggered_heldout_router() -> Router {
+        let cfg = RouterConfig {
+            policy: Policy::Heldout,
+            min_dwell: 3,
+            ..RouterConfig::topk(2, 2, 1)
+        };
+        let mut r = Router::new(cfg).unwrap();
+        let mut out = [false; 4];
+        let mut at = |r: &mut Router, step: u64| {
+            while r.step() < step {
+                r.route(&[1.0f64; 4], &mut out).unwrap();
+            }
+        };
+        at(&mut r, 1);
+        assert_eq!(r.regate(&[1.0, -1.0, 1.0, 1.0], &[0.0; 4]).unwrap(), 1);
+        at(&mut r, 3);
+        assert_eq!(r.regate(&[-1.0, 1.0, 1.0, 1.0], &[0.0; 4]).unwrap(), 1);
+        at(&mut r, 4);
+        assert_eq!(r.regate(&[1.0, 1.0, 1.0, -1.0], &[0.0; 4]).unwrap(), 1);
+        at(&mut r, 5);
+        assert_eq!(r.incumbents(), [false, false, true, false]);
+        assert_eq!(r.last_change(), [3, 4]);
+        assert_eq!(r.expert_last_change(), [3, 1, 0, 4]);
+        r
+    }
+
+    #[test]
+    fn version_3_router_round_trips_expert_last_change() {
+        let r = staggered_heldout_router();
+        let bytes = r.to_bytes();
+        assert_eq!(bytes[5..7], 3u16.to_le_bytes());
+        let body = payload(&bytes);
+        // The payload ends with last_change u64×M, then expert_last_change u64×(M·E).
+        let tail: Vec<u64> = body[body.len() - 8 * 6..]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(tail, [3, 4, 3, 1, 0, 4]);
+        let back = Router::from_bytes(&bytes).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.expert_last_change(), [3, 1, 0, 4]);
+        assert_eq!(back.to_bytes(), bytes);
+        // At step 5 expert (0, 1), dropped at 1, may return; (0, 0), dropped at 3, may not:
+        // the restored router decides as the original.
+        let (mut a, mut b) = (r, back);
+        let (d, p) = ([1.0; 4], [5.0; 4]);
+        assert_eq!(a.regate(&d, &p).unwrap(), 1);
+        assert_eq!(b.regate(&d, &p).unwrap(), 1);
+        assert_eq!(a, b);
+        assert_eq!(a.incumbents(), [false, true, true, false]);
+    }
+
+    #[test]
+    fn version_2_router_loads_with_the_module_timing() {
+        let r = staggered_heldout_router();
+        let bytes = r.to_bytes();
+        let body = payload(&bytes);
+        let v2 = envelope(Kind::Router, 2, &body[..body.len() - 8 * 4]);
+        let back = Router::from_bytes(&v2).unwrap();
+        assert_eq!(back.step(), r.step());
+        assert_eq!(back.incumbents(), r.incumbents());
+        assert_eq!(back.last_change(), [3, 4]);
+        // Each expert starts from its module's last change.
+        assert_eq!(back.expert_last_change(), [3, 3, 4, 4]);
+        // Saved again, it is version 3 data that loads as it is.
+        let again = back.to_bytes();
+        assert_eq!(again[5..7], 3u16.to_le_bytes());
+        assert_eq!(Router::from_bytes(&again).unwrap(), back);
+        // Version 3 data lacking the array (cut back to version 2's length) is rejected, as
+        // is every shorter or longer version 3 payload.
+        let cut = envelope(Kind::Router, 3, &body[..body.len() - 8 * 4]);
+        assert!(matches!(Router::from_bytes(&cut), Err(Error::State(_))));
+        for n in 0..body.len() {
+            assert!(matches!(
+                Router::from_bytes(&envelope(Kind::Router, 3, &body[..n])),
+                Err(Error::State(_))
+            ));
+        }
+        let mut long = body.to_vec();
+        long.extend_from_slice(&[0; 8]);
+        assert!(matches!(
+            Router::from_bytes(&envelope(Kind::Router, 3, &long)),
+            Err(Error::State(_))
+        ));
+    }
+
+    #[test]
+    fn corrupt_expert_last_change_is_rejected() {
+        let r = staggered_heldout_router();
+        let body = payload(&r.to_bytes()).to_vec();
+        let at = body.len() - 8 * 4; // expert (0, 0)
+        let with = |v: u64, at: usize| {
+            let mut b = body.clone();
+            b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            Router::from_bytes(&envelope(Kind::Router, 3, &b))
+        };
+        // After the router's step (5).
+        let err = with(6, at).unwrap_err();
+        assert!(
+            matches!(&err, Error::State(m) if m.contains("expert 0") && m.contains("step 6")),
+            "{err:?}"
+        );
+        assert!(matches!(with(u64::MAX, at), Err(Error::State(_))));
+        // Not after the step, but no longer matching the module's last change (3).
+        assert!(matches!(with(2, at), Err(Error::State(_))));
+        // Set under a policy that never sets it.
+        let mut t = Router::new(RouterConfig::topk(1, 2, 1)).unwrap();
+        t.route(&[1.0f64, 0.0], &mut [false; 2]).unwrap();
+        let mut tb = payload(&t.to_bytes()).to_vec();
+        let n = tb.len();
+        tb[n - 8] = 1; // expert (0, 1) = 1 <= step
+        assert!(matches!(
+            Router::from_bytes(&envelope(Kind::Router, 3, &tb)),
+            Err(Error::State(m)) if m.contains("policy 'heldout'")
+        ));
     }
 }

@@ -5,6 +5,7 @@ mod common;
 use common::{config, config_and_steps, flatten, rows, score, RefRouter};
 use molf_rs::{Phase, Policy, Router, RouterConfig};
 use proptest::prelude::*;
+use proptest::test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
 fn route(r: &mut Router, scores: &[f64]) -> Vec<bool> {
     let mut out = vec![false; scores.len()];
@@ -32,6 +33,82 @@ fn distinct_row() -> impl Strategy<Value = Vec<f64>> {
         })
 }
 
+/// Routes `steps` through a heldout router and the reference model, regating both after the
+/// steps `measure` selects (the scores double as descent, their negation as potential), and
+/// compares masks, active sets, module and expert last changes, and a `from_parts` rebuild.
+/// Returns how many re-admissions only the per-expert dwell allowed.
+fn check_heldout_against_reference(
+    cfg: RouterConfig,
+    steps: &[Vec<f64>],
+    measure: &[bool],
+) -> Result<u64, TestCaseError> {
+    let cfg = RouterConfig {
+        policy: Policy::Heldout,
+        margin: 0.0,
+        ..cfg
+    };
+    let e = cfg.num_experts as usize;
+    let mut r = Router::new(cfg).unwrap();
+    let mut model = RefRouter::new(cfg);
+    for (i, scores) in steps.iter().enumerate() {
+        let warmup = r.phase() == Phase::Warmup;
+        let got = route(&mut r, scores);
+        let want = flatten(&model.route(&rows(scores, e)));
+        prop_assert_eq!(&got, &want, "step {} scores {:?}", i, scores);
+        // Outside warm-up a mask holds exactly the active experts with finite scores.
+        for ((w, inc), x) in got.iter().zip(r.incumbents()).zip(scores) {
+            prop_assert!(warmup || *w == (*inc && x.is_finite()));
+        }
+        if measure[i] {
+            let potential: Vec<f64> = scores.iter().map(|x| -x).collect();
+            let n = r.regate(scores, &potential).unwrap();
+            let m = model.regate(&rows(scores, e), &rows(&potential, e));
+            prop_assert_eq!(n, m, "step {}", i);
+            prop_assert_eq!(r.incumbents().to_vec(), flatten(&model.incumbents));
+            prop_assert_eq!(r.last_change(), model.last_change.as_slice());
+            prop_assert_eq!(
+                r.expert_last_change().to_vec(),
+                model.expert_last_change.concat()
+            );
+            let back = Router::from_parts(
+                cfg,
+                r.step(),
+                r.incumbents().to_vec(),
+                r.last_change().to_vec(),
+                r.expert_last_change().to_vec(),
+            );
+            prop_assert_eq!(back.unwrap(), r.clone());
+        }
+    }
+    Ok(model.returns_only_per_expert)
+}
+
+/// The strategy of `heldout_regate_matches_reference_model` does reach states where the
+/// per-expert dwell lets an expert back that the per-module one would have held: running
+/// the same comparison over a fixed-seed sample finds such re-admissions.
+#[test]
+fn heldout_reference_comparison_exercises_the_per_expert_dwell() {
+    let mut runner = TestRunner::new_with_rng(
+        ProptestConfig::with_cases(512),
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    );
+    let strategy = (
+        config_and_steps(1..14),
+        prop::collection::vec(any::<bool>(), 14),
+    );
+    let found = std::cell::Cell::new(0u64);
+    runner
+        .run(&strategy, |((cfg, steps), measure)| {
+            found.set(found.get() + check_heldout_against_reference(cfg, &steps, &measure)?);
+            Ok(())
+        })
+        .unwrap();
+    assert!(
+        found.get() > 0,
+        "no re-admission depended on the per-expert dwell"
+    );
+}
+
 fn fresh_routing(cfg: RouterConfig) -> Router {
     Router::new(RouterConfig {
         warmup_steps: 0,
@@ -57,6 +134,7 @@ proptest! {
             prop_assert_eq!(r.step(), model.step);
             prop_assert_eq!(r.incumbents().to_vec(), flatten(&model.incumbents));
             prop_assert_eq!(r.last_change(), model.last_change.as_slice());
+            prop_assert_eq!(r.expert_last_change(), model.expert_last_change.concat());
         }
     }
 
@@ -65,33 +143,7 @@ proptest! {
         (cfg, steps) in config_and_steps(1..14),
         measure in prop::collection::vec(any::<bool>(), 14),
     ) {
-        let cfg = RouterConfig { policy: Policy::Heldout, margin: 0.0, ..cfg };
-        let e = cfg.num_experts as usize;
-        let mut r = Router::new(cfg).unwrap();
-        let mut model = RefRouter::new(cfg);
-        for (i, scores) in steps.iter().enumerate() {
-            let warmup = r.phase() == Phase::Warmup;
-            let got = route(&mut r, scores);
-            let want = flatten(&model.route(&rows(scores, e)));
-            prop_assert_eq!(&got, &want, "step {} scores {:?}", i, scores);
-            // Outside warm-up a mask holds exactly the active experts with finite scores.
-            for ((w, inc), x) in got.iter().zip(r.incumbents()).zip(scores) {
-                prop_assert!(warmup || *w == (*inc && x.is_finite()));
-            }
-            if measure[i] {
-                // The scores double as descent; their negation as potential.
-                let potential: Vec<f64> = scores.iter().map(|x| -x).collect();
-                let n = r.regate(scores, &potential).unwrap();
-                let m = model.regate(&rows(scores, e), &rows(&potential, e));
-                prop_assert_eq!(n, m, "step {}", i);
-                prop_assert_eq!(r.incumbents().to_vec(), flatten(&model.incumbents));
-                prop_assert_eq!(r.last_change(), model.last_change.as_slice());
-                let back = Router::from_parts(
-                    cfg, r.step(), r.incumbents().to_vec(), r.last_change().to_vec(),
-                );
-                prop_assert_eq!(back.unwrap(), r.clone());
-            }
-        }
+        check_heldout_against_reference(cfg, &steps, &measure)?;
     }
 
     #[test]

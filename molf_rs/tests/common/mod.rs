@@ -11,6 +11,11 @@ pub struct RefRouter {
     pub step: u64,
     pub incumbents: Vec<Vec<bool>>,
     pub last_change: Vec<u64>,
+    /// Policy heldout: per module and expert, the step of its last flip in `regate`.
+    pub expert_last_change: Vec<Vec<u64>>,
+    /// Returns `regate` allowed that the per-module dwell (counted from the module's last
+    /// change, the rule before the per-expert one) would have held back.
+    pub returns_only_per_expert: u64,
 }
 
 pub fn ref_top_k(row: &[f64], k: u64, pref: Option<(&[bool], f64)>) -> Vec<bool> {
@@ -42,6 +47,8 @@ impl RefRouter {
             // Policy heldout starts with every expert active.
             incumbents: vec![vec![cfg.policy == Policy::Heldout; e]; m],
             last_change: vec![0; m],
+            expert_last_change: vec![vec![0; e]; m],
+            returns_only_per_expert: 0,
         }
     }
 
@@ -99,25 +106,34 @@ impl RefRouter {
     }
 
     /// Policy heldout: keep an active expert unless its descent is <= 0 (NaN keeps it);
-    /// bring a dropped one back when its potential is finite and > 0 and the module's set
-    /// last changed >= min_dwell steps ago. Nothing changes when frozen.
+    /// bring a dropped one back when its potential is finite and > 0 and that expert last
+    /// changed >= min_dwell steps ago. Each flip stamps the expert and its module with the
+    /// step. Nothing changes when frozen.
     pub fn regate(&mut self, descent: &[Vec<f64>], potential: &[Vec<f64>]) -> usize {
         if self.phase() == "frozen" {
             return 0;
         }
+        let (s, dwell) = (self.step, self.cfg.min_dwell);
         let mut changed = 0;
         for m in 0..self.incumbents.len() {
-            let may_return = self.step - self.last_change[m] >= self.cfg.min_dwell;
-            let new: Vec<bool> = (0..self.incumbents[m].len())
-                .map(|e| {
-                    let (d, p) = (descent[m][e], potential[m][e]);
-                    if self.incumbents[m][e] {
-                        d.is_nan() || d > 0.0
-                    } else {
-                        may_return && p.is_finite() && p > 0.0
+            let module_may_return = s - self.last_change[m] >= dwell;
+            let mut new = self.incumbents[m].clone();
+            for (e, next) in new.iter_mut().enumerate() {
+                let (d, p) = (descent[m][e], potential[m][e]);
+                *next = if self.incumbents[m][e] {
+                    d.is_nan() || d > 0.0
+                } else {
+                    let may_return = s - self.expert_last_change[m][e] >= dwell;
+                    let wants = p.is_finite() && p > 0.0;
+                    if may_return && wants && !module_may_return {
+                        self.returns_only_per_expert += 1;
                     }
-                })
-                .collect();
+                    may_return && wants
+                };
+                if *next != self.incumbents[m][e] {
+                    self.expert_last_change[m][e] = s;
+                }
+            }
             if new != self.incumbents[m] {
                 self.incumbents[m] = new;
                 self.last_change[m] = self.step;
