@@ -13,7 +13,9 @@ A spec routes MoLF (dense + LoRA r=8), or MoLF-E (r4 + r32) with the prefix "E/"
   run, mean age ~n/(D+1)), and RULE: ``drop`` (drop experts that raised the loss, for good),
   ``dropkeep`` (but keep the best), ``re1`` (drop; re-admit on positive first-order potential
   after DWELL windows — the shipped policy), ``re1z`` (drop only when the EMA's harm exceeds Z
-  standard errors), ``re1p`` (re1, a re-admitted expert's EMA restarts at its potential),
+  standard errors), ``re1m`` (re1 with the dwell counted from the module's last change, as
+  the Rust router did until 2026-11-29 10:30 UTC), ``re1n`` (re1, a re-admitted expert's EMA
+  restarts with its next window), ``re1p`` (re1, a re-admitted expert's EMA restarts at its potential),
   ``gr`` (re1, and drop an expert whose held-out/training descent ratio is below Z x the
   module's best), ``re2``, ``rel``.
 Env LORA_X=c: LoRA experts at c x the learning rate.
@@ -48,6 +50,12 @@ high-rank / low-rank-noisy / mixed / shift, gap to the better of FFT/LoRA):
 * ``lca:10:3:gr:2:0.5``: −7.3 / +8.7 / −2.3 / +12.2 | −1.4 / +8.5 / −7.8 / +3.2;
 * LORA_X=3 ``lca:10:3:re1:2``: −4.9 / −1.7 / +0.7 / +7.9 | +11.8 / +4.9 / −8.5 / +9.5;
   LORA_X=3 ``lca:10:0.5:re1:2``: −2.9 / −2.5 / −0.3 / +2.8 | +37.9 / +1.8 / −5.3 / −7.6.
+* found: ``lca:10:3:re1m:2`` reproduces the Rust router's per-seed results exactly (quick shift
+  0.171 / 0.125 / 0.278, mixed 0.217 / 0.106 / 0.202); the lab's per-expert dwell (``re1``)
+  gives quick shift −3.3% where the router's per-module dwell gave +4.1% (one expert's drop
+  held the other's return back): the router now counts the dwell per expert;
+* ``lca:10:3:re1n:2``: −9.5 / +8.7 / −1.0 / −6.3 | full: see the f_ files of the run; ``lca:10:3:re1p:2``:
+  −9.5 / +8.7 / −1.5 / −4.7.
 Low-rank-noisy stays the miss: its validation picks the smallest learning rate, at which
 both experts lower the held-out loss to the end (nothing to drop); at the next one (full,
 3e-4) both overfit from step ~350 and even stopping both there only ties the smaller rate,
@@ -145,7 +153,8 @@ class LCA:
                 self.ema = np.where(fresh, lca, 0.0)
                 self.sq = np.where(fresh, lca**2, 0.0)
             else:
-                self.ema = np.where(fresh, d * self.ema + (1 - d) * lca, self.ema)
+                upd = np.where(np.isnan(self.ema), lca, d * self.ema + (1 - d) * lca)  # NaN: restarted
+                self.ema = np.where(fresh, upd, self.ema)
                 self.sq = np.where(fresh, d * self.sq + (1 - d) * lca**2, self.sq)
             self.pot = self.potential(g_now)
             self.decide(step)
@@ -200,6 +209,19 @@ class LCA:
             self.since = getattr(self, "since", np.zeros((self.M, self.E), int)) + 1
             back = ~self.mask & (self.pot < 0) & (self.since > self.extra)
             new |= back
+            self.since[new != self.mask] = 0
+        elif self.rule == "re1m":  # re1 with the router's timing: the dwell counts from the module's last change
+            new = (ema < 0) & self.mask
+            self.since = getattr(self, "since", np.zeros((self.M, 1), int)) + 1
+            back = ~self.mask & (self.pot < 0) & (self.since > self.extra)
+            new |= back
+            self.since[(new != self.mask).any(1)] = 0
+        elif self.rule == "re1n":  # like re1; a re-admitted expert's EMA restarts with its next window
+            new = (ema < 0) & self.mask
+            self.since = getattr(self, "since", np.zeros((self.M, self.E), int)) + 1
+            back = ~self.mask & (self.pot < 0) & (self.since > self.extra)
+            new |= back
+            ema[back] = np.nan
             self.since[new != self.mask] = 0
         elif self.rule == "re1z":  # drop only when the EMA's harm is beyond z standard errors
             n_eff = (1 + self.decay) / (1 - self.decay)

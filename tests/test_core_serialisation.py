@@ -203,13 +203,14 @@ def test_inconsistent_state_is_rejected_even_with_valid_checksum():
     # Incumbents during warm-up (step 0) cannot exist.
     router = core.Router(1, 2, warmup_steps=2)
     blob = bytearray(router.to_bytes())
-    # incumbents are the 2 bytes before the final last_change u64 and checksum.
-    blob[-8 - 8 - 2] = 1
+    # incumbents are the 2 bytes before last_change (u64 x 1), expert_last_change (u64 x 2)
+    # and the checksum.
+    blob[-8 - 16 - 8 - 2] = 1
     with pytest.raises(core.StateError, match="module 0"):
         core.Router.from_bytes(reseal(bytes(blob)))
     # A non-0/1 bool byte.
     blob = bytearray(router.to_bytes())
-    blob[-8 - 8 - 1] = 2
+    blob[-8 - 16 - 8 - 1] = 2
     with pytest.raises(core.StateError, match="0 or 1"):
         core.Router.from_bytes(reseal(bytes(blob)))
 

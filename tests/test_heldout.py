@@ -112,7 +112,7 @@ class Reference:
         self.v = {k: torch.zeros_like(self.P[k]) for k in self.trainable}
         self.t = {k: 0 for k in self.trainable}
         self.active = [[True] * self.E for _ in range(self.M)]
-        self.last_change = [0] * self.M
+        self.expert_changed = [[0] * self.E for _ in range(self.M)]  # step of each expert's last flip
         self.ema = [[math.nan] * self.E for _ in range(self.M)]
         self.windows = 0
         self.step_count = 0  # routed steps
@@ -212,7 +212,6 @@ class Reference:
         self.windows += 1
         s = self.step_count
         for mi in range(self.M):
-            may_return = s - self.last_change[mi] >= self.min_dwell
             new = []
             for e in range(self.E):
                 if self.active[mi][e]:
@@ -220,13 +219,16 @@ class Reference:
                     new.append(math.isnan(ema) or ema > 0)
                 else:
                     p = potential[mi][e]
+                    may_return = s - self.expert_changed[mi][e] >= self.min_dwell  # since its drop
                     new.append(may_return and math.isfinite(p) and p > 0)
                     self.held_back += not may_return and math.isfinite(p) and p > 0
+                if new[e] != self.active[mi][e]:
+                    self.expert_changed[mi][e] = s
+                    if new[e]:  # a returning expert starts a new held-out record
+                        self.ema[mi][e] = math.nan
             self.drops += sum(a and not b for a, b in zip(self.active[mi], new))
             self.readmissions += sum(b and not a for a, b in zip(self.active[mi], new))
-            if new != self.active[mi]:
-                self.last_change[mi] = s
-                self.active[mi] = new
+            self.active[mi] = new
 
     def molf_param(self, model, key):
         layer = model[int(key[0])]

@@ -28,6 +28,7 @@ class RefRouter:
         # Policy heldout starts with every expert active; the others with no incumbent.
         self.incumbents = [[policy == "heldout"] * num_experts for _ in range(num_modules)]
         self.last_change = [0] * num_modules
+        self.expert_last_change = [[0] * num_experts for _ in range(num_modules)]  # heldout's dwell
 
     @property
     def phase(self):
@@ -82,20 +83,22 @@ class RefRouter:
     def regate(self, descent, potential):
         """Policy heldout: an active expert stays unless its smoothed held-out descent is
         <= 0 (NaN: not measured, stays); a dropped one returns when its potential is finite
-        and > 0 and its module's set last changed >= min_dwell steps ago. Not when frozen."""
+        and > 0 and it was dropped >= min_dwell steps ago. Not when frozen."""
         if self.phase == "frozen":
             return 0
         changed = 0
         for m in range(self.m):
             inc = self.incumbents[m]
-            may_return = self.step - self.last_change[m] >= self.min_dwell
             new = []
             for e in range(self.e):
                 d, p = float(descent[m][e]), float(potential[m][e])
                 if inc[e]:
                     new.append(math.isnan(d) or d > 0)
                 else:
+                    may_return = self.step - self.expert_last_change[m][e] >= self.min_dwell
                     new.append(may_return and math.isfinite(p) and p > 0)
+                if new[e] != inc[e]:
+                    self.expert_last_change[m][e] = self.step
             if new != inc:
                 self.incumbents[m] = new
                 self.last_change[m] = self.step

@@ -92,8 +92,8 @@ class Router:
         margin: relative advantage of incumbents, finite and >= 0 (``"hysteresis"`` only;
             must be 0 otherwise).
         min_dwell: steps incumbents are held after a change (``"hysteresis"``), or steps
-            after a module's active set changed before a dropped expert may return
-            (``"heldout"``), >= 0; must be 0 for ``"topk"``.
+            after its drop before a dropped expert may return (``"heldout"``), >= 0; must
+            be 0 for ``"topk"``.
         warmup_steps: number of initial warm-up calls, >= 0.
         freeze_after: index of the first frozen call, or None; must be > ``warmup_steps``.
 
@@ -157,8 +157,10 @@ class Router:
         smoothed held-out loss decrease per step while it moved, usually
         :meth:`Ledger.heldout_ema`) is NaN or > 0; an inactive one becomes active when its
         ``potential`` (first-order held-out decrease of one step of it) is finite and > 0
-        and the module's set last changed at least ``min_dwell`` steps ago. A changed
-        module's last change becomes the current step. Nothing changes when frozen.
+        and it was dropped at least ``min_dwell`` steps ago (:meth:`expert_last_change`: the
+        dwell counts per expert, so one expert's drop does not hold another back). Every
+        flipped expert's last change, and a changed module's, become the current step.
+        Nothing changes when frozen.
 
         Raises:
             ConfigError: the router's policy is not ``"heldout"``.
@@ -167,6 +169,9 @@ class Router:
     def incumbents(self) -> npt.NDArray[np.bool_]:
         """Copy of the current incumbents, bool ``(num_modules, num_experts)`` (the active
         set under policy ``"heldout"``)."""
+    def expert_last_change(self) -> npt.NDArray[np.int64]:
+        """Copy, int64 ``(num_modules, num_experts)``: the step at which :meth:`regate` last
+        flipped each expert (0: never; other policies leave it 0)."""
     def config(self) -> _RouterConfig:
         """The constructor arguments: ``Router(**r.config())`` builds a fresh equal-config
         router."""
@@ -177,7 +182,7 @@ class Router:
         """Restores a router exactly: it takes the same future decisions as the original.
 
         Format (little-endian): ``b"MOLF"``, kind byte (1 = router, 2 = ledger), format
-        version u16 (currently 1), payload length u64, payload, then a u64 FNV-1a-64
+        version u16 (currently 3; 1 and 2 still load), payload length u64, payload, then a u64 FNV-1a-64
         checksum of every preceding byte. Floats are stored bit-exact.
 
         Raises:
@@ -260,6 +265,14 @@ class Ledger:
 
         Raises:
             ScoreError: an argument of the wrong type, dtype or shape; nothing is recorded.
+        """
+    def forget_heldout(self, experts: npt.NDArray[np.bool_]) -> None:
+        """Unsets (NaN) the held-out EMA of the ``experts`` marked True, bool ``(M, E)``: the
+        optimizer calls it for the experts :meth:`Router.regate` re-admitted, so a returning
+        expert is judged on its measurements from then on.
+
+        Raises:
+            ScoreError: an argument of the wrong type, dtype or shape; nothing changes.
         """
     def heldout_ema(self) -> npt.NDArray[np.float64]:
         """Copy, ``(M, E)``: the held-out descent EMA (NaN where never measured)."""

@@ -144,8 +144,8 @@ def _add_train_parser(sub) -> None:
     routing.add_argument("--margin", type=float, default=S,
                          help="hysteresis: relative margin a challenger needs (default: 0)")
     routing.add_argument("--min-dwell", type=_nonnegative_int, default=S, metavar="N",
-                         help="hysteresis: steps a choice holds; heldout: steps after a module's last change "
-                         "before a dropped expert may return (default: 3 x --heldout-every for heldout, else 0)")
+                         help="hysteresis: steps a choice holds; heldout: steps after an expert's drop "
+                         "before it may return (default: 3 x --heldout-every for heldout, else 0)")
     routing.add_argument("--routing-warmup", type=_nonnegative_int, default=S, metavar="N",
                          help="first N steps update every expert (default: 0)")
     routing.add_argument("--freeze-after", type=_positive_int, default=S, metavar="N",
