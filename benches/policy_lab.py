@@ -1,8 +1,8 @@
 """Prototype routing policies on the quality suite's harness (issue 7), in Python, before the
 Rust core gets them. The "lca" family became policy "heldout" (`molf.heldout`):
 
-    python3 benches/policy_lab.py both lca:10:0.5:re1:2 --regimes high-rank low-rank-noisy
-    python3 benches/policy_lab.py --full --baseline results/quality-full-synthetic/results.json \
+    python3 benches/policy_lab.py both lca:10:3:re1n:2 --regimes high-rank low-rank-noisy   # the shipped policy
+    python3 benches/policy_lab.py --full --baseline benches/results/quality-full-synthetic/results.json \
         lca:10:0.5:re1z:2:1 --regimes high-rank
 
 A spec routes MoLF (dense + LoRA r=8), or MoLF-E (r4 + r32) with the prefix "E/":
@@ -12,7 +12,7 @@ A spec routes MoLF (dense + LoRA r=8), or MoLF-E (r4 + r32) with the prefix "E/"
   its EMA (decay D; D >= 1: decay max(0.5, 1 - D/n) at window n, a horizon growing with the
   run, mean age ~n/(D+1)), and RULE: ``drop`` (drop experts that raised the loss, for good),
   ``dropkeep`` (but keep the best), ``re1`` (drop; re-admit on positive first-order potential
-  after DWELL windows — the shipped policy), ``re1z`` (drop only when the EMA's harm exceeds Z
+  after DWELL windows), ``re1z`` (drop only when the EMA's harm exceeds Z
   standard errors), ``re1m`` (re1 with the dwell counted from the module's last change, as
   the Rust router did until 2026-11-29 10:30 UTC), ``re1n`` (re1, a re-admitted expert's EMA
   restarts with its next window), ``re1p`` (re1, a re-admitted expert's EMA restarts at its potential),
@@ -23,7 +23,7 @@ Learning rate grid and seeds as quality.py --quick (or --full); FFT/LoRA/AdaLoRA
 
 Measured (2-core CPU, quick scale unless noted; gap to the better of FFT/LoRA):
 * ``both``: high-rank −9.5%, low-rank-noisy +8.7%, mixed +2.2%, shift −3.1%, facts +1.1%, sql −1.3%;
-* ``lca:10:0.5:re1:2`` (shipped): −9.9%, +0.6%, −1.5%, −5.9%, +1.1%, 0.0%; full scale high-rank +43%;
+* ``lca:10:0.5:re1:2`` (shipped until this round): −9.9%, +0.6%, −1.5%, −5.9%, +1.1%, 0.0%; full scale high-rank +43%;
 * ``drop`` without re-admission: shift +474% (the held-out set is the post-shift target: every
   expert is dropped in the first half and can never return);
 * right-point instead of trapezoid: high-rank +45%, mixed +17% (curvature double-counted);
@@ -40,7 +40,7 @@ high-rank / low-rank-noisy / mixed / shift, gap to the better of FFT/LoRA):
 * found: at full scale high-rank the per-window held-out change is ±4e-3 around a drift of
   −1.2e-3 (trapezoid sums match the actual change); the fluctuations telescope, so an average
   over a span of S windows has noise ~1/S, not 1/√S: the span must grow with the run;
-* ``lca:10:3:re1:2`` (growing horizon, mean age ~n/4; **shipped as heldout_horizon=0.25**):
+* ``lca:10:3:re1:2`` (growing horizon, mean age ~n/4, heldout_horizon=0.25):
   −9.5 / +8.7 / −1.0 / −3.3 | −10.3 / +8.6 / −7.9 / −7.8;
 * ``lca:10:5:re1:2``: −8.8 / +8.8 / −2.3 / −4.1 | −1.6 / +8.3 / −7.9 / −15.7;
 * ``lca:10:8:re1:2``: −9.9 / +0.6 / −1.5 / −5.9 | +21.3 / +8.1 / −7.3 / −7.9 (quick unchanged:
@@ -54,8 +54,10 @@ high-rank / low-rank-noisy / mixed / shift, gap to the better of FFT/LoRA):
   0.171 / 0.125 / 0.278, mixed 0.217 / 0.106 / 0.202); the lab's per-expert dwell (``re1``)
   gives quick shift −3.3% where the router's per-module dwell gave +4.1% (one expert's drop
   held the other's return back): the router now counts the dwell per expert;
-* ``lca:10:3:re1n:2``: −9.5 / +8.7 / −1.0 / −6.3 | full: see the f_ files of the run; ``lca:10:3:re1p:2``:
-  −9.5 / +8.7 / −1.5 / −4.7.
+* ``lca:10:3:re1n:2`` (**shipped**: horizon 0.25, per-expert dwell, a returning expert's
+  record restarts): −9.5 / +8.7 / −1.0 / −6.3 | −10.6 / +8.7 / −7.8 / −12.4 — quality.py's
+  real runs give the same figures; ``lca:10:3:re1p:2``: −9.5 / +8.7 / −1.5 / −4.7 |
+  −10.6 / +8.7 / −7.7 / −11.9.
 Low-rank-noisy stays the miss: its validation picks the smallest learning rate, at which
 both experts lower the held-out loss to the end (nothing to drop); at the next one (full,
 3e-4) both overfit from step ~350 and even stopping both there only ties the smaller rate,
