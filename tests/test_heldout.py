@@ -224,8 +224,6 @@ class Reference:
                     self.held_back += not may_return and math.isfinite(p) and p > 0
                 if new[e] != self.active[mi][e]:
                     self.expert_changed[mi][e] = s
-                    if new[e]:  # a returning expert starts a new held-out record
-                        self.ema[mi][e] = math.nan
             self.drops += sum(a and not b for a, b in zip(self.active[mi], new))
             self.readmissions += sum(b and not a for a, b in zip(self.active[mi], new))
             self.active[mi] = new

@@ -85,13 +85,6 @@ class RefLedger:
                     self.heldout_ema[m][e] = x if math.isnan(old) else d * old + (1.0 - d) * x
         self.heldout_windows += 1
 
-    def forget_heldout(self, experts):
-        """The marked experts' held-out EMA becomes unset (NaN): a returning expert's record."""
-        for m in range(self.m):
-            for e in range(self.e):
-                if experts[m][e]:
-                    self.heldout_ema[m][e] = math.nan
-
     def last_mask(self):
         return [p if p is not None else [False] * self.e for p in self.prev]
 
@@ -170,25 +163,11 @@ class RoutingMachine(RuleBasedStateMachine):
             except core.ConfigError:
                 return
             raise AssertionError("regate accepted a router whose policy is not 'heldout'")
-        before = self.router.incumbents()
         got = self.router.regate(self.ledger.heldout_ema(), potential)
         want = self.ref_router.regate(self.ref_ledger.heldout_ema, potential.tolist())
         note(f"held-out window: descent={descent.tolist()} moved={moved.tolist()} "
              f"potential={potential.tolist()} -> {got} modules changed")
         assert got == want
-        # As the optimizer does: a returning expert starts a new held-out record.
-        returned = self.router.incumbents() & ~before
-        self.ledger.forget_heldout(returned)
-        self.ref_ledger.forget_heldout(returned.tolist())
-
-    @rule(data=st.data())
-    def forget_heldout(self, data):
-        n = self.shape[0] * self.shape[1]
-        experts = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n), label="experts"),
-                           dtype=bool).reshape(self.shape)
-        note(f"forget_heldout({experts.tolist()})")
-        self.ledger.forget_heldout(experts)
-        self.ref_ledger.forget_heldout(experts.tolist())
 
     @rule()
     def serialise_and_restore(self):

@@ -308,27 +308,6 @@ impl Ledger {
         Ok(())
     }
 
-    /// Unsets (NaN) the held-out EMA of the marked experts (row-major `[modules × experts]`):
-    /// an expert re-admitted by `Router::regate` is judged on its measurements from then on,
-    /// not on the record that dropped it, which a growing horizon keeps for long.
-    pub fn forget_heldout(&mut self, experts: &[bool]) -> Result<()> {
-        if experts.len() != self.heldout_ema.len() {
-            return Err(Error::Score(format!(
-                "experts must have {} x {} = {} entries, got {}",
-                self.num_modules,
-                self.num_experts,
-                self.heldout_ema.len(),
-                experts.len()
-            )));
-        }
-        for (ema, &forget) in self.heldout_ema.iter_mut().zip(experts) {
-            if forget {
-                *ema = f64::NAN;
-            }
-        }
-        Ok(())
-    }
-
     /// Records one step's scores and winner mask (both row-major `[modules × experts]`).
     pub fn record<S: Score>(&mut self, scores: &[S], mask: &[bool]) -> Result<()> {
         let n = self.last_scores.len();
@@ -519,26 +498,6 @@ mod tests {
         assert_eq!(s.current_share, [1.0, 0.0]);
         assert_eq!(s.switch_rate, 0.5);
         assert_eq!(s.no_winner_events, 1);
-    }
-
-    #[test]
-    fn forget_heldout_unsets_the_marked_experts_only() {
-        let mut l = Ledger::new(1, 3, 0.9).unwrap();
-        l.record_heldout(&[1.0, 2.0, 3.0], &[true; 3]).unwrap();
-        l.forget_heldout(&[false, true, false]).unwrap();
-        assert_eq!(l.heldout_ema()[0], 1.0);
-        assert!(l.heldout_ema()[1].is_nan());
-        assert_eq!(l.heldout_ema()[2], 3.0);
-        assert_eq!(l.heldout_windows(), 1);
-        // The next window sets a forgotten expert's EMA to its measurement alone.
-        l.record_heldout(&[5.0, -7.0, 5.0], &[true; 3]).unwrap();
-        assert_eq!(l.heldout_ema()[1], -7.0);
-        assert_eq!(l.heldout_ema()[0], 0.5 * 1.0 + 0.5 * 5.0);
-        // A forgotten state still serialises and restores exactly.
-        l.forget_heldout(&[true, false, false]).unwrap();
-        let back = Ledger::from_bytes(&l.to_bytes()).unwrap();
-        assert!(back == l);
-        assert!(matches!(l.forget_heldout(&[true]), Err(Error::Score(_))));
     }
 
     #[test]

@@ -540,14 +540,6 @@ impl PyLedger {
         })
     }
 
-    /// Unsets the held-out EMA of the marked experts (see the Rust `Ledger::forget_heldout`).
-    fn forget_heldout(&self, experts: &Bound<'_, PyAny>) -> PyResult<()> {
-        guarded(|| {
-            let experts = read_exact::<bool>(experts, "experts", self.shape(), "bool")?;
-            Ok(self.ledger().forget_heldout(experts.slice())?)
-        })
-    }
-
     #[getter]
     fn heldout_decay(&self) -> f64 {
         self.ledger().heldout_decay()

@@ -266,14 +266,6 @@ class Ledger:
         Raises:
             ScoreError: an argument of the wrong type, dtype or shape; nothing is recorded.
         """
-    def forget_heldout(self, experts: npt.NDArray[np.bool_]) -> None:
-        """Unsets (NaN) the held-out EMA of the ``experts`` marked True, bool ``(M, E)``: the
-        optimizer calls it for the experts :meth:`Router.regate` re-admitted, so a returning
-        expert is judged on its measurements from then on.
-
-        Raises:
-            ScoreError: an argument of the wrong type, dtype or shape; nothing changes.
-        """
     def heldout_ema(self) -> npt.NDArray[np.float64]:
         """Copy, ``(M, E)``: the held-out descent EMA (NaN where never measured)."""
     @property

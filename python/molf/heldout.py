@@ -15,8 +15,7 @@ Every `every` routing steps the optimizer calls the user's `heldout()` closure
 The Ledger smooths the realized descent (EMA over windows, experts that moved
 only; its span grows with the run, `heldout_horizon`) and the Router's
 `regate` drops experts whose movement raised the loss and re-admits dropped
-ones `min_dwell` steps after their drop (see `molf_rs` `Router::regate`); a
-re-admitted expert's EMA starts afresh.
+ones `min_dwell` steps after their drop (see `molf_rs` `Router::regate`).
 
 Cost: one forward and backward of the closure per window, and two extra
 copies of every routed expert tensor (θ at the last measurement and the
@@ -86,11 +85,7 @@ class HeldoutProbe:
         if descent is None:  # the first measurement: nothing moved under observation yet
             return
         opt.ledger.record_heldout(descent, moved)
-        before = opt.router.incumbents()
         opt.router.regate(opt.ledger.heldout_ema(), potential)
-        # A returning expert is judged on what it does from now on: the record that dropped
-        # it (long-lived under a growing horizon) would drop it again after one window.
-        opt.ledger.forget_heldout(opt.router.incumbents() & ~before)
 
     @staticmethod
     def _expert_tensors(opt: MoLFAdamW):

@@ -173,8 +173,7 @@ class MoLFAdamW(torch.optim.Optimizer):
     noise around a small drift, a longer average resolves it), drops the
     experts that hurt and brings a dropped one back, `min_dwell` steps (default
     3 x `heldout_every`) after its drop, once a step of it would lower the
-    held-out loss (first order), and judges it on its measurements from then
-    on. See `molf.heldout`.
+    held-out loss (first order). See `molf.heldout`.
     Without `heldout` the default is the paper's: `topk` experts per module win
     each step by `score` ("epd", the expected preconditioned descent, or
     "pfn"); `policy` "topk" ("paper" names it explicitly and requires score
