@@ -1,7 +1,7 @@
 """Prototype routing policies on the quality suite's harness (issue 7), in Python, before the
 Rust core gets them. The "lca" family became policy "heldout" (`molf.heldout`):
 
-    python3 benches/policy_lab.py both lca:10:3:re1n:2 --regimes high-rank low-rank-noisy   # the shipped policy
+    python3 benches/policy_lab.py both lca:10:3:re1:2 --regimes high-rank low-rank-noisy   # the shipped policy
     python3 benches/policy_lab.py --full --baseline benches/results/quality-full-synthetic/results.json \
         lca:10:0.5:re1z:2:1 --regimes high-rank
 
@@ -40,7 +40,8 @@ high-rank / low-rank-noisy / mixed / shift, gap to the better of FFT/LoRA):
 * found: at full scale high-rank the per-window held-out change is ±4e-3 around a drift of
   −1.2e-3 (trapezoid sums match the actual change); the fluctuations telescope, so an average
   over a span of S windows has noise ~1/S, not 1/√S: the span must grow with the run;
-* ``lca:10:3:re1:2`` (growing horizon, mean age ~n/4, heldout_horizon=0.25):
+* ``lca:10:3:re1:2`` (**shipped**: growing horizon, mean age ~n/4, heldout_horizon=0.25;
+  the dwell per expert):
   −9.5 / +8.7 / −1.0 / −3.3 | −10.3 / +8.6 / −7.9 / −7.8;
 * ``lca:10:5:re1:2``: −8.8 / +8.8 / −2.3 / −4.1 | −1.6 / +8.3 / −7.9 / −15.7;
 * ``lca:10:8:re1:2``: −9.9 / +0.6 / −1.5 / −5.9 | +21.3 / +8.1 / −7.3 / −7.9 (quick unchanged:
@@ -54,9 +55,11 @@ high-rank / low-rank-noisy / mixed / shift, gap to the better of FFT/LoRA):
   0.171 / 0.125 / 0.278, mixed 0.217 / 0.106 / 0.202); the lab's per-expert dwell (``re1``)
   gives quick shift −3.3% where the router's per-module dwell gave +4.1% (one expert's drop
   held the other's return back): the router now counts the dwell per expert;
-* ``lca:10:3:re1n:2`` (**shipped**: horizon 0.25, per-expert dwell, a returning expert's
-  record restarts): −9.5 / +8.7 / −1.0 / −6.3 | −10.6 / +8.7 / −7.8 / −12.4 — quality.py's
-  real runs give the same figures; ``lca:10:3:re1p:2``: −9.5 / +8.7 / −1.5 / −4.7 |
+* ``lca:10:3:re1n:2`` (a returning expert's record restarts): −9.5 / +8.7 / −1.0 / −6.3 |
+  −10.6 / +8.7 / −7.8 / −12.4 — quality.py's real runs with it in the router gave the same
+  figures; but ``molf demo``'s low-rank-noisy regime, whose validation split is noisy,
+  went from +54% to +102% (the first window after a return decides, and with noise it
+  often says "helps"): not shipped. ``lca:10:3:re1p:2``: −9.5 / +8.7 / −1.5 / −4.7 |
   −10.6 / +8.7 / −7.7 / −11.9.
 Low-rank-noisy stays the miss: its validation picks the smallest learning rate, at which
 both experts lower the held-out loss to the end (nothing to drop); at the next one (full,
