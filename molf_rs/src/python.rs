@@ -401,17 +401,11 @@ impl PyRouter {
         guarded(|| matrix(py, &incumbents, self.shape()))
     }
 
-    /// Copy, int64 `(num_modules, num_experts)`: the step at which `regate` last flipped
-    /// each expert (0: never; other policies leave it 0). Steps are <= 2**63 - 1, so the
-    /// conversion is exact.
-    fn expert_last_change<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<i64>>> {
-        let steps: Vec<i64> = self
-            .router()
-            .expert_last_change()
-            .iter()
-            .map(|&s| s as i64)
-            .collect();
-        guarded(|| matrix(py, &steps, self.shape()))
+    /// Copy, uint64 `(num_modules, num_experts)`: the step at which `regate` last flipped
+    /// each expert (0: never; other policies leave it 0).
+    fn expert_last_change<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u64>>> {
+        let data = self.router().expert_last_change().to_vec();
+        guarded(|| matrix(py, &data, self.shape()))
     }
 
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -714,7 +708,7 @@ mod tests {
     }
 
     #[test]
-    fn expert_last_change_is_an_int64_matrix() {
+    fn expert_last_change_is_a_uint64_matrix() {
         use numpy::{PyArrayMethods, PyUntypedArrayMethods};
         Python::initialize();
         Python::attach(|py| {
@@ -738,7 +732,7 @@ mod tests {
             let r = PyRouter::wrap(router);
             let a = r.expert_last_change(py).unwrap();
             assert_eq!(a.shape(), [2, 3]);
-            assert!(a.dtype().is_equiv_to(&numpy::dtype::<i64>(py)));
+            assert!(a.dtype().is_equiv_to(&numpy::dtype::<u64>(py)));
             assert_eq!(a.to_vec().unwrap(), [0, 1, 0, 0, 0, 0]);
         });
     }

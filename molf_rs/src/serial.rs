@@ -335,11 +335,10 @@ impl Router {
             r.u64s(entries)?
         } else if policy == Policy::Heldout {
             // Every expert starts from its module's last change, the timing the state was
-            // saved with. `shape` checked the sizes: entries = m × experts.
-            let e = entries.checked_div(m).unwrap_or(0);
+            // saved with (`shape` checked entries = m × num_experts).
             last_change
                 .iter()
-                .flat_map(|&c| std::iter::repeat_n(c, e))
+                .flat_map(|&c| std::iter::repeat_n(c, num_experts as usize))
                 .collect()
         } else {
             vec![0; entries]

@@ -169,8 +169,8 @@ class Router:
     def incumbents(self) -> npt.NDArray[np.bool_]:
         """Copy of the current incumbents, bool ``(num_modules, num_experts)`` (the active
         set under policy ``"heldout"``)."""
-    def expert_last_change(self) -> npt.NDArray[np.int64]:
-        """Copy, int64 ``(num_modules, num_experts)``: the step at which :meth:`regate` last
+    def expert_last_change(self) -> npt.NDArray[np.uint64]:
+        """Copy, uint64 ``(num_modules, num_experts)``: the step at which :meth:`regate` last
         flipped each expert (0: never; other policies leave it 0)."""
     def config(self) -> _RouterConfig:
         """The constructor arguments: ``Router(**r.config())`` builds a fresh equal-config

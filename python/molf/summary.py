@@ -43,13 +43,13 @@ class RoutingSummary:
     ) -> "RoutingSummary":
         """`incumbents`: the router's `[modules x experts]` incumbents (`Router.incumbents()`)."""
         s = ledger.summary()
-        wins, switches, last, active = ledger.wins(), ledger.switches(), ledger.last_mask(), incumbents
+        wins, switches, last = ledger.wins(), ledger.switches(), ledger.last_mask()
         modules = {
             name: {
                 "wins": {e: int(w) for e, w in zip(expert_names, wins[i])},
                 "switches": int(switches[i]),
                 "winners": [e for e, won in zip(expert_names, last[i]) if won],
-                "active": [e for e, on in zip(expert_names, active[i]) if on],
+                "active": [e for e, on in zip(expert_names, incumbents[i]) if on],
             }
             for i, name in enumerate(module_names)
         }
@@ -59,7 +59,7 @@ class RoutingSummary:
             experts=list(expert_names),
             win_share=dict(zip(expert_names, map(float, s["win_share"]))),
             current_share=dict(zip(expert_names, map(float, s["current_share"]))),
-            active_share={e: float(active[:, j].mean()) for j, e in enumerate(expert_names)},
+            active_share={e: float(incumbents[:, j].mean()) for j, e in enumerate(expert_names)},
             switches=int(s["switches"]),
             switch_rate=float(s["switch_rate"]),
             no_winner_events=int(s["no_winner_events"]),
