@@ -1,5 +1,6 @@
 //! Any byte string given to `Ledger::from_bytes` returns Ok or Err, never panics; whatever
-//! is accepted re-encodes to exactly the same bytes and can record and summarise.
+//! is accepted re-encodes to exactly the same bytes and can record (scores and a held-out
+//! window) and summarise.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -30,6 +31,13 @@ fn check(data: &[u8]) {
         if n <= 1 << 16 {
             let _ = ledger.record(&vec![0.5f32; n], &vec![true; n]);
             let _ = ledger.summary();
+            // Every decoded span is at most the window count, so one more window cannot
+            // overflow it.
+            let moved: Vec<bool> = (0..n).map(|i| i % 2 == 0).collect();
+            if ledger.record_heldout(&vec![0.5; n], &moved).is_ok() {
+                let windows = ledger.heldout_windows();
+                assert!(ledger.heldout_span().iter().all(|&s| s <= windows));
+            }
         }
     }
 }

@@ -26,14 +26,17 @@ pub struct Ledger {
     last_mask: Vec<bool>,
     /// Decay of `heldout_ema` per held-out window; with a horizon, its floor.
     heldout_decay: f64,
-    /// Fraction of the windows so far that the held-out EMA spans (0: the fixed
-    /// `heldout_decay`); see `record_heldout`.
+    /// Fraction of each expert's span (`heldout_span`) that its held-out EMA averages over
+    /// (0: the fixed `heldout_decay`); see `record_heldout`.
     heldout_horizon: f64,
     /// Held-out windows recorded.
     heldout_windows: u64,
     /// Row-major: EMA of each expert's held-out loss decrease per step over the windows in
     /// which it moved; NaN until the first.
     heldout_ema: Vec<f64>,
+    /// Row-major: the number of consecutive windows, up to the last one, in which each
+    /// expert moved (0 after a window in which it did not); see `record_heldout`.
+    heldout_span: Vec<u64>,
 }
 
 /// Default decay of the held-out EMA: a window's measurement counts as much as all before.
@@ -61,6 +64,7 @@ pub struct LedgerParts {
     pub heldout_horizon: f64,
     pub heldout_windows: u64,
     pub heldout_ema: Vec<f64>,
+    pub heldout_span: Vec<u64>,
 }
 
 /// Aggregates for logs; see `Ledger::summary`.
@@ -98,6 +102,7 @@ impl PartialEq for Ledger {
             && self.heldout_horizon.to_bits() == other.heldout_horizon.to_bits()
             && self.heldout_windows == other.heldout_windows
             && bits(&self.heldout_ema) == bits(&other.heldout_ema)
+            && self.heldout_span == other.heldout_span
     }
 }
 
@@ -152,6 +157,7 @@ impl Ledger {
             heldout_horizon: DEFAULT_HELDOUT_HORIZON,
             heldout_windows: 0,
             heldout_ema: filled(m * e, f64::NAN, "heldout_ema")?,
+            heldout_span: filled(m * e, 0, "heldout_span")?,
         })
     }
 
@@ -183,6 +189,7 @@ impl Ledger {
             p.wins.len(),
             p.last_mask.len(),
             p.heldout_ema.len(),
+            p.heldout_span.len(),
             p.switches.len() * e,
             p.last_switch_step.len() * e,
             p.no_winner.len() * e,
@@ -204,6 +211,12 @@ impl Ledger {
         {
             return state(format!(
                 "held-out EMA is inconsistent with {} recorded windows (or not finite)",
+                p.heldout_windows
+            ));
+        }
+        if let Some(span) = p.heldout_span.iter().find(|&&s| s > p.heldout_windows) {
+            return state(format!(
+                "held-out span {span} exceeds the {} recorded windows",
                 p.heldout_windows
             ));
         }
@@ -257,6 +270,7 @@ impl Ledger {
             heldout_horizon: p.heldout_horizon,
             heldout_windows: p.heldout_windows,
             heldout_ema: p.heldout_ema,
+            heldout_span: p.heldout_span,
         })
     }
 
@@ -265,13 +279,17 @@ impl Ledger {
     /// was active in it. The EMA takes the finite values of experts that moved; the others
     /// keep their estimate (a frozen expert's last measurement stands until it moves again).
     ///
-    /// The decay at window n (counted from 1) is `heldout_decay` when `heldout_horizon` h is
-    /// 0, else `max(heldout_decay, 1 − a/n)` with a = 1/h − 1. Late in a long run one
-    /// window's change is noise around a small drift, and the noise of an average over a
-    /// span shrinks like 1/span, so the span grows with the run: window k enters with weight
-    /// a/k and has shrunk by about (k/n)^a at window n, a weight of about (a/n)(k/n)^(a−1),
-    /// so the EMA's mean age is about h × n (h = 0.25: the last quarter of the run), never
-    /// shorter than the fixed decay gives. h = 0 is the fixed decay of format version 2.
+    /// The decay of an entry is `heldout_decay` when `heldout_horizon` h is 0, else
+    /// `max(heldout_decay, 1 − a/n)` with a = 1/h − 1, where n is the entry's span: the
+    /// number of consecutive windows, this one included, in which the expert moved (it
+    /// counts per expert from its last pause; an expert that moved in every window has
+    /// n = the window count). Late in a long run one window's change is noise around a small
+    /// drift, and the noise of an average over a span shrinks like 1/span, so the span grows
+    /// with the run: window k enters with weight a/k and has shrunk by about (k/n)^a at
+    /// window n, a weight of about (a/n)(k/n)^(a−1), so the EMA's mean age is about h × n
+    /// (h = 0.25: the last quarter of the run), never shorter than the fixed decay gives.
+    /// The span restarts after a pause so that a re-admitted expert's EMA is not held to the
+    /// long record that got it dropped. h = 0 is the fixed decay of format version 2.
     pub fn record_heldout(&mut self, descent: &[f64], moved: &[bool]) -> Result<()> {
         let n = self.heldout_ema.len();
         if descent.len() != n || moved.len() != n {
@@ -289,14 +307,20 @@ impl Ledger {
             )));
         }
         let (floor, h) = (self.heldout_decay, self.heldout_horizon);
-        let n = (self.heldout_windows + 1) as f64;
-        let d = if h == 0.0 {
-            floor
-        } else {
-            floor.max(1.0 - (1.0 / h - 1.0) / n)
-        };
-        for ((ema, &x), &m) in self.heldout_ema.iter_mut().zip(descent).zip(moved) {
+        let entries = self
+            .heldout_ema
+            .iter_mut()
+            .zip(&mut self.heldout_span)
+            .zip(descent.iter().zip(moved));
+        for ((ema, span), (&x, &m)) in entries {
+            // Bounded by heldout_windows (< MAX_STEP, checked above): no overflow.
+            *span = if m { *span + 1 } else { 0 };
             if m && x.is_finite() {
+                let d = if h == 0.0 {
+                    floor
+                } else {
+                    floor.max(1.0 - (1.0 / h - 1.0) / *span as f64)
+                };
                 *ema = if ema.is_nan() {
                     x
                 } else {
@@ -454,6 +478,33 @@ impl Ledger {
     pub fn heldout_ema(&self) -> &[f64] {
         &self.heldout_ema
     }
+    pub fn heldout_span(&self) -> &[u64] {
+        &self.heldout_span
+    }
+
+    /// The state as `from_parts` takes it (tests build variants of a ledger from it).
+    #[cfg(test)]
+    pub(crate) fn parts(&self) -> LedgerParts {
+        LedgerParts {
+            num_modules: self.num_modules as u64,
+            num_experts: self.num_experts as u64,
+            ema_decay: self.ema_decay,
+            step: self.step,
+            checksum: self.checksum,
+            last_scores: self.last_scores.clone(),
+            ema: self.ema.clone(),
+            wins: self.wins.clone(),
+            switches: self.switches.clone(),
+            last_switch_step: self.last_switch_step.clone(),
+            no_winner: self.no_winner.clone(),
+            last_mask: self.last_mask.clone(),
+            heldout_decay: self.heldout_decay,
+            heldout_horizon: self.heldout_horizon,
+            heldout_windows: self.heldout_windows,
+            heldout_ema: self.heldout_ema.clone(),
+            heldout_span: self.heldout_span.clone(),
+        }
+    }
 }
 
 /// `fnv1a64(prev.to_le_bytes() ++ step.to_le_bytes() ++ [one byte 0/1 per mask entry])`.
@@ -527,14 +578,15 @@ mod tests {
     }
 
     /// Held-out EMAs of two experts, the second moving in odd windows only, by the plain
-    /// recurrence with decay `decay(n)` at window n.
+    /// recurrence with decay `decay(n)` for an expert that has moved in n consecutive windows
+    /// (the first in all of them, the second in 1 each time).
     fn heldout_by_hand(xs: &[f64], decay: impl Fn(f64) -> f64) -> Vec<[f64; 2]> {
         let mut ema = [f64::NAN; 2];
         let mut out = Vec::new();
         for (i, &x) in xs.iter().enumerate() {
-            let d = decay((i + 1) as f64);
             for (e, v) in ema.iter_mut().enumerate() {
                 if e == 0 || i % 2 == 0 {
+                    let d = decay(if e == 0 { (i + 1) as f64 } else { 1.0 });
                     *v = if v.is_nan() {
                         x
                     } else {
@@ -578,6 +630,111 @@ mod tests {
             "window 8 leaves the resting expert alone"
         );
         assert_eq!(l.heldout_windows(), 12);
+        // The second expert paused in window 12, after moving in window 11.
+        assert_eq!(l.heldout_span(), [12, 0]);
+    }
+
+    #[test]
+    fn heldout_span_counts_consecutive_moved_windows() {
+        let mut l = Ledger::new(1, 3, 0.9).unwrap();
+        assert_eq!(l.heldout_span(), [0, 0, 0]);
+        let windows: [([f64; 3], [bool; 3], [u64; 3]); 5] = [
+            ([1.0, 1.0, 1.0], [true, true, false], [1, 1, 0]),
+            // A non-finite measurement still counts a moved window.
+            ([f64::NAN, 1.0, 1.0], [true, true, true], [2, 2, 1]),
+            // A finite measurement of an expert that did not move still resets it.
+            ([1.0, 1.0, 1.0], [true, false, true], [3, 0, 2]),
+            (
+                [1.0, f64::INFINITY, f64::NAN],
+                [true, true, false],
+                [4, 1, 0],
+            ),
+            ([1.0, 1.0, 1.0], [true, true, true], [5, 2, 1]),
+        ];
+        for (i, (x, moved, span)) in windows.iter().enumerate() {
+            l.record_heldout(x, moved).unwrap();
+            assert_eq!(l.heldout_span(), span, "after window {}", i + 1);
+        }
+        assert_eq!(l.heldout_windows(), 5);
+    }
+
+    #[test]
+    fn heldout_horizon_restarts_after_a_pause() {
+        // h = 0.25 (a = 3), floor 0.5. Both experts move in windows 1..=7 (measuring 0, so
+        // both EMAs are 0), the second pauses in window 8, both move in windows 9 and 10.
+        let mut l = Ledger::new(1, 2, 0.9).unwrap();
+        assert_eq!(
+            (l.heldout_decay(), l.heldout_horizon()),
+            (0.5, DEFAULT_HELDOUT_HORIZON)
+        );
+        for _ in 0..7 {
+            l.record_heldout(&[0.0, 0.0], &[true, true]).unwrap();
+        }
+        assert_eq!(l.heldout_ema(), [0.0, 0.0]);
+        assert_eq!(l.heldout_span(), [7, 7]);
+        l.record_heldout(&[8.0, 100.0], &[true, false]).unwrap();
+        // Window 8: 1 - 3/8 = 0.625 for the first; the second keeps its EMA.
+        assert_eq!(l.heldout_ema(), [0.375 * 8.0, 0.0]);
+        assert_eq!(l.heldout_span(), [8, 0]);
+        l.record_heldout(&[4.0, 4.0], &[true, true]).unwrap();
+        // Window 9: 1 - 3/9 for the first; the second is back with span 1: the floor 0.5
+        // (the global count would give it 2/3 and an EMA of 4/3).
+        let (a9, b9) = (2.0 / 3.0 * 3.0 + 1.0 / 3.0 * 4.0, 0.5 * 0.0 + 0.5 * 4.0);
+        assert!(
+            (l.heldout_ema()[0] - a9).abs() < 1e-12,
+            "{:?}",
+            l.heldout_ema()
+        );
+        assert_eq!(l.heldout_ema()[1], b9);
+        assert_eq!(l.heldout_span(), [9, 1]);
+        l.record_heldout(&[2.0, 6.0], &[true, true]).unwrap();
+        // Window 10: 1 - 3/10 = 0.7 for the first; span 2 for the second: still the floor.
+        let (a10, b10) = (0.7 * a9 + 0.3 * 2.0, 0.5 * b9 + 0.5 * 6.0);
+        assert!(
+            (l.heldout_ema()[0] - a10).abs() < 1e-12,
+            "{:?}",
+            l.heldout_ema()
+        );
+        assert_eq!(l.heldout_ema()[1], b10);
+        assert_eq!(b10, 4.0);
+        assert_eq!(l.heldout_span(), [10, 2]);
+        assert_eq!(l.heldout_windows(), 10);
+    }
+
+    #[test]
+    fn from_parts_checks_heldout_span() {
+        let mut l = Ledger::new(1, 2, 0.9).unwrap();
+        l.record_heldout(&[1.0, 2.0], &[true, false]).unwrap();
+        l.record_heldout(&[1.0, 2.0], &[true, true]).unwrap();
+        assert_eq!(Ledger::from_parts(l.parts()).unwrap(), l);
+        // Any span up to the window count is a state some history reaches.
+        let p = LedgerParts {
+            heldout_span: vec![0, 2],
+            ..l.parts()
+        };
+        assert_eq!(Ledger::from_parts(p).unwrap().heldout_span(), [0, 2]);
+        for span in [vec![3, 1], vec![2, u64::MAX]] {
+            let p = LedgerParts {
+                heldout_span: span,
+                ..l.parts()
+            };
+            let err = Ledger::from_parts(p).unwrap_err();
+            assert!(
+                matches!(&err, Error::State(m) if m.contains("span") && m.contains("2 recorded windows")),
+                "{err:?}"
+            );
+        }
+        let fresh = Ledger::new(1, 2, 0.9).unwrap();
+        let p = LedgerParts {
+            heldout_span: vec![1, 0],
+            ..fresh.parts()
+        };
+        assert!(matches!(Ledger::from_parts(p), Err(Error::State(_))));
+        let p = LedgerParts {
+            heldout_span: vec![0],
+            ..l.parts()
+        };
+        assert!(matches!(Ledger::from_parts(p), Err(Error::State(m)) if m.contains("shape")));
     }
 
     #[test]

@@ -550,6 +550,10 @@ impl PyLedger {
         let data = self.ledger().heldout_ema().to_vec();
         guarded(|| matrix(py, &data, self.shape()))
     }
+    fn heldout_span<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u64>>> {
+        let data = self.ledger().heldout_span().to_vec();
+        guarded(|| matrix(py, &data, self.shape()))
+    }
 
     fn record(
         &self,

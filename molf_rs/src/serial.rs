@@ -3,7 +3,7 @@
 //! Layout, all little-endian:
 //!
 //! ```text
-//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 3) | payload length: u64
+//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 4) | payload length: u64
 //!        | payload | checksum: u64 = FNV-1a 64 over every byte before it
 //! ```
 //!
@@ -14,7 +14,8 @@
 //! Version 3 appends expert_last_change u64×(M·E) (row-major: the step at which `regate`
 //! last flipped each expert; all 0 except under policy heldout). Versions 1 and 2 load with
 //! each heldout expert's entry set to its module's last_change (the per-module dwell timing
-//! they were saved with), and 0 under the other policies.
+//! they were saved with), and 0 under the other policies. Version 4 leaves the router payload
+//! as in version 3.
 //!
 //! Ledger payload (version 1): num_modules u64, num_experts u64, ema_decay f64, step u64,
 //! checksum u64, last_scores f64×(M·E), ema f64×(M·E), wins u64×(M·E), switches u64×M,
@@ -23,6 +24,9 @@
 //! version-1 ledger loads with decay 0.5, no windows and NaN EMAs.
 //! Version 3 appends heldout_horizon f64; versions 1 and 2 load with horizon 0 (their fixed
 //! held-out decay).
+//! Version 4 appends heldout_span u64×(M·E) (row-major: the consecutive held-out windows,
+//! up to the last, in which each expert moved); versions 1 to 3 load with every span equal
+//! to heldout_windows (the one global count their decay followed).
 //!
 //! Floats are stored as their IEEE bit patterns, so NaN payloads and signed zeros survive.
 //! Decoding is strict: one encoding per state (flags and bools must be exactly 0 or 1, no
@@ -33,8 +37,8 @@ use crate::ledger::{Ledger, LedgerParts, DEFAULT_HELDOUT_DECAY};
 use crate::router::{Policy, Router, RouterConfig};
 
 pub const MAGIC: &[u8; 4] = b"MOLF";
-pub const FORMAT_VERSION: u16 = 3;
-pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3];
+pub const FORMAT_VERSION: u16 = 4;
+pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3, 4];
 
 const HEADER_LEN: usize = 4 + 1 + 2 + 8;
 const CHECKSUM_LEN: usize = 8;
@@ -325,8 +329,8 @@ impl Router {
             ));
         }
         let step = r.u64()?;
-        // Per entry: an incumbent byte (version 3: + an expert's last change, 8 bytes); per
-        // module: its last change.
+        // Per entry: an incumbent byte (version >= 3: + an expert's last change, 8 bytes);
+        // per module: its last change.
         let per_entry = if version >= 3 { 9 } else { 1 };
         let (m, entries) = r.shape(num_modules, num_experts, per_entry, 8, 0)?;
         let incumbents = r.bools(entries, "incumbents")?;
@@ -378,6 +382,7 @@ impl Ledger {
         w.u64(self.heldout_windows());
         self.heldout_ema().iter().for_each(|&x| w.f64(x));
         w.f64(self.heldout_horizon());
+        w.u64s(self.heldout_span());
         w.finish()
     }
 
@@ -393,12 +398,13 @@ impl Ledger {
         let step = r.u64()?;
         let checksum = r.u64()?;
         // Per entry: 3 arrays of 8-byte cells + 1 of 1-byte cells (version >= 2: + the
-        // held-out EMA); per module: 3 of 8 bytes; held-out scalars: 16 bytes in version 2,
-        // 24 in version 3.
+        // held-out EMA; version 4: + the held-out span); per module: 3 of 8 bytes; held-out
+        // scalars: 16 bytes in version 2, 24 from version 3.
         let (per_entry, fixed) = match version {
             1 => (25, 0),
             2 => (33, 16),
-            _ => (33, 24),
+            3 => (33, 24),
+            _ => (41, 24),
         };
         let (m, entries) = r.shape(num_modules, num_experts, per_entry, 24, fixed)?;
         let floats = |v: Vec<u64>| v.into_iter().map(f64::from_bits).collect();
@@ -415,6 +421,11 @@ impl Ledger {
             (DEFAULT_HELDOUT_DECAY, 0, vec![f64::NAN; entries])
         };
         let heldout_horizon = if version >= 3 { r.f64()? } else { 0.0 };
+        let heldout_span = if version >= 4 {
+            r.u64s(entries)?
+        } else {
+            vec![heldout_windows; entries]
+        };
         Ledger::from_parts(LedgerParts {
             num_modules,
             num_experts,
@@ -432,6 +443,7 @@ impl Ledger {
             heldout_horizon,
             heldout_windows,
             heldout_ema,
+            heldout_span,
         })
     }
 }
@@ -459,11 +471,17 @@ mod tests {
         assert!(
             matches!(Ledger::from_bytes(&bytes), Err(Error::State(m)) if m.contains("is a router"))
         );
-        let mut v4 = bytes.clone();
-        v4[5] = 4;
-        assert!(matches!(Router::from_bytes(&v4), Err(Error::State(m)) if m.contains("version 4")));
-        // Versions 1 and 2 lack the expert last changes (8 bytes an entry), 0 for this policy.
+        assert_eq!(bytes[5..7], 4u16.to_le_bytes());
+        let mut v5 = bytes.clone();
+        v5[5] = 5;
+        assert!(matches!(Router::from_bytes(&v5), Err(Error::State(m)) if m.contains("version 5")));
+        // Version 3's router payload is version 4's.
         let body = payload(&bytes);
+        assert_eq!(
+            Router::from_bytes(&envelope(Kind::Router, 3, body)).unwrap(),
+            r
+        );
+        // Versions 1 and 2 lack the expert last changes (8 bytes an entry), 0 for this policy.
         let old = &body[..body.len() - 8 * 6];
         for version in [1, 2] {
             assert_eq!(
@@ -513,12 +531,15 @@ mod tests {
             .unwrap();
         l.record(&[1.0f64, 2.0, 3.0, 4.0], &[true, false, false, true])
             .unwrap();
-        let v3 = l.to_bytes();
-        let body = payload(&v3);
-        let v1 = envelope(Kind::Ledger, 1, &body[..body.len() - 24 - 8 * 4]);
+        let v4 = l.to_bytes();
+        let body = payload(&v4);
+        // Version 1 lacks the held-out scalars (24 bytes), EMAs and spans (8 bytes an entry
+        // each).
+        let v1_len = body.len() - 24 - 2 * 8 * 4;
+        let v1 = envelope(Kind::Ledger, 1, &body[..v1_len]);
         assert_eq!(Ledger::from_bytes(&v1).unwrap(), l);
         // Version 2 data cut back to version 1's length is rejected, not misread.
-        assert!(Ledger::from_bytes(&envelope(Kind::Ledger, 2, &body[..body.len() - 56])).is_err());
+        assert!(Ledger::from_bytes(&envelope(Kind::Ledger, 2, &body[..v1_len])).is_err());
     }
 
     #[test]
@@ -528,26 +549,151 @@ mod tests {
             .with_heldout_decay(0.3)
             .unwrap();
         l.record_heldout(&[-1.5, 2.0], &[true, false]).unwrap();
-        let v3 = l.to_bytes();
-        assert_eq!(v3[5..7], 3u16.to_le_bytes());
-        assert_eq!(Ledger::from_bytes(&v3).unwrap(), l);
-        let body = payload(&v3);
-        let v2 = envelope(Kind::Ledger, 2, &body[..body.len() - 8]);
+        assert_eq!(l.heldout_span(), [1, 0]);
+        let v4 = l.to_bytes();
+        assert_eq!(v4[5..7], 4u16.to_le_bytes());
+        assert_eq!(Ledger::from_bytes(&v4).unwrap(), l);
+        // Version 2 lacks the horizon (8 bytes) and the spans (8 bytes an entry).
+        let body = payload(&v4);
+        let v2_len = body.len() - 8 - 8 * 2;
+        let v2 = envelope(Kind::Ledger, 2, &body[..v2_len]);
         let back = Ledger::from_bytes(&v2).unwrap();
         assert_eq!(back.heldout_horizon(), 0.0);
-        assert_eq!(back, l.with_heldout_horizon(0.0).unwrap());
+        // Every span is the window count (1), as in version 3.
+        let want = Ledger::from_parts(LedgerParts {
+            heldout_horizon: 0.0,
+            heldout_span: vec![1, 1],
+            ..l.parts()
+        });
+        assert_eq!(back, want.unwrap());
         // Version 3 data cut back to version 2's length is rejected, not misread.
-        assert!(Ledger::from_bytes(&envelope(Kind::Ledger, 3, &body[..body.len() - 8])).is_err());
+        assert!(Ledger::from_bytes(&envelope(Kind::Ledger, 3, &body[..v2_len])).is_err());
+    }
+
+    /// A ledger (1 module × 3 experts, horizon 0.25) after 4 held-out windows: the first
+    /// expert moved in all, the second paused in the third, the third moved in the first only.
+    fn paused_ledger() -> Ledger {
+        let mut l = Ledger::new(1, 3, 0.5).unwrap();
+        for (x, moved) in [
+            ([1.0, 2.0, 3.0], [true, true, true]),
+            ([2.0, -1.0, 0.5], [true, true, false]),
+            ([-0.5, 4.0, 1.0], [true, false, false]),
+            ([3.0, 1.5, 2.0], [true, true, false]),
+        ] {
+            l.record_heldout(&x, &moved).unwrap();
+        }
+        assert_eq!(l.heldout_windows(), 4);
+        assert_eq!(l.heldout_span(), [4, 1, 0]);
+        l
+    }
+
+    #[test]
+    fn version_4_ledger_round_trips_the_span() {
+        let l = paused_ledger();
+        let bytes = l.to_bytes();
+        assert_eq!(bytes[5..7], 4u16.to_le_bytes());
+        // The payload ends with heldout_horizon f64, then heldout_span u64×(M·E).
+        let body = payload(&bytes);
+        let tail: Vec<u64> = body[body.len() - 8 * 3..]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(tail, [4, 1, 0]);
+        let horizon = &body[body.len() - 8 * 4..body.len() - 8 * 3];
+        assert_eq!(horizon, 0.25f64.to_bits().to_le_bytes());
+        let back = Ledger::from_bytes(&bytes).unwrap();
+        assert_eq!(back, l);
+        assert_eq!(back.heldout_span(), [4, 1, 0]);
+        assert_eq!(back.to_bytes(), bytes);
+        // The restored ledger goes on as the original.
+        let (mut a, mut b) = (l, back);
+        for l in [&mut a, &mut b] {
+            l.record_heldout(&[1.0, 1.0, 1.0], &[true, true, true])
+                .unwrap();
+        }
+        assert_eq!(a, b);
+        assert_eq!(a.heldout_span(), [5, 2, 1]);
+    }
+
+    #[test]
+    fn version_3_ledger_loads_with_the_global_span() {
+        let l = paused_ledger();
+        let bytes = l.to_bytes();
+        let body = payload(&bytes);
+        let v3_len = body.len() - 8 * 3;
+        let back = Ledger::from_bytes(&envelope(Kind::Ledger, 3, &body[..v3_len])).unwrap();
+        // Every span is the window count, which version 3's decay followed.
+        assert_eq!(back.heldout_span(), [4, 4, 4]);
+        let want = Ledger::from_parts(LedgerParts {
+            heldout_span: vec![4; 3],
+            ..l.parts()
+        })
+        .unwrap();
+        assert_eq!(back, want);
+        assert_ne!(back, l);
+        // Saved again, it is version 4 data that loads as it is.
+        let again = back.to_bytes();
+        assert_eq!(again[5..7], 4u16.to_le_bytes());
+        assert_eq!(Ledger::from_bytes(&again).unwrap(), back);
+        // Version 4 data cut back to version 3's length is rejected, not misread, as is every
+        // shorter or longer version 4 payload; version 3 data with the spans appended too.
+        let cut = envelope(Kind::Ledger, 4, &body[..v3_len]);
+        assert!(matches!(Ledger::from_bytes(&cut), Err(Error::State(_))));
+        for n in 0..body.len() {
+            assert!(matches!(
+                Ledger::from_bytes(&envelope(Kind::Ledger, 4, &body[..n])),
+                Err(Error::State(_))
+            ));
+        }
+        let mut long = body.to_vec();
+        long.extend_from_slice(&[0; 8]);
+        assert!(matches!(
+            Ledger::from_bytes(&envelope(Kind::Ledger, 4, &long)),
+            Err(Error::State(_))
+        ));
+        assert!(matches!(
+            Ledger::from_bytes(&envelope(Kind::Ledger, 3, body)),
+            Err(Error::State(_))
+        ));
+        // And version 3 data cut shorter is rejected.
+        for n in 0..v3_len {
+            assert!(matches!(
+                Ledger::from_bytes(&envelope(Kind::Ledger, 3, &body[..n])),
+                Err(Error::State(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn corrupt_heldout_span_is_rejected() {
+        let l = paused_ledger();
+        let body = payload(&l.to_bytes()).to_vec();
+        let with = |v: u64| {
+            let mut b = body.clone();
+            let at = b.len() - 8; // expert (0, 2)
+            b[at..].copy_from_slice(&v.to_le_bytes());
+            Ledger::from_bytes(&envelope(Kind::Ledger, 4, &b))
+        };
+        // Up to the window count (4) is accepted, beyond it rejected.
+        assert_eq!(with(4).unwrap().heldout_span(), [4, 1, 4]);
+        for v in [5, u64::MAX] {
+            let err = with(v).unwrap_err();
+            assert!(
+                matches!(&err, Error::State(m) if m.contains("span") && m.contains("4 recorded windows")),
+                "{err:?}"
+            );
+        }
     }
 
     #[test]
     fn invalid_heldout_horizon_in_state_is_rejected() {
         let l = Ledger::new(1, 1, 0.5).unwrap();
         let mut body = payload(&l.to_bytes()).to_vec();
-        let at = body.len() - 8;
+        // The horizon, then one span (1 entry).
+        let at = body.len() - 16;
         for h in [f64::NAN, 1.0, -0.5, f64::INFINITY] {
-            body[at..].copy_from_slice(&h.to_bits().to_le_bytes());
-            let err = Ledger::from_bytes(&envelope(Kind::Ledger, 3, &body)).unwrap_err();
+            body[at..at + 8].copy_from_slice(&h.to_bits().to_le_bytes());
+            let err = Ledger::from_bytes(&envelope(Kind::Ledger, 4, &body)).unwrap_err();
             assert!(
                 matches!(&err, Error::State(m) if m.contains("heldout_horizon")),
                 "{err:?}"
@@ -618,8 +764,13 @@ mod tests {
     fn version_3_router_round_trips_expert_last_change() {
         let r = staggered_heldout_router();
         let bytes = r.to_bytes();
-        assert_eq!(bytes[5..7], 3u16.to_le_bytes());
+        assert_eq!(bytes[5..7], 4u16.to_le_bytes());
         let body = payload(&bytes);
+        // Version 4 keeps version 3's router payload.
+        assert_eq!(
+            Router::from_bytes(&envelope(Kind::Router, 3, body)).unwrap(),
+            r
+        );
         // The payload ends with last_change u64×M, then expert_last_change u64×(M·E).
         let tail: Vec<u64> = body[body.len() - 8 * 6..]
             .chunks_exact(8)
@@ -652,26 +803,28 @@ mod tests {
         assert_eq!(back.last_change(), [3, 4]);
         // Each expert starts from its module's last change.
         assert_eq!(back.expert_last_change(), [3, 3, 4, 4]);
-        // Saved again, it is version 3 data that loads as it is.
+        // Saved again, it is version 4 data that loads as it is.
         let again = back.to_bytes();
-        assert_eq!(again[5..7], 3u16.to_le_bytes());
+        assert_eq!(again[5..7], 4u16.to_le_bytes());
         assert_eq!(Router::from_bytes(&again).unwrap(), back);
-        // Version 3 data lacking the array (cut back to version 2's length) is rejected, as
-        // is every shorter or longer version 3 payload.
-        let cut = envelope(Kind::Router, 3, &body[..body.len() - 8 * 4]);
-        assert!(matches!(Router::from_bytes(&cut), Err(Error::State(_))));
-        for n in 0..body.len() {
+        // Version 3 or 4 data lacking the array (cut back to version 2's length) is rejected,
+        // as is every shorter or longer version 3 or 4 payload.
+        for version in [3, 4] {
+            let cut = envelope(Kind::Router, version, &body[..body.len() - 8 * 4]);
+            assert!(matches!(Router::from_bytes(&cut), Err(Error::State(_))));
+            for n in 0..body.len() {
+                assert!(matches!(
+                    Router::from_bytes(&envelope(Kind::Router, version, &body[..n])),
+                    Err(Error::State(_))
+                ));
+            }
+            let mut long = body.to_vec();
+            long.extend_from_slice(&[0; 8]);
             assert!(matches!(
-                Router::from_bytes(&envelope(Kind::Router, 3, &body[..n])),
+                Router::from_bytes(&envelope(Kind::Router, version, &long)),
                 Err(Error::State(_))
             ));
         }
-        let mut long = body.to_vec();
-        long.extend_from_slice(&[0; 8]);
-        assert!(matches!(
-            Router::from_bytes(&envelope(Kind::Router, 3, &long)),
-            Err(Error::State(_))
-        ));
     }
 
     #[test]

@@ -50,6 +50,7 @@ proptest! {
             }
             prop_assert_eq!(ledger.heldout_windows(), model.heldout_windows);
             prop_assert_eq!(bits(ledger.heldout_ema()), bits(&model.heldout_ema.concat()));
+            prop_assert_eq!(ledger.heldout_span().to_vec(), model.heldout_span.concat());
             prop_assert_eq!(ledger.step(), model.step);
             prop_assert_eq!(ledger.checksum(), model.checksum);
             prop_assert_eq!(bits(ledger.last_scores()), bits(&model.last_scores.concat()));

@@ -41,9 +41,14 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
 
 /// Wraps `payload` in a valid version-1 envelope of the given kind.
 fn seal(kind: u8, payload: &[u8]) -> Vec<u8> {
+    seal_version(kind, 1, payload)
+}
+
+/// Wraps `payload` in a valid envelope of the given kind and version.
+fn seal_version(kind: u8, version: u16, payload: &[u8]) -> Vec<u8> {
     let mut blob = b"MOLF".to_vec();
     blob.push(kind);
-    blob.extend(1u16.to_le_bytes());
+    blob.extend(version.to_le_bytes());
     blob.extend((payload.len() as u64).to_le_bytes());
     blob.extend(payload);
     blob.extend([0; 8]);
@@ -60,6 +65,10 @@ fn reseal(mut blob: Vec<u8>) -> Vec<u8> {
     blob
 }
 
+fn bits(v: &[f64]) -> Vec<u64> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -72,7 +81,50 @@ proptest! {
         prop_assert_eq!(&r2, &r);
         prop_assert_eq!(&l2, &l);
         prop_assert_eq!(r2.to_bytes(), rb);
-        prop_assert_eq!(l2.to_bytes(), lb);
+        prop_assert_eq!(&l2.to_bytes(), &lb);
+        prop_assert_eq!(l2.heldout_span(), l.heldout_span());
+        // Format 4: the ledger payload ends with the spans, u64 × (M·E), before the checksum.
+        let n = l.num_modules() * l.num_experts();
+        let end = lb.len() - 8;
+        let spans: Vec<u64> = lb[end - 8 * n..end]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        prop_assert_eq!(spans.as_slice(), l.heldout_span());
+        prop_assert!(l.heldout_span().iter().all(|&s| s <= l.heldout_windows()));
+    }
+
+    #[test]
+    fn version_3_ledgers_load_with_the_window_count_as_span((_r, l) in states()) {
+        // Version 3's ledger payload is version 4's without the spans (M·E·8 bytes).
+        let lb = l.to_bytes();
+        prop_assert_eq!(lb[5..7].to_vec(), 4u16.to_le_bytes().to_vec());
+        let n = l.num_modules() * l.num_experts();
+        let payload = &lb[15..lb.len() - 8];
+        let v3 = &payload[..payload.len() - 8 * n];
+        let back = Ledger::from_bytes(&seal_version(2, 3, v3)).unwrap();
+        prop_assert!(back.heldout_span().iter().all(|&s| s == l.heldout_windows()));
+        prop_assert_eq!(bits(back.heldout_ema()), bits(l.heldout_ema()));
+        prop_assert_eq!(back.heldout_windows(), l.heldout_windows());
+        prop_assert_eq!(back.step(), l.step());
+        prop_assert_eq!(back.checksum(), l.checksum());
+        // Re-saved as version 4, it is the version 3 payload followed by those spans.
+        let mut want = v3.to_vec();
+        for _ in 0..n {
+            want.extend(l.heldout_windows().to_le_bytes());
+        }
+        let again = back.to_bytes();
+        prop_assert_eq!(&again[15..again.len() - 8], want.as_slice());
+        // Version 4 data cut back to version 3's length is rejected, not misread (when
+        // the spans take any bytes, which they always do: M·E >= 1).
+        prop_assert!(matches!(
+            Ledger::from_bytes(&seal_version(2, 4, v3)),
+            Err(Error::State(_))
+        ));
+        prop_assert!(matches!(
+            Ledger::from_bytes(&seal_version(2, 3, payload)),
+            Err(Error::State(_))
+        ));
     }
 
     #[test]
@@ -132,7 +184,7 @@ proptest! {
     }
 
     #[test]
-    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 4u16..) {
+    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 5u16..) {
         let msg = |e: Error| e.to_string();
         prop_assert!(msg(Ledger::from_bytes(&r.to_bytes()).unwrap_err()).contains("is a router"));
         prop_assert!(msg(Router::from_bytes(&l.to_bytes()).unwrap_err()).contains("is a ledger"));
@@ -143,7 +195,7 @@ proptest! {
             msg(Router::from_bytes(&reseal(rb)).unwrap_err()),
             msg(Ledger::from_bytes(&reseal(lb)).unwrap_err()),
         ] {
-            prop_assert!(m.contains(&format!("version {version}")) && m.contains("[1, 2, 3]"), "{}", m);
+            prop_assert!(m.contains(&format!("version {version}")) && m.contains("[1, 2, 3, 4]"), "{}", m);
         }
     }
 }

@@ -249,6 +249,8 @@ pub struct RefLedger {
     pub heldout_horizon: f64,
     pub heldout_windows: u64,
     pub heldout_ema: Vec<Vec<f64>>,
+    /// Per module and expert: how many windows in a row, up to the last, it moved in.
+    pub heldout_span: Vec<Vec<u64>>,
 }
 
 impl RefLedger {
@@ -268,22 +270,27 @@ impl RefLedger {
             heldout_horizon,
             heldout_windows: 0,
             heldout_ema: vec![vec![f64::NAN; e]; m],
+            heldout_span: vec![vec![0; e]; m],
         }
     }
 
-    /// Window n (from 1) decays by `heldout_decay`, or with a horizon h > 0 by
+    /// An expert's span is the number of windows in a row, this one included, in which it
+    /// moved (a window it did not move in resets it to 0, whatever its value). With span n
+    /// its EMA decays by `heldout_decay`, or with a horizon h > 0 by
     /// `max(heldout_decay, 1 - (1/h - 1)/n)`; only experts that moved with a finite value
     /// update (the first such value initialises), but every call counts as a window.
     pub fn record_heldout(&mut self, descent: &[Vec<f64>], moved: &[Vec<bool>]) {
-        let n = (self.heldout_windows + 1) as f64;
         let h = self.heldout_horizon;
-        let d = if h == 0.0 {
-            self.heldout_decay
-        } else {
-            f64::max(self.heldout_decay, 1.0 - (1.0 / h - 1.0) / n)
-        };
         for m in 0..descent.len() {
             for (e, &x) in descent[m].iter().enumerate() {
+                let span = &mut self.heldout_span[m][e];
+                *span = if moved[m][e] { *span + 1 } else { 0 };
+                let n = *span as f64;
+                let d = if h == 0.0 {
+                    self.heldout_decay
+                } else {
+                    f64::max(self.heldout_decay, 1.0 - (1.0 / h - 1.0) / n)
+                };
                 if moved[m][e] && x.is_finite() {
                     let old = self.heldout_ema[m][e];
                     self.heldout_ema[m][e] = if old.is_nan() {
