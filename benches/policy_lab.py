@@ -18,7 +18,9 @@ A spec routes MoLF (dense + LoRA r=8), or MoLF-E (r4 + r32) with the prefix "E/"
   restarts with its next window), ``re1p`` (re1, a re-admitted expert's EMA restarts at its potential),
   ``gr`` (re1, and drop an expert whose held-out/training descent ratio is below Z x the
   module's best), ``re2``, ``rel``.
-Env LORA_X=c: LoRA experts at c x the learning rate.
+Env LORA_X=c: LoRA experts at c x the learning rate. Env WARM=k: the costliest expert (dense, or
+MoLF-E's largest LoRA) starts dropped and stays out for k windows ("Occam start"); the usual
+re-admission rule then brings it back. Spec ``only:E``: expert E alone, every step.
 Learning rate grid and seeds as quality.py --quick (or --full); FFT/LoRA/AdaLoRA from --baseline.
 
 Measured (2-core CPU, quick scale unless noted; gap to the better of FFT/LoRA):
@@ -66,6 +68,23 @@ both experts lower the held-out loss to the end (nothing to drop); at the next o
 3e-4) both overfit from step ~350 and even stopping both there only ties the smaller rate,
 while LoRA alone at 3e-4 generalises better — a difference no per-window held-out signal
 sees in time.
+
+Third round (2026-11-29 11:40-12:10 UTC, same machine):
+* counterfactuals, quick low-rank-noisy: MoLF-E's r4 alone (``E/only:0``) 0.297 at lr 3e-3
+  (−12.2% to the better of FFT/LoRA, +5.5% to AdaLoRA's 0.281); r32 alone 0.343; r8 alone
+  0.344: routing between these LoRA experts cannot put MoLF-E ahead of AdaLoRA there;
+* diagnostics at quick scale, lr 1e-3, every expert every step (one seed): the cosine between
+  an expert's window movement and the held-out gradient is higher for the dense expert than
+  for LoRA in every regime, the noisy one included; the held-out/training descent ratio (full
+  training-set gradient) separates the noisy regime (0.63-0.73 in the first window) from the
+  clean ones (0.95-1.15), but alike for both experts, so it says "noisy data", not "which
+  expert"; with the dense expert held out, its potential outside LoRA's tangent space
+  ((I - P_B) G (I - P_A)) stays comparable to LoRA's own potential in both regimes;
+* Occam start (WARM=1, dense back after the usual dwell, step ~30), ``lca:10:3:re1:2``:
+  quick −9.5 → +2.8 / +8.7 → +1.7 / −1.0 → +0.9 / −3.3 → 0.0; full high-rank −10.3 → +10.7,
+  low-rank-noisy +8.6 → +9.1, mixed −7.9 → −6.9, shift −7.8 → +1.7: rejected (at full scale
+  validation picks lr 1e-4, where the delay only costs). WARM=1, 2, 3 give identical results
+  (the dwell, not the warm-up, decides the return).
 """
 
 from __future__ import annotations
@@ -117,6 +136,11 @@ class LCA:
                       if (t := expert_tag(p)) is not None]
         self.params = [w[0] for w in self.where]
         self.mask = np.ones((self.M, self.E), bool)
+        self.warm = int(os.environ.get("WARM", "0"))  # windows with expert 0 held out (LoRA first)
+        # the costliest expert: the dense one, else the largest LoRA (MoLF-E: the last)
+        self.big = 0 if any(t.kind == "dense" for _, _, t, _ in ((None, None, expert_tag(p), None) for p in self.params)) else self.E - 1
+        if self.warm:
+            self.mask[:, self.big] = False
         self.mask_before = self.mask.copy()
         self.ema = None
         self.snap = None
@@ -150,6 +174,9 @@ class LCA:
             self.n = getattr(self, "n", 0) + 1
             # D >= 1: a horizon growing with training, decay 1 - D/n over the n windows so far
             d = self.decay if self.decay < 1 else max(0.5, 1 - self.decay / self.n)
+            if self.rule == "re1a":  # the horizon counts per expert, from its last return
+                self.age = getattr(self, "age", np.zeros((self.M, self.E))) + 1
+                d = np.maximum(0.5, 1 - self.decay / self.age) if self.decay >= 1 else d
             if self.ema is None:
                 self.tema = np.where(fresh, tr, 0.0)
             else:
@@ -221,6 +248,13 @@ class LCA:
             back = ~self.mask & (self.pot < 0) & (self.since > self.extra)
             new |= back
             self.since[(new != self.mask).any(1)] = 0
+        elif self.rule == "re1a":  # like re1; a re-admitted expert's EMA horizon restarts (age 0)
+            new = (ema < 0) & self.mask
+            self.since = getattr(self, "since", np.zeros((self.M, self.E), int)) + 1
+            back = ~self.mask & (self.pot < 0) & (self.since > self.extra)
+            new |= back
+            self.age[back] = 0
+            self.since[new != self.mask] = 0
         elif self.rule == "re1n":  # like re1; a re-admitted expert's EMA restarts with its next window
             new = (ema < 0) & self.mask
             self.since = getattr(self, "since", np.zeros((self.M, self.E), int)) + 1
@@ -254,6 +288,8 @@ class LCA:
             new |= back
         else:
             raise SystemExit(self.rule)
+        if getattr(self, "n", 0) < self.warm:
+            new[:, self.big] = False
         self.mask[:] = new
         self.history.append(new[:, 0].mean())
 
@@ -269,6 +305,11 @@ def make_method(spec):
         molf.wrap(model, cfg)
         opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lr * float(os.environ.get("LORA_X", "1")), weight_decay=0.0, lora_weight_decay=0.0, topk=2)
         if name == "both":
+            return model, opt, q._none
+        if name == "only":  # one expert everywhere, for counterfactuals: only:E
+            mask = np.zeros((len(opt.module_names), len(opt.expert_names)), bool)
+            mask[:, int(args[0])] = True
+            opt._router = Fixed(opt._router, mask)
             return model, opt, q._none
         every, decay = int(args[0]), float(args[1])
         rule = args[2] if len(args) > 2 else "drop"

@@ -516,35 +516,61 @@ def _write(out: Path, results: dict, scale: Scale, seeds: list[int], device: str
         (out / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
 
 
-def merge_results(paths: list[str | Path], out_dir: str | Path) -> dict:
-    """One results.json and table.txt from runs that split the methods between them
-    (e.g. device calls too short for all of them): same scale, seeds and validation
-    seed required; a (regime, method) pair may come from one run only. No routing
-    figures (their logs stay with the runs)."""
+def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: bool = False) -> dict:
+    """One results.json and table.txt from runs that split the work between them
+    (e.g. device calls too short for all of it). Required alike: the scale (but for
+    its seed count), the validation seed and the ranks; within a regime, the test
+    seeds (regimes may differ: config "seeds" then maps each regime to its own).
+    A (regime, method) pair may come from one run only, unless `replace_pairs`: then
+    a later run's pair replaces an earlier one's (a rerun of changed code).
+    `config["pairs_from"]` names the run of every pair. No routing figures (their
+    logs stay with the runs)."""
     runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
     if not runs:
         raise ValueError("nothing to merge")
     first = runs[0]["config"]
+
+    def same_scale(c: dict) -> dict:
+        return {k: v for k, v in c["scale"].items() if k != "seeds"}
+
     for p, r in zip(paths, runs):
         c = r["config"]
-        for key in ("scale", "seeds", "val_seed", "lora_rank", "efficient_ranks"):
+        for key in ("val_seed", "lora_rank", "efficient_ranks"):
             if c[key] != first[key]:
                 raise ValueError(f"{p}: {key} {c[key]!r} differs from {paths[0]}'s {first[key]!r}")
-    scale = Scale(**{**first["scale"], "lm": lm.LMScale(**first["scale"]["lm"])})
+        if same_scale(c) != same_scale(first):
+            raise ValueError(f"{p}: scale {c['scale']!r} differs from {paths[0]}'s {first['scale']!r}")
     entries: dict[str, dict[str, dict]] = {}
+    origin: dict[str, dict[str, str]] = {}
+    seeds: dict[str, list[int]] = {}
     for p, r in zip(paths, runs):
         for name, reg in r["regimes"].items():
             for m, e in reg["methods"].items():
-                if m in entries.setdefault(name, {}):
-                    raise ValueError(f"{p}: {name} · {m} is in two of the runs")
+                if m in entries.setdefault(name, {}) and not replace_pairs:
+                    raise ValueError(f"{p}: {name} · {m} is in two of the runs (--replace: the later one counts)")
                 entries[name][m] = e
+                origin.setdefault(name, {})[m] = str(p)
+    for name in entries:  # only the runs whose pairs survived must agree on the regime's seeds
+        for p in dict.fromkeys(origin[name].values()):
+            run_seeds = runs[[str(x) for x in paths].index(p)]["config"]["seeds"]
+            if seeds.setdefault(name, run_seeds) != run_seeds:
+                raise ValueError(f"{p}: {name} ran seeds {run_seeds}, another run of it {seeds[name]}")
+    base = Scale(**{**first["scale"], "lm": lm.LMScale(**first["scale"]["lm"])})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    regimes = {n: assemble_regime(REGIMES[n], scale, {m: entries[n][m] for m in METHODS if m in entries[n]},
-                                  out, plot=False) for n in REGIMES if n in entries}
-    config = {**first, "methods": [m for m in METHODS if any(m in e for e in entries.values())],
-              "merged_from": [str(p) for p in paths], "devices": sorted({r["config"]["device"] for r in runs}),
+    regimes = {n: assemble_regime(REGIMES[n], base, {m: entries[n][m] for m in METHODS if m in entries[n]},
+                                  out, plot=False)
+               for n in REGIMES if n in entries}
+    per_regime = {n: seeds[n] for n in regimes}
+    uniform = len({tuple(v) for v in per_regime.values()}) == 1
+    config = {**first, "seeds": next(iter(per_regime.values())) if uniform else per_regime,
+              "methods": [m for m in METHODS if any(m in e for e in entries.values())],
+              "merged_from": [str(p) for p in paths],
+              "pairs_from": {n: {m: origin[n][m] for m in regimes[n]["methods"]} for n in regimes},
+              "devices": sorted({r["config"]["device"] for r in runs}),
               "jobs": [r["config"]["jobs"] for r in runs]}
+    if not uniform:
+        config["scale"] = {**first["scale"], "seeds": None}  # see "seeds"
     results = {"regimes": regimes, "config": config, "wall_s": sum(r["wall_s"] for r in runs)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
@@ -573,6 +599,9 @@ def format_table(results: dict) -> str:
     lines.append("| *best* | " + " | ".join(", ".join(regs[r]["tied_best"]) for r in names) + " |")
     lines.append("| *metric* | " + " | ".join(("↑ " if regs[r]["higher_is_better"] else "↓ ") + regs[r]["metric"]
                                               for r in names) + " |")
+    seeds = results.get("config", {}).get("seeds")
+    if isinstance(seeds, dict):  # a merge of runs with different seeds per regime
+        lines.append("| *seeds* | " + " | ".join(", ".join(map(str, seeds[r])) for r in names) + " |")
     lines.append("| *lr chosen (FFT / LoRA / MoLF paper)* | " + " | ".join(
         " / ".join(f"{regs[r]['methods'][m]['lr']:g}" for m in ("FFT", "LoRA", "MoLF (paper)")
                    if m in regs[r]["methods"])
@@ -611,10 +640,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="parallel processes, one job per (regime, method) pair (same results)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
-                   help="instead of running: merge the results.json of runs that split the methods into --out")
+                   help="instead of running: merge the results.json of runs that split the work into --out")
+    p.add_argument("--replace", action="store_true",
+                   help="with --merge: a (regime, method) pair in a later run replaces an earlier run's")
     args = p.parse_args(argv)
+    if args.replace and not args.merge:
+        p.error("--replace goes with --merge")
     if args.merge:
-        print(format_table(merge_results(args.merge, args.out)))
+        print(format_table(merge_results(args.merge, args.out, args.replace)))
         return 0
     scale = FULL if args.full else QUICK
     if args.seeds is not None:

@@ -114,6 +114,8 @@ class Reference:
         self.active = [[True] * self.E for _ in range(self.M)]
         self.expert_changed = [[0] * self.E for _ in range(self.M)]  # step of each expert's last flip
         self.ema = [[math.nan] * self.E for _ in range(self.M)]
+        self.span = [[0] * self.E for _ in range(self.M)]  # consecutive windows each expert moved in
+        self.restarted = 0  # moved entries whose restarted span gave another decay than the run's length
         self.windows = 0
         self.step_count = 0  # routed steps
         self.last_measure = 0
@@ -200,13 +202,19 @@ class Reference:
         self.last_potential = potential
         if first:
             return
-        # This window's decay: the EMA's mean age grows to `horizon` of the windows so far.
-        n = self.windows + 1
-        d = self.decay if self.horizon == 0 else max(self.decay, 1 - (1 / self.horizon - 1) / n)
+        # Each expert's decay: the EMA's mean age grows to `horizon` of the windows it has
+        # moved in without a pause (its span restarts when it moves again after one).
+        def decay(n):
+            return self.decay if self.horizon == 0 else max(self.decay, 1 - (1 / self.horizon - 1) / n)
+
         for mi in range(self.M):
             for e in range(self.E):
+                moved = movement[mi][e] > 0
+                self.span[mi][e] = self.span[mi][e] + 1 if moved else 0
                 x = -realized[mi][e] / window
-                if movement[mi][e] > 0 and math.isfinite(x):
+                if moved and math.isfinite(x):
+                    d = decay(self.span[mi][e])
+                    self.restarted += d != decay(self.windows + 1)
                     old = self.ema[mi][e]
                     self.ema[mi][e] = x if math.isnan(old) else d * old + (1 - d) * x
         self.windows += 1
@@ -315,6 +323,7 @@ def test_lockstep_with_float64_reference(case, horizon):
             torch.testing.assert_close(p.detach(), ref.P[k], rtol=1e-9, atol=1e-10 * scale,
                                        msg=lambda m: f"step {s} {k}: {m}")
         assert opt.ledger.heldout_windows == ref.windows == max(s // K - 1, 0)
+        assert opt.ledger.heldout_span().tolist() == ref.span, f"step {s}: spans"
         ema, ref_ema = opt.ledger.heldout_ema(), np.array(ref.ema)
         assert (np.isnan(ema) == np.isnan(ref_ema)).all(), f"step {s}: {ema} vs {ref_ema}"
         # molf measures in float32 per tensor: close, not bitwise.
@@ -325,6 +334,8 @@ def test_lockstep_with_float64_reference(case, horizon):
     # Not vacuous: the run dropped experts, brought dropped ones back, and kept one with a
     # positive potential out until its module's dwell ran out.
     assert ref.drops >= 1 and ref.readmissions >= 1 and ref.held_back >= 1, (ref.drops, ref.readmissions, ref.held_back)
+    if horizon:  # and a returned expert's restarted span changed its EMA's decay
+        assert ref.restarted >= 1
 
 
 # --------------------------------------- 2. before the second measurement: AdamW

@@ -165,3 +165,28 @@ def test_merge_joins_runs_that_split_the_methods(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="seeds"):
         q.merge_results([runs["FFT"], tmp_path / "other.json"], tmp_path / "bad")
+
+
+def test_merge_replaces_rerun_pairs_and_keeps_seeds_per_regime(tmp_path):
+    old = q.run_suite(TINY, ["shift"], ["FFT", "LoRA"], tmp_path / "old", progress=False)
+    rerun = q.run_suite(replace(TINY, seeds=2), ["shift"], ["LoRA"], tmp_path / "rerun", progress=False, seed=3)
+    with pytest.raises(ValueError, match="--replace"):
+        q.merge_results([tmp_path / "old" / "results.json", tmp_path / "rerun" / "results.json"], tmp_path / "m")
+    # LoRA's rerun ran other seeds than the FFT entry it would sit beside: refused
+    with pytest.raises(ValueError, match=r"shift ran seeds \[3, 4\]"):
+        q.merge_results([tmp_path / "old" / "results.json", tmp_path / "rerun" / "results.json"], tmp_path / "m",
+                        replace_pairs=True)
+    # FFT rerun on the same seeds replaces the old entry; another regime on other seeds joins
+    q.run_suite(TINY, ["shift"], ["FFT"], tmp_path / "fft", progress=False)
+    q.run_suite(replace(TINY, seeds=2), ["mixed"], ["FFT", "LoRA"], tmp_path / "mixed", progress=False, seed=3)
+    paths = [tmp_path / d / "results.json" for d in ("old", "fft", "mixed")]
+    assert q.main(["--merge", *map(str, paths), "--replace", "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["config"]["seeds"] == {"mixed": [3, 4], "shift": [0]}
+    assert merged["config"]["pairs_from"] == {"mixed": {"FFT": str(paths[2]), "LoRA": str(paths[2])},
+                                              "shift": {"FFT": str(paths[1]), "LoRA": str(paths[0])}}
+    assert merged["regimes"]["shift"]["methods"]["LoRA"] == old["regimes"]["shift"]["methods"]["LoRA"]
+    assert len(merged["regimes"]["mixed"]["methods"]["FFT"]["test"]["per_seed"]) == 2
+    assert "| *seeds* | 3, 4 | 0 |" in (tmp_path / "m" / "table.txt").read_text()
+    with pytest.raises(SystemExit):
+        q.main(["--replace", "--out", str(tmp_path / "x")])

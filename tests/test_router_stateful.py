@@ -40,6 +40,7 @@ class RefLedger:
         self.heldout_decay, self.heldout_horizon = heldout_decay, heldout_horizon
         self.heldout_windows = 0
         self.heldout_ema = [[math.nan] * e for _ in range(m)]
+        self.heldout_span = [[0] * e for _ in range(m)]
         self.step = 0
         self.checksum = 0
         self.last_scores = [[math.nan] * e for _ in range(m)]
@@ -74,11 +75,13 @@ class RefLedger:
 
     def record_heldout(self, descent, moved):
         """EMA of the finite held-out descents of experts that moved; the rest keep theirs.
-        The decay grows with the window count n so that the mean age is ~horizon x n."""
-        n, h = self.heldout_windows + 1, self.heldout_horizon
-        d = self.heldout_decay if h == 0 else max(self.heldout_decay, 1.0 - (1.0 / h - 1.0) / n)
+        An expert's decay grows with its span n (the windows it has moved in since its last
+        pause) so that the mean age is ~horizon x n."""
+        h = self.heldout_horizon
         for m in range(self.m):
             for e in range(self.e):
+                n = self.heldout_span[m][e] = self.heldout_span[m][e] + 1 if moved[m][e] else 0
+                d = self.heldout_decay if h == 0 else max(self.heldout_decay, 1.0 - (1.0 / h - 1.0) / max(n, 1))
                 x = float(descent[m][e])
                 if moved[m][e] and math.isfinite(x):
                     old = self.heldout_ema[m][e]
@@ -209,6 +212,7 @@ class RoutingMachine(RuleBasedStateMachine):
         assert lg.heldout_windows == ref.heldout_windows
         assert lg.heldout_horizon == ref.heldout_horizon
         assert same_floats(lg.heldout_ema(), ref.heldout_ema)
+        assert lg.heldout_span().dtype == np.uint64 and lg.heldout_span().tolist() == ref.heldout_span
 
 
 RoutingMachine.TestCase.settings = settings(

@@ -230,13 +230,17 @@ class Ledger:
         ema_decay: in ``[0, 1)``.
         heldout_decay: in ``[0, 1)``, the decay of :meth:`heldout_ema` per
             :meth:`record_heldout` window (with ``heldout_horizon``: its floor).
-        heldout_horizon: in ``[0, 1)``; > 0: the decay at window ``n`` (counted from 1) is
-            ``max(heldout_decay, 1 - a / n)`` with ``a = 1 / heldout_horizon - 1``, so window
-            ``k`` weighs about ``(a / n) * (k / n) ** (a - 1)`` and the EMA's mean age is
-            about ``heldout_horizon`` of the windows so far (0.25: the last quarter of the
-            run): late in a long run one window is noise around a small drift, and a span
-            growing with the run resolves it. 0: the fixed ``heldout_decay`` (what
-            checkpoints of format version 1 and 2 load with).
+        heldout_horizon: in ``[0, 1)``; > 0: an expert's decay at the ``n``-th window of
+            its span (:meth:`heldout_span`: the windows it has moved in since its last
+            pause, counted from 1) is ``max(heldout_decay, 1 - a / n)`` with
+            ``a = 1 / heldout_horizon - 1``, so window ``k`` weighs about
+            ``(a / n) * (k / n) ** (a - 1)`` and the EMA's mean age is about
+            ``heldout_horizon`` of the span (0.25: its last quarter): late in a long run
+            one window is noise around a small drift, and a span growing with the run
+            resolves it; an expert back from a drop starts a new span, so its record from
+            before the drop fades within a few windows instead of dropping it again at
+            once. 0: the fixed ``heldout_decay`` (what checkpoints of format version 1
+            and 2 load with).
 
     Raises:
         ConfigError: an argument out of range.
@@ -260,14 +264,19 @@ class Ledger:
     def record_heldout(self, descent: npt.NDArray[np.float64], moved: npt.NDArray[np.bool_]) -> None:
         """Records one held-out window: for each expert that ``moved`` with a finite
         ``descent``, ``heldout_ema = descent`` if unset (NaN) else
-        ``d * heldout_ema + (1 - d) * descent`` with this window's decay ``d`` (see
-        ``heldout_horizon``); the others keep theirs.
+        ``d * heldout_ema + (1 - d) * descent`` with the expert's decay ``d`` (see
+        ``heldout_horizon``); the others keep theirs. An expert's span grows by one
+        where it moved and restarts at 0 where it did not.
 
         Raises:
             ScoreError: an argument of the wrong type, dtype or shape; nothing is recorded.
         """
     def heldout_ema(self) -> npt.NDArray[np.float64]:
         """Copy, ``(M, E)``: the held-out descent EMA (NaN where never measured)."""
+    def heldout_span(self) -> npt.NDArray[np.uint64]:
+        """Copy, ``(M, E)``: per expert, the consecutive :meth:`record_heldout` windows,
+        up to the last, in which it moved (0: it did not move in the last one).
+        Checkpoints of format version 1 to 3 load with ``heldout_windows`` everywhere."""
     @property
     def num_modules(self) -> int: ...
     @property

@@ -13,8 +13,9 @@ Every `every` routing steps the optimizer calls the user's `heldout()` closure
   move, so a dropped expert can come back when the data says it would help.
 
 The Ledger smooths the realized descent (EMA over windows, experts that moved
-only; its span grows with the run, `heldout_horizon`) and the Router's
-`regate` drops experts whose movement raised the loss and re-admits dropped
+only; its span grows with the windows the expert has moved in since its last
+pause, `heldout_horizon`, so a returning expert's old record fades fast) and
+the Router's `regate` drops experts whose movement raised the loss and re-admits dropped
 ones `min_dwell` steps after their drop (see `molf_rs` `Router::regate`).
 
 Cost: one forward and backward of the closure per window, and two extra

@@ -168,12 +168,14 @@ class MoLFAdamW(torch.optim.Optimizer):
     steps the optimizer calls `heldout()`, back-propagates it, attributes the
     held-out loss change since the last call to each expert's movement
     (trapezoid rule), smooths it (an EMA whose mean age grows to about
-    `heldout_horizon` of the windows so far, never shorter than a decay of
-    `heldout_decay` per window gives: late in a long run one window's change is
-    noise around a small drift, a longer average resolves it), drops the
-    experts that hurt and brings a dropped one back, `min_dwell` steps (default
-    3 x `heldout_every`) after its drop, once a step of it would lower the
-    held-out loss (first order). See `molf.heldout`.
+    `heldout_horizon` of the windows the expert has moved in since its last
+    pause, never shorter than a decay of `heldout_decay` per window gives: late
+    in a long run one window's change is noise around a small drift, a longer
+    average resolves it), drops the experts that hurt and brings a dropped one
+    back, `min_dwell` steps (default 3 x `heldout_every`) after its drop, once a
+    step of it would lower the held-out loss (first order); a returning
+    expert's record from before its drop then fades within a few windows. See
+    `molf.heldout`.
     Without `heldout` the default is the paper's: `topk` experts per module win
     each step by `score` ("epd", the expected preconditioned descent, or
     "pfn"); `policy` "topk" ("paper" names it explicitly and requires score
