@@ -1,7 +1,7 @@
 """Prototype routing policies on the quality suite's harness (issue 7), in Python, before the
 Rust core gets them. The "lca" family became policy "heldout" (`molf.heldout`):
 
-    python3 benches/policy_lab.py both lca:10:3:re1:2 --regimes high-rank low-rank-noisy   # the shipped policy
+    python3 benches/policy_lab.py both lca:10:3:re1a:2 --regimes high-rank low-rank-noisy   # the shipped policy
     python3 benches/policy_lab.py --full --baseline benches/results/quality-full-synthetic/results.json \
         lca:10:0.5:re1z:2:1 --regimes high-rank
 
@@ -12,8 +12,8 @@ A spec routes MoLF (dense + LoRA r=8), or MoLF-E (r4 + r32) with the prefix "E/"
   its EMA (decay D; D >= 1: decay max(0.5, 1 - D/n) at window n, a horizon growing with the
   run, mean age ~n/(D+1)), and RULE: ``drop`` (drop experts that raised the loss, for good),
   ``dropkeep`` (but keep the best), ``re1`` (drop; re-admit on positive first-order potential
-  after DWELL windows), ``re1z`` (drop only when the EMA's harm exceeds Z
-  standard errors), ``re1m`` (re1 with the dwell counted from the module's last change, as
+  after DWELL windows), ``re1a`` (re1, a returning expert's horizon restarts: the shipped
+  rule), ``re1z`` (drop only when the EMA's harm exceeds Z standard errors), ``re1m`` (re1 with the dwell counted from the module's last change, as
   the Rust router did until 2026-11-29 10:30 UTC), ``re1n`` (re1, a re-admitted expert's EMA
   restarts with its next window), ``re1p`` (re1, a re-admitted expert's EMA restarts at its potential),
   ``gr`` (re1, and drop an expert whose held-out/training descent ratio is below Z x the
@@ -42,8 +42,8 @@ high-rank / low-rank-noisy / mixed / shift, gap to the better of FFT/LoRA):
 * found: at full scale high-rank the per-window held-out change is ±4e-3 around a drift of
   −1.2e-3 (trapezoid sums match the actual change); the fluctuations telescope, so an average
   over a span of S windows has noise ~1/S, not 1/√S: the span must grow with the run;
-* ``lca:10:3:re1:2`` (**shipped**: growing horizon, mean age ~n/4, heldout_horizon=0.25;
-  the dwell per expert):
+* ``lca:10:3:re1:2`` (shipped until the third round: growing horizon, mean age ~n/4,
+  heldout_horizon=0.25; the dwell per expert):
   −9.5 / +8.7 / −1.0 / −3.3 | −10.3 / +8.6 / −7.9 / −7.8;
 * ``lca:10:5:re1:2``: −8.8 / +8.8 / −2.3 / −4.1 | −1.6 / +8.3 / −7.9 / −15.7;
 * ``lca:10:8:re1:2``: −9.9 / +0.6 / −1.5 / −5.9 | +21.3 / +8.1 / −7.3 / −7.9 (quick unchanged:
@@ -79,12 +79,20 @@ Third round (2026-11-29 11:40-12:10 UTC, same machine):
   training-set gradient) separates the noisy regime (0.63-0.73 in the first window) from the
   clean ones (0.95-1.15), but alike for both experts, so it says "noisy data", not "which
   expert"; with the dense expert held out, its potential outside LoRA's tangent space
-  ((I - P_B) G (I - P_A)) stays comparable to LoRA's own potential in both regimes;
+  ((I - P_B) G (I - P_A)) stays comparable to LoRA's own potential in both regimes; the
+  gradient signal-to-noise ratio from Adam's moments (m^2 / v, GSNR) is low and alike for
+  both experts in all three regimes after step ~40;
 * Occam start (WARM=1, dense back after the usual dwell, step ~30), ``lca:10:3:re1:2``:
   quick −9.5 → +2.8 / +8.7 → +1.7 / −1.0 → +0.9 / −3.3 → 0.0; full high-rank −10.3 → +10.7,
   low-rank-noisy +8.6 → +9.1, mixed −7.9 → −6.9, shift −7.8 → +1.7: rejected (at full scale
   validation picks lr 1e-4, where the delay only costs). WARM=1, 2, 3 give identical results
-  (the dwell, not the warm-up, decides the return).
+  (the dwell, not the warm-up, decides the return);
+* ``re1a`` (**shipped** as the Ledger's per-expert span, format version 4): a returning
+  expert's horizon restarts, so its pre-drop record fades (decay 0.5 for ~6 windows) instead
+  of dropping it again at the next measurement: quick −9.5 / +8.7 / −1.0 / −5.8 | full
+  −10.2 / +8.5 / −7.9 / −17.8; MoLF-E (``E/``) full shift +9.4 → −12.0 (AdaLoRA +3.2 →
+  −17.1); ``molf demo``'s noisy low-rank row 0.4729 → 0.4847 (the lab reproduces the
+  demo's 0.0638 / 0.4729 exactly with ``re1``).
 """
 
 from __future__ import annotations
