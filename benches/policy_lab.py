@@ -18,6 +18,9 @@ A spec routes MoLF (dense + LoRA r=8), or MoLF-E (r4 + r32) with the prefix "E/"
   restarts with its next window), ``re1p`` (re1, a re-admitted expert's EMA restarts at its potential),
   ``gr`` (re1, and drop an expert whose held-out/training descent ratio is below Z x the
   module's best), ``re2``, ``rel``.
+Env REVERT=dense|all[-ema|-z]: undo a window's movement of the dense (or any) expert when it
+raised the held-out loss (-ema: only when the expert is dropped at that measurement; -z: only
+beyond RZ standard deviations of its record); env LR=x: that learning rate, no selection.
 Env LORA_X=c: LoRA experts at c x the learning rate. Env WARM=k: the costliest expert (dense, or
 MoLF-E's largest LoRA) starts dropped and stays out for k windows ("Occam start"); the usual
 re-admission rule then brings it back. Spec ``only:E``: expert E alone, every step.
@@ -93,6 +96,22 @@ Third round (2026-11-29 11:40-12:10 UTC, same machine):
   −10.2 / +8.5 / −7.9 / −17.8; MoLF-E (``E/``) full shift +9.4 → −12.0 (AdaLoRA +3.2 →
   −17.1); ``molf demo``'s noisy low-rank row 0.4729 → 0.4847 (the lab reproduces the
   demo's 0.0638 / 0.4729 exactly with ``re1``).
+* undoing harmful windows, on top of ``re1a`` (quick | full, four synthetic regimes):
+  REVERT=dense (every harmful window of the dense expert): −7.4 / −3.2 / −3.4 / −4.5 |
+  +125 / +3.9 / −13.1 / −14.1 (at full scale one window's change is mostly noise: high-rank
+  loses its progress); REVERT=all: −1.1 / +0.5 / −1.5 / −6.3 (quick); REVERT=dense-z, RZ=1:
+  −8.6 / +0.3 / −6.5 / −5.8 | +25.8 / +8.2 (high-rank, noisy); REVERT=dense-ema: −9.5 / −0.7 /
+  −6.4 / −3.0 | −10.3 / +8.5 / −11.5 / −18.2, quick facts −3.4, sql −1.3; REVERT=all-ema
+  (a dropped expert's harmful last window is undone): −9.5 / −1.6 / −6.7 / −3.7 |
+  −9.9 / +5.8 / −12.8 / −20.0, and in the router (commit 1f3bb12) quality.py --quick gave
+  −9.5 / −1.6 / −6.7 / −3.7 / −4.6 / −1.3 (every quick cell within 1.5%) — but full-scale
+  sql on the H200 (``--regimes sql --methods "molf default" --lrs 1e-3 --seeds 5``, the rate
+  every version chose) fell to 0.685 (per seed 0.31 / 0.19 / 1.00 / 0.94 / 1.00; validation
+  0.586 against 0.984 without it; the dense expert active in 34% of modules at the end, 223
+  switches): in the LM each module's window change is small and noisy, drops are frequent,
+  and every undone window is progress lost. Reverted (commit ee2a050). At full-scale
+  low-rank-noisy and LR=3e-4, dense-ema still ends at 0.2815 (+10.7%): the dense expert's
+  early memorisation is not undone by a drop.
 """
 
 from __future__ import annotations
@@ -198,6 +217,22 @@ class LCA:
                 self.sq = np.where(fresh, d * self.sq + (1 - d) * lca**2, self.sq)
             self.pot = self.potential(g_now)
             self.decide(step)
+            revert = os.environ.get("REVERT")  # "all" / "dense": undo a window's harmful movement
+            if revert:
+                harm = fresh & (lca > 0)
+                if revert.endswith("-ema"):  # only where the smoothed record says harm too
+                    harm &= self.ema > 0
+                if revert.endswith("-z"):  # only a window beyond RZ standard deviations of the record
+                    sd = np.sqrt(np.maximum(self.sq - self.ema**2, 0.0))
+                    harm &= lca > self.ema + float(os.environ.get("RZ", "1")) * sd
+                if revert.startswith("dense"):
+                    harm[:, 1:] = False
+                if harm.any():
+                    with torch.no_grad():
+                        for (p, m, e, _), s in zip(self.where, self.snap):
+                            if harm[m, e]:
+                                p.copy_(s)
+                    g_now = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, self.grads())]
         self.snap = [p.detach().clone() for p in self.params]
         self.g_prev = g_now
         self.t_prev = t_now
@@ -352,9 +387,11 @@ def run(spec, regime, scale, seeds):
             return inst.evaluate(model, split), share
 
     val_inst = rs.build(q.VAL_SEED, scale, "cpu")
-    val = {lr: train(val_inst, lr, q.VAL_SEED, "val")[0] for lr in scale.lrs}
-    best = scale.lrs[0]
-    for lr in scale.lrs[1:]:
+    lrs = [float(os.environ["LR"])] if os.environ.get("LR") else scale.lrs  # env LR: no selection
+    val = {lr: train(val_inst, lr, q.VAL_SEED, "val")[0] for lr in lrs}
+    print(f"    val by lr: {' '.join(f'{k:g}:{v:.4f}' for k, v in val.items())}", flush=True)
+    best = lrs[0]
+    for lr in lrs[1:]:
         best = lr if q._better(val[lr], val[best], rs.higher_is_better) else best
     outs = [train(rs.build(s, scale, "cpu"), best, s, "test") for s in seeds]
     return best, [o[0] for o in outs], [o[1] for o in outs]

@@ -633,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--seeds", type=int, help="test seeds (default: 3 quick, 5 full)")
+    p.add_argument("--lrs", type=float, nargs="+",
+                   help="learning-rate grid instead of the scale's (one value: no selection)")
     p.add_argument("--seed", type=int, default=0, help="first test seed")
     p.add_argument("--cache-dir", help="where the pre-trained LM is cached (default ~/.cache/molf/quality)")
     p.add_argument("--threads", type=int, help="torch CPU threads (on a busy machine 1 is often fastest)")
@@ -654,6 +656,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds < 1:
             p.error(f"--seeds must be >= 1, got {args.seeds}")
         scale = replace(scale, seeds=args.seeds)
+    if args.lrs:
+        if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
+            p.error(f"--lrs must be positive and finite, got {args.lrs}")
+        scale = replace(scale, lrs=tuple(args.lrs))
     if args.cache_dir:
         scale = replace(scale, cache_dir=args.cache_dir)
     if args.threads is not None:

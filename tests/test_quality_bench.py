@@ -190,3 +190,19 @@ def test_merge_replaces_rerun_pairs_and_keeps_seeds_per_regime(tmp_path):
     assert "| *seeds* | 3, 4 | 0 |" in (tmp_path / "m" / "table.txt").read_text()
     with pytest.raises(SystemExit):
         q.main(["--replace", "--out", str(tmp_path / "x")])
+
+
+def test_lrs_replaces_the_grid(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_suite(scale, regimes, methods, out, device, seed, progress, jobs):
+        seen["lrs"] = scale.lrs
+        return {"regimes": {}, "wall_s": 0.0}
+
+    monkeypatch.setattr(q, "run_suite", fake_run_suite)
+    monkeypatch.setattr(q, "format_table", lambda res: "")
+    assert q.main(["--full", "--lrs", "1e-3", "--regimes", "sql", "--out", str(tmp_path)]) == 0
+    assert seen["lrs"] == (1e-3,)  # one value: no selection
+    for bad in ("0", "-1e-3", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            q.main(["--lrs", bad, "--out", str(tmp_path)])
