@@ -18,9 +18,11 @@ A spec routes MoLF (dense + LoRA r=8), or MoLF-E (r4 + r32) with the prefix "E/"
   restarts with its next window), ``re1p`` (re1, a re-admitted expert's EMA restarts at its potential),
   ``gr`` (re1, and drop an expert whose held-out/training descent ratio is below Z x the
   module's best), ``re2``, ``rel``.
-Env REVERT=dense|all[-ema|-z]: undo a window's movement of the dense (or any) expert when it
-raised the held-out loss (-ema: only when the expert is dropped at that measurement; -z: only
-beyond RZ standard deviations of its record); env LR=x: that learning rate, no selection.
+Env REVERT=dense|all[-ema[-global]|-z]: undo a window's movement of the dense (or any) expert
+when it raised the held-out loss (-ema: only when the expert is dropped at that measurement;
+-global: and only in a window where the whole model's held-out loss rose; -z: only beyond RZ
+standard deviations of its record); env LR=x: that learning rate, no selection; env VAL_ONLY=1:
+the validation instance only; env CACHE=dir: where the pre-trained LM is cached.
 Env LORA_X=c: LoRA experts at c x the learning rate. Env WARM=k: the costliest expert (dense, or
 MoLF-E's largest LoRA) starts dropped and stays out for k windows ("Occam start"); the usual
 re-admission rule then brings it back. Spec ``only:E``: expert E alone, every step.
@@ -109,7 +111,12 @@ Third round (2026-11-29 11:40-12:10 UTC, same machine):
   every version chose) fell to 0.685 (per seed 0.31 / 0.19 / 1.00 / 0.94 / 1.00; validation
   0.586 against 0.984 without it; the dense expert active in 34% of modules at the end, 223
   switches): in the LM each module's window change is small and noisy, drops are frequent,
-  and every undone window is progress lost. Reverted (commit ee2a050). At full-scale
+  and every undone window is progress lost. Reverted (commit ee2a050). REVERT=all-ema-global
+  (undo only in a window where the whole model's held-out loss rose, so per-module noise in a
+  still-improving model does not fire it): −9.5 / −1.5 / −5.7 / −3.9 | −10.6 / +8.4 / −12.9 /
+  −19.7 (undone windows per full run: 2.8 / 6.2 / 96 / 13) — the candidate to check on the
+  full-scale LM next (env CACHE=.device/cache VAL_ONLY=1 LR=1e-3 runs the sql validation
+  instance on a CPU, ~30+ minutes a run). At full-scale
   low-rank-noisy and LR=3e-4, dense-ema still ends at 0.2815 (+10.7%): the dense expert's
   early memorisation is not undone by a drop.
 """
@@ -220,14 +227,17 @@ class LCA:
             revert = os.environ.get("REVERT")  # "all" / "dense": undo a window's harmful movement
             if revert:
                 harm = fresh & (lca > 0)
-                if revert.endswith("-ema"):  # only where the smoothed record says harm too
+                if "-ema" in revert:  # only where the smoothed record says harm too
                     harm &= self.ema > 0
+                if revert.endswith("-global"):  # only in a window where the held-out loss rose
+                    harm &= bool(lca[self.mask_before].sum() > 0)
                 if revert.endswith("-z"):  # only a window beyond RZ standard deviations of the record
                     sd = np.sqrt(np.maximum(self.sq - self.ema**2, 0.0))
                     harm &= lca > self.ema + float(os.environ.get("RZ", "1")) * sd
                 if revert.startswith("dense"):
                     harm[:, 1:] = False
                 if harm.any():
+                    self.undos = getattr(self, "undos", 0) + int(harm.sum())
                     with torch.no_grad():
                         for (p, m, e, _), s in zip(self.where, self.snap):
                             if harm[m, e]:
@@ -384,16 +394,21 @@ def run(spec, regime, scale, seeds):
                 opt.zero_grad()
             model.eval()
             share = float(np.mean(hook.mask[:, 0])) if hasattr(hook, "mask") else 1.0
-            return inst.evaluate(model, split), share
+            return inst.evaluate(model, split), share, getattr(hook, "undos", 0)
 
     val_inst = rs.build(q.VAL_SEED, scale, "cpu")
     lrs = [float(os.environ["LR"])] if os.environ.get("LR") else scale.lrs  # env LR: no selection
-    val = {lr: train(val_inst, lr, q.VAL_SEED, "val")[0] for lr in lrs}
-    print(f"    val by lr: {' '.join(f'{k:g}:{v:.4f}' for k, v in val.items())}", flush=True)
+    val = {lr: train(val_inst, lr, q.VAL_SEED, "val") for lr in lrs}
+    print(f"    val by lr: {' '.join(f'{k:g}:{v[0]:.4f} (undone {v[2]})' for k, v in val.items())}", flush=True)
+    val = {k: v[0] for k, v in val.items()}
+    if os.environ.get("VAL_ONLY"):  # the validation instance only (slow scales)
+        return lrs[0], [val[lrs[0]]], [1.0]
     best = lrs[0]
     for lr in lrs[1:]:
         best = lr if q._better(val[lr], val[best], rs.higher_is_better) else best
     outs = [train(rs.build(s, scale, "cpu"), best, s, "test") for s in seeds]
+    if os.environ.get("REVERT"):
+        print(f"    undone (module, expert) windows per run: {statistics.fmean(o[2] for o in outs):.1f}", flush=True)
     return best, [o[0] for o in outs], [o[1] for o in outs]
 
 
@@ -408,6 +423,9 @@ def main():
     torch.set_num_threads(1)
     base = json.load(open(args.baseline))["regimes"]
     scale = q.FULL if args.full else q.QUICK
+    if os.environ.get("CACHE"):  # where the pre-trained LM is cached
+        from dataclasses import replace
+        scale = replace(scale, cache_dir=os.environ["CACHE"])
     seeds = list(range(scale.seeds))
     out = {}
     for regime in args.regimes:
