@@ -114,9 +114,11 @@ Third round (2026-11-29 11:40-12:10 UTC, same machine):
   and every undone window is progress lost. Reverted (commit ee2a050). REVERT=all-ema-global
   (undo only in a window where the whole model's held-out loss rose, so per-module noise in a
   still-improving model does not fire it): −9.5 / −1.5 / −5.7 / −3.9 | −10.6 / +8.4 / −12.9 /
-  −19.7 (undone windows per full run: 2.8 / 6.2 / 96 / 13) — the candidate to check on the
-  full-scale LM next (env CACHE=.device/cache VAL_ONLY=1 LR=1e-3 runs the sql validation
-  instance on a CPU, ~30+ minutes a run). At full-scale
+  −19.7 (undone windows per full run: 2.8 / 6.2 / 96 / 13); full-scale sql, validation
+  instance, lr 1e-3, on this 2-core CPU (``CACHE=.device/cache VAL_ONLY=1 LR=1e-3 ... --full
+  --regimes sql``, 26 minutes a run, two at once): 0.922 with 139 undone windows, against
+  0.863 for ``re1a`` alone (the H200 gave 0.984 for it: CPU and GPU runs of this bimodal task
+  differ). The candidate for the router: check it on the H200 (sql, 5 seeds) first. At full-scale
   low-rank-noisy and LR=3e-4, dense-ema still ends at 0.2815 (+10.7%): the dense expert's
   early memorisation is not undone by a drop.
 """
