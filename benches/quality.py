@@ -541,20 +541,20 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
         if same_scale(c) != same_scale(first):
             raise ValueError(f"{p}: scale {c['scale']!r} differs from {paths[0]}'s {first['scale']!r}")
     entries: dict[str, dict[str, dict]] = {}
-    origin: dict[str, dict[str, str]] = {}
-    seeds: dict[str, list[int]] = {}
-    for p, r in zip(paths, runs):
+    origin: dict[str, dict[str, int]] = {}  # regime -> method -> index of the run it comes from
+    for i, (p, r) in enumerate(zip(paths, runs)):
         for name, reg in r["regimes"].items():
             for m, e in reg["methods"].items():
                 if m in entries.setdefault(name, {}) and not replace_pairs:
                     raise ValueError(f"{p}: {name} · {m} is in two of the runs (--replace: the later one counts)")
                 entries[name][m] = e
-                origin.setdefault(name, {})[m] = str(p)
+                origin.setdefault(name, {})[m] = i
+    seeds: dict[str, list[int]] = {}
     for name in entries:  # only the runs whose pairs survived must agree on the regime's seeds
-        for p in dict.fromkeys(origin[name].values()):
-            run_seeds = runs[[str(x) for x in paths].index(p)]["config"]["seeds"]
+        for i in dict.fromkeys(origin[name].values()):
+            run_seeds = runs[i]["config"]["seeds"]
             if seeds.setdefault(name, run_seeds) != run_seeds:
-                raise ValueError(f"{p}: {name} ran seeds {run_seeds}, another run of it {seeds[name]}")
+                raise ValueError(f"{paths[i]}: {name} ran seeds {run_seeds}, another run of it {seeds[name]}")
     base = Scale(**{**first["scale"], "lm": lm.LMScale(**first["scale"]["lm"])})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -566,7 +566,7 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
     config = {**first, "seeds": next(iter(per_regime.values())) if uniform else per_regime,
               "methods": [m for m in METHODS if any(m in e for e in entries.values())],
               "merged_from": [str(p) for p in paths],
-              "pairs_from": {n: {m: origin[n][m] for m in regimes[n]["methods"]} for n in regimes},
+              "pairs_from": {n: {m: str(paths[origin[n][m]]) for m in regimes[n]["methods"]} for n in regimes},
               "devices": sorted({r["config"]["device"] for r in runs}),
               "jobs": [r["config"]["jobs"] for r in runs]}
     if not uniform:
