@@ -182,8 +182,8 @@ class Router:
         """Restores a router exactly: it takes the same future decisions as the original.
 
         Format (little-endian): ``b"MOLF"``, kind byte (1 = router, 2 = ledger), format
-        version u16 (currently 3; 1 and 2 still load), payload length u64, payload, then a u64 FNV-1a-64
-        checksum of every preceding byte. Floats are stored bit-exact.
+        version u16 (currently 4; 1 to 3 still load), payload length u64, payload, then a
+        u64 FNV-1a-64 checksum of every preceding byte. Floats are stored bit-exact.
 
         Raises:
             StateError: truncated data, wrong magic or kind, unsupported version (the

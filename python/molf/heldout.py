@@ -15,8 +15,8 @@ Every `every` routing steps the optimizer calls the user's `heldout()` closure
 The Ledger smooths the realized descent (EMA over windows, experts that moved
 only; its span grows with the windows the expert has moved in since its last
 pause, `heldout_horizon`, so a returning expert's old record fades fast) and
-the Router's `regate` drops experts whose movement raised the loss and re-admits dropped
-ones `min_dwell` steps after their drop (see `molf_rs` `Router::regate`).
+the Router's `regate` drops experts whose movement raised the loss and re-admits
+dropped ones `min_dwell` steps after their drop (see `molf_rs` `Router::regate`).
 
 Cost: one forward and backward of the closure per window, and two extra
 copies of every routed expert tensor (θ at the last measurement and the
