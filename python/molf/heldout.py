@@ -17,19 +17,8 @@ only; its span grows with the windows the expert has moved in since its last
 pause, `heldout_horizon`, so a returning expert's old record fades fast) and
 the Router's `regate` drops experts whose movement raised the loss and re-admits
 dropped ones `min_dwell` steps after their drop (see `molf_rs` `Router::regate`).
-An expert dropped at a measurement where its own last window raised the
-held-out loss, and the whole model's held-out loss rose over that window too,
-gets the window undone: its tensors return to θ at the previous measurement
-(held for the trapezoid anyway), its Adam moments stay. The drop says its
-recent movement hurts on the whole; the last window is the part of it that
-measurably did, and keeping it would leave the harm in the model (on noisy,
-scarce data this is where the dense expert's memorisation lands). The gate on
-the whole model keeps per-module noise in a still-improving model from firing
-it: there each module's window change is small and noisy, and every undone
-window is progress lost (ungated, full-scale sql fell from 0.78 to 0.69).
 
-Cost: one forward and backward of the closure per window (two where a window
-is undone: the next window starts from the restored point), and two extra
+Cost: one forward and backward of the closure per window, and two extra
 copies of every routed expert tensor (θ at the last measurement and the
 held-out gradient there), kept in the parameter dtype as per-parameter state
 `heldout_theta` / `heldout_grad`, so checkpoints resume the measurement
@@ -73,34 +62,8 @@ class HeldoutProbe:
 
     def measure(self, opt: MoLFAdamW) -> None:
         """Held-out gradient, the window's realized descent and each expert's potential,
-        then the Ledger's EMA and the Router's regate; an expert dropped now whose last
-        window raised the held-out loss, in a window where the whole model's rose too,
-        gets that window undone. Leaves every `.grad` None."""
+        then the Ledger's EMA and the Router's regate. Leaves every `.grad` None."""
         params = [p for g in opt.param_groups for p in g["params"]]
-        self._backward(opt, params)
-        window = opt.router.step - self.last_step
-        first = self.last_step == 0
-        descent, potential, moved = self._sums(opt, window)
-        self.last_step = opt.router.step
-        if not first:
-            before = opt.router.incumbents()
-            opt.ledger.record_heldout(descent, moved)
-            opt.router.regate(opt.ledger.heldout_ema(), potential)
-            # Only where the held-out loss rose over the window (the moved experts'
-            # allocations sum to the change of the whole): a NaN sum undoes nothing.
-            rose = bool(descent[moved].sum() < 0)
-            undo = before & ~opt.router.incumbents() & moved & (descent < 0) & rose
-            if undo.any():
-                self._undo(opt, undo)
-                self._backward(opt, params)  # the next window starts from the restored point
-        for _, p, _ in self._expert_tensors(opt):
-            theta = distributed.to_local(p.detach())
-            self._remember(opt.state[p], p, theta, self._grad(p, theta))
-        for p in params:
-            p.grad = None
-
-    def _backward(self, opt: MoLFAdamW, params: list[torch.Tensor]) -> None:
-        """The held-out loss's gradient in every parameter's `.grad` (others' kept)."""
         for p in params:
             p.grad = None
         with torch.enable_grad():
@@ -115,15 +78,15 @@ class HeldoutProbe:
             # they are), except under FSDP2, whose sharded parameters are not graph leaves.
             own = [p for p in params if p.requires_grad]
             loss.backward(inputs=None if any(distributed.is_sharded(p) for p in own) else own)
-
-    @torch.no_grad()
-    def _undo(self, opt: MoLFAdamW, undo: np.ndarray) -> None:
-        """Restores the flagged (module, expert) slots to θ at the last measurement: the
-        window whose harm tipped the expert's record is not kept (its moments are)."""
-        flat = undo.reshape(-1)
-        for _, p, slot in self._expert_tensors(opt):
-            if flat[slot]:
-                distributed.to_local(p.detach()).copy_(distributed.to_local(opt.state[p][THETA_KEY]))
+        window = opt.router.step - self.last_step
+        descent, potential, moved = self._sums(opt, window)
+        for p in params:
+            p.grad = None
+        self.last_step = opt.router.step
+        if descent is None:  # the first measurement: nothing moved under observation yet
+            return
+        opt.ledger.record_heldout(descent, moved)
+        opt.router.regate(opt.ledger.heldout_ema(), potential)
 
     @staticmethod
     def _expert_tensors(opt: MoLFAdamW):
@@ -137,9 +100,11 @@ class HeldoutProbe:
     @torch.no_grad()
     def _sums(self, opt: MoLFAdamW, window: int):
         """Per (module, expert): realized descent per step, potential, and whether it moved;
-        (None, None, None) at the first measurement (nothing moved under observation yet).
-        One device-to-host transfer."""
-        if self.last_step == 0:
+        (None, None, None) at the first measurement. One device-to-host transfer."""
+        if self.last_step == 0:  # nothing moved under observation yet: only remember
+            for _, p, _ in self._expert_tensors(opt):
+                theta = distributed.to_local(p.detach())
+                self._remember(opt.state[p], p, theta, self._grad(p, theta))
             return None, None, None
         M, E = opt._shape
         rows: list[torch.Tensor] = []
@@ -162,6 +127,7 @@ class HeldoutProbe:
                 potential = torch.zeros_like(realized)
             rows.append(torch.stack([realized, potential, movement]).double())
             slots.append(slot)
+            self._remember(state, p, theta, grad)
         flat = torch.stack(rows)
         group = opt._score_group()
         if group is not None:  # FSDP2: the shards' partial sums add up to the whole tensor's

@@ -174,10 +174,7 @@ class MoLFAdamW(torch.optim.Optimizer):
     average resolves it), drops the experts that hurt and brings a dropped one
     back, `min_dwell` steps (default 3 x `heldout_every`) after its drop, once a
     step of it would lower the held-out loss (first order); a returning
-    expert's record from before its drop then fades within a few windows. A
-    dropped expert whose last window raised the held-out loss, in a window
-    where the whole model's did too, gets that window undone (its weights
-    return to the previous measurement). See
+    expert's record from before its drop then fades within a few windows. See
     `molf.heldout`.
     Without `heldout` the default is the paper's: `topk` experts per module win
     each step by `score` ("epd", the expected preconditioned descent, or
