@@ -22,7 +22,8 @@ Env REVERT=dense|all[-ema[-global]|-z]: undo a window's movement of the dense (o
 when it raised the held-out loss (-ema: only when the expert is dropped at that measurement;
 -global: and only in a window where the whole model's held-out loss rose; -z: only beyond RZ
 standard deviations of its record); env LR=x: that learning rate, no selection; env VAL_ONLY=1:
-the validation instance only; env CACHE=dir: where the pre-trained LM is cached.
+the validation instance only; env CACHE=dir: where the pre-trained LM is cached; env
+DEVICE=cuda: run there; env SEEDS=a-b: those test seeds.
 Env LORA_X=c: LoRA experts at c x the learning rate. Env WARM=k: the costliest expert (dense, or
 MoLF-E's largest LoRA) starts dropped and stays out for k windows ("Occam start"); the usual
 re-admission rule then brings it back. Spec ``only:E``: expert E alone, every step.
@@ -398,7 +399,8 @@ def run(spec, regime, scale, seeds):
             share = float(np.mean(hook.mask[:, 0])) if hasattr(hook, "mask") else 1.0
             return inst.evaluate(model, split), share, getattr(hook, "undos", 0)
 
-    val_inst = rs.build(q.VAL_SEED, scale, "cpu")
+    device = os.environ.get("DEVICE", "cpu")
+    val_inst = rs.build(q.VAL_SEED, scale, device)
     lrs = [float(os.environ["LR"])] if os.environ.get("LR") else scale.lrs  # env LR: no selection
     val = {lr: train(val_inst, lr, q.VAL_SEED, "val") for lr in lrs}
     print(f"    val by lr: {' '.join(f'{k:g}:{v[0]:.4f} (undone {v[2]})' for k, v in val.items())}", flush=True)
@@ -408,7 +410,7 @@ def run(spec, regime, scale, seeds):
     best = lrs[0]
     for lr in lrs[1:]:
         best = lr if q._better(val[lr], val[best], rs.higher_is_better) else best
-    outs = [train(rs.build(s, scale, "cpu"), best, s, "test") for s in seeds]
+    outs = [train(rs.build(s, scale, device), best, s, "test") for s in seeds]
     if os.environ.get("REVERT"):
         print(f"    undone (module, expert) windows per run: {statistics.fmean(o[2] for o in outs):.1f}", flush=True)
     return best, [o[0] for o in outs], [o[1] for o in outs]
@@ -428,7 +430,8 @@ def main():
     if os.environ.get("CACHE"):  # where the pre-trained LM is cached
         from dataclasses import replace
         scale = replace(scale, cache_dir=os.environ["CACHE"])
-    seeds = list(range(scale.seeds))
+    first, _, last = os.environ.get("SEEDS", f"0-{scale.seeds - 1}").partition("-")  # env SEEDS=a-b
+    seeds = list(range(int(first), int(last or first) + 1))
     out = {}
     for regime in args.regimes:
         b = base[regime]
@@ -443,7 +446,7 @@ def main():
             ada = q._gap(m, means["AdaLoRA"], hib)
             print(f"  {spec:28s} lr {lr:g}  {m:.4f}  gap {gap:+.1%}  vs AdaLoRA {ada:+.1%}  share0 {np.mean(shares):.2f}"
                   f"  seeds {' '.join(f'{v:.3f}' for v in vals)}", flush=True)
-            out.setdefault(regime, {})[spec] = {"lr": lr, "vals": vals, "gap": gap}
+            out.setdefault(regime, {})[spec] = {"lr": lr, "vals": vals, "gap": gap, "seeds": seeds}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

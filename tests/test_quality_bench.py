@@ -206,3 +206,51 @@ def test_lrs_replaces_the_grid(tmp_path, monkeypatch):
     for bad in ("0", "-1e-3", "nan", "inf"):
         with pytest.raises(SystemExit):
             q.main(["--lrs", bad, "--out", str(tmp_path)])
+
+
+def _quality_run(path: Path, seeds: list[int], per_method: dict[str, list[float]], higher: bool = True) -> Path:
+    methods = {m: {"test": {"per_seed": v}} for m, v in per_method.items()}
+    path.write_text(json.dumps({"regimes": {"sql": {"higher_is_better": higher, "methods": methods}},
+                                "config": {"seeds": seeds}}))
+    return path
+
+
+def test_seed_stats_pools_runs_and_pairs_shared_seeds(tmp_path, capsys):
+    import seed_stats
+
+    a = _quality_run(tmp_path / "a.json", [0, 1], {"FFT": [1.0, 0.5], "molf": [0.5, 0.5]})
+    b = _quality_run(tmp_path / "b.json", [2], {"FFT": [0.5], "molf": [1.0]})
+    lab = tmp_path / "lab.json"
+    lab.write_text(json.dumps({"sql": {"both": {"vals": [0.25, 0.75], "seeds": [1, 2]}}}))
+    pooled, higher = seed_stats.pool([a, b, lab], "sql")
+    assert higher and pooled == {"FFT": {0: 1.0, 1: 0.5, 2: 0.5}, "molf": {0: 0.5, 1: 0.5, 2: 1.0},
+                                 "both": {1: 0.25, 2: 0.75}}
+    seed_stats.main(["--regime", "sql", "--ref", "FFT", str(a), str(b), str(lab)])
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    # molf - FFT per seed: -0.5, 0, +0.5 -> mean 0 (gap 0); both on seeds 1, 2 only: -0.25, +0.25
+    assert "| molf | 3 | 0.667 ± 0.167 | 0.500 | +0.000 ± 0.289 (3) | +0.0% |" == rows["molf"]
+    assert "(2) | +0.0% |" in rows["both"]
+    # lower is better: a method above the reference is behind it
+    c = _quality_run(tmp_path / "c.json", [0, 1], {"FFT": [1.0, 1.0], "molf": [1.5, 1.5]}, higher=False)
+    seed_stats.main(["--regime", "sql", "--ref", "FFT", str(c)])
+    assert "| +50.0% |" in capsys.readouterr().out
+
+
+def test_seed_stats_refuses_disagreeing_seeds_merged_files_and_unnamed_seeds(tmp_path):
+    import seed_stats
+
+    a = _quality_run(tmp_path / "a.json", [0], {"FFT": [1.0]})
+    b = _quality_run(tmp_path / "b.json", [0], {"FFT": [0.5]})
+    with pytest.raises(SystemExit, match="seed 0 is 0.5, another run has 1.0"):
+        seed_stats.pool([a, b], "sql")
+    assert seed_stats.pool([a, b], "sql", replace=True)[0] == {"FFT": {0: 0.5}}  # the later run wins
+    merged = tmp_path / "merged.json"
+    merged.write_text(json.dumps({"regimes": {}, "config": {"seeds": {"sql": [0]}, "pairs_from": {}}}))
+    with pytest.raises(SystemExit, match="a merged result"):
+        seed_stats.pool([merged], "sql")
+    lab = tmp_path / "lab.json"
+    lab.write_text(json.dumps({"sql": {"both": {"vals": [0.25]}}}))
+    with pytest.raises(SystemExit, match="does not name its seeds"):
+        seed_stats.pool([a, lab], "sql")
+    with pytest.raises(SystemExit, match="whether higher is better"):
+        seed_stats.pool([], "sql")
