@@ -119,9 +119,14 @@ Third round (2026-11-29 11:40-12:10 UTC, same machine):
   instance, lr 1e-3, on this 2-core CPU (``CACHE=.device/cache VAL_ONLY=1 LR=1e-3 ... --full
   --regimes sql``, 26 minutes a run, two at once): 0.922 with 139 undone windows, against
   0.863 for ``re1a`` alone (the H200 gave 0.984 for it: CPU and GPU runs of this bimodal task
-  differ). The candidate for the router: check it on the H200 (sql, 5 seeds) first. At full-scale
+  differ). In the router (commit bf9ceb4, reverted in a3d4132), quality.py --quick gave −9.5 /
+  −1.5 / −5.7 / −3.9 / −2.3 / −1.3, but full-scale sql on the H200 (5 seeds, the lr grid) 0.381
+  (validation 0.578 / 0.531 at 3e-4 / 1e-3, against 0.809 / 0.984 without it). At full-scale
   low-rank-noisy and LR=3e-4, dense-ema still ends at 0.2815 (+10.7%): the dense expert's
   early memorisation is not undone by a drop.
+* ``both`` on full-scale sql, 20 seeds on the H200 (``DEVICE=cuda LR=1e-3 SEEDS=a-b``): 0.751,
+  molf default 0.761, FFT 0.838 (``benches/seed_stats.py``): molf default's sql gap is that of
+  training both experts every step, not of its drops.
 """
 
 from __future__ import annotations
