@@ -119,7 +119,7 @@ Third round (2026-11-29 11:40-12:10 UTC, same machine):
   instance, lr 1e-3, on this 2-core CPU (``CACHE=.device/cache VAL_ONLY=1 LR=1e-3 ... --full
   --regimes sql``, 26 minutes a run, two at once): 0.922 with 139 undone windows, against
   0.863 for ``re1a`` alone (the H200 gave 0.984 for it: CPU and GPU runs of this bimodal task
-  differ). In the router (commit bf9ceb4, reverted in a3d4132), quality.py --quick gave −9.5 /
+  differ). In the router (commit bf9ceb4, reverted in c2386d7), quality.py --quick gave −9.5 /
   −1.5 / −5.7 / −3.9 / −2.3 / −1.3, but full-scale sql on the H200 (5 seeds, the lr grid) 0.381
   (validation 0.578 / 0.531 at 3e-4 / 1e-3, against 0.809 / 0.984 without it). At full-scale
   low-rank-noisy and LR=3e-4, dense-ema still ends at 0.2815 (+10.7%): the dense expert's
