@@ -102,6 +102,18 @@ def test_tiny_suite_structure(tmp_path):
     for method in q.METHODS:
         assert f"| {method} |" in table
     assert "gap of MoLF (paper) to best of FFT/LoRA" in table
+    assert "| *lr chosen at the grid's edge* |" in table
+
+
+def test_edge_choices_name_lrs_at_either_end_of_each_methods_grid():
+    methods = {
+        "FFT": {"lr": 1e-3, "val_by_lr": {"0.0001": 0.3, "0.001": 0.1, "0.01": 0.2}},  # inside
+        "LoRA": {"lr": 1e-2, "val_by_lr": {"0.0001": 0.3, "0.001": 0.2, "0.01": 0.1}},
+        "AdaLoRA": {"lr": 3e-5, "val_by_lr": {"3e-05": 0.1, "0.001": 0.2}},  # its own grid
+        "molf default": {"lr": 1e-3, "val_by_lr": {"0.001": 0.1}},  # a grid of one: no edge
+    }
+    assert q._edge_choices(methods) == "LoRA 0.01 (highest), AdaLoRA 3e-05 (lowest)"
+    assert q._edge_choices({"FFT": methods["FFT"]}) == "none"
 
 
 def test_runs_are_deterministic():
