@@ -29,7 +29,8 @@ MoLF-E's largest LoRA) starts dropped and stays out for k windows ("Occam start"
 re-admission rule then brings it back. Spec ``only:E``: expert E alone, every step.
 Learning rate grid and seeds as quality.py --quick (or --full); FFT/LoRA/AdaLoRA from --baseline.
 The figures below were measured on quality.py's earlier four-point grids ({3e-4 … 1e-2} quick,
-{1e-4 … 3e-3} full); the six-point grids choose the same rates for every method but AdaLoRA.
+{1e-4 … 3e-3} full); the six-point grids choose the same rates for every method but AdaLoRA
+(and MoLF-E on full low-rank-noisy).
 
 Measured (2-core CPU, quick scale unless noted; gap to the better of FFT/LoRA):
 * ``both``: high-rank −9.5%, low-rank-noisy +8.7%, mixed +2.2%, shift −3.1%, facts +1.1%, sql −1.3%;
