@@ -1,7 +1,9 @@
 """Pool one regime's per-seed test metrics over several runs, and pair every method with a
 reference method on the seeds they share (a bimodal task needs more seeds than one run has).
 
-    python3 benches/seed_stats.py --regime sql --ref FFT benches/results/quality-full-lm/runs/*.json
+    python3 benches/seed_stats.py --regime sql --ref FFT seeds-0-4/results.json seeds-5-9/results.json
+
+(benches/RESULTS.md has the commands behind its pooled figures.)
 
 Takes `benches/quality.py` outputs (one run each, not a --merge: the seeds come from its
 config) and `benches/policy_lab.py --json` outputs (spec names as methods). A seed measured
@@ -51,8 +53,10 @@ def pool(paths: list[Path], regime: str, replace: bool = False) -> tuple[dict[st
                 if not replace and seed in mine and mine[seed] != value:
                     raise SystemExit(f"{path}: {method} seed {seed} is {value}, another run has {mine[seed]}")
                 mine[seed] = value
-    if len(higher) != 1:
+    if not higher:
         raise SystemExit(f"pass at least one quality.py run of {regime}: it says whether higher is better")
+    if len(higher) > 1:
+        raise SystemExit(f"the quality.py runs disagree on whether higher is better in {regime}")
     return pooled, higher.pop()
 
 
