@@ -15,9 +15,10 @@ question -> SQL translation, both scored by exact match.
 Every method sees the same steps, batch size and minibatches. Its learning rate
 is the best of one grid of six half-decades on a validation instance (its own
 seed, its validation split; the grid brackets every method's best rate on the
-synthetic regimes, and table.txt names any choice at its edge); then it is trained on `seeds` test instances and scored on
-their test splits (mean ± std). Writes results.json, table.txt and one
-routing-share figure per regime into --out, rewritten as each regime finishes.
+synthetic regimes, and table.txt names any choice at its edge); then it is
+trained on `seeds` test instances and scored on their test splits (mean ±
+std). Writes results.json, table.txt and one routing-share figure per regime
+into --out, rewritten as each regime finishes.
 With --jobs N, each (regime, method) pair is one job in a pool of N processes
 that builds its own instances (deterministic from their seeds): the results
 are those of a sequential run.

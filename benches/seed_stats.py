@@ -19,6 +19,9 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import _gap, _pct  # noqa: E402  (one definition of the gap and its format)
+
 
 def per_seed(path: Path, regime: str) -> tuple[dict[str, dict[int, float]], bool | None]:
     """{method: {seed: metric}} of one run file (nothing where it lacks the regime), and
@@ -84,9 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         row = f"| {method} | {len(xs)} | {m:.3f} ± {se:.3f} | {statistics.median(xs):.3f} |"
         if method != args.ref and len(shared) > 1:
             d, dse = mean_se([seeds[s] - ref[s] for s in shared])
-            r = statistics.fmean(ref[s] for s in shared)
-            gap = (-d if higher_is_better else d) / r + 0.0  # + = behind the reference; + 0.0: no "-0.0%"
-            row += f" {d:+.3f} ± {dse:.3f} ({len(shared)}) | {gap:+.1%} |"
+            gap = _gap(statistics.fmean(seeds[s] for s in shared), statistics.fmean(ref[s] for s in shared),
+                       higher_is_better)
+            row += f" {d:+.3f} ± {dse:.3f} ({len(shared)}) | {_pct(gap)} |"
         else:
             row += " | |"
         print(row)

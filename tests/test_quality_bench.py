@@ -266,3 +266,6 @@ def test_seed_stats_refuses_disagreeing_seeds_merged_files_and_unnamed_seeds(tmp
         seed_stats.pool([a, lab], "sql")
     with pytest.raises(SystemExit, match="whether higher is better"):
         seed_stats.pool([], "sql")
+    lower = _quality_run(tmp_path / "lower.json", [1], {"FFT": [1.0]}, higher=False)
+    with pytest.raises(SystemExit, match="disagree on whether higher is better"):
+        seed_stats.pool([a, lower], "sql")
