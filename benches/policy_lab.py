@@ -359,7 +359,126 @@ class LCA:
         self.history.append(new[:, 0].mean())
 
 
+class HG:
+    """Soft routing by held-out hypergradients: every expert of every module moves by m x its
+    Adam step, and every K steps m <- clip(m exp(-BETA cos(g_val, window movement)), LO, HI):
+    a held-out slope that still falls along an expert's movement speeds it up, a rising one
+    slows it down (per-expert learning rates learned on the held-out batch)."""
+
+    def __init__(self, model, opt, inst, every, beta, lo, hi):
+        self.model, self.opt, self.inst, self.every, self.beta, self.lo, self.hi = model, opt, inst, every, beta, lo, hi
+        self.M, self.E = len(opt.module_names), len(opt.expert_names)
+        orders = sorted({t.order for p in model.parameters() if (t := expert_tag(p)) is not None})
+        self.where = [(p, orders.index(t.order), t.expert) for g in opt.param_groups for p in g["params"]
+                      if (t := expert_tag(p)) is not None]
+        self.params = [w[0] for w in self.where]
+        self.mult = np.ones((self.M, self.E))
+        self.mask = np.ones((self.M, self.E), bool)
+        self.snap = [p.detach().clone() for p in self.params]
+        self.trace = []
+        step = opt.step
+
+        def scaled_step(*a, **k):
+            before = [p.detach().clone() for p in self.params]
+            out = step(*a, **k)
+            with torch.no_grad():
+                for (p, m, e), b in zip(self.where, before):
+                    if self.mult[m, e] != 1.0:
+                        p.copy_(b + self.mult[m, e] * (p - b))
+            return out
+
+        opt.step = scaled_step
+
+    def __call__(self, step):
+        if step % self.every:
+            return
+        was_training = self.model.training
+        with torch.enable_grad():
+            loss = self.inst.loss(self.model, self.inst.heldout)
+            gv = torch.autograd.grad(loss, self.params, allow_unused=True)
+        h, ng, nd = (np.zeros((self.M, self.E)) for _ in range(3))
+        for (p, m, e), s, g in zip(self.where, self.snap, gv):
+            if g is None:
+                continue
+            d = p.detach() - s
+            h[m, e] += float((g * d).sum())
+            ng[m, e] += float((g * g).sum())
+            nd[m, e] += float((d * d).sum())
+        cos = h / np.maximum(np.sqrt(ng * nd), 1e-30)
+        self.mult = np.clip(self.mult * np.exp(-self.beta * cos), self.lo, self.hi)
+        self.mask = self.mult > 0.5
+        self.trace.append(self.mult.copy())
+        self.snap = [p.detach().clone() for p in self.params]
+        self.model.train(was_training)
+
+
+class Shrink:
+    """Held-out shrinkage of each expert's accumulated update: every K steps, for each expert
+    index e (all modules together), the held-out loss with e's update since the start scaled by
+    (1 - DELTA) is measured exactly (one forward); if lower, the scaled update is kept. An L2 pull
+    towards the starting point whose strength the held-out batch chooses, per expert."""
+
+    def __init__(self, model, opt, inst, every, delta):
+        from molf.wrap import routed_modules
+        self.model, self.inst, self.every, self.delta = model, inst, every, delta
+        self.E = len(opt.expert_names)
+        # the tensors whose scaling scales an expert's update: the dense weight (and bias) about
+        # their start, a LoRA pair's B about zero
+        self.scaled = [[] for _ in range(self.E)]
+        for _, layer in routed_modules(model):
+            for e, params in enumerate(layer.experts()):
+                for p in (params if layer.fft and e == 0 else params[1:]):
+                    self.scaled[e].append((p, p.detach().clone() if layer.fft and e == 0 else None))
+        self.mask = np.ones((len(opt.module_names), self.E), bool)
+        self.shrinks = np.zeros(self.E, int)
+
+    def __call__(self, step):
+        if step % self.every:
+            return
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            base = float(self.inst.loss(self.model, self.inst.heldout))
+            for e in range(self.E):
+                saved = [p.detach().clone() for p, _ in self.scaled[e]]
+                for (p, o), s in zip(self.scaled[e], saved):
+                    p.copy_((1 - self.delta) * s if o is None else o + (1 - self.delta) * (s - o))
+                trial = float(self.inst.loss(self.model, self.inst.heldout))
+                if trial < base:
+                    base = trial
+                    self.shrinks[e] += 1
+                else:
+                    for (p, _), s in zip(self.scaled[e], saved):
+                        p.copy_(s)
+        self.model.train(was)
+
+class Chain:
+    """Hooks run in order after every step (spec A+B); the last one's routing state is reported."""
+
+    def __init__(self, hooks):
+        self.hooks = hooks
+        for h in hooks:
+            for k in ("mask", "mult", "shrinks", "undos"):
+                if hasattr(h, k):
+                    setattr(self, k, getattr(h, k))
+
+    def __call__(self, step):
+        for h in self.hooks:
+            h(step)
+
+
 def make_method(spec):
+    if "+" in spec:  # hooks chained: the first spec builds the model and optimizer
+        first, *rest = spec.split("+")
+        prefix = "E/" if first.startswith("E/") else ""
+        builders = [make_method(first)] + [make_method(prefix + s) for s in rest]
+
+        def chained(model, lr, steps, targets, log_path, inst):
+            model, opt, hook = builders[0](model, lr, steps, targets, log_path, inst)
+            hooks = [b.attach(model, opt, inst) for b in builders[1:]] + [hook]
+            return model, opt, Chain(hooks)
+
+        return chained
     efficient = spec.startswith("E/")
     name, *args = spec.removeprefix("E/").split(":")
     ranks = q.EFFICIENT_RANKS if efficient else (q.LORA_RANK,)
@@ -376,6 +495,10 @@ def make_method(spec):
             mask[:, int(args[0])] = True
             opt._router = Fixed(opt._router, mask)
             return model, opt, q._none
+        if name == "shrink":  # shrink:K:DELTA
+            return model, opt, Shrink(model, opt, inst, int(args[0]), float(args[1]))
+        if name == "hg":  # hg:K:BETA:LO:HI
+            return model, opt, HG(model, opt, inst, int(args[0]), float(args[1]), float(args[2]), float(args[3]))
         every, decay = int(args[0]), float(args[1])
         rule = args[2] if len(args) > 2 else "drop"
         extra = float(args[3]) if len(args) > 3 else 0.0
@@ -383,6 +506,12 @@ def make_method(spec):
         hook.z = float(args[4]) if len(args) > 4 else 0.0
         return model, opt, hook
 
+    def attach(model, opt, inst):  # a shrink hook on another spec's model (spec A+shrink:K:D)
+        if name != "shrink":
+            raise SystemExit(f"only shrink chains after another spec, not {name}")
+        return Shrink(model, opt, inst, int(args[0]), float(args[1]))
+
+    build.attach = attach
     return build
 
 
@@ -406,11 +535,18 @@ def run(spec, regime, scale, seeds):
                 opt.zero_grad()
             model.eval()
             share = float(np.mean(hook.mask[:, 0])) if hasattr(hook, "mask") else 1.0
+            if hasattr(hook, "shrinks"):  # held-out shrinkage: how often each expert was shrunk
+                share = float(hook.shrinks[0])
+            if hasattr(hook, "mult"):  # soft routing: the dense expert's mean multiplier / LoRA's
+                share = float(np.mean(hook.mult[:, 0]) / max(np.mean(hook.mult[:, 1:]), 1e-30))
             return inst.evaluate(model, split), share, getattr(hook, "undos", 0)
 
     device = os.environ.get("DEVICE", "cpu")
     val_inst = rs.build(q.VAL_SEED, scale, device)
     lrs = [float(os.environ["LR"])] if os.environ.get("LR") else scale.lrs  # env LR: no selection
+    if os.environ.get("NO_VAL") and len(lrs) == 1:  # env NO_VAL=1 with LR: test seeds only
+        outs = [train(rs.build(s, scale, device), lrs[0], s, "test") for s in seeds]
+        return lrs[0], [o[0] for o in outs], [o[1] for o in outs]
     val = {lr: train(val_inst, lr, q.VAL_SEED, "val") for lr in lrs}
     print(f"    val by lr: {' '.join(f'{k:g}:{v[0]:.4f} (undone {v[2]})' for k, v in val.items())}", flush=True)
     val = {k: v[0] for k, v in val.items()}

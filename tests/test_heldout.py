@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import molf
+from molf.heldout import ORIGIN_KEY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,13 +75,14 @@ class Reference:
     """
 
     def __init__(self, model, dims, wrapped, ranks, fft, *, lr, lora_lr, wd, lora_wd, every, decay, horizon,
-                 min_dwell):
+                 min_dwell, shrink=0.0):
         self.layers = [str(2 * i) for i in range(len(dims) - 1)]
         self.wrapped = list(wrapped)  # in module order
         self.ranks = tuple(ranks)
         self.scales = [ALPHA / math.sqrt(r) for r in ranks]
         self.fft = fft
         self.every, self.decay, self.horizon, self.min_dwell = every, decay, horizon, min_dwell
+        self.shrink = shrink
         self.P: dict[tuple, torch.Tensor] = {}
         self.hyper: dict[tuple, tuple[float, float]] = {}  # key -> (lr, weight decay)
         self.trainable: list[tuple] = []
@@ -106,6 +108,11 @@ class Reference:
             lora = [[(name, "A", i), (name, "B", i)] for i in range(len(ranks))]
             self.experts.append(([[(name, "W"), (name, "b")]] if fft else []) + lora)
         self.M, self.E = len(self.experts), len(self.experts[0])
+        # Where every parameter started: a shrink trial scales an expert's update since then.
+        self.origin = {k: v.clone() for k, v in self.P.items()}
+        self.shrink_trials = [0] * self.E
+        self.shrinks = [0] * self.E
+        self.closure_calls = 0
         self.routed = {k for row in self.experts for ex in row for k in ex}
         self.plain = [k for k in self.trainable if k not in self.routed]
         self.m = {k: torch.zeros_like(self.P[k]) for k in self.trainable}
@@ -174,8 +181,35 @@ class Reference:
         if self.step_count - self.last_measure >= self.every:
             self.measure(heldout_fn)
 
+    def heldout_value(self, heldout_fn):
+        self.closure_calls += 1
+        with torch.no_grad():
+            return float(heldout_fn(lambda x: self.forward(self.P, x)))
+
+    def shrink_trials_now(self, heldout_fn):
+        """For each expert index e: scale every module's e-th update since the start by
+        1 - shrink (W, b about their start; B about zero, which scales s B A), keep it if the
+        held-out loss is lower."""
+        base = self.heldout_value(heldout_fn)
+        for e in range(self.E):
+            keys = [k for row in self.experts for k in row[e] if k[1] in ("W", "b", "B")]
+            saved = {k: self.P[k] for k in keys}
+            for k in keys:
+                o = self.origin[k] if k[1] != "B" else torch.zeros_like(self.P[k])
+                self.P[k] = o + (1 - self.shrink) * (saved[k] - o)
+            trial = self.heldout_value(heldout_fn)
+            self.shrink_trials[e] += 1
+            if trial < base:
+                base = trial
+                self.shrinks[e] += 1
+            else:
+                self.P.update(saved)
+
     def measure(self, heldout_fn):
         self.measurements += 1
+        if self.shrink:
+            self.shrink_trials_now(heldout_fn)
+        self.closure_calls += 1
         keys = [k for row in self.experts for ex in row for k in ex]
         g = self.grads(heldout_fn, keys)
         b1, b2 = BETAS
@@ -276,14 +310,15 @@ LOCKSTEP = {
 }
 
 
+@pytest.mark.parametrize("shrink", [0.0, 0.1])  # held-out shrinkage off, and the default
 @pytest.mark.parametrize("horizon", [0.0, 0.4])  # 0: the fixed decay; 0.4: it grows from window 6 on
 @pytest.mark.parametrize("case", list(LOCKSTEP))
-def test_lockstep_with_float64_reference(case, horizon):
+def test_lockstep_with_float64_reference(case, horizon, shrink):
     ranks, fft, lr, lora_lr, wd, lora_wd = LOCKSTEP[case]
     dims, wrapped, K, D, dwell, steps = (4, 8, 8, 2), ("0", "2"), 3, 0.7, 4, 40  # layer "4" stays unrouted
     model = build(dims, wrapped, ranks, fft)
     ref = Reference(model, dims, wrapped, ranks, fft, lr=lr, lora_lr=lora_lr, wd=wd, lora_wd=lora_wd,
-                    every=K, decay=D, horizon=horizon, min_dwell=dwell)
+                    every=K, decay=D, horizon=horizon, min_dwell=dwell, shrink=shrink)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert bool(frozen) == (not fft)
     train, (xh, yh) = teacher_data(dims, seed=0)
@@ -294,9 +329,10 @@ def test_lockstep_with_float64_reference(case, horizon):
         return mse(model, xh, yh)
 
     opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lora_lr, weight_decay=wd, lora_weight_decay=lora_wd,
-                         heldout=heldout, heldout_every=K, heldout_decay=D, heldout_horizon=horizon, min_dwell=dwell)
+                         heldout=heldout, heldout_every=K, heldout_decay=D, heldout_horizon=horizon, min_dwell=dwell,
+                         heldout_shrink=shrink)
     assert opt.router.policy == "heldout" and opt.router.min_dwell == dwell
-    assert opt.ledger.heldout_horizon == horizon
+    assert opt.ledger.heldout_horizon == horizon and opt.ledger.heldout_shrink == shrink
     assert opt.router.incumbents().all()
     wins = opt.ledger.wins().copy()
     for s in range(1, steps + 1):
@@ -307,7 +343,11 @@ def test_lockstep_with_float64_reference(case, horizon):
         ref.step(lambda f: mse(f, x, y), lambda f: mse(f, xh, yh))
 
         assert opt.router.step == ref.step_count == s
-        assert len(calls) == ref.measurements == s // K
+        assert ref.measurements == s // K
+        assert len(calls) == ref.closure_calls == ref.measurements * (1 + (ref.E + 1 if shrink else 0))
+        if shrink:
+            assert opt.ledger.shrink_trials().tolist() == ref.shrink_trials == [s // K] * ref.E
+            assert opt.ledger.shrinks().tolist() == ref.shrinks, f"step {s}: shrinks kept"
         new_wins = opt.ledger.wins()
         mask = new_wins - wins
         assert set(np.unique(mask)) <= {0, 1}
@@ -336,6 +376,8 @@ def test_lockstep_with_float64_reference(case, horizon):
     assert ref.drops >= 1 and ref.readmissions >= 1 and ref.held_back >= 1, (ref.drops, ref.readmissions, ref.held_back)
     if horizon:  # and a returned expert's restarted span changed its EMA's decay
         assert ref.restarted >= 1
+    if shrink:  # and both kept and refused shrink trials
+        assert 0 < sum(ref.shrinks) < sum(ref.shrink_trials), (ref.shrinks, ref.shrink_trials)
 
 
 # --------------------------------------- 2. before the second measurement: AdamW
@@ -410,7 +452,8 @@ def test_all_active_before_second_measurement_is_adamw(fft, ranks, foreach):
         return ((model(xh) - yh + 1.0) ** 2).mean()
 
     kw = dict(lr=1e-2, lora_lr=3e-2, weight_decay=0.1, lora_weight_decay=0.01)
-    opt = molf.MoLFAdamW(model, **kw, heldout=heldout, heldout_every=K, fused=False)
+    # Shrinkage off: its trials would move the weights at the first measurement (tested in 7.).
+    opt = molf.MoLFAdamW(model, **kw, heldout=heldout, heldout_every=K, fused=False, heldout_shrink=0.0)
     ref = torch.optim.AdamW(adamw_groups(twin, kw["lr"], kw["lora_lr"], kw["weight_decay"], kw["lora_weight_decay"]),
                             betas=BETAS, eps=EPS, foreach=foreach)
     for s in range(1, 2 * K + 1):  # the second measurement runs after the update of step 2K
@@ -429,9 +472,10 @@ def test_all_active_before_second_measurement_is_adamw(fft, ranks, foreach):
 # ------------------------------------------------------------------ 3. behaviour
 
 
-def fixed_batch_run(fft, ranks, sign, steps, K, dtype=torch.float32, lr=1e-3):
+def fixed_batch_run(fft, ranks, sign, steps, K, dtype=torch.float32, lr=1e-3, shrink=0.0):
     """Every linear layer wrapped; training on one fixed batch; the held-out loss is
-    `sign` x the training loss on the same batch."""
+    `sign` x the training loss on the same batch. Shrinkage off unless `shrink`: these runs
+    test the drops and re-admissions alone."""
     dims = (4, 8, 8, 2)
     model = build(dims, ("0", "2", "4"), ranks, fft, dtype=dtype, b_std=0.1)
     gen = torch.Generator().manual_seed(5)
@@ -440,7 +484,8 @@ def fixed_batch_run(fft, ranks, sign, steps, K, dtype=torch.float32, lr=1e-3):
     def loss():
         return mse(model, x, y)
 
-    opt = molf.MoLFAdamW(model, lr=lr, weight_decay=0.0, heldout=lambda: sign * loss(), heldout_every=K)
+    opt = molf.MoLFAdamW(model, lr=lr, weight_decay=0.0, heldout=lambda: sign * loss(), heldout_every=K,
+                         heldout_shrink=shrink)
     history = []  # per step: (incumbents, heldout_ema, routed params)
     for _ in range(steps):
         loss().backward()
@@ -607,6 +652,9 @@ def ok_heldout():
         dict(heldout=ok_heldout, heldout_horizon=-0.25),
         dict(heldout=ok_heldout, heldout_horizon=float("nan")),
         dict(heldout=ok_heldout, heldout_horizon=float("inf")),
+        dict(heldout=ok_heldout, heldout_shrink=1.0),
+        dict(heldout=ok_heldout, heldout_shrink=-0.1),
+        dict(heldout=ok_heldout, heldout_shrink=float("nan")),
         dict(heldout="not a callable"),
         dict(heldout=ok_heldout, min_dwell=-1),
     ],
@@ -622,6 +670,7 @@ def test_heldout_defaults():
     opt = molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout)
     assert opt.router.policy == "heldout" and opt.router.min_dwell == 3 * 10
     assert opt.ledger.heldout_decay == 0.5 and opt.ledger.heldout_horizon == 0.25
+    assert opt.ledger.heldout_shrink == 0.1
     opt = molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout, policy="heldout", heldout_every=2, heldout_decay=0.0)
     assert opt.router.min_dwell == 6 and opt.ledger.heldout_decay == 0.0
     opt = molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout, heldout_every=2, min_dwell=0)
@@ -659,7 +708,9 @@ def test_bad_closure_raises_at_first_measurement(bad):
         else:
             with pytest.raises(molf.ConfigError, match="scalar loss"):
                 opt.step()
-            assert calls == [1]
+            # A detached scalar passes the shrink trials (no gradient needed: one call before and
+            # one per expert), then fails the gradient's call.
+            assert len(calls) == (2 + len(opt.expert_names) if bad == "detached scalar" else 1)
         opt.zero_grad()
 
 
@@ -677,6 +728,7 @@ def test_closure_every_k_routed_steps_not_on_skipped_steps():
         return ((model(xh) - yh) ** 2).mean()
 
     opt = molf.MoLFAdamW(model, lr=1e-2, heldout=heldout, heldout_every=K)
+    per = 2 + len(opt.expert_names)  # calls per measurement: shrink trials (no grad), then the gradient
     # Non-finite gradients on some steps, among them ones where a measurement would be due.
     bad = {3, 5, 6, 10, 14, 15, 16}
     routed = 0
@@ -691,17 +743,17 @@ def test_closure_every_k_routed_steps_not_on_skipped_steps():
         assert opt.router.step == routed
         assert opt.routing_summary().skipped_steps == len([b for b in bad if b <= s])
         measured = s not in bad and routed % K == 0
-        assert len(calls) == n_calls + measured, s
-        assert len(calls) == routed // K
+        assert len(calls) == n_calls + per * measured, s
+        assert len(calls) == per * (routed // K)
         if measured:
-            assert calls[-1] == (routed, True)
+            assert calls[-per:] == [(routed, False)] * (per - 1) + [(routed, True)]
             # The measurement leaves every gradient None.
             assert all(p.grad is None for p in model.parameters())
         opt.zero_grad()
         # A step with no gradient at all routes nothing and measures nothing.
         opt.step()
-        assert opt.router.step == routed and len(calls) == routed // K
-    assert opt.ledger.heldout_windows == len(calls) - 1
+        assert opt.router.step == routed and len(calls) == per * (routed // K)
+    assert opt.ledger.heldout_windows == len(calls) // per - 1
 
 
 @pytest.mark.parametrize("freeze_after", [6, 7])
@@ -746,12 +798,12 @@ class Branchy(nn.Module):
         return self.head(h)
 
 
-def branchy_run(steps, K=2):
+def branchy_run(steps, K=2, shrink=0.1):
     torch.manual_seed(0)
     model = molf.wrap(Branchy(), molf.MoLFConfig(ranks=(2,), exclude_modules=("head",)))
     xh, yh = batch(99)
     opt = molf.MoLFAdamW(model, lr=1e-2, weight_decay=0.1, heldout=lambda: ((model(xh) - yh) ** 2).mean(),
-                         heldout_every=K)
+                         heldout_every=K, heldout_shrink=shrink)
     extra0 = {n: p.detach().clone() for n, p in model.extra.named_parameters()}
     for s in range(1, steps + 1):
         x, y = batch(s)
@@ -780,7 +832,9 @@ def test_expert_without_gradient_is_active_but_not_updated():
 
 def test_expert_first_gradient_after_a_measurement_gets_a_fresh_adamw_step():
     K = 2
-    model, opt, extra0 = branchy_run(2 * K + 1, K)  # measured twice while `extra` had no gradient
+    # Measured twice while `extra` had no gradient; shrinkage off, whose trial after the next
+    # step would scale the step's LoRA update.
+    model, opt, extra0 = branchy_run(2 * K + 1, K, shrink=0.0)
     x, y = batch(1000)
     ((model(x, use_extra=True) - y) ** 2).mean().backward()
     grads = {n: p.grad.clone() for n, p in model.extra.named_parameters()}
@@ -845,3 +899,72 @@ def test_routing_summary_reports_the_active_sets():
     for i, m in enumerate(s.modules.values()):
         assert m["active"] == [e for e, on in zip(opt.expert_names, inc[i]) if on]
     assert "active" in str(s)
+
+
+# ------------------------------------------------------------- 7. held-out shrinkage
+
+
+def test_shrink_refused_leaves_the_run_bitwise_and_kept_pulls_towards_the_start():
+    """The held-out loss is the distance of the model's outputs from the untouched model's:
+    every update raises it, so every trial is kept and each expert's update since the start
+    shrinks by 0.9 per window. With the negation of that loss every trial is refused, and the
+    run is bitwise the run without shrinkage (a refused trial restores the weights exactly)."""
+    K, steps = 3, 12
+    xh, _ = batch(99)
+
+    def run(sign, shrink):
+        model = make_net((2,), True, b_std=0.0)  # B from zero, as wrap makes it: s B A is the update
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            y0 = model(xh)
+        opt = molf.MoLFAdamW(model, lr=1e-2, heldout=lambda: sign * ((model(xh) - y0) ** 2).mean(),
+                             heldout_every=K, min_dwell=10**6, heldout_shrink=shrink)
+        for s in range(1, steps + 1):
+            x, y = batch(s)
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt, start
+
+    windows = steps // K
+    kept, opt, start = run(1.0, 0.1)
+    assert opt.ledger.shrink_trials().tolist() == [windows, windows]
+    assert opt.ledger.shrinks().tolist() == [windows, windows]
+    assert opt.routing_summary().shrinks == dict.fromkeys(opt.expert_names, windows)
+    assert "shrinks kept" in str(opt.routing_summary())
+    plain, _, _ = run(1.0, 0.0)
+    for (n, p), q in zip(kept.named_parameters(), plain.parameters()):
+        if n.endswith(("base.weight", "lora_B.0")):  # scaled: nearer the start than without
+            assert (p - start[n]).norm() < (q - start[n]).norm(), n
+    refused, opt, _ = run(-1.0, 0.1)
+    assert opt.ledger.shrinks().tolist() == [0, 0] and opt.ledger.shrink_trials().tolist() == [windows] * 2
+    off, _, _ = run(-1.0, 0.0)
+    assert_bitwise_equal(refused, off)
+
+
+def test_checkpoint_without_shrinkage_resumes_without_it():
+    """A checkpoint's ledger decides (one saved with heldout_shrink=0, as every checkpoint
+    before format version 5, continues without trials)."""
+    model = make_net((2,), True)
+    saved = molf.MoLFAdamW(model, lr=3e-2, heldout=shifted_heldout(model), heldout_every=4, heldout_shrink=0.0)
+    train(model, saved, range(1, 9))
+    fresh = molf.MoLFAdamW(model, lr=3e-2, heldout=shifted_heldout(model), heldout_every=4)
+    assert fresh.ledger.heldout_shrink == 0.1
+    fresh.load_state_dict(saved.state_dict())
+    assert fresh.ledger.heldout_shrink == 0.0
+    train(model, fresh, range(9, 17))
+    assert fresh.ledger.shrink_trials().tolist() == [0, 0]
+
+
+def test_shrink_without_the_starting_point_is_a_state_error():
+    model, opt = make_ckpt_run(True, (2,))
+    train(model, opt, range(1, 5))
+    sd = opt.state_dict()
+    for st in sd["state"].values():
+        st.pop(ORIGIN_KEY, None)
+    other = molf.MoLFAdamW(model, lr=3e-2, lora_lr=5e-2, weight_decay=0.1, lora_weight_decay=0.01,
+                           heldout=shifted_heldout(model), heldout_every=4, min_dwell=4)
+    other.load_state_dict(sd)
+    with pytest.raises(molf.StateError, match="starting point"):
+        train(model, other, range(5, 9))
+

@@ -13,6 +13,7 @@ import math
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -35,9 +36,11 @@ def fnv1a64(data: bytes) -> int:
 
 
 class RefLedger:
-    def __init__(self, m, e, decay, heldout_decay=0.5, heldout_horizon=0.25):
+    def __init__(self, m, e, decay, heldout_decay=0.5, heldout_horizon=0.25, heldout_shrink=0.1):
         self.m, self.e, self.decay = m, e, decay
         self.heldout_decay, self.heldout_horizon = heldout_decay, heldout_horizon
+        self.heldout_shrink = heldout_shrink
+        self.shrink_trials, self.shrinks = [0] * e, [0] * e
         self.heldout_windows = 0
         self.heldout_ema = [[math.nan] * e for _ in range(m)]
         self.heldout_span = [[0] * e for _ in range(m)]
@@ -72,6 +75,13 @@ class RefLedger:
         payload = struct.pack("<QQ", self.checksum, s) + bytes(int(b) for row in mrows for b in row)
         self.checksum = fnv1a64(payload)
         self.step += 1
+
+    def record_shrink(self, expert, base, trial):
+        """A trial is kept when it lowered the held-out loss (NaN never does)."""
+        keep = trial < base
+        self.shrink_trials[expert] += 1
+        self.shrinks[expert] += keep
+        return keep
 
     def record_heldout(self, descent, moved):
         """EMA of the finite held-out descents of experts that moved; the rest keep theirs.
@@ -116,16 +126,17 @@ class RoutingMachine(RuleBasedStateMachine):
     @initialize(config=router_configs(num_modules=st.integers(1, 4), num_experts=st.integers(1, 4)),
                 decay=st.one_of(st.sampled_from([0.0, 0.5, 0.9]), st.floats(0.0, 0.999)),
                 heldout_decay=st.one_of(st.sampled_from([0.0, 0.5]), st.floats(0.0, 0.999)),
-                heldout_horizon=st.one_of(st.sampled_from([0.0, 0.25]), st.floats(0.0, 0.999)))
-    def setup(self, config, decay, heldout_decay, heldout_horizon):
+                heldout_horizon=st.one_of(st.sampled_from([0.0, 0.25]), st.floats(0.0, 0.999)),
+                heldout_shrink=st.one_of(st.sampled_from([0.0, 0.1]), st.floats(0.0, 0.999)))
+    def setup(self, config, decay, heldout_decay, heldout_horizon, heldout_shrink):
         note(f"Router(**{config}); Ledger(decay={decay!r}, heldout_decay={heldout_decay!r}, "
-             f"heldout_horizon={heldout_horizon!r})")
+             f"heldout_horizon={heldout_horizon!r}, heldout_shrink={heldout_shrink!r})")
         self.config = config
         self.shape = (config["num_modules"], config["num_experts"])
         self.router, self.ref_router = core.Router(**config), RefRouter(**config)
         self.ledger = core.Ledger(*self.shape, ema_decay=decay, heldout_decay=heldout_decay,
-                                  heldout_horizon=heldout_horizon)
-        self.ref_ledger = RefLedger(*self.shape, decay, heldout_decay, heldout_horizon)
+                                  heldout_horizon=heldout_horizon, heldout_shrink=heldout_shrink)
+        self.ref_ledger = RefLedger(*self.shape, decay, heldout_decay, heldout_horizon, heldout_shrink)
 
     @rule(data=st.data())
     def route_and_record(self, data):
@@ -172,6 +183,21 @@ class RoutingMachine(RuleBasedStateMachine):
              f"potential={potential.tolist()} -> {got} modules changed")
         assert got == want
 
+    @rule(data=st.data())
+    def shrink_trial(self, data):
+        """One held-out shrink trial: kept iff the trial's loss is lower; refused (ConfigError,
+        nothing counted) with shrinkage off or an expert out of range."""
+        losses = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64), st.just(1.0))
+        expert = data.draw(st.integers(0, self.shape[1]), label="expert")
+        base, trial = data.draw(losses, label="base"), data.draw(losses, label="trial")
+        if self.ref_ledger.heldout_shrink == 0.0 or expert == self.shape[1]:
+            with pytest.raises(core.ConfigError):
+                self.ledger.record_shrink(expert, base, trial)
+            return
+        got = self.ledger.record_shrink(expert, base, trial)
+        note(f"shrink trial: expert {expert}, base {base!r}, trial {trial!r} -> kept {got}")
+        assert got == self.ref_ledger.record_shrink(expert, base, trial)
+
     @rule()
     def serialise_and_restore(self):
         router = core.Router.from_bytes(self.router.to_bytes())
@@ -213,6 +239,8 @@ class RoutingMachine(RuleBasedStateMachine):
         assert lg.heldout_horizon == ref.heldout_horizon
         assert same_floats(lg.heldout_ema(), ref.heldout_ema)
         assert lg.heldout_span().dtype == np.uint64 and lg.heldout_span().tolist() == ref.heldout_span
+        assert lg.heldout_shrink == ref.heldout_shrink
+        assert lg.shrink_trials().tolist() == ref.shrink_trials and lg.shrinks().tolist() == ref.shrinks
 
 
 RoutingMachine.TestCase.settings = settings(

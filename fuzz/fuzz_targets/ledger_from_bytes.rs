@@ -1,6 +1,6 @@
 //! Any byte string given to `Ledger::from_bytes` returns Ok or Err, never panics; whatever
-//! is accepted re-encodes to exactly the same bytes and can record (scores and a held-out
-//! window) and summarise.
+//! is accepted re-encodes to exactly the same bytes and can record (scores, a held-out
+//! window and a shrink trial) and summarise.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -37,6 +37,12 @@ fn check(data: &[u8]) {
             if ledger.record_heldout(&vec![0.5; n], &moved).is_ok() {
                 let windows = ledger.heldout_windows();
                 assert!(ledger.heldout_span().iter().all(|&s| s <= windows));
+            }
+            // A shrink trial on a decoded ledger never overflows its counters, and the kept
+            // ones never outnumber the trials.
+            if ledger.heldout_shrink() > 0.0 {
+                let _ = ledger.record_shrink(0, 1.0, 0.5);
+                assert!(ledger.shrinks().iter().zip(ledger.shrink_trials()).all(|(k, t)| k <= t));
             }
         }
     }

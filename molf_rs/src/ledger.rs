@@ -37,7 +37,16 @@ pub struct Ledger {
     /// Row-major: the number of consecutive windows, up to the last one, in which each
     /// expert moved (0 after a window in which it did not); see `record_heldout`.
     heldout_span: Vec<u64>,
+    /// Fraction by which a held-out shrink trial scales an expert's update back (0: no
+    /// trials); see `record_shrink`.
+    heldout_shrink: f64,
+    /// Per expert: shrink trials recorded, and how many of them were kept.
+    shrink_trials: Vec<u64>,
+    shrinks: Vec<u64>,
 }
+
+/// Default held-out shrink: a trial scales an expert's update since the start by 0.9.
+pub const DEFAULT_HELDOUT_SHRINK: f64 = 0.1;
 
 /// Default decay of the held-out EMA: a window's measurement counts as much as all before.
 pub const DEFAULT_HELDOUT_DECAY: f64 = 0.5;
@@ -65,6 +74,9 @@ pub struct LedgerParts {
     pub heldout_windows: u64,
     pub heldout_ema: Vec<f64>,
     pub heldout_span: Vec<u64>,
+    pub heldout_shrink: f64,
+    pub shrink_trials: Vec<u64>,
+    pub shrinks: Vec<u64>,
 }
 
 /// Aggregates for logs; see `Ledger::summary`.
@@ -103,6 +115,9 @@ impl PartialEq for Ledger {
             && self.heldout_windows == other.heldout_windows
             && bits(&self.heldout_ema) == bits(&other.heldout_ema)
             && self.heldout_span == other.heldout_span
+            && self.heldout_shrink.to_bits() == other.heldout_shrink.to_bits()
+            && self.shrink_trials == other.shrink_trials
+            && self.shrinks == other.shrinks
     }
 }
 
@@ -158,7 +173,17 @@ impl Ledger {
             heldout_windows: 0,
             heldout_ema: filled(m * e, f64::NAN, "heldout_ema")?,
             heldout_span: filled(m * e, 0, "heldout_span")?,
+            heldout_shrink: DEFAULT_HELDOUT_SHRINK,
+            shrink_trials: filled(e, 0, "shrink_trials")?,
+            shrinks: filled(e, 0, "shrinks")?,
         })
+    }
+
+    /// The same ledger with another held-out shrink fraction (see `record_shrink`).
+    pub fn with_heldout_shrink(mut self, shrink: f64) -> Result<Self> {
+        check_unit("heldout_shrink", shrink)?;
+        self.heldout_shrink = shrink;
+        Ok(self)
     }
 
     /// The same ledger with another decay for the held-out EMA.
@@ -202,6 +227,7 @@ impl Ledger {
         }
         if let Err(e) = check_unit("heldout_decay", p.heldout_decay)
             .and_then(|()| check_unit("heldout_horizon", p.heldout_horizon))
+            .and_then(|()| check_unit("heldout_shrink", p.heldout_shrink))
         {
             return state(format!("invalid ledger configuration in state: {e}"));
         }
@@ -218,6 +244,16 @@ impl Ledger {
             return state(format!(
                 "held-out span {span} exceeds the {} recorded windows",
                 p.heldout_windows
+            ));
+        }
+        if p.shrink_trials.len() != e || p.shrinks.len() != e {
+            return state(format!("ledger shrink counters do not match {e} experts"));
+        }
+        let trials_ok = p.shrink_trials.iter().zip(&p.shrinks).all(|(&t, &k)| k <= t && t <= MAX_STEP);
+        if !trials_ok || (p.heldout_shrink == 0.0 && p.shrink_trials.iter().any(|&t| t > 0)) {
+            return state(format!(
+                "held-out shrink counters are inconsistent (shrink {}, trials {:?}, kept {:?})",
+                p.heldout_shrink, p.shrink_trials, p.shrinks
             ));
         }
         if p.step == 0
@@ -271,7 +307,35 @@ impl Ledger {
             heldout_windows: p.heldout_windows,
             heldout_ema: p.heldout_ema,
             heldout_span: p.heldout_span,
+            heldout_shrink: p.heldout_shrink,
+            shrink_trials: p.shrink_trials,
+            shrinks: p.shrinks,
         })
+    }
+
+    /// Decides one held-out shrink trial of `expert`: `base` is the held-out loss as the
+    /// parameters are, `trial` the loss with the expert's update since the start (its dense
+    /// weights' distance from where training began, its LoRA product) scaled by
+    /// 1 − `heldout_shrink`. The scaled update is kept when it lowers the loss: an L2 pull
+    /// towards the starting point whose strength the held-out data chooses, one expert at
+    /// a time. A NaN on either side keeps the update as it is.
+    pub fn record_shrink(&mut self, expert: usize, base: f64, trial: f64) -> Result<bool> {
+        if self.heldout_shrink == 0.0 {
+            return Err(Error::Config("heldout_shrink is 0: there are no shrink trials".into()));
+        }
+        if expert >= self.num_experts {
+            return Err(Error::Config(format!(
+                "expert {expert} out of range for {} experts",
+                self.num_experts
+            )));
+        }
+        if self.shrink_trials[expert] >= MAX_STEP {
+            return Err(Error::State(format!("shrink trials exceed {MAX_STEP}")));
+        }
+        let keep = trial < base;
+        self.shrink_trials[expert] += 1;
+        self.shrinks[expert] += u64::from(keep);
+        Ok(keep)
     }
 
     /// Records one held-out window: `descent` (row-major `[modules × experts]`) is each
@@ -481,6 +545,15 @@ impl Ledger {
     pub fn heldout_span(&self) -> &[u64] {
         &self.heldout_span
     }
+    pub fn heldout_shrink(&self) -> f64 {
+        self.heldout_shrink
+    }
+    pub fn shrink_trials(&self) -> &[u64] {
+        &self.shrink_trials
+    }
+    pub fn shrinks(&self) -> &[u64] {
+        &self.shrinks
+    }
 
     /// The state as `from_parts` takes it (tests build variants of a ledger from it).
     #[cfg(test)]
@@ -503,6 +576,9 @@ impl Ledger {
             heldout_windows: self.heldout_windows,
             heldout_ema: self.heldout_ema.clone(),
             heldout_span: self.heldout_span.clone(),
+            heldout_shrink: self.heldout_shrink,
+            shrink_trials: self.shrink_trials.clone(),
+            shrinks: self.shrinks.clone(),
         }
     }
 }
@@ -791,5 +867,26 @@ mod tests {
             assert!(matches!(Ledger::new(1, 1, d), Err(Error::Config(_))));
         }
         assert!(Ledger::new(1, 1, 0.0).is_ok());
+    }
+
+    #[test]
+    fn record_shrink_keeps_a_lower_loss_only() {
+        let mut l = Ledger::new(2, 3, 0.5).unwrap();
+        assert_eq!(l.heldout_shrink(), DEFAULT_HELDOUT_SHRINK);
+        assert!(l.record_shrink(2, 1.0, 0.99).unwrap());
+        assert!(!l.record_shrink(2, 1.0, 1.0).unwrap()); // a tie keeps the update
+        assert!(!l.record_shrink(0, 1.0, 1.5).unwrap());
+        assert!(!l.record_shrink(1, 1.0, f64::NAN).unwrap());
+        assert!(!l.record_shrink(1, f64::NAN, 0.5).unwrap());
+        assert!(l.record_shrink(1, f64::INFINITY, 0.5).unwrap()); // recovers from an overflow
+        assert_eq!(l.shrink_trials(), [1, 3, 2]);
+        assert_eq!(l.shrinks(), [0, 1, 1]);
+        assert!(matches!(l.record_shrink(3, 1.0, 0.5), Err(Error::Config(m)) if m.contains("out of range")));
+        assert_eq!(l.shrink_trials(), [1, 3, 2]);
+        let mut off = Ledger::new(1, 1, 0.5).unwrap().with_heldout_shrink(0.0).unwrap();
+        assert!(matches!(off.record_shrink(0, 1.0, 0.5), Err(Error::Config(m)) if m.contains("heldout_shrink is 0")));
+        for bad in [1.0, -0.1, f64::NAN] {
+            assert!(Ledger::new(1, 1, 0.5).unwrap().with_heldout_shrink(bad).is_err());
+        }
     }
 }

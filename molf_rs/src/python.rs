@@ -25,7 +25,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use crate::error::{at_least, Error};
-use crate::ledger::{Ledger, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON};
+use crate::ledger::{Ledger, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_SHRINK};
 use crate::phase::PHASES;
 use crate::router::{Policy, Router, RouterConfig, POLICIES};
 
@@ -501,6 +501,7 @@ impl PyLedger {
         ema_decay = 0.9,
         heldout_decay = DEFAULT_HELDOUT_DECAY,
         heldout_horizon = DEFAULT_HELDOUT_HORIZON,
+        heldout_shrink = DEFAULT_HELDOUT_SHRINK,
     ))]
     fn new(
         num_modules: Int,
@@ -508,6 +509,7 @@ impl PyLedger {
         ema_decay: f64,
         heldout_decay: f64,
         heldout_horizon: f64,
+        heldout_shrink: f64,
     ) -> PyResult<Self> {
         guarded(|| {
             Ok(PyLedger::wrap(
@@ -517,7 +519,8 @@ impl PyLedger {
                     ema_decay,
                 )?
                 .with_heldout_decay(heldout_decay)?
-                .with_heldout_horizon(heldout_horizon)?,
+                .with_heldout_horizon(heldout_horizon)?
+                .with_heldout_shrink(heldout_shrink)?,
             ))
         })
     }
@@ -553,6 +556,26 @@ impl PyLedger {
     fn heldout_span<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u64>>> {
         let data = self.ledger().heldout_span().to_vec();
         guarded(|| matrix(py, &data, self.shape()))
+    }
+
+    /// Decides one held-out shrink trial of `expert` (see the Rust `Ledger::record_shrink`):
+    /// True when the scaled-back update is to be kept.
+    fn record_shrink(&self, expert: Int, base: f64, trial: f64) -> PyResult<bool> {
+        guarded(|| {
+            let expert = usize::try_from(expert.count("expert", 0)?)
+                .map_err(|_| Error::Config("expert out of range".into()))?;
+            Ok(self.ledger().record_shrink(expert, base, trial)?)
+        })
+    }
+    #[getter]
+    fn heldout_shrink(&self) -> f64 {
+        self.ledger().heldout_shrink()
+    }
+    fn shrink_trials<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        PyArray1::from_slice(py, self.ledger().shrink_trials())
+    }
+    fn shrinks<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        PyArray1::from_slice(py, self.ledger().shrinks())
     }
 
     fn record(

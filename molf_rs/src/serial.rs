@@ -3,7 +3,7 @@
 //! Layout, all little-endian:
 //!
 //! ```text
-//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 4) | payload length: u64
+//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 5) | payload length: u64
 //!        | payload | checksum: u64 = FNV-1a 64 over every byte before it
 //! ```
 //!
@@ -27,6 +27,9 @@
 //! Version 4 appends heldout_span u64×(M·E) (row-major: the consecutive held-out windows,
 //! up to the last, in which each expert moved); versions 1 to 3 load with every span equal
 //! to heldout_windows (the one global count their decay followed).
+//! Version 5 appends heldout_shrink f64, shrink_trials u64×E, shrinks u64×E (per expert:
+//! held-out shrink trials and those kept); versions 1 to 4 load with shrink 0 (no trials,
+//! as they ran) and zero counts. The router payload is as in version 3.
 //!
 //! Floats are stored as their IEEE bit patterns, so NaN payloads and signed zeros survive.
 //! Decoding is strict: one encoding per state (flags and bools must be exactly 0 or 1, no
@@ -37,8 +40,8 @@ use crate::ledger::{Ledger, LedgerParts, DEFAULT_HELDOUT_DECAY};
 use crate::router::{Policy, Router, RouterConfig};
 
 pub const MAGIC: &[u8; 4] = b"MOLF";
-pub const FORMAT_VERSION: u16 = 4;
-pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3, 4];
+pub const FORMAT_VERSION: u16 = 5;
+pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3, 4, 5];
 
 const HEADER_LEN: usize = 4 + 1 + 2 + 8;
 const CHECKSUM_LEN: usize = 8;
@@ -191,14 +194,14 @@ impl<'a> Reader<'a> {
         &self,
         modules: u64,
         experts: u64,
-        per_entry: u64,
-        per_module: u64,
-        fixed: u64,
+        [per_entry, per_module, per_expert, fixed]: [u64; 4],
     ) -> Result<(usize, usize)> {
         let entries = modules.checked_mul(experts);
         let needed = entries
             .and_then(|n| n.checked_mul(per_entry))
             .zip(modules.checked_mul(per_module))
+            .and_then(|(a, b)| a.checked_add(b))
+            .zip(experts.checked_mul(per_expert))
             .and_then(|(a, b)| a.checked_add(b))
             .and_then(|n| n.checked_add(fixed));
         match (needed, entries) {
@@ -332,7 +335,7 @@ impl Router {
         // Per entry: an incumbent byte (version >= 3: + an expert's last change, 8 bytes);
         // per module: its last change.
         let per_entry = if version >= 3 { 9 } else { 1 };
-        let (m, entries) = r.shape(num_modules, num_experts, per_entry, 8, 0)?;
+        let (m, entries) = r.shape(num_modules, num_experts, [per_entry, 8, 0, 0])?;
         let incumbents = r.bools(entries, "incumbents")?;
         let last_change = r.u64s(m)?;
         let expert_last_change = if version >= 3 {
@@ -383,6 +386,9 @@ impl Ledger {
         self.heldout_ema().iter().for_each(|&x| w.f64(x));
         w.f64(self.heldout_horizon());
         w.u64s(self.heldout_span());
+        w.f64(self.heldout_shrink());
+        w.u64s(self.shrink_trials());
+        w.u64s(self.shrinks());
         w.finish()
     }
 
@@ -398,15 +404,17 @@ impl Ledger {
         let step = r.u64()?;
         let checksum = r.u64()?;
         // Per entry: 3 arrays of 8-byte cells + 1 of 1-byte cells (version >= 2: + the
-        // held-out EMA; version 4: + the held-out span); per module: 3 of 8 bytes; held-out
-        // scalars: 16 bytes in version 2, 24 from version 3.
-        let (per_entry, fixed) = match version {
-            1 => (25, 0),
-            2 => (33, 16),
-            3 => (33, 24),
-            _ => (41, 24),
+        // held-out EMA; from version 4: + the held-out span); per module: 3 of 8 bytes;
+        // held-out scalars: 16 bytes in version 2, 24 in versions 3 and 4, 32 from version 5,
+        // which adds 2 per-expert counters of 8 bytes.
+        let (per_entry, per_expert, fixed) = match version {
+            1 => (25, 0, 0),
+            2 => (33, 0, 16),
+            3 => (33, 0, 24),
+            4 => (41, 0, 24),
+            _ => (41, 16, 32),
         };
-        let (m, entries) = r.shape(num_modules, num_experts, per_entry, 24, fixed)?;
+        let (m, entries) = r.shape(num_modules, num_experts, [per_entry, 24, per_expert, fixed])?;
         let floats = |v: Vec<u64>| v.into_iter().map(f64::from_bits).collect();
         let last_scores = floats(r.u64s(entries)?);
         let ema = floats(r.u64s(entries)?);
@@ -426,6 +434,16 @@ impl Ledger {
         } else {
             vec![heldout_windows; entries]
         };
+        // Before version 5 there were no shrink trials: such a run continues without them.
+        let (heldout_shrink, shrink_trials, shrinks) = if version >= 5 {
+            // The shape check counted these bytes: num_experts fits in the buffer.
+            let e = num_experts as usize;
+            (r.f64()?, r.u64s(e)?, r.u64s(e)?)
+        } else {
+            // (No modules: from_parts rejects the state; allocate nothing for it.)
+            let e = if m == 0 { 0 } else { entries / m };
+            (0.0, vec![0; e], vec![0; e])
+        };
         Ledger::from_parts(LedgerParts {
             num_modules,
             num_experts,
@@ -444,6 +462,9 @@ impl Ledger {
             heldout_windows,
             heldout_ema,
             heldout_span,
+            heldout_shrink,
+            shrink_trials,
+            shrinks,
         })
     }
 }
@@ -471,16 +492,18 @@ mod tests {
         assert!(
             matches!(Ledger::from_bytes(&bytes), Err(Error::State(m)) if m.contains("is a router"))
         );
-        assert_eq!(bytes[5..7], 4u16.to_le_bytes());
-        let mut v5 = bytes.clone();
-        v5[5] = 5;
-        assert!(matches!(Router::from_bytes(&v5), Err(Error::State(m)) if m.contains("version 5")));
-        // Version 3's router payload is version 4's.
+        assert_eq!(bytes[5..7], 5u16.to_le_bytes());
+        let mut v6 = bytes.clone();
+        v6[5] = 6;
+        assert!(matches!(Router::from_bytes(&v6), Err(Error::State(m)) if m.contains("version 6")));
+        // Versions 3 and 4 have version 5's router payload.
         let body = payload(&bytes);
-        assert_eq!(
-            Router::from_bytes(&envelope(Kind::Router, 3, body)).unwrap(),
-            r
-        );
+        for version in [3, 4] {
+            assert_eq!(
+                Router::from_bytes(&envelope(Kind::Router, version, body)).unwrap(),
+                r
+            );
+        }
         // Versions 1 and 2 lack the expert last changes (8 bytes an entry), 0 for this policy.
         let old = &body[..body.len() - 8 * 6];
         for version in [1, 2] {
@@ -523,6 +546,23 @@ mod tests {
         &bytes[HEADER_LEN..bytes.len() - CHECKSUM_LEN]
     }
 
+    /// A ledger's payload as version 4 wrote it: version 5's without its shrink tail
+    /// (heldout_shrink f64, shrink_trials and shrinks u64×E).
+    fn v4_payload(l: &Ledger) -> Vec<u8> {
+        let bytes = l.to_bytes();
+        let body = payload(&bytes);
+        body[..body.len() - 8 - 16 * l.num_experts()].to_vec()
+    }
+
+    /// `l` as a version-4 load gives it: no shrink trials.
+    fn without_shrink(l: &Ledger) -> Ledger {
+        Ledger::from_parts(LedgerParts {
+            heldout_shrink: 0.0,
+            ..l.parts()
+        })
+        .unwrap()
+    }
+
     #[test]
     fn version_1_ledger_loads_with_heldout_defaults() {
         let mut l = Ledger::new(2, 2, 0.5)
@@ -531,13 +571,12 @@ mod tests {
             .unwrap();
         l.record(&[1.0f64, 2.0, 3.0, 4.0], &[true, false, false, true])
             .unwrap();
-        let v4 = l.to_bytes();
-        let body = payload(&v4);
+        let body = v4_payload(&l);
         // Version 1 lacks the held-out scalars (24 bytes), EMAs and spans (8 bytes an entry
         // each).
         let v1_len = body.len() - 24 - 2 * 8 * 4;
         let v1 = envelope(Kind::Ledger, 1, &body[..v1_len]);
-        assert_eq!(Ledger::from_bytes(&v1).unwrap(), l);
+        assert_eq!(Ledger::from_bytes(&v1).unwrap(), without_shrink(&l));
         // Version 2 data cut back to version 1's length is rejected, not misread.
         assert!(Ledger::from_bytes(&envelope(Kind::Ledger, 2, &body[..v1_len])).is_err());
     }
@@ -550,11 +589,11 @@ mod tests {
             .unwrap();
         l.record_heldout(&[-1.5, 2.0], &[true, false]).unwrap();
         assert_eq!(l.heldout_span(), [1, 0]);
-        let v4 = l.to_bytes();
-        assert_eq!(v4[5..7], 4u16.to_le_bytes());
-        assert_eq!(Ledger::from_bytes(&v4).unwrap(), l);
+        let v5 = l.to_bytes();
+        assert_eq!(v5[5..7], 5u16.to_le_bytes());
+        assert_eq!(Ledger::from_bytes(&v5).unwrap(), l);
         // Version 2 lacks the horizon (8 bytes) and the spans (8 bytes an entry).
-        let body = payload(&v4);
+        let body = v4_payload(&l);
         let v2_len = body.len() - 8 - 8 * 2;
         let v2 = envelope(Kind::Ledger, 2, &body[..v2_len]);
         let back = Ledger::from_bytes(&v2).unwrap();
@@ -563,6 +602,7 @@ mod tests {
         let want = Ledger::from_parts(LedgerParts {
             heldout_horizon: 0.0,
             heldout_span: vec![1, 1],
+            heldout_shrink: 0.0,
             ..l.parts()
         });
         assert_eq!(back, want.unwrap());
@@ -591,9 +631,13 @@ mod tests {
     fn version_4_ledger_round_trips_the_span() {
         let l = paused_ledger();
         let bytes = l.to_bytes();
-        assert_eq!(bytes[5..7], 4u16.to_le_bytes());
-        // The payload ends with heldout_horizon f64, then heldout_span u64×(M·E).
-        let body = payload(&bytes);
+        assert_eq!(bytes[5..7], 5u16.to_le_bytes());
+        // Version 4's payload ends with heldout_horizon f64, then heldout_span u64×(M·E).
+        let body = v4_payload(&l);
+        assert_eq!(
+            Ledger::from_bytes(&envelope(Kind::Ledger, 4, &body)).unwrap(),
+            without_shrink(&l)
+        );
         let tail: Vec<u64> = body[body.len() - 8 * 3..]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
@@ -618,22 +662,23 @@ mod tests {
     #[test]
     fn version_3_ledger_loads_with_the_global_span() {
         let l = paused_ledger();
-        let bytes = l.to_bytes();
-        let body = payload(&bytes);
+        let body = v4_payload(&l);
+        let body = &body[..];
         let v3_len = body.len() - 8 * 3;
         let back = Ledger::from_bytes(&envelope(Kind::Ledger, 3, &body[..v3_len])).unwrap();
         // Every span is the window count, which version 3's decay followed.
         assert_eq!(back.heldout_span(), [4, 4, 4]);
         let want = Ledger::from_parts(LedgerParts {
             heldout_span: vec![4; 3],
+            heldout_shrink: 0.0,
             ..l.parts()
         })
         .unwrap();
         assert_eq!(back, want);
         assert_ne!(back, l);
-        // Saved again, it is version 4 data that loads as it is.
+        // Saved again, it is version 5 data that loads as it is.
         let again = back.to_bytes();
-        assert_eq!(again[5..7], 4u16.to_le_bytes());
+        assert_eq!(again[5..7], 5u16.to_le_bytes());
         assert_eq!(Ledger::from_bytes(&again).unwrap(), back);
         // Version 4 data cut back to version 3's length is rejected, not misread, as is every
         // shorter or longer version 4 payload; version 3 data with the spans appended too.
@@ -667,7 +712,7 @@ mod tests {
     #[test]
     fn corrupt_heldout_span_is_rejected() {
         let l = paused_ledger();
-        let body = payload(&l.to_bytes()).to_vec();
+        let body = v4_payload(&l);
         let with = |v: u64| {
             let mut b = body.clone();
             let at = b.len() - 8; // expert (0, 2)
@@ -688,7 +733,7 @@ mod tests {
     #[test]
     fn invalid_heldout_horizon_in_state_is_rejected() {
         let l = Ledger::new(1, 1, 0.5).unwrap();
-        let mut body = payload(&l.to_bytes()).to_vec();
+        let mut body = v4_payload(&l);
         // The horizon, then one span (1 entry).
         let at = body.len() - 16;
         for h in [f64::NAN, 1.0, -0.5, f64::INFINITY] {
@@ -764,13 +809,15 @@ mod tests {
     fn version_3_router_round_trips_expert_last_change() {
         let r = staggered_heldout_router();
         let bytes = r.to_bytes();
-        assert_eq!(bytes[5..7], 4u16.to_le_bytes());
+        assert_eq!(bytes[5..7], 5u16.to_le_bytes());
         let body = payload(&bytes);
-        // Version 4 keeps version 3's router payload.
-        assert_eq!(
-            Router::from_bytes(&envelope(Kind::Router, 3, body)).unwrap(),
-            r
-        );
+        // Versions 4 and 5 keep version 3's router payload.
+        for version in [3, 4] {
+            assert_eq!(
+                Router::from_bytes(&envelope(Kind::Router, version, body)).unwrap(),
+                r
+            );
+        }
         // The payload ends with last_change u64×M, then expert_last_change u64×(M·E).
         let tail: Vec<u64> = body[body.len() - 8 * 6..]
             .chunks_exact(8)
@@ -803,13 +850,13 @@ mod tests {
         assert_eq!(back.last_change(), [3, 4]);
         // Each expert starts from its module's last change.
         assert_eq!(back.expert_last_change(), [3, 3, 4, 4]);
-        // Saved again, it is version 4 data that loads as it is.
+        // Saved again, it is version 5 data that loads as it is.
         let again = back.to_bytes();
-        assert_eq!(again[5..7], 4u16.to_le_bytes());
+        assert_eq!(again[5..7], 5u16.to_le_bytes());
         assert_eq!(Router::from_bytes(&again).unwrap(), back);
-        // Version 3 or 4 data lacking the array (cut back to version 2's length) is rejected,
-        // as is every shorter or longer version 3 or 4 payload.
-        for version in [3, 4] {
+        // Version 3 to 5 data lacking the array (cut back to version 2's length) is rejected,
+        // as is every shorter or longer version 3 to 5 payload.
+        for version in [3, 4, 5] {
             let cut = envelope(Kind::Router, version, &body[..body.len() - 8 * 4]);
             assert!(matches!(Router::from_bytes(&cut), Err(Error::State(_))));
             for n in 0..body.len() {
@@ -856,5 +903,72 @@ mod tests {
             Router::from_bytes(&envelope(Kind::Router, 3, &tb)),
             Err(Error::State(m)) if m.contains("policy 'heldout'")
         ));
+    }
+
+    /// A ledger (1 module × 2 experts, shrink 0.2) after three shrink trials: expert 0 kept
+    /// one of two, expert 1 its one.
+    fn shrunk_ledger() -> Ledger {
+        let mut l = Ledger::new(1, 2, 0.5)
+            .unwrap()
+            .with_heldout_shrink(0.2)
+            .unwrap();
+        assert!(l.record_shrink(0, 1.0, 0.5).unwrap());
+        assert!(!l.record_shrink(0, 0.5, 0.6).unwrap());
+        assert!(l.record_shrink(1, 0.5, 0.4).unwrap());
+        l
+    }
+
+    #[test]
+    fn version_5_ledger_round_trips_the_shrink_books() {
+        let l = shrunk_ledger();
+        let bytes = l.to_bytes();
+        let body = payload(&bytes);
+        // The payload ends with heldout_shrink f64, shrink_trials u64×E, shrinks u64×E.
+        let tail: Vec<u64> = body[body.len() - 8 * 4..]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(tail, [2, 1, 1, 1]);
+        let shrink = &body[body.len() - 8 * 5..body.len() - 8 * 4];
+        assert_eq!(shrink, 0.2f64.to_bits().to_le_bytes());
+        let back = Ledger::from_bytes(&bytes).unwrap();
+        assert_eq!(back, l);
+        assert_eq!(back.shrink_trials(), [2, 1]);
+        assert_eq!(back.shrinks(), [1, 1]);
+        assert_eq!(back.to_bytes(), bytes);
+        // Version 4 data (the tail cut) loads without shrink trials, and version 5 data cut
+        // to version 4's length, or to any other length, is rejected.
+        let v4 = v4_payload(&l);
+        let old = Ledger::from_bytes(&envelope(Kind::Ledger, 4, &v4)).unwrap();
+        assert_eq!(old.heldout_shrink(), 0.0);
+        assert_eq!(old.shrink_trials(), [0, 0]);
+        for n in 0..body.len() {
+            assert!(matches!(
+                Ledger::from_bytes(&envelope(Kind::Ledger, 5, &body[..n])),
+                Err(Error::State(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn corrupt_shrink_books_are_rejected() {
+        let l = shrunk_ledger();
+        let body = payload(&l.to_bytes()).to_vec();
+        let n = body.len();
+        let with = |at: usize, v: u64| {
+            let mut b = body.clone();
+            b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            Ledger::from_bytes(&envelope(Kind::Ledger, 5, &b))
+        };
+        // More kept than tried (expert 1: 2 kept of 1 tried), trials beyond MAX_STEP.
+        assert!(matches!(with(n - 8, 2), Err(Error::State(m)) if m.contains("shrink")));
+        assert!(matches!(with(n - 32, u64::MAX), Err(Error::State(m)) if m.contains("shrink")));
+        // Trials recorded under shrink 0, and a shrink outside [0, 1).
+        assert!(matches!(with(n - 40, 0.0f64.to_bits()), Err(Error::State(m)) if m.contains("shrink")));
+        for x in [f64::NAN, 1.0, -0.1] {
+            assert!(matches!(with(n - 40, x.to_bits()), Err(Error::State(m)) if m.contains("heldout_shrink")));
+        }
+        // Consistent edits load.
+        assert_eq!(with(n - 8, 0).unwrap().shrinks(), [1, 0]);
     }
 }

@@ -97,6 +97,16 @@ def any_on_group(flag: bool, group) -> bool:
     return bool(t.item())
 
 
+def world_mean(x: float) -> float:
+    """The mean of `x` over every rank of the default process group (`x` itself when
+    torch.distributed is not running): a held-out loss each rank measured on its own rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=_collective_device(None))
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
 def _gather(rows: np.ndarray, group) -> list[np.ndarray]:
     mine = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(_collective_device(group))
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]

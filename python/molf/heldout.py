@@ -12,17 +12,29 @@ Every `every` routing steps the optimizer calls the user's `heldout()` closure
   would buy now, η·⟨g_now, m̂/(√v̂+ε)⟩ — defined for experts that did not
   move, so a dropped expert can come back when the data says it would help.
 
+Before each measurement, held-out shrinkage (`heldout_shrink` δ, default 0.1):
+for each expert index in turn (all modules together), its update since the
+start — a dense weight's distance from where training began, a LoRA pair's
+product s·B·A — is scaled by 1 − δ, the closure is evaluated once more (no
+backward), and the scaled update is kept if the held-out loss fell (the Ledger
+decides and counts). This is an L2 pull towards the starting point whose
+strength the held-out data chooses per expert: where an expert's update fits
+the training set's noise (little data, noisy labels), its total update shrinks
+window after window while the other expert goes on learning; where it helps,
+nothing is kept.
+
 The Ledger smooths the realized descent (EMA over windows, experts that moved
 only; its span grows with the windows the expert has moved in since its last
 pause, `heldout_horizon`, so a returning expert's old record fades fast) and
 the Router's `regate` drops experts whose movement raised the loss and re-admits
 dropped ones `min_dwell` steps after their drop (see `molf_rs` `Router::regate`).
 
-Cost: one forward and backward of the closure per window, and two extra
-copies of every routed expert tensor (θ at the last measurement and the
-held-out gradient there), kept in the parameter dtype as per-parameter state
-`heldout_theta` / `heldout_grad`, so checkpoints resume the measurement
-exactly.
+Cost: one forward and backward of the closure per window, plus one forward
+per expert index for the shrink trials; two extra copies of every routed expert
+tensor (θ at the last measurement and the held-out gradient there) and, with
+shrinkage on, a third of every dense expert tensor (where training began), kept
+in the parameter dtype as per-parameter state `heldout_theta` / `heldout_grad` /
+`heldout_origin`, so checkpoints resume the measurement exactly.
 """
 
 from __future__ import annotations
@@ -33,16 +45,17 @@ import numpy as np
 import torch
 
 from . import distributed
-from ._core import ConfigError
+from ._core import ConfigError, StateError
 from .wrap import expert_tag
 
 if TYPE_CHECKING:
     from .optimizer import MoLFAdamW
 
-__all__ = ["HeldoutProbe", "THETA_KEY", "GRAD_KEY"]
+__all__ = ["HeldoutProbe", "THETA_KEY", "GRAD_KEY", "ORIGIN_KEY"]
 
 THETA_KEY = "heldout_theta"
 GRAD_KEY = "heldout_grad"
+ORIGIN_KEY = "heldout_origin"
 
 
 class HeldoutProbe:
@@ -61,8 +74,11 @@ class HeldoutProbe:
         return router_step - self.last_step >= self.every
 
     def measure(self, opt: MoLFAdamW) -> None:
-        """Held-out gradient, the window's realized descent and each expert's potential,
-        then the Ledger's EMA and the Router's regate. Leaves every `.grad` None."""
+        """Shrink trials, then the held-out gradient, the window's realized descent and each
+        expert's potential, then the Ledger's EMA and the Router's regate. Leaves every
+        `.grad` None."""
+        if opt.ledger.heldout_shrink > 0:
+            self._shrink(opt)
         params = [p for g in opt.param_groups for p in g["params"]]
         for p in params:
             p.grad = None
@@ -88,6 +104,47 @@ class HeldoutProbe:
         opt.ledger.record_heldout(descent, moved)
         opt.router.regate(opt.ledger.heldout_ema(), potential)
 
+    def _value(self) -> float:
+        """The closure's held-out loss as a number, averaged over data-parallel ranks."""
+        loss = self.loss_fn()
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ConfigError(f"heldout() must return a scalar loss tensor, got {type(loss).__name__}")
+        return distributed.world_mean(float(loss.detach()))
+
+    @torch.no_grad()
+    def _shrink(self, opt: MoLFAdamW) -> None:
+        """One shrink trial per expert index (see the module docstring): the tensors whose
+        scaling scales the expert's update are its dense weight and bias, about where they
+        started, and its LoRA B, about zero."""
+        keep = 1.0 - opt.ledger.heldout_shrink
+        E = opt._shape[1]
+        by_expert: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(E)]
+        for _, p, slot in self._expert_tensors(opt):
+            tag = expert_tag(p)
+            state = opt.state[p]
+            if tag.kind == "dense":
+                if THETA_KEY not in state:  # no state yet: it has not moved
+                    continue
+                if ORIGIN_KEY not in state:
+                    raise StateError(
+                        f"held-out shrinkage needs the starting point of {tag.module}'s dense weights, which "
+                        "this optimizer state lacks (saved with heldout_shrink=0? pass heldout_shrink=0 again)"
+                    )
+                by_expert[slot % E].append((distributed.to_local(p), distributed.to_local(state[ORIGIN_KEY])))
+            elif tag.part == "B":
+                by_expert[slot % E].append((distributed.to_local(p), None))
+        base = self._value()
+        for e, tensors in enumerate(by_expert):
+            saved = [t.clone() for t, _ in tensors]
+            for (t, origin), s in zip(tensors, saved):
+                t.copy_(keep * s if origin is None else origin + keep * (s - origin))
+            trial = self._value()
+            if opt.ledger.record_shrink(e, base, trial):
+                base = trial
+            else:
+                for (t, _), s in zip(tensors, saved):
+                    t.copy_(s)
+
     @staticmethod
     def _expert_tensors(opt: MoLFAdamW):
         """(group, parameter, its (module, expert) slot) of every routed expert tensor."""
@@ -104,7 +161,7 @@ class HeldoutProbe:
         if self.last_step == 0:  # nothing moved under observation yet: only remember
             for _, p, _ in self._expert_tensors(opt):
                 theta = distributed.to_local(p.detach())
-                self._remember(opt.state[p], p, theta, self._grad(p, theta))
+                self._remember(opt.state[p], p, theta, self._grad(p, theta), opt.ledger.heldout_shrink > 0)
             return None, None, None
         M, E = opt._shape
         rows: list[torch.Tensor] = []
@@ -127,7 +184,7 @@ class HeldoutProbe:
                 potential = torch.zeros_like(realized)
             rows.append(torch.stack([realized, potential, movement]).double())
             slots.append(slot)
-            self._remember(state, p, theta, grad)
+            self._remember(state, p, theta, grad, opt.ledger.heldout_shrink > 0)
         flat = torch.stack(rows)
         group = opt._score_group()
         if group is not None:  # FSDP2: the shards' partial sums add up to the whole tensor's
@@ -146,18 +203,23 @@ class HeldoutProbe:
         return torch.zeros_like(theta) if p.grad is None else distributed.to_local(p.grad)
 
     @staticmethod
-    def init_state(state: dict, p: torch.Tensor) -> None:
+    def init_state(state: dict, p: torch.Tensor, shrink: bool) -> None:
         """The held-out keys of a routed tensor's fresh optimizer state, so that every
         checkpoint template (torch.distributed.checkpoint loads only the keys a fresh
         optimizer's state has) carries them. θ as it is: a tensor without a gradient so
-        far has not moved since the last measurement."""
+        far has not moved since the last measurement, nor since training began (the origin
+        of a dense tensor, with shrinkage on)."""
         state[THETA_KEY] = p.detach().clone(memory_format=torch.preserve_format)
         state[GRAD_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if shrink and expert_tag(p).kind == "dense":
+            state[ORIGIN_KEY] = p.detach().clone(memory_format=torch.preserve_format)
 
     @staticmethod
-    def _remember(state: dict, p: torch.Tensor, theta: torch.Tensor, grad: torch.Tensor) -> None:
-        """θ and the held-out gradient at this measurement, in the parameter's layout."""
+    def _remember(state: dict, p: torch.Tensor, theta: torch.Tensor, grad: torch.Tensor, shrink: bool) -> None:
+        """θ and the held-out gradient at this measurement, in the parameter's layout. (The
+        state of a tensor measured before its first gradient: it has not moved, and a shrink
+        trial skips a dense tensor without state, so its origin is θ now.)"""
         if THETA_KEY not in state:
-            HeldoutProbe.init_state(state, p)
+            HeldoutProbe.init_state(state, p, shrink)
         distributed.to_local(state[THETA_KEY]).copy_(theta)
         distributed.to_local(state[GRAD_KEY]).copy_(grad)

@@ -246,6 +246,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         heldout_every: int = 10,
         heldout_decay: float = 0.5,
         heldout_horizon: float = 0.25,
+        heldout_shrink: float = 0.1,
     ) -> None:
         _check_number("lr", lr)
         _check_number("weight_decay", weight_decay)
@@ -292,7 +293,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         )
         self._ledger = Ledger(
             len(self.module_names), len(self.expert_names), ema_decay=ema_decay, heldout_decay=heldout_decay,
-            heldout_horizon=heldout_horizon,
+            heldout_horizon=heldout_horizon, heldout_shrink=heldout_shrink,
         )
         if topk >= len(self.expert_names) and self._probe is None:
             warnings.warn(
@@ -433,7 +434,7 @@ class MoLFAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 if self._probe is not None and group["molf_role"] != "plain" and THETA_KEY not in state:
-                    HeldoutProbe.init_state(state, p)
+                    HeldoutProbe.init_state(state, p, self._ledger.heldout_shrink > 0)
             # The math runs on the local shards of FSDP2's DTensors (views: writes land in them).
             w.idx.append(i)
             w.params.append(distributed.to_local(p))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 __all__ = ["RoutingSummary"]
 
@@ -21,6 +21,9 @@ class RoutingSummary:
     skipped whole for non-finite gradients.
     `modules`: per module name, its wins per expert, switches, latest winners
     and active experts.
+    `shrinks`: per expert, the held-out shrink trials kept so far (policy
+    "heldout"; each scaled the expert's update since the start back by
+    `heldout_shrink`), and `shrink_trials` those made.
     """
 
     step: int
@@ -35,6 +38,8 @@ class RoutingSummary:
     skipped_steps: int
     checksum: int
     modules: dict[str, dict]
+    shrinks: dict[str, int] = field(default_factory=dict)
+    shrink_trials: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_ledger(
@@ -66,6 +71,8 @@ class RoutingSummary:
             skipped_steps=skipped_steps,
             checksum=int(s["checksum"]),
             modules=modules,
+            shrinks=dict(zip(expert_names, map(int, ledger.shrinks()))),
+            shrink_trials=dict(zip(expert_names, map(int, ledger.shrink_trials()))),
         )
 
     def to_dict(self) -> dict:
@@ -80,6 +87,12 @@ class RoutingSummary:
             f"{self.skipped_steps} steps skipped for non-finite gradients",
             f"  {'expert':<{width}}  {'active':>7}  {'overall':>7}",
         ]
+        shrunk = any(self.shrink_trials.values())
+        if shrunk:
+            lines[-1] += f"  {'shrinks kept':>12}"
         for e in self.experts:
-            lines.append(f"  {e:<{width}}  {self.active_share[e]:>7.1%}  {self.win_share[e]:>7.1%}")
+            line = f"  {e:<{width}}  {self.active_share[e]:>7.1%}  {self.win_share[e]:>7.1%}"
+            if shrunk:
+                line += f"  {self.shrinks[e]:>5} / {self.shrink_trials[e]:<5}"
+            lines.append(line)
         return "\n".join(lines)

@@ -36,6 +36,7 @@ class ExpertTag(NamedTuple):
     num_experts: int
     kind: str  # "dense" or "lora"
     name: str  # expert name, e.g. "dense", "lora0_r16"
+    part: str  # "weight" or "bias" (dense), "A" or "B" (LoRA)
 
 
 def expert_tag(p: torch.Tensor) -> ExpertTag | None:
@@ -63,8 +64,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def _tag_experts(name: str, order: int, layer: MoLFLinear, expert_names: tuple[str, ...]) -> None:
     for e, params in enumerate(layer.experts()):
         kind = "dense" if layer.fft and e == 0 else "lora"
-        for p in params:
-            setattr(p, _TAG_ATTR, ExpertTag(order, name, e, layer.num_experts, kind, expert_names[e]))
+        for p, part in zip(params, ("weight", "bias") if kind == "dense" else ("A", "B")):
+            setattr(p, _TAG_ATTR, ExpertTag(order, name, e, layer.num_experts, kind, expert_names[e], part))
 
 
 def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
