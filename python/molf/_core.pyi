@@ -182,7 +182,7 @@ class Router:
         """Restores a router exactly: it takes the same future decisions as the original.
 
         Format (little-endian): ``b"MOLF"``, kind byte (1 = router, 2 = ledger), format
-        version u16 (currently 4; 1 to 3 still load), payload length u64, payload, then a
+        version u16 (currently 5; 1 to 4 still load), payload length u64, payload, then a
         u64 FNV-1a-64 checksum of every preceding byte. Floats are stored bit-exact.
 
         Raises:
@@ -241,6 +241,9 @@ class Ledger:
             before the drop fades within a few windows instead of dropping it again at
             once. 0: the fixed ``heldout_decay`` (what checkpoints of format version 1
             and 2 load with).
+        heldout_shrink: in ``[0, 1)``, the fraction by which a held-out shrink trial
+            scales an expert's update back (see :meth:`record_shrink`); 0: no trials
+            (what checkpoints of format version 1 to 4 load with).
 
     Raises:
         ConfigError: an argument out of range.
@@ -253,9 +256,27 @@ class Ledger:
         ema_decay: float = 0.9,
         heldout_decay: float = 0.5,
         heldout_horizon: float = 0.25,
+        heldout_shrink: float = 0.1,
     ) -> None: ...
     @property
     def heldout_decay(self) -> float: ...
+    @property
+    def heldout_shrink(self) -> float: ...
+    def record_shrink(self, expert: int, base: float, trial: float) -> bool:
+        """Decides one held-out shrink trial of ``expert``: ``base`` is the held-out loss
+        as the parameters are, ``trial`` the loss with the expert's update since the start
+        scaled by ``1 - heldout_shrink``. True (keep the scaled update) iff
+        ``trial < base``; a NaN on either side keeps the update as it is. Counted in
+        :meth:`shrink_trials` and :meth:`shrinks`.
+
+        Raises:
+            ConfigError: ``heldout_shrink`` is 0, or ``expert`` is out of range; nothing
+                is counted.
+        """
+    def shrink_trials(self) -> npt.NDArray[np.uint64]:
+        """Copy, ``(E,)``: shrink trials recorded per expert."""
+    def shrinks(self) -> npt.NDArray[np.uint64]:
+        """Copy, ``(E,)``: shrink trials kept per expert."""
     @property
     def heldout_horizon(self) -> float: ...
     @property
