@@ -457,9 +457,6 @@ def _run_parallel(scale: Scale, regimes: list[str], methods: list[str], seeds: l
     """Every (regime, method) pair in its own job (same results as a sequential run);
     a regime is assembled and written once all its methods are done. Returns the
     regimes' results in the requested order, whatever the completion order."""
-    # The LM regimes share the pre-trained checkpoint: build it once, before the workers load it.
-    if any(REGIMES[n].family == "lm" for n in regimes):
-        lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -501,6 +498,9 @@ def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str
         results["regimes"] = regs
         _write(out, results, scale, seeds, device, methods, jobs, start)
 
+    # The LM regimes share the pre-trained checkpoint: build it once, before any job loads it.
+    if any(REGIMES[n].family == "lm" for n in regimes):
+        lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device, progress=progress)
     if jobs > 1:
         regs = _run_parallel(scale, regimes, methods, seeds, device, out, jobs, progress, write)
     else:
