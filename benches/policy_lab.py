@@ -24,6 +24,12 @@ when it raised the held-out loss (-ema: only when the expert is dropped at that 
 standard deviations of its record); env LR=x: that learning rate, no selection; env VAL_ONLY=1:
 the validation instance only; env CACHE=dir: where the pre-trained LM is cached; env
 DEVICE=cuda: run there; env SEEDS=a-b: those test seeds.
+Spec ``shrink:K:DELTA``: every K steps, each expert's update since the start (all modules
+together) scaled by 1 - DELTA, kept if the held-out loss falls (chained after a routing spec as
+``A+shrink:K:DELTA``: shipped as ``heldout_shrink``). Spec ``hg:K:BETA:LO:HI``: soft routing, a
+per-module multiplier of each expert's step updated from the cosine of its window movement
+with the held-out gradient, clipped to [LO, HI] (rejected, see the fourth round).
+Env NO_VAL=1 (with LR): the test seeds only.
 Env LORA_X=c: LoRA experts at c x the learning rate. Env WARM=k: the costliest expert (dense, or
 MoLF-E's largest LoRA) starts dropped and stays out for k windows ("Occam start"); the usual
 re-admission rule then brings it back. Spec ``only:E``: expert E alone, every step.
@@ -131,6 +137,20 @@ Third round (2026-11-29 11:40-12:10 UTC, same machine):
   molf default 0.761, FFT 0.838 (``benches/seed_stats.py``): molf default's sql gap is that of
   training both experts every step, not of its drops; with LORA_X=0.3 / 0.1, ``both`` scores
   0.658 / 0.767: a smaller LoRA step does not close it (bimodal seeds, SE ~0.06).
+Fourth round (2026-12-01 and 12-02, this CPU and one H200):
+* ``hg:10:...`` (hypergradient soft routing): full high-rank +73% / +140% (two settings):
+  a cosine against the held-out gradient shrinks the dense step where it is needed. Rejected.
+* ``both`` with the dense expert at 3e-5 and LoRA at 3e-4 (LORA_X=10): full low-rank-noisy
+  +1.2%. The learning-rate ratio is the lever there, but a fixed ratio is a per-task setting.
+* ``lca:10:3:re1a:2+shrink:10:0.1`` (**shipped** as ``heldout_shrink=0.1``): the shrink trial
+  is an L2 pull towards the start whose strength the held-out loss chooses, per expert; on
+  low-rank-noisy it pulls the dense expert back (it memorises the noise) and keeps LoRA. Quick,
+  the router (quality.py, identical per seed to this prototype on low-rank-noisy, facts and
+  sql): −9.1 / −3.3 / −0.6 / −9.8 / +2.7 / +6.6 (facts and sql: 3 seeds, a few items apart);
+  full synthetic: see benches/RESULTS.md. Full sql on the H200, the router, 20 seeds at 1e-3:
+  0.921 against FFT's 0.838; at 3e-4 it stalls like FFT (molf default 0.464 over 20 seeds,
+  FFT 0.406 over 10, ``lca:10:3:re1a:2`` without shrink 0.487 over 10): shrinkage is not what
+  makes 3e-4 a bad rate there.
 """
 
 from __future__ import annotations
