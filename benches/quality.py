@@ -15,7 +15,9 @@ question -> SQL translation, both scored by exact match.
 Every method sees the same steps, batch size and minibatches. Its learning rate
 is the best of one grid of six half-decades on a validation instance (its own
 seed, its validation split; the grid brackets every method's best rate on the
-synthetic regimes, and table.txt names any choice at its edge); then it is
+synthetic regimes, and table.txt names any choice at its edge; --val-seeds N:
+the mean over N validation instances, for bimodal tasks where one instance
+misranks the rates); then it is
 trained on `seeds` test instances and scored on their test splits (mean ±
 std). Writes results.json, table.txt and one routing-share figure per regime
 into --out, rewritten as each regime finishes.
@@ -117,6 +119,7 @@ class Scale:
     lrs: tuple[float, ...]
     lm: lm.LMScale
     cache_dir: str = "~/.cache/molf/quality"
+    val_seeds: int = 1  # validation instances (seeds VAL_SEED, VAL_SEED + 1, ...); their mean metric chooses the lr
 
 
 QUICK = Scale(
@@ -352,9 +355,15 @@ def _steps(spec: RegimeSpec, scale: Scale) -> int:
     return scale.steps_synthetic if spec.family == "synthetic" else scale.steps_lm
 
 
-def _instances(spec: RegimeSpec, scale: Scale, seeds: list[int], device: str) -> tuple[Instance, dict[int, Instance]]:
-    """The validation instance and the test instances (deterministic from their seeds)."""
-    return spec.build(VAL_SEED, scale, device), {s: spec.build(s, scale, device) for s in seeds}
+def _val_seeds(scale: Scale) -> list[int]:
+    return [VAL_SEED + i for i in range(scale.val_seeds)]
+
+
+def _instances(spec: RegimeSpec, scale: Scale, seeds: list[int], device: str
+               ) -> tuple[dict[int, Instance], dict[int, Instance]]:
+    """The validation instances and the test instances (deterministic from their seeds)."""
+    return ({s: spec.build(s, scale, device) for s in _val_seeds(scale)},
+            {s: spec.build(s, scale, device) for s in seeds})
 
 
 def _routing_log(out: Path, regime: str, method: str) -> Path:
@@ -372,13 +381,15 @@ def _edge_choices(methods: dict[str, dict]) -> str:
     return ", ".join(edges) or "none"
 
 
-def run_method(spec: RegimeSpec, scale: Scale, method: str, val_inst: Instance, test_insts: dict[int, Instance],
-               out: Path, tick: Callable[[], None] = lambda: None) -> dict:
-    """One method's entry in one regime: its lr chosen on the validation instance,
-    its test metric over the seeds and, for routed methods, the mean routing
-    summary (the first seed's routing log goes to `_routing_log`)."""
+def run_method(spec: RegimeSpec, scale: Scale, method: str, val_insts: dict[int, Instance],
+               test_insts: dict[int, Instance], out: Path, tick: Callable[[], None] = lambda: None) -> dict:
+    """One method's entry in one regime: its lr chosen by the mean metric over the
+    validation instances, its test metric over the seeds and, for routed methods,
+    the mean routing summary (the first seed's routing log goes to `_routing_log`)."""
     steps = _steps(spec, scale)
-    val = {lr: train_eval(val_inst, method, lr, VAL_SEED, steps, "val", tick=tick)["metric"] for lr in scale.lrs}
+    per_val = {lr: [train_eval(inst, method, lr, s, steps, "val", tick=tick)["metric"] for s, inst in val_insts.items()]
+               for lr in scale.lrs}
+    val = {lr: statistics.fmean(ms) for lr, ms in per_val.items()}
     best_lr = scale.lrs[0]
     for lr in scale.lrs[1:]:
         best_lr = lr if _better(val[lr], val[best_lr], spec.higher_is_better) else best_lr
@@ -390,6 +401,7 @@ def run_method(spec: RegimeSpec, scale: Scale, method: str, val_inst: Instance, 
             log_path.unlink(missing_ok=True)  # the log appends; start it afresh
         runs.append(train_eval(inst, method, best_lr, s, steps, "test", log_path, tick))
     entry = {"lr": best_lr, "val_by_lr": {str(k): v for k, v in val.items()},
+             **({"val_by_lr_per_seed": {str(k): v for k, v in per_val.items()}} if len(val_insts) > 1 else {}),
              "test": _mean_std([r["metric"] for r in runs]),
              "wall_s": statistics.fmean(r["wall_s"] for r in runs)}
     if method in ROUTED:
@@ -432,11 +444,11 @@ def assemble_regime(spec: RegimeSpec, scale: Scale, entries: dict[str, dict], ou
 def run_regime(spec: RegimeSpec, scale: Scale, methods: list[str], seeds: list[int], device: str,
                out: Path, bar) -> dict:
     """One regime, its methods one after the other on instances built once."""
-    val_inst, test_insts = _instances(spec, scale, seeds, device)
+    val_insts, test_insts = _instances(spec, scale, seeds, device)
     entries = {}
     for method in methods:
         bar.set_description(f"{spec.name} · {method}", refresh=False)
-        entries[method] = run_method(spec, scale, method, val_inst, test_insts, out, lambda: bar.update(1))
+        entries[method] = run_method(spec, scale, method, val_insts, test_insts, out, lambda: bar.update(1))
     return assemble_regime(spec, scale, entries, out)
 
 
@@ -505,7 +517,7 @@ def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str
         regs = _run_parallel(scale, regimes, methods, seeds, device, out, jobs, progress, write)
     else:
         regs = {}
-        total = sum(_steps(REGIMES[n], scale) * len(methods) * (len(scale.lrs) + len(seeds)) for n in regimes)
+        total = sum(_steps(REGIMES[n], scale) * len(methods) * (len(scale.lrs) * scale.val_seeds + len(seeds)) for n in regimes)
         tty = sys.stderr.isatty()
         with tqdm(total=total, unit="step", disable=not progress, mininterval=0.2 if tty else 15.0) as bar:
             for name in regimes:
@@ -544,8 +556,8 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
         raise ValueError("nothing to merge")
     first = runs[0]["config"]
 
-    def same_scale(c: dict) -> dict:
-        return {k: v for k, v in c["scale"].items() if k != "seeds"}
+    def same_scale(c: dict) -> dict:  # runs from before --val-seeds had one validation instance
+        return {"val_seeds": 1, **{k: v for k, v in c["scale"].items() if k != "seeds"}}
 
     for p, r in zip(paths, runs):
         c = r["config"]
@@ -652,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lrs", type=float, nargs="+",
                    help="learning-rate grid instead of the scale's (one value: no selection)")
     p.add_argument("--seed", type=int, default=0, help="first test seed")
+    p.add_argument("--val-seeds", type=int, default=1,
+                   help="validation instances whose mean metric chooses each method's lr (default 1)")
     p.add_argument("--cache-dir", help="where the pre-trained LM is cached (default ~/.cache/molf/quality)")
     p.add_argument("--threads", type=int, help="torch CPU threads (on a busy machine 1 is often fastest)")
     p.add_argument("--jobs", type=int, default=1,
@@ -672,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds < 1:
             p.error(f"--seeds must be >= 1, got {args.seeds}")
         scale = replace(scale, seeds=args.seeds)
+    if args.val_seeds < 1:
+        p.error(f"--val-seeds must be >= 1, got {args.val_seeds}")
+    scale = replace(scale, val_seeds=args.val_seeds)
     if args.lrs:
         if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
             p.error(f"--lrs must be positive and finite, got {args.lrs}")

@@ -269,3 +269,34 @@ def test_seed_stats_refuses_disagreeing_seeds_merged_files_and_unnamed_seeds(tmp
     lower = _quality_run(tmp_path / "lower.json", [1], {"FFT": [1.0]}, higher=False)
     with pytest.raises(SystemExit, match="disagree on whether higher is better"):
         seed_stats.pool([a, lower], "sql")
+
+
+def test_val_seeds_choose_the_lr_by_the_mean_over_validation_instances(tmp_path):
+    two = q.run_suite(replace(TINY, val_seeds=2), ["shift"], ["FFT"], tmp_path / "two", progress=False)
+    entry = two["regimes"]["shift"]["methods"]["FFT"]
+    # each instance's metric, independently: the validation run of one instance at one lr
+    steps = TINY.steps_synthetic
+    for lr in TINY.lrs:
+        alone = [q.train_eval(q.REGIMES["shift"].build(s, TINY, "cpu"), "FFT", lr, s, steps, "val")["metric"]
+                 for s in (q.VAL_SEED, q.VAL_SEED + 1)]
+        assert entry["val_by_lr_per_seed"][str(lr)] == alone
+        assert entry["val_by_lr"][str(lr)] == pytest.approx(sum(alone) / 2, rel=1e-12)
+    best = min(TINY.lrs, key=lambda lr: entry["val_by_lr"][str(lr)])  # lower is better on shift
+    assert entry["lr"] == best
+    # one instance (the default) is the first of the two, and keeps the old format
+    one = q.run_suite(TINY, ["shift"], ["FFT"], tmp_path / "one", progress=False)["regimes"]["shift"]["methods"]["FFT"]
+    assert "val_by_lr_per_seed" not in one
+    assert one["val_by_lr"] == {k: v[0] for k, v in entry["val_by_lr_per_seed"].items()}
+    # runs with different validation protocols do not merge; runs from before the option do
+    with pytest.raises(ValueError, match="scale"):
+        q.merge_results([tmp_path / "one" / "results.json", tmp_path / "two" / "results.json"], tmp_path / "m",
+                        replace_pairs=True)
+    old = json.loads((tmp_path / "one" / "results.json").read_text())
+    del old["config"]["scale"]["val_seeds"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    q.merge_results([tmp_path / "old.json", tmp_path / "one" / "results.json"], tmp_path / "m", replace_pairs=True)
+
+
+def test_val_seeds_must_be_positive(tmp_path):
+    with pytest.raises(SystemExit):
+        q.main(["--val-seeds", "0", "--out", str(tmp_path)])
