@@ -146,8 +146,9 @@ Fourth round (2026-12-01 and 12-02, this CPU and one H200):
   is an L2 pull towards the start whose strength the held-out loss chooses, per expert; on
   low-rank-noisy it pulls the dense expert back (it memorises the noise) and keeps LoRA. Quick,
   the router (quality.py, identical per seed to this prototype on low-rank-noisy, facts and
-  sql; for ``E/`` not, unexplained yet — quick low-rank-noisy validation at 1e-3: router
-  0.322, this prototype 0.300, equal up to step 130): −9.1 / −3.3 / −0.6 / −9.8 / +2.7 / +6.6 (facts and sql: 3 seeds, a few items apart);
+  sql to three digits, not exactly: the router counts a dropped expert that a kept trial
+  scaled as moved, this prototype does not; for ``E/`` quick low-rank-noisy validation at
+  1e-3: router 0.322, this prototype 0.300): −9.1 / −3.3 / −0.6 / −9.8 / +2.7 / +6.6 (facts and sql: 3 seeds, a few items apart);
   full synthetic: see benches/RESULTS.md. Full sql on the H200, the router, 20 seeds at 1e-3:
   0.921 against FFT's 0.838; at 3e-4 it stalls like FFT (molf default 0.464 over 20 seeds,
   FFT 0.406 over 10, ``lca:10:3:re1a:2`` without shrink 0.487 over 10): shrinkage is not what
