@@ -145,10 +145,11 @@ Fourth round (2026-12-01 and 12-02, this CPU and one H200):
 * ``lca:10:3:re1a:2+shrink:10:0.1`` (**shipped** as ``heldout_shrink=0.1``): the shrink trial
   is an L2 pull towards the start whose strength the held-out loss chooses, per expert; on
   low-rank-noisy it pulls the dense expert back (it memorises the noise) and keeps LoRA. Quick,
-  the router (quality.py, identical per seed to this prototype on low-rank-noisy, facts and
-  sql to three digits, not exactly: the router counts a dropped expert that a kept trial
-  scaled as moved, this prototype does not; for ``E/`` quick low-rank-noisy validation at
-  1e-3: router 0.322, this prototype 0.300): −9.1 / −3.3 / −0.6 / −9.8 / +2.7 / +6.6 (facts and sql: 3 seeds, a few items apart);
+  the router (quality.py; close to this prototype, not identical: per seed to three digits on
+  low-rank-noisy, because the router counts a dropped expert that a kept trial scaled as
+  moved and this prototype does not; for ``E/``, quick low-rank-noisy validation at 1e-3,
+  router 0.322, this prototype 0.300): −9.0 / −3.3 / −0.6 / −9.6 / +3.0 / −2.9 (facts and
+  sql: 3 seeds, a few items apart; over 20 seeds −1.8 / −0.8);
   full synthetic: see benches/RESULTS.md. Full sql on the H200, the router, 20 seeds at 1e-3:
   0.921 against FFT's 0.838; at 3e-4 it stalls like FFT (molf default 0.464 over 20 seeds,
   FFT 0.406 over 10, ``lca:10:3:re1a:2`` without shrink 0.487 over 10): shrinkage is not what
