@@ -355,14 +355,10 @@ def _steps(spec: RegimeSpec, scale: Scale) -> int:
     return scale.steps_synthetic if spec.family == "synthetic" else scale.steps_lm
 
 
-def _val_seeds(scale: Scale) -> list[int]:
-    return [VAL_SEED + i for i in range(scale.val_seeds)]
-
-
 def _instances(spec: RegimeSpec, scale: Scale, seeds: list[int], device: str
                ) -> tuple[dict[int, Instance], dict[int, Instance]]:
     """The validation instances and the test instances (deterministic from their seeds)."""
-    return ({s: spec.build(s, scale, device) for s in _val_seeds(scale)},
+    return ({s: spec.build(s, scale, device) for s in range(VAL_SEED, VAL_SEED + scale.val_seeds)},
             {s: spec.build(s, scale, device) for s in seeds})
 
 
@@ -517,7 +513,8 @@ def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str
         regs = _run_parallel(scale, regimes, methods, seeds, device, out, jobs, progress, write)
     else:
         regs = {}
-        total = sum(_steps(REGIMES[n], scale) * len(methods) * (len(scale.lrs) * scale.val_seeds + len(seeds)) for n in regimes)
+        runs_per_method = len(scale.lrs) * scale.val_seeds + len(seeds)
+        total = sum(_steps(REGIMES[n], scale) * len(methods) * runs_per_method for n in regimes)
         tty = sys.stderr.isatty()
         with tqdm(total=total, unit="step", disable=not progress, mininterval=0.2 if tty else 15.0) as bar:
             for name in regimes:

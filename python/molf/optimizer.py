@@ -177,9 +177,9 @@ class MoLFAdamW(torch.optim.Optimizer):
     expert's record from before its drop then fades within a few windows.
     Before each measurement, held-out shrinkage: each expert's update since the
     start (all modules together) is scaled by 1 - `heldout_shrink` (default 0.1;
-    0: off) and kept if the held-out loss falls (the closure is called once more
-    per expert, without a gradient; a copy of the dense weights' starting point
-    is kept in the optimizer state). See `molf.heldout`.
+    0: off) and kept if the held-out loss falls (the closure is called 1 + E
+    more times, without a gradient, for E experts; a copy of the dense weights'
+    starting point is kept in the optimizer state). See `molf.heldout`.
     Without `heldout` the default is the paper's: `topk` experts per module win
     each step by `score` ("epd", the expected preconditioned descent, or
     "pfn"); `policy` "topk" ("paper" names it explicitly and requires score
