@@ -112,6 +112,7 @@ class Reference:
         self.origin = {k: v.clone() for k, v in self.P.items()}
         self.shrink_trials = [0] * self.E
         self.shrinks = [0] * self.E
+        self.inactive_shrunk = 0  # tensors of dropped experts that a kept trial scaled
         self.closure_calls = 0
         self.routed = {k for row in self.experts for ex in row for k in ex}
         self.plain = [k for k in self.trainable if k not in self.routed]
@@ -202,6 +203,14 @@ class Reference:
             if trial < base:
                 base = trial
                 self.shrinks[e] += 1
+                # A dropped expert's movement is training movement only: its record moves with
+                # the kept trial, so the window sees it unmoved.
+                for mi, row in enumerate(self.experts):
+                    if not self.active[mi][e]:
+                        for k in row[e]:
+                            if k in self.prev and k in saved:
+                                self.prev[k] = (self.P[k].clone(), self.prev[k][1])
+                                self.inactive_shrunk += 1
             else:
                 self.P.update(saved)
 
@@ -376,8 +385,9 @@ def test_lockstep_with_float64_reference(case, horizon, shrink):
     assert ref.drops >= 1 and ref.readmissions >= 1 and ref.held_back >= 1, (ref.drops, ref.readmissions, ref.held_back)
     if horizon:  # and a returned expert's restarted span changed its EMA's decay
         assert ref.restarted >= 1
-    if shrink:  # and both kept and refused shrink trials
+    if shrink:  # and both kept and refused shrink trials, some of which scaled a dropped expert
         assert 0 < sum(ref.shrinks) < sum(ref.shrink_trials), (ref.shrinks, ref.shrink_trials)
+        assert ref.inactive_shrunk >= 1
 
 
 # --------------------------------------- 2. before the second measurement: AdamW

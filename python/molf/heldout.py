@@ -21,7 +21,8 @@ decides and counts). This is an L2 pull towards the starting point whose
 strength the held-out data chooses per expert: where an expert's update fits
 the training set's noise (little data, noisy labels), its total update shrinks
 window after window while the other expert goes on learning; where it helps,
-nothing is kept.
+nothing is kept. A kept trial that scales a dropped expert does not count as its
+movement: the expert stays unmoved for the Ledger (its record and span pause).
 
 The Ledger smooths the realized descent (EMA over windows, experts that moved
 only; its span grows with the windows the expert has moved in since its last
@@ -118,10 +119,16 @@ class HeldoutProbe:
         started, and its LoRA B, about zero."""
         keep = 1.0 - opt.ledger.heldout_shrink
         E = opt._shape[1]
-        by_expert: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [[] for _ in range(E)]
+        active = opt.router.incumbents().reshape(-1)
+        # Per expert index: (tensor, its origin (None: zero), its θ at the last measurement
+        # if the expert is inactive). An inactive expert has not moved since then; a kept
+        # trial moves its θ there too, so the window counts it as not moved (its record
+        # takes in training movement only, and its span pauses).
+        by_expert: list[list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]] = [[] for _ in range(E)]
         for _, p, slot in self._expert_tensors(opt):
             tag = expert_tag(p)
             state = opt.state[p]
+            theta = None if active[slot] or THETA_KEY not in state else distributed.to_local(state[THETA_KEY])
             if tag.kind == "dense":
                 if THETA_KEY not in state:  # no state yet: it has not moved
                     continue
@@ -130,19 +137,22 @@ class HeldoutProbe:
                         f"held-out shrinkage needs the starting point of {tag.module}'s dense weights, which "
                         "this optimizer state lacks (saved with heldout_shrink=0? pass heldout_shrink=0 again)"
                     )
-                by_expert[slot % E].append((distributed.to_local(p), distributed.to_local(state[ORIGIN_KEY])))
+                by_expert[slot % E].append((distributed.to_local(p), distributed.to_local(state[ORIGIN_KEY]), theta))
             elif tag.part == "B":
-                by_expert[slot % E].append((distributed.to_local(p), None))
+                by_expert[slot % E].append((distributed.to_local(p), None, theta))
         base = self._value()
         for e, tensors in enumerate(by_expert):
-            saved = [t.clone() for t, _ in tensors]
-            for (t, origin), s in zip(tensors, saved):
+            saved = [t.clone() for t, _, _ in tensors]
+            for (t, origin, _), s in zip(tensors, saved):
                 t.copy_(keep * s if origin is None else origin + keep * (s - origin))
             trial = self._value()
             if opt.ledger.record_shrink(e, base, trial):
                 base = trial
+                for t, _, theta in tensors:
+                    if theta is not None:
+                        theta.copy_(t)
             else:
-                for (t, _), s in zip(tensors, saved):
+                for (t, _, _), s in zip(tensors, saved):
                     t.copy_(s)
 
     @staticmethod
