@@ -105,13 +105,21 @@ def test_optimizer_cls_and_kwargs_trains_like_a_plain_loop(tmp_path):
     reference = copy.deepcopy(model)
     trainer = transformers.Trainer(model=model, args=args(tmp_path, max_grad_norm=0.0, weight_decay=0.1),
                                    train_dataset=data, optimizer_cls_and_kwargs=opt_kwargs(**SWITCHING))
+    # The loop replays the batches the Trainer fed, rows in its sampler's order:
+    # k_proj's bias has an analytically zero gradient (softmax ignores a shift
+    # shared by all keys), so Adam turns the rounding of another row order into
+    # 1e-6 moves there.
+    fed = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: fed.append((kwargs["input_ids"].clone(), kwargs["labels"].clone())), with_kwargs=True)
     trainer.train()
+    hook.remove()
+    assert len(fed) == 4 and all(sorted(ids.tolist()) == sorted(data.ids.tolist()) for ids, _ in fed)
 
     opt = molf.MoLFAdamW(reference, weight_decay=0.1, **{**OPT_KW, **SWITCHING})
-    batch = {"input_ids": data.ids, "labels": data.ids.clone()}
     reference.train()
-    for _ in range(4):
-        reference(**batch).loss.backward()
+    for ids, labels in fed:
+        reference(input_ids=ids, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
     trained = find_molf_optimizer(trainer.optimizer)
