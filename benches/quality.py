@@ -21,9 +21,11 @@ misranks the rates); then it is
 trained on `seeds` test instances and scored on their test splits (mean ±
 std). Writes results.json, table.txt and one routing-share figure per regime
 into --out, rewritten as each regime finishes.
-With --jobs N, each (regime, method) pair is one job in a pool of N processes
-that builds its own instances (deterministic from their seeds): the results
-are those of a sequential run.
+With --jobs N, each training run is one job in a pool of N processes that
+builds its instance (deterministic from its seed): the results are those of a
+sequential run. Every finished run is appended to OUT/runs.jsonl; --resume
+reuses them, so a suite cut short (a time limit, a kill) picks up where it
+stopped.
 """
 
 from __future__ import annotations
@@ -355,13 +357,6 @@ def _steps(spec: RegimeSpec, scale: Scale) -> int:
     return scale.steps_synthetic if spec.family == "synthetic" else scale.steps_lm
 
 
-def _instances(spec: RegimeSpec, scale: Scale, seeds: list[int], device: str
-               ) -> tuple[dict[int, Instance], dict[int, Instance]]:
-    """The validation instances and the test instances (deterministic from their seeds)."""
-    return ({s: spec.build(s, scale, device) for s in range(VAL_SEED, VAL_SEED + scale.val_seeds)},
-            {s: spec.build(s, scale, device) for s in seeds})
-
-
 def _routing_log(out: Path, regime: str, method: str) -> Path:
     slug = method.replace(" ", "_").replace("(", "").replace(")", "")
     return out / f"routing_{regime}_{slug}.jsonl"
@@ -377,27 +372,110 @@ def _edge_choices(methods: dict[str, dict]) -> str:
     return ", ".join(edges) or "none"
 
 
-def run_method(spec: RegimeSpec, scale: Scale, method: str, val_insts: dict[int, Instance],
-               test_insts: dict[int, Instance], out: Path, tick: Callable[[], None] = lambda: None) -> dict:
-    """One method's entry in one regime: its lr chosen by the mean metric over the
-    validation instances, its test metric over the seeds and, for routed methods,
-    the mean routing summary (the first seed's routing log goes to `_routing_log`)."""
-    steps = _steps(spec, scale)
-    per_val = {lr: [train_eval(inst, method, lr, s, steps, "val", tick=tick)["metric"] for s, inst in val_insts.items()]
-               for lr in scale.lrs}
-    val = {lr: statistics.fmean(ms) for lr, ms in per_val.items()}
+@dataclass(frozen=True)
+class Run:
+    """One training run: `method` at `lr` on the instance of `seed`, scored on
+    `split`; `log`: it writes the pair's routing log (its first test seed)."""
+
+    regime: str
+    method: str
+    lr: float
+    seed: int
+    split: str  # "val" or "test"
+    log: bool = False
+
+
+def _val_seeds(scale: Scale) -> range:
+    return range(VAL_SEED, VAL_SEED + scale.val_seeds)
+
+
+def _fingerprint(scale: Scale, device: str) -> str:
+    """What a single run depends on besides its own fields: the scale but for
+    the grid and seed counts (and where the checkpoint is cached), the device."""
+    dims = {k: v for k, v in asdict(scale).items() if k not in ("seeds", "lrs", "val_seeds", "cache_dir")}
+    return json.dumps({"scale": dims, "device": device}, sort_keys=True)
+
+
+_INSTANCES: dict[tuple[str, int, str], Instance] = {}  # per process: a run reuses its instance's build
+
+
+def _instance(regime: str, seed: int, scale: Scale, device: str) -> Instance:
+    key = (regime, seed, _fingerprint(scale, device))
+    if key not in _INSTANCES:
+        if len(_INSTANCES) >= 16:
+            _INSTANCES.pop(next(iter(_INSTANCES)))
+        _INSTANCES[key] = REGIMES[regime].build(seed, scale, device)
+    return _INSTANCES[key]
+
+
+def execute(run: Run, scale: Scale, device: str, out: Path, tick: Callable[[], None] = lambda: None) -> dict:
+    spec = REGIMES[run.regime]
+    log_path = None
+    if run.log:
+        log_path = _routing_log(out, run.regime, run.method)
+        log_path.unlink(missing_ok=True)  # the log appends; start it afresh
+    return train_eval(_instance(run.regime, run.seed, scale, device), run.method, run.lr, run.seed,
+                      _steps(spec, scale), run.split, log_path, tick)
+
+
+class RunBook:
+    """Every finished run of a suite, one JSON line each in OUT/runs.jsonl, so
+    that an interrupted suite resumes (`resume`): a run recorded under the same
+    fingerprint is reused, not rerun (a routing log must still be on disk).
+    Without `resume` the book starts afresh."""
+
+    def __init__(self, out: Path, scale: Scale, device: str, resume: bool) -> None:
+        self.path, self.out = out / "runs.jsonl", out
+        self.fingerprint = _fingerprint(scale, device)
+        self.done: dict[Run, dict] = {}
+        kept = []
+        if resume and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill: its run reruns
+                    continue
+                kept.append(line)
+                if rec["fingerprint"] == self.fingerprint:
+                    self.done[Run(**rec["run"])] = rec["result"]
+        # rewritten whole, so that no torn line is left for the next record to join
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def get(self, run: Run) -> dict | None:
+        if run.log and not _routing_log(self.out, run.regime, run.method).exists():
+            return None
+        return self.done.get(run)
+
+    def put(self, run: Run, result: dict) -> None:
+        self.done[run] = result
+        line = json.dumps({"run": asdict(run), "fingerprint": self.fingerprint, "result": result})
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def pair_step(spec: RegimeSpec, scale: Scale, method: str, seeds: list[int],
+              results: dict[Run, dict]) -> list[Run] | dict:
+    """What a (regime, method) pair still needs, given the runs finished so far:
+    the missing validation runs; once there are none, its lr (the best mean
+    metric over the validation instances) and the missing test runs; once there
+    are none, its entry (test metric over the seeds and, for routed methods,
+    the mean routing summary)."""
+    val = {lr: [Run(spec.name, method, lr, s, "val") for s in _val_seeds(scale)] for lr in scale.lrs}
+    missing = [r for runs in val.values() for r in runs if r not in results]
+    if missing:
+        return missing
+    per_val = {lr: [results[r]["metric"] for r in runs] for lr, runs in val.items()}
+    mean_val = {lr: statistics.fmean(ms) for lr, ms in per_val.items()}
     best_lr = scale.lrs[0]
     for lr in scale.lrs[1:]:
-        best_lr = lr if _better(val[lr], val[best_lr], spec.higher_is_better) else best_lr
-    runs = []
-    for i, (s, inst) in enumerate(test_insts.items()):
-        log_path = None
-        if method in ROUTED and i == 0:
-            log_path = _routing_log(out, spec.name, method)
-            log_path.unlink(missing_ok=True)  # the log appends; start it afresh
-        runs.append(train_eval(inst, method, best_lr, s, steps, "test", log_path, tick))
-    entry = {"lr": best_lr, "val_by_lr": {str(k): v for k, v in val.items()},
-             **({"val_by_lr_per_seed": {str(k): v for k, v in per_val.items()}} if len(val_insts) > 1 else {}),
+        best_lr = lr if _better(mean_val[lr], mean_val[best_lr], spec.higher_is_better) else best_lr
+    test = [Run(spec.name, method, best_lr, s, "test", log=method in ROUTED and i == 0) for i, s in enumerate(seeds)]
+    missing = [r for r in test if r not in results]
+    if missing:
+        return missing
+    runs = [results[r] for r in test]
+    entry = {"lr": best_lr, "val_by_lr": {str(k): v for k, v in mean_val.items()},
+             **({"val_by_lr_per_seed": {str(k): v for k, v in per_val.items()}} if scale.val_seeds > 1 else {}),
              "test": _mean_std([r["metric"] for r in runs]),
              "wall_s": statistics.fmean(r["wall_s"] for r in runs)}
     if method in ROUTED:
@@ -437,60 +515,101 @@ def assemble_regime(spec: RegimeSpec, scale: Scale, entries: dict[str, dict], ou
     return result
 
 
-def run_regime(spec: RegimeSpec, scale: Scale, methods: list[str], seeds: list[int], device: str,
-               out: Path, bar) -> dict:
-    """One regime, its methods one after the other on instances built once."""
-    val_insts, test_insts = _instances(spec, scale, seeds, device)
-    entries = {}
-    for method in methods:
-        bar.set_description(f"{spec.name} · {method}", refresh=False)
-        entries[method] = run_method(spec, scale, method, val_insts, test_insts, out, lambda: bar.update(1))
-    return assemble_regime(spec, scale, entries, out)
+def _run_sequential(scale: Scale, regimes: list[str], methods: list[str], seeds: list[int], device: str,
+                    out: Path, book: RunBook, progress: bool, write: Callable[[dict], None]) -> dict:
+    """Every run in this process, pair after pair; each regime written once done."""
+    runs_per_method = len(scale.lrs) * scale.val_seeds + len(seeds)
+    total = sum(_steps(REGIMES[n], scale) * len(methods) * runs_per_method for n in regimes)
+    tty = sys.stderr.isatty()
+    done: dict[str, dict] = {}
+    with tqdm(total=total, unit="step", disable=not progress, mininterval=0.2 if tty else 15.0) as bar:
+        for name in regimes:
+            spec, entries = REGIMES[name], {}
+            for method in methods:
+                bar.set_description(f"{name} · {method}", refresh=False)
+                results: dict[Run, dict] = {}
+                while isinstance(need := pair_step(spec, scale, method, seeds, results), list):
+                    for run in need:
+                        results[run] = book.get(run)
+                        if results[run] is None:
+                            book.put(run, result := execute(run, scale, device, out, lambda: bar.update(1)))
+                            results[run] = result
+                        else:
+                            bar.update(_steps(spec, scale))
+                entries[method] = need
+            done[name] = assemble_regime(spec, scale, entries, out)
+            write(dict(done))
+    return done
 
 
-def _run_method_job(name: str, method: str, scale: Scale, seeds: list[int], device: str, out: Path,
-                    threads: int) -> tuple[str, str, dict, float]:
-    """One (regime, method) pair in a worker process (--jobs): it builds its own
-    instances; no progress bar; its wall time back."""
+def _execute_job(run: Run, scale: Scale, device: str, out: Path, threads: int) -> tuple[Run, dict]:
+    """One run in a worker process (--jobs)."""
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    start = time.perf_counter()
-    spec = REGIMES[name]
-    entry = run_method(spec, scale, method, *_instances(spec, scale, seeds, device), out)
-    return name, method, entry, time.perf_counter() - start
+    return run, execute(run, scale, device, out)
 
 
 def _run_parallel(scale: Scale, regimes: list[str], methods: list[str], seeds: list[int], device: str, out: Path,
-                  jobs: int, progress: bool, write: Callable[[dict], None]) -> dict:
-    """Every (regime, method) pair in its own job (same results as a sequential run);
-    a regime is assembled and written once all its methods are done. Returns the
-    regimes' results in the requested order, whatever the completion order."""
+                  book: RunBook, jobs: int, progress: bool, write: Callable[[dict], None]) -> dict:
+    """Every run one job in a pool of `jobs` processes (the same results as a
+    sequential run): all pairs' validation runs at once, a pair's test runs as
+    soon as its lr is chosen; a regime is assembled and written once all its
+    methods are done. Returns the regimes' results in the requested order."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    start = time.perf_counter()
+    results: dict[tuple[str, str], dict[Run, dict]] = {(n, m): {} for n in regimes for m in methods}
     entries: dict[str, dict[str, dict]] = {n: {} for n in regimes}
     done: dict[str, dict] = {}
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(_run_method_job, n, m, scale, seeds, device, out, torch.get_num_threads())
-                   for n in regimes for m in methods]  # regime-major: the first regimes finish first
-        for k, f in enumerate(as_completed(futures), start=1):
-            name, method, entry, wall = f.result()
-            entries[name][method] = entry
+        running = {}
+
+        def advance(name: str, method: str) -> None:
+            """Submit the pair's next runs (reusing recorded ones) or, when none are missing, finish it."""
+            res = results[(name, method)]
+            while isinstance(need := pair_step(REGIMES[name], scale, method, seeds, res), list):
+                todo = []
+                for run in need:
+                    if (got := book.get(run)) is not None:
+                        res[run] = got
+                    else:
+                        todo.append(run)
+                if todo:
+                    for run in todo:
+                        running[pool.submit(_execute_job, run, scale, device, out, torch.get_num_threads())] = (
+                            name, method, run)
+                    return
+            entries[name][method] = need
             if progress:
-                t = entry["test"]  # the figures too: a run cut short still reports its finished pairs
-                print(f"[quality] {name} · {method} done in {wall:.0f} s ({k}/{len(futures)}): "
-                      f"{t['mean']:.4f} ± {t['std']:.4f} at lr {entry['lr']:g}",
-                      file=sys.stderr, flush=True)
+                t = need["test"]  # the figures too: a run cut short still reports its finished pairs
+                print(f"[quality] {name} · {method} done at {time.perf_counter() - start:.0f} s: "
+                      f"{t['mean']:.4f} ± {t['std']:.4f} at lr {need['lr']:g}", file=sys.stderr, flush=True)
             if len(entries[name]) == len(methods):
-                ordered = {m: entries[name][m] for m in methods}
-                done[name] = assemble_regime(REGIMES[name], scale, ordered, out)
+                done[name] = assemble_regime(REGIMES[name], scale, {m: entries[name][m] for m in methods}, out)
                 write({n: done[n] for n in regimes if n in done})
+
+        for name in regimes:  # regime-major: the first regimes finish first
+            for method in methods:
+                advance(name, method)
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            touched = []
+            for f in finished:
+                name, method, run = running.pop(f)
+                _, result = f.result()
+                book.put(run, result)
+                results[(name, method)][run] = result
+                touched.append((name, method))
+            for name, method in dict.fromkeys(touched):
+                if not any(v[:2] == (name, method) for v in running.values()):
+                    advance(name, method)
     return {n: done[n] for n in regimes}
 
 
 def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str | Path, device: str = "cpu",
-              seed: int = 0, progress: bool = True, jobs: int = 1) -> dict:
+              seed: int = 0, progress: bool = True, jobs: int = 1, resume: bool = False) -> dict:
     for name, known in (("regime", REGIMES), ("method", METHODS)):
         bad = [x for x in (regimes if name == "regime" else methods) if x not in known]
         if bad:
@@ -509,17 +628,11 @@ def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str
     # The LM regimes share the pre-trained checkpoint: build it once, before any job loads it.
     if any(REGIMES[n].family == "lm" for n in regimes):
         lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device, progress=progress)
+    book = RunBook(out, scale, device, resume)
     if jobs > 1:
-        regs = _run_parallel(scale, regimes, methods, seeds, device, out, jobs, progress, write)
+        regs = _run_parallel(scale, regimes, methods, seeds, device, out, book, jobs, progress, write)
     else:
-        regs = {}
-        runs_per_method = len(scale.lrs) * scale.val_seeds + len(seeds)
-        total = sum(_steps(REGIMES[n], scale) * len(methods) * runs_per_method for n in regimes)
-        tty = sys.stderr.isatty()
-        with tqdm(total=total, unit="step", disable=not progress, mininterval=0.2 if tty else 15.0) as bar:
-            for name in regimes:
-                regs[name] = run_regime(REGIMES[name], scale, methods, seeds, device, out, bar)
-                write(regs)
+        regs = _run_sequential(scale, regimes, methods, seeds, device, out, book, progress, write)
     write(regs)
     return results
 
@@ -553,8 +666,11 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
         raise ValueError("nothing to merge")
     first = runs[0]["config"]
 
-    def same_scale(c: dict) -> dict:  # runs from before --val-seeds had one validation instance
-        return {"val_seeds": 1, **{k: v for k, v in c["scale"].items() if k != "seeds"}}
+    def same_scale(c: dict) -> dict:
+        return {k: v for k, v in c["scale"].items() if k not in ("seeds", "val_seeds")}
+
+    def val_seeds(c: dict) -> int:  # runs from before --val-seeds had one validation instance
+        return c["scale"].get("val_seeds", 1)
 
     for p, r in zip(paths, runs):
         c = r["config"]
@@ -573,11 +689,15 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
                 entries[name][m] = e
                 origin.setdefault(name, {})[m] = i
     seeds: dict[str, list[int]] = {}
-    for name in entries:  # only the runs whose pairs survived must agree on the regime's seeds
+    protocol: dict[str, int] = {}  # regime -> validation instances per rate
+    for name in entries:  # only the runs whose pairs survived must agree on the regime's seeds and protocol
         for i in dict.fromkeys(origin[name].values()):
-            run_seeds = runs[i]["config"]["seeds"]
+            run_seeds, c = runs[i]["config"]["seeds"], runs[i]["config"]
             if seeds.setdefault(name, run_seeds) != run_seeds:
                 raise ValueError(f"{paths[i]}: {name} ran seeds {run_seeds}, another run of it {seeds[name]}")
+            if protocol.setdefault(name, val_seeds(c)) != val_seeds(c):
+                raise ValueError(f"{paths[i]}: {name} chose its rates on {val_seeds(c)} validation instances, "
+                                 f"another run of it on {protocol[name]}")
     base = Scale(**{**first["scale"], "lm": lm.LMScale(**first["scale"]["lm"])})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -594,6 +714,11 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
               "jobs": [r["config"]["jobs"] for r in runs]}
     if not uniform:
         config["scale"] = {**first["scale"], "seeds": None}  # see "seeds"
+    if len(set(protocol.values())) > 1:
+        config["scale"] = {**config["scale"], "val_seeds": None}
+        config["val_seeds"] = {n: protocol[n] for n in regimes}  # validation instances per regime
+    else:
+        config["scale"] = {**config["scale"], "val_seeds": next(iter(protocol.values()))}
     results = {"regimes": regimes, "config": config, "wall_s": sum(r["wall_s"] for r in runs)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
@@ -625,6 +750,9 @@ def format_table(results: dict) -> str:
     seeds = results.get("config", {}).get("seeds")
     if isinstance(seeds, dict):  # a merge of runs with different seeds per regime
         lines.append("| *seeds* | " + " | ".join(", ".join(map(str, seeds[r])) for r in names) + " |")
+    protocol = results.get("config", {}).get("val_seeds")
+    if isinstance(protocol, dict):  # a merge of regimes whose rates were chosen on different protocols
+        lines.append("| *validation instances per rate* | " + " | ".join(str(protocol[r]) for r in names) + " |")
     lines.append("| *lr chosen (FFT / LoRA / MoLF paper)* | " + " | ".join(
         " / ".join(f"{regs[r]['methods'][m]['lr']:g}" for m in ("FFT", "LoRA", "MoLF (paper)")
                    if m in regs[r]["methods"])
@@ -666,7 +794,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", help="where the pre-trained LM is cached (default ~/.cache/molf/quality)")
     p.add_argument("--threads", type=int, help="torch CPU threads (on a busy machine 1 is often fastest)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="parallel processes, one job per (regime, method) pair (same results)")
+                   help="parallel processes, one job per training run (same results)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs OUT/runs.jsonl records from an earlier, interrupted invocation of the "
+                        "same code and scale on the same device (default: that record starts afresh)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
                    help="instead of running: merge the results.json of runs that split the work into --out")
@@ -675,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.replace and not args.merge:
         p.error("--replace goes with --merge")
+    if args.resume and args.merge:
+        p.error("--resume runs the suite; it does not go with --merge")
     if args.merge:
         print(format_table(merge_results(args.merge, args.out, args.replace)))
         return 0
@@ -698,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     res = run_suite(scale, args.regimes, args.methods, args.out, args.device, args.seed, not args.no_progress,
-                    args.jobs)
+                    args.jobs, args.resume)
     print(format_table(res))
     print(f"\nwall {res['wall_s']:.0f} s; results in {args.out}/")
     return 0

@@ -207,7 +207,7 @@ def test_merge_replaces_rerun_pairs_and_keeps_seeds_per_regime(tmp_path):
 def test_lrs_replaces_the_grid(tmp_path, monkeypatch):
     seen = {}
 
-    def fake_run_suite(scale, regimes, methods, out, device, seed, progress, jobs):
+    def fake_run_suite(scale, regimes, methods, out, device, seed, progress, jobs, resume):
         seen["lrs"] = scale.lrs
         return {"regimes": {}, "wall_s": 0.0}
 
@@ -287,10 +287,23 @@ def test_val_seeds_choose_the_lr_by_the_mean_over_validation_instances(tmp_path)
     one = q.run_suite(TINY, ["shift"], ["FFT"], tmp_path / "one", progress=False)["regimes"]["shift"]["methods"]["FFT"]
     assert "val_by_lr_per_seed" not in one
     assert one["val_by_lr"] == {k: v[0] for k, v in entry["val_by_lr_per_seed"].items()}
-    # runs with different validation protocols do not merge; runs from before the option do
-    with pytest.raises(ValueError, match="scale"):
-        q.merge_results([tmp_path / "one" / "results.json", tmp_path / "two" / "results.json"], tmp_path / "m",
-                        replace_pairs=True)
+    # one regime's pairs from runs of different validation protocols do not merge (even when
+    # one replaces the other); regimes of different protocols do, and the table names each one's
+    two_other = json.loads((tmp_path / "two" / "results.json").read_text())
+    methods = two_other["regimes"]["shift"]["methods"]
+    methods["LoRA"] = methods.pop("FFT")  # another method of the same regime, on two instances
+    (tmp_path / "two-other.json").write_text(json.dumps(two_other))
+    with pytest.raises(ValueError, match="validation instances"):
+        q.merge_results([tmp_path / "one" / "results.json", tmp_path / "two-other.json"], tmp_path / "m")
+    replaced = q.merge_results([tmp_path / "one" / "results.json", tmp_path / "two" / "results.json"],
+                               tmp_path / "m", replace_pairs=True)  # the rerun's pair alone counts
+    assert replaced["config"]["scale"]["val_seeds"] == 2
+    q.run_suite(TINY, ["mixed"], ["FFT"], tmp_path / "mixed", progress=False)
+    both = q.merge_results([tmp_path / "two" / "results.json", tmp_path / "mixed" / "results.json"], tmp_path / "m")
+    assert both["config"]["val_seeds"] == {"mixed": 1, "shift": 2} and both["config"]["scale"]["val_seeds"] is None
+    assert "| *validation instances per rate* | 1 | 2 |" in (tmp_path / "m" / "table.txt").read_text()
+    same = q.merge_results([tmp_path / "one" / "results.json", tmp_path / "mixed" / "results.json"], tmp_path / "m")
+    assert "val_seeds" not in same["config"] and same["config"]["scale"]["val_seeds"] == 1
     old = json.loads((tmp_path / "one" / "results.json").read_text())
     del old["config"]["scale"]["val_seeds"]
     (tmp_path / "old.json").write_text(json.dumps(old))
@@ -300,3 +313,65 @@ def test_val_seeds_choose_the_lr_by_the_mean_over_validation_instances(tmp_path)
 def test_val_seeds_must_be_positive(tmp_path):
     with pytest.raises(SystemExit):
         q.main(["--val-seeds", "0", "--out", str(tmp_path)])
+
+
+def test_resume_reuses_recorded_runs_and_reruns_only_the_missing(tmp_path, monkeypatch):
+    methods = ["FFT", "molf default"]
+    whole = q.run_suite(TINY, ["shift"], methods, tmp_path / "whole", progress=False)
+    out = tmp_path / "cut"
+    q.run_suite(TINY, ["shift"], methods, out, progress=False)
+    book = (out / "runs.jsonl").read_text().splitlines()
+    per_pair = len(TINY.lrs) * TINY.val_seeds + TINY.seeds
+    assert len(book) == 2 * per_pair
+    # a suite killed in molf default's first test run: its record holds the runs before it
+    # and half a line
+    cut = per_pair + len(TINY.lrs)
+    (out / "runs.jsonl").write_text("\n".join(book[:cut]) + "\n" + book[cut][:40])
+    ran = []
+    real = q.execute
+    monkeypatch.setattr(q, "execute", lambda run, *a, **k: ran.append(run) or real(run, *a, **k))
+    resumed = q.run_suite(TINY, ["shift"], methods, out, progress=False, resume=True)
+    assert [r.method for r in ran] == ["molf default"] * TINY.seeds and all(r.split == "test" for r in ran)
+    assert ran[0].log  # its routing log was never finished: that run is redone
+    assert _without_walls(resumed["regimes"]) == _without_walls(whole["regimes"])
+    # everything recorded: nothing reruns, unless the routing log the first test seed wrote is gone
+    ran.clear()
+    q.run_suite(TINY, ["shift"], methods, out, progress=False, resume=True)
+    assert ran == []
+    q._routing_log(out, "shift", "molf default").unlink()
+    again = q.run_suite(TINY, ["shift"], methods, out, progress=False, resume=True)
+    assert [(r.method, r.split, r.log) for r in ran] == [("molf default", "test", True)]
+    assert _without_walls(again["regimes"]) == _without_walls(whole["regimes"])
+    # without --resume the record starts afresh and every run reruns
+    ran.clear()
+    q.run_suite(TINY, ["shift"], ["FFT"], out, progress=False)
+    assert len(ran) == per_pair and len((out / "runs.jsonl").read_text().splitlines()) == per_pair
+
+
+def test_resume_ignores_runs_of_another_scale_or_device(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    q.run_suite(TINY, ["shift"], ["FFT"], out, progress=False)
+    ran = []
+    real = q.execute
+    monkeypatch.setattr(q, "execute", lambda run, *a, **k: ran.append(run) or real(run, *a, **k))
+    longer = replace(TINY, steps_synthetic=TINY.steps_synthetic + 1)
+    q.run_suite(longer, ["shift"], ["FFT"], out, progress=False, resume=True)
+    assert len(ran) == len(TINY.lrs) + TINY.seeds
+    # a grid that adds a rate and more seeds reuses every run both grids share
+    ran.clear()
+    wider = replace(longer, lrs=TINY.lrs + (0.1,), seeds=TINY.seeds + 1)
+    q.run_suite(wider, ["shift"], ["FFT"], out, progress=False, resume=True)
+    assert [(r.lr, r.split) for r in ran if r.split == "val"] == [(0.1, "val")]
+    book = q.RunBook(out, wider, "cpu", resume=True)
+    assert len(book.done) == len(wider.lrs) + len(ran) - 1 + TINY.seeds
+    assert q.RunBook(out, wider, "cuda", resume=True).done == {}
+
+
+def test_parallel_resume_matches_a_sequential_run(tmp_path):
+    methods = ["molf default", "FFT"]
+    seq = q.run_suite(TINY, ["mixed"], methods, tmp_path / "seq", progress=False)
+    out = tmp_path / "par"
+    q.run_suite(TINY, ["mixed"], ["FFT"], out, progress=False)  # FFT's runs recorded, then molf default's added
+    par = q.run_suite(TINY, ["mixed"], methods, out, progress=False, jobs=2, resume=True)
+    assert _without_walls(par["regimes"]) == _without_walls(seq["regimes"])
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 2 * (len(TINY.lrs) + TINY.seeds)
