@@ -144,14 +144,14 @@ Fourth round (2026-12-01 and 12-02, this CPU and one H200):
   +1.2%. The learning-rate ratio is the lever there, but a fixed ratio is a per-task setting.
 * ``lca:10:3:re1a:2+shrink:10:0.1`` (**shipped** as ``heldout_shrink=0.1``): the shrink trial
   is an L2 pull towards the start whose strength the held-out loss chooses, per expert; on
-  low-rank-noisy it pulls the dense expert back (it memorises the noise) and keeps LoRA. Quick,
-  the router (quality.py; close to this prototype, not identical: per seed to three digits on
-  low-rank-noisy, because the router counts a dropped expert that a kept trial scaled as
-  moved and this prototype does not; for ``E/``, quick low-rank-noisy validation at 1e-3,
-  router 0.322, this prototype 0.300): −9.0 / −3.3 / −0.6 / −9.6 / +3.0 / −2.9 (facts and
-  sql: 3 seeds, a few items apart; over 20 seeds −1.8 / −0.8);
-  full synthetic: see benches/RESULTS.md. Full sql on the H200, the router, 20 seeds at 1e-3:
-  0.921 against FFT's 0.838; at 3e-4 it stalls like FFT (molf default 0.464 over 20 seeds,
+  low-rank-noisy it pulls the dense expert back (it memorises the noise) and keeps LoRA. The
+  router first counted a dropped expert that a kept trial scaled as moved, which this
+  prototype does not; since commit ba7623e they agree to the digits measured (quick low-rank-noisy validation at
+  1e-3: dense + LoRA 0.3097 both, ``E/`` 0.300 both; before, the router had 0.3104 and
+  0.322). Quick, the router (quality.py, 2026-12-03): −9.0 / −3.3 / −0.4 / −9.1 / +2.7 /
+  +0.0 (facts and sql: 3 seeds, a few items apart; 20 seeds in benches/RESULTS.md);
+  full synthetic: see benches/RESULTS.md. Full sql on the H200, the router before that fix, 20
+  seeds at 1e-3: 0.921 against FFT's 0.838; at 3e-4 it stalls like FFT (molf default 0.464 over 20 seeds,
   FFT 0.406 over 10, ``lca:10:3:re1a:2`` without shrink 0.487 over 10): shrinkage is not what
   makes 3e-4 a bad rate there.
 """
