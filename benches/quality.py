@@ -4,7 +4,7 @@ choice should lose somewhere (issue 7).
 
     python3 benches/quality.py --quick              # CPU, whole suite in minutes
     python3 benches/quality.py --full --device cuda # bigger models, more steps
-    python3 benches/quality.py --full --jobs 8      # (regime, method) pairs in 8 processes
+    python3 benches/quality.py --full --jobs 8      # training runs in 8 processes; --resume after a cut
 
 Regimes: four synthetic teacher-student tasks built on `molf.demo`'s student
 (high-rank clean: FFT should win; low-rank noisy: LoRA should win; mixed ranks
