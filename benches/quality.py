@@ -446,6 +446,16 @@ class RunBook:
             return None
         return self.done.get(run)
 
+    def fill(self, need: list[Run], results: dict[Run, dict]) -> list[Run]:
+        """Copy the recorded runs of `need` into `results`; the runs still to execute."""
+        todo = []
+        for run in need:
+            if (got := self.get(run)) is not None:
+                results[run] = got
+            else:
+                todo.append(run)
+        return todo
+
     def put(self, run: Run, result: dict) -> None:
         self.done[run] = result
         line = json.dumps({"run": asdict(run), "fingerprint": self.fingerprint, "result": result})
@@ -529,24 +539,22 @@ def _run_sequential(scale: Scale, regimes: list[str], methods: list[str], seeds:
                 bar.set_description(f"{name} · {method}", refresh=False)
                 results: dict[Run, dict] = {}
                 while isinstance(need := pair_step(spec, scale, method, seeds, results), list):
-                    for run in need:
-                        results[run] = book.get(run)
-                        if results[run] is None:
-                            book.put(run, result := execute(run, scale, device, out, lambda: bar.update(1)))
-                            results[run] = result
-                        else:
-                            bar.update(_steps(spec, scale))
+                    todo = book.fill(need, results)
+                    bar.update(_steps(spec, scale) * (len(need) - len(todo)))
+                    for run in todo:
+                        results[run] = execute(run, scale, device, out, lambda: bar.update(1))
+                        book.put(run, results[run])
                 entries[method] = need
             done[name] = assemble_regime(spec, scale, entries, out)
             write(dict(done))
     return done
 
 
-def _execute_job(run: Run, scale: Scale, device: str, out: Path, threads: int) -> tuple[Run, dict]:
+def _execute_job(run: Run, scale: Scale, device: str, out: Path, threads: int) -> dict:
     """One run in a worker process (--jobs)."""
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    return run, execute(run, scale, device, out)
+    return execute(run, scale, device, out)
 
 
 def _run_parallel(scale: Scale, regimes: list[str], methods: list[str], seeds: list[int], device: str, out: Path,
@@ -570,13 +578,7 @@ def _run_parallel(scale: Scale, regimes: list[str], methods: list[str], seeds: l
             """Submit the pair's next runs (reusing recorded ones) or, when none are missing, finish it."""
             res = results[(name, method)]
             while isinstance(need := pair_step(REGIMES[name], scale, method, seeds, res), list):
-                todo = []
-                for run in need:
-                    if (got := book.get(run)) is not None:
-                        res[run] = got
-                    else:
-                        todo.append(run)
-                if todo:
+                if todo := book.fill(need, res):
                     for run in todo:
                         running[pool.submit(_execute_job, run, scale, device, out, torch.get_num_threads())] = (
                             name, method, run)
@@ -598,9 +600,8 @@ def _run_parallel(scale: Scale, regimes: list[str], methods: list[str], seeds: l
             touched = []
             for f in finished:
                 name, method, run = running.pop(f)
-                _, result = f.result()
-                book.put(run, result)
-                results[(name, method)][run] = result
+                results[(name, method)][run] = f.result()
+                book.put(run, f.result())
                 touched.append((name, method))
             for name, method in dict.fromkeys(touched):
                 if not any(v[:2] == (name, method) for v in running.values()):
