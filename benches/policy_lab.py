@@ -475,6 +475,65 @@ class Shrink:
                         p.copy_(s)
         self.model.train(was)
 
+class SpecShrink:
+    """Held-out spectral shrinkage of each LoRA expert (all modules together): every K steps, each
+    module's ΔW = B·A has its singular values soft-thresholded by TAU x its largest one (a
+    nuclear-norm proximal step; B changes, A stays: molf.heldout.spectral_shrink_b); kept if the
+    held-out loss falls, as Shrink. MODE softd: the dense expert's update is scaled by 1 - TAU
+    first, as Shrink does (shipped as heldout_shrink with heldout_shrink_spectral)."""
+
+    def __init__(self, model, opt, inst, every, tau, mode="soft"):
+        from molf.wrap import routed_modules
+        self.model, self.inst, self.every, self.tau, self.mode = model, inst, every, tau, mode
+        self.E = len(opt.expert_names)
+        self.pairs = [[] for _ in range(self.E)]
+        self.dense = []  # (tensor, its start): MODE softd scales the dense expert's update uniformly
+        for _, layer in routed_modules(model):
+            for e, params in enumerate(layer.experts()):
+                if not (layer.fft and e == 0):
+                    self.pairs[e].append(params)  # (A, B)
+                elif mode == "softd":
+                    self.dense += [(p, p.detach().clone()) for p in params]
+        self.mask = np.ones((len(opt.module_names), self.E), bool)
+        self.shrinks = np.zeros(self.E, int)
+
+    def shrunk(self, a, b):
+        from molf.heldout import spectral_shrink_b
+        return spectral_shrink_b(b.detach().double(), a.detach().double(), self.tau).to(b.dtype)
+
+    def __call__(self, step):
+        if step % self.every:
+            return
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            base = float(self.inst.loss(self.model, self.inst.heldout))
+            if self.dense:
+                saved = [p.detach().clone() for p, _ in self.dense]
+                for (p, o), s in zip(self.dense, saved):
+                    p.copy_(o + (1 - self.tau) * (s - o))
+                trial = float(self.inst.loss(self.model, self.inst.heldout))
+                if trial < base:
+                    base = trial
+                else:
+                    for (p, _), s in zip(self.dense, saved):
+                        p.copy_(s)
+            for e in range(self.E):
+                if not self.pairs[e]:
+                    continue
+                saved = [b.detach().clone() for _, b in self.pairs[e]]
+                for a, b in self.pairs[e]:
+                    b.copy_(self.shrunk(a, b))
+                trial = float(self.inst.loss(self.model, self.inst.heldout))
+                if trial < base:
+                    base = trial
+                    self.shrinks[e] += 1
+                else:
+                    for (_, b), s in zip(self.pairs[e], saved):
+                        b.copy_(s)
+        self.model.train(was)
+
+
 class Chain:
     """Hooks run in order after every step (spec A+B); the last one's routing state is reported."""
 
@@ -530,6 +589,8 @@ def make_method(spec):
         return model, opt, hook
 
     def attach(model, opt, inst):  # a shrink hook on another spec's model (spec A+shrink:K:D)
+        if name == "sshrink":  # sshrink:K:TAU[:MODE]
+            return SpecShrink(model, opt, inst, int(args[0]), float(args[1]), *(args[2:3]))
         if name != "shrink":
             raise SystemExit(f"only shrink chains after another spec, not {name}")
         return Shrink(model, opt, inst, int(args[0]), float(args[1]))

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import molf
-from molf.heldout import ORIGIN_KEY
+from molf.heldout import ORIGIN_KEY, spectral_shrink_b
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,14 +75,14 @@ class Reference:
     """
 
     def __init__(self, model, dims, wrapped, ranks, fft, *, lr, lora_lr, wd, lora_wd, every, decay, horizon,
-                 min_dwell, shrink=0.0):
+                 min_dwell, shrink=0.0, spectral=True):
         self.layers = [str(2 * i) for i in range(len(dims) - 1)]
         self.wrapped = list(wrapped)  # in module order
         self.ranks = tuple(ranks)
         self.scales = [ALPHA / math.sqrt(r) for r in ranks]
         self.fft = fft
         self.every, self.decay, self.horizon, self.min_dwell = every, decay, horizon, min_dwell
-        self.shrink = shrink
+        self.shrink, self.spectral = shrink, spectral
         self.P: dict[tuple, torch.Tensor] = {}
         self.hyper: dict[tuple, tuple[float, float]] = {}  # key -> (lr, weight decay)
         self.trainable: list[tuple] = []
@@ -187,17 +187,31 @@ class Reference:
         with torch.no_grad():
             return float(heldout_fn(lambda x: self.forward(self.P, x)))
 
+    def shrunk_b(self, k):
+        """LoRA's B of key k, spectral: the product ΔW = B A with its singular values
+        soft-thresholded, σ ← max(σ − shrink·σ_max, 0), and B moved by (ΔW' − ΔW) A⁺
+        (A stays, so B' A = ΔW'); else scaled by 1 - shrink about zero."""
+        if not self.spectral:
+            return (1 - self.shrink) * self.P[k]
+        a = self.P[(k[0], "A", k[2])]
+        dw = self.P[k] @ a
+        u, sv, vh = torch.linalg.svd(dw, full_matrices=False)
+        target = u @ torch.diag((sv - self.shrink * sv.max()).clamp_min(0)) @ vh
+        return self.P[k] + (target - dw) @ torch.linalg.pinv(a)
+
     def shrink_trials_now(self, heldout_fn):
-        """For each expert index e: scale every module's e-th update since the start by
-        1 - shrink (W, b about their start; B about zero, which scales s B A), keep it if the
-        held-out loss is lower."""
+        """For each expert index e: shrink every module's e-th update since the start (W, b
+        scaled by 1 - shrink about their start; a LoRA pair as `shrunk_b` says), keep it if
+        the held-out loss is lower."""
         base = self.heldout_value(heldout_fn)
         for e in range(self.E):
             keys = [k for row in self.experts for k in row[e] if k[1] in ("W", "b", "B")]
             saved = {k: self.P[k] for k in keys}
             for k in keys:
-                o = self.origin[k] if k[1] != "B" else torch.zeros_like(self.P[k])
-                self.P[k] = o + (1 - self.shrink) * (saved[k] - o)
+                if k[1] == "B":
+                    self.P[k] = self.shrunk_b(k)
+                else:
+                    self.P[k] = self.origin[k] + (1 - self.shrink) * (saved[k] - self.origin[k])
             trial = self.heldout_value(heldout_fn)
             self.shrink_trials[e] += 1
             if trial < base:
@@ -319,15 +333,16 @@ LOCKSTEP = {
 }
 
 
-@pytest.mark.parametrize("shrink", [0.0, 0.1])  # held-out shrinkage off, and the default
+# held-out shrinkage off, the default (LoRA spectral) and LoRA scaled (format version 5)
+@pytest.mark.parametrize("shrink,spectral", [(0.0, True), (0.1, True), (0.1, False)])
 @pytest.mark.parametrize("horizon", [0.0, 0.4])  # 0: the fixed decay; 0.4: it grows from window 6 on
 @pytest.mark.parametrize("case", list(LOCKSTEP))
-def test_lockstep_with_float64_reference(case, horizon, shrink):
+def test_lockstep_with_float64_reference(case, horizon, shrink, spectral):
     ranks, fft, lr, lora_lr, wd, lora_wd = LOCKSTEP[case]
-    dims, wrapped, K, D, dwell, steps = (4, 8, 8, 2), ("0", "2"), 3, 0.7, 4, 40  # layer "4" stays unrouted
+    dims, wrapped, K, D, dwell, steps = (4, 8, 8, 2), ("0", "2"), 3, 0.7, 4, 60  # layer "4" stays unrouted
     model = build(dims, wrapped, ranks, fft)
     ref = Reference(model, dims, wrapped, ranks, fft, lr=lr, lora_lr=lora_lr, wd=wd, lora_wd=lora_wd,
-                    every=K, decay=D, horizon=horizon, min_dwell=dwell, shrink=shrink)
+                    every=K, decay=D, horizon=horizon, min_dwell=dwell, shrink=shrink, spectral=spectral)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert bool(frozen) == (not fft)
     train, (xh, yh) = teacher_data(dims, seed=0)
@@ -339,8 +354,9 @@ def test_lockstep_with_float64_reference(case, horizon, shrink):
 
     opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lora_lr, weight_decay=wd, lora_weight_decay=lora_wd,
                          heldout=heldout, heldout_every=K, heldout_decay=D, heldout_horizon=horizon, min_dwell=dwell,
-                         heldout_shrink=shrink)
+                         heldout_shrink=shrink, heldout_shrink_spectral=spectral)
     assert opt.router.policy == "heldout" and opt.router.min_dwell == dwell
+    assert opt.ledger.shrink_spectral == spectral
     assert opt.ledger.heldout_horizon == horizon and opt.ledger.heldout_shrink == shrink
     assert opt.router.incumbents().all()
     wins = opt.ledger.wins().copy()
@@ -665,6 +681,8 @@ def ok_heldout():
         dict(heldout=ok_heldout, heldout_shrink=1.0),
         dict(heldout=ok_heldout, heldout_shrink=-0.1),
         dict(heldout=ok_heldout, heldout_shrink=float("nan")),
+        dict(heldout=ok_heldout, heldout_shrink_spectral=1),
+        dict(heldout=ok_heldout, heldout_shrink_spectral="yes"),
         dict(heldout="not a callable"),
         dict(heldout=ok_heldout, min_dwell=-1),
     ],
@@ -680,7 +698,7 @@ def test_heldout_defaults():
     opt = molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout)
     assert opt.router.policy == "heldout" and opt.router.min_dwell == 3 * 10
     assert opt.ledger.heldout_decay == 0.5 and opt.ledger.heldout_horizon == 0.25
-    assert opt.ledger.heldout_shrink == 0.1
+    assert opt.ledger.heldout_shrink == 0.1 and opt.ledger.shrink_spectral
     opt = molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout, policy="heldout", heldout_every=2, heldout_decay=0.0)
     assert opt.router.min_dwell == 6 and opt.ledger.heldout_decay == 0.0
     opt = molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout, heldout_every=2, min_dwell=0)
@@ -978,3 +996,53 @@ def test_shrink_without_the_starting_point_is_a_state_error():
     with pytest.raises(molf.StateError, match="starting point"):
         train(model, other, range(5, 9))
 
+
+
+@pytest.mark.parametrize("out,r,inp", [(8, 4, 16), (16, 32, 8), (3, 5, 7), (6, 2, 6)])
+def test_spectral_shrink_soft_thresholds_the_product(out, r, inp):
+    """B' A is B A with its singular values soft-thresholded by δ x the largest, written
+    plainly (the SVD of the whole product), and B moves by (ΔW' − ΔW) A⁺ only, also where
+    r exceeds a side of the product; batched; a zero B (nothing learned) stays zero."""
+    gen = torch.Generator().manual_seed(out * 100 + r)
+    b = torch.randn(3, out, r, generator=gen, dtype=torch.float64)
+    a = torch.randn(3, r, inp, generator=gen, dtype=torch.float64)
+    got = spectral_shrink_b(b, a, 0.3)
+    for k in range(3):
+        dw = b[k] @ a[k]
+        u, sv, vh = torch.linalg.svd(dw, full_matrices=False)
+        want = u @ torch.diag((sv - 0.3 * sv[0]).clamp_min(0)) @ vh
+        torch.testing.assert_close(got[k] @ a[k], want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[k], b[k] + (want - dw) @ torch.linalg.pinv(a[k]), rtol=0, atol=1e-12)
+        # the largest singular value shrinks by the factor 1 - δ, the weakest ones vanish
+        new = torch.linalg.svdvals(got[k] @ a[k])
+        assert math.isclose(float(new[0]), 0.7 * float(sv[0]), rel_tol=1e-12)
+        assert (new <= sv + 1e-12).all()
+    assert torch.equal(spectral_shrink_b(torch.zeros(4, 2), torch.ones(2, 5), 0.1), torch.zeros(4, 2))
+
+
+def test_checkpoint_decides_how_lora_is_shrunk():
+    """The ledger carries the kind of LoRA shrink trial: a checkpoint saved with
+    heldout_shrink_spectral=False (as every checkpoint of format version 5 loads) resumes
+    scaling, bitwise as the uninterrupted run; spectral trials give another run."""
+    def opt_for(model, **kw):
+        return molf.MoLFAdamW(model, lr=3e-2, heldout=shifted_heldout(model), heldout_every=4, **kw)
+
+    def whole_run(spectral):
+        model = make_net((2, 4), False)
+        opt = opt_for(model, heldout_shrink_spectral=spectral)
+        train(model, opt, range(1, 17))
+        return model, opt
+
+    model = make_net((2, 4), False)
+    saved = opt_for(model, heldout_shrink_spectral=False)
+    train(model, saved, range(1, 9))
+    resumed = opt_for(model)
+    assert resumed.ledger.shrink_spectral
+    resumed.load_state_dict(saved.state_dict())
+    assert not resumed.ledger.shrink_spectral
+    train(model, resumed, range(9, 17))
+    scaled, scaled_opt = whole_run(False)
+    assert_bitwise_equal(model, scaled)
+    spectral, spectral_opt = whole_run(True)
+    assert spectral_opt.ledger.shrinks().sum() > 0 and scaled_opt.ledger.shrinks().sum() > 0
+    assert any(not torch.equal(p, q) for p, q in zip(spectral.parameters(), scaled.parameters()))

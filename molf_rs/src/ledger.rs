@@ -43,10 +43,17 @@ pub struct Ledger {
     /// Per expert: shrink trials recorded, and how many of them were kept.
     shrink_trials: Vec<u64>,
     shrinks: Vec<u64>,
+    /// How a shrink trial shrinks a LoRA expert's product s·B·A (the tensor side applies
+    /// it): true soft-thresholds its singular values by `heldout_shrink` × the largest (a
+    /// nuclear-norm proximal step), false scales it by 1 − `heldout_shrink`.
+    shrink_spectral: bool,
 }
 
 /// Default held-out shrink: a trial scales an expert's update since the start by 0.9.
 pub const DEFAULT_HELDOUT_SHRINK: f64 = 0.1;
+
+/// Default LoRA shrink trial: spectral (see `Ledger::shrink_spectral`).
+pub const DEFAULT_SHRINK_SPECTRAL: bool = true;
 
 /// Default decay of the held-out EMA: a window's measurement counts as much as all before.
 pub const DEFAULT_HELDOUT_DECAY: f64 = 0.5;
@@ -77,6 +84,7 @@ pub struct LedgerParts {
     pub heldout_shrink: f64,
     pub shrink_trials: Vec<u64>,
     pub shrinks: Vec<u64>,
+    pub shrink_spectral: bool,
 }
 
 /// Aggregates for logs; see `Ledger::summary`.
@@ -118,6 +126,7 @@ impl PartialEq for Ledger {
             && self.heldout_shrink.to_bits() == other.heldout_shrink.to_bits()
             && self.shrink_trials == other.shrink_trials
             && self.shrinks == other.shrinks
+            && self.shrink_spectral == other.shrink_spectral
     }
 }
 
@@ -176,7 +185,14 @@ impl Ledger {
             heldout_shrink: DEFAULT_HELDOUT_SHRINK,
             shrink_trials: filled(e, 0, "shrink_trials")?,
             shrinks: filled(e, 0, "shrinks")?,
+            shrink_spectral: DEFAULT_SHRINK_SPECTRAL,
         })
+    }
+
+    /// The same ledger with another kind of LoRA shrink trial (see `shrink_spectral`).
+    pub fn with_shrink_spectral(mut self, spectral: bool) -> Self {
+        self.shrink_spectral = spectral;
+        self
     }
 
     /// The same ledger with another held-out shrink fraction (see `record_shrink`).
@@ -310,15 +326,18 @@ impl Ledger {
             heldout_shrink: p.heldout_shrink,
             shrink_trials: p.shrink_trials,
             shrinks: p.shrinks,
+            shrink_spectral: p.shrink_spectral,
         })
     }
 
     /// Decides one held-out shrink trial of `expert`: `base` is the held-out loss as the
-    /// parameters are, `trial` the loss with the expert's update since the start (its dense
-    /// weights' distance from where training began, its LoRA product) scaled by
-    /// 1 − `heldout_shrink`. The scaled update is kept when it lowers the loss: an L2 pull
-    /// towards the starting point whose strength the held-out data chooses, one expert at
-    /// a time. A NaN on either side keeps the update as it is.
+    /// parameters are, `trial` the loss with the expert's update since the start shrunk
+    /// (its dense weights' distance from where training began scaled by
+    /// 1 − `heldout_shrink`; its LoRA product's singular values soft-thresholded by
+    /// `heldout_shrink` × the largest, or with `shrink_spectral` false scaled like the
+    /// dense update). The shrunk update is kept when it lowers the loss: a pull towards
+    /// the starting point (towards a lower rank, for LoRA) whose strength the held-out data
+    /// chooses, one expert at a time. A NaN on either side keeps the update as it is.
     pub fn record_shrink(&mut self, expert: usize, base: f64, trial: f64) -> Result<bool> {
         if self.heldout_shrink == 0.0 {
             return Err(Error::Config("heldout_shrink is 0: there are no shrink trials".into()));
@@ -554,6 +573,10 @@ impl Ledger {
     pub fn shrinks(&self) -> &[u64] {
         &self.shrinks
     }
+    /// How a shrink trial shrinks a LoRA expert's product: spectrally (true) or by scaling.
+    pub fn shrink_spectral(&self) -> bool {
+        self.shrink_spectral
+    }
 
     /// The state as `from_parts` takes it (tests build variants of a ledger from it).
     #[cfg(test)]
@@ -579,6 +602,7 @@ impl Ledger {
             heldout_shrink: self.heldout_shrink,
             shrink_trials: self.shrink_trials.clone(),
             shrinks: self.shrinks.clone(),
+            shrink_spectral: self.shrink_spectral,
         }
     }
 }

@@ -25,7 +25,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use crate::error::{at_least, Error};
-use crate::ledger::{Ledger, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_SHRINK};
+use crate::ledger::{
+    Ledger, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_SHRINK, DEFAULT_SHRINK_SPECTRAL,
+};
 use crate::phase::PHASES;
 use crate::router::{Policy, Router, RouterConfig, POLICIES};
 
@@ -502,6 +504,7 @@ impl PyLedger {
         heldout_decay = DEFAULT_HELDOUT_DECAY,
         heldout_horizon = DEFAULT_HELDOUT_HORIZON,
         heldout_shrink = DEFAULT_HELDOUT_SHRINK,
+        shrink_spectral = DEFAULT_SHRINK_SPECTRAL,
     ))]
     fn new(
         num_modules: Int,
@@ -510,6 +513,7 @@ impl PyLedger {
         heldout_decay: f64,
         heldout_horizon: f64,
         heldout_shrink: f64,
+        shrink_spectral: bool,
     ) -> PyResult<Self> {
         guarded(|| {
             Ok(PyLedger::wrap(
@@ -520,7 +524,8 @@ impl PyLedger {
                 )?
                 .with_heldout_decay(heldout_decay)?
                 .with_heldout_horizon(heldout_horizon)?
-                .with_heldout_shrink(heldout_shrink)?,
+                .with_heldout_shrink(heldout_shrink)?
+                .with_shrink_spectral(shrink_spectral),
             ))
         })
     }
@@ -570,6 +575,10 @@ impl PyLedger {
     #[getter]
     fn heldout_shrink(&self) -> f64 {
         self.ledger().heldout_shrink()
+    }
+    #[getter]
+    fn shrink_spectral(&self) -> bool {
+        self.ledger().shrink_spectral()
     }
     fn shrink_trials<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
         PyArray1::from_slice(py, self.ledger().shrink_trials())

@@ -3,7 +3,7 @@
 //! Layout, all little-endian:
 //!
 //! ```text
-//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 5) | payload length: u64
+//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 6) | payload length: u64
 //!        | payload | checksum: u64 = FNV-1a 64 over every byte before it
 //! ```
 //!
@@ -29,7 +29,10 @@
 //! to heldout_windows (the one global count their decay followed).
 //! Version 5 appends heldout_shrink f64, shrink_trials u64×E, shrinks u64×E (per expert:
 //! held-out shrink trials and those kept); versions 1 to 4 load with shrink 0 (no trials,
-//! as they ran) and zero counts. The router payload is as in version 3.
+//! as they ran) and zero counts.
+//! Version 6 appends shrink_spectral u8 (0/1: how a shrink trial shrinks a LoRA product);
+//! versions 1 to 5 load with 0 (the scaling trial version 5 ran). The router payload is as
+//! in version 3.
 //!
 //! Floats are stored as their IEEE bit patterns, so NaN payloads and signed zeros survive.
 //! Decoding is strict: one encoding per state (flags and bools must be exactly 0 or 1, no
@@ -40,8 +43,8 @@ use crate::ledger::{Ledger, LedgerParts, DEFAULT_HELDOUT_DECAY};
 use crate::router::{Policy, Router, RouterConfig};
 
 pub const MAGIC: &[u8; 4] = b"MOLF";
-pub const FORMAT_VERSION: u16 = 5;
-pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3, 4, 5];
+pub const FORMAT_VERSION: u16 = 6;
+pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3, 4, 5, 6];
 
 const HEADER_LEN: usize = 4 + 1 + 2 + 8;
 const CHECKSUM_LEN: usize = 8;
@@ -389,6 +392,7 @@ impl Ledger {
         w.f64(self.heldout_shrink());
         w.u64s(self.shrink_trials());
         w.u64s(self.shrinks());
+        w.bools(&[self.shrink_spectral()]);
         w.finish()
     }
 
@@ -405,14 +409,15 @@ impl Ledger {
         let checksum = r.u64()?;
         // Per entry: 3 arrays of 8-byte cells + 1 of 1-byte cells (version >= 2: + the
         // held-out EMA; from version 4: + the held-out span); per module: 3 of 8 bytes;
-        // held-out scalars: 16 bytes in version 2, 24 in versions 3 and 4, 32 from version 5,
-        // which adds 2 per-expert counters of 8 bytes.
+        // held-out scalars: 16 bytes in version 2, 24 in versions 3 and 4, 32 in version 5,
+        // which adds 2 per-expert counters of 8 bytes, 33 from version 6.
         let (per_entry, per_expert, fixed) = match version {
             1 => (25, 0, 0),
             2 => (33, 0, 16),
             3 => (33, 0, 24),
             4 => (41, 0, 24),
-            _ => (41, 16, 32),
+            5 => (41, 16, 32),
+            _ => (41, 16, 33),
         };
         let (m, entries) = r.shape(num_modules, num_experts, [per_entry, 24, per_expert, fixed])?;
         let floats = |v: Vec<u64>| v.into_iter().map(f64::from_bits).collect();
@@ -444,6 +449,8 @@ impl Ledger {
             let e = if m == 0 { 0 } else { entries / m };
             (0.0, vec![0; e], vec![0; e])
         };
+        // Before version 6 a trial scaled a LoRA product: such a run continues so.
+        let shrink_spectral = version >= 6 && r.bools(1, "shrink_spectral")?[0];
         Ledger::from_parts(LedgerParts {
             num_modules,
             num_experts,
@@ -465,6 +472,7 @@ impl Ledger {
             heldout_shrink,
             shrink_trials,
             shrinks,
+            shrink_spectral,
         })
     }
 }
@@ -492,13 +500,13 @@ mod tests {
         assert!(
             matches!(Ledger::from_bytes(&bytes), Err(Error::State(m)) if m.contains("is a router"))
         );
-        assert_eq!(bytes[5..7], 5u16.to_le_bytes());
-        let mut v6 = bytes.clone();
-        v6[5] = 6;
-        assert!(matches!(Router::from_bytes(&v6), Err(Error::State(m)) if m.contains("version 6")));
-        // Versions 3 and 4 have version 5's router payload.
+        assert_eq!(bytes[5..7], 6u16.to_le_bytes());
+        let mut v7 = bytes.clone();
+        v7[5] = 7;
+        assert!(matches!(Router::from_bytes(&v7), Err(Error::State(m)) if m.contains("version 7")));
+        // Versions 3 to 5 have version 6's router payload.
         let body = payload(&bytes);
-        for version in [3, 4] {
+        for version in [3, 4, 5] {
             assert_eq!(
                 Router::from_bytes(&envelope(Kind::Router, version, body)).unwrap(),
                 r
@@ -546,18 +554,26 @@ mod tests {
         &bytes[HEADER_LEN..bytes.len() - CHECKSUM_LEN]
     }
 
+    /// A ledger's payload as version 5 wrote it: version 6's without its last byte
+    /// (shrink_spectral).
+    fn v5_payload(l: &Ledger) -> Vec<u8> {
+        let bytes = l.to_bytes();
+        let body = payload(&bytes);
+        body[..body.len() - 1].to_vec()
+    }
+
     /// A ledger's payload as version 4 wrote it: version 5's without its shrink tail
     /// (heldout_shrink f64, shrink_trials and shrinks u64×E).
     fn v4_payload(l: &Ledger) -> Vec<u8> {
-        let bytes = l.to_bytes();
-        let body = payload(&bytes);
+        let body = v5_payload(l);
         body[..body.len() - 8 - 16 * l.num_experts()].to_vec()
     }
 
-    /// `l` as a version-4 load gives it: no shrink trials.
+    /// `l` as a version-4 load gives it: no shrink trials (and the scaling LoRA trial).
     fn without_shrink(l: &Ledger) -> Ledger {
         Ledger::from_parts(LedgerParts {
             heldout_shrink: 0.0,
+            shrink_spectral: false,
             ..l.parts()
         })
         .unwrap()
@@ -589,9 +605,9 @@ mod tests {
             .unwrap();
         l.record_heldout(&[-1.5, 2.0], &[true, false]).unwrap();
         assert_eq!(l.heldout_span(), [1, 0]);
-        let v5 = l.to_bytes();
-        assert_eq!(v5[5..7], 5u16.to_le_bytes());
-        assert_eq!(Ledger::from_bytes(&v5).unwrap(), l);
+        let v6 = l.to_bytes();
+        assert_eq!(v6[5..7], 6u16.to_le_bytes());
+        assert_eq!(Ledger::from_bytes(&v6).unwrap(), l);
         // Version 2 lacks the horizon (8 bytes) and the spans (8 bytes an entry).
         let body = v4_payload(&l);
         let v2_len = body.len() - 8 - 8 * 2;
@@ -603,6 +619,7 @@ mod tests {
             heldout_horizon: 0.0,
             heldout_span: vec![1, 1],
             heldout_shrink: 0.0,
+            shrink_spectral: false,
             ..l.parts()
         });
         assert_eq!(back, want.unwrap());
@@ -631,7 +648,7 @@ mod tests {
     fn version_4_ledger_round_trips_the_span() {
         let l = paused_ledger();
         let bytes = l.to_bytes();
-        assert_eq!(bytes[5..7], 5u16.to_le_bytes());
+        assert_eq!(bytes[5..7], 6u16.to_le_bytes());
         // Version 4's payload ends with heldout_horizon f64, then heldout_span u64×(M·E).
         let body = v4_payload(&l);
         assert_eq!(
@@ -671,14 +688,15 @@ mod tests {
         let want = Ledger::from_parts(LedgerParts {
             heldout_span: vec![4; 3],
             heldout_shrink: 0.0,
+            shrink_spectral: false,
             ..l.parts()
         })
         .unwrap();
         assert_eq!(back, want);
         assert_ne!(back, l);
-        // Saved again, it is version 5 data that loads as it is.
+        // Saved again, it is version 6 data that loads as it is.
         let again = back.to_bytes();
-        assert_eq!(again[5..7], 5u16.to_le_bytes());
+        assert_eq!(again[5..7], 6u16.to_le_bytes());
         assert_eq!(Ledger::from_bytes(&again).unwrap(), back);
         // Version 4 data cut back to version 3's length is rejected, not misread, as is every
         // shorter or longer version 4 payload; version 3 data with the spans appended too.
@@ -809,10 +827,10 @@ mod tests {
     fn version_3_router_round_trips_expert_last_change() {
         let r = staggered_heldout_router();
         let bytes = r.to_bytes();
-        assert_eq!(bytes[5..7], 5u16.to_le_bytes());
+        assert_eq!(bytes[5..7], 6u16.to_le_bytes());
         let body = payload(&bytes);
-        // Versions 4 and 5 keep version 3's router payload.
-        for version in [3, 4] {
+        // Versions 4 to 6 keep version 3's router payload.
+        for version in [3, 4, 5] {
             assert_eq!(
                 Router::from_bytes(&envelope(Kind::Router, version, body)).unwrap(),
                 r
@@ -850,13 +868,13 @@ mod tests {
         assert_eq!(back.last_change(), [3, 4]);
         // Each expert starts from its module's last change.
         assert_eq!(back.expert_last_change(), [3, 3, 4, 4]);
-        // Saved again, it is version 5 data that loads as it is.
+        // Saved again, it is version 6 data that loads as it is.
         let again = back.to_bytes();
-        assert_eq!(again[5..7], 5u16.to_le_bytes());
+        assert_eq!(again[5..7], 6u16.to_le_bytes());
         assert_eq!(Router::from_bytes(&again).unwrap(), back);
-        // Version 3 to 5 data lacking the array (cut back to version 2's length) is rejected,
-        // as is every shorter or longer version 3 to 5 payload.
-        for version in [3, 4, 5] {
+        // Version 3 to 6 data lacking the array (cut back to version 2's length) is rejected,
+        // as is every shorter or longer version 3 to 6 payload.
+        for version in [3, 4, 5, 6] {
             let cut = envelope(Kind::Router, version, &body[..body.len() - 8 * 4]);
             assert!(matches!(Router::from_bytes(&cut), Err(Error::State(_))));
             for n in 0..body.len() {
@@ -922,8 +940,8 @@ mod tests {
     fn version_5_ledger_round_trips_the_shrink_books() {
         let l = shrunk_ledger();
         let bytes = l.to_bytes();
-        let body = payload(&bytes);
-        // The payload ends with heldout_shrink f64, shrink_trials u64×E, shrinks u64×E.
+        let body = &v5_payload(&l)[..];
+        // Version 5's payload ends with heldout_shrink f64, shrink_trials u64×E, shrinks u64×E.
         let tail: Vec<u64> = body[body.len() - 8 * 4..]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
@@ -936,6 +954,9 @@ mod tests {
         assert_eq!(back.shrink_trials(), [2, 1]);
         assert_eq!(back.shrinks(), [1, 1]);
         assert_eq!(back.to_bytes(), bytes);
+        // Version 5 data loads with the books and the scaling LoRA trial it ran.
+        let v5 = Ledger::from_bytes(&envelope(Kind::Ledger, 5, body)).unwrap();
+        assert_eq!(v5, l.clone().with_shrink_spectral(false));
         // Version 4 data (the tail cut) loads without shrink trials, and version 5 data cut
         // to version 4's length, or to any other length, is rejected.
         let v4 = v4_payload(&l);
@@ -951,9 +972,33 @@ mod tests {
     }
 
     #[test]
+    fn version_6_ledger_round_trips_the_kind_of_lora_trial() {
+        for spectral in [true, false] {
+            let l = shrunk_ledger().with_shrink_spectral(spectral);
+            assert_eq!(l.shrink_spectral(), spectral);
+            let bytes = l.to_bytes();
+            let body = payload(&bytes);
+            assert_eq!(body[body.len() - 1], u8::from(spectral));
+            let back = Ledger::from_bytes(&bytes).unwrap();
+            assert_eq!((back.shrink_spectral(), &back), (spectral, &l));
+        }
+        assert!(Ledger::new(1, 1, 0.5).unwrap().shrink_spectral());
+        // A flag byte other than 0 or 1, and version 6 data without it, are rejected.
+        let bytes = shrunk_ledger().to_bytes();
+        let mut body = payload(&bytes).to_vec();
+        *body.last_mut().unwrap() = 2;
+        assert!(matches!(
+            Ledger::from_bytes(&envelope(Kind::Ledger, 6, &body)),
+            Err(Error::State(m)) if m.contains("shrink_spectral")
+        ));
+        body.pop();
+        assert!(matches!(Ledger::from_bytes(&envelope(Kind::Ledger, 6, &body)), Err(Error::State(_))));
+    }
+
+    #[test]
     fn corrupt_shrink_books_are_rejected() {
         let l = shrunk_ledger();
-        let body = payload(&l.to_bytes()).to_vec();
+        let body = v5_payload(&l);
         let n = body.len();
         let with = |at: usize, v: u64| {
             let mut b = body.clone();

@@ -16,8 +16,9 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
         any::<u8>(),
         prop_oneof![Just(0.0), 0.0f64..1.0],
         prop::collection::vec((any::<u8>(), -1.0f64..1.0), 0..6),
+        any::<bool>(),
     )
-        .prop_map(|((cfg, steps), decay, horizon, windows, shrink, trials)| {
+        .prop_map(|((cfg, steps), decay, horizon, windows, shrink, trials, spectral)| {
             let mut r = Router::new(cfg).unwrap();
             let mut l = Ledger::new(cfg.num_modules, cfg.num_experts, decay)
                 .unwrap()
@@ -26,7 +27,8 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
                 .with_heldout_horizon(horizon)
                 .unwrap()
                 .with_heldout_shrink(shrink)
-                .unwrap();
+                .unwrap()
+                .with_shrink_spectral(spectral);
             if shrink > 0.0 {
                 for (e, loss) in trials {
                     l.record_shrink(usize::from(e) % l.num_experts(), 0.0, loss).unwrap();
@@ -92,10 +94,13 @@ proptest! {
         prop_assert_eq!(r2.to_bytes(), rb);
         prop_assert_eq!(&l2.to_bytes(), &lb);
         prop_assert_eq!(l2.heldout_span(), l.heldout_span());
-        // Format 5: the ledger payload ends with the spans, u64 × (M·E), then the shrink,
-        // f64, and the shrink counters, u64 × E twice, before the checksum.
+        // Format 6: the ledger payload ends with the spans, u64 × (M·E), then the shrink,
+        // f64, the shrink counters, u64 × E twice, and the kind of LoRA trial, one byte,
+        // before the checksum.
         let n = l.num_modules() * l.num_experts();
-        let tail = 8 + 16 * l.num_experts();
+        let tail = 8 + 16 * l.num_experts() + 1;
+        prop_assert_eq!(lb[lb.len() - 9], u8::from(l.shrink_spectral()));
+        prop_assert_eq!(l2.shrink_spectral(), l.shrink_spectral());
         let end = lb.len() - 8 - tail;
         let spans: Vec<u64> = lb[end - 8 * n..end]
             .chunks_exact(8)
@@ -111,12 +116,12 @@ proptest! {
     #[test]
     fn version_3_ledgers_load_with_the_window_count_as_span((_r, l) in states()) {
         // Version 3's ledger payload is version 4's without the spans (M·E·8 bytes), and
-        // version 4's is version 5's without the shrink tail (8 + E·16 bytes).
+        // version 4's is version 6's without the shrink tail (8 + E·16 + 1 bytes).
         let lb = l.to_bytes();
-        prop_assert_eq!(lb[5..7].to_vec(), 5u16.to_le_bytes().to_vec());
+        prop_assert_eq!(lb[5..7].to_vec(), 6u16.to_le_bytes().to_vec());
         let n = l.num_modules() * l.num_experts();
         let full = &lb[15..lb.len() - 8];
-        let payload = &full[..full.len() - 8 - 16 * l.num_experts()];
+        let payload = &full[..full.len() - 8 - 16 * l.num_experts() - 1];
         let v3 = &payload[..payload.len() - 8 * n];
         let back = Ledger::from_bytes(&seal_version(2, 3, v3)).unwrap();
         prop_assert!(back.heldout_span().iter().all(|&s| s == l.heldout_windows()));
@@ -124,14 +129,14 @@ proptest! {
         prop_assert_eq!(back.heldout_windows(), l.heldout_windows());
         prop_assert_eq!(back.step(), l.step());
         prop_assert_eq!(back.checksum(), l.checksum());
-        // Re-saved as version 5, it is the version 3 payload followed by those spans and
-        // no shrink trials.
+        // Re-saved as version 6, it is the version 3 payload followed by those spans, no
+        // shrink trials and the scaling LoRA trial.
         let mut want = v3.to_vec();
         for _ in 0..n {
             want.extend(l.heldout_windows().to_le_bytes());
         }
         want.extend(0.0f64.to_le_bytes());
-        want.extend(vec![0u8; 16 * l.num_experts()]);
+        want.extend(vec![0u8; 16 * l.num_experts() + 1]);
         let again = back.to_bytes();
         prop_assert_eq!(&again[15..again.len() - 8], want.as_slice());
         // Version 4 data cut back to version 3's length is rejected, not misread (when
@@ -203,7 +208,7 @@ proptest! {
     }
 
     #[test]
-    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 6u16..) {
+    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 7u16..) {
         let msg = |e: Error| e.to_string();
         prop_assert!(msg(Ledger::from_bytes(&r.to_bytes()).unwrap_err()).contains("is a router"));
         prop_assert!(msg(Router::from_bytes(&l.to_bytes()).unwrap_err()).contains("is a ledger"));
@@ -214,7 +219,7 @@ proptest! {
             msg(Router::from_bytes(&reseal(rb)).unwrap_err()),
             msg(Ledger::from_bytes(&reseal(lb)).unwrap_err()),
         ] {
-            prop_assert!(m.contains(&format!("version {version}")) && m.contains("[1, 2, 3, 4, 5]"), "{}", m);
+            prop_assert!(m.contains(&format!("version {version}")) && m.contains("[1, 2, 3, 4, 5, 6]"), "{}", m);
         }
     }
 }

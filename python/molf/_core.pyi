@@ -244,6 +244,10 @@ class Ledger:
         heldout_shrink: in ``[0, 1)``, the fraction by which a held-out shrink trial
             scales an expert's update back (see :meth:`record_shrink`); 0: no trials
             (what checkpoints of format version 1 to 4 load with).
+        shrink_spectral: how a shrink trial shrinks a LoRA expert's product (the
+            optimizer applies it): True soft-thresholds its singular values by
+            ``heldout_shrink`` x the largest, False scales it by ``1 - heldout_shrink``
+            (what checkpoints of format version 1 to 5 load with).
 
     Raises:
         ConfigError: an argument out of range.
@@ -257,15 +261,18 @@ class Ledger:
         heldout_decay: float = 0.5,
         heldout_horizon: float = 0.25,
         heldout_shrink: float = 0.1,
+        shrink_spectral: bool = True,
     ) -> None: ...
     @property
     def heldout_decay(self) -> float: ...
     @property
     def heldout_shrink(self) -> float: ...
+    @property
+    def shrink_spectral(self) -> bool: ...
     def record_shrink(self, expert: int, base: float, trial: float) -> bool:
         """Decides one held-out shrink trial of ``expert``: ``base`` is the held-out loss
         as the parameters are, ``trial`` the loss with the expert's update since the start
-        scaled by ``1 - heldout_shrink``. True (keep the scaled update) iff
+        shrunk (see ``shrink_spectral``). True (keep the shrunk update) iff
         ``trial < base``; a NaN on either side keeps the update as it is. Counted in
         :meth:`shrink_trials` and :meth:`shrinks`.
 

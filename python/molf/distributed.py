@@ -51,6 +51,14 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def local_part(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of `whole` laid out as the DTensor `like` (every rank passes the
+    same `whole`), or `whole` itself when `like` is not sharded."""
+    if not is_sharded(like):
+        return whole
+    return distribute_tensor(whole, like.device_mesh, like.placements).to_local()
+
+
 def _shard_dims(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(i for i, placement in enumerate(p.placements) if placement.is_shard())
 

@@ -52,11 +52,26 @@ from .wrap import expert_tag
 if TYPE_CHECKING:
     from .optimizer import MoLFAdamW
 
-__all__ = ["HeldoutProbe", "THETA_KEY", "GRAD_KEY", "ORIGIN_KEY"]
+__all__ = ["HeldoutProbe", "spectral_shrink_b", "THETA_KEY", "GRAD_KEY", "ORIGIN_KEY"]
 
 THETA_KEY = "heldout_theta"
 GRAD_KEY = "heldout_grad"
 ORIGIN_KEY = "heldout_origin"
+
+
+def spectral_shrink_b(b: torch.Tensor, a: torch.Tensor, delta: float) -> torch.Tensor:
+    """B' with B'·A = the product B·A with its singular values soft-thresholded by
+    δ x its largest, σ_j ← max(σ_j − δ σ_1, 0): the largest shrinks by the factor 1 − δ, as
+    scaling would shrink it, and every other by the same amount, so the weakest directions
+    vanish first (a nuclear-norm proximal step). B' = B + (ΔW' − ΔW) A⁺, through thin QR
+    factors of B and Aᵀ: the SVD is of an r x r core, never of the out x in product.
+    Batched over leading dimensions; b: (..., out, r), a: (..., r, in)."""
+    qb, rb = torch.linalg.qr(b)  # B = Q_B R_B
+    qa, ra = torch.linalg.qr(a.mT)  # Aᵀ = Q_A R_A, so B A = Q_B (R_B R_Aᵀ) Q_Aᵀ
+    u, sv, vh = torch.linalg.svd(rb @ ra.mT, full_matrices=False)
+    change = (sv - delta * sv[..., :1]).clamp_min(0) - sv
+    # Q_Aᵀ A⁺ = (R_Aᵀ)⁺ (A = R_Aᵀ Q_Aᵀ with Q_A orthonormal).
+    return b + qb @ (u * change.unsqueeze(-2)) @ vh @ torch.linalg.pinv(ra.mT)
 
 
 class HeldoutProbe:
@@ -114,17 +129,20 @@ class HeldoutProbe:
 
     @torch.no_grad()
     def _shrink(self, opt: MoLFAdamW) -> None:
-        """One shrink trial per expert index (see the module docstring): the tensors whose
-        scaling scales the expert's update are its dense weight and bias, about where they
-        started, and its LoRA B, about zero."""
-        keep = 1.0 - opt.ledger.heldout_shrink
+        """One shrink trial per expert index (see the module docstring): a dense expert's
+        weight and bias scaled about where they started; a LoRA expert's B rewritten so that
+        its product's spectrum is soft-thresholded (a ledger saved before format version 6:
+        B scaled about zero, which scales the product)."""
+        delta = opt.ledger.heldout_shrink
+        spectral = opt.ledger.shrink_spectral
         E = opt._shape[1]
         active = opt.router.incumbents().reshape(-1)
-        # Per expert index: (tensor, its origin (None: zero), its θ at the last measurement
-        # if the expert is inactive). An inactive expert has not moved since then; a kept
-        # trial moves its θ there too, so the window counts it as not moved (its record
-        # takes in training movement only, and its span pauses).
-        by_expert: list[list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]] = [[] for _ in range(E)]
+        lora_a = {slot: p for _, p, slot in self._expert_tensors(opt) if expert_tag(p).part == "A"}
+        # Per expert index: (parameter, its origin (dense; None: LoRA's B), its LoRA A (None:
+        # dense), its θ at the last measurement if the expert is inactive). An inactive expert
+        # has not moved since then; a kept trial moves its θ there too, so the window counts
+        # it as not moved (its record takes in training movement only, and its span pauses).
+        by_expert: list[list[tuple]] = [[] for _ in range(E)]
         for _, p, slot in self._expert_tensors(opt):
             tag = expert_tag(p)
             state = opt.state[p]
@@ -137,23 +155,45 @@ class HeldoutProbe:
                         f"held-out shrinkage needs the starting point of {tag.module}'s dense weights, which "
                         "this optimizer state lacks (saved with heldout_shrink=0? pass heldout_shrink=0 again)"
                     )
-                by_expert[slot % E].append((distributed.to_local(p), distributed.to_local(state[ORIGIN_KEY]), theta))
+                by_expert[slot % E].append((p, distributed.to_local(state[ORIGIN_KEY]), None, theta))
             elif tag.part == "B":
-                by_expert[slot % E].append((distributed.to_local(p), None, theta))
+                by_expert[slot % E].append((p, None, lora_a[slot] if spectral else None, theta))
         base = self._value()
-        for e, tensors in enumerate(by_expert):
-            saved = [t.clone() for t, _, _ in tensors]
-            for (t, origin, _), s in zip(tensors, saved):
-                t.copy_(keep * s if origin is None else origin + keep * (s - origin))
+        for e, entries in enumerate(by_expert):
+            local = [distributed.to_local(p) for p, _, _, _ in entries]
+            saved = [t.clone() for t in local]
+            for t, value in zip(local, self._shrunk(entries, saved, delta)):
+                t.copy_(value)
             trial = self._value()
             if opt.ledger.record_shrink(e, base, trial):
                 base = trial
-                for t, _, theta in tensors:
+                for t, (_, _, _, theta) in zip(local, entries):
                     if theta is not None:
                         theta.copy_(t)
             else:
-                for (t, _, _), s in zip(tensors, saved):
+                for t, s in zip(local, saved):
                     t.copy_(s)
+
+    @staticmethod
+    def _shrunk(entries: list[tuple], saved: list[torch.Tensor], delta: float) -> list[torch.Tensor]:
+        """The trial's local value of each entry's tensor: scaled by 1 - δ about its origin
+        (zero for a LoRA B without its A), or a LoRA B spectrally shrunk with its A (whole
+        tensors: every rank computes the same result and keeps its own shard)."""
+        out: list[torch.Tensor | None] = [None] * len(entries)
+        groups: dict[tuple, list[int]] = {}
+        for i, ((p, origin, a, _), s) in enumerate(zip(entries, saved)):
+            if a is None:
+                out[i] = (1 - delta) * s if origin is None else origin + (1 - delta) * (s - origin)
+            else:
+                groups.setdefault((tuple(p.shape), tuple(a.shape), p.dtype), []).append(i)
+        for idx in groups.values():  # one batched decomposition per shape
+            bs = torch.stack([distributed.full(entries[i][0].detach()) for i in idx])
+            as_ = torch.stack([distributed.full(entries[i][2].detach()) for i in idx])
+            work = torch.promote_types(bs.dtype, torch.float32)
+            shrunk = spectral_shrink_b(bs.to(work), as_.to(work), delta).to(bs.dtype)
+            for i, b in zip(idx, shrunk):
+                out[i] = distributed.local_part(b, entries[i][0])
+        return out
 
     @staticmethod
     def _expert_tensors(opt: MoLFAdamW):

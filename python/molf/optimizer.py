@@ -176,10 +176,14 @@ class MoLFAdamW(torch.optim.Optimizer):
     step of it would lower the held-out loss (first order); a returning
     expert's record from before its drop then fades within a few windows.
     Before each measurement, held-out shrinkage: each expert's update since the
-    start (all modules together) is scaled by 1 - `heldout_shrink` (default 0.1;
-    0: off) and kept if the held-out loss falls (the closure is called 1 + E
-    more times, without a gradient, for E experts; a copy of the dense weights'
-    starting point is kept in the optimizer state). See `molf.heldout`.
+    start (all modules together) is shrunk and kept if the held-out loss falls:
+    a dense weight's distance from its start scaled by 1 - `heldout_shrink`
+    (default 0.1; 0: off), a LoRA product's singular values soft-thresholded by
+    `heldout_shrink` x its largest, so its weakest directions go first
+    (`heldout_shrink_spectral=False`: scaled like the dense update). The closure
+    is called 1 + E more times, without a gradient, for E experts; a copy of the
+    dense weights' starting point is kept in the optimizer state. See
+    `molf.heldout`.
     Without `heldout` the default is the paper's: `topk` experts per module win
     each step by `score` ("epd", the expected preconditioned descent, or
     "pfn"); `policy` "topk" ("paper" names it explicitly and requires score
@@ -251,6 +255,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         heldout_decay: float = 0.5,
         heldout_horizon: float = 0.25,
         heldout_shrink: float = 0.1,
+        heldout_shrink_spectral: bool = True,
     ) -> None:
         _check_number("lr", lr)
         _check_number("weight_decay", weight_decay)
@@ -271,6 +276,8 @@ class MoLFAdamW(torch.optim.Optimizer):
             raise ConfigError("policy 'heldout' needs heldout=, a callable returning a loss on held-out data")
         if heldout is not None and policy != "heldout":
             raise ConfigError(f"heldout= is used by policy 'heldout' only; got policy {policy!r}")
+        if not isinstance(heldout_shrink_spectral, bool):
+            raise ConfigError(f"heldout_shrink_spectral must be True or False, got {heldout_shrink_spectral!r}")
         self._probe = None if heldout is None else HeldoutProbe(heldout, heldout_every)
         self._state_init_step = False
         if min_dwell is None:
@@ -298,6 +305,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._ledger = Ledger(
             len(self.module_names), len(self.expert_names), ema_decay=ema_decay, heldout_decay=heldout_decay,
             heldout_horizon=heldout_horizon, heldout_shrink=heldout_shrink,
+            shrink_spectral=heldout_shrink_spectral,
         )
         if topk >= len(self.expert_names) and self._probe is None:
             warnings.warn(
