@@ -14,15 +14,22 @@ Every `every` routing steps the optimizer calls the user's `heldout()` closure
 
 Before each measurement, held-out shrinkage (`heldout_shrink` δ, default 0.1):
 for each expert index in turn (all modules together), its update since the
-start — a dense weight's distance from where training began, a LoRA pair's
-product s·B·A — is scaled by 1 − δ, the closure is evaluated once more (no
-backward), and the scaled update is kept if the held-out loss fell (the Ledger
-decides and counts). This is an L2 pull towards the starting point whose
-strength the held-out data chooses per expert: where an expert's update fits
-the training set's noise (little data, noisy labels), its total update shrinks
+start is shrunk, the closure is evaluated once more (no backward), and the
+shrunk update is kept if the held-out loss fell (the Ledger decides and
+counts). A dense expert's update — its weights' distance from where training
+began — is scaled by 1 − δ: an L2 pull towards the starting point. A LoRA
+expert's update, the product s·B·A, has its singular values soft-thresholded,
+σ_j ← max(σ_j − δ·σ_1, 0) (B changes, A stays; `spectral_shrink_b`): the
+largest shrinks by 1 − δ as under scaling, the others by the same amount, so
+the weakest directions — where a low-rank update fits the training set's noise
+— vanish first; a nuclear-norm proximal step towards a lower rank. (Ledgers
+saved before format version 6, or `heldout_shrink_spectral=False`, scale the
+product by 1 − δ instead.) The held-out data chooses the strength per expert:
+where an expert's update fits noise (little data, noisy labels), it shrinks
 window after window while the other expert goes on learning; where it helps,
-nothing is kept. A kept trial that scales a dropped expert does not count as its
-movement: the expert stays unmoved for the Ledger (its record and span pause).
+nothing is kept. A kept trial that shrinks a dropped expert does not count as
+its movement: the expert stays unmoved for the Ledger (its record and span
+pause).
 
 The Ledger smooths the realized descent (EMA over windows, experts that moved
 only; its span grows with the windows the expert has moved in since its last
