@@ -518,19 +518,23 @@ class SpecShrink:
                 else:
                     for (p, _), s in zip(self.dense, saved):
                         p.copy_(s)
+            # MODE softm: one trial per module and expert (an upper bound for per-module choice);
+            # softr: up to 3 trials in a row per expert while they are kept
+            groups = [[[pair] for pair in pairs] if self.mode == "softm" else [pairs] for pairs in self.pairs]
             for e in range(self.E):
-                if not self.pairs[e]:
-                    continue
-                saved = [b.detach().clone() for _, b in self.pairs[e]]
-                for a, b in self.pairs[e]:
-                    b.copy_(self.shrunk(a, b))
-                trial = float(self.inst.loss(self.model, self.inst.heldout))
-                if trial < base:
-                    base = trial
-                    self.shrinks[e] += 1
-                else:
-                    for (_, b), s in zip(self.pairs[e], saved):
-                        b.copy_(s)
+                for pairs in groups[e]:
+                    for _ in range(3 if self.mode == "softr" else 1):
+                        saved = [b.detach().clone() for _, b in pairs]
+                        for a, b in pairs:
+                            b.copy_(self.shrunk(a, b))
+                        trial = float(self.inst.loss(self.model, self.inst.heldout))
+                        if trial < base:
+                            base = trial
+                            self.shrinks[e] += 1
+                        else:
+                            for (_, b), s in zip(pairs, saved):
+                                b.copy_(s)
+                            break
         self.model.train(was)
 
 
