@@ -26,7 +26,10 @@ the validation instance only; env CACHE=dir: where the pre-trained LM is cached;
 DEVICE=cuda: run there; env SEEDS=a-b: those test seeds.
 Spec ``shrink:K:DELTA``: every K steps, each expert's update since the start (all modules
 together) scaled by 1 - DELTA, kept if the held-out loss falls (chained after a routing spec as
-``A+shrink:K:DELTA``: shipped as ``heldout_shrink``). Spec ``hg:K:BETA:LO:HI``: soft routing, a
+``A+shrink:K:DELTA``: shipped as ``heldout_shrink``). Spec ``sshrink:K:TAU[:MODE]``: the same, but
+a LoRA expert's product has its singular values soft-thresholded by TAU x its largest
+(``molf.heldout.spectral_shrink_b``); MODE ``softd`` scales the dense expert's update first (the
+shipped trial), ``softm`` tries each module alone, ``softr`` up to three times in a row. Spec ``hg:K:BETA:LO:HI``: soft routing, a
 per-module multiplier of each expert's step updated from the cosine of its window movement
 with the held-out gradient, clipped to [LO, HI] (rejected, see the fourth round).
 Env NO_VAL=1 (with LR): the test seeds only.
@@ -154,6 +157,19 @@ Fourth round (2026-12-01 and 12-02, this CPU and one H200):
   seeds at 1e-3: 0.921 against FFT's 0.838; at 3e-4 it stalls like FFT (molf default 0.464 over 20 seeds,
   FFT 0.406 over 10, ``lca:10:3:re1a:2`` without shrink 0.487 over 10): shrinkage is not what
   makes 3e-4 a bad rate there.
+Fifth round (2026-12-03, this CPU and the H200 host's 16 CPU cores; MoLF-E ``E/`` against
+AdaLoRA unless noted):
+* ``sshrink:K:TAU`` (spec above; shipped as the spectral LoRA trial, ``heldout_shrink_spectral``):
+  ``E/lca:10:3:re1a:2+sshrink:10:0.1`` quick low-rank-noisy 0.2512 (−10.7%; the router 0.2512 too),
+  full 0.159 (−36.4%); a first version that set B' = ΔW' A⁺ (the minimum-norm B, which moves B
+  where r > in) gave 0.268 / 0.155: A's later steps follow B, so the router moves B by
+  (ΔW' − ΔW) A⁺ only. With the scaling trial before the spectral one, quick 0.315 (+11.9%); the
+  leading direction kept and the rest scaled by 0.9, quick 0.291 (+3.3%). ``sshrink:10:0.1:softd``
+  (dense + LoRA r=8, the dense trial scaled): quick −9.5 / −4.5 / −0.9 / −10.0 (the router the same).
+* full mixed, where MoLF-E trails AdaLoRA (0.140): every variant 0.145–0.147 — TAU 0.05 / 0.2 /
+  0.3, trials every 5 steps, ``softr`` (up to 3 kept trials in a row), ``softm`` (one trial per
+  module and expert), the scaling trial after the spectral one; TAU 0.2 / 0.3 lose low-rank-noisy
+  (+9.9% / +32.0%).
 """
 
 from __future__ import annotations
