@@ -451,6 +451,20 @@ class HG:
         self.model.train(was_training)
 
 
+def keep_if_lower(model, inst, tensors, values, base):
+    """A shrink trial: `values` written into `tensors` and kept if the held-out loss falls below
+    `base`, else the tensors restored. Returns (the held-out loss now, kept)."""
+    saved = [t.detach().clone() for t in tensors]
+    for t, v in zip(tensors, values):
+        t.copy_(v)
+    trial = float(inst.loss(model, inst.heldout))
+    if trial < base:
+        return trial, True
+    for t, v in zip(tensors, saved):
+        t.copy_(v)
+    return base, False
+
+
 class Shrink:
     """Held-out shrinkage of each expert's accumulated update: every K steps, for each expert
     index e (all modules together), the held-out loss with e's update since the start scaled by
@@ -479,17 +493,12 @@ class Shrink:
         with torch.no_grad():
             base = float(self.inst.loss(self.model, self.inst.heldout))
             for e in range(self.E):
-                saved = [p.detach().clone() for p, _ in self.scaled[e]]
-                for (p, o), s in zip(self.scaled[e], saved):
-                    p.copy_((1 - self.delta) * s if o is None else o + (1 - self.delta) * (s - o))
-                trial = float(self.inst.loss(self.model, self.inst.heldout))
-                if trial < base:
-                    base = trial
-                    self.shrinks[e] += 1
-                else:
-                    for (p, _), s in zip(self.scaled[e], saved):
-                        p.copy_(s)
+                keep = 1 - self.delta
+                values = [keep * p if o is None else o + keep * (p - o) for p, o in self.scaled[e]]
+                base, kept = keep_if_lower(self.model, self.inst, [p for p, _ in self.scaled[e]], values, base)
+                self.shrinks[e] += kept
         self.model.train(was)
+
 
 class SpecShrink:
     """Held-out spectral shrinkage of each LoRA expert (all modules together): every K steps, each
@@ -525,31 +534,18 @@ class SpecShrink:
         with torch.no_grad():
             base = float(self.inst.loss(self.model, self.inst.heldout))
             if self.dense:
-                saved = [p.detach().clone() for p, _ in self.dense]
-                for (p, o), s in zip(self.dense, saved):
-                    p.copy_(o + (1 - self.tau) * (s - o))
-                trial = float(self.inst.loss(self.model, self.inst.heldout))
-                if trial < base:
-                    base = trial
-                else:
-                    for (p, _), s in zip(self.dense, saved):
-                        p.copy_(s)
+                values = [o + (1 - self.tau) * (p - o) for p, o in self.dense]
+                base, _ = keep_if_lower(self.model, self.inst, [p for p, _ in self.dense], values, base)
             # MODE softm: one trial per module and expert (an upper bound for per-module choice);
             # softr: up to 3 trials in a row per expert while they are kept
             groups = [[[pair] for pair in pairs] if self.mode == "softm" else [pairs] for pairs in self.pairs]
             for e in range(self.E):
                 for pairs in groups[e]:
                     for _ in range(3 if self.mode == "softr" else 1):
-                        saved = [b.detach().clone() for _, b in pairs]
-                        for a, b in pairs:
-                            b.copy_(self.shrunk(a, b))
-                        trial = float(self.inst.loss(self.model, self.inst.heldout))
-                        if trial < base:
-                            base = trial
-                            self.shrinks[e] += 1
-                        else:
-                            for (_, b), s in zip(pairs, saved):
-                                b.copy_(s)
+                        values = [self.shrunk(a, b) for a, b in pairs]
+                        base, kept = keep_if_lower(self.model, self.inst, [b for _, b in pairs], values, base)
+                        self.shrinks[e] += kept
+                        if not kept:
                             break
         self.model.train(was)
 
