@@ -467,82 +467,51 @@ def keep_if_lower(model, inst, tensors, values, base):
 
 class Shrink:
     """Held-out shrinkage of each expert's accumulated update: every K steps, for each expert
-    index e (all modules together), the held-out loss with e's update since the start scaled by
-    (1 - DELTA) is measured exactly (one forward); if lower, the scaled update is kept. An L2 pull
-    towards the starting point whose strength the held-out batch chooses, per expert."""
+    index e (all modules together), the held-out loss with e's update since the start shrunk is
+    measured exactly (one forward); if lower, the shrunk update is kept. The dense weight (and
+    bias) scaled by 1 - DELTA about their start, a LoRA pair's B about zero (an L2 pull towards
+    the starting point whose strength the held-out batch chooses, per expert); `spectral`
+    (spec sshrink): a LoRA product's singular values soft-thresholded by DELTA x its largest
+    instead (molf.heldout.spectral_shrink_b), and the dense expert left alone unless MODE is
+    softd; MODE softm: one trial per module, softr: up to 3 kept trials in a row."""
 
-    def __init__(self, model, opt, inst, every, delta):
+    def __init__(self, model, opt, inst, every, delta, spectral=False, mode="soft"):
         from molf.wrap import routed_modules
-        self.model, self.inst, self.every, self.delta = model, inst, every, delta
+        self.model, self.inst, self.every, self.delta, self.mode = model, inst, every, delta, mode
         self.E = len(opt.expert_names)
-        # the tensors whose scaling scales an expert's update: the dense weight (and bias) about
-        # their start, a LoRA pair's B about zero
-        self.scaled = [[] for _ in range(self.E)]
+        self.scaled = [[] for _ in range(self.E)]  # (tensor, its origin; None: zero)
+        self.pairs = [[] for _ in range(self.E)]  # spectral: (A, B)
         for _, layer in routed_modules(model):
             for e, params in enumerate(layer.experts()):
-                for p in (params if layer.fft and e == 0 else params[1:]):
-                    self.scaled[e].append((p, p.detach().clone() if layer.fft and e == 0 else None))
+                if layer.fft and e == 0:
+                    if not spectral or mode == "softd":
+                        self.scaled[e] += [(p, p.detach().clone()) for p in params]
+                elif spectral:
+                    self.pairs[e].append(params)
+                else:
+                    self.scaled[e].append((params[1], None))
         self.mask = np.ones((len(opt.module_names), self.E), bool)
         self.shrinks = np.zeros(self.E, int)
 
     def __call__(self, step):
-        if step % self.every:
-            return
-        was = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            base = float(self.inst.loss(self.model, self.inst.heldout))
-            for e in range(self.E):
-                keep = 1 - self.delta
-                values = [keep * p if o is None else o + keep * (p - o) for p, o in self.scaled[e]]
-                base, kept = keep_if_lower(self.model, self.inst, [p for p, _ in self.scaled[e]], values, base)
-                self.shrinks[e] += kept
-        self.model.train(was)
-
-
-class SpecShrink:
-    """Held-out spectral shrinkage of each LoRA expert (all modules together): every K steps, each
-    module's ΔW = B·A has its singular values soft-thresholded by TAU x its largest one (a
-    nuclear-norm proximal step; B changes, A stays: molf.heldout.spectral_shrink_b); kept if the
-    held-out loss falls, as Shrink. MODE softd: the dense expert's update is scaled by 1 - TAU
-    first, as Shrink does (shipped as heldout_shrink with heldout_shrink_spectral)."""
-
-    def __init__(self, model, opt, inst, every, tau, mode="soft"):
-        from molf.wrap import routed_modules
-        self.model, self.inst, self.every, self.tau, self.mode = model, inst, every, tau, mode
-        self.E = len(opt.expert_names)
-        self.pairs = [[] for _ in range(self.E)]
-        self.dense = []  # (tensor, its start): MODE softd scales the dense expert's update uniformly
-        for _, layer in routed_modules(model):
-            for e, params in enumerate(layer.experts()):
-                if not (layer.fft and e == 0):
-                    self.pairs[e].append(params)  # (A, B)
-                elif mode == "softd":
-                    self.dense += [(p, p.detach().clone()) for p in params]
-        self.mask = np.ones((len(opt.module_names), self.E), bool)
-        self.shrinks = np.zeros(self.E, int)
-
-    def shrunk(self, a, b):
         from molf.heldout import spectral_shrink_b
-        return spectral_shrink_b(b.detach().double(), a.detach().double(), self.tau).to(b.dtype)
-
-    def __call__(self, step):
         if step % self.every:
             return
         was = self.model.training
         self.model.eval()
+        keep = 1 - self.delta
         with torch.no_grad():
             base = float(self.inst.loss(self.model, self.inst.heldout))
-            if self.dense:
-                values = [o + (1 - self.tau) * (p - o) for p, o in self.dense]
-                base, _ = keep_if_lower(self.model, self.inst, [p for p, _ in self.dense], values, base)
-            # MODE softm: one trial per module and expert (an upper bound for per-module choice);
-            # softr: up to 3 trials in a row per expert while they are kept
-            groups = [[[pair] for pair in pairs] if self.mode == "softm" else [pairs] for pairs in self.pairs]
             for e in range(self.E):
-                for pairs in groups[e]:
+                if self.scaled[e]:
+                    values = [keep * p if o is None else o + keep * (p - o) for p, o in self.scaled[e]]
+                    base, kept = keep_if_lower(self.model, self.inst, [p for p, _ in self.scaled[e]], values, base)
+                    self.shrinks[e] += kept
+                for pairs in [[pair] for pair in self.pairs[e]] if self.mode == "softm" else [self.pairs[e]]:
                     for _ in range(3 if self.mode == "softr" else 1):
-                        values = [self.shrunk(a, b) for a, b in pairs]
+                        if not pairs:
+                            break
+                        values = [spectral_shrink_b(b.double(), a.double(), self.delta).to(b.dtype) for a, b in pairs]
                         base, kept = keep_if_lower(self.model, self.inst, [b for _, b in pairs], values, base)
                         self.shrinks[e] += kept
                         if not kept:
@@ -606,7 +575,7 @@ def make_method(spec):
 
     def attach(model, opt, inst):  # a shrink hook on another spec's model (spec A+shrink:K:D)
         if name == "sshrink":  # sshrink:K:TAU[:MODE]
-            return SpecShrink(model, opt, inst, int(args[0]), float(args[1]), *(args[2:3]))
+            return Shrink(model, opt, inst, int(args[0]), float(args[1]), True, *(args[2:3]))
         if name != "shrink":
             raise SystemExit(f"only shrink chains after another spec, not {name}")
         return Shrink(model, opt, inst, int(args[0]), float(args[1]))
