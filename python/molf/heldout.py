@@ -74,7 +74,7 @@ def spectral_shrink_b(b: torch.Tensor, a: torch.Tensor, delta: float) -> torch.T
     factors of B and Aᵀ: the SVD is of an r x r core, never of the out x in product.
     Batched over leading dimensions; b: (..., out, r), a: (..., r, in)."""
     qb, rb = torch.linalg.qr(b)  # B = Q_B R_B
-    qa, ra = torch.linalg.qr(a.mT)  # Aᵀ = Q_A R_A, so B A = Q_B (R_B R_Aᵀ) Q_Aᵀ
+    ra = torch.linalg.qr(a.mT, mode="r").R  # Aᵀ = Q_A R_A, so B A = Q_B (R_B R_Aᵀ) Q_Aᵀ
     u, sv, vh = torch.linalg.svd(rb @ ra.mT, full_matrices=False)
     change = (sv - delta * sv[..., :1]).clamp_min(0) - sv
     # Q_Aᵀ A⁺ = (R_Aᵀ)⁺ (A = R_Aᵀ Q_Aᵀ with Q_A orthonormal).
@@ -144,7 +144,7 @@ class HeldoutProbe:
         spectral = opt.ledger.shrink_spectral
         E = opt._shape[1]
         active = opt.router.incumbents().reshape(-1)
-        lora_a = {slot: p for _, p, slot in self._expert_tensors(opt) if expert_tag(p).part == "A"}
+        lora_a = {slot: p for _, p, slot in self._expert_tensors(opt) if spectral and expert_tag(p).part == "A"}
         # Per expert index: (parameter, its origin (dense; None: LoRA's B), its LoRA A (None:
         # dense), its θ at the last measurement if the expert is inactive). An inactive expert
         # has not moved since then; a kept trial moves its θ there too, so the window counts
