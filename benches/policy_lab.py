@@ -33,6 +33,11 @@ shipped trial), ``softm`` tries each module alone, ``softr`` up to three times i
 per-module multiplier of each expert's step updated from the cosine of its window movement
 with the held-out gradient, clipped to [LO, HI] (rejected, see the fourth round).
 Env NO_VAL=1 (with LR): the test seeds only.
+Env LORA_SCALE=c: every LoRA expert at scale s = c (alpha = c x r, alpha / r) instead of
+quality.py's rsLoRA alpha = r (s = sqrt(r)); env LORA_ALPHAS=a[,b]: rsLoRA with these alphas,
+one per expert. Spec ``ada:INIT:TARGET[:noprune]``: peft's AdaLoRA as
+quality.py builds it, with those ranks (``noprune``: no rank allocation, the budget never
+shrinks), for ablations.
 Env LORA_X=c: LoRA experts at c x the learning rate. Env WARM=k: the costliest expert (dense, or
 MoLF-E's largest LoRA) starts dropped and stays out for k windows ("Occam start"); the usual
 re-admission rule then brings it back. Spec ``only:E``: expert E alone, every step.
@@ -170,6 +175,25 @@ AdaLoRA unless noted):
   0.3, trials every 5 steps, ``softr`` (up to 3 kept trials in a row), ``softm`` (one trial per
   module and expert), the scaling trial after the spectral one; TAU 0.2 / 0.3 lose low-rank-noisy
   (+9.9% / +32.0%).
+Sixth round (2026-12-03 afternoon, this CPU; ``E/lca:10:3:re1a:2+sshrink:10:0.1:softd``, the
+router's MoLF-E default, against AdaLoRA):
+* full mixed over 20 seeds (quality.py, seeds 5-19 added): molf-E default 0.154, AdaLoRA 0.145
+  (+6.4%, paired +0.009 ± 0.002); ``E/only:1`` (r = 32 alone) 0.150, ``E/both`` 0.151;
+* ``ada:36:32:noprune`` (AdaLoRA, allocation off) 0.141 against ``ada:36:32`` 0.140 (= quality.py's):
+  AdaLoRA's lead is not its rank allocation. Its scale is alpha / r = 1; rsLoRA alpha = r gives
+  MoLF-E's experts 2 and 5.7. The learning rate is not the lever: at rsLoRA scale, lr 1.77e-4 /
+  5.3e-4 (the effective rates of scale 1 at 1e-3 / 3e-3 for r = 32) give 0.150 / 0.151;
+* ``LORA_SCALE=1`` (both at scale 1): full mixed 0.135 (−3.9%; 20 seeds −2.6%), high-rank −24.1%,
+  low-rank-noisy −34.7%, shift −0.9%; quick −21.5 / −16.4 / −13.6 / −3.1, facts −23.6%, but sql
+  picks 1e-2: +30.3% (20 seeds 0.324 against 0.387, +16.2%);
+* ``LORA_ALPHAS=4,5.657`` (r = 4 at 2, r = 32 at 1): full mixed −4.6%, high-rank −27.4%,
+  low-rank-noisy −34.7%, shift −1.0%; quick −22.6 / −14.3 / −12.7 / −1.8, facts −26.6%; quick sql
+  3e-3 and 1e-2 tie on validation (0.4375): at 3e-3 (the lab's pick) 0.405 over 20 seeds (−4.6%),
+  but quality.py's router, whose validation gives 0.500 at 1e-2, picks that: 0.281 on 3 seeds;
+  ``LORA_SCALE=2`` (both at 2): full mixed +5.7% (validation picks 3e-4);
+  ``LORA_ALPHAS=4,4``: full mixed −4.8%, quick sql picks 1e-2 (+11.8% on 3 seeds).
+  No one scale puts MoLF-E ahead on both full mixed and quick sql; a scale chosen per task
+  would be the per-task tuning issue 7 rules out, unless the held-out signal chose it.
 """
 
 from __future__ import annotations
@@ -546,12 +570,19 @@ def make_method(spec):
             return model, opt, Chain(hooks)
 
         return chained
+    if spec.startswith("ada:"):  # ada:INIT:TARGET[:noprune]
+        _, init_r, target_r, *flags = spec.split(":")
+        return q.adalora_method(int(init_r), int(target_r), allocate="noprune" not in flags)
     efficient = spec.startswith("E/")
     name, *args = spec.removeprefix("E/").split(":")
     ranks = q.EFFICIENT_RANKS if efficient else (q.LORA_RANK,)
+    scale = os.environ.get("LORA_SCALE")  # env LORA_SCALE=c: alpha / r = c instead of rsLoRA's sqrt(r)
+    alphas = (tuple(float(r) * float(scale) for r in ranks) if scale
+              else tuple(map(float, os.environ["LORA_ALPHAS"].split(","))) if os.environ.get("LORA_ALPHAS")
+              else tuple(float(r) for r in ranks))
 
     def build(model, lr, steps, targets, log_path, inst):
-        cfg = molf.MoLFConfig(ranks=ranks, alphas=tuple(float(r) for r in ranks), fft=not efficient,
+        cfg = molf.MoLFConfig(ranks=ranks, alphas=alphas, fft=not efficient, rslora=not scale,
                               target_modules=targets, exclude_modules=())
         molf.wrap(model, cfg)
         opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lr * float(os.environ.get("LORA_X", "1")), weight_decay=0.0, lora_weight_decay=0.0, topk=2)

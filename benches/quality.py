@@ -255,17 +255,27 @@ def _lora(model, lr, steps, targets, log_path, heldout) -> Built:
     return model, torch.optim.AdamW(_trainable(model), lr=lr, weight_decay=0.0), _none
 
 
-def _adalora(model, lr, steps, targets, log_path, heldout) -> Built:
-    from peft import AdaLoraConfig, get_peft_model
+def adalora_method(init_r: int, target_r: int, allocate: bool = True) -> Callable[..., Built]:
+    """peft's AdaLoRA with these ranks; `allocate=False` keeps every rank (an ablation of its
+    budget allocation, `benches/policy_lab.py` spec ``ada:INIT:TARGET:noprune``)."""
 
-    # Its initial rank per module is MoLF-E's total (same trainable parameters at the
-    # start); the budget then shrinks to the larger expert's rank on average.
-    init_r, target_r = sum(EFFICIENT_RANKS), max(EFFICIENT_RANKS)
-    cfg = AdaLoraConfig(init_r=init_r, target_r=target_r, lora_alpha=init_r, target_modules=list(targets),
-                        tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 50), total_step=steps)
-    model = get_peft_model(model, cfg)
-    opt = torch.optim.AdamW(_trainable(model), lr=lr, weight_decay=0.0)
-    return model, opt, lambda step: model.base_model.update_and_allocate(step - 1)
+    def build(model, lr, steps, targets, log_path, heldout) -> Built:
+        from peft import AdaLoraConfig, get_peft_model
+
+        cfg = AdaLoraConfig(init_r=init_r, target_r=target_r, lora_alpha=init_r, target_modules=list(targets),
+                            tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 50), total_step=steps)
+        model = get_peft_model(model, cfg)
+        opt = torch.optim.AdamW(_trainable(model), lr=lr, weight_decay=0.0)
+        if not allocate:
+            return model, opt, _none
+        return model, opt, lambda step: model.base_model.update_and_allocate(step - 1)
+
+    return build
+
+
+# Its initial rank per module is MoLF-E's total (same trainable parameters at the
+# start); the budget then shrinks to the larger expert's rank on average.
+_adalora = adalora_method(sum(EFFICIENT_RANKS), max(EFFICIENT_RANKS))
 
 
 def _molf(ranks: tuple[int, ...], fft: bool, routing: Callable[[Callable[[], torch.Tensor]], dict]):
