@@ -186,10 +186,11 @@ router's MoLF-E default, against AdaLoRA):
 * ``LORA_SCALE=1`` (both at scale 1): full mixed 0.135 (−3.9%; 20 seeds −2.6%), high-rank −24.1%,
   low-rank-noisy −34.7%, shift −0.9%; quick −21.5 / −16.4 / −13.6 / −3.1, facts −23.6%, but sql
   picks 1e-2: +30.3% (20 seeds 0.324 against 0.387, +16.2%);
-* ``LORA_ALPHAS=4,5.657`` (r = 4 at 2, r = 32 at 1): full mixed −4.6%, high-rank −27.4%,
+* ``LORA_ALPHAS=4,5.657`` (r = 4 at 2, r = 32 at 1): full mixed −4.6% (20 seeds −2.9%), high-rank −27.4%,
   low-rank-noisy −34.7%, shift −1.0%; quick −22.6 / −14.3 / −12.7 / −1.8, facts −26.6%; quick sql
   3e-3 and 1e-2 tie on validation (0.4375): at 3e-3 (the lab's pick) 0.405 over 20 seeds (−4.6%),
-  but quality.py's router, whose validation gives 0.500 at 1e-2, picks that: 0.281 on 3 seeds;
+  but quality.py's router, whose validation gives 0.500 at 1e-2, picks that: 0.281 on 3 seeds,
+  0.322 over 20 (+16.8%);
   ``LORA_SCALE=2`` (both at 2): full mixed +5.7% (validation picks 3e-4);
   ``LORA_ALPHAS=4,4``: full mixed −4.8%, quick sql picks 1e-2 (+11.8% on 3 seeds).
   No one scale puts MoLF-E ahead on both full mixed and quick sql; a scale chosen per task
