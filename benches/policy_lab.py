@@ -577,10 +577,13 @@ def make_method(spec):
     efficient = spec.startswith("E/")
     name, *args = spec.removeprefix("E/").split(":")
     ranks = q.EFFICIENT_RANKS if efficient else (q.LORA_RANK,)
-    scale = os.environ.get("LORA_SCALE")  # env LORA_SCALE=c: alpha / r = c instead of rsLoRA's sqrt(r)
-    alphas = (tuple(float(r) * float(scale) for r in ranks) if scale
-              else tuple(map(float, os.environ["LORA_ALPHAS"].split(","))) if os.environ.get("LORA_ALPHAS")
-              else tuple(float(r) for r in ranks))
+    scale, given = os.environ.get("LORA_SCALE"), os.environ.get("LORA_ALPHAS")
+    if scale and given:
+        raise SystemExit("LORA_SCALE and LORA_ALPHAS: set one")
+    if scale:  # alpha / r = c
+        alphas = tuple(float(r) * float(scale) for r in ranks)
+    else:  # rsLoRA: quality.py's alpha = r, or the given ones
+        alphas = tuple(map(float, given.split(","))) if given else tuple(float(r) for r in ranks)
 
     def build(model, lr, steps, targets, log_path, inst):
         cfg = molf.MoLFConfig(ranks=ranks, alphas=alphas, fft=not efficient, rslora=not scale,

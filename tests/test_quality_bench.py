@@ -375,3 +375,27 @@ def test_parallel_resume_matches_a_sequential_run(tmp_path):
     par = q.run_suite(TINY, ["mixed"], methods, out, progress=False, jobs=2, resume=True)
     assert _without_walls(par["regimes"]) == _without_walls(seq["regimes"])
     assert len((out / "runs.jsonl").read_text().splitlines()) == 2 * (len(TINY.lrs) + TINY.seeds)
+
+
+@pytest.mark.parametrize("allocate", [True, False])
+def test_adalora_ablation_switches_only_the_rank_allocation(allocate):
+    """`adalora_method(..., allocate=False)` (policy_lab spec ``ada:…:noprune``) keeps every
+    rank; with the allocation AdaLoRA masks singular values down to its budget."""
+    from molf import demo
+
+    torch.manual_seed(0)
+    model = demo.StudentMLP(torch.Generator().manual_seed(0))
+    steps, init_r, target_r = 40, 6, 2
+    model, opt, hook = q.adalora_method(init_r, target_r, allocate)(model, 1e-2, steps, q.MLP_TARGETS, None, None)
+    x = torch.randn(64, demo.D_IN)
+    for step in range(1, steps + 1):
+        model(x).square().mean().backward()
+        opt.step()
+        hook(step)
+        opt.zero_grad()
+    kept = [int((p != 0).sum()) for n, p in model.named_parameters() if "lora_E" in n]
+    assert len(kept) == len(q.MLP_TARGETS)
+    if allocate:
+        assert sum(kept) <= target_r * len(kept)
+    else:
+        assert kept == [init_r] * len(kept)
