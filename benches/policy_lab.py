@@ -544,13 +544,65 @@ class Shrink:
         self.model.train(was)
 
 
+class ABRatio:
+    """Spec abr:K:BETA (chained): every K steps, per module and LoRA expert, the cosines of A's and
+    B's window movement with the held-out gradient move r = log(c_A) = -log(c_B) (A's and B's step
+    multipliers, product 1) by BETA x (cos_B - cos_A): step size shifts to the factor whose movement
+    lowered the held-out loss more. |r| <= log(s) / 2, so B's step over A's (in scale-1 terms)
+    stays within [1, s^2] (s: the expert's scale; rsLoRA's s alone is r = 0)."""
+
+    def __init__(self, model, opt, inst, every, beta):
+        from molf.wrap import routed_modules
+        self.model, self.inst, self.every, self.beta = model, inst, every, beta
+        self.units = []  # (A, B, clip)
+        for _, layer in routed_modules(model):
+            for e, params in enumerate(layer.experts()):
+                if not (layer.fft and e == 0):
+                    self.units.append((params[0], params[1], 0.5 * float(np.log(layer.scales[e - int(layer.fft)]))))
+        self.r = np.zeros(len(self.units))
+        self.params = [t for a, b, _ in self.units for t in (a, b)]
+        self.snap = [t.detach().clone() for t in self.params]
+        step = opt.step
+
+        def scaled_step(*a, **k):
+            before = [t.detach().clone() for t in self.params]
+            out = step(*a, **k)
+            with torch.no_grad():
+                for i, (ta, tb, _) in enumerate(self.units):
+                    if self.r[i]:
+                        for t, o, c in ((ta, before[2 * i], np.exp(self.r[i])), (tb, before[2 * i + 1], np.exp(-self.r[i]))):
+                            t.copy_(o + float(c) * (t - o))
+            return out
+
+        opt.step = scaled_step
+
+    def __call__(self, step):
+        if step % self.every:
+            return
+        with torch.enable_grad():
+            loss = self.inst.loss(self.model, self.inst.heldout)
+            gv = torch.autograd.grad(loss, self.params, allow_unused=True)
+
+        def cos(g, t, s):
+            if g is None:
+                return 0.0
+            d = t.detach() - s
+            return float((g * d).sum() / max(float(g.norm() * d.norm()), 1e-30))
+
+        for i, (_, _, lim) in enumerate(self.units):
+            ca = cos(gv[2 * i], self.params[2 * i], self.snap[2 * i])
+            cb = cos(gv[2 * i + 1], self.params[2 * i + 1], self.snap[2 * i + 1])
+            self.r[i] = float(np.clip(self.r[i] + self.beta * (cb - ca), -lim, lim))
+        self.snap = [t.detach().clone() for t in self.params]
+
+
 class Chain:
     """Hooks run in order after every step (spec A+B); the last one's routing state is reported."""
 
     def __init__(self, hooks):
         self.hooks = hooks
         for h in hooks:
-            for k in ("mask", "mult", "shrinks", "undos"):
+            for k in ("mask", "mult", "shrinks", "undos", "r"):
                 if hasattr(h, k):
                     setattr(self, k, getattr(h, k))
 
@@ -611,6 +663,8 @@ def make_method(spec):
     def attach(model, opt, inst):  # a shrink hook on another spec's model (spec A+shrink:K:D)
         if name == "sshrink":  # sshrink:K:TAU[:MODE]
             return Shrink(model, opt, inst, int(args[0]), float(args[1]), True, *(args[2:3]))
+        if name == "abr":  # abr:K:BETA
+            return ABRatio(model, opt, inst, int(args[0]), float(args[1]))
         if name != "shrink":
             raise SystemExit(f"only shrink chains after another spec, not {name}")
         return Shrink(model, opt, inst, int(args[0]), float(args[1]))
@@ -641,6 +695,11 @@ def run(spec, regime, scale, seeds):
             share = float(np.mean(hook.mask[:, 0])) if hasattr(hook, "mask") else 1.0
             if hasattr(hook, "shrinks"):  # held-out shrinkage: how often each expert was shrunk
                 share = float(hook.shrinks[0])
+                if os.environ.get("SHOW_SHRINKS"):
+                    print(f"      {split} seed {seed} lr {lr:g}: kept trials per expert {hook.shrinks.tolist()}", flush=True)
+            if hasattr(hook, "r"):  # abr: the modules' mean log step ratio and its spread
+                print(f"      {split} seed {seed} lr {lr:g}: log c_A mean {np.mean(hook.r):+.3f} "
+                      f"min {np.min(hook.r):+.3f} max {np.max(hook.r):+.3f}", flush=True)
             if hasattr(hook, "mult"):  # soft routing: the dense expert's mean multiplier / LoRA's
                 share = float(np.mean(hook.mult[:, 0]) / max(np.mean(hook.mult[:, 1:]), 1e-30))
             return inst.evaluate(model, split), share, getattr(hook, "undos", 0)

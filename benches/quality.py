@@ -15,10 +15,10 @@ question -> SQL translation, both scored by exact match.
 Every method sees the same steps, batch size and minibatches. Its learning rate
 is the best of one grid of six half-decades on a validation instance (its own
 seed, its validation split; the grid brackets every method's best rate on the
-synthetic regimes, and table.txt names any choice at its edge; --val-seeds N:
-the mean over N validation instances, for bimodal tasks where one instance
-misranks the rates); then it is
-trained on `seeds` test instances and scored on their test splits (mean ±
+synthetic regimes, and table.txt names any choice at its edge). On sql, whose
+runs at one rate split between converged and stalled, one instance misranks the
+rates: there the mean over three validation instances chooses (--val-seeds N:
+N instances in every regime). Then it is trained on `seeds` test instances and scored on their test splits (mean ±
 std). Writes results.json, table.txt and one routing-share figure per regime
 into --out, rewritten as each regime finishes.
 With --jobs N, each training run is one job in a pool of N processes that
@@ -109,6 +109,9 @@ class RegimeSpec:
     higher_is_better: bool
     description: str
     build: Callable[[int, "Scale", str], Instance] = field(repr=False, compare=False)
+    # Validation instances whose mean metric chooses the lr (unless --val-seeds overrides): more than
+    # one where runs are bimodal in the rate, so that a single instance misranks the rates.
+    val_seeds: int = 1
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,9 @@ class Scale:
     lrs: tuple[float, ...]
     lm: lm.LMScale
     cache_dir: str = "~/.cache/molf/quality"
-    val_seeds: int = 1  # validation instances (seeds VAL_SEED, VAL_SEED + 1, ...); their mean metric chooses the lr
+    # Validation instances (seeds VAL_SEED, VAL_SEED + 1, ...) whose mean metric chooses the lr, for
+    # every regime; None: each regime's own (RegimeSpec.val_seeds).
+    val_seeds: int | None = None
 
 
 QUICK = Scale(
@@ -222,7 +227,8 @@ REGIMES: dict[str, RegimeSpec] = {
         RegimeSpec("facts", "lm", "exact-match recall", True,
                    "counterfactual fact injection into the pre-trained char-level Qwen2", _language(lm.fact_splits)),
         RegimeSpec("sql", "lm", "held-out exact match", True,
-                   "templated questions -> SQL-like programs, new phrasings", _language(lm.sql_splits)),
+                   "templated questions -> SQL-like programs, new phrasings", _language(lm.sql_splits),
+                   val_seeds=3),  # a rate's runs split between converged and stalled: one instance misranks
     )
 }
 
@@ -279,10 +285,13 @@ _adalora = adalora_method(sum(EFFICIENT_RANKS), max(EFFICIENT_RANKS))
 
 
 def _molf(ranks: tuple[int, ...], fft: bool, routing: Callable[[Callable[[], torch.Tensor]], dict]):
-    """MoLFAdamW with the routing options `routing(held-out loss closure)` returns."""
+    """MoLFAdamW with the routing options `routing(held-out loss closure)` returns. Each LoRA
+    expert at the scale of the method it is compared with: beside a dense expert (against FFT and
+    the LoRA baseline) rsLoRA alpha = r, s = sqrt(r), as the LoRA baseline; MoLF-E (against AdaLoRA)
+    alpha / r = 1, as AdaLoRA (peft scales its P·Λ·Q by lora_alpha / r, and lora_alpha = init_r)."""
 
     def build(model, lr, steps, targets, log_path, heldout: HeldoutLoss) -> Built:
-        cfg = molf.MoLFConfig(ranks=ranks, alphas=tuple(float(r) for r in ranks), fft=fft,
+        cfg = molf.MoLFConfig(ranks=ranks, alphas=tuple(float(r) for r in ranks), fft=fft, rslora=fft,
                               target_modules=targets, exclude_modules=())
         molf.wrap(model, cfg)
         opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lr, weight_decay=0.0, lora_weight_decay=0.0,
@@ -395,8 +404,12 @@ class Run:
     log: bool = False
 
 
-def _val_seeds(scale: Scale) -> range:
-    return range(VAL_SEED, VAL_SEED + scale.val_seeds)
+def validation_instances(scale: Scale, spec: RegimeSpec) -> int:
+    return scale.val_seeds or spec.val_seeds
+
+
+def _val_seeds(scale: Scale, spec: RegimeSpec) -> range:
+    return range(VAL_SEED, VAL_SEED + validation_instances(scale, spec))
 
 
 def _fingerprint(scale: Scale, device: str) -> str:
@@ -480,7 +493,7 @@ def pair_step(spec: RegimeSpec, scale: Scale, method: str, seeds: list[int],
     metric over the validation instances) and the missing test runs; once there
     are none, its entry (test metric over the seeds and, for routed methods,
     the mean routing summary)."""
-    val = {lr: [Run(spec.name, method, lr, s, "val") for s in _val_seeds(scale)] for lr in scale.lrs}
+    val = {lr: [Run(spec.name, method, lr, s, "val") for s in _val_seeds(scale, spec)] for lr in scale.lrs}
     missing = [r for runs in val.values() for r in runs if r not in results]
     if missing:
         return missing
@@ -495,7 +508,7 @@ def pair_step(spec: RegimeSpec, scale: Scale, method: str, seeds: list[int],
         return missing
     runs = [results[r] for r in test]
     entry = {"lr": best_lr, "val_by_lr": {str(k): v for k, v in mean_val.items()},
-             **({"val_by_lr_per_seed": {str(k): v for k, v in per_val.items()}} if scale.val_seeds > 1 else {}),
+             **({"val_by_lr_per_seed": {str(k): v for k, v in per_val.items()}} if validation_instances(scale, spec) > 1 else {}),
              "test": _mean_std([r["metric"] for r in runs]),
              "wall_s": statistics.fmean(r["wall_s"] for r in runs)}
     if method in ROUTED:
@@ -538,8 +551,8 @@ def assemble_regime(spec: RegimeSpec, scale: Scale, entries: dict[str, dict], ou
 def _run_sequential(scale: Scale, regimes: list[str], methods: list[str], seeds: list[int], device: str,
                     out: Path, book: RunBook, progress: bool, write: Callable[[dict], None]) -> dict:
     """Every run in this process, pair after pair; each regime written once done."""
-    runs_per_method = len(scale.lrs) * scale.val_seeds + len(seeds)
-    total = sum(_steps(REGIMES[n], scale) * len(methods) * runs_per_method for n in regimes)
+    total = sum(_steps(REGIMES[n], scale) * len(methods)
+                * (len(scale.lrs) * validation_instances(scale, REGIMES[n]) + len(seeds)) for n in regimes)
     tty = sys.stderr.isatty()
     done: dict[str, dict] = {}
     with tqdm(total=total, unit="step", disable=not progress, mininterval=0.2 if tty else 15.0) as bar:
@@ -657,6 +670,12 @@ def _write(out: Path, results: dict, scale: Scale, seeds: list[int], device: str
         "paper_routing": paper_routing(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "jobs": jobs,
     }
+    # The validation protocol as merge_results records it: one count, or one per regime where they differ.
+    protocol = {n: validation_instances(scale, REGIMES[n]) for n in results["regimes"]}
+    if len(set(protocol.values())) > 1:
+        results["config"]["val_seeds"] = protocol
+    else:
+        results["config"]["scale"]["val_seeds"] = next(iter(protocol.values()), scale.val_seeds)
     results["wall_s"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if results["regimes"]:
@@ -680,8 +699,9 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
     def same_scale(c: dict) -> dict:
         return {k: v for k, v in c["scale"].items() if k not in ("seeds", "val_seeds")}
 
-    def val_seeds(c: dict) -> int:  # runs from before --val-seeds had one validation instance
-        return c["scale"].get("val_seeds", 1)
+    def val_seeds(c: dict, regime: str) -> int:  # runs from before --val-seeds had one validation instance
+        n = c["scale"].get("val_seeds", 1)
+        return c["val_seeds"][regime] if n is None else n
 
     for p, r in zip(paths, runs):
         c = r["config"]
@@ -706,8 +726,8 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
             run_seeds, c = runs[i]["config"]["seeds"], runs[i]["config"]
             if seeds.setdefault(name, run_seeds) != run_seeds:
                 raise ValueError(f"{paths[i]}: {name} ran seeds {run_seeds}, another run of it {seeds[name]}")
-            if protocol.setdefault(name, val_seeds(c)) != val_seeds(c):
-                raise ValueError(f"{paths[i]}: {name} chose its rates on {val_seeds(c)} validation instances, "
+            if protocol.setdefault(name, val_seeds(c, name)) != val_seeds(c, name):
+                raise ValueError(f"{paths[i]}: {name} chose its rates on {val_seeds(c, name)} validation instances, "
                                  f"another run of it on {protocol[name]}")
     base = Scale(**{**first["scale"], "lm": lm.LMScale(**first["scale"]["lm"])})
     out = Path(out_dir)
@@ -717,7 +737,8 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
                for n in REGIMES if n in entries}
     per_regime = {n: seeds[n] for n in regimes}
     uniform = len({tuple(v) for v in per_regime.values()}) == 1
-    config = {**first, "seeds": next(iter(per_regime.values())) if uniform else per_regime,
+    config = {**{k: v for k, v in first.items() if k != "val_seeds"},
+              "seeds": next(iter(per_regime.values())) if uniform else per_regime,
               "methods": [m for m in METHODS if any(m in e for e in entries.values())],
               "merged_from": [str(p) for p in paths],
               "pairs_from": {n: {m: str(paths[origin[n][m]]) for m in regimes[n]["methods"]} for n in regimes},
@@ -800,8 +821,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lrs", type=float, nargs="+",
                    help="learning-rate grid instead of the scale's (one value: no selection)")
     p.add_argument("--seed", type=int, default=0, help="first test seed")
-    p.add_argument("--val-seeds", type=int, default=1,
-                   help="validation instances whose mean metric chooses each method's lr (default 1)")
+    p.add_argument("--val-seeds", type=int,
+                   help="validation instances whose mean metric chooses each method's lr, in every regime "
+                        "(default: the regime's; 3 for sql, 1 elsewhere)")
     p.add_argument("--cache-dir", help="where the pre-trained LM is cached (default ~/.cache/molf/quality)")
     p.add_argument("--threads", type=int, help="torch CPU threads (on a busy machine 1 is often fastest)")
     p.add_argument("--jobs", type=int, default=1,
@@ -827,9 +849,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds < 1:
             p.error(f"--seeds must be >= 1, got {args.seeds}")
         scale = replace(scale, seeds=args.seeds)
-    if args.val_seeds < 1:
-        p.error(f"--val-seeds must be >= 1, got {args.val_seeds}")
-    scale = replace(scale, val_seeds=args.val_seeds)
+    if args.val_seeds is not None:
+        if args.val_seeds < 1:
+            p.error(f"--val-seeds must be >= 1, got {args.val_seeds}")
+        scale = replace(scale, val_seeds=args.val_seeds)
     if args.lrs:
         if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
             p.error(f"--lrs must be positive and finite, got {args.lrs}")

@@ -321,7 +321,7 @@ def test_resume_reuses_recorded_runs_and_reruns_only_the_missing(tmp_path, monke
     out = tmp_path / "cut"
     q.run_suite(TINY, ["shift"], methods, out, progress=False)
     book = (out / "runs.jsonl").read_text().splitlines()
-    per_pair = len(TINY.lrs) * TINY.val_seeds + TINY.seeds
+    per_pair = len(TINY.lrs) * q.validation_instances(TINY, q.REGIMES["shift"]) + TINY.seeds
     assert len(book) == 2 * per_pair
     # a suite killed in molf default's first test run: its record holds the runs before it
     # and half a line
@@ -399,3 +399,38 @@ def test_adalora_ablation_switches_only_the_rank_allocation(allocate):
         assert sum(kept) <= target_r * len(kept)
     else:
         assert kept == [init_r] * len(kept)
+
+
+def test_each_lora_expert_at_the_scale_of_the_method_it_is_compared_with():
+    """Beside a dense expert (against FFT and the rsLoRA baseline) molf's LoRA expert has the
+    baseline's scale sqrt(r); MoLF-E's experts (against AdaLoRA) AdaLoRA's alpha / r = 1."""
+    from molf import demo
+    from molf.wrap import routed_modules
+
+    def built(method):
+        model = demo.StudentMLP(torch.Generator().manual_seed(0))
+        return q.METHODS[method](model, 1e-3, 10, q.MLP_TARGETS, None, lambda m: torch.zeros((), requires_grad=True))[0]
+
+    lora = built("LoRA")
+    scalings = [float(s) for m in lora.modules() for s in getattr(m, "scaling", {}).values()]
+    assert len(scalings) == len(q.MLP_TARGETS) and scalings == pytest.approx([q.LORA_RANK ** 0.5] * len(scalings))
+    ada = built("AdaLoRA")
+    ada_scales = [float(m.scaling["default"] / m.ranknum["default"]) for m in ada.modules() if hasattr(m, "ranknum")]
+    assert len(ada_scales) == len(q.MLP_TARGETS) and ada_scales == pytest.approx([1.0] * len(ada_scales))
+    for method, scales in (("molf default", (q.LORA_RANK ** 0.5,)), ("MoLF (paper)", (q.LORA_RANK ** 0.5,)),
+                           ("molf-E default", (1.0, 1.0)), ("MoLF-E", (1.0, 1.0))):
+        layers = [layer for _, layer in routed_modules(built(method))]
+        assert len(layers) == len(q.MLP_TARGETS)
+        assert all(layer.scales == pytest.approx(scales) for layer in layers), method
+
+
+def test_sql_chooses_its_rate_on_three_validation_instances_unless_told():
+    sql, mixed = q.REGIMES["sql"], q.REGIMES["mixed"]
+    assert q.validation_instances(q.QUICK, sql) == q.validation_instances(q.FULL, sql) == 3
+    assert q.validation_instances(q.QUICK, mixed) == 1
+    assert q.validation_instances(replace(q.QUICK, val_seeds=2), sql) == 2
+    # the runs a fresh pair asks for: every rate on each of the regime's validation instances
+    need = q.pair_step(sql, TINY, "FFT", [0], {})
+    assert sorted((r.lr, r.seed) for r in need) == sorted(
+        (lr, q.VAL_SEED + i) for lr in TINY.lrs for i in range(3))
+    assert {r.split for r in need} == {"val"}
