@@ -29,13 +29,15 @@ together) scaled by 1 - DELTA, kept if the held-out loss falls (chained after a 
 ``A+shrink:K:DELTA``: shipped as ``heldout_shrink``). Spec ``sshrink:K:TAU[:MODE]``: the same, but
 a LoRA expert's product has its singular values soft-thresholded by TAU x its largest
 (``molf.heldout.spectral_shrink_b``); MODE ``softd`` scales the dense expert's update first (the
-shipped trial), ``softm`` tries each module alone, ``softr`` up to three times in a row. Spec ``hg:K:BETA:LO:HI``: soft routing, a
+shipped trial), ``softm`` tries each module alone, ``softr`` up to three times in a row. Spec ``abr:K:BETA`` (chained after a routing spec): A's and B's step shares from the
+held-out cosines of their movement (rejected, seventh round). Spec ``hg:K:BETA:LO:HI``: soft routing, a
 per-module multiplier of each expert's step updated from the cosine of its window movement
 with the held-out gradient, clipped to [LO, HI] (rejected, see the fourth round).
 Env NO_VAL=1 (with LR): the test seeds only.
-Env LORA_SCALE=c: every LoRA expert at scale s = c (alpha = c x r, alpha / r) instead of
-quality.py's rsLoRA alpha = r (s = sqrt(r)); env LORA_ALPHAS=a[,b]: rsLoRA with these alphas,
-one per expert. Spec ``ada:INIT:TARGET[:noprune]``: peft's AdaLoRA as
+LoRA experts at quality.py's scales: rsLoRA alpha = r (s = sqrt(r)) beside a dense expert,
+alpha / r = 1 for ``E/`` (until the seventh round ``E/`` ran at rsLoRA alpha = r, which
+LORA_ALPHAS=4,32 reproduces). Env LORA_SCALE=c: every LoRA expert at scale s = c (alpha = c x r,
+alpha / r); env LORA_ALPHAS=a[,b]: rsLoRA with these alphas, one per expert. Spec ``ada:INIT:TARGET[:noprune]``: peft's AdaLoRA as
 quality.py builds it, with those ranks (``noprune``: no rank allocation, the budget never
 shrinks), for ablations.
 Env LORA_X=c: LoRA experts at c x the learning rate. Env WARM=k: the costliest expert (dense, or
@@ -195,6 +197,18 @@ router's MoLF-E default, against AdaLoRA):
   ``LORA_ALPHAS=4,4``: full mixed −4.8%, quick sql picks 1e-2 (+11.8% on 3 seeds).
   No one scale puts MoLF-E ahead on both full mixed and quick sql; a scale chosen per task
   would be the per-task tuning issue 7 rules out, unless the held-out signal chose it.
+Seventh round (2026-12-03 evening, this CPU; the same spec):
+* env SHOW_SHRINKS=1 prints each run's kept spectral trials per expert. On full mixed at 3e-4,
+  r = 4 has 47–99 kept trials per run and r = 32 has 0–1; on quick sql at 1e-3, 9 and 0. So a
+  rule that lowers an expert's scale when its trials are kept would lower the wrong expert.
+* ``abr:K:BETA`` (chained; `ABRatio`): the step shifts between A and B (product of the
+  multipliers 1) by the cosines of their window movement with the held-out gradient.
+  ``+abr:10:0.5``: full mixed 0.147 (+4.6% against AdaLoRA; validation 0.123 against 0.128),
+  quick sql 0.344 (+13.2%). Rejected.
+* What quality.py now does instead (benchmark, not router): MoLF-E's experts at AdaLoRA's
+  alpha / r = 1, and sql's rate chosen on three validation instances. At scale 1, quick sql's
+  single instance had ranked 1e-2 first (0.469 against 0.422 at 3e-3), while test seeds average
+  0.32 at 1e-2 and 0.41 at 3e-3. The figures are in benches/RESULTS.md, "What changed", item 6.
 """
 
 from __future__ import annotations
@@ -632,13 +646,15 @@ def make_method(spec):
     scale, given = os.environ.get("LORA_SCALE"), os.environ.get("LORA_ALPHAS")
     if scale and given:
         raise SystemExit("LORA_SCALE and LORA_ALPHAS: set one")
+    # quality.py's scales unless told: rsLoRA alpha = r beside a dense expert, alpha / r = 1 for E/
+    rslora = bool(given) or (not scale and not efficient)
     if scale:  # alpha / r = c
         alphas = tuple(float(r) * float(scale) for r in ranks)
-    else:  # rsLoRA: quality.py's alpha = r, or the given ones
+    else:  # alpha = r, or the given rsLoRA alphas
         alphas = tuple(map(float, given.split(","))) if given else tuple(float(r) for r in ranks)
 
     def build(model, lr, steps, targets, log_path, inst):
-        cfg = molf.MoLFConfig(ranks=ranks, alphas=alphas, fft=not efficient, rslora=not scale,
+        cfg = molf.MoLFConfig(ranks=ranks, alphas=alphas, fft=not efficient, rslora=rslora,
                               target_modules=targets, exclude_modules=())
         molf.wrap(model, cfg)
         opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lr * float(os.environ.get("LORA_X", "1")), weight_decay=0.0, lora_weight_decay=0.0, topk=2)
