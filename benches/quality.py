@@ -18,7 +18,10 @@ seed, its validation split; the grid brackets every method's best rate on the
 synthetic regimes, and table.txt names any choice at its edge). On sql, whose
 runs at one rate split between converged and stalled, one instance misranks the
 rates: there the mean over three validation instances chooses (--val-seeds N:
-N instances in every regime). Then it is trained on `seeds` test instances and scored on their test splits (mean ±
+N instances in every regime), by successive halving: the first instance runs
+every rate, the others only the two it ranked best (--finalists K; 0: every
+rate on every instance), which chose as the full protocol did in all 17 pairs
+it had recorded, quick and full, at 10 runs a pair instead of 18. Then it is trained on `seeds` test instances and scored on their test splits (mean ±
 std). Writes results.json, table.txt and one routing-share figure per regime
 into --out, rewritten as each regime finishes.
 With --jobs N, each training run is one job in a pool of N processes that
@@ -127,6 +130,9 @@ class Scale:
     # Validation instances (seeds VAL_SEED, VAL_SEED + 1, ...) whose mean metric chooses the lr, for
     # every regime; None: each regime's own (RegimeSpec.val_seeds).
     val_seeds: int | None = None
+    # Where there are several: the first instance runs every rate, the others only the finalists, the
+    # `val_finalists` rates the first ranks best (successive halving); None: every rate on every one.
+    val_finalists: int | None = 2
 
 
 QUICK = Scale(
@@ -405,17 +411,48 @@ class Run:
 
 
 def validation_instances(scale: Scale, spec: RegimeSpec) -> int:
+    """How many validation instances (seeds VAL_SEED, VAL_SEED + 1, ...) choose the regime's lr."""
     return scale.val_seeds or spec.val_seeds
 
 
-def _val_seeds(scale: Scale, spec: RegimeSpec) -> range:
-    return range(VAL_SEED, VAL_SEED + validation_instances(scale, spec))
+def finalists(scale: Scale, spec: RegimeSpec, first: dict[float, float]) -> list[float]:
+    """The rates (in grid order) that the validation instances after the first run: the
+    `scale.val_finalists` best on the first instance `first` (lr -> metric; NaN ranks last),
+    and any rate tied with the last of them; every rate when the regime has one instance or
+    `val_finalists` is None."""
+    k = scale.val_finalists
+    if validation_instances(scale, spec) == 1 or k is None or k >= len(scale.lrs):
+        return list(scale.lrs)
+
+    def rank(lr: float) -> float:  # smaller is better
+        m = first[lr]
+        return math.inf if math.isnan(m) else (-m if spec.higher_is_better else m)
+
+    cut = sorted(map(rank, scale.lrs))[k - 1]
+    return [lr for lr in scale.lrs if rank(lr) <= cut]
+
+
+def validation_runs(scale: Scale, spec: RegimeSpec) -> int:
+    """Validation runs per (regime, method) pair, ties at the finalists' cut aside."""
+    rest = len(scale.lrs) if scale.val_finalists is None else min(scale.val_finalists, len(scale.lrs))
+    return len(scale.lrs) + (validation_instances(scale, spec) - 1) * rest
+
+
+def _record_protocol(config: dict, protocol: dict[str, int]) -> None:
+    """The validation instances per regime into a results config: `scale.val_seeds` when every
+    regime has the same count, else None there and `config["val_seeds"]` per regime."""
+    if len(set(protocol.values())) > 1:
+        config["scale"] = {**config["scale"], "val_seeds": None}
+        config["val_seeds"] = protocol
+    else:
+        config["scale"] = {**config["scale"], "val_seeds": next(iter(protocol.values()), config["scale"].get("val_seeds"))}
 
 
 def _fingerprint(scale: Scale, device: str) -> str:
     """What a single run depends on besides its own fields: the scale but for
     the grid and seed counts (and where the checkpoint is cached), the device."""
-    dims = {k: v for k, v in asdict(scale).items() if k not in ("seeds", "lrs", "val_seeds", "cache_dir")}
+    dims = {k: v for k, v in asdict(scale).items()
+            if k not in ("seeds", "lrs", "val_seeds", "val_finalists", "cache_dir")}
     return json.dumps({"scale": dims, "device": device}, sort_keys=True)
 
 
@@ -493,14 +530,21 @@ def pair_step(spec: RegimeSpec, scale: Scale, method: str, seeds: list[int],
     metric over the validation instances) and the missing test runs; once there
     are none, its entry (test metric over the seeds and, for routed methods,
     the mean routing summary)."""
-    val = {lr: [Run(spec.name, method, lr, s, "val") for s in _val_seeds(scale, spec)] for lr in scale.lrs}
+    n_val = validation_instances(scale, spec)
+    first = {lr: Run(spec.name, method, lr, VAL_SEED, "val") for lr in scale.lrs}
+    missing = [r for r in first.values() if r not in results]
+    if missing:
+        return missing
+    final = finalists(scale, spec, {lr: results[r]["metric"] for lr, r in first.items()})
+    val = {lr: [r] + ([Run(spec.name, method, lr, VAL_SEED + i, "val") for i in range(1, n_val)] if lr in final else [])
+           for lr, r in first.items()}
     missing = [r for runs in val.values() for r in runs if r not in results]
     if missing:
         return missing
     per_val = {lr: [results[r]["metric"] for r in runs] for lr, runs in val.items()}
-    mean_val = {lr: statistics.fmean(ms) for lr, ms in per_val.items()}
-    best_lr = scale.lrs[0]
-    for lr in scale.lrs[1:]:
+    mean_val = {lr: statistics.fmean(ms) for lr, ms in per_val.items()}  # over the instances each rate ran
+    best_lr = final[0]
+    for lr in final[1:]:
         best_lr = lr if _better(mean_val[lr], mean_val[best_lr], spec.higher_is_better) else best_lr
     test = [Run(spec.name, method, best_lr, s, "test", log=method in ROUTED and i == 0) for i, s in enumerate(seeds)]
     missing = [r for r in test if r not in results]
@@ -508,7 +552,8 @@ def pair_step(spec: RegimeSpec, scale: Scale, method: str, seeds: list[int],
         return missing
     runs = [results[r] for r in test]
     entry = {"lr": best_lr, "val_by_lr": {str(k): v for k, v in mean_val.items()},
-             **({"val_by_lr_per_seed": {str(k): v for k, v in per_val.items()}} if validation_instances(scale, spec) > 1 else {}),
+             **({"val_by_lr_per_seed": {str(k): v for k, v in per_val.items()},
+                 "val_finalists": final} if n_val > 1 else {}),
              "test": _mean_std([r["metric"] for r in runs]),
              "wall_s": statistics.fmean(r["wall_s"] for r in runs)}
     if method in ROUTED:
@@ -551,8 +596,8 @@ def assemble_regime(spec: RegimeSpec, scale: Scale, entries: dict[str, dict], ou
 def _run_sequential(scale: Scale, regimes: list[str], methods: list[str], seeds: list[int], device: str,
                     out: Path, book: RunBook, progress: bool, write: Callable[[dict], None]) -> dict:
     """Every run in this process, pair after pair; each regime written once done."""
-    total = sum(_steps(REGIMES[n], scale) * len(methods)
-                * (len(scale.lrs) * validation_instances(scale, REGIMES[n]) + len(seeds)) for n in regimes)
+    total = sum(_steps(REGIMES[n], scale) * len(methods) * (validation_runs(scale, REGIMES[n]) + len(seeds))
+                for n in regimes)
     tty = sys.stderr.isatty()
     done: dict[str, dict] = {}
     with tqdm(total=total, unit="step", disable=not progress, mininterval=0.2 if tty else 15.0) as bar:
@@ -670,12 +715,7 @@ def _write(out: Path, results: dict, scale: Scale, seeds: list[int], device: str
         "paper_routing": paper_routing(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "jobs": jobs,
     }
-    # The validation protocol as merge_results records it: one count, or one per regime where they differ.
-    protocol = {n: validation_instances(scale, REGIMES[n]) for n in results["regimes"]}
-    if len(set(protocol.values())) > 1:
-        results["config"]["val_seeds"] = protocol
-    else:
-        results["config"]["scale"]["val_seeds"] = next(iter(protocol.values()), scale.val_seeds)
+    _record_protocol(results["config"], {n: validation_instances(scale, REGIMES[n]) for n in results["regimes"]})
     results["wall_s"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if results["regimes"]:
@@ -697,11 +737,16 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
     first = runs[0]["config"]
 
     def same_scale(c: dict) -> dict:
-        return {k: v for k, v in c["scale"].items() if k not in ("seeds", "val_seeds")}
+        return {k: v for k, v in c["scale"].items() if k not in ("seeds", "val_seeds", "val_finalists")}
 
     def val_seeds(c: dict, regime: str) -> int:  # runs from before --val-seeds had one validation instance
         n = c["scale"].get("val_seeds", 1)
         return c["val_seeds"][regime] if n is None else n
+
+    def protocol_of(c: dict, regime: str) -> tuple[int, int | None]:
+        """Validation instances and finalists (runs from before finalists ran every rate on each)."""
+        n = val_seeds(c, regime)
+        return n, c["scale"].get("val_finalists") if n > 1 else None
 
     for p, r in zip(paths, runs):
         c = r["config"]
@@ -720,15 +765,19 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
                 entries[name][m] = e
                 origin.setdefault(name, {})[m] = i
     seeds: dict[str, list[int]] = {}
-    protocol: dict[str, int] = {}  # regime -> validation instances per rate
+    protocol: dict[str, tuple[int, int | None]] = {}  # regime -> validation instances, finalists
     for name in entries:  # only the runs whose pairs survived must agree on the regime's seeds and protocol
         for i in dict.fromkeys(origin[name].values()):
             run_seeds, c = runs[i]["config"]["seeds"], runs[i]["config"]
             if seeds.setdefault(name, run_seeds) != run_seeds:
                 raise ValueError(f"{paths[i]}: {name} ran seeds {run_seeds}, another run of it {seeds[name]}")
-            if protocol.setdefault(name, val_seeds(c, name)) != val_seeds(c, name):
-                raise ValueError(f"{paths[i]}: {name} chose its rates on {val_seeds(c, name)} validation instances, "
-                                 f"another run of it on {protocol[name]}")
+            if protocol.setdefault(name, protocol_of(c, name)) != protocol_of(c, name):
+                raise ValueError(f"{paths[i]}: {name} chose its rates on (validation instances, finalists) "
+                                 f"{protocol_of(c, name)}, another run of it on {protocol[name]}")
+    finals = {protocol[n][1] for n in entries if protocol[n][0] > 1}
+    if len(finals) > 1:
+        raise ValueError(f"the regimes chose their rates among different finalists {sorted(finals, key=str)}: "
+                         "merge them separately")
     base = Scale(**{**first["scale"], "lm": lm.LMScale(**first["scale"]["lm"])})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -746,11 +795,9 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
               "jobs": [r["config"]["jobs"] for r in runs]}
     if not uniform:
         config["scale"] = {**first["scale"], "seeds": None}  # see "seeds"
-    if len(set(protocol.values())) > 1:
-        config["scale"] = {**config["scale"], "val_seeds": None}
-        config["val_seeds"] = {n: protocol[n] for n in regimes}  # validation instances per regime
-    else:
-        config["scale"] = {**config["scale"], "val_seeds": next(iter(protocol.values()))}
+    if finals:
+        config["scale"] = {**config["scale"], "val_finalists": finals.pop()}
+    _record_protocol(config, {n: protocol[n][0] for n in regimes})
     results = {"regimes": regimes, "config": config, "wall_s": sum(r["wall_s"] for r in runs)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
@@ -783,8 +830,14 @@ def format_table(results: dict) -> str:
     if isinstance(seeds, dict):  # a merge of runs with different seeds per regime
         lines.append("| *seeds* | " + " | ".join(", ".join(map(str, seeds[r])) for r in names) + " |")
     protocol = results.get("config", {}).get("val_seeds")
-    if isinstance(protocol, dict):  # a merge of regimes whose rates were chosen on different protocols
-        lines.append("| *validation instances per rate* | " + " | ".join(str(protocol[r]) for r in names) + " |")
+    if isinstance(protocol, dict):  # regimes whose rates were chosen on different protocols
+        scale = results["config"]["scale"]
+        k = scale.get("val_finalists")
+
+        def instances(n: int) -> str:
+            return f"{n} (the first's {k} best rates)" if n > 1 and k is not None and k < len(scale["lrs"]) else str(n)
+
+        lines.append("| *validation instances per rate* | " + " | ".join(instances(protocol[r]) for r in names) + " |")
     lines.append("| *lr chosen (FFT / LoRA / MoLF paper)* | " + " | ".join(
         " / ".join(f"{regs[r]['methods'][m]['lr']:g}" for m in ("FFT", "LoRA", "MoLF (paper)")
                    if m in regs[r]["methods"])
@@ -824,6 +877,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-seeds", type=int,
                    help="validation instances whose mean metric chooses each method's lr, in every regime "
                         "(default: the regime's; 3 for sql, 1 elsewhere)")
+    p.add_argument("--finalists", type=int,
+                   help="with several validation instances: the rates the first ranks best that the others "
+                        "run (default 2; 0: every rate on every instance)")
     p.add_argument("--cache-dir", help="where the pre-trained LM is cached (default ~/.cache/molf/quality)")
     p.add_argument("--threads", type=int, help="torch CPU threads (on a busy machine 1 is often fastest)")
     p.add_argument("--jobs", type=int, default=1,
@@ -853,6 +909,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.val_seeds < 1:
             p.error(f"--val-seeds must be >= 1, got {args.val_seeds}")
         scale = replace(scale, val_seeds=args.val_seeds)
+    if args.finalists is not None:
+        if args.finalists < 0:
+            p.error(f"--finalists must be >= 0, got {args.finalists}")
+        scale = replace(scale, val_finalists=args.finalists or None)
     if args.lrs:
         if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
             p.error(f"--lrs must be positive and finite, got {args.lrs}")

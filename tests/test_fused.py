@@ -105,6 +105,16 @@ def test_nonfinite_flag_and_kernels_write_nothing(bad, where):
     assert all(torch.equal(a, b) for a, b in zip(params + m + v, before))
 
 
+@pytest.fixture
+def interpreter_chunks(monkeypatch):
+    """Triton's interpreter pays per loop iteration, not per element, and a program loops over
+    its whole chunk: on the CPU the optimizer-level tests split tensors in chunks of 2048
+    elements (a multiple of every BLOCK) instead of 16384, 8x fewer iterations of the same
+    kernel code. test_fused_step_matches_foreach checks the kernels at the production CHUNK."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(_fused, "CHUNK", 2048)
+
+
 def _use_fused(opt):
     opt._fused = _fused
 
@@ -113,6 +123,7 @@ def _assert_fused(opt):
     assert opt._fused is _fused
 
 
+@pytest.mark.usefixtures("interpreter_chunks")
 @pytest.mark.parametrize("fft,ranks,topk,score", [CASES[0], CASES[1], CASES[5]])
 @pytest.mark.parametrize("lagged", [False, True])
 def test_optimizer_fused_path_matches_float64_reference(fft, ranks, topk, score, lagged):
@@ -121,6 +132,7 @@ def test_optimizer_fused_path_matches_float64_reference(fft, ranks, topk, score,
     check_against_reference(fft, ranks, topk, score, seed=0, lagged=lagged, configure=configure, device=DEVICE)
 
 
+@pytest.mark.usefixtures("interpreter_chunks")
 @pytest.mark.skipif(DEVICE != "cpu", reason="drives the fused path on CPU tensors through Triton's interpreter")
 @pytest.mark.parametrize("lagged", [False, True])
 def test_optimizer_fused_path_skips_nonfinite_steps(lagged):
@@ -151,6 +163,7 @@ def test_optimizer_fused_path_skips_nonfinite_steps(lagged):
     assert opt.routing_summary().skipped_steps == 1
 
 
+@pytest.mark.usefixtures("interpreter_chunks")
 @pytest.mark.parametrize("lagged", [False, True])
 def test_optimizer_fused_path_resumes_exactly(lagged, tmp_path):
     """The fused plan keeps the step counters in one shared buffer: they must count
@@ -194,6 +207,7 @@ def test_optimizer_fused_path_resumes_exactly(lagged, tmp_path):
     assert all(state["step"].item() == 5 for state in opt_c.state.values())
 
 
+@pytest.mark.usefixtures("interpreter_chunks")
 @pytest.mark.parametrize("lagged", [False, True])
 def test_fused_path_routes_by_heldout_loss_like_the_foreach_path(lagged):
     """Policy "heldout" on the fused path (Triton on CUDA, its interpreter on CPU): the same

@@ -97,6 +97,11 @@ def test_tiny_suite_structure(tmp_path):
                 assert "routing" not in e
         if name == "sql":
             assert all(0.0 <= e["test"]["mean"] <= 1.0 for e in reg["methods"].values())
+            # sql's rates are chosen on three validation instances, mixed's on one
+            assert all(len(v) == 3 for e in reg["methods"].values() for v in e["val_by_lr_per_seed"].values())
+        else:
+            assert all("val_by_lr_per_seed" not in e for e in reg["methods"].values())
+    assert on_disk["config"]["val_seeds"] == {"mixed": 1, "sql": 3} and on_disk["config"]["scale"]["val_seeds"] is None
     table = (tmp_path / "out" / "table.txt").read_text()
     assert table == q.format_table(res) + "\n"
     for method in q.METHODS:
@@ -295,6 +300,15 @@ def test_val_seeds_choose_the_lr_by_the_mean_over_validation_instances(tmp_path)
     (tmp_path / "two-other.json").write_text(json.dumps(two_other))
     with pytest.raises(ValueError, match="validation instances"):
         q.merge_results([tmp_path / "one" / "results.json", tmp_path / "two-other.json"], tmp_path / "m")
+    # nor do runs that narrowed the rates to other finalists (before finalists, every rate ran on each)
+    two_other["config"]["scale"]["val_finalists"] = None
+    (tmp_path / "two-every.json").write_text(json.dumps(two_other))
+    with pytest.raises(ValueError, match="finalists"):
+        q.merge_results([tmp_path / "two" / "results.json", tmp_path / "two-every.json"], tmp_path / "m")
+    del two_other["config"]["scale"]["val_finalists"]
+    (tmp_path / "two-old.json").write_text(json.dumps(two_other))
+    with pytest.raises(ValueError, match="finalists"):
+        q.merge_results([tmp_path / "two" / "results.json", tmp_path / "two-old.json"], tmp_path / "m")
     replaced = q.merge_results([tmp_path / "one" / "results.json", tmp_path / "two" / "results.json"],
                                tmp_path / "m", replace_pairs=True)  # the rerun's pair alone counts
     assert replaced["config"]["scale"]["val_seeds"] == 2
@@ -310,9 +324,17 @@ def test_val_seeds_choose_the_lr_by_the_mean_over_validation_instances(tmp_path)
     q.merge_results([tmp_path / "old.json", tmp_path / "one" / "results.json"], tmp_path / "m", replace_pairs=True)
 
 
-def test_val_seeds_must_be_positive(tmp_path):
+def test_val_seeds_must_be_positive_and_finalists_not_negative(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         q.main(["--val-seeds", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        q.main(["--finalists", "-1", "--out", str(tmp_path)])
+    seen = []
+    monkeypatch.setattr(q, "run_suite", lambda scale, *a: seen.append(scale.val_finalists) or {"regimes": {}, "wall_s": 0})
+    monkeypatch.setattr(q, "format_table", lambda res: "")
+    for argv, finalists in (([], 2), (["--finalists", "3"], 3), (["--finalists", "0"], None)):
+        q.main([*argv, "--out", str(tmp_path)])
+        assert seen.pop() == finalists
 
 
 def test_resume_reuses_recorded_runs_and_reruns_only_the_missing(tmp_path, monkeypatch):
@@ -429,8 +451,54 @@ def test_sql_chooses_its_rate_on_three_validation_instances_unless_told():
     assert q.validation_instances(q.QUICK, sql) == q.validation_instances(q.FULL, sql) == 3
     assert q.validation_instances(q.QUICK, mixed) == 1
     assert q.validation_instances(replace(q.QUICK, val_seeds=2), sql) == 2
-    # the runs a fresh pair asks for: every rate on each of the regime's validation instances
+    # the runs a fresh pair asks for: every rate on the first validation instance
     need = q.pair_step(sql, TINY, "FFT", [0], {})
-    assert sorted((r.lr, r.seed) for r in need) == sorted(
-        (lr, q.VAL_SEED + i) for lr in TINY.lrs for i in range(3))
+    assert sorted((r.lr, r.seed) for r in need) == sorted((lr, q.VAL_SEED) for lr in TINY.lrs)
     assert {r.split for r in need} == {"val"}
+
+
+def test_finalists_are_the_first_instances_best_rates_with_ties_and_nan_last():
+    grid = replace(TINY, lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2))
+    sql, mixed = q.REGIMES["sql"], q.REGIMES["mixed"]  # higher is better / lower is better
+    first = {1e-4: 0.1, 3e-4: 0.5, 1e-3: 0.2, 3e-3: 0.5, 1e-2: math.nan}
+    assert q.finalists(grid, sql, first) == [3e-4, 3e-3]
+    assert q.finalists(replace(grid, val_finalists=1), sql, first) == [3e-4, 3e-3]  # tied with the best
+    assert q.finalists(replace(grid, val_finalists=3), sql, first) == [3e-4, 1e-3, 3e-3]
+    assert q.finalists(replace(grid, val_finalists=None), sql, first) == list(grid.lrs)
+    assert q.finalists(replace(grid, val_seeds=3), mixed, first) == [1e-4, 1e-3]  # lower is better
+    assert q.finalists(grid, mixed, first) == list(grid.lrs)  # one instance: nothing to narrow
+    assert q.finalists(replace(grid, val_finalists=5), sql, first) == list(grid.lrs)
+    all_nan = dict.fromkeys(grid.lrs, math.nan)
+    assert q.finalists(grid, sql, all_nan) == list(grid.lrs)  # NaN ties NaN
+
+
+def test_later_validation_instances_run_only_the_finalists_and_the_lr_is_one_of_them():
+    """Successive halving on sql's three instances: every rate on the first, the two best
+    of it on the other two; the best mean over those decides, even where a rate that ran
+    once has a higher single score than the finalists' means."""
+    grid = replace(TINY, lrs=(1e-4, 1e-3, 1e-2, 3e-2))
+    sql = q.REGIMES["sql"]
+    first = {1e-4: 0.30, 1e-3: 0.60, 1e-2: 0.50, 3e-2: 0.40}
+    later = {(1e-3, 1): 0.0, (1e-3, 2): 0.0, (1e-2, 1): 0.35, (1e-2, 2): 0.20}
+    results: dict = {}
+    need = q.pair_step(sql, grid, "FFT", [0, 1], results)
+    assert sorted((r.lr, r.seed) for r in need) == [(lr, q.VAL_SEED) for lr in grid.lrs]
+    results.update({r: {"metric": first[r.lr], "wall_s": 0.0} for r in need})
+    need = q.pair_step(sql, grid, "FFT", [0, 1], results)
+    assert sorted((r.lr, r.seed - q.VAL_SEED) for r in need) == sorted(later)
+    results.update({r: {"metric": later[(r.lr, r.seed - q.VAL_SEED)], "wall_s": 0.0} for r in need})
+    need = q.pair_step(sql, grid, "FFT", [0, 1], results)
+    assert [(r.lr, r.seed, r.split) for r in need] == [(1e-2, 0, "test"), (1e-2, 1, "test")]
+    results.update({r: {"metric": 0.5, "wall_s": 1.0} for r in need})
+    entry = q.pair_step(sql, grid, "FFT", [0, 1], results)
+    # 1e-2's mean (0.35) is below 3e-2's single score (0.40): only finalists are eligible
+    assert entry["lr"] == 1e-2 and entry["val_finalists"] == [1e-3, 1e-2]
+    assert entry["val_by_lr"]["0.01"] == pytest.approx((0.50 + 0.35 + 0.20) / 3)
+    assert entry["val_by_lr_per_seed"] == {"0.0001": [0.30], "0.001": [0.60, 0.0, 0.0],
+                                           "0.01": [0.50, 0.35, 0.20], "0.03": [0.40]}
+    # every rate on every instance (val_finalists None): 3e-2's mean decides
+    results.update({q.Run("sql", "FFT", lr, q.VAL_SEED + i, "val"): {"metric": 0.40, "wall_s": 0.0}
+                    for lr in (1e-4, 3e-2) for i in (1, 2)})
+    results.update({q.Run("sql", "FFT", 3e-2, s, "test"): {"metric": 0.5, "wall_s": 1.0} for s in (0, 1)})
+    every = q.pair_step(sql, replace(grid, val_finalists=None), "FFT", [0, 1], results)
+    assert every["lr"] == 3e-2 and "val_finalists" in every and every["val_finalists"] == list(grid.lrs)
