@@ -20,10 +20,11 @@ runs at one rate split between converged and stalled, one instance misranks the
 rates: there the mean over three validation instances chooses (--val-seeds N:
 N instances in every regime), by successive halving: the first instance runs
 every rate, the others only the two it ranked best (--finalists K; 0: every
-rate on every instance), which chose as the full protocol did in all 17 pairs
-it had recorded, quick and full, at 10 runs a pair instead of 18. Then it is trained on `seeds` test instances and scored on their test splits (mean ±
-std). Writes results.json, table.txt and one routing-share figure per regime
-into --out, rewritten as each regime finishes.
+rate on every instance), which chose as the full protocol did in all 18 pairs
+it had recorded, quick and full, at 10 runs a pair instead of 18. Then it is
+trained on `seeds` test instances and scored on their test splits (mean ± std).
+Writes results.json, table.txt and one routing-share figure per regime into
+--out, rewritten as each regime finishes.
 With --jobs N, each training run is one job in a pool of N processes that
 builds its instance (deterministic from its seed): the results are those of a
 sequential run. Every finished run is appended to OUT/runs.jsonl; --resume
