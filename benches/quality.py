@@ -527,10 +527,11 @@ class RunBook:
 def pair_step(spec: RegimeSpec, scale: Scale, method: str, seeds: list[int],
               results: dict[Run, dict]) -> list[Run] | dict:
     """What a (regime, method) pair still needs, given the runs finished so far:
-    the missing validation runs; once there are none, its lr (the best mean
-    metric over the validation instances) and the missing test runs; once there
-    are none, its entry (test metric over the seeds and, for routed methods,
-    the mean routing summary)."""
+    the first validation instance's missing runs (every rate); once there are
+    none, the other instances' missing runs (the finalists' rates); once there
+    are none, its lr (the finalist of the best mean metric over the instances)
+    and the missing test runs; once there are none, its entry (test metric over
+    the seeds and, for routed methods, the mean routing summary)."""
     n_val = validation_instances(scale, spec)
     first = {lr: Run(spec.name, method, lr, VAL_SEED, "val") for lr in scale.lrs}
     missing = [r for r in first.values() if r not in results]
@@ -774,7 +775,8 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
                 raise ValueError(f"{paths[i]}: {name} ran seeds {run_seeds}, another run of it {seeds[name]}")
             if protocol.setdefault(name, protocol_of(c, name)) != protocol_of(c, name):
                 raise ValueError(f"{paths[i]}: {name} chose its rates on (validation instances, finalists) "
-                                 f"{protocol_of(c, name)}, another run of it on {protocol[name]}")
+                                 f"{protocol_of(c, name)}, another run of it on {protocol[name]} (finalists None: "
+                                 "every rate on every instance, as before finalists; --finalists 0 reruns so)")
     finals = {protocol[n][1] for n in entries if protocol[n][0] > 1}
     if len(finals) > 1:
         raise ValueError(f"the regimes chose their rates among different finalists {sorted(finals, key=str)}: "
