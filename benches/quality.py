@@ -38,6 +38,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -291,17 +292,20 @@ def adalora_method(init_r: int, target_r: int, allocate: bool = True) -> Callabl
 _adalora = adalora_method(sum(EFFICIENT_RANKS), max(EFFICIENT_RANKS))
 
 
-def _molf(ranks: tuple[int, ...], fft: bool, routing: Callable[[Callable[[], torch.Tensor]], dict]):
+def _molf(ranks: tuple[int, ...], fft: bool, routing: Callable[[Callable[[], torch.Tensor]], dict],
+          lora_lr_factor: float = 1.0, alpha_factor: float = 1.0):
     """MoLFAdamW with the routing options `routing(held-out loss closure)` returns. Each LoRA
     expert at the scale of the method it is compared with: beside a dense expert (against FFT and
     the LoRA baseline) rsLoRA alpha = r, s = sqrt(r), as the LoRA baseline; MoLF-E (against AdaLoRA)
-    alpha / r = 1, as AdaLoRA (peft scales its P·Λ·Q by lora_alpha / r, and lora_alpha = init_r)."""
+    alpha / r = 1, as AdaLoRA (peft scales its P·Λ·Q by lora_alpha / r, and lora_alpha = init_r).
+    The factors move the LoRA experts' learning rate (lora_lr = factor x lr) and scale (alpha x
+    factor) away from that: the hyper-parameter variants."""
 
     def build(model, lr, steps, targets, log_path, heldout: HeldoutLoss) -> Built:
-        cfg = molf.MoLFConfig(ranks=ranks, alphas=tuple(float(r) for r in ranks), fft=fft, rslora=fft,
+        cfg = molf.MoLFConfig(ranks=ranks, alphas=tuple(alpha_factor * r for r in ranks), fft=fft, rslora=fft,
                               target_modules=targets, exclude_modules=())
         molf.wrap(model, cfg)
-        opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lr, weight_decay=0.0, lora_weight_decay=0.0,
+        opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lora_lr_factor * lr, weight_decay=0.0, lora_weight_decay=0.0,
                              log_path=log_path, **routing(lambda: heldout(model)))
         return model, opt, _none
 
@@ -326,7 +330,19 @@ METHODS: dict[str, Callable[..., Built]] = {
     "molf default": _molf((LORA_RANK,), True, _default),
     "molf-E default": _molf(EFFICIENT_RANKS, False, _default),
 }
-ROUTED = ("MoLF (paper)", "MoLF-E", "molf default", "molf-E default")
+# Does the routing follow the task or the hyper-parameters (issue 7: EPD top-1 sent every module
+# to LoRA once the LoRA rate or scale was raised)? The dense + LoRA methods with the LoRA experts'
+# rate or scale moved, every other setting as above; --sensitivity runs them beside FFT and LoRA.
+# Variant -> (lora_lr / lr, alpha factor).
+VARIANTS = {"lora_lr x1/3": (1 / 3, 1.0), "lora_lr x3": (3.0, 1.0), "alpha x4": (1.0, 4.0)}
+VARIED = {"MoLF (paper)": _paper, "molf default": _default}
+VARIANT_METHODS: dict[str, Callable[..., Built]] = {
+    f"{m} [{v}]": _molf((LORA_RANK,), True, routing, *factors)
+    for m, routing in VARIED.items() for v, factors in VARIANTS.items()
+}
+BUILDERS = {**METHODS, **VARIANT_METHODS}  # every method a run may name; METHODS: the suite's
+SENSITIVITY_METHODS = ["FFT", "LoRA", *(f"{m}{v}" for m in VARIED for v in ("", *(f" [{v}]" for v in VARIANTS)))]
+ROUTED = ("MoLF (paper)", "MoLF-E", "molf default", "molf-E default", *VARIANT_METHODS)
 EFFICIENT = ("MoLF-E", "molf-E default")  # frozen base: compared with AdaLoRA
 BASELINES = ("FFT", "LoRA")
 
@@ -340,7 +356,7 @@ def train_eval(inst: Instance, method: str, lr: float, seed: int, steps: int, sp
     with torch.random.fork_rng(devices=[]):  # LoRA inits draw from the global RNG
         torch.manual_seed(seed)
         heldout = lambda m: inst.loss(m, inst.heldout)  # noqa: E731 - the instance's validation split
-        model, opt, after_step = METHODS[method](copy.deepcopy(inst.model), lr, steps, inst.targets, log_path, heldout)
+        model, opt, after_step = BUILDERS[method](copy.deepcopy(inst.model), lr, steps, inst.targets, log_path, heldout)
         batches = torch.Generator().manual_seed(seed + 1)  # the same minibatches for every method
         model.train()
         start = time.perf_counter()
@@ -384,7 +400,7 @@ def _steps(spec: RegimeSpec, scale: Scale) -> int:
 
 
 def _routing_log(out: Path, regime: str, method: str) -> Path:
-    slug = method.replace(" ", "_").replace("(", "").replace(")", "")
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "_", method).strip("_")  # "MoLF (paper) [lora_lr x1/3]": MoLF_paper_lora_lr_x1_3
     return out / f"routing_{regime}_{slug}.jsonl"
 
 
@@ -681,7 +697,7 @@ def _run_parallel(scale: Scale, regimes: list[str], methods: list[str], seeds: l
 
 def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str | Path, device: str = "cpu",
               seed: int = 0, progress: bool = True, jobs: int = 1, resume: bool = False) -> dict:
-    for name, known in (("regime", REGIMES), ("method", METHODS)):
+    for name, known in (("regime", REGIMES), ("method", BUILDERS)):
         bad = [x for x in (regimes if name == "regime" else methods) if x not in known]
         if bad:
             raise ValueError(f"unknown {name}(s) {bad}; expected some of {list(known)}")
@@ -721,7 +737,7 @@ def _write(out: Path, results: dict, scale: Scale, seeds: list[int], device: str
     results["wall_s"] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if results["regimes"]:
-        (out / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
+        (out / "table.txt").write_text(_tables(results) + "\n", encoding="utf-8")
 
 
 def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: bool = False) -> dict:
@@ -784,14 +800,14 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
     base = Scale(**{**first["scale"], "lm": lm.LMScale(**first["scale"]["lm"])})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    regimes = {n: assemble_regime(REGIMES[n], base, {m: entries[n][m] for m in METHODS if m in entries[n]},
+    regimes = {n: assemble_regime(REGIMES[n], base, {m: entries[n][m] for m in BUILDERS if m in entries[n]},
                                   out, plot=False)
                for n in REGIMES if n in entries}
     per_regime = {n: seeds[n] for n in regimes}
     uniform = len({tuple(v) for v in per_regime.values()}) == 1
     config = {**{k: v for k, v in first.items() if k != "val_seeds"},
               "seeds": next(iter(per_regime.values())) if uniform else per_regime,
-              "methods": [m for m in METHODS if any(m in e for e in entries.values())],
+              "methods": [m for m in BUILDERS if any(m in e for e in entries.values())],
               "merged_from": [str(p) for p in paths],
               "pairs_from": {n: {m: str(paths[origin[n][m]]) for m in regimes[n]["methods"]} for n in regimes},
               "devices": sorted({r["config"]["device"] for r in runs}),
@@ -803,8 +819,13 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
     _record_protocol(config, {n: protocol[n][0] for n in regimes})
     results = {"regimes": regimes, "config": config, "wall_s": sum(r["wall_s"] for r in runs)}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
+    (out / "table.txt").write_text(_tables(results) + "\n", encoding="utf-8")
     return results
+
+
+def _tables(results: dict) -> str:
+    """table.txt: the suite's table, then the hyper-parameter variants' where they ran."""
+    return "\n\n".join(t for t in (format_table(results), format_sensitivity(results)) if t)
 
 
 def _pct(x: float | None) -> str:
@@ -863,6 +884,37 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_sensitivity(results: dict) -> str:
+    """Markdown, for each varied method run with all its variants: per regime, the gap to the
+    better of FFT and LoRA, the lr chosen and the end-of-run share of modules per expert, as in
+    the suite and with the LoRA rate or scale moved; then the spread of the gap over the variants
+    (max - min, points): how far the LoRA hyper-parameters move the method. "" when none ran."""
+    regs = results["regimes"]
+    names = list(regs)
+    lines: list[str] = []
+    for base in VARIED if names else ():
+        rows = {base: "as in the suite", **{f"{base} [{v}]": v for v in VARIANTS}}
+        if not all(m in regs[r]["methods"] and m in regs[r].get("gap_to_best_baseline", {})
+                   for r in names for m in rows):
+            continue
+        for m, label in rows.items():
+            cells = []
+            for r in names:
+                e = regs[r]["methods"][m]
+                share = ", ".join(f"{x} {v:.0%}" for x, v in e["routing"]["active_share"].items())
+                cells.append(f"{_pct(regs[r]['gap_to_best_baseline'][m])} at {e['lr']:g}; {share}")
+            lines.append(f"| {base} | {label} | " + " | ".join(cells) + " |")
+        spreads = []
+        for r in names:
+            gaps = [g for m in rows if (g := regs[r]["gap_to_best_baseline"][m]) is not None]
+            spreads.append(f"{100 * (max(gaps) - min(gaps)):.1f} points" if gaps else "n/a")
+        lines.append(f"| {base} | *spread of the gap* | " + " | ".join(spreads) + " |")
+    if not lines:
+        return ""
+    head = ["| method | LoRA rate, scale | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    return "\n".join(head + lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -872,7 +924,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="quality-results", help="directory for results.json, table.txt, figures")
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=list(BUILDERS),
+                   help="methods to run (default: the suite's seven; the [variants] only when named)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="run FFT, LoRA and the dense + LoRA routed methods with the LoRA rate and scale moved "
+                        f"({', '.join(VARIANTS)}): does the routing follow the task or the hyper-parameters?")
     p.add_argument("--seeds", type=int, help="test seeds (default: 3 quick, 5 full)")
     p.add_argument("--lrs", type=float, nargs="+",
                    help="learning-rate grid instead of the scale's (one value: no selection)")
@@ -901,8 +957,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and args.merge:
         p.error("--resume runs the suite; it does not go with --merge")
     if args.merge:
-        print(format_table(merge_results(args.merge, args.out, args.replace)))
+        print(_tables(merge_results(args.merge, args.out, args.replace)))
         return 0
+    if args.sensitivity and args.methods:
+        p.error("--sensitivity runs its own methods; it does not go with --methods")
+    methods = SENSITIVITY_METHODS if args.sensitivity else args.methods or list(METHODS)
     scale = FULL if args.full else QUICK
     if args.seeds is not None:
         if args.seeds < 1:
@@ -927,9 +986,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True, warn_only=True)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
-    res = run_suite(scale, args.regimes, args.methods, args.out, args.device, args.seed, not args.no_progress,
+    res = run_suite(scale, args.regimes, methods, args.out, args.device, args.seed, not args.no_progress,
                     args.jobs, args.resume)
-    print(format_table(res))
+    print(_tables(res))
     print(f"\nwall {res['wall_s']:.0f} s; results in {args.out}/")
     return 0
 

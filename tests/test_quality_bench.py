@@ -81,7 +81,7 @@ def test_tiny_suite_structure(tmp_path):
         assert reg["higher_is_better"] is (name == "sql")
         assert reg["methods"].keys() == set(q.METHODS)
         assert reg["winner"] in reg["tied_best"] and set(reg["tied_best"]) <= set(q.METHODS)
-        assert reg["gap_to_best_baseline"].keys() == set(q.ROUTED)
+        assert reg["gap_to_best_baseline"].keys() == set(q.ROUTED) & set(q.METHODS)
         assert (tmp_path / "out" / reg["routing_plot"]).stat().st_size > 0
         for method, e in reg["methods"].items():
             assert e["lr"] in scale.lrs and set(e["val_by_lr"]) == {str(lr) for lr in scale.lrs}
@@ -444,6 +444,64 @@ def test_each_lora_expert_at_the_scale_of_the_method_it_is_compared_with():
         layers = [layer for _, layer in routed_modules(built(method))]
         assert len(layers) == len(q.MLP_TARGETS)
         assert all(layer.scales == pytest.approx(scales) for layer in layers), method
+
+
+@pytest.mark.parametrize("variant", list(q.VARIANTS))
+@pytest.mark.parametrize("base", list(q.VARIED))
+def test_variants_move_only_the_lora_experts_rate_or_scale(base, variant):
+    """"molf default [lora_lr x3]" etc.: the method as in the suite with the LoRA experts' lr at the
+    variant's factor x lr and their scale at its factor x sqrt(r); the dense expert and the
+    routing untouched."""
+    from molf import demo
+    from molf.wrap import routed_modules
+
+    lr_factor, alpha_factor = q.VARIANTS[variant]
+    method = f"{base} [{variant}]"
+    assert method in q.ROUTED and method in q.SENSITIVITY_METHODS and method not in q.METHODS
+    built = {}
+    for m in (base, method):
+        model = demo.StudentMLP(torch.Generator().manual_seed(0))
+        built[m] = q.BUILDERS[m](model, 1e-3, 10, q.MLP_TARGETS, None, lambda m: torch.zeros((), requires_grad=True))
+    (model, opt, _), (ref_model, ref_opt, _) = built[method], built[base]
+    lrs = {g["molf_role"]: g["lr"] for g in opt.param_groups}
+    assert lrs["dense"] == 1e-3 and lrs["lora"] == pytest.approx(lr_factor * 1e-3)
+    assert {g["molf_role"]: g["lr"] for g in ref_opt.param_groups}["lora"] == 1e-3
+    assert opt.router.policy == ref_opt.router.policy
+    for layer in (layer for _, layer in routed_modules(model)):
+        assert layer.scales == pytest.approx((alpha_factor * q.LORA_RANK ** 0.5,))
+
+
+def test_sensitivity_runs_the_variants_beside_fft_and_lora_and_tabulates_their_spread(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(q, "run_suite", lambda scale, regimes, methods, *a: seen.append(methods)
+                        or {"regimes": {}, "wall_s": 0.0})
+    monkeypatch.setattr(q, "_tables", lambda res: "")
+    assert q.main(["--sensitivity", "--out", str(tmp_path)]) == 0
+    assert q.main(["--out", str(tmp_path)]) == 0
+    assert seen == [q.SENSITIVITY_METHODS, list(q.METHODS)]  # the variants run only when asked for
+    with pytest.raises(SystemExit):
+        q.main(["--sensitivity", "--methods", "FFT", "--out", str(tmp_path)])
+    monkeypatch.undo()
+
+    res = q.run_suite(TINY, ["mixed", "high-rank"], q.SENSITIVITY_METHODS, tmp_path / "s", progress=False)
+    table = (tmp_path / "s" / "table.txt").read_text()
+    assert q.format_sensitivity(res) in table and q.format_table(res) in table
+    rows = [line.split(" | ") for line in q.format_sensitivity(res).splitlines()[2:]]
+    assert len(rows) == len(q.VARIED) * (len(q.VARIANTS) + 2)
+    for base in q.VARIED:
+        mine = [r for r in rows if r[0] == f"| {base}"]
+        assert [r[1] for r in mine] == ["as in the suite", *q.VARIANTS, "*spread of the gap*"]
+        for col, regime in enumerate(("mixed", "high-rank"), start=2):
+            gaps = [res["regimes"][regime]["gap_to_best_baseline"][m]
+                    for m in (base, *(f"{base} [{v}]" for v in q.VARIANTS))]
+            for r, g in zip(mine, gaps):
+                assert r[col].startswith(q._pct(g) + " at ")
+            assert mine[-1][col].rstrip(" |") == f"{100 * (max(gaps) - min(gaps)):.1f} points"
+    for m in q.SENSITIVITY_METHODS[2:]:  # every routed variant keeps its routing log
+        assert q._routing_log(tmp_path / "s", "mixed", m).exists()
+    only_suite = {"regimes": {n: {**r, "methods": {m: e for m, e in r["methods"].items() if "[" not in m}}
+                              for n, r in res["regimes"].items()}}
+    assert q.format_sensitivity(only_suite) == "" and q.format_sensitivity({"regimes": {}}) == ""
 
 
 def test_sql_chooses_its_rate_on_three_validation_instances_unless_told():
