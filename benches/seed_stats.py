@@ -67,31 +67,51 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else math.nan)
 
 
+def seeds_to_resolve(diffs: list[float], ref_mean: float, margin: float) -> int | None:
+    """Paired seeds at which two standard errors of the mean difference shrink to `margin` x
+    |ref_mean|, at the spread `diffs` show: how many seeds it takes to tell a relative gap of
+    `margin` from noise. None where the spread is unknown (under two seeds) or the margin is 0."""
+    if len(diffs) < 2 or margin * ref_mean == 0:
+        return None
+    n = (2 * statistics.stdev(diffs) / (margin * abs(ref_mean))) ** 2
+    return max(2, math.ceil(n * (1 - 1e-12)))  # not one more for a rounding error above a whole n
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--regime", required=True)
     ap.add_argument("--ref", required=True, help="the method every other one is paired with")
     ap.add_argument("--replace", action="store_true", help="a later run's seed replaces an earlier one's")
+    ap.add_argument("--margin", type=float,
+                    help="a relative gap (0.015: 1.5%%): add the paired seeds at which 2 SE of the difference "
+                         "would be that gap, at the spread measured")
     args = ap.parse_args(argv)
+    if args.margin is not None and not args.margin > 0:
+        ap.error(f"--margin must be positive, got {args.margin}")
     pooled, higher_is_better = pool(args.runs, args.regime, args.replace)
     if args.ref not in pooled:
         raise SystemExit(f"no {args.ref} in {args.regime}; methods: {', '.join(sorted(pooled))}")
     ref = pooled[args.ref]
-    print(f"| method | seeds | mean ± SE | median | paired diff to {args.ref} ± SE (seeds) | gap to {args.ref} |")
-    print("|---|---|---|---|---|---|")
+    extra = f" seeds for 2 SE = {args.margin:g} x {args.ref} |" if args.margin else ""
+    print(f"| method | seeds | mean ± SE | median | paired diff to {args.ref} ± SE (seeds) | gap to {args.ref} |{extra}")
+    print("|---|---|---|---|---|---|" + ("---|" if extra else ""))
     for method, seeds in pooled.items():
         xs = [seeds[s] for s in sorted(seeds)]
         m, se = mean_se(xs)
         shared = sorted(set(seeds) & set(ref))
         row = f"| {method} | {len(xs)} | {m:.3f} ± {se:.3f} | {statistics.median(xs):.3f} |"
         if method != args.ref and len(shared) > 1:
-            d, dse = mean_se([seeds[s] - ref[s] for s in shared])
-            gap = _gap(statistics.fmean(seeds[s] for s in shared), statistics.fmean(ref[s] for s in shared),
-                       higher_is_better)
+            diffs = [seeds[s] - ref[s] for s in shared]
+            d, dse = mean_se(diffs)
+            ref_mean = statistics.fmean(ref[s] for s in shared)
+            gap = _gap(statistics.fmean(seeds[s] for s in shared), ref_mean, higher_is_better)
             row += f" {d:+.3f} ± {dse:.3f} ({len(shared)}) | {_pct(gap)} |"
+            if args.margin:
+                n = seeds_to_resolve(diffs, ref_mean, args.margin)
+                row += f" {'n/a' if n is None else n} |"
         else:
-            row += " | |"
+            row += " | |" + (" |" if extra else "")
         print(row)
 
 

@@ -247,6 +247,16 @@ def test_seed_stats_pools_runs_and_pairs_shared_seeds(tmp_path, capsys):
     # molf - FFT per seed: -0.5, 0, +0.5 -> mean 0 (gap 0); both on seeds 1, 2 only: -0.25, +0.25
     assert "| molf | 3 | 0.667 ± 0.167 | 0.500 | +0.000 ± 0.289 (3) | +0.0% |" == rows["molf"]
     assert "(2) | +0.0% |" in rows["both"]
+    # --margin: 2 SE of molf's paired difference (sd 0.5) down to 1.5% of FFT's mean 2/3 takes
+    # (2 x 0.5 / 0.01)^2 = 10,000 seeds; both's (sd 0.354, FFT 0.5 on seeds 1, 2): 8,889
+    seed_stats.main(["--regime", "sql", "--ref", "FFT", "--margin", "0.015", str(a), str(b), str(lab)])
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    assert rows["molf"].endswith("| +0.0% | 10000 |") and rows["both"].endswith("| 8889 |")
+    assert rows["FFT"].endswith("| | |") and "seeds for 2 SE = 0.015 x FFT" in rows["method"]
+    assert seed_stats.seeds_to_resolve([0.1], 1.0, 0.015) is None  # no spread from one seed
+    assert seed_stats.seeds_to_resolve([0.1, 0.1], 1.0, 0.015) == 2
+    with pytest.raises(SystemExit):
+        seed_stats.main(["--regime", "sql", "--ref", "FFT", "--margin", "0", str(a)])
     # lower is better: a method above the reference is behind it
     c = _quality_run(tmp_path / "c.json", [0, 1], {"FFT": [1.0, 1.0], "molf": [1.5, 1.5]}, higher=False)
     seed_stats.main(["--regime", "sql", "--ref", "FFT", str(c)])
