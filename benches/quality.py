@@ -887,7 +887,7 @@ def format_table(results: dict) -> str:
 def format_sensitivity(results: dict) -> str:
     """Markdown, for each varied method run with all its variants: per regime, the gap to the
     better of FFT and LoRA, the lr chosen and the end-of-run share of modules per expert, as in
-    the suite and with the LoRA rate or scale moved; then the spread of the gap over the variants
+    the suite and with the LoRA rate or scale moved; then the worst gap over them and its spread
     (max - min, points): how far the LoRA hyper-parameters move the method. "" when none ran."""
     regs = results["regimes"]
     names = list(regs)
@@ -904,10 +904,12 @@ def format_sensitivity(results: dict) -> str:
                 share = ", ".join(f"{x} {v:.0%}" for x, v in e["routing"]["active_share"].items())
                 cells.append(f"{_pct(regs[r]['gap_to_best_baseline'][m])} at {e['lr']:g}; {share}")
             lines.append(f"| {base} | {label} | " + " | ".join(cells) + " |")
-        spreads = []
+        worst, spreads = [], []
         for r in names:
             gaps = [g for m in rows if (g := regs[r]["gap_to_best_baseline"][m]) is not None]
+            worst.append(_pct(max(gaps)) if gaps else "n/a")
             spreads.append(f"{100 * (max(gaps) - min(gaps)):.1f} points" if gaps else "n/a")
+        lines.append(f"| {base} | *worst gap* | " + " | ".join(worst) + " |")
         lines.append(f"| {base} | *spread of the gap* | " + " | ".join(spreads) + " |")
     if not lines:
         return ""

@@ -497,15 +497,16 @@ def test_sensitivity_runs_the_variants_beside_fft_and_lora_and_tabulates_their_s
     table = (tmp_path / "s" / "table.txt").read_text()
     assert q.format_sensitivity(res) in table and q.format_table(res) in table
     rows = [line.split(" | ") for line in q.format_sensitivity(res).splitlines()[2:]]
-    assert len(rows) == len(q.VARIED) * (len(q.VARIANTS) + 2)
+    assert len(rows) == len(q.VARIED) * (len(q.VARIANTS) + 3)
     for base in q.VARIED:
         mine = [r for r in rows if r[0] == f"| {base}"]
-        assert [r[1] for r in mine] == ["as in the suite", *q.VARIANTS, "*spread of the gap*"]
+        assert [r[1] for r in mine] == ["as in the suite", *q.VARIANTS, "*worst gap*", "*spread of the gap*"]
         for col, regime in enumerate(("mixed", "high-rank"), start=2):
             gaps = [res["regimes"][regime]["gap_to_best_baseline"][m]
                     for m in (base, *(f"{base} [{v}]" for v in q.VARIANTS))]
             for r, g in zip(mine, gaps):
                 assert r[col].startswith(q._pct(g) + " at ")
+            assert mine[-2][col].rstrip(" |") == q._pct(max(gaps))
             assert mine[-1][col].rstrip(" |") == f"{100 * (max(gaps) - min(gaps)):.1f} points"
     for m in q.SENSITIVITY_METHODS[2:]:  # every routed variant keeps its routing log
         assert q._routing_log(tmp_path / "s", "mixed", m).exists()
