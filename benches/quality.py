@@ -336,12 +336,19 @@ METHODS: dict[str, Callable[..., Built]] = {
 # Variant -> (lora_lr / lr, alpha factor).
 VARIANTS = {"lora_lr x1/3": (1 / 3, 1.0), "lora_lr x3": (3.0, 1.0), "alpha x4": (1.0, 4.0)}
 VARIED = {"MoLF (paper)": _paper, "molf default": _default}
+
+
+def variant(method: str, name: str) -> str:
+    """The name of `method` run with the hyper-parameter variant `name`: "molf default [lora_lr x3]"."""
+    return f"{method} [{name}]"
+
+
 VARIANT_METHODS: dict[str, Callable[..., Built]] = {
-    f"{m} [{v}]": _molf((LORA_RANK,), True, routing, *factors)
+    variant(m, v): _molf((LORA_RANK,), True, routing, *factors)
     for m, routing in VARIED.items() for v, factors in VARIANTS.items()
 }
 BUILDERS = {**METHODS, **VARIANT_METHODS}  # every method a run may name; METHODS: the suite's
-SENSITIVITY_METHODS = ["FFT", "LoRA", *(f"{m}{v}" for m in VARIED for v in ("", *(f" [{v}]" for v in VARIANTS)))]
+SENSITIVITY_METHODS = ["FFT", "LoRA", *(x for m in VARIED for x in (m, *(variant(m, v) for v in VARIANTS)))]
 ROUTED = ("MoLF (paper)", "MoLF-E", "molf default", "molf-E default", *VARIANT_METHODS)
 EFFICIENT = ("MoLF-E", "molf-E default")  # frozen base: compared with AdaLoRA
 BASELINES = ("FFT", "LoRA")
@@ -893,7 +900,7 @@ def format_sensitivity(results: dict) -> str:
     names = list(regs)
     lines: list[str] = []
     for base in VARIED if names else ():
-        rows = {base: "as in the suite", **{f"{base} [{v}]": v for v in VARIANTS}}
+        rows = {base: "as in the suite", **{variant(base, v): v for v in VARIANTS}}
         if not all(m in regs[r]["methods"] and m in regs[r].get("gap_to_best_baseline", {})
                    for r in names for m in rows):
             continue
