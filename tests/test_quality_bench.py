@@ -471,8 +471,8 @@ def test_variants_move_only_the_lora_experts_rate_or_scale(base, variant):
     built = {}
     for m in (base, method):
         model = demo.StudentMLP(torch.Generator().manual_seed(0))
-        built[m] = q.BUILDERS[m](model, 1e-3, 10, q.MLP_TARGETS, None, lambda m: torch.zeros((), requires_grad=True))
-    (model, opt, _), (ref_model, ref_opt, _) = built[method], built[base]
+        built[m] = q.BUILDERS[m](model, 1e-3, 10, q.MLP_TARGETS, None, lambda _: torch.zeros((), requires_grad=True))
+    (model, opt, _), (_, ref_opt, _) = built[method], built[base]
     lrs = {g["molf_role"]: g["lr"] for g in opt.param_groups}
     assert lrs["dense"] == 1e-3 and lrs["lora"] == pytest.approx(lr_factor * 1e-3)
     assert {g["molf_role"]: g["lr"] for g in ref_opt.param_groups}["lora"] == 1e-3
@@ -510,6 +510,9 @@ def test_sensitivity_runs_the_variants_beside_fft_and_lora_and_tabulates_their_s
             assert mine[-1][col].rstrip(" |") == f"{100 * (max(gaps) - min(gaps)):.1f} points"
     for m in q.SENSITIVITY_METHODS[2:]:  # every routed variant keeps its routing log
         assert q._routing_log(tmp_path / "s", "mixed", m).exists()
+    # the suite's methods keep their log names, which --resume looks for in earlier outputs
+    assert [q._routing_log(tmp_path, "mixed", m).name for m in ("MoLF (paper)", "molf-E default")] == [
+        "routing_mixed_MoLF_paper.jsonl", "routing_mixed_molf-E_default.jsonl"]
     only_suite = {"regimes": {n: {**r, "methods": {m: e for m, e in r["methods"].items() if "[" not in m}}
                               for n, r in res["regimes"].items()}}
     assert q.format_sensitivity(only_suite) == "" and q.format_sensitivity({"regimes": {}}) == ""
