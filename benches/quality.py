@@ -5,6 +5,7 @@ choice should lose somewhere (issue 7).
     python3 benches/quality.py --quick              # CPU, whole suite in minutes
     python3 benches/quality.py --full --device cuda # bigger models, more steps
     python3 benches/quality.py --full --jobs 8      # training runs in 8 processes; --resume after a cut
+    python3 benches/quality.py --quick --sensitivity # the LoRA rate and scale moved: whose routing follows?
 
 Regimes: four synthetic teacher-student tasks built on `molf.demo`'s student
 (high-rank clean: FFT should win; low-rank noisy: LoRA should win; mixed ranks
