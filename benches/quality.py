@@ -934,8 +934,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="quality-results", help="directory for results.json, table.txt, figures")
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
-    p.add_argument("--methods", nargs="+", choices=list(BUILDERS),
-                   help="methods to run (default: the suite's seven; the [variants] only when named)")
+    p.add_argument("--methods", nargs="+", choices=list(BUILDERS), metavar="METHOD",
+                   help="methods to run (default: the suite's seven; the [variants] only when named): "
+                        + ", ".join(f'"{m}"' for m in BUILDERS))
     p.add_argument("--sensitivity", action="store_true",
                    help="run FFT, LoRA and the dense + LoRA routed methods with the LoRA rate and scale moved "
                         f"({', '.join(VARIANTS)}): does the routing follow the task or the hyper-parameters?")
