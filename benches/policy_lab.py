@@ -209,6 +209,19 @@ Seventh round (2026-12-03 evening, this CPU; the same spec):
   alpha / r = 1, and sql's rate chosen on three validation instances. At scale 1, quick sql's
   single instance had ranked 1e-2 first (0.469 against 0.422 at 3e-3), while test seeds average
   0.32 at 1e-2 and 0.41 at 3e-3. The figures are in benches/RESULTS.md, "What changed", item 6.
+Eighth round (2026-12-05, this CPU; quick shift, where molf-E default ties AdaLoRA over 100
+seeds; ``SEEDS=0-99``, JSON in benches/results/quality-quick/runs/lab-E-both-sshrink/):
+* at lr 3e-3, test seeds only (``LR=3e-3 NO_VAL=1``), paired to AdaLoRA's 100 seeds:
+  the shipped ``E/lca:10:3:re1a:2+sshrink:10:0.1`` 0.225 (+0.3%, the router's per-seed values);
+  the same without shrinkage 0.242 (+8.0%); ``E/only:1`` (r = 32 alone) 0.222 (−0.9%);
+  ``E/both`` 0.218 (−2.9%); ``E/both+sshrink:10:0.1`` 0.213 (−5.2%). On shift, dropping and
+  re-admitting LoRA experts costs what the shrink trial gains;
+* ``E/both+sshrink:10:0.1`` with its rate chosen as quality.py does, four synthetic regimes,
+  against AdaLoRA (paired, 100 seeds): high-rank −17.8%, low-rank-noisy −2.2% (−0.005 ±
+  0.003), mixed −9.9%, shift −9.9% (0.202 at 1e-2), against the shipped rule's −20.1%, −3.4%,
+  −10.5%, +0.3%. Ahead on all four: a lead for the LoRA + LoRA mixture (no drop rule, the
+  spectral trial alone), to be checked at full scale and on the LM regimes before the router
+  changes.
 """
 
 from __future__ import annotations
