@@ -220,8 +220,13 @@ seeds; ``SEEDS=0-99``, JSON in benches/results/quality-quick/runs/lab-E-both-ssh
   against AdaLoRA (paired, 100 seeds): high-rank −17.8%, low-rank-noisy −2.2% (−0.005 ±
   0.003), mixed −9.9%, shift −9.9% (0.202 at 1e-2), against the shipped rule's −20.1%, −3.4%,
   −10.5%, +0.3%. Ahead on all four: a lead for the LoRA + LoRA mixture (no drop rule, the
-  spectral trial alone), to be checked at full scale and on the LM regimes before the router
-  changes.
+  spectral trial alone);
+* the same at full scale (``--full``, ``SEEDS=0-19``, JSON in
+  benches/results/quality-full-synthetic/runs/lab-E-both-sshrink-*.json), paired to AdaLoRA on
+  the seeds it has: high-rank −28.4% (5 seeds), low-rank-noisy −20.8% (20), mixed −1.7% (20,
+  shipped −2.6%), shift −0.8% (20, −0.001 ± 0.002; shipped −4.8% over 100). Ahead everywhere but
+  thinner than the shipped rule on full mixed and shift: the drop rule earns its keep at full
+  scale. Not yet run on the LM regimes; the router is unchanged.
 """
 
 from __future__ import annotations
