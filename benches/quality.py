@@ -899,8 +899,10 @@ def format_sensitivity(results: dict) -> str:
     (max - min, points): how far the LoRA hyper-parameters move the method. "" when none ran."""
     regs = results["regimes"]
     names = list(regs)
+    if not names:
+        return ""
     lines: list[str] = []
-    for base in VARIED if names else ():
+    for base in VARIED:
         rows = {base: "as in the suite", **{variant(base, v): v for v in VARIANTS}}
         if not all(m in regs[r]["methods"] and m in regs[r].get("gap_to_best_baseline", {})
                    for r in names for m in rows):
