@@ -75,13 +75,14 @@ class Reference:
     """
 
     def __init__(self, model, dims, wrapped, ranks, fft, *, lr, lora_lr, wd, lora_wd, every, decay, horizon,
-                 min_dwell, shrink=0.0, spectral=True):
+                 min_dwell, min_span, shrink=0.0, spectral=True):
         self.layers = [str(2 * i) for i in range(len(dims) - 1)]
         self.wrapped = list(wrapped)  # in module order
         self.ranks = tuple(ranks)
         self.scales = [ALPHA / math.sqrt(r) for r in ranks]
         self.fft = fft
         self.every, self.decay, self.horizon, self.min_dwell = every, decay, horizon, min_dwell
+        self.min_span = min_span  # windows of record an expert needs before it can be dropped
         self.shrink, self.spectral = shrink, spectral
         self.P: dict[tuple, torch.Tensor] = {}
         self.hyper: dict[tuple, tuple[float, float]] = {}  # key -> (lr, weight decay)
@@ -132,6 +133,7 @@ class Reference:
         self.drops = 0
         self.readmissions = 0
         self.held_back = 0  # dropped experts with a positive potential kept out by min_dwell
+        self.unjudged = 0  # active experts with a harmful record kept in by min_span
         self.measurements = 0
 
     def forward(self, P, x):
@@ -281,7 +283,9 @@ class Reference:
             for e in range(self.E):
                 if self.active[mi][e]:
                     ema = self.ema[mi][e]
-                    new.append(math.isnan(ema) or ema > 0)
+                    judged = self.span[mi][e] >= self.min_span
+                    new.append(not judged or math.isnan(ema) or ema > 0)
+                    self.unjudged += not judged and ema <= 0
                 else:
                     p = potential[mi][e]
                     may_return = s - self.expert_changed[mi][e] >= self.min_dwell  # since its drop
@@ -341,8 +345,12 @@ def test_lockstep_with_float64_reference(case, horizon, shrink, spectral):
     ranks, fft, lr, lora_lr, wd, lora_wd = LOCKSTEP[case]
     dims, wrapped, K, D, dwell, steps = (4, 8, 8, 2), ("0", "2"), 3, 0.7, 4, 60  # layer "4" stays unrouted
     model = build(dims, wrapped, ranks, fft)
+    # Beside a dense expert the default minimum span (0); LoRA experts only: 3 windows (the
+    # default, 10, would leave this short run without the re-admissions tested here).
+    min_span = 0 if fft else 3
     ref = Reference(model, dims, wrapped, ranks, fft, lr=lr, lora_lr=lora_lr, wd=wd, lora_wd=lora_wd,
-                    every=K, decay=D, horizon=horizon, min_dwell=dwell, shrink=shrink, spectral=spectral)
+                    every=K, decay=D, horizon=horizon, min_dwell=dwell, min_span=min_span, shrink=shrink,
+                    spectral=spectral)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert bool(frozen) == (not fft)
     train, (xh, yh) = teacher_data(dims, seed=0)
@@ -354,10 +362,12 @@ def test_lockstep_with_float64_reference(case, horizon, shrink, spectral):
 
     opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lora_lr, weight_decay=wd, lora_weight_decay=lora_wd,
                          heldout=heldout, heldout_every=K, heldout_decay=D, heldout_horizon=horizon, min_dwell=dwell,
-                         heldout_shrink=shrink, heldout_shrink_spectral=spectral)
+                         heldout_shrink=shrink, heldout_shrink_spectral=spectral,
+                         **({} if fft else dict(heldout_min_span=min_span)))
     assert opt.router.policy == "heldout" and opt.router.min_dwell == dwell
     assert opt.ledger.shrink_spectral == spectral
     assert opt.ledger.heldout_horizon == horizon and opt.ledger.heldout_shrink == shrink
+    assert opt.ledger.heldout_min_span == min_span
     assert opt.router.incumbents().all()
     wins = opt.ledger.wins().copy()
     for s in range(1, steps + 1):
@@ -399,6 +409,8 @@ def test_lockstep_with_float64_reference(case, horizon, shrink, spectral):
     # Not vacuous: the run dropped experts, brought dropped ones back, and kept one with a
     # positive potential out until its module's dwell ran out.
     assert ref.drops >= 1 and ref.readmissions >= 1 and ref.held_back >= 1, (ref.drops, ref.readmissions, ref.held_back)
+    # With a minimum span, a harmful record was also left unjudged while too short.
+    assert (ref.unjudged >= 1) == (min_span > 0), ref.unjudged
     if horizon:  # and a returned expert's restarted span changed its EMA's decay
         assert ref.restarted >= 1
     if shrink:  # and both kept and refused shrink trials, some of which scaled a dropped expert
@@ -498,10 +510,11 @@ def test_all_active_before_second_measurement_is_adamw(fft, ranks, foreach):
 # ------------------------------------------------------------------ 3. behaviour
 
 
-def fixed_batch_run(fft, ranks, sign, steps, K, dtype=torch.float32, lr=1e-3, shrink=0.0):
+def fixed_batch_run(fft, ranks, sign, steps, K, dtype=torch.float32, lr=1e-3, shrink=0.0, min_span=0):
     """Every linear layer wrapped; training on one fixed batch; the held-out loss is
-    `sign` x the training loss on the same batch. Shrinkage off unless `shrink`: these runs
-    test the drops and re-admissions alone."""
+    `sign` x the training loss on the same batch. Shrinkage off unless `shrink`, and records
+    judged from the first window unless `min_span` (None: the default): these runs test the
+    drops and re-admissions alone."""
     dims = (4, 8, 8, 2)
     model = build(dims, ("0", "2", "4"), ranks, fft, dtype=dtype, b_std=0.1)
     gen = torch.Generator().manual_seed(5)
@@ -510,8 +523,9 @@ def fixed_batch_run(fft, ranks, sign, steps, K, dtype=torch.float32, lr=1e-3, sh
     def loss():
         return mse(model, x, y)
 
+    span = {} if min_span is None else dict(heldout_min_span=min_span)
     opt = molf.MoLFAdamW(model, lr=lr, weight_decay=0.0, heldout=lambda: sign * loss(), heldout_every=K,
-                         heldout_shrink=shrink)
+                         heldout_shrink=shrink, **span)
     history = []  # per step: (incumbents, heldout_ema, routed params)
     for _ in range(steps):
         loss().backward()
@@ -546,6 +560,27 @@ def test_negated_training_loss_drops_every_expert_for_good(fft, ranks):
     assert (opt.ledger.wins() == 2 * K).all()
 
 
+@pytest.mark.parametrize("fft,ranks,want", [(True, (2,), 0), (False, (2, 4), 10), (False, (3,), 10)])
+def test_default_minimum_span_holds_a_lora_only_drop_for_ten_windows(fft, ranks, want):
+    """The default minimum span: 0 beside a dense expert (every expert dropped at the first
+    window of record, as above), 10 windows where every expert is a LoRA expert: the same
+    harmful record drops nothing until its tenth window, then every expert at once."""
+    K = 3
+    steps = K * (want + 3)
+    model, opt, _, _, history = fixed_batch_run(fft, ranks, -1.0, steps, K, min_span=None)
+    assert opt.ledger.heldout_min_span == want
+    first_drop = next(s for s, (active, _, _) in enumerate(history, start=1) if not active.all())
+    # Window n is recorded at step K (n + 1); the first one judged is window max(want, 1).
+    assert first_drop == K * (max(want, 1) + 1), first_drop
+    for s, (active, ema, _) in enumerate(history, start=1):
+        if K * 2 <= s < first_drop:
+            assert (ema < 0).all(), (s, ema)  # harmful all along, and kept
+        assert not active.any() if s >= first_drop else active.all(), (s, active)
+    spans = opt.ledger.heldout_span()
+    assert (spans == 0).all()  # none moved in the last windows
+    assert (opt.ledger.wins() == first_drop).all()
+
+
 @pytest.mark.parametrize("fft,ranks", [(True, (2,)), (False, (2, 4))])
 def test_training_loss_as_heldout_keeps_every_expert(fft, ranks):
     """Deterministic full-batch descent: every expert's movement lowers the held-out
@@ -578,9 +613,9 @@ def shifted_heldout(model):
     return lambda: ((model(xh) - yh - 1.0) ** 2).mean()
 
 
-def make_ckpt_run(fft, ranks, heldout=True):
+def make_ckpt_run(fft, ranks, heldout=True, min_span=1):
     model = make_net(ranks, fft)
-    kw = dict(heldout=shifted_heldout(model), heldout_every=4, min_dwell=4) if heldout else {}
+    kw = dict(heldout=shifted_heldout(model), heldout_every=4, min_dwell=4, heldout_min_span=min_span) if heldout else {}
     opt = molf.MoLFAdamW(model, lr=3e-2, lora_lr=5e-2, weight_decay=0.1, lora_weight_decay=0.01, **kw)
     return model, opt
 
@@ -616,9 +651,10 @@ def test_checkpoint_resume_is_bitwise(fft, ranks):
     torch.save({"model": model_a.state_dict(), "opt": sd}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    model_b, opt_b = make_ckpt_run(fft, ranks)
+    model_b, opt_b = make_ckpt_run(fft, ranks, min_span=7)
     model_b.load_state_dict(ckpt["model"])
     opt_b.load_state_dict(ckpt["opt"])
+    assert opt_b.ledger.heldout_min_span == 1  # the checkpoint's, as every ledger setting
     train(model_b, opt_b, range(stop + 1, total + 1))
 
     assert_bitwise_equal(model, model_b)
@@ -683,6 +719,10 @@ def ok_heldout():
         dict(heldout=ok_heldout, heldout_shrink=float("nan")),
         dict(heldout=ok_heldout, heldout_shrink_spectral=1),
         dict(heldout=ok_heldout, heldout_shrink_spectral="yes"),
+        dict(heldout=ok_heldout, heldout_min_span=-1),
+        dict(heldout=ok_heldout, heldout_min_span=True),
+        dict(heldout=ok_heldout, heldout_min_span=2.0),
+        dict(heldout=ok_heldout, heldout_min_span=2**63),
         dict(heldout="not a callable"),
         dict(heldout=ok_heldout, min_dwell=-1),
     ],
@@ -703,6 +743,12 @@ def test_heldout_defaults():
     assert opt.router.min_dwell == 6 and opt.ledger.heldout_decay == 0.0
     opt = molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout, heldout_every=2, min_dwell=0)
     assert opt.router.min_dwell == 0
+    # The minimum span: 0 beside a dense expert, 10 windows for LoRA experts only, or as given.
+    assert opt.ledger.heldout_min_span == 0
+    lora_only = make_net((2, 4), False)
+    assert molf.MoLFAdamW(lora_only, lr=1e-2, heldout=ok_heldout).ledger.heldout_min_span == 10
+    assert molf.MoLFAdamW(lora_only, lr=1e-2, heldout=ok_heldout, heldout_min_span=0).ledger.heldout_min_span == 0
+    assert molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout, heldout_min_span=4).ledger.heldout_min_span == 4
     assert molf.MoLFAdamW(tiny(), lr=1e-2).router.policy == "topk"
 
 

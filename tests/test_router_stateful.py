@@ -36,9 +36,10 @@ def fnv1a64(data: bytes) -> int:
 
 
 class RefLedger:
-    def __init__(self, m, e, decay, heldout_decay=0.5, heldout_horizon=0.25, heldout_shrink=0.1):
+    def __init__(self, m, e, decay, heldout_decay=0.5, heldout_horizon=0.25, heldout_shrink=0.1, heldout_min_span=0):
         self.m, self.e, self.decay = m, e, decay
         self.heldout_decay, self.heldout_horizon = heldout_decay, heldout_horizon
+        self.heldout_min_span = heldout_min_span
         self.heldout_shrink = heldout_shrink
         self.shrink_trials, self.shrinks = [0] * e, [0] * e
         self.heldout_windows = 0
@@ -98,6 +99,11 @@ class RefLedger:
                     self.heldout_ema[m][e] = x if math.isnan(old) else d * old + (1.0 - d) * x
         self.heldout_windows += 1
 
+    def heldout_descent(self):
+        """The EMA where the expert's span has reached the minimum, NaN (not judged) elsewhere."""
+        return [[x if n >= self.heldout_min_span else math.nan for x, n in zip(xs, ns)]
+                for xs, ns in zip(self.heldout_ema, self.heldout_span)]
+
     def last_mask(self):
         return [p if p is not None else [False] * self.e for p in self.prev]
 
@@ -127,16 +133,20 @@ class RoutingMachine(RuleBasedStateMachine):
                 decay=st.one_of(st.sampled_from([0.0, 0.5, 0.9]), st.floats(0.0, 0.999)),
                 heldout_decay=st.one_of(st.sampled_from([0.0, 0.5]), st.floats(0.0, 0.999)),
                 heldout_horizon=st.one_of(st.sampled_from([0.0, 0.25]), st.floats(0.0, 0.999)),
-                heldout_shrink=st.one_of(st.sampled_from([0.0, 0.1]), st.floats(0.0, 0.999)))
-    def setup(self, config, decay, heldout_decay, heldout_horizon, heldout_shrink):
+                heldout_shrink=st.one_of(st.sampled_from([0.0, 0.1]), st.floats(0.0, 0.999)),
+                heldout_min_span=st.integers(0, 4))
+    def setup(self, config, decay, heldout_decay, heldout_horizon, heldout_shrink, heldout_min_span):
         note(f"Router(**{config}); Ledger(decay={decay!r}, heldout_decay={heldout_decay!r}, "
-             f"heldout_horizon={heldout_horizon!r}, heldout_shrink={heldout_shrink!r})")
+             f"heldout_horizon={heldout_horizon!r}, heldout_shrink={heldout_shrink!r}, "
+             f"heldout_min_span={heldout_min_span})")
         self.config = config
         self.shape = (config["num_modules"], config["num_experts"])
         self.router, self.ref_router = core.Router(**config), RefRouter(**config)
         self.ledger = core.Ledger(*self.shape, ema_decay=decay, heldout_decay=heldout_decay,
-                                  heldout_horizon=heldout_horizon, heldout_shrink=heldout_shrink)
-        self.ref_ledger = RefLedger(*self.shape, decay, heldout_decay, heldout_horizon, heldout_shrink)
+                                  heldout_horizon=heldout_horizon, heldout_shrink=heldout_shrink,
+                                  heldout_min_span=heldout_min_span)
+        self.ref_ledger = RefLedger(*self.shape, decay, heldout_decay, heldout_horizon, heldout_shrink,
+                                    heldout_min_span)
 
     @rule(data=st.data())
     def route_and_record(self, data):
@@ -173,12 +183,12 @@ class RoutingMachine(RuleBasedStateMachine):
         self.ref_ledger.record_heldout(descent.tolist(), moved.tolist())
         if self.config["policy"] != "heldout":
             try:
-                self.router.regate(self.ledger.heldout_ema(), potential)
+                self.router.regate(self.ledger.heldout_descent(), potential)
             except core.ConfigError:
                 return
             raise AssertionError("regate accepted a router whose policy is not 'heldout'")
-        got = self.router.regate(self.ledger.heldout_ema(), potential)
-        want = self.ref_router.regate(self.ref_ledger.heldout_ema, potential.tolist())
+        got = self.router.regate(self.ledger.heldout_descent(), potential)
+        want = self.ref_router.regate(self.ref_ledger.heldout_descent(), potential.tolist())
         note(f"held-out window: descent={descent.tolist()} moved={moved.tolist()} "
              f"potential={potential.tolist()} -> {got} modules changed")
         assert got == want
@@ -239,6 +249,8 @@ class RoutingMachine(RuleBasedStateMachine):
         assert lg.heldout_horizon == ref.heldout_horizon
         assert same_floats(lg.heldout_ema(), ref.heldout_ema)
         assert lg.heldout_span().dtype == np.uint64 and lg.heldout_span().tolist() == ref.heldout_span
+        assert lg.heldout_min_span == ref.heldout_min_span
+        assert same_floats(lg.heldout_descent(), ref.heldout_descent())
         assert lg.heldout_shrink == ref.heldout_shrink
         assert lg.shrink_trials().tolist() == ref.shrink_trials and lg.shrinks().tolist() == ref.shrinks
 

@@ -335,14 +335,15 @@ def ledger_of(ckpt: dict) -> Ledger:
     return Ledger.from_bytes(base64.b64decode(molf_meta(ckpt)["ledger"]))
 
 
-@pytest.mark.parametrize("mode", ["molf", "molf-e"])
-def test_heldout_routing_updates_the_active_experts_only(mode, model_dir, data, heldout, tmp_path):
+@pytest.mark.parametrize("mode,min_span", [("molf", None), ("molf-e", 1)])
+def test_heldout_routing_updates_the_active_experts_only(mode, min_span, model_dir, data, heldout, tmp_path):
     """A checkpoint after every step gives the router's active set after each step: a step's
     winners in the log are the experts active after the previous step that have a finite
-    score; the set changes at measurements with a window only (every 2nd step from step 4)."""
+    score; the set changes at measurements with a window only (every 2nd step from step 4).
+    (molf-e judges from the first window here: its default, 10 windows, outlasts this run.)"""
     out = tmp_path / "h"
     cfg = common(model_dir, data, out, mode=mode, heldout_data=[str(heldout)], steps=8, save_every=1,
-                 keep_checkpoints=8, **HELDOUT)
+                 keep_checkpoints=8, heldout_min_span=min_span, **HELDOUT)
     assert cfg.policy is None and cfg.min_dwell is None and cfg.routing_policy == "heldout"
     result = train(cfg)
     records = [json.loads(line) for line in (out / "routing.jsonl").read_text().splitlines()]
@@ -354,6 +355,7 @@ def test_heldout_routing_updates_the_active_experts_only(mode, model_dir, data, 
         ckpt = checkpoint(out, s)
         router, ledger = router_of(ckpt), ledger_of(ckpt)
         assert router.policy == "heldout" and router.min_dwell == 3 * 2 and router.step == s
+        assert ledger.heldout_min_span == (min_span or 0)
         assert ledger.heldout_windows == max(0, s // 2 - 1)  # the first measurement (step 2) opens a window
         assert molf_meta(ckpt)["heldout_step"] == s // 2 * 2
         active[s] = router.incumbents().tolist()
@@ -460,12 +462,14 @@ def test_heldout_batch_takes_the_first_rows_tokenized_like_training(heldout):
         build_heldout_batch(tok, pairs, 5, 3, tok.pad_token_id)  # "a+b=" prompts are longer than 3 bytes
 
 
-@pytest.mark.parametrize("mode, lagged, explicit", [("molf", False, False), ("molf-e", True, True)])
-def test_resume_with_heldout_routing_continues_exactly(mode, lagged, explicit, model_dir, data, heldout, tmp_path):
+# molf-e's records judged from the first window: its default (10 windows) outlasts this run.
+@pytest.mark.parametrize("mode, lagged, explicit, min_span", [("molf", False, False, None), ("molf-e", True, True, 1)])
+def test_resume_with_heldout_routing_continues_exactly(mode, lagged, explicit, min_span, model_dir, data, heldout,
+                                                       tmp_path):
     # Measurements at steps 2, 4, 6; the checkpoint at step 3 is mid-window, and the resumed
     # run redoes steps 4 and 5 (a measurement that drops experts) after the cut at step 5.
     opts = dict(mode=mode, steps=7, save_every=3, dropout=0.1, heldout_data=[str(heldout)], lr_scheduler="cosine",
-                warmup_ratio=0.3, lagged=lagged, **HELDOUT)
+                warmup_ratio=0.3, lagged=lagged, heldout_min_span=min_span, **HELDOUT)
     whole = train(common(model_dir, data, tmp_path / "whole", **opts))
     assert whole.heldout["windows"] == 2 and min(whole.heldout["active_share"].values()) < 1
 
@@ -483,6 +487,8 @@ def test_resume_with_heldout_routing_continues_exactly(mode, lagged, explicit, m
             "--heldout-batch", "6"]
     if explicit:  # the values an unset policy / min_dwell take: the same run
         argv += ["--policy", "heldout", "--min-dwell", "6"]
+    if min_span is not None:
+        argv += ["--heldout-min-span", str(min_span)]
     assert main(argv) == 0
 
     a, b = checkpoint(tmp_path / "whole", 7), checkpoint(tmp_path / "cut", 7)
@@ -562,6 +568,23 @@ def test_cli_heldout_with_the_embedded_model(split, tmp_path, capsys):
     assert saved["policy"] is None and saved["min_dwell"] is None and saved["heldout_batch"] == 8
     assert router_of(ckpt).policy == "heldout" and router_of(ckpt).min_dwell == 6
     assert ledger_of(ckpt).heldout_windows == 2
+    assert saved["heldout_min_span"] is None and ledger_of(ckpt).heldout_min_span == 0  # molf: dense + LoRA
+
+
+@pytest.mark.parametrize("given,want", [(None, 10), (3, 3)])
+def test_cli_heldout_min_span(given, want, model_dir, data, heldout, tmp_path):
+    """molf-e (LoRA experts only) judges a record from its tenth window unless told; the
+    resolved value is what a resume compares."""
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--mode", "molf-e",
+            "--heldout-data", str(heldout), "--heldout-every", "2", "--heldout-batch", "6", "--steps", "4",
+            "--no-progress", "--no-plots"]
+    argv += [] if given is None else ["--heldout-min-span", str(given)]
+    assert main(argv) == 0
+    ckpt = checkpoint(out, 4)
+    assert json.loads(ckpt["config"])["heldout_min_span"] == given
+    assert ledger_of(ckpt).heldout_min_span == want
+    assert molf.train._acting_options(json.loads(ckpt["config"]))["heldout_min_span"] == want
 
 
 @pytest.mark.parametrize(
@@ -574,6 +597,7 @@ def test_cli_heldout_with_the_embedded_model(split, tmp_path, capsys):
         (["--margin", "0.1"], "with policy 'heldout' it must be 0, got 0.1"),
         (["--heldout-batch", "0"], "--heldout-batch: expected a positive integer, got 0"),
         (["--heldout-every", "0"], "--heldout-every: expected a positive integer, got 0"),
+        (["--heldout-min-span", "-1"], "--heldout-min-span: expected an integer >= 0, got -1"),
     ],
 )
 def test_heldout_config_errors(extra, message, model_dir, data, heldout, tmp_path, capsys):

@@ -37,6 +37,9 @@ pub struct Ledger {
     /// Row-major: the number of consecutive windows, up to the last one, in which each
     /// expert moved (0 after a window in which it did not); see `record_heldout`.
     heldout_span: Vec<u64>,
+    /// The span an expert's record needs before it can drop the expert: until then its
+    /// `heldout_descent` is NaN (not judged yet); see `heldout_descent`.
+    heldout_min_span: u64,
     /// Fraction by which a held-out shrink trial scales an expert's update back (0: no
     /// trials); see `record_shrink`.
     heldout_shrink: f64,
@@ -61,6 +64,10 @@ pub const DEFAULT_HELDOUT_DECAY: f64 = 0.5;
 /// Default held-out horizon: the EMA averages about the last quarter of the run.
 pub const DEFAULT_HELDOUT_HORIZON: f64 = 0.25;
 
+/// Default minimum span: an expert's record judges it from the first window (the Python
+/// optimizer asks for 10 where a module has LoRA experts only; see `heldout_descent`).
+pub const DEFAULT_HELDOUT_MIN_SPAN: u64 = 0;
+
 /// Everything `Ledger::from_parts` needs; mirrors the serialised payload.
 #[derive(Debug, Clone)]
 pub struct LedgerParts {
@@ -81,6 +88,7 @@ pub struct LedgerParts {
     pub heldout_windows: u64,
     pub heldout_ema: Vec<f64>,
     pub heldout_span: Vec<u64>,
+    pub heldout_min_span: u64,
     pub heldout_shrink: f64,
     pub shrink_trials: Vec<u64>,
     pub shrinks: Vec<u64>,
@@ -123,6 +131,7 @@ impl PartialEq for Ledger {
             && self.heldout_windows == other.heldout_windows
             && bits(&self.heldout_ema) == bits(&other.heldout_ema)
             && self.heldout_span == other.heldout_span
+            && self.heldout_min_span == other.heldout_min_span
             && self.heldout_shrink.to_bits() == other.heldout_shrink.to_bits()
             && self.shrink_trials == other.shrink_trials
             && self.shrinks == other.shrinks
@@ -147,6 +156,16 @@ fn validate_config(num_modules: u64, num_experts: u64, ema_decay: f64) -> Result
         ));
     }
     check_unit("ema_decay", ema_decay)
+}
+
+/// Checks a minimum span: a window count, at most `MAX_STEP`.
+fn check_min_span(min_span: u64) -> Result<()> {
+    if min_span > MAX_STEP {
+        return Err(Error::Config(format!(
+            "heldout_min_span must be <= {MAX_STEP}, got {min_span}"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a decay or horizon: in [0, 1).
@@ -182,6 +201,7 @@ impl Ledger {
             heldout_windows: 0,
             heldout_ema: filled(m * e, f64::NAN, "heldout_ema")?,
             heldout_span: filled(m * e, 0, "heldout_span")?,
+            heldout_min_span: DEFAULT_HELDOUT_MIN_SPAN,
             heldout_shrink: DEFAULT_HELDOUT_SHRINK,
             shrink_trials: filled(e, 0, "shrink_trials")?,
             shrinks: filled(e, 0, "shrinks")?,
@@ -216,6 +236,13 @@ impl Ledger {
         Ok(self)
     }
 
+    /// The same ledger with another minimum span (see `heldout_descent`).
+    pub fn with_heldout_min_span(mut self, min_span: u64) -> Result<Self> {
+        check_min_span(min_span)?;
+        self.heldout_min_span = min_span;
+        Ok(self)
+    }
+
     /// Rebuilds a ledger from decoded state, checking every invariant `record` maintains;
     /// any violation is a `State` error.
     pub fn from_parts(p: LedgerParts) -> Result<Self> {
@@ -244,6 +271,7 @@ impl Ledger {
         if let Err(e) = check_unit("heldout_decay", p.heldout_decay)
             .and_then(|()| check_unit("heldout_horizon", p.heldout_horizon))
             .and_then(|()| check_unit("heldout_shrink", p.heldout_shrink))
+            .and_then(|()| check_min_span(p.heldout_min_span))
         {
             return state(format!("invalid ledger configuration in state: {e}"));
         }
@@ -323,6 +351,7 @@ impl Ledger {
             heldout_windows: p.heldout_windows,
             heldout_ema: p.heldout_ema,
             heldout_span: p.heldout_span,
+            heldout_min_span: p.heldout_min_span,
             heldout_shrink: p.heldout_shrink,
             shrink_trials: p.shrink_trials,
             shrinks: p.shrinks,
@@ -564,6 +593,25 @@ impl Ledger {
     pub fn heldout_span(&self) -> &[u64] {
         &self.heldout_span
     }
+    pub fn heldout_min_span(&self) -> u64 {
+        self.heldout_min_span
+    }
+
+    /// Each expert's held-out record as `Router::regate` judges it (row-major
+    /// `[modules × experts]`): its EMA once its span has reached `heldout_min_span`
+    /// windows, NaN (not judged yet: an active expert stays) before. So a drop needs a
+    /// record of that many windows since the start or the expert's last return, and a
+    /// returning expert stays at least that long. A short record follows the first fit of
+    /// the training data, which can raise the held-out loss for a while and still pay off
+    /// (on a target that shifts, LoRA pairs trained off B = 0 learn the next target
+    /// faster); 0 judges from the first window (format versions 1 to 6).
+    pub fn heldout_descent(&self) -> Vec<f64> {
+        self.heldout_ema
+            .iter()
+            .zip(&self.heldout_span)
+            .map(|(&x, &span)| if span >= self.heldout_min_span { x } else { f64::NAN })
+            .collect()
+    }
     pub fn heldout_shrink(&self) -> f64 {
         self.heldout_shrink
     }
@@ -599,6 +647,7 @@ impl Ledger {
             heldout_windows: self.heldout_windows,
             heldout_ema: self.heldout_ema.clone(),
             heldout_span: self.heldout_span.clone(),
+            heldout_min_span: self.heldout_min_span,
             heldout_shrink: self.heldout_shrink,
             shrink_trials: self.shrink_trials.clone(),
             shrinks: self.shrinks.clone(),
@@ -732,6 +781,36 @@ mod tests {
         assert_eq!(l.heldout_windows(), 12);
         // The second expert paused in window 12, after moving in window 11.
         assert_eq!(l.heldout_span(), [12, 0]);
+    }
+
+    #[test]
+    fn heldout_descent_waits_for_the_minimum_span() {
+        let mut l = Ledger::new(1, 3, 0.9).unwrap().with_heldout_min_span(2).unwrap();
+        assert_eq!(l.heldout_min_span(), 2);
+        let nan = |v: Vec<f64>| v.iter().map(|x| x.is_nan()).collect::<Vec<_>>();
+        // Nothing recorded: every entry NaN, whatever the span asks.
+        assert_eq!(nan(l.heldout_descent()), [true; 3]);
+        l.record_heldout(&[1.0, -2.0, 3.0], &[true, true, false]).unwrap();
+        assert_eq!(nan(l.heldout_descent()), [true; 3], "spans [1, 1, 0] < 2");
+        l.record_heldout(&[1.0, -2.0, 3.0], &[true, false, true]).unwrap();
+        // Spans [2, 0, 1]: the first is judged on its EMA; the second, paused, waits again.
+        let d = l.heldout_descent();
+        assert_eq!(d[0], l.heldout_ema()[0]);
+        assert_eq!(nan(d), [false, true, true]);
+        l.record_heldout(&[1.0, -2.0, 3.0], &[true, true, true]).unwrap();
+        let d = l.heldout_descent();
+        assert_eq!(d[2].to_bits(), l.heldout_ema()[2].to_bits(), "span 2 from its return");
+        assert!(d[1].is_nan(), "span 1 since its return");
+        // Minimum span 0 (the default) is the EMA itself, NaNs included.
+        let mut z = Ledger::new(1, 2, 0.9).unwrap();
+        assert_eq!(z.heldout_min_span(), DEFAULT_HELDOUT_MIN_SPAN);
+        z.record_heldout(&[0.5, 1.0], &[true, false]).unwrap();
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&z.heldout_descent()), bits(z.heldout_ema()));
+        assert!(matches!(
+            Ledger::new(1, 1, 0.9).unwrap().with_heldout_min_span(MAX_STEP + 1),
+            Err(Error::Config(m)) if m.contains("heldout_min_span")
+        ));
     }
 
     #[test]

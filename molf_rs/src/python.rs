@@ -26,7 +26,8 @@ use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use crate::error::{at_least, Error};
 use crate::ledger::{
-    Ledger, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_SHRINK, DEFAULT_SHRINK_SPECTRAL,
+    Ledger, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN, DEFAULT_HELDOUT_SHRINK,
+    DEFAULT_SHRINK_SPECTRAL,
 };
 use crate::phase::PHASES;
 use crate::router::{Policy, Router, RouterConfig, POLICIES};
@@ -505,7 +506,9 @@ impl PyLedger {
         heldout_horizon = DEFAULT_HELDOUT_HORIZON,
         heldout_shrink = DEFAULT_HELDOUT_SHRINK,
         shrink_spectral = DEFAULT_SHRINK_SPECTRAL,
+        heldout_min_span = Int::Small(DEFAULT_HELDOUT_MIN_SPAN as i64),
     ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         num_modules: Int,
         num_experts: Int,
@@ -514,6 +517,7 @@ impl PyLedger {
         heldout_horizon: f64,
         heldout_shrink: f64,
         shrink_spectral: bool,
+        heldout_min_span: Int,
     ) -> PyResult<Self> {
         guarded(|| {
             Ok(PyLedger::wrap(
@@ -525,7 +529,8 @@ impl PyLedger {
                 .with_heldout_decay(heldout_decay)?
                 .with_heldout_horizon(heldout_horizon)?
                 .with_heldout_shrink(heldout_shrink)?
-                .with_shrink_spectral(shrink_spectral),
+                .with_shrink_spectral(shrink_spectral)
+                .with_heldout_min_span(heldout_min_span.count("heldout_min_span", 0)?)?,
             ))
         })
     }
@@ -560,6 +565,15 @@ impl PyLedger {
     }
     fn heldout_span<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u64>>> {
         let data = self.ledger().heldout_span().to_vec();
+        guarded(|| matrix(py, &data, self.shape()))
+    }
+    #[getter]
+    fn heldout_min_span(&self) -> u64 {
+        self.ledger().heldout_min_span()
+    }
+    /// The held-out record as `Router.regate` judges it (see the Rust `Ledger::heldout_descent`).
+    fn heldout_descent<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let data = self.ledger().heldout_descent();
         guarded(|| matrix(py, &data, self.shape()))
     }
 

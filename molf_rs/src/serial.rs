@@ -3,7 +3,7 @@
 //! Layout, all little-endian:
 //!
 //! ```text
-//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 6) | payload length: u64
+//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 7) | payload length: u64
 //!        | payload | checksum: u64 = FNV-1a 64 over every byte before it
 //! ```
 //!
@@ -31,8 +31,10 @@
 //! held-out shrink trials and those kept); versions 1 to 4 load with shrink 0 (no trials,
 //! as they ran) and zero counts.
 //! Version 6 appends shrink_spectral u8 (0/1: how a shrink trial shrinks a LoRA product);
-//! versions 1 to 5 load with 0 (the scaling trial version 5 ran). The router payload is as
-//! in version 3.
+//! versions 1 to 5 load with 0 (the scaling trial version 5 ran).
+//! Version 7 appends heldout_min_span u64 (the span a record needs before it can drop its
+//! expert); versions 1 to 6 load with 0 (judged from the first window, as they ran). The
+//! router payload is as in version 3.
 //!
 //! Floats are stored as their IEEE bit patterns, so NaN payloads and signed zeros survive.
 //! Decoding is strict: one encoding per state (flags and bools must be exactly 0 or 1, no
@@ -43,8 +45,8 @@ use crate::ledger::{Ledger, LedgerParts, DEFAULT_HELDOUT_DECAY};
 use crate::router::{Policy, Router, RouterConfig};
 
 pub const MAGIC: &[u8; 4] = b"MOLF";
-pub const FORMAT_VERSION: u16 = 6;
-pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3, 4, 5, 6];
+pub const FORMAT_VERSION: u16 = 7;
+pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3, 4, 5, 6, 7];
 
 const HEADER_LEN: usize = 4 + 1 + 2 + 8;
 const CHECKSUM_LEN: usize = 8;
@@ -393,6 +395,7 @@ impl Ledger {
         w.u64s(self.shrink_trials());
         w.u64s(self.shrinks());
         w.bools(&[self.shrink_spectral()]);
+        w.u64s(&[self.heldout_min_span()]);
         w.finish()
     }
 
@@ -410,14 +413,15 @@ impl Ledger {
         // Per entry: 3 arrays of 8-byte cells + 1 of 1-byte cells (version >= 2: + the
         // held-out EMA; from version 4: + the held-out span); per module: 3 of 8 bytes;
         // held-out scalars: 16 bytes in version 2, 24 in versions 3 and 4, 32 in version 5,
-        // which adds 2 per-expert counters of 8 bytes, 33 from version 6.
+        // which adds 2 per-expert counters of 8 bytes, 33 in version 6, 41 from version 7.
         let (per_entry, per_expert, fixed) = match version {
             1 => (25, 0, 0),
             2 => (33, 0, 16),
             3 => (33, 0, 24),
             4 => (41, 0, 24),
             5 => (41, 16, 32),
-            _ => (41, 16, 33),
+            6 => (41, 16, 33),
+            _ => (41, 16, 41),
         };
         let (m, entries) = r.shape(num_modules, num_experts, [per_entry, 24, per_expert, fixed])?;
         let floats = |v: Vec<u64>| v.into_iter().map(f64::from_bits).collect();
@@ -451,6 +455,9 @@ impl Ledger {
         };
         // Before version 6 a trial scaled a LoRA product: such a run continues so.
         let shrink_spectral = version >= 6 && r.bools(1, "shrink_spectral")?[0];
+        // Before version 7 a record judged its expert from the first window: such a run
+        // continues so.
+        let heldout_min_span = if version >= 7 { r.u64()? } else { 0 };
         Ledger::from_parts(LedgerParts {
             num_modules,
             num_experts,
@@ -473,6 +480,7 @@ impl Ledger {
             shrink_trials,
             shrinks,
             shrink_spectral,
+            heldout_min_span,
         })
     }
 }
@@ -480,6 +488,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::router::MAX_STEP;
 
     #[test]
     fn fnv1a_known_vectors() {
@@ -500,13 +509,13 @@ mod tests {
         assert!(
             matches!(Ledger::from_bytes(&bytes), Err(Error::State(m)) if m.contains("is a router"))
         );
-        assert_eq!(bytes[5..7], 6u16.to_le_bytes());
-        let mut v7 = bytes.clone();
-        v7[5] = 7;
-        assert!(matches!(Router::from_bytes(&v7), Err(Error::State(m)) if m.contains("version 7")));
-        // Versions 3 to 5 have version 6's router payload.
+        assert_eq!(bytes[5..7], 7u16.to_le_bytes());
+        let mut v8 = bytes.clone();
+        v8[5] = 8;
+        assert!(matches!(Router::from_bytes(&v8), Err(Error::State(m)) if m.contains("version 8")));
+        // Versions 3 to 6 have version 7's router payload.
         let body = payload(&bytes);
-        for version in [3, 4, 5] {
+        for version in [3, 4, 5, 6] {
             assert_eq!(
                 Router::from_bytes(&envelope(Kind::Router, version, body)).unwrap(),
                 r
@@ -554,11 +563,18 @@ mod tests {
         &bytes[HEADER_LEN..bytes.len() - CHECKSUM_LEN]
     }
 
+    /// A ledger's payload as version 6 wrote it: version 7's without its last 8 bytes
+    /// (heldout_min_span).
+    fn v6_payload(l: &Ledger) -> Vec<u8> {
+        let bytes = l.to_bytes();
+        let body = payload(&bytes);
+        body[..body.len() - 8].to_vec()
+    }
+
     /// A ledger's payload as version 5 wrote it: version 6's without its last byte
     /// (shrink_spectral).
     fn v5_payload(l: &Ledger) -> Vec<u8> {
-        let bytes = l.to_bytes();
-        let body = payload(&bytes);
+        let body = v6_payload(l);
         body[..body.len() - 1].to_vec()
     }
 
@@ -569,11 +585,13 @@ mod tests {
         body[..body.len() - 8 - 16 * l.num_experts()].to_vec()
     }
 
-    /// `l` as a version-4 load gives it: no shrink trials (and the scaling LoRA trial).
+    /// `l` as a version-4 load gives it: no shrink trials (and the scaling LoRA trial), and
+    /// records judged from the first window.
     fn without_shrink(l: &Ledger) -> Ledger {
         Ledger::from_parts(LedgerParts {
             heldout_shrink: 0.0,
             shrink_spectral: false,
+            heldout_min_span: 0,
             ..l.parts()
         })
         .unwrap()
@@ -605,9 +623,9 @@ mod tests {
             .unwrap();
         l.record_heldout(&[-1.5, 2.0], &[true, false]).unwrap();
         assert_eq!(l.heldout_span(), [1, 0]);
-        let v6 = l.to_bytes();
-        assert_eq!(v6[5..7], 6u16.to_le_bytes());
-        assert_eq!(Ledger::from_bytes(&v6).unwrap(), l);
+        let v7 = l.to_bytes();
+        assert_eq!(v7[5..7], 7u16.to_le_bytes());
+        assert_eq!(Ledger::from_bytes(&v7).unwrap(), l);
         // Version 2 lacks the horizon (8 bytes) and the spans (8 bytes an entry).
         let body = v4_payload(&l);
         let v2_len = body.len() - 8 - 8 * 2;
@@ -620,6 +638,7 @@ mod tests {
             heldout_span: vec![1, 1],
             heldout_shrink: 0.0,
             shrink_spectral: false,
+            heldout_min_span: 0,
             ..l.parts()
         });
         assert_eq!(back, want.unwrap());
@@ -648,7 +667,7 @@ mod tests {
     fn version_4_ledger_round_trips_the_span() {
         let l = paused_ledger();
         let bytes = l.to_bytes();
-        assert_eq!(bytes[5..7], 6u16.to_le_bytes());
+        assert_eq!(bytes[5..7], 7u16.to_le_bytes());
         // Version 4's payload ends with heldout_horizon f64, then heldout_span u64×(M·E).
         let body = v4_payload(&l);
         assert_eq!(
@@ -689,14 +708,15 @@ mod tests {
             heldout_span: vec![4; 3],
             heldout_shrink: 0.0,
             shrink_spectral: false,
+            heldout_min_span: 0,
             ..l.parts()
         })
         .unwrap();
         assert_eq!(back, want);
         assert_ne!(back, l);
-        // Saved again, it is version 6 data that loads as it is.
+        // Saved again, it is version 7 data that loads as it is.
         let again = back.to_bytes();
-        assert_eq!(again[5..7], 6u16.to_le_bytes());
+        assert_eq!(again[5..7], 7u16.to_le_bytes());
         assert_eq!(Ledger::from_bytes(&again).unwrap(), back);
         // Version 4 data cut back to version 3's length is rejected, not misread, as is every
         // shorter or longer version 4 payload; version 3 data with the spans appended too.
@@ -827,10 +847,10 @@ mod tests {
     fn version_3_router_round_trips_expert_last_change() {
         let r = staggered_heldout_router();
         let bytes = r.to_bytes();
-        assert_eq!(bytes[5..7], 6u16.to_le_bytes());
+        assert_eq!(bytes[5..7], 7u16.to_le_bytes());
         let body = payload(&bytes);
-        // Versions 4 to 6 keep version 3's router payload.
-        for version in [3, 4, 5] {
+        // Versions 4 to 7 keep version 3's router payload.
+        for version in [3, 4, 5, 6] {
             assert_eq!(
                 Router::from_bytes(&envelope(Kind::Router, version, body)).unwrap(),
                 r
@@ -868,13 +888,13 @@ mod tests {
         assert_eq!(back.last_change(), [3, 4]);
         // Each expert starts from its module's last change.
         assert_eq!(back.expert_last_change(), [3, 3, 4, 4]);
-        // Saved again, it is version 6 data that loads as it is.
+        // Saved again, it is version 7 data that loads as it is.
         let again = back.to_bytes();
-        assert_eq!(again[5..7], 6u16.to_le_bytes());
+        assert_eq!(again[5..7], 7u16.to_le_bytes());
         assert_eq!(Router::from_bytes(&again).unwrap(), back);
-        // Version 3 to 6 data lacking the array (cut back to version 2's length) is rejected,
-        // as is every shorter or longer version 3 to 6 payload.
-        for version in [3, 4, 5, 6] {
+        // Version 3 to 7 data lacking the array (cut back to version 2's length) is rejected,
+        // as is every shorter or longer version 3 to 7 payload.
+        for version in [3, 4, 5, 6, 7] {
             let cut = envelope(Kind::Router, version, &body[..body.len() - 8 * 4]);
             assert!(matches!(Router::from_bytes(&cut), Err(Error::State(_))));
             for n in 0..body.len() {
@@ -956,7 +976,8 @@ mod tests {
         assert_eq!(back.to_bytes(), bytes);
         // Version 5 data loads with the books and the scaling LoRA trial it ran.
         let v5 = Ledger::from_bytes(&envelope(Kind::Ledger, 5, body)).unwrap();
-        assert_eq!(v5, l.clone().with_shrink_spectral(false));
+        let ran = l.clone().with_shrink_spectral(false).with_heldout_min_span(0);
+        assert_eq!(v5, ran.unwrap());
         // Version 4 data (the tail cut) loads without shrink trials, and version 5 data cut
         // to version 4's length, or to any other length, is rejected.
         let v4 = v4_payload(&l);
@@ -977,15 +998,16 @@ mod tests {
             let l = shrunk_ledger().with_shrink_spectral(spectral);
             assert_eq!(l.shrink_spectral(), spectral);
             let bytes = l.to_bytes();
-            let body = payload(&bytes);
+            let body = v6_payload(&l);
             assert_eq!(body[body.len() - 1], u8::from(spectral));
             let back = Ledger::from_bytes(&bytes).unwrap();
             assert_eq!((back.shrink_spectral(), &back), (spectral, &l));
+            let v6 = Ledger::from_bytes(&envelope(Kind::Ledger, 6, &body)).unwrap();
+            assert_eq!(v6, l.with_heldout_min_span(0).unwrap());
         }
         assert!(Ledger::new(1, 1, 0.5).unwrap().shrink_spectral());
         // A flag byte other than 0 or 1, and version 6 data without it, are rejected.
-        let bytes = shrunk_ledger().to_bytes();
-        let mut body = payload(&bytes).to_vec();
+        let mut body = v6_payload(&shrunk_ledger());
         *body.last_mut().unwrap() = 2;
         assert!(matches!(
             Ledger::from_bytes(&envelope(Kind::Ledger, 6, &body)),
@@ -1015,5 +1037,32 @@ mod tests {
         }
         // Consistent edits load.
         assert_eq!(with(n - 8, 0).unwrap().shrinks(), [1, 0]);
+    }
+
+    #[test]
+    fn version_7_ledger_round_trips_the_minimum_span() {
+        for min_span in [0, 3, 10, MAX_STEP] {
+            let l = paused_ledger().with_heldout_min_span(min_span).unwrap();
+            let bytes = l.to_bytes();
+            let body = payload(&bytes);
+            assert_eq!(body[body.len() - 8..], min_span.to_le_bytes());
+            let back = Ledger::from_bytes(&bytes).unwrap();
+            assert_eq!(back.heldout_min_span(), min_span);
+            assert_eq!(back, l);
+            // The minimum span is part of the state: ledgers that differ only there differ.
+            assert_ne!(back, paused_ledger().with_heldout_min_span(5).unwrap());
+        }
+        assert_eq!(Ledger::new(1, 1, 0.5).unwrap().heldout_min_span(), 0);
+        // Beyond MAX_STEP, and version 7 data without it, are rejected.
+        let bytes = paused_ledger().to_bytes();
+        let mut body = payload(&bytes).to_vec();
+        let n = body.len();
+        body[n - 8..].copy_from_slice(&(MAX_STEP + 1).to_le_bytes());
+        assert!(matches!(
+            Ledger::from_bytes(&envelope(Kind::Ledger, 7, &body)),
+            Err(Error::State(m)) if m.contains("heldout_min_span")
+        ));
+        body.truncate(n - 8);
+        assert!(matches!(Ledger::from_bytes(&envelope(Kind::Ledger, 7, &body)), Err(Error::State(_))));
     }
 }

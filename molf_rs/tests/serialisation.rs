@@ -17,8 +17,9 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
         prop_oneof![Just(0.0), 0.0f64..1.0],
         prop::collection::vec((any::<u8>(), -1.0f64..1.0), 0..6),
         any::<bool>(),
+        0u64..4,
     )
-        .prop_map(|((cfg, steps), decay, horizon, windows, shrink, trials, spectral)| {
+        .prop_map(|((cfg, steps), decay, horizon, windows, shrink, trials, spectral, min_span)| {
             let mut r = Router::new(cfg).unwrap();
             let mut l = Ledger::new(cfg.num_modules, cfg.num_experts, decay)
                 .unwrap()
@@ -28,7 +29,9 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
                 .unwrap()
                 .with_heldout_shrink(shrink)
                 .unwrap()
-                .with_shrink_spectral(spectral);
+                .with_shrink_spectral(spectral)
+                .with_heldout_min_span(min_span)
+                .unwrap();
             if shrink > 0.0 {
                 for (e, loss) in trials {
                     l.record_shrink(usize::from(e) % l.num_experts(), 0.0, loss).unwrap();
@@ -42,7 +45,7 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
                     l.record_heldout(s, &out).unwrap();
                     if cfg.policy == Policy::Heldout {
                         let potential: Vec<f64> = s.iter().map(|x| -x).collect();
-                        r.regate(l.heldout_ema(), &potential).unwrap();
+                        r.regate(&l.heldout_descent(), &potential).unwrap();
                     }
                 }
             }
@@ -94,13 +97,15 @@ proptest! {
         prop_assert_eq!(r2.to_bytes(), rb);
         prop_assert_eq!(&l2.to_bytes(), &lb);
         prop_assert_eq!(l2.heldout_span(), l.heldout_span());
-        // Format 6: the ledger payload ends with the spans, u64 × (M·E), then the shrink,
-        // f64, the shrink counters, u64 × E twice, and the kind of LoRA trial, one byte,
-        // before the checksum.
+        // Format 7: the ledger payload ends with the spans, u64 × (M·E), then the shrink,
+        // f64, the shrink counters, u64 × E twice, the kind of LoRA trial, one byte, and the
+        // minimum span, u64, before the checksum.
         let n = l.num_modules() * l.num_experts();
-        let tail = 8 + 16 * l.num_experts() + 1;
-        prop_assert_eq!(lb[lb.len() - 9], u8::from(l.shrink_spectral()));
+        let tail = 8 + 16 * l.num_experts() + 1 + 8;
+        prop_assert_eq!(lb[lb.len() - 16..lb.len() - 8].to_vec(), l.heldout_min_span().to_le_bytes().to_vec());
+        prop_assert_eq!(lb[lb.len() - 17], u8::from(l.shrink_spectral()));
         prop_assert_eq!(l2.shrink_spectral(), l.shrink_spectral());
+        prop_assert_eq!(l2.heldout_min_span(), l.heldout_min_span());
         let end = lb.len() - 8 - tail;
         let spans: Vec<u64> = lb[end - 8 * n..end]
             .chunks_exact(8)
@@ -116,12 +121,12 @@ proptest! {
     #[test]
     fn version_3_ledgers_load_with_the_window_count_as_span((_r, l) in states()) {
         // Version 3's ledger payload is version 4's without the spans (M·E·8 bytes), and
-        // version 4's is version 6's without the shrink tail (8 + E·16 + 1 bytes).
+        // version 4's is version 7's without the shrink tail (8 + E·16 + 1 + 8 bytes).
         let lb = l.to_bytes();
-        prop_assert_eq!(lb[5..7].to_vec(), 6u16.to_le_bytes().to_vec());
+        prop_assert_eq!(lb[5..7].to_vec(), 7u16.to_le_bytes().to_vec());
         let n = l.num_modules() * l.num_experts();
         let full = &lb[15..lb.len() - 8];
-        let payload = &full[..full.len() - 8 - 16 * l.num_experts() - 1];
+        let payload = &full[..full.len() - 8 - 16 * l.num_experts() - 1 - 8];
         let v3 = &payload[..payload.len() - 8 * n];
         let back = Ledger::from_bytes(&seal_version(2, 3, v3)).unwrap();
         prop_assert!(back.heldout_span().iter().all(|&s| s == l.heldout_windows()));
@@ -129,14 +134,14 @@ proptest! {
         prop_assert_eq!(back.heldout_windows(), l.heldout_windows());
         prop_assert_eq!(back.step(), l.step());
         prop_assert_eq!(back.checksum(), l.checksum());
-        // Re-saved as version 6, it is the version 3 payload followed by those spans, no
-        // shrink trials and the scaling LoRA trial.
+        // Re-saved as version 7, it is the version 3 payload followed by those spans, no
+        // shrink trials, the scaling LoRA trial and records judged from the first window.
         let mut want = v3.to_vec();
         for _ in 0..n {
             want.extend(l.heldout_windows().to_le_bytes());
         }
         want.extend(0.0f64.to_le_bytes());
-        want.extend(vec![0u8; 16 * l.num_experts() + 1]);
+        want.extend(vec![0u8; 16 * l.num_experts() + 1 + 8]);
         let again = back.to_bytes();
         prop_assert_eq!(&again[15..again.len() - 8], want.as_slice());
         // Version 4 data cut back to version 3's length is rejected, not misread (when
@@ -208,7 +213,7 @@ proptest! {
     }
 
     #[test]
-    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 7u16..) {
+    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 8u16..) {
         let msg = |e: Error| e.to_string();
         prop_assert!(msg(Ledger::from_bytes(&r.to_bytes()).unwrap_err()).contains("is a router"));
         prop_assert!(msg(Router::from_bytes(&l.to_bytes()).unwrap_err()).contains("is a ledger"));
@@ -219,7 +224,7 @@ proptest! {
             msg(Router::from_bytes(&reseal(rb)).unwrap_err()),
             msg(Ledger::from_bytes(&reseal(lb)).unwrap_err()),
         ] {
-            prop_assert!(m.contains(&format!("version {version}")) && m.contains("[1, 2, 3, 4, 5, 6]"), "{}", m);
+            prop_assert!(m.contains(&format!("version {version}")) && m.contains("[1, 2, 3, 4, 5, 6, 7]"), "{}", m);
         }
     }
 }

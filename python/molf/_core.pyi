@@ -155,7 +155,7 @@ class Router:
 
         Per module, at the current step: an active expert stays while its ``descent`` (the
         smoothed held-out loss decrease per step while it moved, usually
-        :meth:`Ledger.heldout_ema`) is NaN or > 0; an inactive one becomes active when its
+        :meth:`Ledger.heldout_descent`) is NaN or > 0; an inactive one becomes active when its
         ``potential`` (first-order held-out decrease of one step of it) is finite and > 0
         and it was dropped at least ``min_dwell`` steps ago (:meth:`expert_last_change`: the
         dwell counts per expert, so one expert's drop does not hold another back). Every
@@ -248,6 +248,9 @@ class Ledger:
             optimizer applies it): True soft-thresholds its singular values by
             ``heldout_shrink`` x the largest, False scales it by ``1 - heldout_shrink``
             (what checkpoints of format version 1 to 5 load with).
+        heldout_min_span: >= 0, the windows an expert's span must reach before its
+            record can drop it (see :meth:`heldout_descent`); 0: from the first window
+            (what checkpoints of format version 1 to 6 load with).
 
     Raises:
         ConfigError: an argument out of range.
@@ -262,6 +265,7 @@ class Ledger:
         heldout_horizon: float = 0.25,
         heldout_shrink: float = 0.1,
         shrink_spectral: bool = True,
+        heldout_min_span: int = 0,
     ) -> None: ...
     @property
     def heldout_decay(self) -> float: ...
@@ -305,6 +309,13 @@ class Ledger:
         """Copy, ``(M, E)``: per expert, the consecutive :meth:`record_heldout` windows,
         up to the last, in which it moved (0: it did not move in the last one).
         Checkpoints of format version 1 to 3 load with ``heldout_windows`` everywhere."""
+    @property
+    def heldout_min_span(self) -> int: ...
+    def heldout_descent(self) -> npt.NDArray[np.float64]:
+        """Copy, ``(M, E)``: the record as :meth:`Router.regate` judges it:
+        :meth:`heldout_ema` where :meth:`heldout_span` >= ``heldout_min_span``, NaN (not
+        judged yet: an active expert stays) elsewhere. So a drop needs a record of that many
+        windows since the start or the expert's last return."""
     @property
     def num_modules(self) -> int: ...
     @property

@@ -169,6 +169,9 @@ def _add_train_parser(sub) -> None:
                       help=f"the first N held-out rows form the fixed held-out batch (default: {d.heldout_batch})")
     held.add_argument("--heldout-every", type=_positive_int, default=S, metavar="K",
                       help=f"steps between held-out measurements (default: {d.heldout_every})")
+    held.add_argument("--heldout-min-span", type=_nonnegative_int, default=S, metavar="N",
+                      help="held-out windows an expert's record must span (since the start or its last return) "
+                      "before it can drop the expert (default: 10 for molf-e, 0 for molf)")
     ckpt = train_p.add_argument_group("checkpoints")
     ckpt.add_argument("--save-every", type=_positive_int, default=S, metavar="N", help=f"(default: {d.save_every})")
     ckpt.add_argument("--keep-checkpoints", type=_positive_int, default=S, metavar="N",

@@ -36,6 +36,14 @@ only; its span grows with the windows the expert has moved in since its last
 pause, `heldout_horizon`, so a returning expert's old record fades fast) and
 the Router's `regate` drops experts whose movement raised the loss and re-admits
 dropped ones `min_dwell` steps after their drop (see `molf_rs` `Router::regate`).
+A record judges its expert once it spans `heldout_min_span` windows (the
+Ledger's `heldout_descent`). Where every expert is a LoRA expert the optimizer
+asks for 10 (`LORA_ONLY_MIN_SPAN`): a LoRA pair's first fit of the training
+data can raise the held-out loss for a while and still pay off, since a pair
+trained off B = 0 learns what comes next faster than a frozen one (on the
+quality suite's quick shift regime, dropping from the first window cost MoLF-E
+10% against waiting ten; `benches/policy_lab.py`, ninth round). Beside a dense
+expert, which carries a module while its LoRA expert is out, it is 0.
 
 Cost: one forward and backward of the closure per window, plus one forward
 per expert index for the shrink trials; two extra copies of every routed expert
@@ -59,7 +67,10 @@ from .wrap import expert_tag
 if TYPE_CHECKING:
     from .optimizer import MoLFAdamW
 
-__all__ = ["HeldoutProbe", "spectral_shrink_b", "THETA_KEY", "GRAD_KEY", "ORIGIN_KEY"]
+__all__ = ["HeldoutProbe", "spectral_shrink_b", "LORA_ONLY_MIN_SPAN", "THETA_KEY", "GRAD_KEY", "ORIGIN_KEY"]
+
+# heldout_min_span where every expert is a LoRA expert (see the module docstring).
+LORA_ONLY_MIN_SPAN = 10
 
 THETA_KEY = "heldout_theta"
 GRAD_KEY = "heldout_grad"
@@ -125,7 +136,7 @@ class HeldoutProbe:
         if descent is None:  # the first measurement: nothing moved under observation yet
             return
         opt.ledger.record_heldout(descent, moved)
-        opt.router.regate(opt.ledger.heldout_ema(), potential)
+        opt.router.regate(opt.ledger.heldout_descent(), potential)
 
     def _value(self) -> float:
         """The closure's held-out loss as a number, averaged over data-parallel ranks."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import _kernels, distributed
 from ._core import ConfigError, Ledger, Router, StateError
-from .heldout import THETA_KEY, HeldoutProbe
+from .heldout import LORA_ONLY_MIN_SPAN, THETA_KEY, HeldoutProbe
 from .routing_log import RoutingLog
 from .summary import RoutingSummary
 from .wrap import expert_tag, retag
@@ -175,6 +175,9 @@ class MoLFAdamW(torch.optim.Optimizer):
     back, `min_dwell` steps (default 3 x `heldout_every`) after its drop, once a
     step of it would lower the held-out loss (first order); a returning
     expert's record from before its drop then fades within a few windows.
+    A drop needs a record of `heldout_min_span` windows since the start or the
+    expert's last return (default: 10 where every expert is a LoRA expert, as
+    in MoLF-E; 0, from the first window, beside a dense expert).
     Before each measurement, held-out shrinkage: each expert's update since the
     start (all modules together) is shrunk and kept if the held-out loss falls:
     a dense weight's distance from its start scaled by 1 - `heldout_shrink`
@@ -256,6 +259,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         heldout_horizon: float = 0.25,
         heldout_shrink: float = 0.1,
         heldout_shrink_spectral: bool = True,
+        heldout_min_span: int | None = None,
     ) -> None:
         _check_number("lr", lr)
         _check_number("weight_decay", weight_decay)
@@ -278,6 +282,10 @@ class MoLFAdamW(torch.optim.Optimizer):
             raise ConfigError(f"heldout= is used by policy 'heldout' only; got policy {policy!r}")
         if not isinstance(heldout_shrink_spectral, bool):
             raise ConfigError(f"heldout_shrink_spectral must be True or False, got {heldout_shrink_spectral!r}")
+        if heldout_min_span is not None and (
+            isinstance(heldout_min_span, bool) or not isinstance(heldout_min_span, int) or heldout_min_span < 0
+        ):
+            raise ConfigError(f"heldout_min_span must be an integer >= 0 (or None), got {heldout_min_span!r}")
         self._probe = None if heldout is None else HeldoutProbe(heldout, heldout_every)
         self._state_init_step = False
         if min_dwell is None:
@@ -302,10 +310,12 @@ class MoLFAdamW(torch.optim.Optimizer):
             len(self.module_names), len(self.expert_names), topk=topk, policy=policy, margin=margin,
             min_dwell=min_dwell, warmup_steps=warmup_steps, freeze_after=freeze_after,
         )
+        if heldout_min_span is None:
+            heldout_min_span = 0 if self._has_dense_expert() else LORA_ONLY_MIN_SPAN
         self._ledger = Ledger(
             len(self.module_names), len(self.expert_names), ema_decay=ema_decay, heldout_decay=heldout_decay,
             heldout_horizon=heldout_horizon, heldout_shrink=heldout_shrink,
-            shrink_spectral=heldout_shrink_spectral,
+            shrink_spectral=heldout_shrink_spectral, heldout_min_span=heldout_min_span,
         )
         if topk >= len(self.expert_names) and self._probe is None:
             warnings.warn(
@@ -724,6 +734,11 @@ class MoLFAdamW(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["param_groups"][self._meta_group_index()][_META_KEY] = self._meta()
         return sd
+
+    def _has_dense_expert(self) -> bool:
+        return any(
+            (t := expert_tag(p)) is not None and t.kind == "dense" for g in self.param_groups for p in g["params"]
+        )
 
     def _hold_meta_key(self) -> None:
         # The live group carries the key (as None; `state_dict` fills it in): torch.distributed

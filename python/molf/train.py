@@ -34,6 +34,7 @@ from torch import nn
 
 from ._core import POLICIES, ConfigError, StateError
 from .config import MoLFConfig
+from .heldout import LORA_ONLY_MIN_SPAN
 from .optimizer import SCORES, MoLFAdamW
 from .wrap import merge, wrap
 
@@ -65,6 +66,7 @@ class TrainConfig:
     heldout_data: list[str] | None = None  # files like `data`; given: policy "heldout" (molf, molf-e)
     heldout_batch: int = 64  # the first N held-out rows form the one fixed held-out batch
     heldout_every: int = 10  # routing steps between held-out measurements
+    heldout_min_span: int | None = None  # None: 10 windows for molf-e (LoRA experts only), 0 for molf
     out: str = "molf-train"
     mode: str = "molf"
     prompt_field: str = "prompt"
@@ -135,8 +137,9 @@ class TrainConfig:
         for name in ("steps", "freeze_after"):
             if getattr(self, name) is not None:
                 _integer(name, getattr(self, name), low=1)
-        if self.min_dwell is not None:
-            _integer("min_dwell", self.min_dwell, low=0)
+        for name in ("min_dwell", "heldout_min_span"):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), low=0)
         for name in ("lr", "lora_lr", "weight_decay", "lora_weight_decay", "max_grad_norm", "margin"):
             _number(name, getattr(self, name))
         _number("warmup_ratio", self.warmup_ratio, high=1.0)
@@ -437,7 +440,9 @@ def _build_optimizer(
     cfg: TrainConfig, model: nn.Module, log_path: Path | None, heldout: Callable[[], torch.Tensor] | None = None
 ) -> torch.optim.Optimizer:
     if cfg.mode in ROUTED_MODES:
-        extra = {} if heldout is None else {"heldout": heldout, "heldout_every": cfg.heldout_every}
+        extra = {} if heldout is None else {
+            "heldout": heldout, "heldout_every": cfg.heldout_every, "heldout_min_span": cfg.heldout_min_span,
+        }
         return MoLFAdamW(
             model, lr=cfg.lr, lora_lr=cfg.lora_lr, weight_decay=cfg.weight_decay,
             lora_weight_decay=cfg.lora_weight_decay, topk=cfg.topk, score=cfg.score, policy=cfg.routing_policy,
@@ -539,8 +544,8 @@ def _resolve_resume(cfg: TrainConfig, out: Path) -> Path:
 
 def _acting_options(values: Mapping[str, Any]) -> dict:
     """A config dict as it acts on the run: options a checkpoint from an older
-    molf lacks take their defaults, and policy / min_dwell their resolved values
-    (an unset policy with held-out data is policy "heldout")."""
+    molf lacks take their defaults, and policy / min_dwell / heldout_min_span their
+    resolved values (an unset policy with held-out data is policy "heldout")."""
     out = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name in values:
@@ -552,6 +557,8 @@ def _acting_options(values: Mapping[str, Any]) -> dict:
     out["policy"] = _effective_policy(out["policy"], out["heldout_data"])
     if out["min_dwell"] is None:
         out["min_dwell"] = 3 * out["heldout_every"] if out["policy"] == "heldout" else 0
+    if out["heldout_min_span"] is None:  # as MoLFAdamW resolves it: molf-e has LoRA experts only
+        out["heldout_min_span"] = LORA_ONLY_MIN_SPAN if out["mode"] == "molf-e" else 0
     return out
 
 
