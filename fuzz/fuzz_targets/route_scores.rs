@@ -82,7 +82,7 @@ fuzz_target!(|data: &[u8]| {
         if i % 2 == 1 {
             ledger.record_heldout(&scores, &out).unwrap();
             let potential: Vec<f64> = scores.iter().map(|x| -x).collect();
-            let regated = router.regate(ledger.heldout_ema(), &potential);
+            let regated = router.regate(&ledger.heldout_descent(), &potential);
             assert_eq!(regated.is_ok(), policy == Policy::Heldout);
         }
     }

@@ -21,6 +21,7 @@ proptest! {
         mask_bits in prop::collection::vec(any::<bool>(), 14 * 24),
         (hdecay, horizon) in (heldout_decay(), heldout_horizon()),
         windows in prop::collection::vec(any::<bool>(), 14),
+        min_span in 0u64..5,
     ) {
         let (m, e) = (cfg.num_modules as usize, cfg.num_experts as usize);
         let mut router = Router::new(cfg).unwrap();
@@ -29,6 +30,8 @@ proptest! {
             .with_heldout_decay(hdecay)
             .unwrap()
             .with_heldout_horizon(horizon)
+            .unwrap()
+            .with_heldout_min_span(min_span)
             .unwrap();
         let mut model = RefLedger::new(m, e, decay, hdecay, horizon);
         for (i, scores) in steps.iter().enumerate() {
@@ -51,6 +54,11 @@ proptest! {
             prop_assert_eq!(ledger.heldout_windows(), model.heldout_windows);
             prop_assert_eq!(bits(ledger.heldout_ema()), bits(&model.heldout_ema.concat()));
             prop_assert_eq!(ledger.heldout_span().to_vec(), model.heldout_span.concat());
+            // The record as regate judges it: the EMA once the span reaches min_span, else NaN.
+            let judged: Vec<f64> = model.heldout_ema.concat().iter().zip(model.heldout_span.concat())
+                .map(|(&x, n)| if n >= min_span { x } else { f64::NAN })
+                .collect();
+            prop_assert_eq!(bits(&ledger.heldout_descent()), bits(&judged));
             prop_assert_eq!(ledger.step(), model.step);
             prop_assert_eq!(ledger.checksum(), model.checksum);
             prop_assert_eq!(bits(ledger.last_scores()), bits(&model.last_scores.concat()));
