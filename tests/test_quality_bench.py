@@ -574,3 +574,41 @@ def test_later_validation_instances_run_only_the_finalists_and_the_lr_is_one_of_
     results.update({q.Run("sql", "FFT", 3e-2, s, "test"): {"metric": 0.5, "wall_s": 1.0} for s in (0, 1)})
     every = q.pair_step(sql, replace(grid, val_finalists=None), "FFT", [0, 1], results)
     assert every["lr"] == 3e-2 and "val_finalists" in every and every["val_finalists"] == list(grid.lrs)
+
+
+def test_named_runs_match_the_suites_and_a_resumed_suite_reuses_them(tmp_path, monkeypatch):
+    import quality_runs as qr
+
+    suite = q.run_suite(TINY, ["shift"], ["FFT"], tmp_path / "suite", progress=False)
+    book = qr.recorded(tmp_path / "suite" / "runs.jsonl")
+    lr = suite["regimes"]["shift"]["methods"]["FFT"]["lr"]
+    runs = [q.Run("shift", "FFT", x, q.VAL_SEED, "val") for x in TINY.lrs] + [q.Run("shift", "FFT", lr, 0, "test")]
+    assert set(book) == set(runs)
+    named = qr.run_named(runs, TINY, "cpu", tmp_path / "named", progress=False)
+    assert {r: res["metric"] for r, res in named.items()} == {r: book[r][0]["metric"] for r in runs}
+    assert {dev for _, dev in book.values()} == {"cpu"}
+    # the suite resumed on the named runs' record runs nothing and reports the same
+    monkeypatch.setattr(q, "execute", lambda *a, **k: pytest.fail("a recorded run ran again"))
+    resumed = q.run_suite(TINY, ["shift"], ["FFT"], tmp_path / "named", progress=False, resume=True)
+    assert _without_walls(resumed["regimes"]) == _without_walls(suite["regimes"])
+    assert qr.run_named(runs[:1], TINY, "cpu", tmp_path / "named", progress=False) == {runs[0]: named[runs[0]]}
+
+
+def test_named_runs_cli_prints_each_run_beside_another_record(tmp_path, monkeypatch, capsys):
+    import quality_runs as qr
+
+    monkeypatch.setattr(q, "QUICK", TINY)
+    q.run_suite(TINY, ["shift"], ["FFT"], tmp_path / "suite", progress=False)
+    argv = ["--regime", "shift", "--method", "FFT", "--lrs", "1e-3", "0.5", "--split", "val",
+            "--instances", str(q.VAL_SEED), "--out", str(tmp_path / "named"), "--no-progress"]
+    assert qr.main([*argv, "--against", str(tmp_path / "suite" / "runs.jsonl")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    mine = qr.recorded(tmp_path / "named" / "runs.jsonl")
+    theirs = qr.recorded(tmp_path / "suite" / "runs.jsonl")
+    run = q.Run("shift", "FFT", 1e-3, q.VAL_SEED, "val")
+    assert table[2] == f"| 0.001 | {q.VAL_SEED} | {mine[run][0]['metric']:.4f} | {theirs[run][0]['metric']:.4f} | cpu |"
+    assert table[3].startswith("| 0.5 |") and table[3].endswith("| nan | - |")  # the suite's grid lacks 0.5
+    for bad, why in ((["--lrs", "-1"], "--lrs"), (["--jobs", "0"], "--jobs"), (["--against", "nope.jsonl"], "nope")):
+        with pytest.raises(SystemExit):
+            qr.main([*argv, *bad])
+        assert why in capsys.readouterr().err
