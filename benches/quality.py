@@ -644,11 +644,12 @@ def _run_sequential(scale: Scale, regimes: list[str], methods: list[str], seeds:
     return done
 
 
-def _execute_job(run: Run, scale: Scale, device: str, out: Path, threads: int) -> dict:
-    """One run in a worker process (--jobs)."""
+def _execute_job(run: Run, scale: Scale, device: str, out: Path, threads: int,
+                 tick: Callable[[], None] = lambda: None) -> dict:
+    """One run in a worker process (--jobs), or in this one with `tick` per step."""
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    return execute(run, scale, device, out)
+    return execute(run, scale, device, out, tick)
 
 
 def _run_parallel(scale: Scale, regimes: list[str], methods: list[str], seeds: list[int], device: str, out: Path,

@@ -23,7 +23,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,13 +63,11 @@ def run_named(runs: list[q.Run], scale: q.Scale, device: str, out: Path, jobs: i
         say(f"{run.method} {run.lr:g} {run.seed} {run.split}: {result['metric']:.4f} ({result['wall_s']:.0f} s)")
 
     if jobs == 1:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(True, warn_only=True)  # as quality.py's runs
         total = sum(q._steps(q.REGIMES[r.regime], scale) for r in todo)
         with tqdm(total=total, unit="step", disable=not progress, mininterval=0.2 if sys.stderr.isatty() else 15.0) as bar:
             for run in todo:
                 bar.set_description(f"{run.method} {run.lr:g} {run.seed}", refresh=False)
-                done(run, q.execute(run, scale, device, out, lambda: bar.update(1)))
+                done(run, q._execute_job(run, scale, device, out, threads, lambda: bar.update(1)))
     else:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {run: pool.submit(q._execute_job, run, scale, device, out, threads) for run in todo}
