@@ -503,6 +503,24 @@ def execute(run: Run, scale: Scale, device: str, out: Path, tick: Callable[[], N
                       _steps(spec, scale), run.split, log_path, tick)
 
 
+def run_records(path: Path) -> list[tuple[str, dict]]:
+    """A runs.jsonl's whole lines and their records, whatever the fingerprint; a line
+    cut short by a kill is left out (its run reruns)."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def build_checkpoint(scale: Scale, regimes: list[str], device: str, progress: bool) -> None:
+    """The LM regimes share the pre-trained checkpoint: build it once, before any job loads it."""
+    if any(REGIMES[n].family == "lm" for n in regimes):
+        lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device, progress=progress)
+
+
 class RunBook:
     """Every finished run of a suite, one JSON line each in OUT/runs.jsonl, so
     that an interrupted suite resumes (`resume`): a run recorded under the same
@@ -515,11 +533,7 @@ class RunBook:
         self.done: dict[Run, dict] = {}
         kept = []
         if resume and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill: its run reruns
-                    continue
+            for line, rec in run_records(self.path):
                 kept.append(line)
                 if rec["fingerprint"] == self.fingerprint:
                     self.done[Run(**rec["run"])] = rec["result"]
@@ -721,9 +735,7 @@ def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str
         results["regimes"] = regs
         _write(out, results, scale, seeds, device, methods, jobs, start)
 
-    # The LM regimes share the pre-trained checkpoint: build it once, before any job loads it.
-    if any(REGIMES[n].family == "lm" for n in regimes):
-        lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device, progress=progress)
+    build_checkpoint(scale, regimes, device, progress)
     book = RunBook(out, scale, device, resume)
     if jobs > 1:
         regs = _run_parallel(scale, regimes, methods, seeds, device, out, book, jobs, progress, write)

@@ -28,16 +28,12 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality as q  # noqa: E402
-import quality_lm as lm  # noqa: E402
 
 
 def recorded(path: Path) -> dict[q.Run, tuple[dict, str]]:
     """Every run a runs.jsonl holds -> (result, device), whatever its fingerprint."""
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        out[q.Run(**rec["run"])] = (rec["result"], json.loads(rec["fingerprint"])["device"])
-    return out
+    return {q.Run(**rec["run"]): (rec["result"], json.loads(rec["fingerprint"])["device"])
+            for _, rec in q.run_records(path)}
 
 
 def run_named(runs: list[q.Run], scale: q.Scale, device: str, out: Path, jobs: int = 1, threads: int = 1,
@@ -50,8 +46,7 @@ def run_named(runs: list[q.Run], scale: q.Scale, device: str, out: Path, jobs: i
             print(msg, file=sys.stderr, flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
-    if any(q.REGIMES[r.regime].family == "lm" for r in runs):  # built once, before the jobs load it
-        lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device)
+    q.build_checkpoint(scale, [r.regime for r in runs], device, progress)
     book = q.RunBook(out, scale, device, resume=True)
     results: dict[q.Run, dict] = {}
     todo = book.fill(runs, results)

@@ -599,6 +599,8 @@ def test_named_runs_cli_prints_each_run_beside_another_record(tmp_path, monkeypa
 
     monkeypatch.setattr(q, "QUICK", TINY)
     q.run_suite(TINY, ["shift"], ["FFT"], tmp_path / "suite", progress=False)
+    with (tmp_path / "suite" / "runs.jsonl").open("a") as f:  # a suite killed mid-record: half a line
+        f.write('{"run": {"regime": "shift", "method": "Lo')
     argv = ["--regime", "shift", "--method", "FFT", "--lrs", "1e-3", "0.5", "--split", "val",
             "--instances", str(q.VAL_SEED), "--out", str(tmp_path / "named"), "--no-progress"]
     assert qr.main([*argv, "--against", str(tmp_path / "suite" / "runs.jsonl")]) == 0
