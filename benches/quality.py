@@ -768,7 +768,8 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
     seeds (regimes may differ: config "seeds" then maps each regime to its own).
     A (regime, method) pair may come from one run only, unless `replace_pairs`: then
     a later run's pair replaces an earlier one's (a rerun of changed code).
-    `config["pairs_from"]` names the run of every pair. No routing figures (their
+    `config["pairs_from"]` names the run of every pair; a merged results.json merges
+    again (its pairs keep naming the runs they came from). No routing figures (their
     logs stay with the runs)."""
     runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
     if not runs:
@@ -807,7 +808,8 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
     protocol: dict[str, tuple[int, int | None]] = {}  # regime -> validation instances, finalists
     for name in entries:  # only the runs whose pairs survived must agree on the regime's seeds and protocol
         for i in dict.fromkeys(origin[name].values()):
-            run_seeds, c = runs[i]["config"]["seeds"], runs[i]["config"]
+            c = runs[i]["config"]
+            run_seeds = c["seeds"][name] if isinstance(c["seeds"], dict) else c["seeds"]  # a merge's: per regime
             if seeds.setdefault(name, run_seeds) != run_seeds:
                 raise ValueError(f"{paths[i]}: {name} ran seeds {run_seeds}, another run of it {seeds[name]}")
             if protocol.setdefault(name, protocol_of(c, name)) != protocol_of(c, name):
@@ -830,9 +832,10 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
               "seeds": next(iter(per_regime.values())) if uniform else per_regime,
               "methods": [m for m in BUILDERS if any(m in e for e in entries.values())],
               "merged_from": [str(p) for p in paths],
-              "pairs_from": {n: {m: str(paths[origin[n][m]]) for m in regimes[n]["methods"]} for n in regimes},
-              "devices": sorted({r["config"]["device"] for r in runs}),
-              "jobs": [r["config"]["jobs"] for r in runs]}
+              "pairs_from": {n: {m: _pair_source(paths[origin[n][m]], runs[origin[n][m]], n, m)
+                                 for m in regimes[n]["methods"]} for n in regimes},
+              "devices": sorted({d for r in runs for d in r["config"].get("devices", [r["config"]["device"]])}),
+              "jobs": _flat([r["config"]["jobs"] for r in runs])}
     if not uniform:
         config["scale"] = {**first["scale"], "seeds": None}  # see "seeds"
     if finals:
@@ -842,6 +845,16 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "table.txt").write_text(_tables(results) + "\n", encoding="utf-8")
     return results
+
+
+def _pair_source(path: str | Path, run: dict, regime: str, method: str) -> str:
+    """The run a pair came from: the merged file's own record of it, else the file."""
+    return run["config"].get("pairs_from", {}).get(regime, {}).get(method, str(path))
+
+
+def _flat(v) -> list:
+    """Every run's process count, from runs and merges (whose "jobs" are lists) alike."""
+    return [x for y in v for x in _flat(y)] if isinstance(v, list) else [v]
 
 
 def _tables(results: dict) -> str:

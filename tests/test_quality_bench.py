@@ -209,6 +209,25 @@ def test_merge_replaces_rerun_pairs_and_keeps_seeds_per_regime(tmp_path):
         q.main(["--replace", "--out", str(tmp_path / "x")])
 
 
+def test_a_merge_merges_again_and_keeps_naming_the_runs(tmp_path):
+    q.run_suite(TINY, ["shift"], ["FFT"], tmp_path / "fft", progress=False, jobs=2)
+    q.run_suite(replace(TINY, seeds=2), ["mixed"], ["FFT"], tmp_path / "mixed", progress=False, seed=3)
+    first = [tmp_path / d / "results.json" for d in ("fft", "mixed")]
+    q.merge_results(first, tmp_path / "m1")  # seeds per regime: {"mixed": [3, 4], "shift": [0]}
+    q.run_suite(TINY, ["shift"], ["LoRA"], tmp_path / "lora", progress=False)
+    merged = q.merge_results([tmp_path / "m1" / "results.json", tmp_path / "lora" / "results.json"], tmp_path / "m2")
+    assert merged["config"]["seeds"] == {"mixed": [3, 4], "shift": [0]}
+    assert merged["config"]["pairs_from"] == {"mixed": {"FFT": str(first[1])},
+                                              "shift": {"FFT": str(first[0]), "LoRA": str(tmp_path / "lora" / "results.json")}}
+    assert merged["config"]["jobs"] == [2, 1, 1] and merged["config"]["devices"] == ["cpu"]
+    direct = q.merge_results([*first, tmp_path / "lora" / "results.json"], tmp_path / "m3")
+    assert _without_walls(merged["regimes"]) == _without_walls(direct["regimes"])
+    # a merge's regime still refuses a run of other seeds
+    q.run_suite(replace(TINY, seeds=2), ["shift"], ["LoRA"], tmp_path / "lora2", progress=False, seed=3)
+    with pytest.raises(ValueError, match=r"shift ran seeds"):
+        q.merge_results([tmp_path / "m1" / "results.json", tmp_path / "lora2" / "results.json"], tmp_path / "m4")
+
+
 def test_lrs_replaces_the_grid(tmp_path, monkeypatch):
     seen = {}
 
