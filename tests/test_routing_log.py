@@ -10,7 +10,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+import molf
 import molf.routing_log
 from molf.routing_log import RoutingLog, read_routing_log
 from test_checkpoint import STOP, TOTAL, make, run, save
@@ -159,3 +161,23 @@ def test_first_step_at_lr_zero_is_logged(tmp_path):
     records = _records(path)
     assert [r["step"] for r in records] == [1, 2]
     assert all(s == 0 for m in records[0]["modules"].values() for s in m["scores"])
+
+
+def test_two_optimizers_on_one_log_path_are_named(tmp_path):
+    """Two optimizers given one log_path interleave their records: the one that finds
+    another writer's records after its own last line warns, naming the path."""
+    log = tmp_path / "shared.jsonl"
+    models = [molf.wrap(nn.Sequential(nn.Linear(4, 4)), molf.MoLFConfig(ranks=(2,), exclude_modules=()))
+              for _ in range(2)]
+    opts = [molf.MoLFAdamW(m, lr=1e-2, log_path=log) for m in models]
+
+    def step(model, opt):
+        model(torch.randn(3, 4)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step(models[0], opts[0])
+    with pytest.warns(RuntimeWarning, match="moved to"):  # the second one's first write: a new run
+        step(models[1], opts[1])
+    with pytest.warns(RuntimeWarning, match="two optimizers with one log_path"):
+        step(models[0], opts[0])

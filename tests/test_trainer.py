@@ -311,3 +311,34 @@ class StopAt(transformers.TrainerCallback):
         if state.global_step == self.step:
             control.should_training_stop = True
         return control
+
+
+def test_resumed_trainer_run_keeps_the_whole_routing_log(tmp_path):
+    """accelerate reloads the optimizer's own state when it wraps it: that reload must not
+    touch the routing log. A Trainer run resumed from checkpoint-3 leaves a log equal to
+    the uninterrupted run's (steps 1-7), not one of steps 4-7."""
+    kw = dict(max_steps=7, save_strategy="steps", save_steps=3)
+
+    def trainer_for(out, callbacks=None):
+        kwargs = dict(log_path=str(out / "routing.jsonl"), **SWITCHING)
+        return transformers.Trainer(model=wrapped(), args=args(out, **kw), train_dataset=TokenData(20),
+                                    callbacks=callbacks, optimizer_cls_and_kwargs=opt_kwargs(**kwargs))
+
+    trainer_for(tmp_path / "straight").train()
+    trainer_for(tmp_path / "cut", callbacks=[StopAt(3)]).train()
+    trainer_for(tmp_path / "cut").train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
+    straight = list(molf.read_routing_log(tmp_path / "straight" / "routing.jsonl"))
+    resumed = list(molf.read_routing_log(tmp_path / "cut" / "routing.jsonl"))
+    assert [r["step"] for r in resumed] == list(range(1, 8))
+    assert resumed == straight
+
+
+def test_fresh_trainer_run_moves_an_old_log_aside(tmp_path):
+    log = tmp_path / "routing.jsonl"
+    log.write_text('{"step": 1, "phase": "routing", "experts": [], "modules": {}}\n')
+    trainer = transformers.Trainer(model=wrapped(), args=args(tmp_path, max_steps=2), train_dataset=TokenData(8),
+                                   optimizer_cls_and_kwargs=opt_kwargs(log_path=str(log)))
+    with pytest.warns(RuntimeWarning, match="moved to"):
+        trainer.train()
+    assert (tmp_path / "routing.jsonl.prev").read_text().startswith('{"step": 1')
+    assert [r["step"] for r in molf.read_routing_log(log)] == [1, 2]

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import _kernels, distributed
 from ._core import ConfigError, Ledger, Router, StateError
+from .checkpoint import check_group_values, check_meta_fields, check_param_state, routing_settings_changed
 from .heldout import LORA_ONLY_MIN_SPAN, THETA_KEY, HeldoutProbe
 from .routing_log import RoutingLog
 from .summary import RoutingSummary
@@ -304,7 +305,9 @@ class MoLFAdamW(torch.optim.Optimizer):
             params, lr, lora_lr, weight_decay, lora_weight_decay
         )
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self._constructing = True
         super().__init__(groups, defaults)
+        self._constructing = False
         self._hold_meta_key()
         self._router = Router(
             len(self.module_names), len(self.expert_names), topk=topk, policy=policy, margin=margin,
@@ -367,9 +370,12 @@ class MoLFAdamW(torch.optim.Optimizer):
         """Split each user group by role (plain / dense expert / LoRA expert) and
         decay; return the groups, the routed module names and the expert names."""
         user_groups = self._user_groups(params)
+        for i, g in enumerate(user_groups):
+            check_group_values(g, f"param group {i}")
         retag(params if isinstance(params, nn.Module) else None)  # FSDP2 may have dropped the tags
         seen: set[int] = set()
         tags = []
+        places: dict[tuple, str] = {}
         for g in user_groups:
             for p in g["params"]:
                 if not isinstance(p, torch.Tensor):
@@ -378,8 +384,18 @@ class MoLFAdamW(torch.optim.Optimizer):
                     raise ConfigError("a parameter appears in more than one param group (or twice in one)")
                 seen.add(id(p))
                 tag = expert_tag(p)
-                if tag is not None:
-                    tags.append(tag)
+                if tag is None:
+                    continue
+                # Tags number the modules of one wrapped model; a second tensor at the same
+                # place is another model's, whose modules would share this one's decisions.
+                place = (tag.order, tag.expert, tag.part)
+                if place in places:
+                    raise ConfigError(
+                        f"the parameters given hold two tensors for {tag.module} ({tag.name} {tag.part}): "
+                        "parameters of more than one wrapped model? Build one MoLFAdamW per model"
+                    )
+                places[place] = tag.module
+                tags.append(tag)
         if not tags:
             raise ConfigError(
                 "MoLFAdamW found no molf-wrapped parameters to route: call molf.wrap(model, config) "
@@ -781,45 +797,100 @@ class MoLFAdamW(torch.optim.Optimizer):
         return router, ledger
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a `state_dict()`; refuse (changing nothing) one from another model."""
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list):
-            raise StateError("not an optimizer state_dict: no 'param_groups' list")
-        metas = [(i, g[_META_KEY]) for i, g in enumerate(groups) if isinstance(g, dict) and _META_KEY in g]
+        """Load a `state_dict()`. Everything is checked against this optimizer first: the
+        routing structure and settings, every group's values, every state tensor's keys and
+        shape, the routing state. A mismatch raises `StateError` naming the first one and
+        changes nothing. Reloading the optimizer's own current state (as accelerate does
+        when it wraps the optimizer) leaves the routing log alone."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise StateError("not an optimizer state_dict: no 'param_groups' list of dicts")
+        saved_state = state_dict.get("state")
+        if not isinstance(saved_state, dict):
+            raise StateError("not an optimizer state_dict: no 'state' dict")
+        metas = [g[_META_KEY] for g in groups if _META_KEY in g]
         if len(metas) != 1:
             raise StateError(f"expected the molf routing state in exactly one param group, found {len(metas)}")
-        router, ledger = self._decode_meta(metas[0][1])
+        meta = metas[0]
+        router, ledger = self._decode_meta(meta)
+        changed = routing_settings_changed((self._router, self._ledger), (router, ledger))
+        skipped, pending, heldout_step = check_meta_fields(meta, self._shape, router.step)
         if len(groups) != len(self.param_groups):
             raise StateError(f"checkpoint has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
         stripped = dict(state_dict)
         stripped["param_groups"] = [{k: v for k, v in g.items() if k != _META_KEY} for g in groups]
-        for mine, saved in zip(self.param_groups, stripped["param_groups"]):
-            if mine["molf_role"] != saved.get("molf_role") or mine.get("molf_slots") != saved.get("molf_slots"):
-                raise StateError("optimizer checkpoint's param groups do not match this model's routing structure")
+        for gi, (mine, saved) in enumerate(zip(self.param_groups, stripped["param_groups"])):
+            self._check_saved_group(gi, mine, saved, saved_state, ledger.heldout_shrink > 0)
+        own = router == self._router and ledger == self._ledger and skipped == self._skipped_steps
         super().load_state_dict(stripped)
         self._hold_meta_key()
         # torch casts loaded state to each parameter's dtype; restore the state dtype we chose.
         saved_ids = [i for g in stripped["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(pid)
+            saved = saved_state.get(pid)
             if saved is None:
                 continue
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved:  # absent: a tensor held-out-measured before its first gradient
                     self.state[p][key] = saved[key].to(device=p.device, dtype=self._state_dtype_for(p), copy=True)
+        if changed:
+            # The run resumes as it was saved: its router and ledger carry their settings.
+            warnings.warn(
+                "the checkpoint was saved with other routing settings than this optimizer was built with; "
+                "the checkpoint's are used (checkpoint / this optimizer's): " + "; ".join(changed),
+                UserWarning,
+                stacklevel=2,
+            )
         self._router, self._ledger = router, ledger
         self._plan = None
-        pending = metas[0][1].get("pending")
-        self._pending = None if pending is None else np.asarray(pending, dtype=np.float64)
-        self._skipped_steps = int(metas[0][1].get("skipped_steps", 0))
+        self._pending = pending
+        self._skipped_steps = skipped
         if self._probe is not None:
-            # A checkpoint from before the held-out policy has no measurement to continue.
-            self._probe.last_step = int(metas[0][1].get("heldout_step") or 0)
-        if self._log is not None:
+            self._probe.last_step = heldout_step
+        if self._log is not None and not own:
             self._log.resume(self._ledger.step, self._skipped_steps)
 
+    def _check_saved_group(self, gi: int, mine: dict, saved: dict, saved_state: dict, shrink: bool) -> None:
+        if mine["molf_role"] != saved.get("molf_role") or mine.get("molf_slots") != saved.get("molf_slots"):
+            raise StateError("optimizer checkpoint's param groups do not match this model's routing structure")
+        ids = saved.get("params")
+        if not isinstance(ids, list) or len(ids) != len(mine["params"]):
+            count = len(ids) if isinstance(ids, list) else ids
+            raise StateError(f"checkpoint's param group {gi} holds {count} parameters, this optimizer's {len(mine['params'])}")
+        try:
+            check_group_values(saved, f"checkpoint's param group {gi}")
+        except ConfigError as exc:
+            raise StateError(str(exc)) from None
+        heldout = self._probe is not None and mine["molf_role"] != "plain"
+        origin = heldout and mine["molf_role"] == "dense" and shrink  # shrinkage as the checkpoint's ledger says
+        for k, (pid, p) in enumerate(zip(ids, mine["params"])):
+            if pid in saved_state:
+                tag = expert_tag(p)
+                where = f"checkpoint state of param group {gi} tensor {k}" if tag is None else (
+                    f"checkpoint state of {tag.module} ({tag.name} {tag.part})"
+                )
+                check_param_state(saved_state[pid], p, where, heldout=heldout, origin=origin)
+
     def add_param_group(self, param_group: dict) -> None:
+        """Add a group of unrouted parameters (plain AdamW); its values are checked like the
+        constructor's before anything changes. Experts of wrapped layers cannot be added:
+        the routing structure is fixed when the optimizer is built."""
+        if getattr(self, "_constructing", False):  # torch's __init__ adds the groups built above
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise ConfigError("add_param_group takes a dict with a 'params' key")
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if any(expert_tag(p) is not None for p in params if isinstance(p, torch.Tensor)):
+            raise ConfigError(
+                "add_param_group: experts of molf-wrapped layers can only be routed by the optimizer "
+                "built over them; build the MoLFAdamW with every wrapped layer instead"
+            )
+        check_group_values({**self.defaults, **param_group}, "add_param_group")
+        if param_group.get("molf_role", "plain") != "plain":
+            raise ConfigError(f"add_param_group: molf_role must be 'plain', got {param_group['molf_role']!r}")
         param_group.setdefault("molf_role", "plain")
         super().add_param_group(param_group)
         self._plan = None

@@ -56,6 +56,8 @@ class RoutingLog:
         self._opened = False
         self._warned = False
         self._failed = False  # a write failed: the file may end in a torn line
+        self._end: int | None = None  # the file's size after this log's last write (None: unknown)
+        self._warned_writer = False
 
     def write(self, step: int, phase: str, scores: np.ndarray, mask: np.ndarray) -> None:
         if step % self.every:
@@ -84,6 +86,7 @@ class RoutingLog:
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self._rewrite(lambda records: _records_until(records, step, skipped_steps))
+            self._end = os.path.getsize(self.path) if os.path.isfile(self.path) else 0
         except OSError as exc:
             self._warn(exc)
 
@@ -101,6 +104,7 @@ class RoutingLog:
                     RuntimeWarning,
                     stacklevel=4,
                 )
+            self._end = 0
         except OSError as exc:
             self._warn(exc)
 
@@ -114,18 +118,35 @@ class RoutingLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 end = os.fstat(fd).st_size
+                if self._end is not None and end != self._end and os.path.isfile(self.path):
+                    self._warn_other_writer(end)
                 written = os.write(fd, data)
                 if written != len(data):
                     self._failed = True
                     os.ftruncate(fd, end)  # take the part-line back
                     raise OSError(f"short write ({written} of {len(data)} bytes; disk full?)")
+                self._end = end + written
             finally:
                 os.close(fd)
         except OSError as exc:
             self._failed = True
+            self._end = None
             self._warn(exc)
         else:
             self._failed = False
+
+    def _warn_other_writer(self, size: int) -> None:
+        """The file changed size since this log's last write: someone else writes to it (two
+        optimizers given one log_path interleave their records)."""
+        if not self._warned_writer:
+            self._warned_writer = True
+            warnings.warn(
+                f"routing log {self.path} was written by someone else since this optimizer's last record "
+                f"({self._end} bytes then, {size} now): two optimizers with one log_path? Their records "
+                "interleave; give each optimizer its own log_path",
+                RuntimeWarning,
+                stacklevel=5,
+            )
 
     def _rewrite(self, keep) -> None:
         """Replace the file by its whole lines that `keep` (a filter over (record, line)
