@@ -1,6 +1,7 @@
 """Routing-log figures: reading a log, the heatmap's row layout and binning,
 and that the PNGs show what the log says (pixel colours), through `molf plot` too."""
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -163,3 +164,25 @@ def test_cli_plot_writes_all_figures(tmp_path, capsys):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG" and name in printed
     assert [p.name for p in plot_routing_log(log, tmp_path / "figs" / "x.png")] == [
         "x.png", "x_winners.png", "x_by_type.png"]
+
+
+@pytest.mark.parametrize(
+    "key, value", [("step", 10**30), ("step", -1), ("step", 2.5), ("step", True), ("skipped_after_step", 10**30)]
+)
+def test_cli_plot_refuses_a_step_that_is_no_step_number_in_one_line(key, value, tmp_path, capsys):
+    """A corrupt step (10**30: numpy makes an object array that matplotlib cannot draw) is
+    named with its file and line, not a traceback from deep inside the plotting."""
+    log = write_log(tmp_path / "run.jsonl", qwen_names(1), np.zeros((3, 7), dtype=int))
+    lines = log.read_text().splitlines(keepends=True)
+    record = json.loads(lines[1]) if key == "step" else {"skipped_after_step": 2, "reason": "non-finite gradient"}
+    record[key] = value
+    lines.insert(2, json.dumps(record) + "\n")
+    log.write_text("".join(lines))
+    with pytest.raises(ValueError, match=rf"run.jsonl:3: {key} .* is not a step number"):
+        read_routing_records(log)
+    with pytest.raises(SystemExit) as exc:
+        main(["plot", str(log)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "usage:" not in err, err
+    assert err.startswith(f"molf: error: {log}:3: {key} ") and "is not a step number" in err
+    assert not (tmp_path / "run.png").exists()

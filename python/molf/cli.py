@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from . import __version__
 from ._core import POLICIES, ConfigError, StateError
 from .demo import DEFAULT_SEEDS, DEFAULT_STEPS, QUICK_SEEDS, QUICK_STEPS, format_table, run_demo
 from .optimizer import SCORES
 from .plots import plot_routing_log
-from .train import DTYPES, MODES, SCHEDULERS, STATE_DTYPES, TrainConfig, load_config_file, train
+from .train import DTYPES, MODES, SCHEDULERS, STATE_DTYPES, TrainConfig, TrainError, load_config_file, train
 
 __all__ = ["main"]
 
@@ -183,6 +185,17 @@ def _add_train_parser(sub) -> None:
     train_p.set_defaults(run=_train, parser=train_p)
 
 
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr and exit: the command line parsed, so no usage block and no traceback."""
+    print(f"molf: error: {' '.join(message.splitlines())}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line (a notice to the user), not Python's file:line and source."""
+    print(f"molf: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out}: exists and is not a directory")
@@ -197,11 +210,15 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("run", "parser", "command", "config")}
     try:
-        values = load_config_file(args.config) if "config" in args else {}
-        cfg = TrainConfig.from_mapping({**values, **flags}, source=getattr(args, "config", "flags"))
-        result = train(cfg)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            values = load_config_file(args.config) if "config" in args else {}
+            cfg = TrainConfig.from_mapping({**values, **flags}, source=getattr(args, "config", "flags"))
+            result = train(cfg)
     except (ConfigError, StateError) as exc:
-        parser.error(str(exc))
+        _fail(str(exc))
+    except (TrainError, OSError) as exc:  # the environment failed the run (a full disk, an unwritable out)
+        _fail(str(exc), 1)
     if result.losses:
         print(f"{result.steps} steps; loss {result.losses[0]:.4f} (first step of this run) -> {result.losses[-1]:.4f}")
     if result.routing_summary is not None:
@@ -219,12 +236,14 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not Path(args.log).is_file():
-        parser.error(f"LOG {args.log}: no such file")
+        _fail(f"LOG {args.log}: no such file")
     out = args.out or str(Path(args.log).with_suffix(".png"))
     try:
         written = plot_routing_log(args.log, out)
     except ValueError as exc:
-        parser.error(str(exc))
+        _fail(str(exc))
+    except OSError as exc:  # an unreadable log or an unwritable --out
+        _fail(str(exc), 1)
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -36,6 +36,17 @@ __all__ = [
 ]
 
 
+# Steps are drawn as float64, exact up to 2**53; a larger "step" is a corrupt record, not a step count.
+_MAX_STEP = 2**53
+
+
+def _step_number(value, path, lineno: int, key: str = "step") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_STEP:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{path}:{lineno}: {key} {shown} is not a step number (an integer from 0 to 2**53)")
+    return value
+
+
 def routing_shares(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(steps [T], expert names, shares [T, E]) of a routing log: at each logged
     step, the fraction of modules whose winners include each expert. Lines for
@@ -56,7 +67,7 @@ def routing_shares(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.n
             counts = np.zeros(len(experts))
             for module in rec["modules"].values():
                 counts[module["winners"]] += 1
-            steps.append(int(rec["step"]))
+            steps.append(_step_number(rec["step"], path, lineno))
             shares.append(counts / len(rec["modules"]))
     except (json.JSONDecodeError, AttributeError, KeyError, IndexError, TypeError) as exc:
         raise ValueError(f"{path}: malformed routing log ({type(exc).__name__}: {exc})") from exc
@@ -152,7 +163,7 @@ def read_routing_records(path: str | os.PathLike) -> RoutingRecords:
     try:
         for lineno, rec in enumerate(read_routing_log(path), start=1):
             if isinstance(rec, dict) and "skipped_after_step" in rec:
-                skipped.append(int(rec["skipped_after_step"]))
+                skipped.append(_step_number(rec["skipped_after_step"], path, lineno, "skipped_after_step"))
                 continue
             if not isinstance(rec, dict) or not {"step", "experts", "modules"} <= rec.keys() or not rec["modules"]:
                 raise ValueError(f"{path}:{lineno}: not a routing record (needs step, experts and modules)")
@@ -163,7 +174,7 @@ def read_routing_records(path: str | os.PathLike) -> RoutingRecords:
             mask = np.zeros((len(modules), len(experts)), dtype=bool)
             for m, name in enumerate(modules):
                 mask[m, rec["modules"][name]["winners"]] = True
-            steps.append(int(rec["step"]))
+            steps.append(_step_number(rec["step"], path, lineno))
             rows.append(mask)
     except (json.JSONDecodeError, AttributeError, KeyError, IndexError, TypeError) as exc:
         raise ValueError(f"{path}: malformed routing log ({type(exc).__name__}: {exc})") from exc

@@ -20,10 +20,12 @@ whole pipeline runs in seconds on a CPU.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ from .optimizer import SCORES, MoLFAdamW
 from .wrap import merge, wrap
 
 __all__ = [
-    "MODES", "TrainConfig", "TrainResult", "train", "load_config_file", "build_model", "tokenize_pair",
+    "MODES", "TrainConfig", "TrainResult", "TrainError", "train", "load_config_file", "build_model", "tokenize_pair",
     "build_heldout_batch", "heldout_loss_fn",
 ]
 
@@ -55,6 +57,15 @@ RESUME_FREE = ("resume", "save_every", "keep_checkpoints", "progress", "plots", 
 ROUTING_LOG = "routing.jsonl"
 CHECKPOINTS = "checkpoints"
 BASE_MODEL = "base_model"
+# Written when a run starts (its options and data fingerprints): marks OUT as holding a run even
+# before the first checkpoint, so a stopped run is resumed (from step 0), never silently overwritten.
+RUN_STATE = "run.json"
+CHECKPOINT_KEYS = frozenset({"step", "data", "config", "model", "optimizer", "scheduler", "rng"})
+
+
+class TrainError(RuntimeError):
+    """A run that cannot go on for a reason outside its options (a full disk while saving); what
+    was saved before stays intact, so the run can be resumed once the cause is fixed."""
 
 
 @dataclass
@@ -328,33 +339,101 @@ def write_arithmetic_data(path: Path, rows: int = 256, seed: int = 0) -> None:
 def load_pairs(
     paths: list[str], prompt_field: str, completion_field: str, what: str = "data"
 ) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs from local files through `datasets`; a row
-    without both fields as strings raises ConfigError naming file, row and field
-    (`what`: the option the files came from, for the message)."""
+    """(prompt, completion) pairs from local JSON Lines files (.jsonl, .json; a .json
+    file may also hold one array of rows) or parquet files (through `datasets`).
+    Anything unusable raises ConfigError naming the file and the line or row: text
+    that is not UTF-8, a line that is not JSON, a row without both fields as strings
+    (NaN and null included), an empty completion, a file without rows (`what`: the
+    option the files came from, for the message)."""
+    pairs: list[tuple[str, str]] = []
+    for path in paths:
+        if _data_format(path, what) == "json":
+            rows = _json_rows(path, what)
+        else:
+            rows = _parquet_rows(path, what, (prompt_field, completion_field))
+        before = len(pairs)
+        for where, row in rows:
+            if not isinstance(row, dict):
+                raise ConfigError(f"{what} {path!r}: {where}: expected an object with fields {prompt_field!r} and "
+                                  f"{completion_field!r}, got {_shown(row)}")
+            for name in (prompt_field, completion_field):
+                if name not in row:
+                    raise ConfigError(f"{what} {path!r}: {where}: missing field {name!r} (fields: {list(row)})")
+                if not isinstance(row[name], str):
+                    raise ConfigError(
+                        f"{what} {path!r}: {where}: field {name!r} must be a string, got {_shown(row[name])}"
+                    )
+            if not row[completion_field]:
+                raise ConfigError(f"{what} {path!r}: {where}: field {completion_field!r} is empty")
+            pairs.append((row[prompt_field], row[completion_field]))
+        if len(pairs) == before:
+            raise ConfigError(f"{what} file {path!r} holds no rows")
+    return pairs
+
+
+def _shown(value: Any) -> str:
+    """A field value as the file spells it (null, NaN, 5, [1]), cut short."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_rows(path: str, what: str):
+    """("row N", record) of a JSON Lines file, or of a file holding one JSON array of records."""
+    row = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _utf8(raw, path, what, lineno)
+            if not line.strip():
+                continue
+            if row == 0 and line.lstrip().startswith("["):  # one JSON array, not JSON Lines
+                text = line + _utf8(f.read(), path, what, lineno + 1)
+                try:
+                    records = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(
+                        f"{what} {path!r}: line {lineno + exc.lineno - 1} cannot be read as JSON ({exc.msg})"
+                    ) from None
+                yield from ((f"row {i}", r) for i, r in enumerate(records, start=1))
+                return
+            row += 1
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(
+                    f"{what} {path!r}: line {lineno} cannot be read as JSON ({exc.msg}, column {exc.colno})"
+                ) from None
+            yield (f"row {row}" if row == lineno else f"row {row} (line {lineno})"), record
+
+
+def _utf8(raw: bytes, path: str, what: str, first_line: int) -> str:
+    """`raw` (the file's bytes from line `first_line` on) as text; ConfigError names the line of a bad byte."""
+    try:
+        return raw.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + raw.count(b"\n", 0, exc.start)
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise ConfigError(
+            f"{what} {path!r}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _parquet_rows(path: str, what: str, fields: tuple[str, str]):
     import datasets
 
     datasets.disable_progress_bars()
-    pairs: list[tuple[str, str]] = []
-    for path in paths:
-        try:
-            ds = datasets.load_dataset(_data_format(path, what), data_files=[path], split="train")
-        except Exception as exc:  # datasets raises many types for unreadable files
-            raise ConfigError(f"{what} {path!r}: cannot be read ({type(exc).__name__}: {exc})") from None
-        for name in (prompt_field, completion_field):
-            if name not in ds.column_names:
-                raise ConfigError(f"{what} {path!r}: row 1: missing field {name!r} (fields: {ds.column_names})")
-        for row, (p, c) in enumerate(zip(ds[prompt_field], ds[completion_field]), start=1):
-            for name, value in ((prompt_field, p), (completion_field, c)):
-                if value is None:
-                    raise ConfigError(f"{what} {path!r}: row {row}: missing field {name!r}")
-                if not isinstance(value, str):
-                    raise ConfigError(f"{what} {path!r}: row {row}: field {name!r} must be a string, got {value!r}")
-            if not c:
-                raise ConfigError(f"{what} {path!r}: row {row}: field {completion_field!r} is empty")
-            pairs.append((p, c))
-    if not pairs:
-        raise ConfigError(f"{what} {', '.join(paths)}: no rows")
-    return pairs
+    try:
+        ds = datasets.load_dataset("parquet", data_files=[path], split="train")
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise ConfigError(f"{what} {path!r}: cannot be read ({type(exc).__name__}: {exc})") from None
+    for name in fields:
+        if name not in ds.column_names:
+            raise ConfigError(f"{what} {path!r}: row 1: missing field {name!r} (fields: {ds.column_names})")
+    for row, values in enumerate(zip(*(ds[name] for name in fields)), start=1):
+        yield f"row {row}", dict(zip(fields, values))
 
 
 def tokenize_pair(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
@@ -477,12 +556,24 @@ def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
 
 
 def _device(name: str) -> torch.device:
+    """The device `name` names, checked to be usable here before anything is written."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: no CUDA GPU is available here; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # torch reports a device it lacks support for by either
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"device {name!r} is not usable here ({reason}); use --device cpu (or auto)") from None
+    return device
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -509,37 +600,126 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted((out / CHECKPOINTS).glob("step-*.pt"))
 
 
-def _save_checkpoint(out: Path, cfg: TrainConfig, step: int, epoch: int, index: int, model, opt, sched) -> Path:
+def _save_checkpoint(
+    out: Path, cfg: TrainConfig, data_files: dict, step: int, epoch: int, index: int, model, opt, sched
+) -> Path:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     blob = {
         "step": step,
         "data": {"epoch": epoch, "batch": index},
         "config": json.dumps(cfg.to_dict()),
+        "data_files": json.dumps(data_files),
         "model": {n: t for n, t in model.state_dict().items() if n in trainable},
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "rng": _rng_state(),
     }
     path = _checkpoint_path(out, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)  # a crash mid-save never leaves a torn checkpoint under the real name
-    for old in _checkpoints(out)[: -cfg.keep_checkpoints]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Through a Python file, so a full disk raises OSError (torch's own writer reports a RuntimeError);
+        # fsync before the rename, so a power loss cannot leave an empty file under the real name.
+        with open(tmp, "wb") as f:
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a crash mid-save never leaves a torn checkpoint under the real name
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
+        kept = _checkpoints(out)
+        intact = f"the checkpoints before it are intact (latest: {kept[-1].name})" if kept else "none was saved before"
+        raise TrainError(
+            f"cannot save checkpoint {str(path)!r} ({exc.strerror or exc}); {intact}: free space (or fix the "
+            "cause) and continue the run with --resume"
+        ) from exc
+    # Checkpoints past this step (an unreadable one that resume fell back from) are left to be overwritten.
+    older = [p for p in _checkpoints(out) if p.name <= path.name]
+    for old in older[: -cfg.keep_checkpoints]:
         old.unlink()
     return path
 
 
-def _resolve_resume(cfg: TrainConfig, out: Path) -> Path:
-    if cfg.resume == "latest":
-        found = _checkpoints(out)
-        if not found:
-            raise StateError(f"resume 'latest': no checkpoint in {out / CHECKPOINTS}")
-        return found[-1]
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise StateError(f"resume {cfg.resume!r}: no such checkpoint file")
-    return path
+def _read_checkpoint(path: Path) -> dict:
+    """The contents of a checkpoint file; StateError when it is damaged (truncated, empty) or no checkpoint."""
+    try:
+        blob = torch.load(path, weights_only=True)
+    except Exception as exc:  # torch.load raises RuntimeError, EOFError, UnpicklingError, ... on a damaged file
+        # The first sentence: torch adds a paragraph of advice to a damaged zip archive.
+        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else "the file ends early"
+        raise StateError(f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: {reason})") from None
+    if not isinstance(blob, dict) or not CHECKPOINT_KEYS <= blob.keys():
+        raise StateError(f"checkpoint {str(path)!r} cannot be read (not a checkpoint of molf train)")
+    return blob
+
+
+def _run_started(out: Path) -> bool:
+    """Whether OUT holds a run (of this molf: its run state; of an older one: a checkpoint or a routing log)."""
+    return bool(_checkpoints(out)) or (out / RUN_STATE).exists() or (out / ROUTING_LOG).exists()
+
+
+def _load_resume(cfg: TrainConfig, out: Path) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its contents. "latest" falls back past
+    unreadable checkpoints (with a warning naming each); (None, None): the run
+    in OUT stopped before its first checkpoint and starts again from step 0."""
+    if cfg.resume != "latest":
+        path = Path(cfg.resume)
+        if not path.is_file():
+            raise StateError(f"resume {cfg.resume!r}: no such checkpoint file")
+        return path, _read_checkpoint(path)
+    found = _checkpoints(out)
+    if not found:
+        if _run_started(out):
+            warnings.warn(f"resume: the run in {str(out)!r} stopped before its first checkpoint; starting it again "
+                          "from step 0")
+            return None, None
+        raise StateError(f"resume 'latest': no checkpoint in {out / CHECKPOINTS} and no run started there; "
+                         "leave out --resume to start one")
+    reasons = []
+    for path in reversed(found):
+        try:
+            return path, _read_checkpoint(path)
+        except StateError as exc:
+            reasons.append(str(exc))
+            if path != found[0]:
+                warnings.warn(f"{exc}; falling back to the checkpoint before it")
+    raise StateError(
+        f"resume 'latest': none of the {len(found)} checkpoint(s) in {str(out / CHECKPOINTS)!r} can be read "
+        f"(latest: {reasons[0]}); delete them and pass --resume to start the run again from step 0, or choose "
+        "another out"
+    )
+
+
+def _fingerprint(path: str) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def _check_data_unchanged(blob: dict, now: dict, path: Path) -> None:
+    """The data files must be those the run started with: other rows give another run, silently."""
+    if "data_files" not in blob:  # a checkpoint from before data fingerprints
+        return
+    for file, then in json.loads(blob["data_files"]).items():
+        if now.get(file) != then:
+            raise StateError(
+                f"resume {str(path)!r}: data file {file!r} changed since the run started ({then['bytes']} bytes, "
+                f"sha256 {then['sha256'][:12]}...); put back the file the run started with, or start a new run "
+                "with another out"
+            )
+
+
+def _write_run_state(out: Path, cfg: TrainConfig, data_files: dict) -> None:
+    tmp = out / (RUN_STATE + ".tmp")
+    try:
+        tmp.write_text(json.dumps({"config": cfg.to_dict(), "data_files": data_files}, indent=1), encoding="utf-8")
+        os.replace(tmp, out / RUN_STATE)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _acting_options(values: Mapping[str, Any]) -> dict:
@@ -616,16 +796,17 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out {cfg.out!r}: exists and is not a directory")
     log_path = out / ROUTING_LOG if cfg.mode in ROUTED_MODES else None
-    resume_path = None
-    if cfg.resume is not None:
-        resume_path = _resolve_resume(cfg, out)
-        blob = torch.load(resume_path, weights_only=True)
-        _check_resumable(cfg, json.loads(blob["config"]), resume_path)
-    elif _checkpoints(out) or (out / ROUTING_LOG).exists():
-        raise ConfigError(
-            f"out {cfg.out!r} already holds a run: resume it (--resume, resume='latest') or choose another out"
-        )
     device = _device(cfg.device)
+    resume_path = blob = None
+    if cfg.resume is not None:
+        resume_path, blob = _load_resume(cfg, out)
+        if blob is not None:
+            _check_resumable(cfg, json.loads(blob["config"]), resume_path)
+    elif _run_started(out):
+        raise ConfigError(
+            f"out {cfg.out!r} already holds a run: pass --resume (resume='latest') to continue it, or choose "
+            "another --out"
+        )
     # The user's data is checked before anything is written.
     pairs = load_pairs(cfg.data, cfg.prompt_field, cfg.completion_field) if cfg.data else None
     heldout_pairs = None
@@ -641,6 +822,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         if not generated.is_file():
             write_arithmetic_data(generated, seed=cfg.seed)
         pairs = load_pairs([str(generated)], "prompt", "completion")
+    data_files = {f: _fingerprint(f) for f in (cfg.data or [str(generated)]) + (cfg.heldout_data or [])}
+    if blob is not None:
+        _check_data_unchanged(blob, data_files, resume_path)
+    else:
+        _write_run_state(out, cfg, data_files)
+        if log_path is not None:  # a run stopped before its first checkpoint: its log starts again too
+            _truncate_routing_log(log_path, 0)
+    for stale in (out / CHECKPOINTS).glob("*.tmp"):  # left by a save that was killed
+        stale.unlink()
 
     from transformers import AutoTokenizer
 
@@ -665,7 +855,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     opt = _build_optimizer(cfg, model, log_path, heldout)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
     step = 0
-    if resume_path is not None:
+    if blob is not None:
         missing = model.load_state_dict(blob["model"], strict=False).missing_keys
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         lacking = sorted(trainable & set(missing))
@@ -701,7 +891,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
             bar.update(1)
             bar.set_postfix({"loss": f"{losses[-1]:.4f}", **_routing_postfix(opt)})
             if step % cfg.save_every == 0 or step == total:
-                checkpoint = _save_checkpoint(out, cfg, step, *divmod(step, per_epoch), model, opt, sched)
+                checkpoint = _save_checkpoint(
+                    out, cfg, data_files, step, *divmod(step, per_epoch), model, opt, sched
+                )
             if on_step is not None:
                 on_step(step, losses[-1])
 
@@ -726,15 +918,27 @@ def _heldout_info(opt: MoLFAdamW) -> dict:
 
 
 def _save_result(cfg: TrainConfig, model: nn.Module, tokenizer, out: Path, model_dir: Path) -> Path:
-    if cfg.mode in ADAPTER_MODES:
-        from .export import export_peft
+    """The merged model or the adapter, with the tokenizer: written beside its place and moved
+    there whole, so a failed save (a full disk) leaves no half-written directory behind."""
+    path = out / ("adapter" if cfg.mode in ADAPTER_MODES else "model")
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if cfg.mode in ADAPTER_MODES:
+            from .export import export_peft
 
-        path = out / "adapter"
-        export_peft(model, path, base_model_name_or_path=str(model_dir.resolve()))
-    else:
-        path = out / "model"
-        if cfg.mode == "molf":
-            model = merge(model)
-        model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+            export_peft(model, tmp, base_model_name_or_path=str(model_dir.resolve()))
+        else:
+            (merge(model) if cfg.mode == "molf" else model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, OSError):
+            raise
+        raise TrainError(
+            f"cannot save {str(path)!r} ({exc.strerror or exc}); the run's checkpoints are intact: free space (or "
+            "fix the cause) and run the same command with --resume to save it"
+        ) from exc
     return path

@@ -1,0 +1,266 @@
+"""`molf train` when things go wrong (issue #31): a run stopped before its first
+checkpoint, damaged checkpoints, a full disk, a GPU that is not there, data that
+is not UTF-8, changed under the run, NaN or empty. Each is one line on stderr
+(`molf: error: ...`, no traceback, no usage block) that says what to do, and
+leaves nothing half-written behind."""
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import molf.train
+from molf import ConfigError, StateError
+from molf.cli import main
+from molf.train import TrainConfig, TrainError, save_tiny_model, train, write_arithmetic_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "qwen2"
+    save_tiny_model(path, seed=0)
+    return path
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    path = tmp_path / "pairs.jsonl"
+    write_arithmetic_data(path, rows=10, seed=1)
+    return path
+
+
+OPTS = dict(batch_size=4, steps=3, lr=1e-3, lora_lr=1e-3, progress=False, plots=False)
+
+
+def config(model_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:
+    return TrainConfig(**{**dict(model=str(model_dir), data=[str(data)], out=str(out), **OPTS), **overrides})
+
+
+def argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "4",
+            "--steps", "3", "--lr", "1e-3", "--lora-lr", "1e-3", "--no-progress", "--no-plots", *extra]
+
+
+def fails_in_one_line(args: list[str], capsys, code: int, *parts: str) -> str:
+    """Run the CLI, which must exit with `code` and one `molf: error:` line holding every part."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("molf: error: ")]
+    assert exc.value.code == code and len(errors) == 1, err
+    assert "Traceback" not in err and "usage:" not in err, err
+    assert all(part in errors[0] for part in parts), err
+    return errors[0]
+
+
+def checkpoint(out: Path, step: int) -> dict:
+    return torch.load(out / "checkpoints" / f"step-{step:08d}.pt", weights_only=True)
+
+
+def stop_at(stop: int):
+    def on_step(step: int, loss: float) -> None:
+        if step == stop:
+            raise KeyboardInterrupt
+
+    return on_step
+
+
+# ---------------------------------------------------------------- a run stopped before its first checkpoint
+
+
+def test_run_stopped_before_its_first_checkpoint_resumes_from_step_0(model_dir, data, tmp_path, capsys):
+    whole = train(config(model_dir, data, tmp_path / "whole", mode="molf"))
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(config(model_dir, data, out, mode="molf", save_every=10), on_step=stop_at(2))
+    assert not list((out / "checkpoints").glob("*"))
+    assert len((out / "routing.jsonl").read_text().splitlines()) == 2
+
+    fails_in_one_line(argv(model_dir, data, out, "--mode", "molf"), capsys, 2, "already holds a run",
+                      "pass --resume", "another --out")
+    assert main(argv(model_dir, data, out, "--mode", "molf", "--resume")) == 0
+    assert "molf: warning: resume: the run in" in capsys.readouterr().err  # the notice, one line
+    a, b = checkpoint(tmp_path / "whole", 3), checkpoint(out, 3)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # as if it had run through
+    assert (out / "routing.jsonl").read_text() == whole.routing_log.read_text()
+    assert not (out / "routing.jsonl.prev").exists()
+
+
+def test_resume_of_an_empty_out_still_says_there_is_no_checkpoint(model_dir, data, tmp_path, capsys):
+    fails_in_one_line(argv(model_dir, data, tmp_path / "none", "--resume"), capsys, 2, "no checkpoint in")
+    assert not (tmp_path / "none").exists()
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+
+def damage(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2] if how == "truncated" else b"")
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty"])
+def test_resume_falls_back_past_an_unreadable_latest_checkpoint(how, model_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(config(model_dir, data, out, mode="molf", steps=3, save_every=1, keep_checkpoints=3))
+    want = checkpoint(out, 3)
+    damage(out / "checkpoints" / "step-00000003.pt", how)
+
+    with pytest.warns(UserWarning) as caught:
+        result = train(config(model_dir, data, out, mode="molf", steps=3, save_every=1, keep_checkpoints=1,
+                              resume="latest"))
+    notices = [str(w.message) for w in caught if "cannot be read" in str(w.message)]
+    assert len(notices) == 1 and "step-00000003.pt' cannot be read" in notices[0], notices
+    assert "falling back" in notices[0]
+    assert result.losses and result.steps == 3  # step 3 was run again from the step-2 checkpoint
+    got = checkpoint(out, 3)
+    assert all(torch.equal(want["model"][k], got["model"][k]) for k in want["model"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003.pt"]
+
+
+def test_resume_with_no_readable_checkpoint_is_one_line(model_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(config(model_dir, data, out, mode="fft", steps=2, save_every=1))
+    for step in (1, 2):
+        damage(out / "checkpoints" / f"step-{step:08d}.pt", "truncated" if step == 1 else "empty")
+    fails_in_one_line(argv(model_dir, data, out, "--mode", "fft", "--steps", "2", "--save-every", "1", "--resume"),
+                      capsys, 2, "none of the 2 checkpoint(s)", "can be read", "step-00000002.pt",
+                      "start the run again from step 0")
+    bad = out / "checkpoints" / "step-00000001.pt"
+    with pytest.raises(StateError, match=r"step-00000001\.pt' cannot be read"):  # a file named: no fallback
+        train(config(model_dir, data, out, mode="fft", steps=2, resume=str(bad)))
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+@pytest.mark.parametrize("where", ["torch.save", "os.replace"])
+def test_disk_full_while_saving_a_checkpoint(where, model_dir, data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_save, real_replace, saves = torch.save, os.replace, []
+
+    def full() -> OSError:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)  # the bytes are out; the disk fills before the end
+        saves.append(obj["step"])
+        if where == "torch.save" and obj["step"] == 2:
+            raise full()
+
+    def replace(src, dst, *args, **kwargs):
+        if where == "os.replace" and str(dst).endswith("step-00000002.pt"):
+            raise full()
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(os, "replace", replace)
+    fails_in_one_line(argv(model_dir, data, out, "--mode", "molf", "--save-every", "1", "--keep-checkpoints", "5"),
+                      capsys, 1, "cannot save checkpoint", "step-00000002.pt", "No space left on device",
+                      "latest: step-00000001.pt", "--resume")
+    assert saves == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001.pt"]  # no *.tmp
+    assert checkpoint(out, 1)["step"] == 1
+    monkeypatch.undo()
+    assert main(argv(model_dir, data, out, "--mode", "molf", "--save-every", "1", "--keep-checkpoints", "5",
+                     "--resume")) == 0  # space freed: the run goes on from step 1
+    assert checkpoint(out, 3)["step"] == 3
+
+
+def test_disk_full_while_saving_the_model_leaves_no_partial_directory(model_dir, data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def full(self, path, *args, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full)
+    with pytest.raises(TrainError, match="cannot save .*No space left on device.*--resume"):
+        train(config(model_dir, data, out, mode="fft"))
+    assert not (out / "model").exists() and not (out / "model.tmp").exists()
+    monkeypatch.undo()
+    result = train(config(model_dir, data, out, mode="fft", resume="latest"))
+    assert result.losses == [] and (result.saved / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- device
+
+
+def test_cuda_without_a_gpu_is_one_line(model_dir, data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "never"
+    fails_in_one_line(argv(model_dir, data, out, "--device", "cuda"), capsys, 2, "device 'cuda'",
+                      "no CUDA GPU", "--device cpu")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_non_utf8_data_names_file_and_line(model_dir, tmp_path, capsys):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "a", "completion": "b"}\n\n{"prompt": "caf\u00e9", "completion": "b"}\n'
+                     .encode("latin-1"))
+    out = tmp_path / "never"
+    fails_in_one_line(argv(model_dir, path, out), capsys, 2, "latin1.jsonl", "line 3 is not UTF-8",
+                      "save the file as UTF-8")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "row, shown",
+    [('{"prompt": NaN, "completion": "d"}', "NaN"), ('{"prompt": null, "completion": "d"}', "null"),
+     ('{"prompt": ["c"], "completion": "d"}', '["c"]')],
+)
+def test_non_string_prompt_is_not_called_missing(row, shown, model_dir, tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n' + row + "\n")
+    out = tmp_path / "never"
+    line = fails_in_one_line(argv(model_dir, path, out), capsys, 2, "rows.jsonl",
+                             f"row 2: field 'prompt' must be a string, got {shown}")
+    assert "missing" not in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["", "\n\n"])
+def test_empty_data_file_holds_no_rows(text, model_dir, data, tmp_path, capsys):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(text)
+    out = tmp_path / "never"
+    fails_in_one_line(argv(model_dir, path, out), capsys, 2, f"data file {str(path)!r} holds no rows")
+    with pytest.raises(ConfigError, match="empty.jsonl' holds no rows"):  # also beside a good file
+        train(TrainConfig(model=str(model_dir), data=[str(data), str(path)], out=str(out), progress=False))
+    assert not out.exists()
+
+
+def test_json_array_file_is_read_and_checked_like_json_lines(data, tmp_path):
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows, indent=2))
+    pairs = molf.train.load_pairs([str(path)], "prompt", "completion")
+    assert pairs == molf.train.load_pairs([str(data)], "prompt", "completion") and len(pairs) == 10
+    path.write_text(json.dumps(rows[:1] + [{"prompt": float("nan"), "completion": "1"}]))
+    with pytest.raises(ConfigError, match="row 2: field 'prompt' must be a string, got NaN"):
+        molf.train.load_pairs([str(path)], "prompt", "completion")
+
+
+@pytest.mark.parametrize("change", ["rows added", "same size"])
+def test_data_changed_under_the_same_path_is_named_on_resume(change, model_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(config(model_dir, data, out, mode="fft", steps=2, save_every=1))
+    text = data.read_text()
+    if change == "rows added":
+        data.write_text(text + text)
+    else:  # one digit of one completion: the same size and row count
+        i = text.index('"completion": "') + len('"completion": "')
+        data.write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])
+    fails_in_one_line(argv(model_dir, data, out, "--mode", "fft", "--steps", "2", "--save-every", "1", "--resume"),
+                      capsys, 2, f"data file {str(data)!r} changed since the run started",
+                      "put back the file the run started with")
