@@ -349,3 +349,43 @@ def test_exception_hierarchy_and_module():
     assert core.PHASES == ("warmup", "routing", "frozen")
     assert core.POLICIES == ("topk", "hysteresis", "heldout")
     assert isinstance(core.__version__, str)
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda: core.Router(True, 4), "num_modules"),
+        (lambda: core.Router(3, True), "num_experts"),
+        (lambda: core.Router(3, 4, topk=True), "topk"),
+        (lambda: core.Router(3, 4, policy="hysteresis", min_dwell=True), "min_dwell"),
+        (lambda: core.Router(3, 4, warmup_steps=True), "warmup_steps"),
+        (lambda: core.Router(3, 4, freeze_after=True), "freeze_after"),
+        (lambda: core.Ledger(True, 4), "num_modules"),
+        (lambda: core.Ledger(3, True), "num_experts"),
+        (lambda: core.Ledger(3, 4, heldout_min_span=True), "heldout_min_span"),
+        (lambda: core.Ledger(3, 4).record_shrink(True, 1.0, 0.5), "expert"),
+    ],
+    ids=["Router-num_modules", "Router-num_experts", "topk", "min_dwell", "warmup_steps", "freeze_after",
+         "Ledger-num_modules", "Ledger-num_experts", "heldout_min_span", "record_shrink-expert"],
+)
+def test_bool_integer_arguments_raise_config_error(build, name):
+    # bool is an int subclass: True would silently mean 1.
+    with pytest.raises(core.ConfigError, match=f"^{name} must be an integer, got the bool True$"):
+        build()
+
+
+def test_masked_arrays_are_refused_not_routed_by_their_data():
+    scores = np.ma.masked_array([[0.0, 5.0], [1.0, 0.0]], mask=[[False, True], [False, False]])
+    r = core.Router(2, 2)
+    with pytest.raises(core.ScoreError, match=r"MaskedArray.*scores\.filled\(np\.nan\)"):
+        r.route(scores)
+    assert r.step == 0
+    assert_mask(r.route(scores.filled(np.nan)), np.array([[True, False], [True, False]]))
+    ledger = core.Ledger(2, 2)
+    with pytest.raises(core.ScoreError, match="scores must be .*MaskedArray"):
+        ledger.record(scores, np.ones((2, 2), dtype=bool))
+    with pytest.raises(core.ScoreError, match=r"mask must be .*MaskedArray.*mask\.filled\(False\)"):
+        ledger.record(np.zeros((2, 2)), np.ma.masked_array(np.ones((2, 2), dtype=bool)))
+    assert ledger.step == 0
+    with pytest.raises(core.ScoreError, match=r"descent must be .*MaskedArray.*descent\.filled\(np\.nan\)"):
+        core.Router(2, 2, policy="heldout").regate(np.ma.masked_array(np.zeros((2, 2))), np.zeros((2, 2)))

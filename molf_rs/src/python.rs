@@ -22,7 +22,7 @@ use numpy::{
 use pyo3::create_exception;
 use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyTuple};
 
 use crate::error::{at_least, Error};
 use crate::ledger::{
@@ -101,17 +101,22 @@ fn maybe_detach<T: Send>(py: Python<'_>, entries: usize, f: impl FnOnce() -> T +
     }
 }
 
-/// An integer argument. Python ints that do not fit in i64 are kept aside so the constructor
-/// can report them as `ConfigError` naming the argument, instead of pyo3's `OverflowError`.
+/// An integer argument. Python ints that do not fit in i64, and bools (an int subclass, so
+/// `True` would silently mean 1), are kept aside so the constructor can report them as
+/// `ConfigError` naming the argument, instead of pyo3's `OverflowError` or nothing at all.
 enum Int {
     Small(i64),
     Huge(String),
+    Bool(bool),
 }
 
 impl<'a, 'py> FromPyObject<'a, 'py> for Int {
     type Error = PyErr;
 
     fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(b) = obj.cast::<PyBool>() {
+            return Ok(Int::Bool(b.is_true()));
+        }
         match obj.extract::<i64>() {
             Ok(v) => Ok(Int::Small(v)),
             Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => {
@@ -129,6 +134,10 @@ impl Int {
             Int::Huge(repr) => Err(Error::Config(format!(
                 "{name} must be >= {min} and <= {}, got {repr}",
                 i64::MAX
+            ))),
+            Int::Bool(b) => Err(Error::Config(format!(
+                "{name} must be an integer, got the bool {}",
+                if *b { "True" } else { "False" }
             ))),
         }
     }
@@ -184,6 +193,17 @@ fn check_array<'a, 'py>(
             "{name} must be {expected}, got an object of type {ty}"
         )));
     };
+    if is_masked(obj)? {
+        let fill = match (allowed, name) {
+            ("bool", _) => format!("{name}.filled(False)"),
+            (_, "scores") => "scores.filled(np.nan) (a NaN score never wins)".to_string(),
+            _ => format!("{name}.filled(np.nan)"),
+        };
+        return Err(ScoreError::new_err(format!(
+            "{name} must be {expected}, got a numpy.ma.MaskedArray, whose mask molf would not read: \
+             fill the masked entries first, e.g. {fill}"
+        )));
+    }
     if arr.shape() != [m, e] {
         return Err(ScoreError::new_err(format!(
             "{name} must be {expected}, got shape {} (ndim {}) and dtype {}",
@@ -193,6 +213,16 @@ fn check_array<'a, 'py>(
         )));
     }
     Ok(arr)
+}
+
+/// True for a `numpy.ma.MaskedArray` (an ndarray subclass: its buffer holds whatever lies
+/// under the masked entries). Plain ndarrays skip the lookup.
+fn is_masked(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    if obj.is_exact_instance_of::<PyUntypedArray>() {
+        return Ok(false);
+    }
+    let masked = obj.py().import("numpy.ma")?.getattr("MaskedArray")?;
+    obj.is_instance(&masked)
 }
 
 fn read<'py, T: Element + Copy>(arr: &Bound<'py, PyUntypedArray>) -> PyResult<Input<'py, T>> {
@@ -785,6 +815,16 @@ mod tests {
             assert!(a.dtype().is_equiv_to(&numpy::dtype::<u64>(py)));
             assert_eq!(a.to_vec().unwrap(), [0, 1, 0, 0, 0, 0]);
         });
+    }
+
+    #[test]
+    fn a_bool_is_no_integer_argument() {
+        let err = Int::Bool(true).count("topk", 1).unwrap_err();
+        assert_eq!(
+            err,
+            Error::Config("topk must be an integer, got the bool True".into())
+        );
+        assert_eq!(Int::Small(1).count("topk", 1).unwrap(), 1);
     }
 
     #[test]

@@ -99,7 +99,8 @@ class Router:
 
     Raises:
         ConfigError: any argument out of range (also integers that do not fit in 64 bits,
-            and ``num_modules * num_experts > 2**32``).
+            and ``num_modules * num_experts > 2**32``), or a bool for an integer argument
+            (``True`` is not taken as 1).
         TypeError: an argument of the wrong type (e.g. a float for an integer argument).
     """
 
@@ -148,7 +149,10 @@ class Router:
             A new bool array ``(num_modules, num_experts)``: True where the expert wins.
 
         Raises:
-            ScoreError: wrong type, ndim, shape or dtype; the router is left unchanged.
+            ScoreError: wrong type, ndim, shape or dtype, or a ``numpy.ma.MaskedArray``
+                (its mask would not be read: fill the masked entries first, e.g.
+                ``scores.filled(np.nan)``, as a NaN score never wins); the router is left
+                unchanged.
         """
     def regate(self, descent: npt.NDArray[np.float64], potential: npt.NDArray[np.float64]) -> int:
         """Policy ``"heldout"``: updates the active experts; returns how many modules changed.
@@ -253,7 +257,7 @@ class Ledger:
             (what checkpoints of format version 1 to 6 load with).
 
     Raises:
-        ConfigError: an argument out of range.
+        ConfigError: an argument out of range, or a bool for an integer argument.
     """
 
     def __init__(
@@ -340,8 +344,8 @@ class Ledger:
                 result.
 
         Raises:
-            ScoreError: wrong type, ndim, shape or dtype of either array; nothing is
-                recorded.
+            ScoreError: wrong type, ndim, shape or dtype of either array, or a
+                ``numpy.ma.MaskedArray`` (as for :meth:`Router.route`); nothing is recorded.
         """
     def last_scores(self) -> npt.NDArray[np.float64]:
         """Copy, ``(M, E)``: scores of the last record (NaN before the first)."""
