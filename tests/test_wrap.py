@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -112,3 +115,103 @@ def test_merge_folds_experts_exactly():
     assert isinstance(merged.up, nn.Linear) and isinstance(merged.down, nn.Linear)
     assert not hasattr(merged, "molf_config")
     torch.testing.assert_close(merged(x), before, rtol=1e-12, atol=1e-12)
+
+
+def test_wrap_and_merge_refuse_what_is_not_a_module():
+    with pytest.raises(molf.ConfigError, match="wrap: model must be a torch.nn.Module, got str"):
+        molf.wrap("str")
+    with pytest.raises(molf.ConfigError, match="merge: model must be a torch.nn.Module, got str"):
+        molf.merge("str")
+
+
+@pytest.mark.parametrize(
+    ("ranks", "alphas", "want_ranks", "want_alphas"),
+    [
+        (np.int64(8), None, (8,), (32.0,)),
+        (np.array(8), np.float32(16), (8,), (16.0,)),
+        (np.array([4, 8]), np.array([16.0, 8.0], dtype=np.float32), (4, 8), (16.0, 8.0)),
+        ([np.int32(4), 8], [np.float64(2), 3], (4, 8), (2.0, 3.0)),
+    ],
+    ids=["int64", "0-d", "arrays", "mixed-list"],
+)
+def test_config_accepts_numpy_numbers(ranks, alphas, want_ranks, want_alphas):
+    config = molf.MoLFConfig(ranks=ranks, alphas=alphas)
+    assert config.ranks == want_ranks and config.alphas == want_alphas
+    # Stored as plain Python numbers: to_dict() stays JSON-serialisable.
+    assert all(type(r) is int for r in config.ranks) and all(type(a) is float for a in config.alphas)
+    json.dumps(config.to_dict())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(ranks=None), "ranks must be positive integers or a sequence of them, got None"),
+        (dict(ranks=np.bool_(True)), "ranks must be positive integers"),
+        (dict(ranks=np.array(True)), "ranks must be positive integers, got True"),
+        (dict(ranks=(4,), alphas=np.bool_(True)), "alphas must be positive finite numbers"),
+        (dict(dropout=False), "dropout must be in"),
+    ],
+    ids=["None", "numpy-bool", "0-d-bool", "numpy-bool-alpha", "bool-dropout"],
+)
+def test_config_refuses_bools_and_non_numbers_with_config_error(kwargs, match):
+    with pytest.raises(molf.ConfigError, match=match):
+        molf.MoLFConfig(**kwargs)
+
+
+def test_optimizer_refuses_a_bool_topk():
+    model = molf.wrap(Tiny(), molf.MoLFConfig(ranks=(2,)))
+    with pytest.raises(molf.ConfigError, match="topk must be an integer, got the bool True"):
+        molf.MoLFAdamW(model, topk=True)
+
+
+def _state(model):
+    return (
+        [(n, id(m)) for n, m in model.named_modules()],
+        [(n, p.requires_grad, hasattr(p, "_molf_expert")) for n, p in model.named_parameters()],
+        sorted(k for k in vars(model) if k.startswith(("molf", "_molf"))),
+    )
+
+
+@pytest.mark.parametrize("fft", [True, False])
+@pytest.mark.parametrize("where", ["build", "allocation", "swap"])
+def test_wrap_is_all_or_nothing(monkeypatch, where, fft):
+    """A failure at the second layer (building it, allocating its experts, or putting it
+    in place) leaves the model exactly as it was, and the error propagates."""
+    wrap_module = importlib.import_module("molf.wrap")
+    model = Tiny()
+    model.lm_head.weight.requires_grad_(False)  # a flag wrap must restore as it was, not to True
+    before = _state(model)
+    calls = []
+
+    def second_fails(real, error):
+        def fake(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise error
+            return real(*args, **kwargs)
+
+        return fake
+
+    if where == "build":
+
+        class Failing(molf.MoLFLinear):  # a subclass: wrap's isinstance checks keep working
+            def __init__(self, *args, **kwargs):
+                second_fails(lambda: None, RuntimeError("boom"))()
+                super().__init__(*args, **kwargs)
+
+        monkeypatch.setattr(wrap_module, "MoLFLinear", Failing)
+    elif where == "allocation":
+        # MoLFLinear allocates each A with torch.empty: the second layer's runs out of memory.
+        monkeypatch.setattr(torch, "empty", second_fails(torch.empty, torch.cuda.OutOfMemoryError("boom")))
+    else:
+        swap = second_fails(wrap_module._set_submodule, RuntimeError("boom"))
+        monkeypatch.setattr(wrap_module, "_set_submodule", swap)
+    with pytest.raises((RuntimeError, torch.cuda.OutOfMemoryError), match="boom"):
+        molf.wrap(model, molf.MoLFConfig(ranks=(2,), fft=fft))
+    assert len(calls) >= 2
+    monkeypatch.undo()
+    assert _state(model) == before
+    assert not molf.is_wrapped(model)
+    # The model is whole: it wraps now.
+    molf.wrap(model, molf.MoLFConfig(ranks=(2,), fft=fft))
+    assert [n for n, _ in molf.routed_modules(model)] == ["up", "down"]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 from ._core import ConfigError
 
@@ -20,6 +21,21 @@ def _tuple_of_str(value: str | Iterable[str] | None, name: str) -> tuple[str, ..
     if not all(isinstance(v, str) and v for v in out):
         raise ConfigError(f"{name} must be a sequence of non-empty module names, got {value!r}")
     return out
+
+
+def _numbers(value: Any, name: str, kind: type, what: str) -> tuple:
+    """`value` (one number or a sequence, numpy scalars and arrays included) as a
+    tuple of numbers of `kind` (numbers.Integral or numbers.Real); bools refused,
+    as True would silently mean 1 (numpy.bool_ is no number to begin with)."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # a 0-d array (numpy or torch) is one number, not a sequence
+    try:
+        items = (value,) if isinstance(value, (numbers.Number, str, bytes)) else tuple(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be {what} or a sequence of them, got {value!r}") from None
+    if any(isinstance(v, bool) or not isinstance(v, kind) for v in items):
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+    return items
 
 
 @dataclass(frozen=True)
@@ -46,30 +62,31 @@ class MoLFConfig:
     exclude_modules: tuple[str, ...] = field(default=("lm_head",))
 
     def __post_init__(self) -> None:
-        ranks = (self.ranks,) if isinstance(self.ranks, int) else tuple(self.ranks)
+        ranks = _numbers(self.ranks, "ranks", numbers.Integral, "positive integers")
         if not ranks and not self.fft:
             raise ConfigError("ranks must name at least one LoRA expert when fft=False, got ()")
-        for r in ranks:
-            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-                raise ConfigError(f"ranks must be positive integers, got {self.ranks!r}")
+        if any(r <= 0 for r in ranks):
+            raise ConfigError(f"ranks must be positive integers, got {self.ranks!r}")
+        ranks = tuple(int(r) for r in ranks)
         if self.alphas is None:
             alphas = (32.0,) * len(ranks)
         else:
-            alphas = (self.alphas,) if isinstance(self.alphas, (int, float)) else tuple(self.alphas)
+            alphas = _numbers(self.alphas, "alphas", numbers.Real, "positive finite numbers")
             if len(alphas) != len(ranks):
                 raise ConfigError(
                     f"alphas must have one entry per rank: ranks={ranks} but alphas={alphas}"
                 )
-            for a in alphas:
-                if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
-                    raise ConfigError(f"alphas must be positive finite numbers, got {self.alphas!r}")
+            if any(not math.isfinite(a) or a <= 0 for a in alphas):
+                raise ConfigError(f"alphas must be positive finite numbers, got {self.alphas!r}")
             alphas = tuple(float(a) for a in alphas)
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.fft, bool) or not isinstance(self.rslora, bool):
             raise ConfigError("fft and rslora must be booleans")
         object.__setattr__(self, "ranks", ranks)
         object.__setattr__(self, "alphas", alphas)
+        object.__setattr__(self, "dropout", float(self.dropout))
         object.__setattr__(self, "target_modules", _tuple_of_str(self.target_modules, "target_modules"))
         object.__setattr__(self, "exclude_modules", _tuple_of_str(self.exclude_modules, "exclude_modules") or ())
 

@@ -61,6 +61,83 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _slot_name(module_name: str, attr: str) -> str:
+    return f"{module_name}.{attr}" if module_name else attr
+
+
+def _span(t: torch.Tensor) -> tuple[tuple[str, int], int, int] | None:
+    """(storage key, first byte, end byte) of the memory `t` reads; None where there
+    is none to compare (meta, empty, sharded, or a tensor subclass without storage)."""
+    if is_sharded(t) or t.device.type == "meta" or t.numel() == 0:
+        return None
+    try:
+        storage = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    start = t.data_ptr()
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return (str(t.device), storage), start, start + extent * t.element_size()
+
+
+def _check_unshared(
+    model: nn.Module, layers: list[tuple[str, nn.Module, nn.Module]], what: str, tie_advice: str, alias_advice: str
+) -> None:
+    """Refuse, naming both places, a layer whose module object sits at two places of
+    `model`, or whose `owner`'s weight or bias is also registered elsewhere (tied
+    weights: the same Parameter, or memory shared with another parameter).
+
+    `layers`: (name, module at that name, module owning the weight and bias). An
+    aliased parent (one module object under two names) is no sharing: the slots
+    compared are (module object, attribute) pairs, each counted once. The
+    advice strings end the messages (`{name}`: the layer's name).
+    """
+    homes: dict[int, list[str]] = {}
+    params: dict[int, list[tuple[nn.Module, str]]] = {}
+    spans: dict[tuple[str, int], list[tuple[nn.Module, str, int, int]]] = {}
+    for mname, module in model.named_modules():
+        for attr, child in module._modules.items():
+            if child is not None:
+                homes.setdefault(id(child), []).append(_slot_name(mname, attr))
+        for attr, p in module._parameters.items():
+            if p is None:
+                continue
+            params.setdefault(id(p), []).append((module, _slot_name(mname, attr)))
+            span = _span(p)
+            if span is not None:
+                spans.setdefault(span[0], []).append((module, _slot_name(mname, attr), *span[1:]))
+    embedding = None  # HF models: a head tied to the input embedding is the common case, name it
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        try:
+            embedding = model.get_input_embeddings().weight
+        except (AttributeError, NotImplementedError):
+            pass
+    for name, module, owner in layers:
+        for m in dict.fromkeys((module, owner)):
+            places = homes.get(id(m), [])
+            if len(places) > 1:
+                raise ConfigError(
+                    f"{what}: the layer {places[0]} is also used as {', '.join(places[1:])} (one module object "
+                    "at two places); molf adapts a layer at one place, while merge would change it at every "
+                    f"place; {alias_advice.format(name=name)}"
+                )
+        for attr in ("weight", "bias"):
+            p = getattr(owner, attr, None)
+            if p is None:
+                continue
+            others = [n for m, n in params.get(id(p), []) if m is not owner]
+            how = "tie_word_embeddings" if p is embedding else "the same tensor"
+            span = _span(p)
+            if not others and span is not None:
+                others = [n for m, n, lo, hi in spans[span[0]] if m is not owner and lo < span[2] and span[1] < hi]
+                how = "they share memory"
+            if others:
+                tensor = _slot_name(name, attr if owner is module else "base." + attr)
+                raise ConfigError(
+                    f"{what}: {tensor} is tied to {others[0]} ({how}), so merging {name}'s experts "
+                    f"would change {others[0]} too; {tie_advice.format(name=name)}"
+                )
+
+
 def _tag_experts(name: str, order: int, layer: MoLFLinear, expert_names: tuple[str, ...]) -> None:
     for e, params in enumerate(layer.experts()):
         kind = "dense" if layer.fft and e == 0 else "lora"
@@ -73,7 +150,15 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
 
     With `config.fft=False` (MoLF-Efficient) every parameter of the model except
     the LoRA experts is frozen; `merge` unfreezes them again.
+
+    All or nothing: every check runs and every wrapped layer is built before the
+    model is touched, so on any error the model is exactly as it was. Refused: a
+    chosen layer whose weight or bias is tied to another parameter (e.g. `lm_head`
+    under `tie_word_embeddings`), or whose module object sits at two places:
+    `merge` would fold its experts into the other place too.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"wrap: model must be a torch.nn.Module, got {type(model).__name__}")
     config = config or MoLFConfig()
     if not isinstance(config, MoLFConfig):
         raise ConfigError(f"config must be a MoLFConfig, got {type(config).__name__}")
@@ -92,18 +177,41 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
             f"wrap matched no module: target_modules={config.target_modules}, "
             f"exclude_modules={config.exclude_modules}; linear layers in the model: {shown}"
         )
-    frozen: list[str] = []
-    if not config.fft:
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.requires_grad_(False)
-                frozen.append(n)
-    for order, (name, base) in enumerate(chosen):
-        layer = MoLFLinear(base, config.ranks, config.scales, config.dropout, config.fft)
-        _set_submodule(model, name, layer)
-        _tag_experts(name, order, layer, config.expert_names)
-    setattr(model, _CONFIG_ATTR, config)
-    setattr(model, _FROZEN_ATTR, frozen)
+    _check_unshared(
+        model,
+        [(n, m, m) for n, m in chosen],
+        "wrap",
+        "exclude {name} (exclude_modules; the default excludes lm_head) or untie the weights first",
+        "give each place its own layer, or exclude every name of it (exclude_modules)",
+    )
+    built = [
+        (name, base, MoLFLinear(base, config.ranks, config.scales, config.dropout, config.fft))
+        for name, base in chosen
+    ]
+    frozen = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if not config.fft else []
+    swapped = 0
+    try:
+        for _, p in frozen:
+            p.requires_grad_(False)
+        for order, (name, _, layer) in enumerate(built):
+            _set_submodule(model, name, layer)
+            swapped += 1
+            _tag_experts(name, order, layer, config.expert_names)
+        setattr(model, _CONFIG_ATTR, config)
+        setattr(model, _FROZEN_ATTR, [n for n, _ in frozen])
+    except BaseException:
+        # A module's own __setattr__ (or an interrupt) failed midway: put everything back.
+        for name, base, layer in built[:swapped]:
+            _set_submodule(model, name, base)
+        for _, _, layer in built:
+            for p in layer.parameters():
+                if hasattr(p, _TAG_ATTR):
+                    delattr(p, _TAG_ATTR)
+        for _, p in frozen:
+            p.requires_grad_(True)
+        for attr in (_CONFIG_ATTR, _FROZEN_ATTR):
+            model.__dict__.pop(attr, None)
+        raise
     _WRAPPED_MODELS.add(model)
     return model
 
@@ -131,10 +239,24 @@ def merge(model: nn.Module) -> nn.Module:
 
     The result is a vanilla model (`save_pretrained` gives weights any loader
     reads); parameters that `wrap` froze for MoLF-Efficient are trainable again.
+
+    Every layer is checked before any is changed: a wrapped layer whose dense
+    weight or bias has become tied to another parameter since `wrap` (e.g. by
+    `tie_weights()`) is refused, as folding its experts would change that
+    parameter too.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"merge: model must be a torch.nn.Module, got {type(model).__name__}")
     layers = routed_modules(model)
     if not layers:
         raise ConfigError("merge: the model has no molf-wrapped layers (already merged, or never wrapped)")
+    _check_unshared(
+        model,
+        [(n, layer, layer.base) for n, layer in layers],
+        "merge",
+        "nothing was changed; untie them first (give {name} a weight of its own)",
+        "nothing was changed; give each place its own layer",
+    )
     for name, layer in layers:
         base = merged_sharded(layer) if is_sharded(layer.base.weight) else layer.merged()
         for p in base.parameters():
