@@ -55,13 +55,14 @@ in the parameter dtype as per-parameter state `heldout_theta` / `heldout_grad` /
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from . import distributed
-from ._core import ConfigError, StateError
+from ._core import ConfigError, Ledger, Router, StateError
 from .wrap import expert_tag
 
 if TYPE_CHECKING:
@@ -92,6 +93,49 @@ def spectral_shrink_b(b: torch.Tensor, a: torch.Tensor, delta: float) -> torch.T
     return b + qb @ (u * change.unsqueeze(-2)) @ vh @ torch.linalg.pinv(ra.mT)
 
 
+def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    if dst:  # (torch's foreach ops refuse empty lists)
+        torch._foreach_copy_(dst, src)
+
+
+class _Undo:
+    """What a measurement may change, as it was before it began: the Router's and Ledger's
+    bytes, `last_step`, every `.grad` (references: the measurement sets them None before its
+    backward, which allocates new ones), which held-out state keys existed, the RNG states,
+    and the saved values of the shrink trials not undone yet (`_shrink` appends them)."""
+
+    def __init__(self, opt: MoLFAdamW, probe: HeldoutProbe, params: list[torch.Tensor]) -> None:
+        self.router, self.ledger = opt.router.to_bytes(), opt.ledger.to_bytes()
+        self.last_step = probe.last_step
+        self.grads = [p.grad for p in params]
+        # Tensors without held-out state (or without any state): `_sums` creates it.
+        self.keys = {
+            p: None if p not in opt.state else set(opt.state[p])
+            for _, p, _ in HeldoutProbe._expert_tensors(opt)
+            if THETA_KEY not in opt.state.get(p, ())
+        }
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = {d: torch.cuda.get_rng_state(d) for d in {p.device for p in params if p.is_cuda}}
+        self.weights: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+
+    def restore(self, opt: MoLFAdamW, probe: HeldoutProbe, params: list[torch.Tensor]) -> None:
+        for local, saved in reversed(self.weights):
+            _copy(local, saved)
+        for p, keys in self.keys.items():
+            if keys is None:
+                opt.state.pop(p, None)
+            else:
+                for k in set(opt.state[p]) - keys:
+                    del opt.state[p][k]
+        for p, g in zip(params, self.grads):
+            p.grad = g
+        opt._router, opt._ledger = Router.from_bytes(self.router), Ledger.from_bytes(self.ledger)
+        probe.last_step = self.last_step
+        torch.set_rng_state(self.rng)
+        for d, state in self.cuda_rng.items():
+            torch.cuda.set_rng_state(state, d)
+
+
 class HeldoutProbe:
     """The measurement half of policy "heldout"; the decisions live in the Rust core."""
 
@@ -110,33 +154,55 @@ class HeldoutProbe:
     def measure(self, opt: MoLFAdamW) -> None:
         """Shrink trials, then the held-out gradient, the window's realized descent and each
         expert's potential, then the Ledger's EMA and the Router's regate. Leaves every
-        `.grad` None."""
-        if opt.ledger.heldout_shrink > 0:
-            self._shrink(opt)
+        `.grad` None.
+
+        All or nothing: on any exception (a KeyboardInterrupt, a CUDA out-of-memory error in
+        the closure) the weights, the held-out state, every `.grad`, the Ledger, the Router,
+        `last_step` and the RNG are as they were before (a checkpoint never saves a trial's
+        shrunk weights), the exception propagates and the next step measures again. Nothing
+        is copied for this but the Ledger's and Router's bytes and, until the measurement
+        ends, the tensors of kept shrink trials (a trial already keeps those)."""
         params = [p for g in opt.param_groups for p in g["params"]]
+        undo = _Undo(opt, self, params)
+        commit = None
+        try:
+            for p in params:
+                p.grad = None
+            rebased = self._shrink(opt, undo) if opt.ledger.heldout_shrink > 0 else set()
+            with torch.enable_grad():
+                loss = self.loss_fn()
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                    raise ConfigError(
+                        "heldout() must return a scalar loss tensor that requires grad (computed under the "
+                        f"model's parameters), got {type(loss).__name__}"
+                        + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+                    )
+                # Gradients land in this optimizer's parameters only (another optimizer's stay as
+                # they are), except under FSDP2, whose sharded parameters are not graph leaves.
+                own = [p for p in params if p.requires_grad]
+                loss.backward(inputs=None if any(distributed.is_sharded(p) for p in own) else own)
+            window = opt.router.step - self.last_step
+            (descent, potential, moved), remember = self._sums(opt, window, rebased)
+            if descent is not None:  # None: the first measurement, nothing moved under observation yet
+                opt.ledger.record_heldout(descent, moved)
+                opt.router.regate(opt.ledger.heldout_descent(), potential)
+            # The commit: past this point an interrupt completes the measurement (the commit is
+            # idempotent) instead of undoing it.
+            commit = functools.partial(self._commit, remember, params, opt.router.step)
+            commit()
+        except BaseException:
+            if commit is not None:
+                commit()
+            else:
+                undo.restore(opt, self, params)
+            raise
+
+    def _commit(self, remember: tuple[list, list], params: list[torch.Tensor], step: int) -> None:
+        """θ and the held-out gradient into the held-out state, the measurement's step, no `.grad`."""
+        _copy(*remember)
+        self.last_step = step
         for p in params:
             p.grad = None
-        with torch.enable_grad():
-            loss = self.loss_fn()
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
-                raise ConfigError(
-                    "heldout() must return a scalar loss tensor that requires grad (computed under the "
-                    f"model's parameters), got {type(loss).__name__}"
-                    + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
-                )
-            # Gradients land in this optimizer's parameters only (another optimizer's stay as
-            # they are), except under FSDP2, whose sharded parameters are not graph leaves.
-            own = [p for p in params if p.requires_grad]
-            loss.backward(inputs=None if any(distributed.is_sharded(p) for p in own) else own)
-        window = opt.router.step - self.last_step
-        descent, potential, moved = self._sums(opt, window)
-        for p in params:
-            p.grad = None
-        self.last_step = opt.router.step
-        if descent is None:  # the first measurement: nothing moved under observation yet
-            return
-        opt.ledger.record_heldout(descent, moved)
-        opt.router.regate(opt.ledger.heldout_descent(), potential)
 
     def _value(self) -> float:
         """The closure's held-out loss as a number, averaged over data-parallel ranks."""
@@ -146,25 +212,26 @@ class HeldoutProbe:
         return distributed.world_mean(float(loss.detach()))
 
     @torch.no_grad()
-    def _shrink(self, opt: MoLFAdamW) -> None:
+    def _shrink(self, opt: MoLFAdamW, undo: _Undo) -> set[torch.Tensor]:
         """One shrink trial per expert index (see the module docstring): a dense expert's
         weight and bias scaled about where they started; a LoRA expert's B rewritten so that
         its product's spectrum is soft-thresholded (a ledger saved before format version 6:
-        B scaled about zero, which scales the product)."""
+        B scaled about zero, which scales the product). Returns the tensors of inactive
+        experts that a kept trial moved: the window counts them as not moved (an inactive
+        expert has not moved since the last measurement; its record takes in training movement
+        only, and its span pauses)."""
         delta = opt.ledger.heldout_shrink
         spectral = opt.ledger.shrink_spectral
         E = opt._shape[1]
         active = opt.router.incumbents().reshape(-1)
         lora_a = {slot: p for _, p, slot in self._expert_tensors(opt) if spectral and expert_tag(p).part == "A"}
         # Per expert index: (parameter, its origin (dense; None: LoRA's B), its LoRA A (None:
-        # dense), its θ at the last measurement if the expert is inactive). An inactive expert
-        # has not moved since then; a kept trial moves its θ there too, so the window counts
-        # it as not moved (its record takes in training movement only, and its span pauses).
+        # dense), whether its expert is inactive and measured before).
         by_expert: list[list[tuple]] = [[] for _ in range(E)]
         for _, p, slot in self._expert_tensors(opt):
             tag = expert_tag(p)
-            state = opt.state[p]
-            theta = None if active[slot] or THETA_KEY not in state else distributed.to_local(state[THETA_KEY])
+            state = opt.state.get(p, {})
+            inactive = not active[slot] and THETA_KEY in state
             if tag.kind == "dense":
                 if THETA_KEY not in state:  # no state yet: it has not moved
                     continue
@@ -173,24 +240,24 @@ class HeldoutProbe:
                         f"held-out shrinkage needs the starting point of {tag.module}'s dense weights, which "
                         "this optimizer state lacks (saved with heldout_shrink=0? pass heldout_shrink=0 again)"
                     )
-                by_expert[slot % E].append((p, distributed.to_local(state[ORIGIN_KEY]), None, theta))
+                by_expert[slot % E].append((p, distributed.to_local(state[ORIGIN_KEY]), None, inactive))
             elif tag.part == "B":
-                by_expert[slot % E].append((p, None, lora_a[slot] if spectral else None, theta))
+                by_expert[slot % E].append((p, None, lora_a[slot] if spectral else None, inactive))
+        rebased: set[torch.Tensor] = set()
         base = self._value()
         for e, entries in enumerate(by_expert):
             local = [distributed.to_local(p) for p, _, _, _ in entries]
             saved = [t.clone() for t in local]
-            for t, value in zip(local, self._shrunk(entries, saved, delta)):
-                t.copy_(value)
+            undo.weights.append((local, saved))  # before the trial writes: an exception restores them
+            _copy(local, self._shrunk(entries, saved, delta))
             trial = self._value()
             if opt.ledger.record_shrink(e, base, trial):
-                base = trial
-                for t, (_, _, _, theta) in zip(local, entries):
-                    if theta is not None:
-                        theta.copy_(t)
+                base = trial  # kept; `undo` keeps its saved values until the measurement ends
+                rebased.update(p for p, _, _, inactive in entries if inactive)
             else:
-                for t, s in zip(local, saved):
-                    t.copy_(s)
+                _copy(local, saved)
+                undo.weights.pop()
+        return rebased
 
     @staticmethod
     def _shrunk(entries: list[tuple], saved: list[torch.Tensor], delta: float) -> list[torch.Tensor]:
@@ -223,36 +290,47 @@ class HeldoutProbe:
                         yield group, p, slot
 
     @torch.no_grad()
-    def _sums(self, opt: MoLFAdamW, window: int):
-        """Per (module, expert): realized descent per step, potential, and whether it moved;
-        (None, None, None) at the first measurement. One device-to-host transfer."""
-        if self.last_step == 0:  # nothing moved under observation yet: only remember
-            for _, p, _ in self._expert_tensors(opt):
-                theta = distributed.to_local(p.detach())
-                self._remember(opt.state[p], p, theta, self._grad(p, theta), opt.ledger.heldout_shrink > 0)
-            return None, None, None
-        M, E = opt._shape
+    def _sums(self, opt: MoLFAdamW, window: int, rebased: set[torch.Tensor]):
+        """Per (module, expert): realized descent per step, potential, and whether it moved
+        ((None, None, None) at the first measurement: only remember; one device-to-host
+        transfer), and what `_commit` copies into the held-out state: (destinations, sources).
+        Writes nothing but the held-out keys of a tensor that has none yet."""
+        shrink = opt.ledger.heldout_shrink > 0
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
         rows: list[torch.Tensor] = []
         slots: list[int] = []
         for group, p, slot in self._expert_tensors(opt):
             state = opt.state[p]
             theta = distributed.to_local(p.detach())
             grad = self._grad(p, theta)
-            g32 = grad.float().reshape(-1)
-            # float32 math one tensor at a time: bounded temporaries on large models.
-            delta = (theta.float() - distributed.to_local(state[THETA_KEY]).float()).reshape(-1)
-            mean_grad = (distributed.to_local(state[GRAD_KEY]).float().reshape(-1) + g32) * 0.5
-            realized, movement = torch.dot(mean_grad, delta), delta.abs().sum()
-            if "exp_avg" in state:
-                (beta1, beta2), t = group["betas"], float(state["step"])
-                m_hat = distributed.to_local(state["exp_avg"]).float().reshape(-1) / (1 - beta1**t)
-                v_hat = distributed.to_local(state["exp_avg_sq"]).float().reshape(-1) / (1 - beta2**t)
-                potential = float(group["lr"]) * torch.dot(g32, m_hat / (v_hat.sqrt() + group["eps"]))
-            else:  # no gradient so far: no Adam step to take
-                potential = torch.zeros_like(realized)
-            rows.append(torch.stack([realized, potential, movement]).double())
-            slots.append(slot)
-            self._remember(state, p, theta, grad, opt.ledger.heldout_shrink > 0)
+            if self.last_step:
+                g32 = grad.float().reshape(-1)
+                # The window's start: θ at the last measurement, or θ now where a kept trial
+                # moved an inactive expert (not moved, for the window).
+                prev = theta if p in rebased else distributed.to_local(state[THETA_KEY])
+                # float32 math one tensor at a time: bounded temporaries on large models.
+                delta = (theta.float() - prev.float()).reshape(-1)
+                mean_grad = (distributed.to_local(state[GRAD_KEY]).float().reshape(-1) + g32) * 0.5
+                realized, movement = torch.dot(mean_grad, delta), delta.abs().sum()
+                if "exp_avg" in state:
+                    (beta1, beta2), t = group["betas"], float(state["step"])
+                    m_hat = distributed.to_local(state["exp_avg"]).float().reshape(-1) / (1 - beta1**t)
+                    v_hat = distributed.to_local(state["exp_avg_sq"]).float().reshape(-1) / (1 - beta2**t)
+                    potential = float(group["lr"]) * torch.dot(g32, m_hat / (v_hat.sqrt() + group["eps"]))
+                else:  # no gradient so far: no Adam step to take
+                    potential = torch.zeros_like(realized)
+                rows.append(torch.stack([realized, potential, movement]).double())
+                slots.append(slot)
+            if THETA_KEY not in state:
+                # A tensor measured before its first gradient: it has not moved, and a shrink
+                # trial skips a dense tensor without state, so its origin is θ now.
+                self.init_state(state, p, shrink)
+            dst += [distributed.to_local(state[THETA_KEY]), distributed.to_local(state[GRAD_KEY])]
+            src += [theta, grad]
+        if not self.last_step:  # nothing moved under observation yet
+            return (None, None, None), (dst, src)
+        M, E = opt._shape
         flat = torch.stack(rows)
         group = opt._score_group()
         if group is not None:  # FSDP2: the shards' partial sums add up to the whole tensor's
@@ -264,7 +342,8 @@ class HeldoutProbe:
             return np.bincount(idx, weights=col, minlength=M * E).reshape(M, E)
 
         # Non-finite values reach the Ledger as they are: it keeps only finite ones.
-        return -per_slot(host[:, 0]) / window, per_slot(host[:, 1]), per_slot(host[:, 2]) > 0
+        sums = -per_slot(host[:, 0]) / window, per_slot(host[:, 1]), per_slot(host[:, 2]) > 0
+        return sums, (dst, src)
 
     @staticmethod
     def _grad(p: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -281,13 +360,3 @@ class HeldoutProbe:
         state[GRAD_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if shrink and expert_tag(p).kind == "dense":
             state[ORIGIN_KEY] = p.detach().clone(memory_format=torch.preserve_format)
-
-    @staticmethod
-    def _remember(state: dict, p: torch.Tensor, theta: torch.Tensor, grad: torch.Tensor, shrink: bool) -> None:
-        """θ and the held-out gradient at this measurement, in the parameter's layout. (The
-        state of a tensor measured before its first gradient: it has not moved, and a shrink
-        trial skips a dense tensor without state, so its origin is θ now.)"""
-        if THETA_KEY not in state:
-            HeldoutProbe.init_state(state, p, shrink)
-        distributed.to_local(state[THETA_KEY]).copy_(theta)
-        distributed.to_local(state[GRAD_KEY]).copy_(grad)
