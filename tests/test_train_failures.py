@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+import molf.cli
 import molf.train
 from molf import ConfigError, StateError
 from molf.cli import main
@@ -264,3 +265,14 @@ def test_data_changed_under_the_same_path_is_named_on_resume(change, model_dir, 
     fails_in_one_line(argv(model_dir, data, out, "--mode", "fft", "--steps", "2", "--save-every", "1", "--resume"),
                       capsys, 2, f"data file {str(data)!r} changed since the run started",
                       "put back the file the run started with")
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(model_dir, data, tmp_path, capsys, monkeypatch):
+    def interrupted(cfg, on_step=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(molf.cli, "train", interrupted)
+    out = tmp_path / "out"
+    assert main(argv(model_dir, data, out)) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"molf: interrupted; `molf train ... --resume` continues from the last checkpoint in {out}"

@@ -209,6 +209,7 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("run", "parser", "command", "config")}
+    cfg = None
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -219,6 +220,10 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _fail(str(exc))
     except (TrainError, OSError) as exc:  # the environment failed the run (a full disk, an unwritable out)
         _fail(str(exc), 1)
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, so the last one stands
+        where = f" in {cfg.out}" if cfg is not None else ""
+        print(f"molf: interrupted; `molf train ... --resume` continues from the last checkpoint{where}", file=sys.stderr)
+        return 130
     if result.losses:
         print(f"{result.steps} steps; loss {result.losses[0]:.4f} (first step of this run) -> {result.losses[-1]:.4f}")
     if result.routing_summary is not None:
