@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .routed_linear import routed_linear
+
 __all__ = ["MoLFLinear", "is_linear_like"]
 
 
@@ -74,8 +76,29 @@ class MoLFLinear(nn.Module):
         dense = [self.base.weight] + ([self.base.bias] if self.base.bias is not None else [])
         return [dense] + lora
 
+    def _fused(self, base: nn.Module) -> bool:
+        """Whether forward may run as one `routed_linear` node. Not with LoRA dropout
+        live (the composition draws the mask), nor without a LoRA expert (the base is
+        one node already), nor where calling `base` does more than its GEMM: a subclass
+        (quantized layers) or hooks on it (e.g. FSDP2's `fully_shard(base)` gathers
+        its weight in a pre-forward hook)."""
+        return (
+            bool(self.ranks)
+            and not (self.training and isinstance(self.lora_dropout, nn.Dropout))
+            and (type(base) is nn.Linear or self.transposed)
+            and not (base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks or base._backward_hooks)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        base = self.base
+        if self._fused(base):
+            # The parameter dicts, not the ParameterLists: iterating those costs
+            # microseconds per layer. Read afresh each call: FSDP2 swaps the objects.
+            return routed_linear(
+                x, base.weight, base.bias, self.lora_A._parameters.values(), self.lora_B._parameters.values(),
+                self.scales, self.transposed,
+            )
+        y = base(x)
         h = self.lora_dropout(x)
         for a, b, s in zip(self.lora_A, self.lora_B, self.scales):
             y = y + s * F.linear(F.linear(h, a), b)

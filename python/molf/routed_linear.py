@@ -1,0 +1,109 @@
+"""The routed layer's forward and backward as one autograd Function.
+
+    y = x Wᵀ + b + Σ_i s_i (x A_iᵀ) B_iᵀ
+
+The plain composition `base(x) + s * F.linear(F.linear(x, A), B)` costs, per
+LoRA expert, a scalar multiply and an add over the whole tokens × out
+activation in the forward, a MulBackward over it and an add of two tokens × in
+input gradients in the backward, and half a dozen autograd nodes; on a GPU a
+wrapped model's step is then bound by launching them (issue #32). Here the dense GEMM writes y, each expert adds into y in
+place with its scale in the GEMM's alpha, the backward reuses gy B_i for both
+dA_i and dx, and every gradient nobody needs (MoLF-Efficient's frozen W and b,
+a first layer's input) is skipped: one autograd node, GEMMs and one sum.
+
+Not done: LoRAFusion's [W | B]·[x ; A x]. A concatenated operand is a fresh
+copy of W (or of x) every step, more memory traffic than the second, skinny
+GEMM (K = r) it saves; `benches/layer_bench.py` measures it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+__all__ = ["RoutedLinearFunction", "routed_linear"]
+
+
+def _autocast_operands(x: torch.Tensor, tensors: tuple) -> tuple:
+    """`tensors` as F.linear would see them under autocast on x's device: floating
+    tensors other than float64 in the autocast dtype. Casting here (and saving
+    the casts) makes the backward independent of the autocast state it runs under."""
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
+class RoutedLinearFunction(torch.autograd.Function):
+    """apply(x, weight, bias, transposed, scales, A_0, …, A_{n-1}, B_0, …, B_{n-1}).
+
+    `weight` is (out, in), or (in, out) with `transposed` (HF Conv1D); `bias` may be
+    None; `scales` holds the n floats s_i. x is (..., in) and may be non-contiguous.
+    """
+
+    # The step is bound by the host (issue #32): each torch call from Python costs
+    # microseconds, so the bodies below make as few as the math allows.
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, transposed, scales, *lora):
+        if torch.is_autocast_enabled(x.device.type):
+            x, weight, bias, *lora = _autocast_operands(x, (x, weight, bias, *lora))
+        n = len(scales)
+        x2 = x.reshape(-1, x.shape[-1])
+        if not transposed:
+            y = F.linear(x2, weight, bias)
+        else:
+            y = x2.mm(weight) if bias is None else torch.addmm(bias, x2, weight)
+        ts = [F.linear(x2, a) for a in lora[:n]]
+        for t, b, s in zip(ts, lora[n:], scales):
+            y.addmm_(t, b.t(), alpha=s)
+        ctx.save_for_backward(x2, weight, *lora, *ts)
+        ctx.transposed, ctx.scales, ctx.x_shape = transposed, scales, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @once_differentiable  # t_i is saved without its graph: a double backward must raise, not be wrong
+    def backward(ctx, gy):
+        n = len(ctx.scales)
+        x2, weight, *rest = ctx.saved_tensors
+        need_x, need_w, need_bias, _, _, *need = ctx.needs_input_grad
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gy2t = gy2.t()
+        dx = dw = dbias = None
+        if need_x:
+            dx = gy2.mm(weight.t() if ctx.transposed else weight)
+        if need_w:
+            dw = x2.t().mm(gy2) if ctx.transposed else gy2t.mm(x2)
+        if need_bias:
+            dbias = gy2.sum(0)
+        grads = [None] * (2 * n)
+        for i, s in enumerate(ctx.scales):
+            a, b, t = rest[i], rest[n + i], rest[2 * n + i]
+            # beta=0: the first operand only lends its shape (never read), and the
+            # scale rides in the GEMM instead of a separate multiply.
+            if need[n + i]:
+                grads[n + i] = torch.addmm(b, gy2t, t, beta=0, alpha=s)
+            if need[i] or need_x:
+                g = gy2.mm(b)  # the gradient of t_i, divided by s_i
+                if need[i]:
+                    grads[i] = torch.addmm(a, g.t(), x2, beta=0, alpha=s)
+                if need_x:
+                    dx.addmm_(g, a, alpha=s)
+        return (None if dx is None else dx.view(ctx.x_shape), dw, dbias, None, None, *grads)
+
+
+def routed_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: Sequence[torch.Tensor],
+    lora_B: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    transposed: bool = False,
+) -> torch.Tensor:
+    """x Wᵀ + b + Σ_i s_i B_i A_i x (x W + b + … for a transposed (in, out) weight), one autograd node."""
+    return RoutedLinearFunction.apply(x, weight, bias, transposed, tuple(scales), *lora_A, *lora_B)
