@@ -337,6 +337,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._fused = _fused_kernels(fused, [p for g in self.param_groups for p in g["params"]])
         self.lagged = lagged
         self._plan = None  # fused path: device tables, rebuilt when the tensors with gradients change
+        self._scratch: dict[int, tuple] = {}  # CPU foreach path: per group, see _scratch_for
         self._plan_signature = None
         self._pending: _ScoreSources | np.ndarray | None = None  # lagged mode: the previous step's scores
         self._group_key = None  # (first routed parameter, its score group): see _score_group
@@ -518,7 +519,7 @@ class MoLFAdamW(torch.optim.Optimizer):
             if self.skip_nonfinite and distributed.any_on_group(_kernels.any_nonfinite(grads), self._score_group()):
                 self._record_skip()
                 return loss
-            sources, apply_winners = self._foreach_moments(work)
+            sources, apply_winners = self._foreach_moments(work, [self._scratch_for(gi, w) for gi, w in enumerate(work)])
 
         scores = self._scores_to_route(sources)
         if scores is None:
@@ -584,11 +585,30 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     # ---------------------------------------------------------- foreach path
 
-    def _foreach_moments(self, work: list[_GroupWork]):
+    def _scratch_for(self, gi: int, w: _GroupWork) -> tuple[list, list] | None:
+        """CPU only: two lists of tensors shaped like group `gi`'s moments for the step's
+        temporaries, kept across steps (`_kernels.score_sums`: on the CPU a fresh large
+        temporary costs more than the arithmetic done in it). None on other devices,
+        whose allocators cache."""
+        if not w.params or w.exp_avgs[0].device.type != "cpu":
+            return None
+        key = tuple(w.idx)
+        cached = self._scratch.get(gi)
+        if cached is None or cached[0] != key:
+            routed = w.group["molf_role"] != "plain"
+            cached = (
+                key,
+                [torch.empty_like(m) for m in w.exp_avgs],
+                [torch.empty_like(m) for m in w.exp_avgs] if routed else None,
+            )
+            self._scratch[gi] = cached
+        return cached[1], cached[2]
+
+    def _foreach_moments(self, work: list[_GroupWork], scratch: list):
         """Moments of every tensor, unrouted parameters' AdamW, routed tensors'
         score sums; returns the sources and the function applying the winners."""
         sources = _ScoreSources(None, self._score_group())
-        for w in work:
+        for w, tmp in zip(work, scratch):
             if not w.params:
                 continue
             torch._foreach_add_(w.steps, 1)
@@ -599,25 +619,26 @@ class MoLFAdamW(torch.optim.Optimizer):
             grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(w.grads, exp_avgs)]
             _kernels.update_moments_(exp_avgs, w.exp_avg_sqs, grads, beta1, beta2)
             if w.group["molf_role"] == "plain":
-                self._foreach_update(w, range(len(w.params)))
+                self._foreach_update(w, range(len(w.params)), None if tmp is None else tmp[0])
                 continue
-            sums = _kernels.score_sums(exp_avgs, w.exp_avg_sqs, w.group["eps"], self.score)
+            sums = _kernels.score_sums(exp_avgs, w.exp_avg_sqs, w.group["eps"], self.score, tmp)
             slots = w.group["molf_slots"]
             numels = [w.group["params"][i].numel() for i in w.idx]  # global element counts under FSDP2
             sources.add(sums, [slots[i] for i in w.idx], [float(w.group["lr"])] * len(w.idx), numels)
 
         def apply_winners(winner_slots: np.ndarray) -> None:
-            for w in work:
+            for w, tmp in zip(work, scratch):
                 if w.group["molf_role"] != "plain" and w.params:
                     slots = np.asarray(w.group["molf_slots"], dtype=np.int64)[w.idx]
-                    self._foreach_update(w, np.flatnonzero(winner_slots[slots]))
+                    self._foreach_update(w, np.flatnonzero(winner_slots[slots]), None if tmp is None else tmp[0])
 
         return sources, apply_winners
 
     @staticmethod
-    def _foreach_update(w: _GroupWork, positions: Iterable[int]) -> None:
+    def _foreach_update(w: _GroupWork, positions: Iterable[int], scratch: list | None = None) -> None:
         """AdamW from the (already advanced) moments for the tensors at `positions`,
-        batched by (step count, parameter dtype) for torch's foreach ops."""
+        batched by (step count, parameter dtype) for torch's foreach ops (`scratch`: a
+        tensor shaped like each moment for the denominator, see `_scratch_for`)."""
         beta1, beta2 = w.group["betas"]
         batches: dict[tuple, list[int]] = defaultdict(list)
         for k in positions:
@@ -627,7 +648,8 @@ class MoLFAdamW(torch.optim.Optimizer):
             upcast = [p.dtype != m.dtype for p, m in zip(ps, ms)]
             targets = [p.to(m.dtype) if u else p for p, m, u in zip(ps, ms, upcast)]
             _kernels.adamw_update_(
-                targets, ms, vs, step, float(w.group["lr"]), w.group["weight_decay"], beta1, beta2, w.group["eps"]
+                targets, ms, vs, step, float(w.group["lr"]), w.group["weight_decay"], beta1, beta2, w.group["eps"],
+                None if scratch is None else [scratch[k] for k in ks],
             )
             for p, t, u in zip(ps, targets, upcast):
                 if u:
@@ -910,6 +932,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         meta = state.pop("_molf_meta", None)
         super().__setstate__(state)
         self._plan = None
+        self._scratch = {}
         self._group_key = None
         self._state_init_step = False
         if meta is None:
