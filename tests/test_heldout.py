@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import molf
 from molf.heldout import ORIGIN_KEY, spectral_shrink_b
@@ -1093,3 +1094,104 @@ def test_checkpoint_decides_how_lora_is_shrunk():
     spectral, spectral_opt = whole_run(True)
     assert spectral_opt.ledger.shrinks().sum() > 0 and scaled_opt.ledger.shrinks().sum() > 0
     assert any(not torch.equal(p, q) for p, q in zip(spectral.parameters(), scaled.parameters()))
+
+
+@pytest.mark.parametrize("out,r,inp", [(48, 16, 96), (96, 16, 48), (200, 32, 64), (24, 32, 16)])
+def test_spectral_shrink_of_float32_tensors_is_the_float64_result_rounded(out, r, inp):
+    """float32 B and A (the math of bf16 ones runs in float32 too) with a decaying spectrum: B'
+    is B + (ΔW' − ΔW) A⁺ of the exact soft-thresholded product to float32 rounding (a few
+    1e-8 here, where decompositions in float32 lost an order of magnitude more), also for a
+    rank-one B and where r > in (A⁺ A projects); a zero B stays exactly."""
+    gen = torch.Generator().manual_seed(out + r + inp)
+    a = (torch.rand(6, r, inp, generator=gen) * 2 - 1) / inp**0.5
+    b = torch.randn(6, out, r, generator=gen) * torch.logspace(0, -4, r) * 1e-2
+    b[0] = 0
+    b[1, :, 1:] = 0
+    got = spectral_shrink_b(b, a, 0.1)
+    assert got.dtype == torch.float32 and torch.equal(got[0], b[0])
+    b64, a64 = b.double(), a.double()
+    dw = b64 @ a64
+    u, sv, vh = torch.linalg.svd(dw, full_matrices=False)
+    want = u @ torch.diag_embed((sv - 0.1 * sv[..., :1]).clamp_min(0)) @ vh
+    want_b = b64 + (want - dw) @ torch.linalg.pinv(a64)
+    for k in range(1, 6):
+        assert (got[k].double() - want_b[k]).norm() <= 1e-7 * want_b[k].norm(), k
+        assert (got[k].double() @ a64[k] - want[k]).norm() <= 1e-7 * want[k].norm(), k
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the operators torch dispatches (views and detach aside: no kernel runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func is not torch.ops.aten.detach.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fft,ranks", [(True, (2,)), (False, (2, 3))])
+def test_probe_work_does_not_grow_with_the_number_of_tensors(monkeypatch, fft, ranks):
+    """Besides the closure's own forwards and backward, a measurement runs a number of torch
+    operators that does not grow with the model's tensors, but for the copy a shrink trial
+    keeps of each tensor it scales (B per LoRA expert; W and b of the dense one): batched
+    sums, Gram products and transforms per shape, multi-tensor writes. (One operator per
+    tensor and operation, ~80 per module, made large models' measurements launch-bound.) The
+    sums batch as on an accelerator (on the CPU they go one tensor at a time), and however
+    they are batched, they are the same."""
+
+    def run(layers, limit):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(layers)])
+        molf.wrap(model, molf.MoLFConfig(ranks=ranks, fft=fft, exclude_modules=()))
+        x = torch.randn(4, 6)
+        opt = molf.MoLFAdamW(model, lr=1e-2, heldout=lambda: model(x).square().mean(), heldout_every=10**9,
+                             heldout_min_span=0)
+        with monkeypatch.context() as patch:
+            patch.setattr(molf.heldout.HeldoutProbe, "_batch_elements", staticmethod(lambda device: limit),
+                          raising=False)
+            for s in range(3):
+                model(x).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                if s == 1:
+                    opt._probe.measure(opt)  # the first measurement: the next one sums a window
+            with OpCount() as probe:
+                opt._probe.measure(opt)
+        with OpCount() as forward, torch.no_grad():
+            model(x).square().mean()
+        with OpCount() as forward_backward:
+            model(x).square().mean().backward()
+        trials = len(opt.expert_names) + 1  # the base value and one trial per expert index
+        return probe.count - trials * forward.count - forward_backward.count, opt
+
+    (small, _), (large, opt) = run(2, 1 << 24), run(8, 1 << 24)
+    copies = 3 if fft else len(ranks)  # tensors a trial scales, per module
+    assert large - small <= 6 * copies
+    assert np.isfinite(opt.ledger.heldout_ema()).all()
+    for limit in (0, 100):  # one tensor at a time; a few per batch
+        _, other = run(8, limit)
+        np.testing.assert_allclose(other.ledger.heldout_ema(), opt.ledger.heldout_ema(), rtol=1e-6)
+        assert (other.router.incumbents() == opt.router.incumbents()).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+def test_spectral_trial_on_cuda_matches_the_cpu():
+    """On CUDA the r x r transforms run in worker threads on their own streams; the trial's
+    B's are the CPU's to rounding, and the pieces come back in order."""
+    from molf.heldout import _Trial
+
+    gen = torch.Generator().manual_seed(0)
+    entries, bs, as_ = [], [], []
+    for out, inp in [(24, 40)] * 9 + [(40, 24)] * 5:
+        b = torch.randn(out, 8, generator=gen) * torch.logspace(0, -2, 8) * 0.1
+        a = torch.randn(8, inp, generator=gen) / inp**0.5
+        bs.append(b)
+        as_.append(a)
+        entries.append((b.cuda(), None, a.cuda(), False))
+    local = [e[0].clone() for e in entries]
+    _Trial(entries, 0.1).apply(entries, local)
+    for b, a, got in zip(bs, as_, local):
+        torch.testing.assert_close(got.cpu(), spectral_shrink_b(b, a, 0.1), rtol=1e-6, atol=1e-9)
