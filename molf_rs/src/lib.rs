@@ -5,6 +5,7 @@
 //!   (`topk`, `hysteresis`) and a phase schedule ([`phase`]: warm-up → routing → frozen);
 //! * [`ledger`] — score and decision bookkeeping with a decision checksum;
 //! * [`serial`] — the versioned, self-checking byte format of both;
+//! * [`scores`] — the per-tensor sums behind the EPD and PFN scores, in one pass over the moments;
 //! * `python` (feature `python`) — the `molf._core` extension module.
 //!
 //! Without the `python` feature the crate is plain Rust with no Python dependency.
@@ -13,6 +14,7 @@ pub mod error;
 pub mod ledger;
 pub mod phase;
 pub mod router;
+pub mod scores;
 pub mod serial;
 
 #[cfg(feature = "python")]
@@ -22,3 +24,4 @@ pub use error::{Error, Result};
 pub use ledger::{Ledger, LedgerParts, Summary};
 pub use phase::{Phase, Schedule, PHASES};
 pub use router::{Policy, Router, RouterConfig, Score, POLICIES};
+pub use scores::{score_sum_f32, score_sum_f64, ScoreKind};

@@ -16,8 +16,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, MutexGuard};
 
 use numpy::{
-    dtype, Element, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray2,
-    PyUntypedArray, PyUntypedArrayMethods,
+    dtype, Element, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods,
+    PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyValueError};
@@ -31,6 +31,7 @@ use crate::ledger::{
 };
 use crate::phase::PHASES;
 use crate::router::{Policy, Router, RouterConfig, POLICIES};
+use crate::scores::{self, ScoreKind, StateFloat};
 
 create_exception!(
     molf._core,
@@ -755,12 +756,177 @@ impl PyLedger {
     }
 }
 
+/// The element type of a moment array: `float32` or `float64`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Float {
+    F32,
+    F64,
+}
+
+/// Checks that `obj` (item `i` of the list argument `name`) is a C-contiguous numpy array of
+/// dtype float32 or float64, and says which.
+fn float_array<'a, 'py>(
+    obj: &'a Bound<'py, PyAny>,
+    name: &str,
+    i: usize,
+) -> PyResult<(&'a Bound<'py, PyUntypedArray>, Float)> {
+    let expected = "a C-contiguous numpy array of dtype float32 or float64";
+    let Ok(arr) = obj.cast::<PyUntypedArray>() else {
+        let ty = obj.get_type().name()?;
+        return Err(ScoreError::new_err(format!(
+            "{name}[{i}] must be {expected}, got an object of type {ty}"
+        )));
+    };
+    if is_masked(obj)? {
+        return Err(ScoreError::new_err(format!(
+            "{name}[{i}] must be {expected}, got a numpy.ma.MaskedArray, whose mask molf would not read"
+        )));
+    }
+    let py = obj.py();
+    let dt = arr.dtype();
+    let float = if dt.is_equiv_to(&dtype::<f32>(py)) {
+        Float::F32
+    } else if dt.is_equiv_to(&dtype::<f64>(py)) {
+        Float::F64
+    } else {
+        return Err(ScoreError::new_err(format!(
+            "{name}[{i}] must be {expected}, got dtype {dt}"
+        )));
+    };
+    // The kernels read the buffer in order: a Fortran-ordered or strided view would be read wrong.
+    if !arr.is_c_contiguous() {
+        return Err(ScoreError::new_err(format!(
+            "{name}[{i}] must be {expected}, got a non-contiguous array of shape {}",
+            arr.getattr("shape")?.repr()?
+        )));
+    }
+    Ok((arr, float))
+}
+
+/// Read-only borrows of arrays already checked by [`float_array`] to be of element type `T`.
+fn borrow_all<'py, T: Element>(
+    arrays: &[&Bound<'py, PyUntypedArray>],
+) -> PyResult<Vec<PyReadonlyArrayDyn<'py, T>>> {
+    arrays
+        .iter()
+        .map(|a| {
+            a.cast::<PyArrayDyn<T>>()?
+                .try_readonly()
+                .map_err(|e| ScoreError::new_err(format!("cannot read the array: {e}")))
+        })
+        .collect()
+}
+
+fn slices<'a, T: Element>(arrays: &'a [PyReadonlyArrayDyn<'_, T>]) -> PyResult<Vec<&'a [T]>> {
+    arrays
+        .iter()
+        .map(|a| {
+            a.as_slice()
+                .map_err(|e| InternalError::new_err(format!("checked C-contiguous, yet: {e}")))
+        })
+        .collect()
+}
+
+fn typed_score_sums<T: Element + StateFloat>(
+    py: Python<'_>,
+    m: &[&Bound<'_, PyUntypedArray>],
+    v: &[&Bound<'_, PyUntypedArray>],
+    eps: f64,
+    kind: ScoreKind,
+) -> PyResult<Vec<f64>> {
+    let (m, v) = (borrow_all::<T>(m)?, borrow_all::<T>(v)?);
+    let (m, v) = (slices(&m)?, slices(&v)?);
+    let elements = m.iter().map(|t| t.len()).sum();
+    Ok(maybe_detach(py, elements, || {
+        scores::score_sums(&m, &v, eps, kind)
+    })?)
+}
+
+/// Per tensor, the float64 sum behind its score (see `molf_rs::scores`): EPD
+/// `Σ m² / (√v + eps)`, PFN `Σ (m / (√v + eps))²`, each term in the moments' dtype.
+/// `exp_avgs[i]` and `exp_avg_sqs[i]` must have one shape, every array one dtype (float32 or
+/// float64) and C order. The GIL is released while it computes.
+#[pyfunction]
+fn score_sums<'py>(
+    py: Python<'py>,
+    exp_avgs: Vec<Bound<'py, PyAny>>,
+    exp_avg_sqs: Vec<Bound<'py, PyAny>>,
+    eps: f64,
+    score: &str,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    guarded(|| {
+        let kind = ScoreKind::from_name(score)?;
+        if exp_avgs.len() != exp_avg_sqs.len() {
+            return Err(ScoreError::new_err(format!(
+                "exp_avgs and exp_avg_sqs must be lists of equal length, got {} and {}",
+                exp_avgs.len(),
+                exp_avg_sqs.len()
+            )));
+        }
+        let mut m = Vec::with_capacity(exp_avgs.len());
+        let mut v = Vec::with_capacity(exp_avgs.len());
+        let mut first = None;
+        for (i, (mo, vo)) in exp_avgs.iter().zip(&exp_avg_sqs).enumerate() {
+            let (ma, mf) = float_array(mo, "exp_avgs", i)?;
+            let (va, vf) = float_array(vo, "exp_avg_sqs", i)?;
+            let want = *first.get_or_insert(mf);
+            if mf != want || vf != want {
+                return Err(ScoreError::new_err(format!(
+                    "every array must have the dtype of exp_avgs[0] ({}), got exp_avgs[{i}] {} and exp_avg_sqs[{i}] {}",
+                    exp_avgs[0].getattr("dtype")?,
+                    ma.dtype(),
+                    va.dtype()
+                )));
+            }
+            if ma.shape() != va.shape() {
+                return Err(ScoreError::new_err(format!(
+                    "exp_avgs[{i}] has shape {} but exp_avg_sqs[{i}] {}",
+                    ma.getattr("shape")?.repr()?,
+                    va.getattr("shape")?.repr()?
+                )));
+            }
+            m.push(ma);
+            v.push(va);
+        }
+        let sums = match first {
+            None => Vec::new(),
+            Some(Float::F32) => typed_score_sums::<f32>(py, &m, &v, eps, kind)?,
+            Some(Float::F64) => typed_score_sums::<f64>(py, &m, &v, eps, kind)?,
+        };
+        Ok(PyArray1::from_vec(py, sums))
+    })
+}
+
+/// True when no element of any array is NaN or ±infinity. Each array must be C-contiguous, of
+/// dtype float32 or float64 (they may differ). The GIL is released while it reads.
+#[pyfunction]
+fn all_finite(py: Python<'_>, arrays: Vec<Bound<'_, PyAny>>) -> PyResult<bool> {
+    guarded(|| {
+        let (mut f32s, mut f64s) = (Vec::new(), Vec::new());
+        for (i, obj) in arrays.iter().enumerate() {
+            match float_array(obj, "arrays", i)? {
+                (a, Float::F32) => f32s.push(a),
+                (a, Float::F64) => f64s.push(a),
+            }
+        }
+        let (f32s, f64s) = (borrow_all::<f32>(&f32s)?, borrow_all::<f64>(&f64s)?);
+        let (f32s, f64s) = (slices(&f32s)?, slices(&f64s)?);
+        let elements = f32s.iter().map(|t| t.len()).sum::<usize>()
+            + f64s.iter().map(|t| t.len()).sum::<usize>();
+        Ok(maybe_detach(py, elements, || {
+            scores::all_finite(&f32s) && scores::all_finite(&f64s)
+        }))
+    })
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<PyRouter>()?;
     m.add_class::<PyLedger>()?;
+    m.add_function(wrap_pyfunction!(score_sums, m)?)?;
+    m.add_function(wrap_pyfunction!(all_finite, m)?)?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("ScoreError", py.get_type::<ScoreError>())?;
     m.add("StateError", py.get_type::<StateError>())?;

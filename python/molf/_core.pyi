@@ -384,3 +384,34 @@ class Ledger:
         """Identical configuration and state; floats compared bit for bit (NaN == NaN)."""
     def __reduce__(self) -> tuple[object, tuple[bytes]]:
         """Pickle / ``copy.deepcopy`` support via :meth:`to_bytes`."""
+
+def score_sums(
+    exp_avgs: list[npt.NDArray[np.float32]] | list[npt.NDArray[np.float64]],
+    exp_avg_sqs: list[npt.NDArray[np.float32]] | list[npt.NDArray[np.float64]],
+    eps: float,
+    score: Literal["epd", "pfn"],
+) -> npt.NDArray[np.float64]:
+    """Per pair ``(exp_avgs[i], exp_avg_sqs[i])``, the float64 sum behind its score, in one
+    pass over the moments (for CPU torch tensors, pass ``t.numpy()``: a view, no copy):
+
+    * ``"epd"``: ``sum(m * m / (sqrt(v) + eps))``;
+    * ``"pfn"``: ``sum((m / (sqrt(v) + eps)) ** 2)``.
+
+    Each term is computed in the arrays' dtype (``eps`` rounded to it first) with correctly
+    rounded IEEE square root and division, as numpy computes them elementwise, then added in
+    float64 in a fixed order; so a NaN term makes the sum NaN and an infinite one (without a
+    NaN) +inf. The GIL is released while it computes.
+
+    Raises:
+        ScoreError: lists of different lengths; an item that is not a numpy array, is a
+            masked array, is not C-contiguous, or is not float32/float64; arrays of more
+            than one dtype; ``exp_avgs[i]`` and ``exp_avg_sqs[i]`` of different shapes.
+        ConfigError: an unknown ``score``.
+    """
+
+def all_finite(arrays: list[npt.NDArray[np.float32] | npt.NDArray[np.float64]]) -> bool:
+    """True when no element of any array is NaN or ±infinity (one pass; the GIL is released).
+
+    Raises:
+        ScoreError: an item that is not a C-contiguous float32 or float64 numpy array.
+    """

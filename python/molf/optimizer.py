@@ -585,21 +585,23 @@ class MoLFAdamW(torch.optim.Optimizer):
 
     # ---------------------------------------------------------- foreach path
 
-    def _scratch_for(self, gi: int, w: _GroupWork) -> tuple[list, list] | None:
-        """CPU only: two lists of tensors shaped like group `gi`'s moments for the step's
-        temporaries, kept across steps (`_kernels.score_sums`: on the CPU a fresh large
-        temporary costs more than the arithmetic done in it). None on other devices,
-        whose allocators cache."""
+    def _scratch_for(self, gi: int, w: _GroupWork) -> tuple[list, list | None] | None:
+        """CPU only: tensors shaped like group `gi`'s moments for the step's temporaries,
+        kept across steps (on the CPU a fresh large temporary costs more than the arithmetic
+        done in it): the AdamW denominators, and for a routed group whose score sums the Rust
+        core does not compute (`_kernels.scores_in_core`: e.g. bf16 moments) the terms
+        of `_kernels.score_sums`' torch path; else None. None on other devices, whose
+        allocators cache."""
         if not w.params or w.exp_avgs[0].device.type != "cpu":
             return None
         key = tuple(w.idx)
         cached = self._scratch.get(gi)
         if cached is None or cached[0] != key:
-            routed = w.group["molf_role"] != "plain"
+            torch_scores = w.group["molf_role"] != "plain" and not _kernels.scores_in_core(w.exp_avgs, w.exp_avg_sqs)
             cached = (
                 key,
                 [torch.empty_like(m) for m in w.exp_avgs],
-                [torch.empty_like(m) for m in w.exp_avgs] if routed else None,
+                [torch.empty_like(m) for m in w.exp_avgs] if torch_scores else None,
             )
             self._scratch[gi] = cached
         return cached[1], cached[2]
