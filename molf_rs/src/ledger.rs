@@ -601,10 +601,9 @@ impl Ledger {
     /// `[modules × experts]`): its EMA once its span has reached `heldout_min_span`
     /// windows, NaN (not judged yet: an active expert stays) before. So a drop needs a
     /// record of that many windows since the start or the expert's last return, and a
-    /// returning expert stays at least that long. A short record follows the first fit of
-    /// the training data, which can raise the held-out loss for a while and still pay off
-    /// (on a target that shifts, LoRA pairs trained off B = 0 learn the next target
-    /// faster); 0 judges from the first window (format versions 1 to 6).
+    /// returning expert stays at least that long: a first fit can raise the held-out loss
+    /// and still pay off (why: docs/algorithm.md, "Minimum span"); 0 judges from the first
+    /// window (format versions 1 to 6).
     pub fn heldout_descent(&self) -> Vec<f64> {
         self.heldout_ema
             .iter()

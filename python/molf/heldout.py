@@ -38,12 +38,10 @@ the Router's `regate` drops experts whose movement raised the loss and re-admits
 dropped ones `min_dwell` steps after their drop (see `molf_rs` `Router::regate`).
 A record judges its expert once it spans `heldout_min_span` windows (the
 Ledger's `heldout_descent`). Where every expert is a LoRA expert the optimizer
-asks for 10 (`LORA_ONLY_MIN_SPAN`): a LoRA pair's first fit of the training
-data can raise the held-out loss for a while and still pay off, since a pair
-trained off B = 0 learns what comes next faster than a frozen one (on the
-quality suite's quick shift regime, dropping from the first window cost MoLF-E
-10% against waiting ten; `benches/policy_lab.py`, ninth round). Beside a dense
-expert, which carries a module while its LoRA expert is out, it is 0.
+asks for 10 (`LORA_ONLY_MIN_SPAN`): a LoRA pair's first fit can raise the
+held-out loss for a while and still pay off (why: docs/algorithm.md, "Minimum
+span"). Beside a dense expert, which carries a module while its LoRA expert is
+out, it is 0.
 
 Cost: one forward and backward of the closure per window, plus one forward
 per expert index for the shrink trials; two extra copies of every routed expert
