@@ -96,8 +96,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per contestant and round")
     args = parser.parse_args()
     numel = sum(p.numel() for p in build().parameters() if p.requires_grad)
-    print(f"{LAYERS} x Linear({WIDTH}, {WIDTH}), dense + rank-{RANK} LoRA expert: {numel / 1e6:.2f} M parameters; "
-          f"median of {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"{LAYERS} x Linear({WIDTH}, {WIDTH}), dense + rank-{RANK} LoRA expert: {numel / 1e6:.2f} M parameters; "
+        f"median of {args.rounds} rounds x {args.steps} steps"
+    )
     print(f"{'threads':>7}  {'contestant':<13} {'step ms':>8}  {'x adamw':>7}")
     for threads in args.threads:
         for name, (ms, ratio) in run(threads, args.rounds, args.steps).items():

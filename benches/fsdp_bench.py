@@ -74,14 +74,18 @@ def check_against_one_device(device: str, steps: int = 5) -> None:
     for lagged in (False, True):
         models = {"sharded": sharded_model("small", torch.float32, device)}
         torch.manual_seed(0)
-        models["one device"] = molf.wrap(build_model("small", torch.float32, device),
-                                         molf.MoLFConfig(ranks=(128,), alphas=(32,), fft=True))
+        models["one device"] = molf.wrap(
+            build_model("small", torch.float32, device), molf.MoLFConfig(ranks=(128,), alphas=(32,), fft=True)
+        )
         opts = {k: molf.MoLFAdamW(m, lr=1e-3, lora_lr=1e-3, lagged=lagged, check_every=0) for k, m in models.items()}
         masks = {k: [] for k in opts}
         for step in range(steps):
             gen = torch.Generator(device=device).manual_seed(step)
-            full = {n: torch.randn(p.shape, generator=gen, device=device) * 1e-3
-                    for n, p in models["one device"].named_parameters() if p.requires_grad}
+            full = {
+                n: torch.randn(p.shape, generator=gen, device=device) * 1e-3
+                for n, p in models["one device"].named_parameters()
+                if p.requires_grad
+            }
             for n, p in models["one device"].named_parameters():
                 p.grad = full[n].clone()
             for n, p in models["sharded"].named_parameters():
@@ -94,11 +98,15 @@ def check_against_one_device(device: str, steps: int = 5) -> None:
         same_routing = all((x == y).all() for x, y in zip(masks["sharded"], masks["one device"]))
         score_err = float(abs(a.last_scores() / b.last_scores() - 1).max())
         ref = dict(models["one device"].named_parameters())
-        param_err = max(float((p.full_tensor() - ref[n]).detach().abs().max())
-                        for n, p in models["sharded"].named_parameters())
+        param_err = max(
+            float((p.full_tensor() - ref[n]).detach().abs().max()) for n, p in models["sharded"].named_parameters()
+        )
         mixed = bool(b.wins()[:, 0].any() and b.wins()[:, 1].any())
-        print(f"check rank {dist.get_rank()} lagged={lagged}: same routing {same_routing} (both experts win: {mixed}), "
-              f"max rel score diff {score_err:.2e}, max |param diff| {param_err:.2e}", flush=True)
+        print(
+            f"check rank {dist.get_rank()} lagged={lagged}: same routing {same_routing} (both experts win: {mixed}), "
+            f"max rel score diff {score_err:.2e}, max |param diff| {param_err:.2e}",
+            flush=True,
+        )
         if not same_routing or score_err > 1e-4 or param_err > 1e-5:
             raise SystemExit("sharded MoLF differs from the one-device run")
         del models, opts
@@ -126,8 +134,11 @@ def main(argv=None) -> None:
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.check:
         check_against_one_device(device)
-    log(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} x{world} torch={torch.__version__} "
-        f"shape={shape} rounds={args.rounds} steps/round={args.steps}", flush=True)
+    log(
+        f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} x{world} torch={torch.__version__} "
+        f"shape={shape} rounds={args.rounds} steps/round={args.steps}",
+        flush=True,
+    )
 
     def adamw(model):
         kw = dict(fused=True) if device == "cuda" else dict(foreach=True)
@@ -186,10 +197,14 @@ def main(argv=None) -> None:
     log("| --- | ---: | ---: | ---: |")
     for name, r in results.items():
         if "median_ms" in r:
-            log(f"| {name} | {r['median_ms']:.3f} | {r['spread_ms'][0]:.3f}–{r['spread_ms'][1]:.3f} "
-                f"| {r['ratio_vs_adamw']:.3f} |")
-    log(f"\nscore all-reduce alone ({n_scores} float64, {dist.get_backend(group)}): "
-        f"{results['score all-reduce']['median_us']:.1f} µs median")
+            log(
+                f"| {name} | {r['median_ms']:.3f} | {r['spread_ms'][0]:.3f}–{r['spread_ms'][1]:.3f} "
+                f"| {r['ratio_vs_adamw']:.3f} |"
+            )
+    log(
+        f"\nscore all-reduce alone ({n_scores} float64, {dist.get_backend(group)}): "
+        f"{results['score all-reduce']['median_us']:.1f} µs median"
+    )
     if args.json and rank == 0:
         with open(args.json, "w") as f:
             json.dump({"shape": shape, "world": world, "device": device, "results": results}, f, indent=1)

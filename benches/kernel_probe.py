@@ -52,8 +52,10 @@ def probe(dtype: torch.dtype, numel: int = 1 << 28, tensors: int = 8) -> None:
         b.synchronize()
         ref_times.append(a.elapsed_time(b))
     ref_ms = statistics.median(ref_times)
-    print(f"{str(dtype):15} one pass over {numel / 1e6:.0f}M: {ms_:.3f} ms ({gbs:.0f} GB/s at {words} words);"
-          f" torch fused AdamW {ref_ms:.3f} ms ({numel * dtype.itemsize * 7 / ref_ms / 1e6:.0f} GB/s at 7 words)")
+    print(
+        f"{str(dtype):15} one pass over {numel / 1e6:.0f}M: {ms_:.3f} ms ({gbs:.0f} GB/s at {words} words);"
+        f" torch fused AdamW {ref_ms:.3f} ms ({numel * dtype.itemsize * 7 / ref_ms / 1e6:.0f} GB/s at 7 words)"
+    )
     for name, kern in (("nonfinite", _fused._nonfinite_kernel), ("moments", _fused._moments_kernel)):
         for key, compiled in list(kern.device_caches[0][0].items())[:4] if hasattr(kern, "device_caches") else []:
             ptx = compiled.asm.get("ptx", "")

@@ -37,9 +37,28 @@ from molf.layer import MoLFLinear
 
 # Ops that move no data (views, metadata, allocation): no kernel on a GPU.
 NO_KERNEL = {
-    "t", "view", "_unsafe_view", "reshape", "transpose", "permute", "expand", "as_strided", "alias", "detach",
-    "empty", "empty_like", "empty_strided", "unsqueeze", "squeeze", "slice", "select", "split", "unbind",
-    "_reshape_alias", "lift_fresh", "_to_copy_noop",
+    "t",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "transpose",
+    "permute",
+    "expand",
+    "as_strided",
+    "alias",
+    "detach",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "unsqueeze",
+    "squeeze",
+    "slice",
+    "select",
+    "split",
+    "unbind",
+    "_reshape_alias",
+    "lift_fresh",
+    "_to_copy_noop",
 }
 
 
@@ -70,9 +89,16 @@ class Qwen(nn.Module):
         super().__init__()
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        cfg = Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          tie_word_embeddings=True)
+        cfg = Qwen2Config(
+            vocab_size=4096,
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
         self.model = Qwen2ForCausalLM(cfg)
 
     def forward(self, ids):
@@ -161,8 +187,13 @@ def lorafusion(device, dtype, repeats, sync):
     one GEMM over concatenated operands, which copies W and x every step."""
     tokens, width, rank, s = (2048, 1536, 128, 0.5) if device == "cuda" else (256, 1024, 64, 0.5)
     gen = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*shape, generator=gen).to(device, dtype) for shape in ((tokens, width), (width, width), (width,)))
-    a, bb = torch.randn(rank, width, generator=gen).to(device, dtype), torch.randn(width, rank, generator=gen).to(device, dtype)
+    x, w, b = (
+        torch.randn(*shape, generator=gen).to(device, dtype) for shape in ((tokens, width), (width, width), (width,))
+    )
+    a, bb = (
+        torch.randn(rank, width, generator=gen).to(device, dtype),
+        torch.randn(width, rank, generator=gen).to(device, dtype),
+    )
 
     def two_gemms():
         y = torch.addmm(b, x, w.t())
@@ -203,11 +234,15 @@ def main():
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"torch {torch.__version__}, {device}, {args.dtype}{' + bf16 autocast' if args.autocast else ''}, "
-          f"{torch.get_num_threads()} thread(s), batch {args.batch}x{args.seq}; ms per forward+backward, "
-          f"median of {args.repeats} x {args.iters}")
-    head = (f"{'workload':16} {'setting':7} {'plain':>7} {'composed':>9} {'fused':>7} {'comp/fused':>10} "
-            f"{'nodes p/c/f':>13} {'aten ops p/c/f':>16} {'compute ops p/c/f':>18}")
+    print(
+        f"torch {torch.__version__}, {device}, {args.dtype}{' + bf16 autocast' if args.autocast else ''}, "
+        f"{torch.get_num_threads()} thread(s), batch {args.batch}x{args.seq}; ms per forward+backward, "
+        f"median of {args.repeats} x {args.iters}"
+    )
+    head = (
+        f"{'workload':16} {'setting':7} {'plain':>7} {'composed':>9} {'fused':>7} {'comp/fused':>10} "
+        f"{'nodes p/c/f':>13} {'aten ops p/c/f':>16} {'compute ops p/c/f':>18}"
+    )
     print(head)
     print("-" * len(head))
     for wname, (factory, x) in workloads(args, device, dtype).items():
@@ -230,11 +265,15 @@ def main():
             med = {k: statistics.median(v) for k, v in times.items()}
             ratios = statistics.median(c / f for c, f in zip(times["composed"], times["fused"]))
             triple = lambda i: f"{count_p[i]}/{count_c[i]}/{count_f[i]}"  # noqa: E731
-            print(f"{wname:16} {setting:7} {med['plain']:7.2f} {med['composed']:9.2f} {med['fused']:7.2f} "
-                  f"{ratios:9.2f}x {triple(0):>13} {triple(1):>16} {triple(2):>18}")
+            print(
+                f"{wname:16} {setting:7} {med['plain']:7.2f} {med['composed']:9.2f} {med['fused']:7.2f} "
+                f"{ratios:9.2f}x {triple(0):>13} {triple(1):>16} {triple(2):>18}"
+            )
     shape, result = lorafusion(device.type, dtype, args.repeats, sync)
-    print(f"\nLoRAFusion check, one forward, tokens x width x rank = {shape}: "
-          + ", ".join(f"{k} {v:.2f} ms" for k, v in result.items()))
+    print(
+        f"\nLoRAFusion check, one forward, tokens x width x rank = {shape}: "
+        + ", ".join(f"{k} {v:.2f} ms" for k, v in result.items())
+    )
 
 
 if __name__ == "__main__":

@@ -59,15 +59,29 @@ import molf
 SHAPES = {
     # Qwen2.5-1.5B: 28 layers, hidden 1536, intermediate 8960, 12 heads, 2 KV heads, tied embeddings.
     "qwen2.5-1.5b": dict(
-        config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=2048,
-                    tie_word_embeddings=True),
+        config=dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        ),
         batches="4x512,16x512",
     ),
     "small": dict(
-        config=dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                    tie_word_embeddings=True),
+        config=dict(
+            vocab_size=1024,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        ),
         batches="2x64",
     ),
 }
@@ -119,8 +133,9 @@ def torch_adamw(params, device: str, lr: float, weight_decay: float):
 def peft_lora(model, rank: int, adapter_dtype: str):
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=32, use_rslora=True, lora_dropout=0.0,
-                     target_modules="all-linear", task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=rank, lora_alpha=32, use_rslora=True, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     # peft's default (autocast_adapter_dtype=True) keeps bf16 models' adapters in float32;
     # --peft-adapter-dtype param keeps them in the parameter dtype, as molf's experts are.
     kw = {} if adapter_dtype == "auto" else dict(autocast_adapter_dtype=False)
@@ -225,15 +240,23 @@ def dynamo_counts() -> dict:
     try:
         from torch._dynamo.utils import counters
 
-        return {"graph_breaks": int(sum(counters["graph_break"].values())),
-                "unique_graphs": int(counters["stats"]["unique_graphs"])}
+        return {
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        }
     except Exception:  # noqa: BLE001 — informative only
         return {}
 
 
 def row_stats(times: list[float]) -> dict:
-    return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
-            "min_ms": min(times), "max_ms": max(times), "n": len(times), "times_ms": [round(t, 4) for t in times]}
+    return {
+        "median_ms": statistics.median(times),
+        "mean_ms": statistics.fmean(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "n": len(times),
+        "times_ms": [round(t, 4) for t in times],
+    }
 
 
 # ---------------------------------------------------------------------- one setup
@@ -313,9 +336,11 @@ def run_setup(key, shape, batch, mode, device, dtype, args) -> list[dict]:
         except Exception:  # noqa: BLE001
             pass
     model, fwd, opt, step, counter, heldout = prepare(key, shape, batch, mode, device, dtype, args)
-    info = {"trainable_params_m": round(trainable_m(model), 3),
-            "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None)}
+    info = {
+        "trainable_params_m": round(trainable_m(model), 3),
+        "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None),
+    }
     if key in ("lora", "lora144"):
         a = next(p for n, p in model.named_parameters() if "lora_A" in n)
         info["adapter_dtype"] = str(a.dtype).replace("torch.", "")
@@ -335,8 +360,15 @@ def run_setup(key, shape, batch, mode, device, dtype, args) -> list[dict]:
     else:
         probes = [t for t, p in zip(times, probed) if p]
         plain = [t for t, p in zip(times, probed) if not p]
-        amortized = {**row_stats(times), "wall_mean_ms": wall, "probes": len(probes), "steps": n,
-                     "ratio_stat": "mean", **info}
+        amortized = {
+            **row_stats(times),
+            "wall_mean_ms": wall,
+            "probes": len(probes),
+            "steps": n,
+            "ratio_stat": "mean",
+            **info,
+        }
+
         # A plain forward+backward of the held-out batch, on the same (wrapped) model.
         def fwd_bwd():
             heldout().backward()
@@ -346,15 +378,21 @@ def run_setup(key, shape, batch, mode, device, dtype, args) -> list[dict]:
             fwd_bwd()
         fb_times, fb_wall, _ = timed_steps(device, fwd_bwd, max(args.steps, 3))
         fb = row_stats(fb_times)
-        probe_row = {"label_suffix": "probe step", **(row_stats(probes) if probes else
-                                                      {"error": f"no probe ran in the {n} timed steps"})}
+        probe_row = {
+            "label_suffix": "probe step",
+            **(row_stats(probes) if probes else {"error": f"no probe ran in the {n} timed steps"}),
+        }
         if probes:
             extra = statistics.median(probes) - statistics.median(plain) if plain else None
             amortized["plain_step_median_ms"] = statistics.median(plain) if plain else None
-            amortized["overhead_vs_plain_step"] = (amortized["mean_ms"] / statistics.median(plain) - 1) if plain else None
-            probe_row.update(probe_extra_ms=extra,
-                             probe_step_vs_fwd_bwd=statistics.median(probes) / fb["median_ms"],
-                             probe_extra_vs_fwd_bwd=None if extra is None else extra / fb["median_ms"])
+            amortized["overhead_vs_plain_step"] = (
+                (amortized["mean_ms"] / statistics.median(plain) - 1) if plain else None
+            )
+            probe_row.update(
+                probe_extra_ms=extra,
+                probe_step_vs_fwd_bwd=statistics.median(probes) / fb["median_ms"],
+                probe_extra_vs_fwd_bwd=None if extra is None else extra / fb["median_ms"],
+            )
         rows += [amortized, probe_row, {"label_suffix": "held-out fwd+bwd", **fb, "wall_mean_ms": fb_wall}]
         rows[0]["label_suffix"] = f"amortized, {n} steps, {len(probes)} probes"
     peak = peak_gib(device)
@@ -400,28 +438,37 @@ def profile_setup(key, shape, batch, mode, device, dtype, args, out_dir: Path) -
         shutil.copyfileobj(src, dst)
     raw.unlink()
     ka = prof.key_averages()
-    parts = [f"# {SETUPS[key]} | {batch[0]}x{batch[1]} | {mode} | {steps} steps after {args.warmup} warm-up"
-             f" | device {device_name(device)} | torch {torch.__version__}"
-             + (f" | the probe ran in profiled step(s) {probes} (train_step_i)" if key == "molf-heldout" else "")]
+    parts = [
+        f"# {SETUPS[key]} | {batch[0]}x{batch[1]} | {mode} | {steps} steps after {args.warmup} warm-up"
+        f" | device {device_name(device)} | torch {torch.__version__}"
+        + (f" | the probe ran in profiled step(s) {probes} (train_step_i)" if key == "molf-heldout" else "")
+    ]
     if device == "cuda":
         sort = None
         for name in ("self_device_time_total", "self_cuda_time_total"):  # torch renamed the column
             try:
-                parts.append(f"\n## top 25 by self CUDA time ({name})\n"
-                             + ka.table(sort_by=name, row_limit=25, max_name_column_width=70))
+                parts.append(
+                    f"\n## top 25 by self CUDA time ({name})\n"
+                    + ka.table(sort_by=name, row_limit=25, max_name_column_width=70)
+                )
                 sort = name
                 break
             except Exception:  # noqa: BLE001
                 continue
         if sort is not None:
             try:
-                parts.append("\n## top 25 by self CUDA time, grouped by input shape\n"
-                             + prof.key_averages(group_by_input_shape=True).table(
-                                 sort_by=sort, row_limit=25, max_name_column_width=70, max_shapes_column_width=60))
+                parts.append(
+                    "\n## top 25 by self CUDA time, grouped by input shape\n"
+                    + prof.key_averages(group_by_input_shape=True).table(
+                        sort_by=sort, row_limit=25, max_name_column_width=70, max_shapes_column_width=60
+                    )
+                )
             except Exception as e:  # noqa: BLE001
                 parts.append(f"\n(grouped by input shape: {type(e).__name__}: {e})")
-    parts.append("\n## top 25 by self CPU time\n"
-                 + ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+    parts.append(
+        "\n## top 25 by self CPU time\n"
+        + ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)
+    )
     table = out_dir / f"{stem}.txt"
     table.write_text("\n".join(parts) + "\n")
     print("\n".join(parts), flush=True)
@@ -475,16 +522,24 @@ def label(r: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     fill_ratios(rows)
-    lines = ["| setup | batch | mode | ms/step (median) | ms/step (mean) | vs FFT | peak GiB |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| setup | batch | mode | ms/step (median) | ms/step (mean) | vs FFT | peak GiB |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "error" in r:
             msg = r["error"].replace("|", "/").replace("\n", " ")
             lines.append(f"| {label(r)} | {r['batch']} | {r['mode']} | error: {msg} | | | |")
             continue
-        ratio = "-" if r.get("vs_fft") is None else f"{r['vs_fft']:.3f}x" + (" (mean)" if r.get("ratio_stat") == "mean" else "")
+        ratio = (
+            "-"
+            if r.get("vs_fft") is None
+            else f"{r['vs_fft']:.3f}x" + (" (mean)" if r.get("ratio_stat") == "mean" else "")
+        )
         peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
-        lines.append(f"| {label(r)} | {r['batch']} | {r['mode']} | {r['median_ms']:.2f} | {r['mean_ms']:.2f} | {ratio} | {peak} |")
+        lines.append(
+            f"| {label(r)} | {r['batch']} | {r['mode']} | {r['median_ms']:.2f} | {r['mean_ms']:.2f} | {ratio} | {peak} |"
+        )
     return "\n".join(lines)
 
 
@@ -492,16 +547,29 @@ def heldout_notes(rows: list[dict]) -> list[str]:
     notes = []
     for r in rows:
         if r["setup"] == "molf-heldout" and r.get("probe_step_vs_fwd_bwd") is not None:
-            amort = next((a for a in rows if a["setup"] == "molf-heldout" and a["batch"] == r["batch"]
-                          and a["mode"] == r["mode"] and a.get("ratio_stat") == "mean"), {})
+            amort = next(
+                (
+                    a
+                    for a in rows
+                    if a["setup"] == "molf-heldout"
+                    and a["batch"] == r["batch"]
+                    and a["mode"] == r["mode"]
+                    and a.get("ratio_stat") == "mean"
+                ),
+                {},
+            )
             over = amort.get("overhead_vs_plain_step")
             extra = r.get("probe_extra_ms")
             notes.append(
                 f"held-out probe, {r['batch']} {r['mode']}: probe step {r['median_ms']:.1f} ms = "
                 f"{r['probe_step_vs_fwd_bwd']:.2f}x a held-out fwd+bwd"
-                + (f"; its extra over a plain step {extra:.1f} ms = {r['probe_extra_vs_fwd_bwd']:.2f}x fwd+bwd"
-                   if extra is not None else "")
-                + (f"; amortized: +{over:.1%} over the median plain step" if over is not None else ""))
+                + (
+                    f"; its extra over a plain step {extra:.1f} ms = {r['probe_extra_vs_fwd_bwd']:.2f}x fwd+bwd"
+                    if extra is not None
+                    else ""
+                )
+                + (f"; amortized: +{over:.1%} over the median plain step" if over is not None else "")
+            )
     return notes
 
 
@@ -510,29 +578,48 @@ def heldout_notes(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                        help="default: qwen2.5-1.5b on CUDA, small elsewhere")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="parameter dtype; default bf16 on CUDA, fp32 elsewhere")
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), default=None, help="default: qwen2.5-1.5b on CUDA, small elsewhere"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="parameter dtype; default bf16 on CUDA, fp32 elsewhere"
+    )
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of {', '.join(SETUPS)}")
     parser.add_argument("--batches", default=None, help="comma list of BATCHxSEQ; default 4x512,16x512 (small: 2x64)")
     parser.add_argument("--modes", default=None, help="comma list of eager, compile (default eager)")
     parser.add_argument("--compile", action="store_true", help="same as --modes eager,compile")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--heldout-steps", type=int, default=50,
-                        help="timed steps of the held-out setup (its probe runs every 10; keep >= 50)")
-    parser.add_argument("--peft-adapter-dtype", choices=("auto", "param"), default="auto",
-                        help="auto: peft's default (float32 adapters on a bf16 model); param: the parameter dtype")
+    parser.add_argument(
+        "--heldout-steps",
+        type=int,
+        default=50,
+        help="timed steps of the held-out setup (its probe runs every 10; keep >= 50)",
+    )
+    parser.add_argument(
+        "--peft-adapter-dtype",
+        choices=("auto", "param"),
+        default="auto",
+        help="auto: peft's default (float32 adapters on a bf16 model); param: the parameter dtype",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs on shared cores)")
     parser.add_argument("--out", default=None, help="results.json (rewritten after every setup)")
-    parser.add_argument("--profile", default=None, metavar="SETUP",
-                        help="only profile SETUP (torch.profiler) on each batch and mode given")
-    parser.add_argument("--profile-steps", type=int, default=3,
-                        help="profiled steps after warm-up (molf-heldout: the first of them runs the probe)")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="SETUP",
+        help="only profile SETUP (torch.profiler) on each batch and mode given",
+    )
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=3,
+        help="profiled steps after warm-up (molf-heldout: the first of them runs the probe)",
+    )
     parser.add_argument("--profile-dir", default=None, help="default: the folder of --out, else the current one")
     args = parser.parse_args(argv)
 
@@ -553,16 +640,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--modes takes eager and/or compile, got {modes}")
 
     meta = {
-        "bench": "loop_bench", "device": device_name(device), "device_type": device,
+        "bench": "loop_bench",
+        "device": device_name(device),
+        "device_type": device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benches/loop_bench.py " + shlex.join(argv), **versions(),
-        "shape": shape, "shape_config": SHAPES[shape]["config"], "dtype": str(dtype).replace("torch.", ""),
-        "args": vars(args), "timing": "cuda events between back-to-back steps" if device == "cuda" else "wall clock",
+        "command": "python benches/loop_bench.py " + shlex.join(argv),
+        **versions(),
+        "shape": shape,
+        "shape_config": SHAPES[shape]["config"],
+        "dtype": str(dtype).replace("torch.", ""),
+        "args": vars(args),
+        "timing": "cuda events between back-to-back steps" if device == "cuda" else "wall clock",
         "threads": torch.get_num_threads(),
     }
-    print(f"device={meta['device']} torch={meta['torch']} transformers={meta['transformers']} peft={meta['peft']} "
-          f"shape={shape} dtype={meta['dtype']} batches={args.batches or SHAPES[shape]['batches']} modes={','.join(modes)} "
-          f"warmup={args.warmup} steps={args.steps} heldout-steps={args.heldout_steps}", flush=True)
+    print(
+        f"device={meta['device']} torch={meta['torch']} transformers={meta['transformers']} peft={meta['peft']} "
+        f"shape={shape} dtype={meta['dtype']} batches={args.batches or SHAPES[shape]['batches']} modes={','.join(modes)} "
+        f"warmup={args.warmup} steps={args.steps} heldout-steps={args.heldout_steps}",
+        flush=True,
+    )
 
     if args.profile:
         out_dir = Path(args.profile_dir or (Path(args.out).parent if args.out else "."))
@@ -587,8 +683,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 try:
                     new = [{**base, **r} for r in run_setup(key, shape, batch, mode, device, dtype, args)]
                 except Exception as e:  # noqa: BLE001 — one setup's failure (OOM too) is a row, not the end
-                    new = [{**base, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}",
-                            "traceback": traceback.format_exc(limit=8)}]
+                    new = [
+                        {
+                            **base,
+                            "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}",
+                            "traceback": traceback.format_exc(limit=8),
+                        }
+                    ]
                     if device == "cuda":
                         new[0]["peak_gib"] = peak_gib(device)
                     del e
@@ -596,12 +697,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows += new
                 fill_ratios(rows)
                 for r in new:
-                    what = r["error"] if "error" in r else (
-                        f"median {r['median_ms']:.2f} ms  mean {r['mean_ms']:.2f} ms"
-                        + (f"  x{r['vs_fft']:.3f}" if r.get("vs_fft") is not None else "")
-                        + (f"  peak {r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "")
-                        + (f"  [first step {r['first_step_ms'] / 1e3:.1f} s, {r.get('unique_graphs')} graphs,"
-                           f" {r.get('graph_breaks')} graph breaks]" if mode == "compile" and "first_step_ms" in r else ""))
+                    what = (
+                        r["error"]
+                        if "error" in r
+                        else (
+                            f"median {r['median_ms']:.2f} ms  mean {r['mean_ms']:.2f} ms"
+                            + (f"  x{r['vs_fft']:.3f}" if r.get("vs_fft") is not None else "")
+                            + (f"  peak {r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "")
+                            + (
+                                f"  [first step {r['first_step_ms'] / 1e3:.1f} s, {r.get('unique_graphs')} graphs,"
+                                f" {r.get('graph_breaks')} graph breaks]"
+                                if mode == "compile" and "first_step_ms" in r
+                                else ""
+                            )
+                        )
+                    )
                     print(f"  {r['mode']:<7} {r['batch']:<7} {label(r):<48} {what}", flush=True)
                 print(f"    ({time.perf_counter() - t0:.1f} s)", flush=True)
                 write_json(args.out, meta, rows)

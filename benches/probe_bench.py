@@ -29,10 +29,24 @@ import molf
 
 SHAPES = {
     # Qwen2.5-1.5B: 28 layers, hidden 1536, intermediate 8960, 12 heads, 2 KV heads, tied embeddings.
-    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "small": dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
 }
 DEFAULTS = {  # rank, held-out batch, sequence length
     "qwen2.5-1.5b": (128, 4, 512),
@@ -145,17 +159,21 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in rows.items()}
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"shape {args.shape} ({n_params / 1e6:.1f}M parameters), {args.device}, "
-          f"{next(model.parameters()).dtype}, experts {opt.expert_names}, rank {args.rank}, "
-          f"{len(opt.module_names)} routed modules, held-out batch {args.batch}x{args.seq}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {args.rounds}")
+    print(
+        f"shape {args.shape} ({n_params / 1e6:.1f}M parameters), {args.device}, "
+        f"{next(model.parameters()).dtype}, experts {opt.expert_names}, rank {args.rank}, "
+        f"{len(opt.module_names)} routed modules, held-out batch {args.batch}x{args.seq}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, median of {args.rounds}"
+    )
     print(f"{'':>10} {'ms':>9} {'min ms':>9} {'peak MiB':>9}")
     for k in ("probe", "fwd+bwd", "fwd"):
         peak = peaks.get(k, [None])[0]
         print(f"{k:>10} {med[k]:9.1f} {min(rows[k]):9.1f} {'' if peak is None else f'{peak:9.0f}':>9}")
     floor = ((E + 1) * med["fwd"] + med["fwd+bwd"]) / med["fwd+bwd"]
-    print(f"probe / (fwd+bwd): {med['probe'] / med['fwd+bwd']:.2f} (floor {floor:.2f}: {E + 1} forwards "
-          f"+ 1 forward+backward; target <= 2.5)")
+    print(
+        f"probe / (fwd+bwd): {med['probe'] / med['fwd+bwd']:.2f} (floor {floor:.2f}: {E + 1} forwards "
+        f"+ 1 forward+backward; target <= 2.5)"
+    )
 
 
 if __name__ == "__main__":

@@ -139,16 +139,46 @@ class Scale:
 
 
 QUICK = Scale(
-    steps_synthetic=200, steps_lm=120, batch_synthetic=64, batch_lm=16, seeds=3,
+    steps_synthetic=200,
+    steps_lm=120,
+    batch_synthetic=64,
+    batch_lm=16,
+    seeds=3,
     lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
-    lm=lm.LMScale(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, pretrain_steps=600,
-                  pretrain_batch=32, pretrain_lr=3e-3, n_facts=96, n_sql_train=256, n_sql_eval=64),
+    lm=lm.LMScale(
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        intermediate=128,
+        pretrain_steps=600,
+        pretrain_batch=32,
+        pretrain_lr=3e-3,
+        n_facts=96,
+        n_sql_train=256,
+        n_sql_eval=64,
+    ),
 )
 FULL = Scale(
-    steps_synthetic=1000, steps_lm=600, batch_synthetic=64, batch_lm=32, seeds=5,
+    steps_synthetic=1000,
+    steps_lm=600,
+    batch_synthetic=64,
+    batch_lm=32,
+    seeds=5,
     lrs=(3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    lm=lm.LMScale(hidden=256, layers=4, heads=8, kv_heads=2, intermediate=704, pretrain_steps=4000,
-                  pretrain_batch=64, pretrain_lr=1e-3, n_facts=256, n_sql_train=1024, n_sql_eval=256),
+    lm=lm.LMScale(
+        hidden=256,
+        layers=4,
+        heads=8,
+        kv_heads=2,
+        intermediate=704,
+        pretrain_steps=4000,
+        pretrain_batch=64,
+        pretrain_lr=1e-3,
+        n_facts=256,
+        n_sql_train=1024,
+        n_sql_eval=256,
+    ),
 )
 
 MLP_TARGETS = tuple(f"blocks.{i}" for i in range(demo.DEPTH)) + ("head",)
@@ -216,8 +246,15 @@ def _language(splits_of: Callable[[int, lm.LMScale], dict]) -> Callable[[int, Sc
 
 
 _HIGH, _LOW = demo.REGIMES
-_MIXED = demo.Regime("mixed", delta_rank=None, delta_norm=0.5, n_train=2048, label_noise=0.5,
-                     expected_winner="MoLF", layer_ranks=(None, None, 1, 1, 1))
+_MIXED = demo.Regime(
+    "mixed",
+    delta_rank=None,
+    delta_norm=0.5,
+    n_train=2048,
+    label_noise=0.5,
+    expected_winner="MoLF",
+    layer_ranks=(None, None, 1, 1, 1),
+)
 _SHIFT_A = demo.Regime("shift-a", delta_rank=1, delta_norm=0.5, n_train=2048, label_noise=0.0, expected_winner="-")
 _SHIFT_B = demo.Regime("shift-b", delta_rank=None, delta_norm=0.5, n_train=2048, label_noise=0.0, expected_winner="-")
 _MSE = "held-out MSE / untouched student's"
@@ -227,17 +264,40 @@ REGIMES: dict[str, RegimeSpec] = {
     for r in (
         RegimeSpec("high-rank", "synthetic", _MSE, False, _HIGH.describe(), _synthetic((_HIGH,))),
         RegimeSpec("low-rank-noisy", "synthetic", _MSE, False, _LOW.describe(), _synthetic((_LOW,))),
-        RegimeSpec("mixed", "synthetic", _MSE, False,
-                   "blocks 0-1 need a full-rank ΔW, blocks 2-3 and the head rank 1; 2048 samples, label noise 0.5x",
-                   _synthetic((_MIXED,))),
-        RegimeSpec("shift", "synthetic", _MSE, False,
-                   "rank-1 target for the first half of the steps, then a full-rank one (clean, 2048 samples each);"
-                   " scored on the second", _synthetic((_SHIFT_A, _SHIFT_B))),
-        RegimeSpec("facts", "lm", "exact-match recall", True,
-                   "counterfactual fact injection into the pre-trained char-level Qwen2", _language(lm.fact_splits)),
-        RegimeSpec("sql", "lm", "held-out exact match", True,
-                   "templated questions -> SQL-like programs, new phrasings", _language(lm.sql_splits),
-                   val_seeds=3),  # a rate's runs split between converged and stalled: one instance misranks
+        RegimeSpec(
+            "mixed",
+            "synthetic",
+            _MSE,
+            False,
+            "blocks 0-1 need a full-rank ΔW, blocks 2-3 and the head rank 1; 2048 samples, label noise 0.5x",
+            _synthetic((_MIXED,)),
+        ),
+        RegimeSpec(
+            "shift",
+            "synthetic",
+            _MSE,
+            False,
+            "rank-1 target for the first half of the steps, then a full-rank one (clean, 2048 samples each);"
+            " scored on the second",
+            _synthetic((_SHIFT_A, _SHIFT_B)),
+        ),
+        RegimeSpec(
+            "facts",
+            "lm",
+            "exact-match recall",
+            True,
+            "counterfactual fact injection into the pre-trained char-level Qwen2",
+            _language(lm.fact_splits),
+        ),
+        RegimeSpec(
+            "sql",
+            "lm",
+            "held-out exact match",
+            True,
+            "templated questions -> SQL-like programs, new phrasings",
+            _language(lm.sql_splits),
+            val_seeds=3,
+        ),  # a rate's runs split between converged and stalled: one instance misranks
     )
 }
 
@@ -277,8 +337,16 @@ def adalora_method(init_r: int, target_r: int, allocate: bool = True) -> Callabl
     def build(model, lr, steps, targets, log_path, heldout) -> Built:
         from peft import AdaLoraConfig, get_peft_model
 
-        cfg = AdaLoraConfig(init_r=init_r, target_r=target_r, lora_alpha=init_r, target_modules=list(targets),
-                            tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 50), total_step=steps)
+        cfg = AdaLoraConfig(
+            init_r=init_r,
+            target_r=target_r,
+            lora_alpha=init_r,
+            target_modules=list(targets),
+            tinit=steps // 10,
+            tfinal=steps // 5,
+            deltaT=max(1, steps // 50),
+            total_step=steps,
+        )
         model = get_peft_model(model, cfg)
         opt = torch.optim.AdamW(_trainable(model), lr=lr, weight_decay=0.0)
         if not allocate:
@@ -293,8 +361,13 @@ def adalora_method(init_r: int, target_r: int, allocate: bool = True) -> Callabl
 _adalora = adalora_method(sum(EFFICIENT_RANKS), max(EFFICIENT_RANKS))
 
 
-def _molf(ranks: tuple[int, ...], fft: bool, routing: Callable[[Callable[[], torch.Tensor]], dict],
-          lora_lr_factor: float = 1.0, alpha_factor: float = 1.0):
+def _molf(
+    ranks: tuple[int, ...],
+    fft: bool,
+    routing: Callable[[Callable[[], torch.Tensor]], dict],
+    lora_lr_factor: float = 1.0,
+    alpha_factor: float = 1.0,
+):
     """MoLFAdamW with the routing options `routing(held-out loss closure)` returns. Each LoRA
     expert at the scale of the method it is compared with: beside a dense expert (against FFT and
     the LoRA baseline) rsLoRA alpha = r, s = sqrt(r), as the LoRA baseline; MoLF-E (against AdaLoRA)
@@ -303,11 +376,24 @@ def _molf(ranks: tuple[int, ...], fft: bool, routing: Callable[[Callable[[], tor
     factor) away from that: the hyper-parameter variants."""
 
     def build(model, lr, steps, targets, log_path, heldout: HeldoutLoss) -> Built:
-        cfg = molf.MoLFConfig(ranks=ranks, alphas=tuple(alpha_factor * r for r in ranks), fft=fft, rslora=fft,
-                              target_modules=targets, exclude_modules=())
+        cfg = molf.MoLFConfig(
+            ranks=ranks,
+            alphas=tuple(alpha_factor * r for r in ranks),
+            fft=fft,
+            rslora=fft,
+            target_modules=targets,
+            exclude_modules=(),
+        )
         molf.wrap(model, cfg)
-        opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lora_lr_factor * lr, weight_decay=0.0, lora_weight_decay=0.0,
-                             log_path=log_path, **routing(lambda: heldout(model)))
+        opt = molf.MoLFAdamW(
+            model,
+            lr=lr,
+            lora_lr=lora_lr_factor * lr,
+            weight_decay=0.0,
+            lora_weight_decay=0.0,
+            log_path=log_path,
+            **routing(lambda: heldout(model)),
+        )
         return model, opt, _none
 
     return build
@@ -346,7 +432,8 @@ def variant(method: str, name: str) -> str:
 
 VARIANT_METHODS: dict[str, Callable[..., Built]] = {
     variant(m, v): _molf((LORA_RANK,), True, routing, *factors)
-    for m, routing in VARIED.items() for v, factors in VARIANTS.items()
+    for m, routing in VARIED.items()
+    for v, factors in VARIANTS.items()
 }
 BUILDERS = {**METHODS, **VARIANT_METHODS}  # every method a run may name; METHODS: the suite's
 SENSITIVITY_METHODS = ["FFT", "LoRA", *(x for m in VARIED for x in (m, *(variant(m, v) for v in VARIANTS)))]
@@ -357,8 +444,16 @@ BASELINES = ("FFT", "LoRA")
 # ------------------------------------------------------------------ harness
 
 
-def train_eval(inst: Instance, method: str, lr: float, seed: int, steps: int, split: str,
-               log_path: Path | None = None, tick: Callable[[], None] = lambda: None) -> dict:
+def train_eval(
+    inst: Instance,
+    method: str,
+    lr: float,
+    seed: int,
+    steps: int,
+    split: str,
+    log_path: Path | None = None,
+    tick: Callable[[], None] = lambda: None,
+) -> dict:
     """Train one method on one instance; its metric on `split` (NaN-safe), wall
     time and, for routed methods, the routing summary."""
     with torch.random.fork_rng(devices=[]):  # LoRA inits draw from the global RNG
@@ -382,8 +477,12 @@ def train_eval(inst: Instance, method: str, lr: float, seed: int, steps: int, sp
         # Modules in which each expert is routed at the end: the router's incumbents (top-1:
         # the last winner; heldout: the active set, which may be empty).
         active = opt.router.incumbents().mean(axis=0)
-        out["routing"] = {"current_share": s.current_share, "win_share": s.win_share, "switches": s.switches,
-                          "active_share": dict(zip(opt.expert_names, map(float, active)))}
+        out["routing"] = {
+            "current_share": s.current_share,
+            "win_share": s.win_share,
+            "switches": s.switches,
+            "active_share": dict(zip(opt.expert_names, map(float, active))),
+        }
     return out
 
 
@@ -470,14 +569,18 @@ def _record_protocol(config: dict, protocol: dict[str, int]) -> None:
         config["scale"] = {**config["scale"], "val_seeds": None}
         config["val_seeds"] = protocol
     else:
-        config["scale"] = {**config["scale"], "val_seeds": next(iter(protocol.values()), config["scale"].get("val_seeds"))}
+        config["scale"] = {
+            **config["scale"],
+            "val_seeds": next(iter(protocol.values()), config["scale"].get("val_seeds")),
+        }
 
 
 def _fingerprint(scale: Scale, device: str) -> str:
     """What a single run depends on besides its own fields: the scale but for
     the grid and seed counts (and where the checkpoint is cached), the device."""
-    dims = {k: v for k, v in asdict(scale).items()
-            if k not in ("seeds", "lrs", "val_seeds", "val_finalists", "cache_dir")}
+    dims = {
+        k: v for k, v in asdict(scale).items() if k not in ("seeds", "lrs", "val_seeds", "val_finalists", "cache_dir")
+    }
     return json.dumps({"scale": dims, "device": device}, sort_keys=True)
 
 
@@ -499,8 +602,16 @@ def execute(run: Run, scale: Scale, device: str, out: Path, tick: Callable[[], N
     if run.log:
         log_path = _routing_log(out, run.regime, run.method)
         log_path.unlink(missing_ok=True)  # the log appends; start it afresh
-    return train_eval(_instance(run.regime, run.seed, scale, device), run.method, run.lr, run.seed,
-                      _steps(spec, scale), run.split, log_path, tick)
+    return train_eval(
+        _instance(run.regime, run.seed, scale, device),
+        run.method,
+        run.lr,
+        run.seed,
+        _steps(spec, scale),
+        run.split,
+        log_path,
+        tick,
+    )
 
 
 def run_records(path: Path) -> list[tuple[str, dict]]:
@@ -562,8 +673,9 @@ class RunBook:
             f.write(line + "\n")
 
 
-def pair_step(spec: RegimeSpec, scale: Scale, method: str, seeds: list[int],
-              results: dict[Run, dict]) -> list[Run] | dict:
+def pair_step(
+    spec: RegimeSpec, scale: Scale, method: str, seeds: list[int], results: dict[Run, dict]
+) -> list[Run] | dict:
     """What a (regime, method) pair still needs, given the runs finished so far:
     the first validation instance's missing runs (every rate); once there are
     none, the other instances' missing runs (the finalists' rates); once there
@@ -576,8 +688,10 @@ def pair_step(spec: RegimeSpec, scale: Scale, method: str, seeds: list[int],
     if missing:
         return missing
     final = finalists(scale, spec, {lr: results[r]["metric"] for lr, r in first.items()})
-    val = {lr: [r] + ([Run(spec.name, method, lr, VAL_SEED + i, "val") for i in range(1, n_val)] if lr in final else [])
-           for lr, r in first.items()}
+    val = {
+        lr: [r] + ([Run(spec.name, method, lr, VAL_SEED + i, "val") for i in range(1, n_val)] if lr in final else [])
+        for lr, r in first.items()
+    }
     missing = [r for runs in val.values() for r in runs if r not in results]
     if missing:
         return missing
@@ -591,11 +705,15 @@ def pair_step(spec: RegimeSpec, scale: Scale, method: str, seeds: list[int],
     if missing:
         return missing
     runs = [results[r] for r in test]
-    entry = {"lr": best_lr, "val_by_lr": {str(k): v for k, v in mean_val.items()},
-             **({"val_by_lr_per_seed": {str(k): v for k, v in per_val.items()},
-                 "val_finalists": final} if n_val > 1 else {}),
-             "test": _mean_std([r["metric"] for r in runs]),
-             "wall_s": statistics.fmean(r["wall_s"] for r in runs)}
+    entry = {
+        "lr": best_lr,
+        "val_by_lr": {str(k): v for k, v in mean_val.items()},
+        **(
+            {"val_by_lr_per_seed": {str(k): v for k, v in per_val.items()}, "val_finalists": final} if n_val > 1 else {}
+        ),
+        "test": _mean_std([r["metric"] for r in runs]),
+        "wall_s": statistics.fmean(r["wall_s"] for r in runs),
+    }
     if method in ROUTED:
         entry["routing"] = {
             k: {e: statistics.fmean(r["routing"][k][e] for r in runs) for e in runs[0]["routing"][k]}
@@ -608,8 +726,14 @@ def pair_step(spec: RegimeSpec, scale: Scale, method: str, seeds: list[int],
 def assemble_regime(spec: RegimeSpec, scale: Scale, entries: dict[str, dict], out: Path, plot: bool = True) -> dict:
     """A regime's result from its methods' entries (in the requested order): the
     winner, the gaps to AdaLoRA and to the best baseline, the routing figure."""
-    result: dict = {"family": spec.family, "metric": spec.metric, "higher_is_better": spec.higher_is_better,
-                    "description": spec.description, "steps": _steps(spec, scale), "methods": entries}
+    result: dict = {
+        "family": spec.family,
+        "metric": spec.metric,
+        "higher_is_better": spec.higher_is_better,
+        "description": spec.description,
+        "steps": _steps(spec, scale),
+        "methods": entries,
+    }
     means = {m: e["test"]["mean"] for m, e in entries.items()}
     winner = None
     for m in means:
@@ -617,8 +741,9 @@ def assemble_regime(spec: RegimeSpec, scale: Scale, entries: dict[str, dict], ou
     result["winner"] = winner
     result["tied_best"] = [m for m in means if means[m] == means[winner]]
     if "AdaLoRA" in means and means["AdaLoRA"] != 0:  # the efficient variants' reference (issue 7)
-        result["gap_to_adalora"] = {m: _gap(means[m], means["AdaLoRA"], spec.higher_is_better)
-                                    for m in EFFICIENT if m in means}
+        result["gap_to_adalora"] = {
+            m: _gap(means[m], means["AdaLoRA"], spec.higher_is_better) for m in EFFICIENT if m in means
+        }
     if all(b in means for b in BASELINES):
         a, b = (means[x] for x in BASELINES)
         best = b if _better(b, a, spec.higher_is_better) else a
@@ -633,11 +758,21 @@ def assemble_regime(spec: RegimeSpec, scale: Scale, entries: dict[str, dict], ou
     return result
 
 
-def _run_sequential(scale: Scale, regimes: list[str], methods: list[str], seeds: list[int], device: str,
-                    out: Path, book: RunBook, progress: bool, write: Callable[[dict], None]) -> dict:
+def _run_sequential(
+    scale: Scale,
+    regimes: list[str],
+    methods: list[str],
+    seeds: list[int],
+    device: str,
+    out: Path,
+    book: RunBook,
+    progress: bool,
+    write: Callable[[dict], None],
+) -> dict:
     """Every run in this process, pair after pair; each regime written once done."""
-    total = sum(_steps(REGIMES[n], scale) * len(methods) * (validation_runs(scale, REGIMES[n]) + len(seeds))
-                for n in regimes)
+    total = sum(
+        _steps(REGIMES[n], scale) * len(methods) * (validation_runs(scale, REGIMES[n]) + len(seeds)) for n in regimes
+    )
     tty = sys.stderr.isatty()
     done: dict[str, dict] = {}
     with tqdm(total=total, unit="step", disable=not progress, mininterval=0.2 if tty else 15.0) as bar:
@@ -658,16 +793,27 @@ def _run_sequential(scale: Scale, regimes: list[str], methods: list[str], seeds:
     return done
 
 
-def _execute_job(run: Run, scale: Scale, device: str, out: Path, threads: int,
-                 tick: Callable[[], None] = lambda: None) -> dict:
+def _execute_job(
+    run: Run, scale: Scale, device: str, out: Path, threads: int, tick: Callable[[], None] = lambda: None
+) -> dict:
     """One run in a worker process (--jobs), or in this one with `tick` per step."""
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     return execute(run, scale, device, out, tick)
 
 
-def _run_parallel(scale: Scale, regimes: list[str], methods: list[str], seeds: list[int], device: str, out: Path,
-                  book: RunBook, jobs: int, progress: bool, write: Callable[[dict], None]) -> dict:
+def _run_parallel(
+    scale: Scale,
+    regimes: list[str],
+    methods: list[str],
+    seeds: list[int],
+    device: str,
+    out: Path,
+    book: RunBook,
+    jobs: int,
+    progress: bool,
+    write: Callable[[dict], None],
+) -> dict:
     """Every run one job in a pool of `jobs` processes (the same results as a
     sequential run): all pairs' validation runs at once, a pair's test runs as
     soon as its lr is chosen; a regime is assembled and written once all its
@@ -690,13 +836,20 @@ def _run_parallel(scale: Scale, regimes: list[str], methods: list[str], seeds: l
                 if todo := book.fill(need, res):
                     for run in todo:
                         running[pool.submit(_execute_job, run, scale, device, out, torch.get_num_threads())] = (
-                            name, method, run)
+                            name,
+                            method,
+                            run,
+                        )
                     return
             entries[name][method] = need
             if progress:
                 t = need["test"]  # the figures too: a run cut short still reports its finished pairs
-                print(f"[quality] {name} · {method} done at {time.perf_counter() - start:.0f} s: "
-                      f"{t['mean']:.4f} ± {t['std']:.4f} at lr {need['lr']:g}", file=sys.stderr, flush=True)
+                print(
+                    f"[quality] {name} · {method} done at {time.perf_counter() - start:.0f} s: "
+                    f"{t['mean']:.4f} ± {t['std']:.4f} at lr {need['lr']:g}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if len(entries[name]) == len(methods):
                 done[name] = assemble_regime(REGIMES[name], scale, {m: entries[name][m] for m in methods}, out)
                 write({n: done[n] for n in regimes if n in done})
@@ -718,8 +871,17 @@ def _run_parallel(scale: Scale, regimes: list[str], methods: list[str], seeds: l
     return {n: done[n] for n in regimes}
 
 
-def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str | Path, device: str = "cpu",
-              seed: int = 0, progress: bool = True, jobs: int = 1, resume: bool = False) -> dict:
+def run_suite(
+    scale: Scale,
+    regimes: list[str],
+    methods: list[str],
+    out_dir: str | Path,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    jobs: int = 1,
+    resume: bool = False,
+) -> dict:
     for name, known in (("regime", REGIMES), ("method", BUILDERS)):
         bad = [x for x in (regimes if name == "regime" else methods) if x not in known]
         if bad:
@@ -745,13 +907,21 @@ def run_suite(scale: Scale, regimes: list[str], methods: list[str], out_dir: str
     return results
 
 
-def _write(out: Path, results: dict, scale: Scale, seeds: list[int], device: str, methods: list[str], jobs: int,
-           start: float) -> None:
+def _write(
+    out: Path, results: dict, scale: Scale, seeds: list[int], device: str, methods: list[str], jobs: int, start: float
+) -> None:
     """results.json and table.txt for the regimes finished so far (rewritten after each)."""
     results["config"] = {
-        "scale": asdict(scale), "seeds": seeds, "val_seed": VAL_SEED, "device": device, "methods": methods,
-        "lora_rank": LORA_RANK, "efficient_ranks": list(EFFICIENT_RANKS),
-        "paper_routing": paper_routing(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "scale": asdict(scale),
+        "seeds": seeds,
+        "val_seed": VAL_SEED,
+        "device": device,
+        "methods": methods,
+        "lora_rank": LORA_RANK,
+        "efficient_ranks": list(EFFICIENT_RANKS),
+        "paper_routing": paper_routing(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "jobs": jobs,
     }
     _record_protocol(results["config"], {n: validation_instances(scale, REGIMES[n]) for n in results["regimes"]})
@@ -813,29 +983,38 @@ def merge_results(paths: list[str | Path], out_dir: str | Path, replace_pairs: b
             if seeds.setdefault(name, run_seeds) != run_seeds:
                 raise ValueError(f"{paths[i]}: {name} ran seeds {run_seeds}, another run of it {seeds[name]}")
             if protocol.setdefault(name, protocol_of(c, name)) != protocol_of(c, name):
-                raise ValueError(f"{paths[i]}: {name} chose its rates on (validation instances, finalists) "
-                                 f"{protocol_of(c, name)}, another run of it on {protocol[name]} (finalists None: "
-                                 "every rate on every instance, as before finalists; --finalists 0 reruns so)")
+                raise ValueError(
+                    f"{paths[i]}: {name} chose its rates on (validation instances, finalists) "
+                    f"{protocol_of(c, name)}, another run of it on {protocol[name]} (finalists None: "
+                    "every rate on every instance, as before finalists; --finalists 0 reruns so)"
+                )
     finals = {protocol[n][1] for n in entries if protocol[n][0] > 1}
     if len(finals) > 1:
-        raise ValueError(f"the regimes chose their rates among different finalists {sorted(finals, key=str)}: "
-                         "merge them separately")
+        raise ValueError(
+            f"the regimes chose their rates among different finalists {sorted(finals, key=str)}: merge them separately"
+        )
     base = Scale(**{**first["scale"], "lm": lm.LMScale(**first["scale"]["lm"])})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    regimes = {n: assemble_regime(REGIMES[n], base, {m: entries[n][m] for m in BUILDERS if m in entries[n]},
-                                  out, plot=False)
-               for n in REGIMES if n in entries}
+    regimes = {
+        n: assemble_regime(REGIMES[n], base, {m: entries[n][m] for m in BUILDERS if m in entries[n]}, out, plot=False)
+        for n in REGIMES
+        if n in entries
+    }
     per_regime = {n: seeds[n] for n in regimes}
     uniform = len({tuple(v) for v in per_regime.values()}) == 1
-    config = {**{k: v for k, v in first.items() if k != "val_seeds"},
-              "seeds": next(iter(per_regime.values())) if uniform else per_regime,
-              "methods": [m for m in BUILDERS if any(m in e for e in entries.values())],
-              "merged_from": [str(p) for p in paths],
-              "pairs_from": {n: {m: _pair_source(paths[origin[n][m]], runs[origin[n][m]], n, m)
-                                 for m in regimes[n]["methods"]} for n in regimes},
-              "devices": sorted({d for r in runs for d in r["config"].get("devices", [r["config"]["device"]])}),
-              "jobs": _flat([r["config"]["jobs"] for r in runs])}
+    config = {
+        **{k: v for k, v in first.items() if k != "val_seeds"},
+        "seeds": next(iter(per_regime.values())) if uniform else per_regime,
+        "methods": [m for m in BUILDERS if any(m in e for e in entries.values())],
+        "merged_from": [str(p) for p in paths],
+        "pairs_from": {
+            n: {m: _pair_source(paths[origin[n][m]], runs[origin[n][m]], n, m) for m in regimes[n]["methods"]}
+            for n in regimes
+        },
+        "devices": sorted({d for r in runs for d in r["config"].get("devices", [r["config"]["device"]])}),
+        "jobs": _flat([r["config"]["jobs"] for r in runs]),
+    }
     if not uniform:
         config["scale"] = {**first["scale"], "seeds": None}  # see "seeds"
     if finals:
@@ -882,8 +1061,11 @@ def format_table(results: dict) -> str:
             cells.append(f"**{cell}**" if m in regs[r]["tied_best"] else cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("| *best* | " + " | ".join(", ".join(regs[r]["tied_best"]) for r in names) + " |")
-    lines.append("| *metric* | " + " | ".join(("↑ " if regs[r]["higher_is_better"] else "↓ ") + regs[r]["metric"]
-                                              for r in names) + " |")
+    lines.append(
+        "| *metric* | "
+        + " | ".join(("↑ " if regs[r]["higher_is_better"] else "↓ ") + regs[r]["metric"] for r in names)
+        + " |"
+    )
     seeds = results.get("config", {}).get("seeds")
     if isinstance(seeds, dict):  # a merge of runs with different seeds per regime
         lines.append("| *seeds* | " + " | ".join(", ".join(map(str, seeds[r])) for r in names) + " |")
@@ -896,25 +1078,42 @@ def format_table(results: dict) -> str:
             return f"{n} (the first's {k} best rates)" if n > 1 and k is not None and k < len(scale["lrs"]) else str(n)
 
         lines.append("| *validation instances per rate* | " + " | ".join(instances(protocol[r]) for r in names) + " |")
-    lines.append("| *lr chosen (FFT / LoRA / MoLF paper)* | " + " | ".join(
-        " / ".join(f"{regs[r]['methods'][m]['lr']:g}" for m in ("FFT", "LoRA", "MoLF (paper)")
-                   if m in regs[r]["methods"])
-        for r in names) + " |")
+    lines.append(
+        "| *lr chosen (FFT / LoRA / MoLF paper)* | "
+        + " | ".join(
+            " / ".join(
+                f"{regs[r]['methods'][m]['lr']:g}" for m in ("FFT", "LoRA", "MoLF (paper)") if m in regs[r]["methods"]
+            )
+            for r in names
+        )
+        + " |"
+    )
     # A choice at the edge of the grid may hide a better rate outside it: say so.
-    lines.append("| *lr chosen at the grid's edge* | " + " | ".join(_edge_choices(regs[r]["methods"]) for r in names) + " |")
+    lines.append(
+        "| *lr chosen at the grid's edge* | " + " | ".join(_edge_choices(regs[r]["methods"]) for r in names) + " |"
+    )
     for m in ROUTED:
         if all(m in regs[r].get("gap_to_best_baseline", {}) for r in names):
-            lines.append(f"| gap of {m} to best of FFT/LoRA | "
-                         + " | ".join(_pct(regs[r]["gap_to_best_baseline"][m]) for r in names) + " |")
+            lines.append(
+                f"| gap of {m} to best of FFT/LoRA | "
+                + " | ".join(_pct(regs[r]["gap_to_best_baseline"][m]) for r in names)
+                + " |"
+            )
     for m in EFFICIENT:
         if all(m in regs[r].get("gap_to_adalora", {}) for r in names):
-            lines.append(f"| gap of {m} to AdaLoRA | "
-                         + " | ".join(_pct(regs[r]["gap_to_adalora"][m]) for r in names) + " |")
+            lines.append(
+                f"| gap of {m} to AdaLoRA | " + " | ".join(_pct(regs[r]["gap_to_adalora"][m]) for r in names) + " |"
+            )
     for m in ROUTED:
         if m in methods:
-            lines.append(f"| {m}: modules per expert at the end | " + " | ".join(
-                ", ".join(f"{e} {s:.0%}" for e, s in regs[r]["methods"][m]["routing"]["active_share"].items())
-                for r in names) + " |")
+            lines.append(
+                f"| {m}: modules per expert at the end | "
+                + " | ".join(
+                    ", ".join(f"{e} {s:.0%}" for e, s in regs[r]["methods"][m]["routing"]["active_share"].items())
+                    for r in names
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -930,8 +1129,9 @@ def format_sensitivity(results: dict) -> str:
     lines: list[str] = []
     for base in VARIED:
         rows = {base: "as in the suite", **{variant(base, v): v for v in VARIANTS}}
-        if not all(m in regs[r]["methods"] and m in regs[r].get("gap_to_best_baseline", {})
-                   for r in names for m in rows):
+        if not all(
+            m in regs[r]["methods"] and m in regs[r].get("gap_to_best_baseline", {}) for r in names for m in rows
+        ):
             continue
         for m, label in rows.items():
             cells = []
@@ -954,42 +1154,67 @@ def format_sensitivity(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="CPU settings (default)")
     mode.add_argument("--full", action="store_true", help="bigger models and more steps, for a GPU")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="quality-results", help="directory for results.json, table.txt, figures")
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
-    p.add_argument("--methods", nargs="+", choices=list(BUILDERS), metavar="METHOD",
-                   help="methods to run (default: the suite's seven; the [variants] only when named): "
-                        + ", ".join(f'"{m}"' for m in BUILDERS))
-    p.add_argument("--sensitivity", action="store_true",
-                   help="run FFT, LoRA and the dense + LoRA routed methods with the LoRA rate and scale moved "
-                        f"({', '.join(VARIANTS)}): does the routing follow the task or the hyper-parameters?")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(BUILDERS),
+        metavar="METHOD",
+        help="methods to run (default: the suite's seven; the [variants] only when named): "
+        + ", ".join(f'"{m}"' for m in BUILDERS),
+    )
+    p.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="run FFT, LoRA and the dense + LoRA routed methods with the LoRA rate and scale moved "
+        f"({', '.join(VARIANTS)}): does the routing follow the task or the hyper-parameters?",
+    )
     p.add_argument("--seeds", type=int, help="test seeds (default: 3 quick, 5 full)")
-    p.add_argument("--lrs", type=float, nargs="+",
-                   help="learning-rate grid instead of the scale's (one value: no selection)")
+    p.add_argument(
+        "--lrs", type=float, nargs="+", help="learning-rate grid instead of the scale's (one value: no selection)"
+    )
     p.add_argument("--seed", type=int, default=0, help="first test seed")
-    p.add_argument("--val-seeds", type=int,
-                   help="validation instances whose mean metric chooses each method's lr, in every regime "
-                        "(default: the regime's; 3 for sql, 1 elsewhere)")
-    p.add_argument("--finalists", type=int,
-                   help="with several validation instances: the rates the first ranks best that the others "
-                        "run (default 2; 0: every rate on every instance)")
+    p.add_argument(
+        "--val-seeds",
+        type=int,
+        help="validation instances whose mean metric chooses each method's lr, in every regime "
+        "(default: the regime's; 3 for sql, 1 elsewhere)",
+    )
+    p.add_argument(
+        "--finalists",
+        type=int,
+        help="with several validation instances: the rates the first ranks best that the others "
+        "run (default 2; 0: every rate on every instance)",
+    )
     p.add_argument("--cache-dir", help="where the pre-trained LM is cached (default ~/.cache/molf/quality)")
     p.add_argument("--threads", type=int, help="torch CPU threads (on a busy machine 1 is often fastest)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="parallel processes, one job per training run (same results)")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse the runs OUT/runs.jsonl records from an earlier, interrupted invocation of the "
-                        "same code and scale on the same device (default: that record starts afresh)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel processes, one job per training run (same results)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the runs OUT/runs.jsonl records from an earlier, interrupted invocation of the "
+        "same code and scale on the same device (default: that record starts afresh)",
+    )
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
-                   help="instead of running: merge the results.json of runs that split the work into --out")
-    p.add_argument("--replace", action="store_true",
-                   help="with --merge: a (regime, method) pair in a later run replaces an earlier run's")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="instead of running: merge the results.json of runs that split the work into --out",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="with --merge: a (regime, method) pair in a later run replaces an earlier run's",
+    )
     args = p.parse_args(argv)
     if args.replace and not args.merge:
         p.error("--replace goes with --merge")
@@ -1025,8 +1250,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True, warn_only=True)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
-    res = run_suite(scale, args.regimes, methods, args.out, args.device, args.seed, not args.no_progress,
-                    args.jobs, args.resume)
+    res = run_suite(
+        scale, args.regimes, methods, args.out, args.device, args.seed, not args.no_progress, args.jobs, args.resume
+    )
     print(_tables(res))
     print(f"\nwall {res['wall_s']:.0f} s; results in {args.out}/")
     return 0

@@ -25,8 +25,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
-CITIES = ("paris", "oslo", "lima", "cairo", "tokyo", "rome", "quito", "delhi",
-          "perth", "dakar", "seoul", "riga", "hanoi", "bern", "accra", "doha")
+CITIES = (
+    "paris",
+    "oslo",
+    "lima",
+    "cairo",
+    "tokyo",
+    "rome",
+    "quito",
+    "delhi",
+    "perth",
+    "dakar",
+    "seoul",
+    "riga",
+    "hanoi",
+    "bern",
+    "accra",
+    "doha",
+)
 TABLES = ("users", "orders", "items", "books")
 COLUMNS = ("age", "price", "year", "score")
 WORLD_SIZE = 400  # names with a city in the pre-training corpus
@@ -97,8 +113,13 @@ TASK_SQL = (
 
 def _sql_pair(templates, rng: random.Random) -> tuple[str, str]:
     q, a = rng.choice(templates)
-    slots = dict(table=rng.choice(TABLES), col=rng.choice(COLUMNS), n=rng.randint(10, 99),
-                 city=rng.choice(CITIES), k=rng.randint(2, 9))
+    slots = dict(
+        table=rng.choice(TABLES),
+        col=rng.choice(COLUMNS),
+        n=rng.randint(10, 99),
+        city=rng.choice(CITIES),
+        k=rng.randint(2, 9),
+    )
     return f"q: {q.format(**slots)} a:", " " + a.format(**slots)
 
 
@@ -137,10 +158,17 @@ def build_lm(scale: LMScale) -> nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(
-        vocab_size=TOKENIZER.vocab_size, hidden_size=scale.hidden, intermediate_size=scale.intermediate,
-        num_hidden_layers=scale.layers, num_attention_heads=scale.heads, num_key_value_heads=scale.kv_heads,
-        max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=TOKENIZER.pad_id,
-        eos_token_id=TOKENIZER.eos_id, bos_token_id=TOKENIZER.eos_id,
+        vocab_size=TOKENIZER.vocab_size,
+        hidden_size=scale.hidden,
+        intermediate_size=scale.intermediate,
+        num_hidden_layers=scale.layers,
+        num_attention_heads=scale.heads,
+        num_key_value_heads=scale.kv_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=TOKENIZER.pad_id,
+        eos_token_id=TOKENIZER.eos_id,
+        bos_token_id=TOKENIZER.eos_id,
     )
     cfg._attn_implementation = "eager"  # deterministic and identical on CPU and GPU
     return Qwen2ForCausalLM(cfg)
@@ -150,8 +178,11 @@ def pretrained_lm(scale: LMScale, cache_dir: Path, device: str, progress: bool =
     """The pre-trained model for `scale`, trained once and cached under `cache_dir`
     (the file name hashes everything that determines the weights)."""
     arch = {k: v for k, v in asdict(scale).items() if not k.startswith(("n_facts", "n_sql"))}  # task sizes: not weights
-    key = hashlib.sha256(json.dumps({"scale": arch, "world": [WORLD_SEED, WORLD_SIZE],
-                                     "sql": PRETRAIN_SQL, "chars": TOKENIZER.chars, "v": 1}).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps(
+            {"scale": arch, "world": [WORLD_SEED, WORLD_SIZE], "sql": PRETRAIN_SQL, "chars": TOKENIZER.chars, "v": 1}
+        ).encode()
+    ).hexdigest()
     path = Path(cache_dir).expanduser() / f"qwen2-char-{key[:16]}.pt"
     torch.manual_seed(0)
     model = build_lm(scale)

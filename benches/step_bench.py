@@ -32,10 +32,24 @@ import molf
 
 SHAPES = {
     # Qwen2.5-1.5B: 28 layers, hidden 1536, intermediate 8960, 12 heads, 2 KV heads, tied embeddings.
-    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "small": dict(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -51,8 +65,11 @@ def build_model(shape: str, dtype: torch.dtype, device: str):
 def fill_grads(model, seed=0):
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32).mul_(1e-3).to(p.dtype) \
-            if p.requires_grad else None
+        p.grad = (
+            torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32).mul_(1e-3).to(p.dtype)
+            if p.requires_grad
+            else None
+        )
 
 
 def sync_count(opt) -> int:
@@ -215,14 +232,20 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=10, help="back-to-back steps per round")
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--profile", action="store_true",
-                        help="only print a cProfile of the host side of MoLF exact and lagged steps, per configuration")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only print a cProfile of the host side of MoLF exact and lagged steps, per configuration",
+    )
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = args.shape or ("qwen2.5-1.5b" if device == "cuda" else "small")
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} torch={torch.__version__} "
-          f"shape={shape} rounds={args.rounds} steps/round={args.steps}", flush=True)
+    print(
+        f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} torch={torch.__version__} "
+        f"shape={shape} rounds={args.rounds} steps/round={args.steps}",
+        flush=True,
+    )
 
     def adamw(model):
         kw = dict(fused=True) if device == "cuda" else dict(foreach=True)
@@ -237,7 +260,10 @@ def main(argv=None) -> None:
     # "dense wins" variants (lora_lr = lr / 100) are the worst case for traffic:
     # every dense weight is updated every step.
     optimizers = {"AdamW (torch fused)": adamw, "MoLF exact": molf_opt(), "MoLF lagged": molf_opt(lagged=True)}
-    worst_case = {"MoLF exact, dense wins": molf_opt(lora_lr=1e-7), "MoLF lagged, dense wins": molf_opt(lora_lr=1e-7, lagged=True)}
+    worst_case = {
+        "MoLF exact, dense wins": molf_opt(lora_lr=1e-7),
+        "MoLF lagged, dense wins": molf_opt(lora_lr=1e-7, lagged=True),
+    }
     configs = {"dense+LoRA128": (True, (128,)), "LoRA16+LoRA128 (Efficient)": (False, (16, 128))}
     results: dict = {}
     if args.profile:
@@ -251,8 +277,7 @@ def main(argv=None) -> None:
         for cname, (fft, ranks) in configs.items():
             label = f"{dname} {cname}"
             opts = {**optimizers, **worst_case} if fft else optimizers
-            results[label] = run_config(label, shape, dtypes[dname], device, opts, fft, ranks,
-                                        args.rounds, args.steps)
+            results[label] = run_config(label, shape, dtypes[dname], device, opts, fft, ranks, args.rounds, args.steps)
         fb = forward_backward_ms(shape, dtypes[dname], device)
         if fb is not None:
             results[f"{dname} forward+backward 8x512"] = {"median_ms": fb}
@@ -262,7 +287,9 @@ def main(argv=None) -> None:
         with open(args.json, "w") as f:
             json.dump({"device": device, "shape": shape, "torch": torch.__version__, "results": results}, f, indent=1)
 
-    print("\n| parameters, experts | optimizer | ms/step (median) | vs AdamW (paired median) | host ms in step() | host syncs/step | peak GiB | vs AdamW peak | modules per expert |")
+    print(
+        "\n| parameters, experts | optimizer | ms/step (median) | vs AdamW (paired median) | host ms in step() | host syncs/step | peak GiB | vs AdamW peak | modules per expert |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for label, res in results.items():
         if label.startswith("Router") or "forward" in label:
@@ -275,11 +302,15 @@ def main(argv=None) -> None:
             mem_ratio = f"{peak / base['peak_gib']:.3f}x" if peak else "-"
             host_ms = f"{r['host_ms']:.2f}" if r.get("host_ms") is not None else "-"
             share = " ".join(f"{e} {v:.0%}" for e, v in r.get("win_share", {}).items()) or "-"
-            print(f"| {label} | {name} | {r['median_ms']:.2f} | {r['ratio_vs_AdamW (torch fused)']:.3f}x | {host_ms} | {syncs} | {mem} | {mem_ratio} | {share} |")
+            print(
+                f"| {label} | {name} | {r['median_ms']:.2f} | {r['ratio_vs_AdamW (torch fused)']:.3f}x | {host_ms} | {syncs} | {mem} | {mem_ratio} | {share} |"
+            )
     for label, res in results.items():
         if "forward" in label:
             print(f"| {label} (context) | | {res['median_ms']:.2f} | | | | | | |")
-    print(f"| Router.route, 10,000 modules x 4 experts | | {results['Router.route 10000x4']['median_us']:.1f} us | | | | | | |")
+    print(
+        f"| Router.route, 10,000 modules x 4 experts | | {results['Router.route 10000x4']['median_us']:.1f} us | | | | | | |"
+    )
 
 
 if __name__ == "__main__":

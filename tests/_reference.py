@@ -17,8 +17,9 @@ class ReferenceMoLF:
     plain: names of parameters outside routed modules.
     lora: set of names of LoRA-expert parameters (they use lora_lr / lora_wd)."""
 
-    def __init__(self, params, modules, plain, lora, *, lr, lora_lr, wd, lora_wd, betas, eps, topk, score,
-                 lagged=False):
+    def __init__(
+        self, params, modules, plain, lora, *, lr, lora_lr, wd, lora_wd, betas, eps, topk, score, lagged=False
+    ):
         self.p = {n: np.array(v, dtype=np.float64) for n, v in params.items()}
         self.m = {n: np.zeros_like(v) for n, v in self.p.items()}
         self.v = {n: np.zeros_like(v) for n, v in self.p.items()}

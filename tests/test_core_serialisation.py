@@ -100,8 +100,7 @@ def test_truncated_blobs_raise_state_error(state, data):
 
 
 def test_every_truncation_and_every_bit_flip_is_rejected():
-    router = core.Router(3, 2, topk=1, policy="hysteresis", margin=0.1, min_dwell=1, warmup_steps=1,
-                         freeze_after=4)
+    router = core.Router(3, 2, topk=1, policy="hysteresis", margin=0.1, min_dwell=1, warmup_steps=1, freeze_after=4)
     ledger = core.Ledger(3, 2)
     rng = np.random.default_rng(1)
     for _ in range(3):

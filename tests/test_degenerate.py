@@ -71,10 +71,12 @@ def test_k_at_least_experts_is_adamw(dtype, foreach, fft, ranks):
     twin = copy.deepcopy(model)
     k = len(ranks) + int(fft)
     with pytest.warns(UserWarning, match="routing is off"):
-        opt = molf.MoLFAdamW(model, lr=1e-2, lora_lr=1e-2, weight_decay=0.1, lora_weight_decay=0.1,
-                             topk=k, state_dtype="param")
-    ref = torch.optim.AdamW(decay_groups([p for p in twin.parameters() if p.requires_grad], 0.1),
-                            lr=1e-2, foreach=foreach)
+        opt = molf.MoLFAdamW(
+            model, lr=1e-2, lora_lr=1e-2, weight_decay=0.1, lora_weight_decay=0.1, topk=k, state_dtype="param"
+        )
+    ref = torch.optim.AdamW(
+        decay_groups([p for p in twin.parameters() if p.requires_grad], 0.1), lr=1e-2, foreach=foreach
+    )
     train_pair(model, opt, twin, ref, dtype)
     assert_bitwise_equal(model, twin)
 
@@ -100,8 +102,7 @@ def test_efficient_single_lora_is_lora_adamw(dtype, foreach):
     model = molf.wrap(Net().to(dtype), molf.MoLFConfig(ranks=(4,), fft=False))
     twin = copy.deepcopy(model)
     with pytest.warns(UserWarning, match="routing is off"):
-        opt = molf.MoLFAdamW(model, lr=1.0, lora_lr=2e-2, weight_decay=0.5, lora_weight_decay=0.01,
-                             state_dtype="param")
+        opt = molf.MoLFAdamW(model, lr=1.0, lora_lr=2e-2, weight_decay=0.5, lora_weight_decay=0.01, state_dtype="param")
     lora = [p for p in twin.parameters() if p.requires_grad]
     assert lora and all(p.dim() == 2 for p in lora)
     ref = torch.optim.AdamW(lora, lr=2e-2, weight_decay=0.01, foreach=foreach)
@@ -118,5 +119,7 @@ def test_fp32_state_for_bf16_params_differs_from_bf16_state():
     model(x).float().pow(2).mean().backward()
     opt.step()
     states = [s for s in opt.state.values()]
-    assert states and all(s["exp_avg"].dtype == torch.float32 and s["exp_avg_sq"].dtype == torch.float32 for s in states)
+    assert states and all(
+        s["exp_avg"].dtype == torch.float32 and s["exp_avg_sq"].dtype == torch.float32 for s in states
+    )
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())

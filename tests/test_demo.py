@@ -104,7 +104,9 @@ def test_python_m_molf_demo_quick(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "molf", "demo", "--quick", "--steps", "3", "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "held-out loss" in proc.stdout and "MoLF-E" in proc.stdout

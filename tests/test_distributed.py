@@ -102,8 +102,9 @@ def _spawn(fn, *args) -> None:
 def _init(rank: int, init_method: str) -> slice:
     # A bounded timeout: a rank that fails an assertion leaves its peer in a
     # collective, which must then fail within minutes instead of gloo's 30.
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )
     torch.set_num_threads(1)
     per = BATCH // WORLD
     return slice(rank * per, (rank + 1) * per)
@@ -282,8 +283,10 @@ def _export_worker(rank: int, init_method: str, out_dir: str) -> None:
             assert got.keys() == want.keys() and any(t.abs().sum() > 0 for k, t in want.items() if "lora_B" in k)
             for key in want:
                 torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
-            with open(os.path.join(out_dir, "single", "adapter_config.json")) as a, \
-                    open(os.path.join(out_dir, "sharded", "adapter_config.json")) as b:
+            with (
+                open(os.path.join(out_dir, "single", "adapter_config.json")) as a,
+                open(os.path.join(out_dir, "sharded", "adapter_config.json")) as b,
+            ):
                 assert a.read() == b.read()
         dist.barrier()
     finally:
@@ -399,13 +402,15 @@ def _assert_same_heldout_run(model, opt, trace, windows, ref_model, ref_opt, ref
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     ref, got = _heldout_state(ref_model, ref_opt), _heldout_state(model, opt)
     # Kept for every tensor of every routed expert.
-    assert ref.keys() == {f"{module}.{name}" for module, layer in molf.routed_modules(ref_model)
-                          for name, _ in layer.named_parameters()}
+    assert ref.keys() == {
+        f"{module}.{name}" for module, layer in molf.routed_modules(ref_model) for name, _ in layer.named_parameters()
+    }
     assert got.keys() == ref.keys()
     for name in ref:
         for key in ref[name]:
-            torch.testing.assert_close(got[name][key], ref[name][key], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"{name} {key}: {m}")
+            torch.testing.assert_close(
+                got[name][key], ref[name][key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {key}: {m}"
+            )
 
 
 def _assert_ranks_identical(model, opt, trace) -> None:

@@ -27,8 +27,15 @@ def _one_thread(one_thread):
 
 
 def qwen2():
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.Qwen2ForCausalLM(cfg)
 
 
@@ -123,8 +130,11 @@ def test_export_peft_layout_and_logits(arch, tmp_path):
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(logits(loaded), want, atol=2e-5, rtol=1e-5)
     # The adapter sits on exactly the wrapped modules.
-    adapted = sorted(n.removeprefix("base_model.model.") for n, m in loaded.named_modules()
-                     if isinstance(m, peft.tuners.lora.LoraLayer))
+    adapted = sorted(
+        n.removeprefix("base_model.model.")
+        for n, m in loaded.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    )
     assert adapted == sorted(n for n, _ in layers)
 
 
@@ -189,8 +199,14 @@ def peft_adapter(arch: str, tmp_path, *, r: int, alpha: int, rslora: bool, alpha
     torch.manual_seed(seed)
     base = ARCHS[arch]().eval()
     targets = ["q_proj", "v_proj", "down_proj"] if arch == "qwen2" else ["c_attn", "c_fc"]
-    lcfg = peft.LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=targets,
-                           alpha_pattern=alpha_pattern or {}, fan_in_fan_out=arch == "gpt2")
+    lcfg = peft.LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=rslora,
+        target_modules=targets,
+        alpha_pattern=alpha_pattern or {},
+        fan_in_fan_out=arch == "gpt2",
+    )
     pm = peft.get_peft_model(copy.deepcopy(base), lcfg)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -203,8 +219,9 @@ def peft_adapter(arch: str, tmp_path, *, r: int, alpha: int, rslora: bool, alpha
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("fft", [True, False])
 def test_import_peft_computes_what_peft_computed(arch, fft, tmp_path):
-    base, pm, targets = peft_adapter(arch, tmp_path, r=4, alpha=16, rslora=False,
-                                     alpha_pattern={"v_proj": 3} if arch == "qwen2" else {"c_fc": 3})
+    base, pm, targets = peft_adapter(
+        arch, tmp_path, r=4, alpha=16, rslora=False, alpha_pattern={"v_proj": 3} if arch == "qwen2" else {"c_fc": 3}
+    )
     want = logits(pm)
     assert not torch.allclose(want, logits(base), atol=1e-4)
     # The second LoRA expert has the adapter's rank; the first stays zero-B (no effect).
@@ -214,13 +231,17 @@ def test_import_peft_computes_what_peft_computed(arch, fft, tmp_path):
     assert molf.import_peft(model, tmp_path / "adapter", expert=expert) is model
     torch.testing.assert_close(logits(model), want, atol=2e-5, rtol=1e-5)
     # A is copied verbatim; s_molf B_molf = s_peft B_peft.
-    peft_modules = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules()
-                    if isinstance(m, peft.tuners.lora.LoraLayer)}
+    peft_modules = {
+        n.removeprefix("base_model.model."): m
+        for n, m in pm.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
     for name, layer in molf.routed_modules(model):
         ref = peft_modules[name]
         assert torch.equal(layer.lora_A[1], ref.lora_A["default"].weight)
-        torch.testing.assert_close(layer.scales[1] * layer.lora_B[1].double(),
-                                   ref.scaling["default"] * ref.lora_B["default"].weight.double())
+        torch.testing.assert_close(
+            layer.scales[1] * layer.lora_B[1].double(), ref.scaling["default"] * ref.lora_B["default"].weight.double()
+        )
     # And it trains on from there.
     opt = molf.MoLFAdamW(model, lr=1e-3, lora_lr=1e-3)
     model.train()

@@ -49,8 +49,10 @@ def make_plan(param_dtype, state_dtype, step=3.0):
     m = tensors(state_dtype, 0.1, seed=5)
     v = [t.abs() * 0.01 for t in tensors(state_dtype, seed=6)]
     steps = [torch.tensor(step) for _ in params]
-    entries = [(p, mi, vi, s, 0 if k < ROUTED else 1, k if k < ROUTED else -1)
-               for k, (p, mi, vi, s) in enumerate(zip(params, m, v, steps))]
+    entries = [
+        (p, mi, vi, s, 0 if k < ROUTED else 1, k if k < ROUTED else -1)
+        for k, (p, mi, vi, s) in enumerate(zip(params, m, v, steps))
+    ]
     return _fused.FusedStep(entries), params, m, v
 
 
@@ -72,7 +74,9 @@ def expected_after(params, m, v, state_dtype, winners, score, step=3.0):
     return params, m, v, torch.stack(sums)
 
 
-@pytest.mark.parametrize("param_dtype,state_dtype", [(torch.float32,) * 2, (torch.float64,) * 2, (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "param_dtype,state_dtype", [(torch.float32,) * 2, (torch.float64,) * 2, (torch.bfloat16, torch.float32)]
+)
 @pytest.mark.parametrize("score", ["epd", "pfn"])
 @pytest.mark.parametrize("single_pass", [False, True])
 def test_fused_step_matches_foreach(param_dtype, state_dtype, score, single_pass):
@@ -229,8 +233,15 @@ def test_fused_path_routes_by_heldout_loss_like_the_foreach_path(lagged):
     def build(fused):
         torch.manual_seed(0)
         model = molf.wrap(Wide(), molf.MoLFConfig(ranks=(2,), exclude_modules=("head",))).to(DEVICE)
-        opt = molf.MoLFAdamW(model, lr=3e-2, lagged=lagged, fused=None if fused else False, heldout_every=2,
-                             min_dwell=4, heldout=lambda: torch.nn.functional.mse_loss(model(xv), yv))
+        opt = molf.MoLFAdamW(
+            model,
+            lr=3e-2,
+            lagged=lagged,
+            fused=None if fused else False,
+            heldout_every=2,
+            min_dwell=4,
+            heldout=lambda: torch.nn.functional.mse_loss(model(xv), yv),
+        )
         if fused:
             (_use_fused if DEVICE == "cpu" else _assert_fused)(opt)
         else:

@@ -75,8 +75,26 @@ class Reference:
     Parameter keys: (layer, "W"), (layer, "b"), (layer, "A", i), (layer, "B", i).
     """
 
-    def __init__(self, model, dims, wrapped, ranks, fft, *, lr, lora_lr, wd, lora_wd, every, decay, horizon,
-                 min_dwell, min_span, shrink=0.0, spectral=True):
+    def __init__(
+        self,
+        model,
+        dims,
+        wrapped,
+        ranks,
+        fft,
+        *,
+        lr,
+        lora_lr,
+        wd,
+        lora_wd,
+        every,
+        decay,
+        horizon,
+        min_dwell,
+        min_span,
+        shrink=0.0,
+        spectral=True,
+    ):
         self.layers = [str(2 * i) for i in range(len(dims) - 1)]
         self.wrapped = list(wrapped)  # in module order
         self.ranks = tuple(ranks)
@@ -262,6 +280,7 @@ class Reference:
         self.last_potential = potential
         if first:
             return
+
         # Each expert's decay: the EMA's mean age grows to `horizon` of the windows it has
         # moved in without a pause (its span restarts when it moves again after one).
         def decay(n):
@@ -349,9 +368,24 @@ def test_lockstep_with_float64_reference(case, horizon, shrink, spectral):
     # Beside a dense expert the default minimum span (0); LoRA experts only: 3 windows (the
     # default, 10, would leave this short run without the re-admissions tested here).
     min_span = 0 if fft else 3
-    ref = Reference(model, dims, wrapped, ranks, fft, lr=lr, lora_lr=lora_lr, wd=wd, lora_wd=lora_wd,
-                    every=K, decay=D, horizon=horizon, min_dwell=dwell, min_span=min_span, shrink=shrink,
-                    spectral=spectral)
+    ref = Reference(
+        model,
+        dims,
+        wrapped,
+        ranks,
+        fft,
+        lr=lr,
+        lora_lr=lora_lr,
+        wd=wd,
+        lora_wd=lora_wd,
+        every=K,
+        decay=D,
+        horizon=horizon,
+        min_dwell=dwell,
+        min_span=min_span,
+        shrink=shrink,
+        spectral=spectral,
+    )
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert bool(frozen) == (not fft)
     train, (xh, yh) = teacher_data(dims, seed=0)
@@ -361,10 +395,21 @@ def test_lockstep_with_float64_reference(case, horizon, shrink, spectral):
         calls.append(1)
         return mse(model, xh, yh)
 
-    opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lora_lr, weight_decay=wd, lora_weight_decay=lora_wd,
-                         heldout=heldout, heldout_every=K, heldout_decay=D, heldout_horizon=horizon, min_dwell=dwell,
-                         heldout_shrink=shrink, heldout_shrink_spectral=spectral,
-                         **({} if fft else dict(heldout_min_span=min_span)))
+    opt = molf.MoLFAdamW(
+        model,
+        lr=lr,
+        lora_lr=lora_lr,
+        weight_decay=wd,
+        lora_weight_decay=lora_wd,
+        heldout=heldout,
+        heldout_every=K,
+        heldout_decay=D,
+        heldout_horizon=horizon,
+        min_dwell=dwell,
+        heldout_shrink=shrink,
+        heldout_shrink_spectral=spectral,
+        **({} if fft else dict(heldout_min_span=min_span)),
+    )
     assert opt.router.policy == "heldout" and opt.router.min_dwell == dwell
     assert opt.ledger.shrink_spectral == spectral
     assert opt.ledger.heldout_horizon == horizon and opt.ledger.heldout_shrink == shrink
@@ -396,8 +441,9 @@ def test_lockstep_with_float64_reference(case, horizon, shrink, spectral):
             # ~1e-16 per step and grows through the dynamics to <= ~1e-13 of the tensor's scale
             # here (a larger LoRA lr makes the run chaotic: pick cases that are not).
             scale = float(ref.P[k].abs().max())
-            torch.testing.assert_close(p.detach(), ref.P[k], rtol=1e-9, atol=1e-10 * scale,
-                                       msg=lambda m: f"step {s} {k}: {m}")
+            torch.testing.assert_close(
+                p.detach(), ref.P[k], rtol=1e-9, atol=1e-10 * scale, msg=lambda m: f"step {s} {k}: {m}"
+            )
         assert opt.ledger.heldout_windows == ref.windows == max(s // K - 1, 0)
         assert opt.ledger.heldout_span().tolist() == ref.span, f"step {s}: spans"
         ema, ref_ema = opt.ledger.heldout_ema(), np.array(ref.ema)
@@ -493,8 +539,12 @@ def test_all_active_before_second_measurement_is_adamw(fft, ranks, foreach):
     kw = dict(lr=1e-2, lora_lr=3e-2, weight_decay=0.1, lora_weight_decay=0.01)
     # Shrinkage off: its trials would move the weights at the first measurement (tested in 7.).
     opt = molf.MoLFAdamW(model, **kw, heldout=heldout, heldout_every=K, fused=False, heldout_shrink=0.0)
-    ref = torch.optim.AdamW(adamw_groups(twin, kw["lr"], kw["lora_lr"], kw["weight_decay"], kw["lora_weight_decay"]),
-                            betas=BETAS, eps=EPS, foreach=foreach)
+    ref = torch.optim.AdamW(
+        adamw_groups(twin, kw["lr"], kw["lora_lr"], kw["weight_decay"], kw["lora_weight_decay"]),
+        betas=BETAS,
+        eps=EPS,
+        foreach=foreach,
+    )
     for s in range(1, 2 * K + 1):  # the second measurement runs after the update of step 2K
         x, y = batch(s)
         for m, o in ((model, opt), (twin, ref)):
@@ -525,8 +575,9 @@ def fixed_batch_run(fft, ranks, sign, steps, K, dtype=torch.float32, lr=1e-3, sh
         return mse(model, x, y)
 
     span = {} if min_span is None else dict(heldout_min_span=min_span)
-    opt = molf.MoLFAdamW(model, lr=lr, weight_decay=0.0, heldout=lambda: sign * loss(), heldout_every=K,
-                         heldout_shrink=shrink, **span)
+    opt = molf.MoLFAdamW(
+        model, lr=lr, weight_decay=0.0, heldout=lambda: sign * loss(), heldout_every=K, heldout_shrink=shrink, **span
+    )
     history = []  # per step: (incumbents, heldout_ema, routed params)
     for _ in range(steps):
         loss().backward()
@@ -597,8 +648,9 @@ def test_training_loss_as_heldout_keeps_every_expert(fft, ranks):
     assert (opt.ledger.wins() == steps).all()
     # The same run under torch.optim.AdamW.
     twin = build((4, 8, 8, 2), ("0", "2", "4"), ranks, fft, dtype=torch.float32, b_std=0.1)
-    ref = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
-                            betas=BETAS, eps=EPS, foreach=False)
+    ref = torch.optim.AdamW(
+        [p for p in twin.parameters() if p.requires_grad], lr=lr, weight_decay=0.0, betas=BETAS, eps=EPS, foreach=False
+    )
     for _ in range(steps):
         mse(twin, x, y).backward()
         ref.step()
@@ -616,7 +668,9 @@ def shifted_heldout(model):
 
 def make_ckpt_run(fft, ranks, heldout=True, min_span=1):
     model = make_net(ranks, fft)
-    kw = dict(heldout=shifted_heldout(model), heldout_every=4, min_dwell=4, heldout_min_span=min_span) if heldout else {}
+    kw = (
+        dict(heldout=shifted_heldout(model), heldout_every=4, min_dwell=4, heldout_min_span=min_span) if heldout else {}
+    )
     opt = molf.MoLFAdamW(model, lr=3e-2, lora_lr=5e-2, weight_decay=0.1, lora_weight_decay=0.01, **kw)
     return model, opt
 
@@ -840,8 +894,9 @@ def test_frozen_phase_keeps_the_active_set(freeze_after):
     model = build(dims, ("0", "2", "4"), (2,), True, dtype=torch.float32, b_std=0.1)
     gen = torch.Generator().manual_seed(5)
     x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 2, generator=gen)
-    opt = molf.MoLFAdamW(model, lr=1e-3, weight_decay=0.0, heldout=lambda: -mse(model, x, y), heldout_every=K,
-                         freeze_after=freeze_after)
+    opt = molf.MoLFAdamW(
+        model, lr=1e-3, weight_decay=0.0, heldout=lambda: -mse(model, x, y), heldout_every=K, freeze_after=freeze_after
+    )
     for _ in range(steps):
         mse(model, x, y).backward()
         opt.step()
@@ -877,8 +932,14 @@ def branchy_run(steps, K=2, shrink=0.1):
     torch.manual_seed(0)
     model = molf.wrap(Branchy(), molf.MoLFConfig(ranks=(2,), exclude_modules=("head",)))
     xh, yh = batch(99)
-    opt = molf.MoLFAdamW(model, lr=1e-2, weight_decay=0.1, heldout=lambda: ((model(xh) - yh) ** 2).mean(),
-                         heldout_every=K, heldout_shrink=shrink)
+    opt = molf.MoLFAdamW(
+        model,
+        lr=1e-2,
+        weight_decay=0.1,
+        heldout=lambda: ((model(xh) - yh) ** 2).mean(),
+        heldout_every=K,
+        heldout_shrink=shrink,
+    )
     extra0 = {n: p.detach().clone() for n, p in model.extra.named_parameters()}
     for s in range(1, steps + 1):
         x, y = batch(s)
@@ -992,8 +1053,14 @@ def test_shrink_refused_leaves_the_run_bitwise_and_kept_pulls_towards_the_start(
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
         with torch.no_grad():
             y0 = model(xh)
-        opt = molf.MoLFAdamW(model, lr=1e-2, heldout=lambda: sign * ((model(xh) - y0) ** 2).mean(),
-                             heldout_every=K, min_dwell=10**6, heldout_shrink=shrink)
+        opt = molf.MoLFAdamW(
+            model,
+            lr=1e-2,
+            heldout=lambda: sign * ((model(xh) - y0) ** 2).mean(),
+            heldout_every=K,
+            min_dwell=10**6,
+            heldout_shrink=shrink,
+        )
         for s in range(1, steps + 1):
             x, y = batch(s)
             ((model(x) - y) ** 2).mean().backward()
@@ -1037,13 +1104,20 @@ def test_shrink_without_the_starting_point_is_a_state_error():
     sd = opt.state_dict()
     for st in sd["state"].values():
         st.pop(ORIGIN_KEY, None)
-    other = molf.MoLFAdamW(model, lr=3e-2, lora_lr=5e-2, weight_decay=0.1, lora_weight_decay=0.01,
-                           heldout=shifted_heldout(model), heldout_every=4, min_dwell=4)
+    other = molf.MoLFAdamW(
+        model,
+        lr=3e-2,
+        lora_lr=5e-2,
+        weight_decay=0.1,
+        lora_weight_decay=0.01,
+        heldout=shifted_heldout(model),
+        heldout_every=4,
+        min_dwell=4,
+    )
     with pytest.raises(molf.StateError, match="starting point"):  # at load, before anything changes
         other.load_state_dict(sd)
     assert other.router.step == 0 and not other.state
     train(model, other, range(5, 9))  # still usable
-
 
 
 @pytest.mark.parametrize("out,r,inp", [(8, 4, 16), (16, 32, 8), (3, 5, 7), (6, 2, 6)])
@@ -1072,6 +1146,7 @@ def test_checkpoint_decides_how_lora_is_shrunk():
     """The ledger carries the kind of LoRA shrink trial: a checkpoint saved with
     heldout_shrink_spectral=False (as every checkpoint of format version 5 loads) resumes
     scaling, bitwise as the uninterrupted run; spectral trials give another run."""
+
     def opt_for(model, **kw):
         return molf.MoLFAdamW(model, lr=3e-2, heldout=shifted_heldout(model), heldout_every=4, **kw)
 
@@ -1147,11 +1222,13 @@ def test_probe_work_does_not_grow_with_the_number_of_tensors(monkeypatch, fft, r
         model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(layers)])
         molf.wrap(model, molf.MoLFConfig(ranks=ranks, fft=fft, exclude_modules=()))
         x = torch.randn(4, 6)
-        opt = molf.MoLFAdamW(model, lr=1e-2, heldout=lambda: model(x).square().mean(), heldout_every=10**9,
-                             heldout_min_span=0)
+        opt = molf.MoLFAdamW(
+            model, lr=1e-2, heldout=lambda: model(x).square().mean(), heldout_every=10**9, heldout_min_span=0
+        )
         with monkeypatch.context() as patch:
-            patch.setattr(molf.heldout.HeldoutProbe, "_batch_elements", staticmethod(lambda device: limit),
-                          raising=False)
+            patch.setattr(
+                molf.heldout.HeldoutProbe, "_batch_elements", staticmethod(lambda device: limit), raising=False
+            )
             for s in range(3):
                 model(x).sum().backward()
                 opt.step()

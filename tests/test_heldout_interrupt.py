@@ -71,8 +71,9 @@ class Run:
             self.y0 = self.model(self.xh)
         self.calls = 0
         self.armed = None  # (where, exception): raise at the closure's call `where` (int) or in its backward
-        self.opt = molf.MoLFAdamW(self.model, lr=1e-2, heldout=self.heldout, heldout_every=K, min_dwell=2 * K,
-                                  heldout_min_span=0)
+        self.opt = molf.MoLFAdamW(
+            self.model, lr=1e-2, heldout=self.heldout, heldout_every=K, min_dwell=2 * K, heldout_min_span=0
+        )
         self.probe = self.opt._probe
         self.snapshots = []
         measure = self.probe.measure
@@ -148,8 +149,7 @@ EXCEPTIONS = {
 @pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("measurement", [1, 3])  # the first (it only remembers) and one with inactive experts
 @pytest.mark.parametrize("case", list(CASES))
-def test_exception_in_a_measurement_undoes_it_and_the_run_continues_as_if_measured_later(case, measurement, where,
-                                                                                         exc):
+def test_exception_in_a_measurement_undoes_it_and_the_run_continues_as_if_measured_later(case, measurement, where, exc):
     fft, ranks = CASES[case]
     steps, fail = 5 * K, measurement * K
     # The runs one after the other: each draws its dropout masks from the seed it starts with.

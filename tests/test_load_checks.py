@@ -245,12 +245,24 @@ def test_routing_settings_that_differ_from_the_checkpoint_are_named():
     model, opt, sched = make("molf")  # top-k
     run(model, opt, sched, range(3))
     torch.manual_seed(0)
-    hyst = molf.MoLFAdamW(molf.wrap(Net(), molf.MoLFConfig(ranks=(3,))), lr=5e-3, lora_lr=2e-2, weight_decay=0.1,
-                          policy="hysteresis", margin=0.3, min_dwell=5, warmup_steps=2, ema_decay=0.5)
-    with pytest.warns(UserWarning, match=(
-        r"checkpoint's are used.*policy 'topk' / 'hysteresis'; margin 0.0 / 0.3; min_dwell 0 / 5; "
-        r"warmup_steps 0 / 2; ema_decay 0.9 / 0.5$"
-    )):
+    hyst = molf.MoLFAdamW(
+        molf.wrap(Net(), molf.MoLFConfig(ranks=(3,))),
+        lr=5e-3,
+        lora_lr=2e-2,
+        weight_decay=0.1,
+        policy="hysteresis",
+        margin=0.3,
+        min_dwell=5,
+        warmup_steps=2,
+        ema_decay=0.5,
+    )
+    with pytest.warns(
+        UserWarning,
+        match=(
+            r"checkpoint's are used.*policy 'topk' / 'hysteresis'; margin 0.0 / 0.3; min_dwell 0 / 5; "
+            r"warmup_steps 0 / 2; ema_decay 0.9 / 0.5$"
+        ),
+    ):
         hyst.load_state_dict(opt.state_dict())
     assert hyst.router == opt.router and hyst.ledger == opt.ledger
     with warnings.catch_warnings():

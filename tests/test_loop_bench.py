@@ -17,11 +17,26 @@ import loop_bench  # noqa: E402
 
 def test_loop_bench_smoke(tmp_path, capsys, one_thread):
     out = tmp_path / "results.json"
-    rows = loop_bench.main([
-        "--device", "cpu", "--shape", "small", "--batches", "1x16", "--warmup", "1", "--steps", "1",
-        "--heldout-steps", "10", "--setups", "fft,molf-heldout",
-        "--out", str(out),
-    ])
+    rows = loop_bench.main(
+        [
+            "--device",
+            "cpu",
+            "--shape",
+            "small",
+            "--batches",
+            "1x16",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--heldout-steps",
+            "10",
+            "--setups",
+            "fft,molf-heldout",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert [r["setup"] for r in rows] == ["fft"] + ["molf-heldout"] * 3
     assert not [r for r in rows if "error" in r], rows
@@ -31,7 +46,7 @@ def test_loop_bench_smoke(tmp_path, capsys, one_thread):
     saved = json.loads(out.read_text())
     assert saved["device_type"] == "cpu" and saved["torch"] and "loop_bench.py" in saved["command"]
     assert len(saved["rows"]) == 4
-    table = printed[printed.rindex("| setup | batch |"):]  # the table comes last
+    table = printed[printed.rindex("| setup | batch |") :]  # the table comes last
     assert table.count("\n") == len(rows) + 2 and "1x16" in table
 
 
@@ -40,8 +55,22 @@ def test_loop_bench_error_is_a_row(tmp_path, monkeypatch, one_thread):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(loop_bench, "peft_lora", boom)
-    rows = loop_bench.main(["--device", "cpu", "--shape", "small", "--batches", "1x16", "--warmup", "1",
-                            "--steps", "1", "--setups", "lora,fft"])
+    rows = loop_bench.main(
+        [
+            "--device",
+            "cpu",
+            "--shape",
+            "small",
+            "--batches",
+            "1x16",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--setups",
+            "lora,fft",
+        ]
+    )
     assert rows[0]["error"].startswith("RuntimeError: CUDA out of memory")
     assert "error" not in rows[1] and rows[1]["median_ms"] > 0
     assert "error: RuntimeError: CUDA out of memory" in loop_bench.markdown(rows)

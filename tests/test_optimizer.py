@@ -62,7 +62,9 @@ def test_groups_from_trainer_style_param_groups():
     no_decay = [p for n, p in names.items() if "norm" in n or n.endswith("bias")]
     opt = molf.MoLFAdamW(
         [{"params": decay, "weight_decay": 0.2}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=1e-3, lora_lr=4e-3, lora_weight_decay=0.05,
+        lr=1e-3,
+        lora_lr=4e-3,
+        lora_weight_decay=0.05,
     )
     assert roles(opt) == [
         ("plain", 1e-3, 0.2, 2),

@@ -60,8 +60,11 @@ def test_read_routing_records(tmp_path):
     rec = read_routing_records(path)
     assert rec.steps.tolist() == [1, 2, 3] and rec.skipped == [2]
     assert rec.experts == ["dense", "lora0_r8"] and rec.modules == modules
-    assert rec.winners.tolist() == [[[True, False], [False, True]], [[False, True], [False, False]],
-                                    [[False, True], [False, True]]]
+    assert rec.winners.tolist() == [
+        [[True, False], [False, True]],
+        [[False, True], [False, False]],
+        [[False, True], [False, True]],
+    ]
 
 
 @pytest.mark.parametrize(
@@ -163,7 +166,10 @@ def test_cli_plot_writes_all_figures(tmp_path, capsys):
     for name in ("run.png", "run_winners.png", "run_by_type.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG" and name in printed
     assert [p.name for p in plot_routing_log(log, tmp_path / "figs" / "x.png")] == [
-        "x.png", "x_winners.png", "x_by_type.png"]
+        "x.png",
+        "x_winners.png",
+        "x_by_type.png",
+    ]
 
 
 @pytest.mark.parametrize(

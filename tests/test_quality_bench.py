@@ -65,9 +65,25 @@ def test_gap_and_better():
 
 
 TINY = replace(
-    q.QUICK, steps_synthetic=6, steps_lm=3, batch_lm=4, seeds=1, lrs=(1e-3, 3e-3),
-    lm=lm.LMScale(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32, pretrain_steps=2,
-                  pretrain_batch=4, pretrain_lr=1e-3, n_facts=4, n_sql_train=8, n_sql_eval=4),
+    q.QUICK,
+    steps_synthetic=6,
+    steps_lm=3,
+    batch_lm=4,
+    seeds=1,
+    lrs=(1e-3, 3e-3),
+    lm=lm.LMScale(
+        hidden=16,
+        layers=1,
+        heads=2,
+        kv_heads=1,
+        intermediate=32,
+        pretrain_steps=2,
+        pretrain_batch=4,
+        pretrain_lr=1e-3,
+        n_facts=4,
+        n_sql_train=8,
+        n_sql_eval=4,
+    ),
 )
 
 
@@ -142,8 +158,10 @@ def test_unknown_regime_is_refused(tmp_path):
 
 def _without_walls(regimes: dict) -> dict:
     """The regimes' results minus the methods' wall times, which differ between runs."""
-    return {n: {**r, "methods": {m: {k: v for k, v in e.items() if k != "wall_s"} for m, e in r["methods"].items()}}
-            for n, r in regimes.items()}
+    return {
+        n: {**r, "methods": {m: {k: v for k, v in e.items() if k != "wall_s"} for m, e in r["methods"].items()}}
+        for n, r in regimes.items()
+    }
 
 
 def test_parallel_pairs_match_a_sequential_run(tmp_path):
@@ -191,8 +209,9 @@ def test_merge_replaces_rerun_pairs_and_keeps_seeds_per_regime(tmp_path):
         q.merge_results([tmp_path / "old" / "results.json", tmp_path / "rerun" / "results.json"], tmp_path / "m")
     # LoRA's rerun ran other seeds than the FFT entry it would sit beside: refused
     with pytest.raises(ValueError, match=r"shift ran seeds \[3, 4\]"):
-        q.merge_results([tmp_path / "old" / "results.json", tmp_path / "rerun" / "results.json"], tmp_path / "m",
-                        replace_pairs=True)
+        q.merge_results(
+            [tmp_path / "old" / "results.json", tmp_path / "rerun" / "results.json"], tmp_path / "m", replace_pairs=True
+        )
     # FFT rerun on the same seeds replaces the old entry; another regime on other seeds joins
     q.run_suite(TINY, ["shift"], ["FFT"], tmp_path / "fft", progress=False)
     q.run_suite(replace(TINY, seeds=2), ["mixed"], ["FFT", "LoRA"], tmp_path / "mixed", progress=False, seed=3)
@@ -200,8 +219,10 @@ def test_merge_replaces_rerun_pairs_and_keeps_seeds_per_regime(tmp_path):
     assert q.main(["--merge", *map(str, paths), "--replace", "--out", str(tmp_path / "m")]) == 0
     merged = json.loads((tmp_path / "m" / "results.json").read_text())
     assert merged["config"]["seeds"] == {"mixed": [3, 4], "shift": [0]}
-    assert merged["config"]["pairs_from"] == {"mixed": {"FFT": str(paths[2]), "LoRA": str(paths[2])},
-                                              "shift": {"FFT": str(paths[1]), "LoRA": str(paths[0])}}
+    assert merged["config"]["pairs_from"] == {
+        "mixed": {"FFT": str(paths[2]), "LoRA": str(paths[2])},
+        "shift": {"FFT": str(paths[1]), "LoRA": str(paths[0])},
+    }
     assert merged["regimes"]["shift"]["methods"]["LoRA"] == old["regimes"]["shift"]["methods"]["LoRA"]
     assert len(merged["regimes"]["mixed"]["methods"]["FFT"]["test"]["per_seed"]) == 2
     assert "| *seeds* | 3, 4 | 0 |" in (tmp_path / "m" / "table.txt").read_text()
@@ -217,8 +238,10 @@ def test_a_merge_merges_again_and_keeps_naming_the_runs(tmp_path):
     q.run_suite(TINY, ["shift"], ["LoRA"], tmp_path / "lora", progress=False)
     merged = q.merge_results([tmp_path / "m1" / "results.json", tmp_path / "lora" / "results.json"], tmp_path / "m2")
     assert merged["config"]["seeds"] == {"mixed": [3, 4], "shift": [0]}
-    assert merged["config"]["pairs_from"] == {"mixed": {"FFT": str(first[1])},
-                                              "shift": {"FFT": str(first[0]), "LoRA": str(tmp_path / "lora" / "results.json")}}
+    assert merged["config"]["pairs_from"] == {
+        "mixed": {"FFT": str(first[1])},
+        "shift": {"FFT": str(first[0]), "LoRA": str(tmp_path / "lora" / "results.json")},
+    }
     assert merged["config"]["jobs"] == [2, 1, 1] and merged["config"]["devices"] == ["cpu"]
     direct = q.merge_results([*first, tmp_path / "lora" / "results.json"], tmp_path / "m3")
     assert _without_walls(merged["regimes"]) == _without_walls(direct["regimes"])
@@ -246,8 +269,9 @@ def test_lrs_replaces_the_grid(tmp_path, monkeypatch):
 
 def _quality_run(path: Path, seeds: list[int], per_method: dict[str, list[float]], higher: bool = True) -> Path:
     methods = {m: {"test": {"per_seed": v}} for m, v in per_method.items()}
-    path.write_text(json.dumps({"regimes": {"sql": {"higher_is_better": higher, "methods": methods}},
-                                "config": {"seeds": seeds}}))
+    path.write_text(
+        json.dumps({"regimes": {"sql": {"higher_is_better": higher, "methods": methods}}, "config": {"seeds": seeds}})
+    )
     return path
 
 
@@ -259,8 +283,11 @@ def test_seed_stats_pools_runs_and_pairs_shared_seeds(tmp_path, capsys):
     lab = tmp_path / "lab.json"
     lab.write_text(json.dumps({"sql": {"both": {"vals": [0.25, 0.75], "seeds": [1, 2]}}}))
     pooled, higher = seed_stats.pool([a, b, lab], "sql")
-    assert higher and pooled == {"FFT": {0: 1.0, 1: 0.5, 2: 0.5}, "molf": {0: 0.5, 1: 0.5, 2: 1.0},
-                                 "both": {1: 0.25, 2: 0.75}}
+    assert higher and pooled == {
+        "FFT": {0: 1.0, 1: 0.5, 2: 0.5},
+        "molf": {0: 0.5, 1: 0.5, 2: 1.0},
+        "both": {1: 0.25, 2: 0.75},
+    }
     seed_stats.main(["--regime", "sql", "--ref", "FFT", str(a), str(b), str(lab)])
     rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
     # molf - FFT per seed: -0.5, 0, +0.5 -> mean 0 (gap 0); both on seeds 1, 2 only: -0.25, +0.25
@@ -311,8 +338,10 @@ def test_val_seeds_choose_the_lr_by_the_mean_over_validation_instances(tmp_path)
     # each instance's metric, independently: the validation run of one instance at one lr
     steps = TINY.steps_synthetic
     for lr in TINY.lrs:
-        alone = [q.train_eval(q.REGIMES["shift"].build(s, TINY, "cpu"), "FFT", lr, s, steps, "val")["metric"]
-                 for s in (q.VAL_SEED, q.VAL_SEED + 1)]
+        alone = [
+            q.train_eval(q.REGIMES["shift"].build(s, TINY, "cpu"), "FFT", lr, s, steps, "val")["metric"]
+            for s in (q.VAL_SEED, q.VAL_SEED + 1)
+        ]
         assert entry["val_by_lr_per_seed"][str(lr)] == alone
         assert entry["val_by_lr"][str(lr)] == pytest.approx(sum(alone) / 2, rel=1e-12)
     best = min(TINY.lrs, key=lambda lr: entry["val_by_lr"][str(lr)])  # lower is better on shift
@@ -338,8 +367,9 @@ def test_val_seeds_choose_the_lr_by_the_mean_over_validation_instances(tmp_path)
     (tmp_path / "two-old.json").write_text(json.dumps(two_other))
     with pytest.raises(ValueError, match="finalists"):
         q.merge_results([tmp_path / "two" / "results.json", tmp_path / "two-old.json"], tmp_path / "m")
-    replaced = q.merge_results([tmp_path / "one" / "results.json", tmp_path / "two" / "results.json"],
-                               tmp_path / "m", replace_pairs=True)  # the rerun's pair alone counts
+    replaced = q.merge_results(
+        [tmp_path / "one" / "results.json", tmp_path / "two" / "results.json"], tmp_path / "m", replace_pairs=True
+    )  # the rerun's pair alone counts
     assert replaced["config"]["scale"]["val_seeds"] == 2
     q.run_suite(TINY, ["mixed"], ["FFT"], tmp_path / "mixed", progress=False)
     both = q.merge_results([tmp_path / "two" / "results.json", tmp_path / "mixed" / "results.json"], tmp_path / "m")
@@ -359,7 +389,9 @@ def test_val_seeds_must_be_positive_and_finalists_not_negative(tmp_path, monkeyp
     with pytest.raises(SystemExit):
         q.main(["--finalists", "-1", "--out", str(tmp_path)])
     seen = []
-    monkeypatch.setattr(q, "run_suite", lambda scale, *a: seen.append(scale.val_finalists) or {"regimes": {}, "wall_s": 0})
+    monkeypatch.setattr(
+        q, "run_suite", lambda scale, *a: seen.append(scale.val_finalists) or {"regimes": {}, "wall_s": 0}
+    )
     monkeypatch.setattr(q, "format_table", lambda res: "")
     for argv, finalists in (([], 2), (["--finalists", "3"], 3), (["--finalists", "0"], None)):
         q.main([*argv, "--out", str(tmp_path)])
@@ -464,12 +496,16 @@ def test_each_lora_expert_at_the_scale_of_the_method_it_is_compared_with():
 
     lora = built("LoRA")
     scalings = [float(s) for m in lora.modules() for s in getattr(m, "scaling", {}).values()]
-    assert len(scalings) == len(q.MLP_TARGETS) and scalings == pytest.approx([q.LORA_RANK ** 0.5] * len(scalings))
+    assert len(scalings) == len(q.MLP_TARGETS) and scalings == pytest.approx([q.LORA_RANK**0.5] * len(scalings))
     ada = built("AdaLoRA")
     ada_scales = [float(m.scaling["default"] / m.ranknum["default"]) for m in ada.modules() if hasattr(m, "ranknum")]
     assert len(ada_scales) == len(q.MLP_TARGETS) and ada_scales == pytest.approx([1.0] * len(ada_scales))
-    for method, scales in (("molf default", (q.LORA_RANK ** 0.5,)), ("MoLF (paper)", (q.LORA_RANK ** 0.5,)),
-                           ("molf-E default", (1.0, 1.0)), ("MoLF-E", (1.0, 1.0))):
+    for method, scales in (
+        ("molf default", (q.LORA_RANK**0.5,)),
+        ("MoLF (paper)", (q.LORA_RANK**0.5,)),
+        ("molf-E default", (1.0, 1.0)),
+        ("MoLF-E", (1.0, 1.0)),
+    ):
         layers = [layer for _, layer in routed_modules(built(method))]
         assert len(layers) == len(q.MLP_TARGETS)
         assert all(layer.scales == pytest.approx(scales) for layer in layers), method
@@ -478,7 +514,7 @@ def test_each_lora_expert_at_the_scale_of_the_method_it_is_compared_with():
 @pytest.mark.parametrize("variant", list(q.VARIANTS))
 @pytest.mark.parametrize("base", list(q.VARIED))
 def test_variants_move_only_the_lora_experts_rate_or_scale(base, variant):
-    """"molf default [lora_lr x3]" etc.: the method as in the suite with the LoRA experts' lr at the
+    """ "molf default [lora_lr x3]" etc.: the method as in the suite with the LoRA experts' lr at the
     variant's factor x lr and their scale at its factor x sqrt(r); the dense expert and the
     routing untouched."""
     from molf import demo
@@ -497,13 +533,14 @@ def test_variants_move_only_the_lora_experts_rate_or_scale(base, variant):
     assert {g["molf_role"]: g["lr"] for g in ref_opt.param_groups}["lora"] == 1e-3
     assert opt.router.policy == ref_opt.router.policy
     for layer in (layer for _, layer in routed_modules(model)):
-        assert layer.scales == pytest.approx((alpha_factor * q.LORA_RANK ** 0.5,))
+        assert layer.scales == pytest.approx((alpha_factor * q.LORA_RANK**0.5,))
 
 
 def test_sensitivity_runs_the_variants_beside_fft_and_lora_and_tabulates_their_spread(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(q, "run_suite", lambda scale, regimes, methods, *a: seen.append(methods)
-                        or {"regimes": {}, "wall_s": 0.0})
+    monkeypatch.setattr(
+        q, "run_suite", lambda scale, regimes, methods, *a: seen.append(methods) or {"regimes": {}, "wall_s": 0.0}
+    )
     monkeypatch.setattr(q, "_tables", lambda res: "")
     assert q.main(["--sensitivity", "--out", str(tmp_path)]) == 0
     assert q.main(["--out", str(tmp_path)]) == 0
@@ -521,8 +558,10 @@ def test_sensitivity_runs_the_variants_beside_fft_and_lora_and_tabulates_their_s
         mine = [r for r in rows if r[0] == f"| {base}"]
         assert [r[1] for r in mine] == ["as in the suite", *q.VARIANTS, "*worst gap*", "*spread of the gap*"]
         for col, regime in enumerate(("mixed", "high-rank"), start=2):
-            gaps = [res["regimes"][regime]["gap_to_best_baseline"][m]
-                    for m in (base, *(f"{base} [{v}]" for v in q.VARIANTS))]
+            gaps = [
+                res["regimes"][regime]["gap_to_best_baseline"][m]
+                for m in (base, *(f"{base} [{v}]" for v in q.VARIANTS))
+            ]
             for r, g in zip(mine, gaps):
                 assert r[col].startswith(q._pct(g) + " at ")
             assert mine[-2][col].rstrip(" |") == q._pct(max(gaps))
@@ -531,9 +570,15 @@ def test_sensitivity_runs_the_variants_beside_fft_and_lora_and_tabulates_their_s
         assert q._routing_log(tmp_path / "s", "mixed", m).exists()
     # the suite's methods keep their log names, which --resume looks for in earlier outputs
     assert [q._routing_log(tmp_path, "mixed", m).name for m in ("MoLF (paper)", "molf-E default")] == [
-        "routing_mixed_MoLF_paper.jsonl", "routing_mixed_molf-E_default.jsonl"]
-    only_suite = {"regimes": {n: {**r, "methods": {m: e for m, e in r["methods"].items() if "[" not in m}}
-                              for n, r in res["regimes"].items()}}
+        "routing_mixed_MoLF_paper.jsonl",
+        "routing_mixed_molf-E_default.jsonl",
+    ]
+    only_suite = {
+        "regimes": {
+            n: {**r, "methods": {m: e for m, e in r["methods"].items() if "[" not in m}}
+            for n, r in res["regimes"].items()
+        }
+    }
     assert q.format_sensitivity(only_suite) == "" and q.format_sensitivity({"regimes": {}}) == ""
 
 
@@ -585,11 +630,20 @@ def test_later_validation_instances_run_only_the_finalists_and_the_lr_is_one_of_
     # 1e-2's mean (0.35) is below 3e-2's single score (0.40): only finalists are eligible
     assert entry["lr"] == 1e-2 and entry["val_finalists"] == [1e-3, 1e-2]
     assert entry["val_by_lr"]["0.01"] == pytest.approx((0.50 + 0.35 + 0.20) / 3)
-    assert entry["val_by_lr_per_seed"] == {"0.0001": [0.30], "0.001": [0.60, 0.0, 0.0],
-                                           "0.01": [0.50, 0.35, 0.20], "0.03": [0.40]}
+    assert entry["val_by_lr_per_seed"] == {
+        "0.0001": [0.30],
+        "0.001": [0.60, 0.0, 0.0],
+        "0.01": [0.50, 0.35, 0.20],
+        "0.03": [0.40],
+    }
     # every rate on every instance (val_finalists None): 3e-2's mean decides
-    results.update({q.Run("sql", "FFT", lr, q.VAL_SEED + i, "val"): {"metric": 0.40, "wall_s": 0.0}
-                    for lr in (1e-4, 3e-2) for i in (1, 2)})
+    results.update(
+        {
+            q.Run("sql", "FFT", lr, q.VAL_SEED + i, "val"): {"metric": 0.40, "wall_s": 0.0}
+            for lr in (1e-4, 3e-2)
+            for i in (1, 2)
+        }
+    )
     results.update({q.Run("sql", "FFT", 3e-2, s, "test"): {"metric": 0.5, "wall_s": 1.0} for s in (0, 1)})
     every = q.pair_step(sql, replace(grid, val_finalists=None), "FFT", [0, 1], results)
     assert every["lr"] == 3e-2 and "val_finalists" in every and every["val_finalists"] == list(grid.lrs)
@@ -620,8 +674,22 @@ def test_named_runs_cli_prints_each_run_beside_another_record(tmp_path, monkeypa
     q.run_suite(TINY, ["shift"], ["FFT"], tmp_path / "suite", progress=False)
     with (tmp_path / "suite" / "runs.jsonl").open("a") as f:  # a suite killed mid-record: half a line
         f.write('{"run": {"regime": "shift", "method": "Lo')
-    argv = ["--regime", "shift", "--method", "FFT", "--lrs", "1e-3", "0.5", "--split", "val",
-            "--instances", str(q.VAL_SEED), "--out", str(tmp_path / "named"), "--no-progress"]
+    argv = [
+        "--regime",
+        "shift",
+        "--method",
+        "FFT",
+        "--lrs",
+        "1e-3",
+        "0.5",
+        "--split",
+        "val",
+        "--instances",
+        str(q.VAL_SEED),
+        "--out",
+        str(tmp_path / "named"),
+        "--no-progress",
+    ]
     assert qr.main([*argv, "--against", str(tmp_path / "suite" / "runs.jsonl")]) == 0
     table = capsys.readouterr().out.splitlines()
     mine = qr.recorded(tmp_path / "named" / "runs.jsonl")

@@ -43,7 +43,9 @@ def build(seed, cfg):
 
 def structure(model):
     names = {id(p): n for n, p in model.named_parameters()}
-    modules = [[[names[id(p)] for p in params] for params in layer.experts()] for _, layer in molf.routed_modules(model)]
+    modules = [
+        [[names[id(p)] for p in params] for params in layer.experts()] for _, layer in molf.routed_modules(model)
+    ]
     routed = {n for experts in modules for names_ in experts for n in names_}
     lora = {n for n, _ in model.named_parameters() if ".lora_" in n}
     plain = [n for n, p in model.named_parameters() if p.requires_grad and n not in routed]
@@ -81,8 +83,16 @@ def check_against_reference(fft, ranks, topk, score, seed, lagged=False, configu
     model = build(seed, cfg).to(device)
     hp = dict(lr=3e-3, lora_lr=3e-3, wd=0.1, lora_wd=0.01, betas=(0.9, 0.99), eps=1e-8)
     opt = molf.MoLFAdamW(
-        model, lr=hp["lr"], lora_lr=hp["lora_lr"], weight_decay=hp["wd"], lora_weight_decay=hp["lora_wd"],
-        betas=hp["betas"], eps=hp["eps"], topk=topk, score=score, lagged=lagged,
+        model,
+        lr=hp["lr"],
+        lora_lr=hp["lora_lr"],
+        weight_decay=hp["wd"],
+        lora_weight_decay=hp["lora_wd"],
+        betas=hp["betas"],
+        eps=hp["eps"],
+        topk=topk,
+        score=score,
+        lagged=lagged,
     )
     if configure is not None:
         configure(opt)

@@ -61,14 +61,20 @@ def composed(x, weight, bias, lora_a, lora_b, scales, transposed):
 
 
 def leaves(x, weight, bias, lora_a, lora_b):
-    return {"x": x, "W": weight, "b": bias, **{f"A{i}": a for i, a in enumerate(lora_a)},
-            **{f"B{i}": b for i, b in enumerate(lora_b)}}
+    return {
+        "x": x,
+        "W": weight,
+        "b": bias,
+        **{f"A{i}": a for i, a in enumerate(lora_a)},
+        **{f"B{i}": b for i, b in enumerate(lora_b)},
+    }
 
 
 def run_both(x, ops, transposed, upstream_list, forward_context=contextlib.nullcontext):
     """Outputs and accumulated gradients (one backward per upstream gradient) of the
     Function and of the composition, on separate copies of the same leaves; each
     forward under `forward_context()`."""
+
     def copy(t):
         return None if t is None else t.detach().clone().requires_grad_(t.requires_grad)
 

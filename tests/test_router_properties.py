@@ -19,8 +19,17 @@ from molf.testing import router_configs, routing_runs, score_matrices, step_sequ
 
 
 class RefRouter:
-    def __init__(self, num_modules, num_experts, topk=1, policy="topk", margin=0.0, min_dwell=0,
-                 warmup_steps=0, freeze_after=None):
+    def __init__(
+        self,
+        num_modules,
+        num_experts,
+        topk=1,
+        policy="topk",
+        margin=0.0,
+        min_dwell=0,
+        warmup_steps=0,
+        freeze_after=None,
+    ):
         self.m, self.e, self.k = num_modules, num_experts, topk
         self.policy, self.margin, self.min_dwell = policy, margin, min_dwell
         self.warmup_steps, self.freeze_after = warmup_steps, freeze_after
@@ -172,8 +181,7 @@ def test_invariant_to_positive_row_scaling(run, data):
     # Powers of two scale exactly (no rounding; no overflow or underflow within this
     # magnitude range), so even ties and margin comparisons must be preserved.
     config, steps = run
-    exps = data.draw(st.lists(st.integers(-8, 8), min_size=config["num_modules"],
-                              max_size=config["num_modules"]))
+    exps = data.draw(st.lists(st.integers(-8, 8), min_size=config["num_modules"], max_size=config["num_modules"]))
     scale = np.ldexp(1.0, np.array(exps))[:, None]
     note(f"scale={scale.ravel().tolist()}")
     a, b = core.Router(**config), core.Router(**config)
@@ -286,8 +294,13 @@ def test_bad_scores_raise_score_error(scores):
 
 @pytest.mark.parametrize(
     "mask",
-    [np.zeros((3, 4)), np.zeros((3, 4), dtype=np.uint8), np.zeros((4, 3), dtype=bool),
-     np.zeros(12, dtype=bool), [[False] * 4] * 3],
+    [
+        np.zeros((3, 4)),
+        np.zeros((3, 4), dtype=np.uint8),
+        np.zeros((4, 3), dtype=bool),
+        np.zeros(12, dtype=bool),
+        [[False] * 4] * 3,
+    ],
     ids=["float", "uint8", "transposed", "1-D", "list"],
 )
 def test_bad_masks_raise_score_error(mask):
@@ -326,8 +339,7 @@ def test_bad_config_raises_config_error(kwargs, message):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"num_modules": 0}, {"num_experts": 0}, {"ema_decay": 1.0}, {"ema_decay": -0.1},
-     {"ema_decay": float("nan")}],
+    [{"num_modules": 0}, {"num_experts": 0}, {"ema_decay": 1.0}, {"ema_decay": -0.1}, {"ema_decay": float("nan")}],
 )
 def test_bad_ledger_config_raises_config_error(kwargs):
     with pytest.raises(core.ConfigError):
@@ -342,8 +354,12 @@ def test_wrong_argument_types_raise_type_error():
 
 
 def test_exception_hierarchy_and_module():
-    for name, base in [("ConfigError", ValueError), ("ScoreError", ValueError),
-                       ("StateError", ValueError), ("InternalError", RuntimeError)]:
+    for name, base in [
+        ("ConfigError", ValueError),
+        ("ScoreError", ValueError),
+        ("StateError", ValueError),
+        ("InternalError", RuntimeError),
+    ]:
         cls = getattr(core, name)
         assert issubclass(cls, base) and cls.__module__ == "molf._core" and cls.__name__ == name
     assert core.PHASES == ("warmup", "routing", "frozen")
@@ -365,8 +381,18 @@ def test_exception_hierarchy_and_module():
         (lambda: core.Ledger(3, 4, heldout_min_span=True), "heldout_min_span"),
         (lambda: core.Ledger(3, 4).record_shrink(True, 1.0, 0.5), "expert"),
     ],
-    ids=["Router-num_modules", "Router-num_experts", "topk", "min_dwell", "warmup_steps", "freeze_after",
-         "Ledger-num_modules", "Ledger-num_experts", "heldout_min_span", "record_shrink-expert"],
+    ids=[
+        "Router-num_modules",
+        "Router-num_experts",
+        "topk",
+        "min_dwell",
+        "warmup_steps",
+        "freeze_after",
+        "Ledger-num_modules",
+        "Ledger-num_experts",
+        "heldout_min_span",
+        "record_shrink-expert",
+    ],
 )
 def test_bool_integer_arguments_raise_config_error(build, name):
     # bool is an int subclass: True would silently mean 1.

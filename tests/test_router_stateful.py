@@ -101,8 +101,10 @@ class RefLedger:
 
     def heldout_descent(self):
         """The EMA where the expert's span has reached the minimum, NaN (not judged) elsewhere."""
-        return [[x if n >= self.heldout_min_span else math.nan for x, n in zip(xs, ns)]
-                for xs, ns in zip(self.heldout_ema, self.heldout_span)]
+        return [
+            [x if n >= self.heldout_min_span else math.nan for x, n in zip(xs, ns)]
+            for xs, ns in zip(self.heldout_ema, self.heldout_span)
+        ]
 
     def last_mask(self):
         return [p if p is not None else [False] * self.e for p in self.prev]
@@ -129,24 +131,34 @@ def same_floats(got: np.ndarray, want) -> bool:
 
 
 class RoutingMachine(RuleBasedStateMachine):
-    @initialize(config=router_configs(num_modules=st.integers(1, 4), num_experts=st.integers(1, 4)),
-                decay=st.one_of(st.sampled_from([0.0, 0.5, 0.9]), st.floats(0.0, 0.999)),
-                heldout_decay=st.one_of(st.sampled_from([0.0, 0.5]), st.floats(0.0, 0.999)),
-                heldout_horizon=st.one_of(st.sampled_from([0.0, 0.25]), st.floats(0.0, 0.999)),
-                heldout_shrink=st.one_of(st.sampled_from([0.0, 0.1]), st.floats(0.0, 0.999)),
-                heldout_min_span=st.integers(0, 4))
+    @initialize(
+        config=router_configs(num_modules=st.integers(1, 4), num_experts=st.integers(1, 4)),
+        decay=st.one_of(st.sampled_from([0.0, 0.5, 0.9]), st.floats(0.0, 0.999)),
+        heldout_decay=st.one_of(st.sampled_from([0.0, 0.5]), st.floats(0.0, 0.999)),
+        heldout_horizon=st.one_of(st.sampled_from([0.0, 0.25]), st.floats(0.0, 0.999)),
+        heldout_shrink=st.one_of(st.sampled_from([0.0, 0.1]), st.floats(0.0, 0.999)),
+        heldout_min_span=st.integers(0, 4),
+    )
     def setup(self, config, decay, heldout_decay, heldout_horizon, heldout_shrink, heldout_min_span):
-        note(f"Router(**{config}); Ledger(decay={decay!r}, heldout_decay={heldout_decay!r}, "
-             f"heldout_horizon={heldout_horizon!r}, heldout_shrink={heldout_shrink!r}, "
-             f"heldout_min_span={heldout_min_span})")
+        note(
+            f"Router(**{config}); Ledger(decay={decay!r}, heldout_decay={heldout_decay!r}, "
+            f"heldout_horizon={heldout_horizon!r}, heldout_shrink={heldout_shrink!r}, "
+            f"heldout_min_span={heldout_min_span})"
+        )
         self.config = config
         self.shape = (config["num_modules"], config["num_experts"])
         self.router, self.ref_router = core.Router(**config), RefRouter(**config)
-        self.ledger = core.Ledger(*self.shape, ema_decay=decay, heldout_decay=heldout_decay,
-                                  heldout_horizon=heldout_horizon, heldout_shrink=heldout_shrink,
-                                  heldout_min_span=heldout_min_span)
-        self.ref_ledger = RefLedger(*self.shape, decay, heldout_decay, heldout_horizon, heldout_shrink,
-                                    heldout_min_span)
+        self.ledger = core.Ledger(
+            *self.shape,
+            ema_decay=decay,
+            heldout_decay=heldout_decay,
+            heldout_horizon=heldout_horizon,
+            heldout_shrink=heldout_shrink,
+            heldout_min_span=heldout_min_span,
+        )
+        self.ref_ledger = RefLedger(
+            *self.shape, decay, heldout_decay, heldout_horizon, heldout_shrink, heldout_min_span
+        )
 
     @rule(data=st.data())
     def route_and_record(self, data):
@@ -162,8 +174,10 @@ class RoutingMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def record_arbitrary_mask(self, data):
         scores = data.draw(score_matrices(self.shape), label="scores")
-        mask = data.draw(st.lists(st.booleans(), min_size=self.shape[0] * self.shape[1],
-                                  max_size=self.shape[0] * self.shape[1]), label="mask")
+        mask = data.draw(
+            st.lists(st.booleans(), min_size=self.shape[0] * self.shape[1], max_size=self.shape[0] * self.shape[1]),
+            label="mask",
+        )
         mask = np.array(mask, dtype=bool).reshape(self.shape)
         note(f"ledger-only record: mask={mask.tolist()}")
         self.ledger.record(scores, mask)
@@ -173,12 +187,15 @@ class RoutingMachine(RuleBasedStateMachine):
     def heldout_window(self, data):
         """A held-out measurement: the ledger's EMA, then (policy heldout) the regate."""
         n = self.shape[0] * self.shape[1]
-        values = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64),
-                           st.sampled_from([0.0, -0.0, 1e-300, -1e-300, math.nan]))
+        values = st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True, width=64),
+            st.sampled_from([0.0, -0.0, 1e-300, -1e-300, math.nan]),
+        )
         descent = np.array(data.draw(st.lists(values, min_size=n, max_size=n), label="descent")).reshape(self.shape)
         potential = np.array(data.draw(st.lists(values, min_size=n, max_size=n), label="potential")).reshape(self.shape)
-        moved = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n), label="moved"),
-                         dtype=bool).reshape(self.shape)
+        moved = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n), label="moved"), dtype=bool).reshape(
+            self.shape
+        )
         self.ledger.record_heldout(descent, moved)
         self.ref_ledger.record_heldout(descent.tolist(), moved.tolist())
         if self.config["policy"] != "heldout":
@@ -189,8 +206,10 @@ class RoutingMachine(RuleBasedStateMachine):
             raise AssertionError("regate accepted a router whose policy is not 'heldout'")
         got = self.router.regate(self.ledger.heldout_descent(), potential)
         want = self.ref_router.regate(self.ref_ledger.heldout_descent(), potential.tolist())
-        note(f"held-out window: descent={descent.tolist()} moved={moved.tolist()} "
-             f"potential={potential.tolist()} -> {got} modules changed")
+        note(
+            f"held-out window: descent={descent.tolist()} moved={moved.tolist()} "
+            f"potential={potential.tolist()} -> {got} modules changed"
+        )
         assert got == want
 
     @rule(data=st.data())

@@ -167,8 +167,9 @@ def test_two_optimizers_on_one_log_path_are_named(tmp_path):
     """Two optimizers given one log_path interleave their records: the one that finds
     another writer's records after its own last line warns, naming the path."""
     log = tmp_path / "shared.jsonl"
-    models = [molf.wrap(nn.Sequential(nn.Linear(4, 4)), molf.MoLFConfig(ranks=(2,), exclude_modules=()))
-              for _ in range(2)]
+    models = [
+        molf.wrap(nn.Sequential(nn.Linear(4, 4)), molf.MoLFConfig(ranks=(2,), exclude_modules=())) for _ in range(2)
+    ]
     opts = [molf.MoLFAdamW(m, lr=1e-2, log_path=log) for m in models]
 
     def step(model, opt):

@@ -80,7 +80,8 @@ def test_concurrent_route_and_record_serialise():
 
         # The router served the threads in some order: find it from the masks it gave.
         served = [
-            order for order in itertools.permutations(range(THREADS))
+            order
+            for order in itertools.permutations(range(THREADS))
             if all(np.array_equal(masks[i], m) for i, m in _sequential(order, scores)[2].items())
         ]
         assert served, f"trial {trial}: the masks match no sequential order"

@@ -16,8 +16,14 @@ transformers = pytest.importorskip("transformers")
 def tiny_qwen2(tie: bool) -> nn.Module:
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=tie,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=tie,
     )
     return transformers.Qwen2ForCausalLM(config).double()
 
@@ -33,9 +39,7 @@ def tiny_gpt2() -> nn.Module:
 def snapshot(model: nn.Module) -> tuple[list, dict]:
     """Which module object sits where, and every parameter's value, flag and expert tag."""
     modules = [(n, id(m)) for n, m in model.named_modules()]
-    params = {
-        n: (p.detach().clone(), p.requires_grad, expert_tag(p)) for n, p in model.named_parameters()
-    }
+    params = {n: (p.detach().clone(), p.requires_grad, expert_tag(p)) for n, p in model.named_parameters()}
     return modules, params
 
 

@@ -50,8 +50,18 @@ def data(tmp_path) -> Path:
 
 
 def common(model_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(model=str(model_dir), data=[str(data)], out=str(out), batch_size=4, steps=3, lr=1e-3,
-                  lora_lr=1e-3, ranks=None, progress=False, plots=False)
+    values = dict(
+        model=str(model_dir),
+        data=[str(data)],
+        out=str(out),
+        batch_size=4,
+        steps=3,
+        lr=1e-3,
+        lora_lr=1e-3,
+        ranks=None,
+        progress=False,
+        plots=False,
+    )
     return TrainConfig(**{**values, **overrides})
 
 
@@ -68,8 +78,12 @@ def wrapped_from_checkpoint(cfg: TrainConfig, model_dir: Path, step: int) -> tor
 
 def probe_ids() -> torch.Tensor:
     tok = byte_tokenizer()
-    return torch.tensor([tok("12+30=42", add_special_tokens=False)["input_ids"],
-                         tok("7+8=15 99", add_special_tokens=False)["input_ids"][:8]])
+    return torch.tensor(
+        [
+            tok("12+30=42", add_special_tokens=False)["input_ids"],
+            tok("7+8=15 99", add_special_tokens=False)["input_ids"][:8],
+        ]
+    )
 
 
 # ---------------------------------------------------------------- every mode through the CLI
@@ -78,8 +92,26 @@ def probe_ids() -> torch.Tensor:
 @pytest.mark.parametrize("mode", MODES)
 def test_cli_each_mode_runs(mode, model_dir, data, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--model", str(model_dir), "--data", str(data), "--mode", mode, "--steps", "3",
-            "--batch-size", "4", "--lr", "1e-3", "--lora-lr", "1e-3", "--out", str(out), "--no-progress"]
+    argv = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--mode",
+        mode,
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--lora-lr",
+        "1e-3",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "3 steps; loss" in printed
@@ -127,9 +159,17 @@ def test_labels_cover_the_completion_only():
 @pytest.mark.parametrize("mode, lagged", [("molf", False), ("molf", True), ("fft", False)])
 def test_resume_continues_exactly(mode, lagged, model_dir, data, tmp_path):
     # Dropout draws from the RNG and the 5 steps cross an epoch boundary (3 batches per epoch).
-    opts = dict(mode=mode, steps=5, save_every=2, dropout=0.1 if mode == "molf" else 0.0,
-                policy="hysteresis" if mode == "molf" else "topk", margin=0.05, lr_scheduler="cosine",
-                warmup_ratio=0.3, lagged=lagged)
+    opts = dict(
+        mode=mode,
+        steps=5,
+        save_every=2,
+        dropout=0.1 if mode == "molf" else 0.0,
+        policy="hysteresis" if mode == "molf" else "topk",
+        margin=0.05,
+        lr_scheduler="cosine",
+        warmup_ratio=0.3,
+        lagged=lagged,
+    )
     whole = train(common(model_dir, data, tmp_path / "whole", **opts))
 
     def stop_at_3(step: int, loss: float) -> None:
@@ -141,11 +181,39 @@ def test_resume_continues_exactly(mode, lagged, model_dir, data, tmp_path):
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-00000002.pt"]
     if mode == "molf":  # the resumed run drops step 3's line and writes it again
         assert len((tmp_path / "cut" / "routing.jsonl").read_text().splitlines()) == 3
-    argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "cut"), "--resume",
-            "--no-progress", "--batch-size", "4", "--lr", "1e-3", "--lora-lr", "1e-3", "--mode", mode,
-            "--steps", "5", "--save-every", "2", "--no-plots", "--dropout", str(opts["dropout"]),
-            "--policy", opts["policy"], "--margin", "0.05", "--warmup-ratio", "0.3",
-            "--lagged" if lagged else "--no-lagged"]
+    argv = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "cut"),
+        "--resume",
+        "--no-progress",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--lora-lr",
+        "1e-3",
+        "--mode",
+        mode,
+        "--steps",
+        "5",
+        "--save-every",
+        "2",
+        "--no-plots",
+        "--dropout",
+        str(opts["dropout"]),
+        "--policy",
+        opts["policy"],
+        "--margin",
+        "0.05",
+        "--warmup-ratio",
+        "0.3",
+        "--lagged" if lagged else "--no-lagged",
+    ]
     assert main(argv) == 0
 
     a, b = checkpoint(tmp_path / "whole", 5), checkpoint(tmp_path / "cut", 5)
@@ -182,7 +250,7 @@ def test_config_file_with_flag_override(model_dir, data, tmp_path):
     cfg.write_text(
         f'model = "{model_dir}"\ndata = ["{data}"]\nout = "{tmp_path / "toml"}"\nmode = "molf"\n'
         'steps = 2\nbatch-size = 4\nlr = 3e-4\nranks = [4]\nalphas = [8]\npolicy = "hysteresis"\n'
-        'progress = false\nplots = false\n'
+        "progress = false\nplots = false\n"
     )
     assert main(["train", "--config", str(cfg), "--steps", "3", "--lr", "5e-4"]) == 0
     saved = json.loads(checkpoint(tmp_path / "toml", 3)["config"])
@@ -196,9 +264,20 @@ def test_yaml_config(model_dir, data, tmp_path, monkeypatch, capsys):
     import yaml
 
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(model_dir), "data": [str(data)], "out": str(tmp_path / "y"),
-                                   "mode": "fft", "steps": 1, "batch_size": 4, "progress": False,
-                                   "plots": False}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(model_dir),
+                "data": [str(data)],
+                "out": str(tmp_path / "y"),
+                "mode": "fft",
+                "steps": 1,
+                "batch_size": 4,
+                "progress": False,
+                "plots": False,
+            }
+        )
+    )
     assert main(["train", "--config", str(cfg)]) == 0
     assert checkpoint(tmp_path / "y", 1)["step"] == 1
     monkeypatch.setitem(sys.modules, "yaml", None)  # as if PyYAML were not installed
@@ -210,18 +289,18 @@ def test_yaml_config(model_dir, data, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ('stepz = 3\n', "unknown option(s) stepz"),
+        ("stepz = 3\n", "unknown option(s) stepz"),
         ('mode = "dora"\n', "mode must be one of 'fft', 'lora', 'molf', 'molf-e'"),
-        ('steps = 0\n', "steps must be an integer >= 1"),
+        ("steps = 0\n", "steps must be an integer >= 1"),
         ('mode = "molf-e"\nranks = [8]\n', "ranks needs >= 2 entries"),
         ('policy = "sticky"\n', "policy must be one of"),
         ('policy = "heldout"\n', "policy 'heldout' needs held-out data: give heldout_data (--heldout-data"),
-        ('heldout_batch = 0\n', "heldout_batch must be an integer >= 1, got 0"),
-        ('heldout_batch = -3\n', "heldout_batch must be an integer >= 1, got -3"),
-        ('heldout_every = 0\n', "heldout_every must be an integer >= 1, got 0"),
-        ('heldout_data = []\n', "heldout_data must name at least one file"),
-        ('min_dwell = -1\n', "min_dwell must be an integer >= 0, got -1"),
-        ('steps = [\n', "invalid TOML"),
+        ("heldout_batch = 0\n", "heldout_batch must be an integer >= 1, got 0"),
+        ("heldout_batch = -3\n", "heldout_batch must be an integer >= 1, got -3"),
+        ("heldout_every = 0\n", "heldout_every must be an integer >= 1, got 0"),
+        ("heldout_data = []\n", "heldout_data must name at least one file"),
+        ("min_dwell = -1\n", "min_dwell must be an integer >= 0, got -1"),
+        ("steps = [\n", "invalid TOML"),
     ],
 )
 def test_bad_config_values(text, message, tmp_path, capsys):
@@ -239,14 +318,20 @@ def test_bad_config_values(text, message, tmp_path, capsys):
 @pytest.mark.parametrize(
     "lines, message",
     [
-        (['{"prompt": "a", "completion": "b"}', '{"prompt": "c", "completion": "d"}', '{"prompt": "e"}'],
-         "row 3: missing field 'completion'"),
+        (
+            ['{"prompt": "a", "completion": "b"}', '{"prompt": "c", "completion": "d"}', '{"prompt": "e"}'],
+            "row 3: missing field 'completion'",
+        ),
         (['{"prompt": "a", "completion": "b"}', '{"completion": "d"}'], "row 2: missing field 'prompt'"),
         (['{"question": "a", "completion": "b"}'], "row 1: missing field 'prompt'"),
-        (['{"prompt": "a", "completion": "b"}', '{"prompt": "c", "completion": ""}'],
-         "row 2: field 'completion' is empty"),
-        (['{"prompt": "a", "completion": "b"}', '{"prompt": 5, "completion": "d"}'],
-         "row 2: field 'prompt' must be a string, got 5"),
+        (
+            ['{"prompt": "a", "completion": "b"}', '{"prompt": "c", "completion": ""}'],
+            "row 2: field 'completion' is empty",
+        ),
+        (
+            ['{"prompt": "a", "completion": "b"}', '{"prompt": 5, "completion": "d"}'],
+            "row 2: field 'prompt' must be a string, got 5",
+        ),
         (['{"prompt": "a", "completion": "b"}', '{"prompt": "c", "completion": '], "cannot be read"),
     ],
 )
@@ -267,8 +352,17 @@ def test_parquet_data_and_custom_fields(model_dir, tmp_path):
 
     path = tmp_path / "pairs.parquet"
     pq.write_table(pa.table({"q": ["1+1=", "2+2=", "3+3="], "a": ["2", "4", "6"]}), path)
-    cfg = TrainConfig(model=str(model_dir), data=[str(path)], out=str(tmp_path / "pq"), mode="fft", steps=2,
-                      batch_size=2, prompt_field="q", completion_field="a", progress=False)
+    cfg = TrainConfig(
+        model=str(model_dir),
+        data=[str(path)],
+        out=str(tmp_path / "pq"),
+        mode="fft",
+        steps=2,
+        batch_size=2,
+        prompt_field="q",
+        completion_field="a",
+        progress=False,
+    )
     assert train(cfg).steps == 2
     with pytest.raises(ConfigError, match=r"pairs.parquet.*row 1: missing field 'prompt'"):
         train(TrainConfig(model=str(model_dir), data=[str(path)], out=str(tmp_path / "pq2"), progress=False))
@@ -342,8 +436,18 @@ def test_heldout_routing_updates_the_active_experts_only(mode, min_span, model_d
     score; the set changes at measurements with a window only (every 2nd step from step 4).
     (molf-e judges from the first window here: its default, 10 windows, outlasts this run.)"""
     out = tmp_path / "h"
-    cfg = common(model_dir, data, out, mode=mode, heldout_data=[str(heldout)], steps=8, save_every=1,
-                 keep_checkpoints=8, heldout_min_span=min_span, **HELDOUT)
+    cfg = common(
+        model_dir,
+        data,
+        out,
+        mode=mode,
+        heldout_data=[str(heldout)],
+        steps=8,
+        save_every=1,
+        keep_checkpoints=8,
+        heldout_min_span=min_span,
+        **HELDOUT,
+    )
     assert cfg.policy is None and cfg.min_dwell is None and cfg.routing_policy == "heldout"
     result = train(cfg)
     records = [json.loads(line) for line in (out / "routing.jsonl").read_text().splitlines()]
@@ -390,7 +494,7 @@ def _reference_heldout_loss(model, path: Path, rows: int) -> float:
         ids = torch.tensor([prompt + completion])
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0].double()
-        targets = ids[0, len(prompt):]
+        targets = ids[0, len(prompt) :]
         total += torch.nn.functional.cross_entropy(logits[len(prompt) - 1 : -1], targets, reduction="sum").item()
         count += len(completion)
     model.train(was_training)
@@ -398,8 +502,9 @@ def _reference_heldout_loss(model, path: Path, rows: int) -> float:
 
 
 @pytest.mark.parametrize("mode", ["molf", "molf-e"])
-def test_heldout_closure_is_the_completion_loss_of_the_first_rows(mode, model_dir, data, heldout, tmp_path,
-                                                                  monkeypatch):
+def test_heldout_closure_is_the_completion_loss_of_the_first_rows(
+    mode, model_dir, data, heldout, tmp_path, monkeypatch
+):
     captured = []
 
     class Spy(molf.train.MoLFAdamW):
@@ -430,8 +535,16 @@ def test_heldout_closure_is_the_completion_loss_of_the_first_rows(mode, model_di
         checked.append(step)
 
     monkeypatch.setattr(molf.train, "MoLFAdamW", Spy)
-    cfg = common(model_dir, data, tmp_path / "c", mode=mode, heldout_data=[str(heldout)], steps=4, dropout=0.1,
-                 **{**HELDOUT, "heldout_batch": 5, "heldout_every": 3})
+    cfg = common(
+        model_dir,
+        data,
+        tmp_path / "c",
+        mode=mode,
+        heldout_data=[str(heldout)],
+        steps=4,
+        dropout=0.1,
+        **{**HELDOUT, "heldout_batch": 5, "heldout_every": 3},
+    )
     train(cfg, on_step=check_closure)
     assert checked == [3]
     ((args, kwargs),) = captured
@@ -455,7 +568,7 @@ def test_heldout_batch_takes_the_first_rows_tokenized_like_training(heldout):
         n, width = len(ids), batch["labels"].shape[1]
         assert tok.decode(ids) == p + c + "<|endoftext|>"
         assert batch["input_ids"][i].tolist() == ids + [tok.pad_token_id] * (width - n)
-        assert batch["labels"][i].tolist() == [-100] * len(prompt) + ids[len(prompt):] + [-100] * (width - n)
+        assert batch["labels"][i].tolist() == [-100] * len(prompt) + ids[len(prompt) :] + [-100] * (width - n)
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
     assert build_heldout_batch(tok, pairs, 100, 64, tok.pad_token_id)["input_ids"].shape[0] == len(pairs) == 12
     with pytest.raises(ConfigError, match="no completion token in any held-out row"):
@@ -464,12 +577,23 @@ def test_heldout_batch_takes_the_first_rows_tokenized_like_training(heldout):
 
 # molf-e's records judged from the first window: its default (10 windows) outlasts this run.
 @pytest.mark.parametrize("mode, lagged, explicit, min_span", [("molf", False, False, None), ("molf-e", True, True, 1)])
-def test_resume_with_heldout_routing_continues_exactly(mode, lagged, explicit, min_span, model_dir, data, heldout,
-                                                       tmp_path):
+def test_resume_with_heldout_routing_continues_exactly(
+    mode, lagged, explicit, min_span, model_dir, data, heldout, tmp_path
+):
     # Measurements at steps 2, 4, 6; the checkpoint at step 3 is mid-window, and the resumed
     # run redoes steps 4 and 5 (a measurement that drops experts) after the cut at step 5.
-    opts = dict(mode=mode, steps=7, save_every=3, dropout=0.1, heldout_data=[str(heldout)], lr_scheduler="cosine",
-                warmup_ratio=0.3, lagged=lagged, heldout_min_span=min_span, **HELDOUT)
+    opts = dict(
+        mode=mode,
+        steps=7,
+        save_every=3,
+        dropout=0.1,
+        heldout_data=[str(heldout)],
+        lr_scheduler="cosine",
+        warmup_ratio=0.3,
+        lagged=lagged,
+        heldout_min_span=min_span,
+        **HELDOUT,
+    )
     whole = train(common(model_dir, data, tmp_path / "whole", **opts))
     assert whole.heldout["windows"] == 2 and min(whole.heldout["active_share"].values()) < 1
 
@@ -480,11 +604,41 @@ def test_resume_with_heldout_routing_continues_exactly(mode, lagged, explicit, m
     with pytest.raises(KeyboardInterrupt):
         train(common(model_dir, data, tmp_path / "cut", **opts), on_step=stop_at_5)
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-00000003.pt"]
-    argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "cut"), "--resume",
-            "--no-progress", "--batch-size", "4", "--lr", "3e-3", "--lora-lr", "3e-3", "--mode", mode,
-            "--steps", "7", "--save-every", "3", "--no-plots", "--dropout", "0.1", "--warmup-ratio", "0.3",
-            "--lagged" if lagged else "--no-lagged", "--heldout-data", str(heldout), "--heldout-every", "2",
-            "--heldout-batch", "6"]
+    argv = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "cut"),
+        "--resume",
+        "--no-progress",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--lora-lr",
+        "3e-3",
+        "--mode",
+        mode,
+        "--steps",
+        "7",
+        "--save-every",
+        "3",
+        "--no-plots",
+        "--dropout",
+        "0.1",
+        "--warmup-ratio",
+        "0.3",
+        "--lagged" if lagged else "--no-lagged",
+        "--heldout-data",
+        str(heldout),
+        "--heldout-every",
+        "2",
+        "--heldout-batch",
+        "6",
+    ]
     if explicit:  # the values an unset policy / min_dwell take: the same run
         argv += ["--policy", "heldout", "--min-dwell", "6"]
     if min_span is not None:
@@ -556,9 +710,27 @@ def test_cli_heldout_with_the_embedded_model(split, tmp_path, capsys):
     (tmp_path / "train.jsonl").write_text("".join(lines[:28]))
     (tmp_path / "heldout.jsonl").write_text("".join(lines[28:]))
     out = tmp_path / "run"
-    argv = ["train", "--out", str(out), "--heldout-data", str(tmp_path / "heldout.jsonl"), "--heldout-every", "2",
-            "--heldout-batch", "8", "--steps", "6", "--batch-size", "4", "--lr", "3e-3", "--lora-lr", "3e-3",
-            "--no-progress", "--no-plots"]
+    argv = [
+        "train",
+        "--out",
+        str(out),
+        "--heldout-data",
+        str(tmp_path / "heldout.jsonl"),
+        "--heldout-every",
+        "2",
+        "--heldout-batch",
+        "8",
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--lora-lr",
+        "3e-3",
+        "--no-progress",
+        "--no-plots",
+    ]
     argv += ["--data", str(tmp_path / "train.jsonl")] if split else []
     assert main(argv) == 0
     assert (out / "data.jsonl").exists() != split
@@ -576,9 +748,27 @@ def test_cli_heldout_min_span(given, want, model_dir, data, heldout, tmp_path):
     """molf-e (LoRA experts only) judges a record from its tenth window unless told; the
     resolved value is what a resume compares."""
     out = tmp_path / "run"
-    argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--mode", "molf-e",
-            "--heldout-data", str(heldout), "--heldout-every", "2", "--heldout-batch", "6", "--steps", "4",
-            "--no-progress", "--no-plots"]
+    argv = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--mode",
+        "molf-e",
+        "--heldout-data",
+        str(heldout),
+        "--heldout-every",
+        "2",
+        "--heldout-batch",
+        "6",
+        "--steps",
+        "4",
+        "--no-progress",
+        "--no-plots",
+    ]
     argv += [] if given is None else ["--heldout-min-span", str(given)]
     assert main(argv) == 0
     ckpt = checkpoint(out, 4)
@@ -602,8 +792,19 @@ def test_cli_heldout_min_span(given, want, model_dir, data, heldout, tmp_path):
 )
 def test_heldout_config_errors(extra, message, model_dir, data, heldout, tmp_path, capsys):
     out = tmp_path / "never"
-    argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--no-progress",
-            "--heldout-data", str(heldout), *extra]
+    argv = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--heldout-data",
+        str(heldout),
+        *extra,
+    ]
     with pytest.raises(SystemExit) as exc:
         main(argv)
     err = capsys.readouterr().err
@@ -626,8 +827,11 @@ def test_policy_heldout_without_heldout_data_is_refused(model_dir, data, tmp_pat
     [
         ("gone.jsonl", None, "no such file"),
         ("rows.txt", ['{"prompt": "a", "completion": "b"}'], "unknown format '.txt'"),
-        ("broken.jsonl", ['{"prompt": "a", "completion": "b"}', '{"completion": "d"}'],
-         "row 2: missing field 'prompt'"),
+        (
+            "broken.jsonl",
+            ['{"prompt": "a", "completion": "b"}', '{"completion": "d"}'],
+            "row 2: missing field 'prompt'",
+        ),
         ("empty.jsonl", ['{"prompt": "a", "completion": ""}'], "row 1: field 'completion' is empty"),
     ],
 )
@@ -637,8 +841,21 @@ def test_bad_heldout_data_names_the_option_file_and_row(name, lines, message, mo
         path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as exc:
-        main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--no-progress",
-              "--heldout-data", str(data), str(path)])
+        main(
+            [
+                "train",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--heldout-data",
+                str(data),
+                str(path),
+            ]
+        )
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"heldout_data {str(path)!r}" in err and message in err, err
     assert not out.exists()  # refused before anything was written

@@ -44,8 +44,26 @@ def config(model_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:
 
 
 def argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--batch-size", "4",
-            "--steps", "3", "--lr", "1e-3", "--lora-lr", "1e-3", "--no-progress", "--no-plots", *extra]
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--steps",
+        "3",
+        "--lr",
+        "1e-3",
+        "--lora-lr",
+        "1e-3",
+        "--no-progress",
+        "--no-plots",
+        *extra,
+    ]
 
 
 def fails_in_one_line(args: list[str], capsys, code: int, *parts: str) -> str:
@@ -83,8 +101,9 @@ def test_run_stopped_before_its_first_checkpoint_resumes_from_step_0(model_dir, 
     assert not list((out / "checkpoints").glob("*"))
     assert len((out / "routing.jsonl").read_text().splitlines()) == 2
 
-    fails_in_one_line(argv(model_dir, data, out, "--mode", "molf"), capsys, 2, "already holds a run",
-                      "pass --resume", "another --out")
+    fails_in_one_line(
+        argv(model_dir, data, out, "--mode", "molf"), capsys, 2, "already holds a run", "pass --resume", "another --out"
+    )
     assert main(argv(model_dir, data, out, "--mode", "molf", "--resume")) == 0
     assert "molf: warning: resume: the run in" in capsys.readouterr().err  # the notice, one line
     a, b = checkpoint(tmp_path / "whole", 3), checkpoint(out, 3)
@@ -114,8 +133,9 @@ def test_resume_falls_back_past_an_unreadable_latest_checkpoint(how, model_dir, 
     damage(out / "checkpoints" / "step-00000003.pt", how)
 
     with pytest.warns(UserWarning) as caught:
-        result = train(config(model_dir, data, out, mode="molf", steps=3, save_every=1, keep_checkpoints=1,
-                              resume="latest"))
+        result = train(
+            config(model_dir, data, out, mode="molf", steps=3, save_every=1, keep_checkpoints=1, resume="latest")
+        )
     notices = [str(w.message) for w in caught if "cannot be read" in str(w.message)]
     assert len(notices) == 1 and "step-00000003.pt' cannot be read" in notices[0], notices
     assert "falling back" in notices[0]
@@ -130,9 +150,15 @@ def test_resume_with_no_readable_checkpoint_is_one_line(model_dir, data, tmp_pat
     train(config(model_dir, data, out, mode="fft", steps=2, save_every=1))
     for step in (1, 2):
         damage(out / "checkpoints" / f"step-{step:08d}.pt", "truncated" if step == 1 else "empty")
-    fails_in_one_line(argv(model_dir, data, out, "--mode", "fft", "--steps", "2", "--save-every", "1", "--resume"),
-                      capsys, 2, "none of the 2 checkpoint(s)", "can be read", "step-00000002.pt",
-                      "start the run again from step 0")
+    fails_in_one_line(
+        argv(model_dir, data, out, "--mode", "fft", "--steps", "2", "--save-every", "1", "--resume"),
+        capsys,
+        2,
+        "none of the 2 checkpoint(s)",
+        "can be read",
+        "step-00000002.pt",
+        "start the run again from step 0",
+    )
     bad = out / "checkpoints" / "step-00000001.pt"
     with pytest.raises(StateError, match=r"step-00000001\.pt' cannot be read"):  # a file named: no fallback
         train(config(model_dir, data, out, mode="fft", steps=2, resume=str(bad)))
@@ -162,15 +188,24 @@ def test_disk_full_while_saving_a_checkpoint(where, model_dir, data, tmp_path, m
 
     monkeypatch.setattr(torch, "save", save)
     monkeypatch.setattr(os, "replace", replace)
-    fails_in_one_line(argv(model_dir, data, out, "--mode", "molf", "--save-every", "1", "--keep-checkpoints", "5"),
-                      capsys, 1, "cannot save checkpoint", "step-00000002.pt", "No space left on device",
-                      "latest: step-00000001.pt", "--resume")
+    fails_in_one_line(
+        argv(model_dir, data, out, "--mode", "molf", "--save-every", "1", "--keep-checkpoints", "5"),
+        capsys,
+        1,
+        "cannot save checkpoint",
+        "step-00000002.pt",
+        "No space left on device",
+        "latest: step-00000001.pt",
+        "--resume",
+    )
     assert saves == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001.pt"]  # no *.tmp
     assert checkpoint(out, 1)["step"] == 1
     monkeypatch.undo()
-    assert main(argv(model_dir, data, out, "--mode", "molf", "--save-every", "1", "--keep-checkpoints", "5",
-                     "--resume")) == 0  # space freed: the run goes on from step 1
+    assert (
+        main(argv(model_dir, data, out, "--mode", "molf", "--save-every", "1", "--keep-checkpoints", "5", "--resume"))
+        == 0
+    )  # space freed: the run goes on from step 1
     assert checkpoint(out, 3)["step"] == 3
 
 
@@ -197,8 +232,9 @@ def test_disk_full_while_saving_the_model_leaves_no_partial_directory(model_dir,
 def test_cuda_without_a_gpu_is_one_line(model_dir, data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "never"
-    fails_in_one_line(argv(model_dir, data, out, "--device", "cuda"), capsys, 2, "device 'cuda'",
-                      "no CUDA GPU", "--device cpu")
+    fails_in_one_line(
+        argv(model_dir, data, out, "--device", "cuda"), capsys, 2, "device 'cuda'", "no CUDA GPU", "--device cpu"
+    )
     assert not out.exists()
 
 
@@ -207,25 +243,31 @@ def test_cuda_without_a_gpu_is_one_line(model_dir, data, tmp_path, monkeypatch, 
 
 def test_non_utf8_data_names_file_and_line(model_dir, tmp_path, capsys):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes('{"prompt": "a", "completion": "b"}\n\n{"prompt": "caf\u00e9", "completion": "b"}\n'
-                     .encode("latin-1"))
+    path.write_bytes(
+        '{"prompt": "a", "completion": "b"}\n\n{"prompt": "caf\u00e9", "completion": "b"}\n'.encode("latin-1")
+    )
     out = tmp_path / "never"
-    fails_in_one_line(argv(model_dir, path, out), capsys, 2, "latin1.jsonl", "line 3 is not UTF-8",
-                      "save the file as UTF-8")
+    fails_in_one_line(
+        argv(model_dir, path, out), capsys, 2, "latin1.jsonl", "line 3 is not UTF-8", "save the file as UTF-8"
+    )
     assert not out.exists()
 
 
 @pytest.mark.parametrize(
     "row, shown",
-    [('{"prompt": NaN, "completion": "d"}', "NaN"), ('{"prompt": null, "completion": "d"}', "null"),
-     ('{"prompt": ["c"], "completion": "d"}', '["c"]')],
+    [
+        ('{"prompt": NaN, "completion": "d"}', "NaN"),
+        ('{"prompt": null, "completion": "d"}', "null"),
+        ('{"prompt": ["c"], "completion": "d"}', '["c"]'),
+    ],
 )
 def test_non_string_prompt_is_not_called_missing(row, shown, model_dir, tmp_path, capsys):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n' + row + "\n")
     out = tmp_path / "never"
-    line = fails_in_one_line(argv(model_dir, path, out), capsys, 2, "rows.jsonl",
-                             f"row 2: field 'prompt' must be a string, got {shown}")
+    line = fails_in_one_line(
+        argv(model_dir, path, out), capsys, 2, "rows.jsonl", f"row 2: field 'prompt' must be a string, got {shown}"
+    )
     assert "missing" not in line
     assert not out.exists()
 
@@ -261,10 +303,14 @@ def test_data_changed_under_the_same_path_is_named_on_resume(change, model_dir, 
         data.write_text(text + text)
     else:  # one digit of one completion: the same size and row count
         i = text.index('"completion": "') + len('"completion": "')
-        data.write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])
-    fails_in_one_line(argv(model_dir, data, out, "--mode", "fft", "--steps", "2", "--save-every", "1", "--resume"),
-                      capsys, 2, f"data file {str(data)!r} changed since the run started",
-                      "put back the file the run started with")
+        data.write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1 :])
+    fails_in_one_line(
+        argv(model_dir, data, out, "--mode", "fft", "--steps", "2", "--save-every", "1", "--resume"),
+        capsys,
+        2,
+        f"data file {str(data)!r} changed since the run started",
+        "put back the file the run started with",
+    )
 
 
 def test_ctrl_c_is_one_line_saying_how_to_resume(model_dir, data, tmp_path, capsys, monkeypatch):

@@ -28,8 +28,15 @@ def _one_thread(one_thread):
 
 def tiny_qwen2(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     return transformers.Qwen2ForCausalLM(cfg)
 
 
@@ -51,9 +58,19 @@ class TokenData(torch.utils.data.Dataset):
 
 
 def args(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, logging_steps=1,
-                save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
-                lr_scheduler_type="constant", dataloader_num_workers=0)
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        dataloader_num_workers=0,
+    )
     return transformers.TrainingArguments(**{**base, **overrides})
 
 
@@ -75,8 +92,12 @@ def test_trainer_groups_from_optimizer_cls_and_kwargs(tmp_path):
     own lora_weight_decay, biases and norms none; lr and lora_lr come from the kwargs."""
     for trainer_wd in (0.1, 0.0):
         model = wrapped()
-        trainer = transformers.Trainer(model=model, args=args(tmp_path, weight_decay=trainer_wd),
-                                       train_dataset=TokenData(8), optimizer_cls_and_kwargs=opt_kwargs())
+        trainer = transformers.Trainer(
+            model=model,
+            args=args(tmp_path, weight_decay=trainer_wd),
+            train_dataset=TokenData(8),
+            optimizer_cls_and_kwargs=opt_kwargs(),
+        )
         opt = trainer.create_optimizer()
         assert isinstance(opt, molf.MoLFAdamW)
         decay_of = {}
@@ -103,15 +124,20 @@ def test_optimizer_cls_and_kwargs_trains_like_a_plain_loop(tmp_path):
     data = TokenData(4)
     model = wrapped()
     reference = copy.deepcopy(model)
-    trainer = transformers.Trainer(model=model, args=args(tmp_path, max_grad_norm=0.0, weight_decay=0.1),
-                                   train_dataset=data, optimizer_cls_and_kwargs=opt_kwargs(**SWITCHING))
+    trainer = transformers.Trainer(
+        model=model,
+        args=args(tmp_path, max_grad_norm=0.0, weight_decay=0.1),
+        train_dataset=data,
+        optimizer_cls_and_kwargs=opt_kwargs(**SWITCHING),
+    )
     # The loop replays the batches the Trainer fed, rows in its sampler's order:
     # k_proj's bias has an analytically zero gradient (softmax ignores a shift
     # shared by all keys), so Adam turns the rounding of another row order into
     # 1e-6 moves there.
     fed = []
     hook = model.register_forward_pre_hook(
-        lambda _, args, kwargs: fed.append((kwargs["input_ids"].clone(), kwargs["labels"].clone())), with_kwargs=True)
+        lambda _, args, kwargs: fed.append((kwargs["input_ids"].clone(), kwargs["labels"].clone())), with_kwargs=True
+    )
     trainer.train()
     hook.remove()
     assert len(fed) == 4 and all(sorted(ids.tolist()) == sorted(data.ids.tolist()) for ids, _ in fed)
@@ -135,8 +161,9 @@ def test_optimizers_tuple_is_the_optimizer_the_trainer_steps(tmp_path):
     model = wrapped(fft=False)
     opt = molf.MoLFAdamW(model, **OPT_KW)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
-    trainer = transformers.Trainer(model=model, args=args(tmp_path, max_steps=3), train_dataset=TokenData(12),
-                                   optimizers=(opt, sched))
+    trainer = transformers.Trainer(
+        model=model, args=args(tmp_path, max_steps=3), train_dataset=TokenData(12), optimizers=(opt, sched)
+    )
     trainer.train()
     assert find_molf_optimizer(trainer.optimizer) is opt
     assert opt.routing_summary().step == 3
@@ -179,9 +206,13 @@ def test_routing_callback_keys_reach_history_loggers_and_console(tmp_path, monke
     recorder, tracker = Recorder(), MaskTracker()
     integration_slot(monkeypatch, recorder)
     model = wrapped()
-    trainer = transformers.Trainer(model=model, args=args(tmp_path, max_steps=6, logging_steps=2),
-                                   train_dataset=TokenData(24), optimizer_cls_and_kwargs=opt_kwargs(**SWITCHING),
-                                   callbacks=[tracker])
+    trainer = transformers.Trainer(
+        model=model,
+        args=args(tmp_path, max_steps=6, logging_steps=2),
+        train_dataset=TokenData(24),
+        optimizer_cls_and_kwargs=opt_kwargs(**SWITCHING),
+        callbacks=[tracker],
+    )
     callback = add_routing_callback(trainer)
     assert trainer.callback_handler.callbacks[0] is callback
     trainer.train()
@@ -197,7 +228,7 @@ def test_routing_callback_keys_reach_history_loggers_and_console(tmp_path, monke
         share = masks[t - 1].double().mean(dim=0)
         assert h["molf/share/dense"] == pytest.approx(float(share[0]))
         assert h["molf/share/lora0_r2"] == pytest.approx(float(share[1]))
-        assert h["molf/switches_per_step"] == pytest.approx(sum(changes[t - 2:t]) / 2)
+        assert h["molf/switches_per_step"] == pytest.approx(sum(changes[t - 2 : t]) / 2)
         assert h["molf/skipped_steps"] == 0 and h["molf/no_winner_events"] == 0
     assert sum(changes) > 0, "the run must switch at least once for the switch rate to be tested"
     # The integration-slot logger and the console (PrinterCallback) saw the same keys.
@@ -215,9 +246,13 @@ def test_routing_callback_passed_through_callbacks_reaches_history(tmp_path, mon
     the keys, an integration does not (which is why add_routing_callback exists)."""
     recorder = Recorder()
     integration_slot(monkeypatch, recorder)
-    trainer = transformers.Trainer(model=wrapped(fft=False), args=args(tmp_path, max_steps=2),
-                                   train_dataset=TokenData(8), optimizer_cls_and_kwargs=opt_kwargs(),
-                                   callbacks=[RoutingCallback()])
+    trainer = transformers.Trainer(
+        model=wrapped(fft=False),
+        args=args(tmp_path, max_steps=2),
+        train_dataset=TokenData(8),
+        optimizer_cls_and_kwargs=opt_kwargs(),
+        callbacks=[RoutingCallback()],
+    )
     trainer.train()
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(train_logs) == 2
@@ -233,9 +268,13 @@ def test_routing_callback_counts_skipped_steps(tmp_path):
             if state.global_step == 1:  # the second optimizer step
                 next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
 
-    trainer = transformers.Trainer(model=wrapped(), args=args(tmp_path, max_steps=3, max_grad_norm=0.0),
-                                   train_dataset=TokenData(12), optimizer_cls_and_kwargs=opt_kwargs(),
-                                   callbacks=[NanOnce()])
+    trainer = transformers.Trainer(
+        model=wrapped(),
+        args=args(tmp_path, max_steps=3, max_grad_norm=0.0),
+        train_dataset=TokenData(12),
+        optimizer_cls_and_kwargs=opt_kwargs(),
+        callbacks=[NanOnce()],
+    )
     add_routing_callback(trainer)
     trainer.train()
     skipped = [h["molf/skipped_steps"] for h in trainer.state.log_history if "loss" in h]
@@ -269,8 +308,9 @@ def test_resume_from_checkpoint_is_exact(fft, lagged, plug, tmp_path):
         else:
             opt = molf.MoLFAdamW(model, weight_decay=0.1, lagged=lagged, **{**OPT_KW, **SWITCHING})
             plugged = dict(optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t))))
-        trainer = transformers.Trainer(model=model, args=args(out, **kw), train_dataset=TokenData(20),
-                                       callbacks=callbacks, **plugged)
+        trainer = transformers.Trainer(
+            model=model, args=args(out, **kw), train_dataset=TokenData(20), callbacks=callbacks, **plugged
+        )
         add_routing_callback(trainer)
         return model, trainer
 
@@ -297,8 +337,11 @@ def test_resume_from_checkpoint_is_exact(fft, lagged, plug, tmp_path):
     assert s_resumed == s_straight and s_straight["step"] == 7
 
     def routing_history(trainer):
-        return [{k: v for k, v in h.items() if ROUTING_KEY.fullmatch(k) or k in ("step", "loss")}
-                for h in trainer.state.log_history if "loss" in h]
+        return [
+            {k: v for k, v in h.items() if ROUTING_KEY.fullmatch(k) or k in ("step", "loss")}
+            for h in trainer.state.log_history
+            if "loss" in h
+        ]
 
     assert routing_history(resumed) == routing_history(straight)
 
@@ -321,8 +364,13 @@ def test_resumed_trainer_run_keeps_the_whole_routing_log(tmp_path):
 
     def trainer_for(out, callbacks=None):
         kwargs = dict(log_path=str(out / "routing.jsonl"), **SWITCHING)
-        return transformers.Trainer(model=wrapped(), args=args(out, **kw), train_dataset=TokenData(20),
-                                    callbacks=callbacks, optimizer_cls_and_kwargs=opt_kwargs(**kwargs))
+        return transformers.Trainer(
+            model=wrapped(),
+            args=args(out, **kw),
+            train_dataset=TokenData(20),
+            callbacks=callbacks,
+            optimizer_cls_and_kwargs=opt_kwargs(**kwargs),
+        )
 
     trainer_for(tmp_path / "straight").train()
     trainer_for(tmp_path / "cut", callbacks=[StopAt(3)]).train()
@@ -336,8 +384,12 @@ def test_resumed_trainer_run_keeps_the_whole_routing_log(tmp_path):
 def test_fresh_trainer_run_moves_an_old_log_aside(tmp_path):
     log = tmp_path / "routing.jsonl"
     log.write_text('{"step": 1, "phase": "routing", "experts": [], "modules": {}}\n')
-    trainer = transformers.Trainer(model=wrapped(), args=args(tmp_path, max_steps=2), train_dataset=TokenData(8),
-                                   optimizer_cls_and_kwargs=opt_kwargs(log_path=str(log)))
+    trainer = transformers.Trainer(
+        model=wrapped(),
+        args=args(tmp_path, max_steps=2),
+        train_dataset=TokenData(8),
+        optimizer_cls_and_kwargs=opt_kwargs(log_path=str(log)),
+    )
     with pytest.warns(RuntimeWarning, match="moved to"):
         trainer.train()
     assert (tmp_path / "routing.jsonl.prev").read_text().startswith('{"step": 1')

@@ -1,10 +1,10 @@
 """molf: optimizer-level routing between full fine-tuning and LoRA (MoLF).
 
-    import molf
-    model = molf.wrap(model, molf.MoLFConfig(ranks=(128,), fft=True))
-    opt = molf.MoLFAdamW(model, lr=2e-5, lora_lr=5e-5)
-    ...; loss.backward(); opt.step(); opt.zero_grad()
-    model = molf.merge(model)
+import molf
+model = molf.wrap(model, molf.MoLFConfig(ranks=(128,), fft=True))
+opt = molf.MoLFAdamW(model, lr=2e-5, lora_lr=5e-5)
+...; loss.backward(); opt.step(); opt.zero_grad()
+model = molf.merge(model)
 """
 
 from ._core import (
@@ -42,6 +42,7 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_HF_NAMES))
+
 
 __all__ = [
     "PHASES",

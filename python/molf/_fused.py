@@ -31,10 +31,17 @@ def _block(*dtypes: torch.dtype) -> int:
     """Elements per loop iteration: 4 KiB of the narrowest operand, so 16-bit
     tensors keep as many bytes in flight as float32 ones."""
     return 4096 // min(d.itemsize for d in dtypes)
+
+
 # Per-tensor hyper-parameters, one row of HYPER float64 values each.
 HYPER = 8  # 1-beta1, beta2, 1-beta2, eps, lr/bc1, sqrt(bc2), 1-lr*wd, apply (1.0: update p too)
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
 
 
 @triton.jit
@@ -59,8 +66,15 @@ def _in_bounds(offs, n, ALIGNED: tl.constexpr):
 
 @triton.jit
 def _nonfinite_kernel(
-    g_ptrs, numels, block_tensor, block_start, flag,
-    G_DT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    g_ptrs,
+    numels,
+    block_tensor,
+    block_start,
+    flag,
+    G_DT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """flag <- 1 if any gradient element is NaN or infinite (racing writes all write 1)."""
     pid = tl.program_id(0)
@@ -79,10 +93,25 @@ def _nonfinite_kernel(
 
 @triton.jit
 def _moments_kernel(
-    g_ptrs, m_ptrs, v_ptrs, p_ptrs, numels, hyper, block_tensor, block_start, partial, flag,
-    G_DT: tl.constexpr, S_DT: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr,
-    EPD: tl.constexpr, SCORE: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    g_ptrs,
+    m_ptrs,
+    v_ptrs,
+    p_ptrs,
+    numels,
+    hyper,
+    block_tensor,
+    block_start,
+    partial,
+    flag,
+    G_DT: tl.constexpr,
+    S_DT: tl.constexpr,
+    P_DT: tl.constexpr,
+    C_DT: tl.constexpr,
+    EPD: tl.constexpr,
+    SCORE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """m, v <- moments(g); SCORE: partial[pid] = chunk sum of the score term.
     Tensors whose `apply` hyper value is set also get their AdamW update in the
@@ -150,9 +179,20 @@ def _reduce_kernel(partial, first_block, num_blocks, out, BLOCK: tl.constexpr):
 
 @triton.jit
 def _apply_kernel(
-    p_ptrs, m_ptrs, v_ptrs, numels, hyper, block_tensor, block_start, flag,
-    S_DT: tl.constexpr, P_DT: tl.constexpr, C_DT: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    p_ptrs,
+    m_ptrs,
+    v_ptrs,
+    numels,
+    hyper,
+    block_tensor,
+    block_start,
+    flag,
+    S_DT: tl.constexpr,
+    P_DT: tl.constexpr,
+    C_DT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """The winners' update: p <- p (1 - lr wd) - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
     for the tensors whose `apply` hyper value is set (the grid covers every routed
@@ -205,8 +245,19 @@ def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
 def hyper_rows(groups: list[dict], group_of: np.ndarray, steps: np.ndarray, apply: np.ndarray) -> np.ndarray:
     """The HYPER-wide float64 rows for tensors of the given groups and step counts."""
     per_group = np.array(
-        [[1 - g["betas"][0], g["betas"][1], 1 - g["betas"][1], g["eps"], float(g["lr"]), g["betas"][0], g["weight_decay"], 0.0]
-         for g in groups],
+        [
+            [
+                1 - g["betas"][0],
+                g["betas"][1],
+                1 - g["betas"][1],
+                g["eps"],
+                float(g["lr"]),
+                g["betas"][0],
+                g["weight_decay"],
+                0.0,
+            ]
+            for g in groups
+        ],
         dtype=np.float64,
     )
     rows = per_group[group_of]
@@ -283,24 +334,52 @@ class FusedStep:
                 clo = int(first[lo])
                 chi = int(first[hi - 1] + nblocks[hi - 1])
                 self.batches.append(
-                    _Batch(lo, hi, clo, chi, g.dtype, m.dtype, p.dtype, bool(self.slots[lo] >= 0), key(self.entries[lo])[-1])
+                    _Batch(
+                        lo,
+                        hi,
+                        clo,
+                        chi,
+                        g.dtype,
+                        m.dtype,
+                        p.dtype,
+                        bool(self.slots[lo] >= 0),
+                        key(self.entries[lo])[-1],
+                    )
                 )
                 lo = hi
         self.ptrs = np.array(
             [[t.data_ptr() for t in ts] for ts in (local_params, self.exp_avgs, self.exp_avg_sqs)], dtype=np.int64
         )
         T = len(params)
-        table = _upload(np.concatenate([self.ptrs.reshape(-1), self.numels, block_tensor, block_start,
-                                        first[: self.num_routed], nblocks[: self.num_routed]]), self.device)
+        table = _upload(
+            np.concatenate(
+                [
+                    self.ptrs.reshape(-1),
+                    self.numels,
+                    block_tensor,
+                    block_start,
+                    first[: self.num_routed],
+                    nblocks[: self.num_routed],
+                ]
+            ),
+            self.device,
+        )
         B = len(block_tensor)
-        self._p, self._m, self._v = table[:T], table[T:2 * T], table[2 * T:3 * T]
-        self._numels = table[3 * T:4 * T]
-        self._block_tensor, self._block_start = table[4 * T:4 * T + B], table[4 * T + B:4 * T + 2 * B]
-        rest = table[4 * T + 2 * B:]
-        self._first, self._nblocks = rest[: self.num_routed], rest[self.num_routed:]
+        self._p, self._m, self._v = table[:T], table[T : 2 * T], table[2 * T : 3 * T]
+        self._numels = table[3 * T : 4 * T]
+        self._block_tensor, self._block_start = table[4 * T : 4 * T + B], table[4 * T + B : 4 * T + 2 * B]
+        rest = table[4 * T + 2 * B :]
+        self._first, self._nblocks = rest[: self.num_routed], rest[self.num_routed :]
 
-    def moments(self, groups: list[dict], steps: np.ndarray, score: str, check_finite: bool,
-                winners: np.ndarray | None = None, group=None):
+    def moments(
+        self,
+        groups: list[dict],
+        steps: np.ndarray,
+        score: str,
+        check_finite: bool,
+        winners: np.ndarray | None = None,
+        group=None,
+    ):
         """Every tensor's moments; unrouted parameters' whole AdamW update; the
         routed tensors' float64 score sums. With `winners` (bool per slot, lagged
         mode) the winners' updates happen in the same pass. `group` (FSDP2): the
@@ -316,23 +395,44 @@ class FusedStep:
         upload = _upload(np.concatenate([g_ptrs, hyper.reshape(-1).view(np.int64)]), self.device)
         g_d, hyper_d = upload[:T], upload[T:].view(torch.float64)
         flag = torch.zeros(1, dtype=torch.int32, device=self.device)
-        aligned = [b.aligned and not (g_ptrs[b.lo:b.hi] % 16).any() for b in self.batches]
+        aligned = [b.aligned and not (g_ptrs[b.lo : b.hi] % 16).any() for b in self.batches]
         if check_finite:
             for b, al in zip(self.batches, aligned):
                 _nonfinite_kernel[(b.chi - b.clo,)](
-                    g_d, self._numels, self._block_tensor[b.clo:], self._block_start[b.clo:], flag,
-                    G_DT=_TL_DTYPES[b.g_dtype], ALIGNED=al, BLOCK=_block(b.g_dtype), CHUNK=CHUNK,
+                    g_d,
+                    self._numels,
+                    self._block_tensor[b.clo :],
+                    self._block_start[b.clo :],
+                    flag,
+                    G_DT=_TL_DTYPES[b.g_dtype],
+                    ALIGNED=al,
+                    BLOCK=_block(b.g_dtype),
+                    CHUNK=CHUNK,
                 )
             if group is not None:  # on the device's stream: no host sync
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
         partial = torch.empty(max(self.routed_blocks, 1), dtype=torch.float64, device=self.device)
         for b, al in zip(self.batches, aligned):
             _moments_kernel[(b.chi - b.clo,)](
-                g_d, self._m, self._v, self._p, self._numels, hyper_d,
-                self._block_tensor[b.clo:], self._block_start[b.clo:], partial[b.clo:] if b.routed else partial, flag,
-                G_DT=_TL_DTYPES[b.g_dtype], S_DT=_TL_DTYPES[b.s_dtype], P_DT=_TL_DTYPES[b.p_dtype],
-                C_DT=_compute_dtype(b.s_dtype), EPD=score == "epd", SCORE=b.routed, ALIGNED=al,
-                BLOCK=_block(b.g_dtype, b.s_dtype, b.p_dtype), CHUNK=CHUNK,
+                g_d,
+                self._m,
+                self._v,
+                self._p,
+                self._numels,
+                hyper_d,
+                self._block_tensor[b.clo :],
+                self._block_start[b.clo :],
+                partial[b.clo :] if b.routed else partial,
+                flag,
+                G_DT=_TL_DTYPES[b.g_dtype],
+                S_DT=_TL_DTYPES[b.s_dtype],
+                P_DT=_TL_DTYPES[b.p_dtype],
+                C_DT=_compute_dtype(b.s_dtype),
+                EPD=score == "epd",
+                SCORE=b.routed,
+                ALIGNED=al,
+                BLOCK=_block(b.g_dtype, b.s_dtype, b.p_dtype),
+                CHUNK=CHUNK,
             )
         sums = torch.empty(self.num_routed, dtype=torch.float64, device=self.device)
         if self.num_routed:
@@ -350,11 +450,21 @@ class FusedStep:
         rows[:, 7] = won
         hyper_d = _upload(rows.reshape(-1), self.device)
         for b in self.batches:
-            if not b.routed or not won[b.lo:b.hi].any():
+            if not b.routed or not won[b.lo : b.hi].any():
                 continue
             _apply_kernel[(b.chi - b.clo,)](
-                self._p, self._m, self._v, self._numels, hyper_d, self._block_tensor[b.clo:],
-                self._block_start[b.clo:], flag,
-                S_DT=_TL_DTYPES[b.s_dtype], P_DT=_TL_DTYPES[b.p_dtype], C_DT=_compute_dtype(b.s_dtype),
-                ALIGNED=b.aligned, BLOCK=_block(b.s_dtype, b.p_dtype), CHUNK=CHUNK,
+                self._p,
+                self._m,
+                self._v,
+                self._numels,
+                hyper_d,
+                self._block_tensor[b.clo :],
+                self._block_start[b.clo :],
+                flag,
+                S_DT=_TL_DTYPES[b.s_dtype],
+                P_DT=_TL_DTYPES[b.p_dtype],
+                C_DT=_compute_dtype(b.s_dtype),
+                ALIGNED=b.aligned,
+                BLOCK=_block(b.s_dtype, b.p_dtype),
+                CHUNK=CHUNK,
             )

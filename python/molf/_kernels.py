@@ -45,7 +45,10 @@ def update_moments_(exp_avgs: Tensors, exp_avg_sqs: Tensors, grads: Tensors, bet
 
 
 def score_sums(
-    exp_avgs: Tensors, exp_avg_sqs: Tensors, eps: float, score: str,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    eps: float,
+    score: str,
     scratch: tuple[Tensors | None, Tensors | None] | None = None,
 ) -> torch.Tensor:
     """Per tensor, the float64 sum behind each score (raw moments, no bias correction).
@@ -89,8 +92,16 @@ def score_sums(
 
 
 def adamw_update_(
-    params: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, step: float, lr: float,
-    weight_decay: float, beta1: float, beta2: float, eps: float, scratch: Tensors | None = None,
+    params: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    step: float,
+    lr: float,
+    weight_decay: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    scratch: Tensors | None = None,
 ) -> None:
     """Decoupled decay then the bias-corrected Adam step, all tensors sharing `step`
     (`scratch`: tensors shaped like the moments for the denominator, as in `score_sums`)."""

@@ -80,7 +80,9 @@ def check_param_state(state: Any, p: torch.Tensor, where: str, *, heldout: bool,
     if "step" in state:
         step = _number(state["step"]) if isinstance(state["step"], torch.Tensor) else None
         if step is None or not math.isfinite(step) or step < 0 or step != int(step):
-            raise StateError(f"{where}: step must be a one-element tensor holding a whole number >= 0, got {state['step']!r}")
+            raise StateError(
+                f"{where}: step must be a one-element tensor holding a whole number >= 0, got {state['step']!r}"
+            )
     for key in ("exp_avg", "exp_avg_sq", *HELDOUT_KEYS):
         if key not in state:
             continue
@@ -120,7 +122,12 @@ def check_meta_fields(meta: dict, shape: tuple[int, int], router_step: int) -> t
 
 
 _LEDGER_SETTINGS = (
-    "ema_decay", "heldout_decay", "heldout_horizon", "heldout_shrink", "shrink_spectral", "heldout_min_span"
+    "ema_decay",
+    "heldout_decay",
+    "heldout_horizon",
+    "heldout_shrink",
+    "shrink_spectral",
+    "heldout_min_span",
 )
 
 

@@ -56,11 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="molf-demo", metavar="DIR", help="output directory (default: ./molf-demo)")
     demo.add_argument(
-        "--steps", type=_positive_int, metavar="N",
+        "--steps",
+        type=_positive_int,
+        metavar="N",
         help=f"optimizer steps per run (default: {DEFAULT_STEPS}; --quick: {QUICK_STEPS})",
     )
     demo.add_argument(
-        "--seeds", type=_positive_int, metavar="N",
+        "--seeds",
+        type=_positive_int,
+        metavar="N",
         help=f"seeds per regime and method (default: {DEFAULT_SEEDS}; --quick: {QUICK_SEEDS})",
     )
     demo.add_argument(
@@ -101,18 +105,29 @@ def _add_train_parser(sub) -> None:
     train_p.add_argument("--config", metavar="FILE", default=S, help="TOML or YAML file of options")
     io = train_p.add_argument_group("model and data")
     io.add_argument("--model", metavar="DIR", default=S, help="local model directory (default: an embedded tiny Qwen2)")
-    io.add_argument("--data", metavar="FILE", nargs="+", default=S,
-                    help="JSONL or parquet files of prompt/completion rows (default: generated arithmetic)")
+    io.add_argument(
+        "--data",
+        metavar="FILE",
+        nargs="+",
+        default=S,
+        help="JSONL or parquet files of prompt/completion rows (default: generated arithmetic)",
+    )
     io.add_argument("--prompt-field", default=S, help=f"prompt column (default: {d.prompt_field})")
     io.add_argument("--completion-field", default=S, help=f"completion column (default: {d.completion_field})")
-    io.add_argument("--max-length", type=_positive_int, default=S, metavar="N",
-                    help=f"tokens per example, prompt + completion (default: {d.max_length})")
+    io.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=S,
+        metavar="N",
+        help=f"tokens per example, prompt + completion (default: {d.max_length})",
+    )
     io.add_argument("--out", metavar="DIR", default=S, help=f"output directory (default: ./{d.out})")
     run = train_p.add_argument_group("training")
     run.add_argument("--mode", choices=MODES, default=S, help=f"what to train (default: {d.mode})")
     run.add_argument("--steps", type=_positive_int, default=S, metavar="N", help="optimizer steps (default: --epochs)")
-    run.add_argument("--epochs", type=_positive_int, default=S, metavar="N",
-                     help=f"passes over the data (default: {d.epochs})")
+    run.add_argument(
+        "--epochs", type=_positive_int, default=S, metavar="N", help=f"passes over the data (default: {d.epochs})"
+    )
     run.add_argument("--batch-size", type=_positive_int, default=S, metavar="N", help=f"(default: {d.batch_size})")
     run.add_argument("--lr", type=float, default=S, help=f"dense and non-LoRA learning rate (default: {d.lr})")
     run.add_argument("--lora-lr", type=float, default=S, help=f"LoRA learning rate (default: {d.lora_lr})")
@@ -120,44 +135,79 @@ def _add_train_parser(sub) -> None:
     run.add_argument("--lora-weight-decay", type=float, default=S, help=f"(default: {d.lora_weight_decay})")
     run.add_argument("--lr-scheduler", choices=SCHEDULERS, default=S, help=f"(default: {d.lr_scheduler})")
     run.add_argument("--warmup-ratio", type=float, default=S, help="share of steps with linear LR warm-up (default: 0)")
-    run.add_argument("--max-grad-norm", type=float, default=S,
-                     help=f"gradient clipping, 0 for none (default: {d.max_grad_norm})")
+    run.add_argument(
+        "--max-grad-norm", type=float, default=S, help=f"gradient clipping, 0 for none (default: {d.max_grad_norm})"
+    )
     run.add_argument("--dtype", choices=tuple(DTYPES), default=S, help=f"model dtype (default: {d.dtype})")
     run.add_argument("--device", default=S, help="'auto' (default: CUDA if present), 'cpu', 'cuda:0', ...")
     run.add_argument("--seed", type=_seed, default=S, help=f"(default: {d.seed})")
     experts = train_p.add_argument_group("experts")
-    experts.add_argument("--ranks", type=_positive_int, nargs="+", default=S,
-                         help="LoRA ranks (default: 16 for lora and molf; 8 32 for molf-e)")
+    experts.add_argument(
+        "--ranks",
+        type=_positive_int,
+        nargs="+",
+        default=S,
+        help="LoRA ranks (default: 16 for lora and molf; 8 32 for molf-e)",
+    )
     experts.add_argument("--alphas", type=float, nargs="+", default=S, help="LoRA alphas, one per rank (default: 32)")
-    experts.add_argument("--rslora", action=boolean, default=S,
-                         help="scale alpha/sqrt(r) instead of alpha/r (default: on)")
+    experts.add_argument(
+        "--rslora", action=boolean, default=S, help="scale alpha/sqrt(r) instead of alpha/r (default: on)"
+    )
     experts.add_argument("--dropout", type=float, default=S, help="LoRA dropout (default: 0)")
-    experts.add_argument("--target-modules", nargs="+", default=S, metavar="NAME",
-                         help="module name suffixes to wrap (default: every linear layer but the head)")
+    experts.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=S,
+        metavar="NAME",
+        help="module name suffixes to wrap (default: every linear layer but the head)",
+    )
     experts.add_argument("--exclude-modules", nargs="+", default=S, metavar="NAME", help="(default: lm_head)")
     routing = train_p.add_argument_group("routing (molf, molf-e)")
     routing.add_argument("--score", choices=SCORES, default=S, help=f"(default: {d.score})")
-    routing.add_argument("--topk", type=_positive_int, default=S,
-                         help=f"winners per module and step (default: {d.topk})")
-    routing.add_argument("--policy", choices=POLICIES, default=S,
-                         help="topk: the best-scoring experts each step; hysteresis: topk with --margin and "
-                         "--min-dwell; heldout: drop and re-admit experts by held-out loss (needs --heldout-data) "
-                         "(default: heldout with --heldout-data, else topk)")
-    routing.add_argument("--margin", type=float, default=S,
-                         help="hysteresis: relative margin a challenger needs (default: 0)")
-    routing.add_argument("--min-dwell", type=_nonnegative_int, default=S, metavar="N",
-                         help="hysteresis: steps a choice holds; heldout: steps after an expert's drop "
-                         "before it may return (default: 3 x --heldout-every for heldout, else 0)")
-    routing.add_argument("--routing-warmup", type=_nonnegative_int, default=S, metavar="N",
-                         help="first N steps update every expert (default: 0)")
-    routing.add_argument("--freeze-after", type=_positive_int, default=S, metavar="N",
-                         help="fix the routing from step N on")
-    routing.add_argument("--lagged", action=boolean, default=S,
-                         help="route on the previous step's scores (default: off)")
-    routing.add_argument("--state-dtype", choices=STATE_DTYPES, default=S,
-                         help="Adam moments: auto = float32 for bf16/fp16 weights (default: auto)")
-    routing.add_argument("--log-every", type=_positive_int, default=S, metavar="N",
-                         help="routing log period (default: 1)")
+    routing.add_argument(
+        "--topk", type=_positive_int, default=S, help=f"winners per module and step (default: {d.topk})"
+    )
+    routing.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default=S,
+        help="topk: the best-scoring experts each step; hysteresis: topk with --margin and "
+        "--min-dwell; heldout: drop and re-admit experts by held-out loss (needs --heldout-data) "
+        "(default: heldout with --heldout-data, else topk)",
+    )
+    routing.add_argument(
+        "--margin", type=float, default=S, help="hysteresis: relative margin a challenger needs (default: 0)"
+    )
+    routing.add_argument(
+        "--min-dwell",
+        type=_nonnegative_int,
+        default=S,
+        metavar="N",
+        help="hysteresis: steps a choice holds; heldout: steps after an expert's drop "
+        "before it may return (default: 3 x --heldout-every for heldout, else 0)",
+    )
+    routing.add_argument(
+        "--routing-warmup",
+        type=_nonnegative_int,
+        default=S,
+        metavar="N",
+        help="first N steps update every expert (default: 0)",
+    )
+    routing.add_argument(
+        "--freeze-after", type=_positive_int, default=S, metavar="N", help="fix the routing from step N on"
+    )
+    routing.add_argument(
+        "--lagged", action=boolean, default=S, help="route on the previous step's scores (default: off)"
+    )
+    routing.add_argument(
+        "--state-dtype",
+        choices=STATE_DTYPES,
+        default=S,
+        help="Adam moments: auto = float32 for bf16/fp16 weights (default: auto)",
+    )
+    routing.add_argument(
+        "--log-every", type=_positive_int, default=S, metavar="N", help="routing log period (default: 1)"
+    )
     held = train_p.add_argument_group(
         "held-out routing (molf, molf-e)",
         "With --heldout-data the routing policy defaults to heldout: every expert starts active; every "
@@ -165,21 +215,48 @@ def _add_train_parser(sub) -> None:
         "completion tokens only) and drops the experts whose updates raised it, re-admitting them once a step "
         "of theirs would lower it.",
     )
-    held.add_argument("--heldout-data", metavar="FILE", nargs="+", default=S,
-                      help="JSONL or parquet files of held-out prompt/completion rows (same fields as --data)")
-    held.add_argument("--heldout-batch", type=_positive_int, default=S, metavar="N",
-                      help=f"the first N held-out rows form the fixed held-out batch (default: {d.heldout_batch})")
-    held.add_argument("--heldout-every", type=_positive_int, default=S, metavar="K",
-                      help=f"steps between held-out measurements (default: {d.heldout_every})")
-    held.add_argument("--heldout-min-span", type=_nonnegative_int, default=S, metavar="N",
-                      help="held-out windows an expert's record must span (since the start or its last return) "
-                      "before it can drop the expert (default: 10 for molf-e, 0 for molf)")
+    held.add_argument(
+        "--heldout-data",
+        metavar="FILE",
+        nargs="+",
+        default=S,
+        help="JSONL or parquet files of held-out prompt/completion rows (same fields as --data)",
+    )
+    held.add_argument(
+        "--heldout-batch",
+        type=_positive_int,
+        default=S,
+        metavar="N",
+        help=f"the first N held-out rows form the fixed held-out batch (default: {d.heldout_batch})",
+    )
+    held.add_argument(
+        "--heldout-every",
+        type=_positive_int,
+        default=S,
+        metavar="K",
+        help=f"steps between held-out measurements (default: {d.heldout_every})",
+    )
+    held.add_argument(
+        "--heldout-min-span",
+        type=_nonnegative_int,
+        default=S,
+        metavar="N",
+        help="held-out windows an expert's record must span (since the start or its last return) "
+        "before it can drop the expert (default: 10 for molf-e, 0 for molf)",
+    )
     ckpt = train_p.add_argument_group("checkpoints")
     ckpt.add_argument("--save-every", type=_positive_int, default=S, metavar="N", help=f"(default: {d.save_every})")
-    ckpt.add_argument("--keep-checkpoints", type=_positive_int, default=S, metavar="N",
-                      help=f"(default: {d.keep_checkpoints})")
-    ckpt.add_argument("--resume", nargs="?", const="latest", default=S, metavar="CKPT",
-                      help="continue exactly from a checkpoint file, or the latest in OUT/checkpoints")
+    ckpt.add_argument(
+        "--keep-checkpoints", type=_positive_int, default=S, metavar="N", help=f"(default: {d.keep_checkpoints})"
+    )
+    ckpt.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=S,
+        metavar="CKPT",
+        help="continue exactly from a checkpoint file, or the latest in OUT/checkpoints",
+    )
     train_p.add_argument("--progress", action=boolean, default=S, help="progress bar (default: on)")
     train_p.add_argument("--plots", action=boolean, default=S, help="routing figures at the end (default: on)")
     train_p.set_defaults(run=_train, parser=train_p)
@@ -222,7 +299,9 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _fail(str(exc), 1)
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, so the last one stands
         where = f" in {cfg.out}" if cfg is not None else ""
-        print(f"molf: interrupted; `molf train ... --resume` continues from the last checkpoint{where}", file=sys.stderr)
+        print(
+            f"molf: interrupted; `molf train ... --resume` continues from the last checkpoint{where}", file=sys.stderr
+        )
         return 130
     if result.losses:
         print(f"{result.steps} steps; loss {result.losses[0]:.4f} (first step of this run) -> {result.losses[-1]:.4f}")

@@ -73,9 +73,7 @@ class MoLFConfig:
         else:
             alphas = _numbers(self.alphas, "alphas", numbers.Real, "positive finite numbers")
             if len(alphas) != len(ranks):
-                raise ConfigError(
-                    f"alphas must have one entry per rank: ranks={ranks} but alphas={alphas}"
-                )
+                raise ConfigError(f"alphas must have one entry per rank: ranks={ranks} but alphas={alphas}")
             if any(not math.isfinite(a) or a <= 0 for a in alphas):
                 raise ConfigError(f"alphas must be positive finite numbers, got {self.alphas!r}")
             alphas = tuple(float(a) for a in alphas)

@@ -171,11 +171,8 @@ def _molf(ranks: tuple[int, ...], fft: bool, heldout: bool = False) -> Builder:
 
     def build(model: nn.Module, log_path: Path | None, task: Task):
         wrap(model, _lora_config(ranks, fft))
-        routing = (
-            {"heldout": lambda: F.mse_loss(model(task.x_val), task.y_val)} if heldout else {"policy": "paper"}
-        )
-        opt = MoLFAdamW(model, lr=LR, lora_lr=LR, weight_decay=0.0, lora_weight_decay=0.0, log_path=log_path,
-                        **routing)
+        routing = {"heldout": lambda: F.mse_loss(model(task.x_val), task.y_val)} if heldout else {"policy": "paper"}
+        opt = MoLFAdamW(model, lr=LR, lora_lr=LR, weight_decay=0.0, lora_weight_decay=0.0, log_path=log_path, **routing)
         return model, opt
 
     return build
@@ -221,8 +218,12 @@ def train_one(
     out = {"heldout": heldout, "wall_s": wall}
     if method in ROUTED:
         s = opt.routing_summary()
-        out["routing"] = {"win_share": s.win_share, "current_share": s.current_share,
-                          "active_share": s.active_share, "switches": s.switches}
+        out["routing"] = {
+            "win_share": s.win_share,
+            "current_share": s.current_share,
+            "active_share": s.active_share,
+            "switches": s.switches,
+        }
     return out
 
 
@@ -279,8 +280,11 @@ def run_demo(
     seed_list = [seed + i for i in range(seeds)]
     tty = sys.stderr.isatty()
     bar = tqdm(
-        total=len(REGIMES) * len(METHODS) * seeds * steps, unit="step", disable=not progress,
-        mininterval=0.2 if tty else 15.0, dynamic_ncols=True,
+        total=len(REGIMES) * len(METHODS) * seeds * steps,
+        unit="step",
+        disable=not progress,
+        mininterval=0.2 if tty else 15.0,
+        dynamic_ncols=True,
     )
     logs: dict[str, str] = {}
     results = {"regimes": {}}
@@ -309,9 +313,16 @@ def run_demo(
             summary = _summarise(runs)
             results["regimes"][regime.name] = {"regime": asdict(regime), "description": regime.describe(), **summary}
     results["config"] = {
-        "steps": steps, "seeds": seed_list, "quick": quick, "lr": LR, "batch_size": BATCH,
-        "lora_rank": LORA_RANK, "efficient_ranks": list(EFFICIENT_RANKS), "alpha": "= rank (rsLoRA)",
-        "student": {"d_in": D_IN, "width": WIDTH, "hidden_layers": DEPTH, "d_out": D_OUT}, "n_test": N_TEST,
+        "steps": steps,
+        "seeds": seed_list,
+        "quick": quick,
+        "lr": LR,
+        "batch_size": BATCH,
+        "lora_rank": LORA_RANK,
+        "efficient_ranks": list(EFFICIENT_RANKS),
+        "alpha": "= rank (rsLoRA)",
+        "student": {"d_in": D_IN, "width": WIDTH, "hidden_layers": DEPTH, "d_out": D_OUT},
+        "n_test": N_TEST,
         "n_val": N_VAL,
         "heldout_loss": "MSE to the clean teacher / MSE of the untouched student",
     }

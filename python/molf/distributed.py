@@ -141,8 +141,13 @@ def check_ranks_agree(optimizer, group=None) -> None:
     # Per module: wins per expert, switches, last switch step and the last mask row.
     M = ledger.num_modules
     rows = np.concatenate(
-        [ledger.wins().astype(np.int64), ledger.switches().astype(np.int64)[:, None],
-         ledger.last_switch_step()[:, None], ledger.last_mask().astype(np.int64)], axis=1,
+        [
+            ledger.wins().astype(np.int64),
+            ledger.switches().astype(np.int64)[:, None],
+            ledger.last_switch_step()[:, None],
+            ledger.last_mask().astype(np.int64),
+        ],
+        axis=1,
     )
     tables = [t.reshape(M, -1) for t in _gather(rows, group)]
     names = optimizer.module_names

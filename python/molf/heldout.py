@@ -217,7 +217,7 @@ def _start(fn: Callable[..., torch.Tensor], ga: torch.Tensor, gb: torch.Tensor, 
         # once (pytorch/pytorch#90613): load it here.
         torch.linalg.cholesky_ex(torch.ones(1, 1, dtype=ga.dtype, device=ga.device))
         _POOL = os.getpid(), ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="molf-heldout")
-    tasks = [_POOL[1].submit(task, ga[j:j + _PIECE], gb[j:j + _PIECE]) for j in range(0, len(ga), _PIECE)]
+    tasks = [_POOL[1].submit(task, ga[j : j + _PIECE], gb[j : j + _PIECE]) for j in range(0, len(ga), _PIECE)]
     return lambda: torch.cat([t.result() for t in tasks])
 
 
@@ -242,7 +242,7 @@ class _Trial:
             rtol = _rtol(dtype, a_shape[0])
             per = max(1, self.BATCH_BYTES // (8 * (math.prod(b_shape) + math.prod(a_shape))))
             for start in range(0, len(idx), per):
-                part = idx[start:start + per]
+                part = idx[start : start + per]
                 b, a = self._stack(entries, part, 0), self._stack(entries, part, 2)
                 self.jobs.append((part, _start(_shrink_transform, a @ a.mT, b.mT @ b, delta, rtol)))
 
@@ -422,8 +422,12 @@ class HeldoutProbe:
                 # moved an inactive expert (not moved, for the window).
                 prev = theta if p in rebased else distributed.to_local(state[THETA_KEY])
                 if "exp_avg" in state:
-                    adam = (distributed.to_local(state["exp_avg"]), distributed.to_local(state["exp_avg_sq"]),
-                            state["step"], (float(group["lr"]), *group["betas"], float(group["eps"])))
+                    adam = (
+                        distributed.to_local(state["exp_avg"]),
+                        distributed.to_local(state["exp_avg_sq"]),
+                        state["step"],
+                        (float(group["lr"]), *group["betas"], float(group["eps"])),
+                    )
                 else:  # no gradient so far: no Adam step to take
                     adam = None
                 key = (theta.numel(), theta.device, adam is not None)
@@ -444,7 +448,7 @@ class HeldoutProbe:
         for (numel, device, _), items in batches.items():
             per = max(1, self._batch_elements(device) // numel)
             for start in range(0, len(items), per):
-                part = items[start:start + per]
+                part = items[start : start + per]
                 slots += [item[0] for item in part]
                 rows.append(self._batch_sums(part))
         flat = torch.cat([r.to(rows[0].device) for r in rows])

@@ -54,12 +54,8 @@ class MoLFLinear(nn.Module):
         self.ranks = tuple(ranks)
         self.scales = tuple(float(s) for s in scales)
         kw = dict(device=weight.device, dtype=weight.dtype)
-        self.lora_A = nn.ParameterList(
-            [nn.Parameter(torch.empty(r, self.in_features, **kw)) for r in self.ranks]
-        )
-        self.lora_B = nn.ParameterList(
-            [nn.Parameter(torch.zeros(self.out_features, r, **kw)) for r in self.ranks]
-        )
+        self.lora_A = nn.ParameterList([nn.Parameter(torch.empty(r, self.in_features, **kw)) for r in self.ranks])
+        self.lora_B = nn.ParameterList([nn.Parameter(torch.zeros(self.out_features, r, **kw)) for r in self.ranks])
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -95,8 +91,13 @@ class MoLFLinear(nn.Module):
             # The parameter dicts, not the ParameterLists: iterating those costs
             # microseconds per layer. Read afresh each call: FSDP2 swaps the objects.
             return routed_linear(
-                x, base.weight, base.bias, self.lora_A._parameters.values(), self.lora_B._parameters.values(),
-                self.scales, self.transposed,
+                x,
+                base.weight,
+                base.bias,
+                self.lora_A._parameters.values(),
+                self.lora_B._parameters.values(),
+                self.scales,
+                self.transposed,
             )
         y = base(x)
         h = self.lora_dropout(x)
@@ -108,9 +109,7 @@ class MoLFLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """sum_i s_i B_i A_i, shaped like `base.weight`, in at least float32."""
         dtype = torch.promote_types(self.base.weight.dtype, torch.float32)
-        delta = sum(
-            s * (b.to(dtype) @ a.to(dtype)) for a, b, s in zip(self.lora_A, self.lora_B, self.scales)
-        )
+        delta = sum(s * (b.to(dtype) @ a.to(dtype)) for a, b, s in zip(self.lora_A, self.lora_B, self.scales))
         return delta.T if self.transposed else delta
 
     @torch.no_grad()

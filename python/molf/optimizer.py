@@ -310,15 +310,26 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._constructing = False
         self._hold_meta_key()
         self._router = Router(
-            len(self.module_names), len(self.expert_names), topk=topk, policy=policy, margin=margin,
-            min_dwell=min_dwell, warmup_steps=warmup_steps, freeze_after=freeze_after,
+            len(self.module_names),
+            len(self.expert_names),
+            topk=topk,
+            policy=policy,
+            margin=margin,
+            min_dwell=min_dwell,
+            warmup_steps=warmup_steps,
+            freeze_after=freeze_after,
         )
         if heldout_min_span is None:
             heldout_min_span = 0 if self._has_dense_expert() else LORA_ONLY_MIN_SPAN
         self._ledger = Ledger(
-            len(self.module_names), len(self.expert_names), ema_decay=ema_decay, heldout_decay=heldout_decay,
-            heldout_horizon=heldout_horizon, heldout_shrink=heldout_shrink,
-            shrink_spectral=heldout_shrink_spectral, heldout_min_span=heldout_min_span,
+            len(self.module_names),
+            len(self.expert_names),
+            ema_decay=ema_decay,
+            heldout_decay=heldout_decay,
+            heldout_horizon=heldout_horizon,
+            heldout_shrink=heldout_shrink,
+            shrink_spectral=heldout_shrink_spectral,
+            heldout_min_span=heldout_min_span,
         )
         if topk >= len(self.expert_names) and self._probe is None:
             warnings.warn(
@@ -519,7 +530,9 @@ class MoLFAdamW(torch.optim.Optimizer):
             if self.skip_nonfinite and distributed.any_on_group(_kernels.any_nonfinite(grads), self._score_group()):
                 self._record_skip()
                 return loss
-            sources, apply_winners = self._foreach_moments(work, [self._scratch_for(gi, w) for gi, w in enumerate(work)])
+            sources, apply_winners = self._foreach_moments(
+                work, [self._scratch_for(gi, w) for gi, w in enumerate(work)]
+            )
 
         scores = self._scores_to_route(sources)
         if scores is None:
@@ -650,7 +663,15 @@ class MoLFAdamW(torch.optim.Optimizer):
             upcast = [p.dtype != m.dtype for p, m in zip(ps, ms)]
             targets = [p.to(m.dtype) if u else p for p, m, u in zip(ps, ms, upcast)]
             _kernels.adamw_update_(
-                targets, ms, vs, step, float(w.group["lr"]), w.group["weight_decay"], beta1, beta2, w.group["eps"],
+                targets,
+                ms,
+                vs,
+                step,
+                float(w.group["lr"]),
+                w.group["weight_decay"],
+                beta1,
+                beta2,
+                w.group["eps"],
                 None if scratch is None else [scratch[k] for k in ks],
             )
             for p, t, u in zip(ps, targets, upcast):
@@ -742,7 +763,11 @@ class MoLFAdamW(torch.optim.Optimizer):
     def routing_summary(self) -> RoutingSummary:
         """Per-expert shares, switches and per-module statistics so far."""
         return RoutingSummary.from_ledger(
-            self._ledger, self._router.incumbents(), self.module_names, self.expert_names, self._router.phase,
+            self._ledger,
+            self._router.incumbents(),
+            self.module_names,
+            self.expert_names,
+            self._router.phase,
             self._skipped_steps,
         )
 
@@ -800,7 +825,9 @@ class MoLFAdamW(torch.optim.Optimizer):
                 f"{len(self.module_names)} modules x experts {self.expert_names} here"
             )
         if meta.get("score") != self.score:
-            raise StateError(f"checkpoint was saved with score={meta.get('score')!r}, this optimizer uses {self.score!r}")
+            raise StateError(
+                f"checkpoint was saved with score={meta.get('score')!r}, this optimizer uses {self.score!r}"
+            )
         try:
             router = Router.from_bytes(base64.b64decode(meta["router"], validate=True))
             ledger = Ledger.from_bytes(base64.b64decode(meta["ledger"], validate=True))
@@ -881,7 +908,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         ids = saved.get("params")
         if not isinstance(ids, list) or len(ids) != len(mine["params"]):
             count = len(ids) if isinstance(ids, list) else ids
-            raise StateError(f"checkpoint's param group {gi} holds {count} parameters, this optimizer's {len(mine['params'])}")
+            raise StateError(
+                f"checkpoint's param group {gi} holds {count} parameters, this optimizer's {len(mine['params'])}"
+            )
         try:
             check_group_values(saved, f"checkpoint's param group {gi}")
         except ConfigError as exc:
@@ -891,8 +920,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         for k, (pid, p) in enumerate(zip(ids, mine["params"])):
             if pid in saved_state:
                 tag = expert_tag(p)
-                where = f"checkpoint state of param group {gi} tensor {k}" if tag is None else (
-                    f"checkpoint state of {tag.module} ({tag.name} {tag.part})"
+                where = (
+                    f"checkpoint state of param group {gi} tensor {k}"
+                    if tag is None
+                    else (f"checkpoint state of {tag.module} ({tag.name} {tag.part})")
                 )
                 check_param_state(saved_state[pid], p, where, heldout=heldout, origin=origin)
 
@@ -922,9 +953,16 @@ class MoLFAdamW(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.update(
-            score=self.score, _state_dtype=self._state_dtype, module_names=self.module_names,
-            expert_names=self.expert_names, _log=self._log, lagged=self.lagged, skip_nonfinite=self.skip_nonfinite,
-            _fused=self._fused is not None, _molf_meta=self._meta(), _check_every=self._check_every,
+            score=self.score,
+            _state_dtype=self._state_dtype,
+            module_names=self.module_names,
+            expert_names=self.expert_names,
+            _log=self._log,
+            lagged=self.lagged,
+            skip_nonfinite=self.skip_nonfinite,
+            _fused=self._fused is not None,
+            _molf_meta=self._meta(),
+            _check_every=self._check_every,
             _probe=self._probe,
         )
         return state

@@ -123,7 +123,7 @@ def plot_routing_share(
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("share of modules" + (f" (mean of {window} steps)" if window > 1 else ""))
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", title="expert")
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle("MoLF routing: share of modules updated through each expert")
     out = Path(out)
@@ -248,8 +248,9 @@ def _mark_skipped(ax, skipped: list[int]) -> bool:
     if not skipped:
         return False
     xs = np.asarray(skipped, dtype=float) + 0.5
-    ax.plot(xs, np.ones(len(xs)), "v", color=_SKIP_COLOUR, ms=7, clip_on=False, zorder=5,
-            transform=ax.get_xaxis_transform())
+    ax.plot(
+        xs, np.ones(len(xs)), "v", color=_SKIP_COLOUR, ms=7, clip_on=False, zorder=5, transform=ax.get_xaxis_transform()
+    )
     return True
 
 
@@ -272,8 +273,12 @@ def plot_routing_heatmap(
     fig = Figure(figsize=(11, min(3.0 + 0.13 * M, 16)), layout="constrained")
     ax = fig.subplots()
     ax.pcolormesh(
-        edges, np.arange(M + 1), cats.T, cmap=ListedColormap(colours),
-        norm=BoundaryNorm(np.arange(len(labels) + 1) - 0.5, len(labels)), rasterized=True,
+        edges,
+        np.arange(M + 1),
+        cats.T,
+        cmap=ListedColormap(colours),
+        norm=BoundaryNorm(np.arange(len(labels) + 1) - 0.5, len(labels)),
+        rasterized=True,
     )
     ax.set_ylim(M, 0)  # first layer on top
     # Layer groups: a separator line between them, their label at the group centre.
@@ -343,8 +348,14 @@ def plot_share_by_type(
     ax = fig.subplots()
     for j, (kind, share) in enumerate(shares.items()):
         colour, width, style = ("black", 2.2, "--") if kind == "all" else (f"C{j % 10}", 1.4, "-")
-        ax.plot(rec.steps, _moving_average(share[:, None], window)[:, 0], color=colour, lw=width, ls=style,
-                label=f"{kind} ({counts[kind]})")
+        ax.plot(
+            rec.steps,
+            _moving_average(share[:, None], window)[:, 0],
+            color=colour,
+            lw=width,
+            ls=style,
+            label=f"{kind} ({counts[kind]})",
+        )
     ax.set_xlim(rec.steps[0], max(rec.steps[-1], rec.steps[0] + 1))
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("optimizer step")
@@ -352,8 +363,9 @@ def plot_share_by_type(
     handles, _ = ax.get_legend_handles_labels()
     if _mark_skipped(ax, rec.skipped):
         handles.append(Line2D([], [], ls="none", marker="v", color=_SKIP_COLOUR, label="skipped step"))
-    ax.legend(handles=handles, title="module type (count)", loc="upper left", bbox_to_anchor=(1.01, 1),
-              fontsize="small")
+    ax.legend(
+        handles=handles, title="module type (count)", loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small"
+    )
     ax.set_title(f"MoLF routing: share of modules updated through {expert}, per module type", fontsize="medium", pad=14)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

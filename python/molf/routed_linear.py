@@ -33,8 +33,7 @@ def _autocast_operands(x: torch.Tensor, tensors: tuple) -> tuple:
     the casts) makes the backward independent of the autocast state it runs under."""
     dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(
-        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-        for t in tensors
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
     )
 
 

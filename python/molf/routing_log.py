@@ -46,7 +46,9 @@ def _finite_or_none(x: float) -> float | None:
 class RoutingLog:
     """Appends routing decisions to a JSONL file, one line per logged step."""
 
-    def __init__(self, path: str | os.PathLike, module_names: Sequence[str], expert_names: Sequence[str], every: int = 1):
+    def __init__(
+        self, path: str | os.PathLike, module_names: Sequence[str], expert_names: Sequence[str], every: int = 1
+    ):
         self.path = os.fspath(path)
         self.module_names = list(module_names)
         self.expert_names = list(expert_names)

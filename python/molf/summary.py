@@ -43,7 +43,12 @@ class RoutingSummary:
 
     @classmethod
     def from_ledger(
-        cls, ledger, incumbents, module_names: list[str], expert_names: list[str], phase: str,
+        cls,
+        ledger,
+        incumbents,
+        module_names: list[str],
+        expert_names: list[str],
+        phase: str,
         skipped_steps: int = 0,
     ) -> "RoutingSummary":
         """`incumbents`: the router's `[modules x experts]` incumbents (`Router.incumbents()`)."""

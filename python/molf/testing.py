@@ -118,9 +118,7 @@ def score_values(
     info = np.finfo(dt)
     parts: list[st.SearchStrategy[float]] = []
     if magnitude is None:
-        parts.append(
-            st.floats(width=width, allow_nan=False, allow_infinity=False, allow_subnormal=allow_subnormal)
-        )
+        parts.append(st.floats(width=width, allow_nan=False, allow_infinity=False, allow_subnormal=allow_subnormal))
         extremes = [float(info.max), -float(info.max), float(info.tiny), -float(info.tiny)]
         parts.append(st.sampled_from(extremes))
         if allow_subnormal:
@@ -184,9 +182,7 @@ def score_matrices(
             ``allow_subnormal``, ``ties``, ``magnitude``).
     """
     if shape is None:
-        shapes = st.tuples(
-            st.integers(min_modules, max_modules), st.integers(min_experts, max_experts)
-        )
+        shapes = st.tuples(st.integers(min_modules, max_modules), st.integers(min_experts, max_experts))
     else:
         shapes = _as_strategy(shape, st.nothing())
 
@@ -231,18 +227,12 @@ def router_configs(
         pol = draw(_as_strategy(policy, st.sampled_from(POLICIES)))
         hyst = pol == "hysteresis"
         default_margin = (
-            st.one_of(st.sampled_from([0.0, 0.01, 0.1, 0.5, 1.0]), st.floats(0.0, 3.0))
-            if hyst
-            else st.just(0.0)
+            st.one_of(st.sampled_from([0.0, 0.01, 0.1, 0.5, 1.0]), st.floats(0.0, 3.0)) if hyst else st.just(0.0)
         )
         mar = draw(_as_strategy(margin, default_margin))
         dwell = draw(_as_strategy(min_dwell, st.integers(0, 3) if pol != "topk" else st.just(0)))
         warm = draw(_as_strategy(warmup_steps, st.integers(0, 3)))
-        freeze = draw(
-            _as_strategy(
-                freeze_after, st.one_of(st.none(), st.integers(1, 6).map(lambda d: warm + d))
-            )
-        )
+        freeze = draw(_as_strategy(freeze_after, st.one_of(st.none(), st.integers(1, 6).map(lambda d: warm + d))))
         return {
             "num_modules": m,
             "num_experts": e,

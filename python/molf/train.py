@@ -41,8 +41,16 @@ from .optimizer import SCORES, MoLFAdamW
 from .wrap import merge, wrap
 
 __all__ = [
-    "MODES", "TrainConfig", "TrainResult", "TrainError", "train", "load_config_file", "build_model", "tokenize_pair",
-    "build_heldout_batch", "heldout_loss_fn",
+    "MODES",
+    "TrainConfig",
+    "TrainResult",
+    "TrainError",
+    "train",
+    "load_config_file",
+    "build_model",
+    "tokenize_pair",
+    "build_heldout_batch",
+    "heldout_loss_fn",
 ]
 
 MODES = ("fft", "lora", "molf", "molf-e")
@@ -140,8 +148,17 @@ class TrainConfig:
             _choice("policy", self.policy, POLICIES)
         _choice("dtype", self.dtype, tuple(DTYPES))
         _choice("state_dtype", self.state_dtype, STATE_DTYPES)
-        for name in ("max_length", "batch_size", "epochs", "topk", "save_every", "keep_checkpoints", "log_every",
-                     "heldout_batch", "heldout_every"):
+        for name in (
+            "max_length",
+            "batch_size",
+            "epochs",
+            "topk",
+            "save_every",
+            "keep_checkpoints",
+            "log_every",
+            "heldout_batch",
+            "heldout_every",
+        ):
             _integer(name, getattr(self, name), low=1)
         for name in ("routing_warmup", "seed"):
             _integer(name, getattr(self, name), low=0)
@@ -314,9 +331,16 @@ def save_tiny_model(path: Path, seed: int) -> None:
 
     tokenizer = byte_tokenizer()
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
     torch.manual_seed(seed)
@@ -336,9 +360,7 @@ def write_arithmetic_data(path: Path, rows: int = 256, seed: int = 0) -> None:
 # ------------------------------------------------------------------ data
 
 
-def load_pairs(
-    paths: list[str], prompt_field: str, completion_field: str, what: str = "data"
-) -> list[tuple[str, str]]:
+def load_pairs(paths: list[str], prompt_field: str, completion_field: str, what: str = "data") -> list[tuple[str, str]]:
     """(prompt, completion) pairs from local JSON Lines files (.jsonl, .json; a .json
     file may also hold one array of rows) or parquet files (through `datasets`).
     Anything unusable raises ConfigError naming the file and the line or row: text
@@ -354,8 +376,10 @@ def load_pairs(
         before = len(pairs)
         for where, row in rows:
             if not isinstance(row, dict):
-                raise ConfigError(f"{what} {path!r}: {where}: expected an object with fields {prompt_field!r} and "
-                                  f"{completion_field!r}, got {_shown(row)}")
+                raise ConfigError(
+                    f"{what} {path!r}: {where}: expected an object with fields {prompt_field!r} and "
+                    f"{completion_field!r}, got {_shown(row)}"
+                )
             for name in (prompt_field, completion_field):
                 if name not in row:
                     raise ConfigError(f"{what} {path!r}: {where}: missing field {name!r} (fields: {list(row)})")
@@ -519,15 +543,33 @@ def _build_optimizer(
     cfg: TrainConfig, model: nn.Module, log_path: Path | None, heldout: Callable[[], torch.Tensor] | None = None
 ) -> torch.optim.Optimizer:
     if cfg.mode in ROUTED_MODES:
-        extra = {} if heldout is None else {
-            "heldout": heldout, "heldout_every": cfg.heldout_every, "heldout_min_span": cfg.heldout_min_span,
-        }
+        extra = (
+            {}
+            if heldout is None
+            else {
+                "heldout": heldout,
+                "heldout_every": cfg.heldout_every,
+                "heldout_min_span": cfg.heldout_min_span,
+            }
+        )
         return MoLFAdamW(
-            model, lr=cfg.lr, lora_lr=cfg.lora_lr, weight_decay=cfg.weight_decay,
-            lora_weight_decay=cfg.lora_weight_decay, topk=cfg.topk, score=cfg.score, policy=cfg.routing_policy,
-            margin=cfg.margin, min_dwell=cfg.min_dwell, warmup_steps=cfg.routing_warmup,
-            freeze_after=cfg.freeze_after, lagged=cfg.lagged, log_path=log_path, log_every=cfg.log_every,
-            state_dtype=torch.float32 if cfg.state_dtype == "float32" else cfg.state_dtype, **extra,
+            model,
+            lr=cfg.lr,
+            lora_lr=cfg.lora_lr,
+            weight_decay=cfg.weight_decay,
+            lora_weight_decay=cfg.lora_weight_decay,
+            topk=cfg.topk,
+            score=cfg.score,
+            policy=cfg.routing_policy,
+            margin=cfg.margin,
+            min_dwell=cfg.min_dwell,
+            warmup_steps=cfg.routing_warmup,
+            freeze_after=cfg.freeze_after,
+            lagged=cfg.lagged,
+            log_path=log_path,
+            log_every=cfg.log_every,
+            state_dtype=torch.float32 if cfg.state_dtype == "float32" else cfg.state_dtype,
+            **extra,
         )
     # fft and lora: plain AdamW over the trainable tensors; none for biases and norm weights.
     lr, wd = (cfg.lora_lr, cfg.lora_weight_decay) if cfg.mode == "lora" else (cfg.lr, cfg.weight_decay)
@@ -672,11 +714,14 @@ def _load_resume(cfg: TrainConfig, out: Path) -> tuple[Path | None, dict | None]
     found = _checkpoints(out)
     if not found:
         if _run_started(out):
-            warnings.warn(f"resume: the run in {str(out)!r} stopped before its first checkpoint; starting it again "
-                          "from step 0")
+            warnings.warn(
+                f"resume: the run in {str(out)!r} stopped before its first checkpoint; starting it again from step 0"
+            )
             return None, None
-        raise StateError(f"resume 'latest': no checkpoint in {out / CHECKPOINTS} and no run started there; "
-                         "leave out --resume to start one")
+        raise StateError(
+            f"resume 'latest': no checkpoint in {out / CHECKPOINTS} and no run started there; "
+            "leave out --resume to start one"
+        )
     reasons = []
     for path in reversed(found):
         try:
@@ -891,9 +936,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
             bar.update(1)
             bar.set_postfix({"loss": f"{losses[-1]:.4f}", **_routing_postfix(opt)})
             if step % cfg.save_every == 0 or step == total:
-                checkpoint = _save_checkpoint(
-                    out, cfg, data_files, step, *divmod(step, per_epoch), model, opt, sched
-                )
+                checkpoint = _save_checkpoint(out, cfg, data_files, step, *divmod(step, per_epoch), model, opt, sched)
             if on_step is not None:
                 on_step(step, losses[-1])
 

@@ -185,8 +185,7 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
         "give each place its own layer, or exclude every name of it (exclude_modules)",
     )
     built = [
-        (name, base, MoLFLinear(base, config.ranks, config.scales, config.dropout, config.fft))
-        for name, base in chosen
+        (name, base, MoLFLinear(base, config.ranks, config.scales, config.dropout, config.fft)) for name, base in chosen
     ]
     frozen = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if not config.fft else []
     swapped = 0
