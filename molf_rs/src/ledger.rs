@@ -293,7 +293,11 @@ impl Ledger {
         if p.shrink_trials.len() != e || p.shrinks.len() != e {
             return state(format!("ledger shrink counters do not match {e} experts"));
         }
-        let trials_ok = p.shrink_trials.iter().zip(&p.shrinks).all(|(&t, &k)| k <= t && t <= MAX_STEP);
+        let trials_ok = p
+            .shrink_trials
+            .iter()
+            .zip(&p.shrinks)
+            .all(|(&t, &k)| k <= t && t <= MAX_STEP);
         if !trials_ok || (p.heldout_shrink == 0.0 && p.shrink_trials.iter().any(|&t| t > 0)) {
             return state(format!(
                 "held-out shrink counters are inconsistent (shrink {}, trials {:?}, kept {:?})",
@@ -369,7 +373,9 @@ impl Ledger {
     /// chooses, one expert at a time. A NaN on either side keeps the update as it is.
     pub fn record_shrink(&mut self, expert: usize, base: f64, trial: f64) -> Result<bool> {
         if self.heldout_shrink == 0.0 {
-            return Err(Error::Config("heldout_shrink is 0: there are no shrink trials".into()));
+            return Err(Error::Config(
+                "heldout_shrink is 0: there are no shrink trials".into(),
+            ));
         }
         if expert >= self.num_experts {
             return Err(Error::Config(format!(
@@ -608,7 +614,13 @@ impl Ledger {
         self.heldout_ema
             .iter()
             .zip(&self.heldout_span)
-            .map(|(&x, &span)| if span >= self.heldout_min_span { x } else { f64::NAN })
+            .map(|(&x, &span)| {
+                if span >= self.heldout_min_span {
+                    x
+                } else {
+                    f64::NAN
+                }
+            })
             .collect()
     }
     pub fn heldout_shrink(&self) -> f64 {
@@ -784,21 +796,31 @@ mod tests {
 
     #[test]
     fn heldout_descent_waits_for_the_minimum_span() {
-        let mut l = Ledger::new(1, 3, 0.9).unwrap().with_heldout_min_span(2).unwrap();
+        let mut l = Ledger::new(1, 3, 0.9)
+            .unwrap()
+            .with_heldout_min_span(2)
+            .unwrap();
         assert_eq!(l.heldout_min_span(), 2);
         let nan = |v: Vec<f64>| v.iter().map(|x| x.is_nan()).collect::<Vec<_>>();
         // Nothing recorded: every entry NaN, whatever the span asks.
         assert_eq!(nan(l.heldout_descent()), [true; 3]);
-        l.record_heldout(&[1.0, -2.0, 3.0], &[true, true, false]).unwrap();
+        l.record_heldout(&[1.0, -2.0, 3.0], &[true, true, false])
+            .unwrap();
         assert_eq!(nan(l.heldout_descent()), [true; 3], "spans [1, 1, 0] < 2");
-        l.record_heldout(&[1.0, -2.0, 3.0], &[true, false, true]).unwrap();
+        l.record_heldout(&[1.0, -2.0, 3.0], &[true, false, true])
+            .unwrap();
         // Spans [2, 0, 1]: the first is judged on its EMA; the second, paused, waits again.
         let d = l.heldout_descent();
         assert_eq!(d[0], l.heldout_ema()[0]);
         assert_eq!(nan(d), [false, true, true]);
-        l.record_heldout(&[1.0, -2.0, 3.0], &[true, true, true]).unwrap();
+        l.record_heldout(&[1.0, -2.0, 3.0], &[true, true, true])
+            .unwrap();
         let d = l.heldout_descent();
-        assert_eq!(d[2].to_bits(), l.heldout_ema()[2].to_bits(), "span 2 from its return");
+        assert_eq!(
+            d[2].to_bits(),
+            l.heldout_ema()[2].to_bits(),
+            "span 2 from its return"
+        );
         assert!(d[1].is_nan(), "span 1 since its return");
         // Minimum span 0 (the default) is the EMA itself, NaNs included.
         let mut z = Ledger::new(1, 2, 0.9).unwrap();
@@ -983,12 +1005,22 @@ mod tests {
         assert!(l.record_shrink(1, f64::INFINITY, 0.5).unwrap()); // recovers from an overflow
         assert_eq!(l.shrink_trials(), [1, 3, 2]);
         assert_eq!(l.shrinks(), [0, 1, 1]);
-        assert!(matches!(l.record_shrink(3, 1.0, 0.5), Err(Error::Config(m)) if m.contains("out of range")));
+        assert!(
+            matches!(l.record_shrink(3, 1.0, 0.5), Err(Error::Config(m)) if m.contains("out of range"))
+        );
         assert_eq!(l.shrink_trials(), [1, 3, 2]);
-        let mut off = Ledger::new(1, 1, 0.5).unwrap().with_heldout_shrink(0.0).unwrap();
-        assert!(matches!(off.record_shrink(0, 1.0, 0.5), Err(Error::Config(m)) if m.contains("heldout_shrink is 0")));
+        let mut off = Ledger::new(1, 1, 0.5)
+            .unwrap()
+            .with_heldout_shrink(0.0)
+            .unwrap();
+        assert!(
+            matches!(off.record_shrink(0, 1.0, 0.5), Err(Error::Config(m)) if m.contains("heldout_shrink is 0"))
+        );
         for bad in [1.0, -0.1, f64::NAN] {
-            assert!(Ledger::new(1, 1, 0.5).unwrap().with_heldout_shrink(bad).is_err());
+            assert!(Ledger::new(1, 1, 0.5)
+                .unwrap()
+                .with_heldout_shrink(bad)
+                .is_err());
         }
     }
 }

@@ -26,8 +26,8 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyTuple};
 
 use crate::error::{at_least, Error};
 use crate::ledger::{
-    Ledger, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN, DEFAULT_HELDOUT_SHRINK,
-    DEFAULT_SHRINK_SPECTRAL,
+    Ledger, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN,
+    DEFAULT_HELDOUT_SHRINK, DEFAULT_SHRINK_SPECTRAL,
 };
 use crate::phase::PHASES;
 use crate::router::{Policy, Router, RouterConfig, POLICIES};

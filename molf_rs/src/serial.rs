@@ -976,7 +976,10 @@ mod tests {
         assert_eq!(back.to_bytes(), bytes);
         // Version 5 data loads with the books and the scaling LoRA trial it ran.
         let v5 = Ledger::from_bytes(&envelope(Kind::Ledger, 5, body)).unwrap();
-        let ran = l.clone().with_shrink_spectral(false).with_heldout_min_span(0);
+        let ran = l
+            .clone()
+            .with_shrink_spectral(false)
+            .with_heldout_min_span(0);
         assert_eq!(v5, ran.unwrap());
         // Version 4 data (the tail cut) loads without shrink trials, and version 5 data cut
         // to version 4's length, or to any other length, is rejected.
@@ -1014,7 +1017,10 @@ mod tests {
             Err(Error::State(m)) if m.contains("shrink_spectral")
         ));
         body.pop();
-        assert!(matches!(Ledger::from_bytes(&envelope(Kind::Ledger, 6, &body)), Err(Error::State(_))));
+        assert!(matches!(
+            Ledger::from_bytes(&envelope(Kind::Ledger, 6, &body)),
+            Err(Error::State(_))
+        ));
     }
 
     #[test]
@@ -1031,9 +1037,13 @@ mod tests {
         assert!(matches!(with(n - 8, 2), Err(Error::State(m)) if m.contains("shrink")));
         assert!(matches!(with(n - 32, u64::MAX), Err(Error::State(m)) if m.contains("shrink")));
         // Trials recorded under shrink 0, and a shrink outside [0, 1).
-        assert!(matches!(with(n - 40, 0.0f64.to_bits()), Err(Error::State(m)) if m.contains("shrink")));
+        assert!(
+            matches!(with(n - 40, 0.0f64.to_bits()), Err(Error::State(m)) if m.contains("shrink"))
+        );
         for x in [f64::NAN, 1.0, -0.1] {
-            assert!(matches!(with(n - 40, x.to_bits()), Err(Error::State(m)) if m.contains("heldout_shrink")));
+            assert!(
+                matches!(with(n - 40, x.to_bits()), Err(Error::State(m)) if m.contains("heldout_shrink"))
+            );
         }
         // Consistent edits load.
         assert_eq!(with(n - 8, 0).unwrap().shrinks(), [1, 0]);
@@ -1063,6 +1073,9 @@ mod tests {
             Err(Error::State(m)) if m.contains("heldout_min_span")
         ));
         body.truncate(n - 8);
-        assert!(matches!(Ledger::from_bytes(&envelope(Kind::Ledger, 7, &body)), Err(Error::State(_))));
+        assert!(matches!(
+            Ledger::from_bytes(&envelope(Kind::Ledger, 7, &body)),
+            Err(Error::State(_))
+        ));
     }
 }

@@ -19,38 +19,41 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
         any::<bool>(),
         0u64..4,
     )
-        .prop_map(|((cfg, steps), decay, horizon, windows, shrink, trials, spectral, min_span)| {
-            let mut r = Router::new(cfg).unwrap();
-            let mut l = Ledger::new(cfg.num_modules, cfg.num_experts, decay)
-                .unwrap()
-                .with_heldout_decay(decay)
-                .unwrap()
-                .with_heldout_horizon(horizon)
-                .unwrap()
-                .with_heldout_shrink(shrink)
-                .unwrap()
-                .with_shrink_spectral(spectral)
-                .with_heldout_min_span(min_span)
-                .unwrap();
-            if shrink > 0.0 {
-                for (e, loss) in trials {
-                    l.record_shrink(usize::from(e) % l.num_experts(), 0.0, loss).unwrap();
-                }
-            }
-            for (i, s) in steps.iter().enumerate() {
-                let mut out = vec![false; s.len()];
-                r.route(s, &mut out).unwrap();
-                l.record(s, &out).unwrap();
-                if windows >> (i % 8) & 1 == 1 {
-                    l.record_heldout(s, &out).unwrap();
-                    if cfg.policy == Policy::Heldout {
-                        let potential: Vec<f64> = s.iter().map(|x| -x).collect();
-                        r.regate(&l.heldout_descent(), &potential).unwrap();
+        .prop_map(
+            |((cfg, steps), decay, horizon, windows, shrink, trials, spectral, min_span)| {
+                let mut r = Router::new(cfg).unwrap();
+                let mut l = Ledger::new(cfg.num_modules, cfg.num_experts, decay)
+                    .unwrap()
+                    .with_heldout_decay(decay)
+                    .unwrap()
+                    .with_heldout_horizon(horizon)
+                    .unwrap()
+                    .with_heldout_shrink(shrink)
+                    .unwrap()
+                    .with_shrink_spectral(spectral)
+                    .with_heldout_min_span(min_span)
+                    .unwrap();
+                if shrink > 0.0 {
+                    for (e, loss) in trials {
+                        l.record_shrink(usize::from(e) % l.num_experts(), 0.0, loss)
+                            .unwrap();
                     }
                 }
-            }
-            (r, l)
-        })
+                for (i, s) in steps.iter().enumerate() {
+                    let mut out = vec![false; s.len()];
+                    r.route(s, &mut out).unwrap();
+                    l.record(s, &out).unwrap();
+                    if windows >> (i % 8) & 1 == 1 {
+                        l.record_heldout(s, &out).unwrap();
+                        if cfg.policy == Policy::Heldout {
+                            let potential: Vec<f64> = s.iter().map(|x| -x).collect();
+                            r.regate(&l.heldout_descent(), &potential).unwrap();
+                        }
+                    }
+                }
+                (r, l)
+            },
+        )
 }
 
 /// Wraps `payload` in a valid version-1 envelope of the given kind.
