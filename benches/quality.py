@@ -332,7 +332,7 @@ def _lora(model, lr, steps, targets, log_path, heldout) -> Built:
 
 def adalora_method(init_r: int, target_r: int, allocate: bool = True) -> Callable[..., Built]:
     """peft's AdaLoRA with these ranks; `allocate=False` keeps every rank (an ablation of its
-    budget allocation, `benches/policy_lab.py` spec ``ada:INIT:TARGET:noprune``)."""
+    budget allocation, `research/policy_lab.py` spec ``ada:INIT:TARGET:noprune``)."""
 
     def build(model, lr, steps, targets, log_path, heldout) -> Built:
         from peft import AdaLoraConfig, get_peft_model

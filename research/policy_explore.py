@@ -13,7 +13,7 @@ prototyped here in Python (a stand-in for the Rust router, so variants are cheap
   S_e = N_e^-G · Σ_p η_e <g_val_p, m̂_p / (√v̂_p + ε)>, the first-order decrease of the
   validation loss an Adam step of expert e buys; route top-1 on its EMA (decay D, margin M).
 
-    python benches/policy_explore.py paper ratio:0.99 heldout:10:0.9:0:0 --steps 1000 --seeds 0 1
+    python research/policy_explore.py paper ratio:0.99 heldout:10:0.9:0:0 --steps 1000 --seeds 0 1
 
 Measured (2 CPU cores, 1000 steps, seeds 0 and 1; held-out loss relative to the untouched
 student; gap = relative to the better of FFT and LoRA):

@@ -1,12 +1,12 @@
 """Pool one regime's per-seed test metrics over several runs, and pair every method with a
 reference method on the seeds they share (a bimodal task needs more seeds than one run has).
 
-    python3 benches/seed_stats.py --regime sql --ref FFT seeds-0-4/results.json seeds-5-9/results.json
+    python3 research/seed_stats.py --regime sql --ref FFT seeds-0-4/results.json seeds-5-9/results.json
 
 (benches/RESULTS.md has the commands behind its pooled figures.)
 
 Takes `benches/quality.py` outputs (one run each, not a --merge: the seeds come from its
-config) and `benches/policy_lab.py --json` outputs (spec names as methods). A seed measured
+config) and `research/policy_lab.py --json` outputs (spec names as methods). A seed measured
 twice for one method must agree, so overlapping runs of the same code pool safely; with
 --replace a later run's seed replaces an earlier one (a method's newer version).
 """
@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))  # quality.py
 from quality import _gap, _pct  # noqa: E402  (one definition of the gap and its format)
 
 

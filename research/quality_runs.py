@@ -1,9 +1,9 @@
 """Single training runs of the quality suite, named one by one: a protocol's
 missing runs made on another machine, or a cell checked on another device.
 
-    python3 benches/quality_runs.py --full --device cpu --regime sql --method "molf-E default" \\
+    python3 research/quality_runs.py --full --device cpu --regime sql --method "molf-E default" \\
         --lrs 1e-4 3e-3 --split val --instances 10001 10002 --jobs 2 --out sql-E-cpu \\
-        --against benches/results/quality-full-lm/runs/25-sql-E-min-span/runs.jsonl
+        --against research/results/quality-full-lm/runs/25-sql-E-min-span/runs.jsonl
 
 Runs every (lr, instance) of the grid given, each exactly as `quality.py` runs
 it (the same instance build, steps, minibatches and seed), and appends it to
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))  # quality.py
 
 import quality as q  # noqa: E402
 

@@ -1,8 +1,8 @@
 """Prototype routing policies on the quality suite's harness (issue 7), in Python, before the
 Rust core gets them. The "lca" family became policy "heldout" (`molf.heldout`):
 
-    python3 benches/policy_lab.py both lca:10:3:re1a:2 --regimes high-rank low-rank-noisy   # the shipped policy
-    python3 benches/policy_lab.py --full --baseline benches/results/quality-full-synthetic/results.json \
+    python3 research/policy_lab.py both lca:10:3:re1a:2 --regimes high-rank low-rank-noisy   # the shipped policy
+    python3 research/policy_lab.py --full --baseline benches/results/quality-full-synthetic/results.json \
         lca:10:0.5:re1z:2:1 --regimes high-rank
 
 A spec routes MoLF (dense + LoRA r=8), or MoLF-E (r4 + r32) with the prefix "E/":
@@ -145,7 +145,7 @@ Third round (2026-11-29 11:40-12:10 UTC, same machine):
   low-rank-noisy and LR=3e-4, dense-ema still ends at 0.2815 (+10.7%): the dense expert's
   early memorisation is not undone by a drop.
 * ``both`` on full-scale sql, 20 seeds on the H200 (``DEVICE=cuda LR=1e-3 SEEDS=a-b``): 0.751,
-  molf default 0.761, FFT 0.838 (``benches/seed_stats.py``): molf default's sql gap is that of
+  molf default 0.761, FFT 0.838 (``research/seed_stats.py``): molf default's sql gap is that of
   training both experts every step, not of its drops; with LORA_X=0.3 / 0.1, ``both`` scores
   0.658 / 0.767: a smaller LoRA step does not close it (bimodal seeds, SE ~0.06).
 Fourth round (2026-12-01 and 12-02, this CPU and one H200):
@@ -160,8 +160,8 @@ Fourth round (2026-12-01 and 12-02, this CPU and one H200):
   prototype does not; since commit ba7623e they agree to the digits measured (quick low-rank-noisy validation at
   1e-3: dense + LoRA 0.3097 both, ``E/`` 0.300 both; before, the router had 0.3104 and
   0.322). Quick, the router (quality.py, 2026-12-03): −9.0 / −3.3 / −0.4 / −9.1 / +2.7 /
-  +0.0 (facts and sql: 3 seeds, a few items apart; 20 seeds in benches/RESULTS.md);
-  full synthetic: see benches/RESULTS.md. Full sql on the H200, the router before that fix, 20
+  +0.0 (facts and sql: 3 seeds, a few items apart; 20 seeds in benches/RESULTS.md at dcb39bc);
+  full synthetic: see benches/RESULTS.md at dcb39bc. Full sql on the H200, the router before that fix, 20
   seeds at 1e-3: 0.921 against FFT's 0.838; at 3e-4 it stalls like FFT (molf default 0.464 over 20 seeds,
   FFT 0.406 over 10, ``lca:10:3:re1a:2`` without shrink 0.487 over 10): shrinkage is not what
   makes 3e-4 a bad rate there.
@@ -209,9 +209,9 @@ Seventh round (2026-12-03 evening, this CPU; the same spec):
 * What quality.py now does instead (benchmark, not router): MoLF-E's experts at AdaLoRA's
   alpha / r = 1, and sql's rate chosen on three validation instances. At scale 1, quick sql's
   single instance had ranked 1e-2 first (0.469 against 0.422 at 3e-3), while test seeds average
-  0.32 at 1e-2 and 0.41 at 3e-3. The figures are in benches/RESULTS.md, "What changed", item 6.
+  0.32 at 1e-2 and 0.41 at 3e-3. The figures are in benches/RESULTS.md at dcb39bc, "What changed", item 6.
 Eighth round (2026-12-05, this CPU; quick shift, where molf-E default ties AdaLoRA over 100
-seeds; ``SEEDS=0-99``, JSON in benches/results/quality-quick/runs/lab-E-both-sshrink/):
+seeds; ``SEEDS=0-99``, JSON in research/results/quality-quick/runs/lab-E-both-sshrink/):
 * at lr 3e-3, test seeds only (``LR=3e-3 NO_VAL=1``), paired to AdaLoRA's 100 seeds:
   the shipped ``E/lca:10:3:re1a:2+sshrink:10:0.1`` 0.225 (+0.3%, the router's per-seed values);
   the same without shrinkage 0.242 (+8.0%); ``E/only:1`` (r = 32 alone) 0.222 (−0.9%);
@@ -223,13 +223,13 @@ seeds; ``SEEDS=0-99``, JSON in benches/results/quality-quick/runs/lab-E-both-ssh
   −10.5%, +0.3%. Ahead on all four: a lead for the LoRA + LoRA mixture (no drop rule, the
   spectral trial alone);
 * the same at full scale (``--full``, ``SEEDS=0-19``, JSON in
-  benches/results/quality-full-synthetic/runs/lab-E-both-sshrink-*.json), paired to AdaLoRA on
+  research/results/quality-full-synthetic/runs/lab-E-both-sshrink-*.json), paired to AdaLoRA on
   the seeds it has: high-rank −28.4% (5 seeds), low-rank-noisy −20.8% (20), mixed −1.7% (20,
   shipped −2.6%), shift −0.8% (20, −0.001 ± 0.002; shipped −4.8% over 100). Ahead everywhere but
   thinner than the shipped rule on full mixed and shift: the drop rule earns its keep at full
   scale. Not yet run on the LM regimes; the router is unchanged.
-Ninth round (2026-12-05, this CPU; JSON in benches/results/quality-quick/runs/lab-E-min-span/ and
-benches/results/quality-full-synthetic/runs/lab-E-min-span/):
+Ninth round (2026-12-05, this CPU; JSON in research/results/quality-quick/runs/lab-E-min-span/ and
+research/results/quality-full-synthetic/runs/lab-E-min-span/):
 * why the drops cost on quick shift: the held-out batch is the post-shift target, so learning
   the first target raises it and MoLF-E's experts drop from window 2 on (seed 0: every module's
   r = 4 and r = 32 out at windows 7-9, the modules frozen) and return at the shift; frozen
@@ -260,7 +260,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))  # quality.py
 import molf  # noqa: E402
 import quality as q  # noqa: E402
 from molf.wrap import expert_tag  # noqa: E402
