@@ -57,7 +57,7 @@ def probe(dtype: torch.dtype, numel: int = 1 << 28, tensors: int = 8) -> None:
         f" torch fused AdamW {ref_ms:.3f} ms ({numel * dtype.itemsize * 7 / ref_ms / 1e6:.0f} GB/s at 7 words)"
     )
     for name, kern in (("nonfinite", _fused._nonfinite_kernel), ("moments", _fused._moments_kernel)):
-        for key, compiled in list(kern.device_caches[0][0].items())[:4] if hasattr(kern, "device_caches") else []:
+        for _key, compiled in list(kern.device_caches[0][0].items())[:4] if hasattr(kern, "device_caches") else []:
             ptx = compiled.asm.get("ptx", "")
             loads = {w: len(re.findall(rf"ld\.global(?:\.\w+)*\.{w}\.", ptx)) for w in ("v4", "v2")}
             scalar = len(re.findall(r"ld\.global(?:\.nc)?\.(?:b|u|f|s)(?:16|32|64) ", ptx))

@@ -264,10 +264,10 @@ def main():
                 times["fused"].append(timed(model, x, args.autocast, args.iters, sync))
             med = {k: statistics.median(v) for k, v in times.items()}
             ratios = statistics.median(c / f for c, f in zip(times["composed"], times["fused"]))
-            triple = lambda i: f"{count_p[i]}/{count_c[i]}/{count_f[i]}"  # noqa: E731
+            triple = [f"{count_p[i]}/{count_c[i]}/{count_f[i]}" for i in range(3)]
             print(
                 f"{wname:16} {setting:7} {med['plain']:7.2f} {med['composed']:9.2f} {med['fused']:7.2f} "
-                f"{ratios:9.2f}x {triple(0):>13} {triple(1):>16} {triple(2):>18}"
+                f"{ratios:9.2f}x {triple[0]:>13} {triple[1]:>16} {triple[2]:>18}"
             )
     shape, result = lorafusion(device.type, dtype, args.repeats, sync)
     print(

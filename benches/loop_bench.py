@@ -370,7 +370,8 @@ def run_setup(key, shape, batch, mode, device, dtype, args) -> list[dict]:
         }
 
         # A plain forward+backward of the held-out batch, on the same (wrapped) model.
-        def fwd_bwd():
+        # The names are bound as defaults: the `del` below releases this function's locals.
+        def fwd_bwd(heldout=heldout, opt=opt):
             heldout().backward()
             opt.zero_grad(set_to_none=True)
 
@@ -538,7 +539,8 @@ def markdown(rows: list[dict]) -> str:
         )
         peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
         lines.append(
-            f"| {label(r)} | {r['batch']} | {r['mode']} | {r['median_ms']:.2f} | {r['mean_ms']:.2f} | {ratio} | {peak} |"
+            f"| {label(r)} | {r['batch']} | {r['mode']} | {r['median_ms']:.2f} | {r['mean_ms']:.2f} "
+            f"| {ratio} | {peak} |"
         )
     return "\n".join(lines)
 
@@ -643,7 +645,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "bench": "loop_bench",
         "device": device_name(device),
         "device_type": device,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python benches/loop_bench.py " + shlex.join(argv),
         **versions(),
         "shape": shape,
@@ -655,7 +657,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     print(
         f"device={meta['device']} torch={meta['torch']} transformers={meta['transformers']} peft={meta['peft']} "
-        f"shape={shape} dtype={meta['dtype']} batches={args.batches or SHAPES[shape]['batches']} modes={','.join(modes)} "
+        f"shape={shape} dtype={meta['dtype']} batches={args.batches or SHAPES[shape]['batches']} "
+        f"modes={','.join(modes)} "
         f"warmup={args.warmup} steps={args.steps} heldout-steps={args.heldout_steps}",
         flush=True,
     )
@@ -686,7 +689,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     new = [
                         {
                             **base,
-                            "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}",
+                            "error": f"{type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}",
                             "traceback": traceback.format_exc(limit=8),
                         }
                     ]

@@ -43,9 +43,9 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -55,9 +55,9 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import molf  # noqa: E402
+import quality_lm as lm  # noqa: E402
 from molf import demo  # noqa: E402
 from molf.plots import plot_routing_share  # noqa: E402
-import quality_lm as lm  # noqa: E402
 
 LORA_RANK = 8
 EFFICIENT_RANKS = (4, 32)
@@ -114,7 +114,7 @@ class RegimeSpec:
     metric: str
     higher_is_better: bool
     description: str
-    build: Callable[[int, "Scale", str], Instance] = field(repr=False, compare=False)
+    build: Callable[[int, Scale, str], Instance] = field(repr=False, compare=False)
     # Validation instances whose mean metric chooses the lr (unless --val-seeds overrides): more than
     # one where runs are bimodal in the rate, so that a single instance misranks the rates.
     val_seeds: int = 1

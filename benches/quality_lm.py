@@ -147,9 +147,9 @@ def collate(pairs: list[tuple[str, str]], device: torch.device | str, prompt_los
     ids = torch.full((len(seqs), width), TOKENIZER.pad_id)
     lab = torch.full((len(seqs), width), IGNORE)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
+    for i, (s, lb) in enumerate(zip(seqs, labels)):
         ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(l)] = torch.tensor(l)
+        lab[i, : len(lb)] = torch.tensor(lb)
         mask[i, : len(s)] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": lab.to(device)}
 

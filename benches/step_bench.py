@@ -288,7 +288,8 @@ def main(argv=None) -> None:
             json.dump({"device": device, "shape": shape, "torch": torch.__version__, "results": results}, f, indent=1)
 
     print(
-        "\n| parameters, experts | optimizer | ms/step (median) | vs AdamW (paired median) | host ms in step() | host syncs/step | peak GiB | vs AdamW peak | modules per expert |"
+        "\n| parameters, experts | optimizer | ms/step (median) | vs AdamW (paired median) | host ms in step() "
+        "| host syncs/step | peak GiB | vs AdamW peak | modules per expert |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for label, res in results.items():
@@ -303,13 +304,15 @@ def main(argv=None) -> None:
             host_ms = f"{r['host_ms']:.2f}" if r.get("host_ms") is not None else "-"
             share = " ".join(f"{e} {v:.0%}" for e, v in r.get("win_share", {}).items()) or "-"
             print(
-                f"| {label} | {name} | {r['median_ms']:.2f} | {r['ratio_vs_AdamW (torch fused)']:.3f}x | {host_ms} | {syncs} | {mem} | {mem_ratio} | {share} |"
+                f"| {label} | {name} | {r['median_ms']:.2f} | {r['ratio_vs_AdamW (torch fused)']:.3f}x | {host_ms} "
+                f"| {syncs} | {mem} | {mem_ratio} | {share} |"
             )
     for label, res in results.items():
         if "forward" in label:
             print(f"| {label} (context) | | {res['median_ms']:.2f} | | | | | | |")
     print(
-        f"| Router.route, 10,000 modules x 4 experts | | {results['Router.route 10000x4']['median_us']:.1f} us | | | | | | |"
+        f"| Router.route, 10,000 modules x 4 experts | | {results['Router.route 10000x4']['median_us']:.1f} us "
+        "| | | | | | |"
     )
 
 

@@ -81,7 +81,7 @@ def _assert_same_run(model, opt, masks, ref_model, ref_opt, ref_masks) -> None:
     got = _full_params(model)
     assert got.keys() == ref.keys()
     for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _collected(rank: int, fn, *args) -> None:
@@ -156,8 +156,8 @@ def _sharded_model(mesh=None):
 
 
 def _fsdp_worker(rank: int, init_method: str, ckpt_dir: str) -> None:
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     rows = _init(rank, init_method)
     try:
@@ -282,7 +282,9 @@ def _export_worker(rank: int, init_method: str, out_dir: str) -> None:
             got = load_file(os.path.join(out_dir, "sharded", "adapter_model.safetensors"))
             assert got.keys() == want.keys() and any(t.abs().sum() > 0 for k, t in want.items() if "lora_B" in k)
             for key in want:
-                torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+                torch.testing.assert_close(
+                    got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}"
+                )
             with (
                 open(os.path.join(out_dir, "single", "adapter_config.json")) as a,
                 open(os.path.join(out_dir, "sharded", "adapter_config.json")) as b,
@@ -399,7 +401,7 @@ def _assert_same_heldout_run(model, opt, trace, windows, ref_model, ref_opt, ref
     ref, got = _full_params(ref_model), _full_params(model)
     assert got.keys() == ref.keys()
     for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     ref, got = _heldout_state(ref_model, ref_opt), _heldout_state(model, opt)
     # Kept for every tensor of every routed expert.
     assert ref.keys() == {
@@ -409,7 +411,11 @@ def _assert_same_heldout_run(model, opt, trace, windows, ref_model, ref_opt, ref
     for name in ref:
         for key in ref[name]:
             torch.testing.assert_close(
-                got[name][key], ref[name][key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {key}: {m}"
+                got[name][key],
+                ref[name][key],
+                rtol=1e-5,
+                atol=1e-6,
+                msg=lambda m, name=name, key=key: f"{name} {key}: {m}",
             )
 
 
@@ -459,8 +465,8 @@ def test_fsdp2_heldout_matches_single_process():
 
 
 def _fsdp_heldout_dcp_worker(rank: int, init_method: str, ckpt_dir: str) -> None:
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     rows = _init(rank, init_method)
     try:

@@ -8,15 +8,14 @@ from __future__ import annotations
 import copy
 import json
 
+import peft  # noqa: E402  (test dependencies: a missing one fails, never skips)
 import pytest
+import safetensors.torch as safetensors_torch  # noqa: E402
 import torch
+import transformers  # noqa: E402
 
 import molf
 from molf.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
-import peft  # noqa: E402  (test dependencies: a missing one fails, never skips)
-import safetensors.torch as safetensors_torch  # noqa: E402
-import transformers  # noqa: E402
 
 VOCAB = 97
 

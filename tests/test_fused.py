@@ -15,9 +15,7 @@ if DEVICE == "cpu":
     # is first imported (tests/conftest.py sets it for the whole run for that reason).
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
-from molf import _fused  # noqa: E402
-
-from molf import _kernels  # noqa: E402
+from molf import _fused, _kernels  # noqa: E402
 from test_reference import CASES, check_against_reference  # noqa: E402
 
 # Several chunks per tensor, ragged tails, a scalar-like tensor.
@@ -140,9 +138,8 @@ def test_optimizer_fused_path_matches_float64_reference(fft, ranks, topk, score,
 @pytest.mark.skipif(DEVICE != "cpu", reason="drives the fused path on CPU tensors through Triton's interpreter")
 @pytest.mark.parametrize("lagged", [False, True])
 def test_optimizer_fused_path_skips_nonfinite_steps(lagged):
-    from test_nonfinite import Net, good_step
-
     import molf
+    from test_nonfinite import Net, good_step
 
     torch.manual_seed(0)
     model = molf.wrap(Net(), molf.MoLFConfig(ranks=(2,), exclude_modules=("head",)))
@@ -172,9 +169,8 @@ def test_optimizer_fused_path_skips_nonfinite_steps(lagged):
 def test_optimizer_fused_path_resumes_exactly(lagged, tmp_path):
     """The fused plan keeps the step counters in one shared buffer: they must count
     right, save through torch.save / weights_only load, and resume bitwise."""
-    from test_nonfinite import Net
-
     import molf
+    from test_nonfinite import Net
 
     configure = _use_fused if DEVICE == "cpu" else _assert_fused
 

@@ -421,7 +421,7 @@ def test_lockstep_with_float64_reference(case, horizon, shrink, spectral):
         mse(model, x, y).backward()
         opt.step()
         opt.zero_grad()
-        ref.step(lambda f: mse(f, x, y), lambda f: mse(f, xh, yh))
+        ref.step(lambda f, x=x, y=y: mse(f, x, y), lambda f: mse(f, xh, yh))
 
         assert opt.router.step == ref.step_count == s
         assert ref.measurements == s // K
@@ -442,7 +442,7 @@ def test_lockstep_with_float64_reference(case, horizon, shrink, spectral):
             # here (a larger LoRA lr makes the run chaotic: pick cases that are not).
             scale = float(ref.P[k].abs().max())
             torch.testing.assert_close(
-                p.detach(), ref.P[k], rtol=1e-9, atol=1e-10 * scale, msg=lambda m: f"step {s} {k}: {m}"
+                p.detach(), ref.P[k], rtol=1e-9, atol=1e-10 * scale, msg=lambda m, s=s, k=k: f"step {s} {k}: {m}"
             )
         assert opt.ledger.heldout_windows == ref.windows == max(s // K - 1, 0)
         assert opt.ledger.heldout_span().tolist() == ref.span, f"step {s}: spans"
@@ -1020,7 +1020,7 @@ def test_routing_summary_reports_the_active_sets():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
     molf.wrap(model, molf.MoLFConfig(ranks=(2,), exclude_modules=()))
-    x, y, xv = torch.randn(16, 4), torch.randn(16, 2), torch.randn(16, 4)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
     # The held-out loss is the negated training loss: every moving expert is dropped.
     opt = molf.MoLFAdamW(model, lr=1e-2, heldout=lambda: -((model(x) - y) ** 2).mean(), heldout_every=2)
     for _ in range(4):

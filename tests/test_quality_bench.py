@@ -24,8 +24,8 @@ def _one_hot_logits(next_ids: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def test_exact_match_hand_made():
-    I = lm.IGNORE
-    labels = torch.tensor([[I, I, 3, 4], [I, I, 3, 4], [I, 2, 3, I]])
+    IG = lm.IGNORE
+    labels = torch.tensor([[IG, IG, 3, 4], [IG, IG, 3, 4], [IG, 2, 3, IG]])
     # argmax at t predicts token t+1; positions 0-2 are the predicting ones
     pred_next = torch.tensor([[9, 3, 4, 0], [9, 3, 5, 0], [2, 3, 7, 1]])
     logits = _one_hot_logits(pred_next, 10)
@@ -204,7 +204,7 @@ def test_merge_joins_runs_that_split_the_methods(tmp_path):
 
 def test_merge_replaces_rerun_pairs_and_keeps_seeds_per_regime(tmp_path):
     old = q.run_suite(TINY, ["shift"], ["FFT", "LoRA"], tmp_path / "old", progress=False)
-    rerun = q.run_suite(replace(TINY, seeds=2), ["shift"], ["LoRA"], tmp_path / "rerun", progress=False, seed=3)
+    q.run_suite(replace(TINY, seeds=2), ["shift"], ["LoRA"], tmp_path / "rerun", progress=False, seed=3)
     with pytest.raises(ValueError, match="--replace"):
         q.merge_results([tmp_path / "old" / "results.json", tmp_path / "rerun" / "results.json"], tmp_path / "m")
     # LoRA's rerun ran other seeds than the FFT entry it would sit beside: refused

@@ -11,6 +11,7 @@ import itertools
 
 import pytest
 import torch
+import transformers  # noqa: E402  (test dependency: a missing one fails, never skips)
 from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -18,8 +19,6 @@ from torch.utils.checkpoint import checkpoint
 
 import molf
 from molf.routed_linear import routed_linear
-
-import transformers  # noqa: E402  (test dependency: a missing one fails, never skips)
 
 IN, OUT, TOKENS = 6, 5, 7
 TIGHT = dict(rtol=1e-12, atol=1e-12)

@@ -20,7 +20,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import molf._core as core
 from molf.testing import router_configs, score_matrices
-
 from test_router_properties import RefRouter
 
 FNV_OFFSET = 0xCBF29CE484222325

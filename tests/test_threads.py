@@ -75,7 +75,7 @@ def test_concurrent_route_and_record_serialise():
         router, ledger, masks, errors, steps_seen = _run_threads(scores)
         assert errors == [], f"trial {trial}: {errors!r}"
         assert router.step == ledger.step == THREADS
-        assert all(0 <= r <= THREADS and 0 <= l <= THREADS for r, l in steps_seen)
+        assert all(0 <= r <= THREADS and 0 <= lg <= THREADS for r, lg in steps_seen)
         assert [r for r, _ in steps_seen] == sorted(r for r, _ in steps_seen)
 
         # The router served the threads in some order: find it from the masks it gave.
@@ -90,7 +90,7 @@ def test_concurrent_route_and_record_serialise():
 
         # The ledger may have served the same calls in another order: its state must equal
         # recording the (scores, mask) pairs sequentially in one of them.
-        def ledger_in(order):
+        def ledger_in(order, scores=scores, masks=masks):
             ref = Ledger(MODULES, EXPERTS)
             for i in order:
                 ref.record(scores[i], masks[i])

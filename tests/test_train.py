@@ -7,8 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+import datasets  # noqa: E402,F401  (test dependencies: a missing one fails, never skips)
 import pytest
 import torch
+import transformers  # noqa: E402
 
 import molf.train
 from molf import ConfigError, Ledger, Router, StateError
@@ -24,9 +26,6 @@ from molf.train import (
     train,
     write_arithmetic_data,
 )
-
-import datasets  # noqa: E402,F401  (test dependencies: a missing one fails, never skips)
-import transformers  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

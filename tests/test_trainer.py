@@ -7,14 +7,12 @@ from __future__ import annotations
 import copy
 import re
 
+import accelerate  # noqa: E402,F401  (test dependencies: a missing one fails, never skips)
 import pytest
 import torch
-
-import molf
-
-import accelerate  # noqa: E402,F401  (test dependencies: a missing one fails, never skips)
 import transformers  # noqa: E402
 
+import molf
 from molf.hf import RoutingCallback, add_routing_callback, find_molf_optimizer  # noqa: E402
 
 VOCAB = 61

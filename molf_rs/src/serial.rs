@@ -450,7 +450,7 @@ impl Ledger {
             (r.f64()?, r.u64s(e)?, r.u64s(e)?)
         } else {
             // (No modules: from_parts rejects the state; allocate nothing for it.)
-            let e = if m == 0 { 0 } else { entries / m };
+            let e = entries.checked_div(m).unwrap_or(0);
             (0.0, vec![0; e], vec![0; e])
         };
         // Before version 6 a trial scaled a LoRA product: such a run continues so.

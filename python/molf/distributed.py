@@ -14,7 +14,7 @@ insurance that catches a rank that diverged anyway.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch

@@ -8,8 +8,9 @@ import math
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -658,7 +659,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         batches: dict[tuple, list[int]] = defaultdict(list)
         for k in positions:
             batches[(w.step_values[k], w.params[k].dtype)].append(k)
-        for (step, p_dtype), ks in batches.items():
+        for (step, _p_dtype), ks in batches.items():
             ps, ms, vs = [w.params[k] for k in ks], [w.exp_avgs[k] for k in ks], [w.exp_avg_sqs[k] for k in ks]
             upcast = [p.dtype != m.dtype for p, m in zip(ps, ms)]
             targets = [p.to(m.dtype) if u else p for p, m, u in zip(ps, ms, upcast)]

@@ -6,10 +6,11 @@ The plain composition `base(x) + s * F.linear(F.linear(x, A), B)` costs, per
 LoRA expert, a scalar multiply and an add over the whole tokens × out
 activation in the forward, a MulBackward over it and an add of two tokens × in
 input gradients in the backward, and half a dozen autograd nodes; on a GPU a
-wrapped model's step is then bound by launching them (issue #32). Here the dense GEMM writes y, each expert adds into y in
-place with its scale in the GEMM's alpha, the backward reuses gy B_i for both
-dA_i and dx, and every gradient nobody needs (MoLF-Efficient's frozen W and b,
-a first layer's input) is skipped: one autograd node, GEMMs and one sum.
+wrapped model's step is then bound by launching them (issue #32). Here the
+dense GEMM writes y, each expert adds into y in place with its scale in the
+GEMM's alpha, the backward reuses gy B_i for both dA_i and dx, and every
+gradient nobody needs (MoLF-Efficient's frozen W and b, a first layer's input)
+is skipped: one autograd node, GEMMs and one sum.
 
 Not done: LoRAFusion's [W | B]·[x ; A x]. A concatenated operand is a fresh
 copy of W (or of x) every step, more memory traffic than the second, skinny
@@ -18,7 +19,7 @@ GEMM (K = r) it saves; `benches/layer_bench.py` measures it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.autograd.function import once_differentiable

@@ -32,7 +32,7 @@ import json
 import math
 import os
 import warnings
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 

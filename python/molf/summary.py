@@ -50,7 +50,7 @@ class RoutingSummary:
         expert_names: list[str],
         phase: str,
         skipped_steps: int = 0,
-    ) -> "RoutingSummary":
+    ) -> RoutingSummary:
         """`incumbents`: the router's `[modules x experts]` incumbents (`Router.incumbents()`)."""
         s = ledger.summary()
         wins, switches, last = ledger.wins(), ledger.switches(), ledger.last_mask()

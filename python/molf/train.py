@@ -27,9 +27,10 @@ import os
 import random
 import shutil
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -233,7 +234,7 @@ class TrainConfig:
         )
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k.replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(values) - known)
@@ -495,7 +496,8 @@ def build_heldout_batch(
         raise ConfigError(f"max_length={max_length} leaves no completion token in any held-out row")
     if len(kept) < len(examples):
         warnings.warn(
-            f"{len(examples) - len(kept)} held-out rows lost every completion token to max_length={max_length}"
+            f"{len(examples) - len(kept)} held-out rows lost every completion token to max_length={max_length}",
+            stacklevel=1,
         )
     return _collate(kept, pad_id)
 
@@ -715,7 +717,8 @@ def _load_resume(cfg: TrainConfig, out: Path) -> tuple[Path | None, dict | None]
     if not found:
         if _run_started(out):
             warnings.warn(
-                f"resume: the run in {str(out)!r} stopped before its first checkpoint; starting it again from step 0"
+                f"resume: the run in {str(out)!r} stopped before its first checkpoint; starting it again from step 0",
+                stacklevel=1,
             )
             return None, None
         raise StateError(
@@ -729,7 +732,7 @@ def _load_resume(cfg: TrainConfig, out: Path) -> tuple[Path | None, dict | None]
         except StateError as exc:
             reasons.append(str(exc))
             if path != found[0]:
-                warnings.warn(f"{exc}; falling back to the checkpoint before it")
+                warnings.warn(f"{exc}; falling back to the checkpoint before it", stacklevel=1)
     raise StateError(
         f"resume 'latest': none of the {len(found)} checkpoint(s) in {str(out / CHECKPOINTS)!r} can be read "
         f"(latest: {reasons[0]}); delete them and pass --resume to start the run again from step 0, or choose "
@@ -886,7 +889,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
     examples = [tokenize_pair(tokenizer, p, c, cfg.max_length) for p, c in pairs]
     examples = [e for e in examples if any(y != -100 for y in e[1])]
     if len(examples) < len(pairs):
-        warnings.warn(f"{len(pairs) - len(examples)} rows lost every completion token to max_length={cfg.max_length}")
+        warnings.warn(
+            f"{len(pairs) - len(examples)} rows lost every completion token to max_length={cfg.max_length}",
+            stacklevel=1,
+        )
     if not examples:
         raise ConfigError(f"max_length={cfg.max_length} leaves no completion token in any row")
     per_epoch = math.ceil(len(examples) / cfg.batch_size)

@@ -200,7 +200,7 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
         setattr(model, _FROZEN_ATTR, [n for n, _ in frozen])
     except BaseException:
         # A module's own __setattr__ (or an interrupt) failed midway: put everything back.
-        for name, base, layer in built[:swapped]:
+        for name, base, _layer in built[:swapped]:
             _set_submodule(model, name, base)
         for _, _, layer in built:
             for p in layer.parameters():
