@@ -19,6 +19,7 @@ from ._core import (
 )
 from ._core import __version__ as core_version
 from .config import MoLFConfig
+from .distributed import RankDivergenceError
 from .export import export_peft, import_peft
 from .layer import MoLFLinear
 from .optimizer import SCORES, MoLFAdamW
@@ -54,6 +55,7 @@ __all__ = [
     "MoLFAdamW",
     "MoLFConfig",
     "MoLFLinear",
+    "RankDivergenceError",
     "Router",
     "RoutingCallback",
     "RoutingLog",

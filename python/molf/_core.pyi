@@ -8,10 +8,24 @@ No Rust panic ever reaches Python: a panic is reported as :class:`InternalError`
 Objects are not meant to be shared between threads while a call is running.
 """
 
-from typing import Final, Literal, TypedDict
+from typing import Final, Literal, Self, TypedDict, final
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "Router",
+    "Ledger",
+    "score_sums",
+    "all_finite",
+    "ConfigError",
+    "ScoreError",
+    "StateError",
+    "InternalError",
+    "PHASES",
+    "POLICIES",
+    "__version__",
+]
 
 __version__: Final[str]
 """Version of the Rust core (``molf_rs`` crate)."""
@@ -51,6 +65,7 @@ class _RouterConfig(TypedDict):
     warmup_steps: int
     freeze_after: int | None
 
+@final
 class Router:
     """Picks the winning experts of every module from a score matrix.
 
@@ -104,8 +119,8 @@ class Router:
         TypeError: an argument of the wrong type (e.g. a float for an integer argument).
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         num_modules: int,
         num_experts: int,
         topk: int = 1,
@@ -114,7 +129,7 @@ class Router:
         min_dwell: int = 0,
         warmup_steps: int = 0,
         freeze_after: int | None = None,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def num_modules(self) -> int: ...
     @property
@@ -194,7 +209,7 @@ class Router:
                 message names the version seen and the supported ones), bad checksum, or a
                 decoded state that violates an invariant.
         """
-    def __eq__(self, other: object) -> bool:
+    def __eq__(self, other: object, /) -> bool:
         """Equal configuration and state (step, incumbents, last changes)."""
     def __reduce__(self) -> tuple[object, tuple[bytes]]:
         """Pickle / ``copy.deepcopy`` support via :meth:`to_bytes`."""
@@ -208,6 +223,7 @@ class _LedgerSummary(TypedDict):
     switch_rate: float
     no_winner_events: int
 
+@final
 class Ledger:
     """Score and decision bookkeeping per module and expert.
 
@@ -260,8 +276,8 @@ class Ledger:
         ConfigError: an argument out of range, or a bool for an integer argument.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         num_modules: int,
         num_experts: int,
         ema_decay: float = 0.9,
@@ -270,7 +286,7 @@ class Ledger:
         heldout_shrink: float = 0.1,
         shrink_spectral: bool = True,
         heldout_min_span: int = 0,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def heldout_decay(self) -> float: ...
     @property
@@ -380,7 +396,7 @@ class Ledger:
             StateError: as for :meth:`Router.from_bytes` (router bytes are rejected as the
                 wrong kind).
         """
-    def __eq__(self, other: object) -> bool:
+    def __eq__(self, other: object, /) -> bool:
         """Identical configuration and state; floats compared bit for bit (NaN == NaN)."""
     def __reduce__(self) -> tuple[object, tuple[bytes]]:
         """Pickle / ``copy.deepcopy`` support via :meth:`to_bytes`."""
