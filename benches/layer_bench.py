@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import molf
 from molf.layer import MoLFLinear
+from step_bench import SHAPES
 
 # Ops that move no data (views, metadata, allocation): no kernel on a GPU.
 NO_KERNEL = {
@@ -89,16 +90,7 @@ class Qwen(nn.Module):
         super().__init__()
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        cfg = Qwen2Config(
-            vocab_size=4096,
-            hidden_size=256,
-            intermediate_size=768,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-        )
+        cfg = Qwen2Config(**SHAPES["small"], max_position_embeddings=512)
         self.model = Qwen2ForCausalLM(cfg)
 
     def forward(self, ids):

@@ -55,32 +55,20 @@ from pathlib import Path
 import torch
 
 import molf
+from step_bench import SHAPES as STEP_SHAPES
 
 SHAPES = {
-    # Qwen2.5-1.5B: 28 layers, hidden 1536, intermediate 8960, 12 heads, 2 KV heads, tied embeddings.
     "qwen2.5-1.5b": dict(
-        config=dict(
-            vocab_size=151936,
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            tie_word_embeddings=True,
-        ),
-        batches="4x512,16x512",
+        config=dict(STEP_SHAPES["qwen2.5-1.5b"], max_position_embeddings=2048), batches="4x512,16x512"
     ),
+    # smaller than the optimizer benchmark's: the CPU runs whole steps of every setup
     "small": dict(
         config=dict(
+            STEP_SHAPES["small"],
             vocab_size=1024,
-            hidden_size=256,
             intermediate_size=512,
             num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
             max_position_embeddings=2048,
-            tie_word_embeddings=True,
         ),
         batches="2x64",
     ),

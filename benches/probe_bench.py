@@ -26,28 +26,8 @@ import time
 import torch
 
 import molf
+from step_bench import SHAPES
 
-SHAPES = {
-    # Qwen2.5-1.5B: 28 layers, hidden 1536, intermediate 8960, 12 heads, 2 KV heads, tied embeddings.
-    "qwen2.5-1.5b": dict(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
-    "small": dict(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
-}
 DEFAULTS = {  # rank, held-out batch, sequence length
     "qwen2.5-1.5b": (128, 4, 512),
     "small": (32, 4, 64),

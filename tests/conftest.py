@@ -44,3 +44,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """`molf train`'s tiny random Qwen2, saved once per test module."""
+    from molf.train import save_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny") / "qwen2"
+    save_tiny_model(path, seed=0)
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Ten prompt/completion rows of `molf train`'s generated arithmetic set."""
+    from molf.train import write_arithmetic_data
+
+    path = tmp_path / "pairs.jsonl"
+    write_arithmetic_data(path, rows=10, seed=1)
+    return path

@@ -21,7 +21,6 @@ from molf.train import (
     build_heldout_batch,
     build_model,
     byte_tokenizer,
-    save_tiny_model,
     tokenize_pair,
     train,
     write_arithmetic_data,
@@ -32,20 +31,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Tiny models gain nothing from intra-op threads; on a shared 2-core machine two spinning
 # threads make each step many times slower (conftest's fixture).
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "qwen2"
-    save_tiny_model(path, seed=0)
-    return path
-
-
-@pytest.fixture
-def data(tmp_path) -> Path:
-    path = tmp_path / "pairs.jsonl"
-    write_arithmetic_data(path, rows=10, seed=1)
-    return path
 
 
 def common(model_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:

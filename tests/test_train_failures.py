@@ -17,23 +17,9 @@ import molf.cli
 import molf.train
 from molf import ConfigError, StateError
 from molf.cli import main
-from molf.train import TrainConfig, TrainError, save_tiny_model, train, write_arithmetic_data
+from molf.train import TrainConfig, TrainError, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "qwen2"
-    save_tiny_model(path, seed=0)
-    return path
-
-
-@pytest.fixture
-def data(tmp_path) -> Path:
-    path = tmp_path / "pairs.jsonl"
-    write_arithmetic_data(path, rows=10, seed=1)
-    return path
 
 
 OPTS = dict(batch_size=4, steps=3, lr=1e-3, lora_lr=1e-3, progress=False, plots=False)
