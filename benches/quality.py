@@ -181,6 +181,29 @@ FULL = Scale(
     ),
 )
 
+# The smallest suite that still runs every code path: the harness's own tests use it.
+TINY = replace(
+    QUICK,
+    steps_synthetic=6,
+    steps_lm=3,
+    batch_lm=4,
+    seeds=1,
+    lrs=(1e-3, 3e-3),
+    lm=lm.LMScale(
+        hidden=16,
+        layers=1,
+        heads=2,
+        kv_heads=1,
+        intermediate=32,
+        pretrain_steps=2,
+        pretrain_batch=4,
+        pretrain_lr=1e-3,
+        n_facts=4,
+        n_sql_train=8,
+        n_sql_eval=4,
+    ),
+)
+
 MLP_TARGETS = tuple(f"blocks.{i}" for i in range(demo.DEPTH)) + ("head",)
 
 

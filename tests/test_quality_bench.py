@@ -64,27 +64,7 @@ def test_gap_and_better():
     assert q._better(0.9, 0.5, higher=True) and not q._better(0.9, 0.5, higher=False)
 
 
-TINY = replace(
-    q.QUICK,
-    steps_synthetic=6,
-    steps_lm=3,
-    batch_lm=4,
-    seeds=1,
-    lrs=(1e-3, 3e-3),
-    lm=lm.LMScale(
-        hidden=16,
-        layers=1,
-        heads=2,
-        kv_heads=1,
-        intermediate=32,
-        pretrain_steps=2,
-        pretrain_batch=4,
-        pretrain_lr=1e-3,
-        n_facts=4,
-        n_sql_train=8,
-        n_sql_eval=4,
-    ),
-)
+TINY = q.TINY
 
 
 def test_tiny_suite_structure(tmp_path):
