@@ -798,20 +798,6 @@ def _check_resumable(cfg: TrainConfig, saved: dict, path: Path) -> None:
         raise StateError(f"resume {str(path)!r}: options differ from the checkpointed run ({shown})")
 
 
-def _truncate_routing_log(path: Path, step: int) -> None:
-    """Drop the log lines written after the checkpoint, which the resumed run writes again."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
-        rec = json.loads(line)
-        if rec.get("step", math.inf) <= step or rec.get("skipped_after_step", math.inf) < step:
-            kept.append(line)
-    path.write_text("".join(kept), encoding="utf-8")
-
-
 # ------------------------------------------------------------------ the run
 
 
@@ -875,8 +861,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         _check_data_unchanged(blob, data_files, resume_path)
     else:
         _write_run_state(out, cfg, data_files)
-        if log_path is not None:  # a run stopped before its first checkpoint: its log starts again too
-            _truncate_routing_log(log_path, 0)
     for stale in (out / CHECKPOINTS).glob("*.tmp"):  # left by a save that was killed
         stale.unlink()
 
@@ -918,8 +902,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None)
         step = int(blob["step"])
         if blob["data"] != {"epoch": step // per_epoch, "batch": step % per_epoch}:
             raise StateError(f"resume {str(resume_path)!r}: data position {blob['data']} does not match step {step}")
-        if log_path is not None:
-            _truncate_routing_log(log_path, step)
 
     from tqdm.auto import tqdm
 
