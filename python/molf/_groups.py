@@ -13,7 +13,7 @@ from ._core import ConfigError
 from .checkpoint import check_group_values
 from .wrap import expert_tag, retag
 
-__all__ = ["ROLES", "build_groups", "user_groups", "resolve_state_dtype", "state_dtype_for"]
+__all__ = ["ROLES", "build_groups", "user_groups", "check_added_group", "resolve_state_dtype", "state_dtype_for"]
 
 ROLES = ("plain", "dense", "lora")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -141,3 +141,22 @@ def state_dtype_for(state_dtype: str | torch.dtype, p: torch.Tensor) -> torch.dt
     if state_dtype == "auto":
         return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
     return state_dtype
+
+
+def check_added_group(param_group: Any, defaults: dict) -> None:
+    """Refuse (ConfigError) a group given to `add_param_group` that is not a dict of unrouted
+    parameters with values in range (checked like the constructor's, over `defaults`); mark
+    it a plain group."""
+    if not isinstance(param_group, dict) or "params" not in param_group:
+        raise ConfigError("add_param_group takes a dict with a 'params' key")
+    params = param_group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    if any(expert_tag(p) is not None for p in params if isinstance(p, torch.Tensor)):
+        raise ConfigError(
+            "add_param_group: experts of molf-wrapped layers can only be routed by the optimizer "
+            "built over them; build the MoLFAdamW with every wrapped layer instead"
+        )
+    check_group_values({**defaults, **param_group}, "add_param_group")
+    if param_group.get("molf_role", "plain") != "plain":
+        raise ConfigError(f"add_param_group: molf_role must be 'plain', got {param_group['molf_role']!r}")
+    param_group.setdefault("molf_role", "plain")

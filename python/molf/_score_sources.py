@@ -9,7 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["_ScoreSources"]
+from . import distributed
+
+__all__ = ["_ScoreSources", "routed_score_group"]
 
 
 class _ScoreSources:
@@ -85,3 +87,14 @@ class _ScoreSources:
     def give_back_steps(self) -> None:
         if self.steps:
             torch._foreach_sub_(self.steps, 1)
+
+
+def routed_score_group(param_groups: list[dict], key: tuple | None) -> tuple:
+    """(first routed parameter, the process group the score sums are all-reduced over (None:
+    no reduction)): `key` as it is while the first routed parameter object is the same, else
+    looked up again (accelerate and FSDP2 swap parameters after construction)."""
+    first = next(g["params"][0] for g in param_groups if g["molf_role"] != "plain" and g["params"])
+    if key is None or key[0] is not first:
+        routed = [p for g in param_groups if g["molf_role"] != "plain" for p in g["params"]]
+        key = (first, distributed.score_group(routed))
+    return key

@@ -12,7 +12,7 @@ import base64
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ __all__ = [
     "check_saved_group",
     "recast_moments",
     "warn_settings_changed",
+    "CheckedCheckpoint",
+    "check_checkpoint",
+    "is_state_init_step",
 ]
 
 # Per-parameter state keys: Adam's, and the held-out probe's (molf.heldout).
@@ -310,4 +313,59 @@ def warn_settings_changed(changed: list[str]) -> None:
         "the checkpoint's are used (checkpoint / this optimizer's): " + "; ".join(changed),
         UserWarning,
         stacklevel=3,
+    )
+
+
+class CheckedCheckpoint(NamedTuple):
+    """A saved state_dict checked against the live optimizer (`check_checkpoint`)."""
+
+    router: Router
+    ledger: Ledger
+    changed: list[str]  # routing settings the checkpoint's router and ledger carry otherwise
+    skipped: int
+    pending: np.ndarray | None
+    heldout_step: int
+    stripped: dict  # the state_dict without the molf meta, for torch's load_state_dict
+    saved_state: dict
+
+
+def check_checkpoint(
+    state_dict: Any,
+    param_groups: list[dict],
+    module_names: list[str],
+    expert_names: list[str],
+    score: str,
+    heldout: bool,
+    live: tuple[Router, Ledger],
+) -> CheckedCheckpoint:
+    """Check a saved state_dict against the live optimizer — routing structure and settings,
+    every group's values, every state tensor's keys and shape, the routing state — raising
+    StateError at the first mismatch (`heldout`: the optimizer has a held-out probe; `live`:
+    its router and ledger)."""
+    groups, saved_state, meta = split_state_dict(state_dict)
+    router, ledger = decode_meta(meta, module_names, expert_names, score, heldout)
+    changed = routing_settings_changed(live, (router, ledger))
+    skipped, pending, heldout_step = check_meta_fields(meta, (len(module_names), len(expert_names)), router.step)
+    if len(groups) != len(param_groups):
+        raise StateError(f"checkpoint has {len(groups)} param groups, this optimizer {len(param_groups)}")
+    stripped = dict(state_dict)
+    stripped["param_groups"] = [{k: v for k, v in g.items() if k != META_KEY} for g in groups]
+    shrink = ledger.heldout_shrink > 0
+    for gi, (mine, saved) in enumerate(zip(param_groups, stripped["param_groups"])):
+        check_saved_group(gi, mine, saved, saved_state, heldout=heldout, shrink=shrink)
+    return CheckedCheckpoint(router, ledger, changed, skipped, pending, heldout_step, stripped, saved_state)
+
+
+def is_state_init_step(ledger_step: int, scores: np.ndarray, param_groups: list[dict]) -> bool:
+    """Whether this is the step torch.distributed.checkpoint's `get_state_dict` runs on a
+    fresh optimizer to create its state (the first step, every lr 0, every gradient
+    zero): a checkpoint load replaces what it did, so it stays out of the routing log (and
+    does not start the log afresh under the run about to be resumed). A real first step
+    at lr 0 (a warm-up from 0) has non-zero gradients; the gradient check runs only once
+    the cheap conditions hold."""
+    return (
+        ledger_step == 1
+        and not np.any(scores)
+        and all(float(g["lr"]) == 0 for g in param_groups)
+        and all(p.grad is not None and not p.grad.any() for g in param_groups for p in g["params"] if p.requires_grad)
     )

@@ -10,7 +10,6 @@ encoding and checks live in `molf.checkpoint`."""
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -20,35 +19,22 @@ import torch
 from torch import nn
 
 from . import _kernels, distributed
-from ._core import ConfigError, Ledger, Router, StateError
-from ._expert_view import ExpertView
+from ._checkpointing import _Checkpointing
+from ._core import ConfigError, Ledger, Router
 from ._foreach import _GroupWork, foreach_moments, scratch_for
 from ._fused_path import build_plan, fused_kernels, fused_moments, plan_signature
-from ._groups import build_groups, resolve_state_dtype, state_dtype_for
+from ._groups import build_groups, check_added_group, resolve_state_dtype, state_dtype_for
 from ._options import SCORES, check_options
+from ._routing import _Routing
 from ._score_sources import _ScoreSources
-from .checkpoint import (
-    META_KEY,
-    check_group_values,
-    check_meta_fields,
-    check_saved_group,
-    decode_meta,
-    encode_meta,
-    recast_moments,
-    routing_from_meta,
-    routing_settings_changed,
-    split_state_dict,
-    warn_settings_changed,
-)
 from .heldout import LORA_ONLY_MIN_SPAN, THETA_KEY, HeldoutProbe
 from .routing_log import RoutingLog
-from .summary import RoutingSummary
 from .wrap import expert_tag
 
 __all__ = ["MoLFAdamW", "SCORES"]
 
 
-class MoLFAdamW(torch.optim.Optimizer):
+class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
     """AdamW with per-module routing between the experts of molf-wrapped layers.
 
     `params` is the wrapped model, or parameters / param groups of it (as the
@@ -176,7 +162,6 @@ class MoLFAdamW(torch.optim.Optimizer):
             heldout_shrink_spectral=heldout_shrink_spectral,
             heldout_min_span=heldout_min_span,
         )
-        self._state_init_step = False
         self._check_every = check_every
         self._state_dtype = resolve_state_dtype(state_dtype)
         self.score = score
@@ -228,12 +213,16 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._skipped_steps = 0
         self._fused = fused_kernels(fused, self._params())
         self.lagged = lagged
-        self._plan = None  # fused path: device tables, rebuilt when the tensors with gradients change
-        self._scratch: dict[int, tuple] = {}  # CPU foreach path: per group, see _foreach.scratch_for
-        self._plan_signature = None
         self._pending: _ScoreSources | np.ndarray | None = None  # lagged mode: the previous step's scores
-        self._group_key = None  # (first routed parameter, its score group): see _score_group
+        self._reset_caches()
         self._score_group()  # refuse a half-sharded model here rather than at the first step
+
+    def _reset_caches(self) -> None:
+        self._plan = None  # fused path: device tables, rebuilt when the tensors with gradients change
+        self._plan_signature = None
+        self._scratch: dict[int, tuple] = {}  # CPU foreach path: per group, see _foreach.scratch_for
+        self._group_key = None  # (first routed parameter, its score group): see _score_group
+        self._state_init_step = False
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -323,193 +312,10 @@ class MoLFAdamW(torch.optim.Optimizer):
     def _fused_moments(self, plan, winners: np.ndarray | None = None):
         return fused_moments(plan, self.param_groups, self.score, self.skip_nonfinite, self._score_group, winners)
 
-    def _measure_heldout(self) -> None:
-        # Not on torch.distributed.checkpoint's state-init step: a load replaces it.
-        if self._probe is not None and self._probe.due(self._router.step) and not self._state_init_step:
-            self._probe.measure(self)  # which measures through `expert_view()`
-
-    def _route(self, scores: np.ndarray) -> np.ndarray:
-        """One call into the Rust router for all modules; book and log it."""
-        mask = self._router.route(scores)
-        self._ledger.record(scores, mask)
-        # Only what keeps records (the log, the held-out probe) needs to know.
-        keeps_records = self._log is not None or self._probe is not None
-        self._state_init_step = keeps_records and self._is_state_init_step(scores)
-        if self._check_every and self._ledger.step % self._check_every == 0:
-            distributed.check_ranks_agree(self)
-        if self._log is not None and not self._state_init_step:
-            self._log.write(self._ledger.step, self._router_phase_of_last_step(), scores, mask)
-        return mask
-
-    def _is_state_init_step(self, scores: np.ndarray) -> bool:
-        """Whether this is the step torch.distributed.checkpoint's `get_state_dict` runs on a
-        fresh optimizer to create its state (the first step, every lr 0, every gradient
-        zero): a checkpoint load replaces what it did, so it stays out of the routing log (and
-        does not start the log afresh under the run about to be resumed). A real first step
-        at lr 0 (a warm-up from 0) has non-zero gradients; the gradient check runs only once
-        the cheap conditions hold."""
-        return (
-            self._ledger.step == 1
-            and not np.any(scores)
-            and all(float(g["lr"]) == 0 for g in self.param_groups)
-            and all(
-                p.grad is not None and not p.grad.any()
-                for g in self.param_groups
-                for p in g["params"]
-                if p.requires_grad
-            )
-        )
-
-    def _record_skip(self) -> None:
-        self._skipped_steps += 1
-        if self._log is not None:
-            self._log.write_skip(self._ledger.step, "non-finite gradient")
-
-    def _resolve_pending(self) -> None:
-        """Lagged mode: read the previous step's scores before this step counts.
-        If its gradients were not finite its device work was skipped: give its
-        step counters back and route this step on its own scores."""
-        if isinstance(self._pending, _ScoreSources):
-            matrix = self._pending.resolve(self._shape, self.score)
-            if matrix is None:
-                self._pending.give_back_steps()
-                self._record_skip()
-            self._pending = matrix
-
-    def _scores_to_route(self, sources: _ScoreSources) -> np.ndarray | None:
-        """This step's score matrix (exact mode: one device-to-host transfer), or in
-        lagged mode the previous step's while this step's copies in the background.
-        None when the scores to route on came from non-finite gradients."""
-        if not self.lagged:
-            return sources.resolve(self._shape, self.score)
-        previous, self._pending = self._pending, sources
-        sources.start_copy()
-        if previous is None:  # the first step, or the one after a skipped step: its own scores
-            previous = self._pending = sources.resolve(self._shape, self.score)
-        return previous
-
-    def _score_group(self):
-        """The process group the score sums are all-reduced over (None: no
-        reduction), looked up again whenever the first routed parameter object
-        changes (accelerate and FSDP2 swap parameters after construction)."""
-        first = next(g["params"][0] for g in self.param_groups if g["molf_role"] != "plain" and g["params"])
-        if self._group_key is None or self._group_key[0] is not first:
-            routed = [p for g in self.param_groups if g["molf_role"] != "plain" for p in g["params"]]
-            self._group_key = (first, distributed.score_group(routed))
-        return self._group_key[1]
-
-    @property
-    def _shape(self) -> tuple[int, int]:
-        return len(self.module_names), len(self.expert_names)
-
-    def _router_phase_of_last_step(self) -> str:
-        # The router's `phase` is that of its next call; the step just routed was call step-1.
-        s = self._router.step - 1
-        r = self._router
-        if s < r.warmup_steps:
-            return "warmup"
-        if r.freeze_after is not None and s >= r.freeze_after:
-            return "frozen"
-        return "routing"
-
-    # ---------------------------------------------------------------- insight
-
-    @property
-    def router(self) -> Router:
-        """The Rust router (read it, don't step it: the optimizer does)."""
-        return self._router
-
-    @property
-    def ledger(self) -> Ledger:
-        """The Rust ledger of scores, wins and switches."""
-        return self._ledger
-
-    def routing_summary(self) -> RoutingSummary:
-        """Per-expert shares, switches and per-module statistics so far."""
-        return RoutingSummary.from_ledger(
-            self._ledger,
-            self._router.incumbents(),
-            self.module_names,
-            self.expert_names,
-            self._router.phase,
-            self._skipped_steps,
-        )
-
-    # ------------------------------------------------------------- checkpoint
-
-    def _pending_scores(self) -> np.ndarray | None:
-        """Lagged mode's scores waiting for the next step, as a host matrix."""
-        self._resolve_pending()
-        return self._pending
-
-    def _meta(self) -> dict:
-        return encode_meta(
-            skipped_steps=self._skipped_steps,
-            pending=self._pending_scores(),
-            modules=self.module_names,
-            experts=self.expert_names,
-            score=self.score,
-            heldout_step=None if self._probe is None else self._probe.last_step,
-            router=self._router,
-            ledger=self._ledger,
-        )
-
-    def state_dict(self) -> dict:
-        """torch's optimizer state, plus the router and ledger as plain data in
-        the first routed param group (group scalars only, so
-        torch.distributed.checkpoint and `torch.load(weights_only=True)` accept it)."""
-        sd = super().state_dict()
-        sd["param_groups"][self._meta_group_index()][META_KEY] = self._meta()
-        return sd
-
     def _has_dense_expert(self) -> bool:
         return any(
             (t := expert_tag(p)) is not None and t.kind == "dense" for g in self.param_groups for p in g["params"]
         )
-
-    def _hold_meta_key(self) -> None:
-        # The live group carries the key (as None; `state_dict` fills it in): torch.distributed
-        # .checkpoint's flattened optimizer state dicts rebuild each group from the keys of the
-        # live group, and would drop a key only the saved group has.
-        self.param_groups[self._meta_group_index()][META_KEY] = None
-
-    def _meta_group_index(self) -> int:
-        return next(i for i, g in enumerate(self.param_groups) if g["molf_role"] != "plain")
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a `state_dict()`. Everything is checked against this optimizer first: the
-        routing structure and settings, every group's values, every state tensor's keys and
-        shape, the routing state. A mismatch raises `StateError` naming the first one and
-        changes nothing. Reloading the optimizer's own current state (as accelerate does
-        when it wraps the optimizer) leaves the routing log alone."""
-        groups, saved_state, meta = split_state_dict(state_dict)
-        heldout = self._probe is not None
-        router, ledger = decode_meta(meta, self.module_names, self.expert_names, self.score, heldout)
-        changed = routing_settings_changed((self._router, self._ledger), (router, ledger))
-        skipped, pending, heldout_step = check_meta_fields(meta, self._shape, router.step)
-        if len(groups) != len(self.param_groups):
-            raise StateError(f"checkpoint has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
-        stripped = dict(state_dict)
-        stripped["param_groups"] = [{k: v for k, v in g.items() if k != META_KEY} for g in groups]
-        shrink = ledger.heldout_shrink > 0
-        for gi, (mine, saved) in enumerate(zip(self.param_groups, stripped["param_groups"])):
-            check_saved_group(gi, mine, saved, saved_state, heldout=heldout, shrink=shrink)
-        own = router == self._router and ledger == self._ledger and skipped == self._skipped_steps
-        super().load_state_dict(stripped)
-        self._hold_meta_key()
-        # torch casts loaded state to each parameter's dtype; restore the state dtype we chose.
-        dtype_for = functools.partial(state_dtype_for, self._state_dtype)
-        recast_moments(self.state, stripped["param_groups"], self.param_groups, saved_state, dtype_for)
-        if changed:
-            warn_settings_changed(changed)
-        self._router, self._ledger = router, ledger
-        self._plan = None
-        self._pending = pending
-        self._skipped_steps = skipped
-        if self._probe is not None:
-            self._probe.last_step = heldout_step
-        if self._log is not None and not own:
-            self._log.resume(self._ledger.step, self._skipped_steps)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group of unrouted parameters (plain AdamW); its values are checked like the
@@ -518,67 +324,6 @@ class MoLFAdamW(torch.optim.Optimizer):
         if getattr(self, "_constructing", False):  # torch's __init__ adds the groups built above
             super().add_param_group(param_group)
             return
-        if not isinstance(param_group, dict) or "params" not in param_group:
-            raise ConfigError("add_param_group takes a dict with a 'params' key")
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if any(expert_tag(p) is not None for p in params if isinstance(p, torch.Tensor)):
-            raise ConfigError(
-                "add_param_group: experts of molf-wrapped layers can only be routed by the optimizer "
-                "built over them; build the MoLFAdamW with every wrapped layer instead"
-            )
-        check_group_values({**self.defaults, **param_group}, "add_param_group")
-        if param_group.get("molf_role", "plain") != "plain":
-            raise ConfigError(f"add_param_group: molf_role must be 'plain', got {param_group['molf_role']!r}")
-        param_group.setdefault("molf_role", "plain")
+        check_added_group(param_group, self.defaults)
         super().add_param_group(param_group)
         self._plan = None
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state.update(
-            score=self.score,
-            _state_dtype=self._state_dtype,
-            module_names=self.module_names,
-            expert_names=self.expert_names,
-            _log=self._log,
-            lagged=self.lagged,
-            skip_nonfinite=self.skip_nonfinite,
-            _fused=self._fused is not None,
-            _molf_meta=self._meta(),
-            _check_every=self._check_every,
-            _probe=self._probe,
-        )
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        # torch's load_state_dict also comes through here, with state and groups only.
-        meta = state.pop("_molf_meta", None)
-        super().__setstate__(state)
-        self._plan = None
-        self._scratch = {}
-        self._group_key = None
-        self._state_init_step = False
-        if meta is None:
-            return
-        self._router, self._ledger = routing_from_meta(meta)
-        self._pending = None if meta["pending"] is None else np.asarray(meta["pending"], dtype=np.float64)
-        self._skipped_steps = meta["skipped_steps"]
-        self._fused = fused_kernels(True, self._params()) if self._fused else None
-
-    def expert_view(self) -> ExpertView:
-        """The view of this optimizer's expert tensors that the held-out probe measures
-        through (`molf.heldout`): groups, state, routing shape, score group, and the live
-        router and ledger, which it may put back."""
-
-        def set_routing(router: Router, ledger: Ledger) -> None:
-            self._router, self._ledger = router, ledger
-
-        return ExpertView(
-            self.param_groups,
-            self.state,
-            self._shape,
-            self._score_group,
-            lambda: (self._router, self._ledger),
-            set_routing,
-        )
