@@ -1,4 +1,5 @@
-"""Checks of param-group values and of optimizer checkpoints, run before anything changes.
+"""Checks of param-group values and of optimizer checkpoints, run before anything changes,
+and the molf meta (router, ledger, bookkeeping) that a checkpoint carries.
 
 `MoLFAdamW` validates every group it is given (constructor, `add_param_group`) and every
 checkpoint it loads against itself first, so a bad value or a checkpoint of another model
@@ -7,15 +8,35 @@ is refused with an error naming the first mismatch while the optimizer stays as 
 
 from __future__ import annotations
 
+import base64
 import math
-from typing import Any
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ._core import ConfigError, Ledger, Router, StateError
+from .wrap import expert_tag
 
-__all__ = ["check_group_values", "check_param_state", "check_meta_fields", "routing_settings_changed"]
+__all__ = [
+    "check_group_values",
+    "check_param_state",
+    "check_meta_fields",
+    "routing_settings_changed",
+    "META_KEY",
+    "encode_meta",
+    "routing_from_meta",
+    "split_state_dict",
+    "decode_meta",
+    "check_saved_group",
+    "recast_moments",
+    "warn_settings_changed",
+    "CheckedCheckpoint",
+    "check_checkpoint",
+    "is_state_init_step",
+]
 
 # Per-parameter state keys: Adam's, and the held-out probe's (molf.heldout).
 ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
@@ -148,3 +169,203 @@ def routing_settings_changed(live: tuple[Router, Ledger], saved: tuple[Router, L
         if getattr(ledger, k) != getattr(saved_ledger, k)
     ]
     return changed
+
+
+# ------------------------------------------------------------------ molf meta
+
+# The router, ledger and bookkeeping ride in one routed param group under this key.
+META_KEY = "molf_meta"
+META_VERSION = 1
+
+
+def encode_meta(
+    *,
+    skipped_steps: int,
+    pending: np.ndarray | None,
+    modules: list[str],
+    experts: list[str],
+    score: str,
+    heldout_step: int | None,
+    router: Router,
+    ledger: Ledger,
+) -> dict:
+    """The optimizer's routing state as plain data (`torch.load(weights_only=True)` reads it)."""
+    return {
+        "skipped_steps": skipped_steps,
+        "pending": None if pending is None else pending.tolist(),
+        "version": META_VERSION,
+        "modules": list(modules),
+        "experts": list(experts),
+        "score": score,
+        "heldout_step": heldout_step,
+        "router": base64.b64encode(router.to_bytes()).decode("ascii"),
+        "ledger": base64.b64encode(ledger.to_bytes()).decode("ascii"),
+    }
+
+
+def routing_from_meta(meta: dict) -> tuple[Router, Ledger]:
+    """The Router and Ledger of a meta dict `encode_meta` made (no checks: pickling)."""
+    return Router.from_bytes(base64.b64decode(meta["router"])), Ledger.from_bytes(base64.b64decode(meta["ledger"]))
+
+
+def split_state_dict(state_dict: Any) -> tuple[list[dict], dict, Any]:
+    """A saved optimizer state_dict's param groups, per-parameter state and molf meta,
+    refused (StateError) when it is not one."""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise StateError("not an optimizer state_dict: no 'param_groups' list of dicts")
+    saved_state = state_dict.get("state")
+    if not isinstance(saved_state, dict):
+        raise StateError("not an optimizer state_dict: no 'state' dict")
+    metas = [g[META_KEY] for g in groups if META_KEY in g]
+    if len(metas) != 1:
+        raise StateError(f"expected the molf routing state in exactly one param group, found {len(metas)}")
+    return groups, saved_state, metas[0]
+
+
+def decode_meta(
+    meta: Any, module_names: list[str], expert_names: list[str], score: str, heldout: bool
+) -> tuple[Router, Ledger]:
+    """The checkpoint's Router and Ledger, checked (StateError) against the live optimizer's
+    routing structure, score and policy (`heldout`: it has a held-out probe)."""
+    if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
+        version = meta.get("version") if isinstance(meta, dict) else None
+        raise StateError(f"unsupported molf optimizer state version {version!r}; this molf reads {META_VERSION}")
+    if meta.get("modules") != module_names or meta.get("experts") != expert_names:
+        raise StateError(
+            "optimizer checkpoint is for a different routing structure: "
+            f"{len(meta.get('modules', []))} modules x experts {meta.get('experts')} saved, "
+            f"{len(module_names)} modules x experts {expert_names} here"
+        )
+    if meta.get("score") != score:
+        raise StateError(f"checkpoint was saved with score={meta.get('score')!r}, this optimizer uses {score!r}")
+    try:
+        router = Router.from_bytes(base64.b64decode(meta["router"], validate=True))
+        ledger = Ledger.from_bytes(base64.b64decode(meta["ledger"], validate=True))
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, StateError):
+            raise
+        raise StateError(f"corrupt molf router state in checkpoint: {exc}") from exc
+    if (router.num_modules, router.num_experts) != (ledger.num_modules, ledger.num_experts) or (
+        router.num_modules,
+        router.num_experts,
+    ) != (len(module_names), len(expert_names)):
+        raise StateError("router and ledger state do not match this optimizer's routing structure")
+    if (router.policy == "heldout") != heldout:
+        raise StateError(
+            f"checkpoint was saved with routing policy {router.policy!r}; this optimizer "
+            + ("routes by held-out loss (heldout= given)" if heldout else "has no heldout=")
+        )
+    return router, ledger
+
+
+def check_saved_group(gi: int, mine: dict, saved: dict, saved_state: dict, *, heldout: bool, shrink: bool) -> None:
+    """Refuse (StateError) saved param group `gi` and its tensors' state where they do not
+    fit the live group `mine` (`heldout`: the optimizer has a held-out probe; `shrink`: the
+    checkpoint's ledger shrinks, so dense tensors carry their origin)."""
+    if mine["molf_role"] != saved.get("molf_role") or mine.get("molf_slots") != saved.get("molf_slots"):
+        raise StateError("optimizer checkpoint's param groups do not match this model's routing structure")
+    ids = saved.get("params")
+    if not isinstance(ids, list) or len(ids) != len(mine["params"]):
+        count = len(ids) if isinstance(ids, list) else ids
+        raise StateError(
+            f"checkpoint's param group {gi} holds {count} parameters, this optimizer's {len(mine['params'])}"
+        )
+    try:
+        check_group_values(saved, f"checkpoint's param group {gi}")
+    except ConfigError as exc:
+        raise StateError(str(exc)) from None
+    heldout = heldout and mine["molf_role"] != "plain"
+    origin = heldout and mine["molf_role"] == "dense" and shrink  # shrinkage as the checkpoint's ledger says
+    for k, (pid, p) in enumerate(zip(ids, mine["params"])):
+        if pid in saved_state:
+            tag = expert_tag(p)
+            where = (
+                f"checkpoint state of param group {gi} tensor {k}"
+                if tag is None
+                else (f"checkpoint state of {tag.module} ({tag.name} {tag.part})")
+            )
+            check_param_state(saved_state[pid], p, where, heldout=heldout, origin=origin)
+
+
+def recast_moments(
+    state: dict, saved_groups: list[dict], param_groups: list[dict], saved_state: dict, dtype_for: Callable
+) -> None:
+    """Undo torch's cast of loaded state to each parameter's dtype: the moments go back to
+    the state dtype the optimizer chose (`dtype_for(p)`), from the saved tensors."""
+    saved_ids = [i for g in saved_groups for i in g["params"]]
+    params = [p for g in param_groups for p in g["params"]]
+    for pid, p in zip(saved_ids, params):
+        saved = saved_state.get(pid)
+        if saved is None:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in saved:  # absent: a tensor held-out-measured before its first gradient
+                state[p][key] = saved[key].to(device=p.device, dtype=dtype_for(p), copy=True)
+
+
+def warn_settings_changed(changed: list[str]) -> None:
+    """Warn (at the caller of `load_state_dict`) that the checkpoint's routing settings,
+    `routing_settings_changed`'s list, replace the optimizer's."""
+    # The run resumes as it was saved: its router and ledger carry their settings.
+    warnings.warn(
+        "the checkpoint was saved with other routing settings than this optimizer was built with; "
+        "the checkpoint's are used (checkpoint / this optimizer's): " + "; ".join(changed),
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+class CheckedCheckpoint(NamedTuple):
+    """A saved state_dict checked against the live optimizer (`check_checkpoint`)."""
+
+    router: Router
+    ledger: Ledger
+    changed: list[str]  # routing settings the checkpoint's router and ledger carry otherwise
+    skipped: int
+    pending: np.ndarray | None
+    heldout_step: int
+    stripped: dict  # the state_dict without the molf meta, for torch's load_state_dict
+    saved_state: dict
+
+
+def check_checkpoint(
+    state_dict: Any,
+    param_groups: list[dict],
+    module_names: list[str],
+    expert_names: list[str],
+    score: str,
+    heldout: bool,
+    live: tuple[Router, Ledger],
+) -> CheckedCheckpoint:
+    """Check a saved state_dict against the live optimizer — routing structure and settings,
+    every group's values, every state tensor's keys and shape, the routing state — raising
+    StateError at the first mismatch (`heldout`: the optimizer has a held-out probe; `live`:
+    its router and ledger)."""
+    groups, saved_state, meta = split_state_dict(state_dict)
+    router, ledger = decode_meta(meta, module_names, expert_names, score, heldout)
+    changed = routing_settings_changed(live, (router, ledger))
+    skipped, pending, heldout_step = check_meta_fields(meta, (len(module_names), len(expert_names)), router.step)
+    if len(groups) != len(param_groups):
+        raise StateError(f"checkpoint has {len(groups)} param groups, this optimizer {len(param_groups)}")
+    stripped = dict(state_dict)
+    stripped["param_groups"] = [{k: v for k, v in g.items() if k != META_KEY} for g in groups]
+    shrink = ledger.heldout_shrink > 0
+    for gi, (mine, saved) in enumerate(zip(param_groups, stripped["param_groups"])):
+        check_saved_group(gi, mine, saved, saved_state, heldout=heldout, shrink=shrink)
+    return CheckedCheckpoint(router, ledger, changed, skipped, pending, heldout_step, stripped, saved_state)
+
+
+def is_state_init_step(ledger_step: int, scores: np.ndarray, param_groups: list[dict]) -> bool:
+    """Whether this is the step torch.distributed.checkpoint's `get_state_dict` runs on a
+    fresh optimizer to create its state (the first step, every lr 0, every gradient
+    zero): a checkpoint load replaces what it did, so it stays out of the routing log (and
+    does not start the log afresh under the run about to be resumed). A real first step
+    at lr 0 (a warm-up from 0) has non-zero gradients; the gradient check runs only once
+    the cheap conditions hold."""
+    return (
+        ledger_step == 1
+        and not np.any(scores)
+        and all(float(g["lr"]) == 0 for g in param_groups)
+        and all(p.grad is not None and not p.grad.any() for g in param_groups for p in g["params"] if p.requires_grad)
+    )

@@ -59,22 +59,17 @@ forwards run), multi-tensor writes.
 from __future__ import annotations
 
 import functools
-import math
-import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import distributed
 from ._core import ConfigError, Ledger, Router, StateError
+from ._expert_view import ExpertView
+from ._shrink import _copy, _Trial, spectral_shrink_b
 from .wrap import expert_tag
-
-if TYPE_CHECKING:
-    from .optimizer import MoLFAdamW
 
 __all__ = ["HeldoutProbe", "spectral_shrink_b", "LORA_ONLY_MIN_SPAN", "THETA_KEY", "GRAD_KEY", "ORIGIN_KEY"]
 
@@ -86,186 +81,43 @@ GRAD_KEY = "heldout_grad"
 ORIGIN_KEY = "heldout_origin"
 
 
-def spectral_shrink_b(b: torch.Tensor, a: torch.Tensor, delta: float) -> torch.Tensor:
-    """B' with B'·A = the product B·A with its singular values soft-thresholded by
-    δ x its largest, σ_j ← max(σ_j − δ σ_1, 0): the largest shrinks by the factor 1 − δ, as
-    scaling would shrink it, and every other by the same amount, so the weakest directions
-    vanish first (a nuclear-norm proximal step). B' = B + (ΔW' − ΔW) A⁺ = B − B T with T an
-    r x r matrix (`_shrink_transform`) from the Gram matrices BᵀB and A Aᵀ: no decomposition
-    of an out x r or r x in matrix, nor of the out x in product. Batched over leading
-    dimensions; b: (..., out, r), a: (..., r, in); float64 math, the result in b's dtype."""
-    b64, a64 = b.double(), a.double()
-    t = _shrink_transform(a64 @ a64.mT, b64.mT @ b64, delta, _rtol(b.dtype, a.shape[-2]))
-    return (b64 - b64 @ t).to(b.dtype)
-
-
-def _rtol(dtype: torch.dtype, rank: int) -> float:
-    """Relative cut-off under which a singular value of A counts as zero: torch.linalg.pinv's
-    in the dtype the math used to run in (rank x its eps; float32 for 16-bit tensors), but
-    never under what float64 Gram matrices resolve."""
-    work = torch.promote_types(dtype, torch.float32)
-    return rank * max(torch.finfo(work).eps, torch.finfo(torch.float64).eps ** 0.5)
-
-
-def _shrink_transform(ga: torch.Tensor, gb: torch.Tensor, delta: float, rtol: float) -> torch.Tensor:
-    """T (float64, batched r x r) such that B − B T is `spectral_shrink_b(B, A, δ)`, from
-    G_A = A Aᵀ and G_B = BᵀB.
-
-    With any S such that S Sᵀ = G_A, A = S Q for some Q with orthonormal rows on A's row
-    space, so B A = (B S) Q: the singular values and right singular vectors of the product
-    are those of D = B S, the eigen-pairs (σ², Z) of H = DᵀD = Sᵀ G_B S. Soft-thresholding
-    keeps D Z diag(s) Zᵀ, s = max(1 − τ/σ, 0), τ = δ σ_1, and B' = B − B S (I − Z diag(s) Zᵀ)
-    S⁺ = B + (ΔW' − ΔW) A⁺. S is the Cholesky factor of G_A (S⁺ = S⁻¹ by a triangular solve);
-    where A is rank-deficient (r > in, say) S = W Γ^½ from G_A's eigen-decomposition, with
-    the singular values under `rtol` x the largest taken as zero, as torch.linalg.pinv does.
-    B = 0 gives s = 0 and B' = B exactly; only σ > τ enter, which the Gram matrices resolve
-    to float64 precision."""
-    eye = torch.eye(ga.shape[-1], dtype=ga.dtype, device=ga.device)
-    s, info = torch.linalg.cholesky_ex(ga)
-    s_pinv = torch.linalg.solve_triangular(s, eye, upper=False)
-    diag = s.diagonal(dim1=-2, dim2=-1)
-    singular = (info != 0) | (diag <= rtol * diag.amax(-1, keepdim=True)).any(-1)
-    if singular.any():
-        gamma, w = torch.linalg.eigh(ga[singular])
-        sv = gamma.clamp_min(0).sqrt()
-        kept = sv > rtol * sv.amax(-1, keepdim=True)
-        s[singular] = w * torch.where(kept, sv, 0).unsqueeze(-2)
-        s_pinv[singular] = (w * torch.where(kept, 1 / sv, 0).unsqueeze(-2)).mT
-    lam, z = torch.linalg.eigh(s.mT @ gb @ s)
-    sv = lam.clamp_min(0).sqrt()
-    tau = delta * sv.amax(-1, keepdim=True)
-    keep = torch.where(sv > tau, 1 - tau / sv, 0)
-    return s @ (eye - (z * keep.unsqueeze(-2)) @ z.mT) @ s_pinv
-
-
-def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    if dst:  # (torch's foreach ops refuse empty lists)
-        torch._foreach_copy_(dst, src)
-
-
 class _Undo:
     """What a measurement may change, as it was before it began: the Router's and Ledger's
     bytes, `last_step`, every `.grad` (references: the measurement sets them None before its
     backward, which allocates new ones), which held-out state keys existed, the RNG states,
     and the saved values of the shrink trials not undone yet (`_shrink` appends them)."""
 
-    def __init__(self, opt: MoLFAdamW, probe: HeldoutProbe, params: list[torch.Tensor]) -> None:
-        self.router, self.ledger = opt.router.to_bytes(), opt.ledger.to_bytes()
+    def __init__(self, view: ExpertView, probe: HeldoutProbe, params: list[torch.Tensor]) -> None:
+        self.router, self.ledger = view.router.to_bytes(), view.ledger.to_bytes()
         self.last_step = probe.last_step
         self.grads = [p.grad for p in params]
         # Tensors without held-out state (or without any state): `_sums` creates it.
         self.keys = {
-            p: None if p not in opt.state else set(opt.state[p])
-            for _, p, _ in HeldoutProbe._expert_tensors(opt)
-            if THETA_KEY not in opt.state.get(p, ())
+            p: None if p not in view.state else set(view.state[p])
+            for _, p, _ in view.expert_tensors()
+            if THETA_KEY not in view.state.get(p, ())
         }
         self.rng = torch.get_rng_state()
         self.cuda_rng = {d: torch.cuda.get_rng_state(d) for d in {p.device for p in params if p.is_cuda}}
         self.weights: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
 
     @torch.no_grad()
-    def restore(self, opt: MoLFAdamW, probe: HeldoutProbe, params: list[torch.Tensor]) -> None:
+    def restore(self, view: ExpertView, probe: HeldoutProbe, params: list[torch.Tensor]) -> None:
         for local, saved in reversed(self.weights):
             _copy(local, saved)
         for p, keys in self.keys.items():
             if keys is None:
-                opt.state.pop(p, None)
+                view.state.pop(p, None)
             else:
-                for k in set(opt.state[p]) - keys:
-                    del opt.state[p][k]
+                for k in set(view.state[p]) - keys:
+                    del view.state[p][k]
         for p, g in zip(params, self.grads):
             p.grad = g
-        opt._router, opt._ledger = Router.from_bytes(self.router), Ledger.from_bytes(self.ledger)
+        view.restore_routing(Router.from_bytes(self.router), Ledger.from_bytes(self.ledger))
         probe.last_step = self.last_step
         torch.set_rng_state(self.rng)
         for d, state in self.cuda_rng.items():
             torch.cuda.set_rng_state(state, d)
-
-
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
-_STREAMS = threading.local()  # a worker thread's own CUDA stream, per device
-_PIECE = 4  # matrices per worker task
-
-
-def _start(fn: Callable[..., torch.Tensor], ga: torch.Tensor, gb: torch.Tensor, *args) -> Callable[[], torch.Tensor]:
-    """Start fn(ga, gb, *args), batched over the leading dimension, where ga is; the returned
-    function waits for the result. On CUDA in worker threads, `_PIECE` matrices per task, each
-    thread on its own stream: cuSOLVER's eigen-decomposition of a matrix larger than 32 x 32
-    is one synchronous call per matrix (~1.6 ms at r = 128 on an H100), so a few threads
-    overlap them, and the work overlaps the closure's forward on the main stream. On the CPU
-    at once (threads would compete for the cores MKL already uses)."""
-    if not ga.is_cuda:
-        out = fn(ga, gb, *args)
-        return lambda: out
-    main = torch.cuda.current_stream(ga.device)
-    ready = main.record_event()
-
-    def task(ga: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
-        streams = _STREAMS.__dict__
-        if ga.device not in streams:
-            streams[ga.device] = torch.cuda.Stream(ga.device)
-        stream = streams[ga.device]
-        with torch.cuda.stream(stream):
-            stream.wait_event(ready)
-            out = fn(ga, gb, *args)
-        out.record_stream(main)  # used, then freed, on the main stream
-        stream.synchronize()  # done when the task is (the inputs are freed after it)
-        return out
-
-    global _POOL
-    if _POOL is None or _POOL[0] != os.getpid():  # (a forked process has none of its parent's threads)
-        # torch loads its CUDA linear algebra on first use, not safely from several threads at
-        # once (pytorch/pytorch#90613): load it here.
-        torch.linalg.cholesky_ex(torch.ones(1, 1, dtype=ga.dtype, device=ga.device))
-        _POOL = os.getpid(), ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="molf-heldout")
-    tasks = [_POOL[1].submit(task, ga[j : j + _PIECE], gb[j : j + _PIECE]) for j in range(0, len(ga), _PIECE)]
-    return lambda: torch.cat([t.result() for t in tasks])
-
-
-class _Trial:
-    """One expert index's shrink trial (see `HeldoutProbe._shrink`) over its entries (parameter,
-    origin or None, LoRA A or None, inactive): dense tensors pulled by δ towards their origin,
-    LoRA B's scaled by 1 − δ (no A given) or spectrally shrunk. The spectral trial starts at
-    construction: per shape, one batched product for the Gram matrices, then the r x r
-    transforms (`_shrink_transform`, `_start`), so they run while the closure does; `apply`
-    computes B − B T."""
-
-    BATCH_BYTES = 1 << 28  # float64 copies of one batch of B's and A's at most (at least one pair)
-
-    def __init__(self, entries: list[tuple], delta: float) -> None:
-        self.delta = delta
-        groups: dict[tuple, list[int]] = {}
-        for i, (p, _, a, _) in enumerate(entries):
-            if a is not None:
-                groups.setdefault((tuple(p.shape), tuple(a.shape), p.dtype), []).append(i)
-        self.jobs: list[tuple[list[int], Callable[[], torch.Tensor]]] = []
-        for (b_shape, a_shape, dtype), idx in groups.items():
-            rtol = _rtol(dtype, a_shape[0])
-            per = max(1, self.BATCH_BYTES // (8 * (math.prod(b_shape) + math.prod(a_shape))))
-            for start in range(0, len(idx), per):
-                part = idx[start : start + per]
-                b, a = self._stack(entries, part, 0), self._stack(entries, part, 2)
-                self.jobs.append((part, _start(_shrink_transform, a @ a.mT, b.mT @ b, delta, rtol)))
-
-    @staticmethod
-    def _stack(entries: list[tuple], part: list[int], k: int) -> torch.Tensor:
-        """Entry k (the B's: 0, the A's: 2) of the entries `part`, whole, stacked in float64."""
-        return torch.stack([distributed.full(entries[i][k].detach()) for i in part]).double()
-
-    def apply(self, entries: list[tuple], local: list[torch.Tensor]) -> None:
-        """Write the trial's values into `local` (the entries' local tensors)."""
-        dense = [i for i, (_, origin, _, _) in enumerate(entries) if origin is not None]
-        if dense:  # θ + δ (origin − θ) = origin + (1 − δ)(θ − origin)
-            torch._foreach_lerp_([local[i] for i in dense], [entries[i][1] for i in dense], self.delta)
-        scaled = [local[i] for i, (_, origin, a, _) in enumerate(entries) if origin is None and a is None]
-        if scaled:
-            torch._foreach_mul_(scaled, 1 - self.delta)
-        for part, transform in self.jobs:
-            b = self._stack(entries, part, 0)
-            t = transform()
-            # Whole tensors: every rank computes the same result and keeps its own shard.
-            shrunk = (b - b @ t).to(entries[part[0]][0].dtype)
-            _copy([local[i] for i in part], [distributed.local_part(s, entries[i][0]) for i, s in zip(part, shrunk)])
 
 
 class HeldoutProbe:
@@ -283,10 +135,11 @@ class HeldoutProbe:
     def due(self, router_step: int) -> bool:
         return router_step - self.last_step >= self.every
 
-    def measure(self, opt: MoLFAdamW) -> None:
+    def measure(self, source: Any) -> None:
         """Shrink trials, then the held-out gradient, the window's realized descent and each
         expert's potential, then the Ledger's EMA and the Router's regate. Leaves every
-        `.grad` None.
+        `.grad` None. `source`: the optimizer (the probe works through the `ExpertView` its
+        `expert_view()` hands out), or such a view.
 
         All or nothing: on any exception (a KeyboardInterrupt, a CUDA out-of-memory error in
         the closure) the weights, the held-out state, every `.grad`, the Ledger, the Router,
@@ -294,13 +147,14 @@ class HeldoutProbe:
         shrunk weights), the exception propagates and the next step measures again. Nothing
         is copied for this but the Ledger's and Router's bytes and, until the measurement
         ends, the tensors of kept shrink trials (a trial already keeps those)."""
-        params = [p for g in opt.param_groups for p in g["params"]]
-        undo = _Undo(opt, self, params)
+        view: ExpertView = source if isinstance(source, ExpertView) else source.expert_view()
+        params = view.params()
+        undo = _Undo(view, self, params)
         commit = None
         try:
             for p in params:
                 p.grad = None
-            rebased = self._shrink(opt, undo) if opt.ledger.heldout_shrink > 0 else set()
+            rebased = self._shrink(view, undo) if view.ledger.heldout_shrink > 0 else set()
             with torch.enable_grad():
                 loss = self.loss_fn()
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
@@ -313,21 +167,21 @@ class HeldoutProbe:
                 # they are), except under FSDP2, whose sharded parameters are not graph leaves.
                 own = [p for p in params if p.requires_grad]
                 loss.backward(inputs=None if any(distributed.is_sharded(p) for p in own) else own)
-            window = opt.router.step - self.last_step
+            window = view.router.step - self.last_step
             remember: tuple[list, list] = ([], [])
-            descent, potential, moved = self._sums(opt, window, rebased, remember)
+            descent, potential, moved = self._sums(view, window, rebased, remember)
             if descent is not None:  # None: the first measurement, nothing moved under observation yet
-                opt.ledger.record_heldout(descent, moved)
-                opt.router.regate(opt.ledger.heldout_descent(), potential)
+                view.ledger.record_heldout(descent, moved)
+                view.router.regate(view.ledger.heldout_descent(), potential)
             # The commit: past this point an interrupt completes the measurement (the commit is
             # idempotent) instead of undoing it.
-            commit = functools.partial(self._commit, remember, params, opt.router.step)
+            commit = functools.partial(self._commit, remember, params, view.router.step)
             commit()
         except BaseException:
             if commit is not None:
                 commit()
             else:
-                undo.restore(opt, self, params)
+                undo.restore(view, self, params)
             raise
 
     @torch.no_grad()
@@ -346,7 +200,7 @@ class HeldoutProbe:
         return distributed.world_mean(float(loss.detach()))
 
     @torch.no_grad()
-    def _shrink(self, opt: MoLFAdamW, undo: _Undo) -> set[torch.Tensor]:
+    def _shrink(self, view: ExpertView, undo: _Undo) -> set[torch.Tensor]:
         """One shrink trial per expert index (see the module docstring): a dense expert's
         weight and bias scaled about where they started; a LoRA expert's B rewritten so that
         its product's spectrum is soft-thresholded (a ledger saved before format version 6:
@@ -354,17 +208,17 @@ class HeldoutProbe:
         experts that a kept trial moved: the window counts them as not moved (an inactive
         expert has not moved since the last measurement; its record takes in training movement
         only, and its span pauses)."""
-        delta = opt.ledger.heldout_shrink
-        spectral = opt.ledger.shrink_spectral
-        E = opt._shape[1]
-        active = opt.router.incumbents().reshape(-1)
-        lora_a = {slot: p for _, p, slot in self._expert_tensors(opt) if spectral and expert_tag(p).part == "A"}
+        delta = view.ledger.heldout_shrink
+        spectral = view.ledger.shrink_spectral
+        E = view.shape[1]
+        active = view.router.incumbents().reshape(-1)
+        lora_a = {slot: p for _, p, slot in view.expert_tensors() if spectral and expert_tag(p).part == "A"}
         # Per expert index: (parameter, its origin (dense; None: LoRA's B), its LoRA A (None:
         # dense), whether its expert is inactive and measured before).
         by_expert: list[list[tuple]] = [[] for _ in range(E)]
-        for _, p, slot in self._expert_tensors(opt):
+        for _, p, slot in view.expert_tensors():
             tag = expert_tag(p)
-            state = opt.state.get(p, {})
+            state = view.state.get(p, {})
             inactive = not active[slot] and THETA_KEY in state
             if tag.kind == "dense":
                 if THETA_KEY not in state:  # no state yet: it has not moved
@@ -387,7 +241,7 @@ class HeldoutProbe:
             undo.weights.append((local, saved))  # before the trial writes: an exception restores them
             trial.apply(entries, local)
             value = self._value()
-            if opt.ledger.record_shrink(e, base, value):
+            if view.ledger.record_shrink(e, base, value):
                 base = value  # kept; `undo` keeps its saved values until the measurement ends
                 rebased.update(p for p, _, _, inactive in entries if inactive)
             else:
@@ -395,27 +249,18 @@ class HeldoutProbe:
                 undo.weights.pop()
         return rebased
 
-    @staticmethod
-    def _expert_tensors(opt: MoLFAdamW):
-        """(group, parameter, its (module, expert) slot) of every routed expert tensor."""
-        for group in opt.param_groups:
-            if group["molf_role"] != "plain":
-                for p, slot in zip(group["params"], group["molf_slots"]):
-                    if expert_tag(p) is not None:
-                        yield group, p, slot
-
     @torch.no_grad()
-    def _sums(self, opt: MoLFAdamW, window: int, rebased: set[torch.Tensor], remember: tuple[list, list]):
+    def _sums(self, view: ExpertView, window: int, rebased: set[torch.Tensor], remember: tuple[list, list]):
         """Per (module, expert): realized descent per step, potential, and whether it moved
         ((None, None, None) at the first measurement: only remember). Appends to `remember`
         what `_commit` copies into the held-out state (destinations, sources); writes nothing
         but the held-out keys of a tensor that has none yet. Tensors of one size and device
         are summed together (`_batch_sums`); one device-to-host transfer."""
-        shrink = opt.ledger.heldout_shrink > 0
+        shrink = view.ledger.heldout_shrink > 0
         dst, src = remember
         batches: dict[tuple, list[tuple]] = {}
-        for group, p, slot in self._expert_tensors(opt):
-            state = opt.state[p]
+        for group, p, slot in view.expert_tensors():
+            state = view.state[p]
             theta = distributed.to_local(p.detach())
             grad = self._grad(p, theta)
             if self.last_step:
@@ -443,7 +288,7 @@ class HeldoutProbe:
             src += [theta, grad]
         if not self.last_step:  # nothing moved under observation yet
             return None, None, None
-        M, E = opt._shape
+        M, E = view.shape
         slots: list[int] = []
         rows: list[torch.Tensor] = []
         for (numel, device, _), items in batches.items():
@@ -453,7 +298,7 @@ class HeldoutProbe:
                 slots += [item[0] for item in part]
                 rows.append(self._batch_sums(part))
         flat = torch.cat([r.to(rows[0].device) for r in rows])
-        group = opt._score_group()
+        group = view.score_group()
         if group is not None:  # FSDP2: the shards' partial sums add up to the whole tensor's
             torch.distributed.all_reduce(flat, group=group)
         host = flat.cpu().numpy()

@@ -207,3 +207,15 @@ def read_routing_log(path: str | os.PathLike) -> Iterator[dict]:
             if not line.endswith("\n"):
                 break
             yield json.loads(line)
+
+
+def phase_of_last_step(router) -> str:
+    """The routing phase of the step `router` just routed."""
+    # The router's `phase` is that of its next call; the step just routed was call step-1.
+    s = router.step - 1
+    r = router
+    if s < r.warmup_steps:
+        return "warmup"
+    if r.freeze_after is not None and s >= r.freeze_after:
+        return "frozen"
+    return "routing"
