@@ -23,7 +23,8 @@ expert's update, the product s·B·A, has its singular values soft-thresholded,
 largest shrinks by 1 − δ as under scaling, the others by the same amount, so
 the weakest directions — where a low-rank update fits the training set's noise
 — vanish first; a nuclear-norm proximal step towards a lower rank.
-(`heldout_shrink_spectral=False` scales the product by 1 − δ instead.) The held-out data chooses the strength per expert:
+(`heldout_shrink_spectral=False` scales the product by 1 − δ instead.)
+The held-out data chooses the strength per expert:
 where an expert's update fits noise (little data, noisy labels), it shrinks
 window after window while the other expert goes on learning; where it helps,
 nothing is kept. A kept trial that shrinks a dropped expert does not count as
