@@ -357,7 +357,7 @@ LOCKSTEP = {
 }
 
 
-# held-out shrinkage off, the default (LoRA spectral) and LoRA scaled (format version 5)
+# held-out shrinkage off, the default (LoRA spectral) and LoRA scaled
 @pytest.mark.parametrize("shrink,spectral", [(0.0, True), (0.1, True), (0.1, False)])
 @pytest.mark.parametrize("horizon", [0.0, 0.4])  # 0: the fixed decay; 0.4: it grows from window 6 on
 @pytest.mark.parametrize("case", list(LOCKSTEP))
@@ -1085,8 +1085,8 @@ def test_shrink_refused_leaves_the_run_bitwise_and_kept_pulls_towards_the_start(
 
 
 def test_checkpoint_without_shrinkage_resumes_without_it():
-    """A checkpoint's ledger decides (one saved with heldout_shrink=0, as every checkpoint
-    before format version 5, continues without trials)."""
+    """A checkpoint's ledger decides (one saved with heldout_shrink=0 continues without
+    trials)."""
     model = make_net((2,), True)
     saved = molf.MoLFAdamW(model, lr=3e-2, heldout=shifted_heldout(model), heldout_every=4, heldout_shrink=0.0)
     train(model, saved, range(1, 9))
@@ -1144,7 +1144,7 @@ def test_spectral_shrink_soft_thresholds_the_product(out, r, inp):
 
 def test_checkpoint_decides_how_lora_is_shrunk():
     """The ledger carries the kind of LoRA shrink trial: a checkpoint saved with
-    heldout_shrink_spectral=False (as every checkpoint of format version 5 loads) resumes
+    heldout_shrink_spectral=False resumes
     scaling, bitwise as the uninterrupted run; spectral trials give another run."""
 
     def opt_for(model, **kw):

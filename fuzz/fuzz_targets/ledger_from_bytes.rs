@@ -35,14 +35,14 @@ fn check(data: &[u8]) {
             // overflow it.
             let moved: Vec<bool> = (0..n).map(|i| i % 2 == 0).collect();
             if ledger.record_heldout(&vec![0.5; n], &moved).is_ok() {
-                let windows = ledger.heldout_windows();
-                assert!(ledger.heldout_span().iter().all(|&s| s <= windows));
+                let windows = ledger.heldout().windows();
+                assert!(ledger.heldout().span().iter().all(|&s| s <= windows));
             }
             // A shrink trial on a decoded ledger never overflows its counters, and the kept
             // ones never outnumber the trials.
-            if ledger.heldout_shrink() > 0.0 {
+            if ledger.heldout().shrink() > 0.0 {
                 let _ = ledger.record_shrink(0, 1.0, 0.5);
-                assert!(ledger.shrinks().iter().zip(ledger.shrink_trials()).all(|(k, t)| k <= t));
+                assert!(ledger.heldout().shrinks().iter().zip(ledger.heldout().shrink_trials()).all(|(k, t)| k <= t));
             }
         }
     }

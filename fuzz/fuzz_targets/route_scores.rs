@@ -12,27 +12,20 @@ fuzz_target!(|data: &[u8]| {
     let Some((head, body)) = data.split_first_chunk::<16>() else {
         return;
     };
+    let (k, min_dwell) = (1 + u64::from(head[2] % 9), u64::from(head[5] % 4));
     let policy = match head[3] % 3 {
-        0 => Policy::TopK,
-        1 => Policy::Hysteresis,
-        _ => Policy::Heldout,
+        0 => Policy::TopK { k },
+        1 => Policy::Hysteresis {
+            k,
+            margin: f64::from(head[4]) / 32.0,
+            min_dwell,
+        },
+        _ => Policy::Heldout { k, min_dwell },
     };
-    let hysteresis = policy == Policy::Hysteresis;
     let config = RouterConfig {
         num_modules: 1 + u64::from(head[0] % 8),
         num_experts: 1 + u64::from(head[1] % 8),
-        topk: 1 + u64::from(head[2] % 9),
         policy,
-        margin: if hysteresis {
-            f64::from(head[4]) / 32.0
-        } else {
-            0.0
-        },
-        min_dwell: if policy == Policy::TopK {
-            0
-        } else {
-            u64::from(head[5] % 4)
-        },
         warmup_steps: u64::from(head[6] % 3),
         freeze_after: (head[7] & 1 == 1)
             .then(|| u64::from(head[6] % 3) + 1 + u64::from(head[8] % 6)),
@@ -73,17 +66,17 @@ fuzz_target!(|data: &[u8]| {
             if phase == Phase::Warmup {
                 continue;
             }
-            if policy == Policy::Heldout {
+            if policy.is_heldout() {
                 assert!(win.iter().zip(inc).all(|(&w, &i)| !w || i));
             } else {
-                assert!(win.iter().filter(|&&w| w).count() as u64 <= config.topk);
+                assert!(win.iter().filter(|&&w| w).count() as u64 <= k);
             }
         }
         if i % 2 == 1 {
             ledger.record_heldout(&scores, &out).unwrap();
             let potential: Vec<f64> = scores.iter().map(|x| -x).collect();
-            let regated = router.regate(&ledger.heldout_descent(), &potential);
-            assert_eq!(regated.is_ok(), policy == Policy::Heldout);
+            let regated = router.regate(&ledger.heldout().descent(), &potential);
+            assert_eq!(regated.is_ok(), policy.is_heldout());
         }
     }
     assert_eq!(Ledger::from_bytes(&ledger.to_bytes()).unwrap(), ledger);

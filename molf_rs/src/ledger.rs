@@ -1,8 +1,10 @@
 //! The ledger: per-module, per-expert bookkeeping of scores and routing decisions, plus a
-//! running checksum of the decision history so distributed ranks can check they agree.
+//! running checksum of the decision history so distributed ranks can check they agree. The
+//! held-out record it also keeps lives in [`crate::heldout`].
 
 use crate::error::{filled, Error, Result};
-use crate::router::{Score, MAX_ENTRIES, MAX_STEP};
+use crate::heldout::{check_unit, Heldout, HeldoutParts};
+use crate::router::{check_shape, Score, MAX_STEP};
 use crate::serial::Fnv1a;
 
 #[derive(Debug, Clone)]
@@ -24,49 +26,8 @@ pub struct Ledger {
     no_winner: Vec<u64>,
     /// Row-major; the last non-empty mask row of each module (all false before one).
     last_mask: Vec<bool>,
-    /// Decay of `heldout_ema` per held-out window; with a horizon, its floor.
-    heldout_decay: f64,
-    /// Fraction of each expert's span (`heldout_span`) that its held-out EMA averages over
-    /// (0: the fixed `heldout_decay`); see `record_heldout`.
-    heldout_horizon: f64,
-    /// Held-out windows recorded.
-    heldout_windows: u64,
-    /// Row-major: EMA of each expert's held-out loss decrease per step over the windows in
-    /// which it moved; NaN until the first.
-    heldout_ema: Vec<f64>,
-    /// Row-major: the number of consecutive windows, up to the last one, in which each
-    /// expert moved (0 after a window in which it did not); see `record_heldout`.
-    heldout_span: Vec<u64>,
-    /// The span an expert's record needs before it can drop the expert: until then its
-    /// `heldout_descent` is NaN (not judged yet); see `heldout_descent`.
-    heldout_min_span: u64,
-    /// Fraction by which a held-out shrink trial scales an expert's update back (0: no
-    /// trials); see `record_shrink`.
-    heldout_shrink: f64,
-    /// Per expert: shrink trials recorded, and how many of them were kept.
-    shrink_trials: Vec<u64>,
-    shrinks: Vec<u64>,
-    /// How a shrink trial shrinks a LoRA expert's product s·B·A (the tensor side applies
-    /// it): true soft-thresholds its singular values by `heldout_shrink` × the largest (a
-    /// nuclear-norm proximal step), false scales it by 1 − `heldout_shrink`.
-    shrink_spectral: bool,
+    heldout: Heldout,
 }
-
-/// Default held-out shrink: a trial scales an expert's update since the start by 0.9.
-pub const DEFAULT_HELDOUT_SHRINK: f64 = 0.1;
-
-/// Default LoRA shrink trial: spectral (see `Ledger::shrink_spectral`).
-pub const DEFAULT_SHRINK_SPECTRAL: bool = true;
-
-/// Default decay of the held-out EMA: a window's measurement counts as much as all before.
-pub const DEFAULT_HELDOUT_DECAY: f64 = 0.5;
-
-/// Default held-out horizon: the EMA averages about the last quarter of the run.
-pub const DEFAULT_HELDOUT_HORIZON: f64 = 0.25;
-
-/// Default minimum span: an expert's record judges it from the first window (the Python
-/// optimizer asks for 10 where a module has LoRA experts only; see `heldout_descent`).
-pub const DEFAULT_HELDOUT_MIN_SPAN: u64 = 0;
 
 /// Everything `Ledger::from_parts` needs; mirrors the serialised payload.
 #[derive(Debug, Clone)]
@@ -83,16 +44,7 @@ pub struct LedgerParts {
     pub last_switch_step: Vec<i64>,
     pub no_winner: Vec<u64>,
     pub last_mask: Vec<bool>,
-    pub heldout_decay: f64,
-    pub heldout_horizon: f64,
-    pub heldout_windows: u64,
-    pub heldout_ema: Vec<f64>,
-    pub heldout_span: Vec<u64>,
-    pub heldout_min_span: u64,
-    pub heldout_shrink: f64,
-    pub shrink_trials: Vec<u64>,
-    pub shrinks: Vec<u64>,
-    pub shrink_spectral: bool,
+    pub heldout: HeldoutParts,
 }
 
 /// Aggregates for logs; see `Ledger::summary`.
@@ -126,16 +78,7 @@ impl PartialEq for Ledger {
             && self.last_switch_step == other.last_switch_step
             && self.no_winner == other.no_winner
             && self.last_mask == other.last_mask
-            && self.heldout_decay.to_bits() == other.heldout_decay.to_bits()
-            && self.heldout_horizon.to_bits() == other.heldout_horizon.to_bits()
-            && self.heldout_windows == other.heldout_windows
-            && bits(&self.heldout_ema) == bits(&other.heldout_ema)
-            && self.heldout_span == other.heldout_span
-            && self.heldout_min_span == other.heldout_min_span
-            && self.heldout_shrink.to_bits() == other.heldout_shrink.to_bits()
-            && self.shrink_trials == other.shrink_trials
-            && self.shrinks == other.shrinks
-            && self.shrink_spectral == other.shrink_spectral
+            && self.heldout == other.heldout
     }
 }
 
@@ -147,36 +90,8 @@ fn validate_config(num_modules: u64, num_experts: u64, ema_decay: f64) -> Result
     if num_experts < 1 {
         return cfg(format!("num_experts must be >= 1, got {num_experts}"));
     }
-    if num_modules
-        .checked_mul(num_experts)
-        .is_none_or(|n| n > MAX_ENTRIES)
-    {
-        return cfg(format!(
-            "num_modules * num_experts must be <= {MAX_ENTRIES}, got {num_modules} * {num_experts}"
-        ));
-    }
+    check_shape(num_modules, num_experts)?;
     check_unit("ema_decay", ema_decay)
-}
-
-/// Checks a minimum span: a window count, at most `MAX_STEP`.
-fn check_min_span(min_span: u64) -> Result<()> {
-    if min_span > MAX_STEP {
-        return Err(Error::Config(format!(
-            "heldout_min_span must be <= {MAX_STEP}, got {min_span}"
-        )));
-    }
-    Ok(())
-}
-
-/// Checks a decay or horizon: in [0, 1).
-fn check_unit(name: &str, value: f64) -> Result<()> {
-    // Written so that NaN fails too.
-    if !(0.0..1.0).contains(&value) {
-        return Err(Error::Config(format!(
-            "{name} must be in [0, 1), got {value}"
-        )));
-    }
-    Ok(())
 }
 
 impl Ledger {
@@ -196,50 +111,38 @@ impl Ledger {
             last_switch_step: filled(m, -1, "last_switch_step")?,
             no_winner: filled(m, 0, "no_winner")?,
             last_mask: filled(m * e, false, "last_mask")?,
-            heldout_decay: DEFAULT_HELDOUT_DECAY,
-            heldout_horizon: DEFAULT_HELDOUT_HORIZON,
-            heldout_windows: 0,
-            heldout_ema: filled(m * e, f64::NAN, "heldout_ema")?,
-            heldout_span: filled(m * e, 0, "heldout_span")?,
-            heldout_min_span: DEFAULT_HELDOUT_MIN_SPAN,
-            heldout_shrink: DEFAULT_HELDOUT_SHRINK,
-            shrink_trials: filled(e, 0, "shrink_trials")?,
-            shrinks: filled(e, 0, "shrinks")?,
-            shrink_spectral: DEFAULT_SHRINK_SPECTRAL,
+            heldout: Heldout::new(m * e, e)?,
         })
     }
 
-    /// The same ledger with another kind of LoRA shrink trial (see `shrink_spectral`).
+    /// The same ledger with another kind of LoRA shrink trial (see
+    /// [`Heldout::shrink_spectral`]).
     pub fn with_shrink_spectral(mut self, spectral: bool) -> Self {
-        self.shrink_spectral = spectral;
+        self.heldout.set_shrink_spectral(spectral);
         self
     }
 
     /// The same ledger with another held-out shrink fraction (see `record_shrink`).
     pub fn with_heldout_shrink(mut self, shrink: f64) -> Result<Self> {
-        check_unit("heldout_shrink", shrink)?;
-        self.heldout_shrink = shrink;
+        self.heldout.set_shrink(shrink)?;
         Ok(self)
     }
 
     /// The same ledger with another decay for the held-out EMA.
     pub fn with_heldout_decay(mut self, decay: f64) -> Result<Self> {
-        check_unit("heldout_decay", decay)?;
-        self.heldout_decay = decay;
+        self.heldout.set_decay(decay)?;
         Ok(self)
     }
 
     /// The same ledger with another horizon for the held-out EMA (see `record_heldout`).
     pub fn with_heldout_horizon(mut self, horizon: f64) -> Result<Self> {
-        check_unit("heldout_horizon", horizon)?;
-        self.heldout_horizon = horizon;
+        self.heldout.set_horizon(horizon)?;
         Ok(self)
     }
 
-    /// The same ledger with another minimum span (see `heldout_descent`).
+    /// The same ledger with another minimum span (see [`Heldout::descent`]).
     pub fn with_heldout_min_span(mut self, min_span: u64) -> Result<Self> {
-        check_min_span(min_span)?;
-        self.heldout_min_span = min_span;
+        self.heldout.set_min_span(min_span)?;
         Ok(self)
     }
 
@@ -256,8 +159,6 @@ impl Ledger {
             p.ema.len(),
             p.wins.len(),
             p.last_mask.len(),
-            p.heldout_ema.len(),
-            p.heldout_span.len(),
             p.switches.len() * e,
             p.last_switch_step.len() * e,
             p.no_winner.len() * e,
@@ -268,42 +169,7 @@ impl Ledger {
         if p.step > MAX_STEP {
             return state(format!("ledger step {} exceeds {MAX_STEP}", p.step));
         }
-        if let Err(e) = check_unit("heldout_decay", p.heldout_decay)
-            .and_then(|()| check_unit("heldout_horizon", p.heldout_horizon))
-            .and_then(|()| check_unit("heldout_shrink", p.heldout_shrink))
-            .and_then(|()| check_min_span(p.heldout_min_span))
-        {
-            return state(format!("invalid ledger configuration in state: {e}"));
-        }
-        if p.heldout_windows > MAX_STEP
-            || (p.heldout_windows == 0 && p.heldout_ema.iter().any(|x| !x.is_nan()))
-            || p.heldout_ema.iter().any(|x| x.is_infinite())
-        {
-            return state(format!(
-                "held-out EMA is inconsistent with {} recorded windows (or not finite)",
-                p.heldout_windows
-            ));
-        }
-        if let Some(span) = p.heldout_span.iter().find(|&&s| s > p.heldout_windows) {
-            return state(format!(
-                "held-out span {span} exceeds the {} recorded windows",
-                p.heldout_windows
-            ));
-        }
-        if p.shrink_trials.len() != e || p.shrinks.len() != e {
-            return state(format!("ledger shrink counters do not match {e} experts"));
-        }
-        let trials_ok = p
-            .shrink_trials
-            .iter()
-            .zip(&p.shrinks)
-            .all(|(&t, &k)| k <= t && t <= MAX_STEP);
-        if !trials_ok || (p.heldout_shrink == 0.0 && p.shrink_trials.iter().any(|&t| t > 0)) {
-            return state(format!(
-                "held-out shrink counters are inconsistent (shrink {}, trials {:?}, kept {:?})",
-                p.heldout_shrink, p.shrink_trials, p.shrinks
-            ));
-        }
+        let heldout = Heldout::from_parts(p.heldout, m, e)?;
         if p.step == 0
             && (p.checksum != 0 || p.last_scores.iter().chain(&p.ema).any(|x| !x.is_nan()))
         {
@@ -350,66 +216,20 @@ impl Ledger {
             last_switch_step: p.last_switch_step,
             no_winner: p.no_winner,
             last_mask: p.last_mask,
-            heldout_decay: p.heldout_decay,
-            heldout_horizon: p.heldout_horizon,
-            heldout_windows: p.heldout_windows,
-            heldout_ema: p.heldout_ema,
-            heldout_span: p.heldout_span,
-            heldout_min_span: p.heldout_min_span,
-            heldout_shrink: p.heldout_shrink,
-            shrink_trials: p.shrink_trials,
-            shrinks: p.shrinks,
-            shrink_spectral: p.shrink_spectral,
+            heldout,
         })
     }
 
-    /// Decides one held-out shrink trial of `expert`: `base` is the held-out loss as the
-    /// parameters are, `trial` the loss with the expert's update since the start shrunk
-    /// (its dense weights' distance from where training began scaled by
-    /// 1 − `heldout_shrink`; its LoRA product's singular values soft-thresholded by
-    /// `heldout_shrink` × the largest, or with `shrink_spectral` false scaled like the
-    /// dense update). The shrunk update is kept when it lowers the loss: a pull towards
-    /// the starting point (towards a lower rank, for LoRA) whose strength the held-out data
-    /// chooses, one expert at a time. A NaN on either side keeps the update as it is.
+    /// Decides one held-out shrink trial of `expert` (see [`Heldout::record_shrink`]):
+    /// true when the shrunk update is to be kept.
     pub fn record_shrink(&mut self, expert: usize, base: f64, trial: f64) -> Result<bool> {
-        if self.heldout_shrink == 0.0 {
-            return Err(Error::Config(
-                "heldout_shrink is 0: there are no shrink trials".into(),
-            ));
-        }
-        if expert >= self.num_experts {
-            return Err(Error::Config(format!(
-                "expert {expert} out of range for {} experts",
-                self.num_experts
-            )));
-        }
-        if self.shrink_trials[expert] >= MAX_STEP {
-            return Err(Error::State(format!("shrink trials exceed {MAX_STEP}")));
-        }
-        let keep = trial < base;
-        self.shrink_trials[expert] += 1;
-        self.shrinks[expert] += u64::from(keep);
-        Ok(keep)
+        self.heldout.record_shrink(expert, base, trial)
     }
 
-    /// Records one held-out window: `descent` (row-major `[modules × experts]`) is each
-    /// expert's held-out loss decrease per step over the window, `moved` whether the expert
-    /// was active in it. The EMA takes the finite values of experts that moved; the others
-    /// keep their estimate (a frozen expert's last measurement stands until it moves again).
-    ///
-    /// The decay of an entry is `heldout_decay` when `heldout_horizon` h is 0, else
-    /// `max(heldout_decay, 1 − a/n)` with a = 1/h − 1, where n is the entry's span: the
-    /// number of consecutive windows, this one included, in which the expert moved (it
-    /// counts per expert from its last pause; an expert that moved in every window has
-    /// n = the window count). Late in a long run one window's change is noise around a small
-    /// drift, and the noise of an average over a span shrinks like 1/span, so the span grows
-    /// with the run: window k enters with weight a/k and has shrunk by about (k/n)^a at
-    /// window n, a weight of about (a/n)(k/n)^(a−1), so the EMA's mean age is about h × n
-    /// (h = 0.25: the last quarter of the run), never shorter than the fixed decay gives.
-    /// The span restarts after a pause so that a re-admitted expert's EMA is not held to the
-    /// long record that got it dropped. h = 0 is the fixed decay of format version 2.
+    /// Records one held-out window (see [`Heldout::record`]): `descent` and `moved` are
+    /// row-major `[modules × experts]`.
     pub fn record_heldout(&mut self, descent: &[f64], moved: &[bool]) -> Result<()> {
-        let n = self.heldout_ema.len();
+        let n = self.last_scores.len();
         if descent.len() != n || moved.len() != n {
             return Err(Error::Score(format!(
                 "descent and moved must have {} x {} = {n} entries, got {} and {}",
@@ -419,35 +239,7 @@ impl Ledger {
                 moved.len()
             )));
         }
-        if self.heldout_windows >= MAX_STEP {
-            return Err(Error::Internal(format!(
-                "held-out window counter reached {MAX_STEP}"
-            )));
-        }
-        let (floor, h) = (self.heldout_decay, self.heldout_horizon);
-        let entries = self
-            .heldout_ema
-            .iter_mut()
-            .zip(&mut self.heldout_span)
-            .zip(descent.iter().zip(moved));
-        for ((ema, span), (&x, &m)) in entries {
-            // Bounded by heldout_windows (< MAX_STEP, checked above): no overflow.
-            *span = if m { *span + 1 } else { 0 };
-            if m && x.is_finite() {
-                let d = if h == 0.0 {
-                    floor
-                } else {
-                    floor.max(1.0 - (1.0 / h - 1.0) / *span as f64)
-                };
-                *ema = if ema.is_nan() {
-                    x
-                } else {
-                    d * *ema + (1.0 - d) * x
-                };
-            }
-        }
-        self.heldout_windows += 1;
-        Ok(())
+        self.heldout.record(descent, moved)
     }
 
     /// Records one step's scores and winner mask (both row-major `[modules × experts]`).
@@ -584,57 +376,9 @@ impl Ledger {
     pub fn last_mask(&self) -> &[bool] {
         &self.last_mask
     }
-    pub fn heldout_decay(&self) -> f64 {
-        self.heldout_decay
-    }
-    pub fn heldout_horizon(&self) -> f64 {
-        self.heldout_horizon
-    }
-    pub fn heldout_windows(&self) -> u64 {
-        self.heldout_windows
-    }
-    pub fn heldout_ema(&self) -> &[f64] {
-        &self.heldout_ema
-    }
-    pub fn heldout_span(&self) -> &[u64] {
-        &self.heldout_span
-    }
-    pub fn heldout_min_span(&self) -> u64 {
-        self.heldout_min_span
-    }
-
-    /// Each expert's held-out record as `Router::regate` judges it (row-major
-    /// `[modules × experts]`): its EMA once its span has reached `heldout_min_span`
-    /// windows, NaN (not judged yet: an active expert stays) before. So a drop needs a
-    /// record of that many windows since the start or the expert's last return, and a
-    /// returning expert stays at least that long: a first fit can raise the held-out loss
-    /// and still pay off (why: docs/algorithm.md, "Minimum span"); 0 judges from the first
-    /// window (format versions 1 to 6).
-    pub fn heldout_descent(&self) -> Vec<f64> {
-        self.heldout_ema
-            .iter()
-            .zip(&self.heldout_span)
-            .map(|(&x, &span)| {
-                if span >= self.heldout_min_span {
-                    x
-                } else {
-                    f64::NAN
-                }
-            })
-            .collect()
-    }
-    pub fn heldout_shrink(&self) -> f64 {
-        self.heldout_shrink
-    }
-    pub fn shrink_trials(&self) -> &[u64] {
-        &self.shrink_trials
-    }
-    pub fn shrinks(&self) -> &[u64] {
-        &self.shrinks
-    }
-    /// How a shrink trial shrinks a LoRA expert's product: spectrally (true) or by scaling.
-    pub fn shrink_spectral(&self) -> bool {
-        self.shrink_spectral
+    /// The held-out record (policy heldout's measurements and the shrink books).
+    pub fn heldout(&self) -> &Heldout {
+        &self.heldout
     }
 
     /// The state as `from_parts` takes it (tests build variants of a ledger from it).
@@ -653,16 +397,7 @@ impl Ledger {
             last_switch_step: self.last_switch_step.clone(),
             no_winner: self.no_winner.clone(),
             last_mask: self.last_mask.clone(),
-            heldout_decay: self.heldout_decay,
-            heldout_horizon: self.heldout_horizon,
-            heldout_windows: self.heldout_windows,
-            heldout_ema: self.heldout_ema.clone(),
-            heldout_span: self.heldout_span.clone(),
-            heldout_min_span: self.heldout_min_span,
-            heldout_shrink: self.heldout_shrink,
-            shrink_trials: self.shrink_trials.clone(),
-            shrinks: self.shrinks.clone(),
-            shrink_spectral: self.shrink_spectral,
+            heldout: self.heldout.parts(),
         }
     }
 }
@@ -681,6 +416,9 @@ pub fn decision_checksum(prev: u64, step: u64, mask: &[bool]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::heldout::{
+        DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN, DEFAULT_HELDOUT_SHRINK,
+    };
 
     #[test]
     fn records_counts_switches_and_ema() {
@@ -719,14 +457,14 @@ mod tests {
             .unwrap();
         l.record_heldout(&[1.0, 2.0, f64::NAN], &[true, false, true])
             .unwrap();
-        assert_eq!(l.heldout_ema()[0], 1.0);
-        assert!(l.heldout_ema()[1].is_nan() && l.heldout_ema()[2].is_nan());
+        assert_eq!(l.heldout().ema()[0], 1.0);
+        assert!(l.heldout().ema()[1].is_nan() && l.heldout().ema()[2].is_nan());
         l.record_heldout(&[-3.0, 4.0, f64::INFINITY], &[true, true, true])
             .unwrap();
-        assert_eq!(l.heldout_ema()[0], 0.25 * 1.0 + 0.75 * -3.0);
-        assert_eq!(l.heldout_ema()[1], 4.0);
-        assert!(l.heldout_ema()[2].is_nan());
-        assert_eq!(l.heldout_windows(), 2);
+        assert_eq!(l.heldout().ema()[0], 0.25 * 1.0 + 0.75 * -3.0);
+        assert_eq!(l.heldout().ema()[1], 4.0);
+        assert!(l.heldout().ema()[2].is_nan());
+        assert_eq!(l.heldout().windows(), 2);
         assert!(matches!(
             l.record_heldout(&[1.0], &[true]),
             Err(Error::Score(_))
@@ -764,7 +502,7 @@ mod tests {
             .enumerate()
             .map(|(i, &x)| {
                 l.record_heldout(&[x, x], &[true, i % 2 == 0]).unwrap();
-                [l.heldout_ema()[0], l.heldout_ema()[1]]
+                [l.heldout().ema()[0], l.heldout().ema()[1]]
             })
             .collect()
     }
@@ -776,7 +514,7 @@ mod tests {
     #[test]
     fn heldout_horizon_grows_the_span_above_the_floor() {
         let mut l = Ledger::new(1, 2, 0.9).unwrap();
-        assert_eq!(l.heldout_horizon(), DEFAULT_HELDOUT_HORIZON);
+        assert_eq!(l.heldout().horizon(), DEFAULT_HELDOUT_HORIZON);
         let got = heldout_run(&mut l, &XS);
         // h = 0.25: a = 3, so windows 1..=6 use the floor 0.5, window 7 uses 4/7, 12 uses 3/4.
         let want = heldout_by_hand(&XS, |n| f64::max(0.5, 1.0 - 3.0 / n));
@@ -789,9 +527,9 @@ mod tests {
             got[7][1], got[6][1],
             "window 8 leaves the resting expert alone"
         );
-        assert_eq!(l.heldout_windows(), 12);
+        assert_eq!(l.heldout().windows(), 12);
         // The second expert paused in window 12, after moving in window 11.
-        assert_eq!(l.heldout_span(), [12, 0]);
+        assert_eq!(l.heldout().span(), [12, 0]);
     }
 
     #[test]
@@ -800,34 +538,34 @@ mod tests {
             .unwrap()
             .with_heldout_min_span(2)
             .unwrap();
-        assert_eq!(l.heldout_min_span(), 2);
+        assert_eq!(l.heldout().min_span(), 2);
         let nan = |v: Vec<f64>| v.iter().map(|x| x.is_nan()).collect::<Vec<_>>();
         // Nothing recorded: every entry NaN, whatever the span asks.
-        assert_eq!(nan(l.heldout_descent()), [true; 3]);
+        assert_eq!(nan(l.heldout().descent()), [true; 3]);
         l.record_heldout(&[1.0, -2.0, 3.0], &[true, true, false])
             .unwrap();
-        assert_eq!(nan(l.heldout_descent()), [true; 3], "spans [1, 1, 0] < 2");
+        assert_eq!(nan(l.heldout().descent()), [true; 3], "spans [1, 1, 0] < 2");
         l.record_heldout(&[1.0, -2.0, 3.0], &[true, false, true])
             .unwrap();
         // Spans [2, 0, 1]: the first is judged on its EMA; the second, paused, waits again.
-        let d = l.heldout_descent();
-        assert_eq!(d[0], l.heldout_ema()[0]);
+        let d = l.heldout().descent();
+        assert_eq!(d[0], l.heldout().ema()[0]);
         assert_eq!(nan(d), [false, true, true]);
         l.record_heldout(&[1.0, -2.0, 3.0], &[true, true, true])
             .unwrap();
-        let d = l.heldout_descent();
+        let d = l.heldout().descent();
         assert_eq!(
             d[2].to_bits(),
-            l.heldout_ema()[2].to_bits(),
+            l.heldout().ema()[2].to_bits(),
             "span 2 from its return"
         );
         assert!(d[1].is_nan(), "span 1 since its return");
         // Minimum span 0 (the default) is the EMA itself, NaNs included.
         let mut z = Ledger::new(1, 2, 0.9).unwrap();
-        assert_eq!(z.heldout_min_span(), DEFAULT_HELDOUT_MIN_SPAN);
+        assert_eq!(z.heldout().min_span(), DEFAULT_HELDOUT_MIN_SPAN);
         z.record_heldout(&[0.5, 1.0], &[true, false]).unwrap();
         let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&z.heldout_descent()), bits(z.heldout_ema()));
+        assert_eq!(bits(&z.heldout().descent()), bits(z.heldout().ema()));
         assert!(matches!(
             Ledger::new(1, 1, 0.9).unwrap().with_heldout_min_span(MAX_STEP + 1),
             Err(Error::Config(m)) if m.contains("heldout_min_span")
@@ -837,7 +575,7 @@ mod tests {
     #[test]
     fn heldout_span_counts_consecutive_moved_windows() {
         let mut l = Ledger::new(1, 3, 0.9).unwrap();
-        assert_eq!(l.heldout_span(), [0, 0, 0]);
+        assert_eq!(l.heldout().span(), [0, 0, 0]);
         let windows: [([f64; 3], [bool; 3], [u64; 3]); 5] = [
             ([1.0, 1.0, 1.0], [true, true, false], [1, 1, 0]),
             // A non-finite measurement still counts a moved window.
@@ -853,9 +591,9 @@ mod tests {
         ];
         for (i, (x, moved, span)) in windows.iter().enumerate() {
             l.record_heldout(x, moved).unwrap();
-            assert_eq!(l.heldout_span(), span, "after window {}", i + 1);
+            assert_eq!(l.heldout().span(), span, "after window {}", i + 1);
         }
-        assert_eq!(l.heldout_windows(), 5);
+        assert_eq!(l.heldout().windows(), 5);
     }
 
     #[test]
@@ -864,41 +602,41 @@ mod tests {
         // both EMAs are 0), the second pauses in window 8, both move in windows 9 and 10.
         let mut l = Ledger::new(1, 2, 0.9).unwrap();
         assert_eq!(
-            (l.heldout_decay(), l.heldout_horizon()),
+            (l.heldout().decay(), l.heldout().horizon()),
             (0.5, DEFAULT_HELDOUT_HORIZON)
         );
         for _ in 0..7 {
             l.record_heldout(&[0.0, 0.0], &[true, true]).unwrap();
         }
-        assert_eq!(l.heldout_ema(), [0.0, 0.0]);
-        assert_eq!(l.heldout_span(), [7, 7]);
+        assert_eq!(l.heldout().ema(), [0.0, 0.0]);
+        assert_eq!(l.heldout().span(), [7, 7]);
         l.record_heldout(&[8.0, 100.0], &[true, false]).unwrap();
         // Window 8: 1 - 3/8 = 0.625 for the first; the second keeps its EMA.
-        assert_eq!(l.heldout_ema(), [0.375 * 8.0, 0.0]);
-        assert_eq!(l.heldout_span(), [8, 0]);
+        assert_eq!(l.heldout().ema(), [0.375 * 8.0, 0.0]);
+        assert_eq!(l.heldout().span(), [8, 0]);
         l.record_heldout(&[4.0, 4.0], &[true, true]).unwrap();
         // Window 9: 1 - 3/9 for the first; the second is back with span 1: the floor 0.5
         // (the global count would give it 2/3 and an EMA of 4/3).
         let (a9, b9) = (2.0 / 3.0 * 3.0 + 1.0 / 3.0 * 4.0, 0.5 * 0.0 + 0.5 * 4.0);
         assert!(
-            (l.heldout_ema()[0] - a9).abs() < 1e-12,
+            (l.heldout().ema()[0] - a9).abs() < 1e-12,
             "{:?}",
-            l.heldout_ema()
+            l.heldout().ema()
         );
-        assert_eq!(l.heldout_ema()[1], b9);
-        assert_eq!(l.heldout_span(), [9, 1]);
+        assert_eq!(l.heldout().ema()[1], b9);
+        assert_eq!(l.heldout().span(), [9, 1]);
         l.record_heldout(&[2.0, 6.0], &[true, true]).unwrap();
         // Window 10: 1 - 3/10 = 0.7 for the first; span 2 for the second: still the floor.
         let (a10, b10) = (0.7 * a9 + 0.3 * 2.0, 0.5 * b9 + 0.5 * 6.0);
         assert!(
-            (l.heldout_ema()[0] - a10).abs() < 1e-12,
+            (l.heldout().ema()[0] - a10).abs() < 1e-12,
             "{:?}",
-            l.heldout_ema()
+            l.heldout().ema()
         );
-        assert_eq!(l.heldout_ema()[1], b10);
+        assert_eq!(l.heldout().ema()[1], b10);
         assert_eq!(b10, 4.0);
-        assert_eq!(l.heldout_span(), [10, 2]);
-        assert_eq!(l.heldout_windows(), 10);
+        assert_eq!(l.heldout().span(), [10, 2]);
+        assert_eq!(l.heldout().windows(), 10);
     }
 
     #[test]
@@ -909,13 +647,19 @@ mod tests {
         assert_eq!(Ledger::from_parts(l.parts()).unwrap(), l);
         // Any span up to the window count is a state some history reaches.
         let p = LedgerParts {
-            heldout_span: vec![0, 2],
+            heldout: HeldoutParts {
+                span: vec![0, 2],
+                ..l.heldout().parts()
+            },
             ..l.parts()
         };
-        assert_eq!(Ledger::from_parts(p).unwrap().heldout_span(), [0, 2]);
+        assert_eq!(Ledger::from_parts(p).unwrap().heldout().span(), [0, 2]);
         for span in [vec![3, 1], vec![2, u64::MAX]] {
             let p = LedgerParts {
-                heldout_span: span,
+                heldout: HeldoutParts {
+                    span,
+                    ..l.heldout().parts()
+                },
                 ..l.parts()
             };
             let err = Ledger::from_parts(p).unwrap_err();
@@ -926,12 +670,18 @@ mod tests {
         }
         let fresh = Ledger::new(1, 2, 0.9).unwrap();
         let p = LedgerParts {
-            heldout_span: vec![1, 0],
+            heldout: HeldoutParts {
+                span: vec![1, 0],
+                ..fresh.heldout().parts()
+            },
             ..fresh.parts()
         };
         assert!(matches!(Ledger::from_parts(p), Err(Error::State(_))));
         let p = LedgerParts {
-            heldout_span: vec![0],
+            heldout: HeldoutParts {
+                span: vec![0],
+                ..l.heldout().parts()
+            },
             ..l.parts()
         };
         assert!(matches!(Ledger::from_parts(p), Err(Error::State(m)) if m.contains("shape")));
@@ -959,7 +709,7 @@ mod tests {
         }
         for h in [0.0, 0.5, 0.999] {
             let l = Ledger::new(1, 1, 0.5).unwrap().with_heldout_horizon(h);
-            assert_eq!(l.unwrap().heldout_horizon(), h);
+            assert_eq!(l.unwrap().heldout().horizon(), h);
         }
     }
 
@@ -996,19 +746,19 @@ mod tests {
     #[test]
     fn record_shrink_keeps_a_lower_loss_only() {
         let mut l = Ledger::new(2, 3, 0.5).unwrap();
-        assert_eq!(l.heldout_shrink(), DEFAULT_HELDOUT_SHRINK);
+        assert_eq!(l.heldout().shrink(), DEFAULT_HELDOUT_SHRINK);
         assert!(l.record_shrink(2, 1.0, 0.99).unwrap());
         assert!(!l.record_shrink(2, 1.0, 1.0).unwrap()); // a tie keeps the update
         assert!(!l.record_shrink(0, 1.0, 1.5).unwrap());
         assert!(!l.record_shrink(1, 1.0, f64::NAN).unwrap());
         assert!(!l.record_shrink(1, f64::NAN, 0.5).unwrap());
         assert!(l.record_shrink(1, f64::INFINITY, 0.5).unwrap()); // recovers from an overflow
-        assert_eq!(l.shrink_trials(), [1, 3, 2]);
-        assert_eq!(l.shrinks(), [0, 1, 1]);
+        assert_eq!(l.heldout().shrink_trials(), [1, 3, 2]);
+        assert_eq!(l.heldout().shrinks(), [0, 1, 1]);
         assert!(
             matches!(l.record_shrink(3, 1.0, 0.5), Err(Error::Config(m)) if m.contains("out of range"))
         );
-        assert_eq!(l.shrink_trials(), [1, 3, 2]);
+        assert_eq!(l.heldout().shrink_trials(), [1, 3, 2]);
         let mut off = Ledger::new(1, 1, 0.5)
             .unwrap()
             .with_heldout_shrink(0.0)

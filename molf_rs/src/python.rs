@@ -25,12 +25,13 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyTuple};
 
 use crate::error::{at_least, Error};
-use crate::ledger::{
-    Ledger, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN,
+use crate::heldout::{
+    DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN,
     DEFAULT_HELDOUT_SHRINK, DEFAULT_SHRINK_SPECTRAL,
 };
+use crate::ledger::Ledger;
 use crate::phase::PHASES;
-use crate::router::{Policy, Router, RouterConfig, POLICIES};
+use crate::router::{check_margin, check_shape, Policy, Router, RouterConfig, POLICIES};
 use crate::scores::{self, ScoreKind, StateFloat};
 
 create_exception!(
@@ -141,6 +142,43 @@ impl Int {
                 if *b { "True" } else { "False" }
             ))),
         }
+    }
+}
+
+/// The policy a constructor name means: one of [`POLICIES`], or `"paper"`, which names the
+/// published EPD top-1 (`topk`) explicitly: code that wants the paper's semantics says so
+/// even if the default policy changes.
+fn policy_name(name: &str) -> Result<&'static str, Error> {
+    match name {
+        "paper" => Ok(POLICIES[0]),
+        _ => POLICIES.into_iter().find(|&p| p == name).ok_or_else(|| {
+            Error::Config(format!(
+                "unknown policy '{name}'; expected one of 'topk', 'hysteresis', 'heldout', \
+                 'paper' (an alias of 'topk')"
+            ))
+        }),
+    }
+}
+
+/// Maps the constructor's `topk`, `margin` and `min_dwell` onto the [`Policy`] named
+/// `name` (from [`policy_name`]), refusing a setting the policy does not have.
+fn policy_from_args(name: &str, k: u64, margin: f64, min_dwell: u64) -> Result<Policy, Error> {
+    check_margin(margin)?;
+    match name {
+        "hysteresis" => Ok(Policy::Hysteresis {
+            k,
+            margin,
+            min_dwell,
+        }),
+        "heldout" if margin != 0.0 => Err(Error::Config(format!(
+            "margin belongs to policy 'hysteresis'; with policy 'heldout' it must be 0, got {margin}"
+        ))),
+        "heldout" => Ok(Policy::Heldout { k, min_dwell }),
+        _ if margin != 0.0 || min_dwell != 0 => Err(Error::Config(format!(
+            "margin and min_dwell belong to policy 'hysteresis'; with policy 'topk' they \
+             must be 0, got margin={margin} min_dwell={min_dwell}"
+        ))),
+        _ => Ok(Policy::TopK { k }),
     }
 }
 
@@ -332,17 +370,25 @@ impl PyRouter {
         freeze_after: Option<Int>,
     ) -> PyResult<Self> {
         guarded(|| {
+            let num_modules = num_modules.count("num_modules", 1)?;
+            let num_experts = num_experts.count("num_experts", 1)?;
+            let k = topk.count("topk", 1)?;
+            // Checked in the order they always were, so that a call with several faults keeps
+            // its message: the policy name before the later arguments, the shape before the
+            // policy's settings.
+            let policy = policy_name(policy)?;
+            let min_dwell = min_dwell.count("min_dwell", 0)?;
+            let warmup_steps = warmup_steps.count("warmup_steps", 0)?;
+            let freeze_after = freeze_after
+                .map(|f| f.count("freeze_after", 0))
+                .transpose()?;
+            check_shape(num_modules, num_experts)?;
             let config = RouterConfig {
-                num_modules: num_modules.count("num_modules", 1)?,
-                num_experts: num_experts.count("num_experts", 1)?,
-                topk: topk.count("topk", 1)?,
-                policy: Policy::parse(policy)?,
-                margin,
-                min_dwell: min_dwell.count("min_dwell", 0)?,
-                warmup_steps: warmup_steps.count("warmup_steps", 0)?,
-                freeze_after: freeze_after
-                    .map(|f| f.count("freeze_after", 0))
-                    .transpose()?,
+                num_modules,
+                num_experts,
+                policy: policy_from_args(policy, k, margin, min_dwell)?,
+                warmup_steps,
+                freeze_after,
             };
             Ok(PyRouter::wrap(Router::new(config)?))
         })
@@ -358,7 +404,7 @@ impl PyRouter {
     }
     #[getter]
     fn topk(&self) -> u64 {
-        self.router().config().topk
+        self.router().config().policy.k()
     }
     #[getter]
     fn policy(&self) -> &'static str {
@@ -366,11 +412,11 @@ impl PyRouter {
     }
     #[getter]
     fn margin(&self) -> f64 {
-        self.router().config().margin
+        self.router().config().policy.margin()
     }
     #[getter]
     fn min_dwell(&self) -> u64 {
-        self.router().config().min_dwell
+        self.router().config().policy.min_dwell()
     }
     #[getter]
     fn warmup_steps(&self) -> u64 {
@@ -448,10 +494,10 @@ impl PyRouter {
             let d = PyDict::new(py);
             d.set_item("num_modules", c.num_modules)?;
             d.set_item("num_experts", c.num_experts)?;
-            d.set_item("topk", c.topk)?;
+            d.set_item("topk", c.policy.k())?;
             d.set_item("policy", c.policy.name())?;
-            d.set_item("margin", c.margin)?;
-            d.set_item("min_dwell", c.min_dwell)?;
+            d.set_item("margin", c.policy.margin())?;
+            d.set_item("min_dwell", c.policy.min_dwell())?;
             d.set_item("warmup_steps", c.warmup_steps)?;
             d.set_item("freeze_after", c.freeze_after)?;
             Ok(d)
@@ -485,10 +531,10 @@ impl PyRouter {
              min_dwell={}, warmup_steps={}, freeze_after={freeze}, step={}, phase='{}')",
             c.num_modules,
             c.num_experts,
-            c.topk,
+            c.policy.k(),
             c.policy.name(),
-            c.margin,
-            c.min_dwell,
+            c.policy.margin(),
+            c.policy.min_dwell(),
             c.warmup_steps,
             r.step(),
             r.phase().name()
@@ -580,31 +626,31 @@ impl PyLedger {
 
     #[getter]
     fn heldout_decay(&self) -> f64 {
-        self.ledger().heldout_decay()
+        self.ledger().heldout().decay()
     }
     #[getter]
     fn heldout_horizon(&self) -> f64 {
-        self.ledger().heldout_horizon()
+        self.ledger().heldout().horizon()
     }
     #[getter]
     fn heldout_windows(&self) -> u64 {
-        self.ledger().heldout_windows()
+        self.ledger().heldout().windows()
     }
     fn heldout_ema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let data = self.ledger().heldout_ema().to_vec();
+        let data = self.ledger().heldout().ema().to_vec();
         guarded(|| matrix(py, &data, self.shape()))
     }
     fn heldout_span<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<u64>>> {
-        let data = self.ledger().heldout_span().to_vec();
+        let data = self.ledger().heldout().span().to_vec();
         guarded(|| matrix(py, &data, self.shape()))
     }
     #[getter]
     fn heldout_min_span(&self) -> u64 {
-        self.ledger().heldout_min_span()
+        self.ledger().heldout().min_span()
     }
     /// The held-out record as `Router.regate` judges it (see the Rust `Ledger::heldout_descent`).
     fn heldout_descent<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let data = self.ledger().heldout_descent();
+        let data = self.ledger().heldout().descent();
         guarded(|| matrix(py, &data, self.shape()))
     }
 
@@ -619,17 +665,17 @@ impl PyLedger {
     }
     #[getter]
     fn heldout_shrink(&self) -> f64 {
-        self.ledger().heldout_shrink()
+        self.ledger().heldout().shrink()
     }
     #[getter]
     fn shrink_spectral(&self) -> bool {
-        self.ledger().shrink_spectral()
+        self.ledger().heldout().shrink_spectral()
     }
     fn shrink_trials<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
-        PyArray1::from_slice(py, self.ledger().shrink_trials())
+        PyArray1::from_slice(py, self.ledger().heldout().shrink_trials())
     }
     fn shrinks<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
-        PyArray1::from_slice(py, self.ledger().shrinks())
+        PyArray1::from_slice(py, self.ledger().heldout().shrinks())
     }
 
     fn record(
@@ -965,8 +1011,7 @@ mod tests {
                 return;
             }
             let cfg = RouterConfig {
-                policy: Policy::Heldout,
-                min_dwell: 2,
+                policy: Policy::Heldout { k: 1, min_dwell: 2 },
                 ..RouterConfig::topk(2, 3, 1)
             };
             let mut router = Router::new(cfg).unwrap();
@@ -981,6 +1026,27 @@ mod tests {
             assert!(a.dtype().is_equiv_to(&numpy::dtype::<u64>(py)));
             assert_eq!(a.to_vec().unwrap(), [0, 1, 0, 0, 0, 0]);
         });
+    }
+
+    #[test]
+    fn policy_arguments_map_onto_the_policy_or_are_refused() {
+        assert_eq!(policy_name("paper").unwrap(), "topk");
+        assert_eq!(
+            policy_from_args("topk", 2, 0.0, 0).unwrap(),
+            Policy::TopK { k: 2 }
+        );
+        assert_eq!(
+            policy_from_args("heldout", 1, 0.0, 3).unwrap(),
+            Policy::Heldout { k: 1, min_dwell: 3 }
+        );
+        let msg = |r: Result<Policy, Error>| r.unwrap_err().to_string();
+        assert!(msg(policy_from_args("topk", 1, 0.1, 0)).contains("belong to policy 'hysteresis'"));
+        assert!(msg(policy_from_args("heldout", 1, 0.1, 0)).contains("with policy 'heldout'"));
+        assert!(msg(policy_from_args("topk", 1, f64::NAN, 0)).starts_with("margin must be finite"));
+        assert_eq!(
+            policy_name("foo").unwrap_err().to_string(),
+            "unknown policy 'foo'; expected one of 'topk', 'hysteresis', 'heldout', 'paper' (an alias of 'topk')"
+        );
     }
 
     #[test]

@@ -10,9 +10,6 @@ use crate::phase::{Phase, Schedule};
 /// Policy names as exposed to Python (`molf._core.POLICIES`).
 pub const POLICIES: [&str; 3] = ["topk", "hysteresis", "heldout"];
 
-/// Alias of `topk` accepted by [`Policy::parse`]: the paper's routing (arXiv 2605.07111).
-pub const PAPER_ALIAS: &str = "paper";
-
 /// Largest `num_modules × num_experts` accepted. It keeps every size computation far from
 /// overflow and turns absurd sizes into a `ConfigError` instead of an out-of-memory abort.
 pub const MAX_ENTRIES: u64 = 1 << 32;
@@ -21,42 +18,60 @@ pub const MAX_ENTRIES: u64 = 1 << 32;
 /// ledger's signed `last_switch_step`.
 pub const MAX_STEP: u64 = i64::MAX as u64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A routing policy with the settings it reads, so that a setting cannot be given to a
+/// policy that would ignore it. Warm-up and freeze are phases of every policy
+/// ([`RouterConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Policy {
-    /// Plain top-k by score (the paper).
-    TopK,
-    /// Incumbents keep their place unless beaten by a relative margin, and are held for at
-    /// least `min_dwell` steps after they change.
-    Hysteresis,
+    /// Plain top-`k` by score (the paper).
+    TopK { k: u64 },
+    /// Top-`k` where incumbents keep their place unless beaten by a relative `margin`, and
+    /// are held for at least `min_dwell` steps after they change.
+    Hysteresis { k: u64, margin: f64, min_dwell: u64 },
     /// Every expert starts active; [`Router::regate`] drops an expert whose measured movement
     /// raised the held-out loss and re-admits a dropped one, `min_dwell` steps after that
     /// expert's last change (its drop), once a step of it would lower that loss. Training
-    /// scores only veto non-finite experts; `topk` is not used.
-    Heldout,
+    /// scores only veto non-finite experts. `k` is not read: it is kept because the Python
+    /// constructor accepts any `topk` under this policy and `Router.config()` (which
+    /// checkpoints compare) reads it back.
+    Heldout { k: u64, min_dwell: u64 },
 }
 
 impl Policy {
     pub fn name(self) -> &'static str {
         match self {
-            Policy::TopK => POLICIES[0],
-            Policy::Hysteresis => POLICIES[1],
-            Policy::Heldout => POLICIES[2],
+            Policy::TopK { .. } => POLICIES[0],
+            Policy::Hysteresis { .. } => POLICIES[1],
+            Policy::Heldout { .. } => POLICIES[2],
         }
     }
 
-    /// Accepts the names in [`POLICIES`] and [`PAPER_ALIAS`], which names the published EPD
-    /// top-1 (`topk`) explicitly: code that wants the paper's semantics says so even if the
-    /// default policy changes.
-    pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "topk" | PAPER_ALIAS => Ok(Policy::TopK),
-            "hysteresis" => Ok(Policy::Hysteresis),
-            "heldout" => Ok(Policy::Heldout),
-            other => Err(Error::Config(format!(
-                "unknown policy '{other}'; expected one of 'topk', 'hysteresis', 'heldout', \
-                 'paper' (an alias of 'topk')"
-            ))),
+    /// Winners per module and step (not read by policy heldout).
+    pub fn k(self) -> u64 {
+        match self {
+            Policy::TopK { k } | Policy::Hysteresis { k, .. } | Policy::Heldout { k, .. } => k,
         }
+    }
+
+    /// The incumbents' relative advantage: 0 outside policy hysteresis.
+    pub fn margin(self) -> f64 {
+        match self {
+            Policy::Hysteresis { margin, .. } => margin,
+            _ => 0.0,
+        }
+    }
+
+    /// Steps an incumbent is held (hysteresis) or a dropped expert kept out (heldout) after
+    /// its last change: 0 under policy topk.
+    pub fn min_dwell(self) -> u64 {
+        match self {
+            Policy::TopK { .. } => 0,
+            Policy::Hysteresis { min_dwell, .. } | Policy::Heldout { min_dwell, .. } => min_dwell,
+        }
+    }
+
+    pub fn is_heldout(self) -> bool {
+        matches!(self, Policy::Heldout { .. })
     }
 }
 
@@ -65,15 +80,32 @@ impl Policy {
 pub struct RouterConfig {
     pub num_modules: u64,
     pub num_experts: u64,
-    pub topk: u64,
     pub policy: Policy,
-    /// Relative advantage an incumbent enjoys (hysteresis only).
-    pub margin: f64,
-    /// Steps an incumbent is held after it changed (hysteresis); steps after that expert's
-    /// last change (its drop) before a dropped expert may return (heldout).
-    pub min_dwell: u64,
     pub warmup_steps: u64,
     pub freeze_after: Option<u64>,
+}
+
+/// Checks that a `[num_modules × num_experts]` matrix is within [`MAX_ENTRIES`].
+pub fn check_shape(num_modules: u64, num_experts: u64) -> Result<()> {
+    if num_modules
+        .checked_mul(num_experts)
+        .is_none_or(|n| n > MAX_ENTRIES)
+    {
+        return Err(Error::Config(format!(
+            "num_modules * num_experts must be <= {MAX_ENTRIES}, got {num_modules} * {num_experts}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a hysteresis margin: finite and >= 0.
+pub fn check_margin(margin: f64) -> Result<()> {
+    if !margin.is_finite() || margin < 0.0 {
+        return Err(Error::Config(format!(
+            "margin must be finite and >= 0, got {margin}"
+        )));
+    }
+    Ok(())
 }
 
 impl RouterConfig {
@@ -82,10 +114,7 @@ impl RouterConfig {
         RouterConfig {
             num_modules,
             num_experts,
-            topk,
-            policy: Policy::TopK,
-            margin: 0.0,
-            min_dwell: 0,
+            policy: Policy::TopK { k: topk },
             warmup_steps: 0,
             freeze_after: None,
         }
@@ -93,25 +122,20 @@ impl RouterConfig {
 
     pub fn validate(&self) -> Result<()> {
         let cfg = |msg: String| Err(Error::Config(msg));
+        let (k, min_dwell) = (self.policy.k(), self.policy.min_dwell());
         for (name, v) in [
             ("num_modules", self.num_modules),
             ("num_experts", self.num_experts),
-            ("topk", self.topk),
+            ("topk", k),
         ] {
             if v < 1 {
                 return cfg(format!("{name} must be >= 1, got {v}"));
             }
         }
-        let entries = self.num_modules.checked_mul(self.num_experts);
-        if entries.is_none_or(|n| n > MAX_ENTRIES) {
-            return cfg(format!(
-                "num_modules * num_experts must be <= {MAX_ENTRIES}, got {} * {}",
-                self.num_modules, self.num_experts
-            ));
-        }
+        check_shape(self.num_modules, self.num_experts)?;
         for (name, v) in [
-            ("topk", self.topk),
-            ("min_dwell", self.min_dwell),
+            ("topk", k),
+            ("min_dwell", min_dwell),
             ("warmup_steps", self.warmup_steps),
             ("freeze_after", self.freeze_after.unwrap_or(0)),
         ] {
@@ -119,25 +143,7 @@ impl RouterConfig {
                 return cfg(format!("{name} must be <= {MAX_STEP}, got {v}"));
             }
         }
-        if !self.margin.is_finite() || self.margin < 0.0 {
-            return cfg(format!(
-                "margin must be finite and >= 0, got {}",
-                self.margin
-            ));
-        }
-        if self.policy == Policy::Heldout && self.margin != 0.0 {
-            return cfg(format!(
-                "margin belongs to policy 'hysteresis'; with policy 'heldout' it must be 0, got {}",
-                self.margin
-            ));
-        }
-        if self.policy == Policy::TopK && (self.margin != 0.0 || self.min_dwell != 0) {
-            return cfg(format!(
-                "margin and min_dwell belong to policy 'hysteresis'; with policy 'topk' they \
-                 must be 0, got margin={} min_dwell={}",
-                self.margin, self.min_dwell
-            ));
-        }
+        check_margin(self.policy.margin())?;
         Schedule::new(self.warmup_steps, self.freeze_after)?;
         Ok(())
     }
@@ -178,7 +184,7 @@ impl Score for f64 {
 pub struct Router {
     config: RouterConfig,
     schedule: Schedule,
-    /// Cached `config.num_experts`, `config.topk` as `usize`.
+    /// Cached `config.num_experts`, `config.policy.k()` as `usize`.
     experts: usize,
     k: usize,
     /// Number of `route` calls so far.
@@ -201,9 +207,9 @@ impl Router {
             config,
             schedule: config.schedule(),
             experts: config.num_experts as usize,
-            k: usize::try_from(config.topk).unwrap_or(usize::MAX),
+            k: usize::try_from(config.policy.k()).unwrap_or(usize::MAX),
             step: 0,
-            incumbents: filled(entries, config.policy == Policy::Heldout, "incumbents")?,
+            incumbents: filled(entries, config.policy.is_heldout(), "incumbents")?,
             last_change: filled(config.num_modules as usize, 0, "last_change")?,
             expert_last_change: filled(entries, 0, "expert_last_change")?,
         })
@@ -238,11 +244,11 @@ impl Router {
         if step > MAX_STEP {
             return state(format!("router step {step} exceeds {MAX_STEP}"));
         }
-        let heldout = config.policy == Policy::Heldout;
+        let heldout = config.policy.is_heldout();
         let max_winners = if heldout {
             e
         } else {
-            e.min(usize::try_from(config.topk).unwrap_or(usize::MAX))
+            e.min(usize::try_from(config.policy.k()).unwrap_or(usize::MAX))
         };
         let rows = incumbents
             .chunks_exact(e)
@@ -362,31 +368,30 @@ impl Router {
             // The paper's setting has its own loop; `route_top1` declines expert counts it
             // has no loop for, which then take the general one below.
             Phase::Routing
-                if self.config.policy == Policy::TopK
-                    && self.k == 1
+                if self.config.policy == (Policy::TopK { k: 1 })
                     && self.route_top1(scores, out) => {}
             Phase::Routing => {
-                let s = self.step;
+                let (s, policy) = (self.step, self.config.policy);
                 let rows = scores
                     .chunks_exact(e)
                     .zip(out.chunks_exact_mut(e))
                     .zip(self.incumbents.chunks_exact_mut(e))
                     .zip(self.last_change.iter_mut());
                 for (((row, win), inc), changed) in rows {
-                    match self.config.policy {
-                        Policy::TopK => top_k(row, self.k, None, win),
+                    match policy {
+                        Policy::TopK { .. } => top_k(row, self.k, None, win),
                         // The active set changes in `regate` only.
-                        Policy::Heldout => {
+                        Policy::Heldout { .. } => {
                             hold(row, inc, win);
                             continue;
                         }
-                        Policy::Hysteresis => {
+                        Policy::Hysteresis {
+                            margin, min_dwell, ..
+                        } => {
                             let has_inc = inc.iter().any(|&b| b);
-                            let held = has_inc
-                                && s - *changed < self.config.min_dwell
-                                && hold(row, inc, win);
+                            let held = has_inc && s - *changed < min_dwell && hold(row, inc, win);
                             if !held {
-                                let pref = has_inc.then_some((&*inc, self.config.margin));
+                                let pref = has_inc.then_some((&*inc, margin));
                                 top_k(row, self.k, pref, win);
                             }
                         }
@@ -409,7 +414,7 @@ impl Router {
             }
             Phase::Frozen => {
                 // A heldout module with every expert dropped stays without updates.
-                let heldout = self.config.policy == Policy::Heldout;
+                let heldout = self.config.policy.is_heldout();
                 let rows = scores
                     .chunks_exact(e)
                     .zip(out.chunks_exact_mut(e))
@@ -437,12 +442,12 @@ impl Router {
     /// stamps the expert ([`Router::expert_last_change`]) and its module
     /// ([`Router::last_change`]) with the current step. Nothing changes in the frozen phase.
     pub fn regate(&mut self, descent: &[f64], potential: &[f64]) -> Result<usize> {
-        if self.config.policy != Policy::Heldout {
+        let Policy::Heldout { min_dwell, .. } = self.config.policy else {
             return Err(Error::Config(format!(
                 "regate needs policy 'heldout', this router's is '{}'",
                 self.config.policy.name()
             )));
-        }
+        };
         let n = self.incumbents.len();
         if descent.len() != n || potential.len() != n {
             return Err(Error::Score(format!(
@@ -456,7 +461,7 @@ impl Router {
         if self.phase() == Phase::Frozen {
             return Ok(0);
         }
-        let (e, s, dwell) = (self.experts, self.step, self.config.min_dwell);
+        let (e, s, dwell) = (self.experts, self.step, min_dwell);
         let mut changed_modules = 0;
         let rows = self
             .incumbents
@@ -648,9 +653,11 @@ mod tests {
 
     fn hyst(m: u64, e: u64, k: u64, margin: f64, min_dwell: u64) -> RouterConfig {
         RouterConfig {
-            policy: Policy::Hysteresis,
-            margin,
-            min_dwell,
+            policy: Policy::Hysteresis {
+                k,
+                margin,
+                min_dwell,
+            },
             ..RouterConfig::topk(m, e, k)
         }
     }
@@ -828,11 +835,6 @@ mod tests {
         };
         assert_eq!(bad(RouterConfig::topk(1, 1, 0)), "topk must be >= 1, got 0");
         assert!(bad(RouterConfig::topk(0, 1, 1)).starts_with("num_modules must be >= 1"));
-        assert!(bad(RouterConfig {
-            margin: 0.1,
-            ..RouterConfig::topk(1, 1, 1)
-        })
-        .contains("belong to policy 'hysteresis'"));
         assert!(bad(hyst(1, 1, 1, f64::NAN, 0)).starts_with("margin must be finite"));
         assert!(bad(hyst(1, 1, 1, -1.0, 0)).starts_with("margin must be finite"));
         assert!(bad(RouterConfig::topk(1 << 20, 1 << 20, 1)).contains("<= 4294967296"));
@@ -842,11 +844,6 @@ mod tests {
             ..RouterConfig::topk(1, 1, 1)
         })
         .starts_with("freeze_after must be None or > warmup_steps"));
-        assert_eq!(
-            Policy::parse("foo").unwrap_err().to_string(),
-            "unknown policy 'foo'; expected one of 'topk', 'hysteresis', 'heldout', 'paper' (an alias of 'topk')"
-        );
-        assert_eq!(Policy::parse("paper").unwrap(), Policy::TopK);
         // topk >= num_experts is allowed.
         assert!(Router::new(RouterConfig::topk(1, 2, 5)).is_ok());
     }
@@ -884,8 +881,7 @@ mod tests {
 
     fn heldout(modules: u64, experts: u64, min_dwell: u64) -> Router {
         Router::new(RouterConfig {
-            policy: Policy::Heldout,
-            min_dwell,
+            policy: Policy::Heldout { k: 1, min_dwell },
             ..RouterConfig::topk(modules, experts, 1)
         })
         .unwrap()
@@ -970,7 +966,7 @@ mod tests {
         assert_eq!(r.regate(&[0.0, 0.0], &[5.0, 5.0]).unwrap(), 0);
         advance(&mut r, 1);
         assert_eq!(r.step(), 25);
-        assert!(r.step() - r.last_change()[0] < r.config().min_dwell);
+        assert!(r.step() - r.last_change()[0] < r.config().policy.min_dwell());
         assert_eq!(r.regate(&[0.0, 0.0], &[5.0, 5.0]).unwrap(), 1);
         assert_eq!(r.incumbents(), [false, true]);
         assert_eq!(r.expert_last_change(), [20, 25]);
@@ -1018,12 +1014,6 @@ mod tests {
             t.regate(&[1.0, 1.0], &[1.0, 1.0]),
             Err(Error::Config(_))
         ));
-        let cfg = RouterConfig {
-            policy: Policy::Heldout,
-            margin: 0.1,
-            ..RouterConfig::topk(1, 2, 1)
-        };
-        assert!(matches!(Router::new(cfg), Err(Error::Config(_))));
         // A change stamped after the router's step is impossible; at step 0 it is not.
         assert!(
             Router::from_parts(*r.config(), 0, vec![false, true], vec![1], vec![1, 0]).is_err()
@@ -1034,7 +1024,7 @@ mod tests {
     #[test]
     fn heldout_frozen_phase_keeps_the_set() {
         let cfg = RouterConfig {
-            policy: Policy::Heldout,
+            policy: Policy::Heldout { k: 1, min_dwell: 0 },
             freeze_after: Some(1),
             ..RouterConfig::topk(1, 2, 1)
         };

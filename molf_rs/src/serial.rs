@@ -3,50 +3,39 @@
 //! Layout, all little-endian:
 //!
 //! ```text
-//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 7) | payload length: u64
+//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 1) | payload length: u64
 //!        | payload | checksum: u64 = FNV-1a 64 over every byte before it
 //! ```
 //!
-//! Router payload (all versions): num_modules u64, num_experts u64, topk u64, policy u8
-//! (0 topk, 1 hysteresis, 2 heldout: version >= 2), margin f64, min_dwell u64,
+//! Router payload: num_modules u64, num_experts u64, topk u64, policy u8 (0 topk,
+//! 1 hysteresis, 2 heldout), margin f64 (0 unless hysteresis), min_dwell u64 (0 under topk),
 //! warmup_steps u64, has_freeze u8 (0/1), freeze_after u64 (0 when absent), step u64,
-//! incumbents u8×(M·E) (0/1, row-major), last_change u64×M.
-//! Version 3 appends expert_last_change u64×(M·E) (row-major: the step at which `regate`
-//! last flipped each expert; all 0 except under policy heldout). Versions 1 and 2 load with
-//! each heldout expert's entry set to its module's last_change (the per-module dwell timing
-//! they were saved with), and 0 under the other policies. Version 4 leaves the router payload
-//! as in version 3.
+//! incumbents u8×(M·E) (0/1, row-major), last_change u64×M, expert_last_change u64×(M·E)
+//! (row-major: the step at which `regate` last flipped each expert; all 0 except under
+//! policy heldout).
 //!
-//! Ledger payload (version 1): num_modules u64, num_experts u64, ema_decay f64, step u64,
-//! checksum u64, last_scores f64×(M·E), ema f64×(M·E), wins u64×(M·E), switches u64×M,
-//! last_switch_step i64×M, no_winner u64×M, last_mask u8×(M·E) (0/1).
-//! Version 2 appends heldout_decay f64, heldout_windows u64, heldout_ema f64×(M·E); a
-//! version-1 ledger loads with decay 0.5, no windows and NaN EMAs.
-//! Version 3 appends heldout_horizon f64; versions 1 and 2 load with horizon 0 (their fixed
-//! held-out decay).
-//! Version 4 appends heldout_span u64×(M·E) (row-major: the consecutive held-out windows,
-//! up to the last, in which each expert moved); versions 1 to 3 load with every span equal
-//! to heldout_windows (the one global count their decay followed).
-//! Version 5 appends heldout_shrink f64, shrink_trials u64×E, shrinks u64×E (per expert:
-//! held-out shrink trials and those kept); versions 1 to 4 load with shrink 0 (no trials,
-//! as they ran) and zero counts.
-//! Version 6 appends shrink_spectral u8 (0/1: how a shrink trial shrinks a LoRA product);
-//! versions 1 to 5 load with 0 (the scaling trial version 5 ran).
-//! Version 7 appends heldout_min_span u64 (the span a record needs before it can drop its
-//! expert); versions 1 to 6 load with 0 (judged from the first window, as they ran). The
-//! router payload is as in version 3.
+//! Ledger payload: num_modules u64, num_experts u64, ema_decay f64, step u64, checksum u64,
+//! last_scores f64×(M·E), ema f64×(M·E), wins u64×(M·E), switches u64×M,
+//! last_switch_step i64×M, no_winner u64×M, last_mask u8×(M·E) (0/1); then the held-out
+//! record: heldout_decay f64, heldout_windows u64, heldout_ema f64×(M·E), heldout_horizon
+//! f64, heldout_span u64×(M·E) (row-major: the consecutive held-out windows, up to the last,
+//! in which each expert moved), heldout_shrink f64, shrink_trials u64×E, shrinks u64×E (per
+//! expert: held-out shrink trials and those kept), shrink_spectral u8 (0/1: how a shrink
+//! trial shrinks a LoRA product), heldout_min_span u64 (the span a record needs before it
+//! can drop its expert).
 //!
 //! Floats are stored as their IEEE bit patterns, so NaN payloads and signed zeros survive.
-//! Decoding is strict: one encoding per state (flags and bools must be exactly 0 or 1, no
-//! trailing bytes), and the decoded state must satisfy every invariant the live object keeps.
+//! Decoding is strict: one encoding per state (flags and bools must be exactly 0 or 1, a
+//! setting the policy does not have must be 0, no trailing bytes), and the decoded state
+//! must satisfy every invariant the live object keeps.
 
 use crate::error::{Error, Result};
-use crate::ledger::{Ledger, LedgerParts, DEFAULT_HELDOUT_DECAY};
+use crate::heldout::HeldoutParts;
+use crate::ledger::{Ledger, LedgerParts};
 use crate::router::{Policy, Router, RouterConfig};
 
 pub const MAGIC: &[u8; 4] = b"MOLF";
-pub const FORMAT_VERSION: u16 = 7;
-pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2, 3, 4, 5, 6, 7];
+pub const FORMAT_VERSION: u16 = 1;
 
 const HEADER_LEN: usize = 4 + 1 + 2 + 8;
 const CHECKSUM_LEN: usize = 8;
@@ -223,8 +212,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Validates the envelope and returns the format version and the payload.
-fn open(data: &[u8], kind: Kind) -> Result<(u16, &[u8])> {
+/// Validates the envelope and returns the payload.
+fn open(data: &[u8], kind: Kind) -> Result<&[u8]> {
     let state = |msg: String| Err(Error::State(msg));
     if data.len() < HEADER_LEN + CHECKSUM_LEN {
         return state(format!(
@@ -255,9 +244,9 @@ fn open(data: &[u8], kind: Kind) -> Result<(u16, &[u8])> {
         ));
     }
     let version = u16::from_le_bytes([data[5], data[6]]);
-    if !SUPPORTED_VERSIONS.contains(&version) {
+    if version != FORMAT_VERSION {
         return state(format!(
-            "unsupported {} format version {version}; supported versions: {SUPPORTED_VERSIONS:?}",
+            "unsupported {} format version {version}; supported versions: [{FORMAT_VERSION}]",
             kind.name()
         ));
     }
@@ -280,7 +269,7 @@ fn open(data: &[u8], kind: Kind) -> Result<(u16, &[u8])> {
             kind.name()
         ));
     }
-    Ok((version, &body[HEADER_LEN..]))
+    Ok(&body[HEADER_LEN..])
 }
 
 impl Router {
@@ -289,14 +278,14 @@ impl Router {
         let mut w = Writer::new(Kind::Router);
         w.u64(c.num_modules);
         w.u64(c.num_experts);
-        w.u64(c.topk);
+        w.u64(c.policy.k());
         w.u8(match c.policy {
-            Policy::TopK => 0,
-            Policy::Hysteresis => 1,
-            Policy::Heldout => 2,
+            Policy::TopK { .. } => 0,
+            Policy::Hysteresis { .. } => 1,
+            Policy::Heldout { .. } => 2,
         });
-        w.f64(c.margin);
-        w.u64(c.min_dwell);
+        w.f64(c.policy.margin());
+        w.u64(c.policy.min_dwell());
         w.u64(c.warmup_steps);
         w.u8(u8::from(c.freeze_after.is_some()));
         w.u64(c.freeze_after.unwrap_or(0));
@@ -308,26 +297,34 @@ impl Router {
     }
 
     pub fn from_bytes(data: &[u8]) -> Result<Self> {
-        let (version, buf) = open(data, Kind::Router)?;
         let mut r = Reader {
-            buf,
+            buf: open(data, Kind::Router)?,
             what: "router",
         };
         let num_modules = r.u64()?;
         let num_experts = r.u64()?;
-        let topk = r.u64()?;
-        let policy = match r.u8()? {
-            0 => Policy::TopK,
-            1 => Policy::Hysteresis,
-            2 if version >= 2 => Policy::Heldout,
-            v => {
-                return Err(Error::State(format!(
-                    "unknown policy code {v} in router state"
-                )))
-            }
-        };
+        let k = r.u64()?;
+        let code = r.u8()?;
         let margin = r.f64()?;
         let min_dwell = r.u64()?;
+        // A setting the policy lacks is written as 0 (all bits, so -0.0 is no margin
+        // either): anything else would decode to a state that re-encodes differently.
+        let policy = match code {
+            0 if margin.to_bits() == 0 && min_dwell == 0 => Policy::TopK { k },
+            1 => Policy::Hysteresis {
+                k,
+                margin,
+                min_dwell,
+            },
+            2 if margin.to_bits() == 0 => Policy::Heldout { k, min_dwell },
+            0 | 2 => Err(Error::State(format!(
+                "router state of policy code {code} sets margin={margin} min_dwell={min_dwell}, \
+                 which that policy does not have"
+            )))?,
+            v => Err(Error::State(format!(
+                "unknown policy code {v} in router state"
+            )))?,
+        };
         let warmup_steps = r.u64()?;
         let has_freeze = r.flag("has_freeze")?;
         let freeze = r.u64()?;
@@ -337,31 +334,16 @@ impl Router {
             ));
         }
         let step = r.u64()?;
-        // Per entry: an incumbent byte (version >= 3: + an expert's last change, 8 bytes);
-        // per module: its last change.
-        let per_entry = if version >= 3 { 9 } else { 1 };
-        let (m, entries) = r.shape(num_modules, num_experts, [per_entry, 8, 0, 0])?;
+        // Per entry: an incumbent byte and an expert's last change (8 bytes); per module:
+        // its last change.
+        let (m, entries) = r.shape(num_modules, num_experts, [9, 8, 0, 0])?;
         let incumbents = r.bools(entries, "incumbents")?;
         let last_change = r.u64s(m)?;
-        let expert_last_change = if version >= 3 {
-            r.u64s(entries)?
-        } else if policy == Policy::Heldout {
-            // Every expert starts from its module's last change, the timing the state was
-            // saved with (`shape` checked entries = m × num_experts).
-            last_change
-                .iter()
-                .flat_map(|&c| std::iter::repeat_n(c, num_experts as usize))
-                .collect()
-        } else {
-            vec![0; entries]
-        };
+        let expert_last_change = r.u64s(entries)?;
         let config = RouterConfig {
             num_modules,
             num_experts,
-            topk,
             policy,
-            margin,
-            min_dwell,
             warmup_steps,
             freeze_after: has_freeze.then_some(freeze),
         };
@@ -386,23 +368,23 @@ impl Ledger {
             .for_each(|&x| w.u64(x as u64));
         w.u64s(self.no_winner());
         w.bools(self.last_mask());
-        w.f64(self.heldout_decay());
-        w.u64(self.heldout_windows());
-        self.heldout_ema().iter().for_each(|&x| w.f64(x));
-        w.f64(self.heldout_horizon());
-        w.u64s(self.heldout_span());
-        w.f64(self.heldout_shrink());
-        w.u64s(self.shrink_trials());
-        w.u64s(self.shrinks());
-        w.bools(&[self.shrink_spectral()]);
-        w.u64s(&[self.heldout_min_span()]);
+        let h = self.heldout();
+        w.f64(h.decay());
+        w.u64(h.windows());
+        h.ema().iter().for_each(|&x| w.f64(x));
+        w.f64(h.horizon());
+        w.u64s(h.span());
+        w.f64(h.shrink());
+        w.u64s(h.shrink_trials());
+        w.u64s(h.shrinks());
+        w.bools(&[h.shrink_spectral()]);
+        w.u64(h.min_span());
         w.finish()
     }
 
     pub fn from_bytes(data: &[u8]) -> Result<Self> {
-        let (version, buf) = open(data, Kind::Ledger)?;
         let mut r = Reader {
-            buf,
+            buf: open(data, Kind::Ledger)?,
             what: "ledger",
         };
         let num_modules = r.u64()?;
@@ -410,20 +392,11 @@ impl Ledger {
         let ema_decay = r.f64()?;
         let step = r.u64()?;
         let checksum = r.u64()?;
-        // Per entry: 3 arrays of 8-byte cells + 1 of 1-byte cells (version >= 2: + the
-        // held-out EMA; from version 4: + the held-out span); per module: 3 of 8 bytes;
-        // held-out scalars: 16 bytes in version 2, 24 in versions 3 and 4, 32 in version 5,
-        // which adds 2 per-expert counters of 8 bytes, 33 in version 6, 41 from version 7.
-        let (per_entry, per_expert, fixed) = match version {
-            1 => (25, 0, 0),
-            2 => (33, 0, 16),
-            3 => (33, 0, 24),
-            4 => (41, 0, 24),
-            5 => (41, 16, 32),
-            6 => (41, 16, 33),
-            _ => (41, 16, 41),
-        };
-        let (m, entries) = r.shape(num_modules, num_experts, [per_entry, 24, per_expert, fixed])?;
+        // Per entry: 5 arrays of 8-byte cells (scores, EMA, wins, held-out EMA and span) + 1
+        // of 1-byte cells; per module: 3 of 8 bytes; per expert: the 2 shrink counters;
+        // held-out scalars: decay, windows, horizon, shrink, min span (8 bytes each) and the
+        // spectral flag.
+        let (m, entries) = r.shape(num_modules, num_experts, [41, 24, 16, 41])?;
         let floats = |v: Vec<u64>| v.into_iter().map(f64::from_bits).collect();
         let last_scores = floats(r.u64s(entries)?);
         let ema = floats(r.u64s(entries)?);
@@ -432,32 +405,15 @@ impl Ledger {
         let last_switch_step = r.u64s(m)?.into_iter().map(|x| x as i64).collect();
         let no_winner = r.u64s(m)?;
         let last_mask = r.bools(entries, "last_mask")?;
-        let (heldout_decay, heldout_windows, heldout_ema) = if version >= 2 {
-            (r.f64()?, r.u64()?, floats(r.u64s(entries)?))
-        } else {
-            (DEFAULT_HELDOUT_DECAY, 0, vec![f64::NAN; entries])
-        };
-        let heldout_horizon = if version >= 3 { r.f64()? } else { 0.0 };
-        let heldout_span = if version >= 4 {
-            r.u64s(entries)?
-        } else {
-            vec![heldout_windows; entries]
-        };
-        // Before version 5 there were no shrink trials: such a run continues without them.
-        let (heldout_shrink, shrink_trials, shrinks) = if version >= 5 {
-            // The shape check counted these bytes: num_experts fits in the buffer.
-            let e = num_experts as usize;
-            (r.f64()?, r.u64s(e)?, r.u64s(e)?)
-        } else {
-            // (No modules: from_parts rejects the state; allocate nothing for it.)
-            let e = entries.checked_div(m).unwrap_or(0);
-            (0.0, vec![0; e], vec![0; e])
-        };
-        // Before version 6 a trial scaled a LoRA product: such a run continues so.
-        let shrink_spectral = version >= 6 && r.bools(1, "shrink_spectral")?[0];
-        // Before version 7 a record judged its expert from the first window: such a run
-        // continues so.
-        let heldout_min_span = if version >= 7 { r.u64()? } else { 0 };
+        let (decay, windows) = (r.f64()?, r.u64()?);
+        let heldout_ema = floats(r.u64s(entries)?);
+        let horizon = r.f64()?;
+        let span = r.u64s(entries)?;
+        // The shape check counted these bytes: num_experts fits in the buffer.
+        let e = num_experts as usize;
+        let (shrink, shrink_trials, shrinks) = (r.f64()?, r.u64s(e)?, r.u64s(e)?);
+        let shrink_spectral = r.flag("shrink_spectral")?;
+        let min_span = r.u64()?;
         Ledger::from_parts(LedgerParts {
             num_modules,
             num_experts,
@@ -471,16 +427,18 @@ impl Ledger {
             last_switch_step,
             no_winner,
             last_mask,
-            heldout_decay,
-            heldout_horizon,
-            heldout_windows,
-            heldout_ema,
-            heldout_span,
-            heldout_shrink,
-            shrink_trials,
-            shrinks,
-            shrink_spectral,
-            heldout_min_span,
+            heldout: HeldoutParts {
+                decay,
+                horizon,
+                windows,
+                ema: heldout_ema,
+                span,
+                min_span,
+                shrink,
+                shrink_trials,
+                shrinks,
+                shrink_spectral,
+            },
         })
     }
 }
@@ -509,29 +467,43 @@ mod tests {
         assert!(
             matches!(Ledger::from_bytes(&bytes), Err(Error::State(m)) if m.contains("is a router"))
         );
-        assert_eq!(bytes[5..7], 7u16.to_le_bytes());
-        let mut v8 = bytes.clone();
-        v8[5] = 8;
-        assert!(matches!(Router::from_bytes(&v8), Err(Error::State(m)) if m.contains("version 8")));
-        // Versions 3 to 6 have version 7's router payload.
-        let body = payload(&bytes);
-        for version in [3, 4, 5, 6] {
-            assert_eq!(
-                Router::from_bytes(&envelope(Kind::Router, version, body)).unwrap(),
-                r
-            );
-        }
-        // Versions 1 and 2 lack the expert last changes (8 bytes an entry), 0 for this policy.
-        let old = &body[..body.len() - 8 * 6];
-        for version in [1, 2] {
-            assert_eq!(
-                Router::from_bytes(&envelope(Kind::Router, version, old)).unwrap(),
-                r
+        assert_eq!(bytes[5..7], 1u16.to_le_bytes());
+        for version in [0, 2, 7, 8] {
+            let other = envelope(Kind::Router, version, payload(&bytes));
+            assert!(
+                matches!(Router::from_bytes(&other), Err(Error::State(m)) if m.contains(&format!("version {version};")))
             );
         }
         for n in 0..bytes.len() {
             assert!(Router::from_bytes(&bytes[..n]).is_err());
         }
+    }
+
+    #[test]
+    fn settings_a_policy_lacks_are_rejected() {
+        // Policy topk has neither margin nor min_dwell, heldout no margin: a state that sets
+        // one does not decode (it would re-encode differently).
+        let topk = Router::new(RouterConfig::topk(1, 2, 1)).unwrap();
+        let heldout = Router::new(RouterConfig {
+            policy: Policy::Heldout { k: 1, min_dwell: 2 },
+            ..RouterConfig::topk(1, 2, 1)
+        })
+        .unwrap();
+        // margin at payload offset 25, min_dwell at 33.
+        for (r, at, v) in [
+            (&topk, 25, 0.5f64.to_bits()),
+            (&topk, 25, (-0.0f64).to_bits()),
+            (&topk, 33, 1),
+            (&heldout, 25, (-0.0f64).to_bits()),
+        ] {
+            let mut body = payload(&r.to_bytes()).to_vec();
+            body[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            assert!(
+                matches!(Router::from_bytes(&envelope(Kind::Router, 1, &body)), Err(Error::State(m)) if m.contains("does not have")),
+                "{r:?} at {at}"
+            );
+        }
+        assert_eq!(Router::from_bytes(&heldout.to_bytes()).unwrap(), heldout);
     }
 
     #[test]
@@ -563,87 +535,18 @@ mod tests {
         &bytes[HEADER_LEN..bytes.len() - CHECKSUM_LEN]
     }
 
-    /// A ledger's payload as version 6 wrote it: version 7's without its last 8 bytes
-    /// (heldout_min_span).
-    fn v6_payload(l: &Ledger) -> Vec<u8> {
-        let bytes = l.to_bytes();
-        let body = payload(&bytes);
-        body[..body.len() - 8].to_vec()
+    /// A ledger's payload, and where its shrink books end: before shrink_spectral (1 byte)
+    /// and heldout_min_span (8 bytes).
+    fn ledger_payload(l: &Ledger) -> (Vec<u8>, usize) {
+        let body = payload(&l.to_bytes()).to_vec();
+        let books_end = body.len() - 9;
+        (body, books_end)
     }
 
-    /// A ledger's payload as version 5 wrote it: version 6's without its last byte
-    /// (shrink_spectral).
-    fn v5_payload(l: &Ledger) -> Vec<u8> {
-        let body = v6_payload(l);
-        body[..body.len() - 1].to_vec()
-    }
-
-    /// A ledger's payload as version 4 wrote it: version 5's without its shrink tail
+    /// Where a ledger payload's held-out spans end: before the shrink books
     /// (heldout_shrink f64, shrink_trials and shrinks u64×E).
-    fn v4_payload(l: &Ledger) -> Vec<u8> {
-        let body = v5_payload(l);
-        body[..body.len() - 8 - 16 * l.num_experts()].to_vec()
-    }
-
-    /// `l` as a version-4 load gives it: no shrink trials (and the scaling LoRA trial), and
-    /// records judged from the first window.
-    fn without_shrink(l: &Ledger) -> Ledger {
-        Ledger::from_parts(LedgerParts {
-            heldout_shrink: 0.0,
-            shrink_spectral: false,
-            heldout_min_span: 0,
-            ..l.parts()
-        })
-        .unwrap()
-    }
-
-    #[test]
-    fn version_1_ledger_loads_with_heldout_defaults() {
-        let mut l = Ledger::new(2, 2, 0.5)
-            .unwrap()
-            .with_heldout_horizon(0.0)
-            .unwrap();
-        l.record(&[1.0f64, 2.0, 3.0, 4.0], &[true, false, false, true])
-            .unwrap();
-        let body = v4_payload(&l);
-        // Version 1 lacks the held-out scalars (24 bytes), EMAs and spans (8 bytes an entry
-        // each).
-        let v1_len = body.len() - 24 - 2 * 8 * 4;
-        let v1 = envelope(Kind::Ledger, 1, &body[..v1_len]);
-        assert_eq!(Ledger::from_bytes(&v1).unwrap(), without_shrink(&l));
-        // Version 2 data cut back to version 1's length is rejected, not misread.
-        assert!(Ledger::from_bytes(&envelope(Kind::Ledger, 2, &body[..v1_len])).is_err());
-    }
-
-    #[test]
-    fn version_2_ledger_loads_with_the_fixed_decay() {
-        let mut l = Ledger::new(1, 2, 0.5)
-            .unwrap()
-            .with_heldout_decay(0.3)
-            .unwrap();
-        l.record_heldout(&[-1.5, 2.0], &[true, false]).unwrap();
-        assert_eq!(l.heldout_span(), [1, 0]);
-        let v7 = l.to_bytes();
-        assert_eq!(v7[5..7], 7u16.to_le_bytes());
-        assert_eq!(Ledger::from_bytes(&v7).unwrap(), l);
-        // Version 2 lacks the horizon (8 bytes) and the spans (8 bytes an entry).
-        let body = v4_payload(&l);
-        let v2_len = body.len() - 8 - 8 * 2;
-        let v2 = envelope(Kind::Ledger, 2, &body[..v2_len]);
-        let back = Ledger::from_bytes(&v2).unwrap();
-        assert_eq!(back.heldout_horizon(), 0.0);
-        // Every span is the window count (1), as in version 3.
-        let want = Ledger::from_parts(LedgerParts {
-            heldout_horizon: 0.0,
-            heldout_span: vec![1, 1],
-            heldout_shrink: 0.0,
-            shrink_spectral: false,
-            heldout_min_span: 0,
-            ..l.parts()
-        });
-        assert_eq!(back, want.unwrap());
-        // Version 3 data cut back to version 2's length is rejected, not misread.
-        assert!(Ledger::from_bytes(&envelope(Kind::Ledger, 3, &body[..v2_len])).is_err());
+    fn spans_end(l: &Ledger) -> usize {
+        ledger_payload(l).1 - 8 - 16 * l.num_experts()
     }
 
     /// A ledger (1 module × 3 experts, horizon 0.25) after 4 held-out windows: the first
@@ -658,32 +561,28 @@ mod tests {
         ] {
             l.record_heldout(&x, &moved).unwrap();
         }
-        assert_eq!(l.heldout_windows(), 4);
-        assert_eq!(l.heldout_span(), [4, 1, 0]);
+        assert_eq!(l.heldout().windows(), 4);
+        assert_eq!(l.heldout().span(), [4, 1, 0]);
         l
     }
 
     #[test]
-    fn version_4_ledger_round_trips_the_span() {
+    fn ledger_round_trips_the_span() {
         let l = paused_ledger();
         let bytes = l.to_bytes();
-        assert_eq!(bytes[5..7], 7u16.to_le_bytes());
-        // Version 4's payload ends with heldout_horizon f64, then heldout_span u64×(M·E).
-        let body = v4_payload(&l);
-        assert_eq!(
-            Ledger::from_bytes(&envelope(Kind::Ledger, 4, &body)).unwrap(),
-            without_shrink(&l)
-        );
-        let tail: Vec<u64> = body[body.len() - 8 * 3..]
+        assert_eq!(bytes[5..7], 1u16.to_le_bytes());
+        // The held-out horizon f64, then heldout_span u64×(M·E), precede the shrink books.
+        let (body, end) = (payload(&bytes), spans_end(&l));
+        let tail: Vec<u64> = body[end - 8 * 3..end]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
         assert_eq!(tail, [4, 1, 0]);
-        let horizon = &body[body.len() - 8 * 4..body.len() - 8 * 3];
+        let horizon = &body[end - 8 * 4..end - 8 * 3];
         assert_eq!(horizon, 0.25f64.to_bits().to_le_bytes());
         let back = Ledger::from_bytes(&bytes).unwrap();
         assert_eq!(back, l);
-        assert_eq!(back.heldout_span(), [4, 1, 0]);
+        assert_eq!(back.heldout().span(), [4, 1, 0]);
         assert_eq!(back.to_bytes(), bytes);
         // The restored ledger goes on as the original.
         let (mut a, mut b) = (l, back);
@@ -692,73 +591,21 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(a, b);
-        assert_eq!(a.heldout_span(), [5, 2, 1]);
-    }
-
-    #[test]
-    fn version_3_ledger_loads_with_the_global_span() {
-        let l = paused_ledger();
-        let body = v4_payload(&l);
-        let body = &body[..];
-        let v3_len = body.len() - 8 * 3;
-        let back = Ledger::from_bytes(&envelope(Kind::Ledger, 3, &body[..v3_len])).unwrap();
-        // Every span is the window count, which version 3's decay followed.
-        assert_eq!(back.heldout_span(), [4, 4, 4]);
-        let want = Ledger::from_parts(LedgerParts {
-            heldout_span: vec![4; 3],
-            heldout_shrink: 0.0,
-            shrink_spectral: false,
-            heldout_min_span: 0,
-            ..l.parts()
-        })
-        .unwrap();
-        assert_eq!(back, want);
-        assert_ne!(back, l);
-        // Saved again, it is version 7 data that loads as it is.
-        let again = back.to_bytes();
-        assert_eq!(again[5..7], 7u16.to_le_bytes());
-        assert_eq!(Ledger::from_bytes(&again).unwrap(), back);
-        // Version 4 data cut back to version 3's length is rejected, not misread, as is every
-        // shorter or longer version 4 payload; version 3 data with the spans appended too.
-        let cut = envelope(Kind::Ledger, 4, &body[..v3_len]);
-        assert!(matches!(Ledger::from_bytes(&cut), Err(Error::State(_))));
-        for n in 0..body.len() {
-            assert!(matches!(
-                Ledger::from_bytes(&envelope(Kind::Ledger, 4, &body[..n])),
-                Err(Error::State(_))
-            ));
-        }
-        let mut long = body.to_vec();
-        long.extend_from_slice(&[0; 8]);
-        assert!(matches!(
-            Ledger::from_bytes(&envelope(Kind::Ledger, 4, &long)),
-            Err(Error::State(_))
-        ));
-        assert!(matches!(
-            Ledger::from_bytes(&envelope(Kind::Ledger, 3, body)),
-            Err(Error::State(_))
-        ));
-        // And version 3 data cut shorter is rejected.
-        for n in 0..v3_len {
-            assert!(matches!(
-                Ledger::from_bytes(&envelope(Kind::Ledger, 3, &body[..n])),
-                Err(Error::State(_))
-            ));
-        }
+        assert_eq!(a.heldout().span(), [5, 2, 1]);
     }
 
     #[test]
     fn corrupt_heldout_span_is_rejected() {
         let l = paused_ledger();
-        let body = v4_payload(&l);
+        let (body, _) = ledger_payload(&l);
+        let at = spans_end(&l) - 8; // expert (0, 2)
         let with = |v: u64| {
             let mut b = body.clone();
-            let at = b.len() - 8; // expert (0, 2)
-            b[at..].copy_from_slice(&v.to_le_bytes());
-            Ledger::from_bytes(&envelope(Kind::Ledger, 4, &b))
+            b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            Ledger::from_bytes(&envelope(Kind::Ledger, 1, &b))
         };
         // Up to the window count (4) is accepted, beyond it rejected.
-        assert_eq!(with(4).unwrap().heldout_span(), [4, 1, 4]);
+        assert_eq!(with(4).unwrap().heldout().span(), [4, 1, 4]);
         for v in [5, u64::MAX] {
             let err = with(v).unwrap_err();
             assert!(
@@ -771,12 +618,12 @@ mod tests {
     #[test]
     fn invalid_heldout_horizon_in_state_is_rejected() {
         let l = Ledger::new(1, 1, 0.5).unwrap();
-        let mut body = v4_payload(&l);
+        let (mut body, _) = ledger_payload(&l);
         // The horizon, then one span (1 entry).
-        let at = body.len() - 16;
+        let at = spans_end(&l) - 16;
         for h in [f64::NAN, 1.0, -0.5, f64::INFINITY] {
             body[at..at + 8].copy_from_slice(&h.to_bits().to_le_bytes());
-            let err = Ledger::from_bytes(&envelope(Kind::Ledger, 4, &body)).unwrap_err();
+            let err = Ledger::from_bytes(&envelope(Kind::Ledger, 1, &body)).unwrap_err();
             assert!(
                 matches!(&err, Error::State(m) if m.contains("heldout_horizon")),
                 "{err:?}"
@@ -785,7 +632,7 @@ mod tests {
     }
 
     #[test]
-    fn heldout_state_round_trips_and_needs_version_2() {
+    fn heldout_state_round_trips() {
         let mut l = Ledger::new(1, 2, 0.5)
             .unwrap()
             .with_heldout_decay(0.3)
@@ -795,32 +642,26 @@ mod tests {
         l.record_heldout(&[-1.5, f64::NAN], &[true, true]).unwrap();
         let back = Ledger::from_bytes(&l.to_bytes()).unwrap();
         assert_eq!(back, l);
-        assert_eq!(back.heldout_horizon().to_bits(), 0.7f64.to_bits());
+        assert_eq!(back.heldout().horizon().to_bits(), 0.7f64.to_bits());
         assert_ne!(back, l.clone().with_heldout_horizon(0.25).unwrap());
 
         let cfg = RouterConfig {
-            policy: Policy::Heldout,
-            min_dwell: 3,
+            policy: Policy::Heldout { k: 1, min_dwell: 3 },
             ..RouterConfig::topk(1, 2, 1)
         };
         let mut r = Router::new(cfg).unwrap();
         let mut out = [false; 2];
         r.route(&[1.0f64, 1.0], &mut out).unwrap();
-        assert_eq!(r.regate(l.heldout_ema(), &[0.0, 0.0]).unwrap(), 1);
+        assert_eq!(r.regate(l.heldout().ema(), &[0.0, 0.0]).unwrap(), 1);
         let bytes = r.to_bytes();
         assert_eq!(Router::from_bytes(&bytes).unwrap(), r);
-        let v1 = envelope(Kind::Router, 1, payload(&bytes));
-        assert!(
-            matches!(Router::from_bytes(&v1), Err(Error::State(m)) if m.contains("policy code 2"))
-        );
     }
 
     /// A heldout router (2 modules × 2 experts, min_dwell 3) at step 5 whose experts changed at
     /// different steps: expert (0, 1) at step 1, (0, 0) at 3 and (1, 1) at 4.
     fn staggered_heldout_router() -> Router {
         let cfg = RouterConfig {
-            policy: Policy::Heldout,
-            min_dwell: 3,
+            policy: Policy::Heldout { k: 1, min_dwell: 3 },
             ..RouterConfig::topk(2, 2, 1)
         };
         let mut r = Router::new(cfg).unwrap();
@@ -844,18 +685,11 @@ mod tests {
     }
 
     #[test]
-    fn version_3_router_round_trips_expert_last_change() {
+    fn router_round_trips_expert_last_change() {
         let r = staggered_heldout_router();
         let bytes = r.to_bytes();
-        assert_eq!(bytes[5..7], 7u16.to_le_bytes());
+        assert_eq!(bytes[5..7], 1u16.to_le_bytes());
         let body = payload(&bytes);
-        // Versions 4 to 7 keep version 3's router payload.
-        for version in [3, 4, 5, 6] {
-            assert_eq!(
-                Router::from_bytes(&envelope(Kind::Router, version, body)).unwrap(),
-                r
-            );
-        }
         // The payload ends with last_change u64×M, then expert_last_change u64×(M·E).
         let tail: Vec<u64> = body[body.len() - 8 * 6..]
             .chunks_exact(8)
@@ -877,42 +711,6 @@ mod tests {
     }
 
     #[test]
-    fn version_2_router_loads_with_the_module_timing() {
-        let r = staggered_heldout_router();
-        let bytes = r.to_bytes();
-        let body = payload(&bytes);
-        let v2 = envelope(Kind::Router, 2, &body[..body.len() - 8 * 4]);
-        let back = Router::from_bytes(&v2).unwrap();
-        assert_eq!(back.step(), r.step());
-        assert_eq!(back.incumbents(), r.incumbents());
-        assert_eq!(back.last_change(), [3, 4]);
-        // Each expert starts from its module's last change.
-        assert_eq!(back.expert_last_change(), [3, 3, 4, 4]);
-        // Saved again, it is version 7 data that loads as it is.
-        let again = back.to_bytes();
-        assert_eq!(again[5..7], 7u16.to_le_bytes());
-        assert_eq!(Router::from_bytes(&again).unwrap(), back);
-        // Version 3 to 7 data lacking the array (cut back to version 2's length) is rejected,
-        // as is every shorter or longer version 3 to 7 payload.
-        for version in [3, 4, 5, 6, 7] {
-            let cut = envelope(Kind::Router, version, &body[..body.len() - 8 * 4]);
-            assert!(matches!(Router::from_bytes(&cut), Err(Error::State(_))));
-            for n in 0..body.len() {
-                assert!(matches!(
-                    Router::from_bytes(&envelope(Kind::Router, version, &body[..n])),
-                    Err(Error::State(_))
-                ));
-            }
-            let mut long = body.to_vec();
-            long.extend_from_slice(&[0; 8]);
-            assert!(matches!(
-                Router::from_bytes(&envelope(Kind::Router, version, &long)),
-                Err(Error::State(_))
-            ));
-        }
-    }
-
-    #[test]
     fn corrupt_expert_last_change_is_rejected() {
         let r = staggered_heldout_router();
         let body = payload(&r.to_bytes()).to_vec();
@@ -920,7 +718,7 @@ mod tests {
         let with = |v: u64, at: usize| {
             let mut b = body.clone();
             b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-            Router::from_bytes(&envelope(Kind::Router, 3, &b))
+            Router::from_bytes(&envelope(Kind::Router, 1, &b))
         };
         // After the router's step (5).
         let err = with(6, at).unwrap_err();
@@ -938,7 +736,7 @@ mod tests {
         let n = tb.len();
         tb[n - 8] = 1; // expert (0, 1) = 1 <= step
         assert!(matches!(
-            Router::from_bytes(&envelope(Kind::Router, 3, &tb)),
+            Router::from_bytes(&envelope(Kind::Router, 1, &tb)),
             Err(Error::State(m)) if m.contains("policy 'heldout'")
         ));
     }
@@ -957,81 +755,60 @@ mod tests {
     }
 
     #[test]
-    fn version_5_ledger_round_trips_the_shrink_books() {
+    fn ledger_round_trips_the_shrink_books() {
         let l = shrunk_ledger();
         let bytes = l.to_bytes();
-        let body = &v5_payload(&l)[..];
-        // Version 5's payload ends with heldout_shrink f64, shrink_trials u64×E, shrinks u64×E.
-        let tail: Vec<u64> = body[body.len() - 8 * 4..]
+        let (body, end) = ledger_payload(&l);
+        // The shrink books: heldout_shrink f64, shrink_trials u64×E, shrinks u64×E.
+        let tail: Vec<u64> = body[end - 8 * 4..end]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
         assert_eq!(tail, [2, 1, 1, 1]);
-        let shrink = &body[body.len() - 8 * 5..body.len() - 8 * 4];
+        let shrink = &body[end - 8 * 5..end - 8 * 4];
         assert_eq!(shrink, 0.2f64.to_bits().to_le_bytes());
         let back = Ledger::from_bytes(&bytes).unwrap();
         assert_eq!(back, l);
-        assert_eq!(back.shrink_trials(), [2, 1]);
-        assert_eq!(back.shrinks(), [1, 1]);
+        assert_eq!(back.heldout().shrink_trials(), [2, 1]);
+        assert_eq!(back.heldout().shrinks(), [1, 1]);
         assert_eq!(back.to_bytes(), bytes);
-        // Version 5 data loads with the books and the scaling LoRA trial it ran.
-        let v5 = Ledger::from_bytes(&envelope(Kind::Ledger, 5, body)).unwrap();
-        let ran = l
-            .clone()
-            .with_shrink_spectral(false)
-            .with_heldout_min_span(0);
-        assert_eq!(v5, ran.unwrap());
-        // Version 4 data (the tail cut) loads without shrink trials, and version 5 data cut
-        // to version 4's length, or to any other length, is rejected.
-        let v4 = v4_payload(&l);
-        let old = Ledger::from_bytes(&envelope(Kind::Ledger, 4, &v4)).unwrap();
-        assert_eq!(old.heldout_shrink(), 0.0);
-        assert_eq!(old.shrink_trials(), [0, 0]);
         for n in 0..body.len() {
             assert!(matches!(
-                Ledger::from_bytes(&envelope(Kind::Ledger, 5, &body[..n])),
+                Ledger::from_bytes(&envelope(Kind::Ledger, 1, &body[..n])),
                 Err(Error::State(_))
             ));
         }
     }
 
     #[test]
-    fn version_6_ledger_round_trips_the_kind_of_lora_trial() {
+    fn ledger_round_trips_the_kind_of_lora_trial() {
         for spectral in [true, false] {
             let l = shrunk_ledger().with_shrink_spectral(spectral);
-            assert_eq!(l.shrink_spectral(), spectral);
+            assert_eq!(l.heldout().shrink_spectral(), spectral);
             let bytes = l.to_bytes();
-            let body = v6_payload(&l);
-            assert_eq!(body[body.len() - 1], u8::from(spectral));
+            let (body, end) = ledger_payload(&l);
+            assert_eq!(body[end], u8::from(spectral));
             let back = Ledger::from_bytes(&bytes).unwrap();
-            assert_eq!((back.shrink_spectral(), &back), (spectral, &l));
-            let v6 = Ledger::from_bytes(&envelope(Kind::Ledger, 6, &body)).unwrap();
-            assert_eq!(v6, l.with_heldout_min_span(0).unwrap());
+            assert_eq!((back.heldout().shrink_spectral(), &back), (spectral, &l));
         }
-        assert!(Ledger::new(1, 1, 0.5).unwrap().shrink_spectral());
-        // A flag byte other than 0 or 1, and version 6 data without it, are rejected.
-        let mut body = v6_payload(&shrunk_ledger());
-        *body.last_mut().unwrap() = 2;
+        assert!(Ledger::new(1, 1, 0.5).unwrap().heldout().shrink_spectral());
+        // A flag byte other than 0 or 1 is rejected.
+        let (mut body, end) = ledger_payload(&shrunk_ledger());
+        body[end] = 2;
         assert!(matches!(
-            Ledger::from_bytes(&envelope(Kind::Ledger, 6, &body)),
+            Ledger::from_bytes(&envelope(Kind::Ledger, 1, &body)),
             Err(Error::State(m)) if m.contains("shrink_spectral")
-        ));
-        body.pop();
-        assert!(matches!(
-            Ledger::from_bytes(&envelope(Kind::Ledger, 6, &body)),
-            Err(Error::State(_))
         ));
     }
 
     #[test]
     fn corrupt_shrink_books_are_rejected() {
         let l = shrunk_ledger();
-        let body = v5_payload(&l);
-        let n = body.len();
+        let (body, n) = ledger_payload(&l);
         let with = |at: usize, v: u64| {
             let mut b = body.clone();
             b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-            Ledger::from_bytes(&envelope(Kind::Ledger, 5, &b))
+            Ledger::from_bytes(&envelope(Kind::Ledger, 1, &b))
         };
         // More kept than tried (expert 1: 2 kept of 1 tried), trials beyond MAX_STEP.
         assert!(matches!(with(n - 8, 2), Err(Error::State(m)) if m.contains("shrink")));
@@ -1046,35 +823,35 @@ mod tests {
             );
         }
         // Consistent edits load.
-        assert_eq!(with(n - 8, 0).unwrap().shrinks(), [1, 0]);
+        assert_eq!(with(n - 8, 0).unwrap().heldout().shrinks(), [1, 0]);
     }
 
     #[test]
-    fn version_7_ledger_round_trips_the_minimum_span() {
+    fn ledger_round_trips_the_minimum_span() {
         for min_span in [0, 3, 10, MAX_STEP] {
             let l = paused_ledger().with_heldout_min_span(min_span).unwrap();
             let bytes = l.to_bytes();
             let body = payload(&bytes);
             assert_eq!(body[body.len() - 8..], min_span.to_le_bytes());
             let back = Ledger::from_bytes(&bytes).unwrap();
-            assert_eq!(back.heldout_min_span(), min_span);
+            assert_eq!(back.heldout().min_span(), min_span);
             assert_eq!(back, l);
             // The minimum span is part of the state: ledgers that differ only there differ.
             assert_ne!(back, paused_ledger().with_heldout_min_span(5).unwrap());
         }
-        assert_eq!(Ledger::new(1, 1, 0.5).unwrap().heldout_min_span(), 0);
-        // Beyond MAX_STEP, and version 7 data without it, are rejected.
+        assert_eq!(Ledger::new(1, 1, 0.5).unwrap().heldout().min_span(), 0);
+        // Beyond MAX_STEP, and data without it, are rejected.
         let bytes = paused_ledger().to_bytes();
         let mut body = payload(&bytes).to_vec();
         let n = body.len();
         body[n - 8..].copy_from_slice(&(MAX_STEP + 1).to_le_bytes());
         assert!(matches!(
-            Ledger::from_bytes(&envelope(Kind::Ledger, 7, &body)),
+            Ledger::from_bytes(&envelope(Kind::Ledger, 1, &body)),
             Err(Error::State(m)) if m.contains("heldout_min_span")
         ));
         body.truncate(n - 8);
         assert!(matches!(
-            Ledger::from_bytes(&envelope(Kind::Ledger, 7, &body)),
+            Ledger::from_bytes(&envelope(Kind::Ledger, 1, &body)),
             Err(Error::State(_))
         ));
     }

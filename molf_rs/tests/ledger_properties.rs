@@ -51,14 +51,14 @@ proptest! {
                 ledger.record_heldout(scores, &mask).unwrap();
                 model.record_heldout(&rows(scores, e), &mask_rows);
             }
-            prop_assert_eq!(ledger.heldout_windows(), model.heldout_windows);
-            prop_assert_eq!(bits(ledger.heldout_ema()), bits(&model.heldout_ema.concat()));
-            prop_assert_eq!(ledger.heldout_span().to_vec(), model.heldout_span.concat());
+            prop_assert_eq!(ledger.heldout().windows(), model.heldout_windows);
+            prop_assert_eq!(bits(ledger.heldout().ema()), bits(&model.heldout_ema.concat()));
+            prop_assert_eq!(ledger.heldout().span().to_vec(), model.heldout_span.concat());
             // The record as regate judges it: the EMA once the span reaches min_span, else NaN.
             let judged: Vec<f64> = model.heldout_ema.concat().iter().zip(model.heldout_span.concat())
                 .map(|(&x, n)| if n >= min_span { x } else { f64::NAN })
                 .collect();
-            prop_assert_eq!(bits(&ledger.heldout_descent()), bits(&judged));
+            prop_assert_eq!(bits(&ledger.heldout().descent()), bits(&judged));
             prop_assert_eq!(ledger.step(), model.step);
             prop_assert_eq!(ledger.checksum(), model.checksum);
             prop_assert_eq!(bits(ledger.last_scores()), bits(&model.last_scores.concat()));

@@ -43,8 +43,10 @@ fn check_heldout_against_reference(
     measure: &[bool],
 ) -> Result<u64, TestCaseError> {
     let cfg = RouterConfig {
-        policy: Policy::Heldout,
-        margin: 0.0,
+        policy: Policy::Heldout {
+            k: cfg.policy.k(),
+            min_dwell: cfg.policy.min_dwell(),
+        },
         ..cfg
     };
     let e = cfg.num_experts as usize;
@@ -148,14 +150,14 @@ proptest! {
 
     #[test]
     fn topk_routing_picks_min_k_finite((cfg, steps) in config_and_steps(1..2)) {
-        let cfg = RouterConfig { policy: Policy::TopK, margin: 0.0, min_dwell: 0, ..cfg };
+        let cfg = RouterConfig { policy: Policy::TopK { k: cfg.policy.k() }, ..cfg };
         let mut r = fresh_routing(cfg);
         let e = cfg.num_experts as usize;
         let out = route(&mut r, &steps[0]);
         for (row, win) in steps[0].chunks(e).zip(out.chunks(e)) {
             let finite = row.iter().filter(|x| x.is_finite()).count() as u64;
             let winners = win.iter().filter(|&&b| b).count() as u64;
-            prop_assert_eq!(winners, finite.min(cfg.topk));
+            prop_assert_eq!(winners, finite.min(cfg.policy.k()));
             prop_assert!(row.iter().zip(win).all(|(x, &w)| !w || x.is_finite()));
         }
     }
@@ -177,7 +179,11 @@ proptest! {
     ) {
         // Without ties among finite scores only the values decide, wherever they sit. Margin 0:
         // an adjusted incumbent score could otherwise tie with a challenger.
-        let cfg = RouterConfig { margin: 0.0, ..cfg };
+        let policy = match cfg.policy {
+            Policy::Hysteresis { k, min_dwell, .. } => Policy::Hysteresis { k, margin: 0.0, min_dwell },
+            p => p,
+        };
+        let cfg = RouterConfig { policy, ..cfg };
         let e = cfg.num_experts as usize;
         let mut perm: Vec<usize> = (0..e).collect();
         let mut x = seed;
@@ -242,7 +248,7 @@ proptest! {
         // Holds for margin <= 1 only: an incumbent's adjusted score s + margin·|s| is
         // s·(1 − margin) for s < 0, which decreases in s when margin > 1 (see the unit test
         // `hysteresis_margin_above_one_is_not_monotone_for_negative_scores` in router.rs).
-        prop_assume!(cfg.margin <= 1.0);
+        prop_assume!(cfg.policy.margin() <= 1.0);
         let mut r = Router::new(cfg).unwrap();
         let (last, prefix) = steps.split_last().unwrap();
         for s in prefix {
@@ -308,7 +314,7 @@ proptest! {
         let out = route(&mut r, s);
         prop_assert!(s.iter().zip(&out).all(|(x, &w)| w == x.is_finite()));
         // Warm-up sets no incumbent; policy heldout starts with every expert active.
-        let heldout = cfg.policy == Policy::Heldout;
+        let heldout = cfg.policy.is_heldout();
         prop_assert!(r.incumbents().iter().all(|&b| b == heldout));
     }
 }

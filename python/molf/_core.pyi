@@ -201,7 +201,7 @@ class Router:
         """Restores a router exactly: it takes the same future decisions as the original.
 
         Format (little-endian): ``b"MOLF"``, kind byte (1 = router, 2 = ledger), format
-        version u16 (currently 5; 1 to 4 still load), payload length u64, payload, then a
+        version u16 (1, the only version that loads), payload length u64, payload, then a
         u64 FNV-1a-64 checksum of every preceding byte. Floats are stored bit-exact.
 
         Raises:
@@ -259,18 +259,14 @@ class Ledger:
             one window is noise around a small drift, and a span growing with the run
             resolves it; an expert back from a drop starts a new span, so its record from
             before the drop fades within a few windows instead of dropping it again at
-            once. 0: the fixed ``heldout_decay`` (what checkpoints of format version 1
-            and 2 load with).
+            once. 0: the fixed ``heldout_decay``.
         heldout_shrink: in ``[0, 1)``, the fraction by which a held-out shrink trial
-            scales an expert's update back (see :meth:`record_shrink`); 0: no trials
-            (what checkpoints of format version 1 to 4 load with).
+            scales an expert's update back (see :meth:`record_shrink`); 0: no trials.
         shrink_spectral: how a shrink trial shrinks a LoRA expert's product (the
             optimizer applies it): True soft-thresholds its singular values by
-            ``heldout_shrink`` x the largest, False scales it by ``1 - heldout_shrink``
-            (what checkpoints of format version 1 to 5 load with).
+            ``heldout_shrink`` x the largest, False scales it by ``1 - heldout_shrink``.
         heldout_min_span: >= 0, the windows an expert's span must reach before its
-            record can drop it (see :meth:`heldout_descent`); 0: from the first window
-            (what checkpoints of format version 1 to 6 load with).
+            record can drop it (see :meth:`heldout_descent`); 0: from the first window.
 
     Raises:
         ConfigError: an argument out of range, or a bool for an integer argument.
@@ -327,8 +323,7 @@ class Ledger:
         """Copy, ``(M, E)``: the held-out descent EMA (NaN where never measured)."""
     def heldout_span(self) -> npt.NDArray[np.uint64]:
         """Copy, ``(M, E)``: per expert, the consecutive :meth:`record_heldout` windows,
-        up to the last, in which it moved (0: it did not move in the last one).
-        Checkpoints of format version 1 to 3 load with ``heldout_windows`` everywhere."""
+        up to the last, in which it moved (0: it did not move in the last one)."""
     @property
     def heldout_min_span(self) -> int: ...
     def heldout_descent(self) -> npt.NDArray[np.float64]:

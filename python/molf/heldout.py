@@ -22,9 +22,9 @@ expert's update, the product s·B·A, has its singular values soft-thresholded,
 σ_j ← max(σ_j − δ·σ_1, 0) (B changes, A stays; `spectral_shrink_b`): the
 largest shrinks by 1 − δ as under scaling, the others by the same amount, so
 the weakest directions — where a low-rank update fits the training set's noise
-— vanish first; a nuclear-norm proximal step towards a lower rank. (Ledgers
-saved before format version 6, or `heldout_shrink_spectral=False`, scale the
-product by 1 − δ instead.) The held-out data chooses the strength per expert:
+— vanish first; a nuclear-norm proximal step towards a lower rank.
+(`heldout_shrink_spectral=False` scales the product by 1 − δ instead.)
+The held-out data chooses the strength per expert:
 where an expert's update fits noise (little data, noisy labels), it shrinks
 window after window while the other expert goes on learning; where it helps,
 nothing is kept. A kept trial that shrinks a dropped expert does not count as
@@ -203,8 +203,8 @@ class HeldoutProbe:
     def _shrink(self, view: ExpertView, undo: _Undo) -> set[torch.Tensor]:
         """One shrink trial per expert index (see the module docstring): a dense expert's
         weight and bias scaled about where they started; a LoRA expert's B rewritten so that
-        its product's spectrum is soft-thresholded (a ledger saved before format version 6:
-        B scaled about zero, which scales the product). Returns the tensors of inactive
+        its product's spectrum is soft-thresholded (with ``shrink_spectral`` False: B scaled
+        about zero, which scales the product). Returns the tensors of inactive
         experts that a kept trial moved: the window counts them as not moved (an inactive
         expert has not moved since the last measurement; its record takes in training movement
         only, and its span pauses)."""

@@ -45,7 +45,7 @@ impl RefRouter {
             cfg,
             step: 0,
             // Policy heldout starts with every expert active.
-            incumbents: vec![vec![cfg.policy == Policy::Heldout; e]; m],
+            incumbents: vec![vec![cfg.policy.is_heldout(); e]; m],
             last_change: vec![0; m],
             expert_last_change: vec![vec![0; e]; m],
             returns_only_per_expert: 0,
@@ -74,27 +74,29 @@ impl RefRouter {
             let held: Vec<bool> = inc.iter().zip(&finite).map(|(&i, &f)| i && f).collect();
             let win = match phase {
                 "warmup" => finite.clone(),
-                _ if self.cfg.policy == Policy::Heldout => held,
+                _ if self.cfg.policy.is_heldout() => held,
                 "frozen" if has_inc => held,
-                "frozen" => ref_top_k(row, self.cfg.topk, None),
+                "frozen" => ref_top_k(row, self.cfg.policy.k(), None),
                 _ => match self.cfg.policy {
-                    Policy::TopK => ref_top_k(row, self.cfg.topk, None),
-                    Policy::Heldout => unreachable!("handled above"),
-                    Policy::Hysteresis => {
-                        if has_inc
-                            && held.iter().any(|&b| b)
-                            && s - self.last_change[m] < self.cfg.min_dwell
+                    Policy::TopK { k } => ref_top_k(row, k, None),
+                    Policy::Heldout { .. } => unreachable!("handled above"),
+                    Policy::Hysteresis {
+                        k,
+                        margin,
+                        min_dwell,
+                    } => {
+                        if has_inc && held.iter().any(|&b| b) && s - self.last_change[m] < min_dwell
                         {
                             held
                         } else if has_inc {
-                            ref_top_k(row, self.cfg.topk, Some((&inc, self.cfg.margin)))
+                            ref_top_k(row, k, Some((&inc, margin)))
                         } else {
-                            ref_top_k(row, self.cfg.topk, None)
+                            ref_top_k(row, k, None)
                         }
                     }
                 },
             };
-            let routes = self.cfg.policy != Policy::Heldout;
+            let routes = !self.cfg.policy.is_heldout();
             if routes && phase == "routing" && win.iter().any(|&b| b) && win != inc {
                 self.incumbents[m] = win.clone();
                 self.last_change[m] = s;
@@ -113,7 +115,7 @@ impl RefRouter {
         if self.phase() == "frozen" {
             return 0;
         }
-        let (s, dwell) = (self.step, self.cfg.min_dwell);
+        let (s, dwell) = (self.step, self.cfg.policy.min_dwell());
         let mut changed = 0;
         for m in 0..self.incumbents.len() {
             let module_may_return = s - self.last_change[m] >= dwell;
@@ -168,24 +170,24 @@ pub fn config() -> impl Strategy<Value = RouterConfig> {
         0u64..4,
         0u64..4,
         prop::option::of(1u64..8),
-        prop_oneof![
-            Just(Policy::TopK),
-            Just(Policy::Hysteresis),
-            Just(Policy::Heldout)
-        ],
+        0u8..3,
     )
         .prop_map(
             |(m, e, k, margin, dwell, warmup, freeze, policy)| RouterConfig {
                 num_modules: m,
                 num_experts: e,
-                topk: k,
-                policy,
-                margin: if policy == Policy::Hysteresis {
-                    margin
-                } else {
-                    0.0
+                policy: match policy {
+                    0 => Policy::TopK { k },
+                    1 => Policy::Hysteresis {
+                        k,
+                        margin,
+                        min_dwell: dwell,
+                    },
+                    _ => Policy::Heldout {
+                        k,
+                        min_dwell: dwell,
+                    },
                 },
-                min_dwell: if policy == Policy::TopK { 0 } else { dwell },
                 warmup_steps: warmup,
                 freeze_after: freeze.map(|f| warmup + f),
             },

@@ -1,0 +1,354 @@
+//! The held-out record of a ledger: per expert, a smoothed held-out loss decrease and the
+//! span it covers (what `Router::regate` judges under policy heldout), and the books of the
+//! held-out shrink trials.
+
+use crate::error::{filled, Error, Result};
+use crate::router::MAX_STEP;
+
+/// Default held-out shrink: a trial scales an expert's update since the start by 0.9.
+pub const DEFAULT_HELDOUT_SHRINK: f64 = 0.1;
+
+/// Default LoRA shrink trial: spectral (see [`Heldout::shrink_spectral`]).
+pub const DEFAULT_SHRINK_SPECTRAL: bool = true;
+
+/// Default decay of the held-out EMA: a window's measurement counts as much as all before.
+pub const DEFAULT_HELDOUT_DECAY: f64 = 0.5;
+
+/// Default held-out horizon: the EMA averages about the last quarter of the run.
+pub const DEFAULT_HELDOUT_HORIZON: f64 = 0.25;
+
+/// Default minimum span: an expert's record judges it from the first window (the Python
+/// optimizer asks for 10 where a module has LoRA experts only; see [`Heldout::descent`]).
+pub const DEFAULT_HELDOUT_MIN_SPAN: u64 = 0;
+
+#[derive(Debug, Clone)]
+pub struct Heldout {
+    /// Decay of `ema` per held-out window; with a horizon, its floor.
+    decay: f64,
+    /// Fraction of each expert's span that its EMA averages over (0: the fixed `decay`);
+    /// see [`Heldout::record`].
+    horizon: f64,
+    /// Held-out windows recorded.
+    windows: u64,
+    /// Row-major `[modules × experts]`: EMA of each expert's held-out loss decrease per step
+    /// over the windows in which it moved; NaN until the first.
+    ema: Vec<f64>,
+    /// Row-major: the number of consecutive windows, up to the last one, in which each
+    /// expert moved (0 after a window in which it did not).
+    span: Vec<u64>,
+    /// The span an expert's record needs before it can drop the expert: until then its
+    /// descent is NaN (not judged yet); see [`Heldout::descent`].
+    min_span: u64,
+    /// Fraction by which a shrink trial scales an expert's update back (0: no trials); see
+    /// [`Heldout::record_shrink`].
+    shrink: f64,
+    /// Per expert: shrink trials recorded, and how many of them were kept.
+    shrink_trials: Vec<u64>,
+    shrinks: Vec<u64>,
+    /// How a shrink trial shrinks a LoRA expert's product s·B·A (the tensor side applies
+    /// it): true soft-thresholds its singular values by `shrink` × the largest (a
+    /// nuclear-norm proximal step), false scales it by 1 − `shrink`.
+    shrink_spectral: bool,
+}
+
+/// Everything [`Heldout::from_parts`] needs; mirrors the serialised fields.
+#[derive(Debug, Clone)]
+pub struct HeldoutParts {
+    pub decay: f64,
+    pub horizon: f64,
+    pub windows: u64,
+    pub ema: Vec<f64>,
+    pub span: Vec<u64>,
+    pub min_span: u64,
+    pub shrink: f64,
+    pub shrink_trials: Vec<u64>,
+    pub shrinks: Vec<u64>,
+    pub shrink_spectral: bool,
+}
+
+impl PartialEq for Heldout {
+    /// Floats are compared bit for bit: "equal" means "identical state", NaNs included.
+    fn eq(&self, other: &Self) -> bool {
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        self.decay.to_bits() == other.decay.to_bits()
+            && self.horizon.to_bits() == other.horizon.to_bits()
+            && self.windows == other.windows
+            && bits(&self.ema) == bits(&other.ema)
+            && self.span == other.span
+            && self.min_span == other.min_span
+            && self.shrink.to_bits() == other.shrink.to_bits()
+            && self.shrink_trials == other.shrink_trials
+            && self.shrinks == other.shrinks
+            && self.shrink_spectral == other.shrink_spectral
+    }
+}
+
+/// Checks a decay, horizon or shrink: in [0, 1).
+pub(crate) fn check_unit(name: &str, value: f64) -> Result<()> {
+    // Written so that NaN fails too.
+    if !(0.0..1.0).contains(&value) {
+        return Err(Error::Config(format!(
+            "{name} must be in [0, 1), got {value}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a minimum span: a window count, at most `MAX_STEP`.
+fn check_min_span(min_span: u64) -> Result<()> {
+    if min_span > MAX_STEP {
+        return Err(Error::Config(format!(
+            "heldout_min_span must be <= {MAX_STEP}, got {min_span}"
+        )));
+    }
+    Ok(())
+}
+
+impl Heldout {
+    /// An empty record of `entries` (= modules × experts) experts' measurements, with the
+    /// default settings.
+    pub(crate) fn new(entries: usize, num_experts: usize) -> Result<Self> {
+        Ok(Heldout {
+            decay: DEFAULT_HELDOUT_DECAY,
+            horizon: DEFAULT_HELDOUT_HORIZON,
+            windows: 0,
+            ema: filled(entries, f64::NAN, "heldout_ema")?,
+            span: filled(entries, 0, "heldout_span")?,
+            min_span: DEFAULT_HELDOUT_MIN_SPAN,
+            shrink: DEFAULT_HELDOUT_SHRINK,
+            shrink_trials: filled(num_experts, 0, "shrink_trials")?,
+            shrinks: filled(num_experts, 0, "shrinks")?,
+            shrink_spectral: DEFAULT_SHRINK_SPECTRAL,
+        })
+    }
+
+    pub(crate) fn set_decay(&mut self, decay: f64) -> Result<()> {
+        check_unit("heldout_decay", decay)?;
+        self.decay = decay;
+        Ok(())
+    }
+
+    pub(crate) fn set_horizon(&mut self, horizon: f64) -> Result<()> {
+        check_unit("heldout_horizon", horizon)?;
+        self.horizon = horizon;
+        Ok(())
+    }
+
+    pub(crate) fn set_shrink(&mut self, shrink: f64) -> Result<()> {
+        check_unit("heldout_shrink", shrink)?;
+        self.shrink = shrink;
+        Ok(())
+    }
+
+    pub(crate) fn set_shrink_spectral(&mut self, spectral: bool) {
+        self.shrink_spectral = spectral;
+    }
+
+    pub(crate) fn set_min_span(&mut self, min_span: u64) -> Result<()> {
+        check_min_span(min_span)?;
+        self.min_span = min_span;
+        Ok(())
+    }
+
+    /// Rebuilds a record of a `[num_modules × num_experts]` ledger from decoded state,
+    /// checking every invariant that `record` and `record_shrink` maintain; any violation
+    /// is a `State` error.
+    pub fn from_parts(p: HeldoutParts, num_modules: usize, num_experts: usize) -> Result<Self> {
+        let state = |msg: String| Err(Error::State(msg));
+        let (m, e) = (num_modules, num_experts);
+        if p.ema.len() != m * e || p.span.len() != m * e {
+            return state(format!(
+                "held-out state arrays do not match shape ({m}, {e})"
+            ));
+        }
+        if let Err(err) = check_unit("heldout_decay", p.decay)
+            .and_then(|()| check_unit("heldout_horizon", p.horizon))
+            .and_then(|()| check_unit("heldout_shrink", p.shrink))
+            .and_then(|()| check_min_span(p.min_span))
+        {
+            return state(format!("invalid ledger configuration in state: {err}"));
+        }
+        if p.windows > MAX_STEP
+            || (p.windows == 0 && p.ema.iter().any(|x| !x.is_nan()))
+            || p.ema.iter().any(|x| x.is_infinite())
+        {
+            return state(format!(
+                "held-out EMA is inconsistent with {} recorded windows (or not finite)",
+                p.windows
+            ));
+        }
+        if let Some(span) = p.span.iter().find(|&&s| s > p.windows) {
+            return state(format!(
+                "held-out span {span} exceeds the {} recorded windows",
+                p.windows
+            ));
+        }
+        if p.shrink_trials.len() != e || p.shrinks.len() != e {
+            return state(format!("ledger shrink counters do not match {e} experts"));
+        }
+        let trials_ok = p
+            .shrink_trials
+            .iter()
+            .zip(&p.shrinks)
+            .all(|(&t, &k)| k <= t && t <= MAX_STEP);
+        if !trials_ok || (p.shrink == 0.0 && p.shrink_trials.iter().any(|&t| t > 0)) {
+            return state(format!(
+                "held-out shrink counters are inconsistent (shrink {}, trials {:?}, kept {:?})",
+                p.shrink, p.shrink_trials, p.shrinks
+            ));
+        }
+        Ok(Heldout {
+            decay: p.decay,
+            horizon: p.horizon,
+            windows: p.windows,
+            ema: p.ema,
+            span: p.span,
+            min_span: p.min_span,
+            shrink: p.shrink,
+            shrink_trials: p.shrink_trials,
+            shrinks: p.shrinks,
+            shrink_spectral: p.shrink_spectral,
+        })
+    }
+
+    /// Decides one held-out shrink trial of `expert`: `base` is the held-out loss as the
+    /// parameters are, `trial` the loss with the expert's update since the start shrunk
+    /// (its dense weights' distance from where training began scaled by 1 − `shrink`; its
+    /// LoRA product's singular values soft-thresholded by `shrink` × the largest, or with
+    /// `shrink_spectral` false scaled like the dense update). The shrunk update is kept
+    /// when it lowers the loss: a pull towards the starting point (towards a lower rank,
+    /// for LoRA) whose strength the held-out data chooses, one expert at a time. A NaN on
+    /// either side keeps the update as it is.
+    pub(crate) fn record_shrink(&mut self, expert: usize, base: f64, trial: f64) -> Result<bool> {
+        if self.shrink == 0.0 {
+            return Err(Error::Config(
+                "heldout_shrink is 0: there are no shrink trials".into(),
+            ));
+        }
+        let experts = self.shrink_trials.len();
+        if expert >= experts {
+            return Err(Error::Config(format!(
+                "expert {expert} out of range for {experts} experts"
+            )));
+        }
+        if self.shrink_trials[expert] >= MAX_STEP {
+            return Err(Error::State(format!("shrink trials exceed {MAX_STEP}")));
+        }
+        let keep = trial < base;
+        self.shrink_trials[expert] += 1;
+        self.shrinks[expert] += u64::from(keep);
+        Ok(keep)
+    }
+
+    /// Records one held-out window (the ledger checked the shapes): `descent` (row-major
+    /// `[modules × experts]`) is each expert's held-out loss decrease per step over the
+    /// window, `moved` whether the expert was active in it. The EMA takes the finite values
+    /// of experts that moved; the others keep their estimate (a frozen expert's last
+    /// measurement stands until it moves again).
+    ///
+    /// The decay of an entry is `decay` when `horizon` h is 0, else `max(decay, 1 − a/n)`
+    /// with a = 1/h − 1, where n is the entry's span: the number of consecutive windows,
+    /// this one included, in which the expert moved (it counts per expert from its last
+    /// pause; an expert that moved in every window has n = the window count). Late in a long
+    /// run one window's change is noise around a small drift, and the noise of an average
+    /// over a span shrinks like 1/span, so the span grows with the run: window k enters with
+    /// weight a/k and has shrunk by about (k/n)^a at window n, a weight of about
+    /// (a/n)(k/n)^(a−1), so the EMA's mean age is about h × n (h = 0.25: the last quarter of
+    /// the run), never shorter than the fixed decay gives. The span restarts after a pause
+    /// so that a re-admitted expert's EMA is not held to the long record that got it
+    /// dropped. h = 0 is a fixed decay.
+    pub(crate) fn record(&mut self, descent: &[f64], moved: &[bool]) -> Result<()> {
+        if self.windows >= MAX_STEP {
+            return Err(Error::Internal(format!(
+                "held-out window counter reached {MAX_STEP}"
+            )));
+        }
+        let (floor, h) = (self.decay, self.horizon);
+        let entries = self
+            .ema
+            .iter_mut()
+            .zip(&mut self.span)
+            .zip(descent.iter().zip(moved));
+        for ((ema, span), (&x, &m)) in entries {
+            // Bounded by windows (< MAX_STEP, checked above): no overflow.
+            *span = if m { *span + 1 } else { 0 };
+            if m && x.is_finite() {
+                let d = if h == 0.0 {
+                    floor
+                } else {
+                    floor.max(1.0 - (1.0 / h - 1.0) / *span as f64)
+                };
+                *ema = if ema.is_nan() {
+                    x
+                } else {
+                    d * *ema + (1.0 - d) * x
+                };
+            }
+        }
+        self.windows += 1;
+        Ok(())
+    }
+
+    /// Each expert's record as `Router::regate` judges it (row-major
+    /// `[modules × experts]`): its EMA once its span has reached `min_span` windows, NaN
+    /// (not judged yet: an active expert stays) before. So a drop needs a record of that
+    /// many windows since the start or the expert's last return, and a returning expert
+    /// stays at least that long: a first fit can raise the held-out loss and still pay off
+    /// (why: docs/algorithm.md, "Minimum span"); 0 judges from the first window.
+    pub fn descent(&self) -> Vec<f64> {
+        self.ema
+            .iter()
+            .zip(&self.span)
+            .map(|(&x, &span)| if span >= self.min_span { x } else { f64::NAN })
+            .collect()
+    }
+
+    pub fn decay(&self) -> f64 {
+        self.decay
+    }
+    pub fn horizon(&self) -> f64 {
+        self.horizon
+    }
+    pub fn windows(&self) -> u64 {
+        self.windows
+    }
+    pub fn ema(&self) -> &[f64] {
+        &self.ema
+    }
+    pub fn span(&self) -> &[u64] {
+        &self.span
+    }
+    pub fn min_span(&self) -> u64 {
+        self.min_span
+    }
+    pub fn shrink(&self) -> f64 {
+        self.shrink
+    }
+    pub fn shrink_trials(&self) -> &[u64] {
+        &self.shrink_trials
+    }
+    pub fn shrinks(&self) -> &[u64] {
+        &self.shrinks
+    }
+    /// How a shrink trial shrinks a LoRA expert's product: spectrally (true) or by scaling.
+    pub fn shrink_spectral(&self) -> bool {
+        self.shrink_spectral
+    }
+
+    /// The state as `from_parts` takes it (tests build variants of a record from it).
+    #[cfg(test)]
+    pub(crate) fn parts(&self) -> HeldoutParts {
+        HeldoutParts {
+            decay: self.decay,
+            horizon: self.horizon,
+            windows: self.windows,
+            ema: self.ema.clone(),
+            span: self.span.clone(),
+            min_span: self.min_span,
+            shrink: self.shrink,
+            shrink_trials: self.shrink_trials.clone(),
+            shrinks: self.shrinks.clone(),
+            shrink_spectral: self.shrink_spectral,
+        }
+    }
+}
