@@ -14,8 +14,8 @@ from typing import NoReturn
 from . import __version__
 from ._core import POLICIES, ConfigError, StateError
 from .demo import DEFAULT_SEEDS, DEFAULT_STEPS, QUICK_SEEDS, QUICK_STEPS, format_table, run_demo
-from .routing import SCORES
 from .plots import plot_routing_log
+from .routing import SCORES
 from .train import DTYPES, MODES, SCHEDULERS, STATE_DTYPES, TrainConfig, TrainError, load_config_file, train
 
 __all__ = ["main"]
