@@ -17,7 +17,7 @@ its config and freed before the next:
   lora           PEFT LoRA r128, alpha 32, rsLoRA, all linear layers but lm_head; torch AdamW
   molf           molf paper routing: dense + LoRA r128 (alpha 32, rsLoRA), MoLFAdamW, default state dtype
   molf-param     the same with state_dtype="param"
-  molf-heldout   molf held-out routing (heldout= the loss of one fixed held-out batch of the
+  molf-heldout   molf held-out routing (molf.Heldout: the loss of one fixed held-out batch of the
                  same size, default settings): three rows, the mean over --heldout-steps steps
                  (probe steps included; warm-up runs through the first probe), the median of
                  the steps where the probe ran, and a plain forward+backward of the held-out batch
@@ -155,7 +155,7 @@ def make_optimizer(key: str, model, device: str, heldout=None):
     if key == "molf-param":
         return molf.MoLFAdamW(model, **MOLF_OPT, state_dtype="param")
     if key == "molf-heldout":
-        return molf.MoLFAdamW(model, **MOLF_OPT, heldout=heldout)
+        return molf.MoLFAdamW(model, **MOLF_OPT, routing=molf.Heldout(heldout))
     raise KeyError(key)
 
 

@@ -104,7 +104,7 @@ def main() -> None:
         return model(input_ids=held, labels=held).loss
 
     # Measurements only when asked (every: never due by itself).
-    opt = molf.MoLFAdamW(model, lr=1e-5, lora_lr=1e-4, heldout=heldout, heldout_every=10**9)
+    opt = molf.MoLFAdamW(model, lr=1e-5, lora_lr=1e-4, routing=molf.Heldout(heldout, every=10**9))
     probe = opt._probe
     E = len(opt.expert_names)
 

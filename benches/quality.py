@@ -65,12 +65,9 @@ VAL_SEED = 10_000  # the validation instance's seed; test instances use seed, se
 
 
 def paper_routing() -> dict:
-    """MoLF as published (EPD score, top-1): the named policy once the core has it."""
-    try:
-        molf.Router(1, 2, policy="paper")
-        return {"policy": "paper"}
-    except ValueError:
-        return {"policy": "topk", "score": "epd", "topk": 1}
+    """MoLF as published (EPD score, top-1), as the results record it: policy "paper",
+    which `molf.routing.policy_by_name` turns into molf.TopK(k=1, score="epd")."""
+    return {"policy": "paper"}
 
 
 # ------------------------------------------------------------------ metrics
@@ -391,7 +388,7 @@ def _molf(
     lora_lr_factor: float = 1.0,
     alpha_factor: float = 1.0,
 ):
-    """MoLFAdamW with the routing options `routing(held-out loss closure)` returns. Each LoRA
+    """MoLFAdamW with the routing policy `routing(held-out loss closure)` returns. Each LoRA
     expert at the scale of the method it is compared with: beside a dense expert (against FFT and
     the LoRA baseline) rsLoRA alpha = r, s = sqrt(r), as the LoRA baseline; MoLF-E (against AdaLoRA)
     alpha / r = 1, as AdaLoRA (peft scales its P·Λ·Q by lora_alpha / r, and lora_alpha = init_r).
@@ -415,20 +412,20 @@ def _molf(
             weight_decay=0.0,
             lora_weight_decay=0.0,
             log_path=log_path,
-            **routing(lambda: heldout(model)),
+            routing=routing(lambda: heldout(model)),
         )
         return model, opt, _none
 
     return build
 
 
-def _paper(heldout) -> dict:
-    return paper_routing()
+def _paper(heldout) -> molf.TopK:
+    return molf.routing.policy_by_name(**paper_routing())
 
 
-def _default(heldout) -> dict:
-    """molf's default routing: MoLFAdamW(model, lr=…, lora_lr=…, heldout=…), nothing else set."""
-    return {"heldout": heldout}
+def _default(heldout) -> molf.Heldout:
+    """molf's default routing: MoLFAdamW(model, lr=…, lora_lr=…, routing=molf.Heldout(…)), nothing else set."""
+    return molf.Heldout(heldout)
 
 
 METHODS: dict[str, Callable[..., Built]] = {

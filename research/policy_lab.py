@@ -702,7 +702,7 @@ def make_method(spec):
         cfg = molf.MoLFConfig(ranks=ranks, alphas=alphas, fft=not efficient, rslora=rslora,
                               target_modules=targets, exclude_modules=())
         molf.wrap(model, cfg)
-        opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lr * float(os.environ.get("LORA_X", "1")), weight_decay=0.0, lora_weight_decay=0.0, topk=2)
+        opt = molf.MoLFAdamW(model, lr=lr, lora_lr=lr * float(os.environ.get("LORA_X", "1")), weight_decay=0.0, lora_weight_decay=0.0, routing=molf.TopK(k=2))
         if name == "both":
             return model, opt, q._none
         if name == "only":  # one expert everywhere, for counterfactuals: only:E

@@ -29,10 +29,10 @@ class Net(nn.Module):
 VARIANTS = {
     "molf": (dict(ranks=(3,), fft=True), dict()),
     "molf-efficient": (dict(ranks=(2, 6), fft=False), dict()),
-    "hysteresis": (dict(ranks=(3,), fft=True), dict(policy="hysteresis", margin=0.2, min_dwell=2)),
-    "paper": (dict(ranks=(3,), fft=True), dict(policy="paper")),
-    "warmup-freeze": (dict(ranks=(2, 3), fft=True), dict(warmup_steps=2, freeze_after=6, topk=2)),
-    "pfn-bf16": (dict(ranks=(3,), fft=True), dict(score="pfn")),
+    "hysteresis": (dict(ranks=(3,), fft=True), dict(routing=molf.Hysteresis(margin=0.2, min_dwell=2))),
+    "paper": (dict(ranks=(3,), fft=True), dict(routing=molf.TopK(k=1, score="epd"))),
+    "warmup-freeze": (dict(ranks=(2, 3), fft=True), dict(routing=molf.TopK(k=2, warmup_steps=2, freeze_after=6))),
+    "pfn-bf16": (dict(ranks=(3,), fft=True), dict(routing=molf.TopK(score="pfn"))),
     "lagged": (dict(ranks=(2, 4), fft=False), dict(lagged=True)),
 }
 

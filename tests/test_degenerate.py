@@ -72,7 +72,13 @@ def test_k_at_least_experts_is_adamw(dtype, foreach, fft, ranks):
     k = len(ranks) + int(fft)
     with pytest.warns(UserWarning, match="routing is off"):
         opt = molf.MoLFAdamW(
-            model, lr=1e-2, lora_lr=1e-2, weight_decay=0.1, lora_weight_decay=0.1, topk=k, state_dtype="param"
+            model,
+            lr=1e-2,
+            lora_lr=1e-2,
+            weight_decay=0.1,
+            lora_weight_decay=0.1,
+            state_dtype="param",
+            routing=molf.TopK(k=k),
         )
     ref = torch.optim.AdamW(
         decay_groups([p for p in twin.parameters() if p.requires_grad], 0.1), lr=1e-2, foreach=foreach

@@ -309,7 +309,7 @@ HELDOUT_EVERY = 2
 # three experts at step 4, re-admits two of them at step 8 and drops another there, with
 # every deciding descent and potential at least ~6e-5 away from 0, far beyond rounding
 # (the drop and the re-admission are asserted: the tests are not vacuous).
-HELDOUT_KW = dict(heldout_every=HELDOUT_EVERY, heldout_decay=0.5, min_dwell=4)
+HELDOUT_KW = dict(every=HELDOUT_EVERY, decay=0.5, min_dwell=4)
 
 
 def _heldout_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,7 +325,10 @@ def _heldout_opt(model, rows=slice(None), **kw):
     ranks' means)."""
     x, y = _heldout_batch()
     return molf.MoLFAdamW(
-        model, **OPT_KW, **HELDOUT_KW, heldout=lambda: nn.functional.mse_loss(model(x[rows]), y[rows]), **kw
+        model,
+        **OPT_KW,
+        **kw,
+        routing=molf.Heldout(lambda: nn.functional.mse_loss(model(x[rows]), y[rows]), **HELDOUT_KW),
     )
 
 

@@ -67,7 +67,7 @@ def base_and_trained(arch: str, cfg: molf.MoLFConfig, steps: int = 4, seed: int 
     base = ARCHS[arch]().eval()
     model = molf.wrap(copy.deepcopy(base), cfg)
     # warmup_steps=1: every expert is updated once, so every B is non-zero.
-    opt = molf.MoLFAdamW(model, lr=1e-2, lora_lr=1e-2, topk=1, warmup_steps=1)
+    opt = molf.MoLFAdamW(model, lr=1e-2, lora_lr=1e-2, routing=molf.TopK(k=1, warmup_steps=1))
     model.train()
     for step in range(steps):
         model(**batch(step)).loss.backward()

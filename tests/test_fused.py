@@ -234,9 +234,7 @@ def test_fused_path_routes_by_heldout_loss_like_the_foreach_path(lagged):
             lr=3e-2,
             lagged=lagged,
             fused=None if fused else False,
-            heldout_every=2,
-            min_dwell=4,
-            heldout=lambda: torch.nn.functional.mse_loss(model(xv), yv),
+            routing=molf.Heldout(lambda: torch.nn.functional.mse_loss(model(xv), yv), min_dwell=4, every=2),
         )
         if fused:
             (_use_fused if DEVICE == "cpu" else _assert_fused)(opt)

@@ -401,14 +401,16 @@ def test_lockstep_with_float64_reference(case, horizon, shrink, spectral):
         lora_lr=lora_lr,
         weight_decay=wd,
         lora_weight_decay=lora_wd,
-        heldout=heldout,
-        heldout_every=K,
-        heldout_decay=D,
-        heldout_horizon=horizon,
-        min_dwell=dwell,
-        heldout_shrink=shrink,
-        heldout_shrink_spectral=spectral,
-        **({} if fft else dict(heldout_min_span=min_span)),
+        routing=molf.Heldout(
+            heldout,
+            min_dwell=dwell,
+            every=K,
+            decay=D,
+            horizon=horizon,
+            shrink=shrink,
+            shrink_spectral=spectral,
+            **{} if fft else dict(min_span=min_span),
+        ),
     )
     assert opt.router.policy == "heldout" and opt.router.min_dwell == dwell
     assert opt.ledger.shrink_spectral == spectral
@@ -538,7 +540,7 @@ def test_all_active_before_second_measurement_is_adamw(fft, ranks, foreach):
 
     kw = dict(lr=1e-2, lora_lr=3e-2, weight_decay=0.1, lora_weight_decay=0.01)
     # Shrinkage off: its trials would move the weights at the first measurement (tested in 7.).
-    opt = molf.MoLFAdamW(model, **kw, heldout=heldout, heldout_every=K, fused=False, heldout_shrink=0.0)
+    opt = molf.MoLFAdamW(model, **kw, fused=False, routing=molf.Heldout(heldout, every=K, shrink=0.0))
     ref = torch.optim.AdamW(
         adamw_groups(twin, kw["lr"], kw["lora_lr"], kw["weight_decay"], kw["lora_weight_decay"]),
         betas=BETAS,
@@ -574,9 +576,9 @@ def fixed_batch_run(fft, ranks, sign, steps, K, dtype=torch.float32, lr=1e-3, sh
     def loss():
         return mse(model, x, y)
 
-    span = {} if min_span is None else dict(heldout_min_span=min_span)
+    span = {} if min_span is None else dict(min_span=min_span)
     opt = molf.MoLFAdamW(
-        model, lr=lr, weight_decay=0.0, heldout=lambda: sign * loss(), heldout_every=K, heldout_shrink=shrink, **span
+        model, lr=lr, weight_decay=0.0, routing=molf.Heldout(lambda: sign * loss(), every=K, shrink=shrink, **span)
     )
     history = []  # per step: (incumbents, heldout_ema, routed params)
     for _ in range(steps):
@@ -668,9 +670,7 @@ def shifted_heldout(model):
 
 def make_ckpt_run(fft, ranks, heldout=True, min_span=1):
     model = make_net(ranks, fft)
-    kw = (
-        dict(heldout=shifted_heldout(model), heldout_every=4, min_dwell=4, heldout_min_span=min_span) if heldout else {}
-    )
+    kw = dict(routing=molf.Heldout(shifted_heldout(model), every=4, min_dwell=4, min_span=min_span)) if heldout else {}
     opt = molf.MoLFAdamW(model, lr=3e-2, lora_lr=5e-2, weight_decay=0.1, lora_weight_decay=0.01, **kw)
     return model, opt
 
@@ -751,59 +751,55 @@ def ok_heldout():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(policy="heldout"),
-        dict(policy="heldout", heldout=None),
-        dict(heldout=ok_heldout, policy="topk"),
-        dict(heldout=ok_heldout, policy="paper"),
-        dict(heldout=ok_heldout, policy="hysteresis"),
-        dict(heldout=ok_heldout, heldout_every=0),
-        dict(heldout=ok_heldout, heldout_every=-3),
-        dict(heldout=ok_heldout, heldout_every=True),
-        dict(heldout=ok_heldout, heldout_every=1.5),
-        dict(heldout=ok_heldout, heldout_every=2.0),
-        dict(heldout=ok_heldout, heldout_decay=1.0),
-        dict(heldout=ok_heldout, heldout_decay=1.5),
-        dict(heldout=ok_heldout, heldout_decay=-0.1),
-        dict(heldout=ok_heldout, heldout_decay=float("nan")),
-        dict(heldout=ok_heldout, heldout_horizon=1.0),
-        dict(heldout=ok_heldout, heldout_horizon=-0.25),
-        dict(heldout=ok_heldout, heldout_horizon=float("nan")),
-        dict(heldout=ok_heldout, heldout_horizon=float("inf")),
-        dict(heldout=ok_heldout, heldout_shrink=1.0),
-        dict(heldout=ok_heldout, heldout_shrink=-0.1),
-        dict(heldout=ok_heldout, heldout_shrink=float("nan")),
-        dict(heldout=ok_heldout, heldout_shrink_spectral=1),
-        dict(heldout=ok_heldout, heldout_shrink_spectral="yes"),
-        dict(heldout=ok_heldout, heldout_min_span=-1),
-        dict(heldout=ok_heldout, heldout_min_span=True),
-        dict(heldout=ok_heldout, heldout_min_span=2.0),
-        dict(heldout=ok_heldout, heldout_min_span=2**63),
-        dict(heldout="not a callable"),
-        dict(heldout=ok_heldout, min_dwell=-1),
+        dict(loss_fn=None),
+        dict(every=0),
+        dict(every=-3),
+        dict(every=True),
+        dict(every=1.5),
+        dict(every=2.0),
+        dict(decay=1.0),
+        dict(decay=1.5),
+        dict(decay=-0.1),
+        dict(decay=float("nan")),
+        dict(horizon=1.0),
+        dict(horizon=-0.25),
+        dict(horizon=float("nan")),
+        dict(horizon=float("inf")),
+        dict(shrink=1.0),
+        dict(shrink=-0.1),
+        dict(shrink=float("nan")),
+        dict(shrink_spectral=1),
+        dict(shrink_spectral="yes"),
+        dict(min_span=-1),
+        dict(min_span=True),
+        dict(min_span=2.0),
+        dict(min_span=2**63),
+        dict(loss_fn="not a callable"),
+        dict(min_dwell=-1),
     ],
     ids=repr,
 )
 def test_config_errors(kwargs):
     assert issubclass(molf.ConfigError, ValueError)
     with pytest.raises(molf.ConfigError):
-        molf.MoLFAdamW(tiny(), lr=1e-2, **kwargs)
+        molf.MoLFAdamW(tiny(), lr=1e-2, routing=molf.Heldout(**{"loss_fn": ok_heldout, **kwargs}))
 
 
 def test_heldout_defaults():
-    opt = molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout)
+    opt = molf.MoLFAdamW(tiny(), lr=1e-2, routing=molf.Heldout(ok_heldout))
     assert opt.router.policy == "heldout" and opt.router.min_dwell == 3 * 10
     assert opt.ledger.heldout_decay == 0.5 and opt.ledger.heldout_horizon == 0.25
     assert opt.ledger.heldout_shrink == 0.1 and opt.ledger.shrink_spectral
-    opt = molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout, policy="heldout", heldout_every=2, heldout_decay=0.0)
+    opt = molf.MoLFAdamW(tiny(), lr=1e-2, routing=molf.Heldout(ok_heldout, every=2, decay=0.0))
     assert opt.router.min_dwell == 6 and opt.ledger.heldout_decay == 0.0
-    opt = molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout, heldout_every=2, min_dwell=0)
+    opt = molf.MoLFAdamW(tiny(), lr=1e-2, routing=molf.Heldout(ok_heldout, min_dwell=0, every=2))
     assert opt.router.min_dwell == 0
     # The minimum span: 0 beside a dense expert, 10 windows for LoRA experts only, or as given.
     assert opt.ledger.heldout_min_span == 0
     lora_only = make_net((2, 4), False)
-    assert molf.MoLFAdamW(lora_only, lr=1e-2, heldout=ok_heldout).ledger.heldout_min_span == 10
-    assert molf.MoLFAdamW(lora_only, lr=1e-2, heldout=ok_heldout, heldout_min_span=0).ledger.heldout_min_span == 0
-    assert molf.MoLFAdamW(tiny(), lr=1e-2, heldout=ok_heldout, heldout_min_span=4).ledger.heldout_min_span == 4
+    assert molf.MoLFAdamW(lora_only, lr=1e-2, routing=molf.Heldout(ok_heldout)).ledger.heldout_min_span == 10
+    assert molf.MoLFAdamW(lora_only, lr=1e-2, routing=molf.Heldout(ok_heldout, min_span=0)).ledger.heldout_min_span == 0
+    assert molf.MoLFAdamW(tiny(), lr=1e-2, routing=molf.Heldout(ok_heldout, min_span=4)).ledger.heldout_min_span == 4
     assert molf.MoLFAdamW(tiny(), lr=1e-2).router.policy == "topk"
 
 
@@ -827,7 +823,7 @@ def test_bad_closure_raises_at_first_measurement(bad):
         calls.append(1)
         return BAD_CLOSURES[bad](model, xh)
 
-    opt = molf.MoLFAdamW(model, lr=1e-2, heldout=heldout, heldout_every=K)
+    opt = molf.MoLFAdamW(model, lr=1e-2, routing=molf.Heldout(heldout, every=K))
     for s in range(1, K + 1):
         x, y = batch(s)
         ((model(x) - y) ** 2).mean().backward()
@@ -856,7 +852,7 @@ def test_closure_every_k_routed_steps_not_on_skipped_steps():
         calls.append((opt.router.step, torch.is_grad_enabled()))
         return ((model(xh) - yh) ** 2).mean()
 
-    opt = molf.MoLFAdamW(model, lr=1e-2, heldout=heldout, heldout_every=K)
+    opt = molf.MoLFAdamW(model, lr=1e-2, routing=molf.Heldout(heldout, every=K))
     per = 2 + len(opt.expert_names)  # calls per measurement: shrink trials (no grad), then the gradient
     # Non-finite gradients on some steps, among them ones where a measurement would be due.
     bad = {3, 5, 6, 10, 14, 15, 16}
@@ -895,7 +891,10 @@ def test_frozen_phase_keeps_the_active_set(freeze_after):
     gen = torch.Generator().manual_seed(5)
     x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 2, generator=gen)
     opt = molf.MoLFAdamW(
-        model, lr=1e-3, weight_decay=0.0, heldout=lambda: -mse(model, x, y), heldout_every=K, freeze_after=freeze_after
+        model,
+        lr=1e-3,
+        weight_decay=0.0,
+        routing=molf.Heldout(lambda: -mse(model, x, y), freeze_after=freeze_after, every=K),
     )
     for _ in range(steps):
         mse(model, x, y).backward()
@@ -936,9 +935,7 @@ def branchy_run(steps, K=2, shrink=0.1):
         model,
         lr=1e-2,
         weight_decay=0.1,
-        heldout=lambda: ((model(xh) - yh) ** 2).mean(),
-        heldout_every=K,
-        heldout_shrink=shrink,
+        routing=molf.Heldout(lambda: ((model(xh) - yh) ** 2).mean(), every=K, shrink=shrink),
     )
     extra0 = {n: p.detach().clone() for n, p in model.extra.named_parameters()}
     for s in range(1, steps + 1):
@@ -1005,7 +1002,7 @@ def test_heldout_gradients_stay_out_of_other_optimizers_parameters():
     molf.wrap(model, molf.MoLFConfig(ranks=(2,), target_modules=("0",), exclude_modules=()))
     own = [p for n, p in model.named_parameters() if not n.startswith("2.")]
     x, y, xv, yv = torch.randn(8, 4), torch.randn(8, 2), torch.randn(8, 4), torch.randn(8, 2)
-    opt = molf.MoLFAdamW(own, lr=1e-2, heldout=lambda: ((model(xv) - yv) ** 2).mean(), heldout_every=1)
+    opt = molf.MoLFAdamW(own, lr=1e-2, routing=molf.Heldout(lambda: ((model(xv) - yv) ** 2).mean(), every=1))
     for _ in range(3):
         ((model(x) - y) ** 2).mean().backward()
         head_grads = [p.grad.clone() for p in model[2].parameters()]
@@ -1022,7 +1019,7 @@ def test_routing_summary_reports_the_active_sets():
     molf.wrap(model, molf.MoLFConfig(ranks=(2,), exclude_modules=()))
     x, y = torch.randn(16, 4), torch.randn(16, 2)
     # The held-out loss is the negated training loss: every moving expert is dropped.
-    opt = molf.MoLFAdamW(model, lr=1e-2, heldout=lambda: -((model(x) - y) ** 2).mean(), heldout_every=2)
+    opt = molf.MoLFAdamW(model, lr=1e-2, routing=molf.Heldout(lambda: -((model(x) - y) ** 2).mean(), every=2))
     for _ in range(4):
         ((model(x) - y) ** 2).mean().backward()
         opt.step()
@@ -1056,10 +1053,9 @@ def test_shrink_refused_leaves_the_run_bitwise_and_kept_pulls_towards_the_start(
         opt = molf.MoLFAdamW(
             model,
             lr=1e-2,
-            heldout=lambda: sign * ((model(xh) - y0) ** 2).mean(),
-            heldout_every=K,
-            min_dwell=10**6,
-            heldout_shrink=shrink,
+            routing=molf.Heldout(
+                lambda: sign * ((model(xh) - y0) ** 2).mean(), min_dwell=10**6, every=K, shrink=shrink
+            ),
         )
         for s in range(1, steps + 1):
             x, y = batch(s)
@@ -1088,9 +1084,9 @@ def test_checkpoint_without_shrinkage_resumes_without_it():
     """A checkpoint's ledger decides (one saved with heldout_shrink=0 continues without
     trials)."""
     model = make_net((2,), True)
-    saved = molf.MoLFAdamW(model, lr=3e-2, heldout=shifted_heldout(model), heldout_every=4, heldout_shrink=0.0)
+    saved = molf.MoLFAdamW(model, lr=3e-2, routing=molf.Heldout(shifted_heldout(model), every=4, shrink=0.0))
     train(model, saved, range(1, 9))
-    fresh = molf.MoLFAdamW(model, lr=3e-2, heldout=shifted_heldout(model), heldout_every=4)
+    fresh = molf.MoLFAdamW(model, lr=3e-2, routing=molf.Heldout(shifted_heldout(model), every=4))
     assert fresh.ledger.heldout_shrink == 0.1
     fresh.load_state_dict(saved.state_dict())
     assert fresh.ledger.heldout_shrink == 0.0
@@ -1110,9 +1106,7 @@ def test_shrink_without_the_starting_point_is_a_state_error():
         lora_lr=5e-2,
         weight_decay=0.1,
         lora_weight_decay=0.01,
-        heldout=shifted_heldout(model),
-        heldout_every=4,
-        min_dwell=4,
+        routing=molf.Heldout(shifted_heldout(model), min_dwell=4, every=4),
     )
     with pytest.raises(molf.StateError, match="starting point"):  # at load, before anything changes
         other.load_state_dict(sd)
@@ -1148,16 +1142,16 @@ def test_checkpoint_decides_how_lora_is_shrunk():
     scaling, bitwise as the uninterrupted run; spectral trials give another run."""
 
     def opt_for(model, **kw):
-        return molf.MoLFAdamW(model, lr=3e-2, heldout=shifted_heldout(model), heldout_every=4, **kw)
+        return molf.MoLFAdamW(model, lr=3e-2, routing=molf.Heldout(shifted_heldout(model), every=4, **kw))
 
     def whole_run(spectral):
         model = make_net((2, 4), False)
-        opt = opt_for(model, heldout_shrink_spectral=spectral)
+        opt = opt_for(model, shrink_spectral=spectral)
         train(model, opt, range(1, 17))
         return model, opt
 
     model = make_net((2, 4), False)
-    saved = opt_for(model, heldout_shrink_spectral=False)
+    saved = opt_for(model, shrink_spectral=False)
     train(model, saved, range(1, 9))
     resumed = opt_for(model)
     assert resumed.ledger.shrink_spectral
@@ -1223,7 +1217,7 @@ def test_probe_work_does_not_grow_with_the_number_of_tensors(monkeypatch, fft, r
         molf.wrap(model, molf.MoLFConfig(ranks=ranks, fft=fft, exclude_modules=()))
         x = torch.randn(4, 6)
         opt = molf.MoLFAdamW(
-            model, lr=1e-2, heldout=lambda: model(x).square().mean(), heldout_every=10**9, heldout_min_span=0
+            model, lr=1e-2, routing=molf.Heldout(lambda: model(x).square().mean(), every=10**9, min_span=0)
         )
         with monkeypatch.context() as patch:
             patch.setattr(

@@ -72,7 +72,7 @@ class Run:
         self.calls = 0
         self.armed = None  # (where, exception): raise at the closure's call `where` (int) or in its backward
         self.opt = molf.MoLFAdamW(
-            self.model, lr=1e-2, heldout=self.heldout, heldout_every=K, min_dwell=2 * K, heldout_min_span=0
+            self.model, lr=1e-2, routing=molf.Heldout(self.heldout, min_dwell=2 * K, every=K, min_span=0)
         )
         self.probe = self.opt._probe
         self.snapshots = []
@@ -262,7 +262,7 @@ def test_tensor_measured_before_its_first_gradient_leaves_no_state_behind():
             raise KeyboardInterrupt
         return ((model(xh) - yh) ** 2).mean()
 
-    opt = molf.MoLFAdamW(model, lr=1e-2, heldout=heldout, heldout_every=1)
+    opt = molf.MoLFAdamW(model, lr=1e-2, routing=molf.Heldout(heldout, every=1))
     x, y = batch(1)
 
     def partial_loss():  # fc2 gets no gradient

@@ -71,7 +71,7 @@ def test_wrap_train_merge(arch, fft, ranks):
         assert torch.equal(model(**inputs).logits, before), "wrap must not change the function"
 
     model.train()
-    opt = molf.MoLFAdamW(model, lr=1e-3, lora_lr=1e-3, topk=1)
+    opt = molf.MoLFAdamW(model, lr=1e-3, lora_lr=1e-3, routing=molf.TopK(k=1))
     losses = []
     for step in range(4):
         out = model(**batch(step))

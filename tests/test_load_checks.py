@@ -250,11 +250,7 @@ def test_routing_settings_that_differ_from_the_checkpoint_are_named():
         lr=5e-3,
         lora_lr=2e-2,
         weight_decay=0.1,
-        policy="hysteresis",
-        margin=0.3,
-        min_dwell=5,
-        warmup_steps=2,
-        ema_decay=0.5,
+        routing=molf.Hysteresis(margin=0.3, min_dwell=5, warmup_steps=2, ema_decay=0.5),
     )
     with pytest.warns(
         UserWarning,

@@ -97,16 +97,16 @@ def test_group_keys_override_lora_settings():
         (dict(betas=(1.0, 0.999)), r"betas\[0\]"),
         (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
         (dict(betas=(0.9,)), "betas"),
-        (dict(score="loss"), "score"),
-        (dict(topk=0), "topk"),
-        (dict(policy="greedy"), "policy"),
+        (dict(routing=lambda: molf.TopK(score="loss")), "score"),
+        (dict(routing=lambda: molf.TopK(k=0)), "topk"),
+        (dict(routing="greedy"), "policy"),
         (dict(state_dtype=torch.int8), "state_dtype"),
         (dict(log_every=0), "log_every"),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs, match):
     with pytest.raises(molf.ConfigError, match=match):
-        molf.MoLFAdamW(wrapped(), **kwargs)
+        molf.MoLFAdamW(wrapped(), **{k: v() if callable(v) else v for k, v in kwargs.items()})
 
 
 def test_parameter_twice_is_refused():
@@ -118,7 +118,7 @@ def test_parameter_twice_is_refused():
 
 def test_two_experts_topk_two_warns():
     with pytest.warns(UserWarning, match="routing is off"):
-        molf.MoLFAdamW(wrapped(), topk=2)
+        molf.MoLFAdamW(wrapped(), routing=molf.TopK(k=2))
 
 
 def test_routing_log_lines(tmp_path):

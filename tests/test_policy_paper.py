@@ -46,7 +46,7 @@ def _train(policy: str) -> list[torch.Tensor]:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
     model = molf.wrap(net, molf.MoLFConfig(ranks=(2,), alphas=(4.0,), exclude_modules=()))
-    opt = molf.MoLFAdamW(model, lr=1e-2, lora_lr=3e-2, weight_decay=0.1, policy=policy)
+    opt = molf.MoLFAdamW(model, lr=1e-2, lora_lr=3e-2, weight_decay=0.1, routing=molf.routing.policy_by_name(policy))
     x, y = torch.randn(16, 5), torch.randn(16, 3)
     for _ in range(8):
         nn.functional.mse_loss(model(x), y).backward()
@@ -61,6 +61,5 @@ def test_optimizer_paper_matches_topk_bitwise():
 
 
 def test_paper_requires_epd():
-    net = molf.wrap(nn.Sequential(nn.Linear(4, 4)), molf.MoLFConfig(ranks=(2,), exclude_modules=()))
     with pytest.raises(molf.ConfigError, match="policy 'paper'.*score must be 'epd', got 'pfn'"):
-        molf.MoLFAdamW(net, policy="paper", score="pfn")
+        molf.routing.policy_by_name("paper", score="pfn")

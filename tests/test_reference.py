@@ -90,9 +90,8 @@ def check_against_reference(fft, ranks, topk, score, seed, lagged=False, configu
         lora_weight_decay=hp["lora_wd"],
         betas=hp["betas"],
         eps=hp["eps"],
-        topk=topk,
-        score=score,
         lagged=lagged,
+        routing=molf.TopK(k=topk, score=score),
     )
     if configure is not None:
         configure(opt)

@@ -494,7 +494,9 @@ def test_heldout_closure_is_the_completion_loss_of_the_first_rows(
     class Spy(molf.train.MoLFAdamW):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            captured.append((args, kwargs))
+            r = kwargs["routing"]  # the policy object, read under the names it replaced
+            kwargs = {**kwargs, "policy": r.name, "heldout": r.loss_fn, "heldout_every": r.every}
+            captured.append((args, {**kwargs, "min_dwell": r.min_dwell}))
 
     checked = []
 

@@ -161,7 +161,7 @@ def test_config_refuses_bools_and_non_numbers_with_config_error(kwargs, match):
 def test_optimizer_refuses_a_bool_topk():
     model = molf.wrap(Tiny(), molf.MoLFConfig(ranks=(2,)))
     with pytest.raises(molf.ConfigError, match="topk must be an integer, got the bool True"):
-        molf.MoLFAdamW(model, topk=True)
+        molf.MoLFAdamW(model, routing=molf.TopK(k=True))
 
 
 def _state(model):

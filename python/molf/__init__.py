@@ -2,7 +2,7 @@
 
 import molf
 model = molf.wrap(model, molf.MoLFConfig(ranks=(128,), fft=True))
-opt = molf.MoLFAdamW(model, lr=2e-5, lora_lr=5e-5)
+opt = molf.MoLFAdamW(model, lr=2e-5, lora_lr=5e-5, routing=molf.TopK(k=1, score="epd"))
 ...; loss.backward(); opt.step(); opt.zero_grad()
 model = molf.merge(model)
 """
@@ -23,6 +23,7 @@ from .distributed import RankDivergenceError
 from .export import export_peft, import_peft
 from .layer import MoLFLinear
 from .optimizer import SCORES, MoLFAdamW
+from .routing import Heldout, Hysteresis, TopK
 from .routing_log import RoutingLog, read_routing_log
 from .summary import RoutingSummary
 from .wrap import is_wrapped, merge, routed_modules, wrap
@@ -50,6 +51,8 @@ __all__ = [
     "POLICIES",
     "SCORES",
     "ConfigError",
+    "Heldout",
+    "Hysteresis",
     "InternalError",
     "Ledger",
     "MoLFAdamW",
@@ -62,6 +65,7 @@ __all__ = [
     "RoutingSummary",
     "ScoreError",
     "StateError",
+    "TopK",
     "add_routing_callback",
     "core_version",
     "export_peft",

@@ -14,8 +14,8 @@ from typing import NoReturn
 from . import __version__
 from ._core import POLICIES, ConfigError, StateError
 from .demo import DEFAULT_SEEDS, DEFAULT_STEPS, QUICK_SEEDS, QUICK_STEPS, format_table, run_demo
-from .optimizer import SCORES
 from .plots import plot_routing_log
+from .routing import SCORES
 from .train import DTYPES, MODES, SCHEDULERS, STATE_DTYPES, TrainConfig, TrainError, load_config_file, train
 
 __all__ = ["main"]
@@ -185,7 +185,7 @@ def _add_train_parser(sub) -> None:
         default=S,
         metavar="N",
         help="hysteresis: steps a choice holds; heldout: steps after an expert's drop "
-        "before it may return (default: 3 x --heldout-every for heldout, else 0)",
+        "before it may return (default: molf.Heldout's 3 x --heldout-every, molf.Hysteresis' 20)",
     )
     routing.add_argument(
         "--routing-warmup",

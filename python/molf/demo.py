@@ -12,7 +12,7 @@ Five methods train on the same data and minibatches per seed: FFT (AdamW over
 every weight), LoRA (frozen base, rank-4 adapters, AdamW), MoLF (dense + rank-4
 expert, the paper's EPD top-1 routing), MoLF-Efficient (frozen base, rank-2 and
 rank-16 experts, same routing) and MoLF-heldout (dense + rank-4, molf's default
-routing given `heldout=`: the loss on a validation split drawn like the
+routing `molf.Heldout(...)`: the loss on a validation split drawn like the
 training data, noisy labels included). All use one learning rate; every LoRA expert has alpha = rank
 (rsLoRA scale √r). The score is the held-out MSE against the clean teacher,
 relative to the untouched student's (1.0 = no better than before training).
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .config import MoLFConfig
 from .optimizer import MoLFAdamW
 from .plots import plot_routing_share
+from .routing import Heldout, TopK
 from .wrap import wrap
 
 __all__ = ["Regime", "REGIMES", "METHODS", "run_demo", "format_table"]
@@ -171,8 +172,10 @@ def _molf(ranks: tuple[int, ...], fft: bool, heldout: bool = False) -> Builder:
 
     def build(model: nn.Module, log_path: Path | None, task: Task):
         wrap(model, _lora_config(ranks, fft))
-        routing = {"heldout": lambda: F.mse_loss(model(task.x_val), task.y_val)} if heldout else {"policy": "paper"}
-        opt = MoLFAdamW(model, lr=LR, lora_lr=LR, weight_decay=0.0, lora_weight_decay=0.0, log_path=log_path, **routing)
+        routing = Heldout(lambda: F.mse_loss(model(task.x_val), task.y_val)) if heldout else TopK(k=1, score="epd")
+        opt = MoLFAdamW(
+            model, lr=LR, lora_lr=LR, weight_decay=0.0, lora_weight_decay=0.0, log_path=log_path, routing=routing
+        )
         return model, opt
 
     return build

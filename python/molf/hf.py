@@ -1,7 +1,7 @@
 """Hugging Face Trainer integration: routing statistics in the Trainer's logs.
 
 MoLFAdamW itself plugs into the Trainer as it is, through
-`optimizers=(opt, scheduler)` or `optimizer_cls_and_kwargs=(molf.MoLFAdamW, kwargs)`,
+`optimizers=(opt, scheduler)` or `optimizer_cls_and_kwargs=(molf.MoLFAdamW, dict(lr=..., routing=molf.Heldout(...)))`,
 and checkpoints and resumes through it exactly. This module adds the
 `RoutingCallback`, which writes the router's statistics next to the loss.
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -24,10 +24,11 @@ from ._core import ConfigError, Ledger, Router
 from ._foreach import _GroupWork, foreach_moments, scratch_for
 from ._fused_path import build_plan, fused_kernels, fused_moments, plan_signature
 from ._groups import build_groups, check_added_group, resolve_state_dtype, state_dtype_for
-from ._options import SCORES, check_options
+from ._options import check_options
 from ._routing import _Routing
 from ._score_sources import _ScoreSources
-from .heldout import LORA_ONLY_MIN_SPAN, THETA_KEY, HeldoutProbe
+from .heldout import THETA_KEY, HeldoutProbe
+from .routing import SCORES, Policy, TopK, check_policy
 from .routing_log import RoutingLog
 from .wrap import expert_tag
 
@@ -45,38 +46,17 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
     decay; LoRA experts decay by `lora_weight_decay` even in a group whose
     `weight_decay` is 0 (as the HF Trainer's groups are by default).
 
-    Routing: with `heldout` (a callable returning a loss on held-out data) the
-    default policy is "heldout": every expert of a module is updated until its
-    own movement is measured to raise the held-out loss; every `heldout_every`
-    steps the optimizer calls `heldout()`, back-propagates it, attributes the
-    held-out loss change since the last call to each expert's movement
-    (trapezoid rule), smooths it (an EMA whose mean age grows to about
-    `heldout_horizon` of the windows the expert has moved in since its last
-    pause, never shorter than a decay of `heldout_decay` per window gives: late
-    in a long run one window's change is noise around a small drift, a longer
-    average resolves it), drops the experts that hurt and brings a dropped one
-    back, `min_dwell` steps (default 3 x `heldout_every`) after its drop, once a
-    step of it would lower the held-out loss (first order); a returning
-    expert's record from before its drop then fades within a few windows.
-    A drop needs a record of `heldout_min_span` windows since the start or the
-    expert's last return (default: 10 where every expert is a LoRA expert, as
-    in MoLF-E; 0, from the first window, beside a dense expert).
-    Before each measurement, held-out shrinkage: each expert's update since the
-    start (all modules together) is shrunk and kept if the held-out loss falls:
-    a dense weight's distance from its start scaled by 1 - `heldout_shrink`
-    (default 0.1; 0: off), a LoRA product's singular values soft-thresholded by
-    `heldout_shrink` x its largest, so its weakest directions go first
-    (`heldout_shrink_spectral=False`: scaled like the dense update). The closure
-    is called 1 + E more times, without a gradient, for E experts; a copy of the
-    dense weights' starting point is kept in the optimizer state. See
-    `molf.heldout`.
-    Without `heldout` the default is the paper's: `topk` experts per module win
-    each step by `score` ("epd", the expected preconditioned descent, or
-    "pfn"); `policy` "topk" ("paper" names it explicitly and requires score
-    "epd"); "hysteresis" keeps an incumbent unless a challenger beats it by
-    `margin` (relative) and holds each choice at least `min_dwell` steps.
-    During the first `warmup_steps` steps every expert is updated; after
-    `freeze_after` steps the routing is frozen.
+    `routing`: a policy object (`molf.routing`): `molf.TopK(k=1, score="epd")`, the
+    paper's routing and the default (the `k` experts with the highest score win each
+    step); `molf.Hysteresis(k, margin, min_dwell)`, which keeps an incumbent unless a
+    challenger beats it by `margin` and holds each choice `min_dwell` steps; or
+    `molf.Heldout(loss_fn, every=10, ...)`, which updates every expert of a module until
+    its own movement is measured (every `every` steps, on `loss_fn()`) to raise the
+    held-out loss, drops it and brings it back once a step of it would help, and shrinks
+    each expert's update where that lowers the held-out loss (see `molf.Heldout` and
+    `molf.heldout`). Each policy owns its settings, defaults and validation, and has
+    `warmup_steps` (every expert updated during the first steps), `freeze_after` (routing
+    frozen from that step on) and `ema_decay` (the score EMA of the summaries).
 
     `state_dtype`: "auto" (default) keeps the moments in float32 for bf16/fp16
     parameters and in the parameter's dtype otherwise; "param" always uses the
@@ -121,47 +101,28 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         *,
-        topk: int = 1,
-        score: str = "epd",
-        policy: str | None = None,
-        margin: float = 0.0,
-        min_dwell: int | None = None,
-        warmup_steps: int = 0,
-        freeze_after: int | None = None,
-        ema_decay: float = 0.9,
+        routing: Policy | None = None,
         state_dtype: str | torch.dtype = "auto",
-        log_path: str | os.PathLike | None = None,
-        log_every: int = 1,
         fused: bool | None = None,
         lagged: bool = False,
         skip_nonfinite: bool = True,
+        log_path: str | os.PathLike | None = None,
+        log_every: int = 1,
         check_every: int = 100,
-        heldout: Callable[[], torch.Tensor] | None = None,
-        heldout_every: int = 10,
-        heldout_decay: float = 0.5,
-        heldout_horizon: float = 0.25,
-        heldout_shrink: float = 0.1,
-        heldout_shrink_spectral: bool = True,
-        heldout_min_span: int | None = None,
     ) -> None:
-        self._probe: HeldoutProbe | None
-        policy, min_dwell, self._probe = check_options(
+        check_options(
             lr=lr,
             lora_lr=lora_lr,
             weight_decay=weight_decay,
             lora_weight_decay=lora_weight_decay,
             betas=betas,
             eps=eps,
-            score=score,
-            policy=policy,
-            min_dwell=min_dwell,
             log_every=log_every,
             check_every=check_every,
-            heldout=heldout,
-            heldout_every=heldout_every,
-            heldout_shrink_spectral=heldout_shrink_spectral,
-            heldout_min_span=heldout_min_span,
         )
+        self.routing = routing = TopK() if routing is None else check_policy(routing)
+        self._probe: HeldoutProbe | None = routing.probe()
+        score = routing.score
         self._check_every = check_every
         self._state_dtype = resolve_state_dtype(state_dtype)
         self.score = score
@@ -175,31 +136,11 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
         self._constructing = False
         self._hold_meta_key()
         M, E = self._shape
-        self._router = Router(
-            M,
-            E,
-            topk=topk,
-            policy=policy,
-            margin=margin,
-            min_dwell=min_dwell,
-            warmup_steps=warmup_steps,
-            freeze_after=freeze_after,
-        )
-        if heldout_min_span is None:
-            heldout_min_span = 0 if self._has_dense_expert() else LORA_ONLY_MIN_SPAN
-        self._ledger = Ledger(
-            M,
-            E,
-            ema_decay=ema_decay,
-            heldout_decay=heldout_decay,
-            heldout_horizon=heldout_horizon,
-            heldout_shrink=heldout_shrink,
-            shrink_spectral=heldout_shrink_spectral,
-            heldout_min_span=heldout_min_span,
-        )
-        if topk >= E and self._probe is None:
+        self._router = Router(M, E, **routing.router_settings())
+        self._ledger = Ledger(M, E, **routing.ledger_settings(lora_only=not self._has_dense_expert()))
+        if self._probe is None and routing.topk >= E:
             warnings.warn(
-                f"topk={topk} >= {E} experts per module: routing is off and every "
+                f"topk={routing.topk} >= {E} experts per module: routing is off and every "
                 "expert is updated every step (plain AdamW over all experts)",
                 UserWarning,
                 stacklevel=2,

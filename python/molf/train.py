@@ -37,8 +37,8 @@ from torch import nn
 
 from ._core import POLICIES, ConfigError, StateError
 from .config import MoLFConfig
-from .heldout import LORA_ONLY_MIN_SPAN
-from .optimizer import SCORES, MoLFAdamW
+from .optimizer import MoLFAdamW
+from .routing import SCORES, Heldout, Hysteresis, Policy, policy_by_name
 from .wrap import merge, wrap
 
 __all__ = [
@@ -112,7 +112,7 @@ class TrainConfig:
     topk: int = 1
     policy: str | None = None  # None: "heldout" with heldout_data, else "topk"
     margin: float = 0.0
-    min_dwell: int | None = None  # None: 3 * heldout_every for policy "heldout", else 0
+    min_dwell: int | None = None  # None: the policy's default (molf.Heldout: 3 * heldout_every)
     routing_warmup: int = 0  # steps in which every expert is updated
     freeze_after: int | None = None
     lagged: bool = False
@@ -191,6 +191,8 @@ class TrainConfig:
             raise ConfigError(f"mode 'molf-e' routes between LoRA experts: ranks needs >= 2 entries, got {self.ranks}")
         if self.mode != "fft":
             self.molf_config()  # validates ranks, alphas, dropout and module names
+        if self.mode in ROUTED_MODES:
+            self.routing()  # the routing settings, checked by the policy classes
 
     def _check_heldout(self) -> None:
         if self.heldout_data is not None and not self.heldout_data:
@@ -211,10 +213,23 @@ class TrainConfig:
                 "policy 'heldout' needs held-out data: give heldout_data (--heldout-data FILE ...), "
                 "prompt/completion files like data"
             )
-        if self.routing_policy == "heldout" and self.margin != 0:
-            raise ConfigError(
-                f"margin belongs to policy 'hysteresis'; with policy 'heldout' it must be 0, got {self.margin!r}"
-            )
+
+    def routing(self, heldout: Callable[[], torch.Tensor] | None = None) -> Policy:
+        """The routing policy object of the routed modes (`molf.routing`), built from the
+        flat options in this one place; `heldout`: the held-out loss closure (a placeholder
+        while only validating)."""
+        return policy_by_name(
+            self.routing_policy,
+            loss_fn=heldout if heldout is not None else _no_heldout,
+            topk=self.topk,
+            score=self.score,
+            margin=self.margin,
+            min_dwell=self.min_dwell,
+            warmup_steps=self.routing_warmup,
+            freeze_after=self.freeze_after,
+            every=self.heldout_every,
+            min_span=self.heldout_min_span,
+        )
 
     @property
     def routing_policy(self) -> str:
@@ -244,6 +259,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _no_heldout() -> torch.Tensor:
+    raise ConfigError("no held-out data")
 
 
 def _effective_policy(policy: str | None, heldout_data: list[str] | None) -> str:
@@ -545,33 +564,17 @@ def _build_optimizer(
     cfg: TrainConfig, model: nn.Module, log_path: Path | None, heldout: Callable[[], torch.Tensor] | None = None
 ) -> torch.optim.Optimizer:
     if cfg.mode in ROUTED_MODES:
-        extra = (
-            {}
-            if heldout is None
-            else {
-                "heldout": heldout,
-                "heldout_every": cfg.heldout_every,
-                "heldout_min_span": cfg.heldout_min_span,
-            }
-        )
         return MoLFAdamW(
             model,
             lr=cfg.lr,
             lora_lr=cfg.lora_lr,
             weight_decay=cfg.weight_decay,
             lora_weight_decay=cfg.lora_weight_decay,
-            topk=cfg.topk,
-            score=cfg.score,
-            policy=cfg.routing_policy,
-            margin=cfg.margin,
-            min_dwell=cfg.min_dwell,
-            warmup_steps=cfg.routing_warmup,
-            freeze_after=cfg.freeze_after,
+            routing=cfg.routing(heldout),
             lagged=cfg.lagged,
             log_path=log_path,
             log_every=cfg.log_every,
             state_dtype=torch.float32 if cfg.state_dtype == "float32" else cfg.state_dtype,
-            **extra,
         )
     # fft and lora: plain AdamW over the trainable tensors; none for biases and norm weights.
     lr, wd = (cfg.lora_lr, cfg.lora_weight_decay) if cfg.mode == "lora" else (cfg.lr, cfg.weight_decay)
@@ -783,10 +786,11 @@ def _acting_options(values: Mapping[str, Any]) -> dict:
         else:
             out[f.name] = f.default_factory()
     out["policy"] = _effective_policy(out["policy"], out["heldout_data"])
-    if out["min_dwell"] is None:
-        out["min_dwell"] = 3 * out["heldout_every"] if out["policy"] == "heldout" else 0
+    if out["min_dwell"] is None:  # the policy's default
+        dwell = {"heldout": Heldout.default_min_dwell(out["heldout_every"]), "hysteresis": Hysteresis.min_dwell}
+        out["min_dwell"] = dwell.get(out["policy"], 0)
     if out["heldout_min_span"] is None:  # as MoLFAdamW resolves it: molf-e has LoRA experts only
-        out["heldout_min_span"] = LORA_ONLY_MIN_SPAN if out["mode"] == "molf-e" else 0
+        out["heldout_min_span"] = Heldout.default_min_span(lora_only=out["mode"] == "molf-e")
     return out
 
 

@@ -1,0 +1,276 @@
+"""Routing policies: what `MoLFAdamW(routing=...)` takes (SPEC §6).
+
+A policy is a small frozen dataclass that owns its settings, their defaults and their
+validation (`__post_init__` raises `molf.ConfigError`); the optimizer builds the Rust
+Router and Ledger (and, for `Heldout`, the held-out probe) from it.
+
+* `TopK(k=1, score="epd")`: the paper's routing (the default): per module and step the
+  `k` experts with the highest scores win. `policy="paper"` of earlier versions is
+  `TopK(k=1, score="epd")`.
+* `Hysteresis(k=1, margin=..., min_dwell=...)`: keeps an incumbent unless a challenger
+  beats it by `margin` (relative), and holds each choice at least `min_dwell` steps.
+* `Heldout(loss_fn, every=10, ...)`: every expert is updated until its own movement is
+  measured to raise a held-out loss (`molf.heldout`).
+
+Every policy has `warmup_steps` (every expert is updated during the first ones),
+`freeze_after` (the routing is frozen from that step on; None: never) and `ema_decay`
+(the decay of the per-expert score EMA kept for `routing_summary()`, default 0.9: it
+is bookkeeping, not routing, but each policy's ledger keeps it, so it sits beside the
+other settings of the run). The range checks shared with the Rust core (k, margin,
+min_dwell, warmup_steps, freeze_after, ema_decay, the held-out decays) are the core's
+own: a policy validates by building a 1-module Router and Ledger, so the messages name
+the core's settings (`topk` for `k`, `heldout_decay` for `decay`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ._core import ConfigError, Ledger, Router
+from .heldout import LORA_ONLY_MIN_SPAN, HeldoutProbe
+
+__all__ = ["SCORES", "TopK", "Hysteresis", "Heldout", "Policy", "POLICY_CLASSES", "policy_by_name"]
+
+SCORES = ("epd", "pfn")
+
+
+def _check_score(score: Any) -> None:
+    if score not in SCORES:
+        raise ConfigError(f"unknown score {score!r}; expected one of {', '.join(map(repr, SCORES))}")
+
+
+def _check_core(policy: Any, router: dict, ledger: dict) -> None:
+    """The Rust core's checks of these settings (one module, two experts)."""
+    try:
+        Router(1, 2, **router)
+        Ledger(1, 2, **ledger)
+    except ConfigError as exc:
+        raise ConfigError(f"{type(policy).__name__}: {exc}") from None
+
+
+def _repr(self: Any) -> str:
+    """Fields that differ from their defaults only (the loss function always)."""
+    shown = []
+    for f in dataclasses.fields(self):
+        value = getattr(self, f.name)
+        if f.default is dataclasses.MISSING or value != f.default:
+            shown.append(f"{f.name}={value!r}" if f.default is not dataclasses.MISSING else repr(value))
+    return f"molf.{type(self).__name__}({', '.join(shown)})"
+
+
+@dataclass(frozen=True, repr=False)
+class TopK:
+    """The paper's routing (the default): per module, the `k` experts with the highest
+    `score` ("epd", the expected preconditioned descent, or "pfn") win each step."""
+
+    k: int = 1
+    score: str = "epd"
+    warmup_steps: int = 0
+    freeze_after: int | None = None
+    ema_decay: float = 0.9
+
+    name: ClassVar[str] = "topk"
+
+    def __post_init__(self) -> None:
+        _check_score(self.score)
+        _check_core(self, self.router_settings(), dict(ema_decay=self.ema_decay))
+
+    __repr__ = _repr
+
+    @property
+    def topk(self) -> int:
+        return self.k
+
+    def router_settings(self) -> dict:
+        return dict(topk=self.k, policy="topk", warmup_steps=self.warmup_steps, freeze_after=self.freeze_after)
+
+    def ledger_settings(self, lora_only: bool) -> dict:
+        return dict(ema_decay=self.ema_decay)
+
+    def probe(self) -> HeldoutProbe | None:
+        return None
+
+
+@dataclass(frozen=True, repr=False)
+class Hysteresis:
+    """Top-k routing that keeps an incumbent unless a challenger's score beats it by
+    `margin` (relative, >= 0) and holds each choice at least `min_dwell` steps."""
+
+    k: int = 1
+    margin: float = 0.1
+    min_dwell: int = 20
+    score: str = "epd"
+    warmup_steps: int = 0
+    freeze_after: int | None = None
+    ema_decay: float = 0.9
+
+    name: ClassVar[str] = "hysteresis"
+
+    def __post_init__(self) -> None:
+        _check_score(self.score)
+        _check_core(self, self.router_settings(), dict(ema_decay=self.ema_decay))
+
+    __repr__ = _repr
+
+    @property
+    def topk(self) -> int:
+        return self.k
+
+    def router_settings(self) -> dict:
+        return dict(
+            topk=self.k,
+            policy="hysteresis",
+            margin=self.margin,
+            min_dwell=self.min_dwell,
+            warmup_steps=self.warmup_steps,
+            freeze_after=self.freeze_after,
+        )
+
+    def ledger_settings(self, lora_only: bool) -> dict:
+        return dict(ema_decay=self.ema_decay)
+
+    def probe(self) -> HeldoutProbe | None:
+        return None
+
+
+@dataclass(frozen=True, repr=False)
+class Heldout:
+    """Routing by held-out loss (`molf.heldout`): every `every` steps the optimizer calls
+    `loss_fn()` (a scalar loss on held-out data), attributes the held-out loss change to
+    each expert's movement, smooths it (per window a decay of at least `decay`; the
+    smoothing spans about `horizon` of the windows the expert has moved in), drops the
+    experts that hurt (once their record spans `min_span` windows) and brings a dropped
+    one back `min_dwell` steps after its drop, once a step of it would lower the held-out
+    loss. Before each measurement each expert's update is shrunk by `shrink` (0: off;
+    `shrink_spectral`: a LoRA product's singular values soft-thresholded, else scaled)
+    and kept if the held-out loss falls. Scores ("epd") are still computed for the log
+    and the summary.
+
+    Defaults resolved here and nowhere else: `min_dwell` None is 3 x `every`
+    (`default_min_dwell`); `min_span` None is 10 where every expert is a LoRA expert, 0
+    beside a dense expert (`default_min_span`)."""
+
+    loss_fn: Callable[[], Any]
+    every: int = 10
+    decay: float = 0.5
+    horizon: float = 0.25
+    shrink: float = 0.1
+    shrink_spectral: bool = True
+    min_span: int | None = None
+    min_dwell: int | None = None
+    warmup_steps: int = 0
+    freeze_after: int | None = None
+    ema_decay: float = 0.9
+
+    name: ClassVar[str] = "heldout"
+    score: ClassVar[str] = "epd"
+    topk: ClassVar[int] = 1  # not used by the policy (the Router's topk setting)
+
+    def __post_init__(self) -> None:
+        if not callable(self.loss_fn):
+            raise ConfigError(f"heldout must be a callable returning a held-out loss tensor, got {self.loss_fn!r}")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ConfigError(f"heldout_every must be an integer >= 1, got {self.every!r}")
+        if not isinstance(self.shrink_spectral, bool):
+            raise ConfigError(f"heldout_shrink_spectral must be True or False, got {self.shrink_spectral!r}")
+        span = self.min_span
+        if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 0):
+            raise ConfigError(f"heldout_min_span must be an integer >= 0 (or None), got {span!r}")
+        _check_core(self, self.router_settings(), self.ledger_settings(lora_only=False))
+
+    __repr__ = _repr
+
+    @staticmethod
+    def default_min_dwell(every: int) -> int:
+        return 3 * every
+
+    @staticmethod
+    def default_min_span(lora_only: bool) -> int:
+        # A LoRA pair's first fit can raise the held-out loss for a while and still pay off
+        # (docs/algorithm.md, "Minimum span"); beside a dense expert, from the first window.
+        return LORA_ONLY_MIN_SPAN if lora_only else 0
+
+    @property
+    def dwell(self) -> int:
+        """`min_dwell`, resolved."""
+        return self.default_min_dwell(self.every) if self.min_dwell is None else self.min_dwell
+
+    def span(self, lora_only: bool) -> int:
+        """`min_span`, resolved for a model whose experts are all LoRA experts or not."""
+        return self.default_min_span(lora_only) if self.min_span is None else self.min_span
+
+    def router_settings(self) -> dict:
+        return dict(
+            policy="heldout", min_dwell=self.dwell, warmup_steps=self.warmup_steps, freeze_after=self.freeze_after
+        )
+
+    def ledger_settings(self, lora_only: bool) -> dict:
+        return dict(
+            ema_decay=self.ema_decay,
+            heldout_decay=self.decay,
+            heldout_horizon=self.horizon,
+            heldout_shrink=self.shrink,
+            shrink_spectral=self.shrink_spectral,
+            heldout_min_span=self.span(lora_only),
+        )
+
+    def probe(self) -> HeldoutProbe | None:
+        return HeldoutProbe(self.loss_fn, self.every)
+
+
+Policy = TopK | Hysteresis | Heldout
+POLICY_CLASSES = (TopK, Hysteresis, Heldout)
+
+
+def check_policy(routing: Any) -> Policy:
+    if not isinstance(routing, POLICY_CLASSES):
+        raise ConfigError(
+            f"routing must be a routing policy object: molf.TopK, molf.Hysteresis or molf.Heldout, got {routing!r}"
+        )
+    return routing
+
+
+def policy_by_name(
+    policy: str,
+    *,
+    loss_fn: Callable[[], Any] | None = None,
+    topk: int = 1,
+    score: str = "epd",
+    margin: float | None = None,
+    min_dwell: int | None = None,
+    warmup_steps: int = 0,
+    freeze_after: int | None = None,
+    every: int | None = None,
+    min_span: int | None = None,
+) -> Policy:
+    """The policy object a policy name ("topk", "paper", "hysteresis", "heldout", as the
+    CLI's `--policy` spells them) and flat settings stand for; a setting left None takes
+    the policy's own default. "paper" is `TopK(k=1, score="epd")` and refuses other scores."""
+    common = dict(warmup_steps=warmup_steps, freeze_after=freeze_after)
+    given = {k: v for k, v in dict(margin=margin, min_dwell=min_dwell).items() if v is not None}
+    if policy == "paper" and score != "epd":
+        raise ConfigError(f"policy 'paper' is the published EPD top-1 routing: score must be 'epd', got {score!r}")
+    if policy in ("topk", "paper"):
+        if given.get("margin", 0) != 0 or given.get("min_dwell", 0) != 0:
+            raise ConfigError(
+                "margin and min_dwell belong to policy 'hysteresis'; with policy 'topk' they must be 0, "
+                f"got margin={margin} min_dwell={min_dwell}"
+            )
+        return TopK(k=topk, score=score, **common)
+    if policy == "hysteresis":
+        return Hysteresis(k=topk, score=score, **given, **common)
+    if policy == "heldout":
+        if loss_fn is None:
+            raise ConfigError("policy 'heldout' needs heldout=, a callable returning a loss on held-out data")
+        if given.get("margin", 0) != 0:
+            raise ConfigError(
+                f"margin belongs to policy 'hysteresis'; with policy 'heldout' it must be 0, got {margin!r}"
+            )
+        extra = {} if every is None else dict(every=every)
+        return Heldout(loss_fn, min_span=min_span, min_dwell=min_dwell, **extra, **common)
+    raise ConfigError(
+        f"unknown policy {policy!r}; expected one of 'topk', 'hysteresis', 'heldout', 'paper' (an alias of 'topk')"
+    )
