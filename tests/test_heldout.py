@@ -1248,7 +1248,9 @@ def test_probe_work_does_not_grow_with_the_number_of_tensors(monkeypatch, fft, r
         assert (other.router.incumbents() == opt.router.incumbents()).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: the spectral trial runs in CUDA worker threads only there"
+)
 def test_spectral_trial_on_cuda_matches_the_cpu():
     """On CUDA the r x r transforms run in worker threads on their own streams; the trial's
     B's are the CPU's to rounding, and the pieces come back in order."""

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers")
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 
 import loop_bench  # noqa: E402

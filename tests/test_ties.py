@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # a test dependency: a missing one fails, never skips
 from torch import nn
 
 import molf
 from molf.wrap import expert_tag
-
-transformers = pytest.importorskip("transformers")
 
 
 def tiny_qwen2(tie: bool) -> nn.Module:

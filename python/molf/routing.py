@@ -61,18 +61,12 @@ def _repr(self: Any) -> str:
     return f"molf.{type(self).__name__}({', '.join(shown)})"
 
 
-@dataclass(frozen=True, repr=False)
-class TopK:
-    """The paper's routing (the default): per module, the `k` experts with the highest
-    `score` ("epd", the expected preconditioned descent, or "pfn") win each step."""
+class _TrainingScoreRouting:
+    """What TopK and Hysteresis share: routing on the training scores, with no probe."""
 
-    k: int = 1
-    score: str = "epd"
-    warmup_steps: int = 0
-    freeze_after: int | None = None
-    ema_decay: float = 0.9
-
-    name: ClassVar[str] = "topk"
+    k: int
+    score: str
+    ema_decay: float
 
     def __post_init__(self) -> None:
         _check_score(self.score)
@@ -84,9 +78,6 @@ class TopK:
     def topk(self) -> int:
         return self.k
 
-    def router_settings(self) -> dict:
-        return dict(topk=self.k, policy="topk", warmup_steps=self.warmup_steps, freeze_after=self.freeze_after)
-
     def ledger_settings(self, lora_only: bool) -> dict:
         return dict(ema_decay=self.ema_decay)
 
@@ -95,7 +86,24 @@ class TopK:
 
 
 @dataclass(frozen=True, repr=False)
-class Hysteresis:
+class TopK(_TrainingScoreRouting):
+    """The paper's routing (the default): per module, the `k` experts with the highest
+    `score` ("epd", the expected preconditioned descent, or "pfn") win each step."""
+
+    k: int = 1
+    score: str = "epd"
+    warmup_steps: int = 0
+    freeze_after: int | None = None
+    ema_decay: float = 0.9
+
+    name: ClassVar[str] = "topk"
+
+    def router_settings(self) -> dict:
+        return dict(topk=self.k, policy="topk", warmup_steps=self.warmup_steps, freeze_after=self.freeze_after)
+
+
+@dataclass(frozen=True, repr=False)
+class Hysteresis(_TrainingScoreRouting):
     """Top-k routing that keeps an incumbent unless a challenger's score beats it by
     `margin` (relative, >= 0) and holds each choice at least `min_dwell` steps."""
 
@@ -109,16 +117,6 @@ class Hysteresis:
 
     name: ClassVar[str] = "hysteresis"
 
-    def __post_init__(self) -> None:
-        _check_score(self.score)
-        _check_core(self, self.router_settings(), dict(ema_decay=self.ema_decay))
-
-    __repr__ = _repr
-
-    @property
-    def topk(self) -> int:
-        return self.k
-
     def router_settings(self) -> dict:
         return dict(
             topk=self.k,
@@ -128,12 +126,6 @@ class Hysteresis:
             warmup_steps=self.warmup_steps,
             freeze_after=self.freeze_after,
         )
-
-    def ledger_settings(self, lora_only: bool) -> dict:
-        return dict(ema_decay=self.ema_decay)
-
-    def probe(self) -> HeldoutProbe | None:
-        return None
 
 
 @dataclass(frozen=True, repr=False)
