@@ -21,6 +21,7 @@ its config and freed before the next:
                  same size, default settings): three rows, the mean over --heldout-steps steps
                  (probe steps included; warm-up runs through the first probe), the median of
                  the steps where the probe ran, and a plain forward+backward of the held-out batch
+  molf-heldout-param  the same with state_dtype="param"
   molf-e         MoLF-Efficient, LoRA r16 + r128, base frozen
   lora144        PEFT LoRA r144 (the rank MoLF-Efficient's two experts add up to)
   adamw-wrapped  torch AdamW (fused) over the paper-wrapped model's parameters, no routing
@@ -80,6 +81,7 @@ SETUPS = {
     "molf": "molf paper (state auto)",
     "molf-param": "molf paper (state param)",
     "molf-heldout": "molf held-out",
+    "molf-heldout-param": "molf held-out (state param)",
     "molf-e": "MoLF-E r16+r128",
     "lora144": "PEFT LoRA r144",
     "adamw-wrapped": "AdamW over wrapped model",
@@ -87,6 +89,7 @@ SETUPS = {
 
 PAPER = dict(ranks=(128,), alphas=(32,), rslora=True)
 MOLF_OPT = dict(lr=2e-5, lora_lr=5e-5, weight_decay=0.1, lora_weight_decay=0.01)
+HELDOUT = ("molf-heldout", "molf-heldout-param")
 HELDOUT_EVERY = 10  # molf's default heldout_every; only bounds the warm-up that runs through the first probe
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -132,7 +135,7 @@ def peft_lora(model, rank: int, adapter_dtype: str):
 
 def adapt(key: str, model, peft_adapter_dtype: str = "auto"):
     """The model each setup trains (wrapped, PEFT or as it is)."""
-    if key in ("molf", "molf-param", "molf-heldout", "adamw-wrapped"):
+    if key in ("molf", "molf-param", "adamw-wrapped", *HELDOUT):
         return molf.wrap(model, molf.MoLFConfig(**PAPER))
     if key == "molf-e":
         return molf.wrap(model, molf.MoLFConfig(ranks=(16, 128), alphas=(32, 32), rslora=True, fft=False))
@@ -154,8 +157,9 @@ def make_optimizer(key: str, model, device: str, heldout=None):
         return molf.MoLFAdamW(model, **MOLF_OPT)
     if key == "molf-param":
         return molf.MoLFAdamW(model, **MOLF_OPT, state_dtype="param")
-    if key == "molf-heldout":
-        return molf.MoLFAdamW(model, **MOLF_OPT, routing=molf.Heldout(heldout))
+    if key in HELDOUT:
+        state = {"state_dtype": "param"} if key == "molf-heldout-param" else {}
+        return molf.MoLFAdamW(model, **MOLF_OPT, **state, routing=molf.Heldout(heldout))
     raise KeyError(key)
 
 
@@ -259,7 +263,7 @@ def prepare(key, shape, batch, mode, device, dtype, args):
     x = tokens(vocab, batch, 1, device)
     counter = Counter()
     heldout = None
-    if key == "molf-heldout":
+    if key in HELDOUT:
         val = tokens(vocab, batch, 2, device)
 
         def heldout():
@@ -301,7 +305,7 @@ def warm_up(key, step, counter, n, device) -> float:
         torch.cuda.synchronize()
     first_ms = (time.perf_counter() - t) * 1e3
     done = 1
-    while done < n or (key == "molf-heldout" and counter.calls == 0 and done < n + 10 * HELDOUT_EVERY):
+    while done < n or (key in HELDOUT and counter.calls == 0 and done < n + 10 * HELDOUT_EVERY):
         step()
         done += 1
     counter.grew()
@@ -333,8 +337,8 @@ def run_setup(key, shape, batch, mode, device, dtype, args) -> list[dict]:
         a = next(p for n, p in model.named_parameters() if "lora_A" in n)
         info["adapter_dtype"] = str(a.dtype).replace("torch.", "")
     info["first_step_ms"] = round(warm_up(key, step, counter, args.warmup, device), 2)
-    n = args.heldout_steps if key == "molf-heldout" else args.steps
-    times, wall, probed = timed_steps(device, step, n, counter.grew if key == "molf-heldout" else None)
+    n = args.heldout_steps if key in HELDOUT else args.steps
+    times, wall, probed = timed_steps(device, step, n, counter.grew if key in HELDOUT else None)
     if isinstance(opt, molf.MoLFAdamW):
         try:
             info["win_share"] = {k: round(v, 4) for k, v in opt.routing_summary().current_share.items()}
@@ -343,7 +347,7 @@ def run_setup(key, shape, batch, mode, device, dtype, args) -> list[dict]:
     if mode == "compile":
         info.update(dynamo_counts())
     rows = []
-    if key != "molf-heldout":
+    if key not in HELDOUT:
         rows.append({**row_stats(times), "wall_mean_ms": wall, **info})
     else:
         probes = [t for t, p in zip(times, probed) if p]
@@ -401,7 +405,7 @@ def profile_setup(key, shape, batch, mode, device, dtype, args, out_dir: Path) -
     model, fwd, opt, step, counter, heldout = prepare(key, shape, batch, mode, device, dtype, args)
     warm_up(key, step, counter, args.warmup, device)
     steps = args.profile_steps
-    if key == "molf-heldout":  # line up so that the first profiled step runs the probe
+    if key in HELDOUT:  # line up so that the first profiled step runs the probe
         for _ in range(2 * HELDOUT_EVERY):
             step()
             if counter.grew():
@@ -430,7 +434,7 @@ def profile_setup(key, shape, batch, mode, device, dtype, args, out_dir: Path) -
     parts = [
         f"# {SETUPS[key]} | {batch[0]}x{batch[1]} | {mode} | {steps} steps after {args.warmup} warm-up"
         f" | device {device_name(device)} | torch {torch.__version__}"
-        + (f" | the probe ran in profiled step(s) {probes} (train_step_i)" if key == "molf-heldout" else "")
+        + (f" | the probe ran in profiled step(s) {probes} (train_step_i)" if key in HELDOUT else "")
     ]
     if device == "cuda":
         sort = None
@@ -536,12 +540,12 @@ def markdown(rows: list[dict]) -> str:
 def heldout_notes(rows: list[dict]) -> list[str]:
     notes = []
     for r in rows:
-        if r["setup"] == "molf-heldout" and r.get("probe_step_vs_fwd_bwd") is not None:
+        if r["setup"] in HELDOUT and r.get("probe_step_vs_fwd_bwd") is not None:
             amort = next(
                 (
                     a
                     for a in rows
-                    if a["setup"] == "molf-heldout"
+                    if a["setup"] in HELDOUT
                     and a["batch"] == r["batch"]
                     and a["mode"] == r["mode"]
                     and a.get("ratio_stat") == "mean"
