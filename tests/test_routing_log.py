@@ -76,11 +76,12 @@ def test_unwritable_path_warns_once_and_training_goes_on(tmp_path, unlogged_para
     assert blocker.read_text() == "not a directory"
 
 
-def test_short_write_is_taken_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["compact", "full"])
+def test_short_write_is_taken_back(fmt, tmp_path, monkeypatch):
     """The disk fills up in the middle of a line: the part written is removed, the file
     stays valid, and writing resumes once there is space again."""
     path = tmp_path / "routing.jsonl"
-    log = RoutingLog(path, ["m0", "m1"], ["dense", "lora"])
+    log = RoutingLog(path, ["m0", "m1"], ["dense", "lora"], scores_every=1, format=fmt)
     scores = np.array([[1.0, 2.0], [3.0, np.nan]])
     mask = np.array([[False, True], [True, False]])
     log.write(1, "routing", scores, mask)
@@ -97,7 +98,7 @@ def test_short_write_is_taken_back(tmp_path, monkeypatch):
     log.write(3, "routing", scores, mask)
     records = _records(path)
     assert [r["step"] for r in records] == [1, 3]
-    assert records[1]["modules"]["m1"] == {"scores": [3.0, None], "winners": [0]}
+    assert list(read_routing_log(path))[1]["modules"]["m1"] == {"scores": [3.0, None], "winners": [0]}
 
 
 def test_crash_then_resume_continues_the_log_exactly(tmp_path):
@@ -154,11 +155,12 @@ def test_first_step_at_lr_zero_is_logged(tmp_path):
     """A warm-up from lr 0 makes every EPD score 0 on the first step, like the state-init
     step DCP runs on a fresh optimizer; real gradients tell them apart: this one is logged."""
     path = tmp_path / "routing.jsonl"
-    model, opt, sched = make("molf", path)
+    model, opt, sched = make("molf")
+    opt._log = RoutingLog(path, opt.module_names, opt.expert_names, scores_every=1)  # to see the scores
     for group in opt.param_groups:
         group["lr"] = 0.0
     run(model, opt, sched, range(2))
-    records = _records(path)
+    records = list(read_routing_log(path))
     assert [r["step"] for r in records] == [1, 2]
     assert all(s == 0 for m in records[0]["modules"].values() for s in m["scores"])
 
@@ -182,3 +184,199 @@ def test_two_optimizers_on_one_log_path_are_named(tmp_path):
         step(models[1], opts[1])
     with pytest.warns(RuntimeWarning, match="two optimizers with one log_path"):
         step(models[0], opts[0])
+
+
+# ---------------------------------------------------------------- formats
+
+FORMATS = ("compact", "full")
+MODULES, EXPERTS = ["a.0.q_proj", "a.0.k_proj", "a.1.up_proj"], ["dense", "lora0_r4", "lora1_r8"]
+
+
+def _write_steps(log: RoutingLog, steps, seed: int = 0, skip_after=()) -> dict[int, tuple]:
+    """Random routing for `steps` written through `log` (any winner sets, some non-finite
+    scores); returns step -> (phase, scores, mask) of every step handed to it."""
+    rng = np.random.default_rng(seed)
+    M, E = len(log.module_names), len(log.expert_names)
+    handed = {}
+    for t in steps:
+        scores = rng.standard_normal((M, E)) ** 2 * 1e-8
+        scores.flat[t % scores.size] = (np.nan, np.inf, -np.inf, 1e-8)[t % 4]
+        mask = rng.random((M, E)) < 0.4  # several winners, or none, as top-k and non-finite scores give
+        phase = "warmup" if t < 3 else "routing"
+        log.write(t, phase, scores, mask)
+        handed[t] = (phase, scores, mask)
+        if t in skip_after:
+            log.write_skip(t, "non-finite gradient")
+    return handed
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_what_is_written_is_read_back(fmt, tmp_path):
+    path = tmp_path / "routing.jsonl"
+    handed = _write_steps(RoutingLog(path, MODULES, EXPERTS, 2, 3, fmt), range(1, 21), skip_after=(7, 8))
+    rec = molf.routing_log.read_routing_records(path)
+    logged = [t for t in handed if t % 2 == 0]
+    assert rec.steps.tolist() == logged and rec.skipped == [7, 8]
+    assert rec.experts == EXPERTS and rec.modules == MODULES
+    assert rec.phases == [handed[t][0] for t in logged]
+    assert np.array_equal(rec.winners, np.stack([handed[t][2] for t in logged]))
+    assert rec.score_steps.tolist() == [6, 12, 18]
+    want = np.stack([handed[t][1] for t in (6, 12, 18)])
+    if fmt == "full":  # JSON has no NaN or infinity: they were written as null
+        want = np.where(np.isfinite(want), want, np.nan)
+    assert np.array_equal(rec.scores, want, equal_nan=True)
+    assert np.isinf(rec.scores).any() == (fmt == "compact")  # the compact format keeps them
+
+
+def test_compact_and_full_logs_read_the_same(tmp_path):
+    """Both formats, written the same steps, read back as the same records and dicts."""
+    paths = {fmt: tmp_path / f"{fmt}.jsonl" for fmt in FORMATS}
+    for fmt, path in paths.items():
+        _write_steps(RoutingLog(path, MODULES, EXPERTS, 1, 4, fmt), range(1, 30), skip_after=(5,))
+    compact, full = (list(read_routing_log(paths[fmt])) for fmt in FORMATS)
+    assert compact == full and len(compact) == 30
+    assert compact[3]["modules"]["a.0.q_proj"].keys() == {"scores", "winners"}  # step 4
+    assert compact[4]["modules"]["a.0.q_proj"].keys() == {"winners"}  # step 5: no scores
+    assert compact[5] == {"skipped_after_step": 5, "reason": "non-finite gradient"}
+    # The full format's lines as read are the lines as written.
+    assert full == [json.loads(line) for line in paths["full"].read_text().splitlines()]
+
+
+@pytest.mark.parametrize("experts", [["dense", "lora0_r128"], ["dense", "lora0_r16", "lora1_r64", "lora2_r128"]])
+def test_default_log_of_450_modules_over_100k_steps_fits_in_100_mb(experts, tmp_path):
+    """A 7B model (about 450 wrapped modules) logged every step for 100,000 steps: the
+    default log's last 1,000 steps (the longest step numbers, 10 of them with scores, plus
+    the header), times 100, stay under 100 MB."""
+    modules = [f"model.layers.{i}.{t}_proj" for i in range(65) for t in ("q", "k", "v", "o", "gate", "up", "down")]
+    path = tmp_path / "routing.jsonl"
+    handed = _write_steps(RoutingLog(path, modules[:450], experts), range(99_001, 100_001))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1000 and sum('"scores"' in line for line in lines) == 10
+    assert path.stat().st_size * 100 < 100e6, f"{path.stat().st_size * 100 / 1e6:.1f} MB"
+    rec = molf.routing_log.read_routing_records(path)
+    assert np.array_equal(rec.winners, np.stack([mask for _, _, mask in handed.values()]))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resume_cuts_back_to_the_checkpoint_and_drops_a_torn_record(fmt, tmp_path):
+    path = tmp_path / "routing.jsonl"
+    _write_steps(RoutingLog(path, MODULES, EXPERTS, format=fmt), range(1, 7), skip_after=(3,))
+    lines = path.read_bytes().splitlines(keepends=True)
+    with open(path, "ab") as f:
+        f.write(lines[-1][: len(lines[-1]) // 2])  # the write a kill cut short
+    assert [r.get("step") for r in read_routing_log(path)] == [1, 2, 3, None, 4, 5, 6]
+
+    def resumed(step: int, skipped: int) -> list:
+        path.write_bytes(b"".join(lines))
+        log = RoutingLog(path, MODULES, EXPERTS, format=fmt)
+        log.resume(step, skipped)
+        return log
+
+    log = resumed(4, 1)
+    assert path.read_bytes() == b"".join(lines[:5])  # whole lines, byte for byte
+    _write_steps(log, [5])
+    assert [r.get("step", r.get("skipped_after_step")) for r in read_routing_log(path)] == [1, 2, 3, 3, 4, 5]
+    resumed(3, 0)  # saved before the skip: the skip record goes too
+    assert path.read_bytes() == b"".join(lines[:3])
+    log = resumed(0, 0)  # saved before the first step: nothing is left, the names come again
+    assert path.read_bytes() == b""
+    _write_steps(log, [1, 2])
+    assert molf.routing_log.read_routing_records(path).modules == MODULES
+
+
+def test_a_torn_first_line_holds_no_records(tmp_path):
+    path = tmp_path / "routing.jsonl"
+    _write_steps(RoutingLog(path, MODULES, EXPERTS), [1])
+    path.write_bytes(path.read_bytes()[:-20])  # the first line, with the names, cut short
+    assert list(read_routing_log(path)) == []
+    with pytest.raises(ValueError, match="no routing records"):
+        molf.routing_log.read_routing_records(path)
+    log = RoutingLog(path, MODULES, EXPERTS)
+    log.resume(1, 0)
+    _write_steps(log, [2])
+    assert [r["step"] for r in read_routing_log(path)] == [2]
+
+
+@pytest.mark.parametrize("began, configured", [("full", "compact"), ("compact", "full")])
+def test_a_resumed_log_goes_on_in_the_format_it_began_in(began, configured, tmp_path):
+    """A log an older molf wrote (full) goes on as full after a resume, and vice versa."""
+    path = tmp_path / "routing.jsonl"
+    _write_steps(RoutingLog(path, MODULES, EXPERTS, format=began), range(1, 4))
+    log = RoutingLog(path, MODULES, EXPERTS, format=configured)
+    log.resume(2, 0)
+    _write_steps(log, [3, 4])
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert ["format" in line for line in lines] == [began == "compact", False, False, False]
+    assert all(isinstance(line.get("modules", {}), dict) for line in lines[1:])
+    assert [r["step"] for r in read_routing_log(path)] == [1, 2, 3, 4]
+
+
+def _small_optimizer(**kw):
+    model = molf.wrap(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), molf.MoLFConfig(ranks=(2,), exclude_modules=()))
+    return model, molf.MoLFAdamW(model, lr=1e-2, **kw)
+
+
+def _steps(model, opt, n: int) -> None:
+    for _ in range(n):
+        model(torch.randn(3, 4)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_optimizer_log_options(tmp_path):
+    default, chosen = tmp_path / "default.jsonl", tmp_path / "chosen.jsonl"
+    _steps(*_small_optimizer(log_path=default), 3)
+    first = json.loads(default.read_text().splitlines()[0])
+    assert first["format"] == "molf-routing-log/compact-1" and "scores" not in default.read_text()
+    assert first["modules"] == ["0", "1"] and first["experts"] == ["dense", "lora0_r2"]
+    _steps(*_small_optimizer(log_path=chosen, log_every=2, log_scores_every=4, log_format="full"), 8)
+    records = list(read_routing_log(chosen))
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert ["scores" in r["modules"]["0"] for r in records] == [False, True, False, True]
+    assert records == [json.loads(line) for line in chosen.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(log_format="binary"), "log_format must be one of 'compact', 'full', got 'binary'"),
+        (dict(log_scores_every=0), "log_scores_every must be an integer >= 1, got 0"),
+        (dict(log_scores_every=2.0), "log_scores_every must be an integer >= 1, got 2.0"),
+        (dict(log_every=True), "log_every must be an integer >= 1, got True"),
+    ],
+)
+def test_bad_log_options_are_refused(kw, message):
+    with pytest.raises(molf.ConfigError, match=message):
+        _small_optimizer(**kw)
+    with pytest.raises(molf.ConfigError, match=message):
+        RoutingLog(
+            "unused.jsonl",
+            MODULES,
+            EXPERTS,
+            kw.get("log_every", 1),
+            kw.get("log_scores_every"),
+            kw.get("log_format", "compact"),
+        )
+
+
+@pytest.mark.parametrize(
+    "line, edit, message",
+    [
+        (0, dict(format="molf-routing-log/compact-9"), "unknown routing log format 'molf-routing-log/compact-9'"),
+        (0, dict(modules="a.0.q_proj"), "modules must be a non-empty list of names"),
+        (1, dict(winners="AAAA"), "winners holds 3 bytes, expected 2 for 3 modules x 3 experts"),
+        (1, dict(winners="not base64!"), "winners is not base64"),
+        (1, dict(scores="AAAA"), "scores holds 3 bytes, expected 72 for 3 modules x 3 experts"),
+        (1, dict(phase=3), "phase 3 is not a name"),
+        (1, dict(step="2"), "step '2' is not a step number"),
+        (1, dict(winners=None), "malformed routing record"),
+    ],
+)
+def test_a_bad_compact_record_is_named_with_its_line(line, edit, message, tmp_path):
+    path = tmp_path / "routing.jsonl"
+    _write_steps(RoutingLog(path, MODULES, EXPERTS), range(1, 4))
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    records[line].update(edit)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match=rf"routing.jsonl:{line + 1}: {message}"):
+        molf.routing_log.read_routing_records(path)

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from ._core import ConfigError
+from .routing_log import check_log_options
 
 __all__ = ["check_number", "check_options"]
 
@@ -29,6 +30,8 @@ def check_options(
     betas: Any,
     eps: float,
     log_every: int,
+    log_scores_every: int | None,
+    log_format: str,
     check_every: int,
 ) -> None:
     """Refuse (ConfigError) the first bad argument (the routing policy checks its own)."""
@@ -43,7 +46,6 @@ def check_options(
         raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
     check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
-    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-        raise ConfigError(f"log_every must be an integer >= 1, got {log_every!r}")
+    check_log_options(log_every, log_scores_every, log_format)
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
         raise ConfigError(f"check_every must be an integer >= 0 (0: never), got {check_every!r}")

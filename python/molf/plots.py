@@ -8,11 +8,9 @@ nothing touches pyplot's global state or needs a display.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from .routing_log import read_routing_log
+from .routing_log import RoutingRecords, read_routing_records
 
 __all__ = [
     "RoutingRecords",
@@ -36,44 +34,11 @@ __all__ = [
 ]
 
 
-# Steps are drawn as float64, exact up to 2**53; a larger "step" is a corrupt record, not a step count.
-_MAX_STEP = 2**53
-
-
-def _step_number(value, path, lineno: int, key: str = "step") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_STEP:
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise ValueError(f"{path}:{lineno}: {key} {shown} is not a step number (an integer from 0 to 2**53)")
-    return value
-
-
-def routing_shares(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.ndarray]:
+def routing_shares(log: str | os.PathLike | RoutingRecords) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(steps [T], expert names, shares [T, E]) of a routing log: at each logged
-    step, the fraction of modules whose winners include each expert. Lines for
-    skipped steps carry no routing and are passed over."""
-    steps: list[int] = []
-    shares: list[np.ndarray] = []
-    experts: list[str] | None = None
-    try:
-        for lineno, rec in enumerate(read_routing_log(path), start=1):
-            if "skipped_after_step" in rec:
-                continue
-            if not isinstance(rec, dict) or not {"step", "experts", "modules"} <= rec.keys() or not rec["modules"]:
-                raise ValueError(f"{path}:{lineno}: not a routing record (needs step, experts and modules)")
-            if experts is None:
-                experts = list(rec["experts"])
-            elif rec["experts"] != experts:
-                raise ValueError(f"{path}:{lineno}: experts changed from {experts} to {rec['experts']}")
-            counts = np.zeros(len(experts))
-            for module in rec["modules"].values():
-                counts[module["winners"]] += 1
-            steps.append(_step_number(rec["step"], path, lineno))
-            shares.append(counts / len(rec["modules"]))
-    except (json.JSONDecodeError, AttributeError, KeyError, IndexError, TypeError) as exc:
-        raise ValueError(f"{path}: malformed routing log ({type(exc).__name__}: {exc})") from exc
-    if experts is None:
-        raise ValueError(f"{path}: no routing records")
-    return np.asarray(steps), experts, np.vstack(shares)
+    step, the fraction of modules whose winners include each expert."""
+    rec = log if isinstance(log, RoutingRecords) else read_routing_records(log)
+    return rec.steps, rec.experts, rec.winners.mean(axis=1)
 
 
 def _moving_average(x: np.ndarray, window: int) -> np.ndarray:
@@ -85,14 +50,15 @@ def _moving_average(x: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_routing_share(
-    logs: Mapping[str, str | os.PathLike] | str | os.PathLike,
+    logs: Mapping[str, str | os.PathLike | RoutingRecords] | str | os.PathLike,
     out: str | os.PathLike,
     *,
     smooth: int | None = None,
     ncols: int = 2,
 ) -> Path:
-    """Write a PNG with one panel per routing log (`logs`: panel title -> path,
-    or one path) showing the share of modules routed to each expert per step.
+    """Write a PNG with one panel per routing log (`logs`: panel title -> path or
+    `read_routing_records` result, or one path) showing the share of modules
+    routed to each expert per step.
 
     `smooth`: trailing moving-average window in steps; by default about 1/50 of
     the run, since with a handful of modules the raw share jumps in coarse steps.
@@ -138,49 +104,6 @@ def plot_routing_share(
 _TYPE_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
 _NONE_COLOUR = "#d9d9d9"  # module-steps without a finite score, hence no winner
 _SKIP_COLOUR = "#d62728"
-
-
-@dataclass(frozen=True)
-class RoutingRecords:
-    """A routing log as arrays: `winners[t, m, e]` is True when expert e won
-    module m at logged step `steps[t]`; `skipped` lists the steps after which a
-    step was skipped whole (non-finite gradients)."""
-
-    steps: np.ndarray
-    experts: list[str]
-    modules: list[str]
-    winners: np.ndarray
-    skipped: list[int]
-
-
-def read_routing_records(path: str | os.PathLike) -> RoutingRecords:
-    """Read a routing log (see `molf.routing_log`); ValueError names the file and line of a bad record."""
-    steps: list[int] = []
-    rows: list[np.ndarray] = []
-    skipped: list[int] = []
-    experts: list[str] | None = None
-    modules: list[str] | None = None
-    try:
-        for lineno, rec in enumerate(read_routing_log(path), start=1):
-            if isinstance(rec, dict) and "skipped_after_step" in rec:
-                skipped.append(_step_number(rec["skipped_after_step"], path, lineno, "skipped_after_step"))
-                continue
-            if not isinstance(rec, dict) or not {"step", "experts", "modules"} <= rec.keys() or not rec["modules"]:
-                raise ValueError(f"{path}:{lineno}: not a routing record (needs step, experts and modules)")
-            if experts is None:
-                experts, modules = list(rec["experts"]), list(rec["modules"])
-            elif rec["experts"] != experts or list(rec["modules"]) != modules:
-                raise ValueError(f"{path}:{lineno}: experts or modules differ from the first record's")
-            mask = np.zeros((len(modules), len(experts)), dtype=bool)
-            for m, name in enumerate(modules):
-                mask[m, rec["modules"][name]["winners"]] = True
-            steps.append(_step_number(rec["step"], path, lineno))
-            rows.append(mask)
-    except (json.JSONDecodeError, AttributeError, KeyError, IndexError, TypeError) as exc:
-        raise ValueError(f"{path}: malformed routing log ({type(exc).__name__}: {exc})") from exc
-    if experts is None:
-        raise ValueError(f"{path}: no routing records")
-    return RoutingRecords(np.asarray(steps), experts, modules, np.stack(rows), skipped)
 
 
 def _layer_and_type(name: str) -> tuple[int | None, str]:
@@ -379,7 +302,7 @@ def plot_routing_log(log: str | os.PathLike, out: str | os.PathLike) -> list[Pat
     out = Path(out)
     rec = read_routing_records(log)
     return [
-        plot_routing_share({Path(log).name: log}, out),
+        plot_routing_share({Path(log).name: rec}, out),
         plot_routing_heatmap(rec, out.with_name(out.stem + "_winners.png")),
         plot_share_by_type(rec, out.with_name(out.stem + "_by_type.png")),
     ]

@@ -1,14 +1,8 @@
-"""The routing log: one JSON line per optimizer step.
-
-Each line is self-describing:
-
-    {"step": 12, "phase": "routing", "experts": ["dense", "lora0_r128"],
-     "modules": {"model.layers.0.self_attn.q_proj": {"scores": [3.1e-09, 2.7e-09], "winners": [0]}, ...}}
-
-Scores are written at full precision (Python's shortest round-trip repr);
-non-finite scores are written as null, since JSON has no NaN or Infinity.
-A step skipped for non-finite gradients is one line
-`{"skipped_after_step": 12, "reason": "non-finite gradient"}`.
+"""The routing log: one JSON line per logged step, in one of two formats
+(`molf._log_format`): "compact" (the default: the names once, then per step the winners as
+a bitmask, the scores every `scores_every` steps; about 30 MB for 450 modules over 100,000
+steps) or "full" (every line self-describing, each module's scores and winners; about
+116 bytes per module and step). `read_routing_log` and `read_routing_records` read both.
 
 Robustness (docs/reliability.md):
 
@@ -17,10 +11,11 @@ Robustness (docs/reliability.md):
 * The file stays valid JSONL: each line goes to the kernel in one `os.write` (no Python
   buffer, so a crash of the process loses at most the line being written, never a part of
   it); a short write is taken back; a torn last line (from a crash or power loss) is dropped
-  when the log is next opened by `resume` or repaired before the next write after a failure.
+  when the log is next opened by `resume` or repaired before the next write after a failure,
+  and passed over by the readers.
 * Resume: `MoLFAdamW.load_state_dict` calls `resume(step, skipped_steps)`, which drops the
   records past the checkpoint (written after the save by a run that then crashed), so the
-  log continues without gaps or repeats.
+  log continues without gaps or repeats, in the format its first line was written in.
 * A new run (an optimizer at step 0 that was not loaded from a checkpoint) never appends to
   an existing log: on its first write it moves the old file aside to `<path>.prev` (replacing
   an older one) with a `RuntimeWarning`, and starts the file afresh.
@@ -33,53 +28,79 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RoutingLog", "read_routing_log"]
+from ._core import ConfigError
+from ._log_format import FORMATS, Decoder, Skip, Step, compact_header, format_of, skip_record, step_record
+
+__all__ = ["RoutingLog", "RoutingRecords", "read_routing_log", "read_routing_records"]
+
+# The compact format's default score interval: 1,000 snapshots of a 100,000-step run.
+DEFAULT_SCORES_EVERY = 100
 
 
-def _finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+def check_log_options(every, scores_every, fmt) -> None:
+    """Refuse (ConfigError) a bad log period, score period or format."""
+    for name, value in (("log_every", every), ("log_scores_every", scores_every)):
+        if name == "log_scores_every" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    if fmt not in FORMATS:
+        raise ConfigError(f"log_format must be one of {', '.join(map(repr, FORMATS))}, got {fmt!r}")
 
 
 class RoutingLog:
-    """Appends routing decisions to a JSONL file, one line per logged step."""
+    """Appends routing decisions to a JSONL file, one line per `every` steps.
+
+    `scores_every`: the scores are written on the logged steps that are multiples of it
+    (default: 100 in the compact format, every logged step in the full one).
+    `format`: "compact" (default) or "full" (see `molf._log_format`)."""
 
     def __init__(
-        self, path: str | os.PathLike, module_names: Sequence[str], expert_names: Sequence[str], every: int = 1
+        self,
+        path: str | os.PathLike,
+        module_names: Sequence[str],
+        expert_names: Sequence[str],
+        every: int = 1,
+        scores_every: int | None = None,
+        format: str = "compact",
     ):
+        check_log_options(every, scores_every, format)
         self.path = os.fspath(path)
         self.module_names = list(module_names)
         self.expert_names = list(expert_names)
         self.every = every
+        self.format = format
+        self._scores_every = scores_every
         # The file is looked at on the first write (a new run) or by `resume`, whichever
         # comes first: an optimizer is built before the checkpoint it resumes is loaded.
         self._opened = False
         self._warned = False
         self._failed = False  # a write failed: the file may end in a torn line
         self._end: int | None = None  # the file's size after this log's last write (None: unknown)
+        # ... and its (device, inode) (None: unknown): a file of the same size may be another
+        # writer's, which moved this one's aside (a compact log's lines are often of one length).
+        self._inode: tuple[int, int] | None = None
         self._warned_writer = False
+
+    @property
+    def scores_every(self) -> int:
+        if self._scores_every is not None:
+            return self._scores_every
+        return DEFAULT_SCORES_EVERY if self.format == "compact" else 1
 
     def write(self, step: int, phase: str, scores: np.ndarray, mask: np.ndarray) -> None:
         if step % self.every:
             return
-        modules = {
-            name: {
-                "scores": [_finite_or_none(float(s)) for s in row],
-                "winners": [int(e) for e in np.flatnonzero(win)],
-            }
-            for name, row, win in zip(self.module_names, scores, mask)
-        }
-        line = json.dumps(
-            {"step": step, "phase": phase, "experts": self.expert_names, "modules": modules},
-            allow_nan=False,
-        )
-        self._append(line)
+        shown = scores if step % self.scores_every == 0 else None
+        self._append(step_record(self.format, step, phase, self.expert_names, self.module_names, shown, mask))
 
     def write_skip(self, after_step: int, reason: str) -> None:
         """A step skipped whole: no routing took place, the step count did not advance."""
-        self._append(json.dumps({"skipped_after_step": after_step, "reason": reason}))
+        self._append(skip_record(after_step, reason))
 
     def resume(self, step: int, skipped_steps: int) -> None:
         """Continue the log of a run restored at `step` (with `skipped_steps` skips so far):
@@ -87,8 +108,11 @@ class RoutingLog:
         self._opened = True
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            self._rewrite(lambda records: _records_until(records, step, skipped_steps))
+            kept = self._rewrite(lambda records: _records_until(records, step, skipped_steps))
+            if kept:  # a log goes on in the format it began in (say, one an older molf wrote)
+                self.format = format_of(kept[0][0])
             self._end = os.path.getsize(self.path) if os.path.isfile(self.path) else 0
+            self._inode = None
         except OSError as exc:
             self._warn(exc)
 
@@ -106,56 +130,61 @@ class RoutingLog:
                     RuntimeWarning,
                     stacklevel=4,
                 )
-            self._end = 0
+            self._end, self._inode = 0, None
         except OSError as exc:
             self._warn(exc)
 
-    def _append(self, line: str) -> None:
+    def _append(self, record: dict) -> None:
         if not self._opened:
             self._start()
-        data = (line + "\n").encode("utf-8")
         try:
             if self._failed:
                 self._rewrite(lambda records: records)  # drop a torn line a failed write left
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                end = os.fstat(fd).st_size
-                if self._end is not None and end != self._end and os.path.isfile(self.path):
-                    self._warn_other_writer(end)
+                stat = os.fstat(fd)
+                end, inode = stat.st_size, (stat.st_dev, stat.st_ino)
+                replaced = self._inode is not None and inode != self._inode
+                if self._end is not None and (end != self._end or replaced) and os.path.isfile(self.path):
+                    self._warn_other_writer(end, replaced)
+                if end == 0 and self.format == "compact":  # the first line names the modules and experts
+                    record = {**record, **compact_header(self.expert_names, self.module_names)}
+                data = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
                 written = os.write(fd, data)
                 if written != len(data):
                     self._failed = True
                     os.ftruncate(fd, end)  # take the part-line back
                     raise OSError(f"short write ({written} of {len(data)} bytes; disk full?)")
-                self._end = end + written
+                self._end, self._inode = end + written, inode
             finally:
                 os.close(fd)
         except OSError as exc:
             self._failed = True
-            self._end = None
+            self._end = self._inode = None
             self._warn(exc)
         else:
             self._failed = False
 
-    def _warn_other_writer(self, size: int) -> None:
-        """The file changed size since this log's last write: someone else writes to it (two
-        optimizers given one log_path interleave their records)."""
+    def _warn_other_writer(self, size: int, replaced: bool) -> None:
+        """The file changed size or was replaced since this log's last write: someone else
+        writes to it (two optimizers given one log_path interleave their records)."""
         if not self._warned_writer:
             self._warned_writer = True
             warnings.warn(
                 f"routing log {self.path} was written by someone else since this optimizer's last record "
-                f"({self._end} bytes then, {size} now): two optimizers with one log_path? Their records "
-                "interleave; give each optimizer its own log_path",
+                f"({self._end} bytes then, {size} now{'; the file was replaced' if replaced else ''}): "
+                "two optimizers with one log_path? Their records interleave; give each optimizer its own log_path",
                 RuntimeWarning,
                 stacklevel=5,
             )
 
-    def _rewrite(self, keep) -> None:
+    def _rewrite(self, keep) -> list:
         """Replace the file by its whole lines that `keep` (a filter over (record, line)
-        pairs) passes; atomic (a crash leaves the old file or the new one), and a no-op when
-        nothing changes. Only regular files: a device such as /dev/null has no lines."""
+        pairs) passes, and return those; atomic (a crash leaves the old file or the new
+        one), and a no-op when nothing changes. Only regular files: a device such as
+        /dev/null has no lines."""
         if not os.path.isfile(self.path):
-            return
+            return []
         with open(self.path, "rb") as f:
             data = f.read()
         lines = data.split(b"\n")[:-1]  # what follows the last newline is a torn line
@@ -165,13 +194,14 @@ class RoutingLog:
                 records.append((json.loads(raw), raw))
             except ValueError:
                 break
-        kept = b"".join(raw + b"\n" for _, raw in keep(records))
-        if kept == data:
-            return
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(kept)
-        os.replace(tmp, self.path)
+        kept = keep(records)
+        new = b"".join(raw + b"\n" for _, raw in kept)
+        if new != data:
+            tmp = f"{self.path}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(new)
+            os.replace(tmp, self.path)
+        return kept
 
     def _warn(self, exc: OSError) -> None:
         if not self._warned:
@@ -200,13 +230,85 @@ def _records_until(records: list, step: int, skipped_steps: int) -> list:
     return kept
 
 
+@dataclass(frozen=True)
+class RoutingRecords:
+    """A routing log as arrays: `winners[t, m, e]` is True when expert e won module m at
+    logged step `steps[t]`, in routing phase `phases[t]`; `scores[s, m, e]` is the score
+    of expert e in module m at step `score_steps[s]` (NaN: non-finite in the full format);
+    `skipped` lists the steps after which a step was skipped whole (non-finite gradients)."""
+
+    steps: np.ndarray
+    experts: list[str]
+    modules: list[str]
+    winners: np.ndarray
+    skipped: list[int]
+    phases: list[str | None]
+    score_steps: np.ndarray
+    scores: np.ndarray
+
+
+def _decoded(path: str | os.PathLike, decoder: Decoder) -> Iterator[Step | Skip]:
+    """The records of a log of either format, decoded in order by `decoder` (which learns
+    the log's names), passing over a torn last line; ValueError names the file and line of
+    a bad record."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                break  # a torn last line: the write a crash cut short
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: malformed routing log (not a JSON line: {exc})") from None
+            try:
+                item = decoder.decode(record)
+            except (KeyError, TypeError, IndexError) as exc:
+                raise ValueError(f"{path}:{lineno}: malformed routing record ({type(exc).__name__}: {exc})") from None
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: {exc}") from None
+            yield item
+
+
 def read_routing_log(path: str | os.PathLike) -> Iterator[dict]:
-    """Yield the records of a routing log, skipping a torn last line if any."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            yield json.loads(line)
+    """Yield the records of a routing log of either format in the full format's shape
+    (`molf._log_format`; a module's "scores" only where they were logged), passing over a
+    torn last line. ValueError names the file and line of a bad record."""
+    decoder = Decoder()
+    for item in _decoded(path, decoder):
+        if isinstance(item, Skip):
+            yield skip_record(item.after_step, item.reason)
+        else:
+            experts = list(decoder.experts)
+            yield step_record("full", item.step, item.phase, experts, decoder.modules, item.scores, item.mask)
+
+
+def read_routing_records(path: str | os.PathLike) -> RoutingRecords:
+    """A routing log of either format as arrays (what `molf plot` draws); ValueError names
+    the file and line of a bad record, or says the log holds no logged step."""
+    steps, phases, masks, skipped, score_steps, scores = [], [], [], [], [], []
+    decoder = Decoder()
+    for item in _decoded(path, decoder):
+        if isinstance(item, Skip):
+            skipped.append(item.after_step)
+            continue
+        steps.append(item.step)
+        phases.append(item.phase)
+        masks.append(item.mask)
+        if item.scores is not None:
+            score_steps.append(item.step)
+            scores.append(item.scores)
+    if not steps:
+        raise ValueError(f"{path}: no routing records")
+    shape = (0, len(decoder.modules), len(decoder.experts))
+    return RoutingRecords(
+        steps=np.asarray(steps, dtype=np.int64),
+        experts=list(decoder.experts),
+        modules=list(decoder.modules),
+        winners=np.stack(masks),
+        skipped=skipped,
+        phases=phases,
+        score_steps=np.asarray(score_steps, dtype=np.int64),
+        scores=np.stack(scores) if scores else np.zeros(shape),
+    )
 
 
 def phase_of_last_step(router) -> str:
