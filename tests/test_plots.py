@@ -32,9 +32,11 @@ def qwen_names(layers: int) -> list[str]:
     return attn + mlp  # not in layer order: the layout must sort them
 
 
-def write_log(path: Path, modules: list[str], winners: np.ndarray, experts=("dense", "lora0_r8"), skip_after=()):
+def write_log(
+    path: Path, modules: list[str], winners: np.ndarray, experts=("dense", "lora0_r8"), skip_after=(), fmt="compact"
+):
     """`winners[t]`: per module the index of its one winner, or -1 for none."""
-    log = RoutingLog(path, modules, list(experts))
+    log = RoutingLog(path, modules, list(experts), format=fmt)
     for t, row in enumerate(winners, start=1):
         mask = np.zeros((len(modules), len(experts)), dtype=bool)
         for m, e in enumerate(row):
@@ -52,9 +54,10 @@ def colour_share(png: Path, colour: str) -> float:
     return float((np.abs(rgb - np.array(to_rgb(colour))).max(axis=-1) < 0.02).mean())
 
 
-def test_read_routing_records(tmp_path):
+@pytest.mark.parametrize("fmt", ["compact", "full"])
+def test_read_routing_records(fmt, tmp_path):
     modules = ["a.0.q_proj", "a.0.k_proj"]
-    path = write_log(tmp_path / "log.jsonl", modules, np.array([[0, 1], [1, -1], [1, 1]]), skip_after=(2,))
+    path = write_log(tmp_path / "log.jsonl", modules, np.array([[0, 1], [1, -1], [1, 1]]), skip_after=(2,), fmt=fmt)
     with open(path, "a") as f:
         f.write('{"step": 4, "phase": "rout')  # a torn last line is passed over
     rec = read_routing_records(path)
@@ -65,6 +68,37 @@ def test_read_routing_records(tmp_path):
         [[False, True], [False, False]],
         [[False, True], [False, True]],
     ]
+
+
+def test_an_old_full_log_is_read_and_drawn(tmp_path, capsys):
+    """A log as molf wrote it before the compact format (one self-describing line a step)."""
+    line = (
+        '{"step": %d, "phase": "routing", "experts": ["dense", "lora0_r8"], "modules": '
+        '{"m.0.q_proj": {"scores": [3.1e-09, null], "winners": [%d]}, '
+        '"m.0.up_proj": {"scores": [1.0, 2.0], "winners": [1]}}}\n'
+    )
+    log = tmp_path / "old.jsonl"
+    log.write_text(line % (1, 0) + line % (2, 1) + '{"skipped_after_step": 2, "reason": "non-finite gradient"}\n')
+    rec = read_routing_records(log)
+    assert rec.steps.tolist() == [1, 2] and rec.skipped == [2] and rec.phases == ["routing", "routing"]
+    assert rec.winners[:, :, 1].tolist() == [[False, True], [True, True]]
+    np.testing.assert_array_equal(rec.scores[0], [[3.1e-09, np.nan], [1.0, 2.0]])
+    assert main(["plot", str(log)]) == 0
+    for name in ("old.png", "old_winners.png", "old_by_type.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compact_and_full_logs_draw_the_same_figures(tmp_path):
+    rng = np.random.default_rng(2)
+    winners = rng.integers(-1, 3, size=(700, 14))  # binned in the heatmap; some steps without a winner
+    experts = ("dense", "lora0_r4", "lora1_r32")
+    figures = {}
+    for fmt in ("compact", "full"):
+        (tmp_path / fmt).mkdir()
+        log = write_log(tmp_path / fmt / "run.jsonl", qwen_names(2), winners, experts, skip_after=(9, 300), fmt=fmt)
+        figures[fmt] = [p.read_bytes() for p in plot_routing_log(log, tmp_path / fmt / "run.png")]
+    assert figures["compact"] == figures["full"]
+    assert (tmp_path / "compact" / "run.jsonl").stat().st_size * 10 < (tmp_path / "full" / "run.jsonl").stat().st_size
 
 
 @pytest.mark.parametrize(

@@ -173,8 +173,16 @@ def _molf(ranks: tuple[int, ...], fft: bool, heldout: bool = False) -> Builder:
     def build(model: nn.Module, log_path: Path | None, task: Task):
         wrap(model, _lora_config(ranks, fft))
         routing = Heldout(lambda: F.mse_loss(model(task.x_val), task.y_val)) if heldout else TopK(k=1, score="epd")
+        # A few modules: the scores of every step cost little and show why each expert won.
         opt = MoLFAdamW(
-            model, lr=LR, lora_lr=LR, weight_decay=0.0, lora_weight_decay=0.0, log_path=log_path, routing=routing
+            model,
+            lr=LR,
+            lora_lr=LR,
+            weight_decay=0.0,
+            lora_weight_decay=0.0,
+            log_path=log_path,
+            log_scores_every=1,
+            routing=routing,
         )
         return model, opt
 

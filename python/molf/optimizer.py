@@ -65,9 +65,9 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
     `log_path`: append one JSON line per `log_every` steps with every module's
     winners, and its scores every `log_scores_every` steps (see `molf.routing_log`).
     `log_format`: "compact" (default; the winners as one bitmask a step, the scores
-    every 100 steps unless `log_scores_every` says otherwise: about 30 MB for 450
-    modules over 100,000 steps) or "full" (each module's scores and winners as JSON
-    on every logged line, as before; about 116 bytes per module and step).
+    every 100 steps unless `log_scores_every` says otherwise: about 31 MB for 450
+    modules and 2 experts over 100,000 steps) or "full" (each module's scores and
+    winners as JSON on every logged line, as before: 4.7 GB for the same run).
 
     `fused`: None (default) uses the Triton kernels when every parameter is on
     CUDA and triton is installed, the foreach path otherwise; True requires them.
