@@ -3,6 +3,7 @@ and crashes, and continues across a resume without gaps or repeats."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import warnings
@@ -228,6 +229,12 @@ def test_what_is_written_is_read_back(fmt, tmp_path):
         want = np.where(np.isfinite(want), want, np.nan)
     assert np.array_equal(rec.scores, want, equal_nan=True)
     assert np.isinf(rec.scores).any() == (fmt == "compact")  # the compact format keeps them
+    if fmt == "compact":  # the layout the docs give, decoded by hand
+        line = json.loads(path.read_text().splitlines()[-2])  # step 18 (then step 20)
+        bits = np.unpackbits(np.frombuffer(base64.b64decode(line["winners"]), dtype=np.uint8))
+        assert np.array_equal(bits[:9].reshape(3, 3), handed[18][2]) and not bits[9:].any()
+        scores = np.frombuffer(base64.b64decode(line["scores"]), dtype="<f8").reshape(3, 3)
+        assert np.array_equal(scores, handed[18][1], equal_nan=True)
 
 
 def test_compact_and_full_logs_read_the_same(tmp_path):
