@@ -3,8 +3,9 @@ Qwen2.5-1.5B layer count (28 layers, 196 wrapped linears) but tiny widths, float
 on the CPU, one thread, 1x16 tokens, so the time is Python and the dispatcher,
 not arithmetic: what bounds the wrapped model's step on a GPU.
 
-    python benches/host_bench.py                       # 9 rounds x 20 iterations
-    python benches/host_bench.py --rounds 15 --iters 30
+    python benches/host_bench.py                       # 9 rounds x 20 calls, thread CPU time
+    python benches/host_bench.py --rounds 15 --clock wall
+    PYTHONPATH=/path/to/other/checkout/python python benches/host_bench.py   # another molf
 
 Setups, each on its own model built from the same seed:
   plain  the unwrapped model (full fine-tuning), torch AdamW(foreach=True)
@@ -17,7 +18,10 @@ gradients dropped; "step" adds `opt.step(); opt.zero_grad()`. Each round runs
 drift hits all alike. Reported: the median over rounds of each round's median ms,
 the median of the per-round ratios to plain, and the extra host time per wrapped
 layer ((setup - plain) / wrapped layers, in microseconds): on a GPU every such
-microsecond costs ~0.2 ms per step of the 1.5B model.
+microsecond costs ~0.2 ms per step of the 1.5B model. The default clock is this
+thread's CPU time (`time.thread_time`; one torch thread, and the CPU autograd engine
+runs on the calling thread), which other processes on a shared machine disturb less
+than the wall clock does.
 """
 
 from __future__ import annotations
@@ -67,17 +71,20 @@ def fwd_bwd(model, x) -> None:
     model(input_ids=x, labels=x).loss.backward()
 
 
-def timed(fn, iters: int) -> float:
+CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
+
+
+def timed(fn, iters: int, clock) -> float:
     fn()
     times = []
     for _ in range(iters):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times) * 1e3
 
 
-def run(rounds: int, iters: int) -> dict[tuple[str, str], list[float]]:
+def run(rounds: int, iters: int, clock) -> dict[tuple[str, str], list[float]]:
     x = torch.randint(0, CONFIG["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(1))
     built = {s: build(s) for s in SETUPS}
 
@@ -101,7 +108,7 @@ def run(rounds: int, iters: int) -> dict[tuple[str, str], list[float]]:
     for _ in range(rounds):
         for r, make in rows.items():
             for s in SETUPS:
-                times[r, s].append(timed(make(*built[s]), iters))
+                times[r, s].append(timed(make(*built[s]), iters, clock))
     return times
 
 
@@ -110,15 +117,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--iters", type=int, default=20, help="timed calls per setup, row and round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="thread CPU time or wall clock")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     layers = CONFIG["num_hidden_layers"] * 7
     print(
         f"Qwen2 proxy: {CONFIG['num_hidden_layers']} layers, hidden {CONFIG['hidden_size']}, "
         f"{layers} wrapped linears, rank {RANK}, 1x16 tokens, float32 CPU, {args.threads} thread(s); "
-        f"median of {args.rounds} rounds x {args.iters} calls"
+        f"median of {args.rounds} rounds x {args.iters} calls, {args.clock} clock; molf from {molf.__file__}"
     )
-    times = run(args.rounds, args.iters)
+    times = run(args.rounds, args.iters, CLOCKS[args.clock])
     print(f"{'row':<8} {'setup':<6} {'ms':>8} {'x plain':>8} {'us/layer':>9}")
     for row in ("fwd+bwd", "step"):
         plain = times[row, "plain"]
