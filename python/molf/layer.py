@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .routed_linear import routed_linear
+from .routed_linear import RoutedLinearFunction
 
 __all__ = ["MoLFLinear", "is_linear_like"]
 
@@ -80,24 +80,28 @@ class MoLFLinear(nn.Module):
         its weight in a pre-forward hook)."""
         return (
             bool(self.ranks)
-            and not (self.training and isinstance(self.lora_dropout, nn.Dropout))
+            and not (self.training and isinstance(self._modules["lora_dropout"], nn.Dropout))
             and (type(base) is nn.Linear or self.transposed)
             and not (base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks or base._backward_hooks)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base
+        # Submodules and parameters through their dicts, not attribute access (nn.Module's
+        # __getattr__) nor the ParameterLists' iterators: each of those costs about a
+        # microsecond per layer and step, and the step is bound by the host (issue #32).
+        # Read afresh each call: FSDP2 swaps the parameter objects.
+        modules = self._modules
+        base = modules["base"]
         if self._fused(base):
-            # The parameter dicts, not the ParameterLists: iterating those costs
-            # microseconds per layer. Read afresh each call: FSDP2 swaps the objects.
-            return routed_linear(
+            params = base._parameters
+            return RoutedLinearFunction.apply(
                 x,
-                base.weight,
-                base.bias,
-                self.lora_A._parameters.values(),
-                self.lora_B._parameters.values(),
-                self.scales,
+                params["weight"],
+                params.get("bias"),
                 self.transposed,
+                self.scales,
+                *modules["lora_A"]._parameters.values(),
+                *modules["lora_B"]._parameters.values(),
             )
         y = base(x)
         h = self.lora_dropout(x)

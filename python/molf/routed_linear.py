@@ -53,7 +53,7 @@ class RoutedLinearFunction(torch.autograd.Function):
         if torch.is_autocast_enabled(x.device.type):
             x, weight, bias, *lora = _autocast_operands(x, (x, weight, bias, *lora))
         n = len(scales)
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if not transposed:
             y = F.linear(x2, weight, bias)
         else:
@@ -62,38 +62,52 @@ class RoutedLinearFunction(torch.autograd.Function):
         for t, b, s in zip(ts, lora[n:], scales):
             y.addmm_(t, b.t(), alpha=s)
         ctx.save_for_backward(x2, weight, *lora, *ts)
-        ctx.transposed, ctx.scales, ctx.x_shape = transposed, scales, x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+        ctx.meta = transposed, scales, x.shape
+        return y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    @once_differentiable  # t_i is saved without its graph: a double backward must raise, not be wrong
     def backward(ctx, gy):
-        n = len(ctx.scales)
-        x2, weight, *rest = ctx.saved_tensors
-        need_x, need_w, need_bias, _, _, *need = ctx.needs_input_grad
-        gy2 = gy.reshape(-1, gy.shape[-1])
-        gy2t = gy2.t()
-        dx = dw = dbias = None
-        if need_x:
-            dx = gy2.mm(weight.t() if ctx.transposed else weight)
-        if need_w:
-            dw = x2.t().mm(gy2) if ctx.transposed else gy2t.mm(x2)
-        if need_bias:
-            dbias = gy2.sum(0)
-        grads = [None] * (2 * n)
-        for i, s in enumerate(ctx.scales):
-            a, b, t = rest[i], rest[n + i], rest[2 * n + i]
-            # beta=0: the first operand only lends its shape (never read), and the
-            # scale rides in the GEMM instead of a separate multiply.
-            if need[n + i]:
-                grads[n + i] = torch.addmm(b, gy2t, t, beta=0, alpha=s)
-            if need[i] or need_x:
-                g = gy2.mm(b)  # the gradient of t_i, divided by s_i
-                if need[i]:
-                    grads[i] = torch.addmm(a, g.t(), x2, beta=0, alpha=s)
-                if need_x:
-                    dx.addmm_(g, a, alpha=s)
-        return (None if dx is None else dx.view(ctx.x_shape), dw, dbias, None, None, *grads)
+        # Under create_graph the gradients would be differentiated again, but t_i is
+        # saved without its graph: there a double backward must raise, not be wrong.
+        # once_differentiable's no_grad context costs microseconds, so only then.
+        if torch.is_grad_enabled():
+            return _backward_once(ctx, gy)
+        return _backward(ctx, gy)
+
+
+def _backward(ctx, gy):
+    transposed, scales, x_shape = ctx.meta
+    n = len(scales)
+    x2, weight, *rest = ctx.saved_tensors
+    need_x, need_w, need_bias, _, _, *need = ctx.needs_input_grad
+    gy2 = gy if gy.dim() == 2 else gy.reshape(-1, gy.shape[-1])
+    gy2t = gy2.t()
+    dx = dw = dbias = None
+    if need_x:
+        dx = gy2.mm(weight.t() if transposed else weight)
+    if need_w:
+        dw = x2.t().mm(gy2) if transposed else gy2t.mm(x2)
+    if need_bias:
+        dbias = gy2.sum(0)
+    grads = [None] * (2 * n)
+    for i, s in enumerate(scales):
+        a, b, t = rest[i], rest[n + i], rest[2 * n + i]
+        # beta=0: the first operand only lends its shape (never read), and the
+        # scale rides in the GEMM instead of a separate multiply.
+        if need[n + i]:
+            grads[n + i] = torch.addmm(b, gy2t, t, beta=0, alpha=s)
+        if need[i] or need_x:
+            g = gy2.mm(b)  # the gradient of t_i, divided by s_i
+            if need[i]:
+                grads[i] = torch.addmm(a, g.t(), x2, beta=0, alpha=s)
+            if need_x:
+                dx.addmm_(g, a, alpha=s)
+    if dx is not None and len(x_shape) != 2:
+        dx = dx.view(x_shape)
+    return (dx, dw, dbias, None, None, *grads)
+
+
+_backward_once = once_differentiable(_backward)
 
 
 def routed_linear(
