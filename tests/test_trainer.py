@@ -19,7 +19,7 @@ import torch
 import transformers  # noqa: E402
 
 import molf
-from molf.hf import RoutingCallback, add_routing_callback, find_molf_optimizer  # noqa: E402
+from molf.hf import ExportCallback, RoutingCallback, add_routing_callback, find_molf_optimizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 61
@@ -462,15 +462,14 @@ def test_molf_optimizer_reaches_through_accelerates_wrapper(tmp_path):
         molf.hf.molf_optimizer(plain)
 
 
-def test_molf_hf_needs_no_import_and_transformers_loads_only_when_used():
-    code = (
-        "import sys, molf\n"
-        "assert 'transformers' not in sys.modules\n"
-        "assert 'hf' in dir(molf)\n"
-        "assert molf.hf.ExportCallback.__module__ == 'molf.hf' and 'transformers' in sys.modules\n"
-    )
+def test_molf_hf_needs_no_import_and_transformers_loads_only_when_used(monkeypatch):
+    """`import molf` leaves transformers alone (a fresh interpreter); `molf.hf` then loads it
+    on first use, without an import statement of its own."""
+    code = "import sys, molf\nassert 'transformers' not in sys.modules and 'hf' in dir(molf)\n"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    monkeypatch.delattr(molf, "hf")  # as before its first use: the attribute comes from molf.__getattr__
+    assert molf.hf is sys.modules["molf.hf"] and molf.hf.ExportCallback is ExportCallback
 
 
 # ------------------------------------------------------------------ the default routing log
@@ -551,7 +550,7 @@ def test_export_callback_writes_the_merged_model_into_every_checkpoint(tmp_path)
         train_dataset=TokenData(16),
         optimizer_cls_and_kwargs=opt_kwargs(**SWITCHING),
         processing_class=TokenizerStub(),
-        callbacks=[molf.hf.ExportCallback(), reference],
+        callbacks=[ExportCallback(), reference],
     )
     trainer.train()
     assert molf.is_wrapped(model)
@@ -581,7 +580,7 @@ def test_export_callback_writes_molf_efficient_as_a_peft_adapter(tmp_path):
         args=args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3),
         train_dataset=TokenData(12),
         optimizer_cls_and_kwargs=opt_kwargs(),
-        callbacks=[molf.hf.ExportCallback()],
+        callbacks=[ExportCallback()],
     )
     trainer.train()
     adapter = tmp_path / "checkpoint-3" / "adapter"
@@ -614,11 +613,11 @@ def test_export_callback_leaves_training_and_resume_exact(fft, tmp_path):
         return model, molf.hf.molf_optimizer(trainer).routing_summary().to_dict()
 
     plain = run(tmp_path / "plain")
-    exported = run(tmp_path / "export", callbacks=[molf.hf.ExportCallback()])
-    run(tmp_path / "cut", callbacks=[molf.hf.ExportCallback(), StopAt(3)])
+    exported = run(tmp_path / "export", callbacks=[ExportCallback()])
+    run(tmp_path / "cut", callbacks=[ExportCallback(), StopAt(3)])
     assert (tmp_path / "cut" / "checkpoint-3" / ("model" if fft else "adapter")).is_dir()
     resumed = run(
-        tmp_path / "cut", seed=123, callbacks=[molf.hf.ExportCallback()], resume=str(tmp_path / "cut" / "checkpoint-3")
+        tmp_path / "cut", seed=123, callbacks=[ExportCallback()], resume=str(tmp_path / "cut" / "checkpoint-3")
     )
     want = dict(plain[0].named_parameters())
     for other, summary in (exported, resumed):
@@ -633,7 +632,7 @@ def test_export_callback_refuses_an_unwrapped_model(tmp_path):
         model=tiny_qwen2(),
         args=args(tmp_path, max_steps=1),
         train_dataset=TokenData(4),
-        callbacks=[molf.hf.ExportCallback()],
+        callbacks=[ExportCallback()],
     )
     with pytest.raises(molf.ConfigError, match="not wrapped by molf"):
         trainer.train()
