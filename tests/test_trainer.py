@@ -627,15 +627,28 @@ def test_export_callback_leaves_training_and_resume_exact(fft, tmp_path):
             assert torch.equal(got[name], want[name]), name
 
 
-def test_export_callback_refuses_an_unwrapped_model(tmp_path):
+def test_export_callback_refuses_what_it_cannot_export(tmp_path):
+    """An unwrapped model; a merged model without save_pretrained (an adapter needs none)."""
     trainer = transformers.Trainer(
         model=tiny_qwen2(),
         args=args(tmp_path, max_steps=1),
         train_dataset=TokenData(4),
         callbacks=[ExportCallback()],
     )
-    with pytest.raises(molf.ConfigError, match="not wrapped by molf"):
+    with pytest.raises(molf.ConfigError, match="ExportCallback: the model has no molf-wrapped layers"):
         trainer.train()
+
+    class Plain(torch.nn.Module):  # no save_pretrained: the merged model has no loader's layout
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+    state, control = transformers.TrainerState(), transformers.TrainerControl()
+    with pytest.raises(molf.ConfigError, match="save_pretrained, which Plain lacks"):
+        ExportCallback().on_train_begin(args(tmp_path), state, control, model=molf.wrap(Plain()))
+    ExportCallback().on_train_begin(
+        args(tmp_path), state, control, model=molf.wrap(Plain(), molf.MoLFConfig(fft=False))
+    )
 
 
 # ------------------------------------------------------------------ the README's snippet

@@ -6,6 +6,8 @@ A base class of `MoLFAdamW` only."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import distributed
@@ -82,7 +84,7 @@ class _Routing:
         """Where the routing log goes (None: no log)."""
         return None if self._log is None else self._log.path
 
-    def set_log_path(self, path) -> None:
+    def set_log_path(self, path: str | os.PathLike | None) -> None:
         """Write the routing log to `path` from now on (None: stop), as if the optimizer had
         been built with `log_path=path`: at step 0 a new log (an existing file is moved
         aside on the first write); past it, as after `load_state_dict`, the log of the run

@@ -25,9 +25,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ._core import ConfigError
 from .distributed import is_sharded
-from .export import export_peft
+from .export import _wrapped_root, export_peft
 from .optimizer import MoLFAdamW
-from .wrap import _CONFIG_ATTR, merged_state_dict, routed_modules
+from .wrap import merged_state_dict
 
 __all__ = ["ExportCallback", "RoutingCallback", "add_routing_callback", "find_molf_optimizer", "molf_optimizer"]
 
@@ -167,15 +167,15 @@ class ExportCallback(TrainerCallback):
         self.base_model_name_or_path = base_model_name_or_path
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
-        root = _wrapped_root(model)
-        if any(layer.fft for _, layer in routed_modules(root)) and not hasattr(root, "save_pretrained"):
+        root, layers = _wrapped_root(model, "ExportCallback")
+        if any(layer.fft for _, layer in layers) and not hasattr(root, "save_pretrained"):
             raise ConfigError(
                 f"ExportCallback writes the merged model with save_pretrained, which {type(root).__name__} lacks "
                 "(use a transformers model, or molf.merged_state_dict(model) in a callback of your own)"
             )
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
-        root = _wrapped_root(model)
+        root, layers = _wrapped_root(model, "ExportCallback")
         sharded = any(is_sharded(p) for p in root.parameters())
         if not (args.should_save or sharded):  # sharded tensors are gathered on every rank
             return
@@ -185,7 +185,7 @@ class ExportCallback(TrainerCallback):
                 f"ExportCallback: the Trainer saved no checkpoint folder {folder} (hyperparameter search "
                 "trials save elsewhere and are not supported)"
             )
-        if any(layer.fft for _, layer in routed_modules(root)):
+        if any(layer.fft for _, layer in layers):
             out = os.path.join(folder, "model")
             state_dict = merged_state_dict(root)
             if args.should_save:
@@ -197,10 +197,3 @@ class ExportCallback(TrainerCallback):
         if args.should_save and tokenizer is not None:
             tokenizer.save_pretrained(out)
 
-
-def _wrapped_root(model: torch.nn.Module | None) -> torch.nn.Module:
-    """The model `molf.wrap` returned, inside whatever wraps it; ConfigError if none is."""
-    root = None if model is None else next((m for m in model.modules() if hasattr(m, _CONFIG_ATTR)), None)
-    if root is None:
-        raise ConfigError("ExportCallback: the Trainer's model is not wrapped by molf (molf.wrap(model, config))")
-    return root
