@@ -196,4 +196,3 @@ class ExportCallback(TrainerCallback):
         tokenizer = kwargs.get("processing_class", kwargs.get("tokenizer"))  # "tokenizer" before transformers 4.46
         if args.should_save and tokenizer is not None:
             tokenizer.save_pretrained(out)
-
