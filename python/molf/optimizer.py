@@ -42,9 +42,9 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
     HF Trainer passes them). Dense experts and unrouted parameters use `lr` (default
     1e-3; param groups without an 'lr' of their own need it given, so that the HF
     Trainer's `optimizer_cls_and_kwargs`, which passes no learning rate, cannot
-    silently train at the default) and `weight_decay`; LoRA experts use `lora_lr` and `lora_weight_decay` (defaulting
-    to `lr` and `weight_decay`; group keys of the same names override them per
-    group). Tensors with fewer than 2 dimensions (biases, norm weights) get no
+    silently train at the default) and `weight_decay`; LoRA experts use `lora_lr`
+    and `lora_weight_decay` (defaulting to `lr` and `weight_decay`; group keys of
+    the same names override them per group). Tensors with fewer than 2 dimensions (biases, norm weights) get no
     decay; LoRA experts decay by `lora_weight_decay` even in a group whose
     `weight_decay` is 0 (as the HF Trainer's groups are by default).
 
