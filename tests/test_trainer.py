@@ -5,16 +5,23 @@ exact checkpoint / resume_from_checkpoint. Tiny Qwen2 models, CPU."""
 from __future__ import annotations
 
 import copy
+import os
 import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import accelerate  # noqa: E402,F401  (test dependencies: a missing one fails, never skips)
+import peft
 import pytest
 import torch
 import transformers  # noqa: E402
 
 import molf
-from molf.hf import RoutingCallback, add_routing_callback, find_molf_optimizer  # noqa: E402
+from molf.hf import ExportCallback, RoutingCallback, add_routing_callback, find_molf_optimizer  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 61
 SEQ = 8
 
@@ -392,3 +399,295 @@ def test_fresh_trainer_run_moves_an_old_log_aside(tmp_path):
         trainer.train()
     assert (tmp_path / "routing.jsonl.prev").read_text().startswith('{"step": 1')
     assert [r["step"] for r in molf.read_routing_log(log)] == [1, 2]
+
+
+# ------------------------------------------------------------------ the learning rate
+
+
+def test_trainer_learning_rate_is_never_silently_ignored(tmp_path):
+    """The Trainer calls MoLFAdamW(groups, **kwargs) without its learning_rate: kwargs
+    without lr are refused (not trained at the default 1e-3); lr=args.learning_rate is
+    what the dense experts and unwrapped weights then train at."""
+    training_args = args(tmp_path, learning_rate=3e-4, max_steps=1)
+    refused = transformers.Trainer(
+        model=wrapped(),
+        args=training_args,
+        train_dataset=TokenData(4),
+        optimizer_cls_and_kwargs=(molf.MoLFAdamW, dict(lora_lr=1e-2)),
+    )
+    with pytest.raises(molf.ConfigError, match=r"lr=args\.learning_rate"):
+        refused.train()
+    trainer = transformers.Trainer(
+        model=wrapped(),
+        args=training_args,
+        train_dataset=TokenData(4),
+        optimizer_cls_and_kwargs=(molf.MoLFAdamW, dict(lr=training_args.learning_rate, lora_lr=1e-2)),
+    )
+    opt = trainer.create_optimizer()
+    assert {g["molf_role"]: g["lr"] for g in opt.param_groups} == {"plain": 3e-4, "dense": 3e-4, "lora": 1e-2}
+
+
+def test_the_lr_default_stays_where_nothing_else_is_stated():
+    """A model or bare tensors take the default lr (as torch.optim.AdamW); groups that
+    each carry their own lr need none; a group without one needs it."""
+    model = wrapped()
+    assert {g["lr"] for g in molf.MoLFAdamW(model).param_groups} == {1e-3}
+    assert {g["lr"] for g in molf.MoLFAdamW(list(model.parameters())).param_groups} == {1e-3}
+    own = molf.MoLFAdamW([{"params": list(model.parameters()), "lr": 2e-4}])
+    assert {g["lr"] for g in own.param_groups} == {2e-4}
+    with pytest.raises(molf.ConfigError, match="param groups without an 'lr'"):
+        molf.MoLFAdamW([{"params": list(model.parameters())[:3], "lr": 2e-4}, {"params": list(model.parameters())[3:]}])
+
+
+# ------------------------------------------------------------------ reaching the optimizer
+
+
+def test_molf_optimizer_reaches_through_accelerates_wrapper(tmp_path):
+    trainer = transformers.Trainer(
+        model=wrapped(),
+        args=args(tmp_path, max_steps=2),
+        train_dataset=TokenData(8),
+        optimizer_cls_and_kwargs=opt_kwargs(),
+    )
+    with pytest.raises(molf.ConfigError, match="no optimizer yet"):
+        molf.hf.molf_optimizer(trainer)
+    trainer.train()
+    assert not isinstance(trainer.optimizer, molf.MoLFAdamW)  # accelerate's AcceleratedOptimizer
+    opt = molf.hf.molf_optimizer(trainer)
+    assert isinstance(opt, molf.MoLFAdamW) and opt is trainer.optimizer.optimizer
+    assert opt.routing_summary().step == 2
+    plain = transformers.Trainer(model=tiny_qwen2(), args=args(tmp_path, max_steps=1), train_dataset=TokenData(4))
+    plain.train()
+    with pytest.raises(molf.ConfigError, match="AcceleratedOptimizer, not molf.MoLFAdamW"):
+        molf.hf.molf_optimizer(plain)
+
+
+def test_molf_hf_needs_no_import_and_transformers_loads_only_when_used(monkeypatch):
+    """`import molf` leaves transformers alone (a fresh interpreter); `molf.hf` then loads it
+    on first use, without an import statement of its own."""
+    code = "import sys, molf\nassert 'transformers' not in sys.modules and 'hf' in dir(molf)\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    monkeypatch.delattr(molf, "hf")  # as before its first use: the attribute comes from molf.__getattr__
+    assert molf.hf is sys.modules["molf.hf"] and molf.hf.ExportCallback is ExportCallback
+
+
+# ------------------------------------------------------------------ the default routing log
+
+
+def test_routing_log_defaults_to_output_dir_and_resumes(tmp_path):
+    """With the callback and no log_path, output_dir/routing.jsonl gets every step; a run
+    resumed from checkpoint-3 leaves the log of the uninterrupted run; routing_log=None
+    writes none and a log_path of the optimizer's own is kept."""
+    kw = dict(max_steps=7, save_strategy="steps", save_steps=3)
+
+    def trainer_for(out, callbacks=None, routing_log="routing.jsonl", **opt):
+        trainer = transformers.Trainer(
+            model=wrapped(),
+            args=args(out, **kw),
+            train_dataset=TokenData(20),
+            callbacks=callbacks,
+            optimizer_cls_and_kwargs=opt_kwargs(**SWITCHING, **opt),
+        )
+        add_routing_callback(trainer, routing_log=routing_log)
+        return trainer
+
+    trainer_for(tmp_path / "straight").train()
+    trainer_for(tmp_path / "cut", callbacks=[StopAt(3)]).train()
+    assert [r["step"] for r in molf.read_routing_log(tmp_path / "cut" / "routing.jsonl")] == [1, 2, 3]
+    resumed = trainer_for(tmp_path / "cut")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
+    assert molf.hf.molf_optimizer(resumed).log_path == str(tmp_path / "cut" / "routing.jsonl")
+    straight = list(molf.read_routing_log(tmp_path / "straight" / "routing.jsonl"))
+    assert [r["step"] for r in straight] == list(range(1, 8))
+    assert list(molf.read_routing_log(tmp_path / "cut" / "routing.jsonl")) == straight
+
+    trainer_for(tmp_path / "none", routing_log=None).train()
+    assert not (tmp_path / "none" / "routing.jsonl").exists()
+    own = tmp_path / "elsewhere.jsonl"
+    trainer_for(tmp_path / "own", log_path=str(own)).train()
+    assert not (tmp_path / "own" / "routing.jsonl").exists()
+    assert [r["step"] for r in molf.read_routing_log(own)] == list(range(1, 8))
+
+
+def test_only_the_main_process_gets_the_default_routing_log(tmp_path):
+    callback = RoutingCallback()
+    for main in (False, True):
+        opt = molf.MoLFAdamW(wrapped(), lr=1e-3)
+        state = transformers.TrainerState(is_world_process_zero=main)
+        callback.on_train_begin(args(tmp_path), state, transformers.TrainerControl(), optimizer=opt)
+        assert opt.log_path == (str(tmp_path / "routing.jsonl") if main else None)
+
+
+# ------------------------------------------------------------------ checkpoints as models
+
+
+class MergedAtSave(transformers.TrainerCallback):
+    """The reference for the export: at each save, a deep copy of the live model merged by molf.merge."""
+
+    def __init__(self) -> None:
+        self.merged: dict[int, dict] = {}
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.merged[state.global_step] = molf.merge(copy.deepcopy(model)).state_dict()
+
+
+class TokenizerStub:
+    """Stands in for a tokenizer: the Trainer and the callback save it next to the model."""
+
+    def save_pretrained(self, path, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "tokenizer_stub.txt"), "w") as f:
+            f.write("stub")
+
+
+def test_export_callback_writes_the_merged_model_into_every_checkpoint(tmp_path):
+    reference = MergedAtSave()
+    model = wrapped()
+    trainer = transformers.Trainer(
+        model=model,
+        args=args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2),
+        train_dataset=TokenData(16),
+        optimizer_cls_and_kwargs=opt_kwargs(**SWITCHING),
+        processing_class=TokenizerStub(),
+        callbacks=[ExportCallback(), reference],
+    )
+    trainer.train()
+    assert molf.is_wrapped(model)
+    opt = molf.hf.molf_optimizer(trainer)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    assert sorted(reference.merged) == [2, 4]
+    for step, want in reference.merged.items():
+        folder = tmp_path / f"checkpoint-{step}" / "model"
+        assert (folder / "tokenizer_stub.txt").is_file()
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        assert not molf.is_wrapped(loaded)
+        got = loaded.state_dict()
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), (step, key)
+    # The last checkpoint is the live model: equal logits.
+    ids = TokenData(4, seed=1).ids
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_export_callback_writes_molf_efficient_as_a_peft_adapter(tmp_path):
+    model = wrapped(fft=False)
+    trainer = transformers.Trainer(
+        model=model,
+        args=args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3),
+        train_dataset=TokenData(12),
+        optimizer_cls_and_kwargs=opt_kwargs(),
+        callbacks=[ExportCallback()],
+    )
+    trainer.train()
+    adapter = tmp_path / "checkpoint-3" / "adapter"
+    loaded = peft.PeftModel.from_pretrained(tiny_qwen2(), adapter)  # the base the run started from
+    ids = TokenData(4, seed=1).ids
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=1e-5)
+        assert not torch.allclose(tiny_qwen2()(ids).logits, want, atol=1e-3), "the adapter must have learnt"
+
+
+@pytest.mark.parametrize("fft", [True, False])
+def test_export_callback_leaves_training_and_resume_exact(fft, tmp_path):
+    """7 steps without the callback, 7 with it, and 3 with it then a resume from
+    checkpoint-3 on a fresh model: bitwise equal parameters and routing."""
+    kw = dict(max_steps=7, save_strategy="steps", save_steps=3, weight_decay=0.1)
+
+    def run(out, seed=0, callbacks=(), resume=None):
+        model = wrapped(fft=fft, seed=seed, dropout=0.1)
+        trainer = transformers.Trainer(
+            model=model,
+            args=args(out, **kw),
+            train_dataset=TokenData(20),
+            callbacks=list(callbacks),
+            optimizer_cls_and_kwargs=opt_kwargs(**SWITCHING),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return model, molf.hf.molf_optimizer(trainer).routing_summary().to_dict()
+
+    plain = run(tmp_path / "plain")
+    exported = run(tmp_path / "export", callbacks=[ExportCallback()])
+    run(tmp_path / "cut", callbacks=[ExportCallback(), StopAt(3)])
+    assert (tmp_path / "cut" / "checkpoint-3" / ("model" if fft else "adapter")).is_dir()
+    resumed = run(
+        tmp_path / "cut", seed=123, callbacks=[ExportCallback()], resume=str(tmp_path / "cut" / "checkpoint-3")
+    )
+    want = dict(plain[0].named_parameters())
+    for other, summary in (exported, resumed):
+        got = dict(other.named_parameters())
+        assert got.keys() == want.keys() and summary == plain[1]
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+
+
+def test_export_callback_refuses_what_it_cannot_export(tmp_path):
+    """An unwrapped model; a merged model without save_pretrained (an adapter needs none)."""
+    trainer = transformers.Trainer(
+        model=tiny_qwen2(),
+        args=args(tmp_path, max_steps=1),
+        train_dataset=TokenData(4),
+        callbacks=[ExportCallback()],
+    )
+    with pytest.raises(molf.ConfigError, match="ExportCallback: the model has no molf-wrapped layers"):
+        trainer.train()
+
+    class Plain(torch.nn.Module):  # no save_pretrained: the merged model has no loader's layout
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+    state, control = transformers.TrainerState(), transformers.TrainerControl()
+    with pytest.raises(molf.ConfigError, match="save_pretrained, which Plain lacks"):
+        ExportCallback().on_train_begin(args(tmp_path), state, control, model=molf.wrap(Plain()))
+    ExportCallback().on_train_begin(
+        args(tmp_path), state, control, model=molf.wrap(Plain(), molf.MoLFConfig(fft=False))
+    )
+
+
+# ------------------------------------------------------------------ the README's snippet
+
+
+def readme_trainer_snippet() -> tuple[str, str]:
+    """The README's Trainer section: the extra its install line names, and its Python block."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Hugging Face Trainer") :]
+    section = section[: section.index("\n## ", 1)]
+    extra = re.search(r'pip install "\.\[(\w+)\]"', section)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    return extra, code
+
+
+def test_readme_trainer_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
+    """Run as written, with the names the README leaves to the reader (`model`, `train_ds`,
+    `val_batch`) standing in tiny. It imports only what the extra it names installs, and
+    reports to no integration that extra lacks (report_to="tensorboard" needs tensorboard)."""
+    extra, code = readme_trainer_snippet()
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        requirements = tomllib.load(f)["project"]["optional-dependencies"][extra]
+    installed = {re.match(r"[\w-]+", r)[0].replace("-", "_") for r in requirements}
+    imported = {
+        name.strip().split(".")[0] for line in re.findall(r"^import (.+)$", code, re.M) for name in line.split(",")
+    }
+    assert imported <= installed | {"molf", "torch"}, imported
+    monkeypatch.chdir(tmp_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    val = TokenData(2, seed=1)[0]
+    namespace = {
+        "model": tiny_qwen2(),
+        "train_ds": TokenData(8),
+        "val_batch": {k: v[None].to(device) for k, v in val.items()},
+    }
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert set(namespace["args"].report_to) <= installed
+    printed = capsys.readouterr().out
+    assert "trainable params:" in printed and "molf routing after 3 steps" in printed
+    assert [r["step"] for r in molf.read_routing_log(tmp_path / "runs/hf/routing.jsonl")] == [1, 2, 3]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "runs/hf/checkpoint-3/model")
+    assert not molf.is_wrapped(loaded)

@@ -7,6 +7,8 @@ opt = molf.MoLFAdamW(model, lr=2e-5, lora_lr=5e-5, routing=molf.TopK(k=1, score=
 model = molf.merge(model)
 """
 
+import importlib
+
 from ._core import (
     PHASES,
     POLICIES,
@@ -25,25 +27,24 @@ from .layer import MoLFLinear
 from .optimizer import SCORES, MoLFAdamW
 from .routing import Heldout, Hysteresis, TopK
 from .routing_log import RoutingLog, read_routing_log
-from .summary import RoutingSummary
-from .wrap import is_wrapped, merge, routed_modules, wrap
+from .summary import RoutingSummary, print_trainable_parameters
+from .wrap import is_wrapped, merge, merged_state_dict, routed_modules, wrap
 
 __version__ = "0.1.0"
 
-# transformers is optional and slow to import: molf.hf loads on first use.
+# transformers is optional and slow to import: molf.hf (and these names of it) load on first use.
 _HF_NAMES = ("RoutingCallback", "add_routing_callback")
 
 
 def __getattr__(name: str):
-    if name in _HF_NAMES:
-        from . import hf
-
-        return getattr(hf, name)
+    if name == "hf" or name in _HF_NAMES:
+        hf = importlib.import_module(".hf", __name__)  # (`from . import hf` would come back here)
+        return hf if name == "hf" else getattr(hf, name)
     raise AttributeError(f"module 'molf' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HF_NAMES))
+    return sorted(set(globals()) | {"hf", *_HF_NAMES})
 
 
 __all__ = [
@@ -72,6 +73,8 @@ __all__ = [
     "import_peft",
     "is_wrapped",
     "merge",
+    "merged_state_dict",
+    "print_trainable_parameters",
     "read_routing_log",
     "routed_modules",
     "wrap",

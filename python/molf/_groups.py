@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._core import ConfigError
+from ._options import DEFAULT_LR
 from .checkpoint import check_group_values
 from .wrap import expert_tag, retag
 
@@ -27,9 +28,10 @@ def resolve_state_dtype(state_dtype: Any) -> str | torch.dtype:
     raise ConfigError(f"state_dtype must be 'auto', 'param' or a floating torch.dtype, got {state_dtype!r}")
 
 
-def user_groups(params: Any) -> list[dict]:
+def user_groups(params: Any) -> tuple[list[dict], bool]:
+    """The param groups `params` stands for, and whether they were given as group dicts."""
     if isinstance(params, nn.Module):
-        return [{"params": [p for p in params.parameters() if p.requires_grad]}]
+        return [{"params": [p for p in params.parameters() if p.requires_grad]}], False
     if isinstance(params, torch.Tensor):
         raise ConfigError("params must be a model, an iterable of parameters or of param-group dicts, not a tensor")
     items = list(params)
@@ -43,16 +45,17 @@ def user_groups(params: Any) -> list[dict]:
             ps = g["params"]
             ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
             out.append({**g, "params": ps})
-        return out
+        return out, True
     if all(isinstance(p, torch.Tensor) for p in items):
-        return [{"params": items}]
+        return [{"params": items}], False
     raise ConfigError("params must be a model, an iterable of parameters, or an iterable of param-group dicts")
 
 
 def build_groups(params, lr, lora_lr, weight_decay, lora_weight_decay) -> tuple[list[dict], list[str], list[str]]:
     """Split each user group by role (plain / dense expert / LoRA expert) and
-    decay; return the groups, the routed module names and the expert names."""
-    groups_given = user_groups(params)
+    decay; return the groups, the routed module names and the expert names.
+    `lr` None: not given (DEFAULT_LR), refused for group dicts without their own."""
+    groups_given, as_dicts = user_groups(params)
     for i, g in enumerate(groups_given):
         check_group_values(g, f"param group {i}")
     retag(params if isinstance(params, nn.Module) else None)  # FSDP2 may have dropped the tags
@@ -98,6 +101,16 @@ def build_groups(params, lr, lora_lr, weight_decay, lora_weight_decay) -> tuple[
         expert_names[t.expert] = t.name
     if not all(expert_names):
         raise ConfigError(f"the parameters given cover only experts {expert_names} of every module")
+    if lr is None:
+        if as_dicts and any("lr" not in g for g in groups_given):
+            # How the HF Trainer calls optimizer_cls(groups, **kwargs): its learning_rate is not passed.
+            raise ConfigError(
+                "MoLFAdamW got param groups without an 'lr' and no lr argument, so the dense experts and "
+                f"unrouted parameters would train at the default {DEFAULT_LR}. Give lr=...; under the Hugging Face "
+                "Trainer's optimizer_cls_and_kwargs (which passes no learning rate) put "
+                "lr=args.learning_rate in the kwargs"
+            )
+        lr = DEFAULT_LR
 
     groups: list[dict] = []
     for g in groups_given:

@@ -10,7 +10,9 @@ from typing import Any
 from ._core import ConfigError
 from .routing_log import check_log_options
 
-__all__ = ["check_number", "check_options"]
+__all__ = ["DEFAULT_LR", "check_number", "check_options"]
+
+DEFAULT_LR = 1e-3  # torch.optim.AdamW's; MoLFAdamW's `lr` when not given
 
 
 def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> None:
@@ -23,7 +25,7 @@ def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf
 
 def check_options(
     *,
-    lr: float,
+    lr: float | None,
     lora_lr: float | None,
     weight_decay: float,
     lora_weight_decay: float | None,
@@ -35,7 +37,8 @@ def check_options(
     check_every: int,
 ) -> None:
     """Refuse (ConfigError) the first bad argument (the routing policy checks its own)."""
-    check_number("lr", lr)
+    if lr is not None:
+        check_number("lr", lr)
     check_number("weight_decay", weight_decay)
     check_number("eps", eps)
     if lora_lr is not None:

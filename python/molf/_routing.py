@@ -6,6 +6,8 @@ A base class of `MoLFAdamW` only."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import distributed
@@ -13,7 +15,7 @@ from ._core import Ledger, Router
 from ._expert_view import ExpertView
 from ._score_sources import _ScoreSources, routed_score_group
 from .checkpoint import is_state_init_step
-from .routing_log import phase_of_last_step
+from .routing_log import RoutingLog, phase_of_last_step
 from .summary import RoutingSummary
 
 __all__ = ["_Routing"]
@@ -76,6 +78,24 @@ class _Routing:
     @property
     def _shape(self) -> tuple[int, int]:
         return len(self.module_names), len(self.expert_names)
+
+    @property
+    def log_path(self) -> str | None:
+        """Where the routing log goes (None: no log)."""
+        return None if self._log is None else self._log.path
+
+    def set_log_path(self, path: str | os.PathLike | None) -> None:
+        """Write the routing log to `path` from now on (None: stop), as if the optimizer had
+        been built with `log_path=path`: at step 0 a new log (an existing file is moved
+        aside on the first write); past it, as after `load_state_dict`, the log of the run
+        so far (records past this step are dropped, the rest kept)."""
+        if path is None:
+            self._log = None
+            return
+        log = RoutingLog(path, self.module_names, self.expert_names, *self._log_settings)
+        if self._ledger.step or self._skipped_steps:
+            log.resume(self._ledger.step, self._skipped_steps)
+        self._log = log
 
     # ---------------------------------------------------------------- insight
 

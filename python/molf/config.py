@@ -6,11 +6,20 @@ import math
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from ._core import ConfigError
 
-__all__ = ["MoLFConfig"]
+__all__ = ["ALL_LINEAR", "DEFAULT_RANKS", "MoLFConfig"]
+
+# The default expert ranks, in one place for MoLFConfig, `molf train` and the README:
+# MoLF (the dense weight and one LoRA expert; SPEC §6), MoLF-Efficient (two LoRA experts
+# of different rank, base frozen) and plain LoRA.
+DEFAULT_RANKS = MappingProxyType({"molf": (128,), "molf-e": (16, 128), "lora": (128,)})
+
+# PEFT's spelling for "every linear layer but the output head" (target_modules="all-linear").
+ALL_LINEAR = "all-linear"
 
 
 def _tuple_of_str(value: str | Iterable[str] | None, name: str) -> tuple[str, ...] | None:
@@ -22,6 +31,21 @@ def _tuple_of_str(value: str | Iterable[str] | None, name: str) -> tuple[str, ..
     if not all(isinstance(v, str) and v for v in out):
         raise ConfigError(f"{name} must be a sequence of non-empty module names, got {value!r}")
     return out
+
+
+def _target_modules(value: str | Iterable[str] | None) -> tuple[str, ...] | str | None:
+    """`target_modules` as stored: None, "all-linear" (PEFT's shorthand, any case, alone
+    or as the one entry of a sequence) or a tuple of module-name suffixes."""
+    names = _tuple_of_str(value, "target_modules")
+    if names is None:
+        return None
+    shorthand = [n for n in names if n.lower() == ALL_LINEAR]
+    if shorthand and len(names) > 1:
+        raise ConfigError(
+            f"target_modules={value!r}: {ALL_LINEAR!r} already means every linear layer but the output head; "
+            "give it alone, or list module names without it"
+        )
+    return ALL_LINEAR if shorthand else names
 
 
 def _numbers(value: Any, name: str, kind: type, what: str) -> tuple:
@@ -50,16 +74,21 @@ class MoLFConfig:
     rslora: scale s = alpha / sqrt(r) (default) instead of alpha / r.
     dropout: dropout on the LoRA path only.
     target_modules: name suffixes to wrap (e.g. ("q_proj", "v_proj")); None
-        wraps every linear layer (and HF GPT-2 Conv1D) not excluded.
+        wraps every linear layer (and HF GPT-2 Conv1D) not excluded; "all-linear"
+        (PEFT's spelling) every one but the output head (the layer
+        `get_output_embeddings()` returns, else a top-level `score` or
+        `classifier`) not excluded.
     exclude_modules: name suffixes never wrapped (default: the output head).
+
+    Default ranks (`DEFAULT_RANKS`): (128,) here; MoLF-Efficient's pair is (16, 128).
     """
 
-    ranks: tuple[int, ...] = (128,)
+    ranks: tuple[int, ...] = DEFAULT_RANKS["molf"]
     alphas: tuple[float, ...] | None = None
     fft: bool = True
     rslora: bool = True
     dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None
+    target_modules: tuple[str, ...] | str | None = None
     exclude_modules: tuple[str, ...] = field(default=("lm_head",))
 
     def __post_init__(self) -> None:
@@ -86,7 +115,7 @@ class MoLFConfig:
         object.__setattr__(self, "ranks", ranks)
         object.__setattr__(self, "alphas", alphas)
         object.__setattr__(self, "dropout", float(self.dropout))
-        object.__setattr__(self, "target_modules", _tuple_of_str(self.target_modules, "target_modules"))
+        object.__setattr__(self, "target_modules", _target_modules(self.target_modules))
         object.__setattr__(self, "exclude_modules", _tuple_of_str(self.exclude_modules, "exclude_modules") or ())
 
     @property
@@ -110,6 +139,8 @@ class MoLFConfig:
             "fft": self.fft,
             "rslora": self.rslora,
             "dropout": self.dropout,
-            "target_modules": None if self.target_modules is None else list(self.target_modules),
+            "target_modules": (
+                list(self.target_modules) if isinstance(self.target_modules, tuple) else self.target_modules
+            ),
             "exclude_modules": list(self.exclude_modules),
         }

@@ -24,7 +24,7 @@ from ._core import ConfigError, Ledger, Router
 from ._foreach import _GroupWork, foreach_moments, scratch_for
 from ._fused_path import build_plan, fused_kernels, fused_moments, plan_signature
 from ._groups import build_groups, check_added_group, resolve_state_dtype, state_dtype_for
-from ._options import check_options
+from ._options import DEFAULT_LR, check_options
 from ._routing import _Routing
 from ._score_sources import _ScoreSources
 from .heldout import THETA_KEY, HeldoutProbe
@@ -39,10 +39,12 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
     """AdamW with per-module routing between the experts of molf-wrapped layers.
 
     `params` is the wrapped model, or parameters / param groups of it (as the
-    HF Trainer passes them). Dense experts and unrouted parameters use `lr` and
-    `weight_decay`; LoRA experts use `lora_lr` and `lora_weight_decay` (defaulting
-    to `lr` and `weight_decay`; group keys of the same names override them per
-    group). Tensors with fewer than 2 dimensions (biases, norm weights) get no
+    HF Trainer passes them). Dense experts and unrouted parameters use `lr` (default
+    1e-3; param groups without an 'lr' of their own need it given, so that the HF
+    Trainer's `optimizer_cls_and_kwargs`, which passes no learning rate, cannot
+    silently train at the default) and `weight_decay`; LoRA experts use `lora_lr`
+    and `lora_weight_decay` (defaulting to `lr` and `weight_decay`; group keys of
+    the same names override them per group). Tensors with fewer than 2 dimensions (biases, norm weights) get no
     decay; LoRA experts decay by `lora_weight_decay` even in a group whose
     `weight_decay` is 0 (as the HF Trainer's groups are by default).
 
@@ -68,6 +70,7 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
     every 100 steps unless `log_scores_every` says otherwise: about 31 MB for 450
     modules and 2 experts over 100,000 steps) or "full" (each module's scores and
     winners as JSON on every logged line, as before: 4.7 GB for the same run).
+    `set_log_path` sets the path later.
 
     `fused`: None (default) uses the Triton kernels when every parameter is on
     CUDA and triton is installed, the foreach path otherwise; True requires them.
@@ -98,7 +101,7 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
     def __init__(
         self,
         params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
-        lr: float = 1e-3,
+        lr: float | None = None,
         lora_lr: float | None = None,
         weight_decay: float = 1e-2,
         lora_weight_decay: float | None = None,
@@ -138,7 +141,7 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
         groups, self.module_names, self.expert_names = build_groups(
             params, lr, lora_lr, weight_decay, lora_weight_decay
         )
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=DEFAULT_LR if lr is None else lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self._constructing = True
         super().__init__(groups, defaults)
         self._constructing = False
@@ -153,10 +156,10 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
                 UserWarning,
                 stacklevel=2,
             )
+        self._log_settings = (log_every, log_scores_every, log_format)  # set_log_path's too
         self._log = None
         if log_path is not None:
-            names = self.module_names, self.expert_names
-            self._log = RoutingLog(log_path, *names, log_every, log_scores_every, log_format)
+            self._log = RoutingLog(log_path, self.module_names, self.expert_names, *self._log_settings)
         if fused not in (None, True, False):
             raise ConfigError(f"fused must be None, True or False, got {fused!r}")
         if not isinstance(lagged, bool) or not isinstance(skip_nonfinite, bool):

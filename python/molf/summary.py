@@ -1,10 +1,26 @@
-"""`RoutingSummary`: what the router has decided so far, for logs and people."""
+"""Summaries for logs and people: `RoutingSummary` (what the router has decided so far)
+and `print_trainable_parameters` (PEFT's one-line count of a model's parameters)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["RoutingSummary"]
+from torch import nn
+
+__all__ = ["RoutingSummary", "print_trainable_parameters"]
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print `trainable params: X || all params: Y || trainable%: Z`, as PEFT's
+    `print_trainable_parameters` does: every parameter counted once (tied ones too),
+    the LoRA experts included; trainable = `requires_grad`. So a MoLF model counts its
+    dense weights as trainable, a MoLF-Efficient one (which `wrap` froze) as frozen."""
+    trainable = total = 0
+    for _, p in model.named_parameters():  # each parameter once, however often it is registered
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    share = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from ._core import ConfigError
-from .config import MoLFConfig
-from .distributed import is_sharded, merged_sharded
+from .config import ALL_LINEAR, MoLFConfig
+from .distributed import full, is_sharded, merged_sharded
 from .layer import MoLFLinear, is_linear_like
 
-__all__ = ["wrap", "merge", "routed_modules", "is_wrapped", "ExpertTag", "expert_tag", "retag"]
+__all__ = ["wrap", "merge", "merged_state_dict", "routed_modules", "is_wrapped", "ExpertTag", "expert_tag", "retag"]
 
 _CONFIG_ATTR = "molf_config"
 _FROZEN_ATTR = "_molf_frozen_by_wrap"
@@ -54,6 +54,22 @@ def routed_modules(model: nn.Module) -> list[tuple[str, MoLFLinear]]:
 
 def is_wrapped(model: nn.Module) -> bool:
     return any(isinstance(m, MoLFLinear) for m in model.modules())
+
+
+def _output_head(model: nn.Module) -> str | None:
+    """The name of the output head that target_modules="all-linear" leaves out, by PEFT's
+    rule: the module `get_output_embeddings()` returns, else a top-level `score` or
+    `classifier` (classification heads); None if the model has neither."""
+    head = None
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    if callable(get_output_embeddings):
+        try:
+            head = get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            head = None
+    if not isinstance(head, nn.Module):
+        head = next((m for n in ("score", "classifier") if isinstance(m := getattr(model, n, None), nn.Module)), None)
+    return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -165,10 +181,12 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
     if is_wrapped(model):
         raise ConfigError("model is already wrapped by molf; merge it first or wrap the original model")
     candidates = [(n, m) for n, m in model.named_modules() if n and is_linear_like(m)]
+    targets = config.target_modules
+    head = _output_head(model) if targets == ALL_LINEAR else None
     chosen = [
         (n, m)
         for n, m in candidates
-        if (config.target_modules is None or _matches(n, config.target_modules))
+        if (n != head if targets == ALL_LINEAR else targets is None or _matches(n, targets))
         and not _matches(n, config.exclude_modules)
     ]
     if not chosen:
@@ -270,3 +288,50 @@ def merge(model: nn.Module) -> nn.Module:
         if attr in model.__dict__:
             delattr(model, attr)
     return model
+
+
+def _merged_weight(layer: MoLFLinear) -> torch.Tensor:
+    """The weight `merge` gives `layer` (as `MoLFLinear.merged` and `merged_sharded` compute
+    it), as a new whole tensor; FSDP2 shards are gathered."""
+    w = full(layer.base.weight.detach())
+    if not layer.ranks:
+        return w
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    experts = zip(layer.lora_A, layer.lora_B, layer.scales)
+    delta = sum(s * (full(b).to(dtype) @ full(a).to(dtype)) for a, b, s in experts)
+    return (w.to(dtype) + (delta.T if layer.transposed else delta)).to(w.dtype)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict `merge(model)` would leave, without changing `model`: training goes
+    on with the wrapped model. A merged copy mid-training, loadable by any loader:
+    `model.save_pretrained(dir, state_dict=molf.merged_state_dict(model))`.
+
+    Keys are the unwrapped model's. Each wrapped layer's weight is bit for bit what `merge`
+    writes, computed one layer at a time and kept on the CPU (a training run leaves no room
+    on the device for a second copy of the model); every other entry is the model's own
+    tensor. Under FSDP2 the shards are gathered (a collective: call it on every rank, each
+    gets the whole dict on the CPU). `model` may sit inside a DDP or accelerate wrapper.
+    """
+    root = next((m for m in model.modules() if hasattr(m, _CONFIG_ATTR)), model)
+    layers = routed_modules(root)
+    if not layers:
+        raise ConfigError("merged_state_dict: the model has no molf-wrapped layers (already merged, or never wrapped)")
+    renamed: dict[str, tuple[str, torch.Tensor]] = {}
+    dropped: set[str] = set()
+    for name, layer in layers:
+        for key, value in layer.state_dict().items():
+            if key == "base.weight":
+                renamed[f"{name}.{key}"] = (f"{name}.weight", _merged_weight(layer).cpu())
+            elif key.startswith("base."):
+                renamed[f"{name}.{key}"] = (f"{name}.{key[len('base.') :]}", value)
+            else:
+                dropped.add(f"{name}.{key}")  # the LoRA experts, folded into the weight
+    out = {}
+    for key, value in root.state_dict().items():
+        if key in dropped:
+            continue
+        key, value = renamed.get(key, (key, value))
+        out[key] = full(value).cpu() if is_sharded(value) else value
+    return out
