@@ -23,12 +23,14 @@ peak of the bytes its own operators' results held at once (the shrink trials' sa
 copies, the sums' temporaries; not the closure's activations nor the new gradients), and
 "state MiB" the held-out state it keeps between probes. `--sums-batch N` sums at most N
 elements per batch (the CUDA setting is 1 << 24; the CPU default 0, one tensor at a
-time), to count operators as on an accelerator.
+time), to count operators as on an accelerator. `--sums-kernel` sums with the Triton kernel
+(`molf._probe_sums`) on the CPU too, through Triton's interpreter (slow: count, not time).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import weakref
@@ -106,8 +108,11 @@ class ProbeWork(TorchDispatchMode):
         if self.inside or func.is_view or func is torch.ops.aten.detach.default:
             return out
         self.ops += 1
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor)
+        }
         for t in torch.utils._pytree.tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
@@ -154,13 +159,14 @@ def count_probe(probe, opt, mode: bool) -> dict:
         probe.loss_fn = closure
         torch.autograd.backward = backward
     state = sum(
-        t.numel() * t.element_size()
-        for st in opt.state.values()
-        for k, t in st.items()
-        if k.startswith("heldout_")
+        t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items() if k.startswith("heldout_")
     )
-    return {"ops": work.ops, "host_ms": total - outside_ms[0], "alloc_mib": work.peak / 2**20,
-            "state_mib": state / 2**20}
+    return {
+        "ops": work.ops,
+        "host_ms": total - outside_ms[0],
+        "alloc_mib": work.peak / 2**20,
+        "state_mib": state / 2**20,
+    }
 
 
 def main() -> None:
@@ -175,12 +181,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--count", action="store_true", help="also count the probe's own operators, host time, bytes")
     ap.add_argument("--sums-batch", type=int, help="elements summed per batch at most (see above)")
+    ap.add_argument("--sums-kernel", action="store_true", help="the Triton sums on the CPU too (see above)")
     args = ap.parse_args()
     rank, batch, seq = DEFAULTS[args.shape]
     args.rank, args.batch, args.seq = args.rank or rank, args.batch or batch, args.seq or seq
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if args.sums_kernel and args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import
+        from molf import _probe_sums
+
+        molf.heldout.HeldoutProbe._fused_sums = staticmethod(lambda device: _probe_sums)
     if args.sums_batch is not None:
         molf.heldout.HeldoutProbe._batch_elements = staticmethod(lambda device: args.sums_batch)
     model = build(args)

@@ -115,12 +115,14 @@ def heldout_sums(items: list[tuple]) -> torch.Tensor:
     rows = np.zeros((6, T), dtype=np.int64)
     hyper = np.zeros((T, 2), dtype=np.float64)
     scale = np.zeros(T, dtype=np.float64)
+    adams = [item[5] for item in ordered if item[5] is not None]
+    steps = iter(torch.stack([adam[2] for adam in adams]).tolist() if adams else [])  # (host step counters)
     for j, (_, theta, prev, g, gprev, adam) in enumerate(ordered):
         m, v = (theta, theta) if adam is None else adam[:2]
         rows[:, j] = [t.data_ptr() for t in (theta, prev, g, gprev, m, v)]
         if adam is not None:
-            _, _, step, (lr, beta1, beta2, eps) = adam
-            t = float(step)
+            _, _, _, (lr, beta1, beta2, eps) = adam
+            t = next(steps)
             # Rounded to float32, as the torch path's hyper-parameters are.
             scale[j], hyper[j] = np.float32(lr / (1 - beta1**t)), np.float32([(1 - beta2**t) ** -0.5, eps])
     numels = np.array([item[1].numel() for item in ordered], dtype=np.int64)

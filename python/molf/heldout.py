@@ -50,8 +50,9 @@ shrinkage on, a third of every dense expert tensor (where training began), kept
 in the parameter dtype as per-parameter state `heldout_theta` / `heldout_grad` /
 `heldout_origin`, so checkpoints resume the measurement exactly. During a
 measurement, the values a kept shrink trial replaced (so that an exception can
-undo it). The probe's own work is batched: the sums over tensors of one size at
-once, the spectral trial's Gram products per shape and one float64 r x r
+undo it), in one buffer per dtype. The probe's own work is batched: the sums in one
+Triton pass on CUDA (`molf._probe_sums`; elsewhere over tensors of one size at once),
+the spectral trial's Gram products per shape and one float64 r x r
 eigen-decomposition per module (on CUDA in worker threads, while the closure's
 forwards run), multi-tensor writes.
 """
@@ -69,7 +70,7 @@ import torch
 from . import distributed
 from ._core import ConfigError, Ledger, Router, StateError
 from ._expert_view import ExpertView
-from ._shrink import _copy, _Trial, spectral_shrink_b
+from ._shrink import _backup, _copy, _Trial, spectral_shrink_b
 from .wrap import expert_tag
 
 __all__ = ["HeldoutProbe", "spectral_shrink_b", "LORA_ONLY_MIN_SPAN", "THETA_KEY", "GRAD_KEY", "ORIGIN_KEY"]
@@ -238,7 +239,7 @@ class HeldoutProbe:
         base = self._value()
         for e, (entries, trial) in enumerate(zip(by_expert, trials)):
             local = [distributed.to_local(p) for p, _, _, _ in entries]
-            saved = [t.clone() for t in local]
+            saved = _backup(local)
             undo.weights.append((local, saved))  # before the trial writes: an exception restores them
             trial.apply(entries, local)
             value = self._value()
