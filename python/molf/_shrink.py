@@ -74,6 +74,22 @@ def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         torch._foreach_copy_(dst, src)
 
 
+def _backup(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of `tensors` (what `_copy` can write back): per dtype and device one buffer
+    and one multi-tensor copy, instead of one clone per tensor."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    out: list[torch.Tensor] = [torch.Tensor()] * len(tensors)
+    for (dtype, device), idx in groups.items():
+        flat = torch.empty(sum(tensors[i].numel() for i in idx), dtype=dtype, device=device)
+        views = [v.view(tensors[i].shape) for i, v in zip(idx, flat.split([tensors[i].numel() for i in idx]))]
+        _copy(views, [tensors[i] for i in idx])
+        for i, v in zip(idx, views):
+            out[i] = v
+    return out
+
+
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
 _STREAMS = threading.local()  # a worker thread's own CUDA stream, per device
 _PIECE = 4  # matrices per worker task

@@ -50,8 +50,9 @@ shrinkage on, a third of every dense expert tensor (where training began), kept
 in the parameter dtype as per-parameter state `heldout_theta` / `heldout_grad` /
 `heldout_origin`, so checkpoints resume the measurement exactly. During a
 measurement, the values a kept shrink trial replaced (so that an exception can
-undo it). The probe's own work is batched: the sums over tensors of one size at
-once, the spectral trial's Gram products per shape and one float64 r x r
+undo it), in one buffer per dtype. The probe's own work is batched: the sums in one
+Triton pass on CUDA (`molf._probe_sums`; elsewhere over tensors of one size at once),
+the spectral trial's Gram products per shape and one float64 r x r
 eigen-decomposition per module (on CUDA in worker threads, while the closure's
 forwards run), multi-tensor writes.
 """
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -68,7 +70,7 @@ import torch
 from . import distributed
 from ._core import ConfigError, Ledger, Router, StateError
 from ._expert_view import ExpertView
-from ._shrink import _copy, _Trial, spectral_shrink_b
+from ._shrink import _backup, _copy, _Trial, spectral_shrink_b
 from .wrap import expert_tag
 
 __all__ = ["HeldoutProbe", "spectral_shrink_b", "LORA_ONLY_MIN_SPAN", "THETA_KEY", "GRAD_KEY", "ORIGIN_KEY"]
@@ -237,7 +239,7 @@ class HeldoutProbe:
         base = self._value()
         for e, (entries, trial) in enumerate(zip(by_expert, trials)):
             local = [distributed.to_local(p) for p, _, _, _ in entries]
-            saved = [t.clone() for t in local]
+            saved = _backup(local)
             undo.weights.append((local, saved))  # before the trial writes: an exception restores them
             trial.apply(entries, local)
             value = self._value()
@@ -254,11 +256,12 @@ class HeldoutProbe:
         """Per (module, expert): realized descent per step, potential, and whether it moved
         ((None, None, None) at the first measurement: only remember). Appends to `remember`
         what `_commit` copies into the held-out state (destinations, sources); writes nothing
-        but the held-out keys of a tensor that has none yet. Tensors of one size and device
-        are summed together (`_batch_sums`); one device-to-host transfer."""
+        but the held-out keys of a tensor that has none yet. On CUDA one Triton pass sums them
+        (`molf._probe_sums`); elsewhere tensors of one size and device are summed together
+        (`_batch_sums`). One device-to-host transfer."""
         shrink = view.ledger.heldout_shrink > 0
         dst, src = remember
-        batches: dict[tuple, list[tuple]] = {}
+        items: list[tuple] = []
         for group, p, slot in view.expert_tensors():
             state = view.state[p]
             theta = distributed.to_local(p.detach())
@@ -276,10 +279,7 @@ class HeldoutProbe:
                     )
                 else:  # no gradient so far: no Adam step to take
                     adam = None
-                key = (theta.numel(), theta.device, adam is not None)
-                batches.setdefault(key, []).append(
-                    (slot, theta, prev, grad, distributed.to_local(state[GRAD_KEY]), adam)
-                )
+                items.append((slot, theta, prev, grad, distributed.to_local(state[GRAD_KEY]), adam))
             if THETA_KEY not in state:
                 # A tensor measured before its first gradient: it has not moved, and a shrink
                 # trial skips a dense tensor without state, so its origin is θ now.
@@ -291,10 +291,21 @@ class HeldoutProbe:
         M, E = view.shape
         slots: list[int] = []
         rows: list[torch.Tensor] = []
-        for (numel, device, _), items in batches.items():
+        device = items[0][1].device if items else None
+        kernel = self._fused_sums(device) if device is not None else None
+        if kernel is not None:  # one Triton pass over the tensors it can read
+            fused = [item for item in items if kernel.eligible(item, device)]
+            items = [item for item in items if not kernel.eligible(item, device)]
+            if fused:
+                slots += [item[0] for item in fused]
+                rows.append(kernel.heldout_sums(fused))
+        batches: dict[tuple, list[tuple]] = {}
+        for item in items:
+            batches.setdefault((item[1].numel(), item[1].device, item[5] is not None), []).append(item)
+        for (numel, device, _), part_items in batches.items():
             per = max(1, self._batch_elements(device) // numel)
-            for start in range(0, len(items), per):
-                part = items[start : start + per]
+            for start in range(0, len(part_items), per):
+                part = part_items[start : start + per]
                 slots += [item[0] for item in part]
                 rows.append(self._batch_sums(part))
         flat = torch.cat([r.to(rows[0].device) for r in rows])
@@ -309,6 +320,18 @@ class HeldoutProbe:
 
         # Non-finite values reach the Ledger as they are: it keeps only finite ones.
         return -per_slot(host[:, 0]) / window, per_slot(host[:, 1]), per_slot(host[:, 2]) > 0
+
+    @staticmethod
+    def _fused_sums(device: torch.device) -> ModuleType | None:
+        """`molf._probe_sums` (one Triton pass for the sums) on CUDA where triton imports;
+        None: the torch path (`_batch_sums`)."""
+        if device.type != "cuda":
+            return None
+        try:
+            from . import _probe_sums
+        except ImportError:
+            return None
+        return _probe_sums
 
     @staticmethod
     def _batch_elements(device: torch.device) -> int:
