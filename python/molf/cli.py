@@ -16,7 +16,8 @@ from ._core import POLICIES, ConfigError, StateError
 from .demo import DEFAULT_SEEDS, DEFAULT_STEPS, QUICK_SEEDS, QUICK_STEPS, format_table, run_demo
 from .plots import plot_routing_log
 from .routing import SCORES
-from .train import DTYPES, MODES, SCHEDULERS, STATE_DTYPES, TrainConfig, TrainError, load_config_file, train
+from .train import MODES, TrainConfig, TrainError, load_config_file, train
+from .train.config import DEVICES, DTYPES, SCHEDULERS, STATE_DTYPES
 
 __all__ = ["main"]
 
@@ -89,17 +90,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A parser whose errors are one line (`molf train: error: ...`), without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(message, prog=self.prog)
+
+
 def _add_train_parser(sub) -> None:
     d = TrainConfig()
     train_p = sub.add_parser(
         "train",
-        help="fine-tune a local causal LM on local prompt/completion data (fft, lora, molf, molf-e)",
-        description="Fine-tune a causal LM from a local directory on JSONL/parquet prompt/completion pairs, with "
-        "the loss on the completion only. Without --model a tiny random Qwen2 with a byte-level tokenizer and, "
-        "without --data, a generated arithmetic set stand in (a few seconds on a CPU). Options come from "
-        "--config (TOML, or YAML with PyYAML installed; keys named like the flags, with _ or -) and flags, "
-        "which override the file. Writes OUT/checkpoints, the merged model (OUT/model, for fft and molf) or a "
-        "PEFT adapter (OUT/adapter, for lora and molf-e), and for molf/molf-e OUT/routing.jsonl and its figures.",
+        parser_class=_OneLineParser,
+        help="fine-tune a local causal LM on local data on the transformers Trainer (fft, lora, molf, molf-e)",
+        description="Fine-tune a causal LM from a local directory on JSONL/JSON/parquet/CSV rows: prompt/completion "
+        "pairs (loss on the completion) or chat `messages` (rendered by the tokenizer's chat template; loss on the "
+        "assistant turns). Runs on the transformers Trainer, so torchrun / accelerate launch start several "
+        "processes. Without --model a tiny random Qwen2 with a byte-level tokenizer and, without --data, a "
+        "generated arithmetic set stand in (a few seconds on a CPU). Options come from --config (TOML or YAML; keys "
+        "named like the flags, with _ or -) and flags, which override the file. Writes OUT/checkpoint-N, "
+        "OUT/train_log.jsonl (every log record), the merged model (OUT/model, for fft and molf) or a PEFT adapter "
+        "(OUT/adapter, for lora and molf-e), and for molf/molf-e OUT/routing.jsonl and its figures.",
     )
     S = argparse.SUPPRESS  # only the flags given reach the config, over the file's values
     boolean = argparse.BooleanOptionalAction
@@ -111,16 +122,13 @@ def _add_train_parser(sub) -> None:
         metavar="FILE",
         nargs="+",
         default=S,
-        help="JSONL or parquet files of prompt/completion rows (default: generated arithmetic)",
+        help="JSONL, JSON, parquet or CSV files of prompt/completion or messages rows (default: generated arithmetic)",
     )
     io.add_argument("--prompt-field", default=S, help=f"prompt column (default: {d.prompt_field})")
     io.add_argument("--completion-field", default=S, help=f"completion column (default: {d.completion_field})")
+    io.add_argument("--messages-field", default=S, help=f"chat column (default: {d.messages_field})")
     io.add_argument(
-        "--max-length",
-        type=_positive_int,
-        default=S,
-        metavar="N",
-        help=f"tokens per example, prompt + completion (default: {d.max_length})",
+        "--max-length", type=_positive_int, default=S, metavar="N", help=f"tokens per example (default: {d.max_length})"
     )
     io.add_argument("--out", metavar="DIR", default=S, help=f"output directory (default: ./{d.out})")
     run = train_p.add_argument_group("training")
@@ -129,7 +137,16 @@ def _add_train_parser(sub) -> None:
     run.add_argument(
         "--epochs", type=_positive_int, default=S, metavar="N", help=f"passes over the data (default: {d.epochs})"
     )
-    run.add_argument("--batch-size", type=_positive_int, default=S, metavar="N", help=f"(default: {d.batch_size})")
+    run.add_argument(
+        "--batch-size", type=_positive_int, default=S, metavar="N", help=f"per process (default: {d.batch_size})"
+    )
+    run.add_argument(
+        "--gradient-accumulation-steps",
+        type=_positive_int,
+        default=S,
+        metavar="N",
+        help="micro-batches per optimizer step (default: 1)",
+    )
     run.add_argument("--lr", type=float, default=S, help=f"dense and non-LoRA learning rate (default: {d.lr})")
     run.add_argument("--lora-lr", type=float, default=S, help=f"LoRA learning rate (default: {d.lora_lr})")
     run.add_argument("--weight-decay", type=float, default=S, help=f"(default: {d.weight_decay})")
@@ -139,8 +156,12 @@ def _add_train_parser(sub) -> None:
     run.add_argument(
         "--max-grad-norm", type=float, default=S, help=f"gradient clipping, 0 for none (default: {d.max_grad_norm})"
     )
-    run.add_argument("--dtype", choices=tuple(DTYPES), default=S, help=f"model dtype (default: {d.dtype})")
-    run.add_argument("--device", default=S, help="'auto' (default: CUDA if present), 'cpu', 'cuda:0', ...")
+    run.add_argument("--bf16", action=boolean, default=S, help="bf16 mixed precision (default: off)")
+    run.add_argument("--fp16", action=boolean, default=S, help="fp16 mixed precision (default: off)")
+    run.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=S, help="cast the weights to this dtype (default: float32 weights)"
+    )
+    run.add_argument("--device", choices=DEVICES, default=S, help="(default: auto, CUDA if present)")
     run.add_argument("--seed", type=_seed, default=S, help=f"(default: {d.seed})")
     experts = train_p.add_argument_group("experts")
     experts.add_argument(
@@ -163,11 +184,11 @@ def _add_train_parser(sub) -> None:
         help="module name suffixes to wrap (default: every linear layer but the head)",
     )
     experts.add_argument("--exclude-modules", nargs="+", default=S, metavar="NAME", help="(default: lm_head)")
-    routing = train_p.add_argument_group("routing (molf, molf-e)")
-    routing.add_argument("--score", choices=SCORES, default=S, help=f"(default: {d.score})")
-    routing.add_argument(
-        "--topk", type=_positive_int, default=S, help=f"winners per module and step (default: {d.topk})"
+    routing = train_p.add_argument_group(
+        "routing (molf, molf-e)", "Unset options take the policy's defaults (molf.TopK, molf.Hysteresis, molf.Heldout)."
     )
+    routing.add_argument("--score", choices=SCORES, default=S, help="(default: epd)")
+    routing.add_argument("--topk", type=_positive_int, default=S, help="winners per module and step (default: 1)")
     routing.add_argument(
         "--policy",
         choices=POLICIES,
@@ -176,23 +197,16 @@ def _add_train_parser(sub) -> None:
         "--min-dwell; heldout: drop and re-admit experts by held-out loss (needs --heldout-data) "
         "(default: heldout with --heldout-data, else topk)",
     )
-    routing.add_argument(
-        "--margin", type=float, default=S, help="hysteresis: relative margin a challenger needs (default: 0)"
-    )
+    routing.add_argument("--margin", type=float, default=S, help="hysteresis: relative margin a challenger needs")
     routing.add_argument(
         "--min-dwell",
         type=_nonnegative_int,
         default=S,
         metavar="N",
-        help="hysteresis: steps a choice holds; heldout: steps after an expert's drop "
-        "before it may return (default: molf.Heldout's 3 x --heldout-every, molf.Hysteresis' 20)",
+        help="hysteresis: steps a choice holds; heldout: steps after an expert's drop before it may return",
     )
     routing.add_argument(
-        "--routing-warmup",
-        type=_nonnegative_int,
-        default=S,
-        metavar="N",
-        help="first N steps update every expert (default: 0)",
+        "--routing-warmup", type=_nonnegative_int, default=S, metavar="N", help="first N steps update every expert"
     )
     routing.add_argument(
         "--freeze-after", type=_positive_int, default=S, metavar="N", help="fix the routing from step N on"
@@ -210,68 +224,75 @@ def _add_train_parser(sub) -> None:
         "--log-every", type=_positive_int, default=S, metavar="N", help="routing log period (default: 1)"
     )
     held = train_p.add_argument_group(
-        "held-out routing (molf, molf-e)",
-        "With --heldout-data the routing policy defaults to heldout: every expert starts active; every "
-        "--heldout-every steps the optimizer measures the loss on one fixed held-out batch (eval mode, "
-        "completion tokens only) and drops the experts whose updates raised it, re-admitting them once a step "
-        "of theirs would lower it.",
+        "evaluation and held-out routing",
+        "--heldout-data is the eval split: its loss is evaluated every --eval-every steps and logged (eval_loss). "
+        "In molf and molf-e it also makes the routing policy default to heldout: every expert starts active; "
+        "every --heldout-every steps the optimizer measures the loss on one fixed batch of its first "
+        "--heldout-batch rows (eval mode, trained tokens only) and drops the experts whose updates raised it, "
+        "re-admitting them once a step of theirs would lower it.",
     )
+    held.add_argument("--heldout-data", metavar="FILE", nargs="+", default=S, help="files of rows like --data")
     held.add_argument(
-        "--heldout-data",
-        metavar="FILE",
-        nargs="+",
+        "--eval-every",
+        type=_positive_int,
         default=S,
-        help="JSONL or parquet files of held-out prompt/completion rows (same fields as --data)",
+        metavar="N",
+        help="steps between evaluations (default: --save-every)",
     )
     held.add_argument(
         "--heldout-batch",
         type=_positive_int,
         default=S,
         metavar="N",
-        help=f"the first N held-out rows form the fixed held-out batch (default: {d.heldout_batch})",
+        help=f"the first N held-out rows form the routing's fixed batch (default: {d.heldout_batch})",
     )
     held.add_argument(
-        "--heldout-every",
-        type=_positive_int,
-        default=S,
-        metavar="K",
-        help=f"steps between held-out measurements (default: {d.heldout_every})",
+        "--heldout-every", type=_positive_int, default=S, metavar="K", help="steps between held-out measurements"
     )
     held.add_argument(
         "--heldout-min-span",
         type=_nonnegative_int,
         default=S,
         metavar="N",
-        help="held-out windows an expert's record must span (since the start or its last return) "
-        "before it can drop the expert (default: 10 for molf-e, 0 for molf)",
+        help="held-out windows an expert's record must span before it can drop the expert",
     )
-    ckpt = train_p.add_argument_group("checkpoints")
-    ckpt.add_argument("--save-every", type=_positive_int, default=S, metavar="N", help=f"(default: {d.save_every})")
-    ckpt.add_argument(
+    logs = train_p.add_argument_group("checkpoints and logs")
+    logs.add_argument("--save-every", type=_positive_int, default=S, metavar="N", help=f"(default: {d.save_every})")
+    logs.add_argument(
         "--keep-checkpoints", type=_positive_int, default=S, metavar="N", help=f"(default: {d.keep_checkpoints})"
     )
-    ckpt.add_argument(
+    logs.add_argument(
         "--resume",
         nargs="?",
         const="latest",
         default=S,
         metavar="CKPT",
-        help="continue exactly from a checkpoint file, or the latest in OUT/checkpoints",
+        help="continue exactly from a checkpoint directory, or the latest in OUT",
+    )
+    logs.add_argument(
+        "--logging-steps", type=_positive_int, default=S, metavar="N", help=f"(default: {d.logging_steps})"
+    )
+    logs.add_argument(
+        "--report-to",
+        nargs="+",
+        default=S,
+        metavar="NAME",
+        help="Trainer integrations, e.g. tensorboard (default: none)",
     )
     train_p.add_argument("--progress", action=boolean, default=S, help="progress bar (default: on)")
     train_p.add_argument("--plots", action=boolean, default=S, help="routing figures at the end (default: on)")
     train_p.set_defaults(run=_train, parser=train_p)
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    """One line on stderr and exit: the command line parsed, so no usage block and no traceback."""
-    print(f"molf: error: {' '.join(message.splitlines())}", file=sys.stderr)
+def _fail(message: str, code: int = 2, prog: str = "molf") -> NoReturn:
+    """One line on stderr and exit: no usage block and no traceback."""
+    print(f"{prog}: error: {' '.join(message.splitlines())}", file=sys.stderr)
     raise SystemExit(code)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning as one line (a notice to the user), not Python's file:line and source."""
-    print(f"molf: warning: {message}", file=sys.stderr if file is None else file)
+    print(f"molf train: warning: {' '.join(str(message).splitlines())}", file=sys.stderr if file is None else file)
 
 
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -295,17 +316,20 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             cfg = TrainConfig.from_mapping({**values, **flags}, source=getattr(args, "config", "flags"))
             result = train(cfg)
     except (ConfigError, StateError) as exc:
-        _fail(str(exc))
+        _fail(str(exc), prog="molf train")
     except (TrainError, OSError) as exc:  # the environment failed the run (a full disk, an unwritable out)
-        _fail(str(exc), 1)
-    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, so the last one stands
+        _fail(str(exc), 1, prog="molf train")
+    except KeyboardInterrupt:  # Ctrl-C: a checkpoint is usable once complete, so the last complete one stands
         where = f" in {cfg.out}" if cfg is not None else ""
         print(
-            f"molf: interrupted; `molf train ... --resume` continues from the last checkpoint{where}", file=sys.stderr
+            f"molf train: interrupted; `molf train ... --resume` continues from the last checkpoint{where}",
+            file=sys.stderr,
         )
         return 130
     if result.losses:
-        print(f"{result.steps} steps; loss {result.losses[0]:.4f} (first step of this run) -> {result.losses[-1]:.4f}")
+        print(f"{result.steps} steps; loss {result.losses[0]:.4f} (first log of this run) -> {result.losses[-1]:.4f}")
+    if result.eval_loss is not None:
+        print(f"eval loss {result.eval_loss:.4f}")
     if result.routing_summary is not None:
         shares = ", ".join(f"{e} {s:.1%}" for e, s in result.routing_summary["win_share"].items())
         print(f"routing: share of module-steps per expert: {shares}; {result.routing_summary['switches']} switches")
@@ -314,7 +338,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         windows = result.heldout["windows"]
         print(f"held-out routing: {windows} measured windows; modules with each expert active: {active}")
     print(f"wrote {os.path.abspath(result.saved)}, checkpoint {result.checkpoint}")
-    for path in ([result.routing_log] if result.routing_log else []) + result.figures:
+    for path in [result.train_log] + ([result.routing_log] if result.routing_log else []) + result.figures:
         print(f"wrote {path}")
     return 0
 

@@ -1,0 +1,432 @@
+"""`train(cfg)`: a `molf train` run on the transformers Trainer.
+
+The Trainer does the loop: batches (shuffled with `seed`), gradient accumulation, mixed
+precision, clipping, the warm-up + decay schedule, logging (`report_to`), evaluation on
+`heldout_data`, checkpoints (`OUT/checkpoint-N`, `keep_checkpoints` of them) and the
+processes of `torchrun` / `accelerate launch`. molf adds the optimizer (MoLFAdamW, with
+the routing policy object built from the options, for molf and molf-e), its routing
+statistics in the logs (`molf.hf.RoutingCallback`), a plain JSONL log of every Trainer
+log record (`OUT/train_log.jsonl`), the run's identity (`OUT/run.json`: the options that
+shape the trajectory and the data files' digests, checked on resume), and at the end the
+merged model (fft, molf) or the PEFT adapter (lora, molf-e) with the tokenizer, and the
+routing figures (the same function as `molf plot`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._core import ConfigError, StateError
+from ..optimizer import MoLFAdamW
+from ..wrap import merge, wrap
+from .config import ADAPTER_MODES, DTYPES, ROUTED_MODES, TrainConfig
+from .data import (
+    build_heldout_batch,
+    collator,
+    fingerprint,
+    heldout_loss_fn,
+    load_rows,
+    tokenized_dataset,
+)
+from .tiny import save_tiny_model, write_arithmetic_data
+
+__all__ = ["TrainError", "TrainResult", "build_model", "train"]
+
+ROUTING_LOG = "routing.jsonl"
+TRAIN_LOG = "train_log.jsonl"
+BASE_MODEL = "base_model"
+GENERATED_DATA = "data.jsonl"
+CACHE = "cache"
+# Written when a run starts (its identity and data digests): marks OUT as holding a run even
+# before the first checkpoint, so a stopped run is resumed (from step 0), never silently overwritten.
+RUN_STATE = "run.json"
+CHECKPOINT = "checkpoint-"  # the Trainer's checkpoint directories: OUT/checkpoint-<step>
+TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
+
+
+class TrainError(RuntimeError):
+    """A run that cannot go on for a reason outside its options (a full disk while saving); what
+    was saved before stays intact, so the run can be resumed once the cause is fixed."""
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int  # optimizer steps taken in total
+    losses: list[float]  # the training losses logged by this invocation (every `logging_steps`)
+    eval_loss: float | None  # the last evaluation's loss on heldout_data
+    saved: Path  # the merged model or the adapter directory
+    checkpoint: Path | None  # the final checkpoint
+    train_log: Path
+    routing_log: Path | None
+    figures: list[Path]
+    routing_summary: dict | None
+    # policy "heldout": {"windows": measured windows, "active": {module: [active experts]},
+    # "active_share": {expert: share of modules where it is active}}; else None
+    heldout: dict | None = None
+
+
+def build_model(cfg: TrainConfig, model_dir: str | os.PathLike) -> nn.Module:
+    """The model as training sees it: loaded from `model_dir` (float32 weights unless `dtype`
+    casts them) and, except for fft, wrapped by molf (LoRA init draws from torch's RNG: seed first)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype is not None else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    if cfg.mode != "fft":
+        wrap(model, cfg.molf_config())
+    return model
+
+
+def _use_cpu(device: str) -> bool:
+    """Whether the Trainer is to stay on the CPU; a CUDA device that is not there is a ConfigError."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda': no CUDA GPU is available here; use --device cpu (or auto)")
+    return device == "cpu" or not torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------ checkpoints and the run's identity
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    found = [p for p in out.glob(CHECKPOINT + "*") if p.is_dir() and p.name[len(CHECKPOINT) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT) :]))
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint directory `path` cannot be resumed from (None: it can). The Trainer
+    writes trainer_state.json after the weights, optimizer and RNG states: a save killed or
+    failed midway leaves none."""
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"checkpoint {str(path)!r} is incomplete (no {TRAINER_STATE}: its save did not finish)"
+    except (OSError, ValueError) as exc:
+        return f"checkpoint {str(path)!r} cannot be read ({TRAINER_STATE}: {type(exc).__name__})"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"checkpoint {str(path)!r} cannot be read ({TRAINER_STATE} holds no global_step)"
+    return None
+
+
+def _run_started(out: Path) -> bool:
+    return bool(_checkpoints(out)) or (out / RUN_STATE).exists() or (out / ROUTING_LOG).exists()
+
+
+def _resume_checkpoint(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint to resume from. "latest" falls back past unusable checkpoints (with a
+    warning naming each; they are removed, as the run overwrites them); None: the run in OUT
+    stopped before its first checkpoint and starts again from step 0."""
+    if cfg.resume != "latest":
+        path = Path(cfg.resume)
+        if not path.is_dir():
+            raise StateError(f"resume {cfg.resume!r}: no such checkpoint directory")
+        problem = _checkpoint_problem(path)
+        if problem is not None:
+            raise StateError(f"resume: {problem}")
+        return path
+    found = _checkpoints(out)
+    if not found:
+        if _run_started(out):
+            warnings.warn(
+                f"resume: the run in {str(out)!r} stopped before its first checkpoint; starting it again from step 0",
+                stacklevel=2,
+            )
+            return None
+        raise StateError(f"resume 'latest': no checkpoint in {str(out)!r} and no run started there; leave out --resume")
+    problems = []
+    for path in reversed(found):
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            for newer in found[found.index(path) + 1 :]:
+                shutil.rmtree(newer)
+            return path
+        problems.append(problem)
+        if path != found[0]:
+            warnings.warn(f"{problem}; falling back to the checkpoint before it", stacklevel=2)
+    raise StateError(
+        f"resume 'latest': none of the {len(found)} checkpoint(s) in {str(out)!r} can be read (latest: {problems[0]}); "
+        "delete them and pass --resume to start the run again from step 0, or choose another out"
+    )
+
+
+def _data_key(path: str, out: Path) -> str:
+    """A data file as the run's identity names it: relative to OUT when inside it (the
+    generated set), so a copied run directory is the same run."""
+    try:
+        return "OUT/" + Path(path).resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        return path
+
+
+def _check_same_run(cfg: TrainConfig, saved: dict, data_files: dict, where: Path) -> None:
+    now, then = cfg.identity(), saved["identity"]
+    differ = [k for k in sorted(now.keys() | then.keys()) if now.get(k) != then.get(k)]
+    if differ:
+        shown = "; ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in differ)
+        raise StateError(f"resume {str(where)!r}: options differ from the run's ({shown})")
+    for file, was in saved["data_files"].items():
+        if data_files.get(file) != was:
+            raise StateError(
+                f"resume {str(where)!r}: data file {file!r} changed since the run started ({was['bytes']} bytes, "
+                f"sha256 {was['sha256'][:12]}...); put back the file the run started with, or start a new run "
+                "with another out"
+            )
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ the Trainer
+
+
+def _training_arguments(cfg: TrainConfig, out: Path, evaluate: bool):
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    # transformers 5 takes a ratio as a float warmup_steps; older releases have warmup_ratio.
+    warmup = {"warmup_ratio": cfg.warmup_ratio} if "warmup_ratio" in names else {"warmup_steps": cfg.warmup_ratio}
+    lora = cfg.mode == "lora"  # its one LoRA adapter trains at the LoRA rate
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_steps=cfg.steps if cfg.steps is not None else -1,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lora_lr if lora else cfg.lr,
+        weight_decay=cfg.lora_weight_decay if lora else cfg.weight_decay,
+        lr_scheduler_type="constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        use_cpu=_use_cpu(cfg.device),
+        seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_total_limit=cfg.keep_checkpoints,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=cfg.eval_every if cfg.eval_every is not None else cfg.save_every,
+        logging_steps=cfg.logging_steps,
+        report_to=cfg.report_to,
+        disable_tqdm=not cfg.progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,  # the tokenized sets hold input_ids and labels only
+        **warmup,
+    )
+
+
+def _log_callback(path: Path):
+    """A TrainerCallback appending every log record (training loss, eval loss, learning rate,
+    routing statistics) to `path` as a JSON line with its step; a resumed run first drops
+    the records past its checkpoint, so the file equals an uninterrupted run's."""
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero or not path.exists():
+                return
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if line.endswith("\n") and json.loads(line).get("step", 0) <= state.global_step
+            ]
+            _write_json_lines(path, kept)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                line = json.dumps({**logs, "step": state.global_step}) + "\n"
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, line.encode())  # one write: a crash loses at most this line
+                finally:
+                    os.close(fd)
+
+    return JsonlLog()
+
+
+def _write_json_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _heldout_info(opt: MoLFAdamW) -> dict:
+    active = opt.router.incumbents()
+    return {
+        "windows": int(opt.ledger.heldout_windows),
+        "active": {m: [e for e, on in zip(opt.expert_names, row) if on] for m, row in zip(opt.module_names, active)},
+        "active_share": {e: float(active[:, j].mean()) for j, e in enumerate(opt.expert_names)},
+    }
+
+
+def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
+    """Run (or resume) the training job `cfg` describes; `callbacks`: more TrainerCallbacks."""
+    from transformers import AutoTokenizer, PrinterCallback, Trainer
+
+    from ..hf import add_routing_callback, find_molf_optimizer
+
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out {cfg.out!r}: exists and is not a directory")
+    resume_from = None
+    if cfg.resume is not None:
+        resume_from = _resume_checkpoint(cfg, out)
+    elif _run_started(out):
+        raise ConfigError(
+            f"out {cfg.out!r} already holds a run: pass --resume (resume='latest') to continue it, or choose "
+            "another --out"
+        )
+    fields = {"prompt": cfg.prompt_field, "completion": cfg.completion_field, "messages": cfg.messages_field}
+    # The user's data is checked before anything is written.
+    rows = load_rows(cfg.data, fields) if cfg.data else None
+    heldout_rows = load_rows(cfg.heldout_data, fields, what="heldout_data") if cfg.heldout_data else None
+    args = _training_arguments(cfg, out, evaluate=heldout_rows is not None)
+
+    model_dir = Path(cfg.model) if cfg.model is not None else out / BASE_MODEL
+    with args.main_process_first(desc="molf train: the run directory and the tokenized data"):
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.model is None and not (model_dir / "config.json").is_file():
+            save_tiny_model(model_dir, cfg.seed)
+        data_paths = cfg.data
+        if rows is None:
+            generated = out / GENERATED_DATA
+            if not generated.is_file():
+                write_arithmetic_data(generated, seed=cfg.seed)
+            data_paths = [str(generated)]
+            rows = load_rows(data_paths, fields)
+        files = {_data_key(f, out): fingerprint(f) for f in data_paths + (cfg.heldout_data or [])}
+        state_path = out / RUN_STATE
+        if state_path.exists():
+            _check_same_run(cfg, json.loads(state_path.read_text(encoding="utf-8")), files, resume_from or out)
+        elif args.should_save:
+            _write_json(state_path, {"identity": cfg.identity(), "data_files": files})
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"model {str(model_dir)!r}: the tokenizer has no eos token to end completions")
+        if not cfg.progress:
+            import datasets
+            import transformers
+
+            datasets.disable_progress_bars()
+            transformers.utils.logging.disable_progress_bar()
+        train_set = tokenized_dataset(rows, tokenizer, cfg.max_length, out / CACHE, files)
+        eval_set = None
+        if heldout_rows is not None:
+            eval_set = tokenized_dataset(heldout_rows, tokenizer, cfg.max_length, out / CACHE, files, "heldout_data")
+    collate = collator(tokenizer)
+
+    model = build_model(cfg, model_dir)
+    log_path = out / ROUTING_LOG if cfg.mode in ROUTED_MODES else None
+    optimizer = {}
+    if cfg.mode in ROUTED_MODES:
+        heldout = None
+        if cfg.routing_policy == "heldout":
+            heldout = heldout_loss_fn(model, build_heldout_batch(eval_set, cfg.heldout_batch, collate))
+        kwargs = dict(
+            lr=cfg.lr,
+            lora_lr=cfg.lora_lr,
+            lora_weight_decay=cfg.lora_weight_decay,
+            routing=cfg.routing(heldout),
+            lagged=cfg.lagged,
+            log_path=log_path if args.should_save else None,
+            log_every=cfg.log_every,
+            state_dtype=torch.float32 if cfg.state_dtype == "float32" else cfg.state_dtype,
+        )
+        optimizer = {"optimizer_cls_and_kwargs": (MoLFAdamW, kwargs)}
+    train_log = out / TRAIN_LOG
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collate,
+        callbacks=[_log_callback(train_log), *callbacks],
+        **optimizer,
+    )
+    if not cfg.progress:
+        trainer.remove_callback(PrinterCallback)  # it prints every log record
+    if cfg.mode in ROUTED_MODES:
+        add_routing_callback(trainer)
+    start = 0 if resume_from is None else json.loads((resume_from / TRAINER_STATE).read_text())["global_step"]
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    except OSError as exc:
+        kept = [p for p in _checkpoints(out) if _checkpoint_problem(p) is None]
+        intact = f"the checkpoints before it are intact (latest: {kept[-1].name})" if kept else "none was saved before"
+        raise TrainError(
+            f"the run stopped at step {trainer.state.global_step} ({exc.strerror or exc}); {intact}: free space "
+            "(or fix the cause) and continue the run with --resume"
+        ) from exc
+
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h and h["step"] > start]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    opt = find_molf_optimizer(trainer.optimizer)
+    saved = out / ("adapter" if cfg.mode in ADAPTER_MODES else "model")
+    figures: list[Path] = []
+    if args.should_save:
+        saved = _save_result(cfg, model, tokenizer, out, model_dir)
+        if cfg.plots and log_path is not None and log_path.exists():
+            from ..plots import plot_routing_log
+
+            figures = plot_routing_log(log_path, out / "routing_share.png")
+    checkpoints = _checkpoints(out)
+    return TrainResult(
+        out=out,
+        steps=trainer.state.global_step,
+        losses=losses,
+        eval_loss=evals[-1] if evals else None,
+        saved=saved,
+        checkpoint=checkpoints[-1] if checkpoints else None,
+        train_log=train_log,
+        routing_log=log_path,
+        figures=figures,
+        routing_summary=opt.routing_summary().to_dict() if opt is not None else None,
+        heldout=_heldout_info(opt) if opt is not None and cfg.routing_policy == "heldout" else None,
+    )
+
+
+def _save_result(cfg: TrainConfig, model: nn.Module, tokenizer, out: Path, model_dir: Path) -> Path:
+    """The merged model or the adapter, with the tokenizer: written beside its place and moved
+    there whole, so a failed save (a full disk) leaves no half-written directory behind."""
+    path = out / ("adapter" if cfg.mode in ADAPTER_MODES else "model")
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if cfg.mode in ADAPTER_MODES:
+            from ..export import export_peft
+
+            export_peft(model, tmp, base_model_name_or_path=str(model_dir.resolve()))
+        else:
+            (merge(model) if cfg.mode == "molf" else model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, OSError):
+            raise
+        raise TrainError(
+            f"cannot save {str(path)!r} ({exc.strerror or exc}); the run's checkpoints are intact: free space (or "
+            "fix the cause) and run the same command with --resume to save it"
+        ) from exc
+    return path
