@@ -1,19 +1,23 @@
-"""`molf train` end to end on a generated dataset and a tiny local Qwen2: every
-mode, exact resume, config files, bad data, the saved model / adapter, and
-held-out routing (--heldout-data: policy "heldout")."""
+"""`molf train` on the transformers Trainer, end to end on generated data and a tiny local
+Qwen2: every mode, exact resume (also of a copied run directory), chat `messages` data,
+the eval split in the logs, gradient accumulation, config files (YAML numbers), the saved
+model / adapter, the tokenization cache, and held-out routing (policy "heldout")."""
 
 import base64
 import json
 import math
-import sys
+import shutil
 from pathlib import Path
 
-import datasets  # noqa: E402,F401  (test dependencies: a missing one fails, never skips)
+import datasets  # noqa: F401  (test dependencies: a missing one fails, never skips)
 import pytest
 import torch
-import transformers  # noqa: E402
+import transformers
+from safetensors.torch import load_file
 
-import molf.train
+import molf
+import molf.train.data
+import molf.train.run
 from molf import ConfigError, Ledger, Router, StateError
 from molf.cli import main
 from molf.train import (
@@ -22,10 +26,12 @@ from molf.train import (
     build_heldout_batch,
     build_model,
     byte_tokenizer,
+    tokenize_messages,
     tokenize_pair,
     train,
     write_arithmetic_data,
 )
+from molf.train.data import collator
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -43,21 +49,66 @@ def common(model_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:
         steps=3,
         lr=1e-3,
         lora_lr=1e-3,
-        ranks=None,
+        logging_steps=1,
         progress=False,
         plots=False,
     )
     return TrainConfig(**{**values, **overrides})
 
 
-def checkpoint(out: Path, step: int) -> dict:
-    return torch.load(out / "checkpoints" / f"step-{step:08d}.pt", weights_only=True)
+def flags(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--lora-lr",
+        "1e-3",
+        "--logging-steps",
+        "1",
+        "--no-progress",
+        "--no-plots",
+        *extra,
+    ]
+
+
+class StopAt(transformers.TrainerCallback):
+    """Kills the run (as Ctrl-C would) at the end of step `step`, before its log and checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def optimizer_state(out: Path, step: int) -> dict:
+    return torch.load(out / f"checkpoint-{step}" / "optimizer.pt", weights_only=True)
+
+
+def weights(directory: Path) -> dict:
+    (file,) = [f for f in directory.iterdir() if f.suffix == ".safetensors"]
+    return load_file(file)
+
+
+def records(path: Path, key: str = "loss") -> list[dict]:
+    """The log records holding `key` (not the end-of-run summary with its timings)."""
+    return [r for r in map(json.loads, path.read_text().splitlines()) if key in r]
 
 
 def wrapped_from_checkpoint(cfg: TrainConfig, model_dir: Path, step: int) -> torch.nn.Module:
-    """The trained model as training held it: base + wrap + the checkpoint's trainable tensors."""
+    """The trained model as training held it: base + wrap + the checkpoint's weights."""
     model = build_model(cfg, model_dir)
-    model.load_state_dict(checkpoint(Path(cfg.out), step)["model"], strict=False)
+    missing = model.load_state_dict(weights(Path(cfg.out) / f"checkpoint-{step}"), strict=False)
+    assert not missing.missing_keys and not missing.unexpected_keys
     return model.eval()
 
 
@@ -71,61 +122,55 @@ def probe_ids() -> torch.Tensor:
     )
 
 
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 # ---------------------------------------------------------------- every mode through the CLI
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_cli_each_mode_runs(mode, model_dir, data, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = [
-        "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--mode",
-        mode,
-        "--steps",
-        "3",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-3",
-        "--lora-lr",
-        "1e-3",
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
+    argv = flags(model_dir, data, out, "--mode", mode, "--steps", "3", "--plots")
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "3 steps; loss" in printed
-    ckpt = checkpoint(out, 3)
-    assert ckpt["step"] == 3 and ckpt["data"] == {"epoch": 1, "batch": 0}  # 10 rows / 4 = 3 batches per epoch
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert [r["step"] for r in records(out / "train_log.jsonl")] == [1, 2, 3]
     saved = out / ("adapter" if mode in ("lora", "molf-e") else "model")
     assert saved.is_dir() and (saved / "tokenizer.json").is_file()
     if mode in ("molf", "molf-e"):
-        records = [json.loads(line) for line in (out / "routing.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in records] == [1, 2, 3]
+        log = [json.loads(line) for line in (out / "routing.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2, 3]
         expected = ["dense", "lora0_r16"] if mode == "molf" else ["lora0_r8", "lora1_r32"]
-        assert records[0]["experts"] == expected
-        assert len(records[0]["modules"]) == 2 * 7  # 2 layers x q/k/v/o/gate/up/down
+        assert log[0]["experts"] == expected
+        assert len(log[0]["modules"]) == 2 * 7  # 2 layers x q/k/v/o/gate/up/down
+        assert "routing: share of module-steps per expert" in printed
+        assert "molf/share/" + expected[0] in records(out / "train_log.jsonl")[0]  # the RoutingCallback's keys
+        # `molf plot` on the same log writes the same figures, byte for byte.
+        assert main(["plot", str(out / "routing.jsonl"), "--out", str(tmp_path / "plot" / "routing_share.png")]) == 0
         for name in ("routing_share.png", "routing_share_winners.png", "routing_share_by_type.png"):
             assert (out / name).read_bytes()[:8] == PNG_MAGIC
-        assert "routing: share of module-steps per expert" in printed
+            assert (out / name).read_bytes() == (tmp_path / "plot" / name).read_bytes(), name
     else:
         assert not (out / "routing.jsonl").exists()
 
 
 def test_embedded_default_needs_no_model_or_data(tmp_path):
-    result = train(TrainConfig(out=str(tmp_path / "default"), steps=2, progress=False))
-    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    result = train(TrainConfig(out=str(tmp_path / "default"), steps=2, logging_steps=1, progress=False))
+    assert result.steps == 2 and len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert (tmp_path / "default" / "base_model" / "config.json").is_file()
     assert (tmp_path / "default" / "data.jsonl").is_file()
     model = transformers.AutoModelForCausalLM.from_pretrained(result.saved)
     tok = transformers.AutoTokenizer.from_pretrained(result.saved)
     assert tok.decode(tok("3+4=7")["input_ids"]) == "3+4=7"
     assert model(input_ids=probe_ids()).logits.shape[-1] == len(tok)
+
+
+# ---------------------------------------------------------------- tokenization
 
 
 def test_labels_cover_the_completion_only():
@@ -138,93 +183,203 @@ def test_labels_cover_the_completion_only():
     assert len(ids) == 6 and labels == [-100] * 5 + [ids[5]]
 
 
+CHAT = [
+    {"role": "system", "content": "add"},
+    {"role": "user", "content": "1+2="},
+    {"role": "assistant", "content": "3"},
+    {"role": "user", "content": "2+2="},
+    {"role": "assistant", "content": "4"},
+]
+
+
+def test_messages_labels_cover_the_assistant_turns_only():
+    """The byte tokenizer's template, spelled out by hand: the trained tokens are each
+    assistant turn's text and its end (eos, newline); the rest is masked."""
+    tok = byte_tokenizer()
+    eos = "<|endoftext|>"
+    parts = [
+        ("system: add\nuser: 1+2=\nassistant: ", False),
+        ("3" + eos + "\n", True),
+        ("user: 2+2=\nassistant: ", False),
+        ("4" + eos + "\n", True),
+    ]
+    want_ids, want_labels = [], []
+    for text, trained in parts:
+        part = tok(text, add_special_tokens=False)["input_ids"]
+        want_ids += part
+        want_labels += part if trained else [-100] * len(part)
+    ids, labels = tokenize_messages(tok, CHAT, max_length=512)
+    assert tok.decode(ids) == "".join(text for text, _ in parts)
+    assert (ids, labels) == (want_ids, want_labels)
+    assert tokenize_messages(tok, CHAT, max_length=10) == (want_ids[:10], want_labels[:10])
+
+
+def test_messages_data_trains_beside_prompt_completion_rows(model_dir, data, tmp_path, capsys):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": CHAT[i % 2 :]}) for i in range(6)) + "\n")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(chat.read_text() + data.read_text())
+    result = train(common(model_dir, mixed, tmp_path / "run", mode="fft", steps=4))
+    assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    # A tokenizer without a chat template cannot render messages: one line, nothing written.
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(SystemExit) as exc:
+        main(flags(plain, chat, tmp_path / "never", "--mode", "fft"))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "molf train: error: data has chat (messages) rows, but" in err, err
+
+
+def test_tokenization_is_cached_in_the_run_directory(model_dir, data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(common(model_dir, data, out, mode="fft", steps=3, save_every=1), callbacks=[StopAt(2)])
+    assert len(list((out / "cache").glob("data-*.arrow"))) == 1
+
+    def never(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(molf.train.data, "tokenize_pair", never)
+    assert train(common(model_dir, data, out, mode="fft", steps=3, save_every=1, resume="latest")).steps == 3
+
+
 # ---------------------------------------------------------------- resume
 
 
 @pytest.mark.parametrize("mode, lagged", [("molf", False), ("molf", True), ("fft", False)])
-def test_resume_continues_exactly(mode, lagged, model_dir, data, tmp_path):
-    # Dropout draws from the RNG and the 5 steps cross an epoch boundary (3 batches per epoch).
+def test_resume_of_a_copied_run_directory_continues_exactly(mode, lagged, model_dir, data, tmp_path):
+    """Killed at step 3 (after the step-2 checkpoint), the run directory copied elsewhere and
+    resumed there from its latest checkpoint: the same weights, optimizer state, routing log
+    and loss log as an uninterrupted run. Dropout draws from the RNG and the 5 steps cross an
+    epoch boundary (10 rows: 3 batches per epoch)."""
     opts = dict(
         mode=mode,
         steps=5,
         save_every=2,
+        keep_checkpoints=3,
         dropout=0.1 if mode == "molf" else 0.0,
-        policy="hysteresis" if mode == "molf" else "topk",
-        margin=0.05,
+        policy="hysteresis" if mode == "molf" else None,
+        margin=0.05 if mode == "molf" else None,
         lr_scheduler="cosine",
         warmup_ratio=0.3,
         lagged=lagged,
     )
     whole = train(common(model_dir, data, tmp_path / "whole", **opts))
-
-    def stop_at_3(step: int, loss: float) -> None:
-        if step == 3:  # past the step-2 checkpoint: the resumed run redoes step 3
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(common(model_dir, data, tmp_path / "cut", **opts), on_step=stop_at_3)
-    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-00000002.pt"]
-    if mode == "molf":  # the resumed run drops step 3's line and writes it again
-        assert len((tmp_path / "cut" / "routing.jsonl").read_text().splitlines()) == 3
-    argv = [
-        "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--out",
-        str(tmp_path / "cut"),
-        "--resume",
-        "--no-progress",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-3",
-        "--lora-lr",
-        "1e-3",
-        "--mode",
-        mode,
-        "--steps",
-        "5",
-        "--save-every",
-        "2",
-        "--no-plots",
-        "--dropout",
-        str(opts["dropout"]),
-        "--policy",
-        opts["policy"],
-        "--margin",
-        "0.05",
-        "--warmup-ratio",
-        "0.3",
-        "--lagged" if lagged else "--no-lagged",
-    ]
+        train(common(model_dir, data, tmp_path / "cut", **opts), callbacks=[StopAt(3)])
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-2"]
+    shutil.copytree(tmp_path / "cut", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "cut")
+    argv = flags(model_dir, data, tmp_path / "copy", "--resume", "--mode", mode, "--steps", "5", "--save-every", "2")
+    argv += ["--dropout", str(opts["dropout"]), "--warmup-ratio", "0.3", "--lagged" if lagged else "--no-lagged"]
+    argv += ["--policy", "hysteresis", "--margin", "0.05"] if mode == "molf" else []
     assert main(argv) == 0
 
-    a, b = checkpoint(tmp_path / "whole", 5), checkpoint(tmp_path / "cut", 5)
-    assert a["model"].keys() == b["model"].keys()
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
-    for pid, state in a["optimizer"]["state"].items():
+    a, b = optimizer_state(tmp_path / "whole", 5), optimizer_state(tmp_path / "copy", 5)
+    for pid, state in a["state"].items():
         for key, value in state.items():
-            assert torch.equal(value, b["optimizer"]["state"][pid][key]), (pid, key)
-    assert a["scheduler"] == b["scheduler"]
-    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+            assert torch.equal(value, b["state"][pid][key]), (pid, key)
+    assert_same_tensors(weights(tmp_path / "whole" / "checkpoint-5"), weights(tmp_path / "copy" / "checkpoint-5"))
+    assert_same_tensors(weights(whole.saved), weights(tmp_path / "copy" / "model"))
     if mode == "molf":
-        assert (tmp_path / "whole" / "routing.jsonl").read_text() == (tmp_path / "cut" / "routing.jsonl").read_text()
-    merged_a = transformers.AutoModelForCausalLM.from_pretrained(whole.saved).state_dict()
-    merged_b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "cut" / "model").state_dict()
-    assert all(torch.equal(merged_a[k], merged_b[k]) for k in merged_a)
+        assert (tmp_path / "whole" / "routing.jsonl").read_text() == (tmp_path / "copy" / "routing.jsonl").read_text()
+    log_a, log_b = records(tmp_path / "whole" / "train_log.jsonl"), records(tmp_path / "copy" / "train_log.jsonl")
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5] and log_a == log_b
 
 
 def test_resume_refuses_other_options_and_missing_checkpoints(model_dir, data, tmp_path):
     train(common(model_dir, data, tmp_path / "r", mode="molf", steps=2, save_every=1))
     with pytest.raises(StateError, match=r"lr: 0.001 -> 0.002"):
         train(common(model_dir, data, tmp_path / "r", mode="molf", steps=2, lr=2e-3, resume="latest"))
+    with pytest.raises(StateError, match=r"gradient_accumulation_steps: 1 -> 2"):
+        train(
+            common(
+                model_dir, data, tmp_path / "r", mode="molf", steps=2, gradient_accumulation_steps=2, resume="latest"
+            )
+        )
     with pytest.raises(StateError, match="no checkpoint"):
         train(common(model_dir, data, tmp_path / "empty", mode="molf", resume="latest"))
     with pytest.raises(ConfigError, match="already holds a run"):
         train(common(model_dir, data, tmp_path / "r", mode="molf", steps=2))
+    # Options that do not shape the trajectory may change; a finished run resumes to nothing.
+    result = train(
+        common(model_dir, data, tmp_path / "r", mode="molf", steps=2, save_every=7, keep_checkpoints=5, resume="latest")
+    )
+    assert result.steps == 2 and result.losses == []
+
+
+# ---------------------------------------------------------------- the Trainer's features
+
+
+def _reference_loss(model, rows: list[dict]) -> float:
+    """Mean cross-entropy over the completion (+ eos) tokens of `rows`, one unpadded sequence
+    at a time, from the byte tokenizer directly; in eval mode, float64 sums."""
+    tok = byte_tokenizer()
+    model.eval()
+    total, count = 0.0, 0
+    for row in rows:
+        prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        completion = tok(row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].double()
+        targets = ids[0, len(prompt) :]
+        total += torch.nn.functional.cross_entropy(logits[len(prompt) - 1 : -1], targets, reduction="sum").item()
+        count += len(completion)
+    return total / count
+
+
+@pytest.fixture
+def heldout(tmp_path) -> Path:
+    """Held-out rows from the same generator as `data` (another seed)."""
+    path = tmp_path / "heldout.jsonl"
+    write_arithmetic_data(path, rows=12, seed=2)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["fft", "molf"])
+def test_eval_loss_is_logged(mode, model_dir, data, heldout, tmp_path):
+    """--heldout-data is the eval split in every mode: its loss (over all its rows, one batch
+    here) reaches the Trainer's history and the JSONL log every eval_every steps and at the end."""
+    out = tmp_path / "run"
+    policy = dict(policy="topk") if mode == "molf" else {}
+    result = train(
+        common(
+            model_dir, data, out, mode=mode, heldout_data=[str(heldout)], steps=3, eval_every=2, batch_size=12, **policy
+        )
+    )
+    evals = records(out / "train_log.jsonl", "eval_loss")
+    assert [r["step"] for r in evals] == [2, 3]
+    rows = [json.loads(line) for line in heldout.read_text().splitlines()]
+    final = transformers.AutoModelForCausalLM.from_pretrained(result.saved)
+    assert result.eval_loss == evals[-1]["eval_loss"]
+    assert result.eval_loss == pytest.approx(_reference_loss(final, rows), rel=1e-5)
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(model_dir, data, tmp_path):
+    """Batches of 4 vs 2 micro-batches of 2 accumulated: the same rows per step (one shuffle)
+    and the loss averaged over all their completion tokens, so close weights after 3 steps."""
+    opts = dict(mode="fft", steps=3, lr=1e-3, max_grad_norm=0.0)
+    big = train(common(model_dir, data, tmp_path / "big", batch_size=4, **opts))
+    accumulated = train(common(model_dir, data, tmp_path / "acc", batch_size=2, gradient_accumulation_steps=2, **opts))
+    base = weights(model_dir)
+    a, b = weights(big.saved), weights(accumulated.saved)
+    moved = 0
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=2e-6, rtol=1e-4)
+        moved += not torch.equal(a[name], base[name])
+    assert moved > 0
+    assert accumulated.losses == pytest.approx(big.losses, rel=1e-5)
+
+
+def test_dtype_casts_only_when_asked(model_dir, data, tmp_path):
+    assert next(build_model(common(model_dir, data, tmp_path / "a"), model_dir).parameters()).dtype == torch.float32
+    cast = build_model(common(model_dir, data, tmp_path / "b", dtype="bfloat16"), model_dir)
+    assert next(cast.parameters()).dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------- config files
@@ -238,33 +393,31 @@ def test_config_file_with_flag_override(model_dir, data, tmp_path):
         "progress = false\nplots = false\n"
     )
     assert main(["train", "--config", str(cfg), "--steps", "3", "--lr", "5e-4"]) == 0
-    saved = json.loads(checkpoint(tmp_path / "toml", 3)["config"])
+    saved = json.loads((tmp_path / "toml" / "run.json").read_text())["identity"]
     assert saved["steps"] == 3 and saved["lr"] == 5e-4  # flags win
     assert saved["ranks"] == [4] and saved["policy"] == "hysteresis" and saved["batch_size"] == 4  # from the file
+    assert saved["margin"] == 0.1 and saved["min_dwell"] == 20  # molf.Hysteresis' defaults, resolved
     log = json.loads((tmp_path / "toml" / "routing.jsonl").read_text().splitlines()[0])
     assert log["experts"] == ["dense", "lora0_r4"]
 
 
-def test_yaml_config(model_dir, data, tmp_path, monkeypatch, capsys):
-    import yaml
+def test_yaml_config_reads_numbers_as_numbers(model_dir, data, tmp_path, monkeypatch, capsys):
+    import sys
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text(
-        yaml.safe_dump(
-            {
-                "model": str(model_dir),
-                "data": [str(data)],
-                "out": str(tmp_path / "y"),
-                "mode": "fft",
-                "steps": 1,
-                "batch_size": 4,
-                "progress": False,
-                "plots": False,
-            }
-        )
+        f"model: {model_dir}\ndata: [{data}]\nout: {tmp_path / 'y'}\nmode: fft\nsteps: 1\nbatch_size: 4\n"
+        "lr: 1e-3\nweight_decay: 1E-2\nwarmup_ratio: 5e-1\nmax_grad_norm: 1.0e+0\nprogress: false\n"
     )
+    values = molf.train.load_config_file(cfg)
+    assert values["lr"] == 1e-3 and values["weight_decay"] == 1e-2 and values["warmup_ratio"] == 0.5
+    assert all(type(values[k]) is float for k in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm"))
     assert main(["train", "--config", str(cfg)]) == 0
-    assert checkpoint(tmp_path / "y", 1)["step"] == 1
+    assert (tmp_path / "y" / "checkpoint-1").is_dir()
+    cfg.write_text('lr: "1e-3"\n')  # a quoted string stays a string
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--config", str(cfg)])
+    assert exc.value.code == 2 and "lr must be a number in [0, inf], got '1e-3'" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "yaml", None)  # as if PyYAML were not installed
     with pytest.raises(SystemExit) as exc:
         main(["train", "--config", str(cfg)])
@@ -277,12 +430,15 @@ def test_yaml_config(model_dir, data, tmp_path, monkeypatch, capsys):
         ("stepz = 3\n", "unknown option(s) stepz"),
         ('mode = "dora"\n', "mode must be one of 'fft', 'lora', 'molf', 'molf-e'"),
         ("steps = 0\n", "steps must be an integer >= 1"),
+        ("gradient_accumulation_steps = 0\n", "gradient_accumulation_steps must be an integer >= 1"),
         ('mode = "molf-e"\nranks = [8]\n', "ranks needs >= 2 entries"),
         ('policy = "sticky"\n', "policy must be one of"),
         ('policy = "heldout"\n', "policy 'heldout' needs held-out data: give heldout_data (--heldout-data"),
+        ('mode = "fft"\npolicy = "topk"\n', "mode 'fft' has no routing: drop policy"),
+        ("heldout_every = 3\n", "heldout_every belongs to policy 'heldout', got policy 'topk'"),
+        ("bf16 = true\nfp16 = true\n", "bf16 and fp16"),
+        ("warmup_ratio = 1.0\n", "warmup_ratio must be below 1"),
         ("heldout_batch = 0\n", "heldout_batch must be an integer >= 1, got 0"),
-        ("heldout_batch = -3\n", "heldout_batch must be an integer >= 1, got -3"),
-        ("heldout_every = 0\n", "heldout_every must be an integer >= 1, got 0"),
         ("heldout_data = []\n", "heldout_data must name at least one file"),
         ("min_dwell = -1\n", "min_dwell must be an integer >= 0, got -1"),
         ("steps = [\n", "invalid TOML"),
@@ -297,7 +453,7 @@ def test_bad_config_values(text, message, tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
-# ---------------------------------------------------------------- bad data
+# ---------------------------------------------------------------- data files
 
 
 @pytest.mark.parametrize(
@@ -318,6 +474,13 @@ def test_bad_config_values(text, message, tmp_path, capsys):
             "row 2: field 'prompt' must be a string, got 5",
         ),
         (['{"prompt": "a", "completion": "b"}', '{"prompt": "c", "completion": '], "cannot be read"),
+        (['{"messages": [{"role": "user", "content": "hi"}]}'], "row 1: the conversation has no non-empty assistant"),
+        (['{"messages": [{"role": "user"}]}'], "row 1: message 0: expected {'role': str, 'content': str}"),
+        (['{"messages": "hi"}'], "row 1: messages must be a non-empty list"),
+        (
+            ['{"messages": [{"role": "assistant", "content": "hi"}]}'],
+            "row 1: the conversation starts with an assistant",
+        ),
     ],
 )
 def test_bad_data_names_file_row_and_field(lines, message, model_dir, tmp_path, capsys):
@@ -331,26 +494,21 @@ def test_bad_data_names_file_row_and_field(lines, message, model_dir, tmp_path, 
     assert not out.exists()  # refused before anything was written
 
 
-def test_parquet_data_and_custom_fields(model_dir, tmp_path):
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_parquet_and_csv_data_with_custom_fields(fmt, model_dir, tmp_path):
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.csv
+    import pyarrow.parquet
 
-    path = tmp_path / "pairs.parquet"
-    pq.write_table(pa.table({"q": ["1+1=", "2+2=", "3+3="], "a": ["2", "4", "6"]}), path)
-    cfg = TrainConfig(
-        model=str(model_dir),
-        data=[str(path)],
-        out=str(tmp_path / "pq"),
-        mode="fft",
-        steps=2,
-        batch_size=2,
-        prompt_field="q",
-        completion_field="a",
-        progress=False,
+    path = tmp_path / f"pairs.{fmt}"
+    table = pa.table({"q": ["1+1=", "2+2=", "3+3="], "a": ["2", "4", "6"]})
+    (pyarrow.parquet.write_table if fmt == "parquet" else pyarrow.csv.write_csv)(table, path)
+    cfg = common(
+        model_dir, path, tmp_path / "run", mode="fft", steps=2, batch_size=2, prompt_field="q", completion_field="a"
     )
     assert train(cfg).steps == 2
-    with pytest.raises(ConfigError, match=r"pairs.parquet.*row 1: missing field 'prompt'"):
-        train(TrainConfig(model=str(model_dir), data=[str(path)], out=str(tmp_path / "pq2"), progress=False))
+    with pytest.raises(ConfigError, match=rf"pairs.{fmt}.*row 1: missing field 'prompt'"):
+        train(common(model_dir, path, tmp_path / "run2", mode="fft"))
 
 
 # ---------------------------------------------------------------- what is saved
@@ -389,29 +547,21 @@ def test_adapter_loads_with_peft(mode, model_dir, data, tmp_path):
 # ---------------------------------------------------------------- held-out routing (policy "heldout")
 
 
-@pytest.fixture
-def heldout(tmp_path) -> Path:
-    """Held-out rows from the same generator as `data` (another seed)."""
-    path = tmp_path / "heldout.jsonl"
-    write_arithmetic_data(path, rows=12, seed=2)
-    return path
-
-
 # lr 3e-3 with a measurement every 2 steps drops experts within 8 steps on the tiny model.
 HELDOUT = dict(heldout_every=2, heldout_batch=6, lr=3e-3, lora_lr=3e-3)
 
 
-def molf_meta(ckpt: dict) -> dict:
-    (meta,) = [g["molf_meta"] for g in ckpt["optimizer"]["param_groups"] if g.get("molf_meta")]
+def molf_meta(state: dict) -> dict:
+    (meta,) = [g["molf_meta"] for g in state["param_groups"] if g.get("molf_meta")]
     return meta
 
 
-def router_of(ckpt: dict) -> Router:
-    return Router.from_bytes(base64.b64decode(molf_meta(ckpt)["router"]))
+def router_of(state: dict) -> Router:
+    return Router.from_bytes(base64.b64decode(molf_meta(state)["router"]))
 
 
-def ledger_of(ckpt: dict) -> Ledger:
-    return Ledger.from_bytes(base64.b64decode(molf_meta(ckpt)["ledger"]))
+def ledger_of(state: dict) -> Ledger:
+    return Ledger.from_bytes(base64.b64decode(molf_meta(state)["ledger"]))
 
 
 @pytest.mark.parametrize("mode,min_span", [("molf", None), ("molf-e", 1)])
@@ -430,62 +580,42 @@ def test_heldout_routing_updates_the_active_experts_only(mode, min_span, model_d
         steps=8,
         save_every=1,
         keep_checkpoints=8,
+        eval_every=100,
         heldout_min_span=min_span,
         **HELDOUT,
     )
     assert cfg.policy is None and cfg.min_dwell is None and cfg.routing_policy == "heldout"
     result = train(cfg)
-    records = list(molf.read_routing_log(out / "routing.jsonl"))
-    assert [r["step"] for r in records] == list(range(1, 9))
-    experts = records[0]["experts"]
+    log = list(molf.read_routing_log(out / "routing.jsonl"))
+    assert [r["step"] for r in log] == list(range(1, 9))
+    experts = log[0]["experts"]
     E = len(experts)
-    active = {0: [[True] * E for _ in records[0]["modules"]]}  # every expert starts active
+    active = {0: [[True] * E for _ in log[0]["modules"]]}  # every expert starts active
     scores = {}  # step -> its scores (the log holds them every 100 steps)
     for s in range(1, 9):
-        ckpt = checkpoint(out, s)
-        router, ledger = router_of(ckpt), ledger_of(ckpt)
+        state = optimizer_state(out, s)
+        router, ledger = router_of(state), ledger_of(state)
         scores[s] = ledger.last_scores().tolist()
         assert router.policy == "heldout" and router.min_dwell == 3 * 2 and router.step == s
         assert ledger.heldout_min_span == (min_span or 0)
         assert ledger.heldout_windows == max(0, s // 2 - 1)  # the first measurement (step 2) opens a window
-        assert molf_meta(ckpt)["heldout_step"] == s // 2 * 2
+        assert molf_meta(state)["heldout_step"] == s // 2 * 2
         active[s] = router.incumbents().tolist()
         if active[s] != active[s - 1]:
             assert s % 2 == 0 and s >= 4, s
-    for rec in records:
+    for rec in log:
         before = active[rec["step"] - 1]
         for i, m in enumerate(rec["modules"].values()):
             want = [e for e in range(E) if before[i][e] and math.isfinite(scores[rec["step"]][i][e])]
             assert m["winners"] == want, (rec["step"], i)
     # The measurements dropped experts: later log lines show modules with fewer than all active.
-    assert any(len(m["winners"]) < E for m in records[-1]["modules"].values())
+    assert any(len(m["winners"]) < E for m in log[-1]["modules"].values())
     assert result.heldout["windows"] == 3
-    names = list(records[0]["modules"])
+    names = list(log[0]["modules"])
     want = {n: [experts[e] for e in range(E) if active[8][i][e]] for i, n in enumerate(names)}
     assert result.heldout["active"] == want
     for e, name in enumerate(experts):
         assert result.heldout["active_share"][name] == pytest.approx(sum(row[e] for row in active[8]) / len(names))
-
-
-def _reference_heldout_loss(model, path: Path, rows: int) -> float:
-    """Mean cross-entropy over the completion (+ eos) tokens of the first `rows` lines of
-    `path`, one unpadded sequence at a time, from the byte tokenizer directly; in eval mode."""
-    tok = byte_tokenizer()
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for line in path.read_text().splitlines()[:rows]:
-        row = json.loads(line)
-        prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"]
-        completion = tok(row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = torch.tensor([prompt + completion])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0].double()
-        targets = ids[0, len(prompt) :]
-        total += torch.nn.functional.cross_entropy(logits[len(prompt) - 1 : -1], targets, reduction="sum").item()
-        count += len(completion)
-    model.train(was_training)
-    return total / count
 
 
 @pytest.mark.parametrize("mode", ["molf", "molf-e"])
@@ -494,36 +624,52 @@ def test_heldout_closure_is_the_completion_loss_of_the_first_rows(
 ):
     captured = []
 
-    class Spy(molf.train.MoLFAdamW):
+    class Spy(molf.train.run.MoLFAdamW):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            r = kwargs["routing"]  # the policy object, read under the names it replaced
-            kwargs = {**kwargs, "policy": r.name, "heldout": r.loss_fn, "heldout_every": r.every}
-            captured.append((args, {**kwargs, "min_dwell": r.min_dwell}))
+            captured.append(kwargs["routing"])
+
+    model_of = {}
+    real_build = molf.train.run.build_model
+
+    def build(cfg, model_dir):
+        model_of["model"] = real_build(cfg, model_dir)
+        return model_of["model"]
 
     checked = []
 
-    def check_closure(step: int, loss: float) -> None:
+    class Check(transformers.TrainerCallback):
         """Mid-training (the wrapped model, LoRA dropout on): the closure against the reference."""
-        if step != 3:
-            return
-        ((args, kwargs),) = captured
-        model, closure = args[0], kwargs["heldout"]
-        assert model.training
-        rng = torch.get_rng_state()
-        value = closure()
-        assert model.training  # restored after the eval-mode measurement
-        assert torch.equal(rng, torch.get_rng_state())  # no dropout draw
-        assert value.requires_grad and value.ndim == 0
-        assert torch.equal(closure(), value)  # one fixed batch, deterministic
-        want = _reference_heldout_loss(model, heldout, 5)
-        assert value.item() == pytest.approx(want, rel=1e-5, abs=1e-5)
-        assert abs(_reference_heldout_loss(model, heldout, 6) - want) > 1e-3  # the row count is visible
-        with torch.no_grad():  # and LoRA dropout is live in training mode, so eval mode is visible
-            assert abs(closure().item() - model(**_first_rows_batch(heldout, 5)).loss.item()) > 1e-6
-        checked.append(step)
 
-    monkeypatch.setattr(molf.train, "MoLFAdamW", Spy)
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step != 3:
+                return
+            (routing,) = captured
+            model, closure = model_of["model"], routing.loss_fn
+            assert model.training
+            rng = torch.get_rng_state()
+            value = closure()
+            assert model.training  # restored after the eval-mode measurement
+            assert torch.equal(rng, torch.get_rng_state())  # no dropout draw
+            assert value.requires_grad and value.ndim == 0
+            assert torch.equal(closure(), value)  # one fixed batch, deterministic
+            rows = [json.loads(line) for line in heldout.read_text().splitlines()]
+            want = _reference_loss(model, rows[:5])
+            model.train()
+            assert value.item() == pytest.approx(want, rel=1e-5, abs=1e-5)
+            assert abs(_reference_loss(model, rows[:6]) - want) > 1e-3  # the row count is visible
+            model.train()
+            tok = byte_tokenizer()
+            ds = [
+                dict(zip(("input_ids", "labels"), tokenize_pair(tok, r["prompt"], r["completion"], 64))) for r in rows
+            ]
+            with torch.no_grad():  # and LoRA dropout is live in training mode, so eval mode is visible
+                batch = build_heldout_batch(ds, 5, collator(tok))
+                assert abs(closure().item() - model(**batch).loss.item()) > 1e-6
+            checked.append(state.global_step)
+
+    monkeypatch.setattr(molf.train.run, "MoLFAdamW", Spy)
+    monkeypatch.setattr(molf.train.run, "build_model", build)
     cfg = common(
         model_dir,
         data,
@@ -534,34 +680,10 @@ def test_heldout_closure_is_the_completion_loss_of_the_first_rows(
         dropout=0.1,
         **{**HELDOUT, "heldout_batch": 5, "heldout_every": 3},
     )
-    train(cfg, on_step=check_closure)
+    train(cfg, callbacks=[Check()])
     assert checked == [3]
-    ((args, kwargs),) = captured
-    assert kwargs["policy"] == "heldout" and kwargs["heldout_every"] == 3 and kwargs["min_dwell"] is None
-
-
-def _first_rows_batch(path: Path, rows: int) -> dict:
-    tok = byte_tokenizer()
-    pairs = [(r["prompt"], r["completion"]) for r in map(json.loads, path.read_text().splitlines())]
-    return build_heldout_batch(tok, pairs, rows, 64, tok.pad_token_id)
-
-
-def test_heldout_batch_takes_the_first_rows_tokenized_like_training(heldout):
-    tok = byte_tokenizer()
-    pairs = [(r["prompt"], r["completion"]) for r in map(json.loads, heldout.read_text().splitlines())]
-    batch = build_heldout_batch(tok, pairs, 5, 64, tok.pad_token_id)
-    assert batch["input_ids"].shape[0] == 5
-    for i, (p, c) in enumerate(pairs[:5]):
-        prompt = tok(p, add_special_tokens=False)["input_ids"]
-        ids = prompt + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        n, width = len(ids), batch["labels"].shape[1]
-        assert tok.decode(ids) == p + c + "<|endoftext|>"
-        assert batch["input_ids"][i].tolist() == ids + [tok.pad_token_id] * (width - n)
-        assert batch["labels"][i].tolist() == [-100] * len(prompt) + ids[len(prompt) :] + [-100] * (width - n)
-        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
-    assert build_heldout_batch(tok, pairs, 100, 64, tok.pad_token_id)["input_ids"].shape[0] == len(pairs) == 12
-    with pytest.raises(ConfigError, match="no completion token in any held-out row"):
-        build_heldout_batch(tok, pairs, 5, 3, tok.pad_token_id)  # "a+b=" prompts are longer than 3 bytes
+    (routing,) = captured
+    assert routing.name == "heldout" and routing.every == 3 and routing.min_dwell is None
 
 
 # molf-e's records judged from the first window: its default (10 windows) outlasts this run.
@@ -575,88 +697,49 @@ def test_resume_with_heldout_routing_continues_exactly(
         mode=mode,
         steps=7,
         save_every=3,
+        eval_every=3,
         dropout=0.1,
         heldout_data=[str(heldout)],
-        lr_scheduler="cosine",
-        warmup_ratio=0.3,
+        lr_scheduler="cosine",  # no warm-up: with one, this short run drops no expert
         lagged=lagged,
         heldout_min_span=min_span,
         **HELDOUT,
     )
     whole = train(common(model_dir, data, tmp_path / "whole", **opts))
     assert whole.heldout["windows"] == 2 and min(whole.heldout["active_share"].values()) < 1
-
-    def stop_at_5(step: int, loss: float) -> None:
-        if step == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(common(model_dir, data, tmp_path / "cut", **opts), on_step=stop_at_5)
-    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-00000003.pt"]
-    argv = [
-        "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--out",
-        str(tmp_path / "cut"),
-        "--resume",
-        "--no-progress",
-        "--batch-size",
-        "4",
-        "--lr",
-        "3e-3",
-        "--lora-lr",
-        "3e-3",
-        "--mode",
-        mode,
-        "--steps",
-        "7",
-        "--save-every",
-        "3",
-        "--no-plots",
-        "--dropout",
-        "0.1",
-        "--warmup-ratio",
-        "0.3",
-        "--lagged" if lagged else "--no-lagged",
-        "--heldout-data",
-        str(heldout),
-        "--heldout-every",
-        "2",
-        "--heldout-batch",
-        "6",
-    ]
+        train(common(model_dir, data, tmp_path / "cut", **opts), callbacks=[StopAt(5)])
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-3"]
+    argv = flags(model_dir, data, tmp_path / "cut", "--resume", "--lr", "3e-3", "--lora-lr", "3e-3")
+    argv += ["--mode", mode, "--steps", "7", "--save-every", "3", "--eval-every", "3", "--dropout", "0.1"]
+    argv += ["--lagged" if lagged else "--no-lagged", "--heldout-data", str(heldout)]
+    argv += ["--heldout-every", "2", "--heldout-batch", "6"]
     if explicit:  # the values an unset policy / min_dwell take: the same run
         argv += ["--policy", "heldout", "--min-dwell", "6"]
     if min_span is not None:
         argv += ["--heldout-min-span", str(min_span)]
     assert main(argv) == 0
 
-    a, b = checkpoint(tmp_path / "whole", 7), checkpoint(tmp_path / "cut", 7)
-    assert a["model"].keys() == b["model"].keys()
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    a, b = optimizer_state(tmp_path / "whole", 7), optimizer_state(tmp_path / "cut", 7)
+    assert a["state"].keys() == b["state"].keys()
     heldout_keys = 0
-    for pid, state in a["optimizer"]["state"].items():
-        assert state.keys() == b["optimizer"]["state"][pid].keys(), pid
+    for pid, state in a["state"].items():
+        assert state.keys() == b["state"][pid].keys(), pid
         heldout_keys += "heldout_theta" in state and "heldout_grad" in state
         for key, value in state.items():
-            assert torch.equal(value, b["optimizer"]["state"][pid][key]), (pid, key)
+            assert torch.equal(value, b["state"][pid][key]), (pid, key)
     assert heldout_keys > 0
     meta_a, meta_b = molf_meta(a), molf_meta(b)
     assert meta_a == meta_b  # router and ledger bytes (active sets, held-out EMA), heldout_step
     assert meta_a["heldout_step"] == 6 and ledger_of(a).heldout_windows == 2
-    assert a["scheduler"] == b["scheduler"]
-    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert (tmp_path / "whole" / "routing.jsonl").read_text() == (tmp_path / "cut" / "routing.jsonl").read_text()
-    from safetensors.torch import load_file
-
-    (file,) = [f for f in whole.saved.iterdir() if f.suffix == ".safetensors"]
-    saved_a, saved_b = load_file(file), load_file(tmp_path / "cut" / whole.saved.name / file.name)
-    assert saved_a.keys() == saved_b.keys() and all(torch.equal(saved_a[k], saved_b[k]) for k in saved_a)
+    assert records(tmp_path / "whole" / "train_log.jsonl") == records(tmp_path / "cut" / "train_log.jsonl")
+    whole_evals, cut_evals = (
+        [(r["step"], r["eval_loss"]) for r in records(out / "train_log.jsonl", "eval_loss")]
+        for out in (tmp_path / "whole", tmp_path / "cut")
+    )
+    assert whole_evals == cut_evals and [step for step, _ in whole_evals] == [3, 6, 7]
+    assert_same_tensors(weights(whole.saved), weights(tmp_path / "cut" / whole.saved.name))
 
 
 def test_resume_with_heldout_refuses_other_heldout_options(model_dir, data, heldout, tmp_path):
@@ -666,27 +749,9 @@ def test_resume_with_heldout_refuses_other_heldout_options(model_dir, data, held
         train(common(model_dir, data, tmp_path / "r", **{**opts, "heldout_batch": 5}, resume="latest"))
     with pytest.raises(StateError, match=r"heldout_every: 2 -> 3"):
         train(common(model_dir, data, tmp_path / "r", **{**opts, "heldout_every": 3}, resume="latest"))
+    no_heldout = {k: v for k, v in opts.items() if k not in ("heldout_every", "heldout_data")}
     with pytest.raises(StateError, match=r"policy: 'heldout' -> 'topk'"):
-        train(common(model_dir, data, tmp_path / "r", **{**opts, "heldout_data": None}, resume="latest"))
-
-
-def test_resume_accepts_a_checkpoint_from_before_heldout_options(model_dir, data, tmp_path):
-    """A checkpoint written before held-out routing existed has no heldout_* keys and an
-    explicit policy "topk" / min_dwell 0: the same run as the new defaults."""
-    out = tmp_path / "old"
-    train(common(model_dir, data, out, mode="molf", steps=3, save_every=1, keep_checkpoints=3))
-    final = checkpoint(out, 3)
-    blob = checkpoint(out, 2)
-    config = json.loads(blob["config"])
-    for key in ("heldout_data", "heldout_batch", "heldout_every"):
-        del config[key]
-    config.update(policy="topk", min_dwell=0)
-    blob["config"] = json.dumps(config)
-    torch.save(blob, out / "checkpoints" / "step-00000002.pt")
-    (out / "checkpoints" / "step-00000003.pt").unlink()
-    assert train(common(model_dir, data, out, mode="molf", steps=3, resume="latest")).steps == 3
-    resumed = checkpoint(out, 3)
-    assert all(torch.equal(final["model"][k], resumed["model"][k]) for k in final["model"])
+        train(common(model_dir, data, tmp_path / "r", **no_heldout, resume="latest"))
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -699,37 +764,19 @@ def test_cli_heldout_with_the_embedded_model(split, tmp_path, capsys):
     (tmp_path / "train.jsonl").write_text("".join(lines[:28]))
     (tmp_path / "heldout.jsonl").write_text("".join(lines[28:]))
     out = tmp_path / "run"
-    argv = [
-        "train",
-        "--out",
-        str(out),
-        "--heldout-data",
-        str(tmp_path / "heldout.jsonl"),
-        "--heldout-every",
-        "2",
-        "--heldout-batch",
-        "8",
-        "--steps",
-        "6",
-        "--batch-size",
-        "4",
-        "--lr",
-        "3e-3",
-        "--lora-lr",
-        "3e-3",
-        "--no-progress",
-        "--no-plots",
-    ]
-    argv += ["--data", str(tmp_path / "train.jsonl")] if split else []
+    argv = ["train", "--out", str(out), "--heldout-data", str(tmp_path / "heldout.jsonl"), "--heldout-every", "2"]
+    argv += ["--heldout-batch", "8", "--steps", "6", "--batch-size", "4", "--lr", "3e-3", "--lora-lr", "3e-3"]
+    argv += ["--no-progress", "--no-plots"] + (["--data", str(tmp_path / "train.jsonl")] if split else [])
     assert main(argv) == 0
     assert (out / "data.jsonl").exists() != split
-    assert "held-out routing: 2 measured windows" in capsys.readouterr().out
-    ckpt = checkpoint(out, 6)
-    saved = json.loads(ckpt["config"])
-    assert saved["policy"] is None and saved["min_dwell"] is None and saved["heldout_batch"] == 8
-    assert router_of(ckpt).policy == "heldout" and router_of(ckpt).min_dwell == 6
-    assert ledger_of(ckpt).heldout_windows == 2
-    assert saved["heldout_min_span"] is None and ledger_of(ckpt).heldout_min_span == 0  # molf: dense + LoRA
+    printed = capsys.readouterr().out
+    assert "held-out routing: 2 measured windows" in printed and "eval loss" in printed
+    state = optimizer_state(out, 6)
+    identity = json.loads((out / "run.json").read_text())["identity"]
+    assert identity["policy"] == "heldout" and identity["min_dwell"] == 6 and identity["heldout_batch"] == 8
+    assert router_of(state).policy == "heldout" and router_of(state).min_dwell == 6
+    assert ledger_of(state).heldout_windows == 2
+    assert identity["heldout_min_span"] == 0 and ledger_of(state).heldout_min_span == 0  # molf: dense + LoRA
 
 
 @pytest.mark.parametrize("given,want", [(None, 10), (3, 3)])
@@ -737,42 +784,20 @@ def test_cli_heldout_min_span(given, want, model_dir, data, heldout, tmp_path):
     """molf-e (LoRA experts only) judges a record from its tenth window unless told; the
     resolved value is what a resume compares."""
     out = tmp_path / "run"
-    argv = [
-        "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--mode",
-        "molf-e",
-        "--heldout-data",
-        str(heldout),
-        "--heldout-every",
-        "2",
-        "--heldout-batch",
-        "6",
-        "--steps",
-        "4",
-        "--no-progress",
-        "--no-plots",
-    ]
+    argv = flags(model_dir, data, out, "--mode", "molf-e", "--heldout-data", str(heldout), "--heldout-every", "2")
+    argv += ["--heldout-batch", "6", "--steps", "4"]
     argv += [] if given is None else ["--heldout-min-span", str(given)]
     assert main(argv) == 0
-    ckpt = checkpoint(out, 4)
-    assert json.loads(ckpt["config"])["heldout_min_span"] == given
-    assert ledger_of(ckpt).heldout_min_span == want
-    assert molf.train._acting_options(json.loads(ckpt["config"]))["heldout_min_span"] == want
+    assert ledger_of(optimizer_state(out, 4)).heldout_min_span == want
+    assert json.loads((out / "run.json").read_text())["identity"]["heldout_min_span"] == want
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--mode", "fft"], "heldout_data routes experts by held-out loss; mode 'fft' has no routing"),
-        (["--mode", "lora"], "mode 'lora' has no routing"),
-        (["--policy", "hysteresis"], "heldout_data is used by policy 'heldout' only, got policy 'hysteresis'"),
-        (["--policy", "topk"], "heldout_data is used by policy 'heldout' only, got policy 'topk'"),
+        (["--mode", "fft", "--policy", "heldout"], "mode 'fft' has no routing: drop policy"),
+        (["--mode", "lora", "--heldout-every", "2"], "mode 'lora' has no routing: drop heldout_every"),
+        (["--policy", "topk", "--heldout-every", "2"], "heldout_every belongs to policy 'heldout', got policy 'topk'"),
         (["--margin", "0.1"], "with policy 'heldout' it must be 0, got 0.1"),
         (["--heldout-batch", "0"], "--heldout-batch: expected a positive integer, got 0"),
         (["--heldout-every", "0"], "--heldout-every: expected a positive integer, got 0"),
@@ -781,23 +806,12 @@ def test_cli_heldout_min_span(given, want, model_dir, data, heldout, tmp_path):
 )
 def test_heldout_config_errors(extra, message, model_dir, data, heldout, tmp_path, capsys):
     out = tmp_path / "never"
-    argv = [
-        "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--no-progress",
-        "--heldout-data",
-        str(heldout),
-        *extra,
-    ]
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--no-progress"]
     with pytest.raises(SystemExit) as exc:
-        main(argv)
+        main(argv + ["--heldout-data", str(heldout), *extra])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and message in err, err
+    assert exc.value.code == 2 and message in err and "usage:" not in err, err
+    assert err.startswith("molf train: error: ") and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
 
 
@@ -829,22 +843,9 @@ def test_bad_heldout_data_names_the_option_file_and_row(name, lines, message, mo
     if lines is not None:
         path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "never"
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--no-progress"]
     with pytest.raises(SystemExit) as exc:
-        main(
-            [
-                "train",
-                "--model",
-                str(model_dir),
-                "--data",
-                str(data),
-                "--out",
-                str(out),
-                "--no-progress",
-                "--heldout-data",
-                str(data),
-                str(path),
-            ]
-        )
+        main(argv + ["--heldout-data", str(data), str(path)])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"heldout_data {str(path)!r}" in err and message in err, err
     assert not out.exists()  # refused before anything was written

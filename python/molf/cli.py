@@ -90,18 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """A parser whose errors are one line (`molf train: error: ...`), without the usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        _fail(message, prog=self.prog)
-
-
 def _add_train_parser(sub) -> None:
     d = TrainConfig()
     train_p = sub.add_parser(
         "train",
-        parser_class=_OneLineParser,
         help="fine-tune a local causal LM on local data on the transformers Trainer (fft, lora, molf, molf-e)",
         description="Fine-tune a causal LM from a local directory on JSONL/JSON/parquet/CSV rows: prompt/completion "
         "pairs (loss on the completion) or chat `messages` (rendered by the tokenizer's chat template; loss on the "
@@ -112,6 +104,8 @@ def _add_train_parser(sub) -> None:
         "OUT/train_log.jsonl (every log record), the merged model (OUT/model, for fft and molf) or a PEFT adapter "
         "(OUT/adapter, for lora and molf-e), and for molf/molf-e OUT/routing.jsonl and its figures.",
     )
+    # A bad flag is one line (`molf train: error: ...`), without the usage block.
+    train_p.error = lambda message: _fail(message, prog=train_p.prog)  # type: ignore[method-assign]
     S = argparse.SUPPRESS  # only the flags given reach the config, over the file's values
     boolean = argparse.BooleanOptionalAction
     train_p.add_argument("--config", metavar="FILE", default=S, help="TOML or YAML file of options")

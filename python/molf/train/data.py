@@ -61,7 +61,7 @@ def load_rows(paths: list[str], fields: Mapping[str, str], what: str = "data") -
     out: list[dict] = []
     for path in paths:
         fmt = data_format(path, what)
-        rows = _json_rows(path, what) if fmt == "json" else _table_rows(path, what, fmt)
+        rows = {"json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[fmt](path, what)
         before = len(out)
         for where, row in rows:
             out.append(_checked_row(row, fields, f"{what} {path!r}: {where}"))
@@ -97,6 +97,8 @@ def _checked_messages(messages: Any, where: str) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ConfigError(f"{where}: message {i}: expected {{'role': str, 'content': str}}, got {_shown(m)}")
+    if messages[0]["role"] == "assistant":
+        raise ConfigError(f"{where}: the conversation starts with an assistant turn; give the turn it answers first")
     if not any(m["role"] == "assistant" and m["content"] for m in messages):
         raise ConfigError(f"{where}: the conversation has no non-empty assistant turn to train on")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -152,13 +154,25 @@ def _utf8(raw: bytes, path: str, what: str, first_line: int) -> str:
         ) from None
 
 
-def _table_rows(path: str, what: str, fmt: str):
-    """("row N", record) of a parquet or CSV file, read by `datasets` (in memory: the
-    tokenized rows are what is cached)."""
+def _csv_rows(path: str, what: str):
+    """("row N", record) of a CSV file with a header line; every cell is text (no type guessing:
+    a completion "2" stays a string), a missing cell None."""
+    import csv
+
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            yield from ((f"row {i}", r) for i, r in enumerate(csv.DictReader(f), start=1))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"{what} {path!r}: cannot be read as UTF-8 CSV ({exc})") from None
+
+
+def _parquet_rows(path: str, what: str):
+    """("row N", record) of a parquet file, read by `datasets` (in memory: the tokenized rows
+    are what is cached)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(fmt, data_files=[path], split="train", keep_in_memory=True)
+        ds = datasets.load_dataset("parquet", data_files=[path], split="train", keep_in_memory=True)
     except Exception as exc:  # datasets raises many types for unreadable files
         raise ConfigError(f"{what} {path!r}: cannot be read ({type(exc).__name__}: {exc})") from None
     for row, record in enumerate(ds, start=1):

@@ -283,6 +283,12 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
 
     from ..hf import add_routing_callback, find_molf_optimizer
 
+    if not cfg.progress:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out {cfg.out!r}: exists and is not a directory")
@@ -322,12 +328,6 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"model {str(model_dir)!r}: the tokenizer has no eos token to end completions")
-        if not cfg.progress:
-            import datasets
-            import transformers
-
-            datasets.disable_progress_bars()
-            transformers.utils.logging.disable_progress_bar()
         train_set = tokenized_dataset(rows, tokenizer, cfg.max_length, out / CACHE, files)
         eval_set = None
         if heldout_rows is not None:
@@ -366,9 +366,14 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
         trainer.remove_callback(PrinterCallback)  # it prints every log record
     if cfg.mode in ROUTED_MODES:
         add_routing_callback(trainer)
-    start = 0 if resume_from is None else json.loads((resume_from / TRAINER_STATE).read_text())["global_step"]
+    saved_state = {} if resume_from is None else json.loads((resume_from / TRAINER_STATE).read_text())
+    start = saved_state.get("global_step", 0)
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        if start and start >= saved_state.get("max_steps", start + 1):
+            # A finished run: the Trainer would take one more step; only the export is left to do.
+            trainer._load_from_checkpoint(str(resume_from))
+        else:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     except OSError as exc:
         kept = [p for p in _checkpoints(out) if _checkpoint_problem(p) is None]
         intact = f"the checkpoints before it are intact (latest: {kept[-1].name})" if kept else "none was saved before"
@@ -392,7 +397,7 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
     checkpoints = _checkpoints(out)
     return TrainResult(
         out=out,
-        steps=trainer.state.global_step,
+        steps=max(trainer.state.global_step, start),
         losses=losses,
         eval_loss=evals[-1] if evals else None,
         saved=saved,

@@ -14,10 +14,9 @@ __all__ = ["CHAT_TEMPLATE", "byte_tokenizer", "save_tiny_model", "write_arithmet
 # A plain-text chat format (no added tokens): each turn "role: content\n", assistant turns ended
 # by eos so a model learns to stop; the generation prompt opens an assistant turn.
 CHAT_TEMPLATE = (
-    "{%- for m in messages -%}"
-    "{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt %}assistant: {% endif -%}"
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
 )
 
 
