@@ -1,8 +1,8 @@
-"""`molf train` when things go wrong (issue #31): a run stopped before its first
-checkpoint, damaged checkpoints, a full disk, a GPU that is not there, data that
-is not UTF-8, changed under the run, NaN or empty. Each is one line on stderr
-(`molf: error: ...`, no traceback, no usage block) that says what to do, and
-leaves nothing half-written behind."""
+"""`molf train` when things go wrong (issue #31, on the Trainer since #34): a run stopped
+before its first checkpoint, damaged or half-written checkpoints, a full disk, a GPU that
+is not there, data that is not UTF-8, changed under the run, NaN or empty, bad flags. Each
+is one line on stderr (`molf train: error: ...`, no traceback, no usage block) that says
+what to do, and leaves nothing half-written behind."""
 
 import errno
 import json
@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 import molf.cli
-import molf.train
 from molf import ConfigError, StateError
 from molf.cli import main
-from molf.train import TrainConfig, TrainError, train
+from molf.train import TrainConfig, TrainError, load_rows, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-OPTS = dict(batch_size=4, steps=3, lr=1e-3, lora_lr=1e-3, progress=False, plots=False)
+OPTS = dict(batch_size=4, steps=3, lr=1e-3, lora_lr=1e-3, logging_steps=1, progress=False, plots=False)
+FIELDS = {"prompt": "prompt", "completion": "completion", "messages": "messages"}
 
 
 def config(model_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:
@@ -46,6 +46,8 @@ def argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "1e-3",
         "--lora-lr",
         "1e-3",
+        "--logging-steps",
+        "1",
         "--no-progress",
         "--no-plots",
         *extra,
@@ -53,47 +55,58 @@ def argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def fails_in_one_line(args: list[str], capsys, code: int, *parts: str) -> str:
-    """Run the CLI, which must exit with `code` and one `molf: error:` line holding every part."""
+    """Run the CLI, which must exit with `code` and one `molf train: error:` line holding every part."""
     with pytest.raises(SystemExit) as exc:
         main(args)
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("molf: error: ")]
+    errors = [line for line in err.splitlines() if line.startswith("molf train: error: ")]
     assert exc.value.code == code and len(errors) == 1, err
     assert "Traceback" not in err and "usage:" not in err, err
     assert all(part in errors[0] for part in parts), err
     return errors[0]
 
 
-def checkpoint(out: Path, step: int) -> dict:
-    return torch.load(out / "checkpoints" / f"step-{step:08d}.pt", weights_only=True)
+def weights(directory: Path) -> dict:
+    (file,) = [f for f in directory.iterdir() if f.suffix == ".safetensors"]
+    return load_file(file)
 
 
-def stop_at(stop: int):
-    def on_step(step: int, loss: float) -> None:
-        if step == stop:
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class StopAt(transformers.TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
             raise KeyboardInterrupt
-
-    return on_step
 
 
 # ---------------------------------------------------------------- a run stopped before its first checkpoint
 
 
 def test_run_stopped_before_its_first_checkpoint_resumes_from_step_0(model_dir, data, tmp_path, capsys):
-    whole = train(config(model_dir, data, tmp_path / "whole", mode="molf"))
+    whole = train(config(model_dir, data, tmp_path / "whole", mode="molf", save_every=10))
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        train(config(model_dir, data, out, mode="molf", save_every=10), on_step=stop_at(2))
-    assert not list((out / "checkpoints").glob("*"))
+        train(config(model_dir, data, out, mode="molf", save_every=10), callbacks=[StopAt(2)])
+    assert not list(out.glob("checkpoint-*"))
     assert len((out / "routing.jsonl").read_text().splitlines()) == 2
 
     fails_in_one_line(
-        argv(model_dir, data, out, "--mode", "molf"), capsys, 2, "already holds a run", "pass --resume", "another --out"
+        argv(model_dir, data, out, "--mode", "molf", "--save-every", "10"),
+        capsys,
+        2,
+        "already holds a run",
+        "pass --resume",
+        "another --out",
     )
-    assert main(argv(model_dir, data, out, "--mode", "molf", "--resume")) == 0
-    assert "molf: warning: resume: the run in" in capsys.readouterr().err  # the notice, one line
-    a, b = checkpoint(tmp_path / "whole", 3), checkpoint(out, 3)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # as if it had run through
+    assert main(argv(model_dir, data, out, "--mode", "molf", "--save-every", "10", "--resume")) == 0
+    assert "molf train: warning: resume: the run in" in capsys.readouterr().err  # the notice, one line
+    assert same_weights(whole.saved, out / "model")  # as if it had run through
     assert (out / "routing.jsonl").read_text() == whole.routing_log.read_text()
     # the stopped run's two records, moved aside as the routing log does for any new run
     assert len((out / "routing.jsonl.prev").read_text().splitlines()) == 2
@@ -107,99 +120,86 @@ def test_resume_of_an_empty_out_still_says_there_is_no_checkpoint(model_dir, dat
 # ---------------------------------------------------------------- damaged checkpoints
 
 
-def damage(path: Path, how: str) -> None:
-    raw = path.read_bytes()
-    path.write_bytes(raw[: len(raw) // 2] if how == "truncated" else b"")
-
-
-@pytest.mark.parametrize("how", ["truncated", "empty"])
-def test_resume_falls_back_past_an_unreadable_latest_checkpoint(how, model_dir, data, tmp_path, capsys):
+@pytest.mark.parametrize("how", ["half-written", "truncated"])
+def test_resume_falls_back_past_an_unusable_latest_checkpoint(how, model_dir, data, tmp_path):
+    """A save killed midway leaves no trainer_state.json (the Trainer writes it last); a
+    truncated one cannot be read. Either way resume warns, naming it, and continues from
+    the checkpoint before, ending as the original run did."""
     out = tmp_path / "run"
-    train(config(model_dir, data, out, mode="molf", steps=3, save_every=1, keep_checkpoints=3))
-    want = checkpoint(out, 3)
-    damage(out / "checkpoints" / "step-00000003.pt", how)
+    train(config(model_dir, data, out, mode="molf", save_every=1, keep_checkpoints=3))
+    want = weights(out / "checkpoint-3")
+    state = out / "checkpoint-3" / "trainer_state.json"
+    if how == "half-written":
+        state.unlink()
+    else:
+        state.write_text(state.read_text()[:20])
 
     with pytest.warns(UserWarning) as caught:
-        result = train(
-            config(model_dir, data, out, mode="molf", steps=3, save_every=1, keep_checkpoints=1, resume="latest")
-        )
-    notices = [str(w.message) for w in caught if "cannot be read" in str(w.message)]
-    assert len(notices) == 1 and "step-00000003.pt' cannot be read" in notices[0], notices
-    assert "falling back" in notices[0]
-    assert result.losses and result.steps == 3  # step 3 was run again from the step-2 checkpoint
-    got = checkpoint(out, 3)
-    assert all(torch.equal(want["model"][k], got["model"][k]) for k in want["model"])
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003.pt"]
+        result = train(config(model_dir, data, out, mode="molf", save_every=1, keep_checkpoints=3, resume="latest"))
+    notices = [str(w.message) for w in caught if "checkpoint-3" in str(w.message)]
+    assert len(notices) == 1 and "falling back" in notices[0], notices
+    assert result.losses and result.steps == 3  # step 3 was run again from checkpoint-2
+    got = weights(out / "checkpoint-3")
+    assert all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_resume_with_no_readable_checkpoint_is_one_line(model_dir, data, tmp_path, capsys):
+def test_resume_with_no_usable_checkpoint_is_one_line(model_dir, data, tmp_path, capsys):
     out = tmp_path / "run"
     train(config(model_dir, data, out, mode="fft", steps=2, save_every=1))
     for step in (1, 2):
-        damage(out / "checkpoints" / f"step-{step:08d}.pt", "truncated" if step == 1 else "empty")
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text("")
     fails_in_one_line(
         argv(model_dir, data, out, "--mode", "fft", "--steps", "2", "--save-every", "1", "--resume"),
         capsys,
         2,
         "none of the 2 checkpoint(s)",
         "can be read",
-        "step-00000002.pt",
+        "checkpoint-2",
         "start the run again from step 0",
     )
-    bad = out / "checkpoints" / "step-00000001.pt"
-    with pytest.raises(StateError, match=r"step-00000001\.pt' cannot be read"):  # a file named: no fallback
-        train(config(model_dir, data, out, mode="fft", steps=2, resume=str(bad)))
+    bad = out / "checkpoint-1"
+    with pytest.raises(StateError, match=r"checkpoint-1' cannot be read"):  # a directory named: no fallback
+        train(config(model_dir, data, out, mode="fft", steps=2, save_every=1, resume=str(bad)))
 
 
 # ---------------------------------------------------------------- a full disk
 
 
-@pytest.mark.parametrize("where", ["torch.save", "os.replace"])
-def test_disk_full_while_saving_a_checkpoint(where, model_dir, data, tmp_path, monkeypatch, capsys):
+def test_disk_full_while_saving_a_checkpoint(model_dir, data, tmp_path, monkeypatch, capsys):
+    whole = train(config(model_dir, data, tmp_path / "whole", mode="molf", save_every=1, keep_checkpoints=5))
     out = tmp_path / "run"
-    real_save, real_replace, saves = torch.save, os.replace, []
-
-    def full() -> OSError:
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_save = torch.save
 
     def save(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)  # the bytes are out; the disk fills before the end
-        saves.append(obj["step"])
-        if where == "torch.save" and obj["step"] == 2:
-            raise full()
-
-    def replace(src, dst, *args, **kwargs):
-        if where == "os.replace" and str(dst).endswith("step-00000002.pt"):
-            raise full()
-        return real_replace(src, dst, *args, **kwargs)
+        if str(f).endswith(os.path.join("checkpoint-2", "optimizer.pt")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", save)
-    monkeypatch.setattr(os, "replace", replace)
+    extra = ("--mode", "molf", "--save-every", "1", "--keep-checkpoints", "5")
     fails_in_one_line(
-        argv(model_dir, data, out, "--mode", "molf", "--save-every", "1", "--keep-checkpoints", "5"),
+        argv(model_dir, data, out, *extra),
         capsys,
         1,
-        "cannot save checkpoint",
-        "step-00000002.pt",
+        "the run stopped at step 2",
         "No space left on device",
-        "latest: step-00000001.pt",
+        "latest: checkpoint-1",
         "--resume",
     )
-    assert saves == [1, 2]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001.pt"]  # no *.tmp
-    assert checkpoint(out, 1)["step"] == 1
+    assert not (out / "model").exists()
     monkeypatch.undo()
-    assert (
-        main(argv(model_dir, data, out, "--mode", "molf", "--save-every", "1", "--keep-checkpoints", "5", "--resume"))
-        == 0
-    )  # space freed: the run goes on from step 1
-    assert checkpoint(out, 3)["step"] == 3
+    assert main(argv(model_dir, data, out, *extra, "--resume")) == 0  # space freed: the run goes on from step 1
+    assert "checkpoint-2' is incomplete" in capsys.readouterr().err
+    assert same_weights(whole.saved, out / "model")
 
 
 def test_disk_full_while_saving_the_model_leaves_no_partial_directory(model_dir, data, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    real = transformers.PreTrainedModel.save_pretrained
 
     def full(self, path, *args, **kwargs):
+        if Path(path).name != "model.tmp":  # the Trainer's checkpoints save as usual
+            return real(self, path, *args, **kwargs)
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / "model.safetensors").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -210,10 +210,11 @@ def test_disk_full_while_saving_the_model_leaves_no_partial_directory(model_dir,
     assert not (out / "model").exists() and not (out / "model.tmp").exists()
     monkeypatch.undo()
     result = train(config(model_dir, data, out, mode="fft", resume="latest"))
-    assert result.losses == [] and (result.saved / "model.safetensors").is_file()
+    assert result.losses == [] and result.steps == 3 and (result.saved / "model.safetensors").is_file()
+    assert same_weights(out / "checkpoint-3", result.saved)
 
 
-# ---------------------------------------------------------------- device
+# ---------------------------------------------------------------- device and flags
 
 
 def test_cuda_without_a_gpu_is_one_line(model_dir, data, tmp_path, monkeypatch, capsys):
@@ -223,6 +224,19 @@ def test_cuda_without_a_gpu_is_one_line(model_dir, data, tmp_path, monkeypatch, 
         argv(model_dir, data, out, "--device", "cuda"), capsys, 2, "device 'cuda'", "no CUDA GPU", "--device cpu"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+        (["--mode", "dora"], "argument --mode: invalid choice: 'dora'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_flags_are_one_line_without_the_usage_block(extra, message, model_dir, data, tmp_path, capsys):
+    fails_in_one_line(argv(model_dir, data, tmp_path / "never", *extra), capsys, 2, message)
+    assert not (tmp_path / "never").exists()
 
 
 # ---------------------------------------------------------------- data
@@ -274,11 +288,11 @@ def test_json_array_file_is_read_and_checked_like_json_lines(data, tmp_path):
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(rows, indent=2))
-    pairs = molf.train.load_pairs([str(path)], "prompt", "completion")
-    assert pairs == molf.train.load_pairs([str(data)], "prompt", "completion") and len(pairs) == 10
+    assert load_rows([str(path)], FIELDS) == load_rows([str(data)], FIELDS)
+    assert len(load_rows([str(path)], FIELDS)) == 10
     path.write_text(json.dumps(rows[:1] + [{"prompt": float("nan"), "completion": "1"}]))
     with pytest.raises(ConfigError, match="row 2: field 'prompt' must be a string, got NaN"):
-        molf.train.load_pairs([str(path)], "prompt", "completion")
+        load_rows([str(path)], FIELDS)
 
 
 @pytest.mark.parametrize("change", ["rows added", "same size"])
@@ -301,11 +315,13 @@ def test_data_changed_under_the_same_path_is_named_on_resume(change, model_dir, 
 
 
 def test_ctrl_c_is_one_line_saying_how_to_resume(model_dir, data, tmp_path, capsys, monkeypatch):
-    def interrupted(cfg, on_step=None):
+    def interrupted(cfg, callbacks=()):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(molf.cli, "train", interrupted)
     out = tmp_path / "out"
     assert main(argv(model_dir, data, out)) == 130
     err = capsys.readouterr().err
-    assert err.strip() == f"molf: interrupted; `molf train ... --resume` continues from the last checkpoint in {out}"
+    assert (
+        err.strip() == f"molf train: interrupted; `molf train ... --resume` continues from the last checkpoint in {out}"
+    )

@@ -353,5 +353,9 @@ def _plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the top-level parser; `molf train` keeps its errors to one line
+        message = f"unrecognized arguments: {' '.join(extra)}"
+        args.parser.error(message) if args.command == "train" else parser.error(message)
     return args.run(args, args.parser)
