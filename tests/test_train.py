@@ -849,3 +849,33 @@ def test_bad_heldout_data_names_the_option_file_and_row(name, lines, message, mo
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"heldout_data {str(path)!r}" in err and message in err, err
     assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_two_processes_through_torchrun_train_like_one_with_the_whole_batch(model_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m molf train` (gloo, CPU): each process takes 2 rows of a
+    step's 4, the Trainer averages over the tokens of both, so the weights end as one process
+    with batches of 4 (the same shuffle) leaves them. 16 rows: every batch is whole (accelerate
+    pads a short last batch with rows from the start). Slow: two interpreters import torch
+    and transformers (about 40 s on 2 cores)."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "rows.jsonl"
+    write_arithmetic_data(data, rows=16, seed=1)
+
+    one = train(common(model_dir, data, tmp_path / "one", mode="molf", steps=3, max_grad_norm=0.0))
+    out = tmp_path / "two"
+    args = flags(model_dir, data, out, "--mode", "molf", "--steps", "3", "--batch-size", "2", "--device", "cpu")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(molf.train.__file__).parents[2])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541"]
+    done = subprocess.run(
+        [*cmd, "-m", "molf", *args, "--max-grad-norm", "0"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("3 steps; loss") == 1  # the first process reports
+    a, b = weights(one.saved), weights(out / "model")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=2e-6, rtol=1e-4)
+    assert (out / "routing.jsonl").read_text().count("\n") == 3

@@ -320,6 +320,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             file=sys.stderr,
         )
         return 130
+    if os.environ.get("RANK", "0") != "0":  # one of several processes (torchrun): the first one reports
+        return 0
     if result.losses:
         print(f"{result.steps} steps; loss {result.losses[0]:.4f} (first log of this run) -> {result.losses[-1]:.4f}")
     if result.eval_loss is not None:

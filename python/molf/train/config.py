@@ -32,7 +32,18 @@ DEFAULT_RANKS = {"lora": (16,), "molf": (16,), "molf-e": (8, 32)}
 # Options that may differ between a run and its resumption (a copied run directory has another
 # `out`); every other one shapes the trajectory and is part of the run's identity.
 RESUME_FREE = frozenset(
-    {"out", "resume", "save_every", "keep_checkpoints", "eval_every", "logging_steps", "report_to", "progress", "plots"}
+    {
+        "out",
+        "resume",
+        "device",
+        "save_every",
+        "keep_checkpoints",
+        "eval_every",
+        "logging_steps",
+        "report_to",
+        "progress",
+        "plots",
+    }
 )
 # The routing options as `policy_by_name` names them; None takes the policy's own default.
 ROUTING_OPTIONS = {
