@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from . import __version__
 from ._core import POLICIES, ConfigError, StateError
+from .config import DEFAULT_RANKS
 from .demo import DEFAULT_SEEDS, DEFAULT_STEPS, QUICK_SEEDS, QUICK_STEPS, format_table, run_demo
 from .plots import plot_routing_log
 from .routing import SCORES
@@ -163,7 +164,9 @@ def _add_train_parser(sub) -> None:
         type=_positive_int,
         nargs="+",
         default=S,
-        help="LoRA ranks (default: 16 for lora and molf; 8 32 for molf-e)",
+        help="LoRA ranks (default: molf.config.DEFAULT_RANKS: "
+        + "; ".join(f"{' '.join(map(str, r))} for {m}" for m, r in DEFAULT_RANKS.items())
+        + ")",
     )
     experts.add_argument("--alphas", type=float, nargs="+", default=S, help="LoRA alphas, one per rank (default: 32)")
     experts.add_argument(

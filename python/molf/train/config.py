@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .._core import POLICIES, ConfigError
-from ..config import MoLFConfig
+from ..config import DEFAULT_RANKS, MoLFConfig
 from ..routing import SCORES, Policy, policy_by_name
 
 __all__ = ["MODES", "TrainConfig", "load_config_file"]
@@ -27,8 +27,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 STATE_DTYPES = ("auto", "param", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-# TODO(hf-glue): molf.config.DEFAULT_RANKS once it lands there, so the default is written once.
-DEFAULT_RANKS = {"lora": (16,), "molf": (16,), "molf-e": (8, 32)}
 # Options that may differ between a run and its resumption (a copied run directory has another
 # `out`); every other one shapes the trajectory and is part of the run's identity.
 RESUME_FREE = frozenset(
@@ -88,7 +86,7 @@ class TrainConfig:
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.0  # share of the steps with a linear LR warm-up
     max_grad_norm: float = 1.0  # 0: no clipping
-    ranks: list[int] | None = None  # None: 16 (lora, molf) or 8, 32 (molf-e)
+    ranks: list[int] | None = None  # None: molf.config.DEFAULT_RANKS of the mode
     alphas: list[float] | None = None
     rslora: bool = True
     dropout: float = 0.0

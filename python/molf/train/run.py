@@ -347,7 +347,6 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
             lora_weight_decay=cfg.lora_weight_decay,
             routing=cfg.routing(heldout),
             lagged=cfg.lagged,
-            log_path=log_path if args.should_save else None,
             log_every=cfg.log_every,
             state_dtype=torch.float32 if cfg.state_dtype == "float32" else cfg.state_dtype,
         )
@@ -365,7 +364,7 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log record
     if cfg.mode in ROUTED_MODES:
-        add_routing_callback(trainer)
+        add_routing_callback(trainer, routing_log=ROUTING_LOG)  # statistics in the logs; the main process's log
     saved_state = {} if resume_from is None else json.loads((resume_from / TRAINER_STATE).read_text())
     start = saved_state.get("global_step", 0)
     try:
