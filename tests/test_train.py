@@ -143,6 +143,9 @@ def test_cli_each_mode_runs(mode, model_dir, data, tmp_path, capsys):
     assert [r["step"] for r in records(out / "train_log.jsonl")] == [1, 2, 3]
     saved = out / ("adapter" if mode in ("lora", "molf-e") else "model")
     assert saved.is_dir() and (saved / "tokenizer.json").is_file()
+    if mode != "fft":  # every checkpoint of a wrapped model holds what the run saves at the end
+        assert_same_tensors(weights(out / "checkpoint-3" / saved.name), weights(saved))
+        assert (out / "checkpoint-3" / saved.name / "tokenizer.json").is_file()
     if mode in ("molf", "molf-e"):
         log = list(molf.read_routing_log(out / "routing.jsonl"))
         assert [r["step"] for r in log] == [1, 2, 3]

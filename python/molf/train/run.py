@@ -6,7 +6,8 @@ precision, clipping, the warm-up + decay schedule, logging (`report_to`), evalua
 processes of `torchrun` / `accelerate launch`. molf adds the optimizer (MoLFAdamW, with
 the routing policy object built from the options, for molf and molf-e), its routing
 statistics in the logs (`molf.hf.RoutingCallback`), a plain JSONL log of every Trainer
-log record (`OUT/train_log.jsonl`), the run's identity (`OUT/run.json`: the options that
+log record (`OUT/train_log.jsonl`), in each checkpoint of a wrapped model the merged model
+or the PEFT adapter (`molf.hf.ExportCallback`), the run's identity (`OUT/run.json`: the options that
 shape the trajectory and the data files' digests, checked on resume), and at the end the
 merged model (fft, molf) or the PEFT adapter (lora, molf-e) with the tokenizer, and the
 routing figures (the same function as `molf plot`).
@@ -281,7 +282,7 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
     """Run (or resume) the training job `cfg` describes; `callbacks`: more TrainerCallbacks."""
     from transformers import AutoTokenizer, PrinterCallback, Trainer
 
-    from ..hf import add_routing_callback, find_molf_optimizer
+    from ..hf import ExportCallback, add_routing_callback, find_molf_optimizer
 
     if not cfg.progress:
         import datasets
@@ -352,13 +353,17 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
         )
         optimizer = {"optimizer_cls_and_kwargs": (MoLFAdamW, kwargs)}
     train_log = out / TRAIN_LOG
+    extra = [_log_callback(train_log)]
+    if cfg.mode != "fft":  # a wrapped model: each checkpoint also gets the merged model or the adapter
+        extra.append(ExportCallback(base_model_name_or_path=str(model_dir.resolve())))
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collate,
-        callbacks=[_log_callback(train_log), *callbacks],
+        processing_class=tokenizer,  # saved beside the model in every checkpoint
+        callbacks=[*extra, *callbacks],
         **optimizer,
     )
     if not cfg.progress:
