@@ -100,10 +100,11 @@ def _add_train_parser(sub) -> None:
         "pairs (loss on the completion) or chat `messages` (rendered by the tokenizer's chat template; loss on the "
         "assistant turns). Runs on the transformers Trainer, so torchrun / accelerate launch start several "
         "processes. Without --model a tiny random Qwen2 with a byte-level tokenizer and, without --data, a "
-        "generated arithmetic set stand in (a few seconds on a CPU). Options come from --config (TOML or YAML; keys "
+        "generated arithmetic set stand in (no download). Options come from --config (TOML or YAML; keys "
         "named like the flags, with _ or -) and flags, which override the file. Writes OUT/checkpoint-N, "
         "OUT/train_log.jsonl (every log record), the merged model (OUT/model, for fft and molf) or a PEFT adapter "
-        "(OUT/adapter, for lora and molf-e), and for molf/molf-e OUT/routing.jsonl and its figures.",
+        "(OUT/adapter, for lora and molf-e; in each checkpoint too), and for molf/molf-e OUT/routing.jsonl and its "
+        "figures.",
     )
     # A bad flag is one line (`molf train: error: ...`), without the usage block.
     train_p.error = lambda message: _fail(message, prog=train_p.prog)  # type: ignore[method-assign]
