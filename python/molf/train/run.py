@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._core import ConfigError, StateError
+from .._core import ConfigError
 from ..optimizer import MoLFAdamW
 from ..wrap import merge, wrap
 from .config import ADAPTER_MODES, DTYPES, ROUTED_MODES, TrainConfig
@@ -38,20 +37,26 @@ from .data import (
     load_rows,
     tokenized_dataset,
 )
+from .run_dir import (
+    BASE_MODEL,
+    CACHE,
+    GENERATED_DATA,
+    ROUTING_LOG,
+    RUN_STATE,
+    TRAIN_LOG,
+    TRAINER_STATE,
+    check_same_run,
+    checkpoint_problem,
+    data_key,
+    list_checkpoints,
+    log_callback,
+    resume_checkpoint,
+    run_started,
+    write_json,
+)
 from .tiny import save_tiny_model, write_arithmetic_data
 
 __all__ = ["TrainError", "TrainResult", "build_model", "train"]
-
-ROUTING_LOG = "routing.jsonl"
-TRAIN_LOG = "train_log.jsonl"
-BASE_MODEL = "base_model"
-GENERATED_DATA = "data.jsonl"
-CACHE = "cache"
-# Written when a run starts (its identity and data digests): marks OUT as holding a run even
-# before the first checkpoint, so a stopped run is resumed (from step 0), never silently overwritten.
-RUN_STATE = "run.json"
-CHECKPOINT = "checkpoint-"  # the Trainer's checkpoint directories: OUT/checkpoint-<step>
-TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
 
 
 class TrainError(RuntimeError):
@@ -96,103 +101,6 @@ def _use_cpu(device: str) -> bool:
     return device == "cpu" or not torch.cuda.is_available()
 
 
-# ------------------------------------------------------------------ checkpoints and the run's identity
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    found = [p for p in out.glob(CHECKPOINT + "*") if p.is_dir() and p.name[len(CHECKPOINT) :].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT) :]))
-
-
-def _checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint directory `path` cannot be resumed from (None: it can). The Trainer
-    writes trainer_state.json after the weights, optimizer and RNG states: a save killed or
-    failed midway leaves none."""
-    try:
-        state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return f"checkpoint {str(path)!r} is incomplete (no {TRAINER_STATE}: its save did not finish)"
-    except (OSError, ValueError) as exc:
-        return f"checkpoint {str(path)!r} cannot be read ({TRAINER_STATE}: {type(exc).__name__})"
-    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
-        return f"checkpoint {str(path)!r} cannot be read ({TRAINER_STATE} holds no global_step)"
-    return None
-
-
-def _run_started(out: Path) -> bool:
-    return bool(_checkpoints(out)) or (out / RUN_STATE).exists() or (out / ROUTING_LOG).exists()
-
-
-def _resume_checkpoint(cfg: TrainConfig, out: Path) -> Path | None:
-    """The checkpoint to resume from. "latest" falls back past unusable checkpoints (with a
-    warning naming each; they are removed, as the run overwrites them); None: the run in OUT
-    stopped before its first checkpoint and starts again from step 0."""
-    if cfg.resume != "latest":
-        path = Path(cfg.resume)
-        if not path.is_dir():
-            raise StateError(f"resume {cfg.resume!r}: no such checkpoint directory")
-        problem = _checkpoint_problem(path)
-        if problem is not None:
-            raise StateError(f"resume: {problem}")
-        return path
-    found = _checkpoints(out)
-    if not found:
-        if _run_started(out):
-            warnings.warn(
-                f"resume: the run in {str(out)!r} stopped before its first checkpoint; starting it again from step 0",
-                stacklevel=2,
-            )
-            return None
-        raise StateError(f"resume 'latest': no checkpoint in {str(out)!r} and no run started there; leave out --resume")
-    problems = []
-    for path in reversed(found):
-        problem = _checkpoint_problem(path)
-        if problem is None:
-            for newer in found[found.index(path) + 1 :]:
-                shutil.rmtree(newer)
-            return path
-        problems.append(problem)
-        if path != found[0]:
-            warnings.warn(f"{problem}; falling back to the checkpoint before it", stacklevel=2)
-    raise StateError(
-        f"resume 'latest': none of the {len(found)} checkpoint(s) in {str(out)!r} can be read (latest: {problems[0]}); "
-        "delete them and pass --resume to start the run again from step 0, or choose another out"
-    )
-
-
-def _data_key(path: str, out: Path) -> str:
-    """A data file as the run's identity names it: relative to OUT when inside it (the
-    generated set), so a copied run directory is the same run."""
-    try:
-        return "OUT/" + Path(path).resolve().relative_to(out.resolve()).as_posix()
-    except ValueError:
-        return path
-
-
-def _check_same_run(cfg: TrainConfig, saved: dict, data_files: dict, where: Path) -> None:
-    now, then = cfg.identity(), saved["identity"]
-    differ = [k for k in sorted(now.keys() | then.keys()) if now.get(k) != then.get(k)]
-    if differ:
-        shown = "; ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in differ)
-        raise StateError(f"resume {str(where)!r}: options differ from the run's ({shown})")
-    for file, was in saved["data_files"].items():
-        if data_files.get(file) != was:
-            raise StateError(
-                f"resume {str(where)!r}: data file {file!r} changed since the run started ({was['bytes']} bytes, "
-                f"sha256 {was['sha256'][:12]}...); put back the file the run started with, or start a new run "
-                "with another out"
-            )
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ------------------------------------------------------------------ the Trainer
 
 
@@ -234,41 +142,6 @@ def _training_arguments(cfg: TrainConfig, out: Path, evaluate: bool):
     )
 
 
-def _log_callback(path: Path):
-    """A TrainerCallback appending every log record (training loss, eval loss, learning rate,
-    routing statistics) to `path` as a JSON line with its step; a resumed run first drops
-    the records past its checkpoint, so the file equals an uninterrupted run's."""
-    from transformers import TrainerCallback
-
-    class JsonlLog(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero or not path.exists():
-                return
-            kept = [
-                line
-                for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                if line.endswith("\n") and json.loads(line).get("step", 0) <= state.global_step
-            ]
-            _write_json_lines(path, kept)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                line = json.dumps({**logs, "step": state.global_step}) + "\n"
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                try:
-                    os.write(fd, line.encode())  # one write: a crash loses at most this line
-                finally:
-                    os.close(fd)
-
-    return JsonlLog()
-
-
-def _write_json_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _heldout_info(opt: MoLFAdamW) -> dict:
     active = opt.router.incumbents()
     return {
@@ -295,8 +168,8 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
         raise ConfigError(f"out {cfg.out!r}: exists and is not a directory")
     resume_from = None
     if cfg.resume is not None:
-        resume_from = _resume_checkpoint(cfg, out)
-    elif _run_started(out):
+        resume_from = resume_checkpoint(cfg, out)
+    elif run_started(out):
         raise ConfigError(
             f"out {cfg.out!r} already holds a run: pass --resume (resume='latest') to continue it, or choose "
             "another --out"
@@ -319,12 +192,12 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
                 write_arithmetic_data(generated, seed=cfg.seed)
             data_paths = [str(generated)]
             rows = load_rows(data_paths, fields)
-        files = {_data_key(f, out): fingerprint(f) for f in data_paths + (cfg.heldout_data or [])}
+        files = {data_key(f, out): fingerprint(f) for f in data_paths + (cfg.heldout_data or [])}
         state_path = out / RUN_STATE
         if state_path.exists():
-            _check_same_run(cfg, json.loads(state_path.read_text(encoding="utf-8")), files, resume_from or out)
+            check_same_run(cfg, json.loads(state_path.read_text(encoding="utf-8")), files, resume_from or out)
         elif args.should_save:
-            _write_json(state_path, {"identity": cfg.identity(), "data_files": files})
+            write_json(state_path, {"identity": cfg.identity(), "data_files": files})
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         if tokenizer.eos_token_id is None:
@@ -353,7 +226,7 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
         )
         optimizer = {"optimizer_cls_and_kwargs": (MoLFAdamW, kwargs)}
     train_log = out / TRAIN_LOG
-    extra = [_log_callback(train_log)]
+    extra = [log_callback(train_log)]
     if cfg.mode != "fft":  # a wrapped model: each checkpoint also gets the merged model or the adapter
         extra.append(ExportCallback(base_model_name_or_path=str(model_dir.resolve())))
     trainer = Trainer(
@@ -379,7 +252,7 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
         else:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     except OSError as exc:
-        kept = [p for p in _checkpoints(out) if _checkpoint_problem(p) is None]
+        kept = [p for p in list_checkpoints(out) if checkpoint_problem(p) is None]
         intact = f"the checkpoints before it are intact (latest: {kept[-1].name})" if kept else "none was saved before"
         raise TrainError(
             f"the run stopped at step {trainer.state.global_step} ({exc.strerror or exc}); {intact}: free space "
@@ -398,7 +271,7 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
             from ..plots import plot_routing_log
 
             figures = plot_routing_log(log_path, out / "routing_share.png")
-    checkpoints = _checkpoints(out)
+    checkpoints = list_checkpoints(out)
     return TrainResult(
         out=out,
         steps=max(trainer.state.global_step, start),
