@@ -240,9 +240,14 @@ def _synthetic(phases: tuple[demo.Regime, ...]) -> Callable[[int, Scale, str], I
     return build
 
 
-def _language(splits_of: Callable[[int, lm.LMScale], dict]) -> Callable[[int, Scale, str], Instance]:
+def _language(
+    splits_of: Callable[[int, lm.LMScale], dict], world_seed: int = lm.WORLD_SEED
+) -> Callable[[int, Scale, str], Instance]:
+    """A task on the LM pre-trained on world `world_seed`'s corpus (the suite's, or one of
+    `families.py`'s other worlds); `splits_of(seed, lm scale)` draws its data."""
+
     def build(seed: int, scale: Scale, device: str) -> Instance:
-        model = lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device)
+        model = lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device, world_seed=world_seed)
         splits = splits_of(seed, scale.lm)
         train = splits["train"]
         evals = {k: lm.collate(v, device) for k, v in splits.items() if k != "train"}

@@ -46,7 +46,10 @@ CITIES = (
 TABLES = ("users", "orders", "items", "books")
 COLUMNS = ("age", "price", "year", "score")
 WORLD_SIZE = 400  # names with a city in the pre-training corpus
-WORLD_SEED = 1234
+WORLD_SEED = 1234  # the suite's world; `benches/families.py` generates others
+# Other worlds draw their tables and columns from these (the suite's world keeps TABLES, COLUMNS).
+TABLE_POOL = TABLES + ("shops", "trips", "songs", "teams", "films", "cars")
+COLUMN_POOL = COLUMNS + ("rank", "size", "rating", "weight", "height", "cost")
 
 
 class CharTokenizer:
@@ -88,9 +91,9 @@ def _name(rng: random.Random) -> str:
     return "".join(rng.choice(syll) for _ in range(3))
 
 
-def world() -> dict[str, str]:
+def world(world_seed: int = WORLD_SEED) -> dict[str, str]:
     """The pre-training corpus's facts: name -> city."""
-    rng = random.Random(WORLD_SEED)
+    rng = random.Random(world_seed)
     names: dict[str, str] = {}
     while len(names) < WORLD_SIZE:
         names.setdefault(_name(rng), rng.choice(CITIES))
@@ -111,11 +114,20 @@ TASK_SQL = (
 )
 
 
-def _sql_pair(templates, rng: random.Random) -> tuple[str, str]:
+def vocabulary(world_seed: int = WORLD_SEED) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The world's tables and columns: the suite's own, or four of each pool drawn by the seed."""
+    if world_seed == WORLD_SEED:
+        return TABLES, COLUMNS
+    rng = random.Random(f"vocabulary {world_seed}")
+    return tuple(rng.sample(TABLE_POOL, len(TABLES))), tuple(rng.sample(COLUMN_POOL, len(COLUMNS)))
+
+
+def _sql_pair(templates, rng: random.Random, world_seed: int = WORLD_SEED) -> tuple[str, str]:
+    tables, columns = vocabulary(world_seed)
     q, a = rng.choice(templates)
     slots = dict(
-        table=rng.choice(TABLES),
-        col=rng.choice(COLUMNS),
+        table=rng.choice(tables),
+        col=rng.choice(columns),
         n=rng.randint(10, 99),
         city=rng.choice(CITIES),
         k=rng.randint(2, 9),
@@ -127,11 +139,11 @@ def fact_pair(name: str, city: str) -> tuple[str, str]:
     return f"{name} lives in", f" {city}."
 
 
-def pretrain_corpus(rng: random.Random, n: int) -> list[tuple[str, str]]:
-    facts = list(world().items())
+def pretrain_corpus(rng: random.Random, n: int, world_seed: int = WORLD_SEED) -> list[tuple[str, str]]:
+    facts = list(world(world_seed).items())
     out = []
     for _ in range(n):
-        out.append(fact_pair(*rng.choice(facts)) if rng.random() < 0.5 else _sql_pair(PRETRAIN_SQL, rng))
+        out.append(fact_pair(*rng.choice(facts)) if rng.random() < 0.5 else _sql_pair(PRETRAIN_SQL, rng, world_seed))
     return out
 
 
@@ -174,15 +186,16 @@ def build_lm(scale: LMScale) -> nn.Module:
     return Qwen2ForCausalLM(cfg)
 
 
-def pretrained_lm(scale: LMScale, cache_dir: Path, device: str, progress: bool = True) -> nn.Module:
-    """The pre-trained model for `scale`, trained once and cached under `cache_dir`
-    (the file name hashes everything that determines the weights)."""
+def pretrained_lm(
+    scale: LMScale, cache_dir: Path, device: str, progress: bool = True, world_seed: int = WORLD_SEED
+) -> nn.Module:
+    """The pre-trained model for `scale` on the corpus of world `world_seed`, trained once and
+    cached under `cache_dir` (the file name hashes everything that determines the weights)."""
     arch = {k: v for k, v in asdict(scale).items() if not k.startswith(("n_facts", "n_sql"))}  # task sizes: not weights
-    key = hashlib.sha256(
-        json.dumps(
-            {"scale": arch, "world": [WORLD_SEED, WORLD_SIZE], "sql": PRETRAIN_SQL, "chars": TOKENIZER.chars, "v": 1}
-        ).encode()
-    ).hexdigest()
+    identity = {"scale": arch, "world": [world_seed, WORLD_SIZE], "sql": PRETRAIN_SQL, "chars": TOKENIZER.chars, "v": 1}
+    if world_seed != WORLD_SEED:  # the suite's world keeps the key its checkpoints were cached under
+        identity["vocabulary"] = vocabulary(world_seed)
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
     path = Path(cache_dir).expanduser() / f"qwen2-char-{key[:16]}.pt"
     torch.manual_seed(0)
     model = build_lm(scale)
@@ -194,7 +207,7 @@ def pretrained_lm(scale: LMScale, cache_dir: Path, device: str, progress: bool =
     opt = torch.optim.AdamW(model.parameters(), lr=scale.pretrain_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, scale.pretrain_lr, total_steps=scale.pretrain_steps)
     for _ in tqdm(range(scale.pretrain_steps), desc="pre-training the LM", disable=not progress, leave=False):
-        batch = collate(pretrain_corpus(rng, scale.pretrain_batch), device, prompt_loss=True)
+        batch = collate(pretrain_corpus(rng, scale.pretrain_batch, world_seed), device, prompt_loss=True)
         model(**batch).loss.backward()
         opt.step()
         sched.step()
@@ -206,20 +219,20 @@ def pretrained_lm(scale: LMScale, cache_dir: Path, device: str, progress: bool =
     return model
 
 
-def fact_splits(seed: int, scale: LMScale) -> dict[str, list[tuple[str, str]]]:
+def fact_splits(seed: int, scale: LMScale, world_seed: int = WORLD_SEED) -> dict[str, list[tuple[str, str]]]:
     """Counterfactual facts: known names moved to another city. The facts are
     trained on and recalled, so train and test hold the same pairs; the
     learning rate is chosen on another seed's facts (see quality.py)."""
     if not 0 < scale.n_facts <= WORLD_SIZE:
         raise ValueError(f"n_facts must be in [1, {WORLD_SIZE}] (the names the corpus knows), got {scale.n_facts}")
     rng = random.Random(seed)
-    known = world()
+    known = world(world_seed)
     names = rng.sample(sorted(known), scale.n_facts)
     pairs = [fact_pair(n, rng.choice([c for c in CITIES if c != known[n]])) for n in names]
     return {"train": pairs, "val": pairs, "test": pairs}
 
 
-def sql_splits(seed: int, scale: LMScale) -> dict[str, list[tuple[str, str]]]:
+def sql_splits(seed: int, scale: LMScale, world_seed: int = WORLD_SEED) -> dict[str, list[tuple[str, str]]]:
     """Training questions and disjoint held-out validation and test questions."""
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -227,7 +240,7 @@ def sql_splits(seed: int, scale: LMScale) -> dict[str, list[tuple[str, str]]]:
     for split, n in (("train", scale.n_sql_train), ("val", scale.n_sql_eval), ("test", scale.n_sql_eval)):
         items = []
         while len(items) < n:
-            pair = _sql_pair(TASK_SQL, rng)
+            pair = _sql_pair(TASK_SQL, rng, world_seed)
             if pair[0] not in seen:
                 seen.add(pair[0])
                 items.append(pair)
