@@ -182,10 +182,17 @@ def _best_lr(scores: dict[float, float], higher: bool) -> float:
 # ------------------------------------------------------------------ rates
 
 
-def select(specs: list[fam.InstanceSpec], families: list[str] | None, which: str) -> list[fam.InstanceSpec]:
-    out = [s for s in specs if s.set == which and (families is None or s.family in families)]
+def select(
+    specs: list[fam.InstanceSpec], families: list[str] | None, which: str, names: list[str] | None = None
+) -> list[fam.InstanceSpec]:
+    """The set's instances of `families` (None: all), only those named in `names` if given."""
+    out = [
+        s
+        for s in specs
+        if s.set == which and (families is None or s.family in families) and (names is None or s.name in names)
+    ]
     if not out:
-        raise ConfigError(f"no {which} instances of families {families}")
+        raise ConfigError(f"no {which} instances of families {families}" + (f" named {names}" if names else ""))
     return out
 
 
@@ -229,10 +236,10 @@ def choose_rates(
     book = tomllib.loads(rates_path.read_text(encoding="utf-8")) if rates_path.exists() else {}
     section = book.get(scale_name, {})
     section.update(
-        command=command,
         grid=list(scale.lrs),
         seeds=seeds,
         split_sha256=fam.SPLIT_SHA256,
+        commands={**section.get("commands", {}), **dict.fromkeys(rates, command)},  # the command that chose each
         rates={**section.get("rates", {}), **rates},
         scores={**section.get("scores", {}), **scores},
     )
@@ -284,6 +291,7 @@ def run_suite(
     progress: bool = True,
     rates: str = "family",
     rates_path: Path = RATES_PATH,
+    names: list[str] | None = None,
 ) -> dict:
     """Every method on every instance of the set (`which`) and families, at the family's
     rates or (rates "instance") at each instance's rate on validation; results.json, table.txt."""
@@ -291,9 +299,9 @@ def run_suite(
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; expected some of {list(baselines.METHODS)}")
     scale = SCALES[scale_name]
-    specs = select(fam.load_split(), families, which)
+    specs = select(fam.load_split(), families, which, names)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     pretrain(specs, scale, device, progress)
     book = JobBook(out, scale, device, resume)
     lr: dict[tuple[str, str], float] = {}
@@ -336,6 +344,8 @@ def run_suite(
         "instances": instances,
         "summary": summarize(instances),
         "wall_s": time.perf_counter() - start,
+        # this process's CPU time: with one thread and --jobs 1, the wall time on an idle core
+        "cpu_s": time.process_time() - cpu,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
@@ -474,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", choices=("tuning", "test"), default="tuning", help="the instances (default tuning)")
     p.add_argument("--families", nargs="+", choices=list(fam.FAMILIES), help="default: all (quick: the synthetic ones)")
     p.add_argument("--methods", nargs="+", choices=list(baselines.METHODS), metavar="METHOD", help="default: all")
+    p.add_argument("--instances", nargs="+", metavar="NAME", help="only these instances of the set (families.toml)")
     p.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds per instance (default {SEEDS})")
     p.add_argument("--rates", choices=("family", "instance"), help="default: family (quick), instance (full)")
     p.add_argument(
@@ -506,10 +517,10 @@ def main(argv: list[str] | None = None) -> int:
     rates = args.rates or ("instance" if args.full else "family")
     res = run_suite(
         scale_name, args.set, families, methods, Path(args.out), args.device, args.seeds, args.jobs,
-        args.resume, not args.no_progress, rates,
+        args.resume, not args.no_progress, rates, names=args.instances,
     )  # fmt: skip
     print(format_table(res))
-    print(f"\nwall {res['wall_s']:.0f} s; results in {args.out}/")
+    print(f"\nwall {res['wall_s']:.0f} s, CPU {res['cpu_s']:.0f} s; results in {args.out}/")
     return 0
 
 
