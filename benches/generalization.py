@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -507,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     if args.choose_rates:
-        command = "python3 benches/generalization.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python3 benches/generalization.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         section = choose_rates(
             scale_name, families, methods, Path(args.out), args.device, args.rate_seeds, args.jobs,
             args.resume, not args.no_progress, command=command,
