@@ -60,10 +60,6 @@ def _u(rng: random.Random, lo: float, hi: float) -> float:
     return float(f"{rng.uniform(lo, hi):.3g}")
 
 
-def _uniform_ranks(rank: int | str) -> Callable[[int], list]:
-    return lambda depth: [rank] * (depth + 1)
-
-
 def _draw_problem(ranks: Callable[[random.Random, int], list], n: tuple[float, float], noise: tuple[float, float]):
     def draw(rng: random.Random, which: str) -> dict:
         p = _shape(rng)
@@ -106,7 +102,7 @@ SYNTHETIC_FAMILIES = (
         "high-rank-clean",
         "synthetic",
         "every layer needs a full-rank update; plenty of clean data (FFT's ground)",
-        _draw_problem(lambda rng, d: _uniform_ranks(FULL)(d), (0.3, 1.0), (0.0, 0.1)),
+        _draw_problem(lambda rng, d: [FULL] * (d + 1), (0.3, 1.0), (0.0, 0.1)),
         3,
         4,
     ),
@@ -114,7 +110,7 @@ SYNTHETIC_FAMILIES = (
         "low-rank-noisy",
         "synthetic",
         "a rank 1-2 update per layer; some data, strong label noise (LoRA's ground)",
-        _draw_problem(lambda rng, d: _uniform_ranks(rng.choice((1, 2)))(d), (0.04, 0.12), (0.5, 1.0)),
+        _draw_problem(lambda rng, d: [rng.choice((1, 2))] * (d + 1), (0.04, 0.12), (0.5, 1.0)),
         3,
         4,
     ),
@@ -122,7 +118,7 @@ SYNTHETIC_FAMILIES = (
         "scarce-noisy",
         "synthetic",
         "a rank-1 update per layer; about one training sample per hundred weights, very noisy labels",
-        _draw_problem(lambda rng, d: _uniform_ranks(1)(d), (0.007, 0.015), (1.0, 2.0)),
+        _draw_problem(lambda rng, d: [1] * (d + 1), (0.007, 0.015), (1.0, 2.0)),
         3,
         4,
     ),
@@ -138,7 +134,7 @@ SYNTHETIC_FAMILIES = (
         "mid-rank",
         "synthetic",
         "a rank 4-16 update per layer; moderate data, some noise",
-        _draw_problem(lambda rng, d: _uniform_ranks(rng.choice((4, 8, 16)))(d), (0.05, 0.3), (0.0, 0.5)),
+        _draw_problem(lambda rng, d: [rng.choice((4, 8, 16))] * (d + 1), (0.05, 0.3), (0.0, 0.5)),
         3,
         4,
     ),

@@ -168,15 +168,11 @@ def pretrain(specs: list[fam.InstanceSpec], scale: quality.Scale, device: str, p
         lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device, progress=progress, world_seed=w)
 
 
-def _better(a: float, b: float, higher: bool) -> bool:
-    return quality._better(a, b, higher)
-
-
 def _best_lr(scores: dict[float, float], higher: bool) -> float:
     """The rate of the best score; ties and NaN: the first in grid order."""
     best = next(iter(scores))
     for lr, v in scores.items():
-        best = lr if _better(v, scores[best], higher) else best
+        best = lr if quality._better(v, scores[best], higher) else best
     return best
 
 
