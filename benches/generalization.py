@@ -240,6 +240,13 @@ def choose_rates(
         rates={**section.get("rates", {}), **rates},
         scores={**section.get("scores", {}), **scores},
     )
+    # a rate at the grid's edge may hide a better one beyond it: say so
+    section["at_grid_edge"] = sorted(
+        f"{f} · {m}"
+        for f, by in section["rates"].items()
+        for m, lr in by.items()
+        if lr in (min(scale.lrs), max(scale.lrs))
+    )
     book[scale_name] = section
     rates_path.write_text(toml_dump(book), encoding="utf-8")
     return section

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -206,7 +207,9 @@ def _rates(path: Path, families: list[str], methods: list[str], lr: float) -> No
     path.write_text(g.toml_dump({"tiny": section}), encoding="utf-8")
 
 
-def test_rates_are_chosen_per_family_on_tuning_instances_and_checked(tmp_path):
+def test_rates_are_chosen_per_family_on_tuning_instances_and_checked(tmp_path, monkeypatch):
+    grid = (1e-3, 2e-3, 3e-3)
+    monkeypatch.setitem(g.SCALES, "tiny", replace(TINY, lrs=grid))
     path = tmp_path / "rates.toml"
     with pytest.raises(ConfigError, match="choose the rates"):
         g.load_rates("tiny", path)
@@ -224,10 +227,11 @@ def test_rates_are_chosen_per_family_on_tuning_instances_and_checked(tmp_path):
         by_lr = {
             lr: sum(r["result"]["metric"] for r in records if r["job"]["method"] == m and r["job"]["lr"] == lr)
             / len(tuning)
-            for lr in TINY.lrs
+            for lr in grid
         }
         assert scores == pytest.approx({repr(k): v for k, v in by_lr.items()})
         assert book["scarce-noisy"][m] == min(by_lr, key=by_lr.get)
+        assert (f"scarce-noisy · {m}" in section["at_grid_edge"]) == (book["scarce-noisy"][m] != 2e-3)
     assert section["commands"] == {"scarce-noisy": "c"} and g.load_rates("tiny", path) == book
     with pytest.raises(ConfigError, match="no rates"):
         g.load_rates("quick", path)
