@@ -325,7 +325,7 @@ def run_suite(
             for s in specs
             for m in methods
         }
-        lr = {k: _best_lr(v, spec_of(specs, k[0]).higher_is_better) for k, v in val_scores.items()}
+        lr = {k: _best_lr(v, spec(k[0]).higher_is_better) for k, v in val_scores.items()}
     seed_list = list(range(seeds))
     jobs = [Job(s.name, m, lr[(s.name, m)], seed, "test") for s in specs for m in methods for seed in seed_list]
     done = run_jobs(jobs, scale, device, book, n_jobs, progress)
@@ -354,10 +354,6 @@ def run_suite(
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
     return results
-
-
-def spec_of(specs: list[fam.InstanceSpec], name: str) -> fam.InstanceSpec:
-    return next(s for s in specs if s.name == name)
 
 
 def assemble(
