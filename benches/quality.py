@@ -416,7 +416,7 @@ def _molf(
             lora_lr=lora_lr_factor * lr,
             weight_decay=0.0,
             lora_weight_decay=0.0,
-            log_path=log_path,
+            log=log_path,
             routing=routing(lambda: heldout(model)),
         )
         return model, opt, _none

@@ -48,7 +48,7 @@ def make(variant, log_path=None):
         for _, layer in molf.routed_modules(model):
             for b in layer.lora_B:
                 b.normal_(0, 0.1)
-    opt = molf.MoLFAdamW(model, lr=5e-3, lora_lr=2e-2, weight_decay=0.1, log_path=log_path, **opt_kw)
+    opt = molf.MoLFAdamW(model, lr=5e-3, lora_lr=2e-2, weight_decay=0.1, log=log_path, **opt_kw)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
     return model, opt, sched
 

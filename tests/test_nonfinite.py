@@ -25,7 +25,7 @@ class Net(nn.Module):
 def make(tmp_path, **kw):
     torch.manual_seed(0)
     model = molf.wrap(Net(), molf.MoLFConfig(ranks=(2,), exclude_modules=("head",)))
-    opt = molf.MoLFAdamW(model, lr=1e-2, log_path=tmp_path / "log.jsonl", **kw)
+    opt = molf.MoLFAdamW(model, lr=1e-2, log=tmp_path / "log.jsonl", **kw)
     return model, opt
 
 

@@ -101,7 +101,8 @@ def test_group_keys_override_lora_settings():
         (dict(routing=lambda: molf.TopK(k=0)), "topk"),
         (dict(routing="greedy"), "policy"),
         (dict(state_dtype=torch.int8), "state_dtype"),
-        (dict(log_every=0), "log_every"),
+        (dict(log=lambda: molf.LogSettings("log.jsonl", every=0)), "LogSettings: every"),
+        (dict(log=5), "LogSettings: path"),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs, match):
@@ -125,7 +126,7 @@ def test_two_experts_topk_two_warns():
 def test_routing_log_lines(fmt, tmp_path):
     path = tmp_path / "logs" / "routing.jsonl"
     model = wrapped(ranks=(2, 4))
-    opt = molf.MoLFAdamW(model, lr=1e-3, log_path=path, log_scores_every=1, log_format=fmt)
+    opt = molf.MoLFAdamW(model, lr=1e-3, log=molf.LogSettings(path, scores_every=1, format=fmt))
     for s in range(3):
         loss_step(model, opt, s)
     records = list(molf.read_routing_log(path))

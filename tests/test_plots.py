@@ -10,7 +10,7 @@ import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
-from molf import RoutingLog
+from molf import LogSettings, RoutingLog
 from molf.cli import main
 from molf.plots import (
     _downsample_mode,
@@ -36,7 +36,7 @@ def write_log(
     path: Path, modules: list[str], winners: np.ndarray, experts=("dense", "lora0_r8"), skip_after=(), fmt="compact"
 ):
     """`winners[t]`: per module the index of its one winner, or -1 for none."""
-    log = RoutingLog(path, modules, list(experts), format=fmt)
+    log = RoutingLog(LogSettings(path, format=fmt), modules, list(experts))
     for t, row in enumerate(winners, start=1):
         mask = np.zeros((len(modules), len(experts)), dtype=bool)
         for m, e in enumerate(row):

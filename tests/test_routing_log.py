@@ -4,8 +4,10 @@ and crashes, and continues across a resume without gaps or repeats."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
+import pickle
 import warnings
 
 import numpy as np
@@ -15,7 +17,7 @@ from torch import nn
 
 import molf
 import molf.routing_log
-from molf.routing_log import RoutingLog, read_routing_log
+from molf.routing_log import LogSettings, RoutingLog, read_routing_log
 from test_checkpoint import STOP, TOTAL, make, run, save
 
 STEPS = 4
@@ -82,7 +84,7 @@ def test_short_write_is_taken_back(fmt, tmp_path, monkeypatch):
     """The disk fills up in the middle of a line: the part written is removed, the file
     stays valid, and writing resumes once there is space again."""
     path = tmp_path / "routing.jsonl"
-    log = RoutingLog(path, ["m0", "m1"], ["dense", "lora"], scores_every=1, format=fmt)
+    log = RoutingLog(LogSettings(path, scores_every=1, format=fmt), ["m0", "m1"], ["dense", "lora"])
     scores = np.array([[1.0, 2.0], [3.0, np.nan]])
     mask = np.array([[False, True], [True, False]])
     log.write(1, "routing", scores, mask)
@@ -157,7 +159,7 @@ def test_first_step_at_lr_zero_is_logged(tmp_path):
     step DCP runs on a fresh optimizer; real gradients tell them apart: this one is logged."""
     path = tmp_path / "routing.jsonl"
     model, opt, sched = make("molf")
-    opt._log = RoutingLog(path, opt.module_names, opt.expert_names, scores_every=1)  # to see the scores
+    opt._log = RoutingLog(LogSettings(path, scores_every=1), opt.module_names, opt.expert_names)  # to see the scores
     for group in opt.param_groups:
         group["lr"] = 0.0
     run(model, opt, sched, range(2))
@@ -167,13 +169,13 @@ def test_first_step_at_lr_zero_is_logged(tmp_path):
 
 
 def test_two_optimizers_on_one_log_path_are_named(tmp_path):
-    """Two optimizers given one log_path interleave their records: the one that finds
+    """Two optimizers given one log path interleave their records: the one that finds
     another writer's records after its own last line warns, naming the path."""
     log = tmp_path / "shared.jsonl"
     models = [
         molf.wrap(nn.Sequential(nn.Linear(4, 4)), molf.MoLFConfig(ranks=(2,), exclude_modules=())) for _ in range(2)
     ]
-    opts = [molf.MoLFAdamW(m, lr=1e-2, log_path=log) for m in models]
+    opts = [molf.MoLFAdamW(m, lr=1e-2, log=log) for m in models]
 
     def step(model, opt):
         model(torch.randn(3, 4)).pow(2).sum().backward()
@@ -183,7 +185,7 @@ def test_two_optimizers_on_one_log_path_are_named(tmp_path):
     step(models[0], opts[0])
     with pytest.warns(RuntimeWarning, match="moved to"):  # the second one's first write: a new run
         step(models[1], opts[1])
-    with pytest.warns(RuntimeWarning, match="two optimizers with one log_path"):
+    with pytest.warns(RuntimeWarning, match="two optimizers with one log path"):
         step(models[0], opts[0])
 
 
@@ -214,7 +216,7 @@ def _write_steps(log: RoutingLog, steps, seed: int = 0, skip_after=()) -> dict[i
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_what_is_written_is_read_back(fmt, tmp_path):
     path = tmp_path / "routing.jsonl"
-    log = RoutingLog(path, MODULES, EXPERTS, 2, 3, fmt)
+    log = RoutingLog(LogSettings(path, 2, 3, fmt), MODULES, EXPERTS)
     log.write_skip(0, "non-finite gradient")  # the first line (with the compact format's names) a skip
     handed = _write_steps(log, range(1, 21), skip_after=(7, 8))
     rec = molf.routing_log.read_routing_records(path)
@@ -241,7 +243,7 @@ def test_compact_and_full_logs_read_the_same(tmp_path):
     """Both formats, written the same steps, read back as the same records and dicts."""
     paths = {fmt: tmp_path / f"{fmt}.jsonl" for fmt in FORMATS}
     for fmt, path in paths.items():
-        _write_steps(RoutingLog(path, MODULES, EXPERTS, 1, 4, fmt), range(1, 30), skip_after=(5,))
+        _write_steps(RoutingLog(LogSettings(path, 1, 4, fmt), MODULES, EXPERTS), range(1, 30), skip_after=(5,))
     compact, full = (list(read_routing_log(paths[fmt])) for fmt in FORMATS)
     assert compact == full and len(compact) == 30
     assert compact[3]["modules"]["a.0.q_proj"].keys() == {"scores", "winners"}  # step 4
@@ -269,7 +271,7 @@ def test_default_log_of_450_modules_over_100k_steps_fits_in_100_mb(experts, tmp_
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_resume_cuts_back_to_the_checkpoint_and_drops_a_torn_record(fmt, tmp_path):
     path = tmp_path / "routing.jsonl"
-    _write_steps(RoutingLog(path, MODULES, EXPERTS, format=fmt), range(1, 7), skip_after=(3,))
+    _write_steps(RoutingLog(LogSettings(path, format=fmt), MODULES, EXPERTS), range(1, 7), skip_after=(3,))
     lines = path.read_bytes().splitlines(keepends=True)
     with open(path, "ab") as f:
         f.write(lines[-1][: len(lines[-1]) // 2])  # the write a kill cut short
@@ -277,7 +279,7 @@ def test_resume_cuts_back_to_the_checkpoint_and_drops_a_torn_record(fmt, tmp_pat
 
     def resumed(step: int, skipped: int) -> list:
         path.write_bytes(b"".join(lines))
-        log = RoutingLog(path, MODULES, EXPERTS, format=fmt)
+        log = RoutingLog(LogSettings(path, format=fmt), MODULES, EXPERTS)
         log.resume(step, skipped)
         return log
 
@@ -310,8 +312,8 @@ def test_a_torn_first_line_holds_no_records(tmp_path):
 def test_a_resumed_log_goes_on_in_the_format_it_began_in(began, configured, tmp_path):
     """A log an older molf wrote (full) goes on as full after a resume, and vice versa."""
     path = tmp_path / "routing.jsonl"
-    _write_steps(RoutingLog(path, MODULES, EXPERTS, format=began), range(1, 4))
-    log = RoutingLog(path, MODULES, EXPERTS, format=configured)
+    _write_steps(RoutingLog(LogSettings(path, format=began), MODULES, EXPERTS), range(1, 4))
+    log = RoutingLog(LogSettings(path, format=configured), MODULES, EXPERTS)
     log.resume(2, 0)
     _write_steps(log, [3, 4])
     lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -334,38 +336,61 @@ def _steps(model, opt, n: int) -> None:
 
 def test_optimizer_log_options(tmp_path):
     default, chosen = tmp_path / "default.jsonl", tmp_path / "chosen.jsonl"
-    _steps(*_small_optimizer(log_path=default), 3)
+    _steps(*_small_optimizer(log=default), 3)
     first = json.loads(default.read_text().splitlines()[0])
     assert first["format"] == "molf-routing-log/compact-1" and "scores" not in default.read_text()
     assert first["modules"] == ["0", "1"] and first["experts"] == ["dense", "lora0_r2"]
-    _steps(*_small_optimizer(log_path=chosen, log_every=2, log_scores_every=4, log_format="full"), 8)
+    _steps(*_small_optimizer(log=LogSettings(chosen, every=2, scores_every=4, format="full")), 8)
     records = list(read_routing_log(chosen))
     assert [r["step"] for r in records] == [2, 4, 6, 8]
     assert ["scores" in r["modules"]["0"] for r in records] == [False, True, False, True]
     assert records == [json.loads(line) for line in chosen.read_text().splitlines()]
 
 
+def test_set_log_and_pickling_keep_the_settings(tmp_path):
+    """`set_log` takes what `log=` takes (None: stop); a pickled optimizer keeps its log's
+    settings and goes on writing it."""
+    path = tmp_path / "routing.jsonl"
+    model, opt = _small_optimizer()
+    _steps(model, opt, 1)
+    opt.set_log(LogSettings(path, every=2, format="full"))
+    _steps(model, opt, 3)
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone.log_path == str(path) and (clone._log.every, clone._log.format) == (2, "full")
+    opt.set_log(None)
+    assert opt.log_path is None
+    _steps(model, opt, 2)
+    assert [r["step"] for r in read_routing_log(path)] == [2, 4]
+    assert all("format" not in json.loads(line) for line in path.read_text().splitlines())  # the full format
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
-        (dict(log_format="binary"), "log_format must be one of 'compact', 'full', got 'binary'"),
-        (dict(log_scores_every=0), "log_scores_every must be an integer >= 1, got 0"),
-        (dict(log_scores_every=2.0), "log_scores_every must be an integer >= 1, got 2.0"),
-        (dict(log_every=True), "log_every must be an integer >= 1, got True"),
+        (dict(format="binary"), "LogSettings: format must be one of 'compact', 'full', got 'binary'"),
+        (dict(scores_every=0), "LogSettings: scores_every must be an integer >= 1, got 0"),
+        (dict(scores_every=2.0), "LogSettings: scores_every must be an integer >= 1, got 2.0"),
+        (dict(every=True), "LogSettings: every must be an integer >= 1, got True"),
+        (dict(path=3), "LogSettings: path must be a file path, got 3"),
     ],
 )
 def test_bad_log_options_are_refused(kw, message):
     with pytest.raises(molf.ConfigError, match=message):
-        _small_optimizer(**kw)
-    with pytest.raises(molf.ConfigError, match=message):
-        RoutingLog(
-            "unused.jsonl",
-            MODULES,
-            EXPERTS,
-            kw.get("log_every", 1),
-            kw.get("log_scores_every"),
-            kw.get("log_format", "compact"),
-        )
+        LogSettings(**{"path": "unused.jsonl", **kw})
+
+
+def test_a_plain_path_is_the_default_log_settings(tmp_path):
+    """`log=path` (optimizer, RoutingLog) is `LogSettings(path)`; the path is kept as a str."""
+    path = tmp_path / "routing.jsonl"
+    assert LogSettings(path) == LogSettings(str(path), every=1, scores_every=None, format="compact")
+    assert LogSettings.of(path) == LogSettings(path) and LogSettings.of(LogSettings(path, 2)).every == 2
+    _, opt = _small_optimizer(log=path)
+    assert opt.log_path == str(path) and (opt._log.every, opt._log.scores_every, opt._log.format) == (1, 100, "compact")
+    log = RoutingLog(LogSettings(path, 3, 5, "full"), MODULES, EXPERTS)
+    assert (log.path, log.every, log.scores_every, log.format) == (str(path), 3, 5, "full")
+    assert RoutingLog(LogSettings(path, format="full"), MODULES, EXPERTS).scores_every == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LogSettings(path).every = 2
 
 
 @pytest.mark.parametrize(

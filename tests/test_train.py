@@ -394,15 +394,16 @@ def test_config_file_with_flag_override(model_dir, data, tmp_path):
     cfg.write_text(
         f'model = "{model_dir}"\ndata = ["{data}"]\nout = "{tmp_path / "toml"}"\nmode = "molf"\n'
         'steps = 2\nbatch-size = 4\nlr = 3e-4\nranks = [4]\nalphas = [8]\npolicy = "hysteresis"\n'
-        "progress = false\nplots = false\n"
+        "progress = false\nplots = false\nlog-every = 2\n"
     )
     assert main(["train", "--config", str(cfg), "--steps", "3", "--lr", "5e-4"]) == 0
     saved = json.loads((tmp_path / "toml" / "run.json").read_text())["identity"]
     assert saved["steps"] == 3 and saved["lr"] == 5e-4  # flags win
     assert saved["ranks"] == [4] and saved["policy"] == "hysteresis" and saved["batch_size"] == 4  # from the file
     assert saved["margin"] == 0.1 and saved["min_dwell"] == 20  # molf.Hysteresis' defaults, resolved
-    (first, *_) = molf.read_routing_log(tmp_path / "toml" / "routing.jsonl")
+    (first, *rest) = molf.read_routing_log(tmp_path / "toml" / "routing.jsonl")
     assert first["experts"] == ["dense", "lora0_r4"]
+    assert [r["step"] for r in (first, *rest)] == [2]  # log-every = 2 reaches the routing log
 
 
 def test_yaml_config_reads_numbers_as_numbers(model_dir, data, tmp_path, monkeypatch, capsys):

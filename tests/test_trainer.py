@@ -368,7 +368,7 @@ def test_resumed_trainer_run_keeps_the_whole_routing_log(tmp_path):
     kw = dict(max_steps=7, save_strategy="steps", save_steps=3)
 
     def trainer_for(out, callbacks=None):
-        kwargs = dict(log_path=str(out / "routing.jsonl"), **SWITCHING)
+        kwargs = dict(log=str(out / "routing.jsonl"), **SWITCHING)
         return transformers.Trainer(
             model=wrapped(),
             args=args(out, **kw),
@@ -393,7 +393,7 @@ def test_fresh_trainer_run_moves_an_old_log_aside(tmp_path):
         model=wrapped(),
         args=args(tmp_path, max_steps=2),
         train_dataset=TokenData(8),
-        optimizer_cls_and_kwargs=opt_kwargs(log_path=str(log)),
+        optimizer_cls_and_kwargs=opt_kwargs(log=str(log)),
     )
     with pytest.warns(RuntimeWarning, match="moved to"):
         trainer.train()
@@ -476,9 +476,9 @@ def test_molf_hf_needs_no_import_and_transformers_loads_only_when_used(monkeypat
 
 
 def test_routing_log_defaults_to_output_dir_and_resumes(tmp_path):
-    """With the callback and no log_path, output_dir/routing.jsonl gets every step; a run
+    """With the callback and no log of the optimizer's own, output_dir/routing.jsonl gets every step; a run
     resumed from checkpoint-3 leaves the log of the uninterrupted run; routing_log=None
-    writes none and a log_path of the optimizer's own is kept."""
+    writes none and a log of the optimizer's own is kept."""
     kw = dict(max_steps=7, save_strategy="steps", save_steps=3)
 
     def trainer_for(out, callbacks=None, routing_log="routing.jsonl", **opt):
@@ -505,7 +505,7 @@ def test_routing_log_defaults_to_output_dir_and_resumes(tmp_path):
     trainer_for(tmp_path / "none", routing_log=None).train()
     assert not (tmp_path / "none" / "routing.jsonl").exists()
     own = tmp_path / "elsewhere.jsonl"
-    trainer_for(tmp_path / "own", log_path=str(own)).train()
+    trainer_for(tmp_path / "own", log=str(own)).train()
     assert not (tmp_path / "own" / "routing.jsonl").exists()
     assert [r["step"] for r in molf.read_routing_log(own)] == list(range(1, 8))
 
@@ -517,6 +517,11 @@ def test_only_the_main_process_gets_the_default_routing_log(tmp_path):
         state = transformers.TrainerState(is_world_process_zero=main)
         callback.on_train_begin(args(tmp_path), state, transformers.TrainerControl(), optimizer=opt)
         assert opt.log_path == (str(tmp_path / "routing.jsonl") if main else None)
+    # A LogSettings with a relative path: that log, under output_dir.
+    opt = molf.MoLFAdamW(wrapped(), lr=1e-3)
+    callback = RoutingCallback(routing_log=molf.LogSettings("logs/r.jsonl", every=2, format="full"))
+    callback.on_train_begin(args(tmp_path), transformers.TrainerState(), transformers.TrainerControl(), optimizer=opt)
+    assert opt.log_path == str(tmp_path / "logs" / "r.jsonl") and (opt._log.every, opt._log.format) == (2, "full")
 
 
 # ------------------------------------------------------------------ checkpoints as models

@@ -26,7 +26,7 @@ from .export import export_peft, import_peft
 from .layer import MoLFLinear
 from .optimizer import SCORES, MoLFAdamW
 from .routing import Heldout, Hysteresis, TopK
-from .routing_log import RoutingLog, read_routing_log
+from .routing_log import LogSettings, RoutingLog, read_routing_log
 from .summary import RoutingSummary, print_trainable_parameters
 from .wrap import is_wrapped, merge, merged_state_dict, routed_modules, wrap
 
@@ -56,6 +56,7 @@ __all__ = [
     "Hysteresis",
     "InternalError",
     "Ledger",
+    "LogSettings",
     "MoLFAdamW",
     "MoLFConfig",
     "MoLFLinear",

@@ -23,7 +23,7 @@ __all__ = ["_Checkpointing"]
 
 # What pickling keeps besides torch's state and groups (and the routing state, as plain data).
 _PICKLED = ("score", "_state_dtype", "module_names", "expert_names", "_log", "lagged", "skip_nonfinite")
-_PICKLED += ("_check_every", "_probe", "routing", "_log_settings")
+_PICKLED += ("_check_every", "_probe", "routing")
 
 
 class _Checkpointing:

@@ -1,6 +1,6 @@
 """The checks of `MoLFAdamW`'s constructor arguments that come before its param groups
-are built, in the order the constructor runs them (the first bad value is the one named),
-(the routing policy object checks its own settings)."""
+are built, in the order the constructor runs them (the first bad value is the one named)
+(the routing policy and the `LogSettings` check their own)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import math
 from typing import Any
 
 from ._core import ConfigError
-from .routing_log import check_log_options
 
 __all__ = ["DEFAULT_LR", "check_number", "check_options"]
 
@@ -31,12 +30,9 @@ def check_options(
     lora_weight_decay: float | None,
     betas: Any,
     eps: float,
-    log_every: int,
-    log_scores_every: int | None,
-    log_format: str,
     check_every: int,
 ) -> None:
-    """Refuse (ConfigError) the first bad argument (the routing policy checks its own)."""
+    """Refuse (ConfigError) the first bad argument (the routing policy and the log settings check their own)."""
     if lr is not None:
         check_number("lr", lr)
     check_number("weight_decay", weight_decay)
@@ -49,6 +45,5 @@ def check_options(
         raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
     check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
-    check_log_options(log_every, log_scores_every, log_format)
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
         raise ConfigError(f"check_every must be an integer >= 0 (0: never), got {check_every!r}")

@@ -15,7 +15,7 @@ from ._core import Ledger, Router
 from ._expert_view import ExpertView
 from ._score_sources import _ScoreSources, routed_score_group
 from .checkpoint import is_state_init_step
-from .routing_log import RoutingLog, phase_of_last_step
+from .routing_log import LogSettings, RoutingLog, phase_of_last_step
 from .summary import RoutingSummary
 
 __all__ = ["_Routing"]
@@ -84,18 +84,18 @@ class _Routing:
         """Where the routing log goes (None: no log)."""
         return None if self._log is None else self._log.path
 
-    def set_log_path(self, path: str | os.PathLike | None) -> None:
-        """Write the routing log to `path` from now on (None: stop), as if the optimizer had
-        been built with `log_path=path`: at step 0 a new log (an existing file is moved
-        aside on the first write); past it, as after `load_state_dict`, the log of the run
-        so far (records past this step are dropped, the rest kept)."""
-        if path is None:
+    def set_log(self, log: LogSettings | str | os.PathLike | None) -> None:
+        """Write the routing log as `log` says from now on (a `LogSettings` or a plain path,
+        as `MoLFAdamW(log=...)` takes; None: stop): at step 0 a new log (an existing file is
+        moved aside on the first write); past it, as after `load_state_dict`, the log of the
+        run so far, in the format it began in (records past this step are dropped)."""
+        if log is None:
             self._log = None
             return
-        log = RoutingLog(path, self.module_names, self.expert_names, *self._log_settings)
+        routing_log = RoutingLog(log, self.module_names, self.expert_names)
         if self._ledger.step or self._skipped_steps:
-            log.resume(self._ledger.step, self._skipped_steps)
-        self._log = log
+            routing_log.resume(self._ledger.step, self._skipped_steps)
+        self._log = routing_log
 
     # ---------------------------------------------------------------- insight
 

@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         "expert of every module at every step (PNG stem + _winners.png; long runs are binned) and the share of "
         "the dense expert (else the largest LoRA expert) per module type (PNG stem + _by_type.png).",
     )
-    plot.add_argument("log", metavar="LOG", help="routing log (JSONL) written by MoLFAdamW(log_path=...)")
+    plot.add_argument("log", metavar="LOG", help="routing log (JSONL) written by MoLFAdamW(log=...)")
     plot.add_argument("--out", metavar="PNG", help="path of the share figure (default: LOG with the suffix .png)")
     plot.set_defaults(run=_plot, parser=plot)
     return parser

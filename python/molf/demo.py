@@ -40,6 +40,7 @@ from .config import MoLFConfig
 from .optimizer import MoLFAdamW
 from .plots import plot_routing_share
 from .routing import Heldout, TopK
+from .routing_log import LogSettings
 from .wrap import wrap
 
 __all__ = ["Regime", "REGIMES", "METHODS", "run_demo", "format_table"]
@@ -180,8 +181,7 @@ def _molf(ranks: tuple[int, ...], fft: bool, heldout: bool = False) -> Builder:
             lora_lr=LR,
             weight_decay=0.0,
             lora_weight_decay=0.0,
-            log_path=log_path,
-            log_scores_every=1,
+            log=None if log_path is None else LogSettings(log_path, scores_every=1),
             routing=routing,
         )
         return model, opt

@@ -16,6 +16,7 @@ checkpoints and resumes through it exactly. This module adds:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -27,6 +28,7 @@ from ._core import ConfigError
 from .distributed import is_sharded
 from .export import _wrapped_root, export_peft
 from .optimizer import MoLFAdamW
+from .routing_log import LogSettings
 from .wrap import merged_state_dict
 
 __all__ = ["ExportCallback", "RoutingCallback", "add_routing_callback", "find_molf_optimizer", "molf_optimizer"]
@@ -61,8 +63,9 @@ def molf_optimizer(trainer: Trainer) -> MoLFAdamW:
 class RoutingCallback(TrainerCallback):
     """Adds the router's statistics to every training log of a Trainer, and gives the
     optimizer a routing log `args.output_dir/routing_log` (default `routing.jsonl`; None:
-    none) when it has none (`log_path`), so `molf plot` has something to read; the main
-    process alone writes it, and a resumed run continues it. The statistics:
+    none; a `molf.LogSettings` with a relative path: that log under `output_dir`) when it
+    has none (`log_path`), so `molf plot` has something to read; the main process alone
+    writes it, and a resumed run continues it. The statistics:
 
     * `{prefix}share/<expert>`: share of the routed modules whose latest
       winners include that expert (e.g. `molf/share/dense`);
@@ -80,9 +83,9 @@ class RoutingCallback(TrainerCallback):
     console still get them).
     """
 
-    def __init__(self, prefix: str = "molf/", routing_log: str | None = "routing.jsonl") -> None:
+    def __init__(self, prefix: str = "molf/", routing_log: LogSettings | str | None = "routing.jsonl") -> None:
         self.prefix = prefix
-        self.routing_log = routing_log
+        self.routing_log = None if routing_log is None else LogSettings.of(routing_log)
         self._since: tuple[int, int] | None = None  # (optimizer step, total switches) at the last log
         self._warned = False
 
@@ -103,8 +106,9 @@ class RoutingCallback(TrainerCallback):
         opt = find_molf_optimizer(kwargs.get("optimizer"))
         if opt is None:
             return
-        if self.routing_log is not None and opt.log_path is None and state.is_world_process_zero:
-            opt.set_log_path(os.path.join(args.output_dir, self.routing_log))
+        log = self.routing_log
+        if log is not None and opt.log_path is None and state.is_world_process_zero:
+            opt.set_log(dataclasses.replace(log, path=os.path.join(args.output_dir, log.path)))
         self._since = (opt.ledger.step, int(opt.ledger.summary()["switches"]))
 
     def routing_logs(self, opt: MoLFAdamW) -> dict[str, float]:
@@ -135,7 +139,7 @@ class RoutingCallback(TrainerCallback):
 
 
 def add_routing_callback(
-    trainer: Trainer, prefix: str = "molf/", routing_log: str | None = "routing.jsonl"
+    trainer: Trainer, prefix: str = "molf/", routing_log: LogSettings | str | None = "routing.jsonl"
 ) -> RoutingCallback:
     """Install a `RoutingCallback(prefix, routing_log)` first among `trainer`'s callbacks
     (see its docstring for why first) and return it."""

@@ -29,7 +29,7 @@ from ._routing import _Routing
 from ._score_sources import _ScoreSources
 from .heldout import THETA_KEY, HeldoutProbe
 from .routing import SCORES, Policy, TopK, check_policy
-from .routing_log import RoutingLog
+from .routing_log import LogSettings, RoutingLog
 from .wrap import expert_tag
 
 __all__ = ["MoLFAdamW", "SCORES"]
@@ -64,13 +64,10 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
     parameters and in the parameter's dtype otherwise; "param" always uses the
     parameter's dtype (exactly what torch.optim.AdamW does); or a torch dtype.
 
-    `log_path`: append one JSON line per `log_every` steps with every module's
-    winners, and its scores every `log_scores_every` steps (see `molf.routing_log`).
-    `log_format`: "compact" (default; the winners as one bitmask a step, the scores
-    every 100 steps unless `log_scores_every` says otherwise: about 31 MB for 450
-    modules and 2 experts over 100,000 steps) or "full" (each module's scores and
-    winners as JSON on every logged line, as before: 4.7 GB for the same run).
-    `set_log_path` sets the path later.
+    `log`: where and how to write the routing log, a `molf.LogSettings(path, every=1,
+    scores_every=None, format="compact")` or a plain path (that with the defaults: the
+    winners of every step as a bitmask, every 100th step's scores; see `molf.routing_log`).
+    `set_log` sets it later; `log_path` says where it goes.
 
     `fused`: None (default) uses the Triton kernels when every parameter is on
     CUDA and triton is installed, the foreach path otherwise; True requires them.
@@ -113,10 +110,7 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
         fused: bool | None = None,
         lagged: bool = False,
         skip_nonfinite: bool = True,
-        log_path: str | os.PathLike | None = None,
-        log_every: int = 1,
-        log_scores_every: int | None = None,
-        log_format: str = "compact",
+        log: LogSettings | str | os.PathLike | None = None,
         check_every: int = 100,
     ) -> None:
         check_options(
@@ -126,11 +120,9 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
             lora_weight_decay=lora_weight_decay,
             betas=betas,
             eps=eps,
-            log_every=log_every,
-            log_scores_every=log_scores_every,
-            log_format=log_format,
             check_every=check_every,
         )
+        log = None if log is None else LogSettings.of(log)  # a bad log is refused before the groups are built
         self.routing = routing = TopK() if routing is None else check_policy(routing)
         self._probe: HeldoutProbe | None = routing.probe()
         score = routing.score
@@ -156,10 +148,7 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
                 UserWarning,
                 stacklevel=2,
             )
-        self._log_settings = (log_every, log_scores_every, log_format)  # set_log_path's too
-        self._log = None
-        if log_path is not None:
-            self._log = RoutingLog(log_path, self.module_names, self.expert_names, *self._log_settings)
+        self._log = None if log is None else RoutingLog(log, self.module_names, self.expert_names)
         if fused not in (None, True, False):
             raise ConfigError(f"fused must be None, True or False, got {fused!r}")
         if not isinstance(lagged, bool) or not isinstance(skip_nonfinite, bool):

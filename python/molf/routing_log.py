@@ -36,45 +36,62 @@ import numpy as np
 from ._core import ConfigError
 from ._log_format import FORMATS, Decoder, Skip, Step, compact_header, format_of, skip_record, step_record
 
-__all__ = ["RoutingLog", "RoutingRecords", "read_routing_log", "read_routing_records"]
+__all__ = ["LogSettings", "RoutingLog", "RoutingRecords", "read_routing_log", "read_routing_records"]
 
 # The compact format's default score interval: 1,000 snapshots of a 100,000-step run.
 DEFAULT_SCORES_EVERY = 100
 
 
-def check_log_options(every, scores_every, fmt) -> None:
-    """Refuse (ConfigError) a bad log period, score period (None: the format's default) or format."""
-    periods = [("log_every", every)] + ([] if scores_every is None else [("log_scores_every", scores_every)])
-    for name, value in periods:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    if fmt not in FORMATS:
-        raise ConfigError(f"log_format must be one of {', '.join(map(repr, FORMATS))}, got {fmt!r}")
+@dataclass(frozen=True)
+class LogSettings:
+    """Where and how the routing log goes (`MoLFAdamW(log=...)`; a plain path there is
+    `LogSettings(path)`): one JSON line per `every` steps with every module's winners, and
+    its scores on the logged steps that are multiples of `scores_every` (None: 100 in the
+    compact format, every logged step in the full one). `format`: "compact" (the default;
+    the winners as one bitmask a step: about 31 MB for 450 modules and 2 experts over
+    100,000 steps) or "full" (each module's scores and winners as JSON on every logged
+    line: 4.7 GB for the same run); see `molf._log_format`. Bad values raise ConfigError."""
+
+    path: str
+    every: int = 1
+    scores_every: int | None = None
+    format: str = "compact"
+
+    def __post_init__(self) -> None:
+        try:
+            path = os.fspath(self.path)
+        except TypeError:
+            raise ConfigError(f"LogSettings: path must be a file path, got {self.path!r}") from None
+        object.__setattr__(self, "path", path)  # (frozen: the one normalisation)
+        periods = [("every", self.every)] + ([] if self.scores_every is None else [("scores_every", self.scores_every)])
+        for name, value in periods:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"LogSettings: {name} must be an integer >= 1, got {value!r}")
+        if self.format not in FORMATS:
+            raise ConfigError(
+                f"LogSettings: format must be one of {', '.join(map(repr, FORMATS))}, got {self.format!r}"
+            )
+
+    @classmethod
+    def of(cls, log: LogSettings | str | os.PathLike) -> LogSettings:
+        """`log` itself, or a plain path's `LogSettings(path)`."""
+        return log if isinstance(log, cls) else cls(log)
 
 
 class RoutingLog:
-    """Appends routing decisions to a JSONL file, one line per `every` steps.
-
-    `scores_every`: the scores are written on the logged steps that are multiples of it
-    (default: 100 in the compact format, every logged step in the full one).
-    `format`: "compact" (default) or "full" (see `molf._log_format`)."""
+    """Appends routing decisions to a JSONL file as `log` (a `LogSettings`, or a plain
+    path with the defaults) says."""
 
     def __init__(
-        self,
-        path: str | os.PathLike,
-        module_names: Sequence[str],
-        expert_names: Sequence[str],
-        every: int = 1,
-        scores_every: int | None = None,
-        format: str = "compact",
-    ):
-        check_log_options(every, scores_every, format)
-        self.path = os.fspath(path)
+        self, log: LogSettings | str | os.PathLike, module_names: Sequence[str], expert_names: Sequence[str]
+    ) -> None:
+        settings = LogSettings.of(log)
+        self.path = settings.path
+        self.every = settings.every
+        self.format = settings.format  # a resumed log goes on in the format it began in (`resume`)
+        self._scores_every = settings.scores_every
         self.module_names = list(module_names)
         self.expert_names = list(expert_names)
-        self.every = every
-        self.format = format
-        self._scores_every = scores_every
         # The file is looked at on the first write (a new run) or by `resume`, whichever
         # comes first: an optimizer is built before the checkpoint it resumes is loaded.
         self._opened = False
@@ -168,13 +185,13 @@ class RoutingLog:
 
     def _warn_other_writer(self, size: int, replaced: bool) -> None:
         """The file changed size or was replaced since this log's last write: someone else
-        writes to it (two optimizers given one log_path interleave their records)."""
+        writes to it (two optimizers given one log path interleave their records)."""
         if not self._warned_writer:
             self._warned_writer = True
             warnings.warn(
                 f"routing log {self.path} was written by someone else since this optimizer's last record "
                 f"({self._end} bytes then, {size} now{'; the file was replaced' if replaced else ''}): "
-                "two optimizers with one log_path? Their records interleave; give each optimizer its own log_path",
+                "two optimizers with one log path? Their records interleave; give each optimizer its own",
                 RuntimeWarning,
                 stacklevel=5,
             )

@@ -27,6 +27,7 @@ from torch import nn
 
 from .._core import ConfigError
 from ..optimizer import MoLFAdamW
+from ..routing_log import LogSettings
 from ..wrap import merge, wrap
 from .config import ADAPTER_MODES, DTYPES, ROUTED_MODES, TrainConfig
 from .data import (
@@ -221,7 +222,6 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
             lora_weight_decay=cfg.lora_weight_decay,
             routing=cfg.routing(heldout),
             lagged=cfg.lagged,
-            log_every=cfg.log_every,
             state_dtype=torch.float32 if cfg.state_dtype == "float32" else cfg.state_dtype,
         )
         optimizer = {"optimizer_cls_and_kwargs": (MoLFAdamW, kwargs)}
@@ -242,7 +242,8 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log record
     if cfg.mode in ROUTED_MODES:
-        add_routing_callback(trainer, routing_log=ROUTING_LOG)  # statistics in the logs; the main process's log
+        # The statistics in the logs; the routing log (the main process's) in OUT.
+        add_routing_callback(trainer, routing_log=LogSettings(ROUTING_LOG, every=cfg.log_every))
     saved_state = {} if resume_from is None else json.loads((resume_from / TRAINER_STATE).read_text())
     start = saved_state.get("global_step", 0)
     try:
