@@ -21,7 +21,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import random
 import sys
 import tomllib
@@ -281,28 +280,9 @@ def problem(params: dict) -> Problem:
     )
 
 
-class Student(nn.Module):
-    """`molf.demo.StudentMLP` at another depth and width: GELU blocks, then a head."""
-
-    def __init__(self, depth: int, width: int, generator: torch.Generator) -> None:
-        super().__init__()
-        dims = [demo.D_IN] + [width] * depth
-        self.blocks = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.head = nn.Linear(width, demo.D_OUT)
-        with torch.no_grad():  # He-scaled weights, as the demo's
-            for layer in self.linears():
-                layer.weight.copy_(
-                    math.sqrt(2 / layer.in_features) * torch.randn(layer.weight.shape, generator=generator)
-                )
-                layer.bias.copy_(0.1 * torch.randn(layer.bias.shape, generator=generator))
-
-    def linears(self) -> list[nn.Linear]:
-        return [*self.blocks, self.head]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = F.gelu(block(x))
-        return self.head(x)
+def Student(depth: int, width: int, generator: torch.Generator) -> demo.StudentMLP:
+    """`molf.demo.StudentMLP` at another depth and width."""
+    return demo.StudentMLP(generator, depth=depth, width=width)
 
 
 def targets(depth: int) -> tuple[str, ...]:
@@ -310,7 +290,7 @@ def targets(depth: int) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def _teacher(student: Student, ranks: tuple[int | None, ...], g: torch.Generator) -> Student:
+def _teacher(student: demo.StudentMLP, ranks: tuple[int | None, ...], g: torch.Generator) -> demo.StudentMLP:
     teacher = copy.deepcopy(student)
     for layer, r in zip(teacher.linears(), ranks):
         out_f, in_f = layer.weight.shape

@@ -88,13 +88,14 @@ REGIMES = (
 
 
 class StudentMLP(nn.Module):
-    """GELU MLP; its layers ("blocks.0" … "head") are the routed modules."""
+    """GELU MLP; its layers ("blocks.0" … "head") are the routed modules. The quality
+    suite's families build it at other depths and widths."""
 
-    def __init__(self, generator: torch.Generator) -> None:
+    def __init__(self, generator: torch.Generator, depth: int = DEPTH, width: int = WIDTH) -> None:
         super().__init__()
-        dims = [D_IN] + [WIDTH] * DEPTH
+        dims = [D_IN] + [width] * depth
         self.blocks = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.head = nn.Linear(WIDTH, D_OUT)
+        self.head = nn.Linear(width, D_OUT)
         with torch.no_grad():  # He-scaled weights keep the signal alive through the stack
             for layer in self.linears():
                 std = math.sqrt(2 / layer.in_features)
