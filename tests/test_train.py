@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import molf
 import molf.train.data
 import molf.train.run
+from _train_cli import train_argv
 from molf import ConfigError, Ledger, Router, StateError
 from molf.cli import main
 from molf.config import DEFAULT_RANKS
@@ -57,27 +58,7 @@ def common(model_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
-def flags(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-3",
-        "--lora-lr",
-        "1e-3",
-        "--logging-steps",
-        "1",
-        "--no-progress",
-        "--no-plots",
-        *extra,
-    ]
+flags = train_argv
 
 
 class StopAt(transformers.TrainerCallback):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import molf
 import molf.cli
+from _train_cli import train_argv
 from molf import ConfigError, StateError
 from molf.cli import main
 from molf.train import TrainConfig, TrainError, load_rows, train
@@ -31,28 +32,7 @@ def config(model_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:
 
 
 def argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--batch-size",
-        "4",
-        "--steps",
-        "3",
-        "--lr",
-        "1e-3",
-        "--lora-lr",
-        "1e-3",
-        "--logging-steps",
-        "1",
-        "--no-progress",
-        "--no-plots",
-        *extra,
-    ]
+    return train_argv(model_dir, data, out, "--steps", "3", *extra)
 
 
 def fails_in_one_line(args: list[str], capsys, code: int, *parts: str) -> str:
