@@ -20,6 +20,9 @@ from molf import _fused, _probe_sums  # noqa: E402
 from molf.heldout import HeldoutProbe  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# The device the tensors land on ("cuda:0", not "cuda", which compares unequal to it):
+# the probe asks `eligible` about its tensors' own device.
+TENSOR_DEVICE = torch.empty(0, device=DEVICE).device
 
 CHUNK = 2048  # several chunks per tensor at the interpreter's speed (a multiple of every BLOCK)
 # Several chunks with a ragged tail, one element, an unaligned count, one chunk exactly.
@@ -77,7 +80,7 @@ def test_sums_match_a_float64_reference_and_the_torch_path(param_dtype, state_dt
         operands(shape, param_dtype, state_dtype, adam=k % 3 != 1, seed=k, offset=3 if k % 2 else 0)
         for k, shape in enumerate(SHAPES * 2)
     ]
-    assert all(_probe_sums.eligible(item, torch.device(DEVICE)) for item in items)
+    assert all(_probe_sums.eligible(item, TENSOR_DEVICE) for item in items)
     got = _probe_sums.heldout_sums(items)
     assert got.dtype == torch.float64 and got.shape == (len(items), 3)
     want = torch.tensor([reference(item) for item in items], dtype=torch.float64)
@@ -99,7 +102,7 @@ def test_sums_are_bitwise_reproducible_and_order_free():
 
 def test_not_eligible():
     item = operands((6, 5), torch.float32, torch.float32, adam=True, seed=0)
-    device = torch.device(DEVICE)
+    device = TENSOR_DEVICE
     assert _probe_sums.eligible(item, device)
     strided = (item[0], item[1].t(), *item[2:])  # element k of θ is not element k of the others
     assert not _probe_sums.eligible(strided, device)
