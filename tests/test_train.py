@@ -55,7 +55,7 @@ def common(model_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:
         progress=False,
         plots=False,
     )
-    return TrainConfig(**{**values, **overrides})
+    return TrainConfig.from_mapping({**values, **overrides})
 
 
 flags = train_argv
@@ -89,7 +89,7 @@ def records(path: Path, key: str = "loss") -> list[dict]:
 def wrapped_from_checkpoint(cfg: TrainConfig, model_dir: Path, step: int) -> torch.nn.Module:
     """The trained model as training held it: base + wrap + the checkpoint's weights."""
     model = build_model(cfg, model_dir)
-    missing = model.load_state_dict(weights(Path(cfg.out) / f"checkpoint-{step}"), strict=False)
+    missing = model.load_state_dict(weights(Path(cfg.run.out) / f"checkpoint-{step}"), strict=False)
     assert not missing.missing_keys and not missing.unexpected_keys
     return model.eval()
 
@@ -145,7 +145,9 @@ def test_cli_each_mode_runs(mode, model_dir, data, tmp_path, capsys):
 
 
 def test_embedded_default_needs_no_model_or_data(tmp_path):
-    result = train(TrainConfig(out=str(tmp_path / "default"), steps=2, logging_steps=1, progress=False))
+    result = train(
+        TrainConfig.from_mapping(dict(out=str(tmp_path / "default"), steps=2, logging_steps=1, progress=False))
+    )
     assert result.steps == 2 and len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert (tmp_path / "default" / "base_model" / "config.json").is_file()
     assert (tmp_path / "default" / "data.jsonl").is_file()
@@ -439,6 +441,51 @@ def test_bad_config_values(text, message, tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
+def test_config_sections_file_the_flat_options(tmp_path):
+    """The flat options (flags, config keys) land in their sections and come back flat: every
+    option in exactly one section of at most 15 fields, every `molf train` flag an option,
+    `to_dict` round-trips, and `identity` is flat: every option but the resume-free ones."""
+    import argparse
+    import dataclasses
+
+    from molf.cli import _parser
+    from molf.train.config import OPTION_SECTION, RESUME_FREE, SECTIONS
+
+    section_fields = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    assert len(section_fields) == len(set(section_fields)) == 52
+    assert all(len(dataclasses.fields(cls)) <= 15 for cls in SECTIONS.values())
+    assert len(dataclasses.fields(TrainConfig)) == len(SECTIONS) <= 15
+    train_parser = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    flags = {a.dest for a in train_parser._actions if a.dest not in ("help", "config")}
+    assert flags <= set(OPTION_SECTION) and len(flags) >= 50
+
+    flat = dict(
+        out=str(tmp_path / "o"),
+        mode="molf-e",
+        ranks=[4, 8],
+        lr=3e-4,
+        policy="hysteresis",
+        margin=0.2,
+        prompt_field="q",
+        seed=7,
+        lagged=True,
+        bf16=True,
+    )
+    cfg = TrainConfig.from_mapping({k.replace("_", "-"): v for k, v in flat.items()})
+    assert (cfg.run.out, cfg.model.mode, cfg.model.ranks, cfg.optim.lr) == (flat["out"], "molf-e", [4, 8], 3e-4)
+    assert (cfg.routing.policy, cfg.routing.margin, cfg.routing.lagged) == ("hysteresis", 0.2, True)
+    assert (cfg.data.prompt_field, cfg.run.seed, cfg.optim.bf16) == ("q", 7, True)
+    values = cfg.to_dict()
+    assert values.keys() == OPTION_SECTION.keys() and {k: values[k] for k in flat} == flat
+    assert TrainConfig.from_mapping(values) == cfg
+    identity = cfg.identity()
+    assert identity.keys() == OPTION_SECTION.keys() - RESUME_FREE
+    assert not any(isinstance(v, dict) for v in identity.values())
+    assert identity["min_dwell"] == 20 and identity["lr"] == 3e-4  # Hysteresis' default, resolved
+    with pytest.raises(ConfigError, match=r"TrainConfig.optim must be OptimOptions\(...\), got {.lr.: 0.001}"):
+        TrainConfig(optim={"lr": 1e-3})
+
+
 # ---------------------------------------------------------------- data files
 
 
@@ -570,7 +617,7 @@ def test_heldout_routing_updates_the_active_experts_only(mode, min_span, model_d
         heldout_min_span=min_span,
         **HELDOUT,
     )
-    assert cfg.policy is None and cfg.min_dwell is None and cfg.routing_policy == "heldout"
+    assert cfg.routing.policy is None and cfg.routing.min_dwell is None and cfg.routing_policy == "heldout"
     result = train(cfg)
     log = list(molf.read_routing_log(out / "routing.jsonl"))
     assert [r["step"] for r in log] == list(range(1, 9))

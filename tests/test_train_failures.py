@@ -28,7 +28,7 @@ FIELDS = {"prompt": "prompt", "completion": "completion", "messages": "messages"
 
 
 def config(model_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:
-    return TrainConfig(**{**dict(model=str(model_dir), data=[str(data)], out=str(out), **OPTS), **overrides})
+    return TrainConfig.from_mapping({**dict(model=str(model_dir), data=[str(data)], out=str(out), **OPTS), **overrides})
 
 
 def argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -261,7 +261,11 @@ def test_empty_data_file_holds_no_rows(text, model_dir, data, tmp_path, capsys):
     out = tmp_path / "never"
     fails_in_one_line(argv(model_dir, path, out), capsys, 2, f"data file {str(path)!r} holds no rows")
     with pytest.raises(ConfigError, match="empty.jsonl' holds no rows"):  # also beside a good file
-        train(TrainConfig(model=str(model_dir), data=[str(data), str(path)], out=str(out), progress=False))
+        train(
+            TrainConfig.from_mapping(
+                dict(model=str(model_dir), data=[str(data), str(path)], out=str(out), progress=False)
+            )
+        )
     assert not out.exists()
 
 

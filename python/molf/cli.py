@@ -120,21 +120,25 @@ def _add_train_parser(sub) -> None:
         default=S,
         help="JSONL, JSON, parquet or CSV files of prompt/completion or messages rows (default: generated arithmetic)",
     )
-    io.add_argument("--prompt-field", default=S, help=f"prompt column (default: {d.prompt_field})")
-    io.add_argument("--completion-field", default=S, help=f"completion column (default: {d.completion_field})")
-    io.add_argument("--messages-field", default=S, help=f"chat column (default: {d.messages_field})")
+    io.add_argument("--prompt-field", default=S, help=f"prompt column (default: {d.data.prompt_field})")
+    io.add_argument("--completion-field", default=S, help=f"completion column (default: {d.data.completion_field})")
+    io.add_argument("--messages-field", default=S, help=f"chat column (default: {d.data.messages_field})")
     io.add_argument(
-        "--max-length", type=_positive_int, default=S, metavar="N", help=f"tokens per example (default: {d.max_length})"
+        "--max-length",
+        type=_positive_int,
+        default=S,
+        metavar="N",
+        help=f"tokens per example (default: {d.data.max_length})",
     )
-    io.add_argument("--out", metavar="DIR", default=S, help=f"output directory (default: ./{d.out})")
+    io.add_argument("--out", metavar="DIR", default=S, help=f"output directory (default: ./{d.run.out})")
     run = train_p.add_argument_group("training")
-    run.add_argument("--mode", choices=MODES, default=S, help=f"what to train (default: {d.mode})")
+    run.add_argument("--mode", choices=MODES, default=S, help=f"what to train (default: {d.model.mode})")
     run.add_argument("--steps", type=_positive_int, default=S, metavar="N", help="optimizer steps (default: --epochs)")
     run.add_argument(
-        "--epochs", type=_positive_int, default=S, metavar="N", help=f"passes over the data (default: {d.epochs})"
+        "--epochs", type=_positive_int, default=S, metavar="N", help=f"passes over the data (default: {d.run.epochs})"
     )
     run.add_argument(
-        "--batch-size", type=_positive_int, default=S, metavar="N", help=f"per process (default: {d.batch_size})"
+        "--batch-size", type=_positive_int, default=S, metavar="N", help=f"per process (default: {d.optim.batch_size})"
     )
     run.add_argument(
         "--gradient-accumulation-steps",
@@ -143,14 +147,17 @@ def _add_train_parser(sub) -> None:
         metavar="N",
         help="micro-batches per optimizer step (default: 1)",
     )
-    run.add_argument("--lr", type=float, default=S, help=f"dense and non-LoRA learning rate (default: {d.lr})")
-    run.add_argument("--lora-lr", type=float, default=S, help=f"LoRA learning rate (default: {d.lora_lr})")
-    run.add_argument("--weight-decay", type=float, default=S, help=f"(default: {d.weight_decay})")
-    run.add_argument("--lora-weight-decay", type=float, default=S, help=f"(default: {d.lora_weight_decay})")
-    run.add_argument("--lr-scheduler", choices=SCHEDULERS, default=S, help=f"(default: {d.lr_scheduler})")
+    run.add_argument("--lr", type=float, default=S, help=f"dense and non-LoRA learning rate (default: {d.optim.lr})")
+    run.add_argument("--lora-lr", type=float, default=S, help=f"LoRA learning rate (default: {d.optim.lora_lr})")
+    run.add_argument("--weight-decay", type=float, default=S, help=f"(default: {d.optim.weight_decay})")
+    run.add_argument("--lora-weight-decay", type=float, default=S, help=f"(default: {d.optim.lora_weight_decay})")
+    run.add_argument("--lr-scheduler", choices=SCHEDULERS, default=S, help=f"(default: {d.optim.lr_scheduler})")
     run.add_argument("--warmup-ratio", type=float, default=S, help="share of steps with linear LR warm-up (default: 0)")
     run.add_argument(
-        "--max-grad-norm", type=float, default=S, help=f"gradient clipping, 0 for none (default: {d.max_grad_norm})"
+        "--max-grad-norm",
+        type=float,
+        default=S,
+        help=f"gradient clipping, 0 for none (default: {d.optim.max_grad_norm})",
     )
     run.add_argument("--bf16", action=boolean, default=S, help="bf16 mixed precision (default: off)")
     run.add_argument("--fp16", action=boolean, default=S, help="fp16 mixed precision (default: off)")
@@ -158,7 +165,7 @@ def _add_train_parser(sub) -> None:
         "--dtype", choices=tuple(DTYPES), default=S, help="cast the weights to this dtype (default: float32 weights)"
     )
     run.add_argument("--device", choices=DEVICES, default=S, help="(default: auto, CUDA if present)")
-    run.add_argument("--seed", type=_seed, default=S, help=f"(default: {d.seed})")
+    run.add_argument("--seed", type=_seed, default=S, help=f"(default: {d.run.seed})")
     experts = train_p.add_argument_group("experts")
     experts.add_argument(
         "--ranks",
@@ -242,7 +249,7 @@ def _add_train_parser(sub) -> None:
         type=_positive_int,
         default=S,
         metavar="N",
-        help=f"the first N held-out rows form the routing's fixed batch (default: {d.heldout_batch})",
+        help=f"the first N held-out rows form the routing's fixed batch (default: {d.routing.heldout_batch})",
     )
     held.add_argument(
         "--heldout-every", type=_positive_int, default=S, metavar="K", help="steps between held-out measurements"
@@ -255,9 +262,9 @@ def _add_train_parser(sub) -> None:
         help="held-out windows an expert's record must span before it can drop the expert",
     )
     logs = train_p.add_argument_group("checkpoints and logs")
-    logs.add_argument("--save-every", type=_positive_int, default=S, metavar="N", help=f"(default: {d.save_every})")
+    logs.add_argument("--save-every", type=_positive_int, default=S, metavar="N", help=f"(default: {d.run.save_every})")
     logs.add_argument(
-        "--keep-checkpoints", type=_positive_int, default=S, metavar="N", help=f"(default: {d.keep_checkpoints})"
+        "--keep-checkpoints", type=_positive_int, default=S, metavar="N", help=f"(default: {d.run.keep_checkpoints})"
     )
     logs.add_argument(
         "--resume",
@@ -268,7 +275,7 @@ def _add_train_parser(sub) -> None:
         help="continue exactly from a checkpoint directory, or the latest in OUT",
     )
     logs.add_argument(
-        "--logging-steps", type=_positive_int, default=S, metavar="N", help=f"(default: {d.logging_steps})"
+        "--logging-steps", type=_positive_int, default=S, metavar="N", help=f"(default: {d.run.logging_steps})"
     )
     logs.add_argument(
         "--report-to",
@@ -318,7 +325,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (TrainError, OSError) as exc:  # the environment failed the run (a full disk, an unwritable out)
         _fail(str(exc), 1, prog="molf train")
     except KeyboardInterrupt:  # Ctrl-C: a checkpoint is usable once complete, so the last complete one stands
-        where = f" in {cfg.out}" if cfg is not None else ""
+        where = f" in {cfg.run.out}" if cfg is not None else ""
         print(
             f"molf train: interrupted; `molf train ... --resume` continues from the last checkpoint{where}",
             file=sys.stderr,

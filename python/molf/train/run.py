@@ -87,11 +87,11 @@ def build_model(cfg: TrainConfig, model_dir: str | os.PathLike) -> nn.Module:
     casts them) and, except for fft, wrapped by molf (LoRA init draws from torch's RNG: seed first)."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(cfg.seed)
-    dtype = DTYPES[cfg.dtype] if cfg.dtype is not None else torch.float32
+    torch.manual_seed(cfg.run.seed)
+    dtype = DTYPES[cfg.model.dtype] if cfg.model.dtype is not None else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    if cfg.mode != "fft":
-        wrap(model, cfg.molf_config())
+    if cfg.model.mode != "fft":
+        wrap(model, cfg.model.molf_config())
     return model
 
 
@@ -110,33 +110,34 @@ def _training_arguments(cfg: TrainConfig, out: Path, evaluate: bool):
 
     from transformers import TrainingArguments
 
+    optim, run = cfg.optim, cfg.run
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     # transformers 5 takes a ratio as a float warmup_steps; older releases have warmup_ratio.
-    warmup = {"warmup_ratio": cfg.warmup_ratio} if "warmup_ratio" in names else {"warmup_steps": cfg.warmup_ratio}
-    lora = cfg.mode == "lora"  # its one LoRA adapter trains at the LoRA rate
+    warmup = {"warmup_ratio": optim.warmup_ratio} if "warmup_ratio" in names else {"warmup_steps": optim.warmup_ratio}
+    lora = cfg.model.mode == "lora"  # its one LoRA adapter trains at the LoRA rate
     return TrainingArguments(
         output_dir=str(out),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_steps=cfg.steps if cfg.steps is not None else -1,
-        num_train_epochs=cfg.epochs,
-        learning_rate=cfg.lora_lr if lora else cfg.lr,
-        weight_decay=cfg.lora_weight_decay if lora else cfg.weight_decay,
-        lr_scheduler_type="constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler,
-        max_grad_norm=cfg.max_grad_norm,
-        bf16=cfg.bf16,
-        fp16=cfg.fp16,
-        use_cpu=_use_cpu(cfg.device),
-        seed=cfg.seed,
+        per_device_train_batch_size=optim.batch_size,
+        per_device_eval_batch_size=optim.batch_size,
+        gradient_accumulation_steps=optim.gradient_accumulation_steps,
+        max_steps=run.steps if run.steps is not None else -1,
+        num_train_epochs=run.epochs,
+        learning_rate=optim.lora_lr if lora else optim.lr,
+        weight_decay=optim.lora_weight_decay if lora else optim.weight_decay,
+        lr_scheduler_type="constant_with_warmup" if optim.lr_scheduler == "constant" else optim.lr_scheduler,
+        max_grad_norm=optim.max_grad_norm,
+        bf16=optim.bf16,
+        fp16=optim.fp16,
+        use_cpu=_use_cpu(run.device),
+        seed=run.seed,
         save_strategy="steps",
-        save_steps=cfg.save_every,
-        save_total_limit=cfg.keep_checkpoints,
+        save_steps=run.save_every,
+        save_total_limit=run.keep_checkpoints,
         eval_strategy="steps" if evaluate else "no",
-        eval_steps=cfg.eval_every if cfg.eval_every is not None else cfg.save_every,
-        logging_steps=cfg.logging_steps,
-        report_to=cfg.report_to,
-        disable_tqdm=not cfg.progress,
+        eval_steps=run.eval_every if run.eval_every is not None else run.save_every,
+        logging_steps=run.logging_steps,
+        report_to=run.report_to,
+        disable_tqdm=not run.progress,
         dataloader_num_workers=0,
         remove_unused_columns=False,  # the tokenized sets hold input_ids and labels only
         **warmup,
@@ -158,42 +159,42 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
 
     from ..hf import ExportCallback, add_routing_callback, find_molf_optimizer
 
-    if not cfg.progress:
+    if not cfg.run.progress:
         import datasets
         import transformers
 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    out = Path(cfg.out)
+    out = Path(cfg.run.out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"out {cfg.out!r}: exists and is not a directory")
+        raise ConfigError(f"out {cfg.run.out!r}: exists and is not a directory")
     resume_from = None
-    if cfg.resume is not None:
+    if cfg.run.resume is not None:
         resume_from = resume_checkpoint(cfg, out)
     elif run_started(out):
         raise ConfigError(
-            f"out {cfg.out!r} already holds a run: pass --resume (resume='latest') to continue it, or choose "
+            f"out {cfg.run.out!r} already holds a run: pass --resume (resume='latest') to continue it, or choose "
             "another --out"
         )
-    fields = {"prompt": cfg.prompt_field, "completion": cfg.completion_field, "messages": cfg.messages_field}
+    fields = cfg.data.fields
     # The user's data is checked before anything is written.
-    rows = load_rows(cfg.data, fields) if cfg.data else None
-    heldout_rows = load_rows(cfg.heldout_data, fields, what="heldout_data") if cfg.heldout_data else None
+    rows = load_rows(cfg.data.data, fields) if cfg.data.data else None
+    heldout_rows = load_rows(cfg.data.heldout_data, fields, what="heldout_data") if cfg.data.heldout_data else None
     args = _training_arguments(cfg, out, evaluate=heldout_rows is not None)
 
-    model_dir = Path(cfg.model) if cfg.model is not None else out / BASE_MODEL
+    model_dir = Path(cfg.model.model) if cfg.model.model is not None else out / BASE_MODEL
     with args.main_process_first(desc="molf train: the run directory and the tokenized data"):
         out.mkdir(parents=True, exist_ok=True)
-        if cfg.model is None and not (model_dir / "config.json").is_file():
-            save_tiny_model(model_dir, cfg.seed)
-        data_paths = cfg.data
+        if cfg.model.model is None and not (model_dir / "config.json").is_file():
+            save_tiny_model(model_dir, cfg.run.seed)
+        data_paths = cfg.data.data
         if rows is None:
             generated = out / GENERATED_DATA
             if not generated.is_file():
-                write_arithmetic_data(generated, seed=cfg.seed)
+                write_arithmetic_data(generated, seed=cfg.run.seed)
             data_paths = [str(generated)]
             rows = load_rows(data_paths, fields)
-        files = {data_key(f, out): fingerprint(f) for f in data_paths + (cfg.heldout_data or [])}
+        files = {data_key(f, out): fingerprint(f) for f in data_paths + (cfg.data.heldout_data or [])}
         state_path = out / RUN_STATE
         if state_path.exists():
             check_same_run(cfg, json.loads(state_path.read_text(encoding="utf-8")), files, resume_from or out)
@@ -203,31 +204,33 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"model {str(model_dir)!r}: the tokenizer has no eos token to end completions")
-        train_set = tokenized_dataset(rows, tokenizer, cfg.max_length, out / CACHE, files)
+        train_set = tokenized_dataset(rows, tokenizer, cfg.data.max_length, out / CACHE, files)
         eval_set = None
         if heldout_rows is not None:
-            eval_set = tokenized_dataset(heldout_rows, tokenizer, cfg.max_length, out / CACHE, files, "heldout_data")
+            eval_set = tokenized_dataset(
+                heldout_rows, tokenizer, cfg.data.max_length, out / CACHE, files, "heldout_data"
+            )
     collate = collator(tokenizer)
 
     model = build_model(cfg, model_dir)
-    log_path = out / ROUTING_LOG if cfg.mode in ROUTED_MODES else None
+    log_path = out / ROUTING_LOG if cfg.model.mode in ROUTED_MODES else None
     optimizer = {}
-    if cfg.mode in ROUTED_MODES:
+    if cfg.model.mode in ROUTED_MODES:
         heldout = None
         if cfg.routing_policy == "heldout":
-            heldout = heldout_loss_fn(model, build_heldout_batch(eval_set, cfg.heldout_batch, collate))
+            heldout = heldout_loss_fn(model, build_heldout_batch(eval_set, cfg.routing.heldout_batch, collate))
         kwargs = dict(
-            lr=cfg.lr,
-            lora_lr=cfg.lora_lr,
-            lora_weight_decay=cfg.lora_weight_decay,
-            routing=cfg.routing(heldout),
-            lagged=cfg.lagged,
-            state_dtype=torch.float32 if cfg.state_dtype == "float32" else cfg.state_dtype,
+            lr=cfg.optim.lr,
+            lora_lr=cfg.optim.lora_lr,
+            lora_weight_decay=cfg.optim.lora_weight_decay,
+            routing=cfg.build_routing(heldout),
+            lagged=cfg.routing.lagged,
+            state_dtype=torch.float32 if cfg.optim.state_dtype == "float32" else cfg.optim.state_dtype,
         )
         optimizer = {"optimizer_cls_and_kwargs": (MoLFAdamW, kwargs)}
     train_log = out / TRAIN_LOG
     extra = [log_callback(train_log)]
-    if cfg.mode != "fft":  # a wrapped model: each checkpoint also gets the merged model or the adapter
+    if cfg.model.mode != "fft":  # a wrapped model: each checkpoint also gets the merged model or the adapter
         extra.append(ExportCallback(base_model_name_or_path=str(model_dir.resolve())))
     trainer = Trainer(
         model=model,
@@ -239,11 +242,11 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
         callbacks=[*extra, *callbacks],
         **optimizer,
     )
-    if not cfg.progress:
+    if not cfg.run.progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log record
-    if cfg.mode in ROUTED_MODES:
+    if cfg.model.mode in ROUTED_MODES:
         # The statistics in the logs; the routing log (the main process's) in OUT.
-        add_routing_callback(trainer, routing_log=LogSettings(ROUTING_LOG, every=cfg.log_every))
+        add_routing_callback(trainer, routing_log=LogSettings(ROUTING_LOG, every=cfg.routing.log_every))
     saved_state = {} if resume_from is None else json.loads((resume_from / TRAINER_STATE).read_text())
     start = saved_state.get("global_step", 0)
     try:
@@ -264,11 +267,11 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
     losses = [h["loss"] for h in history if "loss" in h and h["step"] > start]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     opt = find_molf_optimizer(trainer.optimizer)
-    saved = out / ("adapter" if cfg.mode in ADAPTER_MODES else "model")
+    saved = out / ("adapter" if cfg.model.mode in ADAPTER_MODES else "model")
     figures: list[Path] = []
     if args.should_save:
         saved = _save_result(cfg, model, tokenizer, out, model_dir)
-        if cfg.plots and log_path is not None and log_path.exists():
+        if cfg.run.plots and log_path is not None and log_path.exists():
             from ..plots import plot_routing_log
 
             figures = plot_routing_log(log_path, out / "routing_share.png")
@@ -291,16 +294,16 @@ def train(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
 def _save_result(cfg: TrainConfig, model: nn.Module, tokenizer, out: Path, model_dir: Path) -> Path:
     """The merged model or the adapter, with the tokenizer: written beside its place and moved
     there whole, so a failed save (a full disk) leaves no half-written directory behind."""
-    path = out / ("adapter" if cfg.mode in ADAPTER_MODES else "model")
+    path = out / ("adapter" if cfg.model.mode in ADAPTER_MODES else "model")
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if cfg.mode in ADAPTER_MODES:
+        if cfg.model.mode in ADAPTER_MODES:
             from ..export import export_peft
 
             export_peft(model, tmp, base_model_name_or_path=str(model_dir.resolve()))
         else:
-            (merge(model) if cfg.mode == "molf" else model).save_pretrained(tmp)
+            (merge(model) if cfg.model.mode == "molf" else model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)

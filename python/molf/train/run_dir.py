@@ -52,10 +52,10 @@ def resume_checkpoint(cfg: TrainConfig, out: Path) -> Path | None:
     """The checkpoint to resume from. "latest" falls back past unusable checkpoints (with a
     warning naming each; they are removed, as the run overwrites them); None: the run in OUT
     stopped before its first checkpoint and starts again from step 0."""
-    if cfg.resume != "latest":
-        path = Path(cfg.resume)
+    if cfg.run.resume != "latest":
+        path = Path(cfg.run.resume)
         if not path.is_dir():
-            raise StateError(f"resume {cfg.resume!r}: no such checkpoint directory")
+            raise StateError(f"resume {cfg.run.resume!r}: no such checkpoint directory")
         problem = checkpoint_problem(path)
         if problem is not None:
             raise StateError(f"resume: {problem}")
