@@ -278,6 +278,21 @@ def test_resume_of_a_copied_run_directory_continues_exactly(mode, lagged, model_
     assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5] and log_a == log_b
 
 
+def test_checkpoints_without_their_export(model_dir, data, tmp_path):
+    """--no-export-checkpoints: a checkpoint holds only what resuming needs; the run's own
+    export at the end and a resume are unchanged."""
+    out = tmp_path / "run"
+    assert main(flags(model_dir, data, out, "--mode", "molf", "--steps", "2", "--save-every", "1")) == 0
+    lean = tmp_path / "lean"
+    lean_flags = flags(model_dir, data, lean, "--mode", "molf", "--steps", "2", "--save-every", "1")
+    assert main([*lean_flags, "--no-export-checkpoints"]) == 0
+    assert (out / "checkpoint-2" / "model").is_dir() and not (lean / "checkpoint-2" / "model").exists()
+    assert_same_tensors(weights(out / "model"), weights(lean / "model"))
+    # Not part of the run's identity: the finished run resumes with it switched back on.
+    assert main([*lean_flags, "--resume"]) == 0
+    assert_same_tensors(weights(out / "model"), weights(lean / "model"))
+
+
 def test_resume_refuses_other_options_and_missing_checkpoints(model_dir, data, tmp_path):
     train(common(model_dir, data, tmp_path / "r", mode="molf", steps=2, save_every=1))
     with pytest.raises(StateError, match=r"lr: 0.001 -> 0.002"):
@@ -452,7 +467,7 @@ def test_config_sections_file_the_flat_options(tmp_path):
     from molf.train.config import OPTION_SECTION, RESUME_FREE, SECTIONS
 
     section_fields = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
-    assert len(section_fields) == len(set(section_fields)) == 52
+    assert len(section_fields) == len(set(section_fields)) == 53
     assert all(len(dataclasses.fields(cls)) <= 15 for cls in SECTIONS.values())
     assert len(dataclasses.fields(TrainConfig)) == len(SECTIONS) <= 15
     train_parser = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]

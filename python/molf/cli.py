@@ -286,6 +286,13 @@ def _add_train_parser(sub) -> None:
     )
     train_p.add_argument("--progress", action=boolean, default=S, help="progress bar (default: on)")
     train_p.add_argument("--plots", action=boolean, default=S, help="routing figures at the end (default: on)")
+    train_p.add_argument(
+        "--export-checkpoints",
+        action=boolean,
+        default=S,
+        help="the merged model or PEFT adapter in every checkpoint too, loadable on its own (default: on; "
+        "off: a checkpoint holds only what resuming needs)",
+    )
     train_p.set_defaults(run=_train, parser=train_p)
 
 

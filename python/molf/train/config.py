@@ -50,6 +50,7 @@ RESUME_FREE = frozenset(
         "report_to",
         "progress",
         "plots",
+        "export_checkpoints",
     }
 )
 # The routing options as `policy_by_name` names them; None takes the policy's own default.
@@ -234,6 +235,7 @@ class RunOptions:
     resume: str | None = None  # a checkpoint directory, or "latest" (in OUT)
     progress: bool = True
     plots: bool = True  # routing figures at the end (molf, molf-e)
+    export_checkpoints: bool = True  # the merged model / adapter in every checkpoint of a wrapped model
 
     def __post_init__(self) -> None:
         _listify(self, ("report_to",))
@@ -244,7 +246,7 @@ class RunOptions:
         for name in ("steps", "eval_every"):
             if getattr(self, name) is not None:
                 _integer(name, getattr(self, name), low=1)
-        _booleans(self, ("progress", "plots"))
+        _booleans(self, ("progress", "plots", "export_checkpoints"))
         if not all(isinstance(r, str) for r in self.report_to):
             raise ConfigError(f"report_to must name integrations ('none', 'tensorboard', ...), got {self.report_to!r}")
 
