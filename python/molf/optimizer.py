@@ -29,7 +29,7 @@ from ._routing import _Routing
 from ._score_sources import _ScoreSources
 from .heldout import THETA_KEY, HeldoutProbe
 from .routing import SCORES, Policy, TopK, check_policy
-from .routing_log import LogSettings, RoutingLog
+from .routing_log import LogSettings
 from .wrap import expert_tag
 
 __all__ = ["MoLFAdamW", "SCORES"]
@@ -44,8 +44,8 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
     Trainer's `optimizer_cls_and_kwargs`, which passes no learning rate, cannot
     silently train at the default) and `weight_decay`; LoRA experts use `lora_lr`
     and `lora_weight_decay` (defaulting to `lr` and `weight_decay`; group keys of
-    the same names override them per group). Tensors with fewer than 2 dimensions (biases, norm weights) get no
-    decay; LoRA experts decay by `lora_weight_decay` even in a group whose
+    the same names override them per group). Tensors with fewer than 2 dimensions
+    (biases, norm weights) get no decay; LoRA experts decay by `lora_weight_decay` even in a group whose
     `weight_decay` is 0 (as the HF Trainer's groups are by default).
 
     `routing`: a policy object (`molf.routing`): `molf.TopK(k=1, score="epd")`, the
@@ -148,13 +148,13 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
                 UserWarning,
                 stacklevel=2,
             )
-        self._log = None if log is None else RoutingLog(log, self.module_names, self.expert_names)
+        self._skipped_steps = 0
+        self.set_log(log)
         if fused not in (None, True, False):
             raise ConfigError(f"fused must be None, True or False, got {fused!r}")
         if not isinstance(lagged, bool) or not isinstance(skip_nonfinite, bool):
             raise ConfigError(f"lagged and skip_nonfinite must be booleans, got {lagged!r}, {skip_nonfinite!r}")
         self.skip_nonfinite = skip_nonfinite
-        self._skipped_steps = 0
         self._fused = fused_kernels(fused, self._params())
         self.lagged = lagged
         self._pending: _ScoreSources | np.ndarray | None = None  # lagged mode: the previous step's scores
