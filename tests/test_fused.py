@@ -159,9 +159,12 @@ def test_optimizer_fused_path_skips_nonfinite_steps(lagged):
     if lagged:  # the host learns of it at the next step, which gives the step counters back
         good_step(model, opt, 5)
         assert all(s["step"].item() == t.item() + 1 for s, (_, _, t) in zip(opt.state.values(), moments))
+        assert opt.routing_summary().skipped_steps == 1
     else:
+        # The device decided the step (molf._device_routing); the host books it, and gives
+        # the counters back, as soon as anything reads the routing state.
+        assert opt.routing_summary().skipped_steps == 1
         assert all(torch.equal(s["step"], t) for s, (_, _, t) in zip(opt.state.values(), moments))
-    assert opt.routing_summary().skipped_steps == 1
 
 
 @pytest.mark.usefixtures("interpreter_chunks")

@@ -26,5 +26,5 @@ pub use error::{Error, Result};
 pub use heldout::{Heldout, HeldoutParts};
 pub use ledger::{Ledger, LedgerParts, Summary};
 pub use phase::{Phase, Schedule, PHASES};
-pub use router::{Policy, Router, RouterConfig, Score, POLICIES};
+pub use router::{Forecast, Policy, Router, RouterConfig, Score, POLICIES};
 pub use scores::{score_sum_f32, score_sum_f64, ScoreKind};

@@ -31,7 +31,7 @@ use crate::heldout::{
 };
 use crate::ledger::Ledger;
 use crate::phase::PHASES;
-use crate::router::{check_margin, check_shape, Policy, Router, RouterConfig, POLICIES};
+use crate::router::{check_margin, check_shape, Forecast, Policy, Router, RouterConfig, POLICIES};
 use crate::scores::{self, ScoreKind, StateFloat};
 
 create_exception!(
@@ -312,6 +312,9 @@ fn read_exact<'py, T: Element + Copy>(
     read(arr)
 }
 
+/// `Router.forecast()`'s value: the rule's name and, for "gated", its mask.
+type ForecastRule<'py> = (&'static str, Option<Bound<'py, PyArray2<bool>>>);
+
 fn matrix<'py, T: Element + Copy>(
     py: Python<'py>,
     data: &[T],
@@ -473,6 +476,21 @@ impl PyRouter {
             let descent = read_exact::<f64>(descent, "descent", shape, "float64")?;
             let potential = read_exact::<f64>(potential, "potential", shape, "float64")?;
             Ok(self.router().regate(descent.slice(), potential.slice())?)
+        })
+    }
+
+    /// The next `route` call's winners as a rule of its scores, where one exists:
+    /// `("gated", mask)`, `("top1", None)` or `None`.
+    fn forecast<'py>(&self, py: Python<'py>) -> PyResult<Option<ForecastRule<'py>>> {
+        let forecast = self.router().forecast();
+        guarded(|| {
+            Ok(match forecast {
+                None => None,
+                Some(Forecast::Top1) => Some(("top1", None)),
+                Some(Forecast::Gated(mask)) => {
+                    Some(("gated", Some(matrix(py, &mask, self.shape())?)))
+                }
+            })
         })
     }
 

@@ -339,6 +339,28 @@ impl Router {
         &self.expert_last_change
     }
 
+    /// How the next [`Router::route`] call's winners follow from its scores, where a rule
+    /// simpler than `route` gives them exactly; `None` where only `route` can (hysteresis,
+    /// top-k with 1 < k < experts, a frozen module without incumbents). A device that has
+    /// the scores before the host can then decide the step itself; `route` still books it
+    /// (and the caller can check the two agree).
+    pub fn forecast(&self) -> Option<Forecast> {
+        let e = self.experts;
+        let gated_incumbents = || Some(Forecast::Gated(self.incumbents.clone()));
+        match (self.phase(), self.config.policy) {
+            (Phase::Warmup, _) => Some(Forecast::Gated(vec![true; self.incumbents.len()])),
+            (_, Policy::Heldout { .. }) => gated_incumbents(),
+            (Phase::Frozen, _) if self.incumbents.chunks_exact(e).all(|r| r.contains(&true)) => {
+                gated_incumbents()
+            }
+            (Phase::Routing, Policy::TopK { .. }) if self.k >= e => {
+                Some(Forecast::Gated(vec![true; self.incumbents.len()]))
+            }
+            (Phase::Routing, Policy::TopK { .. }) if self.k == 1 => Some(Forecast::Top1),
+            _ => None,
+        }
+    }
+
     /// Routes one step: writes the winner mask of `scores` (row-major `[modules × experts]`)
     /// into `out`, advances the step, and returns the phase the call ran in.
     pub fn route<S: Score>(&mut self, scores: &[S], out: &mut [bool]) -> Result<Phase> {
@@ -519,6 +541,16 @@ impl Router {
 }
 
 type Top1Args<'a, S> = (&'a [S], &'a mut [bool], &'a mut [bool], &'a mut [u64], u64);
+
+/// The rule of [`Router::forecast`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Forecast {
+    /// Winners: the experts set in the mask (row-major `[modules × experts]`) whose score is
+    /// finite.
+    Gated(Vec<bool>),
+    /// Per module the highest finite score wins, ties to the lower index; none finite: none.
+    Top1,
+}
 
 /// Row `e` is the winner mask of expert `e` among up to 8; row 8 is the empty mask.
 const ONE_HOT: [[bool; 8]; 9] = {

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{config, config_and_steps, flatten, rows, score, RefRouter};
-use molf_rs::{Phase, Policy, Router, RouterConfig};
+use molf_rs::{Forecast, Phase, Policy, Router, RouterConfig};
 use proptest::prelude::*;
 use proptest::test_runner::{RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
@@ -146,6 +146,45 @@ proptest! {
         measure in prop::collection::vec(any::<bool>(), 14),
     ) {
         check_heldout_against_reference(cfg, &steps, &measure)?;
+    }
+
+    #[test]
+    fn forecast_rule_gives_the_routed_mask(
+        (cfg, steps) in config_and_steps(1..14),
+        measure in prop::collection::vec(any::<bool>(), 14),
+    ) {
+        // Where `forecast` gives a rule, that rule applied to the scores is `route`'s mask,
+        // through regates (policy heldout) and every phase.
+        let e = cfg.num_experts as usize;
+        let mut r = Router::new(cfg).unwrap();
+        for (i, scores) in steps.iter().enumerate() {
+            let forecast = r.forecast();
+            let got = route(&mut r, scores);
+            match forecast {
+                Some(Forecast::Gated(mask)) => {
+                    let want: Vec<bool> = mask.iter().zip(scores).map(|(&m, x)| m && x.is_finite()).collect();
+                    prop_assert_eq!(&got, &want, "gated, step {} scores {:?}", i, scores);
+                }
+                Some(Forecast::Top1) => {
+                    for (row, win) in scores.chunks(e).zip(got.chunks(e)) {
+                        let best = (0..e).filter(|&j| row[j].is_finite()).fold(None, |b: Option<usize>, j| match b {
+                            Some(b) if row[b] >= row[j] => Some(b),
+                            _ => Some(j),
+                        });
+                        let want: Vec<bool> = (0..e).map(|j| Some(j) == best).collect();
+                        prop_assert_eq!(win, want.as_slice(), "top1, step {} row {:?}", i, row);
+                    }
+                }
+                None => prop_assert!(
+                    matches!(cfg.policy, Policy::Hysteresis { .. } | Policy::TopK { .. }),
+                    "no forecast under {:?} in phase {:?}", cfg.policy, r.phase()
+                ),
+            }
+            if matches!(cfg.policy, Policy::Heldout { .. }) && measure[i] {
+                let potential: Vec<f64> = scores.iter().map(|x| -x).collect();
+                r.regate(scores, &potential).unwrap();
+            }
+        }
     }
 
     #[test]

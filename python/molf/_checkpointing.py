@@ -35,6 +35,7 @@ class _Checkpointing:
         return self._pending
 
     def _meta(self) -> dict:
+        self._settle()
         return encode_meta(
             skipped_steps=self._skipped_steps,
             pending=self._pending_scores(),
@@ -69,6 +70,7 @@ class _Checkpointing:
         shape, the routing state. A mismatch raises `StateError` naming the first one and
         changes nothing. Reloading the optimizer's own current state (as accelerate does
         when it wraps the optimizer) leaves the routing log alone."""
+        self._settle()
         c = check_checkpoint(
             state_dict,
             self.param_groups,

@@ -185,6 +185,15 @@ class Router:
             ConfigError: the router's policy is not ``"heldout"``.
             ScoreError: an argument is not a float64 array of shape (M, E).
         """
+    def forecast(self) -> tuple[Literal["gated", "top1"], npt.NDArray[np.bool_] | None] | None:
+        """How the next :meth:`route` call's winners follow from its scores, where a rule
+        simpler than ``route`` gives them exactly: ``("gated", mask)`` — the experts set in
+        the bool ``(num_modules, num_experts)`` mask whose score is finite (warm-up, policy
+        ``"heldout"``, a frozen router whose modules all have incumbents, ``topk >=
+        num_experts``) —, ``("top1", None)`` — per module the highest finite score, ties to
+        the lower index, none if none is finite (policy ``"topk"`` with ``topk == 1``) —, or
+        None (hysteresis, other ``topk``). A device can then decide a step before the host
+        has its scores; ``route`` still books it."""
     def incumbents(self) -> npt.NDArray[np.bool_]:
         """Copy of the current incumbents, bool ``(num_modules, num_experts)`` (the active
         set under policy ``"heldout"``)."""

@@ -262,9 +262,25 @@ class FusedStep:
             return
         rows = hyper[: self.num_routed].copy()
         rows[:, 7] = won
-        hyper_d = _upload(rows.reshape(-1), self.device)
+        self._launch_apply(_upload(rows.reshape(-1), self.device), flag, won)
+
+    def upload(self, array: np.ndarray) -> torch.Tensor:
+        """`array` on the plan's device, copied asynchronously."""
+        return _upload(array, self.device)
+
+    def apply_on_device(self, won: torch.Tensor, hyper: np.ndarray, flag: torch.Tensor) -> None:
+        """The same where the device decided the winners: `won`, float64 per routed tensor
+        (1: update), becomes the apply flags on the device; every routed batch is launched
+        (a chunk whose tensor lost returns at once)."""
+        if not self.num_routed:
+            return
+        hyper_d = _upload(hyper[: self.num_routed].reshape(-1), self.device)
+        hyper_d.view(-1, 8)[:, 7] = won
+        self._launch_apply(hyper_d, flag, None)
+
+    def _launch_apply(self, hyper_d: torch.Tensor, flag: torch.Tensor, won: np.ndarray | None) -> None:
         for b in self.batches:
-            if not b.routed or not won[b.lo : b.hi].any():
+            if not b.routed or (won is not None and not won[b.lo : b.hi].any()):
                 continue
             _apply_kernel[(b.chi - b.clo,)](
                 self._p,

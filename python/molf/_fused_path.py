@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from ._core import ConfigError
+from ._device_routing import DeviceDecision
 from ._score_sources import _ScoreSources
 
-__all__ = ["fused_kernels", "plan_signature", "build_plan", "fused_moments"]
+__all__ = ["fused_kernels", "plan_signature", "build_plan", "fused_moments", "device_decision", "fused_device_step"]
 
 
 def fused_kernels(option: bool | None, params: list[torch.Tensor]) -> ModuleType | None:
@@ -56,6 +57,20 @@ def build_plan(kernels: ModuleType, param_groups: list[dict], init_group: Callab
     return plan
 
 
+def _moments_pass(plan, param_groups: list[dict], score: str, skip_nonfinite: bool, group, winners=None):
+    """Moments of every tensor and the routed ones' score sums (the winners' updates too
+    where `winners` is given); the score sources and the hyper rows."""
+    plan.step_buffer.add_(1)
+    steps = plan.step_buffer.numpy().astype(np.float64)
+    sums, flag, hyper = plan.moments(param_groups, steps, score, skip_nonfinite, winners, group)
+    sources = _ScoreSources(flag if skip_nonfinite else None, group)
+    sources.steps = [plan.step_buffer]
+    routed = slice(0, plan.num_routed)
+    group_lr = np.array([float(g["lr"]) for g in param_groups])
+    sources.add(sums, plan.slots[routed], group_lr[plan.group_of[routed]], plan.global_numels[routed])
+    return sources, flag, hyper
+
+
 def fused_moments(
     plan,
     param_groups: list[dict],
@@ -68,13 +83,35 @@ def fused_moments(
     `winners` known in advance, their updates too); returns the score sources and the
     function applying the winners (`score_group`: returns the process group the sums are
     all-reduced over)."""
-    plan.step_buffer.add_(1)
-    steps = plan.step_buffer.numpy().astype(np.float64)
-    group = score_group()
-    sums, flag, hyper = plan.moments(param_groups, steps, score, skip_nonfinite, winners, group)
-    sources = _ScoreSources(flag if skip_nonfinite else None, group)
-    sources.steps = [plan.step_buffer]
-    routed = slice(0, plan.num_routed)
-    group_lr = np.array([float(g["lr"]) for g in param_groups])
-    sources.add(sums, plan.slots[routed], group_lr[plan.group_of[routed]], plan.global_numels[routed])
+    sources, flag, hyper = _moments_pass(plan, param_groups, score, skip_nonfinite, score_group(), winners)
     return sources, lambda winner_slots: plan.apply(winner_slots, hyper, flag)
+
+
+def device_decision(plan, num_slots: int) -> DeviceDecision | None:
+    """A `DeviceDecision` for the plan's routed tensors, None where it does not apply."""
+    slots = plan.slots[: plan.num_routed]
+    if not DeviceDecision.applies(slots, num_slots):
+        return None
+    return DeviceDecision(slots, plan.global_numels[: plan.num_routed], num_slots, plan.device)
+
+
+def fused_device_step(
+    plan,
+    decision: DeviceDecision,
+    rule: tuple,
+    num_experts: int,
+    param_groups: list[dict],
+    score: str,
+    skip_nonfinite: bool,
+) -> _ScoreSources:
+    """An exact step that the device decides (`molf._device_routing`): moments and score
+    sums, the winners by `rule` (`Router.forecast`'s), their updates, and the copy of the
+    sums and winners to the host started; returns the sources the host books the step
+    from. No reduction over a process group (the caller checks there is none)."""
+    sources, flag, hyper = _moments_pass(plan, param_groups, score, skip_nonfinite, None)
+    lrs = plan.upload(np.asarray(sources.lrs, dtype=np.float64))
+    won = decision.winners(decision.scores(sources.sums[0], lrs, score), rule, num_experts)
+    plan.apply_on_device(decision.per_tensor(won), hyper, flag)
+    sources.won = won
+    sources.start_copy()
+    return sources

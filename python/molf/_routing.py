@@ -12,6 +12,7 @@ import numpy as np
 
 from . import distributed
 from ._core import Ledger, Router
+from ._device_routing import DeviceDecision
 from ._expert_view import ExpertView
 from ._score_sources import _ScoreSources, routed_score_group
 from .checkpoint import is_state_init_step
@@ -41,6 +42,21 @@ class _Routing:
         if self._log is not None and not self._state_init_step:
             self._log.write(self._ledger.step, phase_of_last_step(self._router), scores, mask)
         return mask
+
+    def _settle(self) -> None:
+        """Book the step the device decided (`molf._device_routing`), whose scores and
+        winners reached the host meanwhile: route it, check the router picked the device's
+        winners, record and log it (or count it skipped). Everything that reads or replaces
+        the routing state calls this first."""
+        sources, self._unbooked = self._unbooked, None
+        if sources is None:
+            return
+        scores = sources.resolve(self._shape, self.score)
+        if scores is None:
+            sources.give_back_steps()
+            self._record_skip()
+            return
+        DeviceDecision.check(self._route(scores), sources.won_host)
 
     def _record_skip(self) -> None:
         self._skipped_steps += 1
@@ -89,6 +105,7 @@ class _Routing:
         as `MoLFAdamW(log=...)` takes; None: stop): at step 0 a new log (an existing file is
         moved aside on the first write); past it, as after `load_state_dict`, the log of the
         run so far, in the format it began in (records past this step are dropped)."""
+        self._settle()
         if log is None:
             self._log = None
             return
@@ -102,15 +119,18 @@ class _Routing:
     @property
     def router(self) -> Router:
         """The Rust router (read it, don't step it: the optimizer does)."""
+        self._settle()
         return self._router
 
     @property
     def ledger(self) -> Ledger:
         """The Rust ledger of scores, wins and switches."""
+        self._settle()
         return self._ledger
 
     def routing_summary(self) -> RoutingSummary:
         """Per-expert shares, switches and per-module statistics so far."""
+        self._settle()
         return RoutingSummary.from_ledger(
             self._ledger,
             self._router.incumbents(),
@@ -124,6 +144,8 @@ class _Routing:
         """The view of this optimizer's expert tensors that the held-out probe measures
         through (`molf.heldout`): groups, state, routing shape, score group, and the live
         router and ledger, which it may put back."""
+
+        self._settle()
 
         def set_routing(router: Router, ledger: Ledger) -> None:
             self._router, self._ledger = router, ledger

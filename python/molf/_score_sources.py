@@ -28,6 +28,8 @@ class _ScoreSources:
         self.lrs: list[float] = []
         self.numels: list[int] = []
         self.steps: list[torch.Tensor] = []
+        self.won: torch.Tensor | None = None  # the device's winners, where it decided the step
+        self.won_host: np.ndarray | None = None
         self._host: torch.Tensor | None = None
         self._event = None
 
@@ -41,6 +43,8 @@ class _ScoreSources:
         parts = list(self.sums)
         if self.flag is not None:
             parts.append(self.flag.to(torch.float64))
+        if self.won is not None:
+            parts.append(self.won.to(torch.float64))
         flat = torch.cat(parts)
         if self.group is not None:
             # Global numerators (and the non-finite flag of any rank), identical on every rank.
@@ -48,7 +52,8 @@ class _ScoreSources:
         return flat
 
     def start_copy(self) -> None:
-        """Begin the device-to-host copy without waiting for it (lagged mode)."""
+        """Begin the device-to-host copy without waiting for it (lagged mode, a step the
+        device decided)."""
         if not self.sums or self.sums[0].device.type != "cuda":
             return
         flat = self._flat()
@@ -68,6 +73,8 @@ class _ScoreSources:
             flat = self._host.numpy()
         else:
             flat = self._flat().cpu().numpy()  # the step's one device-to-host transfer
+        if self.won is not None:
+            flat, self.won_host = flat[: -self.won.numel()], flat[-self.won.numel() :] != 0
         if self.flag is not None:
             if flat[-1] != 0:
                 return None

@@ -22,7 +22,7 @@ from . import _kernels, distributed
 from ._checkpointing import _Checkpointing
 from ._core import ConfigError, Ledger, Router
 from ._foreach import _GroupWork, foreach_moments, scratch_for
-from ._fused_path import build_plan, fused_kernels, fused_moments, plan_signature
+from ._fused_path import build_plan, device_decision, fused_device_step, fused_kernels, fused_moments, plan_signature
 from ._groups import build_groups, check_added_group, resolve_state_dtype, state_dtype_for
 from ._options import DEFAULT_LR, check_options
 from ._routing import _Routing
@@ -149,6 +149,7 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
                 stacklevel=2,
             )
         self._skipped_steps = 0
+        self._reset_caches()
         self.set_log(log)
         if fused not in (None, True, False):
             raise ConfigError(f"fused must be None, True or False, got {fused!r}")
@@ -158,12 +159,13 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
         self._fused = fused_kernels(fused, self._params())
         self.lagged = lagged
         self._pending: _ScoreSources | np.ndarray | None = None  # lagged mode: the previous step's scores
-        self._reset_caches()
         self._score_group()  # refuse a half-sharded model here rather than at the first step
 
     def _reset_caches(self) -> None:
         self._plan = None  # fused path: device tables, rebuilt when the tensors with gradients change
         self._plan_signature = None
+        self._decision = None  # fused path: (plan, its DeviceDecision or None)
+        self._unbooked = None  # fused path: the score sources of a step the device decided
         self._scratch: dict[int, tuple] = {}  # CPU foreach path: per group, see _foreach.scratch_for
         self._group_key = None  # (first routed parameter, its score group): see _score_group
         self._state_init_step = False
@@ -209,11 +211,22 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._settle()
         if self.lagged:
             self._resolve_pending()
         if self._fused:
             plan = self._fused_plan()
             if plan is None:
+                return loss
+            rule = None if self.lagged else self._device_rule(plan)
+            if rule is not None:
+                # The device decides this step; the host books it later (`_settle`).
+                decision = self._decision[1]
+                args = (self.param_groups, self.score, self.skip_nonfinite)
+                self._unbooked = fused_device_step(plan, decision, rule, self._shape[1], *args)
+                if self._probe is not None and self._probe.due(self._router.step + 1):
+                    self._settle()
+                self._measure_heldout()
                 return loss
             if self.lagged and self._pending is not None:
                 # The winners are known before the pass: one pass does moments,
@@ -252,6 +265,17 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
             self._plan = build_plan(self._fused, self.param_groups, self._init_group, self.state)
             self._plan_signature = signature
         return self._plan
+
+    def _device_rule(self, plan) -> tuple | None:
+        """`Router.forecast()`'s rule where the device may decide this step: not the first
+        step (torch.distributed.checkpoint's state-init step is told apart by its scores
+        when it is booked, and its gradients are gone by then), no score reduction over a
+        process group (FSDP2), at most two tensors per slot (`DeviceDecision.applies`)."""
+        if self._ledger.step == 0 or self._score_group() is not None:
+            return None
+        if self._decision is None or self._decision[0] is not plan:
+            self._decision = plan, device_decision(plan, self._shape[0] * self._shape[1])
+        return None if self._decision[1] is None else self._router.forecast()
 
     def _fused_moments(self, plan, winners: np.ndarray | None = None):
         return fused_moments(plan, self.param_groups, self.score, self.skip_nonfinite, self._score_group, winners)
