@@ -469,7 +469,11 @@ mod tests {
         ));
         l.record_heldout(&[1.0, -1.0, 0.0], &[true; 3]).unwrap();
         l.adapt_heldout_rate(&[1.0, -1.0, 0.0]).unwrap();
-        assert_eq!(l.heldout().rate(), [1.0; 3], "off: every multiplier stays 1");
+        assert_eq!(
+            l.heldout().rate(),
+            [1.0; 3],
+            "off: every multiplier stays 1"
+        );
     }
 
     #[test]
@@ -482,7 +486,10 @@ mod tests {
             ([1.0, -1.0, 0.0, f64::NAN], [1.5, 0.5, 1.0, 1.0]),
             ([1e-300, -0.0, -1e-300, 2.0], [2.0, 0.5, 0.5, 1.5]),
             ([3.0, 5.0, 1.0, -2.0], [2.0, 0.75, 0.75, 0.75]),
-            ([f64::INFINITY, f64::NEG_INFINITY, 0.0, 1.0], [2.0, 0.375, 0.75, 1.125]),
+            (
+                [f64::INFINITY, f64::NEG_INFINITY, 0.0, 1.0],
+                [2.0, 0.375, 0.75, 1.125],
+            ),
         ];
         for (descent, want) in windows {
             l.record_heldout(&descent, &[true; 4]).unwrap();
@@ -517,7 +524,11 @@ mod tests {
         }
         // The edges: no change at all (1, 1, 1) is a valid rule.
         assert!(with(bold(1.0, 1.0, 1.0)).is_ok());
-        assert!(with(RateRule { adapt: false, ..bold(1.0, 1.0, 1.0) }).is_ok());
+        assert!(with(RateRule {
+            adapt: false,
+            ..bold(1.0, 1.0, 1.0)
+        })
+        .is_ok());
     }
 
     #[test]
@@ -541,16 +552,25 @@ mod tests {
         };
         // Before a window every multiplier is 1.
         assert!(with(&l, vec![1.0, 1.0], true).is_ok());
-        assert!(matches!(with(&l, vec![1.2, 1.0], true), Err(Error::State(m)) if m.contains("rate")));
+        assert!(
+            matches!(with(&l, vec![1.2, 1.0], true), Err(Error::State(m)) if m.contains("rate"))
+        );
         l.record_heldout(&[1.0, -1.0], &[true, true]).unwrap();
         l.adapt_heldout_rate(&[1.0, -1.0]).unwrap();
         assert_eq!(l.heldout().rate(), [1.2, 0.5]);
         // Anything in [0, cap] after a window; nothing else; off means 1 everywhere.
         assert!(with(&l, vec![0.0, 3.0], true).is_ok());
-        for rate in [vec![3.5, 1.0], vec![-0.5, 1.0], vec![f64::NAN, 1.0], vec![1.0]] {
+        for rate in [
+            vec![3.5, 1.0],
+            vec![-0.5, 1.0],
+            vec![f64::NAN, 1.0],
+            vec![1.0],
+        ] {
             assert!(matches!(with(&l, rate, true), Err(Error::State(_))));
         }
-        assert!(matches!(with(&l, vec![1.2, 0.5], false), Err(Error::State(m)) if m.contains("rate")));
+        assert!(
+            matches!(with(&l, vec![1.2, 0.5], false), Err(Error::State(m)) if m.contains("rate"))
+        );
         assert!(with(&l, vec![1.0, 1.0], false).is_ok());
         let bad = LedgerParts {
             heldout: HeldoutParts {
@@ -559,7 +579,9 @@ mod tests {
             },
             ..l.parts()
         };
-        assert!(matches!(Ledger::from_parts(bad), Err(Error::State(m)) if m.contains("heldout_rate_up")));
+        assert!(
+            matches!(Ledger::from_parts(bad), Err(Error::State(m)) if m.contains("heldout_rate_up"))
+        );
     }
 
     #[test]

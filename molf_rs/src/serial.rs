@@ -411,7 +411,10 @@ impl Ledger {
 
     pub fn from_bytes(data: &[u8]) -> Result<Self> {
         let (buf, version) = open(data, Kind::Ledger)?;
-        let mut r = Reader { buf, what: "ledger" };
+        let mut r = Reader {
+            buf,
+            what: "ledger",
+        };
         let num_modules = r.u64()?;
         let num_experts = r.u64()?;
         let ema_decay = r.f64()?;
@@ -676,7 +679,8 @@ mod tests {
         let at = spans_end(&l) - 16;
         for h in [f64::NAN, 1.0, -0.5, f64::INFINITY] {
             body[at..at + 8].copy_from_slice(&h.to_bits().to_le_bytes());
-            let err = Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &body)).unwrap_err();
+            let err =
+                Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &body)).unwrap_err();
             assert!(
                 matches!(&err, Error::State(m) if m.contains("heldout_horizon")),
                 "{err:?}"
@@ -976,7 +980,8 @@ mod tests {
             cap: 2.0,
         };
         let mut l = paused_ledger().with_heldout_rate(rule).unwrap();
-        l.record_heldout(&[1.0, -1.0, 0.0], &[true, true, false]).unwrap();
+        l.record_heldout(&[1.0, -1.0, 0.0], &[true, true, false])
+            .unwrap();
         l.adapt_heldout_rate(&[1.0, -1.0, 0.0]).unwrap();
         assert_eq!(l.heldout().rate(), [1.25, 0.5, 1.0]);
         let bytes = l.to_bytes();
@@ -999,7 +1004,12 @@ mod tests {
         let mut other = l.clone();
         other.adapt_heldout_rate(&[0.0, 0.0, 1.0]).unwrap();
         assert_ne!(other, l);
-        assert_ne!(l.clone().with_heldout_rate(RateRule { cap: 3.0, ..rule }).unwrap(), l);
+        assert_ne!(
+            l.clone()
+                .with_heldout_rate(RateRule { cap: 3.0, ..rule })
+                .unwrap(),
+            l
+        );
         // A flag byte other than 0 or 1, and a multiplier above the cap, are rejected.
         let at = body.len() - rate_tail(&l);
         let mut b = body.to_vec();

@@ -35,7 +35,12 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
                     .with_shrink_spectral(spectral)
                     .with_heldout_min_span(min_span)
                     .unwrap()
-                    .with_heldout_rate(RateRule { adapt, up, down, cap })
+                    .with_heldout_rate(RateRule {
+                        adapt,
+                        up,
+                        down,
+                        cap,
+                    })
                     .unwrap();
                 if shrink > 0.0 {
                     for (e, loss) in trials {
