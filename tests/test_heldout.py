@@ -94,6 +94,7 @@ class Reference:
         min_span,
         shrink=0.0,
         spectral=True,
+        rate=None,
     ):
         self.layers = [str(2 * i) for i in range(len(dims) - 1)]
         self.wrapped = list(wrapped)  # in module order
@@ -103,6 +104,7 @@ class Reference:
         self.every, self.decay, self.horizon, self.min_dwell = every, decay, horizon, min_dwell
         self.min_span = min_span  # windows of record an expert needs before it can be dropped
         self.shrink, self.spectral = shrink, spectral
+        self.rate = rate  # None, or (up, down, cap) of the learning-rate multipliers
         self.P: dict[tuple, torch.Tensor] = {}
         self.hyper: dict[tuple, tuple[float, float]] = {}  # key -> (lr, weight decay)
         self.trainable: list[tuple] = []
@@ -142,6 +144,7 @@ class Reference:
         self.active = [[True] * self.E for _ in range(self.M)]
         self.expert_changed = [[0] * self.E for _ in range(self.M)]  # step of each expert's last flip
         self.ema = [[math.nan] * self.E for _ in range(self.M)]
+        self.c = [[1.0] * self.E for _ in range(self.M)]  # each expert's learning-rate multiplier
         self.span = [[0] * self.E for _ in range(self.M)]  # consecutive windows each expert moved in
         self.restarted = 0  # moved entries whose restarted span gave another decay than the run's length
         self.windows = 0
@@ -171,8 +174,10 @@ class Reference:
         gs = torch.autograd.grad(loss, [P[k] for k in keys], allow_unused=True)
         return {k: torch.zeros_like(self.P[k]) if g is None else g for k, g in zip(keys, gs)}
 
-    def adamw(self, k):
+    def adamw(self, k, c=1.0):
+        """AdamW at the key's lr times the expert's multiplier c: decay and Adam step both."""
         lr, wd = self.hyper[k]
+        lr = lr * c
         b1, b2 = BETAS
         t = self.t[k]
         p = self.P[k] * (1 - lr * wd)
@@ -198,7 +203,7 @@ class Reference:
                 self.mask[mi][e] = self.active[mi][e] and math.isfinite(score)
                 if self.mask[mi][e]:
                     for k in keys:
-                        self.adamw(k)
+                        self.adamw(k, self.c[mi][e])
         self.step_count += 1
         if self.step_count - self.last_measure >= self.every:
             self.measure(heldout_fn)
@@ -273,7 +278,8 @@ class Reference:
                     if t:
                         m_hat = self.m[k] / (1 - b1**t)
                         v_hat = self.v[k] / (1 - b2**t)
-                        potential[mi][e] += self.hyper[k][0] * float((g[k] * (m_hat / (v_hat.sqrt() + EPS))).sum())
+                        lr = self.hyper[k][0] * self.c[mi][e]
+                        potential[mi][e] += lr * float((g[k] * (m_hat / (v_hat.sqrt() + EPS))).sum())
                     self.prev[k] = (theta.clone(), g[k].clone())
         window = self.step_count - self.last_measure
         self.last_measure = self.step_count
@@ -296,6 +302,12 @@ class Reference:
                     self.restarted += d != decay(self.windows + 1)
                     old = self.ema[mi][e]
                     self.ema[mi][e] = x if math.isnan(old) else d * old + (1 - d) * x
+                if self.rate is not None:  # the window's descent, before the EMA
+                    up, down, cap = self.rate
+                    if x > 0:
+                        self.c[mi][e] = min(self.c[mi][e] * up, cap)
+                    elif x < 0:
+                        self.c[mi][e] = self.c[mi][e] * down
         self.windows += 1
         s = self.step_count
         for mi in range(self.M):
@@ -409,9 +421,11 @@ def test_lockstep_with_float64_reference(case, horizon, shrink, spectral):
             horizon=horizon,
             shrink=shrink,
             shrink_spectral=spectral,
+            adapt_rate=False,
             **{} if fft else dict(min_span=min_span),
         ),
     )
+    assert not opt.ledger.heldout_adapt_rate
     assert opt.router.policy == "heldout" and opt.router.min_dwell == dwell
     assert opt.ledger.shrink_spectral == spectral
     assert opt.ledger.heldout_horizon == horizon and opt.ledger.heldout_shrink == shrink
@@ -565,9 +579,9 @@ def test_all_active_before_second_measurement_is_adamw(fft, ranks, foreach):
 
 def fixed_batch_run(fft, ranks, sign, steps, K, dtype=torch.float32, lr=1e-3, shrink=0.0, min_span=0):
     """Every linear layer wrapped; training on one fixed batch; the held-out loss is
-    `sign` x the training loss on the same batch. Shrinkage off unless `shrink`, and records
-    judged from the first window unless `min_span` (None: the default): these runs test the
-    drops and re-admissions alone."""
+    `sign` x the training loss on the same batch. Shrinkage and the rate adaptation off
+    unless `shrink`, and records judged from the first window unless `min_span` (None: the
+    default): these runs test the drops and re-admissions alone."""
     dims = (4, 8, 8, 2)
     model = build(dims, ("0", "2", "4"), ranks, fft, dtype=dtype, b_std=0.1)
     gen = torch.Generator().manual_seed(5)
@@ -578,7 +592,10 @@ def fixed_batch_run(fft, ranks, sign, steps, K, dtype=torch.float32, lr=1e-3, sh
 
     span = {} if min_span is None else dict(min_span=min_span)
     opt = molf.MoLFAdamW(
-        model, lr=lr, weight_decay=0.0, routing=molf.Heldout(lambda: sign * loss(), every=K, shrink=shrink, **span)
+        model,
+        lr=lr,
+        weight_decay=0.0,
+        routing=molf.Heldout(lambda: sign * loss(), every=K, shrink=shrink, adapt_rate=False, **span),
     )
     history = []  # per step: (incumbents, heldout_ema, routed params)
     for _ in range(steps):
@@ -668,9 +685,10 @@ def shifted_heldout(model):
     return lambda: ((model(xh) - yh - 1.0) ** 2).mean()
 
 
-def make_ckpt_run(fft, ranks, heldout=True, min_span=1):
+def make_ckpt_run(fft, ranks, heldout=True, min_span=1, adapt_rate=False):
     model = make_net(ranks, fft)
-    kw = dict(routing=molf.Heldout(shifted_heldout(model), every=4, min_dwell=4, min_span=min_span)) if heldout else {}
+    policy = molf.Heldout(shifted_heldout(model), every=4, min_dwell=4, min_span=min_span, adapt_rate=adapt_rate)
+    kw = dict(routing=policy) if heldout else {}
     opt = molf.MoLFAdamW(model, lr=3e-2, lora_lr=5e-2, weight_decay=0.1, lora_weight_decay=0.01, **kw)
     return model, opt
 

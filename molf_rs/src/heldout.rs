@@ -21,6 +21,85 @@ pub const DEFAULT_HELDOUT_HORIZON: f64 = 0.25;
 /// optimizer asks for 10 where a module has LoRA experts only; see [`Heldout::descent`]).
 pub const DEFAULT_HELDOUT_MIN_SPAN: u64 = 0;
 
+/// Default of the rate adaptation: off (the Python optimizer turns it on where the model has
+/// a dense expert; see [`Heldout::adapt_rate`]). A ledger of format version 1, from before
+/// the adaptation, decodes with it off and every multiplier 1: it resumes as it ran.
+pub const DEFAULT_RATE_ADAPT: bool = false;
+
+/// Default factor of a multiplier after a window whose movement lowered the held-out loss.
+pub const DEFAULT_RATE_UP: f64 = 1.2;
+
+/// Default factor of a multiplier after a window whose movement raised the held-out loss.
+pub const DEFAULT_RATE_DOWN: f64 = 0.5;
+
+/// Default ceiling of a multiplier.
+pub const DEFAULT_RATE_CAP: f64 = 3.0;
+
+/// The settings of the rate adaptation (see [`Heldout::adapt_rate`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RateRule {
+    /// Whether the multipliers move at all (false: every one stays 1).
+    pub adapt: bool,
+    /// Factor after a window of held-out descent, >= 1.
+    pub up: f64,
+    /// Factor after a window of held-out ascent, in (0, 1].
+    pub down: f64,
+    /// Ceiling of a multiplier, >= 1.
+    pub cap: f64,
+}
+
+impl Default for RateRule {
+    fn default() -> Self {
+        RateRule {
+            adapt: DEFAULT_RATE_ADAPT,
+            up: DEFAULT_RATE_UP,
+            down: DEFAULT_RATE_DOWN,
+            cap: DEFAULT_RATE_CAP,
+        }
+    }
+}
+
+impl PartialEq for RateRule {
+    /// Bit for bit, as the rest of the state.
+    fn eq(&self, other: &Self) -> bool {
+        self.adapt == other.adapt
+            && self.up.to_bits() == other.up.to_bits()
+            && self.down.to_bits() == other.down.to_bits()
+            && self.cap.to_bits() == other.cap.to_bits()
+    }
+}
+
+impl RateRule {
+    /// Checks the factors and the ceiling (written so that NaN fails too).
+    pub(crate) fn check(&self) -> Result<()> {
+        let bad = |name: &str, want: &str, v: f64| {
+            Err(Error::Config(format!("{name} must be {want}, got {v}")))
+        };
+        if !(self.up >= 1.0 && self.up.is_finite()) {
+            return bad("heldout_rate_up", "finite and >= 1", self.up);
+        }
+        if !(self.down > 0.0 && self.down <= 1.0) {
+            return bad("heldout_rate_down", "in (0, 1]", self.down);
+        }
+        if !(self.cap >= 1.0 && self.cap.is_finite()) {
+            return bad("heldout_rate_cap", "finite and >= 1", self.cap);
+        }
+        Ok(())
+    }
+
+    /// One multiplier after a window of realized held-out descent `x` per step: up (to the
+    /// ceiling) where `x` > 0, down where `x` < 0, as it was where `x` is 0 or NaN.
+    pub fn next(&self, c: f64, x: f64) -> f64 {
+        if x > 0.0 {
+            (c * self.up).min(self.cap)
+        } else if x < 0.0 {
+            c * self.down
+        } else {
+            c
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Heldout {
     /// Decay of `ema` per held-out window; with a horizon, its floor.
@@ -49,6 +128,11 @@ pub struct Heldout {
     /// it): true soft-thresholds its singular values by `shrink` × the largest (a
     /// nuclear-norm proximal step), false scales it by 1 − `shrink`.
     shrink_spectral: bool,
+    /// The rate adaptation's settings.
+    rate_rule: RateRule,
+    /// Row-major `[modules × experts]`: each expert's learning-rate multiplier (1 at the
+    /// start; see [`Heldout::adapt_rate`]).
+    rate: Vec<f64>,
 }
 
 /// Everything [`Heldout::from_parts`] needs; mirrors the serialised fields.
@@ -64,6 +148,8 @@ pub struct HeldoutParts {
     pub shrink_trials: Vec<u64>,
     pub shrinks: Vec<u64>,
     pub shrink_spectral: bool,
+    pub rate_rule: RateRule,
+    pub rate: Vec<f64>,
 }
 
 impl PartialEq for Heldout {
@@ -80,6 +166,8 @@ impl PartialEq for Heldout {
             && self.shrink_trials == other.shrink_trials
             && self.shrinks == other.shrinks
             && self.shrink_spectral == other.shrink_spectral
+            && self.rate_rule == other.rate_rule
+            && bits(&self.rate) == bits(&other.rate)
     }
 }
 
@@ -119,7 +207,15 @@ impl Heldout {
             shrink_trials: filled(num_experts, 0, "shrink_trials")?,
             shrinks: filled(num_experts, 0, "shrinks")?,
             shrink_spectral: DEFAULT_SHRINK_SPECTRAL,
+            rate_rule: RateRule::default(),
+            rate: filled(entries, 1.0, "heldout_rate")?,
         })
+    }
+
+    pub(crate) fn set_rate_rule(&mut self, rule: RateRule) -> Result<()> {
+        rule.check()?;
+        self.rate_rule = rule;
+        Ok(())
     }
 
     pub(crate) fn set_decay(&mut self, decay: f64) -> Result<()> {
@@ -197,6 +293,26 @@ impl Heldout {
                 p.shrink, p.shrink_trials, p.shrinks
             ));
         }
+        if let Err(err) = p.rate_rule.check() {
+            return state(format!("invalid ledger configuration in state: {err}"));
+        }
+        // Every multiplier starts at 1 and moves only under the adaptation, by factors that
+        // keep it in [0, cap] (a long run of harmful windows may take it down to 0).
+        let cap = p.rate_rule.cap;
+        let rate_ok = if p.rate_rule.adapt && p.windows > 0 {
+            p.rate.iter().all(|&c| (0.0..=cap).contains(&c))
+        } else {
+            p.rate.iter().all(|&c| c == 1.0)
+        };
+        if p.rate.len() != m * e || !rate_ok {
+            return state(format!(
+                "held-out rate multipliers are inconsistent with the rate adaptation \
+                 (adapt {}, cap {cap}, {} windows, multipliers {:?})",
+                p.rate_rule.adapt,
+                p.windows,
+                &p.rate[..p.rate.len().min(8)]
+            ));
+        }
         Ok(Heldout {
             decay: p.decay,
             horizon: p.horizon,
@@ -208,6 +324,8 @@ impl Heldout {
             shrink_trials: p.shrink_trials,
             shrinks: p.shrinks,
             shrink_spectral: p.shrink_spectral,
+            rate_rule: p.rate_rule,
+            rate: p.rate,
         })
     }
 
@@ -289,6 +407,29 @@ impl Heldout {
         Ok(())
     }
 
+    /// The rate adaptation after one held-out window (the ledger checked the shape): with
+    /// `adapt` on, each expert's multiplier c becomes min(c·up, cap) where `descent` (its
+    /// realized held-out loss decrease per step in the window, as given to `record`, before
+    /// the EMA) is > 0, c·down where it is < 0, and stays where it is 0 or NaN (an expert
+    /// that did not move measures 0). The optimizer scales the expert's learning rate by c:
+    /// a "bold driver" per expert on the held-out loss, so one fixed rate per model can be
+    /// too low for one expert and too high for another (why: docs/algorithm.md).
+    /// A `State` error before the first recorded window (there is no window to adapt to).
+    pub(crate) fn adapt_rate(&mut self, descent: &[f64]) -> Result<()> {
+        if self.windows == 0 {
+            return Err(Error::State(
+                "no held-out window recorded yet: record one before adapting the rates".into(),
+            ));
+        }
+        if self.rate_rule.adapt {
+            let rule = self.rate_rule;
+            for (c, &x) in self.rate.iter_mut().zip(descent) {
+                *c = rule.next(*c, x);
+            }
+        }
+        Ok(())
+    }
+
     /// Each expert's record as `Router::regate` judges it (row-major
     /// `[modules × experts]`): its EMA once its span has reached `min_span` windows, NaN
     /// (not judged yet: an active expert stays) before. So a drop needs a record of that
@@ -334,6 +475,13 @@ impl Heldout {
     pub fn shrink_spectral(&self) -> bool {
         self.shrink_spectral
     }
+    pub fn rate_rule(&self) -> RateRule {
+        self.rate_rule
+    }
+    /// Row-major `[modules × experts]`: each expert's learning-rate multiplier.
+    pub fn rate(&self) -> &[f64] {
+        &self.rate
+    }
 
     /// The state as `from_parts` takes it (tests build variants of a record from it).
     #[cfg(test)]
@@ -349,6 +497,8 @@ impl Heldout {
             shrink_trials: self.shrink_trials.clone(),
             shrinks: self.shrinks.clone(),
             shrink_spectral: self.shrink_spectral,
+            rate_rule: self.rate_rule,
+            rate: self.rate.clone(),
         }
     }
 }

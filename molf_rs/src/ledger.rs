@@ -3,7 +3,7 @@
 //! held-out record it also keeps lives in [`crate::heldout`].
 
 use crate::error::{filled, Error, Result};
-use crate::heldout::{check_unit, Heldout, HeldoutParts};
+use crate::heldout::{check_unit, Heldout, HeldoutParts, RateRule};
 use crate::router::{check_shape, Score, MAX_STEP};
 use crate::serial::Fnv1a;
 
@@ -146,6 +146,12 @@ impl Ledger {
         Ok(self)
     }
 
+    /// The same ledger with other rate-adaptation settings (see [`Heldout::adapt_rate`]).
+    pub fn with_heldout_rate(mut self, rule: RateRule) -> Result<Self> {
+        self.heldout.set_rate_rule(rule)?;
+        Ok(self)
+    }
+
     /// Rebuilds a ledger from decoded state, checking every invariant `record` maintains;
     /// any violation is a `State` error.
     pub fn from_parts(p: LedgerParts) -> Result<Self> {
@@ -240,6 +246,22 @@ impl Ledger {
             )));
         }
         self.heldout.record(descent, moved)
+    }
+
+    /// Adapts each expert's learning-rate multiplier to the held-out window just recorded
+    /// (see [`Heldout::adapt_rate`]): `descent` is row-major `[modules × experts]`, the
+    /// realized descent per step that `record_heldout` took.
+    pub fn adapt_heldout_rate(&mut self, descent: &[f64]) -> Result<()> {
+        let n = self.last_scores.len();
+        if descent.len() != n {
+            return Err(Error::Score(format!(
+                "descent must have {} x {} = {n} entries, got {}",
+                self.num_modules,
+                self.num_experts,
+                descent.len()
+            )));
+        }
+        self.heldout.adapt_rate(descent)
     }
 
     /// Records one step's scores and winner mask (both row-major `[modules × experts]`).
@@ -418,7 +440,149 @@ mod tests {
     use super::*;
     use crate::heldout::{
         DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN, DEFAULT_HELDOUT_SHRINK,
+        DEFAULT_RATE_CAP, DEFAULT_RATE_DOWN, DEFAULT_RATE_UP,
     };
+
+    fn bold(up: f64, down: f64, cap: f64) -> RateRule {
+        RateRule {
+            adapt: true,
+            up,
+            down,
+            cap,
+        }
+    }
+
+    #[test]
+    fn rate_adaptation_is_off_by_default_and_starts_at_one() {
+        let mut l = Ledger::new(1, 3, 0.9).unwrap();
+        let rule = l.heldout().rate_rule();
+        assert!(!rule.adapt);
+        assert_eq!(
+            (rule.up, rule.down, rule.cap),
+            (DEFAULT_RATE_UP, DEFAULT_RATE_DOWN, DEFAULT_RATE_CAP)
+        );
+        assert_eq!(l.heldout().rate(), [1.0; 3]);
+        // Before a window there is nothing to adapt to.
+        assert!(matches!(
+            l.adapt_heldout_rate(&[1.0, -1.0, 0.0]),
+            Err(Error::State(m)) if m.contains("no held-out window")
+        ));
+        l.record_heldout(&[1.0, -1.0, 0.0], &[true; 3]).unwrap();
+        l.adapt_heldout_rate(&[1.0, -1.0, 0.0]).unwrap();
+        assert_eq!(
+            l.heldout().rate(),
+            [1.0; 3],
+            "off: every multiplier stays 1"
+        );
+    }
+
+    #[test]
+    fn rate_goes_up_to_the_cap_and_down_on_harm() {
+        let mut l = Ledger::new(1, 4, 0.9)
+            .unwrap()
+            .with_heldout_rate(bold(1.5, 0.5, 2.0))
+            .unwrap();
+        let windows: [([f64; 4], [f64; 4]); 4] = [
+            ([1.0, -1.0, 0.0, f64::NAN], [1.5, 0.5, 1.0, 1.0]),
+            ([1e-300, -0.0, -1e-300, 2.0], [2.0, 0.5, 0.5, 1.5]),
+            ([3.0, 5.0, 1.0, -2.0], [2.0, 0.75, 0.75, 0.75]),
+            (
+                [f64::INFINITY, f64::NEG_INFINITY, 0.0, 1.0],
+                [2.0, 0.375, 0.75, 1.125],
+            ),
+        ];
+        for (descent, want) in windows {
+            l.record_heldout(&descent, &[true; 4]).unwrap();
+            l.adapt_heldout_rate(&descent).unwrap();
+            assert_eq!(l.heldout().rate(), want);
+        }
+        assert!(matches!(
+            l.adapt_heldout_rate(&[1.0]),
+            Err(Error::Score(m)) if m.contains("descent")
+        ));
+        assert_eq!(Ledger::from_parts(l.parts()).unwrap(), l);
+    }
+
+    #[test]
+    fn rate_settings_are_validated() {
+        let with = |rule| Ledger::new(1, 1, 0.5).unwrap().with_heldout_rate(rule);
+        for (rule, name) in [
+            (bold(0.9, 0.5, 3.0), "heldout_rate_up"),
+            (bold(f64::INFINITY, 0.5, 3.0), "heldout_rate_up"),
+            (bold(f64::NAN, 0.5, 3.0), "heldout_rate_up"),
+            (bold(1.2, 0.0, 3.0), "heldout_rate_down"),
+            (bold(1.2, 1.5, 3.0), "heldout_rate_down"),
+            (bold(1.2, f64::NAN, 3.0), "heldout_rate_down"),
+            (bold(1.2, 0.5, 0.5), "heldout_rate_cap"),
+            (bold(1.2, 0.5, f64::INFINITY), "heldout_rate_cap"),
+        ] {
+            let err = with(rule).unwrap_err();
+            assert!(
+                matches!(&err, Error::Config(m) if m.contains(name)),
+                "{rule:?}: {err:?}"
+            );
+        }
+        // The edges: no change at all (1, 1, 1) is a valid rule.
+        assert!(with(bold(1.0, 1.0, 1.0)).is_ok());
+        assert!(with(RateRule {
+            adapt: false,
+            ..bold(1.0, 1.0, 1.0)
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn from_parts_checks_the_rate() {
+        let mut l = Ledger::new(1, 2, 0.9)
+            .unwrap()
+            .with_heldout_rate(bold(1.2, 0.5, 3.0))
+            .unwrap();
+        let with = |l: &Ledger, rate: Vec<f64>, adapt: bool| {
+            Ledger::from_parts(LedgerParts {
+                heldout: HeldoutParts {
+                    rate,
+                    rate_rule: RateRule {
+                        adapt,
+                        ..l.heldout().rate_rule()
+                    },
+                    ..l.heldout().parts()
+                },
+                ..l.parts()
+            })
+        };
+        // Before a window every multiplier is 1.
+        assert!(with(&l, vec![1.0, 1.0], true).is_ok());
+        assert!(
+            matches!(with(&l, vec![1.2, 1.0], true), Err(Error::State(m)) if m.contains("rate"))
+        );
+        l.record_heldout(&[1.0, -1.0], &[true, true]).unwrap();
+        l.adapt_heldout_rate(&[1.0, -1.0]).unwrap();
+        assert_eq!(l.heldout().rate(), [1.2, 0.5]);
+        // Anything in [0, cap] after a window; nothing else; off means 1 everywhere.
+        assert!(with(&l, vec![0.0, 3.0], true).is_ok());
+        for rate in [
+            vec![3.5, 1.0],
+            vec![-0.5, 1.0],
+            vec![f64::NAN, 1.0],
+            vec![1.0],
+        ] {
+            assert!(matches!(with(&l, rate, true), Err(Error::State(_))));
+        }
+        assert!(
+            matches!(with(&l, vec![1.2, 0.5], false), Err(Error::State(m)) if m.contains("rate"))
+        );
+        assert!(with(&l, vec![1.0, 1.0], false).is_ok());
+        let bad = LedgerParts {
+            heldout: HeldoutParts {
+                rate_rule: bold(0.5, 0.5, 3.0),
+                ..l.heldout().parts()
+            },
+            ..l.parts()
+        };
+        assert!(
+            matches!(Ledger::from_parts(bad), Err(Error::State(m)) if m.contains("heldout_rate_up"))
+        );
+    }
 
     #[test]
     fn records_counts_switches_and_ema() {

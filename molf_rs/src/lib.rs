@@ -23,7 +23,7 @@ pub mod serial;
 mod python;
 
 pub use error::{Error, Result};
-pub use heldout::{Heldout, HeldoutParts};
+pub use heldout::{Heldout, HeldoutParts, RateRule};
 pub use ledger::{Ledger, LedgerParts, Summary};
 pub use phase::{Phase, Schedule, PHASES};
 pub use router::{Forecast, Policy, Router, RouterConfig, Score, POLICIES};

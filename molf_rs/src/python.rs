@@ -26,8 +26,9 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyTuple};
 
 use crate::error::{at_least, Error};
 use crate::heldout::{
-    DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN,
-    DEFAULT_HELDOUT_SHRINK, DEFAULT_SHRINK_SPECTRAL,
+    RateRule, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN,
+    DEFAULT_HELDOUT_SHRINK, DEFAULT_RATE_ADAPT, DEFAULT_RATE_CAP, DEFAULT_RATE_DOWN,
+    DEFAULT_RATE_UP, DEFAULT_SHRINK_SPECTRAL,
 };
 use crate::ledger::Ledger;
 use crate::phase::PHASES;
@@ -602,6 +603,10 @@ impl PyLedger {
         heldout_shrink = DEFAULT_HELDOUT_SHRINK,
         shrink_spectral = DEFAULT_SHRINK_SPECTRAL,
         heldout_min_span = Int::Small(DEFAULT_HELDOUT_MIN_SPAN as i64),
+        heldout_adapt_rate = DEFAULT_RATE_ADAPT,
+        heldout_rate_up = DEFAULT_RATE_UP,
+        heldout_rate_down = DEFAULT_RATE_DOWN,
+        heldout_rate_cap = DEFAULT_RATE_CAP,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -613,6 +618,10 @@ impl PyLedger {
         heldout_shrink: f64,
         shrink_spectral: bool,
         heldout_min_span: Int,
+        heldout_adapt_rate: bool,
+        heldout_rate_up: f64,
+        heldout_rate_down: f64,
+        heldout_rate_cap: f64,
     ) -> PyResult<Self> {
         guarded(|| {
             Ok(PyLedger::wrap(
@@ -625,7 +634,13 @@ impl PyLedger {
                 .with_heldout_horizon(heldout_horizon)?
                 .with_heldout_shrink(heldout_shrink)?
                 .with_shrink_spectral(shrink_spectral)
-                .with_heldout_min_span(heldout_min_span.count("heldout_min_span", 0)?)?,
+                .with_heldout_min_span(heldout_min_span.count("heldout_min_span", 0)?)?
+                .with_heldout_rate(RateRule {
+                    adapt: heldout_adapt_rate,
+                    up: heldout_rate_up,
+                    down: heldout_rate_down,
+                    cap: heldout_rate_cap,
+                })?,
             ))
         })
     }
@@ -642,6 +657,34 @@ impl PyLedger {
         })
     }
 
+    /// Adapts the rate multipliers to the window just recorded (see the Rust
+    /// `Ledger::adapt_heldout_rate`).
+    fn adapt_heldout_rate(&self, descent: &Bound<'_, PyAny>) -> PyResult<()> {
+        guarded(|| {
+            let descent = read_exact::<f64>(descent, "descent", self.shape(), "float64")?;
+            Ok(self.ledger().adapt_heldout_rate(descent.slice())?)
+        })
+    }
+    fn heldout_rate<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let data = self.ledger().heldout().rate().to_vec();
+        guarded(|| matrix(py, &data, self.shape()))
+    }
+    #[getter]
+    fn heldout_adapt_rate(&self) -> bool {
+        self.ledger().heldout().rate_rule().adapt
+    }
+    #[getter]
+    fn heldout_rate_up(&self) -> f64 {
+        self.ledger().heldout().rate_rule().up
+    }
+    #[getter]
+    fn heldout_rate_down(&self) -> f64 {
+        self.ledger().heldout().rate_rule().down
+    }
+    #[getter]
+    fn heldout_rate_cap(&self) -> f64 {
+        self.ledger().heldout().rate_rule().cap
+    }
     #[getter]
     fn heldout_decay(&self) -> f64 {
         self.ledger().heldout().decay()

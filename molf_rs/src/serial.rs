@@ -3,7 +3,7 @@
 //! Layout, all little-endian:
 //!
 //! ```text
-//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 (= 1) | payload length: u64
+//! b"MOLF" | kind: u8 (1 router, 2 ledger) | version: u16 | payload length: u64
 //!        | payload | checksum: u64 = FNV-1a 64 over every byte before it
 //! ```
 //!
@@ -22,7 +22,13 @@
 //! in which each expert moved), heldout_shrink f64, shrink_trials u64×E, shrinks u64×E (per
 //! expert: held-out shrink trials and those kept), shrink_spectral u8 (0/1: how a shrink
 //! trial shrinks a LoRA product), heldout_min_span u64 (the span a record needs before it
-//! can drop its expert).
+//! can drop its expert); from ledger version 2, the rate adaptation: rate_adapt u8 (0/1),
+//! rate_up f64, rate_down f64, rate_cap f64, heldout_rate f64×(M·E) (row-major: each
+//! expert's learning-rate multiplier).
+//!
+//! Versions: a router is version 1; a ledger is written as version 2 and read as 1 or 2 (a
+//! version-1 ledger, from before the rate adaptation, decodes with it off and every
+//! multiplier 1, the other rate settings at their defaults: it resumes as it ran).
 //!
 //! Floats are stored as their IEEE bit patterns, so NaN payloads and signed zeros survive.
 //! Decoding is strict: one encoding per state (flags and bools must be exactly 0 or 1, a
@@ -30,12 +36,17 @@
 //! must satisfy every invariant the live object keeps.
 
 use crate::error::{Error, Result};
-use crate::heldout::HeldoutParts;
+use crate::heldout::{HeldoutParts, RateRule};
 use crate::ledger::{Ledger, LedgerParts};
 use crate::router::{Policy, Router, RouterConfig};
 
 pub const MAGIC: &[u8; 4] = b"MOLF";
-pub const FORMAT_VERSION: u16 = 1;
+/// The version a router is written as and read in.
+pub const ROUTER_VERSION: u16 = 1;
+/// The version a ledger is written as (2: the rate adaptation).
+pub const LEDGER_VERSION: u16 = 2;
+/// The versions a ledger is read in.
+pub const LEDGER_VERSIONS: [u16; 2] = [1, 2];
 
 const HEADER_LEN: usize = 4 + 1 + 2 + 8;
 const CHECKSUM_LEN: usize = 8;
@@ -52,6 +63,14 @@ impl Kind {
         match self {
             Kind::Router => "router",
             Kind::Ledger => "ledger",
+        }
+    }
+
+    /// The versions this kind is read in; the last is the one it is written as.
+    fn versions(self) -> &'static [u16] {
+        match self {
+            Kind::Router => &[ROUTER_VERSION],
+            Kind::Ledger => &LEDGER_VERSIONS,
         }
     }
 }
@@ -99,7 +118,8 @@ impl Writer {
         let mut buf = Vec::new();
         buf.extend_from_slice(MAGIC);
         buf.push(kind as u8);
-        buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        let version = kind.versions().last().expect("a version");
+        buf.extend_from_slice(&version.to_le_bytes());
         buf.extend_from_slice(&0u64.to_le_bytes()); // payload length, patched in `finish`
         Writer(buf)
     }
@@ -212,8 +232,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Validates the envelope and returns the payload.
-fn open(data: &[u8], kind: Kind) -> Result<&[u8]> {
+/// Validates the envelope and returns the payload and its version.
+fn open(data: &[u8], kind: Kind) -> Result<(&[u8], u16)> {
     let state = |msg: String| Err(Error::State(msg));
     if data.len() < HEADER_LEN + CHECKSUM_LEN {
         return state(format!(
@@ -244,10 +264,11 @@ fn open(data: &[u8], kind: Kind) -> Result<&[u8]> {
         ));
     }
     let version = u16::from_le_bytes([data[5], data[6]]);
-    if version != FORMAT_VERSION {
+    if !kind.versions().contains(&version) {
         return state(format!(
-            "unsupported {} format version {version}; supported versions: [{FORMAT_VERSION}]",
-            kind.name()
+            "unsupported {} format version {version}; supported versions: {:?}",
+            kind.name(),
+            kind.versions()
         ));
     }
     let payload_len = u64::from_le_bytes(data[7..HEADER_LEN].try_into().expect("8 bytes"));
@@ -269,7 +290,7 @@ fn open(data: &[u8], kind: Kind) -> Result<&[u8]> {
             kind.name()
         ));
     }
-    Ok(&body[HEADER_LEN..])
+    Ok((&body[HEADER_LEN..], version))
 }
 
 impl Router {
@@ -298,7 +319,7 @@ impl Router {
 
     pub fn from_bytes(data: &[u8]) -> Result<Self> {
         let mut r = Reader {
-            buf: open(data, Kind::Router)?,
+            buf: open(data, Kind::Router)?.0,
             what: "router",
         };
         let num_modules = r.u64()?;
@@ -379,12 +400,19 @@ impl Ledger {
         w.u64s(h.shrinks());
         w.bools(&[h.shrink_spectral()]);
         w.u64(h.min_span());
+        let rule = h.rate_rule();
+        w.bools(&[rule.adapt]);
+        w.f64(rule.up);
+        w.f64(rule.down);
+        w.f64(rule.cap);
+        h.rate().iter().for_each(|&x| w.f64(x));
         w.finish()
     }
 
     pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        let (buf, version) = open(data, Kind::Ledger)?;
         let mut r = Reader {
-            buf: open(data, Kind::Ledger)?,
+            buf,
             what: "ledger",
         };
         let num_modules = r.u64()?;
@@ -395,8 +423,14 @@ impl Ledger {
         // Per entry: 5 arrays of 8-byte cells (scores, EMA, wins, held-out EMA and span) + 1
         // of 1-byte cells; per module: 3 of 8 bytes; per expert: the 2 shrink counters;
         // held-out scalars: decay, windows, horizon, shrink, min span (8 bytes each) and the
-        // spectral flag.
-        let (m, entries) = r.shape(num_modules, num_experts, [41, 24, 16, 41])?;
+        // spectral flag; from version 2 per entry a rate multiplier, and the rate flag and
+        // its up, down and cap.
+        let sizes = if version == 1 {
+            [41, 24, 16, 41]
+        } else {
+            [49, 24, 16, 66]
+        };
+        let (m, entries) = r.shape(num_modules, num_experts, sizes)?;
         let floats = |v: Vec<u64>| v.into_iter().map(f64::from_bits).collect();
         let last_scores = floats(r.u64s(entries)?);
         let ema = floats(r.u64s(entries)?);
@@ -414,6 +448,19 @@ impl Ledger {
         let (shrink, shrink_trials, shrinks) = (r.f64()?, r.u64s(e)?, r.u64s(e)?);
         let shrink_spectral = r.flag("shrink_spectral")?;
         let min_span = r.u64()?;
+        let (rate_rule, rate) = if version == 1 {
+            (RateRule::default(), vec![1.0; entries])
+        } else {
+            let adapt = r.flag("rate_adapt")?;
+            let (up, down, cap) = (r.f64()?, r.f64()?, r.f64()?);
+            let rule = RateRule {
+                adapt,
+                up,
+                down,
+                cap,
+            };
+            (rule, floats(r.u64s(entries)?))
+        };
         Ledger::from_parts(LedgerParts {
             num_modules,
             num_experts,
@@ -438,6 +485,8 @@ impl Ledger {
                 shrink_trials,
                 shrinks,
                 shrink_spectral,
+                rate_rule,
+                rate,
             },
         })
     }
@@ -535,11 +584,17 @@ mod tests {
         &bytes[HEADER_LEN..bytes.len() - CHECKSUM_LEN]
     }
 
-    /// A ledger's payload, and where its shrink books end: before shrink_spectral (1 byte)
-    /// and heldout_min_span (8 bytes).
+    /// The bytes of a ledger payload's rate adaptation, its tail (version 2): rate_adapt
+    /// (1 byte), rate_up, rate_down, rate_cap (8 bytes each), heldout_rate f64×(M·E).
+    fn rate_tail(l: &Ledger) -> usize {
+        1 + 24 + 8 * l.num_modules() * l.num_experts()
+    }
+
+    /// A ledger's payload, and where its shrink books end: before shrink_spectral (1 byte),
+    /// heldout_min_span (8 bytes) and the rate tail.
     fn ledger_payload(l: &Ledger) -> (Vec<u8>, usize) {
         let body = payload(&l.to_bytes()).to_vec();
-        let books_end = body.len() - 9;
+        let books_end = body.len() - 9 - rate_tail(l);
         (body, books_end)
     }
 
@@ -570,7 +625,8 @@ mod tests {
     fn ledger_round_trips_the_span() {
         let l = paused_ledger();
         let bytes = l.to_bytes();
-        assert_eq!(bytes[5..7], 1u16.to_le_bytes());
+        assert_eq!(bytes[5..7], LEDGER_VERSION.to_le_bytes());
+        assert_eq!(LEDGER_VERSION, 2);
         // The held-out horizon f64, then heldout_span u64×(M·E), precede the shrink books.
         let (body, end) = (payload(&bytes), spans_end(&l));
         let tail: Vec<u64> = body[end - 8 * 3..end]
@@ -602,7 +658,7 @@ mod tests {
         let with = |v: u64| {
             let mut b = body.clone();
             b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-            Ledger::from_bytes(&envelope(Kind::Ledger, 1, &b))
+            Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &b))
         };
         // Up to the window count (4) is accepted, beyond it rejected.
         assert_eq!(with(4).unwrap().heldout().span(), [4, 1, 4]);
@@ -623,7 +679,8 @@ mod tests {
         let at = spans_end(&l) - 16;
         for h in [f64::NAN, 1.0, -0.5, f64::INFINITY] {
             body[at..at + 8].copy_from_slice(&h.to_bits().to_le_bytes());
-            let err = Ledger::from_bytes(&envelope(Kind::Ledger, 1, &body)).unwrap_err();
+            let err =
+                Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &body)).unwrap_err();
             assert!(
                 matches!(&err, Error::State(m) if m.contains("heldout_horizon")),
                 "{err:?}"
@@ -774,7 +831,7 @@ mod tests {
         assert_eq!(back.to_bytes(), bytes);
         for n in 0..body.len() {
             assert!(matches!(
-                Ledger::from_bytes(&envelope(Kind::Ledger, 1, &body[..n])),
+                Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &body[..n])),
                 Err(Error::State(_))
             ));
         }
@@ -796,7 +853,7 @@ mod tests {
         let (mut body, end) = ledger_payload(&shrunk_ledger());
         body[end] = 2;
         assert!(matches!(
-            Ledger::from_bytes(&envelope(Kind::Ledger, 1, &body)),
+            Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &body)),
             Err(Error::State(m)) if m.contains("shrink_spectral")
         ));
     }
@@ -808,7 +865,7 @@ mod tests {
         let with = |at: usize, v: u64| {
             let mut b = body.clone();
             b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-            Ledger::from_bytes(&envelope(Kind::Ledger, 1, &b))
+            Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &b))
         };
         // More kept than tried (expert 1: 2 kept of 1 tried), trials beyond MAX_STEP.
         assert!(matches!(with(n - 8, 2), Err(Error::State(m)) if m.contains("shrink")));
@@ -832,7 +889,8 @@ mod tests {
             let l = paused_ledger().with_heldout_min_span(min_span).unwrap();
             let bytes = l.to_bytes();
             let body = payload(&bytes);
-            assert_eq!(body[body.len() - 8..], min_span.to_le_bytes());
+            let end = body.len() - rate_tail(&l);
+            assert_eq!(body[end - 8..end], min_span.to_le_bytes());
             let back = Ledger::from_bytes(&bytes).unwrap();
             assert_eq!(back.heldout().min_span(), min_span);
             assert_eq!(back, l);
@@ -843,16 +901,129 @@ mod tests {
         // Beyond MAX_STEP, and data without it, are rejected.
         let bytes = paused_ledger().to_bytes();
         let mut body = payload(&bytes).to_vec();
-        let n = body.len();
-        body[n - 8..].copy_from_slice(&(MAX_STEP + 1).to_le_bytes());
+        let n = body.len() - rate_tail(&paused_ledger());
+        body[n - 8..n].copy_from_slice(&(MAX_STEP + 1).to_le_bytes());
         assert!(matches!(
-            Ledger::from_bytes(&envelope(Kind::Ledger, 1, &body)),
+            Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &body)),
             Err(Error::State(m)) if m.contains("heldout_min_span")
         ));
         body.truncate(n - 8);
         assert!(matches!(
-            Ledger::from_bytes(&envelope(Kind::Ledger, 1, &body)),
+            Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &body)),
             Err(Error::State(_))
+        ));
+    }
+
+    /// A version-1 ledger as molf wrote it before the rate adaptation (1 module x 2
+    /// experts, ema_decay 0.5; steps with scores [1, 2] and [3, 1], held-out windows
+    /// [0.5, -0.25] (both moved) and [1, 2] (the first moved)).
+    const LEDGER_V1: [&str; 7] = [
+        "4d4f4c46020100db0000000000000001000000000000000200000000000000000000000000e03f02",
+        "0000000000000032bbf1cd19142f340000000000000840000000000000f03f000000000000004000",
+        "0000000000f83f020000000000000001000000000000000100000000000000010000000000000000",
+        "000000000000000100000000000000e03f0200000000000000000000000000e83f000000000000d0",
+        "bf000000000000d03f020000000000000000000000000000009a9999999999b93f00000000000000",
+        "00000000000000000000000000000000000000000000000000010000000000000000c834de2aeba7",
+        "d316",
+    ];
+
+    fn unhex(parts: &[&str]) -> Vec<u8> {
+        let s: String = parts.concat();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn version_1_ledger_loads_with_the_rate_adaptation_off() {
+        let old = unhex(&LEDGER_V1);
+        assert_eq!(old[5..7], 1u16.to_le_bytes());
+        let l = Ledger::from_bytes(&old).unwrap();
+        // What it recorded, as it recorded it.
+        assert_eq!((l.step(), l.heldout().windows()), (2, 2));
+        assert_eq!(l.last_scores(), [3.0, 1.0]);
+        assert_eq!(l.heldout().ema(), [0.75, -0.25]);
+        assert_eq!(l.heldout().span(), [2, 0]);
+        // Off, every multiplier 1, the other settings at their defaults: it resumes as it ran.
+        assert_eq!(l.heldout().rate_rule(), RateRule::default());
+        assert!(!l.heldout().rate_rule().adapt);
+        assert_eq!(l.heldout().rate(), [1.0, 1.0]);
+        // Written again, it is the current version: the old bytes plus the rate tail.
+        let new = l.to_bytes();
+        assert_eq!(new[5..7], LEDGER_VERSION.to_le_bytes());
+        let (old_body, new_body) = (payload(&old), payload(&new));
+        assert_eq!(new_body[..old_body.len()], *old_body);
+        assert_eq!(new_body.len() - old_body.len(), rate_tail(&l));
+        assert_eq!(Ledger::from_bytes(&new).unwrap(), l);
+        // A version-2 payload under a version-1 header (and the reverse) does not decode.
+        for (version, body) in [(1, new_body), (2, old_body)] {
+            assert!(matches!(
+                Ledger::from_bytes(&envelope(Kind::Ledger, version, body)),
+                Err(Error::State(m)) if m.contains("does not match its shape")
+            ));
+        }
+        for version in [0, 3, 7] {
+            assert!(matches!(
+                Ledger::from_bytes(&envelope(Kind::Ledger, version, old_body)),
+                Err(Error::State(m)) if m.contains(&format!("version {version};")) && m.contains("[1, 2]")
+            ));
+        }
+    }
+
+    #[test]
+    fn ledger_round_trips_the_rate() {
+        let rule = RateRule {
+            adapt: true,
+            up: 1.25,
+            down: 0.5,
+            cap: 2.0,
+        };
+        let mut l = paused_ledger().with_heldout_rate(rule).unwrap();
+        l.record_heldout(&[1.0, -1.0, 0.0], &[true, true, false])
+            .unwrap();
+        l.adapt_heldout_rate(&[1.0, -1.0, 0.0]).unwrap();
+        assert_eq!(l.heldout().rate(), [1.25, 0.5, 1.0]);
+        let bytes = l.to_bytes();
+        let body = payload(&bytes);
+        let tail = &body[body.len() - rate_tail(&l)..];
+        assert_eq!(tail[0], 1);
+        let words: Vec<u64> = tail[1..]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let want: Vec<u64> = [1.25, 0.5, 2.0, 1.25, 0.5, 1.0]
+            .iter()
+            .map(|x: &f64| x.to_bits())
+            .collect();
+        assert_eq!(words, want);
+        let back = Ledger::from_bytes(&bytes).unwrap();
+        assert_eq!(back, l);
+        assert_eq!(back.to_bytes(), bytes);
+        // Ledgers that differ only in a multiplier or a rate setting differ.
+        let mut other = l.clone();
+        other.adapt_heldout_rate(&[0.0, 0.0, 1.0]).unwrap();
+        assert_ne!(other, l);
+        assert_ne!(
+            l.clone()
+                .with_heldout_rate(RateRule { cap: 3.0, ..rule })
+                .unwrap(),
+            l
+        );
+        // A flag byte other than 0 or 1, and a multiplier above the cap, are rejected.
+        let at = body.len() - rate_tail(&l);
+        let mut b = body.to_vec();
+        b[at] = 2;
+        assert!(matches!(
+            Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &b)),
+            Err(Error::State(m)) if m.contains("rate_adapt")
+        ));
+        let mut b = body.to_vec();
+        let n = b.len();
+        b[n - 8..].copy_from_slice(&2.5f64.to_bits().to_le_bytes());
+        assert!(matches!(
+            Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &b)),
+            Err(Error::State(m)) if m.contains("rate multipliers")
         ));
     }
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{config_and_steps, heldout_decay, heldout_horizon, rows, RefLedger};
-use molf_rs::{Ledger, Router};
+use molf_rs::{Ledger, RateRule, Router};
 use proptest::prelude::*;
 
 fn bits(v: &[f64]) -> Vec<u64> {
@@ -90,6 +90,60 @@ proptest! {
             prop_assert_eq!(s.no_winner_events, model.no_winner.iter().sum::<u64>());
         }
         let back = Ledger::from_bytes(&ledger.to_bytes()).unwrap();
+        prop_assert_eq!(&back, &ledger);
+    }
+}
+
+/// A window's realized descent for the rate rule: mostly signed values, with zeros, NaNs and
+/// infinities among them.
+fn descent_value() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        6 => -1.0f64..1.0,
+        1 => Just(0.0),
+        1 => Just(-0.0),
+        1 => Just(f64::NAN),
+        1 => Just(f64::INFINITY),
+        1 => Just(f64::NEG_INFINITY),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The rate multipliers follow the plain rule, window by window: up by `up` to `cap`
+    /// where the window descended, down by `down` where it ascended, as they were otherwise;
+    /// all 1 with the adaptation off; and a round trip keeps them.
+    #[test]
+    fn rate_multipliers_match_the_plain_rule(
+        (m, e) in (1usize..4, 1usize..4),
+        adapt in any::<bool>(),
+        up in prop_oneof![Just(1.0), Just(1.2), 1.0f64..3.0],
+        down in prop_oneof![Just(1.0), Just(0.5), 0.05f64..=1.0],
+        cap in prop_oneof![Just(1.0), Just(3.0), 1.0f64..10.0],
+        windows in prop::collection::vec(prop::collection::vec(descent_value(), 9), 1..40),
+    ) {
+        let n = m * e;
+        let rule = RateRule { adapt, up, down, cap };
+        let mut ledger = Ledger::new(m as u64, e as u64, 0.9).unwrap().with_heldout_rate(rule).unwrap();
+        let mut want = vec![1.0f64; n];
+        for w in &windows {
+            let descent = &w[..n];
+            ledger.record_heldout(descent, &vec![true; n]).unwrap();
+            ledger.adapt_heldout_rate(descent).unwrap();
+            if adapt {
+                for (c, &x) in want.iter_mut().zip(descent) {
+                    if x > 0.0 {
+                        *c = f64::min(*c * up, cap);
+                    } else if x < 0.0 {
+                        *c *= down;
+                    }
+                }
+            }
+            prop_assert_eq!(bits(ledger.heldout().rate()), bits(&want));
+            prop_assert!(want.iter().all(|&c| (0.0..=cap).contains(&c)));
+        }
+        let back = Ledger::from_bytes(&ledger.to_bytes()).unwrap();
+        prop_assert_eq!(bits(back.heldout().rate()), bits(&want));
         prop_assert_eq!(&back, &ledger);
     }
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{config_and_steps, fnv1a64, heldout_horizon};
-use molf_rs::{Error, Ledger, Router};
+use molf_rs::{Error, Ledger, RateRule, Router};
 use proptest::prelude::*;
 
 /// A router and a ledger that have seen a few steps (and held-out windows, which regate a
@@ -18,9 +18,11 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
         prop::collection::vec((any::<u8>(), -1.0f64..1.0), 0..6),
         any::<bool>(),
         0u64..4,
+        (any::<bool>(), 1.0f64..2.0, 0.1f64..=1.0, 1.0f64..4.0),
     )
         .prop_map(
-            |((cfg, steps), decay, horizon, windows, shrink, trials, spectral, min_span)| {
+            |((cfg, steps), decay, horizon, windows, shrink, trials, spectral, min_span, rate)| {
+                let (adapt, up, down, cap) = rate;
                 let mut r = Router::new(cfg).unwrap();
                 let mut l = Ledger::new(cfg.num_modules, cfg.num_experts, decay)
                     .unwrap()
@@ -32,6 +34,13 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
                     .unwrap()
                     .with_shrink_spectral(spectral)
                     .with_heldout_min_span(min_span)
+                    .unwrap()
+                    .with_heldout_rate(RateRule {
+                        adapt,
+                        up,
+                        down,
+                        cap,
+                    })
                     .unwrap();
                 if shrink > 0.0 {
                     for (e, loss) in trials {
@@ -45,6 +54,7 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
                     l.record(s, &out).unwrap();
                     if windows >> (i % 8) & 1 == 1 {
                         l.record_heldout(s, &out).unwrap();
+                        l.adapt_heldout_rate(s).unwrap();
                         if cfg.policy.is_heldout() {
                             let potential: Vec<f64> = s.iter().map(|x| -x).collect();
                             r.regate(&l.heldout().descent(), &potential).unwrap();
@@ -56,11 +66,11 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
         )
 }
 
-/// Wraps `payload` in a valid version-1 envelope of the given kind.
-fn seal(kind: u8, payload: &[u8]) -> Vec<u8> {
+/// Wraps `payload` in a valid envelope of the given kind and version.
+fn seal(kind: u8, version: u16, payload: &[u8]) -> Vec<u8> {
     let mut blob = b"MOLF".to_vec();
     blob.push(kind);
-    blob.extend(1u16.to_le_bytes());
+    blob.extend(version.to_le_bytes());
     blob.extend((payload.len() as u64).to_le_bytes());
     blob.extend(payload);
     blob.extend([0; 8]);
@@ -92,12 +102,25 @@ proptest! {
         prop_assert_eq!(&l2.to_bytes(), &lb);
         prop_assert_eq!(l2.heldout().span(), l.heldout().span());
         // The ledger payload ends with the spans, u64 × (M·E), then the shrink,
-        // f64, the shrink counters, u64 × E twice, the kind of LoRA trial, one byte, and the
-        // minimum span, u64, before the checksum.
+        // f64, the shrink counters, u64 × E twice, the kind of LoRA trial, one byte, the
+        // minimum span, u64, and the rate adaptation: its flag, one byte, up, down and cap,
+        // f64, and the multipliers, f64 × (M·E), before the checksum.
         let n = l.num_modules() * l.num_experts();
-        let tail = 8 + 16 * l.num_experts() + 1 + 8;
-        prop_assert_eq!(lb[lb.len() - 16..lb.len() - 8].to_vec(), l.heldout().min_span().to_le_bytes().to_vec());
-        prop_assert_eq!(lb[lb.len() - 17], u8::from(l.heldout().shrink_spectral()));
+        let rate_tail = 1 + 24 + 8 * n;
+        let tail = 8 + 16 * l.num_experts() + 1 + 8 + rate_tail;
+        let r_at = lb.len() - 8 - rate_tail;
+        let rule = l.heldout().rate_rule();
+        prop_assert_eq!(lb[r_at], u8::from(rule.adapt));
+        let words: Vec<u64> = lb[r_at + 1..lb.len() - 8]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let want: Vec<u64> = [rule.up, rule.down, rule.cap].iter().chain(l.heldout().rate()).map(|x| x.to_bits()).collect();
+        prop_assert_eq!(words, want);
+        prop_assert_eq!(l2.heldout().rate_rule(), rule);
+        prop_assert!(rule.adapt || l.heldout().rate().iter().all(|&c| c == 1.0));
+        prop_assert_eq!(lb[r_at - 8..r_at].to_vec(), l.heldout().min_span().to_le_bytes().to_vec());
+        prop_assert_eq!(lb[r_at - 9], u8::from(l.heldout().shrink_spectral()));
         prop_assert_eq!(l2.heldout().shrink_spectral(), l.heldout().shrink_spectral());
         prop_assert_eq!(l2.heldout().min_span(), l.heldout().min_span());
         let end = lb.len() - 8 - tail;
@@ -117,8 +140,10 @@ proptest! {
         let _ = Router::from_bytes(&data);
         let _ = Ledger::from_bytes(&data);
         // A valid envelope around random payload bytes reaches the payload decoder.
-        let _ = Router::from_bytes(&seal(1, &data));
-        let _ = Ledger::from_bytes(&seal(2, &data));
+        let _ = Router::from_bytes(&seal(1, 1, &data));
+        for version in [1, 2] {
+            let _ = Ledger::from_bytes(&seal(2, version, &data));
+        }
     }
 
     #[test]
@@ -169,19 +194,21 @@ proptest! {
     }
 
     #[test]
-    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 2u16..) {
+    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 3u16..) {
         let msg = |e: Error| e.to_string();
         prop_assert!(msg(Ledger::from_bytes(&r.to_bytes()).unwrap_err()).contains("is a router"));
         prop_assert!(msg(Router::from_bytes(&l.to_bytes()).unwrap_err()).contains("is a ledger"));
-        let (mut rb, mut lb) = (r.to_bytes(), l.to_bytes());
-        rb[5..7].copy_from_slice(&version.to_le_bytes());
-        lb[5..7].copy_from_slice(&version.to_le_bytes());
-        for m in [
-            msg(Router::from_bytes(&reseal(rb)).unwrap_err()),
-            msg(Ledger::from_bytes(&reseal(lb)).unwrap_err()),
-        ] {
-            prop_assert!(m.contains(&format!("version {version}")) && m.contains("supported versions: [1]"), "{}", m);
+        // A router is read in version 1, a ledger in 1 and 2.
+        for (v, supported) in [(2, "[1]"), (version, "[1]")] {
+            let mut rb = r.to_bytes();
+            rb[5..7].copy_from_slice(&v.to_le_bytes());
+            let m = msg(Router::from_bytes(&reseal(rb)).unwrap_err());
+            prop_assert!(m.contains(&format!("version {v}")) && m.contains(&format!("supported versions: {supported}")), "{}", m);
         }
+        let mut lb = l.to_bytes();
+        lb[5..7].copy_from_slice(&version.to_le_bytes());
+        let m = msg(Ledger::from_bytes(&reseal(lb)).unwrap_err());
+        prop_assert!(m.contains(&format!("version {version}")) && m.contains("supported versions: [1, 2]"), "{}", m);
     }
 }
 

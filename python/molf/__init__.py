@@ -25,7 +25,7 @@ from .distributed import RankDivergenceError
 from .export import export_peft, import_peft
 from .layer import MoLFLinear
 from .optimizer import SCORES, MoLFAdamW
-from .routing import Heldout, Hysteresis, TopK
+from .routing import Heldout, Hysteresis, RateRule, TopK
 from .routing_log import LogSettings, RoutingLog, read_routing_log
 from .summary import RoutingSummary, print_trainable_parameters
 from .wrap import is_wrapped, merge, merged_state_dict, routed_modules, wrap
@@ -61,6 +61,7 @@ __all__ = [
     "MoLFConfig",
     "MoLFLinear",
     "RankDivergenceError",
+    "RateRule",
     "Router",
     "RoutingCallback",
     "RoutingLog",

@@ -276,6 +276,12 @@ class Ledger:
             ``heldout_shrink`` x the largest, False scales it by ``1 - heldout_shrink``.
         heldout_min_span: >= 0, the windows an expert's span must reach before its
             record can drop it (see :meth:`heldout_descent`); 0: from the first window.
+        heldout_adapt_rate: whether :meth:`adapt_heldout_rate` moves the learning-rate
+            multipliers (:meth:`heldout_rate`); False: every one stays 1.
+        heldout_rate_up: finite, >= 1: a multiplier's factor after a window whose
+            movement lowered the held-out loss.
+        heldout_rate_down: in ``(0, 1]``: its factor after a window that raised it.
+        heldout_rate_cap: finite, >= 1: the ceiling of a multiplier.
 
     Raises:
         ConfigError: an argument out of range, or a bool for an integer argument.
@@ -291,6 +297,10 @@ class Ledger:
         heldout_shrink: float = 0.1,
         shrink_spectral: bool = True,
         heldout_min_span: int = 0,
+        heldout_adapt_rate: bool = False,
+        heldout_rate_up: float = 1.2,
+        heldout_rate_down: float = 0.5,
+        heldout_rate_cap: float = 3.0,
     ) -> Self: ...
     @property
     def heldout_decay(self) -> float: ...
@@ -335,6 +345,28 @@ class Ledger:
         up to the last, in which it moved (0: it did not move in the last one)."""
     @property
     def heldout_min_span(self) -> int: ...
+    def adapt_heldout_rate(self, descent: npt.NDArray[np.float64]) -> None:
+        """After :meth:`record_heldout` of a window, with ``heldout_adapt_rate``: each
+        expert's multiplier ``c`` becomes ``min(c * heldout_rate_up, heldout_rate_cap)``
+        where ``descent`` (the window's realized descent per step, as recorded) is > 0,
+        ``c * heldout_rate_down`` where it is < 0, and stays where it is 0 or NaN. Without
+        ``heldout_adapt_rate`` nothing changes.
+
+        Raises:
+            ScoreError: ``descent`` of the wrong type, dtype or shape; nothing changes.
+            StateError: no window recorded yet.
+        """
+    def heldout_rate(self) -> npt.NDArray[np.float64]:
+        """Copy, ``(M, E)``: each expert's learning-rate multiplier (1 at the start; the
+        optimizer scales the expert's whole AdamW update by it)."""
+    @property
+    def heldout_adapt_rate(self) -> bool: ...
+    @property
+    def heldout_rate_up(self) -> float: ...
+    @property
+    def heldout_rate_down(self) -> float: ...
+    @property
+    def heldout_rate_cap(self) -> float: ...
     def heldout_descent(self) -> npt.NDArray[np.float64]:
         """Copy, ``(M, E)``: the record as :meth:`Router.regate` judges it:
         :meth:`heldout_ema` where :meth:`heldout_span` >= ``heldout_min_span``, NaN (not

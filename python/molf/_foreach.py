@@ -53,9 +53,13 @@ def scratch_for(cache: dict, gi: int, w: _GroupWork) -> tuple[list, list | None]
     return cached[1], cached[2]
 
 
-def foreach_moments(work: list[_GroupWork], scratch: list, score: str, score_group: Any):
+def foreach_moments(
+    work: list[_GroupWork], scratch: list, score: str, score_group: Any, lr_scale: np.ndarray | None = None
+):
     """Moments of every tensor, unrouted parameters' AdamW, routed tensors'
-    score sums; returns the sources and the function applying the winners."""
+    score sums; returns the sources and the function applying the winners (`lr_scale`:
+    per slot, the multiplier of the expert's learning rate in its update, None: 1; the
+    scores keep the group's)."""
     sources = _ScoreSources(None, score_group)
     for w, tmp in zip(work, scratch):
         if not w.params:
@@ -79,20 +83,26 @@ def foreach_moments(work: list[_GroupWork], scratch: list, score: str, score_gro
         for w, tmp in zip(work, scratch):
             if w.group["molf_role"] != "plain" and w.params:
                 slots = np.asarray(w.group["molf_slots"], dtype=np.int64)[w.idx]
-                foreach_update(w, np.flatnonzero(winner_slots[slots]), None if tmp is None else tmp[0])
+                scale = None if lr_scale is None else lr_scale[slots]
+                foreach_update(w, np.flatnonzero(winner_slots[slots]), None if tmp is None else tmp[0], scale)
 
     return sources, apply_winners
 
 
-def foreach_update(w: _GroupWork, positions: Iterable[int], scratch: list | None = None) -> None:
+def foreach_update(
+    w: _GroupWork, positions: Iterable[int], scratch: list | None = None, lr_scale: np.ndarray | None = None
+) -> None:
     """AdamW from the (already advanced) moments for the tensors at `positions`,
-    batched by (step count, parameter dtype) for torch's foreach ops (`scratch`: a
-    tensor shaped like each moment for the denominator, see `scratch_for`)."""
+    batched by (step count, parameter dtype, learning rate) for torch's foreach ops
+    (`scratch`: a tensor shaped like each moment for the denominator, see `scratch_for`;
+    `lr_scale`: per tensor of `w`, the multiplier of the group's lr, None: 1)."""
     beta1, beta2 = w.group["betas"]
+    group_lr = float(w.group["lr"])
     batches: dict[tuple, list[int]] = defaultdict(list)
     for k in positions:
-        batches[(w.step_values[k], w.params[k].dtype)].append(k)
-    for (step, _p_dtype), ks in batches.items():
+        lr = group_lr if lr_scale is None else group_lr * float(lr_scale[k])
+        batches[(w.step_values[k], w.params[k].dtype, lr)].append(k)
+    for (step, _p_dtype, lr), ks in batches.items():
         ps, ms, vs = [w.params[k] for k in ks], [w.exp_avgs[k] for k in ks], [w.exp_avg_sqs[k] for k in ks]
         upcast = [p.dtype != m.dtype for p, m in zip(ps, ms)]
         targets = [p.to(m.dtype) if u else p for p, m, u in zip(ps, ms, upcast)]
@@ -101,7 +111,7 @@ def foreach_update(w: _GroupWork, positions: Iterable[int], scratch: list | None
             ms,
             vs,
             step,
-            float(w.group["lr"]),
+            lr,
             w.group["weight_decay"],
             beta1,
             beta2,

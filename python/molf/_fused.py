@@ -56,8 +56,11 @@ def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(array).pin_memory().to(device, non_blocking=True)
 
 
-def hyper_rows(groups: list[dict], group_of: np.ndarray, steps: np.ndarray, apply: np.ndarray) -> np.ndarray:
-    """The HYPER-wide float64 rows for tensors of the given groups and step counts."""
+def hyper_rows(
+    groups: list[dict], group_of: np.ndarray, steps: np.ndarray, apply: np.ndarray, lr_scale: np.ndarray | None = None
+) -> np.ndarray:
+    """The HYPER-wide float64 rows for tensors of the given groups and step counts
+    (`lr_scale`: per tensor, the multiplier of its group's lr in the update; None: 1)."""
     per_group = np.array(
         [
             [
@@ -76,6 +79,8 @@ def hyper_rows(groups: list[dict], group_of: np.ndarray, steps: np.ndarray, appl
     )
     rows = per_group[group_of]
     lr, beta1, wd = rows[:, 4].copy(), rows[:, 5].copy(), rows[:, 6].copy()
+    if lr_scale is not None:
+        lr *= lr_scale
     rows[:, 4] = lr / (1 - beta1**steps)
     rows[:, 5] = np.sqrt(1 - rows[:, 1] ** steps)
     rows[:, 6] = 1 - lr * wd
@@ -193,18 +198,22 @@ class FusedStep:
         check_finite: bool,
         winners: np.ndarray | None = None,
         group=None,
+        lr_scale: np.ndarray | None = None,
     ):
         """Every tensor's moments; unrouted parameters' whole AdamW update; the
         routed tensors' float64 score sums. With `winners` (bool per slot, lagged
         mode) the winners' updates happen in the same pass. `group` (FSDP2): the
         process group whose ranks hold the other shards; a non-finite gradient on
-        any of them stops every rank's writes. Returns (sums, flag, hyper rows)."""
+        any of them stops every rank's writes. `lr_scale` (per slot; None: 1): the
+        multiplier of a routed tensor's group lr in its update (the hyper rows), not in
+        its score. Returns (sums, flag, hyper rows)."""
         grads = [to_local(p.grad) for p in self.params]
         g_ptrs = np.fromiter((g.data_ptr() for g in grads), dtype=np.int64, count=len(grads))
         apply = self.slots < 0
         if winners is not None:
             apply[: self.num_routed] = winners[self.slots[: self.num_routed]]
-        hyper = hyper_rows(groups, self.group_of, steps, apply)
+        scale = None if lr_scale is None else np.where(self.slots >= 0, lr_scale[self.slots], 1.0)
+        hyper = hyper_rows(groups, self.group_of, steps, apply, scale)
         T = len(grads)
         upload = _upload(np.concatenate([g_ptrs, hyper.reshape(-1).view(np.int64)]), self.device)
         g_d, hyper_d = upload[:T], upload[T:].view(torch.float64)

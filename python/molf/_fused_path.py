@@ -57,12 +57,13 @@ def build_plan(kernels: ModuleType, param_groups: list[dict], init_group: Callab
     return plan
 
 
-def _moments_pass(plan, param_groups: list[dict], score: str, skip_nonfinite: bool, group, winners=None):
+def _moments_pass(plan, param_groups: list[dict], score: str, skip_nonfinite: bool, group, winners, lr_scale):
     """Moments of every tensor and the routed ones' score sums (the winners' updates too
-    where `winners` is given); the score sources and the hyper rows."""
+    where `winners` is given; `lr_scale`: per slot, the multiplier of the expert's lr in
+    its update, None: 1); the score sources and the hyper rows."""
     plan.step_buffer.add_(1)
     steps = plan.step_buffer.numpy().astype(np.float64)
-    sums, flag, hyper = plan.moments(param_groups, steps, score, skip_nonfinite, winners, group)
+    sums, flag, hyper = plan.moments(param_groups, steps, score, skip_nonfinite, winners, group, lr_scale)
     sources = _ScoreSources(flag if skip_nonfinite else None, group)
     sources.steps = [plan.step_buffer]
     routed = slice(0, plan.num_routed)
@@ -78,12 +79,14 @@ def fused_moments(
     skip_nonfinite: bool,
     score_group: Callable[[], Any],
     winners: np.ndarray | None = None,
+    lr_scale: np.ndarray | None = None,
 ) -> tuple[_ScoreSources, Callable[[np.ndarray], None]]:
     """One pass: moments of every tensor, score sums of the routed ones (and, with
     `winners` known in advance, their updates too); returns the score sources and the
     function applying the winners (`score_group`: returns the process group the sums are
-    all-reduced over)."""
-    sources, flag, hyper = _moments_pass(plan, param_groups, score, skip_nonfinite, score_group(), winners)
+    all-reduced over; `lr_scale`: per slot, the multiplier of the expert's lr in its
+    update, None: 1)."""
+    sources, flag, hyper = _moments_pass(plan, param_groups, score, skip_nonfinite, score_group(), winners, lr_scale)
     return sources, lambda winner_slots: plan.apply(winner_slots, hyper, flag)
 
 
@@ -103,12 +106,14 @@ def fused_device_step(
     param_groups: list[dict],
     score: str,
     skip_nonfinite: bool,
+    lr_scale: np.ndarray | None = None,
 ) -> _ScoreSources:
     """An exact step that the device decides (`molf._device_routing`): moments and score
-    sums, the winners by `rule` (`Router.forecast`'s), their updates, and the copy of the
-    sums and winners to the host started; returns the sources the host books the step
-    from. No reduction over a process group (the caller checks there is none)."""
-    sources, flag, hyper = _moments_pass(plan, param_groups, score, skip_nonfinite, None)
+    sums, the winners by `rule` (`Router.forecast`'s, on scores at the groups' lr), their
+    updates (at lr × `lr_scale` per slot; None: 1), and the copy of the sums and winners to
+    the host started; returns the sources the host books the step from. No reduction over
+    a process group (the caller checks there is none)."""
+    sources, flag, hyper = _moments_pass(plan, param_groups, score, skip_nonfinite, None, None, lr_scale)
     lrs = plan.upload(np.asarray(sources.lrs, dtype=np.float64))
     won = decision.winners(decision.scores(sources.sums[0], lrs, score), rule, num_experts)
     plan.apply_on_device(decision.per_tensor(won), hyper, flag)

@@ -149,6 +149,10 @@ _LEDGER_SETTINGS = (
     "heldout_shrink",
     "shrink_spectral",
     "heldout_min_span",
+    "heldout_adapt_rate",
+    "heldout_rate_up",
+    "heldout_rate_down",
+    "heldout_rate_cap",
 )
 
 

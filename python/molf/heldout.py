@@ -9,8 +9,14 @@ Every `every` routing steps the optimizer calls the user's `heldout()` closure
   curvature cost of fitting noise is counted, which a first-order score
   misses), per step of the window;
 * potential: the first-order held-out decrease one Adam step of the expert
-  would buy now, η·⟨g_now, m̂/(√v̂+ε)⟩ — defined for experts that did not
-  move, so a dropped expert can come back when the data says it would help.
+  would buy now, η·⟨g_now, m̂/(√v̂+ε)⟩ (η: the expert's rate, its group's lr
+  times its multiplier below) — defined for experts that did not move, so a
+  dropped expert can come back when the data says it would help.
+
+After each window the Ledger adapts each expert's learning-rate multiplier c
+(`heldout_adapt_rate`, on by default beside a dense expert): ×`up` (to `cap`)
+where the window's realized descent is positive, ×`down` where negative; the
+optimizer's every step path scales the expert's AdamW update by c.
 
 Before each measurement, held-out shrinkage (`heldout_shrink` δ, default 0.1):
 for each expert index in turn (all modules together), its update since the
@@ -174,6 +180,7 @@ class HeldoutProbe:
             descent, potential, moved = self._sums(view, window, rebased, remember)
             if descent is not None:  # None: the first measurement, nothing moved under observation yet
                 view.ledger.record_heldout(descent, moved)
+                view.ledger.adapt_heldout_rate(descent)
                 view.router.regate(view.ledger.heldout_descent(), potential)
             # The commit: past this point an interrupt completes the measurement (the commit is
             # idempotent) instead of undoing it.
@@ -260,6 +267,7 @@ class HeldoutProbe:
         (`molf._probe_sums`); elsewhere tensors of one size and device are summed together
         (`_batch_sums`). One device-to-host transfer."""
         shrink = view.ledger.heldout_shrink > 0
+        rate = view.ledger.heldout_rate().reshape(-1)  # the potential is a step at the expert's rate
         dst, src = remember
         items: list[tuple] = []
         for group, p, slot in view.expert_tensors():
@@ -275,7 +283,7 @@ class HeldoutProbe:
                         distributed.to_local(state["exp_avg"]),
                         distributed.to_local(state["exp_avg_sq"]),
                         state["step"],
-                        (float(group["lr"]), *group["betas"], float(group["eps"])),
+                        (float(group["lr"]) * float(rate[slot]), *group["betas"], float(group["eps"])),
                     )
                 else:  # no gradient so far: no Adam step to take
                     adam = None

@@ -222,7 +222,7 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
             if rule is not None:
                 # The device decides this step; the host books it later (`_settle`).
                 decision = self._decision[1]
-                args = (self.param_groups, self.score, self.skip_nonfinite)
+                args = (self.param_groups, self.score, self.skip_nonfinite, self._lr_scale())
                 self._unbooked = fused_device_step(plan, decision, rule, self._shape[1], *args)
                 if self._probe is not None and self._probe.due(self._router.step + 1):
                     self._settle()
@@ -246,7 +246,7 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
                 self._record_skip()
                 return loss
             scratch = [scratch_for(self._scratch, gi, w) for gi, w in enumerate(work)]
-            sources, apply_winners = foreach_moments(work, scratch, self.score, self._score_group())
+            sources, apply_winners = foreach_moments(work, scratch, self.score, self._score_group(), self._lr_scale())
 
         scores = self._scores_to_route(sources)
         if scores is None:
@@ -278,7 +278,15 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
         return None if self._decision[1] is None else self._router.forecast()
 
     def _fused_moments(self, plan, winners: np.ndarray | None = None):
-        return fused_moments(plan, self.param_groups, self.score, self.skip_nonfinite, self._score_group, winners)
+        args = (self.score, self.skip_nonfinite, self._score_group, winners, self._lr_scale())
+        return fused_moments(plan, self.param_groups, *args)
+
+    def _lr_scale(self) -> np.ndarray | None:
+        """Per (module, expert) slot, the multiplier of the expert's learning rate in its
+        update (policy heldout's rate adaptation, `molf.RateRule`); None: 1 everywhere."""
+        if self._probe is None or not self._ledger.heldout_adapt_rate:
+            return None
+        return self._ledger.heldout_rate().reshape(-1)
 
     def _has_dense_expert(self) -> bool:
         return any(

@@ -10,7 +10,8 @@ Router and Ledger (and, for `Heldout`, the held-out probe) from it.
 * `Hysteresis(k=1, margin=..., min_dwell=...)`: keeps an incumbent unless a challenger
   beats it by `margin` (relative), and holds each choice at least `min_dwell` steps.
 * `Heldout(loss_fn, every=10, ...)`: every expert is updated until its own movement is
-  measured to raise a held-out loss (`molf.heldout`).
+  measured to raise a held-out loss (`molf.heldout`); its `adapt_rate` (a `RateRule`)
+  scales each expert's learning rate by what its movement did to that loss.
 
 Every policy has `warmup_steps` (every expert is updated during the first ones),
 `freeze_after` (the routing is frozen from that step on; None: never) and `ema_decay`
@@ -32,7 +33,7 @@ from typing import Any, ClassVar
 from ._core import ConfigError, Ledger, Router
 from .heldout import LORA_ONLY_MIN_SPAN, HeldoutProbe
 
-__all__ = ["SCORES", "TopK", "Hysteresis", "Heldout", "Policy", "POLICY_CLASSES", "policy_by_name"]
+__all__ = ["SCORES", "TopK", "Hysteresis", "Heldout", "RateRule", "Policy", "POLICY_CLASSES", "policy_by_name"]
 
 SCORES = ("epd", "pfn")
 
@@ -128,6 +129,28 @@ class Hysteresis(_TrainingScoreRouting):
         )
 
 
+@dataclass(frozen=True)
+class RateRule:
+    """Policy heldout's learning-rate adaptation, a "bold driver" per (module, expert): a
+    multiplier c of the expert's learning rate, 1 at the start, becomes min(c·`up`, `cap`)
+    after each held-out window in which the expert's movement lowered the held-out loss and
+    c·`down` after one in which it raised it (unchanged where it did not move). The expert's
+    whole AdamW update (Adam step and decoupled decay) uses the group's lr × c; the scores
+    keep the group's lr. `up` >= 1, `down` in (0, 1], `cap` >= 1 (ConfigError otherwise)."""
+
+    up: float = 1.2
+    down: float = 0.5
+    cap: float = 3.0
+
+    def __post_init__(self) -> None:
+        _check_core(self, {}, self.ledger_settings(adapt=True))
+
+    def ledger_settings(self, adapt: bool) -> dict:
+        return dict(
+            heldout_adapt_rate=adapt, heldout_rate_up=self.up, heldout_rate_down=self.down, heldout_rate_cap=self.cap
+        )
+
+
 @dataclass(frozen=True, repr=False)
 class Heldout:
     """Routing by held-out loss (`molf.heldout`): every `every` steps the optimizer calls
@@ -141,9 +164,15 @@ class Heldout:
     and kept if the held-out loss falls. Scores ("epd") are still computed for the log
     and the summary.
 
+    `adapt_rate`: after each window, each expert's learning rate is scaled up where its
+    movement lowered the held-out loss and down where it raised it (a `RateRule`; True: the
+    default `RateRule()`, ×1.2 up to 3× the set rate, ×0.5; False: off).
+
     Defaults resolved here and nowhere else: `min_dwell` None is 3 x `every`
     (`default_min_dwell`); `min_span` None is 10 where every expert is a LoRA expert, 0
-    beside a dense expert (`default_min_span`)."""
+    beside a dense expert (`default_min_span`); `adapt_rate` None is on (`RateRule()`)
+    beside a dense expert, off where every expert is a LoRA expert (`default_adapt_rate`;
+    why: docs/algorithm.md, "Rate adaptation")."""
 
     loss_fn: Callable[[], Any]
     every: int = 10
@@ -156,6 +185,7 @@ class Heldout:
     warmup_steps: int = 0
     freeze_after: int | None = None
     ema_decay: float = 0.9
+    adapt_rate: RateRule | bool | None = None
 
     name: ClassVar[str] = "heldout"
     score: ClassVar[str] = "epd"
@@ -171,6 +201,10 @@ class Heldout:
         span = self.min_span
         if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 0):
             raise ConfigError(f"heldout_min_span must be an integer >= 0 (or None), got {span!r}")
+        if not isinstance(self.adapt_rate, RateRule | bool | None):
+            raise ConfigError(
+                f"heldout adapt_rate must be a molf.RateRule, True, False or None, got {self.adapt_rate!r}"
+            )
         _check_core(self, self.router_settings(), self.ledger_settings(lora_only=False))
 
     __repr__ = _repr
@@ -184,6 +218,20 @@ class Heldout:
         # A LoRA pair's first fit can raise the held-out loss for a while and still pay off
         # (docs/algorithm.md, "Minimum span"); beside a dense expert, from the first window.
         return LORA_ONLY_MIN_SPAN if lora_only else 0
+
+    @staticmethod
+    def default_adapt_rate(lora_only: bool) -> bool:
+        # Beside a dense expert it closes the rate gaps of one fixed rate per model; where
+        # every expert is a LoRA expert it cost more than it gained (docs/algorithm.md).
+        return not lora_only
+
+    def rate_rule(self, lora_only: bool) -> RateRule | None:
+        """`adapt_rate`, resolved for a model whose experts are all LoRA experts or not
+        (None: off)."""
+        rate = self.default_adapt_rate(lora_only) if self.adapt_rate is None else self.adapt_rate
+        if rate is True:
+            return RateRule()
+        return rate or None
 
     @property
     def dwell(self) -> int:
@@ -200,6 +248,7 @@ class Heldout:
         )
 
     def ledger_settings(self, lora_only: bool) -> dict:
+        rule = self.rate_rule(lora_only)
         return dict(
             ema_decay=self.ema_decay,
             heldout_decay=self.decay,
@@ -207,6 +256,7 @@ class Heldout:
             heldout_shrink=self.shrink,
             shrink_spectral=self.shrink_spectral,
             heldout_min_span=self.span(lora_only),
+            **(rule or RateRule()).ledger_settings(adapt=rule is not None),
         )
 
     def probe(self) -> HeldoutProbe | None:
