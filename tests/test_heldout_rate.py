@@ -112,10 +112,10 @@ def test_checkpoint_resume_is_bitwise_with_scaled_rates():
 def test_a_changed_rate_setting_is_named_on_load():
     model, opt = make_ckpt_run(True, (3,), adapt_rate=None)
     train(model, opt, range(1, 6))
-    _, other = make_ckpt_run(True, (3,), adapt_rate=molf.RateRule(cap=2.0))
-    with pytest.warns(UserWarning, match=r"heldout_rate_cap 3\.0 / 2\.0"):
+    _, other = make_ckpt_run(True, (3,), adapt_rate=molf.RateRule(cap=3.0))
+    with pytest.warns(UserWarning, match=r"heldout_rate_cap 2\.0 / 3\.0"):
         other.load_state_dict(opt.state_dict())
-    assert other.ledger.heldout_rate_cap == 3.0  # the checkpoint's, as every ledger setting
+    assert other.ledger.heldout_rate_cap == 2.0  # the checkpoint's, as every ledger setting
 
 
 def _opt(fft, ranks, **kw):
@@ -139,7 +139,7 @@ def test_defaults_and_settings(fft, ranks, adapt_rate, want):
     got = molf.RateRule(ledger.heldout_rate_up, ledger.heldout_rate_down, ledger.heldout_rate_cap)
     assert got == (want or molf.RateRule())
     assert (ledger.heldout_rate() == 1).all()
-    assert molf.RateRule() == molf.RateRule(up=1.2, down=0.5, cap=3.0)
+    assert molf.RateRule() == molf.RateRule(up=1.1, down=0.5, cap=2.0)
     # Other policies keep it off.
     assert not molf.MoLFAdamW(make_ckpt_run(fft, ranks, heldout=False)[0]).ledger.heldout_adapt_rate
 
@@ -183,7 +183,7 @@ def test_a_version_1_ledger_loads_with_the_adaptation_off():
     assert (ledger.step, ledger.heldout_windows) == (2, 2)
     assert ledger.heldout_ema().tolist() == [[0.75, -0.25]]
     assert not ledger.heldout_adapt_rate and ledger.heldout_rate().tolist() == [[1.0, 1.0]]
-    assert (ledger.heldout_rate_up, ledger.heldout_rate_down, ledger.heldout_rate_cap) == (1.2, 0.5, 3.0)
+    assert (ledger.heldout_rate_up, ledger.heldout_rate_down, ledger.heldout_rate_cap) == (1.1, 0.5, 2.0)
     # Adapting changes nothing; written again it is version 2 and reads back the same.
     ledger.adapt_heldout_rate(np.array([[1.0, -1.0]]))
     assert ledger.heldout_rate().tolist() == [[1.0, 1.0]]

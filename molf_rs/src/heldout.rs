@@ -27,13 +27,13 @@ pub const DEFAULT_HELDOUT_MIN_SPAN: u64 = 0;
 pub const DEFAULT_RATE_ADAPT: bool = false;
 
 /// Default factor of a multiplier after a window whose movement lowered the held-out loss.
-pub const DEFAULT_RATE_UP: f64 = 1.2;
+pub const DEFAULT_RATE_UP: f64 = 1.1;
 
 /// Default factor of a multiplier after a window whose movement raised the held-out loss.
 pub const DEFAULT_RATE_DOWN: f64 = 0.5;
 
 /// Default ceiling of a multiplier.
-pub const DEFAULT_RATE_CAP: f64 = 3.0;
+pub const DEFAULT_RATE_CAP: f64 = 2.0;
 
 /// The settings of the rate adaptation (see [`Heldout::adapt_rate`]).
 #[derive(Debug, Clone, Copy)]

@@ -298,9 +298,9 @@ class Ledger:
         shrink_spectral: bool = True,
         heldout_min_span: int = 0,
         heldout_adapt_rate: bool = False,
-        heldout_rate_up: float = 1.2,
+        heldout_rate_up: float = 1.1,
         heldout_rate_down: float = 0.5,
-        heldout_rate_cap: float = 3.0,
+        heldout_rate_cap: float = 2.0,
     ) -> Self: ...
     @property
     def heldout_decay(self) -> float: ...

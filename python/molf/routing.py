@@ -138,9 +138,9 @@ class RateRule:
     whole AdamW update (Adam step and decoupled decay) uses the group's lr × c; the scores
     keep the group's lr. `up` >= 1, `down` in (0, 1], `cap` >= 1 (ConfigError otherwise)."""
 
-    up: float = 1.2
+    up: float = 1.1
     down: float = 0.5
-    cap: float = 3.0
+    cap: float = 2.0
 
     def __post_init__(self) -> None:
         _check_core(self, {}, self.ledger_settings(adapt=True))
@@ -166,7 +166,7 @@ class Heldout:
 
     `adapt_rate`: after each window, each expert's learning rate is scaled up where its
     movement lowered the held-out loss and down where it raised it (a `RateRule`; True: the
-    default `RateRule()`, ×1.2 up to 3× the set rate, ×0.5; False: off).
+    default `RateRule()`, ×1.1 up to 2× the set rate, ×0.5; False: off).
 
     Defaults resolved here and nowhere else: `min_dwell` None is 3 x `every`
     (`default_min_dwell`); `min_span` None is 10 where every expert is a LoRA expert, 0

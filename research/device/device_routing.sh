@@ -7,7 +7,6 @@ for w in cur new; do pip install --no-deps --quiet --target /tmp/$w .whl/$w/*.wh
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpu.txt
 PYTHONPATH=/tmp/new timeout 110 python -m pytest -q -x -p no:cacheprovider tests/test_device_routing.py tests/test_fused.py tests/test_heldout_rate.py 2>&1 | tail -3 > $OUT/tests.txt
 lb() { name=$1; w=$2; shift 2; PYTHONPATH=/tmp/$w timeout $1 python benches/loop_bench.py "${@:2}" --out $OUT/$name.json > $OUT/$name.log 2>&1; }
-lb new new 190 --batches 4x512 --steps 12 --heldout-steps 40 --setups fft,molf-param,molf-heldout-param,lora
+lb new new 190 --batches 4x512 --steps 12 --heldout-steps 30 --setups fft,molf-param,molf-heldout-param
 lb cur cur 70 --batches 4x512 --steps 12 --setups fft,molf-param
-PYTHONPATH=/tmp/new timeout 80 python research/device/breakdown.py --setups molf-heldout-param --out $OUT/bd-new.json > $OUT/bd-new.log 2>&1
-cat $OUT/tests.txt; for f in new cur; do tail -12 $OUT/$f.log | grep '^|'; done; grep -h '^|\|probe' $OUT/bd-new.log | cut -c1-900
+cat $OUT/tests.txt; for f in new cur; do tail -12 $OUT/$f.log | grep '^|'; done
