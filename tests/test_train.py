@@ -840,6 +840,19 @@ def test_cli_heldout_min_span(given, want, model_dir, data, heldout, tmp_path):
     assert json.loads((out / "run.json").read_text())["identity"]["heldout_min_span"] == want
 
 
+@pytest.mark.parametrize("mode,given,want", [("molf", None, True), ("molf", False, False), ("molf-e", None, False)])
+def test_cli_heldout_adapt_rate(mode, given, want, model_dir, data, heldout, tmp_path):
+    """The rate adaptation: on beside a dense expert unless told, off in molf-e; the resolved
+    value reaches the optimizer's ledger and is what a resume compares."""
+    out = tmp_path / "run"
+    argv = flags(model_dir, data, out, "--mode", mode, "--heldout-data", str(heldout), "--heldout-every", "2")
+    argv += ["--heldout-batch", "6", "--steps", "4"]
+    argv += [] if given is None else ["--no-heldout-adapt-rate"]
+    assert main(argv) == 0
+    assert ledger_of(optimizer_state(out, 4)).heldout_adapt_rate == want
+    assert json.loads((out / "run.json").read_text())["identity"]["heldout_adapt_rate"] == want
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -850,6 +863,10 @@ def test_cli_heldout_min_span(given, want, model_dir, data, heldout, tmp_path):
         (["--heldout-batch", "0"], "--heldout-batch: expected a positive integer, got 0"),
         (["--heldout-every", "0"], "--heldout-every: expected a positive integer, got 0"),
         (["--heldout-min-span", "-1"], "--heldout-min-span: expected an integer >= 0, got -1"),
+        (
+            ["--policy", "topk", "--no-heldout-adapt-rate"],
+            "heldout_adapt_rate belongs to policy 'heldout', got policy 'topk'",
+        ),
     ],
 )
 def test_heldout_config_errors(extra, message, model_dir, data, heldout, tmp_path, capsys):

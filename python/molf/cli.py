@@ -261,6 +261,13 @@ def _add_train_parser(sub) -> None:
         metavar="N",
         help="held-out windows an expert's record must span before it can drop the expert",
     )
+    held.add_argument(
+        "--heldout-adapt-rate",
+        action=boolean,
+        default=S,
+        help="scale each expert's learning rate by what its movement did to the held-out loss "
+        "(molf.RateRule; default: on in molf, off in molf-e)",
+    )
     logs = train_p.add_argument_group("checkpoints and logs")
     logs.add_argument("--save-every", type=_positive_int, default=S, metavar="N", help=f"(default: {d.run.save_every})")
     logs.add_argument(

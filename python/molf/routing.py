@@ -287,6 +287,7 @@ def policy_by_name(
     freeze_after: int | None = None,
     every: int | None = None,
     min_span: int | None = None,
+    adapt_rate: bool | None = None,
 ) -> Policy:
     """The policy object a policy name ("topk", "paper", "hysteresis", "heldout", as the
     CLI's `--policy` spells them) and flat settings stand for; a setting left None takes
@@ -312,7 +313,7 @@ def policy_by_name(
                 f"margin belongs to policy 'hysteresis'; with policy 'heldout' it must be 0, got {margin!r}"
             )
         extra = {} if every is None else dict(every=every)
-        return Heldout(loss_fn, min_span=min_span, min_dwell=min_dwell, **extra, **common)
+        return Heldout(loss_fn, min_span=min_span, min_dwell=min_dwell, adapt_rate=adapt_rate, **extra, **common)
     raise ConfigError(
         f"unknown policy {policy!r}; expected one of 'topk', 'hysteresis', 'heldout', 'paper' (an alias of 'topk')"
     )

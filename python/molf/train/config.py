@@ -63,6 +63,7 @@ ROUTING_OPTIONS = {
     "freeze_after": "freeze_after",
     "heldout_every": "every",
     "heldout_min_span": "min_span",
+    "heldout_adapt_rate": "adapt_rate",
 }
 
 
@@ -192,6 +193,7 @@ class RoutingOptions:
     heldout_batch: int = 64  # the first N held-out rows form the routing's one fixed held-out batch
     heldout_every: int | None = None  # routing steps between held-out measurements
     heldout_min_span: int | None = None
+    heldout_adapt_rate: bool | None = None  # None: on beside a dense expert (molf), off in molf-e
     lagged: bool = False
     log_every: int = 1  # routing log period
 
@@ -211,6 +213,8 @@ class RoutingOptions:
         if self.margin is not None:
             _number("margin", self.margin)
         _booleans(self, ("lagged",))
+        if self.heldout_adapt_rate is not None:
+            _booleans(self, ("heldout_adapt_rate",))
 
     def given(self) -> list[str]:
         """The policy and the settings set here (not left to the policy's defaults)."""
@@ -298,11 +302,11 @@ class TrainConfig:
         }
         policy = self.routing_policy
         if policy != "heldout":
-            for opt in ("heldout_every", "heldout_min_span"):
+            for opt in ("heldout_every", "heldout_min_span", "heldout_adapt_rate"):
                 if getattr(options, opt) is not None:
                     raise ConfigError(f"{opt} belongs to policy 'heldout', got policy {policy!r}")
-            given.pop("every", None)
-            given.pop("min_span", None)
+            for name in ("every", "min_span", "adapt_rate"):
+                given.pop(name, None)
         return policy_by_name(policy, loss_fn=heldout if heldout is not None else _no_heldout, **given)
 
     def identity(self) -> dict:
@@ -323,6 +327,9 @@ class TrainConfig:
                 freeze_after=policy.freeze_after,
                 heldout_every=policy.every if heldout else None,
                 heldout_min_span=policy.span(lora_only=self.model.mode == "molf-e") if heldout else None,
+                heldout_adapt_rate=policy.rate_rule(lora_only=self.model.mode == "molf-e") is not None
+                if heldout
+                else None,
             )
         return out
 
