@@ -421,11 +421,10 @@ def test_lockstep_with_float64_reference(case, horizon, shrink, spectral):
             horizon=horizon,
             shrink=shrink,
             shrink_spectral=spectral,
-            adapt_rate=False,
             **{} if fft else dict(min_span=min_span),
         ),
     )
-    assert not opt.ledger.heldout_adapt_rate
+    assert not opt.ledger.heldout_adapt_rate  # the default
     assert opt.router.policy == "heldout" and opt.router.min_dwell == dwell
     assert opt.ledger.shrink_spectral == spectral
     assert opt.ledger.heldout_horizon == horizon and opt.ledger.heldout_shrink == shrink
@@ -595,7 +594,7 @@ def fixed_batch_run(fft, ranks, sign, steps, K, dtype=torch.float32, lr=1e-3, sh
         model,
         lr=lr,
         weight_decay=0.0,
-        routing=molf.Heldout(lambda: sign * loss(), every=K, shrink=shrink, adapt_rate=False, **span),
+        routing=molf.Heldout(lambda: sign * loss(), every=K, shrink=shrink, **span),
     )
     history = []  # per step: (incumbents, heldout_ema, routed params)
     for _ in range(steps):

@@ -85,9 +85,9 @@ def test_lockstep_with_float64_reference_at_scaled_rates(case, path, lagged, mon
 
 def test_checkpoint_resume_is_bitwise_with_scaled_rates():
     fft, ranks, total, stop = True, (3,), 20, 11
-    model, opt = make_ckpt_run(fft, ranks, adapt_rate=None)  # the default: on beside a dense expert
+    model, opt = make_ckpt_run(fft, ranks, adapt_rate=True)
     train(model, opt, range(1, total + 1))
-    model_a, opt_a = make_ckpt_run(fft, ranks, adapt_rate=None)
+    model_a, opt_a = make_ckpt_run(fft, ranks, adapt_rate=True)
     train(model_a, opt_a, range(1, stop + 1))
     rate = opt_a.ledger.heldout_rate()
     assert opt_a.ledger.heldout_adapt_rate and (rate != 1).any() and (rate > 1).any(), rate
@@ -95,7 +95,7 @@ def test_checkpoint_resume_is_bitwise_with_scaled_rates():
     torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    model_b, opt_b = make_ckpt_run(fft, ranks, adapt_rate=None)
+    model_b, opt_b = make_ckpt_run(fft, ranks, adapt_rate=True)
     model_b.load_state_dict(ckpt["model"])
     opt_b.load_state_dict(ckpt["opt"])
     assert np.array_equal(opt_b.ledger.heldout_rate(), rate)
@@ -110,7 +110,7 @@ def test_checkpoint_resume_is_bitwise_with_scaled_rates():
 
 
 def test_a_changed_rate_setting_is_named_on_load():
-    model, opt = make_ckpt_run(True, (3,), adapt_rate=None)
+    model, opt = make_ckpt_run(True, (3,), adapt_rate=True)
     train(model, opt, range(1, 6))
     _, other = make_ckpt_run(True, (3,), adapt_rate=molf.RateRule(cap=3.0))
     with pytest.warns(UserWarning, match=r"heldout_rate_cap 2\.0 / 3\.0"):
@@ -126,15 +126,16 @@ def _opt(fft, ranks, **kw):
 @pytest.mark.parametrize(
     "fft,ranks,adapt_rate,want",
     [
-        (True, (3,), None, molf.RateRule()),  # molf default: dense + LoRA
-        (False, (2, 4), None, None),  # MoLF-Efficient: LoRA experts only
-        (True, (3,), False, None),
+        (True, (3,), False, None),  # the default (off): dense + LoRA
+        (False, (2, 4), False, None),  # and LoRA experts only
+        (True, (3,), True, molf.RateRule()),
         (False, (2, 4), True, molf.RateRule()),
         (False, (2, 4), molf.RateRule(up=1.5, down=0.25, cap=4.0), molf.RateRule(up=1.5, down=0.25, cap=4.0)),
     ],
 )
 def test_defaults_and_settings(fft, ranks, adapt_rate, want):
     ledger = _opt(fft, ranks, adapt_rate=adapt_rate).ledger
+    assert molf.Heldout(lambda: None).adapt_rate is False
     assert ledger.heldout_adapt_rate == (want is not None)
     got = molf.RateRule(ledger.heldout_rate_up, ledger.heldout_rate_down, ledger.heldout_rate_cap)
     assert got == (want or molf.RateRule())
@@ -160,7 +161,7 @@ def test_rate_rule_is_validated(kwargs, match):
         molf.RateRule(**kwargs)
 
 
-@pytest.mark.parametrize("bad", [1.2, "on", (1.2, 0.5, 3.0)])
+@pytest.mark.parametrize("bad", [1.2, "on", (1.2, 0.5, 3.0), None])
 def test_adapt_rate_takes_a_rule_or_a_bool(bad):
     with pytest.raises(molf.ConfigError, match="adapt_rate"):
         molf.Heldout(lambda: None, adapt_rate=bad)

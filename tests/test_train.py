@@ -467,7 +467,7 @@ def test_config_sections_file_the_flat_options(tmp_path):
     from molf.train.config import OPTION_SECTION, RESUME_FREE, SECTIONS
 
     section_fields = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
-    assert len(section_fields) == len(set(section_fields)) == 53
+    assert len(section_fields) == len(set(section_fields)) == 54
     assert all(len(dataclasses.fields(cls)) <= 15 for cls in SECTIONS.values())
     assert len(dataclasses.fields(TrainConfig)) == len(SECTIONS) <= 15
     train_parser = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
@@ -840,14 +840,14 @@ def test_cli_heldout_min_span(given, want, model_dir, data, heldout, tmp_path):
     assert json.loads((out / "run.json").read_text())["identity"]["heldout_min_span"] == want
 
 
-@pytest.mark.parametrize("mode,given,want", [("molf", None, True), ("molf", False, False), ("molf-e", None, False)])
+@pytest.mark.parametrize("mode,given,want", [("molf", None, False), ("molf", True, True), ("molf-e", True, True)])
 def test_cli_heldout_adapt_rate(mode, given, want, model_dir, data, heldout, tmp_path):
-    """The rate adaptation: on beside a dense expert unless told, off in molf-e; the resolved
-    value reaches the optimizer's ledger and is what a resume compares."""
+    """The rate adaptation: off unless told; the resolved value reaches the optimizer's
+    ledger and is what a resume compares."""
     out = tmp_path / "run"
     argv = flags(model_dir, data, out, "--mode", mode, "--heldout-data", str(heldout), "--heldout-every", "2")
     argv += ["--heldout-batch", "6", "--steps", "4"]
-    argv += [] if given is None else ["--no-heldout-adapt-rate"]
+    argv += [] if given is None else ["--heldout-adapt-rate"]
     assert main(argv) == 0
     assert ledger_of(optimizer_state(out, 4)).heldout_adapt_rate == want
     assert json.loads((out / "run.json").read_text())["identity"]["heldout_adapt_rate"] == want
@@ -864,7 +864,7 @@ def test_cli_heldout_adapt_rate(mode, given, want, model_dir, data, heldout, tmp
         (["--heldout-every", "0"], "--heldout-every: expected a positive integer, got 0"),
         (["--heldout-min-span", "-1"], "--heldout-min-span: expected an integer >= 0, got -1"),
         (
-            ["--policy", "topk", "--no-heldout-adapt-rate"],
+            ["--policy", "topk", "--heldout-adapt-rate"],
             "heldout_adapt_rate belongs to policy 'heldout', got policy 'topk'",
         ),
     ],

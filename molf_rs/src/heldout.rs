@@ -21,8 +21,8 @@ pub const DEFAULT_HELDOUT_HORIZON: f64 = 0.25;
 /// optimizer asks for 10 where a module has LoRA experts only; see [`Heldout::descent`]).
 pub const DEFAULT_HELDOUT_MIN_SPAN: u64 = 0;
 
-/// Default of the rate adaptation: off (the Python optimizer turns it on where the model has
-/// a dense expert; see [`Heldout::adapt_rate`]). A ledger of format version 1, from before
+/// Default of the rate adaptation: off (opt-in in Python, `Heldout(adapt_rate=True)`; see
+/// [`Heldout::adapt_rate`]). A ledger of format version 1, from before
 /// the adaptation, decodes with it off and every multiplier 1: it resumes as it ran.
 pub const DEFAULT_RATE_ADAPT: bool = false;
 

@@ -14,7 +14,7 @@ Every `every` routing steps the optimizer calls the user's `heldout()` closure
   dropped expert can come back when the data says it would help.
 
 After each window the Ledger adapts each expert's learning-rate multiplier c
-(`heldout_adapt_rate`, on by default beside a dense expert): ×`up` (to `cap`)
+(`heldout_adapt_rate`, opt-in: `Heldout(adapt_rate=True)`): ×`up` (to `cap`)
 where the window's realized descent is positive, ×`down` where negative; the
 optimizer's every step path scales the expert's AdamW update by c.
 

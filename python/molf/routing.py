@@ -164,15 +164,14 @@ class Heldout:
     and kept if the held-out loss falls. Scores ("epd") are still computed for the log
     and the summary.
 
-    `adapt_rate`: after each window, each expert's learning rate is scaled up where its
-    movement lowered the held-out loss and down where it raised it (a `RateRule`; True: the
-    default `RateRule()`, ×1.1 up to 2× the set rate, ×0.5; False: off).
+    `adapt_rate` (opt-in): after each window, each expert's learning rate is scaled up where
+    its movement lowered the held-out loss and down where it raised it (a `RateRule`; True:
+    `RateRule()`, ×1.1 up to 2× the set rate, ×0.5; False, the default: off; why it is off
+    by default: docs/algorithm.md, "Rate adaptation").
 
     Defaults resolved here and nowhere else: `min_dwell` None is 3 x `every`
     (`default_min_dwell`); `min_span` None is 10 where every expert is a LoRA expert, 0
-    beside a dense expert (`default_min_span`); `adapt_rate` None is on (`RateRule()`)
-    beside a dense expert, off where every expert is a LoRA expert (`default_adapt_rate`;
-    why: docs/algorithm.md, "Rate adaptation")."""
+    beside a dense expert (`default_min_span`)."""
 
     loss_fn: Callable[[], Any]
     every: int = 10
@@ -185,7 +184,7 @@ class Heldout:
     warmup_steps: int = 0
     freeze_after: int | None = None
     ema_decay: float = 0.9
-    adapt_rate: RateRule | bool | None = None
+    adapt_rate: RateRule | bool = False
 
     name: ClassVar[str] = "heldout"
     score: ClassVar[str] = "epd"
@@ -201,10 +200,8 @@ class Heldout:
         span = self.min_span
         if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 0):
             raise ConfigError(f"heldout_min_span must be an integer >= 0 (or None), got {span!r}")
-        if not isinstance(self.adapt_rate, RateRule | bool | None):
-            raise ConfigError(
-                f"heldout adapt_rate must be a molf.RateRule, True, False or None, got {self.adapt_rate!r}"
-            )
+        if not isinstance(self.adapt_rate, RateRule | bool):
+            raise ConfigError(f"heldout adapt_rate must be a molf.RateRule, True or False, got {self.adapt_rate!r}")
         _check_core(self, self.router_settings(), self.ledger_settings(lora_only=False))
 
     __repr__ = _repr
@@ -219,19 +216,11 @@ class Heldout:
         # (docs/algorithm.md, "Minimum span"); beside a dense expert, from the first window.
         return LORA_ONLY_MIN_SPAN if lora_only else 0
 
-    @staticmethod
-    def default_adapt_rate(lora_only: bool) -> bool:
-        # Beside a dense expert it closes the rate gaps of one fixed rate per model; where
-        # every expert is a LoRA expert it cost more than it gained (docs/algorithm.md).
-        return not lora_only
-
-    def rate_rule(self, lora_only: bool) -> RateRule | None:
-        """`adapt_rate`, resolved for a model whose experts are all LoRA experts or not
-        (None: off)."""
-        rate = self.default_adapt_rate(lora_only) if self.adapt_rate is None else self.adapt_rate
-        if rate is True:
+    def rate_rule(self) -> RateRule | None:
+        """`adapt_rate` as a rule (None: off)."""
+        if self.adapt_rate is True:
             return RateRule()
-        return rate or None
+        return self.adapt_rate or None
 
     @property
     def dwell(self) -> int:
@@ -248,7 +237,7 @@ class Heldout:
         )
 
     def ledger_settings(self, lora_only: bool) -> dict:
-        rule = self.rate_rule(lora_only)
+        rule = self.rate_rule()
         return dict(
             ema_decay=self.ema_decay,
             heldout_decay=self.decay,
@@ -312,8 +301,8 @@ def policy_by_name(
             raise ConfigError(
                 f"margin belongs to policy 'hysteresis'; with policy 'heldout' it must be 0, got {margin!r}"
             )
-        extra = {} if every is None else dict(every=every)
-        return Heldout(loss_fn, min_span=min_span, min_dwell=min_dwell, adapt_rate=adapt_rate, **extra, **common)
+        extra = {k: v for k, v in dict(every=every, adapt_rate=adapt_rate).items() if v is not None}
+        return Heldout(loss_fn, min_span=min_span, min_dwell=min_dwell, **extra, **common)
     raise ConfigError(
         f"unknown policy {policy!r}; expected one of 'topk', 'hysteresis', 'heldout', 'paper' (an alias of 'topk')"
     )

@@ -193,7 +193,7 @@ class RoutingOptions:
     heldout_batch: int = 64  # the first N held-out rows form the routing's one fixed held-out batch
     heldout_every: int | None = None  # routing steps between held-out measurements
     heldout_min_span: int | None = None
-    heldout_adapt_rate: bool | None = None  # None: on beside a dense expert (molf), off in molf-e
+    heldout_adapt_rate: bool | None = None  # None: the policy's default (off)
     lagged: bool = False
     log_every: int = 1  # routing log period
 
@@ -327,9 +327,7 @@ class TrainConfig:
                 freeze_after=policy.freeze_after,
                 heldout_every=policy.every if heldout else None,
                 heldout_min_span=policy.span(lora_only=self.model.mode == "molf-e") if heldout else None,
-                heldout_adapt_rate=policy.rate_rule(lora_only=self.model.mode == "molf-e") is not None
-                if heldout
-                else None,
+                heldout_adapt_rate=policy.rate_rule() is not None if heldout else None,
             )
         return out
 
