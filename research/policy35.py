@@ -27,6 +27,7 @@ rescaling each step's update of the expert tensors before the measurement:
 * ``boldr:U:F:CMAX``: bold, and a dropped expert's c back to 1 (it returns at its base rate);
 * ``bolde:U:F:CMAX``: bold, up only where the Ledger's EMA is positive too;
 * ``boldd:U:F:CMAX``: bold for dense experts only (LoRA experts keep c = 1);
+* ``boldf:U:F:CMAX``: bold with a floor at the set rate (c never below 1);
 * ``emaback:F``: c ← F·c whenever the expert's held-out EMA (the Ledger's) is below zero
   after the window (also for a dropped expert, whose c then waits for its return).
 """
@@ -112,6 +113,9 @@ class LrRule:
         elif k == "bold" and w is not None:
             self.c[w > 0] = np.minimum(self.c[w > 0] * a[0], a[2])
             self.c[w < 0] *= a[1]
+        elif k == "boldf" and w is not None:  # bold with a floor at the set rate: c in [1, CMAX]
+            self.c[w > 0] = np.minimum(self.c[w > 0] * a[0], a[2])
+            self.c[w < 0] = np.maximum(self.c[w < 0] * a[1], 1.0)
         elif k == "boldd" and w is not None:  # bold, dense experts only
             dense = self.dense_slots()
             self.c[dense & (w > 0)] = np.minimum(self.c[dense & (w > 0)] * a[0], a[2])

@@ -3,6 +3,7 @@ paired over seeds at one fixed rate per regime, molf default with the adaptation
 with rate rules — tuning regimes only (quality.py's are part of the tuning set).
 
     python3 research/policy35_lm.py --seeds 0-7 --jobs 2 --out /tmp/policy35_lm
+    python3 research/policy35_lm.py --rules off boldf:1.1:0.5:2 ...   # a research/policy35.py prototype rule
 """
 
 from __future__ import annotations
@@ -39,9 +40,26 @@ def register() -> None:
     quality.BUILDERS.update(quality.METHODS)
 
 
+def register_prototype(spec: str) -> None:
+    """`research/policy35.py`'s prototype rule `spec` (e.g. boldf:1.1:0.5:2) as a method."""
+    sys.path.insert(0, str(ROOT / "research"))
+    import policy35
+
+    build = quality._molf((quality.LORA_RANK,), True, lambda h: molf.Heldout(h))
+
+    def ruled(model, lr, steps, targets, log_path, heldout):
+        model, opt, after = build(model, lr, steps, targets, log_path, heldout)
+        opt._rule = policy35.LrRule(opt, spec)
+        return model, opt, after
+
+    quality.BUILDERS[f"molf default [{spec}]"] = ruled
+
+
 def job(args: tuple) -> tuple:
     regime, rule, seed = args
     register()
+    if rule not in RULES:
+        register_prototype(rule)
     torch_threads()
     out = quality.train_eval(
         quality._instance(regime, seed, quality.QUICK, "cpu"),
