@@ -13,12 +13,11 @@ import datasets  # noqa: F401  (test dependencies: a missing one fails, never sk
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
 import molf
 import molf.train.data
 import molf.train.run
-from _train_cli import train_argv
+from _train_cli import StopAt, train_argv, train_config, weights
 from molf import ConfigError, Ledger, Router, StateError
 from molf.cli import main
 from molf.config import DEFAULT_RANKS
@@ -42,43 +41,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def common(model_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(model_dir),
-        data=[str(data)],
-        out=str(out),
-        batch_size=4,
-        steps=3,
-        lr=1e-3,
-        lora_lr=1e-3,
-        logging_steps=1,
-        progress=False,
-        plots=False,
-    )
-    return TrainConfig.from_mapping({**values, **overrides})
-
-
+common = train_config
 flags = train_argv
-
-
-class StopAt(transformers.TrainerCallback):
-    """Kills the run (as Ctrl-C would) at the end of step `step`, before its log and checkpoint."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 def optimizer_state(out: Path, step: int) -> dict:
     return torch.load(out / f"checkpoint-{step}" / "optimizer.pt", weights_only=True)
-
-
-def weights(directory: Path) -> dict:
-    (file,) = [f for f in directory.iterdir() if f.suffix == ".safetensors"]
-    return load_file(file)
 
 
 def records(path: Path, key: str = "loss") -> list[dict]:

@@ -12,23 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
 import molf
 import molf.cli
-from _train_cli import train_argv
+from _train_cli import StopAt, train_argv, weights
+from _train_cli import train_config as config
 from molf import ConfigError, StateError
 from molf.cli import main
 from molf.train import TrainConfig, TrainError, load_rows, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-OPTS = dict(batch_size=4, steps=3, lr=1e-3, lora_lr=1e-3, logging_steps=1, progress=False, plots=False)
 FIELDS = {"prompt": "prompt", "completion": "completion", "messages": "messages"}
-
-
-def config(model_dir: Path, data: Path, out: Path, **overrides) -> TrainConfig:
-    return TrainConfig.from_mapping({**dict(model=str(model_dir), data=[str(data)], out=str(out), **OPTS), **overrides})
 
 
 def argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -47,23 +42,9 @@ def fails_in_one_line(args: list[str], capsys, code: int, *parts: str) -> str:
     return errors[0]
 
 
-def weights(directory: Path) -> dict:
-    (file,) = [f for f in directory.iterdir() if f.suffix == ".safetensors"]
-    return load_file(file)
-
-
 def same_weights(a: Path, b: Path) -> bool:
     wa, wb = weights(a), weights(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-class StopAt(transformers.TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- a run stopped before its first checkpoint
