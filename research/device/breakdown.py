@@ -81,7 +81,7 @@ def back_to_back(model, opt, x, n):
 SKIP = ("ProfilerStep", "Optimizer", "Command Buffer", "Buffer Flush", "Activity Buffer", "prof:")
 
 
-def gpu_busy(model, opt, x, n=3):
+def gpu_busy(model, opt, x, n=3, table=None):
     def step():
         with torch.profiler.record_function("prof:fwd"):
             loss = model(input_ids=x, labels=x).loss
@@ -107,6 +107,13 @@ def gpu_busy(model, opt, x, n=3):
             continue
         iv.append((e.time_range.start, e.time_range.end))
         kernels += 1
+    if table is not None:
+        avg = prof.key_averages()
+        table.write_text(
+            avg.table(sort_by="self_cpu_time_total", row_limit=40)
+            + "\n\n"
+            + avg.table(sort_by="self_cuda_time_total", row_limit=40)
+        )
     iv.sort()
     busy, end = 0.0, -1e30
     first = iv[0][0] if iv else 0
@@ -210,7 +217,7 @@ def main():
         r["b2b_median_ms"], r["b2b_wall_ms"] = back_to_back(model, opt, x, args.steps)
         r["synced"] = phases(model, opt, x, args.steps, True)
         r["host"] = phases(model, opt, x, args.steps, False)
-        r.update(gpu_busy(model, opt, x))
+        r.update(gpu_busy(model, opt, x, table=args.out.with_name(f"profile-{key}.txt")))
         r["peak_gib"] = lb.peak_gib(DEV)
         results[key] = r
         print(key, json.dumps(r), flush=True)
