@@ -35,6 +35,11 @@ pub const DEFAULT_RATE_DOWN: f64 = 0.5;
 /// Default ceiling of a multiplier.
 pub const DEFAULT_RATE_CAP: f64 = 2.0;
 
+/// Default floor of a multiplier: the set rate, so `down` only undoes earlier ups (without
+/// a floor one window of noise halves a rate that seven good windows must win back; over a
+/// long run a dense expert's rate decays where it should not: docs/algorithm.md).
+pub const DEFAULT_RATE_FLOOR: f64 = 1.0;
+
 /// The settings of the rate adaptation (see [`Heldout::adapt_rate`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RateRule {
@@ -46,6 +51,8 @@ pub struct RateRule {
     pub down: f64,
     /// Ceiling of a multiplier, >= 1.
     pub cap: f64,
+    /// Floor of a multiplier after a window of held-out ascent, in [0, 1] (0: no floor).
+    pub floor: f64,
 }
 
 impl Default for RateRule {
@@ -55,6 +62,7 @@ impl Default for RateRule {
             up: DEFAULT_RATE_UP,
             down: DEFAULT_RATE_DOWN,
             cap: DEFAULT_RATE_CAP,
+            floor: DEFAULT_RATE_FLOOR,
         }
     }
 }
@@ -66,11 +74,12 @@ impl PartialEq for RateRule {
             && self.up.to_bits() == other.up.to_bits()
             && self.down.to_bits() == other.down.to_bits()
             && self.cap.to_bits() == other.cap.to_bits()
+            && self.floor.to_bits() == other.floor.to_bits()
     }
 }
 
 impl RateRule {
-    /// Checks the factors and the ceiling (written so that NaN fails too).
+    /// Checks the factors, the ceiling and the floor (written so that NaN fails too).
     pub(crate) fn check(&self) -> Result<()> {
         let bad = |name: &str, want: &str, v: f64| {
             Err(Error::Config(format!("{name} must be {want}, got {v}")))
@@ -84,18 +93,33 @@ impl RateRule {
         if !(self.cap >= 1.0 && self.cap.is_finite()) {
             return bad("heldout_rate_cap", "finite and >= 1", self.cap);
         }
+        if !(0.0..=1.0).contains(&self.floor) {
+            return bad("heldout_rate_floor", "in [0, 1]", self.floor);
+        }
         Ok(())
     }
 
     /// One multiplier after a window of realized held-out descent `x` per step: up (to the
-    /// ceiling) where `x` > 0, down where `x` < 0, as it was where `x` is 0 or NaN.
+    /// ceiling) where `x` > 0, down (to the floor) where `x` < 0, as it was where `x` is 0
+    /// or NaN.
     pub fn next(&self, c: f64, x: f64) -> f64 {
         if x > 0.0 {
             (c * self.up).min(self.cap)
         } else if x < 0.0 {
-            c * self.down
+            (c * self.down).max(self.floor)
         } else {
             c
+        }
+    }
+
+    /// Whether `rate` are multipliers this rule can have reached after `windows` held-out
+    /// windows: each in [floor, cap] (every step keeps it there) once the adaptation has had
+    /// a window, every one 1 before that or with the adaptation off.
+    fn holds(&self, windows: u64, rate: &[f64]) -> bool {
+        if self.adapt && windows > 0 {
+            rate.iter().all(|&c| (self.floor..=self.cap).contains(&c))
+        } else {
+            rate.iter().all(|&c| c == 1.0)
         }
     }
 }
@@ -212,8 +236,16 @@ impl Heldout {
         })
     }
 
+    /// Sets the rate adaptation's settings. A rule that the multipliers adapted so far do
+    /// not fit (one below its floor or above its ceiling, or one off 1 with the adaptation
+    /// off) is a `Config` error: the ledger would not decode.
     pub(crate) fn set_rate_rule(&mut self, rule: RateRule) -> Result<()> {
         rule.check()?;
+        if !rule.holds(self.windows, &self.rate) {
+            return Err(Error::Config(format!(
+                "the rate rule {rule:?} does not fit the multipliers adapted so far"
+            )));
+        }
         self.rate_rule = rule;
         Ok(())
     }
@@ -296,19 +328,17 @@ impl Heldout {
         if let Err(err) = p.rate_rule.check() {
             return state(format!("invalid ledger configuration in state: {err}"));
         }
-        // Every multiplier starts at 1 and moves only under the adaptation, by factors that
-        // keep it in [0, cap] (a long run of harmful windows may take it down to 0).
-        let cap = p.rate_rule.cap;
-        let rate_ok = if p.rate_rule.adapt && p.windows > 0 {
-            p.rate.iter().all(|&c| (0.0..=cap).contains(&c))
-        } else {
-            p.rate.iter().all(|&c| c == 1.0)
-        };
-        if p.rate.len() != m * e || !rate_ok {
+        // Every multiplier starts at 1 and moves only under the adaptation, by steps that
+        // keep it in [floor, cap] (with floor 0 a long run of harmful windows may take it
+        // down to 0).
+        let rule = p.rate_rule;
+        if p.rate.len() != m * e || !rule.holds(p.windows, &p.rate) {
             return state(format!(
                 "held-out rate multipliers are inconsistent with the rate adaptation \
-                 (adapt {}, cap {cap}, {} windows, multipliers {:?})",
-                p.rate_rule.adapt,
+                 (adapt {}, floor {}, cap {}, {} windows, multipliers {:?})",
+                rule.adapt,
+                rule.floor,
+                rule.cap,
                 p.windows,
                 &p.rate[..p.rate.len().min(8)]
             ));
@@ -410,10 +440,12 @@ impl Heldout {
     /// The rate adaptation after one held-out window (the ledger checked the shape): with
     /// `adapt` on, each expert's multiplier c becomes min(c·up, cap) where `descent` (its
     /// realized held-out loss decrease per step in the window, as given to `record`, before
-    /// the EMA) is > 0, c·down where it is < 0, and stays where it is 0 or NaN (an expert
-    /// that did not move measures 0). The optimizer scales the expert's learning rate by c:
-    /// a "bold driver" per expert on the held-out loss, so one fixed rate per model can be
-    /// too low for one expert and too high for another (why: docs/algorithm.md).
+    /// the EMA) is > 0, max(c·down, floor) where it is < 0, and stays where it is 0 or NaN
+    /// (an expert that did not move measures 0). The optimizer scales the expert's learning
+    /// rate by c: a "bold driver" per expert on the held-out loss, so one fixed rate per
+    /// model can be too low for one expert and too high for another; with the floor at 1
+    /// (the default) c never goes below the set rate, `down` only undoes earlier ups (why:
+    /// docs/algorithm.md).
     /// A `State` error before the first recorded window (there is no window to adapt to).
     pub(crate) fn adapt_rate(&mut self, descent: &[f64]) -> Result<()> {
         if self.windows == 0 {

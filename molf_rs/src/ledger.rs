@@ -440,15 +440,17 @@ mod tests {
     use super::*;
     use crate::heldout::{
         DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN, DEFAULT_HELDOUT_SHRINK,
-        DEFAULT_RATE_CAP, DEFAULT_RATE_DOWN, DEFAULT_RATE_UP,
+        DEFAULT_RATE_CAP, DEFAULT_RATE_DOWN, DEFAULT_RATE_FLOOR, DEFAULT_RATE_UP,
     };
 
+    /// The rule on, without a floor.
     fn bold(up: f64, down: f64, cap: f64) -> RateRule {
         RateRule {
             adapt: true,
             up,
             down,
             cap,
+            floor: 0.0,
         }
     }
 
@@ -458,9 +460,10 @@ mod tests {
         let rule = l.heldout().rate_rule();
         assert!(!rule.adapt);
         assert_eq!(
-            (rule.up, rule.down, rule.cap),
-            (DEFAULT_RATE_UP, DEFAULT_RATE_DOWN, DEFAULT_RATE_CAP)
+            (rule.up, rule.down, rule.cap, rule.floor),
+            (DEFAULT_RATE_UP, DEFAULT_RATE_DOWN, DEFAULT_RATE_CAP, 1.0)
         );
+        assert_eq!(DEFAULT_RATE_FLOOR, 1.0);
         assert_eq!(l.heldout().rate(), [1.0; 3]);
         // Before a window there is nothing to adapt to.
         assert!(matches!(
@@ -504,6 +507,41 @@ mod tests {
     }
 
     #[test]
+    fn rate_goes_down_to_the_floor_only() {
+        // Up 1.5, down 0.5, cap 2: with the floor at 1 (the default) a harmful window only
+        // undoes earlier ups; at 0.625 it stops there; at 0 (no floor) it halves.
+        let descents = [1.0, -1.0, -1.0, 1.0, 1.0, 1.0, -1.0, 0.0, -1.0];
+        for (floor, want) in [
+            (1.0, [1.5, 1.0, 1.0, 1.5, 2.0, 2.0, 1.0, 1.0, 1.0]),
+            (
+                0.625,
+                [1.5, 0.75, 0.625, 0.9375, 1.40625, 2.0, 1.0, 1.0, 0.625],
+            ),
+            (
+                0.0,
+                [
+                    1.5, 0.75, 0.375, 0.5625, 0.84375, 1.265625, 0.6328125, 0.6328125, 0.31640625,
+                ],
+            ),
+        ] {
+            let rule = RateRule {
+                floor,
+                ..bold(1.5, 0.5, 2.0)
+            };
+            let mut l = Ledger::new(1, 1, 0.9)
+                .unwrap()
+                .with_heldout_rate(rule)
+                .unwrap();
+            for (x, c) in descents.iter().zip(want) {
+                l.record_heldout(&[*x], &[true]).unwrap();
+                l.adapt_heldout_rate(&[*x]).unwrap();
+                assert_eq!(l.heldout().rate(), [c], "floor {floor}, after {x}");
+            }
+            assert_eq!(Ledger::from_parts(l.parts()).unwrap(), l);
+        }
+    }
+
+    #[test]
     fn rate_settings_are_validated() {
         let with = |rule| Ledger::new(1, 1, 0.5).unwrap().with_heldout_rate(rule);
         for (rule, name) in [
@@ -515,6 +553,34 @@ mod tests {
             (bold(1.2, f64::NAN, 3.0), "heldout_rate_down"),
             (bold(1.2, 0.5, 0.5), "heldout_rate_cap"),
             (bold(1.2, 0.5, f64::INFINITY), "heldout_rate_cap"),
+            (
+                RateRule {
+                    floor: -0.1,
+                    ..bold(1.2, 0.5, 3.0)
+                },
+                "heldout_rate_floor",
+            ),
+            (
+                RateRule {
+                    floor: 1.5,
+                    ..bold(1.2, 0.5, 3.0)
+                },
+                "heldout_rate_floor",
+            ),
+            (
+                RateRule {
+                    floor: f64::NAN,
+                    ..bold(1.2, 0.5, 3.0)
+                },
+                "heldout_rate_floor",
+            ),
+            (
+                RateRule {
+                    floor: f64::INFINITY,
+                    ..bold(1.2, 0.5, 3.0)
+                },
+                "heldout_rate_floor",
+            ),
         ] {
             let err = with(rule).unwrap_err();
             assert!(
@@ -522,8 +588,13 @@ mod tests {
                 "{rule:?}: {err:?}"
             );
         }
-        // The edges: no change at all (1, 1, 1) is a valid rule.
+        // The edges: no change at all (1, 1, 1) is a valid rule, so are floors 0 and 1.
         assert!(with(bold(1.0, 1.0, 1.0)).is_ok());
+        assert!(with(RateRule {
+            floor: 1.0,
+            ..bold(1.0, 1.0, 1.0)
+        })
+        .is_ok());
         assert!(with(RateRule {
             adapt: false,
             ..bold(1.0, 1.0, 1.0)
@@ -558,7 +629,8 @@ mod tests {
         l.record_heldout(&[1.0, -1.0], &[true, true]).unwrap();
         l.adapt_heldout_rate(&[1.0, -1.0]).unwrap();
         assert_eq!(l.heldout().rate(), [1.2, 0.5]);
-        // Anything in [0, cap] after a window; nothing else; off means 1 everywhere.
+        // Anything in [floor, cap] after a window (floor 0 here); nothing else; off means 1
+        // everywhere.
         assert!(with(&l, vec![0.0, 3.0], true).is_ok());
         for rate in [
             vec![3.5, 1.0],
@@ -582,6 +654,46 @@ mod tests {
         assert!(
             matches!(Ledger::from_parts(bad), Err(Error::State(m)) if m.contains("heldout_rate_up"))
         );
+        // Under a floor, nothing below it: [1.2, 0.5] fits a floor of 0.5, not one of 0.6.
+        let floored = |floor: f64| {
+            Ledger::from_parts(LedgerParts {
+                heldout: HeldoutParts {
+                    rate_rule: RateRule {
+                        floor,
+                        ..bold(1.2, 0.5, 3.0)
+                    },
+                    ..l.heldout().parts()
+                },
+                ..l.parts()
+            })
+        };
+        assert!(floored(0.5).is_ok());
+        assert!(matches!(floored(0.6), Err(Error::State(m)) if m.contains("rate multipliers")));
+        // Nor can a new rule be set that the multipliers so far do not fit: a higher floor, a
+        // lower ceiling, or off.
+        for rule in [
+            RateRule {
+                floor: 0.6,
+                ..bold(1.2, 0.5, 3.0)
+            },
+            bold(1.2, 0.5, 1.1),
+            RateRule {
+                adapt: false,
+                ..bold(1.2, 0.5, 3.0)
+            },
+        ] {
+            assert!(
+                matches!(l.clone().with_heldout_rate(rule), Err(Error::Config(m)) if m.contains("does not fit")),
+                "{rule:?}"
+            );
+        }
+        assert!(l
+            .clone()
+            .with_heldout_rate(RateRule {
+                floor: 0.5,
+                ..bold(1.1, 0.9, 1.2)
+            })
+            .is_ok());
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::error::{at_least, Error};
 use crate::heldout::{
     RateRule, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN,
     DEFAULT_HELDOUT_SHRINK, DEFAULT_RATE_ADAPT, DEFAULT_RATE_CAP, DEFAULT_RATE_DOWN,
-    DEFAULT_RATE_UP, DEFAULT_SHRINK_SPECTRAL,
+    DEFAULT_RATE_FLOOR, DEFAULT_RATE_UP, DEFAULT_SHRINK_SPECTRAL,
 };
 use crate::ledger::Ledger;
 use crate::phase::PHASES;
@@ -607,6 +607,7 @@ impl PyLedger {
         heldout_rate_up = DEFAULT_RATE_UP,
         heldout_rate_down = DEFAULT_RATE_DOWN,
         heldout_rate_cap = DEFAULT_RATE_CAP,
+        heldout_rate_floor = DEFAULT_RATE_FLOOR,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -622,6 +623,7 @@ impl PyLedger {
         heldout_rate_up: f64,
         heldout_rate_down: f64,
         heldout_rate_cap: f64,
+        heldout_rate_floor: f64,
     ) -> PyResult<Self> {
         guarded(|| {
             Ok(PyLedger::wrap(
@@ -640,6 +642,7 @@ impl PyLedger {
                     up: heldout_rate_up,
                     down: heldout_rate_down,
                     cap: heldout_rate_cap,
+                    floor: heldout_rate_floor,
                 })?,
             ))
         })
@@ -684,6 +687,10 @@ impl PyLedger {
     #[getter]
     fn heldout_rate_cap(&self) -> f64 {
         self.ledger().heldout().rate_rule().cap
+    }
+    #[getter]
+    fn heldout_rate_floor(&self) -> f64 {
+        self.ledger().heldout().rate_rule().floor
     }
     #[getter]
     fn heldout_decay(&self) -> f64 {

@@ -23,12 +23,16 @@
 //! expert: held-out shrink trials and those kept), shrink_spectral u8 (0/1: how a shrink
 //! trial shrinks a LoRA product), heldout_min_span u64 (the span a record needs before it
 //! can drop its expert); from ledger version 2, the rate adaptation: rate_adapt u8 (0/1),
-//! rate_up f64, rate_down f64, rate_cap f64, heldout_rate f64×(M·E) (row-major: each
-//! expert's learning-rate multiplier).
+//! rate_up f64, rate_down f64, rate_cap f64, from version 3 rate_floor f64, then
+//! heldout_rate f64×(M·E) (row-major: each expert's learning-rate multiplier).
 //!
-//! Versions: a router is version 1; a ledger is written as version 2 and read as 1 or 2 (a
-//! version-1 ledger, from before the rate adaptation, decodes with it off and every
-//! multiplier 1, the other rate settings at their defaults: it resumes as it ran).
+//! Versions: a router is version 1; a ledger is written as version 3 and read as 1, 2 or 3.
+//! Each older ledger resumes as it ran: version 1, from before the rate adaptation, decodes
+//! with it off and every multiplier 1, the other rate settings at their defaults; version
+//! 2, from before the floor, with floor 0 where the adaptation is on (the rule it ran
+//! under) and the default floor where it is off (where the floor has no effect, and the
+//! default is what a ledger built today with it off has, so a resumed run does not report
+//! a changed setting).
 //!
 //! Floats are stored as their IEEE bit patterns, so NaN payloads and signed zeros survive.
 //! Decoding is strict: one encoding per state (flags and bools must be exactly 0 or 1, a
@@ -36,17 +40,17 @@
 //! must satisfy every invariant the live object keeps.
 
 use crate::error::{Error, Result};
-use crate::heldout::{HeldoutParts, RateRule};
+use crate::heldout::{HeldoutParts, RateRule, DEFAULT_RATE_FLOOR};
 use crate::ledger::{Ledger, LedgerParts};
 use crate::router::{Policy, Router, RouterConfig};
 
 pub const MAGIC: &[u8; 4] = b"MOLF";
 /// The version a router is written as and read in.
 pub const ROUTER_VERSION: u16 = 1;
-/// The version a ledger is written as (2: the rate adaptation).
-pub const LEDGER_VERSION: u16 = 2;
+/// The version a ledger is written as (2: the rate adaptation; 3: its floor).
+pub const LEDGER_VERSION: u16 = 3;
 /// The versions a ledger is read in.
-pub const LEDGER_VERSIONS: [u16; 2] = [1, 2];
+pub const LEDGER_VERSIONS: [u16; 3] = [1, 2, 3];
 
 const HEADER_LEN: usize = 4 + 1 + 2 + 8;
 const CHECKSUM_LEN: usize = 8;
@@ -405,6 +409,7 @@ impl Ledger {
         w.f64(rule.up);
         w.f64(rule.down);
         w.f64(rule.cap);
+        w.f64(rule.floor);
         h.rate().iter().for_each(|&x| w.f64(x));
         w.finish()
     }
@@ -424,11 +429,11 @@ impl Ledger {
         // of 1-byte cells; per module: 3 of 8 bytes; per expert: the 2 shrink counters;
         // held-out scalars: decay, windows, horizon, shrink, min span (8 bytes each) and the
         // spectral flag; from version 2 per entry a rate multiplier, and the rate flag and
-        // its up, down and cap.
-        let sizes = if version == 1 {
-            [41, 24, 16, 41]
-        } else {
-            [49, 24, 16, 66]
+        // its up, down and cap; from version 3 its floor.
+        let sizes = match version {
+            1 => [41, 24, 16, 41],
+            2 => [49, 24, 16, 66],
+            _ => [49, 24, 16, 74],
         };
         let (m, entries) = r.shape(num_modules, num_experts, sizes)?;
         let floats = |v: Vec<u64>| v.into_iter().map(f64::from_bits).collect();
@@ -449,15 +454,24 @@ impl Ledger {
         let shrink_spectral = r.flag("shrink_spectral")?;
         let min_span = r.u64()?;
         let (rate_rule, rate) = if version == 1 {
+            // Off, so its floor (the default) has no effect.
             (RateRule::default(), vec![1.0; entries])
         } else {
             let adapt = r.flag("rate_adapt")?;
             let (up, down, cap) = (r.f64()?, r.f64()?, r.f64()?);
+            let floor = match version {
+                // Before the floor: none where the rule ran; where it was off the floor has
+                // no effect, and the default is what a ledger built with it off has.
+                2 if adapt => 0.0,
+                2 => DEFAULT_RATE_FLOOR,
+                _ => r.f64()?,
+            };
             let rule = RateRule {
                 adapt,
                 up,
                 down,
                 cap,
+                floor,
             };
             (rule, floats(r.u64s(entries)?))
         };
@@ -584,10 +598,11 @@ mod tests {
         &bytes[HEADER_LEN..bytes.len() - CHECKSUM_LEN]
     }
 
-    /// The bytes of a ledger payload's rate adaptation, its tail (version 2): rate_adapt
-    /// (1 byte), rate_up, rate_down, rate_cap (8 bytes each), heldout_rate f64×(M·E).
+    /// The bytes of a ledger payload's rate adaptation, its tail (version 3): rate_adapt
+    /// (1 byte), rate_up, rate_down, rate_cap, rate_floor (8 bytes each), heldout_rate
+    /// f64×(M·E).
     fn rate_tail(l: &Ledger) -> usize {
-        1 + 24 + 8 * l.num_modules() * l.num_experts()
+        1 + 32 + 8 * l.num_modules() * l.num_experts()
     }
 
     /// A ledger's payload, and where its shrink books end: before shrink_spectral (1 byte),
@@ -626,7 +641,7 @@ mod tests {
         let l = paused_ledger();
         let bytes = l.to_bytes();
         assert_eq!(bytes[5..7], LEDGER_VERSION.to_le_bytes());
-        assert_eq!(LEDGER_VERSION, 2);
+        assert_eq!(LEDGER_VERSION, 3);
         // The held-out horizon f64, then heldout_span u64×(M·E), precede the shrink books.
         let (body, end) = (payload(&bytes), spans_end(&l));
         let tail: Vec<u64> = body[end - 8 * 3..end]
@@ -956,17 +971,90 @@ mod tests {
         assert_eq!(new_body[..old_body.len()], *old_body);
         assert_eq!(new_body.len() - old_body.len(), rate_tail(&l));
         assert_eq!(Ledger::from_bytes(&new).unwrap(), l);
-        // A version-2 payload under a version-1 header (and the reverse) does not decode.
-        for (version, body) in [(1, new_body), (2, old_body)] {
+        // A current payload under a version-1 header (and the reverse) does not decode.
+        for (version, body) in [(1, new_body), (3, old_body)] {
             assert!(matches!(
                 Ledger::from_bytes(&envelope(Kind::Ledger, version, body)),
                 Err(Error::State(m)) if m.contains("does not match its shape")
             ));
         }
-        for version in [0, 3, 7] {
+        for version in [0, 4, 7] {
             assert!(matches!(
                 Ledger::from_bytes(&envelope(Kind::Ledger, version, old_body)),
-                Err(Error::State(m)) if m.contains(&format!("version {version};")) && m.contains("[1, 2]")
+                Err(Error::State(m)) if m.contains(&format!("version {version};")) && m.contains("[1, 2, 3]")
+            ));
+        }
+    }
+
+    /// A version-2 ledger as molf wrote it before the floor (1 module x 3 experts,
+    /// ema_decay 0.5, the adaptation on at up 1.25, down 0.5, cap 2; one step, held-out
+    /// windows [1, -1, 0] (the third did not move) and [1, -1, 0.5]: multipliers
+    /// [1.5625, 0.25, 1.25]).
+    const LEDGER_V2: [&str; 9] = [
+        "4d4f4c46020200450100000000000001000000000000000300000000000000000000000000e03f01",
+        "00000000000000c443575b1629a376000000000000f03f0000000000000040000000000000084000",
+        "0000000000f03f000000000000004000000000000008400000000000000000000000000000000001",
+        "000000000000000000000000000000ffffffffffffffff0000000000000000000001000000000000",
+        "e03f0200000000000000000000000000f03f000000000000f0bf000000000000e03f000000000000",
+        "d03f0200000000000000020000000000000001000000000000009a9999999999b93f000000000000",
+        "00000000000000000000000000000000000000000000000000000000000000000000000000000000",
+        "000001000000000000000001000000000000f43f000000000000e03f000000000000004000000000",
+        "0000f93f000000000000d03f000000000000f43f2fd1c843dc207906",
+    ];
+
+    #[test]
+    fn version_2_ledger_loads_without_a_floor() {
+        let old = unhex(&LEDGER_V2);
+        assert_eq!(old[5..7], 2u16.to_le_bytes());
+        let mut l = Ledger::from_bytes(&old).unwrap();
+        assert_eq!(l.heldout().windows(), 2);
+        assert_eq!(l.heldout().rate(), [1.5625, 0.25, 1.25]);
+        // The rule it ran under: no floor (a multiplier of 0.25 is below any other).
+        let rule = RateRule {
+            adapt: true,
+            up: 1.25,
+            down: 0.5,
+            cap: 2.0,
+            floor: 0.0,
+        };
+        assert_eq!(l.heldout().rate_rule(), rule);
+        // Written again, it is the current version: the old bytes with the floor after the
+        // cap, and it reads back the same.
+        let new = l.to_bytes();
+        assert_eq!(new[5..7], LEDGER_VERSION.to_le_bytes());
+        let (old_body, new_body) = (payload(&old), payload(&new));
+        let at = old_body.len() - 8 * 3; // the multipliers, after the cap
+        assert_eq!(new_body[..at], old_body[..at]);
+        assert_eq!(new_body[at..at + 8], 0.0f64.to_bits().to_le_bytes());
+        assert_eq!(new_body[at + 8..], old_body[at..]);
+        assert_eq!(Ledger::from_bytes(&new).unwrap(), l);
+        // It goes on as it ran: down below 1 (and to 0.125).
+        l.record_heldout(&[-1.0; 3], &[true; 3]).unwrap();
+        l.adapt_heldout_rate(&[-1.0; 3]).unwrap();
+        assert_eq!(l.heldout().rate(), [0.78125, 0.125, 0.625]);
+        // With the adaptation off the floor has no effect: such a ledger decodes with the
+        // default floor, the one a ledger built with it off has.
+        let mut off = old_body.to_vec();
+        off[at - 25] = 0;
+        let ones: Vec<u8> = [1.0f64; 3]
+            .iter()
+            .flat_map(|x| x.to_bits().to_le_bytes())
+            .collect();
+        off[at..].copy_from_slice(&ones);
+        let l = Ledger::from_bytes(&envelope(Kind::Ledger, 2, &off)).unwrap();
+        assert_eq!(
+            l.heldout().rate_rule(),
+            RateRule {
+                adapt: false,
+                floor: DEFAULT_RATE_FLOOR,
+                ..rule
+            }
+        );
+        // A version-3 payload under a version-2 header (and the reverse) does not decode.
+        for (version, body) in [(2, new_body), (3, old_body)] {
+            assert!(matches!(
+                Ledger::from_bytes(&envelope(Kind::Ledger, version, body)),
+                Err(Error::State(m)) if m.contains("does not match its shape")
             ));
         }
     }
@@ -978,12 +1066,13 @@ mod tests {
             up: 1.25,
             down: 0.5,
             cap: 2.0,
+            floor: 0.75,
         };
         let mut l = paused_ledger().with_heldout_rate(rule).unwrap();
         l.record_heldout(&[1.0, -1.0, 0.0], &[true, true, false])
             .unwrap();
         l.adapt_heldout_rate(&[1.0, -1.0, 0.0]).unwrap();
-        assert_eq!(l.heldout().rate(), [1.25, 0.5, 1.0]);
+        assert_eq!(l.heldout().rate(), [1.25, 0.75, 1.0]);
         let bytes = l.to_bytes();
         let body = payload(&bytes);
         let tail = &body[body.len() - rate_tail(&l)..];
@@ -992,7 +1081,7 @@ mod tests {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        let want: Vec<u64> = [1.25, 0.5, 2.0, 1.25, 0.5, 1.0]
+        let want: Vec<u64> = [1.25, 0.5, 2.0, 0.75, 1.25, 0.75, 1.0]
             .iter()
             .map(|x: &f64| x.to_bits())
             .collect();
@@ -1025,5 +1114,47 @@ mod tests {
             Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &b)),
             Err(Error::State(m)) if m.contains("rate multipliers")
         ));
+    }
+
+    #[test]
+    fn corrupt_rate_floor_is_rejected() {
+        let rule = RateRule {
+            adapt: true,
+            up: 1.25,
+            down: 0.5,
+            cap: 2.0,
+            floor: 0.75,
+        };
+        let mut l = paused_ledger().with_heldout_rate(rule).unwrap();
+        l.record_heldout(&[1.0, -1.0, 0.0], &[true, true, false])
+            .unwrap();
+        l.adapt_heldout_rate(&[1.0, -1.0, 0.0]).unwrap();
+        let bytes = l.to_bytes();
+        let body = payload(&bytes);
+        let at = body.len() - 8 * 4; // the floor, before 3 multipliers
+        assert_eq!(body[at..at + 8], 0.75f64.to_bits().to_le_bytes());
+        let with = |floor: f64| {
+            let mut b = body.to_vec();
+            b[at..at + 8].copy_from_slice(&floor.to_bits().to_le_bytes());
+            Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &b))
+        };
+        // Outside [0, 1], or NaN: an invalid setting.
+        for floor in [f64::NAN, -0.25, 1.5, f64::INFINITY] {
+            let err = with(floor).unwrap_err();
+            assert!(
+                matches!(&err, Error::State(m) if m.contains("heldout_rate_floor")),
+                "{floor}: {err:?}"
+            );
+        }
+        // Above a multiplier (0.75): a state the rule cannot reach.
+        let err = with(0.8).unwrap_err();
+        assert!(
+            matches!(&err, Error::State(m) if m.contains("rate multipliers")),
+            "{err:?}"
+        );
+        // Consistent edits load.
+        for floor in [0.0, 0.5, 0.75] {
+            assert_eq!(with(floor).unwrap().heldout().rate_rule().floor, floor);
+        }
     }
 }

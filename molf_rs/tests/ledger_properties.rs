@@ -111,8 +111,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// The rate multipliers follow the plain rule, window by window: up by `up` to `cap`
-    /// where the window descended, down by `down` where it ascended, as they were otherwise;
-    /// all 1 with the adaptation off; and a round trip keeps them.
+    /// where the window descended, down by `down` to `floor` where it ascended, as they were
+    /// otherwise; all 1 with the adaptation off; and a round trip keeps them.
     #[test]
     fn rate_multipliers_match_the_plain_rule(
         (m, e) in (1usize..4, 1usize..4),
@@ -120,10 +120,11 @@ proptest! {
         up in prop_oneof![Just(1.0), Just(1.2), 1.0f64..3.0],
         down in prop_oneof![Just(1.0), Just(0.5), 0.05f64..=1.0],
         cap in prop_oneof![Just(1.0), Just(3.0), 1.0f64..10.0],
+        floor in prop_oneof![Just(0.0), Just(1.0), 0.0f64..=1.0],
         windows in prop::collection::vec(prop::collection::vec(descent_value(), 9), 1..40),
     ) {
         let n = m * e;
-        let rule = RateRule { adapt, up, down, cap };
+        let rule = RateRule { adapt, up, down, cap, floor };
         let mut ledger = Ledger::new(m as u64, e as u64, 0.9).unwrap().with_heldout_rate(rule).unwrap();
         let mut want = vec![1.0f64; n];
         for w in &windows {
@@ -135,15 +136,42 @@ proptest! {
                     if x > 0.0 {
                         *c = f64::min(*c * up, cap);
                     } else if x < 0.0 {
-                        *c *= down;
+                        *c = f64::max(*c * down, floor);
                     }
                 }
             }
             prop_assert_eq!(bits(ledger.heldout().rate()), bits(&want));
-            prop_assert!(want.iter().all(|&c| (0.0..=cap).contains(&c)));
+            prop_assert!(want.iter().all(|&c| (floor..=cap).contains(&c)));
         }
         let back = Ledger::from_bytes(&ledger.to_bytes()).unwrap();
         prop_assert_eq!(bits(back.heldout().rate()), bits(&want));
         prop_assert_eq!(&back, &ledger);
+    }
+
+    /// With the default floor (1) a multiplier never leaves [1, cap], whatever the windows
+    /// measure: the rule only ever raises an expert's rate above the set one, and a window
+    /// of ascent takes back at most what earlier ones gave.
+    #[test]
+    fn default_floor_keeps_the_set_rate(
+        up in prop_oneof![Just(1.1), 1.0f64..3.0],
+        down in prop_oneof![Just(0.5), 0.01f64..=1.0],
+        cap in prop_oneof![Just(2.0), 1.0f64..10.0],
+        windows in prop::collection::vec(prop::collection::vec(descent_value(), 4), 1..60),
+    ) {
+        let rule = RateRule { adapt: true, up, down, cap, ..RateRule::default() };
+        prop_assert_eq!(rule.floor, 1.0);
+        let mut ledger = Ledger::new(2, 2, 0.9).unwrap().with_heldout_rate(rule).unwrap();
+        for descent in &windows {
+            ledger.record_heldout(descent, &[true; 4]).unwrap();
+            ledger.adapt_heldout_rate(descent).unwrap();
+            prop_assert!(ledger.heldout().rate().iter().all(|&c| (1.0..=cap).contains(&c)), "{:?}", ledger.heldout().rate());
+        }
+        // Where the last window measured ascent, the multiplier is back at max(c·down, 1).
+        let last = windows.last().unwrap();
+        for (&c, &x) in ledger.heldout().rate().iter().zip(last) {
+            if x < 0.0 && down * cap <= 1.0 {
+                prop_assert_eq!(c, 1.0);
+            }
+        }
     }
 }

@@ -18,11 +18,17 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
         prop::collection::vec((any::<u8>(), -1.0f64..1.0), 0..6),
         any::<bool>(),
         0u64..4,
-        (any::<bool>(), 1.0f64..2.0, 0.1f64..=1.0, 1.0f64..4.0),
+        (
+            any::<bool>(),
+            1.0f64..2.0,
+            0.1f64..=1.0,
+            1.0f64..4.0,
+            prop_oneof![Just(0.0), Just(1.0), 0.0f64..=1.0],
+        ),
     )
         .prop_map(
             |((cfg, steps), decay, horizon, windows, shrink, trials, spectral, min_span, rate)| {
-                let (adapt, up, down, cap) = rate;
+                let (adapt, up, down, cap, floor) = rate;
                 let mut r = Router::new(cfg).unwrap();
                 let mut l = Ledger::new(cfg.num_modules, cfg.num_experts, decay)
                     .unwrap()
@@ -40,6 +46,7 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
                         up,
                         down,
                         cap,
+                        floor,
                     })
                     .unwrap();
                 if shrink > 0.0 {
@@ -103,10 +110,10 @@ proptest! {
         prop_assert_eq!(l2.heldout().span(), l.heldout().span());
         // The ledger payload ends with the spans, u64 × (M·E), then the shrink,
         // f64, the shrink counters, u64 × E twice, the kind of LoRA trial, one byte, the
-        // minimum span, u64, and the rate adaptation: its flag, one byte, up, down and cap,
-        // f64, and the multipliers, f64 × (M·E), before the checksum.
+        // minimum span, u64, and the rate adaptation: its flag, one byte, up, down, cap and
+        // floor, f64, and the multipliers, f64 × (M·E), before the checksum.
         let n = l.num_modules() * l.num_experts();
-        let rate_tail = 1 + 24 + 8 * n;
+        let rate_tail = 1 + 32 + 8 * n;
         let tail = 8 + 16 * l.num_experts() + 1 + 8 + rate_tail;
         let r_at = lb.len() - 8 - rate_tail;
         let rule = l.heldout().rate_rule();
@@ -115,7 +122,7 @@ proptest! {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        let want: Vec<u64> = [rule.up, rule.down, rule.cap].iter().chain(l.heldout().rate()).map(|x| x.to_bits()).collect();
+        let want: Vec<u64> = [rule.up, rule.down, rule.cap, rule.floor].iter().chain(l.heldout().rate()).map(|x| x.to_bits()).collect();
         prop_assert_eq!(words, want);
         prop_assert_eq!(l2.heldout().rate_rule(), rule);
         prop_assert!(rule.adapt || l.heldout().rate().iter().all(|&c| c == 1.0));
@@ -141,7 +148,7 @@ proptest! {
         let _ = Ledger::from_bytes(&data);
         // A valid envelope around random payload bytes reaches the payload decoder.
         let _ = Router::from_bytes(&seal(1, 1, &data));
-        for version in [1, 2] {
+        for version in [1, 2, 3] {
             let _ = Ledger::from_bytes(&seal(2, version, &data));
         }
     }
@@ -194,11 +201,11 @@ proptest! {
     }
 
     #[test]
-    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 3u16..) {
+    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 4u16..) {
         let msg = |e: Error| e.to_string();
         prop_assert!(msg(Ledger::from_bytes(&r.to_bytes()).unwrap_err()).contains("is a router"));
         prop_assert!(msg(Router::from_bytes(&l.to_bytes()).unwrap_err()).contains("is a ledger"));
-        // A router is read in version 1, a ledger in 1 and 2.
+        // A router is read in version 1, a ledger in 1, 2 and 3.
         for (v, supported) in [(2, "[1]"), (version, "[1]")] {
             let mut rb = r.to_bytes();
             rb[5..7].copy_from_slice(&v.to_le_bytes());
@@ -208,7 +215,7 @@ proptest! {
         let mut lb = l.to_bytes();
         lb[5..7].copy_from_slice(&version.to_le_bytes());
         let m = msg(Ledger::from_bytes(&reseal(lb)).unwrap_err());
-        prop_assert!(m.contains(&format!("version {version}")) && m.contains("supported versions: [1, 2]"), "{}", m);
+        prop_assert!(m.contains(&format!("version {version}")) && m.contains("supported versions: [1, 2, 3]"), "{}", m);
     }
 }
 
