@@ -104,7 +104,7 @@ class Reference:
         self.every, self.decay, self.horizon, self.min_dwell = every, decay, horizon, min_dwell
         self.min_span = min_span  # windows of record an expert needs before it can be dropped
         self.shrink, self.spectral = shrink, spectral
-        self.rate = rate  # None, or (up, down, cap) of the learning-rate multipliers
+        self.rate = rate  # None, or (up, down, cap, floor) of the learning-rate multipliers
         self.P: dict[tuple, torch.Tensor] = {}
         self.hyper: dict[tuple, tuple[float, float]] = {}  # key -> (lr, weight decay)
         self.trainable: list[tuple] = []
@@ -147,6 +147,7 @@ class Reference:
         self.c = [[1.0] * self.E for _ in range(self.M)]  # each expert's learning-rate multiplier
         self.span = [[0] * self.E for _ in range(self.M)]  # consecutive windows each expert moved in
         self.restarted = 0  # moved entries whose restarted span gave another decay than the run's length
+        self.floored = 0  # multipliers the floor held above c * down
         self.windows = 0
         self.step_count = 0  # routed steps
         self.last_measure = 0
@@ -303,11 +304,12 @@ class Reference:
                     old = self.ema[mi][e]
                     self.ema[mi][e] = x if math.isnan(old) else d * old + (1 - d) * x
                 if self.rate is not None:  # the window's descent, before the EMA
-                    up, down, cap = self.rate
+                    up, down, cap, floor = self.rate
                     if x > 0:
                         self.c[mi][e] = min(self.c[mi][e] * up, cap)
                     elif x < 0:
-                        self.c[mi][e] = self.c[mi][e] * down
+                        self.floored += self.c[mi][e] * down < floor
+                        self.c[mi][e] = max(self.c[mi][e] * down, floor)
         self.windows += 1
         s = self.step_count
         for mi in range(self.M):

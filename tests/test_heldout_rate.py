@@ -1,19 +1,24 @@
 """Policy heldout's rate adaptation (`molf.RateRule`): per (module, expert) a multiplier c of
 the expert's learning rate, ×up (to cap) after a window whose movement lowered the held-out
-loss, ×down after one that raised it. Checked in lockstep against the float64 reference of
-tests/test_heldout.py (its AdamW at lr × c, written out there), on the foreach path and on the
-fused path (Triton's interpreter on the CPU); resumed bitwise mid-run; its defaults and
-settings; a ledger saved before it."""
+loss, ×down (to floor) after one that raised it. Checked in lockstep against the float64
+reference of tests/test_heldout.py (its AdamW at lr × c, written out there), on the foreach
+path and on the fused path (Triton's interpreter on the CPU), with the default floor (1) and
+without one; resumed bitwise mid-run; its defaults and settings; ledgers saved before it
+(version 1) and before its floor (version 2)."""
 
 from __future__ import annotations
 
+import base64
 import io
+import struct
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 import molf
+from test_core_serialisation import fnv1a64
 from test_heldout import LOCKSTEP, Reference, assert_bitwise_equal, build, make_ckpt_run, mse, teacher_data, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,6 +34,7 @@ def _fused_module(monkeypatch):
     return _fused
 
 
+@pytest.mark.parametrize("floor", [1.0, 0.0])  # the default (c never below the set rate), none
 @pytest.mark.parametrize(
     "case,path,lagged",
     [
@@ -39,14 +45,14 @@ def _fused_module(monkeypatch):
         pytest.param("molf-decay", "fused", True, marks=pytest.mark.slow),  # winners applied in the moments pass
     ],
 )
-def test_lockstep_with_float64_reference_at_scaled_rates(case, path, lagged, monkeypatch):
+def test_lockstep_with_float64_reference_at_scaled_rates(case, path, lagged, floor, monkeypatch):
     ranks, fft, lr, lora_lr, wd, lora_wd = LOCKSTEP[case]
     dims, wrapped, K, D, dwell, steps = (4, 8, 8, 2), ("0", "2"), 3, 0.7, 4, 60
-    rule = molf.RateRule(up=1.5, down=0.5, cap=2.5)
+    rule = molf.RateRule(up=1.5, down=0.5, cap=2.5, floor=floor)
     model = build(dims, wrapped, ranks, fft)
     hyper = dict(lr=lr, lora_lr=lora_lr, wd=wd, lora_wd=lora_wd)
     ref = Reference(model, dims, wrapped, ranks, fft, **hyper, every=K, decay=D, horizon=0.4, min_dwell=dwell,
-                    min_span=0, shrink=0.1, rate=(rule.up, rule.down, rule.cap))  # fmt: skip
+                    min_span=0, shrink=0.1, rate=(rule.up, rule.down, rule.cap, rule.floor))  # fmt: skip
     train_data, (xh, yh) = teacher_data(dims, seed=0)
     opt = molf.MoLFAdamW(
         model,
@@ -77,25 +83,35 @@ def test_lockstep_with_float64_reference_at_scaled_rates(case, path, lagged, mon
                 msg=lambda m, s=s, k=k: f"step {s} {k}: {m}",
             )  # fmt: skip
         seen.update(np.unique(opt.ledger.heldout_rate()).tolist())
-    # Not vacuous: multipliers went up, hit the cap and went down, and experts were dropped
-    # and brought back at those rates.
-    assert max(seen) == rule.cap and min(seen) < 1 and any(1 < c < rule.cap for c in seen), sorted(seen)
+    # Not vacuous: multipliers went up, hit the cap and went down (with the floor at 1, to it
+    # and no further: it held some above c·down; without one, below 1), and experts were
+    # dropped and brought back at those rates.
+    assert max(seen) == rule.cap and any(1 < c < rule.cap for c in seen), sorted(seen)
+    if floor == 1:
+        assert min(seen) == 1 and ref.floored >= 1, (sorted(seen), ref.floored)
+    else:
+        assert min(seen) < 1, sorted(seen)
     assert ref.drops >= 1 and ref.readmissions >= 1, (ref.drops, ref.readmissions)
 
 
-def test_checkpoint_resume_is_bitwise_with_scaled_rates():
+def _saved(model, opt) -> dict:
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("adapt_rate", [True, molf.RateRule(floor=0.0)])
+def test_checkpoint_resume_is_bitwise_with_scaled_rates(adapt_rate):
     fft, ranks, total, stop = True, (3,), 20, 11
-    model, opt = make_ckpt_run(fft, ranks, adapt_rate=True)
+    model, opt = make_ckpt_run(fft, ranks, adapt_rate=adapt_rate)
     train(model, opt, range(1, total + 1))
-    model_a, opt_a = make_ckpt_run(fft, ranks, adapt_rate=True)
+    model_a, opt_a = make_ckpt_run(fft, ranks, adapt_rate=adapt_rate)
     train(model_a, opt_a, range(1, stop + 1))
     rate = opt_a.ledger.heldout_rate()
     assert opt_a.ledger.heldout_adapt_rate and (rate != 1).any() and (rate > 1).any(), rate
-    buf = io.BytesIO()
-    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    model_b, opt_b = make_ckpt_run(fft, ranks, adapt_rate=True)
+    ckpt = _saved(model_a, opt_a)
+    model_b, opt_b = make_ckpt_run(fft, ranks, adapt_rate=adapt_rate)
     model_b.load_state_dict(ckpt["model"])
     opt_b.load_state_dict(ckpt["opt"])
     assert np.array_equal(opt_b.ledger.heldout_rate(), rate)
@@ -109,13 +125,59 @@ def test_checkpoint_resume_is_bitwise_with_scaled_rates():
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), model_c.parameters()))
 
 
-def test_a_changed_rate_setting_is_named_on_load():
+@pytest.mark.parametrize(
+    "live,match,name,saved",
+    [
+        (molf.RateRule(cap=3.0), r"heldout_rate_cap 2\.0 / 3\.0", "heldout_rate_cap", 2.0),
+        (molf.RateRule(floor=0.0), r"heldout_rate_floor 1\.0 / 0\.0", "heldout_rate_floor", 1.0),
+    ],
+)
+def test_a_changed_rate_setting_is_named_on_load(live, match, name, saved):
     model, opt = make_ckpt_run(True, (3,), adapt_rate=True)
     train(model, opt, range(1, 6))
-    _, other = make_ckpt_run(True, (3,), adapt_rate=molf.RateRule(cap=3.0))
-    with pytest.warns(UserWarning, match=r"heldout_rate_cap 2\.0 / 3\.0"):
+    _, other = make_ckpt_run(True, (3,), adapt_rate=live)
+    with pytest.warns(UserWarning, match=match):
         other.load_state_dict(opt.state_dict())
-    assert other.ledger.heldout_rate_cap == 2.0  # the checkpoint's, as every ledger setting
+    assert getattr(other.ledger, name) == saved  # the checkpoint's, as every ledger setting
+
+
+def as_version_2(blob: bytes, entries: int) -> bytes:
+    """A version-3 ledger as the version before the floor wrote it: the same bytes without
+    rate_floor (8 bytes before the `entries` multipliers), under a version-2 header."""
+    payload = blob[15:-8]
+    at = len(payload) - 8 * entries - 8
+    payload = payload[:at] + payload[at + 8 :]
+    body = blob[:4] + struct.pack("<BHQ", 2, 2, len(payload)) + payload
+    return body + struct.pack("<Q", fnv1a64(body))
+
+
+@pytest.mark.parametrize("live", [molf.RateRule(floor=0.0), molf.RateRule()])
+def test_a_checkpoint_from_before_the_floor_resumes_as_it_ran(live):
+    # Saved by the previous version (a version-2 ledger: the rule without a floor, c below 1
+    # here): it resumes without one, bitwise as the run would have gone on, under the
+    # rule given now too (that one's floor is named, the checkpoint's is used).
+    fft, ranks, total, stop, rule = True, (3,), 20, 11, molf.RateRule(floor=0.0)
+    model, opt = make_ckpt_run(fft, ranks, adapt_rate=rule)
+    train(model, opt, range(1, total + 1))
+    model_a, opt_a = make_ckpt_run(fft, ranks, adapt_rate=rule)
+    train(model_a, opt_a, range(1, stop + 1))
+    rate = opt_a.ledger.heldout_rate()
+    assert (rate < 1).any(), rate  # the state a floor of 1 could not reach
+    ckpt = _saved(model_a, opt_a)
+    meta = next(g["molf_meta"] for g in ckpt["opt"]["param_groups"] if "molf_meta" in g)
+    old = as_version_2(base64.b64decode(meta["ledger"]), rate.size)
+    meta["ledger"] = base64.b64encode(old).decode("ascii")
+    model_b, opt_b = make_ckpt_run(fft, ranks, adapt_rate=live)
+    model_b.load_state_dict(ckpt["model"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt_b.load_state_dict(ckpt["opt"])
+    named = [str(w.message) for w in caught if "heldout_rate_floor 0.0 / 1.0" in str(w.message)]
+    assert len(named) == (live.floor != 0), [str(w.message) for w in caught]
+    assert opt_b.ledger.heldout_rate_floor == 0.0 and np.array_equal(opt_b.ledger.heldout_rate(), rate)
+    train(model_b, opt_b, range(stop + 1, total + 1))
+    assert_bitwise_equal(model, model_b)
+    assert opt.ledger.to_bytes() == opt_b.ledger.to_bytes()
 
 
 def _opt(fft, ranks, **kw):
@@ -131,16 +193,21 @@ def _opt(fft, ranks, **kw):
         (True, (3,), True, molf.RateRule()),
         (False, (2, 4), True, molf.RateRule()),
         (False, (2, 4), molf.RateRule(up=1.5, down=0.25, cap=4.0), molf.RateRule(up=1.5, down=0.25, cap=4.0)),
+        (True, (3,), molf.RateRule(floor=0.25), molf.RateRule(floor=0.25)),
     ],
 )
 def test_defaults_and_settings(fft, ranks, adapt_rate, want):
     ledger = _opt(fft, ranks, adapt_rate=adapt_rate).ledger
     assert molf.Heldout(lambda: None).adapt_rate is False
     assert ledger.heldout_adapt_rate == (want is not None)
-    got = molf.RateRule(ledger.heldout_rate_up, ledger.heldout_rate_down, ledger.heldout_rate_cap)
+    got = molf.RateRule(
+        ledger.heldout_rate_up, ledger.heldout_rate_down, ledger.heldout_rate_cap, ledger.heldout_rate_floor
+    )
     assert got == (want or molf.RateRule())
     assert (ledger.heldout_rate() == 1).all()
-    assert molf.RateRule() == molf.RateRule(up=1.1, down=0.5, cap=2.0)
+    # The default rule: ×1.1 up to 2×, ×0.5 down to the set rate (c never below 1).
+    assert molf.RateRule() == molf.RateRule(up=1.1, down=0.5, cap=2.0, floor=1.0)
+    assert molf.Heldout(lambda: None, adapt_rate=True).rate_rule() == molf.RateRule()
     # Other policies keep it off.
     assert not molf.MoLFAdamW(make_ckpt_run(fft, ranks, heldout=False)[0]).ledger.heldout_adapt_rate
 
@@ -154,6 +221,10 @@ def test_defaults_and_settings(fft, ranks, adapt_rate, want):
         (dict(down=1.5), "heldout_rate_down"),
         (dict(down=float("nan")), "heldout_rate_down"),
         (dict(cap=0.5), "heldout_rate_cap"),
+        (dict(floor=-0.1), "heldout_rate_floor"),
+        (dict(floor=1.5), "heldout_rate_floor"),
+        (dict(floor=float("nan")), "heldout_rate_floor"),
+        (dict(floor=float("inf")), "heldout_rate_floor"),
     ],
 )
 def test_rate_rule_is_validated(kwargs, match):
@@ -184,9 +255,40 @@ def test_a_version_1_ledger_loads_with_the_adaptation_off():
     assert (ledger.step, ledger.heldout_windows) == (2, 2)
     assert ledger.heldout_ema().tolist() == [[0.75, -0.25]]
     assert not ledger.heldout_adapt_rate and ledger.heldout_rate().tolist() == [[1.0, 1.0]]
-    assert (ledger.heldout_rate_up, ledger.heldout_rate_down, ledger.heldout_rate_cap) == (1.1, 0.5, 2.0)
-    # Adapting changes nothing; written again it is version 2 and reads back the same.
+    settings = (ledger.heldout_rate_up, ledger.heldout_rate_down, ledger.heldout_rate_cap, ledger.heldout_rate_floor)
+    assert settings == (1.1, 0.5, 2.0, 1.0)  # the defaults (the floor has no effect while off)
+    # Adapting changes nothing; written again it is version 3 and reads back the same.
     ledger.adapt_heldout_rate(np.array([[1.0, -1.0]]))
     assert ledger.heldout_rate().tolist() == [[1.0, 1.0]]
     again = ledger.to_bytes()
-    assert again[5:7] == b"\x02\x00" and molf.Ledger.from_bytes(again) == ledger
+    assert again[5:7] == b"\x03\x00" and molf.Ledger.from_bytes(again) == ledger
+
+
+# A version-2 ledger, as molf wrote it before the floor (the bytes of the Rust test
+# serial::tests::LEDGER_V2: 1 module x 3 experts, the adaptation on at up 1.25, down 0.5,
+# cap 2; held-out windows [1, -1, 0] and [1, -1, 0.5]).
+LEDGER_V2 = bytes.fromhex(
+    "4d4f4c46020200450100000000000001000000000000000300000000000000000000000000e03f0100"
+    "000000000000c443575b1629a376000000000000f03f00000000000000400000000000000840000000"
+    "000000f03f000000000000004000000000000008400000000000000000000000000000000001000000"
+    "000000000000000000000000ffffffffffffffff0000000000000000000001000000000000e03f0200"
+    "000000000000000000000000f03f000000000000f0bf000000000000e03f000000000000d03f020000"
+    "0000000000020000000000000001000000000000009a9999999999b93f000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000000000000100000000"
+    "0000000001000000000000f43f000000000000e03f0000000000000040000000000000f93f00000000"
+    "0000d03f000000000000f43f2fd1c843dc207906"
+)
+
+
+def test_a_version_2_ledger_loads_without_a_floor():
+    ledger = molf.Ledger.from_bytes(LEDGER_V2)
+    assert ledger.heldout_adapt_rate and ledger.heldout_rate().tolist() == [[1.5625, 0.25, 1.25]]
+    settings = (ledger.heldout_rate_up, ledger.heldout_rate_down, ledger.heldout_rate_cap, ledger.heldout_rate_floor)
+    assert settings == (1.25, 0.5, 2.0, 0.0)  # the rule it ran under
+    # It goes on as it ran: halved below 1, no floor.
+    descent = np.array([[-1.0, -1.0, 1.0]])
+    ledger.record_heldout(descent, np.ones((1, 3), dtype=bool))
+    ledger.adapt_heldout_rate(descent)
+    assert ledger.heldout_rate().tolist() == [[0.78125, 0.125, 1.5625]]
+    again = ledger.to_bytes()
+    assert again[5:7] == b"\x03\x00" and molf.Ledger.from_bytes(again) == ledger

@@ -282,6 +282,8 @@ class Ledger:
             movement lowered the held-out loss.
         heldout_rate_down: in ``(0, 1]``: its factor after a window that raised it.
         heldout_rate_cap: finite, >= 1: the ceiling of a multiplier.
+        heldout_rate_floor: in ``[0, 1]``: the floor of a multiplier after a window that
+            raised the held-out loss (1: never below the set rate; 0: no floor).
 
     Raises:
         ConfigError: an argument out of range, or a bool for an integer argument.
@@ -301,6 +303,7 @@ class Ledger:
         heldout_rate_up: float = 1.1,
         heldout_rate_down: float = 0.5,
         heldout_rate_cap: float = 2.0,
+        heldout_rate_floor: float = 1.0,
     ) -> Self: ...
     @property
     def heldout_decay(self) -> float: ...
@@ -349,8 +352,8 @@ class Ledger:
         """After :meth:`record_heldout` of a window, with ``heldout_adapt_rate``: each
         expert's multiplier ``c`` becomes ``min(c * heldout_rate_up, heldout_rate_cap)``
         where ``descent`` (the window's realized descent per step, as recorded) is > 0,
-        ``c * heldout_rate_down`` where it is < 0, and stays where it is 0 or NaN. Without
-        ``heldout_adapt_rate`` nothing changes.
+        ``max(c * heldout_rate_down, heldout_rate_floor)`` where it is < 0, and stays where
+        it is 0 or NaN. Without ``heldout_adapt_rate`` nothing changes.
 
         Raises:
             ScoreError: ``descent`` of the wrong type, dtype or shape; nothing changes.
@@ -367,6 +370,8 @@ class Ledger:
     def heldout_rate_down(self) -> float: ...
     @property
     def heldout_rate_cap(self) -> float: ...
+    @property
+    def heldout_rate_floor(self) -> float: ...
     def heldout_descent(self) -> npt.NDArray[np.float64]:
         """Copy, ``(M, E)``: the record as :meth:`Router.regate` judges it:
         :meth:`heldout_ema` where :meth:`heldout_span` >= ``heldout_min_span``, NaN (not

@@ -153,6 +153,7 @@ _LEDGER_SETTINGS = (
     "heldout_rate_up",
     "heldout_rate_down",
     "heldout_rate_cap",
+    "heldout_rate_floor",
 )
 
 

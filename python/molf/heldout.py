@@ -15,8 +15,9 @@ Every `every` routing steps the optimizer calls the user's `heldout()` closure
 
 After each window the Ledger adapts each expert's learning-rate multiplier c
 (`heldout_adapt_rate`, opt-in: `Heldout(adapt_rate=True)`): ×`up` (to `cap`)
-where the window's realized descent is positive, ×`down` where negative; the
-optimizer's every step path scales the expert's AdamW update by c.
+where the window's realized descent is positive, ×`down` (to `floor`, by default
+the set rate) where negative; the optimizer's every step path scales the
+expert's AdamW update by c.
 
 Before each measurement, held-out shrinkage (`heldout_shrink` δ, default 0.1):
 for each expert index in turn (all modules together), its update since the

@@ -134,20 +134,29 @@ class RateRule:
     """Policy heldout's learning-rate adaptation, a "bold driver" per (module, expert): a
     multiplier c of the expert's learning rate, 1 at the start, becomes min(c·`up`, `cap`)
     after each held-out window in which the expert's movement lowered the held-out loss and
-    c·`down` after one in which it raised it (unchanged where it did not move). The expert's
-    whole AdamW update (Adam step and decoupled decay) uses the group's lr × c; the scores
-    keep the group's lr. `up` >= 1, `down` in (0, 1], `cap` >= 1 (ConfigError otherwise)."""
+    max(c·`down`, `floor`) after one in which it raised it (unchanged where it did not move).
+    The expert's whole AdamW update (Adam step and decoupled decay) uses the group's lr × c;
+    the scores keep the group's lr. `up` >= 1, `down` in (0, 1], `cap` >= 1, `floor` in
+    [0, 1] (ConfigError otherwise). The default floor 1 keeps c at or above the set rate, so
+    `down` only undoes earlier ups: without it one window of noise halves a rate that seven
+    good windows must win back, and over a long run a dense expert's rate decays where it
+    should not (docs/algorithm.md, "Rate adaptation"); `floor=0` is the rule without one."""
 
     up: float = 1.1
     down: float = 0.5
     cap: float = 2.0
+    floor: float = 1.0
 
     def __post_init__(self) -> None:
         _check_core(self, {}, self.ledger_settings(adapt=True))
 
     def ledger_settings(self, adapt: bool) -> dict:
         return dict(
-            heldout_adapt_rate=adapt, heldout_rate_up=self.up, heldout_rate_down=self.down, heldout_rate_cap=self.cap
+            heldout_adapt_rate=adapt,
+            heldout_rate_up=self.up,
+            heldout_rate_down=self.down,
+            heldout_rate_cap=self.cap,
+            heldout_rate_floor=self.floor,
         )
 
 
@@ -166,8 +175,8 @@ class Heldout:
 
     `adapt_rate` (opt-in): after each window, each expert's learning rate is scaled up where
     its movement lowered the held-out loss and down where it raised it (a `RateRule`; True:
-    `RateRule()`, ×1.1 up to 2× the set rate, ×0.5; False, the default: off; why it is off
-    by default: docs/algorithm.md, "Rate adaptation").
+    `RateRule()`, ×1.1 up to 2× the set rate, ×0.5 down to the set rate; False, the default:
+    off; why it is off by default: docs/algorithm.md, "Rate adaptation").
 
     Defaults resolved here and nowhere else: `min_dwell` None is 3 x `every`
     (`default_min_dwell`); `min_span` None is 10 where every expert is a LoRA expert, 0
