@@ -28,6 +28,10 @@ rescaling each step's update of the expert tensors before the measurement:
 * ``bolde:U:F:CMAX``: bold, up only where the Ledger's EMA is positive too;
 * ``boldd:U:F:CMAX``: bold for dense experts only (LoRA experts keep c = 1);
 * ``boldf:U:F:CMAX``: bold with a floor at the set rate (c never below 1);
+* ``tr:U:F:CMAX:HI``: trust-region style: up (×U to CMAX) only where the window's realized
+  descent per step is at least HI × the first-order descent a step at the expert's rate
+  predicts now (its potential, scaled by c): the landscape is near linear along the update;
+  down (×F, floor 1) where it rose; else kept;
 * ``emaback:F``: c ← F·c whenever the expert's held-out EMA (the Ledger's) is below zero
   after the window (also for a dropped expert, whose c then waits for its return).
 """
@@ -68,6 +72,7 @@ class LrRule:
         self.c = np.ones(M * E)
         self.best, self.since = np.inf, 0
         self.window: np.ndarray | None = None
+        self.potential: np.ndarray | None = None
         probe = opt._probe
         sums, measure = probe._sums, opt._measure_heldout
         step = opt.step
@@ -75,6 +80,7 @@ class LrRule:
         def captured_sums(*a, **k):
             out = sums(*a, **k)
             self.window = None if out[0] is None else out[0].reshape(-1)
+            self.potential = None if out[1] is None else out[1].reshape(-1)
             return out
 
         def rescaled_measure():
@@ -115,6 +121,11 @@ class LrRule:
             self.c[w < 0] *= a[1]
         elif k == "boldf" and w is not None:  # bold with a floor at the set rate: c in [1, CMAX]
             self.c[w > 0] = np.minimum(self.c[w > 0] * a[0], a[2])
+            self.c[w < 0] = np.maximum(self.c[w < 0] * a[1], 1.0)
+        elif k == "tr" and w is not None:  # up where realized >= HI x predicted (at rate c)
+            predicted = self.c * self.potential
+            up = (w > 0) & (predicted > 0) & (w >= a[3] * predicted)
+            self.c[up] = np.minimum(self.c[up] * a[0], a[2])
             self.c[w < 0] = np.maximum(self.c[w < 0] * a[1], 1.0)
         elif k == "boldd" and w is not None:  # bold, dense experts only
             dense = self.dense_slots()
