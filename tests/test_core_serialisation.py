@@ -157,6 +157,27 @@ def test_wrong_version_raises_state_error(state, version):
                 cls.from_bytes(reseal(bytes(blob)))
 
 
+def test_rate_rule_round_trips_and_a_bad_trust_is_rejected():
+    # The rate adaptation ends the ledger payload: flag, up, down, cap, floor, trust, then the
+    # multipliers (M·E f64), before the checksum.
+    ledger = core.Ledger(1, 2, heldout_adapt_rate=True, heldout_rate_up=1.25, heldout_rate_floor=0.5)
+    descent = np.array([[1.0, 1.0]])
+    ledger.record_heldout(descent, np.ones((1, 2), dtype=bool))
+    ledger.adapt_heldout_rate(descent, np.array([[1.25, 1.5]]))  # 1 >= 0.8·1.25, not 0.8·1.5
+    assert ledger.heldout_rate().tolist() == [[1.25, 1.0]]
+    blob = ledger.to_bytes()
+    assert struct.unpack_from("<B5d2d", blob, len(blob) - 8 - 57) == (1, 1.25, 0.5, 2.0, 0.5, 0.8, 1.25, 1.0)
+    back = core.Ledger.from_bytes(blob)
+    assert back == ledger and back.heldout_rate_trust == 0.8 and back.to_bytes() == blob
+    at = len(blob) - 8 - 24  # the trust, before 2 multipliers
+    for trust in (-0.5, float("nan"), float("inf")):
+        bad = blob[:at] + struct.pack("<d", trust) + blob[at + 8 :]
+        with pytest.raises(core.StateError, match="heldout_rate_trust"):
+            core.Ledger.from_bytes(reseal(bad))
+    bad = blob[:at] + struct.pack("<d", 0.0) + blob[at + 8 :]
+    assert core.Ledger.from_bytes(reseal(bad)).heldout_rate_trust == 0.0
+
+
 def test_wrong_magic_raises_state_error():
     blob = bytearray(core.Router(1, 1).to_bytes())
     blob[:4] = b"MOLG"

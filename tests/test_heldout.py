@@ -104,7 +104,7 @@ class Reference:
         self.every, self.decay, self.horizon, self.min_dwell = every, decay, horizon, min_dwell
         self.min_span = min_span  # windows of record an expert needs before it can be dropped
         self.shrink, self.spectral = shrink, spectral
-        self.rate = rate  # None, or (up, down, cap, floor) of the learning-rate multipliers
+        self.rate = rate  # None, or (up, down, cap, floor, trust) of the learning-rate multipliers
         self.P: dict[tuple, torch.Tensor] = {}
         self.hyper: dict[tuple, tuple[float, float]] = {}  # key -> (lr, weight decay)
         self.trainable: list[tuple] = []
@@ -148,6 +148,7 @@ class Reference:
         self.span = [[0] * self.E for _ in range(self.M)]  # consecutive windows each expert moved in
         self.restarted = 0  # moved entries whose restarted span gave another decay than the run's length
         self.floored = 0  # multipliers the floor held above c * down
+        self.untrusted = 0  # descents that left a multiplier where it was: short of trust x potential
         self.windows = 0
         self.step_count = 0  # routed steps
         self.last_measure = 0
@@ -304,8 +305,14 @@ class Reference:
                     old = self.ema[mi][e]
                     self.ema[mi][e] = x if math.isnan(old) else d * old + (1 - d) * x
                 if self.rate is not None:  # the window's descent, before the EMA
-                    up, down, cap, floor = self.rate
-                    if x > 0:
+                    up, down, cap, floor, trust = self.rate
+                    # Up only where the descent reached `trust` x the potential: the predicted
+                    # descent of one step at the expert's rate (lr x c above), where it is
+                    # finite and positive; any descent with trust 0.
+                    p = potential[mi][e]
+                    trusted = trust == 0 or (math.isfinite(p) and p > 0 and x >= trust * p)
+                    self.untrusted += x > 0 and not trusted
+                    if x > 0 and trusted:
                         self.c[mi][e] = min(self.c[mi][e] * up, cap)
                     elif x < 0:
                         self.floored += self.c[mi][e] * down < floor

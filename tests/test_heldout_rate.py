@@ -1,10 +1,12 @@
 """Policy heldout's rate adaptation (`molf.RateRule`): per (module, expert) a multiplier c of
 the expert's learning rate, ×up (to cap) after a window whose movement lowered the held-out
-loss, ×down (to floor) after one that raised it. Checked in lockstep against the float64
-reference of tests/test_heldout.py (its AdamW at lr × c, written out there), on the foreach
-path and on the fused path (Triton's interpreter on the CPU), with the default floor (1) and
-without one; resumed bitwise mid-run; its defaults and settings; ledgers saved before it
-(version 1) and before its floor (version 2)."""
+loss by at least `trust` × its potential (what a first-order model of a step at its rate
+predicted), ×down (to floor) after one that raised it. Checked in lockstep against the
+float64 reference of tests/test_heldout.py (its AdamW at lr × c, written out there), on the
+foreach path and on the fused path (Triton's interpreter on the CPU), with the default floor
+(1) and trust (0.8), without the trust condition, and without either; resumed bitwise
+mid-run; its defaults and settings; ledgers saved before it (version 1) and before its floor
+and trust condition (version 2)."""
 
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ def _fused_module(monkeypatch):
     return _fused
 
 
-@pytest.mark.parametrize("floor", [1.0, 0.0])  # the default (c never below the set rate), none
+# The default rule (c never below the set rate, up only where trusted); without the trust
+# condition; the rule as first run (neither: a version-2 ledger's).
+@pytest.mark.parametrize("floor,trust", [(1.0, 0.8), (1.0, 0.0), (0.0, 0.0)])
 @pytest.mark.parametrize(
     "case,path,lagged",
     [
@@ -45,14 +49,14 @@ def _fused_module(monkeypatch):
         pytest.param("molf-decay", "fused", True, marks=pytest.mark.slow),  # winners applied in the moments pass
     ],
 )
-def test_lockstep_with_float64_reference_at_scaled_rates(case, path, lagged, floor, monkeypatch):
+def test_lockstep_with_float64_reference_at_scaled_rates(case, path, lagged, floor, trust, monkeypatch):
     ranks, fft, lr, lora_lr, wd, lora_wd = LOCKSTEP[case]
     dims, wrapped, K, D, dwell, steps = (4, 8, 8, 2), ("0", "2"), 3, 0.7, 4, 60
-    rule = molf.RateRule(up=1.5, down=0.5, cap=2.5, floor=floor)
+    rule = molf.RateRule(up=1.5, down=0.5, cap=2.5, floor=floor, trust=trust)
     model = build(dims, wrapped, ranks, fft)
     hyper = dict(lr=lr, lora_lr=lora_lr, wd=wd, lora_wd=lora_wd)
     ref = Reference(model, dims, wrapped, ranks, fft, **hyper, every=K, decay=D, horizon=0.4, min_dwell=dwell,
-                    min_span=0, shrink=0.1, rate=(rule.up, rule.down, rule.cap, rule.floor))  # fmt: skip
+                    min_span=0, shrink=0.1, rate=(rule.up, rule.down, rule.cap, rule.floor, rule.trust))  # fmt: skip
     train_data, (xh, yh) = teacher_data(dims, seed=0)
     opt = molf.MoLFAdamW(
         model,
@@ -91,6 +95,9 @@ def test_lockstep_with_float64_reference_at_scaled_rates(case, path, lagged, flo
         assert min(seen) == 1 and ref.floored >= 1, (sorted(seen), ref.floored)
     else:
         assert min(seen) < 1, sorted(seen)
+    # With the trust condition some windows of descent fell short of it and left c as it was
+    # (a product that ignored the condition would have raised c there and left the reference).
+    assert (ref.untrusted >= 1) == (trust > 0), ref.untrusted
     assert ref.drops >= 1 and ref.readmissions >= 1, (ref.drops, ref.readmissions)
 
 
@@ -101,7 +108,7 @@ def _saved(model, opt) -> dict:
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("adapt_rate", [True, molf.RateRule(floor=0.0)])
+@pytest.mark.parametrize("adapt_rate", [True, molf.RateRule(floor=0.0, trust=0.0)])
 def test_checkpoint_resume_is_bitwise_with_scaled_rates(adapt_rate):
     fft, ranks, total, stop = True, (3,), 20, 11
     model, opt = make_ckpt_run(fft, ranks, adapt_rate=adapt_rate)
@@ -130,6 +137,7 @@ def test_checkpoint_resume_is_bitwise_with_scaled_rates(adapt_rate):
     [
         (molf.RateRule(cap=3.0), r"heldout_rate_cap 2\.0 / 3\.0", "heldout_rate_cap", 2.0),
         (molf.RateRule(floor=0.0), r"heldout_rate_floor 1\.0 / 0\.0", "heldout_rate_floor", 1.0),
+        (molf.RateRule(trust=0.5), r"heldout_rate_trust 0\.8 / 0\.5", "heldout_rate_trust", 0.8),
     ],
 )
 def test_a_changed_rate_setting_is_named_on_load(live, match, name, saved):
@@ -142,21 +150,23 @@ def test_a_changed_rate_setting_is_named_on_load(live, match, name, saved):
 
 
 def as_version_2(blob: bytes, entries: int) -> bytes:
-    """A version-3 ledger as the version before the floor wrote it: the same bytes without
-    rate_floor (8 bytes before the `entries` multipliers), under a version-2 header."""
+    """A version-3 ledger as the version before the floor and the trust condition wrote it:
+    the same bytes without rate_floor and rate_trust (16 bytes before the `entries`
+    multipliers), under a version-2 header."""
     payload = blob[15:-8]
-    at = len(payload) - 8 * entries - 8
-    payload = payload[:at] + payload[at + 8 :]
+    at = len(payload) - 8 * entries - 16
+    payload = payload[:at] + payload[at + 16 :]
     body = blob[:4] + struct.pack("<BHQ", 2, 2, len(payload)) + payload
     return body + struct.pack("<Q", fnv1a64(body))
 
 
-@pytest.mark.parametrize("live", [molf.RateRule(floor=0.0), molf.RateRule()])
+@pytest.mark.parametrize("live", [molf.RateRule(floor=0.0, trust=0.0), molf.RateRule()])
 def test_a_checkpoint_from_before_the_floor_resumes_as_it_ran(live):
-    # Saved by the previous version (a version-2 ledger: the rule without a floor, c below 1
-    # here): it resumes without one, bitwise as the run would have gone on, under the
-    # rule given now too (that one's floor is named, the checkpoint's is used).
-    fft, ranks, total, stop, rule = True, (3,), 20, 11, molf.RateRule(floor=0.0)
+    # Saved by a version before the floor and the trust condition (a version-2 ledger: the
+    # rule without either, c below 1 here): it resumes without them, bitwise as the run would
+    # have gone on, under the rule given now too (that one's floor and trust are named, the
+    # checkpoint's are used).
+    fft, ranks, total, stop, rule = True, (3,), 20, 11, molf.RateRule(floor=0.0, trust=0.0)
     model, opt = make_ckpt_run(fft, ranks, adapt_rate=rule)
     train(model, opt, range(1, total + 1))
     model_a, opt_a = make_ckpt_run(fft, ranks, adapt_rate=rule)
@@ -172,9 +182,11 @@ def test_a_checkpoint_from_before_the_floor_resumes_as_it_ran(live):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt_b.load_state_dict(ckpt["opt"])
-    named = [str(w.message) for w in caught if "heldout_rate_floor 0.0 / 1.0" in str(w.message)]
-    assert len(named) == (live.floor != 0), [str(w.message) for w in caught]
-    assert opt_b.ledger.heldout_rate_floor == 0.0 and np.array_equal(opt_b.ledger.heldout_rate(), rate)
+    for name, saved in (("floor", 0.0), ("trust", 0.0)):
+        named = [str(w.message) for w in caught if f"heldout_rate_{name} 0.0 / {getattr(live, name)}" in str(w.message)]
+        assert len(named) == (getattr(live, name) != saved), [str(w.message) for w in caught]
+    assert (opt_b.ledger.heldout_rate_floor, opt_b.ledger.heldout_rate_trust) == (0.0, 0.0)
+    assert np.array_equal(opt_b.ledger.heldout_rate(), rate)
     train(model_b, opt_b, range(stop + 1, total + 1))
     assert_bitwise_equal(model, model_b)
     assert opt.ledger.to_bytes() == opt_b.ledger.to_bytes()
@@ -194,6 +206,8 @@ def _opt(fft, ranks, **kw):
         (False, (2, 4), True, molf.RateRule()),
         (False, (2, 4), molf.RateRule(up=1.5, down=0.25, cap=4.0), molf.RateRule(up=1.5, down=0.25, cap=4.0)),
         (True, (3,), molf.RateRule(floor=0.25), molf.RateRule(floor=0.25)),
+        (False, (2, 4), molf.RateRule(trust=0.0), molf.RateRule(trust=0.0)),
+        (True, (3,), molf.RateRule(trust=1.5), molf.RateRule(trust=1.5)),
     ],
 )
 def test_defaults_and_settings(fft, ranks, adapt_rate, want):
@@ -201,12 +215,17 @@ def test_defaults_and_settings(fft, ranks, adapt_rate, want):
     assert molf.Heldout(lambda: None).adapt_rate is False
     assert ledger.heldout_adapt_rate == (want is not None)
     got = molf.RateRule(
-        ledger.heldout_rate_up, ledger.heldout_rate_down, ledger.heldout_rate_cap, ledger.heldout_rate_floor
+        ledger.heldout_rate_up,
+        ledger.heldout_rate_down,
+        ledger.heldout_rate_cap,
+        ledger.heldout_rate_floor,
+        ledger.heldout_rate_trust,
     )
     assert got == (want or molf.RateRule())
     assert (ledger.heldout_rate() == 1).all()
-    # The default rule: ×1.1 up to 2×, ×0.5 down to the set rate (c never below 1).
-    assert molf.RateRule() == molf.RateRule(up=1.1, down=0.5, cap=2.0, floor=1.0)
+    # The default rule: ×1.1 up to 2× where the descent reached 0.8 × the potential, ×0.5
+    # down to the set rate (c never below 1).
+    assert molf.RateRule() == molf.RateRule(up=1.1, down=0.5, cap=2.0, floor=1.0, trust=0.8)
     assert molf.Heldout(lambda: None, adapt_rate=True).rate_rule() == molf.RateRule()
     # Other policies keep it off.
     assert not molf.MoLFAdamW(make_ckpt_run(fft, ranks, heldout=False)[0]).ledger.heldout_adapt_rate
@@ -225,11 +244,42 @@ def test_defaults_and_settings(fft, ranks, adapt_rate, want):
         (dict(floor=1.5), "heldout_rate_floor"),
         (dict(floor=float("nan")), "heldout_rate_floor"),
         (dict(floor=float("inf")), "heldout_rate_floor"),
+        (dict(trust=-0.1), "heldout_rate_trust"),
+        (dict(trust=float("nan")), "heldout_rate_trust"),
+        (dict(trust=float("inf")), "heldout_rate_trust"),
     ],
 )
 def test_rate_rule_is_validated(kwargs, match):
     with pytest.raises(molf.ConfigError, match=match):
         molf.RateRule(**kwargs)
+    settings = molf.RateRule().ledger_settings(adapt=True) | {f"heldout_rate_{k}": v for k, v in kwargs.items()}
+    with pytest.raises(molf.ConfigError, match=match):
+        molf.Ledger(1, 2, **settings)
+
+
+def test_a_descent_short_of_the_trust_condition_keeps_the_rate():
+    # Up 1.5, cap 3, trust 0.8 (the Ledger's own rule, through the binding): per expert the
+    # window's realized descent x and its potential p (the first-order descent of one step at
+    # its current rate). c goes up only where x >= 0.8·p with p finite and > 0.
+    x = np.array([[0.8, 0.79, 0.5, 0.5, 0.5, -0.5]])
+    p = np.array([[1.0, 1.0, 0.0, np.nan, np.inf, 1.0]])
+    moved = np.ones(x.shape, dtype=bool)
+    rule = dict(heldout_adapt_rate=True, heldout_rate_up=1.5, heldout_rate_cap=3.0, heldout_rate_floor=0.0)
+    ledger = molf.Ledger(1, 6, **rule)
+    assert ledger.heldout_rate_trust == 0.8  # the default
+    ledger.record_heldout(x, moved)
+    ledger.adapt_heldout_rate(x, p)
+    assert ledger.heldout_rate().tolist() == [[1.5, 1.0, 1.0, 1.0, 1.0, 0.5]]
+    # Without the condition (trust 0) every descent raises c, whatever the potential.
+    free = molf.Ledger(1, 6, heldout_rate_trust=0.0, **rule)
+    free.record_heldout(x, moved)
+    free.adapt_heldout_rate(x, p)
+    assert free.heldout_rate().tolist() == [[1.5, 1.5, 1.5, 1.5, 1.5, 0.5]]
+    # The potential is checked as the descent is; a bad one changes nothing.
+    for bad in (p[:, :5], p.astype(np.float32), p.tolist()):
+        with pytest.raises(molf.ScoreError, match="potential"):
+            ledger.adapt_heldout_rate(x, bad)
+    assert ledger.heldout_rate().tolist() == [[1.5, 1.0, 1.0, 1.0, 1.0, 0.5]]
 
 
 @pytest.mark.parametrize("bad", [1.2, "on", (1.2, 0.5, 3.0), None])
@@ -255,10 +305,16 @@ def test_a_version_1_ledger_loads_with_the_adaptation_off():
     assert (ledger.step, ledger.heldout_windows) == (2, 2)
     assert ledger.heldout_ema().tolist() == [[0.75, -0.25]]
     assert not ledger.heldout_adapt_rate and ledger.heldout_rate().tolist() == [[1.0, 1.0]]
-    settings = (ledger.heldout_rate_up, ledger.heldout_rate_down, ledger.heldout_rate_cap, ledger.heldout_rate_floor)
-    assert settings == (1.1, 0.5, 2.0, 1.0)  # the defaults (the floor has no effect while off)
+    settings = (
+        ledger.heldout_rate_up,
+        ledger.heldout_rate_down,
+        ledger.heldout_rate_cap,
+        ledger.heldout_rate_floor,
+        ledger.heldout_rate_trust,
+    )
+    assert settings == (1.1, 0.5, 2.0, 1.0, 0.8)  # the defaults (floor and trust have no effect while off)
     # Adapting changes nothing; written again it is version 3 and reads back the same.
-    ledger.adapt_heldout_rate(np.array([[1.0, -1.0]]))
+    ledger.adapt_heldout_rate(np.array([[1.0, -1.0]]), np.array([[1.0, 1.0]]))
     assert ledger.heldout_rate().tolist() == [[1.0, 1.0]]
     again = ledger.to_bytes()
     assert again[5:7] == b"\x03\x00" and molf.Ledger.from_bytes(again) == ledger
@@ -280,15 +336,21 @@ LEDGER_V2 = bytes.fromhex(
 )
 
 
-def test_a_version_2_ledger_loads_without_a_floor():
+def test_a_version_2_ledger_loads_without_a_floor_or_trust():
     ledger = molf.Ledger.from_bytes(LEDGER_V2)
     assert ledger.heldout_adapt_rate and ledger.heldout_rate().tolist() == [[1.5625, 0.25, 1.25]]
-    settings = (ledger.heldout_rate_up, ledger.heldout_rate_down, ledger.heldout_rate_cap, ledger.heldout_rate_floor)
-    assert settings == (1.25, 0.5, 2.0, 0.0)  # the rule it ran under
-    # It goes on as it ran: halved below 1, no floor.
-    descent = np.array([[-1.0, -1.0, 1.0]])
+    settings = (
+        ledger.heldout_rate_up,
+        ledger.heldout_rate_down,
+        ledger.heldout_rate_cap,
+        ledger.heldout_rate_floor,
+        ledger.heldout_rate_trust,
+    )
+    assert settings == (1.25, 0.5, 2.0, 0.0, 0.0)  # the rule it ran under
+    # It goes on as it ran: halved below 1, no floor; up on any descent, whatever the potential.
+    descent = np.array([[-1.0, -1.0, 1e-9]])
     ledger.record_heldout(descent, np.ones((1, 3), dtype=bool))
-    ledger.adapt_heldout_rate(descent)
+    ledger.adapt_heldout_rate(descent, np.array([[1.0, 1.0, np.nan]]))
     assert ledger.heldout_rate().tolist() == [[0.78125, 0.125, 1.5625]]
     again = ledger.to_bytes()
     assert again[5:7] == b"\x03\x00" and molf.Ledger.from_bytes(again) == ledger

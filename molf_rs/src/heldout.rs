@@ -40,6 +40,12 @@ pub const DEFAULT_RATE_CAP: f64 = 2.0;
 /// long run a dense expert's rate decays where it should not: docs/algorithm.md).
 pub const DEFAULT_RATE_FLOOR: f64 = 1.0;
 
+/// Default trust condition of a raise: the window's realized held-out descent must be at
+/// least 0.8 of what a first-order model of a step at the expert's rate predicted (its
+/// potential). Where the loss is far from linear along the update, a larger step buys less
+/// than it predicts; raising the rate there cost the LM tuning regimes (docs/algorithm.md).
+pub const DEFAULT_RATE_TRUST: f64 = 0.8;
+
 /// The settings of the rate adaptation (see [`Heldout::adapt_rate`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RateRule {
@@ -53,6 +59,9 @@ pub struct RateRule {
     pub cap: f64,
     /// Floor of a multiplier after a window of held-out ascent, in [0, 1] (0: no floor).
     pub floor: f64,
+    /// Trust condition of a raise, finite and >= 0: up only where the window's realized
+    /// descent is at least `trust` × the expert's potential (0: no condition).
+    pub trust: f64,
 }
 
 impl Default for RateRule {
@@ -63,6 +72,7 @@ impl Default for RateRule {
             down: DEFAULT_RATE_DOWN,
             cap: DEFAULT_RATE_CAP,
             floor: DEFAULT_RATE_FLOOR,
+            trust: DEFAULT_RATE_TRUST,
         }
     }
 }
@@ -75,11 +85,13 @@ impl PartialEq for RateRule {
             && self.down.to_bits() == other.down.to_bits()
             && self.cap.to_bits() == other.cap.to_bits()
             && self.floor.to_bits() == other.floor.to_bits()
+            && self.trust.to_bits() == other.trust.to_bits()
     }
 }
 
 impl RateRule {
-    /// Checks the factors, the ceiling and the floor (written so that NaN fails too).
+    /// Checks the factors, the ceiling, the floor and the trust condition (written so that
+    /// NaN fails too).
     pub(crate) fn check(&self) -> Result<()> {
         let bad = |name: &str, want: &str, v: f64| {
             Err(Error::Config(format!("{name} must be {want}, got {v}")))
@@ -96,20 +108,32 @@ impl RateRule {
         if !(0.0..=1.0).contains(&self.floor) {
             return bad("heldout_rate_floor", "in [0, 1]", self.floor);
         }
+        if !(self.trust >= 0.0 && self.trust.is_finite()) {
+            return bad("heldout_rate_trust", "finite and >= 0", self.trust);
+        }
         Ok(())
     }
 
-    /// One multiplier after a window of realized held-out descent `x` per step: up (to the
-    /// ceiling) where `x` > 0, down (to the floor) where `x` < 0, as it was where `x` is 0
-    /// or NaN.
-    pub fn next(&self, c: f64, x: f64) -> f64 {
-        if x > 0.0 {
+    /// One multiplier after a window of realized held-out descent `x` per step, with `p` the
+    /// expert's potential (the first-order descent one step at its current rate predicts):
+    /// up (to the ceiling) where `x` > 0 and [`RateRule::trusts`] the window, down (to the
+    /// floor) where `x` < 0, as it was otherwise (`x` 0 or NaN, or a descent not trusted).
+    pub fn next(&self, c: f64, x: f64, p: f64) -> f64 {
+        if x > 0.0 && self.trusts(x, p) {
             (c * self.up).min(self.cap)
         } else if x < 0.0 {
             (c * self.down).max(self.floor)
         } else {
             c
         }
+    }
+
+    /// Whether a window's descent `x` may raise a rate: with `trust` 0 always (`p` ignored,
+    /// even NaN); else where the potential `p` is positive and finite and `x` >= trust·`p`,
+    /// i.e. the loss is near linear along the update, so a larger step buys about what the
+    /// first-order model predicts.
+    pub fn trusts(&self, x: f64, p: f64) -> bool {
+        self.trust == 0.0 || (p > 0.0 && p.is_finite() && x >= self.trust * p)
     }
 
     /// Whether `rate` are multipliers this rule can have reached after `windows` held-out
@@ -437,17 +461,21 @@ impl Heldout {
         Ok(())
     }
 
-    /// The rate adaptation after one held-out window (the ledger checked the shape): with
+    /// The rate adaptation after one held-out window (the ledger checked the shapes): with
     /// `adapt` on, each expert's multiplier c becomes min(c·up, cap) where `descent` (its
     /// realized held-out loss decrease per step in the window, as given to `record`, before
-    /// the EMA) is > 0, max(c·down, floor) where it is < 0, and stays where it is 0 or NaN
-    /// (an expert that did not move measures 0). The optimizer scales the expert's learning
-    /// rate by c: a "bold driver" per expert on the held-out loss, so one fixed rate per
-    /// model can be too low for one expert and too high for another; with the floor at 1
-    /// (the default) c never goes below the set rate, `down` only undoes earlier ups (why:
+    /// the EMA) is > 0 and at least `trust` × its `potential` (the first-order decrease one
+    /// step at rate c predicts, measured at the window's end), max(c·down, floor) where it is
+    /// < 0, and stays otherwise: where it is 0 or NaN (an expert that did not move measures
+    /// 0) or fell short of the trust condition ([`RateRule::next`]). The optimizer scales
+    /// the expert's learning rate by c: a "bold driver" per expert on the held-out loss, so
+    /// one fixed rate per model can be too low for one expert and too high for another; with
+    /// the floor at 1 (the default) c never goes below the set rate, `down` only undoes
+    /// earlier ups; with the trust condition a rate goes up only where the loss is near
+    /// linear along the update, where a larger step buys about what it predicts (why:
     /// docs/algorithm.md).
     /// A `State` error before the first recorded window (there is no window to adapt to).
-    pub(crate) fn adapt_rate(&mut self, descent: &[f64]) -> Result<()> {
+    pub(crate) fn adapt_rate(&mut self, descent: &[f64], potential: &[f64]) -> Result<()> {
         if self.windows == 0 {
             return Err(Error::State(
                 "no held-out window recorded yet: record one before adapting the rates".into(),
@@ -455,8 +483,8 @@ impl Heldout {
         }
         if self.rate_rule.adapt {
             let rule = self.rate_rule;
-            for (c, &x) in self.rate.iter_mut().zip(descent) {
-                *c = rule.next(*c, x);
+            for (c, (&x, &p)) in self.rate.iter_mut().zip(descent.iter().zip(potential)) {
+                *c = rule.next(*c, x, p);
             }
         }
         Ok(())

@@ -250,18 +250,21 @@ impl Ledger {
 
     /// Adapts each expert's learning-rate multiplier to the held-out window just recorded
     /// (see [`Heldout::adapt_rate`]): `descent` is row-major `[modules × experts]`, the
-    /// realized descent per step that `record_heldout` took.
-    pub fn adapt_heldout_rate(&mut self, descent: &[f64]) -> Result<()> {
+    /// realized descent per step that `record_heldout` took, `potential` the same shape,
+    /// each expert's first-order descent of one step at its current rate.
+    pub fn adapt_heldout_rate(&mut self, descent: &[f64], potential: &[f64]) -> Result<()> {
         let n = self.last_scores.len();
-        if descent.len() != n {
-            return Err(Error::Score(format!(
-                "descent must have {} x {} = {n} entries, got {}",
-                self.num_modules,
-                self.num_experts,
-                descent.len()
-            )));
+        for (name, v) in [("descent", descent), ("potential", potential)] {
+            if v.len() != n {
+                return Err(Error::Score(format!(
+                    "{name} must have {} x {} = {n} entries, got {}",
+                    self.num_modules,
+                    self.num_experts,
+                    v.len()
+                )));
+            }
         }
-        self.heldout.adapt_rate(descent)
+        self.heldout.adapt_rate(descent, potential)
     }
 
     /// Records one step's scores and winner mask (both row-major `[modules × experts]`).
@@ -440,10 +443,11 @@ mod tests {
     use super::*;
     use crate::heldout::{
         DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN, DEFAULT_HELDOUT_SHRINK,
-        DEFAULT_RATE_CAP, DEFAULT_RATE_DOWN, DEFAULT_RATE_FLOOR, DEFAULT_RATE_UP,
+        DEFAULT_RATE_CAP, DEFAULT_RATE_DOWN, DEFAULT_RATE_FLOOR, DEFAULT_RATE_TRUST,
+        DEFAULT_RATE_UP,
     };
 
-    /// The rule on, without a floor.
+    /// The rule on, without a floor or a trust condition.
     fn bold(up: f64, down: f64, cap: f64) -> RateRule {
         RateRule {
             adapt: true,
@@ -451,6 +455,7 @@ mod tests {
             down,
             cap,
             floor: 0.0,
+            trust: 0.0,
         }
     }
 
@@ -460,18 +465,24 @@ mod tests {
         let rule = l.heldout().rate_rule();
         assert!(!rule.adapt);
         assert_eq!(
-            (rule.up, rule.down, rule.cap, rule.floor),
-            (DEFAULT_RATE_UP, DEFAULT_RATE_DOWN, DEFAULT_RATE_CAP, 1.0)
+            (rule.up, rule.down, rule.cap, rule.floor, rule.trust),
+            (
+                DEFAULT_RATE_UP,
+                DEFAULT_RATE_DOWN,
+                DEFAULT_RATE_CAP,
+                1.0,
+                0.8
+            )
         );
-        assert_eq!(DEFAULT_RATE_FLOOR, 1.0);
+        assert_eq!((DEFAULT_RATE_FLOOR, DEFAULT_RATE_TRUST), (1.0, 0.8));
         assert_eq!(l.heldout().rate(), [1.0; 3]);
         // Before a window there is nothing to adapt to.
         assert!(matches!(
-            l.adapt_heldout_rate(&[1.0, -1.0, 0.0]),
+            l.adapt_heldout_rate(&[1.0, -1.0, 0.0], &[1.0; 3]),
             Err(Error::State(m)) if m.contains("no held-out window")
         ));
         l.record_heldout(&[1.0, -1.0, 0.0], &[true; 3]).unwrap();
-        l.adapt_heldout_rate(&[1.0, -1.0, 0.0]).unwrap();
+        l.adapt_heldout_rate(&[1.0, -1.0, 0.0], &[1.0; 3]).unwrap();
         assert_eq!(
             l.heldout().rate(),
             [1.0; 3],
@@ -496,13 +507,19 @@ mod tests {
         ];
         for (descent, want) in windows {
             l.record_heldout(&descent, &[true; 4]).unwrap();
-            l.adapt_heldout_rate(&descent).unwrap();
+            // Without a trust condition the potential is ignored, even NaN.
+            l.adapt_heldout_rate(&descent, &[f64::NAN; 4]).unwrap();
             assert_eq!(l.heldout().rate(), want);
         }
         assert!(matches!(
-            l.adapt_heldout_rate(&[1.0]),
+            l.adapt_heldout_rate(&[1.0], &[1.0; 4]),
             Err(Error::Score(m)) if m.contains("descent")
         ));
+        assert!(matches!(
+            l.adapt_heldout_rate(&[1.0; 4], &[1.0; 5]),
+            Err(Error::Score(m)) if m.contains("potential must have 1 x 4 = 4 entries, got 5")
+        ));
+        assert_eq!(l.heldout().rate(), [2.0, 0.375, 0.75, 1.125]);
         assert_eq!(Ledger::from_parts(l.parts()).unwrap(), l);
     }
 
@@ -534,11 +551,63 @@ mod tests {
                 .unwrap();
             for (x, c) in descents.iter().zip(want) {
                 l.record_heldout(&[*x], &[true]).unwrap();
-                l.adapt_heldout_rate(&[*x]).unwrap();
+                l.adapt_heldout_rate(&[*x], &[0.0]).unwrap();
                 assert_eq!(l.heldout().rate(), [c], "floor {floor}, after {x}");
             }
             assert_eq!(Ledger::from_parts(l.parts()).unwrap(), l);
         }
+    }
+
+    #[test]
+    fn rate_goes_up_only_where_the_step_is_trusted() {
+        // Up 1.5, down 0.5, cap 2, floor 1, trust 0.8: a window of descent x raises c only
+        // where x >= 0.8·p (p, the potential, > 0 and finite); ascent still lowers it.
+        let rule = RateRule {
+            floor: 1.0,
+            trust: 0.8,
+            ..bold(1.5, 0.5, 2.0)
+        };
+        let windows: [([f64; 6], [f64; 6], [f64; 6]); 3] = [
+            (
+                [0.8, 0.79, 1.0, 1.0, 1.0, 1.0],
+                [1.0, 1.0, 0.0, -1.0, f64::NAN, f64::INFINITY],
+                [1.5, 1.0, 1.0, 1.0, 1.0, 1.0],
+            ),
+            (
+                [2.0, 0.5, 1e-9, -1.0, 0.0, f64::NAN],
+                [2.5, 0.5, 1e-9, -5.0, 1.0, 1.0],
+                [2.0, 1.5, 1.5, 1.0, 1.0, 1.0],
+            ),
+            (
+                [-1.0, 0.35, 1.0, 1.0, 1.0, 1.0],
+                [1.0, 0.4, f64::NEG_INFINITY, 1.25, 1.26, f64::MIN_POSITIVE],
+                [1.0, 2.0, 1.5, 1.5, 1.0, 1.5],
+            ),
+        ];
+        let mut l = Ledger::new(1, 6, 0.9)
+            .unwrap()
+            .with_heldout_rate(rule)
+            .unwrap();
+        for (descent, potential, want) in windows {
+            l.record_heldout(&descent, &[true; 6]).unwrap();
+            l.adapt_heldout_rate(&descent, &potential).unwrap();
+            assert_eq!(l.heldout().rate(), want, "{descent:?} / {potential:?}");
+        }
+        assert_eq!(Ledger::from_parts(l.parts()).unwrap(), l);
+        // The rule itself: trust 0 ignores the potential (NaN, infinite, negative, 0).
+        let free = RateRule { trust: 0.0, ..rule };
+        for p in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1.0, 0.0, 1e300] {
+            assert_eq!(free.next(1.0, 1e-12, p), 1.5, "{p}");
+            assert_eq!(free.next(1.5, -1.0, p), 1.0, "{p}");
+            assert_eq!(free.next(1.5, 0.0, p), 1.5, "{p}");
+            assert!(free.next(1.5, f64::NAN, p) == 1.5);
+            // Under trust 0.8 none of them raises c: only a finite positive p that x reaches.
+            assert_eq!(rule.next(1.0, 1.0, p), 1.0, "{p}");
+        }
+        assert_eq!(rule.next(1.0, 1.0, 1.25), 1.5); // 1 >= 0.8·1.25
+        assert_eq!(rule.next(1.0, f64::INFINITY, 1.0), 1.5);
+        assert_eq!(rule.next(1.0, f64::INFINITY, f64::INFINITY), 1.0);
+        assert_eq!(rule.next(1.5, -1e-300, f64::NAN), 1.0);
     }
 
     #[test]
@@ -581,6 +650,27 @@ mod tests {
                 },
                 "heldout_rate_floor",
             ),
+            (
+                RateRule {
+                    trust: -0.1,
+                    ..bold(1.2, 0.5, 3.0)
+                },
+                "heldout_rate_trust",
+            ),
+            (
+                RateRule {
+                    trust: f64::NAN,
+                    ..bold(1.2, 0.5, 3.0)
+                },
+                "heldout_rate_trust",
+            ),
+            (
+                RateRule {
+                    trust: f64::INFINITY,
+                    ..bold(1.2, 0.5, 3.0)
+                },
+                "heldout_rate_trust",
+            ),
         ] {
             let err = with(rule).unwrap_err();
             assert!(
@@ -588,8 +678,16 @@ mod tests {
                 "{rule:?}: {err:?}"
             );
         }
-        // The edges: no change at all (1, 1, 1) is a valid rule, so are floors 0 and 1.
+        // The edges: no change at all (1, 1, 1) is a valid rule, so are floors 0 and 1,
+        // trust 0 and any finite trust above it (above 1 asks for more than first order).
         assert!(with(bold(1.0, 1.0, 1.0)).is_ok());
+        for trust in [0.0, 1.0, 2.5] {
+            assert!(with(RateRule {
+                trust,
+                ..bold(1.2, 0.5, 3.0)
+            })
+            .is_ok());
+        }
         assert!(with(RateRule {
             floor: 1.0,
             ..bold(1.0, 1.0, 1.0)
@@ -627,7 +725,7 @@ mod tests {
             matches!(with(&l, vec![1.2, 1.0], true), Err(Error::State(m)) if m.contains("rate"))
         );
         l.record_heldout(&[1.0, -1.0], &[true, true]).unwrap();
-        l.adapt_heldout_rate(&[1.0, -1.0]).unwrap();
+        l.adapt_heldout_rate(&[1.0, -1.0], &[1.0, 1.0]).unwrap();
         assert_eq!(l.heldout().rate(), [1.2, 0.5]);
         // Anything in [floor, cap] after a window (floor 0 here); nothing else; off means 1
         // everywhere.

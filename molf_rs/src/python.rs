@@ -28,7 +28,7 @@ use crate::error::{at_least, Error};
 use crate::heldout::{
     RateRule, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN,
     DEFAULT_HELDOUT_SHRINK, DEFAULT_RATE_ADAPT, DEFAULT_RATE_CAP, DEFAULT_RATE_DOWN,
-    DEFAULT_RATE_FLOOR, DEFAULT_RATE_UP, DEFAULT_SHRINK_SPECTRAL,
+    DEFAULT_RATE_FLOOR, DEFAULT_RATE_TRUST, DEFAULT_RATE_UP, DEFAULT_SHRINK_SPECTRAL,
 };
 use crate::ledger::Ledger;
 use crate::phase::PHASES;
@@ -608,6 +608,7 @@ impl PyLedger {
         heldout_rate_down = DEFAULT_RATE_DOWN,
         heldout_rate_cap = DEFAULT_RATE_CAP,
         heldout_rate_floor = DEFAULT_RATE_FLOOR,
+        heldout_rate_trust = DEFAULT_RATE_TRUST,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -624,6 +625,7 @@ impl PyLedger {
         heldout_rate_down: f64,
         heldout_rate_cap: f64,
         heldout_rate_floor: f64,
+        heldout_rate_trust: f64,
     ) -> PyResult<Self> {
         guarded(|| {
             Ok(PyLedger::wrap(
@@ -643,6 +645,7 @@ impl PyLedger {
                     down: heldout_rate_down,
                     cap: heldout_rate_cap,
                     floor: heldout_rate_floor,
+                    trust: heldout_rate_trust,
                 })?,
             ))
         })
@@ -662,10 +665,18 @@ impl PyLedger {
 
     /// Adapts the rate multipliers to the window just recorded (see the Rust
     /// `Ledger::adapt_heldout_rate`).
-    fn adapt_heldout_rate(&self, descent: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn adapt_heldout_rate(
+        &self,
+        descent: &Bound<'_, PyAny>,
+        potential: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         guarded(|| {
-            let descent = read_exact::<f64>(descent, "descent", self.shape(), "float64")?;
-            Ok(self.ledger().adapt_heldout_rate(descent.slice())?)
+            let shape = self.shape();
+            let descent = read_exact::<f64>(descent, "descent", shape, "float64")?;
+            let potential = read_exact::<f64>(potential, "potential", shape, "float64")?;
+            Ok(self
+                .ledger()
+                .adapt_heldout_rate(descent.slice(), potential.slice())?)
         })
     }
     fn heldout_rate<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
@@ -691,6 +702,10 @@ impl PyLedger {
     #[getter]
     fn heldout_rate_floor(&self) -> f64 {
         self.ledger().heldout().rate_rule().floor
+    }
+    #[getter]
+    fn heldout_rate_trust(&self) -> f64 {
+        self.ledger().heldout().rate_rule().trust
     }
     #[getter]
     fn heldout_decay(&self) -> f64 {

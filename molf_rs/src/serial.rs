@@ -23,16 +23,16 @@
 //! expert: held-out shrink trials and those kept), shrink_spectral u8 (0/1: how a shrink
 //! trial shrinks a LoRA product), heldout_min_span u64 (the span a record needs before it
 //! can drop its expert); from ledger version 2, the rate adaptation: rate_adapt u8 (0/1),
-//! rate_up f64, rate_down f64, rate_cap f64, from version 3 rate_floor f64, then
-//! heldout_rate f64×(M·E) (row-major: each expert's learning-rate multiplier).
+//! rate_up f64, rate_down f64, rate_cap f64, from version 3 rate_floor f64 and rate_trust
+//! f64, then heldout_rate f64×(M·E) (row-major: each expert's learning-rate multiplier).
 //!
 //! Versions: a router is version 1; a ledger is written as version 3 and read as 1, 2 or 3.
 //! Each older ledger resumes as it ran: version 1, from before the rate adaptation, decodes
 //! with it off and every multiplier 1, the other rate settings at their defaults; version
-//! 2, from before the floor, with floor 0 where the adaptation is on (the rule it ran
-//! under) and the default floor where it is off (where the floor has no effect, and the
-//! default is what a ledger built today with it off has, so a resumed run does not report
-//! a changed setting).
+//! 2, from before the floor and the trust condition, with floor 0 and trust 0 where the
+//! adaptation is on (the rule it ran under) and the default floor and trust where it is off
+//! (where they have no effect, and the defaults are what a ledger built today with it off
+//! has, so a resumed run does not report a changed setting).
 //!
 //! Floats are stored as their IEEE bit patterns, so NaN payloads and signed zeros survive.
 //! Decoding is strict: one encoding per state (flags and bools must be exactly 0 or 1, a
@@ -40,14 +40,15 @@
 //! must satisfy every invariant the live object keeps.
 
 use crate::error::{Error, Result};
-use crate::heldout::{HeldoutParts, RateRule, DEFAULT_RATE_FLOOR};
+use crate::heldout::{HeldoutParts, RateRule, DEFAULT_RATE_FLOOR, DEFAULT_RATE_TRUST};
 use crate::ledger::{Ledger, LedgerParts};
 use crate::router::{Policy, Router, RouterConfig};
 
 pub const MAGIC: &[u8; 4] = b"MOLF";
 /// The version a router is written as and read in.
 pub const ROUTER_VERSION: u16 = 1;
-/// The version a ledger is written as (2: the rate adaptation; 3: its floor).
+/// The version a ledger is written as (2: the rate adaptation; 3: its floor and trust
+/// condition).
 pub const LEDGER_VERSION: u16 = 3;
 /// The versions a ledger is read in.
 pub const LEDGER_VERSIONS: [u16; 3] = [1, 2, 3];
@@ -410,6 +411,7 @@ impl Ledger {
         w.f64(rule.down);
         w.f64(rule.cap);
         w.f64(rule.floor);
+        w.f64(rule.trust);
         h.rate().iter().for_each(|&x| w.f64(x));
         w.finish()
     }
@@ -429,11 +431,11 @@ impl Ledger {
         // of 1-byte cells; per module: 3 of 8 bytes; per expert: the 2 shrink counters;
         // held-out scalars: decay, windows, horizon, shrink, min span (8 bytes each) and the
         // spectral flag; from version 2 per entry a rate multiplier, and the rate flag and
-        // its up, down and cap; from version 3 its floor.
+        // its up, down and cap; from version 3 its floor and trust.
         let sizes = match version {
             1 => [41, 24, 16, 41],
             2 => [49, 24, 16, 66],
-            _ => [49, 24, 16, 74],
+            _ => [49, 24, 16, 82],
         };
         let (m, entries) = r.shape(num_modules, num_experts, sizes)?;
         let floats = |v: Vec<u64>| v.into_iter().map(f64::from_bits).collect();
@@ -454,17 +456,19 @@ impl Ledger {
         let shrink_spectral = r.flag("shrink_spectral")?;
         let min_span = r.u64()?;
         let (rate_rule, rate) = if version == 1 {
-            // Off, so its floor (the default) has no effect.
+            // Off, so its settings (the defaults, a floor and trust condition included) have
+            // no effect; they are what a ledger built with it off has, and they validate.
             (RateRule::default(), vec![1.0; entries])
         } else {
             let adapt = r.flag("rate_adapt")?;
             let (up, down, cap) = (r.f64()?, r.f64()?, r.f64()?);
-            let floor = match version {
-                // Before the floor: none where the rule ran; where it was off the floor has
-                // no effect, and the default is what a ledger built with it off has.
-                2 if adapt => 0.0,
-                2 => DEFAULT_RATE_FLOOR,
-                _ => r.f64()?,
+            let (floor, trust) = match version {
+                // Before the floor and the trust condition: neither where the rule ran;
+                // where it was off they have no effect, and the defaults are what a ledger
+                // built with it off has.
+                2 if adapt => (0.0, 0.0),
+                2 => (DEFAULT_RATE_FLOOR, DEFAULT_RATE_TRUST),
+                _ => (r.f64()?, r.f64()?),
             };
             let rule = RateRule {
                 adapt,
@@ -472,6 +476,7 @@ impl Ledger {
                 down,
                 cap,
                 floor,
+                trust,
             };
             (rule, floats(r.u64s(entries)?))
         };
@@ -599,10 +604,10 @@ mod tests {
     }
 
     /// The bytes of a ledger payload's rate adaptation, its tail (version 3): rate_adapt
-    /// (1 byte), rate_up, rate_down, rate_cap, rate_floor (8 bytes each), heldout_rate
-    /// f64×(M·E).
+    /// (1 byte), rate_up, rate_down, rate_cap, rate_floor, rate_trust (8 bytes each),
+    /// heldout_rate f64×(M·E).
     fn rate_tail(l: &Ledger) -> usize {
-        1 + 32 + 8 * l.num_modules() * l.num_experts()
+        1 + 40 + 8 * l.num_modules() * l.num_experts()
     }
 
     /// A ledger's payload, and where its shrink books end: before shrink_spectral (1 byte),
@@ -1003,37 +1008,43 @@ mod tests {
     ];
 
     #[test]
-    fn version_2_ledger_loads_without_a_floor() {
+    fn version_2_ledger_loads_without_a_floor_or_trust() {
         let old = unhex(&LEDGER_V2);
         assert_eq!(old[5..7], 2u16.to_le_bytes());
         let mut l = Ledger::from_bytes(&old).unwrap();
         assert_eq!(l.heldout().windows(), 2);
         assert_eq!(l.heldout().rate(), [1.5625, 0.25, 1.25]);
-        // The rule it ran under: no floor (a multiplier of 0.25 is below any other).
+        // The rule it ran under: no floor (a multiplier of 0.25 is below any other) and no
+        // trust condition (the second window raised c where [1, 0.5] descended).
         let rule = RateRule {
             adapt: true,
             up: 1.25,
             down: 0.5,
             cap: 2.0,
             floor: 0.0,
+            trust: 0.0,
         };
         assert_eq!(l.heldout().rate_rule(), rule);
-        // Written again, it is the current version: the old bytes with the floor after the
-        // cap, and it reads back the same.
+        // Written again, it is the current version: the old bytes with the floor and the
+        // trust after the cap, and it reads back the same.
         let new = l.to_bytes();
         assert_eq!(new[5..7], LEDGER_VERSION.to_le_bytes());
         let (old_body, new_body) = (payload(&old), payload(&new));
         let at = old_body.len() - 8 * 3; // the multipliers, after the cap
         assert_eq!(new_body[..at], old_body[..at]);
-        assert_eq!(new_body[at..at + 8], 0.0f64.to_bits().to_le_bytes());
-        assert_eq!(new_body[at + 8..], old_body[at..]);
+        assert_eq!(new_body[at..at + 16], [0u8; 16]);
+        assert_eq!(new_body[at + 16..], old_body[at..]);
         assert_eq!(Ledger::from_bytes(&new).unwrap(), l);
-        // It goes on as it ran: down below 1 (and to 0.125).
+        // It goes on as it ran: down below 1 (and to 0.125), up whatever the potential.
         l.record_heldout(&[-1.0; 3], &[true; 3]).unwrap();
-        l.adapt_heldout_rate(&[-1.0; 3]).unwrap();
+        l.adapt_heldout_rate(&[-1.0; 3], &[1.0; 3]).unwrap();
         assert_eq!(l.heldout().rate(), [0.78125, 0.125, 0.625]);
-        // With the adaptation off the floor has no effect: such a ledger decodes with the
-        // default floor, the one a ledger built with it off has.
+        l.record_heldout(&[1e-9; 3], &[true; 3]).unwrap();
+        l.adapt_heldout_rate(&[1e-9; 3], &[1.0, f64::NAN, -1.0])
+            .unwrap();
+        assert_eq!(l.heldout().rate(), [0.9765625, 0.15625, 0.78125]);
+        // With the adaptation off the floor and the trust have no effect: such a ledger
+        // decodes with the defaults, the ones a ledger built with it off has.
         let mut off = old_body.to_vec();
         off[at - 25] = 0;
         let ones: Vec<u8> = [1.0f64; 3]
@@ -1047,6 +1058,7 @@ mod tests {
             RateRule {
                 adapt: false,
                 floor: DEFAULT_RATE_FLOOR,
+                trust: DEFAULT_RATE_TRUST,
                 ..rule
             }
         );
@@ -1067,11 +1079,13 @@ mod tests {
             down: 0.5,
             cap: 2.0,
             floor: 0.75,
+            trust: 0.8,
         };
         let mut l = paused_ledger().with_heldout_rate(rule).unwrap();
         l.record_heldout(&[1.0, -1.0, 0.0], &[true, true, false])
             .unwrap();
-        l.adapt_heldout_rate(&[1.0, -1.0, 0.0]).unwrap();
+        l.adapt_heldout_rate(&[1.0, -1.0, 0.0], &[1.25, 1.0, 0.0])
+            .unwrap();
         assert_eq!(l.heldout().rate(), [1.25, 0.75, 1.0]);
         let bytes = l.to_bytes();
         let body = payload(&bytes);
@@ -1081,7 +1095,7 @@ mod tests {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        let want: Vec<u64> = [1.25, 0.5, 2.0, 0.75, 1.25, 0.75, 1.0]
+        let want: Vec<u64> = [1.25, 0.5, 2.0, 0.75, 0.8, 1.25, 0.75, 1.0]
             .iter()
             .map(|x: &f64| x.to_bits())
             .collect();
@@ -1091,14 +1105,16 @@ mod tests {
         assert_eq!(back.to_bytes(), bytes);
         // Ledgers that differ only in a multiplier or a rate setting differ.
         let mut other = l.clone();
-        other.adapt_heldout_rate(&[0.0, 0.0, 1.0]).unwrap();
+        other
+            .adapt_heldout_rate(&[0.0, 0.0, 1.0], &[0.0, 0.0, 1.0])
+            .unwrap();
         assert_ne!(other, l);
-        assert_ne!(
-            l.clone()
-                .with_heldout_rate(RateRule { cap: 3.0, ..rule })
-                .unwrap(),
-            l
-        );
+        for changed in [
+            RateRule { cap: 3.0, ..rule },
+            RateRule { trust: 0.5, ..rule },
+        ] {
+            assert_ne!(l.clone().with_heldout_rate(changed).unwrap(), l);
+        }
         // A flag byte other than 0 or 1, and a multiplier above the cap, are rejected.
         let at = body.len() - rate_tail(&l);
         let mut b = body.to_vec();
@@ -1124,14 +1140,15 @@ mod tests {
             down: 0.5,
             cap: 2.0,
             floor: 0.75,
+            trust: 0.8,
         };
         let mut l = paused_ledger().with_heldout_rate(rule).unwrap();
         l.record_heldout(&[1.0, -1.0, 0.0], &[true, true, false])
             .unwrap();
-        l.adapt_heldout_rate(&[1.0, -1.0, 0.0]).unwrap();
+        l.adapt_heldout_rate(&[1.0, -1.0, 0.0], &[1.0; 3]).unwrap();
         let bytes = l.to_bytes();
         let body = payload(&bytes);
-        let at = body.len() - 8 * 4; // the floor, before 3 multipliers
+        let at = body.len() - 8 * 5; // the floor, before the trust and 3 multipliers
         assert_eq!(body[at..at + 8], 0.75f64.to_bits().to_le_bytes());
         let with = |floor: f64| {
             let mut b = body.to_vec();
@@ -1155,6 +1172,50 @@ mod tests {
         // Consistent edits load.
         for floor in [0.0, 0.5, 0.75] {
             assert_eq!(with(floor).unwrap().heldout().rate_rule().floor, floor);
+        }
+    }
+
+    #[test]
+    fn corrupt_rate_trust_is_rejected() {
+        let rule = RateRule {
+            adapt: true,
+            up: 1.25,
+            down: 0.5,
+            cap: 2.0,
+            floor: 1.0,
+            trust: 0.8,
+        };
+        let mut l = paused_ledger().with_heldout_rate(rule).unwrap();
+        l.record_heldout(&[1.0, -1.0, 0.0], &[true, true, false])
+            .unwrap();
+        l.adapt_heldout_rate(&[1.0, -1.0, 0.0], &[1.0; 3]).unwrap();
+        assert_eq!(l.heldout().rate(), [1.25, 1.0, 1.0]);
+        let bytes = l.to_bytes();
+        let body = payload(&bytes);
+        let at = body.len() - 8 * 4; // the trust, before 3 multipliers
+        assert_eq!(body[at..at + 8], 0.8f64.to_bits().to_le_bytes());
+        let with = |trust: f64| {
+            let mut b = body.to_vec();
+            b[at..at + 8].copy_from_slice(&trust.to_bits().to_le_bytes());
+            Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &b))
+        };
+        // Negative, infinite or NaN: an invalid setting.
+        for trust in [
+            f64::NAN,
+            -0.25,
+            -0.0 - 1e-300,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            let err = with(trust).unwrap_err();
+            assert!(
+                matches!(&err, Error::State(m) if m.contains("heldout_rate_trust")),
+                "{trust}: {err:?}"
+            );
+        }
+        // Any other trust fits any multipliers: it only decides whether a rate goes up.
+        for trust in [0.0, 0.5, 3.0] {
+            assert_eq!(with(trust).unwrap().heldout().rate_rule().trust, trust);
         }
     }
 }

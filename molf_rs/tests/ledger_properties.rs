@@ -111,8 +111,9 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// The rate multipliers follow the plain rule, window by window: up by `up` to `cap`
-    /// where the window descended, down by `down` to `floor` where it ascended, as they were
-    /// otherwise; all 1 with the adaptation off; and a round trip keeps them.
+    /// where the window descended by at least `trust` × the potential (any descent with
+    /// `trust` 0), down by `down` to `floor` where it ascended, as they were otherwise; all 1
+    /// with the adaptation off; and a round trip keeps them.
     #[test]
     fn rate_multipliers_match_the_plain_rule(
         (m, e) in (1usize..4, 1usize..4),
@@ -121,19 +122,24 @@ proptest! {
         down in prop_oneof![Just(1.0), Just(0.5), 0.05f64..=1.0],
         cap in prop_oneof![Just(1.0), Just(3.0), 1.0f64..10.0],
         floor in prop_oneof![Just(0.0), Just(1.0), 0.0f64..=1.0],
-        windows in prop::collection::vec(prop::collection::vec(descent_value(), 9), 1..40),
+        trust in prop_oneof![Just(0.0), Just(0.8), 0.0f64..3.0],
+        windows in prop::collection::vec(
+            (prop::collection::vec(descent_value(), 9), prop::collection::vec(descent_value(), 9)),
+            1..40,
+        ),
     ) {
         let n = m * e;
-        let rule = RateRule { adapt, up, down, cap, floor };
+        let rule = RateRule { adapt, up, down, cap, floor, trust };
         let mut ledger = Ledger::new(m as u64, e as u64, 0.9).unwrap().with_heldout_rate(rule).unwrap();
         let mut want = vec![1.0f64; n];
-        for w in &windows {
-            let descent = &w[..n];
+        for (w, p) in &windows {
+            let (descent, potential) = (&w[..n], &p[..n]);
             ledger.record_heldout(descent, &vec![true; n]).unwrap();
-            ledger.adapt_heldout_rate(descent).unwrap();
+            ledger.adapt_heldout_rate(descent, potential).unwrap();
             if adapt {
-                for (c, &x) in want.iter_mut().zip(descent) {
-                    if x > 0.0 {
+                for ((c, &x), &p) in want.iter_mut().zip(descent).zip(potential) {
+                    let trusted = trust == 0.0 || (p.is_finite() && p > 0.0 && x >= trust * p);
+                    if x > 0.0 && trusted {
                         *c = f64::min(*c * up, cap);
                     } else if x < 0.0 {
                         *c = f64::max(*c * down, floor);
@@ -163,7 +169,9 @@ proptest! {
         let mut ledger = Ledger::new(2, 2, 0.9).unwrap().with_heldout_rate(rule).unwrap();
         for descent in &windows {
             ledger.record_heldout(descent, &[true; 4]).unwrap();
-            ledger.adapt_heldout_rate(descent).unwrap();
+            // A potential each window's descent meets (the trust condition holds).
+            let potential: Vec<f64> = descent.iter().map(|x| x.abs()).collect();
+            ledger.adapt_heldout_rate(descent, &potential).unwrap();
             prop_assert!(ledger.heldout().rate().iter().all(|&c| (1.0..=cap).contains(&c)), "{:?}", ledger.heldout().rate());
         }
         // Where the last window measured ascent, the multiplier is back at max(c·down, 1).

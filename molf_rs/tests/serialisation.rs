@@ -24,11 +24,12 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
             0.1f64..=1.0,
             1.0f64..4.0,
             prop_oneof![Just(0.0), Just(1.0), 0.0f64..=1.0],
+            prop_oneof![Just(0.0), Just(0.8), 0.0f64..2.0],
         ),
     )
         .prop_map(
             |((cfg, steps), decay, horizon, windows, shrink, trials, spectral, min_span, rate)| {
-                let (adapt, up, down, cap, floor) = rate;
+                let (adapt, up, down, cap, floor, trust) = rate;
                 let mut r = Router::new(cfg).unwrap();
                 let mut l = Ledger::new(cfg.num_modules, cfg.num_experts, decay)
                     .unwrap()
@@ -47,6 +48,7 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
                         down,
                         cap,
                         floor,
+                        trust,
                     })
                     .unwrap();
                 if shrink > 0.0 {
@@ -61,9 +63,9 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
                     l.record(s, &out).unwrap();
                     if windows >> (i % 8) & 1 == 1 {
                         l.record_heldout(s, &out).unwrap();
-                        l.adapt_heldout_rate(s).unwrap();
+                        let potential: Vec<f64> = s.iter().map(|x| -x).collect();
+                        l.adapt_heldout_rate(s, &potential).unwrap();
                         if cfg.policy.is_heldout() {
-                            let potential: Vec<f64> = s.iter().map(|x| -x).collect();
                             r.regate(&l.heldout().descent(), &potential).unwrap();
                         }
                     }
@@ -110,10 +112,10 @@ proptest! {
         prop_assert_eq!(l2.heldout().span(), l.heldout().span());
         // The ledger payload ends with the spans, u64 × (M·E), then the shrink,
         // f64, the shrink counters, u64 × E twice, the kind of LoRA trial, one byte, the
-        // minimum span, u64, and the rate adaptation: its flag, one byte, up, down, cap and
-        // floor, f64, and the multipliers, f64 × (M·E), before the checksum.
+        // minimum span, u64, and the rate adaptation: its flag, one byte, up, down, cap,
+        // floor and trust, f64, and the multipliers, f64 × (M·E), before the checksum.
         let n = l.num_modules() * l.num_experts();
-        let rate_tail = 1 + 32 + 8 * n;
+        let rate_tail = 1 + 40 + 8 * n;
         let tail = 8 + 16 * l.num_experts() + 1 + 8 + rate_tail;
         let r_at = lb.len() - 8 - rate_tail;
         let rule = l.heldout().rate_rule();
@@ -122,7 +124,7 @@ proptest! {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        let want: Vec<u64> = [rule.up, rule.down, rule.cap, rule.floor].iter().chain(l.heldout().rate()).map(|x| x.to_bits()).collect();
+        let want: Vec<u64> = [rule.up, rule.down, rule.cap, rule.floor, rule.trust].iter().chain(l.heldout().rate()).map(|x| x.to_bits()).collect();
         prop_assert_eq!(words, want);
         prop_assert_eq!(l2.heldout().rate_rule(), rule);
         prop_assert!(rule.adapt || l.heldout().rate().iter().all(|&c| c == 1.0));

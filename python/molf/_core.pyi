@@ -284,6 +284,9 @@ class Ledger:
         heldout_rate_cap: finite, >= 1: the ceiling of a multiplier.
         heldout_rate_floor: in ``[0, 1]``: the floor of a multiplier after a window that
             raised the held-out loss (1: never below the set rate; 0: no floor).
+        heldout_rate_trust: finite, >= 0: a multiplier goes up only where the window's
+            realized descent is at least this many times the expert's potential (the
+            descent a first-order model of one step at its rate predicts); 0: no condition.
 
     Raises:
         ConfigError: an argument out of range, or a bool for an integer argument.
@@ -304,6 +307,7 @@ class Ledger:
         heldout_rate_down: float = 0.5,
         heldout_rate_cap: float = 2.0,
         heldout_rate_floor: float = 1.0,
+        heldout_rate_trust: float = 0.8,
     ) -> Self: ...
     @property
     def heldout_decay(self) -> float: ...
@@ -348,15 +352,22 @@ class Ledger:
         up to the last, in which it moved (0: it did not move in the last one)."""
     @property
     def heldout_min_span(self) -> int: ...
-    def adapt_heldout_rate(self, descent: npt.NDArray[np.float64]) -> None:
+    def adapt_heldout_rate(
+        self, descent: npt.NDArray[np.float64], potential: npt.NDArray[np.float64]
+    ) -> None:
         """After :meth:`record_heldout` of a window, with ``heldout_adapt_rate``: each
         expert's multiplier ``c`` becomes ``min(c * heldout_rate_up, heldout_rate_cap)``
-        where ``descent`` (the window's realized descent per step, as recorded) is > 0,
-        ``max(c * heldout_rate_down, heldout_rate_floor)`` where it is < 0, and stays where
-        it is 0 or NaN. Without ``heldout_adapt_rate`` nothing changes.
+        where ``descent`` (the window's realized descent per step, as recorded) is > 0 and
+        trusted: ``heldout_rate_trust`` is 0, or ``potential`` (the expert's first-order
+        descent of one step at its current rate) is finite, > 0 and
+        ``descent >= heldout_rate_trust * potential``;
+        ``max(c * heldout_rate_down, heldout_rate_floor)`` where ``descent`` is < 0; it
+        stays otherwise (``descent`` 0 or NaN, or not trusted). Without
+        ``heldout_adapt_rate`` nothing changes.
 
         Raises:
-            ScoreError: ``descent`` of the wrong type, dtype or shape; nothing changes.
+            ScoreError: ``descent`` or ``potential`` of the wrong type, dtype or shape;
+                nothing changes.
             StateError: no window recorded yet.
         """
     def heldout_rate(self) -> npt.NDArray[np.float64]:
@@ -372,6 +383,8 @@ class Ledger:
     def heldout_rate_cap(self) -> float: ...
     @property
     def heldout_rate_floor(self) -> float: ...
+    @property
+    def heldout_rate_trust(self) -> float: ...
     def heldout_descent(self) -> npt.NDArray[np.float64]:
         """Copy, ``(M, E)``: the record as :meth:`Router.regate` judges it:
         :meth:`heldout_ema` where :meth:`heldout_span` >= ``heldout_min_span``, NaN (not

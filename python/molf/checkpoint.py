@@ -154,6 +154,7 @@ _LEDGER_SETTINGS = (
     "heldout_rate_down",
     "heldout_rate_cap",
     "heldout_rate_floor",
+    "heldout_rate_trust",
 )
 
 

@@ -15,9 +15,10 @@ Every `every` routing steps the optimizer calls the user's `heldout()` closure
 
 After each window the Ledger adapts each expert's learning-rate multiplier c
 (`heldout_adapt_rate`, opt-in: `Heldout(adapt_rate=True)`): ×`up` (to `cap`)
-where the window's realized descent is positive, ×`down` (to `floor`, by default
-the set rate) where negative; the optimizer's every step path scales the
-expert's AdamW update by c.
+where the window's realized descent is positive and at least `trust` × the
+expert's potential (the loss near linear along the update), ×`down` (to `floor`,
+by default the set rate) where negative; the optimizer's every step path scales
+the expert's AdamW update by c.
 
 Before each measurement, held-out shrinkage (`heldout_shrink` δ, default 0.1):
 for each expert index in turn (all modules together), its update since the
@@ -181,7 +182,7 @@ class HeldoutProbe:
             descent, potential, moved = self._sums(view, window, rebased, remember)
             if descent is not None:  # None: the first measurement, nothing moved under observation yet
                 view.ledger.record_heldout(descent, moved)
-                view.ledger.adapt_heldout_rate(descent)
+                view.ledger.adapt_heldout_rate(descent, potential)
                 view.router.regate(view.ledger.heldout_descent(), potential)
             # The commit: past this point an interrupt completes the measurement (the commit is
             # idempotent) instead of undoing it.

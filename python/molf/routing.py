@@ -140,12 +140,16 @@ class RateRule:
     [0, 1] (ConfigError otherwise). The default floor 1 keeps c at or above the set rate, so
     `down` only undoes earlier ups: without it one window of noise halves a rate that seven
     good windows must win back, and over a long run a dense expert's rate decays where it
-    should not (docs/algorithm.md, "Rate adaptation"); `floor=0` is the rule without one."""
+    should not (docs/algorithm.md, "Rate adaptation"); `floor=0` is the rule without one.
+    `trust` (finite, >= 0): a rate goes up only where the held-out loss fell by at least
+    `trust` × what a first-order model of the step predicted (the expert's potential), i.e.
+    where the loss is near linear along the update; `trust=0` raises it on any descent."""
 
     up: float = 1.1
     down: float = 0.5
     cap: float = 2.0
     floor: float = 1.0
+    trust: float = 0.8
 
     def __post_init__(self) -> None:
         _check_core(self, {}, self.ledger_settings(adapt=True))
@@ -157,6 +161,7 @@ class RateRule:
             heldout_rate_down=self.down,
             heldout_rate_cap=self.cap,
             heldout_rate_floor=self.floor,
+            heldout_rate_trust=self.trust,
         )
 
 
@@ -174,9 +179,10 @@ class Heldout:
     and the summary.
 
     `adapt_rate` (opt-in): after each window, each expert's learning rate is scaled up where
-    its movement lowered the held-out loss and down where it raised it (a `RateRule`; True:
-    `RateRule()`, ×1.1 up to 2× the set rate, ×0.5 down to the set rate; False, the default:
-    off; why it is off by default: docs/algorithm.md, "Rate adaptation").
+    its movement lowered the held-out loss by about what a first-order model predicted and
+    down where it raised it (a `RateRule`; True: `RateRule()`, ×1.1 up to 2× the set rate
+    where the loss fell by at least 0.8 × the prediction, ×0.5 down to the set rate; False,
+    the default: off; why it is off by default: docs/algorithm.md, "Rate adaptation").
 
     Defaults resolved here and nowhere else: `min_dwell` None is 3 x `every`
     (`default_min_dwell`); `min_span` None is 10 where every expert is a LoRA expert, 0
