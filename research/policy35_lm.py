@@ -22,15 +22,17 @@ import quality  # noqa: E402
 
 import molf  # noqa: E402
 
-# up/down/cap without a floor (the rules as first run), and /f1: with the floor at the set rate
-# (the product's boldf:1.1:0.5:2, RateRule's default).
+# up/down/cap without a floor or a trust condition (the rules as first run), /f1: with the floor
+# at the set rate (the product's boldf:1.1:0.5:2), /f1/t0.8: and up only where the descent
+# reached 0.8 x the potential (the product's tr:1.1:0.5:2:0.8, RateRule's default).
 RULES = {
     "off": False,
-    "1.2/0.5/3": molf.RateRule(1.2, 0.5, 3.0, floor=0.0),
-    "1.2/0.5/2": molf.RateRule(1.2, 0.5, 2.0, floor=0.0),
-    "1.1/0.5/2": molf.RateRule(1.1, 0.5, 2.0, floor=0.0),
-    "1/0.5/1": molf.RateRule(1.0, 0.5, 1.0, floor=0.0),
-    "1.1/0.5/2/f1": molf.RateRule(1.1, 0.5, 2.0, floor=1.0),
+    "1.2/0.5/3": molf.RateRule(1.2, 0.5, 3.0, floor=0.0, trust=0.0),
+    "1.2/0.5/2": molf.RateRule(1.2, 0.5, 2.0, floor=0.0, trust=0.0),
+    "1.1/0.5/2": molf.RateRule(1.1, 0.5, 2.0, floor=0.0, trust=0.0),
+    "1/0.5/1": molf.RateRule(1.0, 0.5, 1.0, floor=0.0, trust=0.0),
+    "1.1/0.5/2/f1": molf.RateRule(1.1, 0.5, 2.0, floor=1.0, trust=0.0),
+    "1.1/0.5/2/f1/t0.8": molf.RateRule(1.1, 0.5, 2.0, floor=1.0, trust=0.8),
 }
 LR = {"facts": 1e-3, "sql": 1e-3}  # the rates the quick suite chose for molf default (previous policy)
 

@@ -352,9 +352,7 @@ class Ledger:
         up to the last, in which it moved (0: it did not move in the last one)."""
     @property
     def heldout_min_span(self) -> int: ...
-    def adapt_heldout_rate(
-        self, descent: npt.NDArray[np.float64], potential: npt.NDArray[np.float64]
-    ) -> None:
+    def adapt_heldout_rate(self, descent: npt.NDArray[np.float64], potential: npt.NDArray[np.float64]) -> None:
         """After :meth:`record_heldout` of a window, with ``heldout_adapt_rate``: each
         expert's multiplier ``c`` becomes ``min(c * heldout_rate_up, heldout_rate_cap)``
         where ``descent`` (the window's realized descent per step, as recorded) is > 0 and
