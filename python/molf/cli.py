@@ -266,7 +266,7 @@ def _add_train_parser(sub) -> None:
         action=boolean,
         default=S,
         help="scale each expert's learning rate by what its movement did to the held-out loss "
-        "(molf.RateRule(); default: off)",
+        "(molf.RateRule(); default: on)",
     )
     logs = train_p.add_argument_group("checkpoints and logs")
     logs.add_argument("--save-every", type=_positive_int, default=S, metavar="N", help=f"(default: {d.run.save_every})")

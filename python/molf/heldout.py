@@ -14,7 +14,7 @@ Every `every` routing steps the optimizer calls the user's `heldout()` closure
   dropped expert can come back when the data says it would help.
 
 After each window the Ledger adapts each expert's learning-rate multiplier c
-(`heldout_adapt_rate`, opt-in: `Heldout(adapt_rate=True)`): ×`up` (to `cap`)
+(`heldout_adapt_rate`, on by default; `Heldout(adapt_rate=False)`: off): ×`up` (to `cap`)
 where the window's realized descent is positive and at least `trust` × the
 expert's potential (the loss near linear along the update), ×`down` (to `floor`,
 by default the set rate) where negative; the optimizer's every step path scales

@@ -178,11 +178,12 @@ class Heldout:
     and kept if the held-out loss falls. Scores ("epd") are still computed for the log
     and the summary.
 
-    `adapt_rate` (opt-in): after each window, each expert's learning rate is scaled up where
-    its movement lowered the held-out loss by about what a first-order model predicted and
-    down where it raised it (a `RateRule`; True: `RateRule()`, ×1.1 up to 2× the set rate
-    where the loss fell by at least 0.8 × the prediction, ×0.5 down to the set rate; False,
-    the default: off; why it is off by default: docs/algorithm.md, "Rate adaptation").
+    `adapt_rate` (on by default): after each window, each expert's learning rate is scaled up
+    where its movement lowered the held-out loss by about what a first-order model predicted
+    and down where it raised it (a `RateRule`; True, the default: `RateRule()`, ×1.1 up to 2×
+    the set rate where the loss fell by at least 0.8 × the prediction, ×0.5 down to the set
+    rate; False: off, every expert at its group's rate; why: docs/algorithm.md, "Rate
+    adaptation").
 
     Defaults resolved here and nowhere else: `min_dwell` None is 3 x `every`
     (`default_min_dwell`); `min_span` None is 10 where every expert is a LoRA expert, 0
@@ -199,7 +200,7 @@ class Heldout:
     warmup_steps: int = 0
     freeze_after: int | None = None
     ema_decay: float = 0.9
-    adapt_rate: RateRule | bool = False
+    adapt_rate: RateRule | bool = True
 
     name: ClassVar[str] = "heldout"
     score: ClassVar[str] = "epd"

@@ -193,7 +193,7 @@ class RoutingOptions:
     heldout_batch: int = 64  # the first N held-out rows form the routing's one fixed held-out batch
     heldout_every: int | None = None  # routing steps between held-out measurements
     heldout_min_span: int | None = None
-    heldout_adapt_rate: bool | None = None  # None: the policy's default (off)
+    heldout_adapt_rate: bool | None = None  # None: the policy's default (on)
     lagged: bool = False
     log_every: int = 1  # routing log period
 
