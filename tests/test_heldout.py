@@ -430,10 +430,13 @@ def test_lockstep_with_float64_reference(case, horizon, shrink, spectral):
             horizon=horizon,
             shrink=shrink,
             shrink_spectral=spectral,
+            # The routing's scenarios without the rate adaptation (on by default; its
+            # lockstep against this reference: tests/test_heldout_rate.py).
+            adapt_rate=False,
             **{} if fft else dict(min_span=min_span),
         ),
     )
-    assert not opt.ledger.heldout_adapt_rate  # the default
+    assert not opt.ledger.heldout_adapt_rate
     assert opt.router.policy == "heldout" and opt.router.min_dwell == dwell
     assert opt.ledger.shrink_spectral == spectral
     assert opt.ledger.heldout_horizon == horizon and opt.ledger.heldout_shrink == shrink

@@ -200,7 +200,9 @@ def _opt(fft, ranks, **kw):
 @pytest.mark.parametrize(
     "fft,ranks,adapt_rate,want",
     [
-        (True, (3,), False, None),  # the default (off): dense + LoRA
+        (True, (3,), None, molf.RateRule()),  # the default (on): dense + LoRA
+        (False, (2, 4), None, molf.RateRule()),  # and LoRA experts only
+        (True, (3,), False, None),  # off: dense + LoRA
         (False, (2, 4), False, None),  # and LoRA experts only
         (True, (3,), True, molf.RateRule()),
         (False, (2, 4), True, molf.RateRule()),
@@ -211,8 +213,8 @@ def _opt(fft, ranks, **kw):
     ],
 )
 def test_defaults_and_settings(fft, ranks, adapt_rate, want):
-    ledger = _opt(fft, ranks, adapt_rate=adapt_rate).ledger
-    assert molf.Heldout(lambda: None).adapt_rate is False
+    ledger = _opt(fft, ranks, **({} if adapt_rate is None else dict(adapt_rate=adapt_rate))).ledger
+    assert molf.Heldout(lambda: None).adapt_rate is True
     assert ledger.heldout_adapt_rate == (want is not None)
     got = molf.RateRule(
         ledger.heldout_rate_up,

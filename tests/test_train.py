@@ -808,14 +808,16 @@ def test_cli_heldout_min_span(given, want, model_dir, data, heldout, tmp_path):
     assert json.loads((out / "run.json").read_text())["identity"]["heldout_min_span"] == want
 
 
-@pytest.mark.parametrize("mode,given,want", [("molf", None, False), ("molf", True, True), ("molf-e", True, True)])
+@pytest.mark.parametrize(
+    "mode,given,want", [("molf", None, True), ("molf", False, False), ("molf", True, True), ("molf-e", False, False)]
+)
 def test_cli_heldout_adapt_rate(mode, given, want, model_dir, data, heldout, tmp_path):
-    """The rate adaptation: off unless told; the resolved value reaches the optimizer's
-    ledger and is what a resume compares."""
+    """The rate adaptation: on unless told otherwise; the resolved value reaches the
+    optimizer's ledger and is what a resume compares."""
     out = tmp_path / "run"
     argv = flags(model_dir, data, out, "--mode", mode, "--heldout-data", str(heldout), "--heldout-every", "2")
     argv += ["--heldout-batch", "6", "--steps", "4"]
-    argv += [] if given is None else ["--heldout-adapt-rate"]
+    argv += [] if given is None else ["--heldout-adapt-rate" if given else "--no-heldout-adapt-rate"]
     assert main(argv) == 0
     assert ledger_of(optimizer_state(out, 4)).heldout_adapt_rate == want
     assert json.loads((out / "run.json").read_text())["identity"]["heldout_adapt_rate"] == want
