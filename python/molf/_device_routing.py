@@ -15,7 +15,7 @@ still uses): per slot the same float64 products lr·sum summed onto 0.0 in the s
 (a slot has at most two tensors — a dense weight and its bias, or a LoRA pair —, and the
 plan checks it), the same correctly rounded division (and, for PFN, square roots: CUDA's
 are; torch's vectorized CPU sqrt, met only by the tests' interpreter runs, is within an
-ulp), and NaN where a slot has no tensor.
+ulp, so a PFN score there within three), and NaN where a slot has no tensor.
 """
 
 from __future__ import annotations
