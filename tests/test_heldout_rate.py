@@ -192,6 +192,17 @@ def test_a_checkpoint_from_before_the_floor_resumes_as_it_ran(live):
     assert opt.ledger.to_bytes() == opt_b.ledger.to_bytes()
 
 
+def rate_settings(ledger) -> tuple:
+    """A ledger's rate rule settings: (up, down, cap, floor, trust)."""
+    return (
+        ledger.heldout_rate_up,
+        ledger.heldout_rate_down,
+        ledger.heldout_rate_cap,
+        ledger.heldout_rate_floor,
+        ledger.heldout_rate_trust,
+    )
+
+
 def _opt(fft, ranks, **kw):
     model, _ = make_ckpt_run(fft, ranks, heldout=False)
     return molf.MoLFAdamW(model, lr=1e-2, routing=molf.Heldout(lambda: torch.zeros((), requires_grad=True), **kw))
@@ -216,13 +227,7 @@ def test_defaults_and_settings(fft, ranks, adapt_rate, want):
     ledger = _opt(fft, ranks, **({} if adapt_rate is None else dict(adapt_rate=adapt_rate))).ledger
     assert molf.Heldout(lambda: None).adapt_rate is True
     assert ledger.heldout_adapt_rate == (want is not None)
-    got = molf.RateRule(
-        ledger.heldout_rate_up,
-        ledger.heldout_rate_down,
-        ledger.heldout_rate_cap,
-        ledger.heldout_rate_floor,
-        ledger.heldout_rate_trust,
-    )
+    got = molf.RateRule(*rate_settings(ledger))
     assert got == (want or molf.RateRule())
     assert (ledger.heldout_rate() == 1).all()
     # The default rule: ×1.1 up to 2× where the descent reached 0.8 × the potential, ×0.5
@@ -307,13 +312,7 @@ def test_a_version_1_ledger_loads_with_the_adaptation_off():
     assert (ledger.step, ledger.heldout_windows) == (2, 2)
     assert ledger.heldout_ema().tolist() == [[0.75, -0.25]]
     assert not ledger.heldout_adapt_rate and ledger.heldout_rate().tolist() == [[1.0, 1.0]]
-    settings = (
-        ledger.heldout_rate_up,
-        ledger.heldout_rate_down,
-        ledger.heldout_rate_cap,
-        ledger.heldout_rate_floor,
-        ledger.heldout_rate_trust,
-    )
+    settings = rate_settings(ledger)
     assert settings == (1.1, 0.5, 2.0, 1.0, 0.8)  # the defaults (floor and trust have no effect while off)
     # Adapting changes nothing; written again it is version 3 and reads back the same.
     ledger.adapt_heldout_rate(np.array([[1.0, -1.0]]), np.array([[1.0, 1.0]]))
@@ -341,13 +340,7 @@ LEDGER_V2 = bytes.fromhex(
 def test_a_version_2_ledger_loads_without_a_floor_or_trust():
     ledger = molf.Ledger.from_bytes(LEDGER_V2)
     assert ledger.heldout_adapt_rate and ledger.heldout_rate().tolist() == [[1.5625, 0.25, 1.25]]
-    settings = (
-        ledger.heldout_rate_up,
-        ledger.heldout_rate_down,
-        ledger.heldout_rate_cap,
-        ledger.heldout_rate_floor,
-        ledger.heldout_rate_trust,
-    )
+    settings = rate_settings(ledger)
     assert settings == (1.25, 0.5, 2.0, 0.0, 0.0)  # the rule it ran under
     # It goes on as it ran: halved below 1, no floor; up on any descent, whatever the potential.
     descent = np.array([[-1.0, -1.0, 1e-9]])

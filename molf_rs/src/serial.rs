@@ -1071,17 +1071,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn ledger_round_trips_the_rate() {
-        let rule = RateRule {
+    /// An adapting rule with a floor under 1 and the trust condition, for the rate tests.
+    fn floored_rule() -> RateRule {
+        RateRule {
             adapt: true,
             up: 1.25,
             down: 0.5,
             cap: 2.0,
             floor: 0.75,
             trust: 0.8,
-        };
-        let mut l = paused_ledger().with_heldout_rate(rule).unwrap();
+        }
+    }
+
+    #[test]
+    fn ledger_round_trips_the_rate() {
+        let mut l = paused_ledger().with_heldout_rate(floored_rule()).unwrap();
         l.record_heldout(&[1.0, -1.0, 0.0], &[true, true, false])
             .unwrap();
         l.adapt_heldout_rate(&[1.0, -1.0, 0.0], &[1.25, 1.0, 0.0])
@@ -1110,8 +1114,14 @@ mod tests {
             .unwrap();
         assert_ne!(other, l);
         for changed in [
-            RateRule { cap: 3.0, ..rule },
-            RateRule { trust: 0.5, ..rule },
+            RateRule {
+                cap: 3.0,
+                ..floored_rule()
+            },
+            RateRule {
+                trust: 0.5,
+                ..floored_rule()
+            },
         ] {
             assert_ne!(l.clone().with_heldout_rate(changed).unwrap(), l);
         }
@@ -1134,15 +1144,7 @@ mod tests {
 
     #[test]
     fn corrupt_rate_floor_is_rejected() {
-        let rule = RateRule {
-            adapt: true,
-            up: 1.25,
-            down: 0.5,
-            cap: 2.0,
-            floor: 0.75,
-            trust: 0.8,
-        };
-        let mut l = paused_ledger().with_heldout_rate(rule).unwrap();
+        let mut l = paused_ledger().with_heldout_rate(floored_rule()).unwrap();
         l.record_heldout(&[1.0, -1.0, 0.0], &[true, true, false])
             .unwrap();
         l.adapt_heldout_rate(&[1.0, -1.0, 0.0], &[1.0; 3]).unwrap();
