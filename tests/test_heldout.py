@@ -606,7 +606,7 @@ def fixed_batch_run(fft, ranks, sign, steps, K, dtype=torch.float32, lr=1e-3, sh
         model,
         lr=lr,
         weight_decay=0.0,
-        routing=molf.Heldout(lambda: sign * loss(), every=K, shrink=shrink, **span),
+        routing=molf.Heldout(lambda: sign * loss(), every=K, shrink=shrink, adapt_rate=False, **span),
     )
     history = []  # per step: (incumbents, heldout_ema, routed params)
     for _ in range(steps):
