@@ -173,7 +173,7 @@ def install(variant: str) -> None:
     settings, rule = parse(variant)
 
     def routing(heldout):
-        return molf.Heldout(heldout, **settings)
+        return molf.Heldout(heldout, **{"adapt_rate": False, **settings})  # the prototype's rule alone
 
     def ruled(build):
         def wrapped(model, lr, steps, targets, log_path, heldout):

@@ -30,7 +30,7 @@ def job(args: tuple) -> tuple:
     import quality
 
     torch.set_num_threads(1)
-    build = quality._molf((quality.LORA_RANK,), True, lambda h: molf.Heldout(h))
+    build = quality._molf((quality.LORA_RANK,), True, lambda h: molf.Heldout(h, adapt_rate=False))  # the rule alone
 
     def ruled(model, lr, steps, targets, log_path, heldout):
         model, opt, after = build(model, lr, steps, targets, log_path, heldout)

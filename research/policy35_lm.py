@@ -50,7 +50,7 @@ def register_prototype(spec: str) -> None:
     sys.path.insert(0, str(ROOT / "research"))
     import policy35
 
-    build = quality._molf((quality.LORA_RANK,), True, lambda h: molf.Heldout(h))
+    build = quality._molf((quality.LORA_RANK,), True, lambda h: molf.Heldout(h, adapt_rate=False))  # the rule alone
 
     def ruled(model, lr, steps, targets, log_path, heldout):
         model, opt, after = build(model, lr, steps, targets, log_path, heldout)
