@@ -17,7 +17,8 @@ held-out measurement, as a per-(module, expert) multiplier c of the expert's ste
 decay is 0 here, so scaling Adam's update is scaling its rate); prototyped in Python by
 rescaling each step's update of the expert tensors before the measurement:
 
-* ``base``: the shipped policy, nothing else;
+* ``base``: the held-out policy without the rate adaptation (a prototype rule's baseline);
+* ``product``: the shipped default policy (its rate adaptation on);
 * ``backoff:F``: c ← F·c for every expert whose movement in the window raised the held-out
   loss (realized descent < 0);
 * ``bold:U:F:CMAX``: c ← min(U·c, CMAX) where the window's movement lowered it, F·c where it
@@ -160,6 +161,9 @@ def parse(variant: str) -> tuple[dict, str | None]:
     for part in variant.split("+"):
         if part == "base":
             continue
+        if part == "product":  # the product's default policy (its rate adaptation on)
+            settings["adapt_rate"] = True
+            continue
         if "=" in part:
             for kv in part.split(","):
                 key, value = kv.split("=")
@@ -173,7 +177,7 @@ def install(variant: str) -> None:
     settings, rule = parse(variant)
 
     def routing(heldout):
-        return molf.Heldout(heldout, **{"adapt_rate": False, **settings})  # the prototype's rule alone
+        return molf.Heldout(heldout, **{"adapt_rate": False, **settings})  # a prototype's rule alone, or "product"
 
     def ruled(build):
         def wrapped(model, lr, steps, targets, log_path, heldout):
