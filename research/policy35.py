@@ -177,7 +177,7 @@ def install(variant: str) -> None:
     settings, rule = parse(variant)
 
     def routing(heldout):
-        return molf.Heldout(heldout, **{"adapt_rate": False, **settings})  # a prototype's rule alone, or "product"
+        return molf.Heldout(heldout, **{"adapt_rate": False, **settings})  # a prototype rule alone; "product": the shipped rule
 
     def ruled(build):
         def wrapped(model, lr, steps, targets, log_path, heldout):

@@ -14,8 +14,9 @@ The device's scores are bitwise the host's (`_ScoreSources.resolve`, which the b
 still uses): per slot the same float64 products lr·sum summed onto 0.0 in the same order
 (a slot has at most two tensors — a dense weight and its bias, or a LoRA pair —, and the
 plan checks it), the same correctly rounded division (and, for PFN, square roots: CUDA's
-are; torch's vectorized CPU sqrt, met only by the tests' interpreter runs, is within an
-ulp, so a PFN score there within three), and NaN where a slot has no tensor.
+are, and √N is numpy's once per plan; torch's vectorized CPU sqrt, met only by the tests'
+interpreter runs, is within an ulp, so a PFN score there within two), and NaN where a slot
+has no tensor.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class DeviceDecision:
         index = np.stack([first, second])
         self._index = torch.from_numpy(index).to(device)
         self._numel = torch.from_numpy(count).to(device)
+        self._root_numel = torch.from_numpy(np.sqrt(count)).to(device)  # PFN's √N, as the host takes it
         self._empty = torch.from_numpy(count == 0).to(device)
         self._slots = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(device)
         self._gates: tuple[bytes, torch.Tensor] | None = None
@@ -65,7 +67,7 @@ class DeviceDecision:
         if score == "epd":
             scores = num / self._numel
         else:
-            scores = num.sqrt() / self._numel.sqrt()
+            scores = num.sqrt() / self._root_numel
         return scores.masked_fill_(self._empty, float("nan"))
 
     def winners(self, scores: torch.Tensor, rule: tuple[str, np.ndarray | None], num_experts: int) -> torch.Tensor:
