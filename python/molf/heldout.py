@@ -93,14 +93,13 @@ ORIGIN_KEY = "heldout_origin"
 
 class _Undo:
     """What a measurement may change, as it was before it began: the Router's and Ledger's
-    bytes, `last_step`, every `.grad` (references: the measurement sets them None before its
-    backward, which allocates new ones), which held-out state keys existed, the RNG states,
-    and the saved values of the shrink trials not undone yet (`_shrink` appends them)."""
+    bytes, `last_step`, which held-out state keys existed, the RNG states, and the saved
+    values of the shrink trials not undone yet (`_shrink` appends them). Not the training
+    gradients: the step has used them, and the measurement frees them as it begins."""
 
     def __init__(self, view: ExpertView, probe: HeldoutProbe, params: list[torch.Tensor]) -> None:
         self.router, self.ledger = view.router.to_bytes(), view.ledger.to_bytes()
         self.last_step = probe.last_step
-        self.grads = [p.grad for p in params]
         # Tensors without held-out state (or without any state): `_sums` creates it.
         self.keys = {
             p: None if p not in view.state else set(view.state[p])
@@ -121,8 +120,8 @@ class _Undo:
             else:
                 for k in set(view.state[p]) - keys:
                     del view.state[p][k]
-        for p, g in zip(params, self.grads):
-            p.grad = g
+        for p in params:
+            p.grad = None  # a partial held-out gradient
         view.restore_routing(Router.from_bytes(self.router), Ledger.from_bytes(self.ledger))
         probe.last_step = self.last_step
         torch.set_rng_state(self.rng)
@@ -151,19 +150,21 @@ class HeldoutProbe:
         `.grad` None. `source`: the optimizer (the probe works through the `ExpertView` its
         `expert_view()` hands out), or such a view.
 
-        All or nothing: on any exception (a KeyboardInterrupt, a CUDA out-of-memory error in
-        the closure) the weights, the held-out state, every `.grad`, the Ledger, the Router,
-        `last_step` and the RNG are as they were before (a checkpoint never saves a trial's
-        shrunk weights), the exception propagates and the next step measures again. Nothing
+        The training gradients are freed as it begins (the step has used them; kept, they
+        would sit beside the held-out gradient at the probe's peak memory). Otherwise all or
+        nothing: on any exception (a KeyboardInterrupt, a CUDA out-of-memory error in the
+        closure) the weights, the held-out state, the Ledger, the Router, `last_step` and the
+        RNG are as they were before (a checkpoint never saves a trial's shrunk weights), every
+        `.grad` is None, the exception propagates and the next step measures again. Nothing
         is copied for this but the Ledger's and Router's bytes and, until the measurement
         ends, the tensors of kept shrink trials (a trial already keeps those)."""
         view: ExpertView = source if isinstance(source, ExpertView) else source.expert_view()
         params = view.params()
+        for p in params:
+            p.grad = None
         undo = _Undo(view, self, params)
         commit = None
         try:
-            for p in params:
-                p.grad = None
             rebased = self._shrink(view, undo) if view.ledger.heldout_shrink > 0 else set()
             with torch.enable_grad():
                 loss = self.loss_fn()
