@@ -25,6 +25,8 @@ its config and freed before the next:
                  per process), the median of
                  the steps where the probe ran, and a plain forward+backward of the held-out batch
   molf-heldout-param  the same with state_dtype="param"
+  molf-heldout-offload  the same with state_dtype="param" and Heldout(offload=True) (the dense
+                 origin and a kept trial's undo copy in pinned host memory)
   molf-e         MoLF-Efficient, LoRA r16 + r128, base frozen
   lora144        PEFT LoRA r144 (the rank MoLF-Efficient's two experts add up to)
   adamw-wrapped  torch AdamW (fused) over the paper-wrapped model's parameters, no routing
@@ -85,6 +87,7 @@ SETUPS = {
     "molf-param": "molf paper (state param)",
     "molf-heldout": "molf held-out",
     "molf-heldout-param": "molf held-out (state param)",
+    "molf-heldout-offload": "molf held-out (state param, offload)",
     "molf-e": "MoLF-E r16+r128",
     "lora144": "PEFT LoRA r144",
     "adamw-wrapped": "AdamW over wrapped model",
@@ -92,7 +95,7 @@ SETUPS = {
 
 PAPER = dict(ranks=(128,), alphas=(32,), rslora=True)
 MOLF_OPT = dict(lr=2e-5, lora_lr=5e-5, weight_decay=0.1, lora_weight_decay=0.01)
-HELDOUT = ("molf-heldout", "molf-heldout-param")
+HELDOUT = ("molf-heldout", "molf-heldout-param", "molf-heldout-offload")
 COMPILE_MODES = {"compile": None, "cudagraphs": "reduce-overhead"}  # --modes other than eager: torch.compile's mode
 HELDOUT_EVERY = 10  # molf's default heldout_every; only bounds the warm-up that runs through the first probe
 
@@ -162,8 +165,9 @@ def make_optimizer(key: str, model, device: str, heldout=None):
     if key == "molf-param":
         return molf.MoLFAdamW(model, **MOLF_OPT, state_dtype="param")
     if key in HELDOUT:
-        state = {"state_dtype": "param"} if key == "molf-heldout-param" else {}
-        return molf.MoLFAdamW(model, **MOLF_OPT, **state, routing=molf.Heldout(heldout))
+        state = {} if key == "molf-heldout" else {"state_dtype": "param"}
+        routing = molf.Heldout(heldout, offload=key == "molf-heldout-offload")
+        return molf.MoLFAdamW(model, **MOLF_OPT, **state, routing=routing)
     raise KeyError(key)
 
 

@@ -94,6 +94,7 @@ class _Checkpointing:
         self._skipped_steps = c.skipped
         if self._probe is not None:
             self._probe.last_step = c.heldout_step
+            self._probe.place_state(self.state)
         if self._log is not None and not own:
             self._log.resume(self._ledger.step, self._skipped_steps)
 

@@ -78,6 +78,7 @@ import torch
 from . import distributed
 from ._core import ConfigError, Ledger, Router, StateError
 from ._expert_view import ExpertView
+from ._offload import fetch, host_copy, to_host
 from ._shrink import _backup, _copy, _Trial, spectral_shrink_b
 from .wrap import expert_tag
 
@@ -132,13 +133,18 @@ class _Undo:
 class HeldoutProbe:
     """The measurement half of policy "heldout"; the decisions live in the Rust core."""
 
-    def __init__(self, loss_fn: Callable[[], torch.Tensor], every: int) -> None:
+    offload = False  # (what a probe pickled before the setting existed did)
+
+    def __init__(self, loss_fn: Callable[[], torch.Tensor], every: int, offload: bool = False) -> None:
         if not callable(loss_fn):
             raise ConfigError(f"heldout must be a callable returning a held-out loss tensor, got {loss_fn!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ConfigError(f"heldout_every must be an integer >= 1, got {every!r}")
+        if not isinstance(offload, bool):
+            raise ConfigError(f"heldout offload must be True or False, got {offload!r}")
         self.loss_fn = loss_fn
         self.every = every
+        self.offload = offload  # the dense origin and a kept trial's undo copy in host memory
         self.last_step = 0  # router step of the last measurement (0: none yet)
 
     def due(self, router_step: int) -> bool:
@@ -243,22 +249,44 @@ class HeldoutProbe:
                 by_expert[slot % E].append((p, distributed.to_local(state[ORIGIN_KEY]), None, inactive))
             elif tag.part == "B":
                 by_expert[slot % E].append((p, None, lora_a[slot] if spectral else None, inactive))
-        # Every spectral trial starts now (on CUDA its r x r work runs while the closure does).
+        # Origins in host memory (`offload`) start on their way to the device now, and so does
+        # every spectral trial (on CUDA its r x r work runs while the closure does).
+        hosted = {
+            (e, i)
+            for e, entries in enumerate(by_expert)
+            for i, (p, origin, _, _) in enumerate(entries)
+            if origin is not None and origin.device != p.device
+        }
+        order = sorted(hosted)
+        fetched = fetch([(by_expert[e][i][1], by_expert[e][i][0].device) for e, i in order]) if hosted else None
         trials = [_Trial(entries, delta) for entries in by_expert]
         rebased: set[torch.Tensor] = set()
         base = self._value()
+        if fetched is not None:
+            for (e, i), origin in zip(order, fetched()):
+                p, _, a, inactive = by_expert[e][i]
+                by_expert[e][i] = (p, origin, a, inactive)
+            del fetched
         for e, (entries, trial) in enumerate(zip(by_expert, trials)):
             local = [distributed.to_local(p) for p, _, _, _ in entries]
             saved = _backup(local)
             undo.weights.append((local, saved))  # before the trial writes: an exception restores them
             trial.apply(entries, local)
+            if hosted:  # the device copies of host origins have served: their memory goes now
+                for i in [i for i in range(len(entries)) if (e, i) in hosted]:
+                    p, _, a, inactive = entries[i]
+                    entries[i] = (p, None, a, inactive)
             value = self._value()
             if view.ledger.record_shrink(e, base, value):
                 base = value  # kept; `undo` keeps its saved values until the measurement ends
                 rebased.update(p for p, _, _, inactive in entries if inactive)
+                if self.offload and any(t.is_cuda for t in saved):
+                    # (in host memory, so they are not on the device at the held-out backward's peak)
+                    undo.weights[-1] = (local, to_host(saved))
             else:
                 _copy(local, saved)
                 undo.weights.pop()
+            del saved
         return rebased
 
     @torch.no_grad()
@@ -385,14 +413,25 @@ class HeldoutProbe:
     def _grad(p: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(theta) if p.grad is None else distributed.to_local(p.grad)
 
-    @staticmethod
-    def init_state(state: dict, p: torch.Tensor, shrink: bool) -> None:
+    def init_state(self, state: dict, p: torch.Tensor, shrink: bool) -> None:
         """The held-out keys of a routed tensor's fresh optimizer state, so that every
         checkpoint template (torch.distributed.checkpoint loads only the keys a fresh
         optimizer's state has) carries them. θ as it is: a tensor without a gradient so
         far has not moved since the last measurement, nor since training began (the origin
-        of a dense tensor, with shrinkage on)."""
+        of a dense tensor, with shrinkage on; with `offload`, in pinned host memory)."""
         state[THETA_KEY] = p.detach().clone(memory_format=torch.preserve_format)
         state[GRAD_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if shrink and expert_tag(p).kind == "dense":
-            state[ORIGIN_KEY] = p.detach().clone(memory_format=torch.preserve_format)
+            origin = p.detach()
+            offloaded = self.offload and p.is_cuda
+            state[ORIGIN_KEY] = host_copy(origin) if offloaded else origin.clone(memory_format=torch.preserve_format)
+
+    def place_state(self, state: dict) -> None:
+        """After a load (torch moves every state tensor to its parameter's device): the dense
+        origins of CUDA parameters back into pinned host memory, with `offload`."""
+        if not self.offload:
+            return
+        for p, s in state.items():
+            origin = s.get(ORIGIN_KEY)
+            if origin is not None and p.is_cuda and (origin.is_cuda or not origin.is_pinned()):
+                s[ORIGIN_KEY] = host_copy(origin)

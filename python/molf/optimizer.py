@@ -157,6 +157,11 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
             raise ConfigError(f"lagged and skip_nonfinite must be booleans, got {lagged!r}, {skip_nonfinite!r}")
         self.skip_nonfinite = skip_nonfinite
         self._fused = fused_kernels(fused, self._params())
+        if self._probe is not None and self._probe.offload and any(map(distributed.is_sharded, self._params())):
+            raise ConfigError(
+                "Heldout(offload=True) keeps whole tensors in host memory, which FSDP2-sharded parameters "
+                "do not have on one rank: leave offload off (the shards already spread the copies over the ranks)"
+            )
         self.lagged = lagged
         self._pending: _ScoreSources | np.ndarray | None = None  # lagged mode: the previous step's scores
         self._score_group()  # refuse a half-sharded model here rather than at the first step
@@ -188,7 +193,7 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 if self._probe is not None and group["molf_role"] != "plain" and THETA_KEY not in state:
-                    HeldoutProbe.init_state(state, p, self._ledger.heldout_shrink > 0)
+                    self._probe.init_state(state, p, self._ledger.heldout_shrink > 0)
             # The math runs on the local shards of FSDP2's DTensors (views: writes land in them).
             w.idx.append(i)
             w.params.append(distributed.to_local(p))

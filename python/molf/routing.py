@@ -185,6 +185,13 @@ class Heldout:
     rate; False: off, every expert at its group's rate; why: docs/algorithm.md, "Rate
     adaptation").
 
+    `offload` (off by default): on CUDA, keep what the probe alone reads in pinned host memory —
+    the dense experts' starting point (`heldout_origin`, a weight copy) and, during a
+    measurement, a kept shrink trial's undo copy — so the GPU holds two weight copies less at
+    the probe's peak; each probe then copies the origin to the device (overlapping the first
+    held-out forward) and a kept trial's undo copy to the host. Results are bitwise the same.
+    Not for FSDP2-sharded parameters.
+
     Defaults resolved here and nowhere else: `min_dwell` None is 3 x `every`
     (`default_min_dwell`); `min_span` None is 10 where every expert is a LoRA expert, 0
     beside a dense expert (`default_min_span`)."""
@@ -201,6 +208,7 @@ class Heldout:
     freeze_after: int | None = None
     ema_decay: float = 0.9
     adapt_rate: RateRule | bool = True
+    offload: bool = False
 
     name: ClassVar[str] = "heldout"
     score: ClassVar[str] = "epd"
@@ -216,6 +224,8 @@ class Heldout:
         span = self.min_span
         if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 0):
             raise ConfigError(f"heldout_min_span must be an integer >= 0 (or None), got {span!r}")
+        if not isinstance(self.offload, bool):
+            raise ConfigError(f"heldout offload must be True or False, got {self.offload!r}")
         if not isinstance(self.adapt_rate, RateRule | bool):
             raise ConfigError(f"heldout adapt_rate must be a molf.RateRule, True or False, got {self.adapt_rate!r}")
         _check_core(self, self.router_settings(), self.ledger_settings(lora_only=False))
@@ -265,7 +275,7 @@ class Heldout:
         )
 
     def probe(self) -> HeldoutProbe | None:
-        return HeldoutProbe(self.loss_fn, self.every)
+        return HeldoutProbe(self.loss_fn, self.every, self.offload)
 
 
 Policy = TopK | Hysteresis | Heldout

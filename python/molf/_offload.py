@@ -1,0 +1,67 @@
+"""Host memory for the held-out probe's copies that a step never reads (`Heldout(offload=True)`):
+the dense experts' starting point and, during a measurement, a kept shrink trial's undo copy.
+Pinned, so the copies run asynchronously on the GPU's copy engines; each copy is ordered
+on a CUDA stream, so nothing reads a copy before it is complete and no host thread waits."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["fetch", "host_copy", "to_host"]
+
+_SIDE = threading.local()  # per device, the stream the fetches run on
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of the CUDA tensor `t` (complete on return)."""
+    out = torch.empty_like(t, device="cpu", pin_memory=True)
+    out.copy_(t)
+    return out
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Pinned host copies of CUDA tensors, per dtype one buffer, copied asynchronously on the
+    current stream: a later copy back on that stream reads them complete, and the device
+    memory of `tensors` can be reused by what comes after on it as soon as they are dropped."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    out: list[torch.Tensor] = [torch.Tensor()] * len(tensors)
+    for dtype, idx in groups.items():
+        flat = torch.empty(sum(tensors[i].numel() for i in idx), dtype=dtype, pin_memory=True)
+        for i, v in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            out[i] = v.view(tensors[i].shape)
+            out[i].copy_(tensors[i], non_blocking=True)
+    return out
+
+
+def fetch(pairs: list[tuple[torch.Tensor, torch.device]]) -> Callable[[], list[torch.Tensor]]:
+    """Start copying each host tensor to its CUDA device, on a side stream per device, so the
+    copies overlap what the current stream does meanwhile; the returned function makes the
+    current streams wait for them (no host wait) and returns the device tensors. The device
+    tensors come from the current stream's memory pool, so what it allocates after they are
+    freed can reuse their memory."""
+    out = [torch.empty_like(t, device=d) for t, d in pairs]
+    streams = []
+    for device in {d for _, d in pairs}:
+        main = torch.cuda.current_stream(device)
+        side = _SIDE.__dict__.get(device)
+        if side is None:
+            side = _SIDE.__dict__[device] = torch.cuda.Stream(device)
+        side.wait_stream(main)  # the fresh buffers' blocks may still be in use by earlier work
+        with torch.cuda.stream(side):
+            for dst, (t, d) in zip(out, pairs):
+                if d == device:
+                    dst.copy_(t, non_blocking=True)
+                    dst.record_stream(side)
+        streams.append((main, side))
+
+    def ready() -> list[torch.Tensor]:
+        for main, side in streams:
+            main.wait_stream(side)
+        return out
+
+    return ready

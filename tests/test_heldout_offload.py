@@ -1,0 +1,181 @@
+"""`Heldout(offload=True)`: the dense experts' origin and a kept shrink trial's undo copy in
+pinned host memory on CUDA. Results are bitwise those without it; the origins stay on the
+host through a checkpoint; an exception after a kept trial restores the weights from the
+host copy; and the measurement's peak GPU memory is about two dense weight copies lower.
+On the CPU the setting changes nothing (the memory is the host's already)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import molf
+from molf.heldout import ORIGIN_KEY, HeldoutProbe
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+K = 3  # heldout_every
+
+
+class Net(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc1 = nn.Linear(8, width)
+        self.fc2 = nn.Linear(width, width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+class Run:
+    """A wrapped Net whose held-out loss every update raises (the distance from the untouched
+    model's outputs), so shrink trials are kept, the dense one too."""
+
+    def __init__(self, device, offload, width=16, rows=16, raise_in_backward_at=None):
+        torch.manual_seed(0)
+        self.model = molf.wrap(Net(width), molf.MoLFConfig(ranks=(2,), exclude_modules=("head",))).to(device)
+        with torch.no_grad():
+            for _, layer in molf.routed_modules(self.model):
+                for b in layer.lora_B:
+                    b.normal_(0, 0.1)
+        gen = torch.Generator().manual_seed(99)
+        self.xh = torch.randn(rows, 8, generator=gen).to(device)
+        with torch.no_grad():
+            self.y0 = self.model(self.xh)
+        self.device = device
+        self.boom = raise_in_backward_at  # the measurement (1-based) whose gradient's backward raises
+        self.measurements = 0
+        self.opt = molf.MoLFAdamW(
+            self.model, lr=1e-2, routing=molf.Heldout(self.heldout, every=K, min_span=0, offload=offload)
+        )
+
+    def heldout(self):
+        out = self.model(self.xh)
+        if torch.is_grad_enabled():  # the gradient's call
+            self.measurements += 1
+            if self.measurements == self.boom:
+                out = _Boom.apply(out)
+        return ((out - self.y0) ** 2).mean()
+
+    def step(self, s):
+        gen = torch.Generator().manual_seed(s)
+        x, y = torch.randn(8, 8, generator=gen).to(self.device), torch.randn(8, 3, generator=gen).to(self.device)
+        ((self.model(x) - y) ** 2).mean().backward()
+        self.opt.step()
+        self.opt.zero_grad()
+
+
+class _Boom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise KeyboardInterrupt
+
+
+def origins(opt):
+    return [s[ORIGIN_KEY] for s in opt.state.values() if ORIGIN_KEY in s]
+
+
+def assert_same_run(a, b):
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), n
+    sa, sb = a.opt.state_dict(), b.opt.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]  # with the router's and ledger's bytes
+    for i in sa["state"]:
+        assert sa["state"][i].keys() == sb["state"][i].keys()
+        for k, t in sa["state"][i].items():
+            assert torch.equal(t.cpu(), sb["state"][i][k].cpu()), (i, k)
+
+
+def test_offload_must_be_a_bool():
+    with pytest.raises(molf.ConfigError, match="offload"):
+        molf.Heldout(lambda: None, offload="yes")
+    with pytest.raises(molf.ConfigError, match="offload"):
+        HeldoutProbe(lambda: None, 1, offload=1)
+
+
+def test_on_the_cpu_offload_changes_nothing():
+    a, b = Run("cpu", offload=False), Run("cpu", offload=True)
+    for s in range(1, 4 * K + 1):
+        a.step(s)
+        b.step(s)
+    assert a.opt.ledger.shrinks().sum() > 0
+    assert_same_run(a, b)
+    assert all(not o.is_pinned() for o in origins(b.opt))
+
+
+@cuda
+def test_offloaded_run_is_bitwise_the_same_and_keeps_origins_on_the_host():
+    a, b = Run("cuda", offload=False), Run("cuda", offload=True)
+    for s in range(1, 5 * K + 1):
+        a.step(s)
+        b.step(s)
+    shrinks = b.opt.ledger.shrinks()
+    assert shrinks[0] > 0 and shrinks[1] > 0  # dense and LoRA trials kept: their undo copies went to the host
+    assert_same_run(a, b)
+    assert origins(a.opt) and all(o.is_cuda for o in origins(a.opt))
+    assert origins(b.opt) and all(o.device.type == "cpu" and o.is_pinned() for o in origins(b.opt))
+
+
+@cuda
+def test_origins_return_to_the_host_after_a_load_and_the_run_continues_bitwise():
+    a, b = Run("cuda", offload=True), Run("cuda", offload=True)
+    for s in range(1, 2 * K + 1):
+        a.step(s)
+        b.step(s)
+    sd = a.opt.state_dict()
+    b.opt.load_state_dict(sd)  # torch moves state to each parameter's device first
+    assert all(o.device.type == "cpu" and o.is_pinned() for o in origins(b.opt))
+    for s in range(2 * K + 1, 4 * K + 1):
+        a.step(s)
+        b.step(s)
+    assert_same_run(a, b)
+
+
+@cuda
+def test_exception_after_a_kept_trial_restores_from_the_host_copy():
+    plain, run = Run("cuda", offload=True), Run("cuda", offload=True, raise_in_backward_at=3)
+    for s in range(1, 3 * K):
+        plain.step(s)
+        run.step(s)
+    gen = torch.Generator().manual_seed(3 * K)
+    x, y = torch.randn(8, 8, generator=gen).cuda(), torch.randn(8, 3, generator=gen).cuda()
+    ((run.model(x) - y) ** 2).mean().backward()
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    shrinks = run.opt.ledger.shrinks().copy()
+    run.opt._probe.measure = lambda source: None  # the update alone first
+    run.opt.step()
+    del run.opt._probe.measure
+    updated = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    assert any(not torch.equal(updated[n], before[n]) for n in before)
+    with pytest.raises(KeyboardInterrupt):
+        run.opt._probe.measure(run.opt)
+    for n, p in run.model.named_parameters():
+        assert torch.equal(p, updated[n]), n  # a kept trial's shrink undone from its host copy
+    assert (run.opt.ledger.shrinks() == shrinks).all()
+
+
+@cuda
+def test_peak_memory_of_a_measurement_is_two_dense_copies_lower():
+    # fc2 is 16 MiB in float32, and the held-out batch's activations make the held-out
+    # backward the measurement's peak (as a language model's do).
+    width, rows = 2048, 8192
+
+    def peak(offload):
+        run = Run("cuda", offload=offload, width=width, rows=rows)
+        for s in range(1, 2 * K):
+            run.step(s)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run.step(2 * K)  # the second measurement: one that sums, with kept trials
+        assert run.opt.ledger.shrinks()[0] > 0
+        return torch.cuda.max_memory_allocated()
+
+    dense = sum(p.numel() * p.element_size() for n, p in Net(width).named_parameters() if not n.startswith("head"))
+    saved = peak(False) - peak(True)
+    assert saved >= 1.5 * dense, (saved, dense)
