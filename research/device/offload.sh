@@ -11,6 +11,7 @@ timeout 120 python -m pytest -q -x -p no:cacheprovider tests/test_heldout_offloa
 timeout 240 python benches/loop_bench.py --batches 4x512 --steps 12 --heldout-steps 50 \
   --setups fft,molf-param,molf-heldout-param,molf-heldout-offload --out $OUT/eager.json > $OUT/eager.log 2>&1
 timeout 60 python research/device/lora_gemms.py > $OUT/gemms.txt 2>&1
+(cd research/device && timeout 90 python epilogue_layer.py --out $OUT/epilogue.json > $OUT/epilogue.log 2>&1)
 timeout 150 python benches/loop_bench.py --batches 4x512 --steps 12 --heldout-steps 50 --modes cudagraphs \
   --setups fft,molf-heldout-param --out $OUT/cudagraphs.json > $OUT/cudagraphs.log 2>&1
-cat $OUT/tests.txt | tail -3; grep '^|' $OUT/eager.log; grep '^|' $OUT/cudagraphs.log; cat $OUT/gemms.txt
+cat $OUT/tests.txt | tail -3; grep '^|' $OUT/eager.log; grep '^|' $OUT/cudagraphs.log; cat $OUT/gemms.txt; tail -10 $OUT/epilogue.log
