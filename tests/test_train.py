@@ -823,6 +823,19 @@ def test_cli_heldout_adapt_rate(mode, given, want, model_dir, data, heldout, tmp
     assert json.loads((out / "run.json").read_text())["identity"]["heldout_adapt_rate"] == want
 
 
+def test_cli_heldout_offload(model_dir, data, heldout, tmp_path):
+    """--heldout-offload reaches the policy (on the CPU it changes nothing), is no part of the
+    run's identity (where copies live, not what they hold) and belongs to policy heldout."""
+    out = tmp_path / "run"
+    argv = flags(model_dir, data, out, "--mode", "molf", "--heldout-data", str(heldout), "--heldout-every", "2")
+    assert main([*argv, "--heldout-batch", "6", "--steps", "4", "--heldout-offload"]) == 0
+    assert "heldout_offload" not in json.loads((out / "run.json").read_text())["identity"]
+    config = train_config(model_dir, data, out, mode="molf", heldout_data=[str(heldout)], heldout_offload=True)
+    assert config.build_routing().offload is True
+    with pytest.raises(ConfigError, match="heldout_offload belongs to policy 'heldout'"):
+        train_config(model_dir, data, out, mode="molf", heldout_offload=True).build_routing()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

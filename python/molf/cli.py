@@ -268,6 +268,13 @@ def _add_train_parser(sub) -> None:
         help="scale each expert's learning rate by what its movement did to the held-out loss "
         "(molf.RateRule(); default: on)",
     )
+    held.add_argument(
+        "--heldout-offload",
+        action=boolean,
+        default=S,
+        help="on CUDA, keep the dense weights' starting point and a kept shrink trial's undo copy in pinned "
+        "host memory: two weight copies less on the GPU at the probe's peak, bitwise the same run (default: off)",
+    )
     logs = train_p.add_argument_group("checkpoints and logs")
     logs.add_argument("--save-every", type=_positive_int, default=S, metavar="N", help=f"(default: {d.run.save_every})")
     logs.add_argument(

@@ -303,6 +303,7 @@ def policy_by_name(
     every: int | None = None,
     min_span: int | None = None,
     adapt_rate: bool | None = None,
+    offload: bool | None = None,
 ) -> Policy:
     """The policy object a policy name ("topk", "paper", "hysteresis", "heldout", as the
     CLI's `--policy` spells them) and flat settings stand for; a setting left None takes
@@ -327,7 +328,8 @@ def policy_by_name(
             raise ConfigError(
                 f"margin belongs to policy 'hysteresis'; with policy 'heldout' it must be 0, got {margin!r}"
             )
-        extra = {k: v for k, v in dict(every=every, adapt_rate=adapt_rate).items() if v is not None}
+        extra = dict(every=every, adapt_rate=adapt_rate, offload=offload)
+        extra = {k: v for k, v in extra.items() if v is not None}
         return Heldout(loss_fn, min_span=min_span, min_dwell=min_dwell, **extra, **common)
     raise ConfigError(
         f"unknown policy {policy!r}; expected one of 'topk', 'hysteresis', 'heldout', 'paper' (an alias of 'topk')"

@@ -51,6 +51,7 @@ RESUME_FREE = frozenset(
         "progress",
         "plots",
         "export_checkpoints",
+        "heldout_offload",  # where the probe's copies live, not what they hold
     }
 )
 # The routing options as `policy_by_name` names them; None takes the policy's own default.
@@ -64,6 +65,7 @@ ROUTING_OPTIONS = {
     "heldout_every": "every",
     "heldout_min_span": "min_span",
     "heldout_adapt_rate": "adapt_rate",
+    "heldout_offload": "offload",
 }
 
 
@@ -194,6 +196,7 @@ class RoutingOptions:
     heldout_every: int | None = None  # routing steps between held-out measurements
     heldout_min_span: int | None = None
     heldout_adapt_rate: bool | None = None  # None: the policy's default (on)
+    heldout_offload: bool | None = None  # None: the policy's default (off)
     lagged: bool = False
     log_every: int = 1  # routing log period
 
@@ -213,8 +216,9 @@ class RoutingOptions:
         if self.margin is not None:
             _number("margin", self.margin)
         _booleans(self, ("lagged",))
-        if self.heldout_adapt_rate is not None:
-            _booleans(self, ("heldout_adapt_rate",))
+        for name in ("heldout_adapt_rate", "heldout_offload"):
+            if getattr(self, name) is not None:
+                _booleans(self, (name,))
 
     def given(self) -> list[str]:
         """The policy and the settings set here (not left to the policy's defaults)."""
@@ -302,10 +306,10 @@ class TrainConfig:
         }
         policy = self.routing_policy
         if policy != "heldout":
-            for opt in ("heldout_every", "heldout_min_span", "heldout_adapt_rate"):
+            for opt in ("heldout_every", "heldout_min_span", "heldout_adapt_rate", "heldout_offload"):
                 if getattr(options, opt) is not None:
                     raise ConfigError(f"{opt} belongs to policy 'heldout', got policy {policy!r}")
-            for name in ("every", "min_span", "adapt_rate"):
+            for name in ("every", "min_span", "adapt_rate", "offload"):
                 given.pop(name, None)
         return policy_by_name(policy, loss_fn=heldout if heldout is not None else _no_heldout, **given)
 
