@@ -32,6 +32,7 @@ def test_the_package_keeps_its_size_rules():
                 if node.end_lineno - node.lineno + 1 > 300:
                     found.append(f"{where}: class {node.name} of {node.end_lineno - node.lineno + 1} lines")
                 fields = [b for b in node.body if isinstance(b, ast.AnnAssign)]
+                fields = [b for b in fields if "ClassVar" not in ast.unparse(b.annotation)]  # (no dataclass fields)
                 if _is_dataclass(node) and len(fields) > 15:
                     found.append(f"{where}: dataclass {node.name} with {len(fields)} fields")
             if isinstance(node, ast.FunctionDef) and node.name == "__init__":

@@ -435,7 +435,7 @@ def test_config_sections_file_the_flat_options(tmp_path):
     from molf.train.config import OPTION_SECTION, RESUME_FREE, SECTIONS
 
     section_fields = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
-    assert len(section_fields) == len(set(section_fields)) == 54
+    assert len(section_fields) == len(set(section_fields)) == 55
     assert all(len(dataclasses.fields(cls)) <= 15 for cls in SECTIONS.values())
     assert len(dataclasses.fields(TrainConfig)) == len(SECTIONS) <= 15
     train_parser = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]

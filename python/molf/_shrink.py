@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from . import distributed
+from ._offload import fetch, to_host
 
-__all__ = ["spectral_shrink_b"]
+__all__ = ["spectral_shrink_b", "run_trials"]
 
 
 def spectral_shrink_b(b: torch.Tensor, a: torch.Tensor, delta: float) -> torch.Tensor:
@@ -174,3 +175,56 @@ class _Trial:
             # Whole tensors: every rank computes the same result and keeps its own shard.
             shrunk = (b - b @ t).to(entries[part[0]][0].dtype)
             _copy([local[i] for i in part], [distributed.local_part(s, entries[i][0]) for i, s in zip(part, shrunk)])
+
+
+def run_trials(
+    by_expert: list[list[tuple]],
+    delta: float,
+    value: Callable[[], float],
+    keep: Callable[[int, float, float], bool],
+    undo: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
+    offload: bool,
+) -> set[torch.Tensor]:
+    """Each expert index's shrink trial in turn (`HeldoutProbe._shrink`): `by_expert[e]` its
+    entries (parameter, origin or None, LoRA A or None, inactive), `value()` the closure's
+    held-out loss, `keep(e, base, trial)` the Ledger's decision. Appends to `undo` the tensors
+    and saved values of every kept trial (undone by an exception until the measurement ends);
+    with `offload`, the saved values go to host memory. Returns the tensors of inactive
+    experts that a kept trial moved."""
+    # Origins in host memory (`offload`) start on their way to the device now, and so does
+    # every spectral trial (on CUDA its r x r work runs while the closure does).
+    hosted = sorted(
+        (e, i)
+        for e, entries in enumerate(by_expert)
+        for i, (p, origin, _, _) in enumerate(entries)
+        if origin is not None and origin.device != p.device
+    )
+    fetched = fetch([(by_expert[e][i][1], by_expert[e][i][0].device) for e, i in hosted]) if hosted else None
+    trials = [_Trial(entries, delta) for entries in by_expert]
+    rebased: set[torch.Tensor] = set()
+    base = value()
+    if fetched is not None:
+        for (e, i), origin in zip(hosted, fetched()):
+            p, _, a, inactive = by_expert[e][i]
+            by_expert[e][i] = (p, origin, a, inactive)
+        del fetched
+    for e, (entries, trial) in enumerate(zip(by_expert, trials)):
+        local = [distributed.to_local(p) for p, _, _, _ in entries]
+        saved = _backup(local)
+        undo.append((local, saved))  # before the trial writes: an exception restores them
+        trial.apply(entries, local)
+        for i in [i for h, i in hosted if h == e]:  # their device copies have served: the memory goes
+            p, _, a, inactive = entries[i]
+            entries[i] = (p, None, a, inactive)
+        trial_value = value()
+        if keep(e, base, trial_value):
+            base = trial_value  # kept; `undo` keeps its saved values until the measurement ends
+            rebased.update(p for p, _, _, inactive in entries if inactive)
+            if offload and any(t.is_cuda for t in saved):
+                # (in host memory, so they are not on the device at the held-out backward's peak)
+                undo[-1] = (local, to_host(saved))
+        else:
+            _copy(local, saved)
+            undo.pop()
+        del saved
+    return rebased

@@ -78,8 +78,8 @@ import torch
 from . import distributed
 from ._core import ConfigError, Ledger, Router, StateError
 from ._expert_view import ExpertView
-from ._offload import fetch, host_copy, to_host
-from ._shrink import _backup, _copy, _Trial, spectral_shrink_b
+from ._offload import host_copy
+from ._shrink import _copy, run_trials, spectral_shrink_b
 from .wrap import expert_tag
 
 __all__ = ["HeldoutProbe", "spectral_shrink_b", "LORA_ONLY_MIN_SPAN", "THETA_KEY", "GRAD_KEY", "ORIGIN_KEY"]
@@ -249,45 +249,7 @@ class HeldoutProbe:
                 by_expert[slot % E].append((p, distributed.to_local(state[ORIGIN_KEY]), None, inactive))
             elif tag.part == "B":
                 by_expert[slot % E].append((p, None, lora_a[slot] if spectral else None, inactive))
-        # Origins in host memory (`offload`) start on their way to the device now, and so does
-        # every spectral trial (on CUDA its r x r work runs while the closure does).
-        hosted = {
-            (e, i)
-            for e, entries in enumerate(by_expert)
-            for i, (p, origin, _, _) in enumerate(entries)
-            if origin is not None and origin.device != p.device
-        }
-        order = sorted(hosted)
-        fetched = fetch([(by_expert[e][i][1], by_expert[e][i][0].device) for e, i in order]) if hosted else None
-        trials = [_Trial(entries, delta) for entries in by_expert]
-        rebased: set[torch.Tensor] = set()
-        base = self._value()
-        if fetched is not None:
-            for (e, i), origin in zip(order, fetched()):
-                p, _, a, inactive = by_expert[e][i]
-                by_expert[e][i] = (p, origin, a, inactive)
-            del fetched
-        for e, (entries, trial) in enumerate(zip(by_expert, trials)):
-            local = [distributed.to_local(p) for p, _, _, _ in entries]
-            saved = _backup(local)
-            undo.weights.append((local, saved))  # before the trial writes: an exception restores them
-            trial.apply(entries, local)
-            if hosted:  # the device copies of host origins have served: their memory goes now
-                for i in [i for i in range(len(entries)) if (e, i) in hosted]:
-                    p, _, a, inactive = entries[i]
-                    entries[i] = (p, None, a, inactive)
-            value = self._value()
-            if view.ledger.record_shrink(e, base, value):
-                base = value  # kept; `undo` keeps its saved values until the measurement ends
-                rebased.update(p for p, _, _, inactive in entries if inactive)
-                if self.offload and any(t.is_cuda for t in saved):
-                    # (in host memory, so they are not on the device at the held-out backward's peak)
-                    undo.weights[-1] = (local, to_host(saved))
-            else:
-                _copy(local, saved)
-                undo.weights.pop()
-            del saved
-        return rebased
+        return run_trials(by_expert, delta, self._value, view.ledger.record_shrink, undo.weights, self.offload)
 
     @torch.no_grad()
     def _sums(self, view: ExpertView, window: int, rebased: set[torch.Tensor], remember: tuple[list, list]):

@@ -215,10 +215,8 @@ class RoutingOptions:
                 _integer(name, getattr(self, name), low=0)
         if self.margin is not None:
             _number("margin", self.margin)
-        _booleans(self, ("lagged",))
-        for name in ("heldout_adapt_rate", "heldout_offload"):
-            if getattr(self, name) is not None:
-                _booleans(self, (name,))
+        optional = ("heldout_adapt_rate", "heldout_offload")  # (None: the policy's default)
+        _booleans(self, ["lagged", *(n for n in optional if getattr(self, n) is not None)])
 
     def given(self) -> list[str]:
         """The policy and the settings set here (not left to the policy's defaults)."""
@@ -375,9 +373,8 @@ def _listify(options: Any, names: Iterable[str]) -> None:
 
 
 def _booleans(options: Any, names: Iterable[str]) -> None:
-    for name in names:
-        if not isinstance(getattr(options, name), bool):
-            raise ConfigError(f"{name} must be true or false, got {getattr(options, name)!r}")
+    for name in (n for n in names if not isinstance(getattr(options, n), bool)):
+        raise ConfigError(f"{name} must be true or false, got {getattr(options, name)!r}")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
