@@ -102,6 +102,21 @@ def test_resume_is_exact(variant, tmp_path):
     assert full == resumed
 
 
+@pytest.mark.parametrize("variant", ["molf", "lagged"])
+def test_loading_a_live_optimizers_state_dict_shares_no_step_counter(variant):
+    """torch's load_state_dict keeps the loaded `step` tensors themselves: loaded straight from
+    a live optimizer, both would count each other's steps (the bias corrections drift, every
+    update differs). The two continue bitwise alike."""
+    a, b = make(variant), make(variant)
+    run(*a, range(STOP))
+    run(*b, range(STOP))
+    b[1].load_state_dict(a[1].state_dict())
+    run(*a, range(STOP, TOTAL))
+    run(*b, range(STOP, TOTAL))
+    for (n, p), q in zip(a[0].named_parameters(), b[0].parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_state_dict_is_plain_data():
     model, opt, sched = make("molf")
     run(model, opt, sched, range(2))
