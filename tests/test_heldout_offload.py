@@ -79,6 +79,12 @@ class _Boom(torch.autograd.Function):
         raise KeyboardInterrupt
 
 
+def lockstep(a, b, steps):
+    for s in steps:
+        a.step(s)
+        b.step(s)
+
+
 def origins(opt):
     return [s[ORIGIN_KEY] for s in opt.state.values() if ORIGIN_KEY in s]
 
@@ -103,9 +109,7 @@ def test_offload_must_be_a_bool():
 
 def test_on_the_cpu_offload_changes_nothing():
     a, b = Run("cpu", offload=False), Run("cpu", offload=True)
-    for s in range(1, 4 * K + 1):
-        a.step(s)
-        b.step(s)
+    lockstep(a, b, range(1, 4 * K + 1))
     assert a.opt.ledger.shrinks().sum() > 0
     assert_same_run(a, b)
     assert all(not o.is_pinned() for o in origins(b.opt))
@@ -114,9 +118,7 @@ def test_on_the_cpu_offload_changes_nothing():
 @cuda
 def test_offloaded_run_is_bitwise_the_same_and_keeps_origins_on_the_host():
     a, b = Run("cuda", offload=False), Run("cuda", offload=True)
-    for s in range(1, 5 * K + 1):
-        a.step(s)
-        b.step(s)
+    lockstep(a, b, range(1, 5 * K + 1))
     shrinks = b.opt.ledger.shrinks()
     assert shrinks[0] > 0 and shrinks[1] > 0  # dense and LoRA trials kept: their undo copies went to the host
     assert_same_run(a, b)
@@ -127,15 +129,11 @@ def test_offloaded_run_is_bitwise_the_same_and_keeps_origins_on_the_host():
 @cuda
 def test_origins_return_to_the_host_after_a_load_and_the_run_continues_bitwise():
     a, b = Run("cuda", offload=True), Run("cuda", offload=True)
-    for s in range(1, 2 * K + 1):
-        a.step(s)
-        b.step(s)
+    lockstep(a, b, range(1, 2 * K + 1))
     sd = a.opt.state_dict()
     b.opt.load_state_dict(sd)  # torch moves state to each parameter's device first
     assert all(o.device.type == "cpu" and o.is_pinned() for o in origins(b.opt))
-    for s in range(2 * K + 1, 4 * K + 1):
-        a.step(s)
-        b.step(s)
+    lockstep(a, b, range(2 * K + 1, 4 * K + 1))
     assert_same_run(a, b)
 
 
