@@ -613,7 +613,7 @@ mod tests {
     #[test]
     fn rate_settings_are_validated() {
         let with = |rule| Ledger::new(1, 1, 0.5).unwrap().with_heldout_rate(rule);
-        for (rule, name) in [
+        let bad = [
             (bold(0.9, 0.5, 3.0), "heldout_rate_up"),
             (bold(f64::INFINITY, 0.5, 3.0), "heldout_rate_up"),
             (bold(f64::NAN, 0.5, 3.0), "heldout_rate_up"),
@@ -622,56 +622,13 @@ mod tests {
             (bold(1.2, f64::NAN, 3.0), "heldout_rate_down"),
             (bold(1.2, 0.5, 0.5), "heldout_rate_cap"),
             (bold(1.2, 0.5, f64::INFINITY), "heldout_rate_cap"),
-            (
-                RateRule {
-                    floor: -0.1,
-                    ..bold(1.2, 0.5, 3.0)
-                },
-                "heldout_rate_floor",
-            ),
-            (
-                RateRule {
-                    floor: 1.5,
-                    ..bold(1.2, 0.5, 3.0)
-                },
-                "heldout_rate_floor",
-            ),
-            (
-                RateRule {
-                    floor: f64::NAN,
-                    ..bold(1.2, 0.5, 3.0)
-                },
-                "heldout_rate_floor",
-            ),
-            (
-                RateRule {
-                    floor: f64::INFINITY,
-                    ..bold(1.2, 0.5, 3.0)
-                },
-                "heldout_rate_floor",
-            ),
-            (
-                RateRule {
-                    trust: -0.1,
-                    ..bold(1.2, 0.5, 3.0)
-                },
-                "heldout_rate_trust",
-            ),
-            (
-                RateRule {
-                    trust: f64::NAN,
-                    ..bold(1.2, 0.5, 3.0)
-                },
-                "heldout_rate_trust",
-            ),
-            (
-                RateRule {
-                    trust: f64::INFINITY,
-                    ..bold(1.2, 0.5, 3.0)
-                },
-                "heldout_rate_trust",
-            ),
-        ] {
+        ];
+        let base = bold(1.2, 0.5, 3.0);
+        let floors = [-0.1, 1.5, f64::NAN, f64::INFINITY]
+            .map(|floor| (RateRule { floor, ..base }, "heldout_rate_floor"));
+        let trusts = [-0.1, f64::NAN, f64::INFINITY]
+            .map(|trust| (RateRule { trust, ..base }, "heldout_rate_trust"));
+        for (rule, name) in bad.into_iter().chain(floors).chain(trusts) {
             let err = with(rule).unwrap_err();
             assert!(
                 matches!(&err, Error::Config(m) if m.contains(name)),
@@ -682,11 +639,7 @@ mod tests {
         // trust 0 and any finite trust above it (above 1 asks for more than first order).
         assert!(with(bold(1.0, 1.0, 1.0)).is_ok());
         for trust in [0.0, 1.0, 2.5] {
-            assert!(with(RateRule {
-                trust,
-                ..bold(1.2, 0.5, 3.0)
-            })
-            .is_ok());
+            assert!(with(RateRule { trust, ..base }).is_ok());
         }
         assert!(with(RateRule {
             floor: 1.0,

@@ -1,5 +1,5 @@
 """Host memory for the held-out probe's copies that a step never reads (`Heldout(offload=True)`):
-the dense experts' starting point and, during a measurement, a kept shrink trial's undo copy.
+the dense experts' starting point (a kept shrink trial's undo copy: `_shrink._backup(pinned=True)`).
 Pinned, so the copies run asynchronously on the GPU's copy engines; each copy is ordered
 on a CUDA stream, so nothing reads a copy before it is complete and no host thread waits."""
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["fetch", "host_copy", "to_host"]
+__all__ = ["fetch", "host_copy"]
 
 _SIDE = threading.local()  # per device, the stream the fetches run on
 
@@ -19,22 +19,6 @@ def host_copy(t: torch.Tensor) -> torch.Tensor:
     """A pinned host copy of the CUDA tensor `t` (complete on return)."""
     out = torch.empty_like(t, device="cpu", pin_memory=True)
     out.copy_(t)
-    return out
-
-
-def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Pinned host copies of CUDA tensors, per dtype one buffer, copied asynchronously on the
-    current stream: a later copy back on that stream reads them complete, and the device
-    memory of `tensors` can be reused by what comes after on it as soon as they are dropped."""
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.dtype, []).append(i)
-    out: list[torch.Tensor] = [torch.Tensor()] * len(tensors)
-    for dtype, idx in groups.items():
-        flat = torch.empty(sum(tensors[i].numel() for i in idx), dtype=dtype, pin_memory=True)
-        for i, v in zip(idx, flat.split([tensors[i].numel() for i in idx])):
-            out[i] = v.view(tensors[i].shape)
-            out[i].copy_(tensors[i], non_blocking=True)
     return out
 
 

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from . import distributed
-from ._offload import fetch, to_host
+from ._offload import fetch
 
 __all__ = ["spectral_shrink_b", "run_trials"]
 
@@ -75,17 +75,20 @@ def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         torch._foreach_copy_(dst, src)
 
 
-def _backup(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def _backup(tensors: list[torch.Tensor], pinned: bool = False) -> list[torch.Tensor]:
     """Copies of `tensors` (what `_copy` can write back): per dtype and device one buffer
-    and one multi-tensor copy, instead of one clone per tensor."""
+    and one multi-tensor copy, instead of one clone per tensor. `pinned`: in pinned host
+    memory, copied asynchronously on the current stream (a later copy back on it reads them
+    complete, and the device memory of `tensors` is free for what follows once dropped)."""
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.dtype, t.device), []).append(i)
     out: list[torch.Tensor] = [torch.Tensor()] * len(tensors)
     for (dtype, device), idx in groups.items():
-        flat = torch.empty(sum(tensors[i].numel() for i in idx), dtype=dtype, device=device)
+        n = sum(tensors[i].numel() for i in idx)
+        flat = torch.empty(n, dtype=dtype, pin_memory=True) if pinned else torch.empty(n, dtype=dtype, device=device)
         views = [v.view(tensors[i].shape) for i, v in zip(idx, flat.split([tensors[i].numel() for i in idx]))]
-        _copy(views, [tensors[i] for i in idx])
+        torch._foreach_copy_(views, [tensors[i] for i in idx], non_blocking=pinned)
         for i, v in zip(idx, views):
             out[i] = v
     return out
@@ -222,7 +225,7 @@ def run_trials(
             rebased.update(p for p, _, _, inactive in entries if inactive)
             if offload and any(t.is_cuda for t in saved):
                 # (in host memory, so they are not on the device at the held-out backward's peak)
-                undo[-1] = (local, to_host(saved))
+                undo[-1] = (local, _backup(saved, pinned=True))
         else:
             _copy(local, saved)
             undo.pop()

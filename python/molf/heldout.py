@@ -140,8 +140,6 @@ class HeldoutProbe:
             raise ConfigError(f"heldout must be a callable returning a held-out loss tensor, got {loss_fn!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ConfigError(f"heldout_every must be an integer >= 1, got {every!r}")
-        if not isinstance(offload, bool):
-            raise ConfigError(f"heldout offload must be True or False, got {offload!r}")
         self.loss_fn = loss_fn
         self.every = every
         self.offload = offload  # the dense origin and a kept trial's undo copy in host memory
