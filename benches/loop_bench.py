@@ -5,6 +5,7 @@ AdamW over the wrapped model, on the Qwen2.5-1.5B shape (issue #32).
     python benches/loop_bench.py --out runs/loop/results.json          # CUDA: 1.5B shape, 4x512 and 16x512, eager
     python benches/loop_bench.py --modes eager,compile --batches 4x512  # also under torch.compile(model)
     python benches/loop_bench.py --modes cudagraphs --batches 4x512     # torch.compile(model, mode="reduce-overhead")
+    python benches/loop_bench.py --modes autotune --batches 4x512       # torch.compile(model, mode="max-autotune")
     python benches/loop_bench.py --setups fft,molf --steps 50           # a subset
     python benches/loop_bench.py --profile molf --batches 4x512         # torch.profiler: chrome trace + top ops
     python benches/loop_bench.py --shape small --batches 2x64 --steps 3 --warmup 1   # CPU check (10-60 s)
@@ -96,7 +97,9 @@ SETUPS = {
 PAPER = dict(ranks=(128,), alphas=(32,), rslora=True)
 MOLF_OPT = dict(lr=2e-5, lora_lr=5e-5, weight_decay=0.1, lora_weight_decay=0.01)
 HELDOUT = ("molf-heldout", "molf-heldout-param", "molf-heldout-offload")
-COMPILE_MODES = {"compile": None, "cudagraphs": "reduce-overhead"}  # --modes other than eager: torch.compile's mode
+# --modes other than eager: torch.compile's mode ("autotune": CUDA graphs and GEMMs autotuned,
+# Triton templates with fused epilogues among the candidates)
+COMPILE_MODES = {"compile": None, "cudagraphs": "reduce-overhead", "autotune": "max-autotune"}
 HELDOUT_EVERY = 10  # molf's default heldout_every; only bounds the warm-up that runs through the first probe
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -598,7 +601,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--modes",
         default=None,
-        help="comma list of eager, compile, cudagraphs (torch.compile's reduce-overhead: CUDA graphs) (default eager)",
+        help="comma list of eager, compile, cudagraphs (torch.compile's reduce-overhead: CUDA graphs), "
+        "autotune (max-autotune) (default eager)",
     )
     parser.add_argument("--compile", action="store_true", help="same as --modes eager,compile")
     parser.add_argument("--warmup", type=int, default=5)
