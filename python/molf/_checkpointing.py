@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import torch
 
 from ._fused_path import fused_kernels
 from ._groups import state_dtype_for
@@ -15,6 +14,7 @@ from .checkpoint import (
     META_KEY,
     check_checkpoint,
     encode_meta,
+    own_state,
     recast_moments,
     routing_from_meta,
     warn_settings_changed,
@@ -84,14 +84,10 @@ class _Checkpointing:
         own = c.router == self._router and c.ledger == self._ledger and c.skipped == self._skipped_steps
         super().load_state_dict(c.stripped)
         self._hold_meta_key()
-        # torch keeps the loaded `step` tensors themselves: a live optimizer's state dict would
-        # share its step counters with this one, and each step would count twice.
-        for s in self.state.values():
-            if torch.is_tensor(s.get("step")):
-                s["step"] = s["step"].clone()
         # torch casts loaded state to each parameter's dtype; restore the state dtype we chose.
         dtype_for = functools.partial(state_dtype_for, self._state_dtype)
         recast_moments(self.state, c.stripped["param_groups"], self.param_groups, c.saved_state, dtype_for)
+        own_state(self.state, c.stripped["param_groups"], self.param_groups, c.saved_state)
         if c.changed:
             warn_settings_changed(c.changed)
         self._router, self._ledger = c.router, c.ledger

@@ -32,6 +32,7 @@ __all__ = [
     "decode_meta",
     "check_saved_group",
     "recast_moments",
+    "own_state",
     "warn_settings_changed",
     "CheckedCheckpoint",
     "check_checkpoint",
@@ -308,6 +309,21 @@ def recast_moments(
         for key in ("exp_avg", "exp_avg_sq"):
             if key in saved:  # absent: a tensor held-out-measured before its first gradient
                 state[p][key] = saved[key].to(device=p.device, dtype=dtype_for(p), copy=True)
+
+
+def own_state(state: dict, saved_groups: list[dict], param_groups: list[dict], saved_state: dict) -> None:
+    """Copies of the loaded state tensors that are the saved ones themselves: torch keeps a
+    tensor already on its parameter's device and in its dtype (and every `step` counter), so
+    state loaded from a live optimizer's state dict would be shared with it, each writing
+    into the other's (step counters counted twice, held-out state overwritten)."""
+    saved_ids = [i for g in saved_groups for i in g["params"]]
+    params = [p for g in param_groups for p in g["params"]]
+    for pid, p in zip(saved_ids, params):
+        saved = saved_state.get(pid)
+        if saved is not None:
+            for key, value in state[p].items():
+                if value is saved.get(key):
+                    state[p][key] = value.clone()
 
 
 def warn_settings_changed(changed: list[str]) -> None:
