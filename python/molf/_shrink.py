@@ -88,7 +88,11 @@ def _backup(tensors: list[torch.Tensor], pinned: bool = False) -> list[torch.Ten
         n = sum(tensors[i].numel() for i in idx)
         flat = torch.empty(n, dtype=dtype, pin_memory=True) if pinned else torch.empty(n, dtype=dtype, device=device)
         views = [v.view(tensors[i].shape) for i, v in zip(idx, flat.split([tensors[i].numel() for i in idx]))]
-        torch._foreach_copy_(views, [tensors[i] for i in idx], non_blocking=pinned)
+        if pinned:  # (device to host: one asynchronous copy each)
+            for v, i in zip(views, idx):
+                v.copy_(tensors[i], non_blocking=True)
+        else:
+            _copy(views, [tensors[i] for i in idx])
         for i, v in zip(idx, views):
             out[i] = v
     return out
