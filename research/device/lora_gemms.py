@@ -8,7 +8,13 @@ ones (N = r with a long K, which fill few SMs) split over K as one batched GEMM 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benches"))
+from step_bench import timed  # noqa: E402
 
 T, R = 2048, 128
 SHAPES = {"q/o": (1536, 1536), "k/v": (1536, 256), "gate/up": (1536, 8960), "down": (8960, 1536)}
@@ -17,14 +23,7 @@ SHAPES = {"q/o": (1536, 1536), "k/v": (1536, 256), "gate/up": (1536, 8960), "dow
 def gpu_us(fn, n=50):
     for _ in range(3):
         fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    a.record()
-    for _ in range(n):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / n
+    return timed("cuda", fn, n) * 1e3
 
 
 def split_k(x, w, s):
