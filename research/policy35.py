@@ -19,6 +19,9 @@ rescaling each step's update of the expert tensors before the measurement:
 
 * ``base``: the held-out policy without the rate adaptation (a prototype rule's baseline);
 * ``product``: the shipped default policy (its rate adaptation on);
+* ``product:UP:DOWN:CAP:FLOOR:TRUST``: the shipped policy with the product's rule at other
+  settings, `molf.Heldout(heldout, adapt_rate=molf.RateRule(UP, DOWN, CAP, FLOOR, TRUST))`
+  (e.g. ``product:1.1:0.5:2:0.5:0.8``: the default with floor 0.5);
 * ``backoff:F``: c ← F·c for every expert whose movement in the window raised the held-out
   loss (realized descent < 0);
 * ``bold:U:F:CMAX``: c ← min(U·c, CMAX) where the window's movement lowered it, F·c where it
@@ -155,6 +158,15 @@ class LrRule:
                     self.since = 0
 
 
+def product_rule(spec: str) -> molf.RateRule:
+    """'product:1.1:0.5:2:0.5:0.8' -> molf.RateRule(up=1.1, down=0.5, cap=2, floor=0.5, trust=0.8)."""
+    args = spec.split(":")[1:]
+    if len(args) != 5:
+        raise SystemExit(f"{spec!r}: expected product:UP:DOWN:CAP:FLOOR:TRUST")
+    up, down, cap, floor, trust = map(float, args)
+    return molf.RateRule(up=up, down=down, cap=cap, floor=floor, trust=trust)
+
+
 def parse(variant: str) -> tuple[dict, str | None]:
     """'every=5,shrink=0.2+backoff:0.5' -> (Heldout kwargs, rule spec or None)."""
     settings, rule = {}, None
@@ -163,6 +175,9 @@ def parse(variant: str) -> tuple[dict, str | None]:
             continue
         if part == "product":  # the product's default policy (its rate adaptation on)
             settings["adapt_rate"] = True
+            continue
+        if part.startswith("product:"):  # the product's rule at other settings
+            settings["adapt_rate"] = product_rule(part)
             continue
         if "=" in part:
             for kv in part.split(","):

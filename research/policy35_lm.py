@@ -4,6 +4,8 @@ with rate rules — tuning regimes only (quality.py's are part of the tuning set
 
     python3 research/policy35_lm.py --seeds 0-7 --jobs 2 --out /tmp/policy35_lm
     python3 research/policy35_lm.py --rules off boldf:1.1:0.5:2 ...   # a research/policy35.py prototype rule
+    python3 research/policy35_lm.py --rules off product:1.1:0.5:2:0.5:0.8 ...  # the product's rule
+        # at other settings: molf.RateRule(UP, DOWN, CAP, FLOOR, TRUST), as research/policy35.py's
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ def register() -> None:
     quality.BUILDERS.update(quality.METHODS)
 
 
+def register_product(spec: str) -> None:
+    """The product's rule at `spec`'s settings (product:UP:DOWN:CAP:FLOOR:TRUST) as a method."""
+    sys.path.insert(0, str(ROOT / "research"))
+    import policy35
+
+    rule = policy35.product_rule(spec)
+    quality.BUILDERS[f"molf default [{spec}]"] = quality._molf(
+        (quality.LORA_RANK,), True, lambda h: molf.Heldout(h, adapt_rate=rule)
+    )
+
+
 def register_prototype(spec: str) -> None:
     """`research/policy35.py`'s prototype rule `spec` (e.g. boldf:1.1:0.5:2) as a method."""
     sys.path.insert(0, str(ROOT / "research"))
@@ -63,7 +76,9 @@ def register_prototype(spec: str) -> None:
 def job(args: tuple) -> tuple:
     regime, rule, seed = args
     register()
-    if rule not in RULES:
+    if rule.startswith("product:"):
+        register_product(rule)
+    elif rule not in RULES:
         register_prototype(rule)
     torch_threads()
     out = quality.train_eval(
