@@ -6,6 +6,7 @@ with rate rules — tuning regimes only (quality.py's are part of the tuning set
     python3 research/policy35_lm.py --rules off boldf:1.1:0.5:2 ...   # a research/policy35.py prototype rule
     python3 research/policy35_lm.py --rules off product:1.1:0.5:2:0.5:0.8 ...  # the product's rule
         # at other settings: molf.RateRule(UP, DOWN, CAP, FLOOR, TRUST), as research/policy35.py's
+    python3 research/policy35_lm.py --lr 3e-3 ...  # every regime at 3e-3 instead of LR's rates
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def register_prototype(spec: str) -> None:
 
 
 def job(args: tuple) -> tuple:
-    regime, rule, seed = args
+    regime, rule, seed, lr = args
     register()
     if rule.startswith("product:"):
         register_product(rule)
@@ -84,7 +85,7 @@ def job(args: tuple) -> tuple:
     out = quality.train_eval(
         quality._instance(regime, seed, quality.QUICK, "cpu"),
         f"molf default [{rule}]",
-        LR[regime],
+        lr,
         seed,
         quality._steps(quality.REGIMES[regime], quality.QUICK),
         "test",
@@ -104,10 +105,14 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--rules", nargs="+", default=list(RULES))
     ap.add_argument("--regimes", nargs="+", default=list(LR))
+    ap.add_argument(
+        "--lr", type=float, help="one rate for every regime instead of LR's (a rate another policy might choose)"
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     a, b = map(int, args.seeds.split("-"))
-    jobs = [(r, rule, s) for r in args.regimes for rule in args.rules for s in range(a, b + 1)]
+    lr = {r: args.lr or LR[r] for r in args.regimes}
+    jobs = [(r, rule, s, lr[r]) for r in args.regimes for rule in args.rules for s in range(a, b + 1)]
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(job, jobs))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +120,7 @@ def main() -> None:
     by = {(r, rule, s): m for r, rule, s, m in results}
     for regime in args.regimes:
         base = [by[(regime, "off", s)] for s in range(a, b + 1)]
-        print(f"{regime} (lr {LR[regime]}, seeds {a}-{b}): off mean {statistics.fmean(base):.3f}")
+        print(f"{regime} (lr {lr[regime]}, seeds {a}-{b}): off mean {statistics.fmean(base):.3f}")
         for rule in args.rules:
             if rule == "off":
                 continue
