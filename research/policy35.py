@@ -36,6 +36,9 @@ rescaling each step's update of the expert tensors before the measurement:
   descent per step is at least HI × the first-order descent a step at the expert's rate
   predicts now (its potential, scaled by c): the landscape is near linear along the update;
   down (×F, floor 1) where it rose; else kept;
+* ``trk:U:F:CMAX:HI:FLOOR_LORA[:FLOOR_DENSE]``: tr with a floor per expert kind: FLOOR_LORA
+  for LoRA experts, FLOOR_DENSE (default 1, the set rate) for dense experts
+  (``trk:1.1:0.5:2:0.8:1`` is ``tr:1.1:0.5:2:0.8``);
 * ``emaback:F``: c ← F·c whenever the expert's held-out EMA (the Ledger's) is below zero
   after the window (also for a dropped expert, whose c then waits for its return).
 """
@@ -126,11 +129,14 @@ class LrRule:
         elif k == "boldf" and w is not None:  # bold with a floor at the set rate: c in [1, CMAX]
             self.c[w > 0] = np.minimum(self.c[w > 0] * a[0], a[2])
             self.c[w < 0] = np.maximum(self.c[w < 0] * a[1], 1.0)
-        elif k == "tr" and w is not None:  # up where realized >= HI x predicted (at rate c)
+        elif k in ("tr", "trk") and w is not None:  # up where realized >= HI x predicted (at rate c)
             predicted = self.c * self.potential
             up = (w > 0) & (predicted > 0) & (w >= a[3] * predicted)
             self.c[up] = np.minimum(self.c[up] * a[0], a[2])
-            self.c[w < 0] = np.maximum(self.c[w < 0] * a[1], 1.0)
+            # trk: a floor per expert kind, FLOOR_LORA for LoRA experts, FLOOR_DENSE (1) for dense ones
+            dense_floor = a[5] if len(a) > 5 else 1.0
+            floor = np.where(self.dense_slots(), dense_floor, a[4]) if k == "trk" else np.ones_like(self.c)
+            self.c[w < 0] = np.maximum(self.c[w < 0] * a[1], floor[w < 0])
         elif k == "boldd" and w is not None:  # bold, dense experts only
             dense = self.dense_slots()
             self.c[dense & (w > 0)] = np.minimum(self.c[dense & (w > 0)] * a[0], a[2])
