@@ -1,14 +1,11 @@
 """Held-out shrinkage's tensor work (see `molf.heldout`): the spectral soft-threshold of a
-LoRA product through r x r transforms, started in worker threads so it overlaps the closure,
-and one expert index's shrink trial."""
+LoRA product through r x r transforms (on CUDA by matrix products on a side stream, so they
+overlap the closure), and one expert index's shrink trial."""
 
 from __future__ import annotations
 
 import math
-import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -51,23 +48,106 @@ def _shrink_transform(ga: torch.Tensor, gb: torch.Tensor, delta: float, rtol: fl
     where A is rank-deficient (r > in, say) S = W Γ^½ from G_A's eigen-decomposition, with
     the singular values under `rtol` x the largest taken as zero, as torch.linalg.pinv does.
     B = 0 gives s = 0 and B' = B exactly; only σ > τ enter, which the Gram matrices resolve
-    to float64 precision."""
+    to float64 precision. The reference: decompositions throughout (`_soft_threshold`);
+    on CUDA `_start` runs the same math with `_soft_threshold_gemm`."""
+    s, s_pinv, singular = _factor(ga, rtol)
+    if singular.any():
+        s[singular], s_pinv[singular] = _factor_deficient(ga[singular], rtol)
+    return _transform(s, s_pinv, gb, _soft_threshold, delta)
+
+
+def _factor(ga: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """S with S Sᵀ = G_A (Cholesky), S⁻¹, and where that fails the `rtol` test (a flag per
+    matrix, on the device: no host sync)."""
     eye = torch.eye(ga.shape[-1], dtype=ga.dtype, device=ga.device)
     s, info = torch.linalg.cholesky_ex(ga)
     s_pinv = torch.linalg.solve_triangular(s, eye, upper=False)
     diag = s.diagonal(dim1=-2, dim2=-1)
     singular = (info != 0) | (diag <= rtol * diag.amax(-1, keepdim=True)).any(-1)
-    if singular.any():
-        gamma, w = torch.linalg.eigh(ga[singular])
-        sv = gamma.clamp_min(0).sqrt()
-        kept = sv > rtol * sv.amax(-1, keepdim=True)
-        s[singular] = w * torch.where(kept, sv, 0).unsqueeze(-2)
-        s_pinv[singular] = (w * torch.where(kept, 1 / sv, 0).unsqueeze(-2)).mT
-    lam, z = torch.linalg.eigh(s.mT @ gb @ s)
+    return s, s_pinv, singular
+
+
+def _factor_deficient(ga: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """S = W Γ^½ and its pseudo-inverse from G_A = W Γ Wᵀ, singular values of A under `rtol`
+    x the largest taken as zero."""
+    gamma, w = torch.linalg.eigh(ga)
+    sv = gamma.clamp_min(0).sqrt()
+    kept = sv > rtol * sv.amax(-1, keepdim=True)
+    return w * torch.where(kept, sv, 0).unsqueeze(-2), (w * torch.where(kept, 1 / sv, 0).unsqueeze(-2)).mT
+
+
+def _transform(s, s_pinv, gb, soft_threshold: Callable, delta: float) -> torch.Tensor:
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
+    return s @ (eye - soft_threshold(s.mT @ gb @ s, delta)) @ s_pinv
+
+
+def _gemm_transform(ga: torch.Tensor, gb: torch.Tensor, delta: float, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_shrink_transform` with `_soft_threshold_gemm`, no host sync: T, and the flags of the
+    matrices whose G_A is rank-deficient, for which T is not valid (`_start` redoes them)."""
+    s, s_pinv, singular = _factor(ga, rtol)
+    return _transform(s, s_pinv, gb, _soft_threshold_gemm, delta), singular
+
+
+def _soft_threshold(h: torch.Tensor, delta: float) -> torch.Tensor:
+    """F = Z diag(max(1 − τ/σ, 0)) Zᵀ for H = Z diag(σ²) Zᵀ (batched, positive semi-definite),
+    τ = δ σ_1, by eigen-decomposition."""
+    lam, z = torch.linalg.eigh(h)
     sv = lam.clamp_min(0).sqrt()
     tau = delta * sv.amax(-1, keepdim=True)
     keep = torch.where(sv > tau, 1 - tau / sv, 0)
-    return s @ (eye - (z * keep.unsqueeze(-2)) @ z.mT) @ s_pinv
+    return (z * keep.unsqueeze(-2)) @ z.mT
+
+
+# Newton–Schulz steps of `_soft_threshold_gemm`, fixed so that no step waits for the host:
+# squarings for σ_1² (relative error at most 1 / (e·2^45) where the top eigenvalues cluster);
+# quintic steps that take every |x| ≥ 1e-13 δ² into [0.68, 1.21] (x grows 3.44-fold a step
+# while small: an eigenvalue resolved to 1e-13 of τ², where its factor 1 − τ/σ is ~1e-13);
+# cubic steps that converge from there to machine precision.
+_SQUARINGS, _CUBIC = 45, 8
+_QUINTIC = (3.4445, -4.7750, 2.0315)
+
+
+def _soft_threshold_gemm(h: torch.Tensor, delta: float) -> torch.Tensor:
+    """`_soft_threshold` by batched matrix products alone (on CUDA one eigen-decomposition of
+    an r x r matrix is a synchronous cuSOLVER call, ~1.6 ms at r = 128 on an H100; this does
+    196 of them in a few ms). With H scaled to Ĥ = H / ‖H‖_F and λ = σ_1² / ‖H‖_F:
+    P = (I + sign(Ĥ − δ²λ I)) / 2 projects onto the σ > τ, and on its range
+    F = I − δ (Ĥ/λ)^-½, the inverse root taken of Ĥ/λ on P's range and δ² beside it
+    (eigenvalues in [δ², 1]). A σ within ~1e-13 of τ may be left partly on either side,
+    where its factor 1 − τ/σ is ~0 anyway: F agrees with the eigen-decomposition's to a few
+    float64 roundings x the matrices' size."""
+    shape = h.shape
+    h = h.reshape(-1, *shape[-2:])
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+
+    def safe(x: torch.Tensor) -> torch.Tensor:  # (zero for B = 0)
+        return torch.where(x > 0, x, 1)
+
+    def trace(x: torch.Tensor) -> torch.Tensor:
+        return x.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+
+    hn = h / safe(torch.linalg.matrix_norm(h)[..., None, None])
+    x = hn
+    for _ in range(_SQUARINGS):  # → the projector onto the top eigenvector(s), trace 1
+        x = x @ x
+        x = x / safe(trace(x))
+    lam = trace(x @ hn) / safe(trace(x))
+    y = hn - (delta**2 * lam) * eye  # eigenvalues in [−1, 1]
+    a, b, c = _QUINTIC
+    for _ in range(math.ceil(math.log(1e13 / delta**2) / math.log(a))):
+        y2 = y @ y
+        y = y @ torch.baddbmm(torch.add(eye * a, y2, alpha=b), y2, y2, alpha=c)
+    for _ in range(_CUBIC):
+        y = torch.baddbmm(y, y, y @ y, beta=1.5, alpha=-0.5)
+    p = 0.5 * (eye + y)
+    g = (hn @ p + (delta**2 * lam) * (eye - p)) / safe(lam)
+    g = 0.5 * (g + g.mT)
+    # Coupled Newton–Schulz: r → g^½, z → g^-½; an eigenvalue e of z r grows as e (3 − e)² / 4.
+    r, z = g, eye.expand_as(g)
+    for _ in range(math.ceil(math.log(delta**-2) / math.log(2.25)) + 6):
+        t = torch.baddbmm(1.5 * eye, z, r, alpha=-0.5)
+        r, z = r @ t, t @ z
+    return torch.where(lam > 0, p - delta * (p @ z), 0).reshape(shape)
 
 
 def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
@@ -98,44 +178,40 @@ def _backup(tensors: list[torch.Tensor], pinned: bool = False) -> list[torch.Ten
     return out
 
 
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
-_STREAMS = threading.local()  # a worker thread's own CUDA stream, per device
-_PIECE = 4  # matrices per worker task
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _start(fn: Callable[..., torch.Tensor], ga: torch.Tensor, gb: torch.Tensor, *args) -> Callable[[], torch.Tensor]:
-    """Start fn(ga, gb, *args), batched over the leading dimension, where ga is; the returned
-    function waits for the result. On CUDA in worker threads, `_PIECE` matrices per task, each
-    thread on its own stream: cuSOLVER's eigen-decomposition of a matrix larger than 32 x 32
-    is one synchronous call per matrix (~1.6 ms at r = 128 on an H100), so a few threads
-    overlap them, and the work overlaps the closure's forward on the main stream. On the CPU
-    at once (threads would compete for the cores MKL already uses)."""
-    if not ga.is_cuda:
-        out = fn(ga, gb, *args)
+def _start(a: torch.Tensor, b: torch.Tensor, delta: float, rtol: float) -> Callable[[], torch.Tensor]:
+    """Start `_shrink_transform` for the stacked float64 A's and B's (the Gram matrices
+    first); the returned function waits for T. On the CPU at once. On CUDA by matrix
+    products alone (`_soft_threshold_gemm`) on a side stream, so the work overlaps the
+    closure's forward and nothing waits for the host; where G_A is rank-deficient (a
+    Cholesky factor fails the `rtol` test, which the wait reads after the closure has
+    synchronised anyway) those matrices take the reference path."""
+    if not a.is_cuda:
+        out = _shrink_transform(a @ a.mT, b.mT @ b, delta, rtol)
         return lambda: out
-    main = torch.cuda.current_stream(ga.device)
-    ready = main.record_event()
+    main = torch.cuda.current_stream(a.device)
+    side = _STREAMS.get(a.device)
+    if side is None:
+        side = _STREAMS[a.device] = torch.cuda.Stream(a.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        ga, gb = a @ a.mT, b.mT @ b
+        t, singular = _gemm_transform(ga, gb, delta, rtol)
+    for x in (a, b):
+        x.record_stream(side)  # (freed on the main stream while the side stream may still read them)
+    done = side.record_event()
 
-    def task(ga: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
-        streams = _STREAMS.__dict__
-        if ga.device not in streams:
-            streams[ga.device] = torch.cuda.Stream(ga.device)
-        stream = streams[ga.device]
-        with torch.cuda.stream(stream):
-            stream.wait_event(ready)
-            out = fn(ga, gb, *args)
-        out.record_stream(main)  # used, then freed, on the main stream
-        stream.synchronize()  # done when the task is (the inputs are freed after it)
-        return out
+    def wait() -> torch.Tensor:
+        main.wait_event(done)
+        for x in (ga, gb, t, singular):
+            x.record_stream(main)
+        if singular.any():
+            t[singular] = _shrink_transform(ga[singular], gb[singular], delta, rtol)
+        return t
 
-    global _POOL
-    if _POOL is None or _POOL[0] != os.getpid():  # (a forked process has none of its parent's threads)
-        # torch loads its CUDA linear algebra on first use, not safely from several threads at
-        # once (pytorch/pytorch#90613): load it here.
-        torch.linalg.cholesky_ex(torch.ones(1, 1, dtype=ga.dtype, device=ga.device))
-        _POOL = os.getpid(), ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="molf-heldout")
-    tasks = [_POOL[1].submit(task, ga[j : j + _PIECE], gb[j : j + _PIECE]) for j in range(0, len(ga), _PIECE)]
-    return lambda: torch.cat([t.result() for t in tasks])
+    return wait
 
 
 class _Trial:
@@ -161,7 +237,7 @@ class _Trial:
             for start in range(0, len(idx), per):
                 part = idx[start : start + per]
                 b, a = self._stack(entries, part, 0), self._stack(entries, part, 2)
-                self.jobs.append((part, _start(_shrink_transform, a @ a.mT, b.mT @ b, delta, rtol)))
+                self.jobs.append((part, _start(a, b, delta, rtol)))
 
     @staticmethod
     def _stack(entries: list[tuple], part: list[int], k: int) -> torch.Tensor:

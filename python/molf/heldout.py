@@ -60,9 +60,9 @@ in the parameter dtype as per-parameter state `heldout_theta` / `heldout_grad` /
 measurement, the values a kept shrink trial replaced (so that an exception can
 undo it), in one buffer per dtype. The probe's own work is batched: the sums in one
 Triton pass on CUDA (`molf._probe_sums`; elsewhere over tensors of one size at once),
-the spectral trial's Gram products per shape and one float64 r x r
-eigen-decomposition per module (on CUDA in worker threads, while the closure's
-forwards run), multi-tensor writes.
+the spectral trial's Gram products per shape and float64 r x r transforms (on
+CUDA batched matrix products on a side stream, while the closure's forwards run),
+multi-tensor writes.
 """
 
 from __future__ import annotations
