@@ -1042,6 +1042,37 @@ def test_heldout_gradients_stay_out_of_other_optimizers_parameters():
         model.zero_grad()
 
 
+def test_heldout_backward_computes_the_expert_tensors_gradients_only():
+    """The held-out backward differentiates the routed expert tensors only, the sums' operands:
+    no gradient reaches this optimizer's other parameters (an embedding, a norm, an unwrapped
+    head), whose held-out gradient nothing reads and whose memory would sit at the probe's peak."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.LayerNorm(8), nn.Linear(8, 2))
+    molf.wrap(model, molf.MoLFConfig(ranks=(2,), target_modules=("0",), exclude_modules=()))
+    ids, y, ids_v, y_v = torch.randint(0, 10, (8,)), torch.randn(8, 2), torch.randint(0, 10, (8,)), torch.randn(8, 2)
+    opt = molf.MoLFAdamW(
+        [*emb.parameters(), *model.parameters()],
+        lr=1e-2,
+        routing=molf.Heldout(lambda: ((model(emb(ids_v)) - y_v) ** 2).mean(), every=1),
+    )
+    routed = {id(p) for _, p, _ in opt.expert_view().expert_tensors()}
+    others = [p for p in [*emb.parameters(), *model.parameters()] if id(p) not in routed]
+    assert len(others) == 5  # the embedding, the norm's weight and bias, the head's weight and bias
+    reached: list[int] = []
+    hooks = [p.register_hook(lambda g, i=i: reached.append(i)) for i, p in enumerate(others)]
+    for step in range(3):
+        ((model(emb(ids)) - y) ** 2).mean().backward()
+        assert sorted(reached) == list(range(5)), "the training backward reaches them all"
+        reached.clear()
+        opt.step()  # measures (every=1)
+        assert reached == [], f"the held-out backward of step {step + 1} reached non-expert tensors"
+        opt.zero_grad()
+    for h in hooks:
+        h.remove()
+    assert opt._probe.last_step == 3
+
+
 def test_routing_summary_reports_the_active_sets():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
