@@ -1314,7 +1314,7 @@ def test_probe_work_does_not_grow_with_the_number_of_tensors(monkeypatch, fft, r
 def test_spectral_trial_on_cuda_matches_the_cpu():
     """On CUDA the r x r transforms run in worker threads on their own streams; the trial's
     B's are the CPU's to rounding, and the pieces come back in order."""
-    from molf.heldout import _Trial
+    from molf._shrink import _Trial
 
     gen = torch.Generator().manual_seed(0)
     entries, bs, as_ = [], [], []

@@ -33,15 +33,15 @@ def sync():
         torch.cuda.synchronize()
 
 
-def build(key: str, batch):
+def build(key: str, batch, mode: str = "eager"):
     base = key.removesuffix("-lagged")
     torch.manual_seed(0)
     args = argparse.Namespace(peft_adapter_dtype="auto")
-    model, fwd, opt, step, counter, heldout = lb.prepare(base, SHAPE, batch, "eager", DEV, torch.bfloat16, args)
+    model, fwd, opt, step, counter, heldout = lb.prepare(base, SHAPE, batch, mode, DEV, torch.bfloat16, args)
     if key.endswith("-lagged"):
         opt.lagged = True
     x = lb.tokens(lb.SHAPES[SHAPE]["config"]["vocab_size"], batch, 1, DEV)
-    return model, opt, x, heldout, counter
+    return fwd, opt, x, heldout, counter  # (fwd: the model, compiled where `mode` says so)
 
 
 def phases(model, opt, x, n, synced: bool):
@@ -199,13 +199,14 @@ def main():
     ap.add_argument("--batch", default="4x512")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--mode", default="eager", help="eager, or a loop_bench mode (cudagraphs: the probe's parts only)")
     args = ap.parse_args()
     batch = lb.parse_batch(args.batch)
     results = {}
     for key in args.setups.split(","):
         if DEV == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        model, opt, x, heldout, counter = build(key, batch)
+        model, opt, x, heldout, counter = build(key, batch, args.mode)
         for _ in range(6):
             model(input_ids=x, labels=x).loss.backward()
             opt.step()
@@ -214,6 +215,9 @@ def main():
         r = {}
         if heldout is not None:
             r["probe"] = probe_parts(opt, model, x, heldout, counter)
+            if args.mode != "eager":
+                print(key, json.dumps(r), flush=True)
+                continue
         r["b2b_median_ms"], r["b2b_wall_ms"] = back_to_back(model, opt, x, args.steps)
         r["synced"] = phases(model, opt, x, args.steps, True)
         r["host"] = phases(model, opt, x, args.steps, False)
