@@ -4,6 +4,7 @@ overlap the closure), and one expert index's shrink trial."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -181,31 +182,29 @@ def _backup(tensors: list[torch.Tensor], pinned: bool = False) -> list[torch.Ten
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _start(a: torch.Tensor, b: torch.Tensor, delta: float, rtol: float) -> Callable[[], torch.Tensor]:
-    """Start `_shrink_transform` for the stacked float64 A's and B's (the Gram matrices
-    first); the returned function waits for T. On the CPU at once. On CUDA by matrix
-    products alone (`_soft_threshold_gemm`) on a side stream, so the work overlaps the
-    closure's forward and nothing waits for the host; where G_A is rank-deficient (a
-    Cholesky factor fails the `rtol` test, which the wait reads after the closure has
-    synchronised anyway) those matrices take the reference path."""
-    if not a.is_cuda:
-        out = _shrink_transform(a @ a.mT, b.mT @ b, delta, rtol)
+def _start(ga: torch.Tensor, gb: torch.Tensor, delta: float, rtol: float) -> Callable[[], torch.Tensor]:
+    """Start `_shrink_transform` for the stacked Gram matrices; the returned function waits
+    for T. On the CPU at once. On CUDA by matrix products alone (`_soft_threshold_gemm`) on a
+    side stream, so the work overlaps the closure's forward and nothing waits for the host;
+    where G_A is rank-deficient (a Cholesky factor fails the `rtol` test, which the wait reads
+    after the closure has synchronised anyway) those matrices take the reference path."""
+    if not ga.is_cuda:
+        out = _shrink_transform(ga, gb, delta, rtol)
         return lambda: out
-    main = torch.cuda.current_stream(a.device)
-    side = _STREAMS.get(a.device)
+    main = torch.cuda.current_stream(ga.device)
+    side = _STREAMS.get(ga.device)
     if side is None:
-        side = _STREAMS[a.device] = torch.cuda.Stream(a.device)
+        side = _STREAMS[ga.device] = torch.cuda.Stream(ga.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        ga, gb = a @ a.mT, b.mT @ b
         t, singular = _gemm_transform(ga, gb, delta, rtol)
-    for x in (a, b):
+    for x in (ga, gb):
         x.record_stream(side)  # (freed on the main stream while the side stream may still read them)
     done = side.record_event()
 
     def wait() -> torch.Tensor:
         main.wait_event(done)
-        for x in (ga, gb, t, singular):
+        for x in (t, singular):
             x.record_stream(main)
         if singular.any():
             t[singular] = _shrink_transform(ga[singular], gb[singular], delta, rtol)
@@ -219,7 +218,7 @@ class _Trial:
     origin or None, LoRA A or None, inactive): dense tensors pulled by δ towards their origin,
     LoRA B's scaled by 1 − δ (no A given) or spectrally shrunk. The spectral trial starts at
     construction: per shape, one batched product for the Gram matrices, then the r x r
-    transforms (`_shrink_transform`, `_start`), so they run while the closure does; `apply`
+    transforms of all shapes at once (`_start`), so they run while the closure does; `apply`
     computes B − B T."""
 
     BATCH_BYTES = 1 << 28  # float64 copies of one batch of B's and A's at most (at least one pair)
@@ -230,14 +229,25 @@ class _Trial:
         for i, (p, _, a, _) in enumerate(entries):
             if a is not None:
                 groups.setdefault((tuple(p.shape), tuple(a.shape), p.dtype), []).append(i)
-        self.jobs: list[tuple[list[int], Callable[[], torch.Tensor]]] = []
+        # The Gram matrices per batch of one shape; the r x r transforms of every shape with the
+        # same rank and rtol in one `_start` (one launch sequence, not one per shape).
+        grams: dict[tuple, list[tuple[list[int], torch.Tensor, torch.Tensor]]] = {}
         for (b_shape, a_shape, dtype), idx in groups.items():
-            rtol = _rtol(dtype, a_shape[0])
             per = max(1, self.BATCH_BYTES // (8 * (math.prod(b_shape) + math.prod(a_shape))))
             for start in range(0, len(idx), per):
                 part = idx[start : start + per]
                 b, a = self._stack(entries, part, 0), self._stack(entries, part, 2)
-                self.jobs.append((part, _start(a, b, delta, rtol)))
+                grams.setdefault((a_shape[0], _rtol(dtype, a_shape[0])), []).append((part, a @ a.mT, b.mT @ b))
+        # (part, the transforms of its key (a function waiting for them), its offset there)
+        self.jobs: list[tuple[list[int], Callable[[], torch.Tensor], int]] = []
+        for (_, rtol), parts in grams.items():
+            wait = functools.cache(
+                _start(torch.cat([g[1] for g in parts]), torch.cat([g[2] for g in parts]), delta, rtol)
+            )
+            offset = 0
+            for part, _, _ in parts:
+                self.jobs.append((part, wait, offset))
+                offset += len(part)
 
     @staticmethod
     def _stack(entries: list[tuple], part: list[int], k: int) -> torch.Tensor:
@@ -252,9 +262,9 @@ class _Trial:
         scaled = [local[i] for i, (_, origin, a, _) in enumerate(entries) if origin is None and a is None]
         if scaled:
             torch._foreach_mul_(scaled, 1 - self.delta)
-        for part, transform in self.jobs:
+        for part, wait, offset in self.jobs:
             b = self._stack(entries, part, 0)
-            t = transform()
+            t = wait()[offset : offset + len(part)]
             # Whole tensors: every rank computes the same result and keeps its own shard.
             shrunk = (b - b @ t).to(entries[part[0]][0].dtype)
             _copy([local[i] for i in part], [distributed.local_part(s, entries[i][0]) for i, s in zip(part, shrunk)])

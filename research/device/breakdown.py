@@ -199,14 +199,16 @@ def main():
     ap.add_argument("--batch", default="4x512")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--mode", default="eager", help="eager, or a loop_bench mode (cudagraphs: the probe's parts only)")
+    ap.add_argument(
+        "--mode", default="eager", help="eager; eager-probe or a loop_bench mode (cudagraphs): the probe's parts only"
+    )
     args = ap.parse_args()
     batch = lb.parse_batch(args.batch)
     results = {}
     for key in args.setups.split(","):
         if DEV == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        model, opt, x, heldout, counter = build(key, batch, args.mode)
+        model, opt, x, heldout, counter = build(key, batch, args.mode.removesuffix("-probe"))
         for _ in range(6):
             model(input_ids=x, labels=x).loss.backward()
             opt.step()

@@ -47,13 +47,13 @@ def main():
             lambda: _shrink._shrink_transform(ga, gb, 0.1, rtol), sync
         ),
         "cuda, _start (Gram + Newton-Schulz products, side stream)": timed(
-            lambda: _shrink._start(a, b, 0.1, rtol)(), sync
+            lambda: _shrink._start(a @ a.mT, b.mT @ b, 0.1, rtol)(), sync
         ),
     }
     ga_c, gb_c = ga.cpu(), gb.cpu()
     rows["cpu, reference, one call"] = timed(lambda: _shrink._shrink_transform(ga_c, gb_c, 0.1, rtol), lambda: None)
     ref = _shrink._shrink_transform(ga_c, gb_c, 0.1, rtol)
-    got = _shrink._start(a, b, 0.1, rtol)().cpu()
+    got = _shrink._start(ga, gb, 0.1, rtol)().cpu()
     print(f"max |T(cuda _start) - T(cpu reference)| {float((got - ref).abs().max()):.2e}")
     for k, v in rows.items():
         print(f"| {k} | {v} ms |")
