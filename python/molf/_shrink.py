@@ -113,11 +113,10 @@ def _soft_threshold_gemm(h: torch.Tensor, delta: float) -> torch.Tensor:
     an r x r matrix is a synchronous cuSOLVER call: 196 at r = 128 take 320 ms on an H100,
     the transforms by products, Cholesky factors included, 16.6 ms). With H scaled to
     Ĥ = H / ‖H‖_F and λ = σ_1² / ‖H‖_F: P = (I + sign(Ĥ − δ²λ I)) / 2 projects onto the
-    σ > τ, and on its range
-    F = I − δ (Ĥ/λ)^-½, the inverse root taken of Ĥ/λ on P's range and δ² beside it
-    (eigenvalues in [δ², 1]). A σ within ~1e-13 of τ may be left partly on either side,
-    where its factor 1 − τ/σ is ~0 anyway: F agrees with the eigen-decomposition's to a few
-    float64 roundings x the matrices' size."""
+    σ > τ, and on its range F = I − δ (Ĥ/λ)^-½, the inverse root taken of Ĥ/λ on P's range
+    and δ² beside it (eigenvalues in [δ², 1]). A σ within ~1e-13 of τ may be left partly on
+    either side, where its factor 1 − τ/σ is ~0 anyway: F agrees with the eigen-
+    decomposition's to a few float64 roundings x the matrices' size."""
     shape = h.shape
     h = h.reshape(-1, *shape[-2:])
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
