@@ -1,7 +1,8 @@
 """Host memory for the held-out probe's copies that a step never reads (`Heldout(offload=True)`):
 the dense experts' starting point (a kept shrink trial's undo copy: `_shrink._backup(pinned=True)`).
 Pinned, so the copies run asynchronously on the GPU's copy engines; each copy is ordered
-on a CUDA stream, so nothing reads a copy before it is complete and no host thread waits."""
+on a CUDA stream, so nothing reads a copy before it is complete and no host thread waits.
+Also the side streams such overlapped work runs on (`side_stream`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,17 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["fetch", "host_copy"]
+__all__ = ["fetch", "host_copy", "side_stream"]
 
-_SIDE = threading.local()  # per device, the stream the fetches run on
+_SIDE = threading.local()  # this thread's side streams, by (purpose, device)
+
+
+def side_stream(purpose: str, device: torch.device) -> torch.cuda.Stream:
+    """This thread's side stream for `purpose` on `device`, created at the first call."""
+    streams = _SIDE.__dict__
+    if (purpose, device) not in streams:
+        streams[purpose, device] = torch.cuda.Stream(device)
+    return streams[purpose, device]
 
 
 def host_copy(t: torch.Tensor) -> torch.Tensor:
@@ -32,9 +41,7 @@ def fetch(pairs: list[tuple[torch.Tensor, torch.device]]) -> Callable[[], list[t
     streams = []
     for device in {d for _, d in pairs}:
         main = torch.cuda.current_stream(device)
-        side = _SIDE.__dict__.get(device)
-        if side is None:
-            side = _SIDE.__dict__[device] = torch.cuda.Stream(device)
+        side = side_stream("fetch", device)
         side.wait_stream(main)  # the fresh buffers' blocks may still be in use by earlier work
         with torch.cuda.stream(side):
             for dst, (t, d) in zip(out, pairs):

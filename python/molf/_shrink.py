@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from . import distributed
-from ._offload import fetch
+from ._offload import fetch, side_stream
 
 __all__ = ["spectral_shrink_b", "run_trials"]
 
@@ -179,9 +179,6 @@ def _backup(tensors: list[torch.Tensor], pinned: bool = False) -> list[torch.Ten
     return out
 
 
-_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
 def _start(ga: torch.Tensor, gb: torch.Tensor, delta: float, rtol: float) -> Callable[[], torch.Tensor]:
     """Start `_shrink_transform` for the stacked Gram matrices; the returned function waits
     for T. On the CPU at once. On CUDA by matrix products alone (`_soft_threshold_gemm`) on a
@@ -192,9 +189,7 @@ def _start(ga: torch.Tensor, gb: torch.Tensor, delta: float, rtol: float) -> Cal
         out = _shrink_transform(ga, gb, delta, rtol)
         return lambda: out
     main = torch.cuda.current_stream(ga.device)
-    side = _STREAMS.get(ga.device)
-    if side is None:
-        side = _STREAMS[ga.device] = torch.cuda.Stream(ga.device)
+    side = side_stream("spectral", ga.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
         t, singular = _gemm_transform(ga, gb, delta, rtol)
