@@ -286,6 +286,48 @@ def test_layer_takes_the_function_and_matches_composition(arch):
         torch.testing.assert_close(g, g_ref, **TIGHT)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["bias", "nobias", "conv1d"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_no_grad_forward_is_the_functions_forward(device, kind, dims, autocast, monkeypatch):
+    """Without a graph (evaluation, the probe's shrink trials) the layer skips the Function's
+    machinery: the same kernels, so the output is bitwise the Function's, under autocast too."""
+    ops = operands(kind, (3, 2), dtype=torch.float32, device=device)
+    x = torch.randn(*[2, 3][: dims - 1], TOKENS, IN, device=device)
+    weight, bias, lora_a, lora_b, scales = ops
+    ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    with ctx():
+        want = routed_linear(x, weight, bias, lora_a, lora_b, scales, kind == "conv1d")
+        assert want.grad_fn is not None
+        with torch.no_grad():
+            calls = []
+            monkeypatch.setattr(molf.routed_linear.RoutedLinearFunction, "apply", lambda *a: calls.append(a))
+            got = routed_linear(x, weight, bias, lora_a, lora_b, scales, kind == "conv1d")
+    assert not calls and got.grad_fn is None
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got, want.detach())
+
+
+def test_layer_without_grad_skips_the_function(monkeypatch):
+    layer = molf.MoLFLinear(nn.Linear(IN, OUT).double(), ranks=(2, 3), scales=(0.5, 2.0))
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    x = torch.randn(2, TOKENS, IN, dtype=torch.float64)
+    function = molf.routed_linear.RoutedLinearFunction
+    with monkeypatch.context() as patch:
+        patch.setattr(function, "apply", lambda *a: pytest.fail("the Function ran without grad"))
+        with torch.no_grad():
+            y = layer(x)
+        with torch.inference_mode():
+            y_inference = layer(x)
+    want = layer(x)
+    assert type(want.grad_fn).__name__ == "RoutedLinearFunctionBackward"
+    assert torch.equal(y, want.detach()) and torch.equal(y_inference, want.detach())
+    torch.testing.assert_close(y, layer_composed(layer, x).detach(), **TIGHT)
+
+
 def test_layer_keeps_the_composition_where_it_must():
     """LoRA dropout in training, no LoRA expert, hooks on the base layer: the
     composition (dropout draws its mask; the base's hooks run); dropout in eval mode

@@ -25,7 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-__all__ = ["RoutedLinearFunction", "routed_linear"]
+__all__ = ["RoutedLinearFunction", "forward_no_grad", "routed_linear"]
 
 
 def _autocast_operands(x: torch.Tensor, tensors: tuple) -> tuple:
@@ -52,18 +52,10 @@ class RoutedLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, transposed, scales, *lora):
         if torch.is_autocast_enabled(x.device.type):
             x, weight, bias, *lora = _autocast_operands(x, (x, weight, bias, *lora))
-        n = len(scales)
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if not transposed:
-            y = F.linear(x2, weight, bias)
-        else:
-            y = x2.mm(weight) if bias is None else torch.addmm(bias, x2, weight)
-        ts = [F.linear(x2, a) for a in lora[:n]]
-        for t, b, s in zip(ts, lora[n:], scales):
-            y.addmm_(t, b.t(), alpha=s)
+        y, x2, ts = _forward(x, weight, bias, transposed, scales, lora)
         ctx.save_for_backward(x2, weight, *lora, *ts)
         ctx.meta = transposed, scales, x.shape
-        return y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, gy):
@@ -73,6 +65,20 @@ class RoutedLinearFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             return _backward_once(ctx, gy)
         return _backward(ctx, gy)
+
+
+def _forward(x, weight, bias, transposed, scales, lora) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """y (shaped like x), x as a matrix, and the t_i = x A_iᵀ."""
+    n = len(scales)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if not transposed:
+        y = F.linear(x2, weight, bias)
+    else:
+        y = x2.mm(weight) if bias is None else torch.addmm(bias, x2, weight)
+    ts = [F.linear(x2, a) for a in lora[:n]]
+    for t, b, s in zip(ts, lora[n:], scales):
+        y.addmm_(t, b.t(), alpha=s)
+    return (y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])), x2, ts
 
 
 def _backward(ctx, gy):
@@ -120,4 +126,15 @@ def routed_linear(
     transposed: bool = False,
 ) -> torch.Tensor:
     """x Wᵀ + b + Σ_i s_i B_i A_i x (x W + b + … for a transposed (in, out) weight), one autograd node."""
+    if not torch.is_grad_enabled():
+        return forward_no_grad(x, weight, bias, transposed, tuple(scales), *lora_A, *lora_B)
     return RoutedLinearFunction.apply(x, weight, bias, transposed, tuple(scales), *lora_A, *lora_B)
+
+
+def forward_no_grad(x, weight, bias, transposed, scales, *lora) -> torch.Tensor:
+    """`RoutedLinearFunction.apply`'s result where no graph is recorded (evaluation, the held-out
+    probe's shrink trials): the same kernels without the Function's machinery, which costs as
+    much host time as the layer's GEMMs launch."""
+    if torch.is_autocast_enabled(x.device.type):
+        x, weight, bias, *lora = _autocast_operands(x, (x, weight, bias, *lora))
+    return _forward(x, weight, bias, transposed, scales, lora)[0]
