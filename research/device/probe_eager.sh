@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (issue #32), wheel .whl/cur: the spectral trial's CUDA tests, the whole step with
-# held-out routing (param state) beside FFT and paper routing, eager 4x512, the probe's parts, and
+# held-out routing (param state) beside FFT and paper routing, eager 4x512, and
 # which CUDA graph tree path each call of a held-out run takes under reduce-overhead.
 set -u
 pip install --no-deps --quiet --target /tmp/cur .whl/cur/*.whl 2>&1 | grep -v WARNING | tail -1
@@ -11,7 +11,6 @@ timeout 60 python -m pytest -q -p no:cacheprovider tests/test_spectral_gemm.py t
 timeout 200 python benches/loop_bench.py --batches 4x512 --steps 12 --setups fft,molf-param,molf-heldout-param \
   --heldout-steps 50 --out $OUT/eager.json > $OUT/eager.log 2>&1
 tail -9 $OUT/eager.log
-timeout 100 python research/device/breakdown.py --setups molf-heldout-param --mode eager-probe --out $OUT/parts.json 2>&1 | tail -2
 timeout 190 python research/device/graph_paths.py --steps 30 --out $OUT/paths.json > $OUT/paths.log 2>&1
 grep '^{' $OUT/paths.log | tail -12
 grep -i "skipping cudagraph\|unable to hit\|re-record\|recompil" $OUT/paths.log | sort | uniq -c | head
