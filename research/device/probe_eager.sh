@@ -8,9 +8,9 @@ export PYTHONPATH=/tmp/cur
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 60 python -m pytest -q -p no:cacheprovider tests/test_spectral_gemm.py tests/test_heldout.py tests/test_routed_linear.py \
   -k "spectral or cuda" 2>&1 | tail -1
-timeout 200 python benches/loop_bench.py --batches 4x512 --steps 12 --setups fft,molf-param,molf-heldout-param \
+timeout 170 python benches/loop_bench.py --batches 4x512 --steps 12 --setups fft,molf-param,molf-heldout-param \
   --heldout-steps 50 --out $OUT/eager.json > $OUT/eager.log 2>&1
 tail -9 $OUT/eager.log
-timeout 190 python research/device/graph_paths.py --steps 30 --out $OUT/paths.json > $OUT/paths.log 2>&1
+timeout 150 python research/device/graph_paths.py --steps 24 --out $OUT/paths.json > $OUT/paths.log 2>&1
 grep '^{' $OUT/paths.log | tail -12
 grep -i "skipping cudagraph\|unable to hit\|re-record\|recompil" $OUT/paths.log | sort | uniq -c | head
