@@ -1,11 +1,13 @@
 """Which path torch.compile's CUDA graph trees take for each call of a held-out routing run
-(issue #32): per step, how many calls ran eagerly (warm-up), were recorded, replayed, or
-skipped cudagraphs, split into calls under grad and under no_grad (the probe's shrink
-trials call the closure under no_grad). Why the closure's no-grad forwards run at eager
-speed inside a probe.
+(issue #32): per step, how many compiled calls ran eagerly (warm-up), were recorded or
+replayed (`execute_node`), and the closure calls of that step (a probe makes four: the
+shrink trials' three without gradient, then the held-out forward + backward).
 
-    python research/device/graph_paths.py --steps 40 --out $OUT/graph_paths.json
-    python research/device/graph_paths.py --steps 40 --mark-step --out $OUT/graph_paths_mark.json
+`run` counts the tree manager's entries, its re-entry for a new root included; the label
+says the grad mode at the manager's call, which is off for every call (the compiled
+autograd Function calls it under no_grad), so it does not tell the probe's calls apart.
+
+    python research/device/graph_paths.py --steps 22 --out $OUT/graph_paths.json
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ def count(name: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--mark-step", action="store_true", help="cudagraph_mark_step_begin() before each step")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch._logging.set_logs(perf_hints=True, cudagraphs=True, recompiles=True)  # re-record reasons log at DEBUG
@@ -54,8 +55,6 @@ def main() -> None:
     rows = []
     for i in range(args.steps):
         before, calls = COUNTS.copy(), counter.calls
-        if args.mark_step:
-            torch.compiler.cudagraph_mark_step_begin()
         step()
         torch.cuda.synchronize()
         diff = {k: v - before.get(k, 0) for k, v in COUNTS.items() if v != before.get(k, 0)}
