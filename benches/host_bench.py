@@ -12,7 +12,8 @@ Setups, each on its own model built from the same seed:
   peft   PEFT LoRA r8 (alpha 32, rsLoRA) on every linear but lm_head, torch AdamW(foreach=True)
   molf   molf.wrap(ranks=(8,)) on every linear but lm_head, MoLFAdamW(state_dtype="param")
 
-Rows: "fwd+bwd" is `model(input_ids=x, labels=x).loss.backward()` then the
+Rows: "no-grad" is the forward alone under `torch.no_grad()` (an evaluation, the held-out
+probe's shrink trials); "fwd+bwd" is `model(input_ids=x, labels=x).loss.backward()` then the
 gradients dropped; "step" adds `opt.step(); opt.zero_grad()`. Each round runs
 --iters of every setup and row in turn (after one untimed call), so the machine's
 drift hits all alike. Reported: the median over rounds of each round's median ms,
@@ -103,7 +104,14 @@ def run(rounds: int, iters: int, clock) -> dict[tuple[str, str], list[float]]:
 
         return fn
 
-    rows = {"fwd+bwd": grad_only, "step": step}
+    def no_grad(model, opt):
+        def fn():
+            with torch.no_grad():
+                model(input_ids=x, labels=x)
+
+        return fn
+
+    rows = {"no-grad": no_grad, "fwd+bwd": grad_only, "step": step}
     times: dict[tuple[str, str], list[float]] = {(r, s): [] for r in rows for s in SETUPS}
     for _ in range(rounds):
         for r, make in rows.items():
@@ -128,7 +136,7 @@ def main() -> None:
     )
     times = run(args.rounds, args.iters, CLOCKS[args.clock])
     print(f"{'row':<8} {'setup':<6} {'ms':>8} {'x plain':>8} {'us/layer':>9}")
-    for row in ("fwd+bwd", "step"):
+    for row in ("no-grad", "fwd+bwd", "step"):
         plain = times[row, "plain"]
         for s in SETUPS:
             ts = times[row, s]
