@@ -1074,6 +1074,31 @@ def test_heldout_backward_computes_the_expert_tensors_gradients_only():
     assert opt._probe.last_step == 3
 
 
+def test_shrink_trials_forwards_skip_the_routed_layers_function(monkeypatch):
+    """A measurement's forwards without gradient (the base value and one trial per expert
+    index) run the routed layer's kernels without its autograd Function; only the held-out
+    forward + backward goes through it, once per wrapped layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+    molf.wrap(model, molf.MoLFConfig(ranks=(2,), exclude_modules=()))
+    x, x_v = torch.randn(8, 4), torch.randn(8, 4)
+    opt = molf.MoLFAdamW(model, lr=1e-2, routing=molf.Heldout(lambda: model(x_v).square().mean(), every=1))
+    function = molf.routed_linear.RoutedLinearFunction
+    apply = function.apply
+    closure_calls, applied = [], []
+    loss_fn = opt._probe.loss_fn
+    monkeypatch.setattr(opt._probe, "loss_fn", lambda: closure_calls.append(torch.is_grad_enabled()) or loss_fn())
+    monkeypatch.setattr(function, "apply", lambda *a: applied.append(torch.is_grad_enabled()) or apply(*a))
+    for _ in range(3):
+        model(x).square().mean().backward()
+        applied.clear()
+        closure_calls.clear()
+        opt.step()  # measures (every=1); from the second on, with shrink trials
+        opt.zero_grad()
+    assert closure_calls == [False, False, False, True]  # the base value, two trials, the gradient
+    assert applied == [True, True]  # the held-out forward's two wrapped layers
+
+
 def test_routing_summary_reports_the_active_sets():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
