@@ -1099,6 +1099,26 @@ def test_shrink_trials_forwards_skip_the_routed_layers_function(monkeypatch):
     assert applied == [True, True]  # the held-out forward's two wrapped layers
 
 
+def test_heldout_backward_leaves_other_modules_alone_when_every_expert_is_frozen():
+    """Experts frozen after the optimizer was built: nothing of the optimizer's needs a held-out
+    gradient, and none reaches a module outside it (another optimizer's, here `other`)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+    molf.wrap(model, molf.MoLFConfig(ranks=(2,), target_modules=("0",), exclude_modules=()))
+    other = nn.Linear(4, 4)
+    x, x_v = torch.randn(8, 4), torch.randn(8, 4)
+    opt = molf.MoLFAdamW(model, lr=1e-2, routing=molf.Heldout(lambda: model(other(x_v)).square().mean(), every=1))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    for step in range(3):
+        model(other(x)).square().mean().backward()
+        other.zero_grad(set_to_none=True)
+        opt.step()  # measures (every=1)
+        assert all(p.grad is None for p in other.parameters()), f"step {step + 1}"
+        opt.zero_grad()
+    assert opt._probe.last_step == 3
+
+
 def test_routing_summary_reports_the_active_sets():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))

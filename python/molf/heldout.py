@@ -178,12 +178,12 @@ class HeldoutProbe:
                         f"model's parameters), got {type(loss).__name__}"
                         + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
                     )
-                # Gradients land in this optimizer's expert tensors only, the sums' operands (a tied
-                # embedding's, 0.5 GB in a 1.5B model, would sit at the probe's peak and cost a
-                # vocabulary-wide GEMM); under FSDP2 (sharded parameters are no graph leaves) in all.
+                # Gradients land in this optimizer's expert tensors only, the sums' operands (not a
+                # tied embedding: 0.5 GB at the probe's peak in a 1.5B model); none if all are frozen;
+                # under FSDP2 (sharded parameters are no graph leaves) in all.
                 own = [p for _, p, _ in view.expert_tensors() if p.requires_grad]
-                sharded = any(distributed.is_sharded(p) for p in own)
-                loss.backward(inputs=None if sharded or not own else own)
+                if own:
+                    loss.backward(inputs=None if any(distributed.is_sharded(p) for p in own) else own)
             window = view.router.step - self.last_step
             remember: tuple[list, list] = ([], [])
             descent, potential, moved = self._sums(view, window, rebased, remember)

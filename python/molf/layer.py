@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .routed_linear import RoutedLinearFunction, forward_no_grad
+from .routed_linear import routed_apply
 
 __all__ = ["MoLFLinear", "is_linear_like"]
 
@@ -94,7 +94,7 @@ class MoLFLinear(nn.Module):
         base = modules["base"]
         if self._fused(base):
             params = base._parameters
-            return (RoutedLinearFunction.apply if torch.is_grad_enabled() else forward_no_grad)(
+            return routed_apply(
                 x,
                 params["weight"],
                 params.get("bias"),

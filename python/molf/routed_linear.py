@@ -25,7 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-__all__ = ["RoutedLinearFunction", "forward_no_grad", "routed_linear"]
+__all__ = ["RoutedLinearFunction", "routed_apply", "routed_linear"]
 
 
 def _autocast_operands(x: torch.Tensor, tensors: tuple) -> tuple:
@@ -126,15 +126,15 @@ def routed_linear(
     transposed: bool = False,
 ) -> torch.Tensor:
     """x Wᵀ + b + Σ_i s_i B_i A_i x (x W + b + … for a transposed (in, out) weight), one autograd node."""
-    if not torch.is_grad_enabled():
-        return forward_no_grad(x, weight, bias, transposed, tuple(scales), *lora_A, *lora_B)
-    return RoutedLinearFunction.apply(x, weight, bias, transposed, tuple(scales), *lora_A, *lora_B)
+    return routed_apply(x, weight, bias, transposed, tuple(scales), *lora_A, *lora_B)
 
 
-def forward_no_grad(x, weight, bias, transposed, scales, *lora) -> torch.Tensor:
-    """`RoutedLinearFunction.apply`'s result where no graph is recorded (evaluation, the held-out
-    probe's shrink trials): the same kernels without the Function's machinery, which costs as
-    much host time as the layer's GEMMs launch."""
+def routed_apply(x, weight, bias, transposed, scales, *lora) -> torch.Tensor:
+    """`RoutedLinearFunction.apply`'s arguments and result. Where no graph is recorded
+    (evaluation, the held-out probe's shrink trials) the same kernels run without the
+    Function's machinery, which costs as much host time as the layer's GEMMs launch."""
+    if torch.is_grad_enabled():
+        return RoutedLinearFunction.apply(x, weight, bias, transposed, scales, *lora)
     if torch.is_autocast_enabled(x.device.type):
         x, weight, bias, *lora = _autocast_operands(x, (x, weight, bias, *lora))
     return _forward(x, weight, bias, transposed, scales, lora)[0]
