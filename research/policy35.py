@@ -39,6 +39,11 @@ rescaling each step's update of the expert tensors before the measurement:
 * ``trk:U:F:CMAX:HI:FLOOR_LORA[:FLOOR_DENSE]``: tr with a floor per expert kind: FLOOR_LORA
   for LoRA experts, FLOOR_DENSE (default 1, the set rate) for dense experts
   (``trk:1.1:0.5:2:0.8:1`` is ``tr:1.1:0.5:2:0.8``);
+* ``ext:GAMMA[:DENSE_ONLY]``: before each measurement, an extension trial per expert index
+  (all modules together; with DENSE_ONLY 1 the dense experts only): every tensor moved on
+  by GAMMA x its movement since the last measurement, kept where the held-out loss fell
+  (a line search along the window's movement, the mirror of the shrink trials; the rate
+  multipliers untouched, so ``product+ext:0.5`` runs it beside the shipped rule);
 * ``emaback:F``: c ← F·c whenever the expert's held-out EMA (the Ledger's) is below zero
   after the window (also for a dropped expert, whose c then waits for its return).
 """
@@ -96,6 +101,8 @@ class LrRule:
                     for p, slot, old in self.snapshot:
                         p.sub_(old).mul_(self.c[slot]).add_(old)  # θ_old + c·(θ_new − θ_old)
             due = probe.due(opt._router.step)
+            if due and self.kind == "ext" and probe.last_step:
+                self.extend(probe)
             self.window = None
             measure()
             if due:
@@ -111,6 +118,32 @@ class LrRule:
         opt._measure_heldout = rescaled_measure
         opt.step = stepped
         self.snapshot = None
+
+    @torch.no_grad()
+    def extend(self, probe) -> None:
+        view = self.opt.expert_view()
+        gamma, dense_only = self.args[0], len(self.args) > 1 and self.args[1] > 0
+        E = view.shape[1]
+        by: list[list] = [[] for _ in range(E)]
+        for _, p, slot in view.expert_tensors():
+            prev = view.state.get(p, {}).get("heldout_theta")
+            if prev is not None and not (dense_only and expert_tag(p).kind != "dense"):
+                by[slot % E].append((p, prev))
+        base = probe._value()
+        self.kept = getattr(self, "kept", [0] * E)
+        for e, items in enumerate(by):
+            if not items:
+                continue
+            saved = [p.detach().clone() for p, _ in items]
+            for p, prev in items:
+                p.add_(p - prev, alpha=gamma)
+            value = probe._value()
+            if value < base:
+                base = value
+                self.kept[e] += 1
+            else:
+                for (p, _), old in zip(items, saved):
+                    p.copy_(old)
 
     def dense_slots(self) -> np.ndarray:
         out = np.zeros_like(self.c, dtype=bool)

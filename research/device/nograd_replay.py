@@ -2,7 +2,9 @@
 setup of `loop_bench.py` under torch.compile(mode="reduce-overhead"), its closure called
 without gradient (as the probe's shrink trials do) and with (forward + backward), each
 once recorded and then replayed: wall time synced, host time of the call alone, and the
-GPU's kernel time from torch.profiler with the top kernels.
+GPU's kernel time from torch.profiler with the top kernels; then the order the probe
+calls them in (a forward + backward, then no-grad forwards in a row: is the first no-grad
+call after a graph with grad the slow one?) and the host's top ops of a no-grad replay.
 
     python research/device/nograd_replay.py --out $OUT/nograd_replay.json
 """
@@ -78,10 +80,32 @@ def main() -> None:
         gpu, count, top = kernels(fn)
         res[name] = {"wall_ms": wall, "host_ms": host, "gpu_kernel_ms": gpu, "kernels": count, "top": top}
         print(name, json.dumps(res[name]), flush=True)
+    firsts, seconds = [], []
+    for _ in range(5):  # the probe's order: training graph with grad, then no-grad calls
+        with_grad()
+        firsts.append(timed(no_grad, 1))
+        seconds.append(timed(no_grad, 1))
+    res["no-grad after a with-grad call"] = {
+        "wall_ms": statistics.median(w for w, _ in firsts),
+        "host_ms": statistics.median(h for _, h in firsts),
+    }
+    res["no-grad after a no-grad call"] = {
+        "wall_ms": statistics.median(w for w, _ in seconds),
+        "host_ms": statistics.median(h for _, h in seconds),
+    }
+    with_grad()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        no_grad()
+    res["host ops of a no-grad call after a with-grad call"] = prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=15
+    )
+    print(res["host ops of a no-grad call after a with-grad call"], flush=True)
     args.out.write_text(json.dumps(res, indent=1))
     print("\n| call | wall ms | host ms | GPU kernel ms | kernels |")
     for k, r in res.items():
-        print(f"| {k} | {r['wall_ms']} | {r['host_ms']} | {r['gpu_kernel_ms']} | {r['kernels']} |")
+        if isinstance(r, dict):
+            print(f"| {k} | {r['wall_ms']} | {r['host_ms']} | {r.get('gpu_kernel_ms', '')} | {r.get('kernels', '')} |")
 
 
 if __name__ == "__main__":
