@@ -5,5 +5,5 @@ set -u
 pip install --no-deps --quiet --target /tmp/cur .whl/cur/*.whl 2>&1 | grep -v WARNING | tail -1
 export PYTHONPATH=/tmp/cur
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout 330 python research/device/nograd_replay.py --out $OUT/nograd_replay.json > $OUT/nograd_replay.log 2>&1
+timeout 280 python research/device/nograd_replay.py --out $OUT/nograd_replay.json > $OUT/nograd_replay.log 2>&1
 tail -45 $OUT/nograd_replay.log
