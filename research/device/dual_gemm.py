@@ -26,6 +26,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _accumulate(acc, a, b, K, rm, rn, s_am, s_ak, s_bk, s_bn, mask_m, mask_n, BK: tl.constexpr):
+    """acc + the (rm, rn) tile of a @ b over K (a multiple of BK)."""
+    rk = tl.arange(0, BK)
+    pa = a + rm[:, None] * s_am + rk[None, :] * s_ak
+    pb = b + rk[:, None] * s_bk + rn[None, :] * s_bn
+    for _ in range(0, K, BK):
+        acc = tl.dot(tl.load(pa, mask=mask_m, other=0.0), tl.load(pb, mask=mask_n, other=0.0), acc)
+        pa += BK * s_ak
+        pb += BK * s_bk
+    return acc
+
+
+@triton.jit
 def _dual_gemm_kernel(
     a1, b1, a2, b2, c,
     M, N, K1, K2, alpha,
@@ -42,23 +55,11 @@ def _dual_gemm_kernel(
     pid_n = (pid % width) // size_m
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
     mask_m, mask_n = rm[:, None] < M, rn[None, :] < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # The skinny product first (K2 = r), scaled, then the dense one into the same accumulator.
-    pa = a2 + rm[:, None] * s_a2m + rk[None, :] * s_a2k
-    pb = b2 + rk[:, None] * s_b2k + rn[None, :] * s_b2n
-    for _ in range(0, K2, BK):
-        acc = tl.dot(tl.load(pa, mask=mask_m, other=0.0), tl.load(pb, mask=mask_n, other=0.0), acc)
-        pa += BK * s_a2k
-        pb += BK * s_b2k
-    acc = acc * alpha
-    pa = a1 + rm[:, None] * s_a1m + rk[None, :] * s_a1k
-    pb = b1 + rk[:, None] * s_b1k + rn[None, :] * s_b1n
-    for _ in range(0, K1, BK):
-        acc = tl.dot(tl.load(pa, mask=mask_m, other=0.0), tl.load(pb, mask=mask_n, other=0.0), acc)
-        pa += BK * s_a1k
-        pb += BK * s_b1k
+    acc = _accumulate(acc, a2, b2, K2, rm, rn, s_a2m, s_a2k, s_b2k, s_b2n, mask_m, mask_n, BK) * alpha
+    acc = _accumulate(acc, a1, b1, K1, rm, rn, s_a1m, s_a1k, s_b1k, s_b1n, mask_m, mask_n, BK)
     pc = c + rm[:, None] * s_cm + rn[None, :] * s_cn
     tl.store(pc, acc.to(c.dtype.element_ty), mask=mask_m & mask_n)
 
