@@ -50,10 +50,8 @@ class RoutedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, transposed, scales, *lora):
-        if torch.is_autocast_enabled(x.device.type):
-            x, weight, bias, *lora = _autocast_operands(x, (x, weight, bias, *lora))
-        y, x2, ts = _forward(x, weight, bias, transposed, scales, lora)
-        ctx.save_for_backward(x2, weight, *lora, *ts)
+        y, saved = _forward(x, weight, bias, transposed, scales, lora)
+        ctx.save_for_backward(*saved)
         ctx.meta = transposed, scales, x.shape
         return y
 
@@ -67,8 +65,11 @@ class RoutedLinearFunction(torch.autograd.Function):
         return _backward(ctx, gy)
 
 
-def _forward(x, weight, bias, transposed, scales, lora) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """y (shaped like x), x as a matrix, and the t_i = x A_iᵀ."""
+def _forward(x, weight, bias, transposed, scales, lora) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """y (shaped like x) and what the backward reads: x as a matrix, W, the A_i and B_i (as
+    the GEMMs saw them: cast under autocast) and the t_i = x A_iᵀ."""
+    if torch.is_autocast_enabled(x.device.type):
+        x, weight, bias, *lora = _autocast_operands(x, (x, weight, bias, *lora))
     n = len(scales)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if not transposed:
@@ -78,7 +79,7 @@ def _forward(x, weight, bias, transposed, scales, lora) -> tuple[torch.Tensor, t
     ts = [F.linear(x2, a) for a in lora[:n]]
     for t, b, s in zip(ts, lora[n:], scales):
         y.addmm_(t, b.t(), alpha=s)
-    return (y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])), x2, ts
+    return (y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])), (x2, weight, *lora, *ts)
 
 
 def _backward(ctx, gy):
@@ -135,6 +136,4 @@ def routed_apply(x, weight, bias, transposed, scales, *lora) -> torch.Tensor:
     Function's machinery, which costs as much host time as the layer's GEMMs launch."""
     if torch.is_grad_enabled():
         return RoutedLinearFunction.apply(x, weight, bias, transposed, scales, *lora)
-    if torch.is_autocast_enabled(x.device.type):
-        x, weight, bias, *lora = _autocast_operands(x, (x, weight, bias, *lora))
     return _forward(x, weight, bias, transposed, scales, lora)[0]
