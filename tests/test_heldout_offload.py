@@ -1,8 +1,10 @@
-"""`Heldout(offload=True)`: the dense experts' origin and a kept shrink trial's undo copy in
-pinned host memory on CUDA. Results are bitwise those without it; the origins stay on the
+"""`Heldout(offload=True)`: θ and the held-out gradient at the last measurement, the dense
+experts' origin and a kept shrink trial's undo copy in pinned host memory on CUDA. Results
+are bitwise those without it, however the sums stage the host copies; the copies stay on the
 host through a checkpoint; an exception after a kept trial restores the weights from the
-host copy; and the measurement's peak GPU memory is about two dense weight copies lower.
-On the CPU the setting changes nothing (the memory is the host's already)."""
+host copy; a training step's peak GPU memory is two copies of the routed tensors lower and
+the measurement's about four dense weight copies. On the CPU the setting changes nothing
+(the memory is the host's already)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import torch
 from torch import nn
 
 import molf
-from molf.heldout import ORIGIN_KEY
+from molf import _window_sums
+from molf.heldout import GRAD_KEY, ORIGIN_KEY, THETA_KEY
 
 cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -92,6 +95,15 @@ def origins(opt):
     return [s[ORIGIN_KEY] for s in opt.state.values() if ORIGIN_KEY in s]
 
 
+def copies(opt):
+    """Every held-out copy in the optimizer's state."""
+    return [s[k] for s in opt.state.values() for k in (THETA_KEY, GRAD_KEY, ORIGIN_KEY) if k in s]
+
+
+def on_host(tensors):
+    return bool(tensors) and all(t.device.type == "cpu" and t.is_pinned() for t in tensors)
+
+
 def assert_same_run(a, b):
     for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         assert torch.equal(p, q), n
@@ -113,27 +125,49 @@ def test_on_the_cpu_offload_changes_nothing():
     lockstep(a, b, range(1, 4 * K + 1))
     assert a.opt.ledger.shrinks().sum() > 0
     assert_same_run(a, b)
-    assert all(not o.is_pinned() for o in origins(b.opt))
+    assert copies(b.opt) and all(not t.is_pinned() for t in copies(b.opt))
 
 
 @cuda
-def test_offloaded_run_is_bitwise_the_same_and_keeps_origins_on_the_host():
+@pytest.mark.parametrize("stage_bytes", [_window_sums.STAGE_BYTES, 1])
+def test_offloaded_run_is_bitwise_the_same_and_keeps_its_copies_on_the_host(monkeypatch, stage_bytes):
+    # stage_bytes 1: the sums copy the host operands to the device one tensor at a time.
+    monkeypatch.setattr(_window_sums, "STAGE_BYTES", stage_bytes)
     a, b = Run("cuda", offload=False), Run("cuda", offload=True)
     lockstep(a, b, range(1, 5 * K + 1))
     shrinks = b.opt.ledger.shrinks()
     assert shrinks[0] > 0 and shrinks[1] > 0  # dense and LoRA trials kept: their undo copies went to the host
     assert_same_run(a, b)
-    assert origins(a.opt) and all(o.is_cuda for o in origins(a.opt))
-    assert origins(b.opt) and all(o.device.type == "cpu" and o.is_pinned() for o in origins(b.opt))
+    assert copies(a.opt) and all(t.is_cuda for t in copies(a.opt))
+    assert on_host(copies(b.opt)) and origins(b.opt)
 
 
 @cuda
-def test_origins_return_to_the_host_after_a_load_and_the_run_continues_bitwise():
+def test_state_dict_waits_for_the_copies_into_host_memory(monkeypatch):
+    """A measurement's commit copies θ and the gradient to the host without a host wait; a
+    state dict right after it holds the complete copies, although a slow kernel was queued
+    before them."""
+    a, b = Run("cuda", offload=False), Run("cuda", offload=True)
+    lockstep(a, b, range(1, 2 * K))
+    copy = molf.heldout.copy_to_host
+
+    def late(dst, src):
+        torch.cuda._sleep(500_000_000)  # (some 0.3 s of device time before the copies start)
+        return copy(dst, src)
+
+    monkeypatch.setattr(molf.heldout, "copy_to_host", late)
+    a.step(2 * K)
+    b.step(2 * K)  # a measurement, committed last
+    assert_same_run(a, b)
+
+
+@cuda
+def test_copies_return_to_the_host_after_a_load_and_the_run_continues_bitwise():
     a, b = Run("cuda", offload=True), Run("cuda", offload=True)
     lockstep(a, b, range(1, 2 * K + 1))
     sd = a.opt.state_dict()
     b.opt.load_state_dict(sd)  # torch moves state to each parameter's device first
-    assert all(o.device.type == "cpu" and o.is_pinned() for o in origins(b.opt))
+    assert on_host(copies(b.opt)) and origins(b.opt)
     lockstep(a, b, range(2 * K + 1, 4 * K + 1))
     assert_same_run(a, b)
 
@@ -185,5 +219,44 @@ def test_peak_memory_of_a_measurement_is_two_dense_copies_lower():
     dense = sum(p.numel() * p.element_size() for n, p in Net(width).named_parameters() if not n.startswith("head"))
     (plain, at), (offloaded, at_offloaded) = peak(False), peak(True)
     assert at == at_offloaded  # the same measurement: the runs are bitwise alike
-    # Neither the origin nor the kept trial's undo copy is on the GPU at the held-out backward.
-    assert plain - offloaded >= 1.5 * dense, (plain, offloaded, dense)
+    # Neither θ nor the gradient at the last measurement, the origin or the kept trial's undo
+    # copy is on the GPU at the held-out backward.
+    assert plain - offloaded >= 3.5 * dense, (plain, offloaded, dense)
+
+
+@cuda
+def test_peak_memory_of_a_training_step_is_three_dense_copies_lower():
+    """Between measurements the GPU holds none of the probe's copies: θ and the gradient at the
+    last measurement and the origin (the training step's peak, with the backward's
+    activations)."""
+    width, device = 2048, "cuda"
+
+    def peak(offload):
+        gc.collect()
+        base = torch.cuda.memory_allocated()
+        run = Run(device, offload=offload, width=width)
+        for s in range(1, 2 * K + 1):
+            run.step(s)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run.step(2 * K + 1)  # no measurement
+        return torch.cuda.max_memory_allocated() - base
+
+    dense = sum(p.numel() * p.element_size() for n, p in Net(width).named_parameters() if not n.startswith("head"))
+    plain, offloaded = peak(False), peak(True)
+    assert plain - offloaded >= 2.9 * dense, (plain, offloaded, dense)
+
+
+def test_the_sums_stage_host_operands_in_runs_within_the_budget():
+    """`stage_runs`: items in order, runs of host operands (θ_prev, g_prev) within the budget,
+    an item larger than the budget alone. (θ on the meta device stands for a GPU's.)"""
+
+    def item(slot, n, hosted=(True, True)):
+        prev, gprev = (torch.zeros(n) if h else torch.zeros(n, device="meta") for h in hosted)
+        return (slot, torch.zeros(n, device="meta"), prev, torch.zeros(n, device="meta"), gprev, None)
+
+    sizes = [4, 4, 10, 1, 1, 1, 2]  # float32: 8 bytes per element, both operands on the host
+    items = [item(k, n) for k, n in enumerate(sizes)] + [item(7, 4, (True, False)), item(8, 4, (False, True))]
+    runs = _window_sums.stage_runs(items, budget=32)
+    assert [[it[0] for it in run] for run in runs] == [[0], [1], [2], [3, 4, 5], [6, 7], [8]]
+    assert _window_sums.stage_runs([], budget=32) == []

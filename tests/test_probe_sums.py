@@ -16,8 +16,7 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import (tests/conftest.py sets it too)
 pytest.importorskip("triton")
 import molf  # noqa: E402
-from molf import _fused, _probe_sums  # noqa: E402
-from molf.heldout import HeldoutProbe  # noqa: E402
+from molf import _fused, _probe_sums, _window_sums  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # The device the tensors land on ("cuda:0", not "cuda", which compares unequal to it):
@@ -87,7 +86,7 @@ def test_sums_match_a_float64_reference_and_the_torch_path(param_dtype, state_dt
     # Float32 math on both paths: each sum to float32 rounding of its terms' magnitudes.
     scale = torch.tensor([reference(item, magnitude=True) for item in items], dtype=torch.float64)
     assert (got.cpu() - want).abs().le(1e-5 * scale + 1e-12).all()
-    torch_path = torch.cat([HeldoutProbe._batch_sums([item]) for item in items]).cpu()
+    torch_path = torch.cat([_window_sums._batch_sums([item]) for item in items]).cpu()
     torch.testing.assert_close(got.cpu(), torch_path, rtol=1e-5, atol=1e-6 * float(scale.max()))
 
 
@@ -138,7 +137,7 @@ def test_measurements_with_the_kernel_match_the_torch_path(monkeypatch, fft, ran
                 return sums(items)
 
             patch.setattr(_probe_sums, "heldout_sums", spy)
-            patch.setattr(HeldoutProbe, "_fused_sums", staticmethod(lambda device: _probe_sums if kernel else None))
+            patch.setattr(_window_sums, "_fused_sums", lambda device: _probe_sums if kernel else None)
             for _ in range(8):
                 ((model(x) - y) ** 2).mean().backward()
                 opt.step()

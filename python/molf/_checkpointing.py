@@ -52,6 +52,7 @@ class _Checkpointing:
         """torch's optimizer state, plus the router and ledger as plain data in
         the first routed param group (group scalars only, so
         torch.distributed.checkpoint and `torch.load(weights_only=True)` accept it)."""
+        self._settle_heldout_copies()
         sd = super().state_dict()
         sd["param_groups"][self._meta_group_index()][META_KEY] = self._meta()
         return sd
@@ -100,7 +101,12 @@ class _Checkpointing:
         if self._log is not None and not own:
             self._log.resume(self._ledger.step, self._skipped_steps)
 
+    def _settle_heldout_copies(self) -> None:
+        if self._probe is not None:
+            self._probe.settle()  # (its copies into host memory, with offload, are complete)
+
     def __getstate__(self) -> dict:
+        self._settle_heldout_copies()
         state = super().__getstate__()
         state.update({k: getattr(self, k) for k in _PICKLED}, _fused=self._fused is not None, _molf_meta=self._meta())
         return state

@@ -1,8 +1,10 @@
 """Host memory for the held-out probe's copies that a step never reads (`Heldout(offload=True)`):
-the dense experts' starting point (a kept shrink trial's undo copy: `_shrink._backup(pinned=True)`).
-Pinned, so the copies run asynchronously on the GPU's copy engines; each copy is ordered
-on a CUDA stream, so nothing reads a copy before it is complete and no host thread waits.
-Also the side streams such overlapped work runs on (`side_stream`)."""
+θ and the held-out gradient at the last measurement, the dense experts' starting point, and
+a kept shrink trial's undo copy (`_shrink._backup(pinned=True)`). Pinned, so the copies run
+asynchronously on the GPU's copy engines; each copy is ordered on a CUDA stream, so no
+kernel reads a copy before it is complete and no host thread waits for the device (the host
+waits for `copy_to_host`'s events before it reads). Also the side streams such overlapped
+work runs on (`side_stream`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["fetch", "host_copy", "side_stream"]
+__all__ = ["copy_to_host", "fetch", "host_copy", "host_zeros", "side_stream"]
 
 _SIDE = threading.local()  # this thread's side streams, by (purpose, device)
 
@@ -29,6 +31,32 @@ def host_copy(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(t, device="cpu", pin_memory=True)
     out.copy_(t)
     return out
+
+
+def host_zeros(t: torch.Tensor) -> torch.Tensor:
+    """Zeros like `t` in pinned host memory."""
+    return torch.empty_like(t, device="cpu", pin_memory=True).zero_()
+
+
+def copy_to_host(dst: list[torch.Tensor], src: list[torch.Tensor]) -> list[torch.cuda.Event] | None:
+    """`dst[i].copy_(src[i])` for every i. Into host memory from a CUDA tensor without a host
+    wait, on that device's current stream: returns the events recorded after those copies
+    (None: there were none); the host must wait for them before it reads `dst`. The other
+    pairs in one multi-tensor copy."""
+    pairs = [(d, s) for d, s in zip(dst, src) if d.device.type == "cpu" and s.is_cuda]
+    rest = [(d, s) for d, s in zip(dst, src) if not (d.device.type == "cpu" and s.is_cuda)]
+    if rest:  # (torch's foreach ops refuse empty lists)
+        torch._foreach_copy_([d for d, _ in rest], [s for _, s in rest])
+    if not pairs:
+        return None
+    for d, s in pairs:
+        d.copy_(s, non_blocking=True)
+    events = []
+    for device in {s.device for _, s in pairs}:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        events.append(event)
+    return events
 
 
 def fetch(pairs: list[tuple[torch.Tensor, torch.device]]) -> Callable[[], list[torch.Tensor]]:

@@ -272,8 +272,9 @@ def _add_train_parser(sub) -> None:
         "--heldout-offload",
         action=boolean,
         default=S,
-        help="on CUDA, keep the dense weights' starting point and a kept shrink trial's undo copy in pinned "
-        "host memory: two weight copies less on the GPU at the probe's peak, bitwise the same run (default: off)",
+        help="on CUDA, keep the probe's weight copies (theta and the gradient at the last measurement, the dense "
+        "starting point, a kept shrink trial's undo copy) in pinned host memory: bitwise the same run, for host "
+        "transfers at each probe (default: off)",
     )
     logs = train_p.add_argument_group("checkpoints and logs")
     logs.add_argument("--save-every", type=_positive_int, default=S, metavar="N", help=f"(default: {d.run.save_every})")

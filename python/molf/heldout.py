@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -78,8 +77,9 @@ import torch
 from . import distributed
 from ._core import ConfigError, Ledger, Router, StateError
 from ._expert_view import ExpertView
-from ._offload import host_copy
+from ._offload import copy_to_host, host_copy, host_zeros
 from ._shrink import _copy, run_trials, spectral_shrink_b
+from ._window_sums import tensor_sums
 from .wrap import expert_tag
 
 __all__ = ["HeldoutProbe", "spectral_shrink_b", "LORA_ONLY_MIN_SPAN", "THETA_KEY", "GRAD_KEY", "ORIGIN_KEY"]
@@ -134,6 +134,7 @@ class HeldoutProbe:
     """The measurement half of policy "heldout"; the decisions live in the Rust core."""
 
     offload = False  # (what a probe pickled before the setting existed did)
+    _copies = None  # the event after the last commit's copies into host memory (`offload`)
 
     def __init__(self, loss_fn: Callable[[], torch.Tensor], every: int, offload: bool = False) -> None:
         if not callable(loss_fn):
@@ -142,7 +143,7 @@ class HeldoutProbe:
             raise ConfigError(f"heldout_every must be an integer >= 1, got {every!r}")
         self.loss_fn = loss_fn
         self.every = every
-        self.offload = offload  # the dense origin and a kept trial's undo copy in host memory
+        self.offload = offload  # the probe's copies of CUDA tensors in host memory
         self.last_step = 0  # router step of the last measurement (0: none yet)
 
     def due(self, router_step: int) -> bool:
@@ -204,8 +205,11 @@ class HeldoutProbe:
 
     @torch.no_grad()
     def _commit(self, remember: tuple[list, list], params: list[torch.Tensor], step: int) -> None:
-        """θ and the held-out gradient into the held-out state, the measurement's step, no `.grad`."""
-        _copy(*remember)
+        """θ and the held-out gradient into the held-out state, the measurement's step, no `.grad`.
+        Into host memory (`offload`) without a host wait: the copies run on the current stream,
+        before anything later on it writes θ or reuses the gradients' memory, and `settle`
+        waits for them before the host reads them."""
+        self._copies = copy_to_host(*remember) or self._copies
         self.last_step = step
         for p in params:
             p.grad = None
@@ -256,9 +260,8 @@ class HeldoutProbe:
         """Per (module, expert): realized descent per step, potential, and whether it moved
         ((None, None, None) at the first measurement: only remember). Appends to `remember`
         what `_commit` copies into the held-out state (destinations, sources); writes nothing
-        but the held-out keys of a tensor that has none yet. On CUDA one Triton pass sums them
-        (`molf._probe_sums`); elsewhere tensors of one size and device are summed together
-        (`_batch_sums`). One device-to-host transfer."""
+        but the held-out keys of a tensor that has none yet. The sums: `molf._window_sums`.
+        One device-to-host transfer."""
         shrink = view.ledger.heldout_shrink > 0
         rate = view.ledger.heldout_rate().reshape(-1)  # the potential is a step at the expert's rate
         dst, src = remember
@@ -290,26 +293,7 @@ class HeldoutProbe:
         if not self.last_step:  # nothing moved under observation yet
             return None, None, None
         M, E = view.shape
-        slots: list[int] = []
-        rows: list[torch.Tensor] = []
-        device = items[0][1].device if items else None
-        kernel = self._fused_sums(device) if device is not None else None
-        if kernel is not None:  # one Triton pass over the tensors it can read
-            fused = [item for item in items if kernel.eligible(item, device)]
-            items = [item for item in items if not kernel.eligible(item, device)]
-            if fused:
-                slots += [item[0] for item in fused]
-                rows.append(kernel.heldout_sums(fused))
-        batches: dict[tuple, list[tuple]] = {}
-        for item in items:
-            batches.setdefault((item[1].numel(), item[1].device, item[5] is not None), []).append(item)
-        for (numel, device, _), part_items in batches.items():
-            per = max(1, self._batch_elements(device) // numel)
-            for start in range(0, len(part_items), per):
-                part = part_items[start : start + per]
-                slots += [item[0] for item in part]
-                rows.append(self._batch_sums(part))
-        flat = torch.cat([r.to(rows[0].device) for r in rows])
+        slots, flat = tensor_sums(items)
         group = view.score_group()
         if group is not None:  # FSDP2: the shards' partial sums add up to the whole tensor's
             torch.distributed.all_reduce(flat, group=group)
@@ -323,55 +307,6 @@ class HeldoutProbe:
         return -per_slot(host[:, 0]) / window, per_slot(host[:, 1]), per_slot(host[:, 2]) > 0
 
     @staticmethod
-    def _fused_sums(device: torch.device) -> ModuleType | None:
-        """`molf._probe_sums` (one Triton pass for the sums) on CUDA where triton imports;
-        None: the torch path (`_batch_sums`)."""
-        if device.type != "cuda":
-            return None
-        try:
-            from . import _probe_sums
-        except ImportError:
-            return None
-        return _probe_sums
-
-    @staticmethod
-    def _batch_elements(device: torch.device) -> int:
-        """Elements of the tensors summed together at most (at least one tensor): on the CPU
-        one tensor at a time (there are no kernel launches to save, and stacking copies)."""
-        return 0 if device.type == "cpu" else 1 << 24
-
-    @staticmethod
-    def _batch_sums(items: list[tuple]) -> torch.Tensor:
-        """(realized, potential, movement) in float64 of each of `items` (slot, θ, θ_prev, g,
-        g_prev, Adam's (m, v, step, (lr, β1, β2, ε)) or None), tensors of one size and device:
-        each operand stacked into one float32 (n, numel) matrix, so a few launches cover them
-        all, and the temporaries stay bounded (`_batch_elements`). (One item: no stacking copy;
-        so no operand is written to.)"""
-
-        def operand(get: Callable[[tuple], torch.Tensor]) -> torch.Tensor:
-            if len(items) == 1:
-                return get(items[0]).reshape(1, -1).float()
-            return torch.stack([get(item).reshape(-1) for item in items]).float()
-
-        delta = operand(lambda item: item[1]) - operand(lambda item: item[2])
-        g = operand(lambda item: item[3])
-        # ⟨(g_prev + g)/2, θ − θ_prev⟩
-        realized = (operand(lambda item: item[4]) + g).mul_(delta).sum(1).mul_(0.5)
-        movement = torch.linalg.vector_norm(delta, ord=1, dim=1)
-        if items[0][5] is None:
-            potential = torch.zeros_like(realized)
-        else:  # η ⟨g, m̂ / (√v̂ + ε)⟩ = η / (1 − β1^t) ⟨g, m / (√v / √(1 − β2^t) + ε)⟩
-            steps = torch.stack([item[5][2] for item in items]).tolist()
-            hyper = [
-                (lr / (1 - beta1**t), (1 - beta2**t) ** -0.5, eps)
-                for t, (_, _, _, _, _, (_, _, _, (lr, beta1, beta2, eps))) in zip(steps, items)
-            ]
-            scale, inv_sqrt_bc2, eps = torch.tensor(hyper, dtype=torch.float32).to(g.device).unsqueeze(-1).unbind(1)
-            denom = torch.addcmul(eps, operand(lambda item: item[5][1]).sqrt(), inv_sqrt_bc2)
-            potential = scale.squeeze(-1) * (operand(lambda item: item[5][0]) * g).div_(denom).sum(1)
-        return torch.stack([realized, potential, movement], dim=1).double()
-
-    @staticmethod
     def _grad(p: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(theta) if p.grad is None else distributed.to_local(p.grad)
 
@@ -380,20 +315,32 @@ class HeldoutProbe:
         checkpoint template (torch.distributed.checkpoint loads only the keys a fresh
         optimizer's state has) carries them. θ as it is: a tensor without a gradient so
         far has not moved since the last measurement, nor since training began (the origin
-        of a dense tensor, with shrinkage on; with `offload`, in pinned host memory)."""
-        state[THETA_KEY] = p.detach().clone(memory_format=torch.preserve_format)
-        state[GRAD_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        of a dense tensor, with shrinkage on). With `offload`, in pinned host memory."""
+        hosted = self.offload and p.is_cuda
+        theta = p.detach()
+        state[THETA_KEY] = host_copy(theta) if hosted else theta.clone(memory_format=torch.preserve_format)
+        state[GRAD_KEY] = host_zeros(theta) if hosted else torch.zeros_like(p, memory_format=torch.preserve_format)
         if shrink and expert_tag(p).kind == "dense":
-            origin = p.detach()
-            offloaded = self.offload and p.is_cuda
-            state[ORIGIN_KEY] = host_copy(origin) if offloaded else origin.clone(memory_format=torch.preserve_format)
+            state[ORIGIN_KEY] = host_copy(theta) if hosted else theta.clone(memory_format=torch.preserve_format)
 
     def place_state(self, state: dict) -> None:
-        """After a load (torch moves every state tensor to its parameter's device): the dense
-        origins of CUDA parameters back into pinned host memory, with `offload`."""
+        """After a load (torch moves every state tensor to its parameter's device): the held-out
+        copies of CUDA parameters back into pinned host memory, with `offload`."""
         if not self.offload:
             return
         for p, s in state.items():
-            origin = s.get(ORIGIN_KEY)
-            if origin is not None and p.is_cuda and (origin.is_cuda or not origin.is_pinned()):
-                s[ORIGIN_KEY] = host_copy(origin)
+            for key in (THETA_KEY, GRAD_KEY, ORIGIN_KEY):
+                t = s.get(key)
+                if t is not None and p.is_cuda and (t.is_cuda or not t.is_pinned()):
+                    s[key] = host_copy(t)
+
+    def settle(self) -> None:
+        """Wait for the last commit's copies into host memory (`offload`): before anything
+        on the host reads the held-out state (a state dict, pickling)."""
+        for event in self._copies or ():
+            event.synchronize()
+        self._copies = None
+
+    def __getstate__(self) -> dict:
+        self.settle()
+        return self.__dict__.copy()

@@ -186,11 +186,13 @@ class Heldout:
     adaptation").
 
     `offload` (off by default): on CUDA, keep what the probe alone reads in pinned host memory —
-    the dense experts' starting point (`heldout_origin`, a weight copy) and, during a
-    measurement, a kept shrink trial's undo copy — so the GPU holds two weight copies less at
-    the probe's peak; each probe then copies the origin to the device (overlapping the first
-    held-out forward) and a kept trial's undo copy to the host. Results are bitwise the same.
-    Not for FSDP2-sharded parameters.
+    θ and the held-out gradient at the last measurement (`heldout_theta`, `heldout_grad`: two
+    copies of every routed tensor), the dense experts' starting point (`heldout_origin`) and,
+    during a measurement, a kept shrink trial's undo copy — so between probes the GPU holds
+    none of them, and four weight copies less at the probe's peak; each probe then copies θ
+    and the gradient to the host and back and the origin to the device (overlapping the
+    first held-out forward), a kept trial's undo copy to the host. Results are bitwise the
+    same. Not for FSDP2-sharded parameters.
 
     Defaults resolved here and nowhere else: `min_dwell` None is 3 x `every`
     (`default_min_dwell`); `min_span` None is 10 where every expert is a LoRA expert, 0

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One device call (issue #32), wheel .whl/cur: Heldout(offload=True) with θ and the held-out
+# gradient in host memory too — its CUDA tests, then the whole step's time and peak memory,
+# eager and under CUDA graphs (4x512, 50 steps with 5 probes).
+set -u
+pip install --no-deps --quiet --target /tmp/cur .whl/cur/*.whl 2>&1 | grep -v WARNING | tail -1
+export PYTHONPATH=/tmp/cur
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+timeout 100 python -m pytest -q -p no:cacheprovider tests/test_heldout_offload.py tests/test_probe_sums.py \
+  > $OUT/tests.log 2>&1; tail -3 $OUT/tests.log
+timeout 200 python benches/loop_bench.py --batches 4x512 --steps 12 \
+  --setups fft,molf-param,molf-heldout-param,molf-heldout-offload --heldout-steps 50 --out $OUT/eager.json > $OUT/eager.log 2>&1
+tail -9 $OUT/eager.log
+timeout 270 python benches/loop_bench.py --batches 4x512 --steps 12 --modes cudagraphs \
+  --setups fft,molf-heldout-param,molf-heldout-offload --heldout-steps 50 --out $OUT/graphs.json > $OUT/graphs.log 2>&1
+tail -9 $OUT/graphs.log
