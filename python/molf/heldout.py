@@ -58,7 +58,8 @@ shrinkage on, a third of every dense expert tensor (where training began), kept
 in the parameter dtype as per-parameter state `heldout_theta` / `heldout_grad` /
 `heldout_origin`, so checkpoints resume the measurement exactly. During a
 measurement, the values a kept shrink trial replaced (so that an exception can
-undo it), in one buffer per dtype. The probe's own work is batched: the sums in one
+undo it), in one buffer per dtype. With `offload`, all of them in pinned host
+memory on CUDA (`molf._offload`). The probe's own work is batched: the sums in one
 Triton pass on CUDA (`molf._probe_sums`; elsewhere over tensors of one size at once),
 the spectral trial's Gram products per shape and float64 r x r transforms (on
 CUDA batched matrix products on a side stream, while the closure's forwards run),
@@ -134,7 +135,7 @@ class HeldoutProbe:
     """The measurement half of policy "heldout"; the decisions live in the Rust core."""
 
     offload = False  # (what a probe pickled before the setting existed did)
-    _copies = None  # the event after the last commit's copies into host memory (`offload`)
+    _copies = None  # the events after the last commit's copies into host memory (`offload`)
 
     def __init__(self, loss_fn: Callable[[], torch.Tensor], every: int, offload: bool = False) -> None:
         if not callable(loss_fn):

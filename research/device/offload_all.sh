@@ -11,6 +11,6 @@ timeout 100 python -m pytest -q -p no:cacheprovider tests/test_heldout_offload.p
 timeout 200 python benches/loop_bench.py --batches 4x512 --steps 12 \
   --setups fft,molf-param,molf-heldout-param,molf-heldout-offload --heldout-steps 50 --out $OUT/eager.json > $OUT/eager.log 2>&1
 tail -9 $OUT/eager.log
-timeout 270 python benches/loop_bench.py --batches 4x512 --steps 12 --modes cudagraphs \
+timeout 200 python benches/loop_bench.py --batches 4x512 --steps 12 --modes cudagraphs \
   --setups fft,molf-heldout-param,molf-heldout-offload --heldout-steps 50 --out $OUT/graphs.json > $OUT/graphs.log 2>&1
 tail -9 $OUT/graphs.log
