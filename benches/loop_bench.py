@@ -26,8 +26,9 @@ its config and freed before the next:
                  per process), the median of
                  the steps where the probe ran, and a plain forward+backward of the held-out batch
   molf-heldout-param  the same with state_dtype="param"
-  molf-heldout-offload  the same with state_dtype="param" and Heldout(offload=True) (the dense
-                 origin and a kept trial's undo copy in pinned host memory)
+  molf-heldout-offload  the same with state_dtype="param" and Heldout(offload=True) (the probe's
+                 copies: θ and the gradient at the last measurement, the dense origin and a
+                 kept trial's undo copy in pinned host memory)
   molf-e         MoLF-Efficient, LoRA r16 + r128, base frozen
   lora144        PEFT LoRA r144 (the rank MoLF-Efficient's two experts add up to)
   adamw-wrapped  torch AdamW (fused) over the paper-wrapped model's parameters, no routing
