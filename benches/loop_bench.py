@@ -560,7 +560,7 @@ def heldout_notes(rows: list[dict]) -> list[str]:
                 (
                     a
                     for a in rows
-                    if a["setup"] in HELDOUT
+                    if a["setup"] == r["setup"]
                     and a["batch"] == r["batch"]
                     and a["mode"] == r["mode"]
                     and a.get("ratio_stat") == "mean"

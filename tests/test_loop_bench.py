@@ -72,3 +72,27 @@ def test_loop_bench_error_is_a_row(tmp_path, monkeypatch, one_thread):
     assert rows[0]["error"].startswith("RuntimeError: CUDA out of memory")
     assert "error" not in rows[1] and rows[1]["median_ms"] > 0
     assert "error: RuntimeError: CUDA out of memory" in loop_bench.markdown(rows)
+
+
+def test_each_probe_note_reads_its_own_setups_amortized_row():
+    """Two held-out setups in one run: each note's amortized overhead is its own setup's."""
+
+    def rows(setup, over, extra):
+        common = {"setup": setup, "batch": "4x512", "mode": "eager"}
+        return [
+            {**common, "ratio_stat": "mean", "overhead_vs_plain_step": over},
+            {
+                **common,
+                "median_ms": 400.0,
+                "probe_step_vs_fwd_bwd": 4.0,
+                "probe_extra_ms": extra,
+                "probe_extra_vs_fwd_bwd": 2.5,
+            },
+        ]
+
+    notes = loop_bench.heldout_notes(
+        rows("molf-heldout-offload", 0.518, 482.2) + rows("molf-heldout-param", 0.235, 251.2)
+    )
+    assert len(notes) == 2
+    assert "482.2 ms" in notes[0] and "+51.8%" in notes[0]
+    assert "251.2 ms" in notes[1] and "+23.5%" in notes[1]
