@@ -26,9 +26,9 @@ STAGE_BYTES = 1 << 29  # host operands copied to the device per run (512 MiB)
 def tensor_sums(items: list[tuple]) -> tuple[list[int], torch.Tensor]:
     """The slots of `items` and their (realized, potential, movement) rows in that order, as one
     float64 (n, 3) tensor on the device of the first row's batch."""
-    direct = [item for item in items if not _hosted(item)]
+    direct = [item for item in items if not _host_operands(item)]
     slots, rows = _sums(direct)
-    runs = stage_runs([item for item in items if _hosted(item)], STAGE_BYTES)
+    runs = stage_runs([item for item in items if _host_operands(item)], STAGE_BYTES)
     pending = _stage(runs[0]) if runs else None
     for i in range(len(runs)):
         staged = pending()
@@ -40,13 +40,8 @@ def tensor_sums(items: list[tuple]) -> tuple[list[int], torch.Tensor]:
     return slots, torch.cat([r.to(rows[0].device) for r in rows])
 
 
-def _hosted(item: tuple) -> bool:
-    """Whether the item's θ_prev or g_prev is in host memory while θ is not."""
-    theta = item[1]
-    return theta.device.type != "cpu" and (item[2].device.type == "cpu" or item[4].device.type == "cpu")
-
-
 def _host_operands(item: tuple) -> list[int]:
+    """The positions of the item's θ_prev and g_prev that are not on θ's device (in host memory)."""
     return [k for k in (2, 4) if item[k].device != item[1].device]
 
 
