@@ -1,0 +1,99 @@
+"""Fresh draws of the shift family, outside the pinned split (issue 35): is molf-E default's
+loss to AdaLoRA on shift/test-1 and -2 (a full-rank target, then a rank-1 one) a property of
+that shift direction, or of those two instances? Draws `--n` new instances shifting full →
+rank 1 (the family's own sampler, `families._draw_shift`, seeded "shift-probe-K", redrawn
+until the direction matches), none of them in families.toml, and runs each method with its
+rate chosen per instance on validation (as `generalization.py --rates instance`), 5 seeds.
+Diagnostic only: nothing is chosen on these; they are neither tuning nor test instances.
+
+    PYTHONPATH=python python3 research/shift_probe.py --n 8 --part 0/2 --out /tmp/shift_probe/0.json &
+    PYTHONPATH=python python3 research/shift_probe.py --n 8 --part 1/2 --out /tmp/shift_probe/1.json
+    PYTHONPATH=python python3 research/shift_probe.py --merge /tmp/shift_probe/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+import families as fam  # noqa: E402
+import generalization as gen  # noqa: E402
+
+METHODS = ["FFT (early stop)", "LoRA (early stop)", "AdaLoRA", "molf default", "molf-E default"]
+
+
+def draws(n: int) -> list[fam.InstanceSpec]:
+    out = []
+    for k in range(n):
+        rng = random.Random(f"shift-probe-{k}")
+        while True:
+            p = fam._draw_shift(rng, "tuning")
+            if p["shift_ranks"][0] == 1:  # full rank first, then rank 1
+                break
+        out.append(fam.InstanceSpec(f"shift-probe/{k}", "tuning", "shift", p))
+    return out
+
+
+def run(specs: list[fam.InstanceSpec], out: Path) -> None:
+    gen.spec("quality/shift")  # (loads the split into the lookup first)
+    gen._SPECS.update({s.name: s for s in specs})
+    scale = gen.SCALES["quick"]
+    results = {}
+    for s in specs:
+        done = {}
+        val = {}
+        for m in METHODS:
+            val[(s.name, m)] = {
+                r: gen.execute(gen.Job(s.name, m, r, gen.VAL_SEED, "val"), scale, "cpu")["metric"] for r in scale.lrs
+            }
+        lr = {k: gen._best_lr(v, False) for k, v in val.items()}
+        for m in METHODS:
+            for seed in range(gen.SEEDS):
+                job = gen.Job(s.name, m, lr[(s.name, m)], seed, "test")
+                done[job] = gen.execute(job, scale, "cpu")
+        results[s.name] = gen.assemble(s, METHODS, lr, list(range(gen.SEEDS)), done, val)
+        print(s.name, s.params, {m: (e["lr"], round(e["mean"], 4)) for m, e in results[s.name]["methods"].items()})
+        out.write_text(json.dumps(results, indent=1))
+
+
+def merge(paths: list[str]) -> None:
+    results = {}
+    for p in paths:
+        results.update(json.loads(Path(p).read_text()))
+    print("| instance | depth | noise | " + " | ".join(METHODS) + " | molf-E vs AdaLoRA | molf default vs ES |")
+    print("|---|---:|---:|" + "---:|" * (len(METHODS) + 2))
+    for name in sorted(results, key=lambda n: int(n.split("/")[1])):
+        r = results[name]
+        cells = [f"{r['methods'][m]['mean']:.3f} ({r['methods'][m]['lr']:g})" for m in METHODS]
+        gaps = []
+        for label in ("molf-E default vs AdaLoRA", "molf default vs early-stopped FFT/LoRA"):
+            g = r["paired"][label]
+            gaps.append(f"{100 * g['gap']:+.1f}% ± {100 * g['se']:.1f}%")
+        print(f"| {name} | {r['params']['depth']} | {r['params']['noise']} | " + " | ".join(cells + gaps) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--part", default="0/1", help="K/N: this process runs draws K, K+N, ...")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/shift_probe.json"))
+    ap.add_argument("--merge", nargs="+")
+    args = ap.parse_args()
+    if args.merge:
+        merge(args.merge)
+        return
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    k, n = map(int, args.part.split("/"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    run(draws(args.n)[k::n], args.out)
+
+
+if __name__ == "__main__":
+    main()
