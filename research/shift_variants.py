@@ -1,0 +1,124 @@
+"""molf-E default's Heldout settings on fresh shallow draws of the shift direction it loses
+on (issue 35; research/shift_probe.py found the loss at depth 3, not at 4-5): which setting,
+if any, closes the gap to AdaLoRA there? Draws `--n` instances from the shift family's own
+sampler (seeded "shift-shallow-K", in neither set of the split), redrawn until they shift
+full rank → rank 1 at depth <= 3; runs molf-E with each variant at the fixed rates `--lrs`
+and AdaLoRA at 3e-2 (its rate on 7 of 8 of shift_probe.py's draws), 5 seeds each. Diagnostic:
+a setting that closes it here is a candidate for the tuning set, not a result.
+
+    PYTHONPATH=python python3 research/shift_variants.py --part 0/2 --out /tmp/sv/0.json &
+    PYTHONPATH=python python3 research/shift_variants.py --part 1/2 --out /tmp/sv/1.json
+    PYTHONPATH=python python3 research/shift_variants.py --merge /tmp/sv/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+import baselines  # noqa: E402
+import families as fam  # noqa: E402
+import generalization as gen  # noqa: E402
+import quality  # noqa: E402
+
+import molf  # noqa: E402
+
+VARIANTS = {
+    "default": {},
+    "shrink 0.3": {"shrink": 0.3},
+    "every 5": {"every": 5},
+    "rate cap 4": {"adapt_rate": molf.RateRule(cap=4.0)},
+    "no rate rule": {"adapt_rate": False},
+    "min_span 0": {"min_span": 0},
+}
+
+
+def draws(n: int) -> list[fam.InstanceSpec]:
+    out = []
+    for k in range(n):
+        rng = random.Random(f"shift-shallow-{k}")
+        while True:
+            p = fam._draw_shift(rng, "tuning")
+            if p["shift_ranks"][0] == 1 and p["depth"] <= 3:
+                break
+        out.append(fam.InstanceSpec(f"shift-shallow/{k}", "tuning", "shift", p))
+    return out
+
+
+def register() -> None:
+    for name, kw in VARIANTS.items():
+        build = quality._molf(quality.EFFICIENT_RANKS, False, lambda h, kw=kw: molf.Heldout(h, **kw))
+        baselines.METHODS[f"molf-E {name}"] = baselines.Method(build)
+
+
+def run(specs, lrs, out: Path) -> None:
+    gen.spec("quality/shift")
+    gen._SPECS.update({s.name: s for s in specs})
+    register()
+    scale = gen.SCALES["quick"]
+    res = json.loads(out.read_text()) if out.exists() else {}
+    for s in specs:
+        r = res.setdefault(s.name, {"params": s.params, "runs": {}})
+        cells = [("AdaLoRA", 3e-2)] + [(f"molf-E {v}", lr) for v in VARIANTS for lr in lrs]
+        for m, lr in cells:
+            key = f"{m} @ {lr:g}"
+            if key in r["runs"]:
+                continue
+            r["runs"][key] = [
+                gen.execute(gen.Job(s.name, m, lr, seed, "test"), scale, "cpu")["metric"] for seed in range(gen.SEEDS)
+            ]
+            out.write_text(json.dumps(res, indent=1))
+        print(s.name, s.params, flush=True)
+
+
+def merge(paths: list[str]) -> None:
+    res = {}
+    for p in paths:
+        res.update(json.loads(Path(p).read_text()))
+    names = sorted(res, key=lambda n: int(n.split("/")[1]))
+    keys = [k for k in res[names[0]]["runs"] if k != "AdaLoRA @ 0.03"]
+    print("gap to AdaLoRA @ 3e-2 per instance (paired over 5 seeds, relative, ± SE); mean over instances")
+    print("| setting | " + " | ".join(f"{n.split('/')[1]} (d{res[n]['params']['depth']})" for n in names) + " | mean |")
+    print("|---|" + "---:|" * (len(names) + 1))
+    print("| AdaLoRA @ 3e-2 (metric) | " + " | ".join(f"{statistics.fmean(res[n]['runs']['AdaLoRA @ 0.03']):.3f}" for n in names) + " | |")
+    for k in keys:
+        cells, gaps = [], []
+        for n in names:
+            ref, xs = res[n]["runs"]["AdaLoRA @ 0.03"], res[n]["runs"].get(k)
+            if xs is None:
+                cells.append("")
+                continue
+            d = [x - y for x, y in zip(xs, ref)]
+            g, se = statistics.fmean(d) / statistics.fmean(ref), statistics.stdev(d) / len(d) ** 0.5 / statistics.fmean(ref)
+            gaps.append(g)
+            cells.append(f"{100 * g:+.0f}% ± {100 * se:.0f}")
+        print(f"| {k} | " + " | ".join(cells) + f" | {100 * statistics.fmean(gaps):+.1f}% |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=6)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 3e-2])
+    ap.add_argument("--part", default="0/1")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/shift_variants.json"))
+    ap.add_argument("--merge", nargs="+")
+    args = ap.parse_args()
+    if args.merge:
+        merge(args.merge)
+        return
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    k, n = map(int, args.part.split("/"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    run(draws(args.n)[k::n], args.lrs, args.out)
+
+
+if __name__ == "__main__":
+    main()
