@@ -37,6 +37,8 @@ VARIANTS = {
     "rate cap 4": {"adapt_rate": molf.RateRule(cap=4.0)},
     "no rate rule": {"adapt_rate": False},
     "min_span 0": {"min_span": 0},
+    "trust 0": {"adapt_rate": molf.RateRule(trust=0.0)},
+    "trust 0, up 1.2, cap 3": {"adapt_rate": molf.RateRule(up=1.2, cap=3.0, trust=0.0)},
 }
 
 
