@@ -89,7 +89,11 @@ def merge(paths: list[str]) -> None:
     print("gap to AdaLoRA @ 3e-2 per instance (paired over 5 seeds, relative, ± SE); mean over instances")
     print("| setting | " + " | ".join(f"{n.split('/')[1]} (d{res[n]['params']['depth']})" for n in names) + " | mean |")
     print("|---|" + "---:|" * (len(names) + 1))
-    print("| AdaLoRA @ 3e-2 (metric) | " + " | ".join(f"{statistics.fmean(res[n]['runs']['AdaLoRA @ 0.03']):.3f}" for n in names) + " | |")
+    print(
+        "| AdaLoRA @ 3e-2 (metric) | "
+        + " | ".join(f"{statistics.fmean(res[n]['runs']['AdaLoRA @ 0.03']):.3f}" for n in names)
+        + " | |"
+    )
     for k in keys:
         cells, gaps = [], []
         for n in names:
@@ -98,7 +102,10 @@ def merge(paths: list[str]) -> None:
                 cells.append("")
                 continue
             d = [x - y for x, y in zip(xs, ref)]
-            g, se = statistics.fmean(d) / statistics.fmean(ref), statistics.stdev(d) / len(d) ** 0.5 / statistics.fmean(ref)
+            g, se = (
+                statistics.fmean(d) / statistics.fmean(ref),
+                statistics.stdev(d) / len(d) ** 0.5 / statistics.fmean(ref),
+            )
             gaps.append(g)
             cells.append(f"{100 * g:+.0f}% ± {100 * se:.0f}")
         print(f"| {k} | " + " | ".join(cells) + f" | {100 * statistics.fmean(gaps):+.1f}% |")
