@@ -82,8 +82,10 @@ def _sums(items: list[tuple]) -> tuple[list[int], list[torch.Tensor]]:
     device = items[0][1].device if items else None
     kernel = _fused_sums(device) if device is not None else None
     if kernel is not None:  # one Triton pass over the tensors it can read
-        fused = [item for item in items if kernel.eligible(item, device)]
-        items = [item for item in items if not kernel.eligible(item, device)]
+        fused, rest = [], []
+        for item in items:
+            (fused if kernel.eligible(item, device) else rest).append(item)
+        items = rest
         if fused:
             slots += [item[0] for item in fused]
             rows.append(kernel.heldout_sums(fused))
