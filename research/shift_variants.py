@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 import baselines  # noqa: E402
 import families as fam  # noqa: E402
 import generalization as gen  # noqa: E402
-import quality  # noqa: E402
-
 import molf  # noqa: E402
+import quality  # noqa: E402
+from molf.wrap import expert_tag  # noqa: E402
 
 VARIANTS = {
     "default": {},
@@ -54,7 +54,37 @@ def draws(n: int) -> list[fam.InstanceSpec]:
     return out
 
 
+# Baselines beside AdaLoRA at 3e-2 (the reference): AdaLoRA at molf-E's rates, and without its
+# budget allocation (P·Λ·Q at every rank: its parametrization alone; the suite's AdaLoRA adds no
+# orthogonality penalty, which peft adds only to a loss the model returns itself).
+BASELINES = {
+    "AdaLoRA": quality._adalora,
+    "AdaLoRA no pruning": quality.adalora_method(
+        sum(quality.EFFICIENT_RANKS), max(quality.EFFICIENT_RANKS), allocate=False
+    ),
+}
+
+
+def small_a(build, std: float):
+    """`build`, then every LoRA expert's A drawn from N(0, std) instead of Kaiming-uniform
+    (B stays zero: the model still computes the base's output at the start)."""
+
+    def wrapped(model, lr, steps, targets, log_path, heldout):
+        model, opt, after = build(model, lr, steps, targets, log_path, heldout)
+        with torch.no_grad():
+            for p in model.parameters():
+                tag = expert_tag(p)
+                if tag is not None and tag.kind != "dense" and tag.part == "A":
+                    p.normal_(0.0, std)
+        return model, opt, after
+
+    return wrapped
+
+
 def register() -> None:
+    baselines.METHODS["AdaLoRA no pruning"] = baselines.Method(BASELINES["AdaLoRA no pruning"])
+    default = quality._molf(quality.EFFICIENT_RANKS, False, lambda h: molf.Heldout(h))
+    baselines.METHODS["molf-E default, A ~ N(0, 0.02)"] = baselines.Method(small_a(default, 0.02))
     for name, kw in VARIANTS.items():
         build = quality._molf(quality.EFFICIENT_RANKS, False, lambda h, kw=kw: molf.Heldout(h, **kw))
         baselines.METHODS[f"molf-E {name}"] = baselines.Method(build)
@@ -69,6 +99,8 @@ def run(specs, lrs, out: Path) -> None:
     for s in specs:
         r = res.setdefault(s.name, {"params": s.params, "runs": {}})
         cells = [("AdaLoRA", 3e-2)] + [(f"molf-E {v}", lr) for v in VARIANTS for lr in lrs]
+        cells += [("molf-E default, A ~ N(0, 0.02)", lr) for lr in (1e-2, 3e-2, 1e-1)]
+        cells += [(m, lr) for m in BASELINES for lr in (1e-2, 3e-2) if (m, lr) != ("AdaLoRA", 3e-2)]
         for m, lr in cells:
             key = f"{m} @ {lr:g}"
             if key in r["runs"]:
