@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+import svd_experts  # noqa: E402
+
 import baselines  # noqa: E402
 import families as fam  # noqa: E402
 import generalization as gen  # noqa: E402
@@ -85,6 +87,7 @@ def register() -> None:
     baselines.METHODS["AdaLoRA no pruning"] = baselines.Method(BASELINES["AdaLoRA no pruning"])
     default = quality._molf(quality.EFFICIENT_RANKS, False, lambda h: molf.Heldout(h))
     baselines.METHODS["molf-E default, A ~ N(0, 0.02)"] = baselines.Method(small_a(default, 0.02))
+    svd_experts.register()
     for name, kw in VARIANTS.items():
         build = quality._molf(quality.EFFICIENT_RANKS, False, lambda h, kw=kw: molf.Heldout(h, **kw))
         baselines.METHODS[f"molf-E {name}"] = baselines.Method(build)
@@ -100,6 +103,9 @@ def run(specs, lrs, out: Path) -> None:
         r = res.setdefault(s.name, {"params": s.params, "runs": {}})
         cells = [("AdaLoRA", 3e-2)] + [(f"molf-E {v}", lr) for v in VARIANTS for lr in lrs]
         cells += [("molf-E default, A ~ N(0, 0.02)", lr) for lr in (1e-2, 3e-2, 1e-1)]
+        cells += [("molf-E svd", lr) for lr in (1e-2, 3e-2, 1e-1)]
+        cells += [("molf-E scaled shrink", lr) for lr in (1e-2, 3e-2)]
+        cells += [(f"molf-E svd {w} only", lr) for w in ("r32", "r4") for lr in (1e-2, 3e-2)]
         cells += [(m, lr) for m in BASELINES for lr in (1e-2, 3e-2) if (m, lr) != ("AdaLoRA", 3e-2)]
         for m, lr in cells:
             key = f"{m} @ {lr:g}"
