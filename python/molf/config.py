@@ -63,6 +63,9 @@ def _numbers(value: Any, name: str, kind: type, what: str) -> tuple:
     return items
 
 
+LORA_FORMS = ("ba", "svd")  # MoLFConfig.lora_form: LoRA's B·A, AdaLoRA's B·diag(λ)·A
+
+
 @dataclass(frozen=True)
 class MoLFConfig:
     """Shape of the experts every wrapped linear layer carries.
@@ -79,6 +82,11 @@ class MoLFConfig:
         `get_output_embeddings()` returns, else a top-level `score` or
         `classifier`) not excluded.
     exclude_modules: name suffixes never wrapped (default: the output head).
+    lora_form: each LoRA expert's parametrization. "ba" (default, LoRA's): ΔW = s·B·A,
+        A Kaiming-uniform, B zeros. "svd" (AdaLoRA's): ΔW = s·B·diag(λ)·A, λ (r values,
+        a third tensor of the expert, without weight decay) zeros, A and B drawn from
+        N(0, 0.02); it takes larger learning rates, and on tasks whose update must be
+        undone or kept small it gets further than "ba" (docs/algorithm.md, "LoRA form").
 
     Default ranks (`DEFAULT_RANKS`): (128,) here; MoLF-Efficient's pair is (16, 128).
     """
@@ -90,6 +98,7 @@ class MoLFConfig:
     dropout: float = 0.0
     target_modules: tuple[str, ...] | str | None = None
     exclude_modules: tuple[str, ...] = field(default=("lm_head",))
+    lora_form: str = "ba"
 
     def __post_init__(self) -> None:
         ranks = _numbers(self.ranks, "ranks", numbers.Integral, "positive integers")
@@ -112,6 +121,8 @@ class MoLFConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.fft, bool) or not isinstance(self.rslora, bool):
             raise ConfigError("fft and rslora must be booleans")
+        if self.lora_form not in LORA_FORMS:
+            raise ConfigError(f"lora_form must be one of {LORA_FORMS}, got {self.lora_form!r}")
         object.__setattr__(self, "ranks", ranks)
         object.__setattr__(self, "alphas", alphas)
         object.__setattr__(self, "dropout", float(self.dropout))
@@ -143,4 +154,5 @@ class MoLFConfig:
                 list(self.target_modules) if isinstance(self.target_modules, tuple) else self.target_modules
             ),
             "exclude_modules": list(self.exclude_modules),
+            "lora_form": self.lora_form,
         }

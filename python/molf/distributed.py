@@ -172,10 +172,7 @@ def merged_sharded(layer: nn.Module) -> nn.Module:
     back to each rank's shard. The base layer stays sharded like before."""
     w = layer.base.weight
     dtype = torch.promote_types(w.dtype, torch.float32)
-    delta = sum(
-        s * (b.full_tensor().to(dtype) @ a.full_tensor().to(dtype))
-        for a, b, s in zip(layer.lora_A, layer.lora_B, layer.scales)
-    )
+    delta = sum(s * (b @ a) for a, b, s in layer.lora_pairs(lambda t: t.full_tensor().to(dtype)))
     merged = w.full_tensor().to(dtype) + (delta.T if layer.transposed else delta)
     w.copy_(distribute_tensor(merged.to(w.dtype), w.device_mesh, w.placements))
     return layer.base

@@ -115,7 +115,7 @@ def export_peft(
         raise ConfigError(f"export_peft: wrapped modules carry different expert ranks {sorted(ranks)}")
     if task_type == "auto":
         task_type = _task_type(model)
-    lora_ids = {id(p) for _, layer in layers for p in (*layer.lora_A, *layer.lora_B)}
+    lora_ids = {id(p) for _, layer in layers for expert in layer.experts() for p in expert}
     unexported = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids]
     if unexported:
         warnings.warn(
@@ -130,11 +130,11 @@ def export_peft(
     conv1d = False
     for name, layer in layers:
         dtype = layer.lora_B[0].dtype
-        # Under FSDP2 the experts are DTensor shards: gather them (on every rank).
-        a = torch.cat([full(a.detach()) for a in layer.lora_A], dim=0)
-        b = torch.cat(
-            [(s * full(b.detach()).to(torch.float64)).to(dtype) for b, s in zip(layer.lora_B, layer.scales)], dim=1
-        )
+        # Under FSDP2 the experts are DTensor shards: gather them (on every rank). ("svd"-form
+        # experts: λ folded into B, in float64.)
+        pairs = layer.lora_pairs(lambda t: full(t.detach()).to(torch.float64))
+        a = torch.cat([a.to(dtype) for a, _, _ in pairs], dim=0)
+        b = torch.cat([(s * b).to(dtype) for _, b, s in pairs], dim=1)
         tensors[f"{_KEY_PREFIX}{name}.lora_A.weight"] = a.cpu().contiguous()
         tensors[f"{_KEY_PREFIX}{name}.lora_B.weight"] = b.cpu().contiguous()
         conv1d |= layer.transposed
@@ -221,8 +221,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike, *, expert: int) -> nn
     weight and the LoRA experts are 1, 2, ...; with fft=False they are 0, 1, ...).
     The adapter's rank in each module must equal that expert's rank. A is
     copied; B is rescaled by s_peft / s_molf, so s_molf B A is what PEFT
-    computed. Modules the adapter does not cover keep their expert as it is
-    (B = 0 after wrap: no change to the output); an adapter module that is
+    computed (an expert in the "svd" form gets λ = 1). Modules the adapter does
+    not cover keep their expert as it is (after wrap: no change to the output,
+    B or λ being zero); an adapter module that is
     not wrapped is refused. Everything is checked before anything is written.
     Returns the model.
     """
@@ -277,4 +278,6 @@ def import_peft(model: nn.Module, path: str | os.PathLike, *, expert: int) -> nn
     for layer, a, b, factor in plan:
         layer.lora_A[slot].copy_(a)
         layer.lora_B[slot].copy_((b.to(torch.float64) * factor).to(layer.lora_B[slot].dtype))
+        if layer.lora_E is not None:  # an "svd"-form expert: B·diag(1)·A is the adapter's pair
+            layer.lora_E[slot].fill_(1.0)
     return model

@@ -226,8 +226,9 @@ class HeldoutProbe:
     def _shrink(self, view: ExpertView, undo: _Undo) -> set[torch.Tensor]:
         """One shrink trial per expert index (see the module docstring): a dense expert's
         weight and bias scaled about where they started; a LoRA expert's B rewritten so that
-        its product's spectrum is soft-thresholded (with ``shrink_spectral`` False: B scaled
-        about zero, which scales the product). Returns the tensors of inactive
+        its product's spectrum is soft-thresholded (with ``shrink_spectral`` False, and for an
+        expert in the "svd" form, whose product is not B·A: B scaled about zero, which scales
+        the product). Returns the tensors of inactive
         experts that a kept trial moved: the window counts them as not moved (an inactive
         expert has not moved since the last measurement; its record takes in training movement
         only, and its span pauses)."""
@@ -235,11 +236,13 @@ class HeldoutProbe:
         spectral = view.ledger.shrink_spectral
         E = view.shape[1]
         active = view.router.incumbents().reshape(-1)
-        lora_a = {slot: p for _, p, slot in view.expert_tensors() if spectral and expert_tag(p).part == "A"}
+        tensors = list(view.expert_tensors())
+        svd_form = {slot for _, p, slot in tensors if expert_tag(p).part == "E"}
+        lora_a = {slot: p for _, p, slot in tensors if spectral and slot not in svd_form and expert_tag(p).part == "A"}
         # Per expert index: (parameter, its origin (dense; None: LoRA's B), its LoRA A (None:
         # dense), whether its expert is inactive and measured before).
         by_expert: list[list[tuple]] = [[] for _ in range(E)]
-        for _, p, slot in view.expert_tensors():
+        for _, p, slot in tensors:
             tag = expert_tag(p)
             state = view.state.get(p, {})
             inactive = not active[slot] and THETA_KEY in state
@@ -253,7 +256,7 @@ class HeldoutProbe:
                     )
                 by_expert[slot % E].append((p, distributed.to_local(state[ORIGIN_KEY]), None, inactive))
             elif tag.part == "B":
-                by_expert[slot % E].append((p, None, lora_a[slot] if spectral else None, inactive))
+                by_expert[slot % E].append((p, None, lora_a.get(slot), inactive))
         return run_trials(by_expert, delta, self._value, view.ledger.record_shrink, undo.weights, self.offload)
 
     @torch.no_grad()

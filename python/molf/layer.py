@@ -2,6 +2,8 @@
 
     y = W x + b + sum_i s_i * B_i A_i dropout(x)
 
+(with `MoLFConfig(lora_form="svd")`: s_i * B_i diag(λ_i) A_i, AdaLoRA's form).
+
 Every expert sits in the forward pass, so every expert receives its exact
 gradient each step; the optimizer decides which of them is updated.
 """
@@ -9,6 +11,7 @@ gradient each step; the optimizer decides which of them is updated.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,6 +20,8 @@ from torch.nn import functional as F
 from .routed_linear import routed_apply
 
 __all__ = ["MoLFLinear", "is_linear_like"]
+
+SVD_INIT_STD = 0.02  # A and B of a "svd"-form expert, as peft's AdaLoRA draws them
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -31,7 +36,8 @@ def is_linear_like(module: nn.Module) -> bool:
 
 class MoLFLinear(nn.Module):
     """A wrapped linear layer: expert 0 is the dense weight (when `fft`), the
-    others are LoRA pairs (A_i: r_i x in, B_i: out x r_i)."""
+    others are LoRA pairs (A_i: r_i x in, B_i: out x r_i), in the "svd" form with
+    λ_i (r_i) between them."""
 
     def __init__(
         self,
@@ -40,6 +46,7 @@ class MoLFLinear(nn.Module):
         scales: tuple[float, ...],
         dropout: float = 0.0,
         fft: bool = True,
+        form: str = "ba",
     ) -> None:
         super().__init__()
         if not is_linear_like(base):
@@ -51,13 +58,20 @@ class MoLFLinear(nn.Module):
             (weight.shape[0], weight.shape[1]) if self.transposed else (weight.shape[1], weight.shape[0])
         )
         self.fft = fft
+        self.form = form
         self.ranks = tuple(ranks)
         self.scales = tuple(float(s) for s in scales)
         kw = dict(device=weight.device, dtype=weight.dtype)
         self.lora_A = nn.ParameterList([nn.Parameter(torch.empty(r, self.in_features, **kw)) for r in self.ranks])
         self.lora_B = nn.ParameterList([nn.Parameter(torch.zeros(self.out_features, r, **kw)) for r in self.ranks])
-        for a in self.lora_A:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if form == "svd":  # λ = 0: the layer computes what the base does, and A and B get gradients
+            self.lora_E = nn.ParameterList([nn.Parameter(torch.zeros(r, **kw)) for r in self.ranks])
+            for p in (*self.lora_A, *self.lora_B):
+                nn.init.normal_(p, 0.0, SVD_INIT_STD)
+        else:
+            self.lora_E = None
+            for a in self.lora_A:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
@@ -67,6 +81,8 @@ class MoLFLinear(nn.Module):
     def experts(self) -> list[list[nn.Parameter]]:
         """The parameters of each expert, in expert order."""
         lora = [[a, b] for a, b in zip(self.lora_A, self.lora_B)]
+        if self.lora_E is not None:
+            lora = [pair + [e] for pair, e in zip(lora, self.lora_E)]
         if not self.fft:
             return lora
         dense = [self.base.weight] + ([self.base.bias] if self.base.bias is not None else [])
@@ -75,11 +91,12 @@ class MoLFLinear(nn.Module):
     def _fused(self, base: nn.Module) -> bool:
         """Whether forward may run as one `routed_linear` node. Not with LoRA dropout
         live (the composition draws the mask), nor without a LoRA expert (the base is
-        one node already), nor where calling `base` does more than its GEMM: a subclass
-        (quantized layers) or hooks on it (e.g. FSDP2's `fully_shard(base)` gathers
-        its weight in a pre-forward hook)."""
+        one node already), nor for "svd"-form experts (the Function has no λ), nor where
+        calling `base` does more than its GEMM: a subclass (quantized layers) or hooks on
+        it (e.g. FSDP2's `fully_shard(base)` gathers its weight in a pre-forward hook)."""
         return (
             bool(self.ranks)
+            and self.lora_E is None
             and not (self.training and isinstance(self._modules["lora_dropout"], nn.Dropout))
             and (type(base) is nn.Linear or self.transposed)
             and not (base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks or base._backward_hooks)
@@ -105,15 +122,27 @@ class MoLFLinear(nn.Module):
             )
         y = base(x)
         h = self.lora_dropout(x)
-        for a, b, s in zip(self.lora_A, self.lora_B, self.scales):
-            y = y + s * F.linear(F.linear(h, a), b)
+        lams = self.lora_E if self.lora_E is not None else [None] * len(self.ranks)
+        for a, b, lam, s in zip(self.lora_A, self.lora_B, lams, self.scales):
+            t = F.linear(h, a)
+            y = y + s * F.linear(t if lam is None else t * lam, b)
         return y
+
+    def lora_pairs(self, get: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> list[tuple]:
+        """(A_i, B_i, s_i) of each LoRA expert as a plain LoRA pair, ΔW_i = s_i B_i A_i: in the
+        "svd" form λ_i is folded into B_i (B_i diag(λ_i)). `get` maps each tensor first (a cast,
+        the gathering of an FSDP2 shard), so the fold happens in what it returns."""
+        lams = self.lora_E if self.lora_E is not None else [None] * len(self.ranks)
+        return [
+            (get(a), get(b) if lam is None else get(b) * get(lam), s)
+            for a, b, lam, s in zip(self.lora_A, self.lora_B, lams, self.scales)
+        ]
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """sum_i s_i B_i A_i, shaped like `base.weight`, in at least float32."""
         dtype = torch.promote_types(self.base.weight.dtype, torch.float32)
-        delta = sum(s * (b.to(dtype) @ a.to(dtype)) for a, b, s in zip(self.lora_A, self.lora_B, self.scales))
+        delta = sum(s * (b @ a) for a, b, s in self.lora_pairs(lambda t: t.to(dtype)))
         return delta.T if self.transposed else delta
 
     @torch.no_grad()
@@ -130,4 +159,5 @@ class MoLFLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, fft={self.fft}, "
             f"ranks={self.ranks}, scales={tuple(round(s, 4) for s in self.scales)}"
+            + (f", form={self.form}" if self.form != "ba" else "")
         )

@@ -157,7 +157,7 @@ def _check_unshared(
 def _tag_experts(name: str, order: int, layer: MoLFLinear, expert_names: tuple[str, ...]) -> None:
     for e, params in enumerate(layer.experts()):
         kind = "dense" if layer.fft and e == 0 else "lora"
-        for p, part in zip(params, ("weight", "bias") if kind == "dense" else ("A", "B")):
+        for p, part in zip(params, ("weight", "bias") if kind == "dense" else ("A", "B", "E")):
             setattr(p, _TAG_ATTR, ExpertTag(order, name, e, layer.num_experts, kind, expert_names[e], part))
 
 
@@ -202,9 +202,8 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
         "exclude {name} (exclude_modules; the default excludes lm_head) or untie the weights first",
         "give each place its own layer, or exclude every name of it (exclude_modules)",
     )
-    built = [
-        (name, base, MoLFLinear(base, config.ranks, config.scales, config.dropout, config.fft)) for name, base in chosen
-    ]
+    c = config
+    built = [(name, base, MoLFLinear(base, c.ranks, c.scales, c.dropout, c.fft, c.lora_form)) for name, base in chosen]
     frozen = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if not config.fft else []
     swapped = 0
     try:
@@ -297,8 +296,7 @@ def _merged_weight(layer: MoLFLinear) -> torch.Tensor:
     if not layer.ranks:
         return w
     dtype = torch.promote_types(w.dtype, torch.float32)
-    experts = zip(layer.lora_A, layer.lora_B, layer.scales)
-    delta = sum(s * (full(b).to(dtype) @ full(a).to(dtype)) for a, b, s in experts)
+    delta = sum(s * (b @ a) for a, b, s in layer.lora_pairs(lambda t: full(t).to(dtype)))
     return (w.to(dtype) + (delta.T if layer.transposed else delta)).to(w.dtype)
 
 
