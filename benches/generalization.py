@@ -232,13 +232,19 @@ def choose_rates(
             scores.setdefault(f, {})[m] = {repr(lr): v for lr, v in by_lr.items()}
     book = tomllib.loads(rates_path.read_text(encoding="utf-8")) if rates_path.exists() else {}
     section = book.get(scale_name, {})
+    # (A file of before: one command per family, for every method it held.)
+    commands = {
+        f: dict.fromkeys(section.get("rates", {}).get(f, {}), c) if isinstance(c, str) else c
+        for f, c in section.get("commands", {}).items()
+    }
     section.update(
         grid=list(scale.lrs),
         seeds=seeds,
         split_sha256=fam.SPLIT_SHA256,
-        commands={**section.get("commands", {}), **dict.fromkeys(rates, command)},  # the command that chose each
-        rates={**section.get("rates", {}), **rates},
-        scores={**section.get("scores", {}), **scores},
+        # Per family and method: these methods' entries replace their own, the others stay.
+        commands=_merged(commands, {f: dict.fromkeys(by, command) for f, by in rates.items()}),
+        rates=_merged(section.get("rates", {}), rates),
+        scores=_merged(section.get("scores", {}), scores),
     )
     # a rate at the grid's edge may hide a better one beyond it: say so
     section["at_grid_edge"] = sorted(
@@ -250,6 +256,11 @@ def choose_rates(
     book[scale_name] = section
     rates_path.write_text(toml_dump(book), encoding="utf-8")
     return section
+
+
+def _merged(old: dict[str, dict], new: dict[str, dict]) -> dict[str, dict]:
+    """family -> method -> value: `new`'s entries over `old`'s, family by family."""
+    return {f: {**old.get(f, {}), **new.get(f, {})} for f in {**old, **new}}
 
 
 def toml_dump(d: dict, path: tuple[str, ...] = ()) -> str:

@@ -232,7 +232,17 @@ def test_rates_are_chosen_per_family_on_tuning_instances_and_checked(tmp_path, m
         assert scores == pytest.approx({repr(k): v for k, v in by_lr.items()})
         assert book["scarce-noisy"][m] == min(by_lr, key=by_lr.get)
         assert (f"scarce-noisy · {m}" in section["at_grid_edge"]) == (book["scarce-noisy"][m] != 2e-3)
-    assert section["commands"] == {"scarce-noisy": "c"} and g.load_rates("tiny", path) == book
+    assert section["commands"] == {"scarce-noisy": dict.fromkeys(methods, "c")} and g.load_rates("tiny", path) == book
+    # Choosing one more method's rate later keeps every other method's rate, scores and command.
+    more = g.choose_rates(
+        "tiny", ["scarce-noisy"], ["LoRA (early stop)"], tmp_path / "r", progress=False, rates_path=path, command="d"
+    )
+    assert g.load_rates("tiny", path)["scarce-noisy"] == {
+        **book["scarce-noisy"],
+        "LoRA (early stop)": pytest.approx(more["rates"]["scarce-noisy"]["LoRA (early stop)"]),
+    }
+    assert set(more["scores"]["scarce-noisy"]) == {*methods, "LoRA (early stop)"}
+    assert more["commands"] == {"scarce-noisy": {**dict.fromkeys(methods, "c"), "LoRA (early stop)": "d"}}
     with pytest.raises(ConfigError, match="no rates"):
         g.load_rates("quick", path)
     path.write_text(path.read_text().replace(fam.SPLIT_SHA256, "0" * 64))
