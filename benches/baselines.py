@@ -70,8 +70,10 @@ METHODS: dict[str, Method] = {
     "MoLF-E": _suite("MoLF-E"),
     "molf default": _suite("molf default"),
     "molf-E default": _suite("molf-E default"),
+    # molf-E default with its experts in AdaLoRA's form (MoLFConfig(lora_form="svd")).
+    "molf-E svd": Method(quality._molf(quality.EFFICIENT_RANKS, False, quality._default, lora_form="svd")),
 }
-ROUTED = ("MoLF (paper)", "MoLF-E", "molf default", "molf-E default")
+ROUTED = ("MoLF (paper)", "MoLF-E", "molf default", "molf-E default", "molf-E svd")
 
 
 def builder(method: str, variant: str | None) -> Callable[..., quality.Built]:

@@ -9,7 +9,8 @@ paired statistics per instance.
 
 Methods (`baselines.py`): FFT and LoRA, plain and early-stopped on the validation
 split molf's held-out routing uses; DoRA, PiSSA, AdaLoRA; MoLF as published,
-MoLF-E; molf default and molf-E default (`quality.py`'s). Learning rates, as a
+MoLF-E; molf default and molf-E default (`quality.py`'s), and molf-E default with its
+experts in AdaLoRA's form (`MoLFConfig(lora_form="svd")`). Learning rates, as a
 practitioner keeps a default per method: each method's rate per family, chosen
 on the family's tuning instances (`--choose-rates`: the best mean test metric over
 them at seeds VAL_SEED, ... — never the seeds reported) and held fixed on every
@@ -19,7 +20,7 @@ validation split at seed VAL_SEED. Each instance then runs `--seeds` seeds (the
 same seed: the same data and minibatches for every method).
 
 Per instance the paired difference over seeds of molf default to the better of
-the early-stopped FFT and LoRA, of molf-E default to AdaLoRA and of the paper's
+the early-stopped FFT and LoRA, of molf-E default (either form) to AdaLoRA and of the paper's
 routing beside, with its standard error; over instances the mean gap, the share
 worse at 2 SE, the worst such gap and those worse by more than 3% at 2 SE (the
 issue's target). Bimodal tasks (sql) are listed with their difference, SE and
@@ -62,6 +63,7 @@ ES = ("FFT (early stop)", "LoRA (early stop)")
 COMPARISONS = (
     ("molf default", ES, "molf default vs early-stopped FFT/LoRA"),
     ("molf-E default", ("AdaLoRA",), "molf-E default vs AdaLoRA"),
+    ("molf-E svd", ("AdaLoRA",), "molf-E svd vs AdaLoRA"),
     ("MoLF (paper)", ES, "MoLF (paper) vs early-stopped FFT/LoRA"),
     ("molf default", ("FFT", "LoRA"), "molf default vs plain FFT/LoRA"),
     ("molf default", ("DoRA", "PiSSA"), "molf default vs DoRA/PiSSA"),

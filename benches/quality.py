@@ -392,13 +392,14 @@ def _molf(
     routing: Callable[[Callable[[], torch.Tensor]], dict],
     lora_lr_factor: float = 1.0,
     alpha_factor: float = 1.0,
+    lora_form: str = "ba",
 ):
     """MoLFAdamW with the routing policy `routing(held-out loss closure)` returns. Each LoRA
     expert at the scale of the method it is compared with: beside a dense expert (against FFT and
     the LoRA baseline) rsLoRA alpha = r, s = sqrt(r), as the LoRA baseline; MoLF-E (against AdaLoRA)
     alpha / r = 1, as AdaLoRA (peft scales its P·Λ·Q by lora_alpha / r, and lora_alpha = init_r).
     The factors move the LoRA experts' learning rate (lora_lr = factor x lr) and scale (alpha x
-    factor) away from that: the hyper-parameter variants."""
+    factor) away from that: the hyper-parameter variants. `lora_form`: MoLFConfig's."""
 
     def build(model, lr, steps, targets, log_path, heldout: HeldoutLoss) -> Built:
         cfg = molf.MoLFConfig(
@@ -408,6 +409,7 @@ def _molf(
             rslora=fft,
             target_modules=targets,
             exclude_modules=(),
+            lora_form=lora_form,
         )
         molf.wrap(model, cfg)
         opt = molf.MoLFAdamW(

@@ -258,20 +258,21 @@ def test_fsdp2_matches_single_process_checkpoints_and_merges():
 # ------------------------------------------------------- export under FSDP2
 
 
-def _efficient_model() -> nn.Module:
+def _efficient_model(form: str = "ba") -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    return molf.wrap(model, molf.MoLFConfig(ranks=(2, 4), alphas=(4, 8), fft=False, exclude_modules=()))
+    cfg = molf.MoLFConfig(ranks=(2, 4), alphas=(4, 8), fft=False, exclude_modules=(), lora_form=form)
+    return molf.wrap(model, cfg)
 
 
-def _export_worker(rank: int, init_method: str, out_dir: str) -> None:
+def _export_worker(rank: int, init_method: str, out_dir: str, form: str) -> None:
     from safetensors.torch import load_file
 
     rows = _init(rank, init_method)
     try:
-        ref = _efficient_model()
+        ref = _efficient_model(form)
         _train(ref, molf.MoLFAdamW(ref, **OPT_KW, check_every=0), _batches()[:3])
-        model = _shard_in_place(_efficient_model())
+        model = _shard_in_place(_efficient_model(form))
         _train(model, molf.MoLFAdamW(model, **OPT_KW), _batches()[:3], rows)
         molf.export_peft(model, os.path.join(out_dir, "sharded"))  # every rank gathers, rank 0 writes
         if rank == 0:
@@ -290,14 +291,21 @@ def _export_worker(rank: int, init_method: str, out_dir: str) -> None:
                 open(os.path.join(out_dir, "sharded", "adapter_config.json")) as b,
             ):
                 assert a.read() == b.read()
+        # merge gathers every expert tensor (λ too, in the "svd" form) and folds them in.
+        molf.merge(model)
+        molf.merge(ref)
+        want, got = _full_params(ref), _full_params(model)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def test_export_peft_gathers_fsdp2_shards():
+@pytest.mark.parametrize("form", ["ba", "svd"])
+def test_export_peft_and_merge_gather_fsdp2_shards(form):
     with tempfile.TemporaryDirectory() as out_dir:
-        _spawn(_export_worker, out_dir)
+        _spawn(_export_worker, out_dir, form)
 
 
 # ---------------------------------------------------------- policy heldout
