@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 
 import peft
 import pytest
@@ -207,3 +208,18 @@ def test_a_checkpoint_resumes_the_same_run():
     opt.load_state_dict(blob["opt"])
     train(resumed, opt, data[7:])
     assert_bitwise_equal(resumed, whole)
+
+
+def test_a_layer_pickled_before_the_form_existed_loads_as_ba():
+    torch.manual_seed(7)
+    layer = molf.MoLFLinear(nn.Linear(5, 3), (2,), (1.0,))
+    with torch.no_grad():
+        layer.lora_B[0].normal_()
+    x = torch.randn(4, 5)
+    old = {k: v for k, v in layer.__dict__.items() if k not in ("form", "lora_E")}
+    loaded = molf.MoLFLinear.__new__(molf.MoLFLinear)
+    loaded.__setstate__(old)
+    assert loaded.form == "ba" and loaded.lora_E is None and len(loaded.experts()[1]) == 2
+    torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
+    again = pickle.loads(pickle.dumps(molf.MoLFLinear(nn.Linear(5, 3), (2,), (1.0,), form="svd")))
+    assert again.form == "svd" and len(again.lora_E) == 1

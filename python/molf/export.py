@@ -278,6 +278,6 @@ def import_peft(model: nn.Module, path: str | os.PathLike, *, expert: int) -> nn
     for layer, a, b, factor in plan:
         layer.lora_A[slot].copy_(a)
         layer.lora_B[slot].copy_((b.to(torch.float64) * factor).to(layer.lora_B[slot].dtype))
-        if layer.lora_E is not None:  # an "svd"-form expert: B·diag(1)·A is the adapter's pair
+        if layer.form == "svd":  # an "svd"-form expert: B·diag(1)·A is the adapter's pair
             layer.lora_E[slot].fill_(1.0)
     return model

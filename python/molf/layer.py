@@ -74,6 +74,11 @@ class MoLFLinear(nn.Module):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def __setstate__(self, state: dict) -> None:
+        if "form" not in state:  # pickled before `lora_form` existed: the B·A form
+            state["form"], state["lora_E"] = "ba", None
+        super().__setstate__(state)
+
     @property
     def num_experts(self) -> int:
         return len(self.ranks) + int(self.fft)
@@ -81,7 +86,7 @@ class MoLFLinear(nn.Module):
     def experts(self) -> list[list[nn.Parameter]]:
         """The parameters of each expert, in expert order."""
         lora = [[a, b] for a, b in zip(self.lora_A, self.lora_B)]
-        if self.lora_E is not None:
+        if self.form == "svd":
             lora = [pair + [e] for pair, e in zip(lora, self.lora_E)]
         if not self.fft:
             return lora
@@ -96,7 +101,7 @@ class MoLFLinear(nn.Module):
         it (e.g. FSDP2's `fully_shard(base)` gathers its weight in a pre-forward hook)."""
         return (
             bool(self.ranks)
-            and self.lora_E is None
+            and self.form == "ba"
             and not (self.training and isinstance(self._modules["lora_dropout"], nn.Dropout))
             and (type(base) is nn.Linear or self.transposed)
             and not (base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks or base._backward_hooks)
@@ -122,7 +127,7 @@ class MoLFLinear(nn.Module):
             )
         y = base(x)
         h = self.lora_dropout(x)
-        lams = self.lora_E if self.lora_E is not None else [None] * len(self.ranks)
+        lams = self.lora_E if self.form == "svd" else [None] * len(self.ranks)
         for a, b, lam, s in zip(self.lora_A, self.lora_B, lams, self.scales):
             t = F.linear(h, a)
             y = y + s * F.linear(t if lam is None else t * lam, b)
@@ -132,7 +137,7 @@ class MoLFLinear(nn.Module):
         """(A_i, B_i, s_i) of each LoRA expert as a plain LoRA pair, ΔW_i = s_i B_i A_i: in the
         "svd" form λ_i is folded into B_i (B_i diag(λ_i)). `get` maps each tensor first (a cast,
         the gathering of an FSDP2 shard), so the fold happens in what it returns."""
-        lams = self.lora_E if self.lora_E is not None else [None] * len(self.ranks)
+        lams = self.lora_E if self.form == "svd" else [None] * len(self.ranks)
         return [
             (get(a), get(b) if lam is None else get(b) * get(lam), s)
             for a, b, lam, s in zip(self.lora_A, self.lora_B, lams, self.scales)
