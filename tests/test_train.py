@@ -435,7 +435,7 @@ def test_config_sections_file_the_flat_options(tmp_path):
     from molf.train.config import OPTION_SECTION, RESUME_FREE, SECTIONS
 
     section_fields = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
-    assert len(section_fields) == len(set(section_fields)) == 55
+    assert len(section_fields) == len(set(section_fields)) == 56
     assert all(len(dataclasses.fields(cls)) <= 15 for cls in SECTIONS.values())
     assert len(dataclasses.fields(TrainConfig)) == len(SECTIONS) <= 15
     train_parser = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
@@ -927,3 +927,29 @@ def test_two_processes_through_torchrun_train_like_one_with_the_whole_batch(mode
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=2e-6, rtol=1e-4)
     assert [r["step"] for r in molf.read_routing_log(out / "routing.jsonl")] == [1, 2, 3]
+
+
+def test_cli_lora_form_reaches_the_experts_and_a_run_saved_before_it_resumes(model_dir, data, tmp_path, capsys):
+    """--lora-form svd wraps the experts in AdaLoRA's form (the exported adapter folds λ in) and
+    is part of the run's identity; a run whose run.json predates the option ran with "ba" and
+    resumes as such."""
+    out = tmp_path / "svd"
+    assert main(flags(model_dir, data, out, "--mode", "molf-e", "--lora-form", "svd", "--steps", "2")) == 0
+    assert json.loads((out / "run.json").read_text())["identity"]["lora_form"] == "svd"
+    # molf-e trains the LoRA experts alone: its only vectors are the λ's.
+    assert any(s["exp_avg"].dim() == 1 for s in optimizer_state(out, 2)["state"].values())
+    with pytest.raises(SystemExit):
+        main(flags(model_dir, data, tmp_path / "bad", "--mode", "molf-e", "--steps", "2") + ["--lora-form", "dora"])
+    with pytest.raises(ConfigError, match="lora_form must be one of 'ba', 'svd'"):
+        molf.train.TrainConfig.from_mapping({"lora_form": "dora"})
+    old = tmp_path / "old"
+    assert main(flags(model_dir, data, old, "--mode", "molf", "--steps", "2", "--save-every", "1")) == 0
+    run_json = old / "run.json"
+    saved = json.loads(run_json.read_text())
+    del saved["identity"]["lora_form"]
+    run_json.write_text(json.dumps(saved))
+    assert main(flags(model_dir, data, old, "--mode", "molf", "--steps", "2", "--resume")) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(flags(model_dir, data, old, "--mode", "molf", "--steps", "2", "--lora-form", "svd", "--resume"))
+    assert "lora_form: 'ba' -> 'svd'" in capsys.readouterr().err

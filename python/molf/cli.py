@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from . import __version__
 from ._core import POLICIES, ConfigError, StateError
-from .config import DEFAULT_RANKS
+from .config import DEFAULT_RANKS, LORA_FORMS
 from .demo import DEFAULT_SEEDS, DEFAULT_STEPS, QUICK_SEEDS, QUICK_STEPS, format_table, run_demo
 from .plots import plot_routing_log
 from .routing import SCORES
@@ -181,6 +181,9 @@ def _add_train_parser(sub) -> None:
         "--rslora", action=boolean, default=S, help="scale alpha/sqrt(r) instead of alpha/r (default: on)"
     )
     experts.add_argument("--dropout", type=float, default=S, help="LoRA dropout (default: 0)")
+    experts.add_argument(
+        "--lora-form", choices=LORA_FORMS, default=S, help="LoRA's B·A (default) or AdaLoRA's B·diag(λ)·A (svd)"
+    )
     experts.add_argument(
         "--target-modules",
         nargs="+",

@@ -11,7 +11,7 @@ from typing import Any
 
 from ._core import ConfigError
 
-__all__ = ["ALL_LINEAR", "DEFAULT_RANKS", "MoLFConfig"]
+__all__ = ["ALL_LINEAR", "DEFAULT_RANKS", "LORA_FORMS", "MoLFConfig"]
 
 # The default expert ranks, in one place for MoLFConfig, `molf train` and the README:
 # MoLF (the dense weight and one LoRA expert; SPEC §6), MoLF-Efficient (two LoRA experts

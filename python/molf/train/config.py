@@ -15,18 +15,10 @@ from typing import Any, get_type_hints
 import torch
 
 from .._core import POLICIES, ConfigError
-from ..config import DEFAULT_RANKS, MoLFConfig
+from ..config import DEFAULT_RANKS, LORA_FORMS, MoLFConfig
 from ..routing import SCORES, Policy, policy_by_name
 
-__all__ = [
-    "MODES",
-    "DataOptions",
-    "ModelOptions",
-    "OptimOptions",
-    "RoutingOptions",
-    "RunOptions",
-    "TrainConfig",
-]
+__all__ = ["MODES", "DataOptions", "ModelOptions", "OptimOptions", "RoutingOptions", "RunOptions", "TrainConfig"]
 
 MODES = ("fft", "lora", "molf", "molf-e")
 ROUTED_MODES = ("molf", "molf-e")
@@ -81,11 +73,13 @@ class ModelOptions:
     dropout: float = 0.0
     target_modules: list[str] | None = None
     exclude_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    lora_form: str = "ba"  # MoLFConfig.lora_form: "ba" (LoRA's B·A) or "svd" (AdaLoRA's B·diag(λ)·A)
     dtype: str | None = None  # cast the weights (pure bf16/fp16 training); None: float32
 
     def __post_init__(self) -> None:
         _listify(self, ("ranks", "alphas", "target_modules", "exclude_modules"))
         _choice("mode", self.mode, MODES)
+        _choice("lora_form", self.lora_form, LORA_FORMS)
         if self.dtype is not None:
             _choice("dtype", self.dtype, tuple(DTYPES))
         _booleans(self, ("rslora",))
@@ -108,6 +102,7 @@ class ModelOptions:
             dropout=self.dropout,
             target_modules=None if self.target_modules is None else tuple(self.target_modules),
             exclude_modules=tuple(self.exclude_modules),
+            lora_form=self.lora_form,
         )
 
 

@@ -94,8 +94,13 @@ def data_key(path: str, out: Path) -> str:
         return path
 
 
+# Options that came after runs were saved: such a run's identity lacks them, and it ran with
+# what is now their default.
+LATER_OPTIONS = {"lora_form": "ba"}
+
+
 def check_same_run(cfg: TrainConfig, saved: dict, data_files: dict, where: Path) -> None:
-    now, then = cfg.identity(), saved["identity"]
+    now, then = cfg.identity(), {**LATER_OPTIONS, **saved["identity"]}
     differ = [k for k in sorted(now.keys() | then.keys()) if now.get(k) != then.get(k)]
     if differ:
         shown = "; ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in differ)
