@@ -11,6 +11,7 @@ Setups, each on its own model built from the same seed:
   plain  the unwrapped model (full fine-tuning), torch AdamW(foreach=True)
   peft   PEFT LoRA r8 (alpha 32, rsLoRA) on every linear but lm_head, torch AdamW(foreach=True)
   molf   molf.wrap(ranks=(8,)) on every linear but lm_head, MoLFAdamW(state_dtype="param")
+  molf-svd  the same with MoLFConfig(lora_form="svd"): each expert B·diag(λ)·A
 
 Rows: "no-grad" is the forward alone under `torch.no_grad()` (an evaluation, the held-out
 probe's shrink trials); "fwd+bwd" is `model(input_ids=x, labels=x).loss.backward()` then the
@@ -47,7 +48,7 @@ CONFIG = dict(
     use_cache=False,
 )
 RANK = 8
-SETUPS = ("plain", "peft", "molf")
+SETUPS = ("plain", "peft", "molf", "molf-svd")
 
 
 def build(setup: str):
@@ -64,7 +65,7 @@ def build(setup: str):
         model = get_peft_model(model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         return model, torch.optim.AdamW(params, lr=1e-4, foreach=True)
-    model = molf.wrap(model, molf.MoLFConfig(ranks=(RANK,)))
+    model = molf.wrap(model, molf.MoLFConfig(ranks=(RANK,), lora_form="svd" if setup == "molf-svd" else "ba"))
     return model, molf.MoLFAdamW(model, lr=1e-4, lora_lr=1e-4, state_dtype="param")
 
 

@@ -12,9 +12,11 @@ import pickle
 import peft
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import molf
+from molf.routed_linear import routed_apply
 from molf.wrap import expert_tag
 from test_degenerate import Net, assert_bitwise_equal, train_pair
 from test_export import ARCHS, base_and_trained, logits, peft_adapter
@@ -45,7 +47,7 @@ def test_wrap_starts_at_the_base_model_with_three_tensors_per_expert():
     model = molf.wrap(net, molf.MoLFConfig(ranks=(2, 3), fft=False, exclude_modules=(), **SVD))
     torch.testing.assert_close(model(x), want, rtol=0, atol=0)
     for _, layer in molf.routed_modules(model):
-        assert not layer._fused(layer.base)
+        assert layer._fused(layer.base)  # one autograd node, as the B·A form
         for expert, r in zip(layer.experts(), layer.ranks):
             a, b, lam = expert
             assert [expert_tag(p).part for p in expert] == ["A", "B", "E"]
@@ -74,6 +76,87 @@ def test_forward_and_gradients_match_a_float64_reference():
     y.backward(gy)
     for g, r in zip(got, leaves):
         torch.testing.assert_close(g, r.grad, rtol=1e-12, atol=1e-12)
+
+
+def svd_layer(arch: str, fft: bool, dtype=torch.float64) -> molf.MoLFLinear:
+    torch.manual_seed(3)
+    base = nn.Linear(6, 5) if arch == "linear" else transformers.pytorch_utils.Conv1D(5, 6)
+    layer = molf.MoLFLinear(base.to(dtype), (2, 3), (1.5, 0.5), fft=fft, form="svd")
+    with torch.no_grad():
+        for lam in layer.lora_E:
+            lam.normal_()
+    return layer
+
+
+def unfused(layer: molf.MoLFLinear):
+    """The layer's plain composition: a hook on its base (it does nothing) keeps the Function out."""
+    return layer.base.register_forward_hook(lambda *args: None)
+
+
+def outputs_and_grads(layer, x, gy):
+    for p in layer.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    y = layer(x)
+    y.backward(gy)
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("arch", ["linear", "conv1d"])
+@pytest.mark.parametrize("fft", [True, False])
+@pytest.mark.parametrize("shape", [(7, 6), (2, 7, 6)])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_the_fused_function_matches_the_composition(arch, fft, shape, x_grad):
+    layer = svd_layer(arch, fft)
+    if not fft:
+        layer.base.requires_grad_(False)
+    x = torch.randn(*shape, dtype=torch.float64).requires_grad_(x_grad)
+    gy = torch.randn(*shape[:-1], 5, dtype=torch.float64)
+    assert layer._fused(layer.base)
+    got = outputs_and_grads(layer, x, gy)
+    hook = unfused(layer)
+    assert not layer._fused(layer.base)
+    want = outputs_and_grads(layer, x, gy)
+    hook.remove()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    assert (got[1] is None) == (want[1] is None) == (not x_grad)
+    if x_grad:
+        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-12)
+    assert got[2].keys() == want[2].keys() and any("lora_E" in n for n in got[2])
+    for n in got[2]:
+        torch.testing.assert_close(got[2][n], want[2][n], rtol=1e-12, atol=1e-12, msg=n)
+    with torch.no_grad():  # without grad: the Function's forward without its machinery
+        torch.testing.assert_close(layer(x), got[0], rtol=1e-12, atol=1e-12)
+
+
+def test_the_fused_function_gradchecks_and_skips_a_frozen_lambda():
+    layer = svd_layer("linear", fft=True)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    params = [layer.base.weight, layer.base.bias, *layer.lora_A, *layer.lora_B, *layer.lora_E]
+
+    def f(x, *ps):
+        w, b, *lora = ps
+        return routed_apply(x, w, b, False, layer.scales, *lora)
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+    layer.lora_E[1].requires_grad_(False)
+    layer(x).sum().backward()
+    assert layer.lora_E[1].grad is None and layer.lora_E[0].grad is not None
+
+
+def test_autocast_matches_the_composition():
+    layer = svd_layer("linear", fft=True, dtype=torch.float32)
+    x, gy = torch.randn(2, 7, 6), torch.randn(2, 7, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = outputs_and_grads(layer, x, gy)
+        hook = unfused(layer)
+        want = outputs_and_grads(layer, x, gy)
+        hook.remove()
+    assert got[0].dtype == torch.bfloat16
+    for a, b in [(got[0], want[0])] + [(got[2][n], want[2][n]) for n in got[2]]:
+        err = (a.double() - b.double()).norm() / b.double().norm()
+        assert err < 2e-2, err
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

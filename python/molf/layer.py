@@ -96,12 +96,11 @@ class MoLFLinear(nn.Module):
     def _fused(self, base: nn.Module) -> bool:
         """Whether forward may run as one `routed_linear` node. Not with LoRA dropout
         live (the composition draws the mask), nor without a LoRA expert (the base is
-        one node already), nor for "svd"-form experts (the Function has no λ), nor where
-        calling `base` does more than its GEMM: a subclass (quantized layers) or hooks on
-        it (e.g. FSDP2's `fully_shard(base)` gathers its weight in a pre-forward hook)."""
+        one node already), nor where calling `base` does more than its GEMM: a subclass
+        (quantized layers) or hooks on it (e.g. FSDP2's `fully_shard(base)` gathers
+        its weight in a pre-forward hook)."""
         return (
             bool(self.ranks)
-            and self.form == "ba"
             and not (self.training and isinstance(self._modules["lora_dropout"], nn.Dropout))
             and (type(base) is nn.Linear or self.transposed)
             and not (base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks or base._backward_hooks)
@@ -124,6 +123,7 @@ class MoLFLinear(nn.Module):
                 self.scales,
                 *modules["lora_A"]._parameters.values(),
                 *modules["lora_B"]._parameters.values(),
+                *(modules["lora_E"]._parameters.values() if self.form == "svd" else ()),
             )
         y = base(x)
         h = self.lora_dropout(x)

@@ -1,6 +1,7 @@
 """The routed layer's forward and backward as one autograd Function.
 
-    y = x Wᵀ + b + Σ_i s_i (x A_iᵀ) B_iᵀ
+    y = x Wᵀ + b + Σ_i s_i (x A_iᵀ) B_iᵀ        (the "ba" form)
+    y = x Wᵀ + b + Σ_i s_i ((x A_iᵀ) ⊙ λ_i) B_iᵀ  (the "svd" form, `MoLFConfig(lora_form="svd")`)
 
 The plain composition `base(x) + s * F.linear(F.linear(x, A), B)` costs, per
 LoRA expert, a scalar multiply and an add over the whole tokens × out
@@ -39,10 +40,11 @@ def _autocast_operands(x: torch.Tensor, tensors: tuple) -> tuple:
 
 
 class RoutedLinearFunction(torch.autograd.Function):
-    """apply(x, weight, bias, transposed, scales, A_0, …, A_{n-1}, B_0, …, B_{n-1}).
+    """apply(x, weight, bias, transposed, scales, A_0, …, A_{n-1}, B_0, …, B_{n-1}[, λ_0, …, λ_{n-1}]).
 
     `weight` is (out, in), or (in, out) with `transposed` (HF Conv1D); `bias` may be
-    None; `scales` holds the n floats s_i. x is (..., in) and may be non-contiguous.
+    None; `scales` holds the n floats s_i; the λ_i (r_i) are given for the "svd" form.
+    x is (..., in) and may be non-contiguous.
     """
 
     # The step is bound by the host (issue #32): each torch call from Python costs
@@ -66,8 +68,8 @@ class RoutedLinearFunction(torch.autograd.Function):
 
 
 def _forward(x, weight, bias, transposed, scales, lora) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """y (shaped like x) and what the backward reads: x as a matrix, W, the A_i and B_i (as
-    the GEMMs saw them: cast under autocast) and the t_i = x A_iᵀ."""
+    """y (shaped like x) and what the backward reads: x as a matrix, W, the A_i, B_i (and λ_i)
+    as the GEMMs saw them (cast under autocast) and the t_i = x A_iᵀ."""
     if torch.is_autocast_enabled(x.device.type):
         x, weight, bias, *lora = _autocast_operands(x, (x, weight, bias, *lora))
     n = len(scales)
@@ -77,8 +79,9 @@ def _forward(x, weight, bias, transposed, scales, lora) -> tuple[torch.Tensor, t
     else:
         y = x2.mm(weight) if bias is None else torch.addmm(bias, x2, weight)
     ts = [F.linear(x2, a) for a in lora[:n]]
-    for t, b, s in zip(ts, lora[n:], scales):
-        y.addmm_(t, b.t(), alpha=s)
+    us = ts if len(lora) == 2 * n else [t * lam for t, lam in zip(ts, lora[2 * n :])]
+    for u, b, s in zip(us, lora[n : 2 * n], scales):
+        y.addmm_(u, b.t(), alpha=s)
     return (y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])), (x2, weight, *lora, *ts)
 
 
@@ -86,6 +89,7 @@ def _backward(ctx, gy):
     transposed, scales, x_shape = ctx.meta
     n = len(scales)
     x2, weight, *rest = ctx.saved_tensors
+    svd = len(rest) == 4 * n  # A, B, λ and t per expert ("ba": A, B, t)
     need_x, need_w, need_bias, _, _, *need = ctx.needs_input_grad
     gy2 = gy if gy.dim() == 2 else gy.reshape(-1, gy.shape[-1])
     gy2t = gy2.t()
@@ -96,15 +100,20 @@ def _backward(ctx, gy):
         dw = x2.t().mm(gy2) if transposed else gy2t.mm(x2)
     if need_bias:
         dbias = gy2.sum(0)
-    grads = [None] * (2 * n)
+    grads = [None] * len(need)
     for i, s in enumerate(scales):
-        a, b, t = rest[i], rest[n + i], rest[2 * n + i]
+        a, b, t = rest[i], rest[n + i], rest[(3 if svd else 2) * n + i]
+        lam = rest[2 * n + i] if svd else None
         # beta=0: the first operand only lends its shape (never read), and the
         # scale rides in the GEMM instead of a separate multiply.
         if need[n + i]:
-            grads[n + i] = torch.addmm(b, gy2t, t, beta=0, alpha=s)
-        if need[i] or need_x:
-            g = gy2.mm(b)  # the gradient of t_i, divided by s_i
+            grads[n + i] = torch.addmm(b, gy2t, t if lam is None else t * lam, beta=0, alpha=s)
+        if need[i] or need_x or (svd and need[2 * n + i]):
+            g = gy2.mm(b)  # the gradient of t_i (svd: of t_i ⊙ λ_i), divided by s_i
+            if svd:
+                if need[2 * n + i]:
+                    grads[2 * n + i] = (g * t).sum(0).mul_(s)
+                g = g * lam
             if need[i]:
                 grads[i] = torch.addmm(a, g.t(), x2, beta=0, alpha=s)
             if need_x:
