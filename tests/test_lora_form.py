@@ -37,6 +37,8 @@ def test_config_validates_and_records_the_form():
         molf.MoLFConfig(lora_form="dora")
     assert molf.MoLFConfig().lora_form == "ba"
     assert molf.MoLFConfig(**SVD).to_dict()["lora_form"] == "svd"
+    with pytest.raises(molf.ConfigError, match="form"):
+        molf.MoLFLinear(nn.Linear(3, 2), (1,), (1.0,), form="SVD")
 
 
 def test_wrap_starts_at_the_base_model_with_three_tensors_per_expert():

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._core import ConfigError
+from .config import LORA_FORMS
 from .routed_linear import routed_apply
 
 __all__ = ["MoLFLinear", "is_linear_like"]
@@ -51,6 +53,8 @@ class MoLFLinear(nn.Module):
         super().__init__()
         if not is_linear_like(base):
             raise TypeError(f"MoLFLinear wraps nn.Linear or HF Conv1D, got {type(base).__name__}")
+        if form not in LORA_FORMS:
+            raise ConfigError(f"form must be one of {LORA_FORMS}, got {form!r}")
         self.base = base
         self.transposed = _is_conv1d(base)
         weight = base.weight
