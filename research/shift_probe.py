@@ -28,16 +28,38 @@ import generalization as gen  # noqa: E402
 METHODS = ["FFT (early stop)", "LoRA (early stop)", "AdaLoRA", "molf default", "molf-E default"]
 
 
-def draws(n: int) -> list[fam.InstanceSpec]:
+def draws(n: int, prefix: str = "shift-probe", max_depth: int | None = None) -> list[fam.InstanceSpec]:
+    """`n` shift instances from the family's sampler seeded "PREFIX-K", each redrawn until it
+    shifts full rank → rank 1 (at depth <= `max_depth`), named "PREFIX/K"."""
     out = []
     for k in range(n):
-        rng = random.Random(f"shift-probe-{k}")
+        rng = random.Random(f"{prefix}-{k}")
         while True:
             p = fam._draw_shift(rng, "tuning")
-            if p["shift_ranks"][0] == 1:  # full rank first, then rank 1
+            if p["shift_ranks"][0] == 1 and (max_depth is None or p["depth"] <= max_depth):
                 break
-        out.append(fam.InstanceSpec(f"shift-probe/{k}", "tuning", "shift", p))
+        out.append(fam.InstanceSpec(f"{prefix}/{k}", "tuning", "shift", p))
     return out
+
+
+def cli(default_n: int, default_out: str, run_part, merge, extra=lambda ap: None) -> None:
+    """The two scripts' command line: `--n` draws, this process's `--part K/N` of them into
+    `--out` (`run_part(args, draws K, K+N, ...)`), or `--merge` of such outputs."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=default_n)
+    extra(ap)
+    ap.add_argument("--part", default="0/1", help="K/N: this process runs draws K, K+N, ...")
+    ap.add_argument("--out", type=Path, default=Path(default_out))
+    ap.add_argument("--merge", nargs="+")
+    args = ap.parse_args()
+    if args.merge:
+        merge(args.merge)
+        return
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    k, n = map(int, args.part.split("/"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    run_part(args, k, n)
 
 
 def run(specs: list[fam.InstanceSpec], out: Path) -> None:
@@ -79,20 +101,7 @@ def merge(paths: list[str]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=8)
-    ap.add_argument("--part", default="0/1", help="K/N: this process runs draws K, K+N, ...")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/shift_probe.json"))
-    ap.add_argument("--merge", nargs="+")
-    args = ap.parse_args()
-    if args.merge:
-        merge(args.merge)
-        return
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    k, n = map(int, args.part.split("/"))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    run(draws(args.n)[k::n], args.out)
+    cli(8, "/tmp/shift_probe.json", lambda args, k, n: run(draws(args.n)[k::n], args.out), merge)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ a setting that closes it here is a candidate for the tuning set, not a result.
 
 from __future__ import annotations
 
-import argparse
 import json
-import random
 import statistics
 import sys
 from pathlib import Path
@@ -30,6 +28,7 @@ import families as fam  # noqa: E402
 import generalization as gen  # noqa: E402
 import molf  # noqa: E402
 import quality  # noqa: E402
+import shift_probe  # noqa: E402
 from molf.wrap import expert_tag  # noqa: E402
 
 VARIANTS = {
@@ -45,15 +44,7 @@ VARIANTS = {
 
 
 def draws(n: int) -> list[fam.InstanceSpec]:
-    out = []
-    for k in range(n):
-        rng = random.Random(f"shift-shallow-{k}")
-        while True:
-            p = fam._draw_shift(rng, "tuning")
-            if p["shift_ranks"][0] == 1 and p["depth"] <= 3:
-                break
-        out.append(fam.InstanceSpec(f"shift-shallow/{k}", "tuning", "shift", p))
-    return out
+    return shift_probe.draws(n, prefix="shift-shallow", max_depth=3)
 
 
 # Baselines beside AdaLoRA at 3e-2 (the reference): AdaLoRA at molf-E's rates, and without its
@@ -150,21 +141,10 @@ def merge(paths: list[str]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=6)
-    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 3e-2])
-    ap.add_argument("--part", default="0/1")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/shift_variants.json"))
-    ap.add_argument("--merge", nargs="+")
-    args = ap.parse_args()
-    if args.merge:
-        merge(args.merge)
-        return
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    k, n = map(int, args.part.split("/"))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    run(draws(args.n)[k::n], args.lrs, args.out)
+    def lrs(ap):
+        ap.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 3e-2])
+
+    shift_probe.cli(6, "/tmp/shift_variants.json", lambda a, k, n: run(draws(a.n)[k::n], a.lrs, a.out), merge, lrs)
 
 
 if __name__ == "__main__":

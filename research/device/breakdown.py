@@ -44,6 +44,20 @@ def build(key: str, batch, mode: str = "eager"):
     return fwd, opt, x, heldout, counter  # (fwd: the model, compiled where `mode` says so)
 
 
+def train_probes(model, opt, x, counter, n_probes: int, before_step=lambda done: None) -> None:
+    """Training steps until `n_probes` of them ran the held-out probe (the closure was called);
+    `before_step(probes so far)` ahead of each step."""
+    done = 0
+    while done < n_probes:
+        before_step(done)
+        before = counter.calls
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if counter.calls > before:
+            done += 1
+
+
 def phases(model, opt, x, n, synced: bool):
     out = {k: [] for k in ("fwd", "bwd", "step", "zero", "total")}
     s = sync if synced else (lambda: None)
@@ -157,14 +171,7 @@ def probe_parts(opt, model, x, heldout, counter, n_probes=2):
     P._value = timed("_value (no-grad fwd + item)", orig["_value"])
     P._commit = timed("_commit (copies)", orig["_commit"])
     try:
-        done = 0
-        while done < n_probes:
-            before = counter.calls
-            model(input_ids=x, labels=x).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if counter.calls > before:
-                done += 1
+        train_probes(model, opt, x, counter, n_probes)
         sync()
     finally:
         for k, v in orig.items():

@@ -14,7 +14,7 @@ import io
 import pstats
 import time
 
-from breakdown import build, sync
+from breakdown import build, sync, train_probes
 
 from molf import heldout as ho
 
@@ -42,15 +42,11 @@ def main():
         return r
 
     P._sums = wrapper
-    done = 0
-    while done < 2 + 2 * args.probes:
+
+    def profile_last(done: int) -> None:
         state["profile"] = done >= 2 + args.probes
-        before = counter.calls
-        model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if counter.calls > before:
-            done += 1
+
+    train_probes(model, opt, x, counter, 2 + 2 * args.probes, profile_last)
     P._sums = orig
     print("_sums wall ms:", [round(w, 1) for w in walls])
     s = io.StringIO()
