@@ -30,6 +30,7 @@ its config and freed before the next:
                  copies: θ and the gradient at the last measurement, the dense origin and a
                  kept trial's undo copy in pinned host memory)
   molf-e         MoLF-Efficient, LoRA r16 + r128, base frozen
+  molf-e-svd     the same with its experts in AdaLoRA's form (MoLFConfig(lora_form="svd"))
   lora144        PEFT LoRA r144 (the rank MoLF-Efficient's two experts add up to)
   adamw-wrapped  torch AdamW (fused) over the paper-wrapped model's parameters, no routing
 
@@ -91,6 +92,7 @@ SETUPS = {
     "molf-heldout-param": "molf held-out (state param)",
     "molf-heldout-offload": "molf held-out (state param, offload)",
     "molf-e": "MoLF-E r16+r128",
+    "molf-e-svd": "MoLF-E r16+r128, svd form",
     "lora144": "PEFT LoRA r144",
     "adamw-wrapped": "AdamW over wrapped model",
 }
@@ -148,8 +150,10 @@ def adapt(key: str, model, peft_adapter_dtype: str = "auto"):
     """The model each setup trains (wrapped, PEFT or as it is)."""
     if key in ("molf", "molf-param", "adamw-wrapped", *HELDOUT):
         return molf.wrap(model, molf.MoLFConfig(**PAPER))
-    if key == "molf-e":
-        return molf.wrap(model, molf.MoLFConfig(ranks=(16, 128), alphas=(32, 32), rslora=True, fft=False))
+    if key in ("molf-e", "molf-e-svd"):
+        form = "svd" if key == "molf-e-svd" else "ba"
+        cfg = molf.MoLFConfig(ranks=(16, 128), alphas=(32, 32), rslora=True, fft=False, lora_form=form)
+        return molf.wrap(model, cfg)
     if key == "lora":
         return peft_lora(model, 128, peft_adapter_dtype)
     if key == "lora144":
@@ -164,7 +168,7 @@ def make_optimizer(key: str, model, device: str, heldout=None):
         return torch_adamw(model.parameters(), device, lr=2e-5, weight_decay=0.1)
     if key in ("lora", "lora144"):
         return torch_adamw(model.parameters(), device, lr=5e-5, weight_decay=0.01)
-    if key in ("molf", "molf-e"):
+    if key in ("molf", "molf-e", "molf-e-svd"):
         return molf.MoLFAdamW(model, **MOLF_OPT)
     if key == "molf-param":
         return molf.MoLFAdamW(model, **MOLF_OPT, state_dtype="param")

@@ -48,6 +48,13 @@ def test_loop_bench_smoke(tmp_path, capsys, one_thread):
     assert table.count("\n") == len(rows) + 2 and "1x16" in table
 
 
+def test_loop_bench_molf_e_in_both_forms(capsys, one_thread):
+    argv = ["--device", "cpu", "--shape", "small", "--batches", "1x16", "--warmup", "1", "--steps", "1"]
+    rows = loop_bench.main([*argv, "--setups", "molf-e,molf-e-svd"])
+    assert [r["setup"] for r in rows] == ["molf-e", "molf-e-svd"] and not [r for r in rows if "error" in r], rows
+    assert "svd form" in capsys.readouterr().out
+
+
 def test_loop_bench_error_is_a_row(tmp_path, monkeypatch, one_thread):
     def boom(*_, **__):
         raise RuntimeError("CUDA out of memory (simulated)")
