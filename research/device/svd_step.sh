@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# One device call (issue #35's svd form on issue #32's bench), wheel .whl/cur: MoLF-E's whole step
+# with its experts in AdaLoRA's form beside the B·A form and PEFT LoRA r144, eager, 4x512.
+set -u
+pip install --no-deps --quiet --target /tmp/cur .whl/cur/*.whl 2>&1 | grep -v WARNING | tail -1
+export PYTHONPATH=/tmp/cur
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+timeout 80 python -m pytest -q -p no:cacheprovider tests/test_lora_form.py > $OUT/tests.log 2>&1; tail -1 $OUT/tests.log
+timeout 300 python benches/loop_bench.py --batches 4x512 --steps 12 --setups lora144,molf-e,molf-e-svd \
+  --out $OUT/svd.json > $OUT/svd.log 2>&1
+tail -6 $OUT/svd.log
