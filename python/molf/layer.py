@@ -131,8 +131,7 @@ class MoLFLinear(nn.Module):
             )
         y = base(x)
         h = self.lora_dropout(x)
-        lams = self.lora_E if self.form == "svd" else [None] * len(self.ranks)
-        for a, b, lam, s in zip(self.lora_A, self.lora_B, lams, self.scales):
+        for a, b, lam, s in zip(self.lora_A, self.lora_B, self._lambdas(), self.scales):
             t = F.linear(h, a)
             y = y + s * F.linear(t if lam is None else t * lam, b)
         return y
@@ -141,11 +140,14 @@ class MoLFLinear(nn.Module):
         """(A_i, B_i, s_i) of each LoRA expert as a plain LoRA pair, ΔW_i = s_i B_i A_i: in the
         "svd" form λ_i is folded into B_i (B_i diag(λ_i)). `get` maps each tensor first (a cast,
         the gathering of an FSDP2 shard), so the fold happens in what it returns."""
-        lams = self.lora_E if self.form == "svd" else [None] * len(self.ranks)
         return [
             (get(a), get(b) if lam is None else get(b) * get(lam), s)
-            for a, b, lam, s in zip(self.lora_A, self.lora_B, lams, self.scales)
+            for a, b, lam, s in zip(self.lora_A, self.lora_B, self._lambdas(), self.scales)
         ]
+
+    def _lambdas(self) -> list:
+        """λ_i of each LoRA expert in the "svd" form, None for each in the B·A form."""
+        return list(self.lora_E) if self.form == "svd" else [None] * len(self.ranks)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

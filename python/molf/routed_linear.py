@@ -106,7 +106,7 @@ def _backward(ctx, gy):
         lam = rest[2 * n + i] if svd else None
         # beta=0: the first operand only lends its shape (never read), and the
         # scale rides in the GEMM instead of a separate multiply.
-        if need[n + i]:
+        if need[n + i]:  # (svd: t_i ⊙ λ_i again, a tokens × r product, rather than saved beside t_i)
             grads[n + i] = torch.addmm(b, gy2t, t if lam is None else t * lam, beta=0, alpha=s)
         if need[i] or need_x or (svd and need[2 * n + i]):
             g = gy2.mm(b)  # the gradient of t_i (svd: of t_i ⊙ λ_i), divided by s_i

@@ -202,8 +202,10 @@ def wrap(model: nn.Module, config: MoLFConfig | None = None) -> nn.Module:
         "exclude {name} (exclude_modules; the default excludes lm_head) or untie the weights first",
         "give each place its own layer, or exclude every name of it (exclude_modules)",
     )
-    c = config
-    built = [(name, base, MoLFLinear(base, c.ranks, c.scales, c.dropout, c.fft, c.lora_form)) for name, base in chosen]
+    built = [
+        (name, base, MoLFLinear(base, config.ranks, config.scales, config.dropout, config.fft, config.lora_form))
+        for name, base in chosen
+    ]
     frozen = [(n, p) for n, p in model.named_parameters() if p.requires_grad] if not config.fft else []
     swapped = 0
     try:
