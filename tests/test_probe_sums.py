@@ -99,6 +99,30 @@ def test_sums_are_bitwise_reproducible_and_order_free():
     assert torch.equal(a, b) and torch.equal(a[2:3], c)
 
 
+def test_a_repeated_layout_reuses_its_tables_and_sums_the_new_values():
+    """A probe's calls share sizes and kinds: the second call takes the first's chunk tables
+    (`_Plan`) and must still read its own tensors, and a call of other sizes, or of the same
+    pattern of kinds in other dtypes, must not take them."""
+
+    def check(items):
+        got = _probe_sums.heldout_sums(items).cpu()
+        want = torch.tensor([reference(item) for item in items], dtype=torch.float64)
+        scale = torch.tensor([reference(item, magnitude=True) for item in items], dtype=torch.float64)
+        assert (got - want).abs().le(1e-5 * scale + 1e-12).all()
+
+    def layout(dtype, seed, shapes=SHAPES):
+        return [operands(shape, dtype, dtype, adam=k % 2 == 0, seed=seed + k) for k, shape in enumerate(shapes)]
+
+    check(layout(torch.float32, 0))
+    plan = _probe_sums._Plan._last
+    check(layout(torch.float32, 10))  # other values, the same layout
+    assert _probe_sums._Plan._last is plan
+    check(layout(torch.bfloat16, 20))  # the same kinds pattern in another dtype
+    assert _probe_sums._Plan._last is plan
+    check(layout(torch.float32, 30, SHAPES[::-1]))  # other sizes in order
+    assert _probe_sums._Plan._last is not plan
+
+
 def test_not_eligible():
     item = operands((6, 5), torch.float32, torch.float32, adam=True, seed=0)
     device = TENSOR_DEVICE

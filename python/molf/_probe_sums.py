@@ -86,92 +86,116 @@ def eligible(item: tuple, device: torch.device) -> bool:
     every operand there, contiguous (so element k of each is the same weight's), in a dtype
     the kernel reads, θ_prev and g_prev in θ's dtype, m and v in one dtype."""
     _, theta, prev, g, gprev, adam = item
-    tensors = [theta, prev, g, gprev] + ([] if adam is None else [adam[0], adam[1]])
-    return (
-        all(t.device == device and t.is_contiguous() and t.dtype in _TL_DTYPES for t in tensors)
-        and prev.dtype == gprev.dtype == theta.dtype
-        and (adam is None or adam[0].dtype == adam[1].dtype)
-    )
+    if not (prev.dtype == gprev.dtype == theta.dtype in _TL_DTYPES and g.dtype in _TL_DTYPES):
+        return False
+    if adam is None:
+        tensors = (theta, prev, g, gprev)
+    elif adam[0].dtype == adam[1].dtype and adam[0].dtype in _TL_DTYPES:
+        tensors = (theta, prev, g, gprev, adam[0], adam[1])
+    else:
+        return False
+    return all(t.device == device and t.is_contiguous() for t in tensors)
 
 
 def heldout_sums(items: list[tuple]) -> torch.Tensor:
     """(realized, potential, movement) in float64, one row per item (slot, θ, θ_prev, g,
     g_prev, Adam's (m, v, step, (lr, β1, β2, ε)) or None), every tensor `eligible` and on
-    one CUDA device (or the CPU under Triton's interpreter). One upload of the pointer
-    tables, one launch per dtype combination, three of the fixed-order reduction."""
+    one CUDA device (or the CPU under Triton's interpreter). One upload of the pointers and
+    hyper-parameters (the chunk tables of the same tensor sizes come from the last call's
+    `_Plan`), one launch per dtype combination, three of the fixed-order reduction."""
     device = items[0][1].device
-
-    def key(i: int) -> tuple:
-        _, theta, _, g, _, adam = items[i]
-        s_dtype = theta.dtype if adam is None else adam[0].dtype
-        operands = list(items[i][1:5]) + ([] if adam is None else list(adam[:2]))
-        aligned = theta.numel() % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in operands)
-        return (theta.dtype, g.dtype, s_dtype, adam is not None, aligned)
-
-    keys = [key(i) for i in range(len(items))]
-    order = sorted(range(len(items)), key=lambda i: str(keys[i]))
-    T = len(order)
-    ordered = [items[i] for i in order]
-    rows = np.zeros((6, T), dtype=np.int64)
+    T = len(items)
+    ptrs = np.empty((T, 6), dtype=np.int64)
+    numels = np.empty(T, dtype=np.int64)
+    kinds: dict[tuple, int] = {}
+    kind_of = np.empty(T, dtype=np.int64)
+    adam_rows, adam_hyper, steps = [], [], []
+    # One pass over the items: the host's per-tensor work is what a probe waits for.
+    for j, (_, theta, prev, g, gprev, adam) in enumerate(items):
+        m, v = (theta, theta) if adam is None else adam[:2]
+        row = (theta.data_ptr(), prev.data_ptr(), g.data_ptr(), gprev.data_ptr(), m.data_ptr(), v.data_ptr())
+        ptrs[j] = row
+        n = numels[j] = theta.numel()
+        aligned = n % 16 == 0 and not any(x % 16 for x in row)
+        kind_of[j] = kinds.setdefault((theta.dtype, g.dtype, m.dtype, adam is not None, aligned), len(kinds))
+        if adam is not None:
+            adam_rows.append(j)
+            steps.append(adam[2])
+            adam_hyper.append(adam[3])
+    # Rounded to float32, as the torch path's hyper-parameters are.
     hyper = np.zeros((T, 2), dtype=np.float64)
     scale = np.zeros(T, dtype=np.float64)
-    adams = [item[5] for item in ordered if item[5] is not None]
-    steps = iter(torch.stack([adam[2] for adam in adams]).tolist() if adams else [])  # (host step counters)
-    for j, (_, theta, prev, g, gprev, adam) in enumerate(ordered):
-        m, v = (theta, theta) if adam is None else adam[:2]
-        rows[:, j] = [t.data_ptr() for t in (theta, prev, g, gprev, m, v)]
-        if adam is not None:
-            _, _, _, (lr, beta1, beta2, eps) = adam
-            t = next(steps)
-            # Rounded to float32, as the torch path's hyper-parameters are.
-            scale[j], hyper[j] = np.float32(lr / (1 - beta1**t)), np.float32([(1 - beta2**t) ** -0.5, eps])
-    numels = np.array([item[1].numel() for item in ordered], dtype=np.int64)
-    chunk = _fused.CHUNK
-    nblocks, block_tensor, block_start = _fused._chunks(numels)
-    first = np.concatenate(([0], np.cumsum(nblocks)[:-1])).astype(np.int64)
-    B = len(block_tensor)
-    table = _fused._upload(
-        np.concatenate(
-            [rows.reshape(-1), numels, block_tensor, block_start, first, nblocks, np.argsort(order)]
-            + [a.view(np.int64) for a in (hyper.reshape(-1), scale)]
-        ),
-        device,
-    )
-    ptrs = [table[k * T : (k + 1) * T] for k in range(6)]
-    at = 6 * T
-    numels_d = table[at : at + T]
-    block_tensor_d, block_start_d = table[at + T : at + T + B], table[at + T + B : at + T + 2 * B]
-    at += T + 2 * B
-    first_d, nblocks_d, inverse = (table[at + k * T : at + (k + 1) * T] for k in range(3))
-    hyper_d = table[at + 3 * T : at + 5 * T].view(torch.float64)
-    scale_d = table[at + 5 * T :].view(torch.float64)
+    if adam_rows:  # (Python's float powers, as the torch path takes them)
+        t = torch.stack(steps).tolist()  # (host step counters)
+        scale[adam_rows] = np.float32([lr / (1 - b1**s) for s, (lr, b1, _, _) in zip(t, adam_hyper)])
+        hyper[adam_rows] = np.float32([((1 - b2**s) ** -0.5, eps) for s, (_, _, b2, eps) in zip(t, adam_hyper)])
+    plan = _Plan.of(device, kind_of, numels)
+    order = plan.order
+    T, B = len(order), plan.blocks
+    floats = np.concatenate([hyper[order].reshape(-1), scale[order]])
+    table = _fused._upload(np.concatenate([ptrs[order].T.reshape(-1), floats.view(np.int64)]), device)
+    ptrs_d = [table[k * T : (k + 1) * T] for k in range(6)]
+    hyper_d = table[6 * T : 8 * T].view(torch.float64)
+    scale_d = table[8 * T :].view(torch.float64)
     partial = torch.empty(3 * max(B, 1), dtype=torch.float64, device=device)
-    lo = 0
-    for hi in range(1, T + 1):
-        if hi < T and keys[order[hi]] == keys[order[lo]]:
-            continue
-        *dtypes, adam, aligned = keys[order[lo]]
-        clo, chi = int(first[lo]), int(first[hi - 1] + nblocks[hi - 1])
-        if chi > clo:
-            _sums_kernel[(chi - clo,)](
-                *ptrs,
-                numels_d,
-                hyper_d,
-                block_tensor_d[clo:],
-                block_start_d[clo:],
-                partial[clo:],
-                B,
-                P_DT=_TL_DTYPES[dtypes[0]],
-                G_DT=_TL_DTYPES[dtypes[1]],
-                S_DT=_TL_DTYPES[dtypes[2]],
-                ADAM=adam,
-                ALIGNED=aligned,
-                BLOCK=_block(*dtypes),
-                CHUNK=chunk,
-            )
-        lo = hi
+    keys = {k: key for key, k in kinds.items()}
+    for kind, lo, hi in plan.launches:
+        theta_dt, g_dt, s_dt, adam, aligned = keys[kind]
+        _sums_kernel[(hi - lo,)](
+            *ptrs_d,
+            plan.numels,
+            hyper_d,
+            plan.block_tensor[lo:],
+            plan.block_start[lo:],
+            partial[lo:],
+            B,
+            P_DT=_TL_DTYPES[theta_dt],
+            G_DT=_TL_DTYPES[g_dt],
+            S_DT=_TL_DTYPES[s_dt],
+            ADAM=adam,
+            ALIGNED=aligned,
+            BLOCK=_block(theta_dt, g_dt, s_dt),
+            CHUNK=_fused.CHUNK,
+        )
     sums = torch.empty(3 * T, dtype=torch.float64, device=device)
     for k in range(3):
-        _reduce_kernel[(T,)](partial[k * B :], first_d, nblocks_d, sums[k * T :], BLOCK=256)
+        _reduce_kernel[(T,)](partial[k * B :], plan.first, plan.nblocks, sums[k * T :], BLOCK=256)
     sums = sums.view(3, T)
-    return torch.stack([sums[0] * 0.5, sums[1] * scale_d, sums[2]], dim=1).index_select(0, inverse)
+    return torch.stack([sums[0] * 0.5, sums[1] * scale_d, sums[2]], dim=1).index_select(0, plan.inverse)
+
+
+class _Plan:
+    """What a call's tables share with the last call's when its tensors have the same sizes
+    and kinds in the same order (a probe's, every time): the order that puts tensors of one
+    kind together, each kind's run of chunks, and the chunk tables on the device."""
+
+    _last: _Plan | None = None
+
+    def __init__(self, device: torch.device, kind_of: np.ndarray, numels: np.ndarray) -> None:
+        self.signature = (device, kind_of.tobytes(), numels.tobytes())
+        self.order = np.argsort(kind_of, kind="stable")
+        ordered = numels[self.order]
+        nblocks, block_tensor, block_start = _fused._chunks(ordered)
+        first = np.concatenate(([0], np.cumsum(nblocks)[:-1])).astype(np.int64)
+        self.blocks = len(block_tensor)
+        kinds = kind_of[self.order]
+        cuts = np.flatnonzero(np.diff(kinds)) + 1
+        self.launches = [
+            (int(kinds[lo]), int(first[lo]), int(first[hi - 1] + nblocks[hi - 1]))
+            for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(kinds)])))
+            if first[hi - 1] + nblocks[hi - 1] > first[lo]
+        ]
+        T, B = len(ordered), self.blocks
+        table = _fused._upload(
+            np.concatenate([ordered, block_tensor, block_start, first, nblocks, np.argsort(self.order)]), device
+        )
+        self.numels = table[:T]
+        self.block_tensor, self.block_start = table[T : T + B], table[T + B : T + 2 * B]
+        self.first, self.nblocks, self.inverse = (table[T + 2 * B + k * T : T + 2 * B + (k + 1) * T] for k in range(3))
+
+    @classmethod
+    def of(cls, device: torch.device, kind_of: np.ndarray, numels: np.ndarray) -> _Plan:
+        last = cls._last
+        if last is None or last.signature != (device, kind_of.tobytes(), numels.tobytes()):
+            last = cls._last = cls(device, kind_of, numels)
+        return last

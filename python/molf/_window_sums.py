@@ -26,9 +26,11 @@ STAGE_BYTES = 1 << 29  # host operands copied to the device per run (512 MiB)
 def tensor_sums(items: list[tuple]) -> tuple[list[int], torch.Tensor]:
     """The slots of `items` and their (realized, potential, movement) rows in that order, as one
     float64 (n, 3) tensor on the device of the first row's batch."""
-    direct = [item for item in items if not _host_operands(item)]
+    direct, hosted = [], []
+    for item in items:
+        (hosted if _host_operands(item) else direct).append(item)
     slots, rows = _sums(direct)
-    runs = stage_runs([item for item in items if _host_operands(item)], STAGE_BYTES)
+    runs = stage_runs(hosted, STAGE_BYTES)
     pending = _stage(runs[0]) if runs else None
     for i in range(len(runs)):
         staged = pending()
@@ -42,7 +44,8 @@ def tensor_sums(items: list[tuple]) -> tuple[list[int], torch.Tensor]:
 
 def _host_operands(item: tuple) -> list[int]:
     """The positions of the item's θ_prev and g_prev that are not on θ's device (in host memory)."""
-    return [k for k in (2, 4) if item[k].device != item[1].device]
+    device = item[1].device
+    return [k for k in (2, 4) if item[k].device != device]
 
 
 def stage_runs(items: list[tuple], budget: int) -> list[list[tuple]]:
