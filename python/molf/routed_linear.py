@@ -79,9 +79,9 @@ def _forward(x, weight, bias, transposed, scales, lora) -> tuple[torch.Tensor, t
     else:
         y = x2.mm(weight) if bias is None else torch.addmm(bias, x2, weight)
     ts = [F.linear(x2, a) for a in lora[:n]]
-    us = ts if len(lora) == 2 * n else [t * lam for t, lam in zip(ts, lora[2 * n :])]
-    for u, b, s in zip(us, lora[n : 2 * n], scales):
-        y.addmm_(u, b.t(), alpha=s)
+    bs = lora[n : 2 * n] if len(lora) == 2 * n else [b * lam for b, lam in zip(lora[n : 2 * n], lora[2 * n :])]
+    for t, b, s in zip(ts, bs, scales):
+        y.addmm_(t, b.t(), alpha=s)
     return (y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])), (x2, weight, *lora, *ts)
 
 
@@ -104,16 +104,19 @@ def _backward(ctx, gy):
     for i, s in enumerate(scales):
         a, b, t = rest[i], rest[n + i], rest[(3 if svd else 2) * n + i]
         lam = rest[2 * n + i] if svd else None
+        # svd: the expert is s (t_i B_iλᵀ) with B_iλ = B_i diag(λ_i), products of out × r
+        # (B_iλ again rather than saved: out × r more activation memory per expert).
         # beta=0: the first operand only lends its shape (never read), and the
         # scale rides in the GEMM instead of a separate multiply.
-        if need[n + i]:  # (svd: t_i ⊙ λ_i again, a tokens × r product, rather than saved beside t_i)
-            grads[n + i] = torch.addmm(b, gy2t, t if lam is None else t * lam, beta=0, alpha=s)
-        if need[i] or need_x or (svd and need[2 * n + i]):
-            g = gy2.mm(b)  # the gradient of t_i (svd: of t_i ⊙ λ_i), divided by s_i
+        if need[n + i] or (svd and need[2 * n + i]):
+            db = torch.addmm(b, gy2t, t, beta=0, alpha=s)  # (svd: the gradient of B_iλ)
             if svd:
                 if need[2 * n + i]:
-                    grads[2 * n + i] = (g * t).sum(0).mul_(s)
-                g = g * lam
+                    grads[2 * n + i] = torch.linalg.vecdot(db, b, dim=0)
+                db = db.mul_(lam) if need[n + i] else None
+            grads[n + i] = db
+        if need[i] or need_x:
+            g = gy2.mm(b if lam is None else b * lam)  # the gradient of t_i, divided by s_i
             if need[i]:
                 grads[i] = torch.addmm(a, g.t(), x2, beta=0, alpha=s)
             if need_x:
