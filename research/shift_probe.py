@@ -9,6 +9,10 @@ Diagnostic only: nothing is chosen on these; they are neither tuning nor test in
     PYTHONPATH=python python3 research/shift_probe.py --n 8 --part 0/2 --out /tmp/shift_probe/0.json &
     PYTHONPATH=python python3 research/shift_probe.py --n 8 --part 1/2 --out /tmp/shift_probe/1.json
     PYTHONPATH=python python3 research/shift_probe.py --merge /tmp/shift_probe/*.json
+
+`--shallow` takes shift_variants.py's six draws instead (seeded "shift-shallow-K", depth <= 3),
+`--methods` a subset (molf default's check there: "FFT (early stop)" "LoRA (early stop)"
+"molf default").
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def cli(default_n: int, default_out: str, run_part, merge, extra=lambda ap: None
     run_part(args, k, n)
 
 
-def run(specs: list[fam.InstanceSpec], out: Path) -> None:
+def run(specs: list[fam.InstanceSpec], out: Path, methods: list[str] = METHODS) -> None:
     gen.spec("quality/shift")  # (loads the split into the lookup first)
     gen._SPECS.update({s.name: s for s in specs})
     scale = gen.SCALES["quick"]
@@ -70,16 +74,16 @@ def run(specs: list[fam.InstanceSpec], out: Path) -> None:
     for s in specs:
         done = {}
         val = {}
-        for m in METHODS:
+        for m in methods:
             val[(s.name, m)] = {
                 r: gen.execute(gen.Job(s.name, m, r, gen.VAL_SEED, "val"), scale, "cpu")["metric"] for r in scale.lrs
             }
         lr = {k: gen._best_lr(v, False) for k, v in val.items()}
-        for m in METHODS:
+        for m in methods:
             for seed in range(gen.SEEDS):
                 job = gen.Job(s.name, m, lr[(s.name, m)], seed, "test")
                 done[job] = gen.execute(job, scale, "cpu")
-        results[s.name] = gen.assemble(s, METHODS, lr, list(range(gen.SEEDS)), done, val)
+        results[s.name] = gen.assemble(s, methods, lr, list(range(gen.SEEDS)), done, val)
         print(s.name, s.params, {m: (e["lr"], round(e["mean"], 4)) for m, e in results[s.name]["methods"].items()})
         out.write_text(json.dumps(results, indent=1))
 
@@ -88,20 +92,31 @@ def merge(paths: list[str]) -> None:
     results = {}
     for p in paths:
         results.update(json.loads(Path(p).read_text()))
-    print("| instance | depth | noise | " + " | ".join(METHODS) + " | molf-E vs AdaLoRA | molf default vs ES |")
-    print("|---|---:|---:|" + "---:|" * (len(METHODS) + 2))
+    methods = [m for m in METHODS if m in next(iter(results.values()))["methods"]]
+    labels = [g for g in ("molf-E default vs AdaLoRA", "molf default vs early-stopped FFT/LoRA")
+              if g in next(iter(results.values()))["paired"]]
+    print("| instance | depth | noise | " + " | ".join(methods + labels) + " |")
+    print("|---|---:|---:|" + "---:|" * (len(methods) + len(labels)))
     for name in sorted(results, key=lambda n: int(n.split("/")[1])):
         r = results[name]
-        cells = [f"{r['methods'][m]['mean']:.3f} ({r['methods'][m]['lr']:g})" for m in METHODS]
+        cells = [f"{r['methods'][m]['mean']:.3f} ({r['methods'][m]['lr']:g})" for m in methods]
         gaps = []
-        for label in ("molf-E default vs AdaLoRA", "molf default vs early-stopped FFT/LoRA"):
+        for label in labels:
             g = r["paired"][label]
             gaps.append(f"{100 * g['gap']:+.1f}% ± {100 * g['se']:.1f}%")
         print(f"| {name} | {r['params']['depth']} | {r['params']['noise']} | " + " | ".join(cells + gaps) + " |")
 
 
 def main() -> None:
-    cli(8, "/tmp/shift_probe.json", lambda args, k, n: run(draws(args.n)[k::n], args.out), merge)
+    def extra(ap):
+        ap.add_argument("--shallow", action="store_true", help="shift_variants.py's draws (depth <= 3)")
+        ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+
+    def run_part(args, k, n):
+        specs = draws(args.n, "shift-shallow", 3) if args.shallow else draws(args.n)
+        run(specs[k::n], args.out, args.methods)
+
+    cli(8, "/tmp/shift_probe.json", run_part, merge, extra)
 
 
 if __name__ == "__main__":
