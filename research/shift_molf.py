@@ -18,7 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 import baselines  # noqa: E402
-import generalization as gen  # noqa: E402
 import molf  # noqa: E402
 import quality  # noqa: E402
 import shift_probe  # noqa: E402
@@ -44,22 +43,8 @@ def register() -> None:
 
 
 def run(specs, out: Path) -> None:
-    gen.spec("quality/shift")
-    gen._SPECS.update({s.name: s for s in specs})
     register()
-    scale = gen.SCALES["quick"]
-    res = json.loads(out.read_text()) if out.exists() else {}
-    for s in specs:
-        r = res.setdefault(s.name, {"params": s.params, "runs": {}})
-        for m, lr in REFERENCE + [(f"molf {v}", lr) for v in VARIANTS for lr in LRS]:
-            key = f"{m} @ {lr:g}"
-            if key not in r["runs"]:
-                r["runs"][key] = [
-                    gen.execute(gen.Job(s.name, m, lr, seed, "test"), scale, "cpu")["metric"]
-                    for seed in range(gen.SEEDS)
-                ]
-                out.write_text(json.dumps(res, indent=1))
-        print(s.name, s.params, flush=True)
+    shift_probe.run_cells(specs, REFERENCE + [(f"molf {v}", lr) for v in VARIANTS for lr in LRS], out)
 
 
 def merge(paths: list[str]) -> None:

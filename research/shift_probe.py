@@ -66,6 +66,26 @@ def cli(default_n: int, default_out: str, run_part, merge, extra=lambda ap: None
     run_part(args, k, n)
 
 
+def run_cells(specs: list[fam.InstanceSpec], cells: list[tuple[str, float]], out: Path) -> None:
+    """Each (method, fixed rate) of `cells` on each draw, 5 seeds, into `out` (JSON: per draw its
+    params and "METHOD @ RATE" -> the seeds' test metrics); cells already in `out` are kept."""
+    gen.spec("quality/shift")  # (loads the split into the lookup first)
+    gen._SPECS.update({s.name: s for s in specs})
+    scale = gen.SCALES["quick"]
+    res = json.loads(out.read_text()) if out.exists() else {}
+    for s in specs:
+        r = res.setdefault(s.name, {"params": s.params, "runs": {}})
+        for m, lr in cells:
+            key = f"{m} @ {lr:g}"
+            if key not in r["runs"]:
+                r["runs"][key] = [
+                    gen.execute(gen.Job(s.name, m, lr, seed, "test"), scale, "cpu")["metric"]
+                    for seed in range(gen.SEEDS)
+                ]
+                out.write_text(json.dumps(res, indent=1))
+        print(s.name, s.params, flush=True)
+
+
 def run(specs: list[fam.InstanceSpec], out: Path, methods: list[str] = METHODS) -> None:
     gen.spec("quality/shift")  # (loads the split into the lookup first)
     gen._SPECS.update({s.name: s for s in specs})

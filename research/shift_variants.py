@@ -25,7 +25,6 @@ import svd_experts  # noqa: E402
 
 import baselines  # noqa: E402
 import families as fam  # noqa: E402
-import generalization as gen  # noqa: E402
 import molf  # noqa: E402
 import quality  # noqa: E402
 import shift_probe  # noqa: E402
@@ -85,28 +84,14 @@ def register() -> None:
 
 
 def run(specs, lrs, out: Path) -> None:
-    gen.spec("quality/shift")
-    gen._SPECS.update({s.name: s for s in specs})
     register()
-    scale = gen.SCALES["quick"]
-    res = json.loads(out.read_text()) if out.exists() else {}
-    for s in specs:
-        r = res.setdefault(s.name, {"params": s.params, "runs": {}})
-        cells = [("AdaLoRA", 3e-2)] + [(f"molf-E {v}", lr) for v in VARIANTS for lr in lrs]
-        cells += [("molf-E default, A ~ N(0, 0.02)", lr) for lr in (1e-2, 3e-2, 1e-1)]
-        cells += [("molf-E svd", lr) for lr in (1e-2, 3e-2, 1e-1)]
-        cells += [("molf-E scaled shrink", lr) for lr in (1e-2, 3e-2)]
-        cells += [(f"molf-E svd {w} only", lr) for w in ("r32", "r4") for lr in (1e-2, 3e-2)]
-        cells += [(m, lr) for m in BASELINES for lr in (1e-2, 3e-2) if (m, lr) != ("AdaLoRA", 3e-2)]
-        for m, lr in cells:
-            key = f"{m} @ {lr:g}"
-            if key in r["runs"]:
-                continue
-            r["runs"][key] = [
-                gen.execute(gen.Job(s.name, m, lr, seed, "test"), scale, "cpu")["metric"] for seed in range(gen.SEEDS)
-            ]
-            out.write_text(json.dumps(res, indent=1))
-        print(s.name, s.params, flush=True)
+    cells = [("AdaLoRA", 3e-2)] + [(f"molf-E {v}", lr) for v in VARIANTS for lr in lrs]
+    cells += [("molf-E default, A ~ N(0, 0.02)", lr) for lr in (1e-2, 3e-2, 1e-1)]
+    cells += [("molf-E svd", lr) for lr in (1e-2, 3e-2, 1e-1)]
+    cells += [("molf-E scaled shrink", lr) for lr in (1e-2, 3e-2)]
+    cells += [(f"molf-E svd {w} only", lr) for w in ("r32", "r4") for lr in (1e-2, 3e-2)]
+    cells += [(m, lr) for m in BASELINES for lr in (1e-2, 3e-2) if (m, lr) != ("AdaLoRA", 3e-2)]
+    shift_probe.run_cells(specs, cells, out)
 
 
 def merge(paths: list[str]) -> None:
