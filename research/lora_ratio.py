@@ -7,7 +7,10 @@ lora_lr=F x lr) on the tuning (or test) set at per-instance rates, the other met
 stored runs (`--runs`, "molf default" dropped from them); the hparams family's variants
 move the LoRA rate relative to that (F/3, 3F) as they move the suite's now.
 
-    PYTHONPATH=python python3 research/lora_ratio.py --factor 3 --runs RUNS.jsonl --out /tmp/lr3
+    PYTHONPATH=python python3 research/lora_ratio.py --factor 3 --runs RUNS.jsonl --out /tmp/lr3 \
+        --families high-rank-clean low-rank-noisy mixed-ranks shift scarce-noisy mid-rank hparams
+
+(An --out that holds this script's runs.jsonl goes on from it.)
 """
 
 from __future__ import annotations
@@ -48,10 +51,13 @@ def main() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     register(args.factor)
     args.out.mkdir(parents=True, exist_ok=True)
+    if (args.out / "runs.jsonl").exists():  # a run of this script: go on from it
+        args.runs = args.out / "runs.jsonl"
     kept = [
         line
         for line in args.runs.read_text().splitlines()
-        if line.strip() and not json.loads(line)["job"]["method"].startswith("molf default")
+        if line.strip()
+        and (args.runs.parent == args.out or not json.loads(line)["job"]["method"].startswith("molf default"))
     ]
     (args.out / "runs.jsonl").write_text("\n".join(kept) + "\n")
     res = gen.run_suite(

@@ -31,6 +31,8 @@ VARIANTS = {
     "no rate rule": ({"adapt_rate": False}, 1.0),
     "min_span 3": ({"min_span": 3}, 1.0),
     "min_span 10": ({"min_span": 10}, 1.0),
+    "rate x1.3 to 8x": ({"adapt_rate": molf.RateRule(up=1.3, cap=8.0)}, 1.0),
+    "rate x1.2 to 4x": ({"adapt_rate": molf.RateRule(up=1.2, cap=4.0)}, 1.0),
 }
 LRS = (1e-3, 3e-3, 1e-2)
 REFERENCE = [("LoRA (early stop)", lr) for lr in (1e-2, 3e-2)] + [("FFT (early stop)", lr) for lr in (3e-3, 1e-2)]
