@@ -2,11 +2,15 @@
 
 Per expert tensor: the realized descent ½⟨g_prev + g, θ − θ_prev⟩, the potential
 η/(1 − β1^t)·⟨g, m / (√v/√(1 − β2^t) + ε)⟩ and the movement ‖θ − θ_prev‖₁. The torch path
-(`HeldoutProbe._batch_sums`) runs some twenty elementwise passes over float32 copies; this
+(`molf._window_sums._batch_sums`) runs some twenty elementwise passes over float32 copies; this
 kernel reads each operand once in its own dtype (16 bytes per element with bf16 weights
 and float32 moments) and keeps nothing but one float64 partial per chunk and sum. Float32
 math as on the torch path; per chunk in float32, then the chunks in float64 in a fixed
 order (`_reduce_kernel`): the same to float32 rounding, and reproducible bit for bit.
+
+A probe waits for this host work: a 1.5B model has ~90,000 chunks in ~700 tensors, so the
+chunk tables stay on the device between probes of the same layout (`_Plan`), and each call
+reads each tensor's pointers and dtypes once (issue #32: 47 → 20 ms a probe on one H100).
 """
 
 from __future__ import annotations
