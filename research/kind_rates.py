@@ -4,7 +4,8 @@ than its dense one; a faster rule for both kinds did not help. Here the rule act
 emulated through the inputs of the Ledger's `adapt_heldout_rate` (process-wide patch of
 `ExpertView.ledger`): the dense expert's rate never rises (a NaN potential fails the trust
 test; a harmful window still halves it back towards the set rate), and with `--lora-up K` the
-LoRA experts' rule runs K times a window (×1.1^K), up to `--cap`.
+LoRA experts' rule runs K times a window (×1.1^K up to `--cap`, and ×0.5^K down after a harmful
+window, down to the set rate).
 
     PYTHONPATH=python python3 research/kind_rates.py shallow --part 0/2 --out /tmp/kr/0.json
     PYTHONPATH=python python3 research/kind_rates.py tuning --runs RUNS.jsonl --out /tmp/kr-tuning \\
