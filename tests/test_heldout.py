@@ -1140,6 +1140,36 @@ def test_routing_summary_reports_the_active_sets():
     assert "active" in str(s)
 
 
+def test_routing_summary_reports_the_rate_multipliers():
+    """With the rate rule on, the summary carries each expert's multiplier per module and its
+    mean over modules (what tells a user that LoRA sits at its cap); with it off, none."""
+
+    def run(adapt_rate):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+        molf.wrap(model, molf.MoLFConfig(ranks=(2,), exclude_modules=()))
+        x, y = torch.randn(16, 4), torch.randn(16, 2)
+        # The held-out loss is the training loss: steps pay as predicted, so rates rise.
+        routing = molf.Heldout(lambda: ((model(x) - y) ** 2).mean(), every=2, adapt_rate=adapt_rate)
+        opt = molf.MoLFAdamW(model, lr=1e-2, routing=routing)
+        for _ in range(12):
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return opt
+
+    opt = run(True)
+    s, rates = opt.routing_summary(), opt.ledger.heldout_rate()
+    assert (rates > 1).any(), "the rule raised some rate"
+    assert s.rate == {e: float(rates[:, j].mean()) for j, e in enumerate(opt.expert_names)}
+    for i, m in enumerate(s.modules.values()):
+        assert m["rate"] == dict(zip(opt.expert_names, rates[i].tolist()))
+    assert "rate x" in str(s) and s.to_dict()["rate"] == s.rate
+    off = run(False).routing_summary()
+    assert off.rate == {} and "rate x" not in str(off)
+    assert all("rate" not in m for m in off.modules.values())
+
+
 # ------------------------------------------------------------- 7. held-out shrinkage
 
 

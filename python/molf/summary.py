@@ -40,6 +40,10 @@ class RoutingSummary:
     `shrinks`: per expert, the held-out shrink trials kept so far (policy
     "heldout"; each scaled the expert's update since the start back by
     `heldout_shrink`), and `shrink_trials` those made.
+    `rate`: per expert, the mean over modules of its held-out learning-rate multiplier
+    (policy "heldout" with `adapt_rate`; empty otherwise; each module's in `modules`). A
+    LoRA expert held at the cap in most modules trains as fast as the rule allows: its
+    `lora_lr` may be set low (docs/algorithm.md, "Rate adaptation").
     """
 
     step: int
@@ -56,6 +60,7 @@ class RoutingSummary:
     modules: dict[str, dict]
     shrinks: dict[str, int] = field(default_factory=dict)
     shrink_trials: dict[str, int] = field(default_factory=dict)
+    rate: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_ledger(
@@ -70,12 +75,14 @@ class RoutingSummary:
         """`incumbents`: the router's `[modules x experts]` incumbents (`Router.incumbents()`)."""
         s = ledger.summary()
         wins, switches, last = ledger.wins(), ledger.switches(), ledger.last_mask()
+        rates = ledger.heldout_rate() if ledger.heldout_adapt_rate else None
         modules = {
             name: {
                 "wins": {e: int(w) for e, w in zip(expert_names, wins[i])},
                 "switches": int(switches[i]),
                 "winners": [e for e, won in zip(expert_names, last[i]) if won],
                 "active": [e for e, on in zip(expert_names, incumbents[i]) if on],
+                **({} if rates is None else {"rate": {e: float(c) for e, c in zip(expert_names, rates[i])}}),
             }
             for i, name in enumerate(module_names)
         }
@@ -94,6 +101,7 @@ class RoutingSummary:
             modules=modules,
             shrinks=dict(zip(expert_names, map(int, ledger.shrinks()))),
             shrink_trials=dict(zip(expert_names, map(int, ledger.shrink_trials()))),
+            rate={} if rates is None else {e: float(rates[:, j].mean()) for j, e in enumerate(expert_names)},
         )
 
     def to_dict(self) -> dict:
@@ -111,9 +119,13 @@ class RoutingSummary:
         shrunk = any(self.shrink_trials.values())
         if shrunk:
             lines[-1] += f"  {'shrinks kept':>12}"
+        if self.rate:
+            lines[-1] += f"  {'rate x':>6}"
         for e in self.experts:
             line = f"  {e:<{width}}  {self.active_share[e]:>7.1%}  {self.win_share[e]:>7.1%}"
             if shrunk:
                 line += f"  {self.shrinks[e]:>5} / {self.shrink_trials[e]:<5}"
+            if self.rate:
+                line += f"  {self.rate[e]:>6.2f}"
             lines.append(line)
         return "\n".join(lines)
