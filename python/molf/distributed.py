@@ -171,8 +171,7 @@ def merged_sharded(layer: nn.Module) -> nn.Module:
     gathered full LoRA tensors, added to the gathered dense weight and written
     back to each rank's shard. The base layer stays sharded like before."""
     w = layer.base.weight
-    dtype = torch.promote_types(w.dtype, torch.float32)
-    delta = sum(s * (b @ a) for a, b, s in layer.lora_pairs(lambda t: t.full_tensor().to(dtype)))
-    merged = w.full_tensor().to(dtype) + (delta.T if layer.transposed else delta)
+    delta = layer.delta_weight(lambda t: t.full_tensor())
+    merged = w.full_tensor().to(delta.dtype) + delta
     w.copy_(distribute_tensor(merged.to(w.dtype), w.device_mesh, w.placements))
     return layer.base

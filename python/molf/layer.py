@@ -150,10 +150,11 @@ class MoLFLinear(nn.Module):
         return list(self.lora_E) if self.form == "svd" else [None] * len(self.ranks)
 
     @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """sum_i s_i B_i A_i, shaped like `base.weight`, in at least float32."""
+    def delta_weight(self, get: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+        """sum_i s_i B_i A_i, shaped like `base.weight`, in at least float32. `get` maps each
+        expert tensor first (under FSDP2: gathers its shard)."""
         dtype = torch.promote_types(self.base.weight.dtype, torch.float32)
-        delta = sum(s * (b @ a) for a, b, s in self.lora_pairs(lambda t: t.to(dtype)))
+        delta = sum(s * (b @ a) for a, b, s in self.lora_pairs(lambda t: get(t).to(dtype)))
         return delta.T if self.transposed else delta
 
     @torch.no_grad()

@@ -297,9 +297,8 @@ def _merged_weight(layer: MoLFLinear) -> torch.Tensor:
     w = full(layer.base.weight.detach())
     if not layer.ranks:
         return w
-    dtype = torch.promote_types(w.dtype, torch.float32)
-    delta = sum(s * (b @ a) for a, b, s in layer.lora_pairs(lambda t: full(t).to(dtype)))
-    return (w.to(dtype) + (delta.T if layer.transposed else delta)).to(w.dtype)
+    delta = layer.delta_weight(full)
+    return (w.to(delta.dtype) + delta).to(w.dtype)
 
 
 @torch.no_grad()
