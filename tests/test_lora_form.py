@@ -236,20 +236,20 @@ def test_heldout_routing_trains_and_scales_an_svd_expert_in_its_shrink_trial():
     opt = molf.MoLFAdamW(model, lr=5e-2, routing=molf.Heldout(heldout, every=2, shrink=0.5, min_span=0))
     start = heldout().item()
     calls, step = [], [0]
-    real = molf.heldout.HeldoutProbe._value
+    real = molf.heldout.HeldoutProbe._launch_value
 
     def spy(self):
         calls.append((step[0], {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}))
         return real(self)
 
-    molf.heldout.HeldoutProbe._value = spy
+    molf.heldout.HeldoutProbe._launch_value = spy
     try:
         for step[0] in range(20):
             ((model(x) - y) ** 2).mean().backward()
             opt.step()
             opt.zero_grad()
     finally:
-        molf.heldout.HeldoutProbe._value = real
+        molf.heldout.HeldoutProbe._launch_value = real
     assert heldout().item() < start
     halved = 0
     for (s0, before), (s1, after) in zip(calls, calls[1:]):

@@ -106,5 +106,5 @@ def test_start_on_cuda_matches_the_reference_also_where_a_factor_is_singular():
     b[4] = 0
     rtol = _shrink._rtol(torch.bfloat16, 16)
     want = _shrink._shrink_transform(a @ a.mT, b.mT @ b, 0.1, rtol)
-    got = _shrink._start((a @ a.mT).cuda(), (b.mT @ b).cuda(), 0.1, rtol)().cpu()
-    torch.testing.assert_close(b - b @ got, b - b @ want, rtol=0, atol=1e-12)
+    (got,) = _shrink._start((a @ a.mT).cuda(), (b.mT @ b).cuda(), [b.cuda()], 0.1, rtol)()
+    torch.testing.assert_close(got.cpu(), b - b @ want, rtol=0, atol=1e-12)

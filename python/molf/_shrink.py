@@ -179,33 +179,49 @@ def _backup(tensors: list[torch.Tensor], pinned: bool = False) -> list[torch.Ten
     return out
 
 
-def _start(ga: torch.Tensor, gb: torch.Tensor, delta: float, rtol: float) -> Callable[[], torch.Tensor]:
-    """Start `_shrink_transform` for the stacked Gram matrices; the returned function waits
-    for T. On the CPU at once. On CUDA by matrix products alone (`_soft_threshold_gemm`) on a
-    side stream, so the work overlaps the closure's forward and nothing waits for the host;
-    where G_A is rank-deficient (a Cholesky factor fails the `rtol` test, which the wait reads
-    after the closure has synchronised anyway) those matrices take the reference path."""
+def _start(
+    ga: torch.Tensor, gb: torch.Tensor, bs: list[torch.Tensor], delta: float, rtol: float
+) -> Callable[[], list[torch.Tensor]]:
+    """Start the spectral trial's B' = B − B T for the stacked B's `bs` (in their dtype; the rows
+    of the stacked Gram matrices, in order); the returned function waits for them. On the CPU
+    at once. On CUDA, T by matrix products alone (`_soft_threshold_gemm`) and B' on a side
+    stream, so the work overlaps the closure's forwards, and applying the trial is a copy;
+    nothing waits for the host. Where G_A is rank-deficient (a Cholesky factor fails the
+    `rtol` test, which the wait reads after the closure has synchronised anyway) those
+    matrices take the reference path."""
     if not ga.is_cuda:
-        out = _shrink_transform(ga, gb, delta, rtol)
+        out = _shrunk(bs, _shrink_transform(ga, gb, delta, rtol))
         return lambda: out
     main = torch.cuda.current_stream(ga.device)
     side = side_stream("spectral", ga.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
         t, singular = _gemm_transform(ga, gb, delta, rtol)
-    for x in (ga, gb):
+        shrunk = _shrunk(bs, t)
+    for x in (ga, gb, *bs):
         x.record_stream(side)  # (freed on the main stream while the side stream may still read them)
     done = side.record_event()
 
-    def wait() -> torch.Tensor:
+    def wait() -> list[torch.Tensor]:
         main.wait_event(done)
-        for x in (t, singular):
+        for x in (t, singular, *shrunk):
             x.record_stream(main)
         if singular.any():
             t[singular] = _shrink_transform(ga[singular], gb[singular], delta, rtol)
-        return t
+            return _shrunk(bs, t)
+        return shrunk
 
     return wait
+
+
+def _shrunk(bs: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
+    """B − B T in float64 for each stack of `bs`, T's rows taken in turn, in B's dtype."""
+    out, offset = [], 0
+    for b in bs:
+        b64 = b.double()
+        out.append((b64 - b64 @ t[offset : offset + len(b)]).to(b.dtype))
+        offset += len(b)
+    return out
 
 
 class _Trial:
@@ -213,8 +229,8 @@ class _Trial:
     origin or None, LoRA A or None, inactive): dense tensors pulled by δ towards their origin,
     LoRA B's scaled by 1 − δ (no A given) or spectrally shrunk. The spectral trial starts at
     construction: per shape, one batched product for the Gram matrices, then the r x r
-    transforms of all shapes at once (`_start`), so they run while the closure does; `apply`
-    computes B − B T."""
+    transforms of all shapes at once and the shrunk B's (`_start`), so they run while the
+    closure does; `apply` copies them in."""
 
     BATCH_BYTES = 1 << 28  # float64 copies of one batch of B's and A's at most (at least one pair)
 
@@ -226,28 +242,34 @@ class _Trial:
                 groups.setdefault((tuple(p.shape), tuple(a.shape), p.dtype), []).append(i)
         # The Gram matrices per batch of one shape; the r x r transforms of every shape with the
         # same rank and rtol in one `_start` (one launch sequence, not one per shape).
-        grams: dict[tuple, list[tuple[list[int], torch.Tensor, torch.Tensor]]] = {}
+        grams: dict[tuple, list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for (b_shape, a_shape, dtype), idx in groups.items():
             per = max(1, self.BATCH_BYTES // (8 * (math.prod(b_shape) + math.prod(a_shape))))
             for start in range(0, len(idx), per):
                 part = idx[start : start + per]
-                b, a = self._stack(entries, part, 0), self._stack(entries, part, 2)
-                grams.setdefault((a_shape[0], _rtol(dtype, a_shape[0])), []).append((part, a @ a.mT, b.mT @ b))
-        # (part, the transforms of its key (a function waiting for them), its offset there)
-        self.jobs: list[tuple[list[int], Callable[[], torch.Tensor], int]] = []
+                b = self._stack(entries, part, 0)
+                b64, a64 = b.double(), self._stack(entries, part, 2).double()
+                grams.setdefault((a_shape[0], _rtol(dtype, a_shape[0])), []).append(
+                    (part, b, a64 @ a64.mT, b64.mT @ b64)
+                )
+        # (part, the shrunk B's of its key (a function waiting for them), its place there)
+        self.jobs: list[tuple[list[int], Callable[[], list[torch.Tensor]], int]] = []
         for (_, rtol), parts in grams.items():
             wait = functools.cache(
-                _start(torch.cat([g[1] for g in parts]), torch.cat([g[2] for g in parts]), delta, rtol)
+                _start(
+                    torch.cat([g[2] for g in parts]),
+                    torch.cat([g[3] for g in parts]),
+                    [g[1] for g in parts],
+                    delta,
+                    rtol,
+                )
             )
-            offset = 0
-            for part, _, _ in parts:
-                self.jobs.append((part, wait, offset))
-                offset += len(part)
+            self.jobs += [(part, wait, k) for k, (part, *_) in enumerate(parts)]
 
     @staticmethod
     def _stack(entries: list[tuple], part: list[int], k: int) -> torch.Tensor:
-        """Entry k (the B's: 0, the A's: 2) of the entries `part`, whole, stacked in float64."""
-        return torch.stack([distributed.full(entries[i][k].detach()) for i in part]).double()
+        """Entry k (the B's: 0, the A's: 2) of the entries `part`, whole, stacked."""
+        return torch.stack([distributed.full(entries[i][k].detach()) for i in part])
 
     def apply(self, entries: list[tuple], local: list[torch.Tensor]) -> None:
         """Write the trial's values into `local` (the entries' local tensors)."""
@@ -257,25 +279,25 @@ class _Trial:
         scaled = [local[i] for i, (_, origin, a, _) in enumerate(entries) if origin is None and a is None]
         if scaled:
             torch._foreach_mul_(scaled, 1 - self.delta)
-        for part, wait, offset in self.jobs:
-            b = self._stack(entries, part, 0)
-            t = wait()[offset : offset + len(part)]
+        for part, wait, k in self.jobs:
             # Whole tensors: every rank computes the same result and keeps its own shard.
-            shrunk = (b - b @ t).to(entries[part[0]][0].dtype)
+            shrunk = wait()[k]
             _copy([local[i] for i in part], [distributed.local_part(s, entries[i][0]) for i, s in zip(part, shrunk)])
 
 
 def run_trials(
     by_expert: list[list[tuple]],
     delta: float,
+    base: Callable[[], float],
     value: Callable[[], float],
     keep: Callable[[int, float, float], bool],
     undo: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
     offload: bool,
 ) -> set[torch.Tensor]:
     """Each expert index's shrink trial in turn (`HeldoutProbe._shrink`): `by_expert[e]` its
-    entries (parameter, origin or None, LoRA A or None, inactive), `value()` the closure's
-    held-out loss, `keep(e, base, trial)` the Ledger's decision. Appends to `undo` the tensors
+    entries (parameter, origin or None, LoRA A or None, inactive), `base()` the held-out loss
+    before any trial (already under way), `value()` the closure's held-out loss now,
+    `keep(e, base, trial)` the Ledger's decision. Appends to `undo` the tensors
     and saved values of every kept trial (undone by an exception until the measurement ends);
     with `offload`, the saved values go to host memory. Returns the tensors of inactive
     experts that a kept trial moved."""
@@ -290,7 +312,7 @@ def run_trials(
     fetched = fetch([(by_expert[e][i][1], by_expert[e][i][0].device) for e, i in hosted]) if hosted else None
     trials = [_Trial(entries, delta) for entries in by_expert]
     rebased: set[torch.Tensor] = set()
-    base = value()
+    current = base()
     if fetched is not None:
         for (e, i), origin in zip(hosted, fetched()):
             p, _, a, inactive = by_expert[e][i]
@@ -305,8 +327,8 @@ def run_trials(
             p, _, a, inactive = entries[i]
             entries[i] = (p, None, a, inactive)
         trial_value = value()
-        if keep(e, base, trial_value):
-            base = trial_value  # kept; `undo` keeps its saved values until the measurement ends
+        if keep(e, current, trial_value):
+            current = trial_value  # kept; `undo` keeps its saved values until the measurement ends
             rebased.update(p for p, _, _, inactive in entries if inactive)
             if offload and any(t.is_cuda for t in saved):
                 # (in host memory, so they are not on the device at the held-out backward's peak)

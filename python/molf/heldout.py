@@ -171,7 +171,9 @@ class HeldoutProbe:
         undo = _Undo(view, self, params)
         commit = None
         try:
-            rebased = self._shrink(view, undo) if view.ledger.heldout_shrink > 0 else set()
+            # The shrink trials' baseline, the held-out loss as it is: launched first, so that
+            # the trials' setup on the host runs while the device computes it.
+            rebased = self._shrink(view, undo, self._launch_value()) if view.ledger.heldout_shrink > 0 else set()
             with torch.enable_grad():
                 loss = self.loss_fn()
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
@@ -217,14 +219,20 @@ class HeldoutProbe:
 
     def _value(self) -> float:
         """The closure's held-out loss as a number, averaged over data-parallel ranks."""
+        return self._launch_value()()
+
+    def _launch_value(self) -> Callable[[], float]:
+        """Call the closure now (its work queued on the device); the returned function waits
+        for the loss and gives `_value`'s number."""
         loss = self.loss_fn()
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ConfigError(f"heldout() must return a scalar loss tensor, got {type(loss).__name__}")
-        return distributed.world_mean(float(loss.detach()))
+        return lambda: distributed.world_mean(float(loss.detach()))
 
     @torch.no_grad()
-    def _shrink(self, view: ExpertView, undo: _Undo) -> set[torch.Tensor]:
-        """One shrink trial per expert index (see the module docstring): a dense expert's
+    def _shrink(self, view: ExpertView, undo: _Undo, base: Callable[[], float]) -> set[torch.Tensor]:
+        """One shrink trial per expert index (see the module docstring), `base` the held-out
+        loss before them (`_launch_value`): a dense expert's
         weight and bias scaled about where they started; a LoRA expert's B rewritten so that
         its product's spectrum is soft-thresholded (with ``shrink_spectral`` False, and for an
         expert in the "svd" form, whose product is not B·A: B scaled about zero, which scales
@@ -257,7 +265,7 @@ class HeldoutProbe:
                 by_expert[slot % E].append((p, distributed.to_local(state[ORIGIN_KEY]), None, inactive))
             elif tag.part == "B":
                 by_expert[slot % E].append((p, None, lora_a.get(slot), inactive))
-        return run_trials(by_expert, delta, self._value, view.ledger.record_shrink, undo.weights, self.offload)
+        return run_trials(by_expert, delta, base, self._value, view.ledger.record_shrink, undo.weights, self.offload)
 
     @torch.no_grad()
     def _sums(self, view: ExpertView, window: int, rebased: set[torch.Tensor], remember: tuple[list, list]):
