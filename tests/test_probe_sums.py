@@ -90,6 +90,32 @@ def test_sums_match_a_float64_reference_and_the_torch_path(param_dtype, state_dt
     torch.testing.assert_close(got.cpu(), torch_path, rtol=1e-5, atol=1e-6 * float(scale.max()))
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_remember_copies_theta_and_the_gradient_over_the_sums_tables(param_dtype):
+    """The probe's commit over the sums' tables (`heldout_sums(..., remember)`): nothing is
+    written until the function it appends is called; then θ_prev is θ and g_prev is g, bit for
+    bit, for every item that `remembers` (aligned or not); an item whose gradient is in another
+    dtype is left to the probe's own copy."""
+    items = []
+    for k, shape in enumerate(SHAPES * 2):
+        slot, theta, prev, g, gprev, adam = operands(shape, param_dtype, torch.float32, k % 2 == 0, k, 3 * (k % 2))
+        other = torch.float64 if param_dtype == torch.float32 else torch.float32
+        items.append((slot, theta, prev, g.to(other) if k % 3 == 2 else g, gprev, adam))
+    before = [(item[2].clone(), item[4].clone()) for item in items]
+    remember: list = []
+    sums = _probe_sums.heldout_sums(items, remember)
+    assert torch.equal(sums, _probe_sums.heldout_sums(items))  # the same sums
+    assert all(torch.equal(item[2], prev) and torch.equal(item[4], gprev) for item, (prev, gprev) in zip(items, before))
+    (copy,) = remember
+    copy()
+    assert [_probe_sums.remembers(item) for item in items] == [k % 3 != 2 for k in range(len(items))]
+    for item, (prev, gprev) in zip(items, before):
+        if _probe_sums.remembers(item):
+            assert torch.equal(item[2], item[1]) and torch.equal(item[4], item[3])
+        else:
+            assert torch.equal(item[2], prev) and torch.equal(item[4], gprev)
+
+
 def test_sums_are_bitwise_reproducible_and_order_free():
     """A fixed reduction order: the same sums whatever else is summed in the same call."""
     items = [operands(shape, torch.bfloat16, torch.float32, adam=True, seed=k) for k, shape in enumerate(SHAPES)]
@@ -156,9 +182,9 @@ def test_measurements_with_the_kernel_match_the_torch_path(monkeypatch, fft, ran
         with monkeypatch.context() as patch:
             sums = _probe_sums.heldout_sums
 
-            def spy(items):
+            def spy(items, remember=None):
                 calls.append(len(items))
-                return sums(items)
+                return sums(items, remember)
 
             patch.setattr(_probe_sums, "heldout_sums", spy)
             patch.setattr(_window_sums, "_fused_sums", lambda device: _probe_sums if kernel else None)
@@ -172,3 +198,9 @@ def test_measurements_with_the_kernel_match_the_torch_path(monkeypatch, fft, ran
     assert calls and not none  # the kernel summed every measurement after the first
     np.testing.assert_allclose(fused.ledger.heldout_ema(), plain.ledger.heldout_ema(), rtol=1e-5)
     assert (fused.router.incumbents() == plain.router.incumbents()).all()
+    # The held-out state the kernel's commit copied is the torch path's copies' (the runs' routing
+    # alike, their weights are too).
+    for (p, a), (q, b) in zip(fused.state.items(), plain.state.items()):
+        assert torch.equal(p, q)
+        for key in (molf.heldout.THETA_KEY, molf.heldout.GRAD_KEY):
+            assert torch.equal(a[key], b[key]), key

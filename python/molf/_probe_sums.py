@@ -23,7 +23,7 @@ import triton.language as tl
 from . import _fused
 from ._triton_kernels import _TL_DTYPES, _at, _block, _in_bounds, _reduce_kernel
 
-__all__ = ["eligible", "heldout_sums"]
+__all__ = ["eligible", "heldout_sums", "remembers"]
 
 
 @triton.jit
@@ -101,12 +101,56 @@ def eligible(item: tuple, device: torch.device) -> bool:
     return all(t.device == device and t.is_contiguous() for t in tensors)
 
 
-def heldout_sums(items: list[tuple]) -> torch.Tensor:
+@triton.jit
+def _remember_kernel(
+    theta_ptrs,
+    prev_ptrs,
+    g_ptrs,
+    gprev_ptrs,
+    numels,
+    block_tensor,
+    block_start,
+    P_DT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """θ_prev <- θ and g_prev <- g over one chunk (g in θ's dtype: `remembers`)."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    start = tl.load(block_start + pid)
+    n = tl.load(numels + t)
+    theta_ptr = tl.load(theta_ptrs + t).to(tl.pointer_type(P_DT))
+    prev_ptr = tl.load(prev_ptrs + t).to(tl.pointer_type(P_DT))
+    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(P_DT))
+    gprev_ptr = tl.load(gprev_ptrs + t).to(tl.pointer_type(P_DT))
+    for i in range(0, CHUNK, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        mask = _in_bounds(offs, n, ALIGNED)
+        theta = tl.load(_at(theta_ptr, offs, ALIGNED, BLOCK), mask=mask)
+        tl.store(_at(prev_ptr, offs, ALIGNED, BLOCK), theta, mask=mask)
+        g = tl.load(_at(g_ptr, offs, ALIGNED, BLOCK), mask=mask)
+        tl.store(_at(gprev_ptr, offs, ALIGNED, BLOCK), g, mask=mask)
+
+
+def remembers(item: tuple) -> bool:
+    """Whether `heldout_sums`' `remember` copies the item: its gradient is in θ's dtype (a copy
+    into g_prev would round it otherwise, which `copy_` does to nearest even and Triton's
+    interpreter, which the CPU tests run, by truncation)."""
+    return item[3].dtype == item[1].dtype
+
+
+def heldout_sums(items: list[tuple], remember: list | None = None) -> torch.Tensor:
     """(realized, potential, movement) in float64, one row per item (slot, θ, θ_prev, g,
     g_prev, Adam's (m, v, step, (lr, β1, β2, ε)) or None), every tensor `eligible` and on
     one CUDA device (or the CPU under Triton's interpreter). One upload of the pointers and
     hyper-parameters (the chunk tables of the same tensor sizes come from the last call's
-    `_Plan`), one launch per dtype combination, three of the fixed-order reduction."""
+    `_Plan`), one launch per dtype combination, three of the fixed-order reduction.
+
+    `remember`: a list to append a function to that, called later, copies θ into θ_prev and g
+    into g_prev for every item that `remembers` over the same tables (the probe's commit: one
+    launch per dtype combination instead of a multi-tensor copy of some 1,400 tensors; it
+    keeps the items alive)."""
     device = items[0][1].device
     T = len(items)
     ptrs = np.empty((T, 6), dtype=np.int64)
@@ -165,6 +209,24 @@ def heldout_sums(items: list[tuple]) -> torch.Tensor:
     for k in range(3):
         _reduce_kernel[(T,)](partial[k * B :], plan.first, plan.nblocks, sums[k * T :], BLOCK=256)
     sums = sums.view(3, T)
+    if remember is not None:
+
+        def copy(_items: list[tuple] = items) -> None:  # (the pointers' tensors stay alive with it)
+            for kind, lo, hi in plan.launches:
+                theta_dt, g_dt, _, _, aligned = keys[kind]
+                if g_dt == theta_dt:
+                    _remember_kernel[(hi - lo,)](
+                        *ptrs_d[:4],
+                        plan.numels,
+                        plan.block_tensor[lo:],
+                        plan.block_start[lo:],
+                        P_DT=_TL_DTYPES[theta_dt],
+                        ALIGNED=aligned,
+                        BLOCK=_block(theta_dt),
+                        CHUNK=_fused.CHUNK,
+                    )
+
+        remember.append(copy)
     return torch.stack([sums[0] * 0.5, sums[1] * scale_d, sums[2]], dim=1).index_select(0, plan.inverse)
 
 

@@ -23,23 +23,25 @@ __all__ = ["STAGE_BYTES", "tensor_sums", "stage_runs"]
 STAGE_BYTES = 1 << 29  # host operands copied to the device per run (512 MiB)
 
 
-def tensor_sums(items: list[tuple]) -> tuple[list[int], torch.Tensor]:
+def tensor_sums(items: list[tuple], remember: list | None = None) -> tuple[list[int], torch.Tensor, set]:
     """The slots of `items` and their (realized, potential, movement) rows in that order, as one
-    float64 (n, 3) tensor on the device of the first row's batch."""
+    float64 (n, 3) tensor on the device of the first row's batch; and the θ's of the items
+    whose θ_prev ← θ and g_prev ← g copies a function appended to `remember` makes when called
+    (the Triton pass's items whose operands are all on the device; none when `remember` is None)."""
     direct, hosted = [], []
     for item in items:
         (hosted if _host_operands(item) else direct).append(item)
-    slots, rows = _sums(direct)
+    slots, rows, covered = _sums(direct, remember)
     runs = stage_runs(hosted, STAGE_BYTES)
     pending = _stage(runs[0]) if runs else None
     for i in range(len(runs)):
         staged = pending()
         pending = _stage(runs[i + 1]) if i + 1 < len(runs) else None
-        more_slots, more_rows = _sums(staged)
+        more_slots, more_rows, _ = _sums(staged, None)
         slots += more_slots
         rows += more_rows
         del staged  # (its device copies go back to the pool for the run after next)
-    return slots, torch.cat([r.to(rows[0].device) for r in rows])
+    return slots, torch.cat([r.to(rows[0].device) for r in rows]), covered
 
 
 def _host_operands(item: tuple) -> list[int]:
@@ -78,10 +80,12 @@ def _stage(run: list[tuple]) -> Callable[[], list[tuple]]:
     return staged
 
 
-def _sums(items: list[tuple]) -> tuple[list[int], list[torch.Tensor]]:
-    """Slots and row blocks of `items`, every operand on θ's device."""
+def _sums(items: list[tuple], remember: list | None) -> tuple[list[int], list[torch.Tensor], set]:
+    """Slots and row blocks of `items`, every operand on θ's device; the θ's of the items the
+    function appended to `remember` copies (see `tensor_sums`)."""
     slots: list[int] = []
     rows: list[torch.Tensor] = []
+    covered: set = set()
     device = items[0][1].device if items else None
     kernel = _fused_sums(device) if device is not None else None
     if kernel is not None:  # one Triton pass over the tensors it can read
@@ -91,7 +95,9 @@ def _sums(items: list[tuple]) -> tuple[list[int], list[torch.Tensor]]:
         items = rest
         if fused:
             slots += [item[0] for item in fused]
-            rows.append(kernel.heldout_sums(fused))
+            rows.append(kernel.heldout_sums(fused, remember))
+            if remember is not None:
+                covered = {item[1] for item in fused if kernel.remembers(item)}
     batches: dict[tuple, list[tuple]] = {}
     for item in items:
         batches.setdefault((item[1].numel(), item[1].device, item[5] is not None), []).append(item)
@@ -101,7 +107,7 @@ def _sums(items: list[tuple]) -> tuple[list[int], list[torch.Tensor]]:
             part = part_items[start : start + per]
             slots += [item[0] for item in part]
             rows.append(_batch_sums(part))
-    return slots, rows
+    return slots, rows, covered
 
 
 def _fused_sums(device: torch.device) -> ModuleType | None:

@@ -189,7 +189,7 @@ class HeldoutProbe:
                 if own:
                     loss.backward(inputs=None if any(distributed.is_sharded(p) for p in own) else own)
             window = view.router.step - self.last_step
-            remember: tuple[list, list] = ([], [])
+            remember: tuple[list, list, list] = ([], [], [])
             descent, potential, moved = self._sums(view, window, rebased, remember)
             if descent is not None:  # None: the first measurement, nothing moved under observation yet
                 view.ledger.record_heldout(descent, moved)
@@ -207,12 +207,16 @@ class HeldoutProbe:
             raise
 
     @torch.no_grad()
-    def _commit(self, remember: tuple[list, list], params: list[torch.Tensor], step: int) -> None:
+    def _commit(self, remember: tuple[list, list, list], params: list[torch.Tensor], step: int) -> None:
         """θ and the held-out gradient into the held-out state, the measurement's step, no `.grad`.
-        Into host memory (`offload`) without a host wait: the copies run on the current stream,
-        before anything later on it writes θ or reuses the gradients' memory, and `settle`
-        waits for them before the host reads them."""
-        self._copies = copy_to_host(*remember) or self._copies
+        `remember`: destinations, sources, and functions that copy the rest (`_sums`). Into host
+        memory (`offload`) without a host wait: the copies run on the current stream, before
+        anything later on it writes θ or reuses the gradients' memory, and `settle` waits for
+        them before the host reads them."""
+        dst, src, copies = remember
+        for copy in copies:
+            copy()
+        self._copies = copy_to_host(dst, src) or self._copies
         self.last_step = step
         for p in params:
             p.grad = None
@@ -268,15 +272,17 @@ class HeldoutProbe:
         return run_trials(by_expert, delta, base, self._value, view.ledger.record_shrink, undo.weights, self.offload)
 
     @torch.no_grad()
-    def _sums(self, view: ExpertView, window: int, rebased: set[torch.Tensor], remember: tuple[list, list]):
+    def _sums(self, view: ExpertView, window: int, rebased: set[torch.Tensor], remember: tuple[list, list, list]):
         """Per (module, expert): realized descent per step, potential, and whether it moved
         ((None, None, None) at the first measurement: only remember). Appends to `remember`
-        what `_commit` copies into the held-out state (destinations, sources); writes nothing
-        but the held-out keys of a tensor that has none yet. The sums: `molf._window_sums`.
-        One device-to-host transfer."""
+        what `_commit` copies into the held-out state (destinations, sources, and functions
+        that copy the Triton pass's items over its tables); writes nothing but the held-out
+        keys of a tensor that has none yet. The sums: `molf._window_sums`. One device-to-host
+        transfer."""
         shrink = view.ledger.heldout_shrink > 0
         rate = view.ledger.heldout_rate().reshape(-1)  # the potential is a step at the expert's rate
-        dst, src = remember
+        dst, src, copies = remember
+        pairs: list[tuple] = []  # (θ, g, their held-out state's tensors, whether the window starts at θ)
         items: list[tuple] = []
         for group, p, slot in view.expert_tensors():
             state = view.state[p]
@@ -300,12 +306,18 @@ class HeldoutProbe:
                 # A tensor measured before its first gradient: it has not moved, and a shrink
                 # trial skips a dense tensor without state, so its origin is θ now.
                 self.init_state(state, p, shrink)
-            dst += [distributed.to_local(state[THETA_KEY]), distributed.to_local(state[GRAD_KEY])]
-            src += [theta, grad]
+            pairs.append((theta, grad, state[THETA_KEY], state[GRAD_KEY], p in rebased))
+        slots, flat, covered = tensor_sums(items, copies) if self.last_step else ([], None, set())
+        for theta, grad, theta_state, grad_state, at_theta in pairs:
+            if theta not in covered or at_theta:  # (where the window starts at θ, the pass copied θ onto itself)
+                dst.append(distributed.to_local(theta_state))
+                src.append(theta)
+            if theta not in covered:
+                dst.append(distributed.to_local(grad_state))
+                src.append(grad)
         if not self.last_step:  # nothing moved under observation yet
             return None, None, None
         M, E = view.shape
-        slots, flat = tensor_sums(items)
         group = view.score_group()
         if group is not None:  # FSDP2: the shards' partial sums add up to the whole tensor's
             torch.distributed.all_reduce(flat, group=group)
