@@ -96,15 +96,19 @@ def test_gemm_transform_flags_rank_deficient_factors():
 
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="needs a CUDA GPU: elsewhere `_start` takes the reference path; the products are tested above on any device",
+    reason="needs a CUDA GPU: elsewhere the trial takes the reference path; the products are tested above anywhere",
 )
-def test_start_on_cuda_matches_the_reference_also_where_a_factor_is_singular():
+def test_trial_on_cuda_matches_the_reference_also_where_a_factor_is_singular():
+    """The spectral trial on CUDA (Gram matrices, transforms and shrunk B's on a side stream
+    from the weights' event) writes the reference's B − B T, also for a rank-deficient A."""
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(6, 16, 24, generator=gen, dtype=torch.float64)
     a[2, :, 8:] = 0  # rank 8 < r = 16: the reference path
     b = torch.randn(6, 32, 16, generator=gen, dtype=torch.float64) * 1e-2
     b[4] = 0
-    rtol = _shrink._rtol(torch.bfloat16, 16)
-    want = _shrink._shrink_transform(a @ a.mT, b.mT @ b, 0.1, rtol)
-    (got,) = _shrink._start((a @ a.mT).cuda(), (b.mT @ b).cuda(), [b.cuda()], 0.1, rtol)()
-    torch.testing.assert_close(got.cpu(), b - b @ want, rtol=0, atol=1e-12)
+    want = b - b @ _shrink._shrink_transform(a @ a.mT, b.mT @ b, 0.1, _shrink._rtol(torch.float64, 16))
+    local = [x.clone().cuda() for x in b]
+    entries = [(bk, None, ak.cuda(), False) for bk, ak in zip(local, a)]
+    ready = _shrink.weights_mark(local)
+    _shrink._Trial(entries, 0.1, ready).apply(entries, local)
+    torch.testing.assert_close(torch.stack(local).cpu(), want, rtol=0, atol=1e-12)

@@ -13,7 +13,7 @@ import torch
 from . import distributed
 from ._offload import fetch, side_stream
 
-__all__ = ["spectral_shrink_b", "run_trials"]
+__all__ = ["spectral_shrink_b", "run_trials", "weights_mark"]
 
 
 def spectral_shrink_b(b: torch.Tensor, a: torch.Tensor, delta: float) -> torch.Tensor:
@@ -50,7 +50,7 @@ def _shrink_transform(ga: torch.Tensor, gb: torch.Tensor, delta: float, rtol: fl
     the singular values under `rtol` x the largest taken as zero, as torch.linalg.pinv does.
     B = 0 gives s = 0 and B' = B exactly; only σ > τ enter, which the Gram matrices resolve
     to float64 precision. The reference: decompositions throughout (`_soft_threshold`);
-    on CUDA `_start` runs the same math with `_soft_threshold_gemm`."""
+    on CUDA `_Trial` runs the same math with `_soft_threshold_gemm`."""
     s, s_pinv, singular = _factor(ga, rtol)
     if singular.any():
         s[singular], s_pinv[singular] = _factor_deficient(ga[singular], rtol)
@@ -84,7 +84,7 @@ def _transform(s, s_pinv, gb, soft_threshold: Callable, delta: float) -> torch.T
 
 def _gemm_transform(ga: torch.Tensor, gb: torch.Tensor, delta: float, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`_shrink_transform` with `_soft_threshold_gemm`, no host sync: T, and the flags of the
-    matrices whose G_A is rank-deficient, for which T is not valid (`_start` redoes them)."""
+    matrices whose G_A is rank-deficient, for which T is not valid (`_Trial` redoes them)."""
     s, s_pinv, singular = _factor(ga, rtol)
     return _transform(s, s_pinv, gb, _soft_threshold_gemm, delta), singular
 
@@ -179,41 +179,6 @@ def _backup(tensors: list[torch.Tensor], pinned: bool = False) -> list[torch.Ten
     return out
 
 
-def _start(
-    ga: torch.Tensor, gb: torch.Tensor, bs: list[torch.Tensor], delta: float, rtol: float
-) -> Callable[[], list[torch.Tensor]]:
-    """Start the spectral trial's B' = B − B T for the stacked B's `bs` (in their dtype; the rows
-    of the stacked Gram matrices, in order); the returned function waits for them. On the CPU
-    at once. On CUDA, T by matrix products alone (`_soft_threshold_gemm`) and B' on a side
-    stream, so the work overlaps the closure's forwards, and applying the trial is a copy;
-    nothing waits for the host. Where G_A is rank-deficient (a Cholesky factor fails the
-    `rtol` test, which the wait reads after the closure has synchronised anyway) those
-    matrices take the reference path."""
-    if not ga.is_cuda:
-        out = _shrunk(bs, _shrink_transform(ga, gb, delta, rtol))
-        return lambda: out
-    main = torch.cuda.current_stream(ga.device)
-    side = side_stream("spectral", ga.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        t, singular = _gemm_transform(ga, gb, delta, rtol)
-        shrunk = _shrunk(bs, t)
-    for x in (ga, gb, *bs):
-        x.record_stream(side)  # (freed on the main stream while the side stream may still read them)
-    done = side.record_event()
-
-    def wait() -> list[torch.Tensor]:
-        main.wait_event(done)
-        for x in (t, singular, *shrunk):
-            x.record_stream(main)
-        if singular.any():
-            t[singular] = _shrink_transform(ga[singular], gb[singular], delta, rtol)
-            return _shrunk(bs, t)
-        return shrunk
-
-    return wait
-
-
 def _shrunk(bs: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
     """B − B T in float64 for each stack of `bs`, T's rows taken in turn, in B's dtype."""
     out, offset = [], 0
@@ -224,52 +189,86 @@ def _shrunk(bs: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def weights_mark(tensors: list[torch.Tensor]) -> dict[torch.device, torch.cuda.Event]:
+    """An event on each CUDA device's current stream of `tensors`: recorded where the probe
+    begins, so that a spectral trial's work (`_Trial`) waits for the weights as they are there
+    and not for the closure's forward launched next."""
+    return {d: torch.cuda.current_stream(d).record_event() for d in {t.device for t in tensors if t.is_cuda}}
+
+
 class _Trial:
     """One expert index's shrink trial (see `HeldoutProbe._shrink`) over its entries (parameter,
     origin or None, LoRA A or None, inactive): dense tensors pulled by δ towards their origin,
     LoRA B's scaled by 1 − δ (no A given) or spectrally shrunk. The spectral trial starts at
     construction: per shape, one batched product for the Gram matrices, then the r x r
-    transforms of all shapes at once and the shrunk B's (`_start`), so they run while the
-    closure does; `apply` copies them in."""
+    transforms of all shapes at once and the shrunk B's; `apply` copies them in. On CUDA all
+    of it runs on a side stream from `ready` (`weights_mark`), beside the closure's forwards,
+    by matrix products alone (`_soft_threshold_gemm`), so nothing waits for the host; where
+    G_A is rank-deficient (a Cholesky factor fails the `rtol` test, which `apply` reads after
+    the closure has synchronised anyway) those matrices take the reference path."""
 
     BATCH_BYTES = 1 << 28  # float64 copies of one batch of B's and A's at most (at least one pair)
 
-    def __init__(self, entries: list[tuple], delta: float) -> None:
+    def __init__(self, entries: list[tuple], delta: float, ready: dict | None = None) -> None:
         self.delta = delta
         groups: dict[tuple, list[int]] = {}
         for i, (p, _, a, _) in enumerate(entries):
             if a is not None:
-                groups.setdefault((tuple(p.shape), tuple(a.shape), p.dtype), []).append(i)
-        # The Gram matrices per batch of one shape; the r x r transforms of every shape with the
-        # same rank and rtol in one `_start` (one launch sequence, not one per shape).
-        grams: dict[tuple, list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        for (b_shape, a_shape, dtype), idx in groups.items():
+                groups.setdefault((tuple(p.shape), tuple(a.shape), p.dtype, p.device), []).append(i)
+        # Whole tensors (a collective for sharded ones, on the current stream: every rank in order).
+        whole = {(i, k): distributed.full(entries[i][k].detach()) for v in groups.values() for i in v for k in (0, 2)}
+        # (part, the shrunk B's of its rank, device and rtol (a function waiting for them), its place there)
+        self.jobs: list[tuple[list[int], Callable[[], list[torch.Tensor]], int]] = []
+        keys: dict[tuple, list[tuple]] = {}
+        for (b_shape, a_shape, dtype, device), idx in groups.items():
             per = max(1, self.BATCH_BYTES // (8 * (math.prod(b_shape) + math.prod(a_shape))))
             for start in range(0, len(idx), per):
-                part = idx[start : start + per]
-                b = self._stack(entries, part, 0)
-                b64, a64 = b.double(), self._stack(entries, part, 2).double()
-                grams.setdefault((a_shape[0], _rtol(dtype, a_shape[0])), []).append(
-                    (part, b, a64 @ a64.mT, b64.mT @ b64)
-                )
-        # (part, the shrunk B's of its key (a function waiting for them), its place there)
-        self.jobs: list[tuple[list[int], Callable[[], list[torch.Tensor]], int]] = []
-        for (_, rtol), parts in grams.items():
-            wait = functools.cache(
-                _start(
-                    torch.cat([g[2] for g in parts]),
-                    torch.cat([g[3] for g in parts]),
-                    [g[1] for g in parts],
-                    delta,
-                    rtol,
-                )
-            )
-            self.jobs += [(part, wait, k) for k, (part, *_) in enumerate(parts)]
+                keys.setdefault((a_shape[0], device, _rtol(dtype, a_shape[0])), []).append(idx[start : start + per])
+        for (_, device, rtol), parts in keys.items():
+            # The transforms of every shape with the same rank in one sequence, not one per shape.
+            wait = functools.cache(self._start(parts, whole, delta, rtol, device, (ready or {}).get(device)))
+            self.jobs += [(part, wait, k) for k, part in enumerate(parts)]
 
     @staticmethod
-    def _stack(entries: list[tuple], part: list[int], k: int) -> torch.Tensor:
-        """Entry k (the B's: 0, the A's: 2) of the entries `part`, whole, stacked."""
-        return torch.stack([distributed.full(entries[i][k].detach()) for i in part])
+    def _start(parts, whole, delta, rtol, device, ready) -> Callable[[], list[torch.Tensor]]:
+        def work() -> tuple:  # (B's shrunk, B's, G_A, G_B, T, flags of the singular G_A's)
+            bs, ga, gb = [], [], []
+            for part in parts:
+                b = torch.stack([whole[i, 0] for i in part])
+                a64, b64 = torch.stack([whole[i, 2] for i in part]).double(), b.double()
+                bs.append(b)
+                ga.append(a64 @ a64.mT)
+                gb.append(b64.mT @ b64)
+            ga, gb = torch.cat(ga), torch.cat(gb)
+            if device.type != "cuda":
+                t, singular = _shrink_transform(ga, gb, delta, rtol), None
+            else:
+                t, singular = _gemm_transform(ga, gb, delta, rtol)
+            return _shrunk(bs, t), bs, ga, gb, t, singular
+
+        if device.type != "cuda":
+            out = work()[0]
+            return lambda: out
+        main = torch.cuda.current_stream(device)
+        side = side_stream("spectral", device)
+        if ready is None:
+            side.wait_stream(main)
+        else:
+            side.wait_event(ready)
+        with torch.cuda.stream(side):
+            shrunk, bs, ga, gb, t, singular = work()
+        done = side.record_event()
+
+        def wait() -> list[torch.Tensor]:
+            main.wait_event(done)
+            for x in (*shrunk, *bs, ga, gb, t, singular):
+                x.record_stream(main)  # (made on the side stream, read on the main one)
+            if singular.any():
+                t[singular] = _shrink_transform(ga[singular], gb[singular], delta, rtol)
+                return _shrunk(bs, t)
+            return shrunk
+
+        return wait
 
     def apply(self, entries: list[tuple], local: list[torch.Tensor]) -> None:
         """Write the trial's values into `local` (the entries' local tensors)."""
@@ -293,6 +292,7 @@ def run_trials(
     keep: Callable[[int, float, float], bool],
     undo: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
     offload: bool,
+    ready: dict | None = None,
 ) -> set[torch.Tensor]:
     """Each expert index's shrink trial in turn (`HeldoutProbe._shrink`): `by_expert[e]` its
     entries (parameter, origin or None, LoRA A or None, inactive), `base()` the held-out loss
@@ -310,7 +310,7 @@ def run_trials(
         if origin is not None and origin.device != p.device
     )
     fetched = fetch([(by_expert[e][i][1], by_expert[e][i][0].device) for e, i in hosted]) if hosted else None
-    trials = [_Trial(entries, delta) for entries in by_expert]
+    trials = [_Trial(entries, delta, ready) for entries in by_expert]
     rebased: set[torch.Tensor] = set()
     current = base()
     if fetched is not None:

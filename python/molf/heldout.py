@@ -79,7 +79,7 @@ from . import distributed
 from ._core import ConfigError, Ledger, Router, StateError
 from ._expert_view import ExpertView
 from ._offload import copy_to_host, host_copy, host_zeros
-from ._shrink import _copy, run_trials, spectral_shrink_b
+from ._shrink import _copy, run_trials, spectral_shrink_b, weights_mark
 from ._window_sums import tensor_sums
 from .wrap import expert_tag
 
@@ -171,9 +171,13 @@ class HeldoutProbe:
         undo = _Undo(view, self, params)
         commit = None
         try:
-            # The shrink trials' baseline, the held-out loss as it is: launched first, so that
-            # the trials' setup on the host runs while the device computes it.
-            rebased = self._shrink(view, undo, self._launch_value()) if view.ledger.heldout_shrink > 0 else set()
+            if view.ledger.heldout_shrink > 0:
+                # The trials' baseline, the held-out loss as it is, launched first: the trials' setup
+                # runs while the device computes it (on CUDA their tensor work too, from `ready`).
+                ready = weights_mark(params)
+                rebased = self._shrink(view, undo, self._launch_value(), ready)
+            else:
+                rebased = set()
             with torch.enable_grad():
                 loss = self.loss_fn()
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
@@ -234,9 +238,9 @@ class HeldoutProbe:
         return lambda: distributed.world_mean(float(loss.detach()))
 
     @torch.no_grad()
-    def _shrink(self, view: ExpertView, undo: _Undo, base: Callable[[], float]) -> set[torch.Tensor]:
+    def _shrink(self, view: ExpertView, undo: _Undo, base: Callable[[], float], ready: dict) -> set[torch.Tensor]:
         """One shrink trial per expert index (see the module docstring), `base` the held-out
-        loss before them (`_launch_value`): a dense expert's
+        loss before them (`_launch_value`), `ready` the weights' events (`weights_mark`): a dense expert's
         weight and bias scaled about where they started; a LoRA expert's B rewritten so that
         its product's spectrum is soft-thresholded (with ``shrink_spectral`` False, and for an
         expert in the "svd" form, whose product is not B·A: B scaled about zero, which scales
@@ -269,7 +273,9 @@ class HeldoutProbe:
                 by_expert[slot % E].append((p, distributed.to_local(state[ORIGIN_KEY]), None, inactive))
             elif tag.part == "B":
                 by_expert[slot % E].append((p, None, lora_a.get(slot), inactive))
-        return run_trials(by_expert, delta, base, self._value, view.ledger.record_shrink, undo.weights, self.offload)
+        return run_trials(
+            by_expert, delta, base, self._value, view.ledger.record_shrink, undo.weights, self.offload, ready
+        )
 
     @torch.no_grad()
     def _sums(self, view: ExpertView, window: int, rebased: set[torch.Tensor], remember: tuple[list, list, list]):
