@@ -60,10 +60,10 @@ in the parameter dtype as per-parameter state `heldout_theta` / `heldout_grad` /
 measurement, the values a kept shrink trial replaced (so that an exception can
 undo it), in one buffer per dtype. With `offload`, all of them in pinned host
 memory on CUDA (`molf._offload`). The probe's own work is batched: the sums in one
-Triton pass on CUDA (`molf._probe_sums`; elsewhere over tensors of one size at once),
-the spectral trial's Gram products per shape and float64 r x r transforms (on
-CUDA batched matrix products on a side stream, while the closure's forwards run),
-multi-tensor writes.
+Triton pass on CUDA (`molf._probe_sums`, whose tables also serve the commit's copies;
+elsewhere over tensors of one size at once), the spectral trial's Gram products per shape,
+float64 r x r transforms and shrunk B's (on CUDA batched matrix products on a side stream,
+beside the trials' baseline forward, which is launched first), multi-tensor writes.
 """
 
 from __future__ import annotations
