@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _fused
-from ._triton_kernels import _TL_DTYPES, _at, _block, _in_bounds, _reduce_kernel
+from ._triton_kernels import _TL_DTYPES, _at, _block, _chunk, _in_bounds, _reduce_kernel
 
 __all__ = ["eligible", "heldout_sums", "remembers"]
 
@@ -51,9 +51,7 @@ def _sums_kernel(
     """partial[k * stride + pid], k = 0, 1, 2: this chunk's ⟨g_prev + g, θ − θ_prev⟩,
     ⟨g, m / (√v · hyper[2t] + hyper[2t + 1])⟩ (ADAM; else 0) and ‖θ − θ_prev‖₁."""
     pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
-    n = tl.load(numels + t)
+    t, start, n = _chunk(block_tensor, block_start, numels)
     theta_ptr = tl.load(theta_ptrs + t).to(tl.pointer_type(P_DT))
     prev_ptr = tl.load(prev_ptrs + t).to(tl.pointer_type(P_DT))
     g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
@@ -116,10 +114,7 @@ def _remember_kernel(
     CHUNK: tl.constexpr,
 ):
     """θ_prev <- θ and g_prev <- g over one chunk (g in θ's dtype: `remembers`)."""
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
-    n = tl.load(numels + t)
+    t, start, n = _chunk(block_tensor, block_start, numels)
     theta_ptr = tl.load(theta_ptrs + t).to(tl.pointer_type(P_DT))
     prev_ptr = tl.load(prev_ptrs + t).to(tl.pointer_type(P_DT))
     g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(P_DT))

@@ -45,6 +45,14 @@ def _in_bounds(offs, n, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _chunk(block_tensor, block_start, numels):
+    """This program's chunk: its tensor's index, its first element and the tensor's size."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    return t, tl.load(block_start + pid), tl.load(numels + t)
+
+
+@triton.jit
 def _nonfinite_kernel(
     g_ptrs,
     numels,
@@ -57,10 +65,7 @@ def _nonfinite_kernel(
     CHUNK: tl.constexpr,
 ):
     """flag <- 1 if any gradient element is NaN or infinite (racing writes all write 1)."""
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
-    n = tl.load(numels + t)
+    t, start, n = _chunk(block_tensor, block_start, numels)
     g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     for i in range(0, CHUNK, BLOCK):
