@@ -297,12 +297,13 @@ def run_trials(
     """Each expert index's shrink trial in turn (`HeldoutProbe._shrink`): `by_expert[e]` its
     entries (parameter, origin or None, LoRA A or None, inactive), `base()` the held-out loss
     before any trial (already under way), `value()` the closure's held-out loss now,
-    `keep(e, base, trial)` the Ledger's decision. Appends to `undo` the tensors
-    and saved values of every kept trial (undone by an exception until the measurement ends);
-    with `offload`, the saved values go to host memory. Returns the tensors of inactive
-    experts that a kept trial moved."""
+    `keep(e, base, trial)` the Ledger's decision, `ready` the weights' events (`weights_mark`;
+    None: the spectral trials' side stream waits for all the current stream's work). Appends
+    to `undo` the tensors and saved values of every kept trial (undone by an exception until
+    the measurement ends); with `offload`, the saved values go to host memory. Returns the
+    tensors of inactive experts that a kept trial moved."""
     # Origins in host memory (`offload`) start on their way to the device now, and so does
-    # every spectral trial (on CUDA its r x r work runs while the closure does).
+    # every spectral trial (on CUDA its work runs beside the baseline's forward).
     hosted = sorted(
         (e, i)
         for e, entries in enumerate(by_expert)
