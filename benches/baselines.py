@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -76,7 +77,31 @@ METHODS: dict[str, Method] = {
 ROUTED = ("MoLF (paper)", "MoLF-E", "molf default", "molf-E default", "molf-E svd")
 
 
+# A dense + LoRA method with its LoRA experts' rate at a multiple of its dense rate: molf's two
+# rates chosen together on validation (`generalization.py --lora-factors`). By name, so that
+# the suite's spawned workers build it from the job alone.
+_WITH_FACTOR = re.compile(r"(?P<method>.+) \(lora_lr (?P<factor>\S+) lr\)")
+
+
+def with_lora_factor(method: str, factor: float) -> str:
+    """The name of `method` (one of quality.VARIED) run with lora_lr = `factor` x lr."""
+    if method not in quality.VARIED:
+        raise ValueError(f"{method!r} has no LoRA rate of its own to move; expected one of {list(quality.VARIED)}")
+    return f"{method} (lora_lr {factor:g} lr)"
+
+
+def base_method(method: str) -> str:
+    """The suite's method a `with_lora_factor` name moves (any other name: itself)."""
+    m = _WITH_FACTOR.fullmatch(method)
+    return m["method"] if m and m["method"] in quality.VARIED else method
+
+
 def builder(method: str, variant: str | None) -> Callable[..., quality.Built]:
+    base = base_method(method)
+    if base != method:  # lora_lr = factor x lr; an hparams variant moves it further, as it moves the base's
+        factor = float(_WITH_FACTOR.fullmatch(method)["factor"])
+        lr_factor, alpha_factor = (1.0, 1.0) if variant is None else quality.VARIANTS[variant]
+        return quality._molf((quality.LORA_RANK,), True, quality.VARIED[base], factor * lr_factor, alpha_factor)
     m = METHODS[method]
     if variant is None or m.varied is None:
         return m.build
@@ -121,7 +146,7 @@ def train_eval(
     """quality.train_eval for this suite's methods (the same model init and minibatches per
     seed): the metric on `split`, the wall time, for routed methods the share of modules per
     expert at the end, for early-stopped ones the step of the checkpoint kept."""
-    m = METHODS[method]
+    m = METHODS[base_method(method)]
     with torch.random.fork_rng(devices=[]):  # LoRA inits draw from the global RNG
         torch.manual_seed(seed)
 
@@ -150,6 +175,6 @@ def train_eval(
         out: dict = {"metric": inst.evaluate(model, split), "wall_s": wall}
     if keep is not None:
         out["best_step"] = keep.step
-    if method in ROUTED:
+    if base_method(method) in ROUTED:
         out["active_share"] = dict(zip(opt.expert_names, map(float, opt.router.incumbents().mean(axis=0))))
     return out

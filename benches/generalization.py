@@ -16,8 +16,11 @@ on the family's tuning instances (`--choose-rates`: the best mean test metric ov
 them at seeds VAL_SEED, ... — never the seeds reported) and held fixed on every
 instance, stored with the command that chose them in `family_rates.toml`; or
 (`--rates instance`, the full mode's default) chosen per instance on its
-validation split at seed VAL_SEED. Each instance then runs `--seeds` seeds (the
-same seed: the same data and minibatches for every method).
+validation split at seed VAL_SEED; there `--lora-factors 1 10` lets the dense + LoRA
+methods (molf default, MoLF as published) choose lora_lr ∈ {lr, 10 lr} with it, as a user
+sets both of molf's rates (the F with the better validation metric at its best rate). Each
+instance then runs `--seeds` seeds (the same seed: the same data and minibatches for every
+method).
 
 Per instance the paired difference over seeds of molf default to the better of
 the early-stopped FFT and LoRA, of molf-E default (either form) to AdaLoRA and of the paper's
@@ -170,6 +173,14 @@ def pretrain(specs: list[fam.InstanceSpec], scale: quality.Scale, device: str, p
         lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device, progress=progress, world_seed=w)
 
 
+def _lora_factor_candidates(method: str, factors: tuple[float, ...]) -> list[str]:
+    """The names `method` may run as when its lora_lr factor is chosen on validation: itself
+    (factor 1) and `baselines.with_lora_factor`'s, for the dense + LoRA methods; else itself."""
+    if tuple(factors) == (1.0,) or method not in quality.VARIED:
+        return [method]
+    return [method if f == 1.0 else baselines.with_lora_factor(method, f) for f in factors]
+
+
 def _best_lr(scores: dict[float, float], higher: bool) -> float:
     """The rate of the best score; ties and NaN: the first in grid order."""
     best = next(iter(scores))
@@ -309,9 +320,12 @@ def run_suite(
     rates: str = "family",
     rates_path: Path = RATES_PATH,
     names: list[str] | None = None,
+    lora_factors: tuple[float, ...] = (1.0,),
 ) -> dict:
     """Every method on every instance of the set (`which`) and families, at the family's
-    rates or (rates "instance") at each instance's rate on validation; results.json, table.txt."""
+    rates or (rates "instance") at each instance's rate on validation; results.json, table.txt.
+    `lora_factors` (rates "instance" only): the dense + LoRA methods choose lora_lr = F x lr
+    with their rate, the pair with the best validation metric over these F's."""
     unknown = [m for m in methods if m not in baselines.METHODS]
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; expected some of {list(baselines.METHODS)}")
@@ -322,7 +336,10 @@ def run_suite(
     pretrain(specs, scale, device, progress)
     book = JobBook(out, scale, device, resume)
     lr: dict[tuple[str, str], float] = {}
+    run_as: dict[tuple[str, str], str] = {}  # (instance, method) -> the method name its test runs ran as
     if rates == "family":
+        if tuple(lora_factors) != (1.0,):
+            raise ConfigError("lora factors are chosen with the rate on validation: they need rates per instance")
         table = load_rates(scale_name, rates_path)
         for s in specs:
             for m in methods:
@@ -331,18 +348,32 @@ def run_suite(
                 lr[(s.name, m)] = table[s.rate_family][m]
         val_scores = {}
     else:
-        jobs = [Job(s.name, m, r, VAL_SEED, "val") for s in specs for m in methods for r in scale.lrs]
+        candidates = {m: _lora_factor_candidates(m, lora_factors) for m in methods}
+        names_run = list(dict.fromkeys(c for cs in candidates.values() for c in cs))
+        jobs = [Job(s.name, c, r, VAL_SEED, "val") for s in specs for c in names_run for r in scale.lrs]
         val = run_jobs(jobs, scale, device, book, n_jobs, progress)
         val_scores = {
-            (s.name, m): {r: val[Job(s.name, m, r, VAL_SEED, "val")]["metric"] for r in scale.lrs}
+            (s.name, c): {r: val[Job(s.name, c, r, VAL_SEED, "val")]["metric"] for r in scale.lrs}
             for s in specs
-            for m in methods
+            for c in names_run
         }
-        lr = {k: _best_lr(v, spec(k[0]).higher_is_better) for k, v in val_scores.items()}
+        best = {k: _best_lr(v, spec(k[0]).higher_is_better) for k, v in val_scores.items()}
+        for s in specs:
+            at_best = {c: val_scores[(s.name, c)][best[(s.name, c)]] for c in names_run}
+            for m in methods:
+                chosen = candidates[m][0]  # the candidate with the best validation metric; ties: the first
+                for c in candidates[m][1:]:
+                    chosen = c if quality._better(at_best[c], at_best[chosen], s.higher_is_better) else chosen
+                run_as[(s.name, m)], lr[(s.name, m)] = chosen, best[(s.name, chosen)]
     seed_list = list(range(seeds))
-    jobs = [Job(s.name, m, lr[(s.name, m)], seed, "test") for s in specs for m in methods for seed in seed_list]
+    jobs = [
+        Job(s.name, run_as.get((s.name, m), m), lr[(s.name, m)], seed, "test")
+        for s in specs
+        for m in methods
+        for seed in seed_list
+    ]
     done = run_jobs(jobs, scale, device, book, n_jobs, progress)
-    instances = {s.name: assemble(s, methods, lr, seed_list, done, val_scores) for s in specs}
+    instances = {s.name: assemble(s, methods, lr, seed_list, done, val_scores, run_as) for s in specs}
     results = {
         "config": {
             "scale": scale_name,
@@ -351,6 +382,7 @@ def run_suite(
             "device": device,
             "methods": methods,
             "rates": rates,
+            "lora_factors": list(lora_factors),
             "split_sha256": fam.SPLIT_SHA256,
             "check_every": baselines.CHECK_EVERY,
             "margin": MARGIN,
@@ -376,11 +408,13 @@ def assemble(
     seeds: list[int],
     done: dict[Job, dict],
     val_scores: dict,
+    run_as: dict[tuple[str, str], str],
 ) -> dict:
     """One instance's per-seed metrics per method and its paired comparisons."""
     per: dict[str, dict] = {}
     for m in methods:
-        runs = [done[Job(s.name, m, lr[(s.name, m)], seed, "test")] for seed in seeds]
+        name = run_as.get((s.name, m), m)
+        runs = [done[Job(s.name, name, lr[(s.name, m)], seed, "test")] for seed in seeds]
         xs = [r["metric"] for r in runs]
         e = {
             "lr": lr[(s.name, m)],
@@ -388,8 +422,10 @@ def assemble(
             "mean": statistics.fmean(xs),
             "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
         }
-        if (s.name, m) in val_scores:
-            e["val_by_lr"] = {repr(k): v for k, v in val_scores[(s.name, m)].items()}
+        if (s.name, name) in val_scores:
+            e["val_by_lr"] = {repr(k): v for k, v in val_scores[(s.name, name)].items()}
+        if name != m:
+            e["run_as"] = name  # (its lora_lr factor, chosen on validation)
         if "best_step" in runs[0]:
             e["best_step"] = [r["best_step"] for r in runs]
         if "active_share" in runs[0]:
@@ -504,6 +540,15 @@ def main(argv: list[str] | None = None) -> int:
         "--choose-rates", action="store_true", help=f"choose each method's rate per family into {RATES_PATH.name}"
     )
     p.add_argument("--rate-seeds", type=int, default=1, help="with --choose-rates: seeds per tuning instance")
+    p.add_argument(
+        "--lora-factors",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="F",
+        help="with --rates instance: the dense + LoRA methods choose lora_lr = F x lr among these with their "
+        "rate on validation (default: 1)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="generalization-results")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -513,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1 or args.rate_seeds < 1:
         p.error("--seeds, --jobs and --rate-seeds must be >= 1")
+    if not all(f > 0 and math.isfinite(f) for f in args.lora_factors) or len(set(args.lora_factors)) < len(
+        args.lora_factors
+    ):
+        p.error("--lora-factors must be distinct positive numbers")
     scale_name = "full" if args.full else "quick"
     families = args.families or [f for f, v in fam.FAMILIES.items() if args.full or v.kind == "synthetic"]
     methods = args.methods or list(baselines.METHODS)
@@ -530,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = args.rates or ("instance" if args.full else "family")
     res = run_suite(
         scale_name, args.set, families, methods, Path(args.out), args.device, args.seeds, args.jobs,
-        args.resume, not args.no_progress, rates, names=args.instances,
+        args.resume, not args.no_progress, rates, names=args.instances, lora_factors=tuple(args.lora_factors),
     )  # fmt: skip
     print(format_table(res))
     print(f"\nwall {res['wall_s']:.0f} s, CPU {res['cpu_s']:.0f} s; results in {args.out}/")

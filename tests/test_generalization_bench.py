@@ -294,6 +294,62 @@ def test_per_instance_rates_are_chosen_on_validation(tmp_path):
 
 
 def test_cli_checks_its_arguments(tmp_path):
-    for argv in (["--seeds", "0"], ["--jobs", "0"], ["--methods", "nope"], ["--families", "nope"]):
+    for argv in (
+        ["--seeds", "0"],
+        ["--jobs", "0"],
+        ["--methods", "nope"],
+        ["--families", "nope"],
+        ["--lora-factors", "0"],
+        ["--lora-factors", "1", "1"],
+        ["--lora-factors", "nan"],
+    ):
         with pytest.raises(SystemExit):
             g.main([*argv, "--out", str(tmp_path)])
+
+
+def test_lora_factor_methods_move_the_lora_rate_and_keep_the_base_methods_setup():
+    lr = 1e-3
+    name = baselines.with_lora_factor("molf default", 10)
+    assert name == "molf default (lora_lr 10 lr)" and baselines.base_method(name) == "molf default"
+    assert baselines.base_method("molf default") == "molf default" and name not in baselines.METHODS
+    with pytest.raises(ValueError, match="no LoRA rate"):
+        baselines.with_lora_factor("FFT", 10)
+    model = fam.Student(2, 32, torch.Generator().manual_seed(0))
+    for variant, want in ((None, 10 * lr), ("lora_lr x3", 30 * lr), ("lora_lr x1/3", 10 / 3 * lr)):
+        _, opt, _ = baselines.builder(name, variant)(copy.deepcopy(model), lr, 10, fam.targets(2), None, lambda m: 0)
+        assert {g["molf_role"]: g["lr"] for g in opt.param_groups} == pytest.approx({"dense": lr, "lora": want})
+        assert isinstance(opt.routing, type(baselines.builder("molf default", None)(
+            copy.deepcopy(model), lr, 10, fam.targets(2), None, lambda m: 0)[1].routing))  # fmt: skip
+
+
+def test_per_instance_lora_factor_is_chosen_with_the_rate_on_validation(tmp_path):
+    names = ["scarce-noisy/tuning-2", "shift/tuning-0"]
+    res = g.run_suite(
+        "tiny", "tuning", None, ["molf default", "FFT (early stop)"], tmp_path, seeds=1, progress=False,
+        rates="instance", names=names, lora_factors=(1.0, 10.0),
+    )  # fmt: skip
+    assert res["config"]["lora_factors"] == [1.0, 10.0]
+    records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    factor = baselines.with_lora_factor("molf default", 10)
+    for name, i in res["instances"].items():
+        val = {m: {} for m in ("molf default", factor, "FFT (early stop)")}
+        for r in records:
+            if r["job"]["instance"] == name and r["job"]["split"] == "val":
+                val[r["job"]["method"]][r["job"]["lr"]] = r["result"]["metric"]
+        assert all(set(v) == set(TINY.lrs) for v in val.values())  # each candidate over the whole rate grid
+        pick = max if i["higher_is_better"] else min
+        at_best = {m: pick(v.values()) for m, v in val.items()}
+        a, b = at_best["molf default"], at_best[factor]
+        want = factor if (b > a if i["higher_is_better"] else b < a) else "molf default"  # a tie: the first
+        e = i["methods"]["molf default"]
+        assert e.get("run_as", "molf default") == want
+        assert e["lr"] == pick(val[want], key=val[want].get)
+        tests = [
+            (r["job"]["method"], r["job"]["lr"])
+            for r in records
+            if r["job"]["instance"] == name and r["job"]["split"] == "test" and r["job"]["method"] != "FFT (early stop)"
+        ]
+        assert tests == [(want, e["lr"])]  # only the chosen candidate's test runs
+        assert "run_as" not in i["methods"]["FFT (early stop)"]
+    with pytest.raises(ConfigError, match="rates per instance"):
+        g.run_suite("tiny", "tuning", None, ["molf default"], tmp_path / "f", progress=False, lora_factors=(1.0, 10.0))
