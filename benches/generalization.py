@@ -568,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    rates = args.rates or ("instance" if args.full else "family")
+    if args.lora_factors != [1.0] and (args.choose_rates or rates != "instance"):
+        p.error("--lora-factors are chosen with each instance's rate on validation: they need --rates instance")
     if args.choose_rates:
         command = "python3 benches/generalization.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         section = choose_rates(
@@ -576,7 +579,6 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         print(toml_dump({scale_name: {"rates": section["rates"]}}))
         return 0
-    rates = args.rates or ("instance" if args.full else "family")
     res = run_suite(
         scale_name, args.set, families, methods, Path(args.out), args.device, args.seeds, args.jobs,
         args.resume, not args.no_progress, rates, names=args.instances, lora_factors=tuple(args.lora_factors),

@@ -302,6 +302,8 @@ def test_cli_checks_its_arguments(tmp_path):
         ["--lora-factors", "0"],
         ["--lora-factors", "1", "1"],
         ["--lora-factors", "nan"],
+        ["--lora-factors", "1", "10"],  # (rates per family: the quick mode's default)
+        ["--lora-factors", "1", "10", "--rates", "instance", "--choose-rates"],
     ):
         with pytest.raises(SystemExit):
             g.main([*argv, "--out", str(tmp_path)])
