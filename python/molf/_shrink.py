@@ -217,6 +217,8 @@ class _Trial:
                 groups.setdefault((tuple(p.shape), tuple(a.shape), p.dtype, p.device), []).append(i)
         # Whole tensors (a collective for sharded ones, on the current stream: every rank in order).
         whole = {(i, k): distributed.full(entries[i][k].detach()) for v in groups.values() for i in v for k in (0, 2)}
+        if any(distributed.is_sharded(entries[i][k]) for i, k in whole):
+            ready = None  # the side stream reads what the gathers write: it waits for them
         # (part, the shrunk B's of its rank, device and rtol (a function waiting for them), its place there)
         self.jobs: list[tuple[list[int], Callable[[], list[torch.Tensor]], int]] = []
         keys: dict[tuple, list[tuple]] = {}
@@ -257,6 +259,10 @@ class _Trial:
             side.wait_event(ready)
         with torch.cuda.stream(side):
             shrunk, bs, ga, gb, t, singular = work()
+        for part in parts:
+            for i in part:
+                for k in (0, 2):
+                    whole[i, k].record_stream(side)  # (a gathered one is freed on the main stream)
         done = side.record_event()
 
         def wait() -> list[torch.Tensor]:
