@@ -317,11 +317,15 @@ def test_lora_factor_methods_move_the_lora_rate_and_keep_the_base_methods_setup(
     with pytest.raises(ValueError, match="no LoRA rate"):
         baselines.with_lora_factor("FFT", 10)
     model = fam.Student(2, 32, torch.Generator().manual_seed(0))
+
+    def optimizer(method: str, variant: str | None):
+        return baselines.builder(method, variant)(copy.deepcopy(model), lr, 10, fam.targets(2), None, lambda m: 0)[1]
+
+    routing = type(optimizer("molf default", None).routing)
     for variant, want in ((None, 10 * lr), ("lora_lr x3", 30 * lr), ("lora_lr x1/3", 10 / 3 * lr)):
-        _, opt, _ = baselines.builder(name, variant)(copy.deepcopy(model), lr, 10, fam.targets(2), None, lambda m: 0)
+        opt = optimizer(name, variant)
         assert {g["molf_role"]: g["lr"] for g in opt.param_groups} == pytest.approx({"dense": lr, "lora": want})
-        assert isinstance(opt.routing, type(baselines.builder("molf default", None)(
-            copy.deepcopy(model), lr, 10, fam.targets(2), None, lambda m: 0)[1].routing))  # fmt: skip
+        assert isinstance(opt.routing, routing)
 
 
 def test_per_instance_lora_factor_is_chosen_with_the_rate_on_validation(tmp_path):

@@ -209,7 +209,7 @@ def heldout_sums(items: list[tuple], remember: list | None = None) -> torch.Tens
         def copy(_items: list[tuple] = items) -> None:  # (the pointers' tensors stay alive with it)
             for kind, lo, hi in plan.launches:
                 theta_dt, g_dt, _, _, aligned = keys[kind]
-                if g_dt == theta_dt:
+                if g_dt == theta_dt:  # (`remembers`)
                     _remember_kernel[(hi - lo,)](
                         *ptrs_d[:4],
                         plan.numels,
