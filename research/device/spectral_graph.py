@@ -25,8 +25,15 @@ import torch
 from molf import _shrink
 
 R, LAYERS, DELTA = 128, 28, 0.1
-SHAPES = {"q": (1536, 1536), "k": (256, 1536), "v": (256, 1536), "o": (1536, 1536),
-          "gate": (8960, 1536), "up": (8960, 1536), "down": (1536, 8960)}  # (out, in)
+SHAPES = {
+    "q": (1536, 1536),
+    "k": (256, 1536),
+    "v": (256, 1536),
+    "o": (1536, 1536),
+    "gate": (8960, 1536),
+    "up": (8960, 1536),
+    "down": (1536, 8960),
+}  # (out, in)
 
 
 def experts():
@@ -39,8 +46,8 @@ def experts():
     return out
 
 
-def work(groups, rtol):
-    """`_Trial._start`'s work: stacks, Grams, transforms of every shape at once, shrunk B's."""
+def grams(groups):
+    """The stacked B's and the float64 Gram matrices A Aᵀ and BᵀB of every shape, concatenated."""
     bs, ga, gb = [], [], []
     for b_list, a_list in groups.values():
         b = torch.stack(b_list)
@@ -48,7 +55,13 @@ def work(groups, rtol):
         bs.append(b)
         ga.append(a64 @ a64.mT)
         gb.append(b64.mT @ b64)
-    t, singular = _shrink._gemm_transform(torch.cat(ga), torch.cat(gb), DELTA, rtol)
+    return bs, torch.cat(ga), torch.cat(gb)
+
+
+def work(groups, rtol):
+    """`_Trial._start`'s work: stacks, Grams, transforms of every shape at once, shrunk B's."""
+    bs, ga, gb = grams(groups)
+    t, singular = _shrink._gemm_transform(ga, gb, DELTA, rtol)
     return _shrink._shrunk(bs, t), singular
 
 
@@ -67,23 +80,15 @@ def gpu_ms(fn, reps=5):
     return statistics.median(out)
 
 
-def wall_ms(fn, reps=5):
+def wall_ms(fn, reps=5, wait=True):
+    """Host ms from an idle GPU to `fn`'s results (`wait`) or to its return (its launches)."""
     out = []
     for _ in range(reps):
         torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
-        out.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(out)
-
-
-def host_ms(fn, reps=5):
-    out = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
+        if wait:
+            torch.cuda.synchronize()
         out.append((time.perf_counter() - t) * 1e3)
         torch.cuda.synchronize()
     return statistics.median(out)
@@ -91,22 +96,8 @@ def host_ms(fn, reps=5):
 
 def stages(groups, rtol):
     """The eager GPU ms of each stage, the others run first untimed."""
-    bs, ga, gb = [], [], []
-    for b_list, a_list in groups.values():
-        b = torch.stack(b_list)
-        a64, b64 = torch.stack(a_list).double(), b.double()
-        bs.append(b)
-        ga.append(a64 @ a64.mT)
-        gb.append(b64.mT @ b64)
-    ga, gb = torch.cat(ga), torch.cat(gb)
-    rows = {}
-
-    def grams():
-        for b_list, a_list in groups.values():
-            a64, b64 = torch.stack(a_list).double(), torch.stack(b_list).double()
-            a64 @ a64.mT, b64.mT @ b64
-
-    rows["stacks + Gram matrices"] = gpu_ms(grams)
+    bs, ga, gb = grams(groups)
+    rows = {"stacks + Gram matrices": gpu_ms(lambda: grams(groups))}
     rows["Cholesky + triangular inverse"] = gpu_ms(lambda: _shrink._factor(ga, rtol))
     s, s_pinv, _ = _shrink._factor(ga, rtol)
     h = s.mT @ gb @ s
@@ -130,7 +121,7 @@ def main():
     eager, singular = fn()
     assert not singular.any()
     rows = {
-        "host: issue (ms)": host_ms(fn),
+        "host: issue (ms)": wall_ms(fn, wait=False),
         "eager GPU (ms)": gpu_ms(fn),
         "eager wall, idle GPU (ms)": wall_ms(fn),
     }
@@ -147,7 +138,7 @@ def main():
     pool = torch.cuda.memory_allocated() - before
     rows["graph replay GPU (ms)"] = gpu_ms(graph.replay)
     rows["graph replay wall (ms)"] = wall_ms(graph.replay)
-    rows["graph: host to issue a replay (ms)"] = host_ms(graph.replay)
+    rows["graph: host to issue a replay (ms)"] = wall_ms(graph.replay, wait=False)
     graph.replay()
     torch.cuda.synchronize()
     same = all(torch.equal(x, y) for x, y in zip(static, eager))
