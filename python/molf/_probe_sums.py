@@ -226,16 +226,14 @@ def heldout_sums(items: list[tuple], remember: list | None = None) -> torch.Tens
 
 
 class _Plan:
-    """What a call's tables share with an earlier call's when its tensors have the same sizes
+    """What a call's tables share with the last call's when its tensors have the same sizes
     and kinds in the same order (a probe's, every time): the order that puts tensors of one
-    kind together, each kind's run of chunks, and the chunk tables on the device. The last
-    `KEEP` layouts are kept (a probe's sums and its dense trial's pull, `molf._trial_pull`)."""
+    kind together, each kind's run of chunks, and the chunk tables on the device."""
 
-    KEEP = 4
-    _recent: dict[tuple, _Plan] = {}  # (oldest first)
-    _last: _Plan | None = None  # (the plan of the latest call)
+    _last: _Plan | None = None
 
     def __init__(self, device: torch.device, kind_of: np.ndarray, numels: np.ndarray) -> None:
+        self.signature = (device, kind_of.tobytes(), numels.tobytes())
         self.order = np.argsort(kind_of, kind="stable")
         ordered = numels[self.order]
         nblocks, block_tensor, block_start = _fused._chunks(ordered)
@@ -258,10 +256,7 @@ class _Plan:
 
     @classmethod
     def of(cls, device: torch.device, kind_of: np.ndarray, numels: np.ndarray) -> _Plan:
-        key = (device, kind_of.tobytes(), numels.tobytes())
-        plan = cls._recent.pop(key, None) or cls(device, kind_of, numels)
-        cls._recent[key] = plan
-        while len(cls._recent) > cls.KEEP:
-            del cls._recent[next(iter(cls._recent))]
-        cls._last = plan
-        return plan
+        last = cls._last
+        if last is None or last.signature != (device, kind_of.tobytes(), numels.tobytes()):
+            last = cls._last = cls(device, kind_of, numels)
+        return last

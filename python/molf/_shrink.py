@@ -11,7 +11,6 @@ from collections.abc import Callable
 import torch
 
 from . import distributed
-from ._graph_cache import GraphCache
 from ._offload import fetch, side_stream
 
 __all__ = ["spectral_shrink_b", "run_trials", "weights_mark"]
@@ -157,39 +156,26 @@ def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         torch._foreach_copy_(dst, src)
 
 
-def _by_kind(tensors: list[torch.Tensor]) -> dict[tuple, list[int]]:
-    """The indices of `tensors` per (dtype, device)."""
+def _backup(tensors: list[torch.Tensor], pinned: bool = False) -> list[torch.Tensor]:
+    """Copies of `tensors` (what `_copy` can write back): per dtype and device one buffer
+    and one multi-tensor copy, instead of one clone per tensor. `pinned`: in pinned host
+    memory, copied asynchronously on the current stream (a later copy back on it reads them
+    complete, and the device memory of `tensors` is free for what follows once dropped)."""
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.dtype, t.device), []).append(i)
-    return groups
-
-
-def buffers(tensors: list[torch.Tensor], pinned: bool = False) -> list[torch.Tensor]:
-    """Uninitialised tensors shaped like `tensors`: views of one buffer per dtype and device
-    (in pinned host memory with `pinned`), instead of one allocation per tensor."""
     out: list[torch.Tensor] = [torch.Tensor()] * len(tensors)
-    for (dtype, device), idx in _by_kind(tensors).items():
-        sizes = [tensors[i].numel() for i in idx]
-        n = sum(sizes)
+    for (dtype, device), idx in groups.items():
+        n = sum(tensors[i].numel() for i in idx)
         flat = torch.empty(n, dtype=dtype, pin_memory=True) if pinned else torch.empty(n, dtype=dtype, device=device)
-        for i, v in zip(idx, flat.split(sizes)):
-            out[i] = v.view(tensors[i].shape)
-    return out
-
-
-def _backup(tensors: list[torch.Tensor], pinned: bool = False) -> list[torch.Tensor]:
-    """Copies of `tensors` (what `_copy` can write back) in `buffers`, one multi-tensor copy
-    per dtype and device. `pinned`: in pinned host memory, copied asynchronously on the
-    current stream (a later copy back on it reads them complete, and the device memory of
-    `tensors` is free for what follows once dropped)."""
-    out = buffers(tensors, pinned)
-    if pinned:  # (device to host: one asynchronous copy each)
-        for v, t in zip(out, tensors):
-            v.copy_(t, non_blocking=True)
-    else:
-        for idx in _by_kind(tensors).values():
-            _copy([out[i] for i in idx], [tensors[i] for i in idx])
+        views = [v.view(tensors[i].shape) for i, v in zip(idx, flat.split([tensors[i].numel() for i in idx]))]
+        if pinned:  # (device to host: one asynchronous copy each)
+            for v, i in zip(views, idx):
+                v.copy_(tensors[i], non_blocking=True)
+        else:
+            _copy(views, [tensors[i] for i in idx])
+        for i, v in zip(idx, views):
+            out[i] = v
     return out
 
 
@@ -201,10 +187,6 @@ def _shrunk(bs: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
         out.append((b64 - b64 @ t[offset : offset + len(b)]).to(b.dtype))
         offset += len(b)
     return out
-
-
-# The spectral trials' work on CUDA, by the tensors it reads (a probe per expert index).
-_REPLAYS = GraphCache()
 
 
 def weights_mark(tensors: list[torch.Tensor]) -> dict[torch.device, torch.cuda.Event]:
@@ -221,8 +203,7 @@ class _Trial:
     construction: per shape, one batched product for the Gram matrices, then the r x r
     transforms of all shapes at once and the shrunk B's; `apply` copies them in. On CUDA all
     of it runs on a side stream from `ready` (`weights_mark`), beside the closure's forwards,
-    by matrix products alone (`_soft_threshold_gemm`), so nothing waits for the host, and
-    from the second probe on as one CUDA graph's replay (`_REPLAYS`); where
+    by matrix products alone (`_soft_threshold_gemm`), so nothing waits for the host; where
     G_A is rank-deficient (a Cholesky factor fails the `rtol` test, which `apply` reads after
     the closure has synchronised anyway) those matrices take the reference path."""
 
@@ -277,13 +258,7 @@ class _Trial:
         else:
             side.wait_event(ready)
         with torch.cuda.stream(side):
-            if ready is None:  # (sharded: the whole tensors are this probe's gathers)
-                shrunk, bs, ga, gb, t, singular = work()
-            else:  # the same tensors every probe: a CUDA graph's replay (`_REPLAYS`)
-                tensors = (whole[i, k] for part in parts for i in part for k in (0, 2))
-                inputs = tuple((x.data_ptr(), x.shape, x.dtype) for x in tensors)
-                key = (device, delta, rtol, tuple(len(part) for part in parts), inputs)
-                shrunk, bs, ga, gb, t, singular = _REPLAYS.run(key, work)
+            shrunk, bs, ga, gb, t, singular = work()
         for part in parts:
             for i in part:
                 for k in (0, 2):
@@ -301,10 +276,9 @@ class _Trial:
 
         return wait
 
-    def apply(self, entries: list[tuple], local: list[torch.Tensor], skip: frozenset = frozenset()) -> None:
-        """Write the trial's values into `local` (the entries' local tensors), but for the
-        dense ones in `skip` (pulled already: `_save_and_pull`)."""
-        dense = [i for i, (_, origin, _, _) in enumerate(entries) if origin is not None and i not in skip]
+    def apply(self, entries: list[tuple], local: list[torch.Tensor]) -> None:
+        """Write the trial's values into `local` (the entries' local tensors)."""
+        dense = [i for i, (_, origin, _, _) in enumerate(entries) if origin is not None]
         if dense:  # θ + δ (origin − θ) = origin + (1 − δ)(θ − origin)
             torch._foreach_lerp_([local[i] for i in dense], [entries[i][1] for i in dense], self.delta)
         scaled = [local[i] for i, (_, origin, a, _) in enumerate(entries) if origin is None and a is None]
@@ -314,20 +288,6 @@ class _Trial:
             # Whole tensors: every rank computes the same result and keeps its own shard.
             shrunk = wait()[k]
             _copy([local[i] for i in part], [distributed.local_part(s, entries[i][0]) for i, s in zip(part, shrunk)])
-
-
-def _pullable(entries: list[tuple], local: list[torch.Tensor]) -> list[int]:
-    """The dense entries whose saved copy and pull towards the origin one pass makes
-    (`molf._trial_pull`, on CUDA where triton imports): those on the first one's device."""
-    idx = [i for i, (_, origin, _, _) in enumerate(entries) if origin is not None and local[i].is_cuda]
-    if not idx:
-        return []
-    try:
-        from . import _trial_pull
-    except ImportError:
-        return []
-    device = local[idx[0]].device
-    return [i for i in idx if local[i].device == device and _trial_pull.eligible(local[i], entries[i][1])]
 
 
 def run_trials(
@@ -367,20 +327,13 @@ def run_trials(
         del fetched
     for e, (entries, trial) in enumerate(zip(by_expert, trials)):
         local = [distributed.to_local(p) for p, _, _, _ in entries]
-        pulled = _pullable(entries, local)
-        rest = sorted(set(range(len(local))).difference(pulled))
-        saved = dict(zip(rest, _backup([local[i] for i in rest])))
-        if pulled:  # saved and pulled in one pass, nothing written before it launches
-            from ._trial_pull import save_and_pull
-
-            saved.update(zip(pulled, save_and_pull([local[i] for i in pulled], [entries[i][1] for i in pulled], delta)))
-        undo.append((local, [saved[i] for i in range(len(local))]))  # before the rest is written
-        trial.apply(entries, local, skip=frozenset(pulled))
+        saved = _backup(local)
+        undo.append((local, saved))  # before the trial writes: an exception restores them
+        trial.apply(entries, local)
         for i in [i for h, i in hosted if h == e]:  # their device copies have served: the memory goes
             p, _, a, inactive = entries[i]
             entries[i] = (p, None, a, inactive)
         trial_value = value()
-        saved = undo[-1][1]
         if keep(e, current, trial_value):
             current = trial_value  # kept; `undo` keeps its saved values until the measurement ends
             rebased.update(p for p, _, _, inactive in entries if inactive)

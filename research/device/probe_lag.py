@@ -20,8 +20,6 @@ import torch
 from breakdown import build, sync, train_probes
 
 from molf import _shrink as shrink_mod
-from molf import _trial_pull
-from molf._graph_cache import GraphCache
 from molf import heldout as ho
 
 PARTS = [
@@ -33,8 +31,6 @@ PARTS = [
     (shrink_mod._Trial, "__init__"),
     (shrink_mod._Trial, "apply"),
     (shrink_mod, "_backup"),
-    (_trial_pull, "save_and_pull"),
-    (GraphCache, "run"),
     (ho, "tensor_sums"),
 ]
 
