@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One device call (issue #32's closing table), wheel .whl/cur: the whole step's rows eager at
+# 4x512 (all setups) and 16x512, and paper routing under CUDA graphs, each call's ratios to its
+# own FFT row.
+set -u
+pip install --no-deps --quiet --target /tmp/cur .whl/cur/*.whl 2>&1 | grep -v WARNING | tail -1
+export PYTHONPATH=/tmp/cur
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpu.txt
+python -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)" | tee -a $OUT/gpu.txt
+lb() { name=$1; shift; timeout $1 python benches/loop_bench.py "${@:2}" --out $OUT/$name.json > $OUT/$name.log 2>&1; tail -14 $OUT/$name.log | grep '^|'; }
+lb 4x512 220 --batches 4x512 --steps 12 --heldout-steps 50 --setups fft,lora,molf,molf-param,molf-heldout,molf-heldout-param,molf-e,lora144
+lb 16x512 90 --batches 16x512 --steps 8 --setups fft,molf,molf-param
+lb 4x512-cudagraphs 170 --batches 4x512 --steps 12 --modes cudagraphs --setups fft,molf-param
