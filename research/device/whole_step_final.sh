@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call (issue #32's closing table), wheel .whl/cur: the optimizer step alone (step_bench, bf16 rows), then the whole step eager at 4x512, its
-# ratios to its own FFT row.
+# One device call (issue #32's closing table), wheel .whl/cur: the optimizer step alone
+# (step_bench, bf16 rows), then the whole step eager at 4x512, its ratios to its own FFT row.
 set -u
 pip install --no-deps --quiet --target /tmp/cur .whl/cur/*.whl 2>&1 | grep -v WARNING | tail -1
 export PYTHONPATH=/tmp/cur
