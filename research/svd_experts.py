@@ -89,7 +89,7 @@ def register() -> None:
 
 
 def main() -> None:
-    """molf-E default with P·Λ·Q experts in place of "molf-E default", through
+    """molf-E default with P·Λ·Q experts (`--which`: only those) in place of "molf-E default", through
     `generalization.run_suite` at per-instance rates, on the other methods' stored runs (`--runs`,
     "molf-E default" dropped from them). One process per call (the builder is patched in this
     process): split the families over two calls."""
@@ -103,12 +103,13 @@ def main() -> None:
     ap.add_argument("--families", nargs="+")
     ap.add_argument("--runs", type=Path, required=True, help="a runs.jsonl of the same set at per-instance rates")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--which", type=int, nargs="+", help="the LoRA experts (0-based) in the form; default all")
     args = ap.parse_args()
     METHODS_11 = list(baselines.METHODS)  # (before the patch below adds nothing: the suite's eleven)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True, warn_only=True)
     build = quality._molf(quality.EFFICIENT_RANKS, False, lambda h: molf.Heldout(h, shrink_spectral=False))
-    baselines.METHODS["molf-E default"] = baselines.Method(svd_form(build))
+    baselines.METHODS["molf-E default"] = baselines.Method(svd_form(build, set(args.which) if args.which else None))
     args.out.mkdir(parents=True, exist_ok=True)
     kept = [
         line
