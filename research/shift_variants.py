@@ -39,6 +39,14 @@ VARIANTS = {
     "min_span 0": {"min_span": 0},
     "trust 0": {"adapt_rate": molf.RateRule(trust=0.0)},
     "trust 0, up 1.2, cap 3": {"adapt_rate": molf.RateRule(up=1.2, cap=3.0, trust=0.0)},
+    # (2026-12-07, policy-35.md §18)
+    "decay 0.25": {"decay": 0.25},
+    "decay 0.8": {"decay": 0.8},
+    "horizon 0.1": {"horizon": 0.1},
+    "horizon 0.5": {"horizon": 0.5},
+    "shrink 0.05": {"shrink": 0.05},
+    "shrink 0.02": {"shrink": 0.02},
+    "shrink 0": {"shrink": 0.0},
 }
 
 
