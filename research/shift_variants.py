@@ -91,9 +91,13 @@ def register() -> None:
         baselines.METHODS[f"molf-E {name}"] = baselines.Method(build)
 
 
-def run(specs, lrs, out: Path) -> None:
+def run(specs, lrs, out: Path, only=None) -> None:
+    """All cells; with `only` (variant names), AdaLoRA's and those variants' alone."""
     register()
-    cells = [("AdaLoRA", 3e-2)] + [(f"molf-E {v}", lr) for v in VARIANTS for lr in lrs]
+    cells = [("AdaLoRA", 3e-2)] + [(f"molf-E {v}", lr) for v in (only or VARIANTS) for lr in lrs]
+    if only:
+        shift_probe.run_cells(specs, cells, out)
+        return
     cells += [("molf-E default, A ~ N(0, 0.02)", lr) for lr in (1e-2, 3e-2, 1e-1)]
     cells += [("molf-E svd", lr) for lr in (1e-2, 3e-2, 1e-1)]
     cells += [("molf-E scaled shrink", lr) for lr in (1e-2, 3e-2)]
@@ -134,10 +138,13 @@ def merge(paths: list[str]) -> None:
 
 
 def main() -> None:
-    def lrs(ap):
+    def options(ap):
         ap.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 3e-2])
+        ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="only these (and AdaLoRA)")
 
-    shift_probe.cli(6, "/tmp/shift_variants.json", lambda a, k, n: run(draws(a.n)[k::n], a.lrs, a.out), merge, lrs)
+    shift_probe.cli(
+        6, "/tmp/shift_variants.json", lambda a, k, n: run(draws(a.n)[k::n], a.lrs, a.out, a.variants), merge, options
+    )
 
 
 if __name__ == "__main__":
