@@ -250,9 +250,13 @@ def choose_rates(
         f: dict.fromkeys(section.get("rates", {}).get(f, {}), c) if isinstance(c, str) else c
         for f, c in section.get("commands", {}).items()
     }
+    # Seeds per family (a family may need more: the bimodal sql); a file of before kept one list for all.
+    old_seeds = section.get("seeds", {})
+    if isinstance(old_seeds, list):
+        old_seeds = dict.fromkeys(section.get("rates", {}), old_seeds)
     section.update(
         grid=list(scale.lrs),
-        seeds=seeds,
+        seeds={**old_seeds, **dict.fromkeys(rates, seeds)},
         split_sha256=fam.SPLIT_SHA256,
         # Per family and method: these methods' entries replace their own, the others stay.
         commands=_merged(commands, {f: dict.fromkeys(by, command) for f, by in rates.items()}),

@@ -202,7 +202,7 @@ def test_hparams_instances_move_only_the_varied_methods_lora_expert():
 
 
 def _rates(path: Path, families: list[str], methods: list[str], lr: float) -> None:
-    section = {"grid": [lr], "seeds": [g.VAL_SEED], "split_sha256": fam.SPLIT_SHA256}
+    section = {"grid": [lr], "seeds": dict.fromkeys(families, [g.VAL_SEED]), "split_sha256": fam.SPLIT_SHA256}
     section["rates"] = {f: dict.fromkeys(methods, lr) for f in families}
     path.write_text(g.toml_dump({"tiny": section}), encoding="utf-8")
 
@@ -243,6 +243,13 @@ def test_rates_are_chosen_per_family_on_tuning_instances_and_checked(tmp_path, m
     }
     assert set(more["scores"]["scarce-noisy"]) == {*methods, "LoRA (early stop)"}
     assert more["commands"] == {"scarce-noisy": {**dict.fromkeys(methods, "c"), "LoRA (early stop)": "d"}}
+    # Seeds are kept per family: another family's choice at more seeds leaves this one's as they were.
+    assert more["seeds"] == {"scarce-noisy": [g.VAL_SEED]}
+    other = g.choose_rates(
+        "tiny", ["shift"], ["LoRA (early stop)"], tmp_path / "r", rate_seeds=2, progress=False, rates_path=path
+    )
+    assert other["seeds"] == {"scarce-noisy": [g.VAL_SEED], "shift": [g.VAL_SEED, g.VAL_SEED + 1]}
+    assert g.load_rates("tiny", path)["scarce-noisy"] == more["rates"]["scarce-noisy"]
     with pytest.raises(ConfigError, match="no rates"):
         g.load_rates("quick", path)
     path.write_text(path.read_text().replace(fam.SPLIT_SHA256, "0" * 64))
@@ -359,3 +366,16 @@ def test_per_instance_lora_factor_is_chosen_with_the_rate_on_validation(tmp_path
         assert "run_as" not in i["methods"]["FFT (early stop)"]
     with pytest.raises(ConfigError, match="rates per instance"):
         g.run_suite("tiny", "tuning", None, ["molf default"], tmp_path / "f", progress=False, lora_factors=(1.0, 10.0))
+
+
+def test_a_rates_file_with_one_list_of_seeds_reads_as_that_list_per_family(tmp_path, monkeypatch):
+    monkeypatch.setitem(g.SCALES, "tiny", replace(TINY, lrs=(1e-3, 2e-3)))
+    path = tmp_path / "rates.toml"
+    section = {"grid": [1e-3, 2e-3], "seeds": [g.VAL_SEED], "split_sha256": fam.SPLIT_SHA256}
+    section["rates"] = {"scarce-noisy": {"LoRA (early stop)": 1e-3}}
+    path.write_text(g.toml_dump({"tiny": section}), encoding="utf-8")
+    out = g.choose_rates(
+        "tiny", ["shift"], ["LoRA (early stop)"], tmp_path / "r", rate_seeds=2, progress=False, rates_path=path
+    )
+    assert out["seeds"] == {"scarce-noisy": [g.VAL_SEED], "shift": [g.VAL_SEED, g.VAL_SEED + 1]}
+    assert g.load_rates("tiny", path)["scarce-noisy"] == {"LoRA (early stop)": 1e-3}
