@@ -4,6 +4,7 @@ paired statistics per instance.
 
     python3 benches/generalization.py --quick                 # CPU: the tuning set's synthetic instances
     python3 benches/generalization.py --quick --set test      # the test set: once per policy version
+    python3 benches/generalization.py --quick --set test --lm # ... with the LM families (quick scale, CPU)
     python3 benches/generalization.py --quick --choose-rates  # each method's rate per family, into family_rates.toml
     python3 benches/generalization.py --full --device cuda    # bigger models, the LM tasks, rates per instance
 
@@ -525,6 +526,11 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def default_families(lm: bool) -> list[str]:
+    """Every family, or the synthetic ones (the quick mode's default: the LM ones double its time)."""
+    return [f for f, v in fam.FAMILIES.items() if lm or v.kind == "synthetic"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -535,7 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     mode.add_argument("--full", action="store_true", help="quality.py's full scale and the LM families, for a GPU")
     p.add_argument("--set", choices=("tuning", "test"), default="tuning", help="the instances (default tuning)")
-    p.add_argument("--families", nargs="+", choices=list(fam.FAMILIES), help="default: all (quick: the synthetic ones)")
+    p.add_argument(
+        "--families", nargs="+", choices=list(fam.FAMILIES), help="default: all (quick: the synthetic ones, see --lm)"
+    )
+    p.add_argument("--lm", action="store_true", help="quick: the LM families too, on the CPU (about 15 min more)")
     p.add_argument("--methods", nargs="+", choices=list(baselines.METHODS), metavar="METHOD", help="default: all")
     p.add_argument("--instances", nargs="+", metavar="NAME", help="only these instances of the set (families.toml)")
     p.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds per instance (default {SEEDS})")
@@ -567,7 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p.error("--lora-factors must be distinct positive numbers")
     scale_name = "full" if args.full else "quick"
-    families = args.families or [f for f, v in fam.FAMILIES.items() if args.full or v.kind == "synthetic"]
+    if args.lm and args.families:
+        p.error("--lm adds the LM families to the default ones: name them in --families instead")
+    families = args.families or default_families(lm=args.full or args.lm)
     methods = args.methods or list(baselines.METHODS)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

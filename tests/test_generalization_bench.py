@@ -311,6 +311,7 @@ def test_cli_checks_its_arguments(tmp_path):
         ["--lora-factors", "nan"],
         ["--lora-factors", "1", "10"],  # (rates per family: the quick mode's default)
         ["--lora-factors", "1", "10", "--rates", "instance", "--choose-rates"],
+        ["--lm", "--families", "shift"],
     ):
         with pytest.raises(SystemExit):
             g.main([*argv, "--out", str(tmp_path)])
@@ -379,3 +380,10 @@ def test_a_rates_file_with_one_list_of_seeds_reads_as_that_list_per_family(tmp_p
     )
     assert out["seeds"] == {"scarce-noisy": [g.VAL_SEED], "shift": [g.VAL_SEED, g.VAL_SEED + 1]}
     assert g.load_rates("tiny", path)["scarce-noisy"] == {"LoRA (early stop)": 1e-3}
+
+
+def test_the_quick_mode_runs_the_lm_families_only_when_asked():
+    lm = {f for f, v in fam.FAMILIES.items() if v.kind == "lm"}
+    assert lm == {"lm-facts", "lm-sql"}
+    assert set(g.default_families(lm=False)) == set(fam.FAMILIES) - lm
+    assert g.default_families(lm=True) == list(fam.FAMILIES)
