@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -93,6 +93,16 @@ def spec(name: str) -> fam.InstanceSpec:
     if not _SPECS:
         _SPECS.update({s.name: s for s in fam.load_split()})
     return _SPECS[name]
+
+
+def scale_of(name: str, lrs: tuple[float, ...] | None = None, cache_dir: str | None = None) -> quality.Scale:
+    """The scale `name`, its rate grid and LM cache replaced where given."""
+    scale = SCALES[name]
+    if lrs is not None:
+        if not lrs or not all(r > 0 and math.isfinite(r) for r in lrs) or len(set(lrs)) < len(lrs):
+            raise ConfigError(f"the rate grid must hold distinct positive rates, got {list(lrs)}")
+        scale = replace(scale, lrs=tuple(lrs))
+    return scale if cache_dir is None else replace(scale, cache_dir=cache_dir)
 
 
 def _steps(s: fam.InstanceSpec, scale: quality.Scale) -> int:
@@ -219,11 +229,13 @@ def choose_rates(
     progress: bool = True,
     rates_path: Path = RATES_PATH,
     command: str = "",
+    lrs: tuple[float, ...] | None = None,
+    cache_dir: str | None = None,
 ) -> dict:
     """Each method's rate per family: the grid rate with the best mean test metric over the
     family's tuning instances (hparams: none, it uses its base family's) at seeds VAL_SEED, ...;
     written into `rates_path` under the scale, with the command and the scores."""
-    scale = SCALES[scale_name]
+    scale = scale_of(scale_name, lrs, cache_dir)
     tuning = [s for s in select(fam.load_split(), families, "tuning") if s.variant is None]
     out.mkdir(parents=True, exist_ok=True)
     pretrain(tuning, scale, device, progress)
@@ -326,15 +338,20 @@ def run_suite(
     rates_path: Path = RATES_PATH,
     names: list[str] | None = None,
     lora_factors: tuple[float, ...] = (1.0,),
+    lrs: tuple[float, ...] | None = None,
+    cache_dir: str | None = None,
 ) -> dict:
     """Every method on every instance of the set (`which`) and families, at the family's
     rates or (rates "instance") at each instance's rate on validation; results.json, table.txt.
     `lora_factors` (rates "instance" only): the dense + LoRA methods choose lora_lr = F x lr
-    with their rate, the pair with the best validation metric over these F's."""
+    with their rate, the pair with the best validation metric over these F's. `lrs` replaces
+    the scale's rate grid (rates "instance" only), `cache_dir` where the pre-trained LMs live."""
     unknown = [m for m in methods if m not in baselines.METHODS]
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; expected some of {list(baselines.METHODS)}")
-    scale = SCALES[scale_name]
+    if lrs is not None and rates != "instance":
+        raise ConfigError("a rate grid is for choosing each instance's rate: it needs rates per instance")
+    scale = scale_of(scale_name, lrs, cache_dir)
     specs = select(fam.load_split(), families, which, names)
     out.mkdir(parents=True, exist_ok=True)
     start, cpu = time.perf_counter(), time.process_time()
@@ -388,6 +405,7 @@ def run_suite(
             "methods": methods,
             "rates": rates,
             "lora_factors": list(lora_factors),
+            "grid": list(scale.lrs),
             "split_sha256": fam.SPLIT_SHA256,
             "check_every": baselines.CHECK_EVERY,
             "margin": MARGIN,
@@ -562,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
         help="with --rates instance: the dense + LoRA methods choose lora_lr = F x lr among these with their "
         "rate on validation (default: 1)",
     )
+    p.add_argument(
+        "--lrs", type=float, nargs="+", metavar="LR", help="the rate grid (default: the scale's; per-instance rates)"
+    )
+    p.add_argument("--cache-dir", help=f"where the pre-trained LMs are cached (default {quality.Scale.cache_dir})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="generalization-results")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -586,17 +608,20 @@ def main(argv: list[str] | None = None) -> int:
     rates = args.rates or ("instance" if args.full else "family")
     if args.lora_factors != [1.0] and (args.choose_rates or rates != "instance"):
         p.error("--lora-factors are chosen with each instance's rate on validation: they need --rates instance")
+    if args.lrs and not (args.choose_rates or rates == "instance"):
+        p.error("--lrs is the grid rates are chosen from: it needs --rates instance or --choose-rates")
     if args.choose_rates:
         command = "python3 benches/generalization.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         section = choose_rates(
             scale_name, families, methods, Path(args.out), args.device, args.rate_seeds, args.jobs,
-            args.resume, not args.no_progress, command=command,
+            args.resume, not args.no_progress, command=command, lrs=args.lrs, cache_dir=args.cache_dir,
         )  # fmt: skip
         print(toml_dump({scale_name: {"rates": section["rates"]}}))
         return 0
     res = run_suite(
         scale_name, args.set, families, methods, Path(args.out), args.device, args.seeds, args.jobs,
         args.resume, not args.no_progress, rates, names=args.instances, lora_factors=tuple(args.lora_factors),
+        lrs=tuple(args.lrs) if args.lrs else None, cache_dir=args.cache_dir,
     )  # fmt: skip
     print(format_table(res))
     print(f"\nwall {res['wall_s']:.0f} s, CPU {res['cpu_s']:.0f} s; results in {args.out}/")

@@ -381,3 +381,37 @@ def test_the_quick_mode_runs_the_lm_families_only_when_asked():
     assert lm == {"lm-facts", "lm-sql"}
     assert set(g.default_families(lm=False)) == set(fam.FAMILIES) - lm
     assert g.default_families(lm=True) == list(fam.FAMILIES)
+
+
+def test_a_rate_grid_of_ones_own_is_what_per_instance_rates_are_chosen_from(tmp_path):
+    grid = (TINY.lrs[0], 3 * TINY.lrs[-1])
+    kw = dict(seeds=1, progress=False, rates="instance", names=["shift/tuning-0"], lrs=grid)
+    res = g.run_suite("tiny", "tuning", None, ["LoRA (early stop)"], tmp_path, **kw)
+    assert res["config"]["grid"] == list(grid)
+    val = {
+        r["job"]["lr"]
+        for r in map(json.loads, (tmp_path / "runs.jsonl").read_text().splitlines())
+        if r["job"]["split"] == "val"
+    }
+    assert val == set(grid)
+    assert res["instances"]["shift/tuning-0"]["methods"]["LoRA (early stop)"]["lr"] in grid
+    n = len((tmp_path / "runs.jsonl").read_text().splitlines())
+    again = g.run_suite("tiny", "tuning", None, ["LoRA (early stop)"], tmp_path, resume=True, **kw)
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == n  # the grid's runs are reused
+    assert again["instances"] == res["instances"]
+    with pytest.raises(ConfigError, match="rates per instance"):
+        g.run_suite("tiny", "tuning", None, ["LoRA"], tmp_path / "f", progress=False, lrs=grid)
+    for bad in ((), (1e-3, 1e-3), (0.0,), (math.inf,)):
+        with pytest.raises(ConfigError, match="distinct positive"):
+            g.scale_of("tiny", bad)
+    assert g.scale_of("full", cache_dir=str(tmp_path)).cache_dir == str(tmp_path)
+    assert g.scale_of("full").lrs == q.FULL.lrs
+
+
+def test_the_lm_instances_load_their_worlds_from_the_cache_dir_given(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(g.lm, "pretrained_lm", lambda scale, cache, *a, **k: seen.append((Path(cache), k)))
+    specs = [s for s in fam.load_split() if s.kind == "lm" and s.set == "test"]
+    g.pretrain(specs, g.scale_of("tiny", cache_dir=str(tmp_path)), "cpu", progress=False)
+    assert {c for c, _ in seen} == {tmp_path}
+    assert sorted(k["world_seed"] for _, k in seen) == sorted(fam.WORLDS["test"])
