@@ -7,6 +7,8 @@ paired statistics per instance.
     python3 benches/generalization.py --quick --set test --lm # ... with the LM families (quick scale, CPU)
     python3 benches/generalization.py --quick --choose-rates  # each method's rate per family, into family_rates.toml
     python3 benches/generalization.py --full --device cuda    # bigger models, the LM tasks, rates per instance
+    python3 benches/generalization.py --full --device cuda --families lm-sql --lrs 1e-4 1e-3 --cache-dir DIR
+                                                              # a grid of one's own; the worlds' LMs kept in DIR
 
 Methods (`baselines.py`): FFT and LoRA, plain and early-stopped on the validation
 split molf's held-out routing uses; DoRA, PiSSA, AdaLoRA; MoLF as published,
