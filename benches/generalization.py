@@ -612,18 +612,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--lora-factors are chosen with each instance's rate on validation: they need --rates instance")
     if args.lrs and not (args.choose_rates or rates == "instance"):
         p.error("--lrs is the grid rates are chosen from: it needs --rates instance or --choose-rates")
+    grid = tuple(args.lrs) if args.lrs else None
     if args.choose_rates:
         command = "python3 benches/generalization.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         section = choose_rates(
             scale_name, families, methods, Path(args.out), args.device, args.rate_seeds, args.jobs,
-            args.resume, not args.no_progress, command=command, lrs=args.lrs, cache_dir=args.cache_dir,
+            args.resume, not args.no_progress, command=command, lrs=grid, cache_dir=args.cache_dir,
         )  # fmt: skip
         print(toml_dump({scale_name: {"rates": section["rates"]}}))
         return 0
     res = run_suite(
         scale_name, args.set, families, methods, Path(args.out), args.device, args.seeds, args.jobs,
         args.resume, not args.no_progress, rates, names=args.instances, lora_factors=tuple(args.lora_factors),
-        lrs=tuple(args.lrs) if args.lrs else None, cache_dir=args.cache_dir,
+        lrs=grid, cache_dir=args.cache_dir,
     )  # fmt: skip
     print(format_table(res))
     print(f"\nwall {res['wall_s']:.0f} s, CPU {res['cpu_s']:.0f} s; results in {args.out}/")
