@@ -65,6 +65,8 @@ VAL_SEED = quality.VAL_SEED
 SEEDS = 5
 MARGIN = 0.03  # the issue's target: no instance worse by more than 3% at 2 SE
 ES = ("FFT (early stop)", "LoRA (early stop)")
+# molf-E default's expert forms (MoLFConfig's lora_form) as the suite methods that run them.
+FORMS = {"ba": "molf-E default", "svd": "molf-E svd"}
 # (method, references, label): the method against the better (by mean) of the references.
 COMPARISONS = (
     ("molf default", ES, "molf default vs early-stopped FFT/LoRA"),
@@ -186,9 +188,12 @@ def pretrain(specs: list[fam.InstanceSpec], scale: quality.Scale, device: str, p
         lm.pretrained_lm(scale.lm, Path(scale.cache_dir), device, progress=progress, world_seed=w)
 
 
-def _lora_factor_candidates(method: str, factors: tuple[float, ...]) -> list[str]:
-    """The names `method` may run as when its lora_lr factor is chosen on validation: itself
-    (factor 1) and `baselines.with_lora_factor`'s, for the dense + LoRA methods; else itself."""
+def _candidates(method: str, factors: tuple[float, ...], forms: tuple[str, ...] = ("ba",)) -> list[str]:
+    """The names `method` may run as, one chosen with its rate on validation: for the dense +
+    LoRA methods itself (factor 1) and `baselines.with_lora_factor`'s; for molf-E default the
+    suite methods of its expert forms (`FORMS`); else itself. Ties go to the first."""
+    if method == FORMS["ba"]:
+        return [FORMS[f] for f in forms]
     if tuple(factors) == (1.0,) or method not in quality.VARIED:
         return [method]
     return [method if f == 1.0 else baselines.with_lora_factor(method, f) for f in factors]
@@ -342,17 +347,21 @@ def run_suite(
     lora_factors: tuple[float, ...] = (1.0,),
     lrs: tuple[float, ...] | None = None,
     cache_dir: str | None = None,
+    forms: tuple[str, ...] = ("ba",),
 ) -> dict:
     """Every method on every instance of the set (`which`) and families, at the family's
     rates or (rates "instance") at each instance's rate on validation; results.json, table.txt.
     `lora_factors` (rates "instance" only): the dense + LoRA methods choose lora_lr = F x lr
-    with their rate, the pair with the best validation metric over these F's. `lrs` replaces
+    with their rate, the pair with the best validation metric over these F's; `forms` (rates
+    "instance" only, keys of `FORMS`): molf-E default chooses its expert form so. `lrs` replaces
     the scale's rate grid (rates "instance" only), `cache_dir` where the pre-trained LMs live."""
     unknown = [m for m in methods if m not in baselines.METHODS]
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; expected some of {list(baselines.METHODS)}")
     if lrs is not None and rates != "instance":
         raise ConfigError("a rate grid is for choosing each instance's rate: it needs rates per instance")
+    if not forms or len(set(forms)) < len(forms) or not set(forms) <= set(FORMS):
+        raise ConfigError(f"forms must be distinct names among {list(FORMS)}, got {list(forms)}")
     scale = scale_of(scale_name, lrs, cache_dir)
     specs = select(fam.load_split(), families, which, names)
     out.mkdir(parents=True, exist_ok=True)
@@ -362,8 +371,10 @@ def run_suite(
     lr: dict[tuple[str, str], float] = {}
     run_as: dict[tuple[str, str], str] = {}  # (instance, method) -> the method name its test runs ran as
     if rates == "family":
-        if tuple(lora_factors) != (1.0,):
-            raise ConfigError("lora factors are chosen with the rate on validation: they need rates per instance")
+        if tuple(lora_factors) != (1.0,) or tuple(forms) != ("ba",):
+            raise ConfigError(
+                "lora factors and expert forms are chosen with the rate on validation: they need rates per instance"
+            )
         table = load_rates(scale_name, rates_path)
         for s in specs:
             for m in methods:
@@ -372,7 +383,7 @@ def run_suite(
                 lr[(s.name, m)] = table[s.rate_family][m]
         val_scores = {}
     else:
-        candidates = {m: _lora_factor_candidates(m, lora_factors) for m in methods}
+        candidates = {m: _candidates(m, lora_factors, forms) for m in methods}
         names_run = list(dict.fromkeys(c for cs in candidates.values() for c in cs))
         jobs = [Job(s.name, c, r, VAL_SEED, "val") for s in specs for c in names_run for r in scale.lrs]
         val = run_jobs(jobs, scale, device, book, n_jobs, progress)
@@ -407,6 +418,7 @@ def run_suite(
             "methods": methods,
             "rates": rates,
             "lora_factors": list(lora_factors),
+            "forms": list(forms),
             "grid": list(scale.lrs),
             "split_sha256": fam.SPLIT_SHA256,
             "check_every": baselines.CHECK_EVERY,
@@ -450,7 +462,7 @@ def assemble(
         if (s.name, name) in val_scores:
             e["val_by_lr"] = {repr(k): v for k, v in val_scores[(s.name, name)].items()}
         if name != m:
-            e["run_as"] = name  # (its lora_lr factor, chosen on validation)
+            e["run_as"] = name  # (its lora_lr factor or expert form, chosen on validation)
         if "best_step" in runs[0]:
             e["best_step"] = [r["best_step"] for r in runs]
         if "active_share" in runs[0]:
@@ -495,12 +507,26 @@ def _g(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:+.1%}"
 
 
+def _choices(cfg: dict) -> list[str]:
+    """The line naming what the methods chose on validation beside their rate, if anything."""
+    chosen = []
+    if cfg.get("lora_factors", [1.0]) != [1.0]:
+        factors = ", ".join(f"{f:g}" for f in cfg["lora_factors"])
+        chosen.append(f"molf default and MoLF (paper) lora_lr = F x lr, F in {{{factors}}}")
+    if cfg.get("forms", ["ba"]) != ["ba"]:
+        chosen.append(
+            f"molf-E default its expert form in {{{', '.join(cfg['forms'])}}} (x{len(cfg['forms'])} validation runs)"
+        )
+    return ["chosen with the rate on validation: " + "; ".join(chosen)] if chosen else []
+
+
 def format_table(results: dict) -> str:
     cfg, inst, summ = results["config"], results["instances"], results["summary"]
     lines = [
         f"generalization suite: {cfg['set']} set, {cfg['scale']} scale, {len(inst)} instances x "
         f"{len(cfg['seeds'])} seeds, rates per {cfg['rates']}, device {cfg['device']}",
         "gap: paired mean difference to the better-by-mean reference, relative to it (+ = worse), ± its SE over seeds",
+        *_choices(cfg),
         "",
         "| comparison | instances | mean gap | worse at 2 SE | worst of those | "
         f"worse by > {cfg['margin']:.0%} at 2 SE |",
@@ -583,6 +609,14 @@ def main(argv: list[str] | None = None) -> int:
         "rate on validation (default: 1)",
     )
     p.add_argument(
+        "--forms",
+        nargs="+",
+        choices=list(FORMS),
+        default=["ba"],
+        help="with --rates instance: molf-E default chooses its expert form (MoLFConfig's lora_form) among "
+        "these with its rate on validation (default: ba)",
+    )
+    p.add_argument(
         "--lrs", type=float, nargs="+", metavar="LR", help="the rate grid (default: the scale's; per-instance rates)"
     )
     p.add_argument("--cache-dir", help=f"where the pre-trained LMs are cached (default {quality.Scale.cache_dir})")
@@ -610,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     rates = args.rates or ("instance" if args.full else "family")
     if args.lora_factors != [1.0] and (args.choose_rates or rates != "instance"):
         p.error("--lora-factors are chosen with each instance's rate on validation: they need --rates instance")
+    if len(set(args.forms)) < len(args.forms):
+        p.error("--forms must be distinct")
+    if args.forms != ["ba"] and (args.choose_rates or rates != "instance"):
+        p.error("--forms are chosen with each instance's rate on validation: they need --rates instance")
     if args.lrs and not (args.choose_rates or rates == "instance"):
         p.error("--lrs is the grid rates are chosen from: it needs --rates instance or --choose-rates")
     grid = tuple(args.lrs) if args.lrs else None
@@ -624,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run_suite(
         scale_name, args.set, families, methods, Path(args.out), args.device, args.seeds, args.jobs,
         args.resume, not args.no_progress, rates, names=args.instances, lora_factors=tuple(args.lora_factors),
-        lrs=grid, cache_dir=args.cache_dir,
+        lrs=grid, cache_dir=args.cache_dir, forms=tuple(args.forms),
     )  # fmt: skip
     print(format_table(res))
     print(f"\nwall {res['wall_s']:.0f} s, CPU {res['cpu_s']:.0f} s; results in {args.out}/")

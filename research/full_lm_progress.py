@@ -44,16 +44,20 @@ def main() -> None:
     for inst in instances:
         higher = gen.spec(inst).higher_is_better
         for m in METHODS:
-            cands = gen._lora_factor_candidates(m, FACTORS)
+            cands = gen._candidates(m, FACTORS)
             if any(len(val[(inst, c)]) < len(grid) for c in cands):
                 print(f"| {inst} | {m} | validation incomplete |")
                 continue
             best = {c: gen._best_lr({lr: val[(inst, c)][lr] for lr in grid}, higher) for c in cands}
             chosen = cands[0]
             for c in cands[1:]:
-                chosen = c if quality._better(val[(inst, c)][best[c]], val[(inst, chosen)][best[chosen]], higher) else chosen
+                chosen = (
+                    c if quality._better(val[(inst, c)][best[c]], val[(inst, chosen)][best[chosen]], higher) else chosen
+                )
             for c in cands:
-                cells = [f"**{val[(inst, c)][lr]:.3f}**" if lr == best[c] else f"{val[(inst, c)][lr]:.3f}" for lr in grid]
+                cells = [
+                    f"**{val[(inst, c)][lr]:.3f}**" if lr == best[c] else f"{val[(inst, c)][lr]:.3f}" for lr in grid
+                ]
                 xs = test.get((inst, c, best[c]), []) if c == chosen else []
                 done = f"{statistics.mean(xs):.3f} ({len(xs)})" if xs else ("—" if c != chosen else "0 of 5")
                 runs_as = f"{best[c]:g}" if c == chosen else ""

@@ -25,10 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 import baselines  # noqa: E402
 import generalization  # noqa: E402
+import molf  # noqa: E402
 import paired  # noqa: E402
 import quality  # noqa: E402
-
-import molf  # noqa: E402
 
 # name -> (Heldout keyword arguments, MoLFConfig lora_form)
 VARIANTS: dict[str, tuple[dict, str]] = {
@@ -59,14 +58,16 @@ def report(paths: list[Path]) -> None:
     print(f"{len(instances)} instances of {', '.join(map(str, paths))}: against {REF}, each at its own rate\n")
     print("| method | instances | mean gap | worse at 2 SE | worse by > 3% at 2 SE |\n|---|---:|---:|---:|---|")
     for m in methods:
-        pairs = {
-            n: paired.paired_gap(i["methods"][m]["per_seed"], {REF: i["methods"][REF]["per_seed"]}, i["higher_is_better"])
-            for n, i in sorted(instances.items())
-            if not i["bimodal"] and m in i["methods"] and REF in i["methods"]
-        }
+        pairs = {}
+        for n, i in sorted(instances.items()):
+            if not i["bimodal"] and m in i["methods"] and REF in i["methods"]:
+                ref = {REF: i["methods"][REF]["per_seed"]}
+                pairs[n] = paired.paired_gap(i["methods"][m]["per_seed"], ref, i["higher_is_better"])
         s = paired.summarize(pairs, generalization.MARGIN)
         worse = [f"{n} ({p.gap:+.1%} ± {p.se:.1%})" for n, p in pairs.items() if p.worse_at_2se(generalization.MARGIN)]
-        print(f"| {m} | {len(pairs)} | {s['mean_gap']:+.1%} | {s['share_worse_at_2se']:.0%} | {', '.join(worse) or 'none'} |")
+        print(
+            f"| {m} | {len(pairs)} | {s['mean_gap']:+.1%} | {s['share_worse_at_2se']:.0%} | {', '.join(worse) or 'none'} |"
+        )
 
 
 def main() -> int:

@@ -306,6 +306,10 @@ def test_cli_checks_its_arguments(tmp_path):
         ["--lora-factors", "1", "10"],  # (rates per family: the quick mode's default)
         ["--lora-factors", "1", "10", "--rates", "instance", "--choose-rates"],
         ["--lm", "--families", "shift"],
+        ["--forms", "ba", "svd"],  # (rates per family)
+        ["--forms", "svd", "svd", "--rates", "instance"],
+        ["--forms", "lora", "--rates", "instance"],
+        ["--forms", "ba", "svd", "--rates", "instance", "--choose-rates"],
     ):
         with pytest.raises(SystemExit):
             g.main([*argv, "--out", str(tmp_path)])
@@ -361,6 +365,49 @@ def test_per_instance_lora_factor_is_chosen_with_the_rate_on_validation(tmp_path
         assert "run_as" not in i["methods"]["FFT (early stop)"]
     with pytest.raises(ConfigError, match="rates per instance"):
         g.run_suite("tiny", "tuning", None, ["molf default"], tmp_path / "f", progress=False, lora_factors=(1.0, 10.0))
+
+
+def test_molf_e_chooses_its_expert_form_with_the_rate_on_validation(tmp_path):
+    assert g._candidates("molf-E default", (1.0,)) == ["molf-E default"]
+    assert g._candidates("molf-E default", (1.0, 10.0), ("ba", "svd")) == ["molf-E default", "molf-E svd"]
+    assert g._candidates("AdaLoRA", (1.0, 10.0), ("ba", "svd")) == ["AdaLoRA"]
+    names = ["shift/tuning-0", "scarce-noisy/tuning-2"]
+    for forms in (("ba", "svd"), ("svd",)):  # (in the tiny scale validation picks B·A: svd alone runs svd)
+        out = tmp_path / "-".join(forms)
+        res = g.run_suite(
+            "tiny", "tuning", None, ["molf-E default", "AdaLoRA"], out, seeds=1, progress=False,
+            rates="instance", names=names, forms=forms,
+        )  # fmt: skip
+        assert res["config"]["forms"] == list(forms)
+        assert f"its expert form in {{{', '.join(forms)}}}" in g.format_table(res)
+        records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+        cands = [g.FORMS[f] for f in forms]
+        for name, i in res["instances"].items():
+            val = {m: {} for m in cands}
+            for r in records:
+                if r["job"]["instance"] == name and r["job"]["split"] == "val" and r["job"]["method"] != "AdaLoRA":
+                    val[r["job"]["method"]][r["job"]["lr"]] = r["result"]["metric"]
+            assert all(set(v) == set(TINY.lrs) for v in val.values())
+            pick = max if i["higher_is_better"] else min
+            at_best = [pick(val[c].values()) for c in cands]
+            want = cands[0]  # a tie: the first
+            if len(cands) > 1 and (at_best[1] > at_best[0] if i["higher_is_better"] else at_best[1] < at_best[0]):
+                want = cands[1]
+            e = i["methods"]["molf-E default"]
+            assert e.get("run_as", "molf-E default") == want and e["lr"] == pick(val[want], key=val[want].get)
+            tests = {
+                r["job"]["method"] for r in records if r["job"]["instance"] == name and r["job"]["split"] == "test"
+            }
+            assert tests == {want, "AdaLoRA"}  # only the chosen form's test runs
+            ref = {"AdaLoRA": i["methods"]["AdaLoRA"]["per_seed"]}  # the comparison judges the chosen form's runs
+            gap = paired.paired_gap(e["per_seed"], ref, i["higher_is_better"]).gap
+            assert i["paired"]["molf-E default vs AdaLoRA"]["gap"] == pytest.approx(gap)
+    for forms in ((), ("ba", "ba"), ("lora",)):
+        with pytest.raises(ConfigError, match="forms"):
+            g.run_suite("tiny", "tuning", None, ["molf-E default"], tmp_path / "f", progress=False, rates="instance",
+                        names=names, forms=forms)  # fmt: skip
+    with pytest.raises(ConfigError, match="rates per instance"):
+        g.run_suite("tiny", "tuning", None, ["molf-E default"], tmp_path / "f", progress=False, forms=("ba", "svd"))
 
 
 def test_seeds_are_kept_per_family_and_an_old_single_list_reads_as_that_list_per_family(tmp_path, monkeypatch):
