@@ -65,9 +65,8 @@ def report(paths: list[Path]) -> None:
                 pairs[n] = paired.paired_gap(i["methods"][m]["per_seed"], ref, i["higher_is_better"])
         s = paired.summarize(pairs, generalization.MARGIN)
         worse = [f"{n} ({p.gap:+.1%} ± {p.se:.1%})" for n, p in pairs.items() if p.worse_at_2se(generalization.MARGIN)]
-        print(
-            f"| {m} | {len(pairs)} | {s['mean_gap']:+.1%} | {s['share_worse_at_2se']:.0%} | {', '.join(worse) or 'none'} |"
-        )
+        share = f"{s['share_worse_at_2se']:.0%}"
+        print(f"| {m} | {len(pairs)} | {s['mean_gap']:+.1%} | {share} | {', '.join(worse) or 'none'} |")
 
 
 def main() -> int:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The generalization suite's full mode on the LM test instances (issue 35), resumable over calls:
 # rates per instance on validation over the full scale's grid (3e-5 … 1e-2: sql's best rates reached
-# both ends of quality.py's LM grid 1e-4 … 3e-3), molf's lora_lr factor in {1, 10},
-# the judged methods and the paper's routing. Carry .whl/cur, .device/gen-cache (the worlds'
-# LMs, from pretrain_worlds.sh) and .device/gen (the runs so far). FAMILIES (default "lm-sql
-# lm-facts"), LRS (a grid other than the scale's), SET (default test), LIMIT seconds (default 520), JOBS (default 14).
+# both ends of quality.py's LM grid 1e-4 … 3e-3), molf's lora_lr factor in {1, 10} and molf-E's
+# expert form in {ba, svd} chosen with the rate, the judged methods and the paper's routing.
+# Carry .whl/cur, .device/gen-cache (the worlds' LMs, from pretrain_worlds.sh) and .device/gen (the
+# runs so far). FAMILIES (default "lm-sql lm-facts"), LRS (a grid other than the scale's), SET
+# (default test), LIMIT seconds (default 520), JOBS (default 14).
 set -u
 pip install --no-deps --quiet --target /tmp/cur .whl/cur/*.whl 2>&1 | grep -v WARNING | tail -1
 export PYTHONPATH=/tmp/cur PYTHONUNBUFFERED=1
@@ -15,7 +16,7 @@ mkdir -p $out
 before=$(cat $out/runs.jsonl 2>/dev/null | wc -l)
 start=$(date +%s)
 timeout -k 15 -s TERM ${LIMIT:-520} python benches/generalization.py --full --device cuda --set ${SET:-test} \
-    --families ${FAMILIES:-lm-sql lm-facts} ${LRS:+--lrs $LRS} --lora-factors 1 10 \
+    --families ${FAMILIES:-lm-sql lm-facts} ${LRS:+--lrs $LRS} --lora-factors 1 10 --forms ba svd \
     --methods "FFT (early stop)" "LoRA (early stop)" AdaLoRA "molf default" "molf-E default" "MoLF (paper)" \
     --cache-dir .device/gen-cache --threads 1 --jobs ${JOBS:-14} --resume --no-progress --out $out > $OUT/gen.log 2>&1 &
 sleep 90; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader | tee -a $OUT/gpu.txt
