@@ -35,6 +35,8 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "shrink 0.05": ({"shrink": 0.05}, "ba"),
     "svd no rate rule": ({"adapt_rate": False}, "svd"),
     "rate floor 0.5": ({"adapt_rate": molf.RateRule(floor=0.5)}, "ba"),
+    "svd shrink 0.05": ({"shrink": 0.05}, "svd"),
+    "svd shrink 0.2": ({"shrink": 0.2}, "svd"),
 }
 REF = "AdaLoRA"
 
@@ -69,6 +71,31 @@ def report(paths: list[Path]) -> None:
         print(f"| {m} | {len(pairs)} | {s['mean_gap']:+.1%} | {share} | {', '.join(worse) or 'none'} |")
 
 
+def fixed(results: Path, pairs: list[str], seeds: int) -> None:
+    """Each "BASE=VARIANT" pair: the variant at the rate BASE ran at in a stored suite run
+    (per family or per instance), its test seeds 0..seeds-1, paired with BASE's stored ones;
+    in this process (no spawned workers). For the LM instances, where a run costs seconds."""
+    res = json.loads(results.read_text())
+    scale = generalization.scale_of(res["config"]["scale"])
+    print(f"{results}: each variant at its base's rate, paired per seed ({seeds} seeds)\n")
+    print("| instance | base (rate) | base | variant | variant − base ± SE |\n|---|---|---:|---:|---:|")
+    for pair in pairs:
+        base, variant = pair.split("=")
+        register([variant])
+        for name, inst in res["instances"].items():
+            e = inst["methods"][base]
+            runs = [
+                generalization.execute(generalization.Job(name, method_name(variant), e["lr"], s, "test"), scale, "cpu")
+                for s in range(seeds)
+            ]
+            d = [r["metric"] - b for r, b in zip(runs, e["per_seed"])]
+            se = (sum((x - sum(d) / len(d)) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+            got = sum(r["metric"] for r in runs) / seeds
+            base_mean = sum(e["per_seed"][:seeds]) / seeds
+            cells = f"{base_mean:.3f} | {method_name(variant)} {got:.3f} | {sum(d) / len(d):+.3f} ± {se:.3f}"
+            print(f"| {name} | {base} ({e['lr']:g}) | {cells} |", flush=True)
+
+
 def main() -> int:
     argv = sys.argv[1:]
     suite_args = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -76,9 +103,15 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=[])
     ap.add_argument("--report", type=Path, nargs="+", help="results.json files (instances merged)")
+    ap.add_argument("--fixed", type=Path, help="a suite run's results.json: --pairs at its bases' rates")
+    ap.add_argument("--pairs", nargs="+", default=[], metavar="BASE=VARIANT")
+    ap.add_argument("--seeds", type=int, default=5)
     args = ap.parse_args(own)
     if args.report:
         report(args.report)
+        return 0
+    if args.fixed:
+        fixed(args.fixed, args.pairs, args.seeds)
         return 0
     register(args.variants)
     return generalization.main([*suite_args, *[method_name(v) for v in args.variants]])

@@ -828,6 +828,13 @@ def test_heldout_defaults():
     assert opt.ledger.heldout_min_span == 0
     lora_only = make_net((2, 4), False)
     assert molf.MoLFAdamW(lora_only, lr=1e-2, routing=molf.Heldout(ok_heldout)).ledger.heldout_min_span == 10
+    # The shrink: 0.1 beside a dense expert (above), 0.05 for LoRA experts only, or as given.
+    assert molf.MoLFAdamW(lora_only, lr=1e-2, routing=molf.Heldout(ok_heldout)).ledger.heldout_shrink == 0.05
+    for given in (0.0, 0.1, 0.3):
+        for model in (tiny(), make_net((2, 4), False)):
+            opt = molf.MoLFAdamW(model, lr=1e-2, routing=molf.Heldout(ok_heldout, shrink=given))
+            assert opt.ledger.heldout_shrink == given
+    assert repr(molf.Heldout(ok_heldout)).count("shrink") == 0  # None, the default, is not shown
     assert molf.MoLFAdamW(lora_only, lr=1e-2, routing=molf.Heldout(ok_heldout, min_span=0)).ledger.heldout_min_span == 0
     assert molf.MoLFAdamW(tiny(), lr=1e-2, routing=molf.Heldout(ok_heldout, min_span=4)).ledger.heldout_min_span == 4
     assert molf.MoLFAdamW(tiny(), lr=1e-2).router.policy == "topk"

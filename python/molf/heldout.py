@@ -20,7 +20,8 @@ expert's potential (the loss near linear along the update), ×`down` (to `floor`
 by default the set rate) where negative; the optimizer's every step path scales
 the expert's AdamW update by c.
 
-Before each measurement, held-out shrinkage (`heldout_shrink` δ, default 0.1):
+Before each measurement, held-out shrinkage (`heldout_shrink` δ; default 0.1 beside a dense
+expert, 0.05 where every expert is a LoRA expert, `LORA_ONLY_SHRINK`):
 for each expert index in turn (all modules together), its update since the
 start is shrunk, the closure is evaluated once more (no backward), and the
 shrunk update is kept if the held-out loss fell (the Ledger decides and
@@ -83,10 +84,19 @@ from ._shrink import _copy, run_trials, spectral_shrink_b, weights_mark
 from ._window_sums import tensor_sums
 from .wrap import expert_tag
 
-__all__ = ["HeldoutProbe", "spectral_shrink_b", "LORA_ONLY_MIN_SPAN", "THETA_KEY", "GRAD_KEY", "ORIGIN_KEY"]
+__all__ = [
+    "HeldoutProbe",
+    "spectral_shrink_b",
+    "LORA_ONLY_MIN_SPAN",
+    "LORA_ONLY_SHRINK",
+    "THETA_KEY",
+    "GRAD_KEY",
+    "ORIGIN_KEY",
+]
 
-# heldout_min_span where every expert is a LoRA expert (see the module docstring).
+# heldout_min_span and heldout_shrink where every expert is a LoRA expert (see the module docstring).
 LORA_ONLY_MIN_SPAN = 10
+LORA_ONLY_SHRINK = 0.05
 
 THETA_KEY = "heldout_theta"
 GRAD_KEY = "heldout_grad"

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ._core import ConfigError, Ledger, Router
-from .heldout import LORA_ONLY_MIN_SPAN, HeldoutProbe
+from .heldout import LORA_ONLY_MIN_SPAN, LORA_ONLY_SHRINK, HeldoutProbe
 
 __all__ = ["SCORES", "TopK", "Hysteresis", "Heldout", "RateRule", "Policy", "POLICY_CLASSES", "policy_by_name"]
 
@@ -196,13 +196,14 @@ class Heldout:
 
     Defaults resolved here and nowhere else: `min_dwell` None is 3 x `every`
     (`default_min_dwell`); `min_span` None is 10 where every expert is a LoRA expert, 0
-    beside a dense expert (`default_min_span`)."""
+    beside a dense expert (`default_min_span`); `shrink` None is 0.05 where every expert is
+    a LoRA expert, 0.1 beside a dense expert (`default_shrink`)."""
 
     loss_fn: Callable[[], Any]
     every: int = 10
     decay: float = 0.5
     horizon: float = 0.25
-    shrink: float = 0.1
+    shrink: float | None = None
     shrink_spectral: bool = True
     min_span: int | None = None
     min_dwell: int | None = None
@@ -244,6 +245,13 @@ class Heldout:
         # (docs/algorithm.md, "Minimum span"); beside a dense expert, from the first window.
         return LORA_ONLY_MIN_SPAN if lora_only else 0
 
+    @staticmethod
+    def default_shrink(lora_only: bool) -> float:
+        # Chosen on the generalization suite's tuning instances, at both scales, for models of
+        # LoRA experts only (research/results/generalization-tuning/policy-35.md §19); beside a
+        # dense expert the trials also pull the dense update back, where 0.1 stays.
+        return LORA_ONLY_SHRINK if lora_only else 0.1
+
     def rate_rule(self) -> RateRule | None:
         """`adapt_rate` as a rule (None: off)."""
         if self.adapt_rate is True:
@@ -259,6 +267,10 @@ class Heldout:
         """`min_span`, resolved for a model whose experts are all LoRA experts or not."""
         return self.default_min_span(lora_only) if self.min_span is None else self.min_span
 
+    def shrink_for(self, lora_only: bool) -> float:
+        """`shrink`, resolved for a model whose experts are all LoRA experts or not."""
+        return self.default_shrink(lora_only) if self.shrink is None else self.shrink
+
     def router_settings(self) -> dict:
         return dict(
             policy="heldout", min_dwell=self.dwell, warmup_steps=self.warmup_steps, freeze_after=self.freeze_after
@@ -270,7 +282,7 @@ class Heldout:
             ema_decay=self.ema_decay,
             heldout_decay=self.decay,
             heldout_horizon=self.horizon,
-            heldout_shrink=self.shrink,
+            heldout_shrink=self.shrink_for(lora_only),
             shrink_spectral=self.shrink_spectral,
             heldout_min_span=self.span(lora_only),
             **(rule or RateRule()).ledger_settings(adapt=rule is not None),
