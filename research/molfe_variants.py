@@ -13,6 +13,12 @@ and molf-E default in `--methods` after `--` too, with their runs in OUT/runs.js
         --full --device cpu --set tuning --families ... --lrs ... --threads 1 --jobs 1 --resume --out OUT \
         --methods AdaLoRA "molf-E default"
     python3 research/molfe_variants.py --report OUT/results.json [OUT2/results.json ...]
+    # at the rates of a stored run (the LM instances, seconds a run), paired per seed:
+    PYTHONPATH=python python3 research/molfe_variants.py --fixed RESULTS.json --pairs "molf-E default=shrink 0.05"
+
+The runs of §19–20 were made when molf-E's shrink defaulted to 0.1; since §20 it is 0.05 where
+every expert is a LoRA expert, so "shrink 0.05" is now the default itself and a stored "molf-E
+default" run of before is not one of today's (a resumed suite reuses runs by name: drop them).
 """
 
 from __future__ import annotations
