@@ -94,11 +94,12 @@ def fixed(results: Path, pairs: list[str], seeds: int) -> None:
                 generalization.execute(generalization.Job(name, method_name(variant), e["lr"], s, "test"), scale, "cpu")
                 for s in range(seeds)
             ]
-            d = [r["metric"] - b for r, b in zip(runs, e["per_seed"])]
-            se = (sum((x - sum(d) / len(d)) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
-            got = sum(r["metric"] for r in runs) / seeds
+            got = [r["metric"] for r in runs]
+            higher = inst["higher_is_better"]
+            p = paired.paired_gap(got, {base: e["per_seed"][:seeds]}, higher)
+            diff = -p.diff if higher else p.diff  # variant − base (paired_gap's diff is + = worse)
             base_mean = sum(e["per_seed"][:seeds]) / seeds
-            cells = f"{base_mean:.3f} | {method_name(variant)} {got:.3f} | {sum(d) / len(d):+.3f} ± {se:.3f}"
+            cells = f"{base_mean:.3f} | {method_name(variant)} {sum(got) / seeds:.3f} | {diff:+.3f} ± {p.diff_se:.3f}"
             print(f"| {name} | {base} ({e['lr']:g}) | {cells} |", flush=True)
 
 
