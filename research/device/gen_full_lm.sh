@@ -5,8 +5,11 @@
 # expert form in {ba, svd} chosen with the rate, the judged methods and the paper's routing.
 # Carry .whl/cur, .device/gen-cache (the worlds' LMs, from pretrain_worlds.sh) and .device/gen (the
 # runs so far). FAMILIES (default "lm-sql lm-facts"), LRS (a grid other than the scale's), SET
-# (default test), LIMIT seconds (default 520), JOBS (default 14).
+# (default test), LIMIT seconds (default 520), JOBS (default 14), METHODS (a subset, e.g. while one
+# method's default is in review: its runs are redone after).
 set -u
+if [ -n "${METHODS:-}" ]; then eval "METHODS=($METHODS)"
+else METHODS=("FFT (early stop)" "LoRA (early stop)" AdaLoRA "molf default" "molf-E default" "MoLF (paper)"); fi
 pip install --no-deps --quiet --target /tmp/cur .whl/cur/*.whl 2>&1 | grep -v WARNING | tail -1
 export PYTHONPATH=/tmp/cur PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpu.txt
@@ -17,7 +20,7 @@ before=$(cat $out/runs.jsonl 2>/dev/null | wc -l)
 start=$(date +%s)
 timeout -k 15 -s TERM ${LIMIT:-520} python benches/generalization.py --full --device cuda --set ${SET:-test} \
     --families ${FAMILIES:-lm-sql lm-facts} ${LRS:+--lrs $LRS} --lora-factors 1 10 --forms ba svd \
-    --methods "FFT (early stop)" "LoRA (early stop)" AdaLoRA "molf default" "molf-E default" "MoLF (paper)" \
+    --methods "${METHODS[@]}" \
     --cache-dir .device/gen-cache --threads 1 --jobs ${JOBS:-14} --resume --no-progress --out $out > $OUT/gen.log 2>&1 &
 sleep 90; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader | tee -a $OUT/gpu.txt
 wait

@@ -1,0 +1,108 @@
+"""molf default with other Heldout settings, through the generalization suite itself (issue 35,
+research only): the mirror of molfe_variants.py for the dense + LoRA method.
+
+`--heldout KEY=VALUE ...` (molf.Heldout keywords; values parsed as Python literals) replaces
+molf default's routing in this process wherever the suite builds it: the method itself, its
+`(lora_lr F lr)` candidates (`--lora-factors`) and its hparams variants. The name stays "molf
+default", so each variant runs into its own `--out` directory, whose runs.jsonl starts as
+`--base-runs` (a stored suite run's runs.jsonl[.gz]) without any molf default run: only molf
+default runs, the baselines are reused. `--family F --n N [--where K=V]` adds family_probe.py's
+fresh draws (outside the split) and runs those only. The suite's spawned workers know neither
+the setting nor the draws: `--jobs 1`, split families or draws over processes.
+`--lora-shrink X` (a prototype, not a product setting): the LoRA experts' shrink trials at δ = X,
+the dense expert's at Heldout's `shrink`.
+
+    PYTHONPATH=python python3 research/molf_variants.py --heldout shrink=0.05 \
+        --base-runs research/results/generalization-tuning/full-synthetic/runs.jsonl.gz -- \
+        --full --device cpu --set tuning --families low-rank-noisy shift --lrs 1e-5 ... 3e-2 \
+        --lora-factors 1 10 --methods "FFT (early stop)" "LoRA (early stop)" "molf default" \
+        --threads 1 --jobs 1 --resume --no-progress --out /tmp/v/shrink0.05-a
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import gzip
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import family_probe  # noqa: E402
+
+import baselines  # noqa: E402
+import families as fam  # noqa: E402
+import generalization as gen  # noqa: E402
+import molf  # noqa: E402
+import molf._shrink  # noqa: E402
+import quality  # noqa: E402
+
+METHOD = "molf default"
+
+
+def install(settings: dict) -> None:
+    """molf default's routing becomes `molf.Heldout(heldout, **settings)` in this process."""
+
+    def routing(heldout):
+        return molf.Heldout(heldout, **settings)
+
+    quality.VARIED[METHOD] = routing  # the (lora_lr F lr) candidates' builder reads it
+    baselines.METHODS[METHOD] = baselines.Method(quality._molf((quality.LORA_RANK,), True, routing), varied=METHOD)
+    for v, factors in quality.VARIANTS.items():
+        quality.VARIANT_METHODS[quality.variant(METHOD, v)] = quality._molf(
+            (quality.LORA_RANK,), True, routing, *factors
+        )
+
+
+def lora_shrink(delta: float) -> None:
+    """Every shrink trial of LoRA entries only (no dense origin) at δ = `delta`."""
+    trial = molf._shrink._Trial
+
+    class Trial(trial):
+        def __init__(self, entries, d, ready=None):
+            super().__init__(entries, delta if all(e[1] is None for e in entries) else d, ready)
+
+    molf._shrink._Trial = Trial
+
+
+def seed_runs(base: Path, out: Path) -> None:
+    """OUT/runs.jsonl: `base`'s runs but molf default's (any factor), unless OUT has runs already."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "runs.jsonl").exists():
+        return
+    text = gzip.decompress(base.read_bytes()).decode() if base.suffix == ".gz" else base.read_text()
+    keep = [line for line in text.splitlines() if baselines.base_method(json.loads(line)["job"]["method"]) != METHOD]
+    (out / "runs.jsonl").write_text("".join(line + "\n" for line in keep))
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    suite_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--heldout", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--lora-shrink", type=float)
+    ap.add_argument("--base-runs", type=Path, required=True)
+    ap.add_argument("--family", choices=[f.name for f in fam.SYNTHETIC_FAMILIES])
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--where", nargs="*", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(own)
+    settings = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.heldout)}
+    install(settings)
+    if args.lora_shrink is not None:
+        lora_shrink(args.lora_shrink)
+    seed_runs(args.base_runs, Path(suite_args[suite_args.index("--out") + 1]))
+    if args.family:
+        specs = family_probe.draws(args.family, args.n, dict(w.split("=", 1) for w in args.where))
+        split = fam.load_split()
+        fam.load_split = lambda *a, **k: split + specs
+        suite_args += ["--set", "tuning", "--instances", *[s.name for s in specs]]
+    lora = "" if args.lora_shrink is None else f", LoRA trials at {args.lora_shrink}"
+    print(f"molf default = molf.Heldout(heldout, **{settings}){lora}", flush=True)
+    return gen.main(suite_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
