@@ -10,7 +10,12 @@ default runs, the baselines are reused. `--family F --n N [--where K=V]` adds fa
 fresh draws (outside the split) and runs those only. The suite's spawned workers know neither
 the setting nor the draws: `--jobs 1`, split families or draws over processes.
 `--lora-shrink X` (a prototype, not a product setting): the LoRA experts' shrink trials at δ = X,
-the dense expert's at Heldout's `shrink`.
+the dense expert's at Heldout's `shrink`. `--fixed RESULTS` (a stored suite run's results.json,
+`--instances` a subset): the setting at the rate and LoRA factor molf default ran at there, its
+test seeds paired with the stored ones (the setting's effect without the rate choice's draw):
+
+    PYTHONPATH=python python3 research/molf_variants.py --lora-shrink 0.05 \
+        --fixed research/results/generalization-tuning/rates-instance-factors/results.json
 
     PYTHONPATH=python python3 research/molf_variants.py --heldout shrink=0.05 \
         --base-runs research/results/generalization-tuning/full-synthetic/runs.jsonl.gz -- \
@@ -31,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import family_probe  # noqa: E402
+import torch  # noqa: E402
 
 import baselines  # noqa: E402
 import families as fam  # noqa: E402
@@ -77,6 +83,28 @@ def seed_runs(base: Path, out: Path) -> None:
     (out / "runs.jsonl").write_text("".join(line + "\n" for line in keep))
 
 
+def fixed(results: Path, names: list[str] | None) -> None:
+    """molf default as installed, at each instance's stored rate and run-as name, test seeds
+    0..4 paired with the stored ones: the relative difference (new − stored) ± its SE."""
+    res = json.loads(results.read_text())
+    scale = gen.scale_of(res["config"]["scale"])
+    print(f"{results}: molf default at its stored rate, paired per seed (+ = worse)\n")
+    print("| instance | run as (rate) | stored | now | now − stored ± SE |\n|---|---|---:|---:|---:|")
+    rel = []
+    for name in names or list(res["instances"]):
+        e = res["instances"][name]["methods"][METHOD]
+        run_as = e.get("run_as") or METHOD
+        now = [gen.execute(gen.Job(name, run_as, e["lr"], s, "test"), scale, "cpu")["metric"] for s in range(gen.SEEDS)]
+        d = [a - b for a, b in zip(now, e["per_seed"])]
+        mean = sum(d) / len(d)
+        se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+        base = sum(e["per_seed"]) / len(d)
+        rel.append(mean / base)
+        cells = f"{base:.4f} | {sum(now) / len(d):.4f} | {mean / base:+.1%} ± {se / base:.1%}"
+        print(f"| {name} | {run_as} ({e['lr']:g}) | {cells} |", flush=True)
+    print(f"\nmean relative difference over {len(rel)} instances: {sum(rel) / len(rel):+.1%}")
+
+
 def main() -> int:
     argv = sys.argv[1:]
     suite_args = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -84,15 +112,24 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--heldout", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--lora-shrink", type=float)
-    ap.add_argument("--base-runs", type=Path, required=True)
+    ap.add_argument("--base-runs", type=Path)
     ap.add_argument("--family", choices=[f.name for f in fam.SYNTHETIC_FAMILIES])
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--where", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--fixed", type=Path, help="a suite run's results.json: molf default at its rates there")
+    ap.add_argument("--instances", nargs="+", help="with --fixed: only these")
     args = ap.parse_args(own)
     settings = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.heldout)}
     install(settings)
     if args.lora_shrink is not None:
         lora_shrink(args.lora_shrink)
+    if args.fixed:
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        fixed(args.fixed, args.instances)
+        return 0
+    if args.base_runs is None:
+        ap.error("--base-runs is needed to run the suite")
     seed_runs(args.base_runs, Path(suite_args[suite_args.index("--out") + 1]))
     if args.family:
         specs = family_probe.draws(args.family, args.n, dict(w.split("=", 1) for w in args.where))
