@@ -10,7 +10,10 @@ default runs, the baselines are reused. `--family F --n N [--where K=V]` adds fa
 fresh draws (outside the split) and runs those only. The suite's spawned workers know neither
 the setting nor the draws: `--jobs 1`, split families or draws over processes.
 `--lora-shrink X` (a prototype, not a product setting): the LoRA experts' shrink trials at δ = X,
-the dense expert's at Heldout's `shrink`. `--fixed RESULTS` (a stored suite run's results.json,
+the dense expert's at Heldout's `shrink`; with `--lora-steps N` (CPU only) a LoRA expert's trial,
+once kept, is tried again on the shrunk update, up to N times per measurement, stopping at the
+first refused (the strength found per window: X where a second step hurts, about N·X where
+every step helps). `--fixed RESULTS` (a stored suite run's results.json,
 `--instances` a subset): the setting at the rate and LoRA factor molf default ran at there, its
 test seeds paired with the stored ones (the setting's effect without the rate choice's draw):
 
@@ -43,6 +46,7 @@ import families as fam  # noqa: E402
 import generalization as gen  # noqa: E402
 import molf  # noqa: E402
 import molf._shrink  # noqa: E402
+import molf.heldout  # noqa: E402
 import quality  # noqa: E402
 
 METHOD = "molf default"
@@ -71,6 +75,36 @@ def lora_shrink(delta: float) -> None:
             super().__init__(entries, delta if all(e[1] is None for e in entries) else d, ready)
 
     molf._shrink._Trial = Trial
+
+
+def stepped_trials(delta_lora: float, steps: int) -> None:
+    """`molf.heldout`'s shrink trials with a LoRA expert's repeated while kept (see the
+    module docstring): `run_trials`' loop without its CUDA and offload paths."""
+    shrink = molf._shrink
+
+    def run_trials(by_expert, delta, base, value, keep, undo, offload, ready=None):
+        if offload or any(p.is_cuda for entries in by_expert for p, *_ in entries):
+            raise NotImplementedError("the stepped prototype runs on the CPU without offload")
+        rebased, current = set(), base()
+        for e, entries in enumerate(by_expert):
+            lora = all(origin is None for _, origin, _, _ in entries)
+            d, n = (delta_lora, steps) if lora else (delta, 1)
+            for _ in range(n):
+                trial = shrink._Trial(entries, d, None)  # from the values as they are now
+                local = [shrink.distributed.to_local(p) for p, _, _, _ in entries]
+                saved = shrink._backup(local)
+                undo.append((local, saved))
+                trial.apply(entries, local)
+                trial_value = value()
+                if not keep(e, current, trial_value):
+                    shrink._copy(local, saved)
+                    undo.pop()
+                    break
+                current = trial_value
+                rebased.update(p for p, _, _, inactive in entries if inactive)
+        return rebased
+
+    molf.heldout.run_trials = run_trials
 
 
 def seed_runs(base: Path, out: Path) -> None:
@@ -112,6 +146,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--heldout", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--lora-shrink", type=float)
+    ap.add_argument("--lora-steps", type=int, help="with --lora-shrink: repeated LoRA trials (prototype)")
     ap.add_argument("--base-runs", type=Path)
     ap.add_argument("--family", choices=[f.name for f in fam.SYNTHETIC_FAMILIES])
     ap.add_argument("--n", type=int, default=8)
@@ -121,7 +156,11 @@ def main() -> int:
     args = ap.parse_args(own)
     settings = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.heldout)}
     install(settings)
-    if args.lora_shrink is not None:
+    if args.lora_steps is not None:
+        if args.lora_shrink is None:
+            ap.error("--lora-steps needs --lora-shrink")
+        stepped_trials(args.lora_shrink, args.lora_steps)
+    elif args.lora_shrink is not None:
         lora_shrink(args.lora_shrink)
     if args.fixed:
         torch.set_num_threads(1)
@@ -136,7 +175,7 @@ def main() -> int:
         split = fam.load_split()
         fam.load_split = lambda *a, **k: split + specs
         suite_args += ["--set", "tuning", "--instances", *[s.name for s in specs]]
-    lora = "" if args.lora_shrink is None else f", LoRA trials at {args.lora_shrink}"
+    lora = "" if args.lora_shrink is None else f", LoRA trials at {args.lora_shrink} x{args.lora_steps or 1}"
     print(f"molf default = molf.Heldout(heldout, **{settings}){lora}", flush=True)
     return gen.main(suite_args)
 
