@@ -1237,6 +1237,29 @@ def test_checkpoint_without_shrinkage_resumes_without_it():
     assert fresh.ledger.shrink_trials().tolist() == [0, 0]
 
 
+def test_lora_only_checkpoint_from_before_the_shrink_default_resumes_with_its_own():
+    """A LoRA-only run saved at shrink 0.1 (every run's before the LoRA-only default became
+    0.05) resumes at 0.1 under today's default, says so, and continues bitwise as it ran."""
+    ranks, policy = (2, 4), lambda model, **kw: molf.Heldout(shifted_heldout(model), every=4, min_span=1, **kw)
+    model = make_net(ranks, False)
+    whole = molf.MoLFAdamW(model, lr=3e-2, routing=policy(model, shrink=0.1))
+    train(model, whole, range(1, 17))
+    assert whole.ledger.shrinks().sum() > 0  # not vacuous: trials at 0.1 were kept
+    model_a = make_net(ranks, False)
+    opt_a = molf.MoLFAdamW(model_a, lr=3e-2, routing=policy(model_a, shrink=0.1))
+    train(model_a, opt_a, range(1, 9))
+    model_b = make_net(ranks, False)
+    model_b.load_state_dict(model_a.state_dict())
+    fresh = molf.MoLFAdamW(model_b, lr=3e-2, routing=policy(model_b))
+    assert fresh.ledger.heldout_shrink == 0.05
+    with pytest.warns(UserWarning, match=r"checkpoint's are used.*heldout_shrink 0.1 / 0.05"):
+        fresh.load_state_dict(opt_a.state_dict())
+    assert fresh.ledger.heldout_shrink == 0.1
+    train(model_b, fresh, range(9, 17))
+    assert_bitwise_equal(model, model_b)
+    assert fresh.ledger.to_bytes() == whole.ledger.to_bytes()
+
+
 def test_shrink_without_the_starting_point_is_a_state_error():
     model, opt = make_ckpt_run(True, (2,))
     train(model, opt, range(1, 5))

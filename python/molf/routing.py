@@ -248,7 +248,7 @@ class Heldout:
     @staticmethod
     def default_shrink(lora_only: bool) -> float:
         # Chosen on the generalization suite's tuning instances, at both scales, for models of
-        # LoRA experts only (research/results/generalization-tuning/policy-35.md §19); beside a
+        # LoRA experts only (research/results/generalization-tuning/policy-35.md §20); beside a
         # dense expert the trials also pull the dense update back, where 0.1 stays.
         return LORA_ONLY_SHRINK if lora_only else 0.1
 
