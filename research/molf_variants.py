@@ -13,7 +13,8 @@ the setting nor the draws: `--jobs 1`, split families or draws over processes.
 the dense expert's at Heldout's `shrink`; with `--lora-steps N` (CPU only) a LoRA expert's trial,
 once kept, is tried again on the shrunk update, up to N times per measurement, stopping at the
 first refused (the strength found per window: X where a second step hurts, about N·X where
-every step helps). `--fixed RESULTS` (a stored suite run's results.json,
+every step helps; adopted as molf's default in §22, so today it is what molf default runs:
+the prototype's runs were made against the defaults before). `--fixed RESULTS` (a stored suite run's results.json,
 `--instances` a subset): the setting at the rate and LoRA factor molf default ran at there, its
 test seeds paired with the stored ones (the setting's effect without the rate choice's draw):
 
@@ -82,13 +83,13 @@ def stepped_trials(delta_lora: float, steps: int) -> None:
     module docstring): `run_trials`' loop without its CUDA and offload paths."""
     shrink = molf._shrink
 
-    def run_trials(by_expert, delta, base, value, keep, undo, offload, ready=None):
+    def run_trials(by_expert, deltas, _steps, base, value, keep, undo, offload, ready=None):
         if offload or any(p.is_cuda for entries in by_expert for p, *_ in entries):
             raise NotImplementedError("the stepped prototype runs on the CPU without offload")
         rebased, current = set(), base()
         for e, entries in enumerate(by_expert):
             lora = all(origin is None for _, origin, _, _ in entries)
-            d, n = (delta_lora, steps) if lora else (delta, 1)
+            d, n = (delta_lora, steps) if lora else (deltas[e], 1)
             for _ in range(n):
                 trial = shrink._Trial(entries, d, None)  # from the values as they are now
                 local = [shrink.distributed.to_local(p) for p, _, _, _ in entries]

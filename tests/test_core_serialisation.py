@@ -144,12 +144,12 @@ def test_wrong_kind_raises_state_error(state):
         core.Router.from_bytes(reseal(bytes(blob)))
 
 
-@given(states(), st.integers(0, 0xFFFF).filter(lambda v: v not in (1, 2, 3)))  # the supported versions
+@given(states(), st.integers(0, 0xFFFF).filter(lambda v: v not in (1, 2, 3, 4)))  # the supported versions
 def test_wrong_version_raises_state_error(state, version):
     router, ledger, _ = state
-    # A router is read in version 1, a ledger in 1, 2 and 3 (written as 3).
-    assert ledger.to_bytes()[5:7] == struct.pack("<H", 3)
-    for cls, obj, supported in ((core.Router, router, r"\[1\]"), (core.Ledger, ledger, r"\[1, 2, 3\]")):
+    # A router is read in version 1, a ledger in 1 to 4 (written as 4).
+    assert ledger.to_bytes()[5:7] == struct.pack("<H", 4)
+    for cls, obj, supported in ((core.Router, router, r"\[1\]"), (core.Ledger, ledger, r"\[1, 2, 3, 4\]")):
         for v in (version, 2) if cls is core.Router else (version,):
             blob = bytearray(obj.to_bytes())
             blob[5:7] = struct.pack("<H", v)

@@ -56,7 +56,8 @@ def test_lockstep_with_float64_reference_at_scaled_rates(case, path, lagged, flo
     model = build(dims, wrapped, ranks, fft)
     hyper = dict(lr=lr, lora_lr=lora_lr, wd=wd, lora_wd=lora_wd)
     ref = Reference(model, dims, wrapped, ranks, fft, **hyper, every=K, decay=D, horizon=0.4, min_dwell=dwell,
-                    min_span=0, shrink=0.1, rate=(rule.up, rule.down, rule.cap, rule.floor, rule.trust))  # fmt: skip
+                    min_span=0, shrink=0.1, shrink_steps=1,
+                    rate=(rule.up, rule.down, rule.cap, rule.floor, rule.trust))  # fmt: skip
     train_data, (xh, yh) = teacher_data(dims, seed=0)
     opt = molf.MoLFAdamW(
         model,
@@ -66,7 +67,7 @@ def test_lockstep_with_float64_reference_at_scaled_rates(case, path, lagged, flo
         lora_weight_decay=lora_wd,
         lagged=lagged,
         routing=molf.Heldout(lambda: mse(model, xh, yh), every=K, min_dwell=dwell, decay=D, horizon=0.4,
-                             adapt_rate=rule),
+                             shrink=0.1, shrink_steps=1, adapt_rate=rule),
     )  # fmt: skip
     if path == "fused":
         opt._fused = _fused_module(monkeypatch)
@@ -149,13 +150,20 @@ def test_a_changed_rate_setting_is_named_on_load(live, match, name, saved):
     assert getattr(other.ledger, name) == saved  # the checkpoint's, as every ledger setting
 
 
-def as_version_2(blob: bytes, entries: int) -> bytes:
-    """A version-3 ledger as the version before the floor and the trust condition wrote it:
-    the same bytes without rate_floor and rate_trust (16 bytes before the `entries`
-    multipliers), under a version-2 header."""
+def as_version_2(blob: bytes, entries: int, experts: int) -> bytes:
+    """A ledger with one shrink fraction and one trial per measurement for all `experts` as
+    the version before the floor and the trust condition wrote it: the same bytes without
+    rate_floor and rate_trust (16 bytes before the `entries` multipliers), with the shrink
+    once and without the shrink steps (before the shrink books, the spectral flag, the
+    minimum span and the rate rule), under a version-2 header."""
     payload = blob[15:-8]
     at = len(payload) - 8 * entries - 16
     payload = payload[:at] + payload[at + 16 :]
+    at = len(payload) - 8 * entries - 25 - 8 - 1 - 16 * experts - 16 * experts
+    assert len(set(payload[at + 8 * e : at + 8 * e + 8] for e in range(experts))) == 1, "one shrink for all"
+    steps = payload[at + 8 * experts : at + 16 * experts]
+    assert steps == struct.pack(f"<{experts}Q", *[1] * experts), "one trial each"
+    payload = payload[: at + 8] + payload[at + 16 * experts :]
     body = blob[:4] + struct.pack("<BHQ", 2, 2, len(payload)) + payload
     return body + struct.pack("<Q", fnv1a64(body))
 
@@ -166,18 +174,21 @@ def test_a_checkpoint_from_before_the_floor_resumes_as_it_ran(live):
     # rule without either, c below 1 here): it resumes without them, bitwise as the run would
     # have gone on, under the rule given now too (that one's floor and trust are named, the
     # checkpoint's are used).
+    # (One shrink fraction and one trial per measurement for every expert: what a version-2
+    # ledger has.)
     fft, ranks, total, stop, rule = True, (3,), 20, 11, molf.RateRule(floor=0.0, trust=0.0)
-    model, opt = make_ckpt_run(fft, ranks, adapt_rate=rule)
+    before = dict(shrink=0.1, shrink_steps=1)
+    model, opt = make_ckpt_run(fft, ranks, adapt_rate=rule, **before)
     train(model, opt, range(1, total + 1))
-    model_a, opt_a = make_ckpt_run(fft, ranks, adapt_rate=rule)
+    model_a, opt_a = make_ckpt_run(fft, ranks, adapt_rate=rule, **before)
     train(model_a, opt_a, range(1, stop + 1))
     rate = opt_a.ledger.heldout_rate()
     assert (rate < 1).any(), rate  # the state a floor of 1 could not reach
     ckpt = _saved(model_a, opt_a)
     meta = next(g["molf_meta"] for g in ckpt["opt"]["param_groups"] if "molf_meta" in g)
-    old = as_version_2(base64.b64decode(meta["ledger"]), rate.size)
+    old = as_version_2(base64.b64decode(meta["ledger"]), rate.size, rate.shape[1])
     meta["ledger"] = base64.b64encode(old).decode("ascii")
-    model_b, opt_b = make_ckpt_run(fft, ranks, adapt_rate=live)
+    model_b, opt_b = make_ckpt_run(fft, ranks, adapt_rate=live, **before)
     model_b.load_state_dict(ckpt["model"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -314,11 +325,11 @@ def test_a_version_1_ledger_loads_with_the_adaptation_off():
     assert not ledger.heldout_adapt_rate and ledger.heldout_rate().tolist() == [[1.0, 1.0]]
     settings = rate_settings(ledger)
     assert settings == (1.1, 0.5, 2.0, 1.0, 0.8)  # the defaults (floor and trust have no effect while off)
-    # Adapting changes nothing; written again it is version 3 and reads back the same.
+    # Adapting changes nothing; written again it is version 4 and reads back the same.
     ledger.adapt_heldout_rate(np.array([[1.0, -1.0]]), np.array([[1.0, 1.0]]))
     assert ledger.heldout_rate().tolist() == [[1.0, 1.0]]
     again = ledger.to_bytes()
-    assert again[5:7] == b"\x03\x00" and molf.Ledger.from_bytes(again) == ledger
+    assert again[5:7] == b"\x04\x00" and molf.Ledger.from_bytes(again) == ledger
 
 
 # A version-2 ledger, as molf wrote it before the floor (the bytes of the Rust test
@@ -348,4 +359,4 @@ def test_a_version_2_ledger_loads_without_a_floor_or_trust():
     ledger.adapt_heldout_rate(descent, np.array([[1.0, 1.0, np.nan]]))
     assert ledger.heldout_rate().tolist() == [[0.78125, 0.125, 1.5625]]
     again = ledger.to_bytes()
-    assert again[5:7] == b"\x03\x00" and molf.Ledger.from_bytes(again) == ledger
+    assert again[5:7] == b"\x04\x00" and molf.Ledger.from_bytes(again) == ledger

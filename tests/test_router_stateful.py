@@ -35,11 +35,22 @@ def fnv1a64(data: bytes) -> int:
 
 
 class RefLedger:
-    def __init__(self, m, e, decay, heldout_decay=0.5, heldout_horizon=0.25, heldout_shrink=0.1, heldout_min_span=0):
+    def __init__(
+        self,
+        m,
+        e,
+        decay,
+        heldout_decay=0.5,
+        heldout_horizon=0.25,
+        heldout_shrink=None,
+        heldout_min_span=0,
+        heldout_shrink_steps=None,
+    ):
         self.m, self.e, self.decay = m, e, decay
         self.heldout_decay, self.heldout_horizon = heldout_decay, heldout_horizon
         self.heldout_min_span = heldout_min_span
-        self.heldout_shrink = heldout_shrink
+        self.heldout_shrink = [0.1] * e if heldout_shrink is None else heldout_shrink  # per expert
+        self.heldout_shrink_steps = [1] * e if heldout_shrink_steps is None else heldout_shrink_steps  # (a setting)
         self.shrink_trials, self.shrinks = [0] * e, [0] * e
         self.heldout_windows = 0
         self.heldout_ema = [[math.nan] * e for _ in range(m)]
@@ -135,17 +146,26 @@ class RoutingMachine(RuleBasedStateMachine):
         decay=st.one_of(st.sampled_from([0.0, 0.5, 0.9]), st.floats(0.0, 0.999)),
         heldout_decay=st.one_of(st.sampled_from([0.0, 0.5]), st.floats(0.0, 0.999)),
         heldout_horizon=st.one_of(st.sampled_from([0.0, 0.25]), st.floats(0.0, 0.999)),
-        heldout_shrink=st.one_of(st.sampled_from([0.0, 0.1]), st.floats(0.0, 0.999)),
+        # One shrink fraction for every expert, or (cycled) one per expert.
+        heldout_shrink=st.lists(st.one_of(st.sampled_from([0.0, 0.1]), st.floats(0.0, 0.999)), min_size=1, max_size=4),
         heldout_min_span=st.integers(0, 4),
+        # Likewise the shrink trials per measurement (the tensor side runs them).
+        heldout_shrink_steps=st.lists(st.integers(1, 16), min_size=1, max_size=4),
     )
-    def setup(self, config, decay, heldout_decay, heldout_horizon, heldout_shrink, heldout_min_span):
+    def setup(
+        self, config, decay, heldout_decay, heldout_horizon, heldout_shrink, heldout_min_span, heldout_shrink_steps
+    ):
         note(
             f"Router(**{config}); Ledger(decay={decay!r}, heldout_decay={heldout_decay!r}, "
             f"heldout_horizon={heldout_horizon!r}, heldout_shrink={heldout_shrink!r}, "
-            f"heldout_min_span={heldout_min_span})"
+            f"heldout_min_span={heldout_min_span}, heldout_shrink_steps={heldout_shrink_steps!r})"
         )
         self.config = config
         self.shape = (config["num_modules"], config["num_experts"])
+        per_expert = [heldout_shrink[e % len(heldout_shrink)] for e in range(self.shape[1])]
+        heldout_shrink = heldout_shrink[0] if len(heldout_shrink) == 1 else per_expert
+        steps = [heldout_shrink_steps[e % len(heldout_shrink_steps)] for e in range(self.shape[1])]
+        heldout_shrink_steps = heldout_shrink_steps[0] if len(heldout_shrink_steps) == 1 else steps
         self.router, self.ref_router = core.Router(**config), RefRouter(**config)
         self.ledger = core.Ledger(
             *self.shape,
@@ -154,9 +174,10 @@ class RoutingMachine(RuleBasedStateMachine):
             heldout_horizon=heldout_horizon,
             heldout_shrink=heldout_shrink,
             heldout_min_span=heldout_min_span,
+            heldout_shrink_steps=heldout_shrink_steps,
         )
         self.ref_ledger = RefLedger(
-            *self.shape, decay, heldout_decay, heldout_horizon, heldout_shrink, heldout_min_span
+            *self.shape, decay, heldout_decay, heldout_horizon, per_expert, heldout_min_span, steps
         )
 
     @rule(data=st.data())
@@ -214,11 +235,11 @@ class RoutingMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def shrink_trial(self, data):
         """One held-out shrink trial: kept iff the trial's loss is lower; refused (ConfigError,
-        nothing counted) with shrinkage off or an expert out of range."""
+        nothing counted) with the expert's shrinkage off or an expert out of range."""
         losses = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64), st.just(1.0))
         expert = data.draw(st.integers(0, self.shape[1]), label="expert")
         base, trial = data.draw(losses, label="base"), data.draw(losses, label="trial")
-        if self.ref_ledger.heldout_shrink == 0.0 or expert == self.shape[1]:
+        if expert == self.shape[1] or self.ref_ledger.heldout_shrink[expert] == 0.0:
             with pytest.raises(core.ConfigError):
                 self.ledger.record_shrink(expert, base, trial)
             return
@@ -270,6 +291,7 @@ class RoutingMachine(RuleBasedStateMachine):
         assert lg.heldout_min_span == ref.heldout_min_span
         assert same_floats(lg.heldout_descent(), ref.heldout_descent())
         assert lg.heldout_shrink == ref.heldout_shrink
+        assert lg.heldout_shrink_steps == ref.heldout_shrink_steps
         assert lg.shrink_trials().tolist() == ref.shrink_trials and lg.shrinks().tolist() == ref.shrinks
 
 

@@ -5,6 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use molf_rs::serial::Fnv1a;
+use molf_rs::heldout::MAX_SHRINK_STEPS;
 use molf_rs::Ledger;
 
 /// Replaces the trailing checksum with the correct one, so mutations reach the payload decoder
@@ -63,9 +64,15 @@ fn check(data: &[u8]) {
                 assert!(in_range(&ledger));
                 assert_eq!(Ledger::from_bytes(&ledger.to_bytes()).unwrap(), ledger);
             }
+            // A decoded ledger's shrink steps are in range.
+            assert!(ledger
+                .heldout()
+                .shrink_steps()
+                .iter()
+                .all(|n| (1..=MAX_SHRINK_STEPS).contains(n)));
             // A shrink trial on a decoded ledger never overflows its counters, and the kept
             // ones never outnumber the trials.
-            if ledger.heldout().shrink() > 0.0 {
+            if ledger.heldout().shrink()[0] > 0.0 {
                 let _ = ledger.record_shrink(0, 1.0, 0.5);
                 assert!(ledger.heldout().shrinks().iter().zip(ledger.heldout().shrink_trials()).all(|(k, t)| k <= t));
             }

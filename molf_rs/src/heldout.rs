@@ -5,8 +5,16 @@
 use crate::error::{filled, Error, Result};
 use crate::router::MAX_STEP;
 
-/// Default held-out shrink: a trial scales an expert's update since the start by 0.9.
+/// Default held-out shrink of every expert: a trial scales an expert's update since the
+/// start by 0.9 (the Python layer sets each expert's own, by its kind).
 pub const DEFAULT_HELDOUT_SHRINK: f64 = 0.1;
+
+/// Default number of shrink trials of an expert per measurement: one (the Python layer asks
+/// for more of some; see [`Heldout::shrink_steps`]).
+pub const DEFAULT_SHRINK_STEPS: u64 = 1;
+
+/// The most shrink trials of an expert per measurement.
+pub const MAX_SHRINK_STEPS: u64 = 16;
 
 /// Default LoRA shrink trial: spectral (see [`Heldout::shrink_spectral`]).
 pub const DEFAULT_SHRINK_SPECTRAL: bool = true;
@@ -166,9 +174,13 @@ pub struct Heldout {
     /// The span an expert's record needs before it can drop the expert: until then its
     /// descent is NaN (not judged yet); see [`Heldout::descent`].
     min_span: u64,
-    /// Fraction by which a shrink trial scales an expert's update back (0: no trials); see
-    /// [`Heldout::record_shrink`].
-    shrink: f64,
+    /// Per expert: the fraction by which a shrink trial scales its update back (0: no trials
+    /// of it); see [`Heldout::record_shrink`].
+    shrink: Vec<f64>,
+    /// Per expert: the most shrink trials per measurement, each from where the last kept
+    /// one left the update, stopping at the first refused (the tensor side runs them; the
+    /// held-out data chooses the strength, up to about `shrink` × `shrink_steps`).
+    shrink_steps: Vec<u64>,
     /// Per expert: shrink trials recorded, and how many of them were kept.
     shrink_trials: Vec<u64>,
     shrinks: Vec<u64>,
@@ -192,7 +204,8 @@ pub struct HeldoutParts {
     pub ema: Vec<f64>,
     pub span: Vec<u64>,
     pub min_span: u64,
-    pub shrink: f64,
+    pub shrink: Vec<f64>,
+    pub shrink_steps: Vec<u64>,
     pub shrink_trials: Vec<u64>,
     pub shrinks: Vec<u64>,
     pub shrink_spectral: bool,
@@ -210,7 +223,8 @@ impl PartialEq for Heldout {
             && bits(&self.ema) == bits(&other.ema)
             && self.span == other.span
             && self.min_span == other.min_span
-            && self.shrink.to_bits() == other.shrink.to_bits()
+            && bits(&self.shrink) == bits(&other.shrink)
+            && self.shrink_steps == other.shrink_steps
             && self.shrink_trials == other.shrink_trials
             && self.shrinks == other.shrinks
             && self.shrink_spectral == other.shrink_spectral
@@ -225,6 +239,16 @@ pub(crate) fn check_unit(name: &str, value: f64) -> Result<()> {
     if !(0.0..1.0).contains(&value) {
         return Err(Error::Config(format!(
             "{name} must be in [0, 1), got {value}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks an expert's shrink trials per measurement: 1 to `MAX_SHRINK_STEPS`.
+fn check_shrink_steps(steps: u64) -> Result<()> {
+    if !(1..=MAX_SHRINK_STEPS).contains(&steps) {
+        return Err(Error::Config(format!(
+            "heldout_shrink_steps must be in [1, {MAX_SHRINK_STEPS}], got {steps}"
         )));
     }
     Ok(())
@@ -251,7 +275,8 @@ impl Heldout {
             ema: filled(entries, f64::NAN, "heldout_ema")?,
             span: filled(entries, 0, "heldout_span")?,
             min_span: DEFAULT_HELDOUT_MIN_SPAN,
-            shrink: DEFAULT_HELDOUT_SHRINK,
+            shrink: filled(num_experts, DEFAULT_HELDOUT_SHRINK, "heldout_shrink")?,
+            shrink_steps: filled(num_experts, DEFAULT_SHRINK_STEPS, "heldout_shrink_steps")?,
             shrink_trials: filled(num_experts, 0, "shrink_trials")?,
             shrinks: filled(num_experts, 0, "shrinks")?,
             shrink_spectral: DEFAULT_SHRINK_SPECTRAL,
@@ -286,9 +311,39 @@ impl Heldout {
         Ok(())
     }
 
-    pub(crate) fn set_shrink(&mut self, shrink: f64) -> Result<()> {
-        check_unit("heldout_shrink", shrink)?;
-        self.shrink = shrink;
+    /// Every expert's shrink fraction (one value, or one per expert).
+    pub(crate) fn set_shrink(&mut self, shrink: &[f64]) -> Result<()> {
+        let e = self.shrink.len();
+        let values = match shrink.len() {
+            1 => vec![shrink[0]; e],
+            n if n == e => shrink.to_vec(),
+            n => {
+                return Err(Error::Config(format!(
+                    "heldout_shrink needs one value or one per expert ({e}), got {n}"
+                )))
+            }
+        };
+        values
+            .iter()
+            .try_for_each(|&x| check_unit("heldout_shrink", x))?;
+        self.shrink = values;
+        Ok(())
+    }
+
+    /// Every expert's shrink trials per measurement (one value, or one per expert).
+    pub(crate) fn set_shrink_steps(&mut self, steps: &[u64]) -> Result<()> {
+        let e = self.shrink_steps.len();
+        let values = match steps.len() {
+            1 => vec![steps[0]; e],
+            n if n == e => steps.to_vec(),
+            n => {
+                return Err(Error::Config(format!(
+                    "heldout_shrink_steps needs one value or one per expert ({e}), got {n}"
+                )))
+            }
+        };
+        values.iter().try_for_each(|&n| check_shrink_steps(n))?;
+        self.shrink_steps = values;
         Ok(())
     }
 
@@ -315,7 +370,16 @@ impl Heldout {
         }
         if let Err(err) = check_unit("heldout_decay", p.decay)
             .and_then(|()| check_unit("heldout_horizon", p.horizon))
-            .and_then(|()| check_unit("heldout_shrink", p.shrink))
+            .and_then(|()| {
+                p.shrink
+                    .iter()
+                    .try_for_each(|&x| check_unit("heldout_shrink", x))
+            })
+            .and_then(|()| {
+                p.shrink_steps
+                    .iter()
+                    .try_for_each(|&n| check_shrink_steps(n))
+            })
             .and_then(|()| check_min_span(p.min_span))
         {
             return state(format!("invalid ledger configuration in state: {err}"));
@@ -335,7 +399,11 @@ impl Heldout {
                 p.windows
             ));
         }
-        if p.shrink_trials.len() != e || p.shrinks.len() != e {
+        if [&p.shrink_trials, &p.shrinks, &p.shrink_steps]
+            .iter()
+            .any(|v| v.len() != e)
+            || p.shrink.len() != e
+        {
             return state(format!("ledger shrink counters do not match {e} experts"));
         }
         let trials_ok = p
@@ -343,9 +411,14 @@ impl Heldout {
             .iter()
             .zip(&p.shrinks)
             .all(|(&t, &k)| k <= t && t <= MAX_STEP);
-        if !trials_ok || (p.shrink == 0.0 && p.shrink_trials.iter().any(|&t| t > 0)) {
+        let unshrunk_tried = p
+            .shrink
+            .iter()
+            .zip(&p.shrink_trials)
+            .any(|(&d, &t)| d == 0.0 && t > 0);
+        if !trials_ok || unshrunk_tried {
             return state(format!(
-                "held-out shrink counters are inconsistent (shrink {}, trials {:?}, kept {:?})",
+                "held-out shrink counters are inconsistent (shrink {:?}, trials {:?}, kept {:?})",
                 p.shrink, p.shrink_trials, p.shrinks
             ));
         }
@@ -375,6 +448,7 @@ impl Heldout {
             span: p.span,
             min_span: p.min_span,
             shrink: p.shrink,
+            shrink_steps: p.shrink_steps,
             shrink_trials: p.shrink_trials,
             shrinks: p.shrinks,
             shrink_spectral: p.shrink_spectral,
@@ -384,23 +458,24 @@ impl Heldout {
     }
 
     /// Decides one held-out shrink trial of `expert`: `base` is the held-out loss as the
-    /// parameters are, `trial` the loss with the expert's update since the start shrunk
-    /// (its dense weights' distance from where training began scaled by 1 − `shrink`; its
-    /// LoRA product's singular values soft-thresholded by `shrink` × the largest, or with
+    /// parameters are, `trial` the loss with the expert's update since the start shrunk by
+    /// its fraction δ = `shrink[expert]` (its dense weights' distance from where training
+    /// began scaled by 1 − δ; its LoRA product's singular values soft-thresholded by δ × the
+    /// largest, or with
     /// `shrink_spectral` false scaled like the dense update). The shrunk update is kept
     /// when it lowers the loss: a pull towards the starting point (towards a lower rank,
     /// for LoRA) whose strength the held-out data chooses, one expert at a time. A NaN on
     /// either side keeps the update as it is.
     pub(crate) fn record_shrink(&mut self, expert: usize, base: f64, trial: f64) -> Result<bool> {
-        if self.shrink == 0.0 {
-            return Err(Error::Config(
-                "heldout_shrink is 0: there are no shrink trials".into(),
-            ));
-        }
         let experts = self.shrink_trials.len();
         if expert >= experts {
             return Err(Error::Config(format!(
                 "expert {expert} out of range for {experts} experts"
+            )));
+        }
+        if self.shrink[expert] == 0.0 {
+            return Err(Error::Config(format!(
+                "heldout_shrink is 0 for expert {expert}: it has no shrink trials"
             )));
         }
         if self.shrink_trials[expert] >= MAX_STEP {
@@ -522,8 +597,13 @@ impl Heldout {
     pub fn min_span(&self) -> u64 {
         self.min_span
     }
-    pub fn shrink(&self) -> f64 {
-        self.shrink
+    /// Per expert: its shrink fraction.
+    pub fn shrink(&self) -> &[f64] {
+        &self.shrink
+    }
+    /// Per expert: the most shrink trials per measurement.
+    pub fn shrink_steps(&self) -> &[u64] {
+        &self.shrink_steps
     }
     pub fn shrink_trials(&self) -> &[u64] {
         &self.shrink_trials
@@ -553,7 +633,8 @@ impl Heldout {
             ema: self.ema.clone(),
             span: self.span.clone(),
             min_span: self.min_span,
-            shrink: self.shrink,
+            shrink: self.shrink.clone(),
+            shrink_steps: self.shrink_steps.clone(),
             shrink_trials: self.shrink_trials.clone(),
             shrinks: self.shrinks.clone(),
             shrink_spectral: self.shrink_spectral,

@@ -122,9 +122,17 @@ impl Ledger {
         self
     }
 
-    /// The same ledger with another held-out shrink fraction (see `record_shrink`).
-    pub fn with_heldout_shrink(mut self, shrink: f64) -> Result<Self> {
+    /// The same ledger with other held-out shrink fractions (see `record_shrink`): one for
+    /// every expert, or one per expert.
+    pub fn with_heldout_shrink(mut self, shrink: &[f64]) -> Result<Self> {
         self.heldout.set_shrink(shrink)?;
+        Ok(self)
+    }
+
+    /// The same ledger with other numbers of shrink trials per measurement (see
+    /// [`Heldout::shrink_steps`]): one for every expert, or one per expert.
+    pub fn with_heldout_shrink_steps(mut self, steps: &[u64]) -> Result<Self> {
+        self.heldout.set_shrink_steps(steps)?;
         Ok(self)
     }
 
@@ -444,7 +452,7 @@ mod tests {
     use crate::heldout::{
         DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN, DEFAULT_HELDOUT_SHRINK,
         DEFAULT_RATE_CAP, DEFAULT_RATE_DOWN, DEFAULT_RATE_FLOOR, DEFAULT_RATE_TRUST,
-        DEFAULT_RATE_UP,
+        DEFAULT_RATE_UP, MAX_SHRINK_STEPS,
     };
 
     /// The rule on, without a floor or a trust condition.
@@ -1073,7 +1081,7 @@ mod tests {
     #[test]
     fn record_shrink_keeps_a_lower_loss_only() {
         let mut l = Ledger::new(2, 3, 0.5).unwrap();
-        assert_eq!(l.heldout().shrink(), DEFAULT_HELDOUT_SHRINK);
+        assert_eq!(l.heldout().shrink(), [DEFAULT_HELDOUT_SHRINK; 3]);
         assert!(l.record_shrink(2, 1.0, 0.99).unwrap());
         assert!(!l.record_shrink(2, 1.0, 1.0).unwrap()); // a tie keeps the update
         assert!(!l.record_shrink(0, 1.0, 1.5).unwrap());
@@ -1088,7 +1096,7 @@ mod tests {
         assert_eq!(l.heldout().shrink_trials(), [1, 3, 2]);
         let mut off = Ledger::new(1, 1, 0.5)
             .unwrap()
-            .with_heldout_shrink(0.0)
+            .with_heldout_shrink(&[0.0])
             .unwrap();
         assert!(
             matches!(off.record_shrink(0, 1.0, 0.5), Err(Error::Config(m)) if m.contains("heldout_shrink is 0"))
@@ -1096,8 +1104,53 @@ mod tests {
         for bad in [1.0, -0.1, f64::NAN] {
             assert!(Ledger::new(1, 1, 0.5)
                 .unwrap()
-                .with_heldout_shrink(bad)
+                .with_heldout_shrink(&[bad])
                 .is_err());
+        }
+    }
+
+    #[test]
+    fn shrink_per_expert() {
+        // One value for every expert, or one per expert; an expert at 0 has no trials.
+        let mut l = Ledger::new(1, 3, 0.5)
+            .unwrap()
+            .with_heldout_shrink(&[0.1, 0.0, 0.05])
+            .unwrap();
+        assert_eq!(l.heldout().shrink(), [0.1, 0.0, 0.05]);
+        assert!(l.record_shrink(0, 1.0, 0.5).unwrap());
+        assert!(l.record_shrink(2, 1.0, 0.5).unwrap());
+        assert!(
+            matches!(l.record_shrink(1, 1.0, 0.5), Err(Error::Config(m)) if m.contains("heldout_shrink is 0 for expert 1"))
+        );
+        assert_eq!(l.heldout().shrink_trials(), [1, 0, 1]);
+        let all = Ledger::new(1, 3, 0.5)
+            .unwrap()
+            .with_heldout_shrink(&[0.2])
+            .unwrap();
+        assert_eq!(all.heldout().shrink(), [0.2; 3]);
+        for bad in [&[0.1, 0.1][..], &[], &[0.1, 0.1, 1.0]] {
+            assert!(matches!(
+                Ledger::new(1, 3, 0.5).unwrap().with_heldout_shrink(bad),
+                Err(Error::Config(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn shrink_steps_per_expert() {
+        // One trial each by default; one count for every expert, or one per expert, each in
+        // [1, MAX_SHRINK_STEPS].
+        let l = Ledger::new(1, 3, 0.5).unwrap();
+        assert_eq!(l.heldout().shrink_steps(), [1; 3]);
+        let l = l.with_heldout_shrink_steps(&[1, 2, 1]).unwrap();
+        assert_eq!(l.heldout().shrink_steps(), [1, 2, 1]);
+        let l = l.with_heldout_shrink_steps(&[4]).unwrap();
+        assert_eq!(l.heldout().shrink_steps(), [4; 3]);
+        for bad in [&[1, 1][..], &[], &[0], &[1, 1, MAX_SHRINK_STEPS + 1]] {
+            assert!(matches!(
+                Ledger::new(1, 3, 0.5).unwrap().with_heldout_shrink_steps(bad),
+                Err(Error::Config(m)) if m.contains("heldout_shrink_steps")
+            ));
         }
     }
 }

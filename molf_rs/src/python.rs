@@ -29,6 +29,7 @@ use crate::heldout::{
     RateRule, DEFAULT_HELDOUT_DECAY, DEFAULT_HELDOUT_HORIZON, DEFAULT_HELDOUT_MIN_SPAN,
     DEFAULT_HELDOUT_SHRINK, DEFAULT_RATE_ADAPT, DEFAULT_RATE_CAP, DEFAULT_RATE_DOWN,
     DEFAULT_RATE_FLOOR, DEFAULT_RATE_TRUST, DEFAULT_RATE_UP, DEFAULT_SHRINK_SPECTRAL,
+    DEFAULT_SHRINK_STEPS,
 };
 use crate::ledger::Ledger;
 use crate::phase::PHASES;
@@ -591,6 +592,38 @@ impl PyLedger {
     }
 }
 
+/// `heldout_shrink`: one fraction for every expert, or a sequence of one per expert.
+#[derive(FromPyObject)]
+enum Fractions {
+    One(f64),
+    Each(Vec<f64>),
+}
+
+impl Fractions {
+    fn values(self) -> Vec<f64> {
+        match self {
+            Fractions::One(x) => vec![x],
+            Fractions::Each(v) => v,
+        }
+    }
+}
+
+/// `heldout_shrink_steps`: one count for every expert, or a sequence of one per expert.
+#[derive(FromPyObject)]
+enum Counts {
+    One(Int),
+    Each(Vec<Int>),
+}
+
+impl Counts {
+    fn values(self, name: &str, min: u64) -> Result<Vec<u64>, Error> {
+        match self {
+            Counts::One(n) => Ok(vec![n.count(name, min)?]),
+            Counts::Each(v) => v.iter().map(|n| n.count(name, min)).collect(),
+        }
+    }
+}
+
 #[pymethods]
 impl PyLedger {
     #[new]
@@ -600,7 +633,8 @@ impl PyLedger {
         ema_decay = 0.9,
         heldout_decay = DEFAULT_HELDOUT_DECAY,
         heldout_horizon = DEFAULT_HELDOUT_HORIZON,
-        heldout_shrink = DEFAULT_HELDOUT_SHRINK,
+        heldout_shrink = Fractions::One(DEFAULT_HELDOUT_SHRINK),
+        heldout_shrink_steps = Counts::One(Int::Small(DEFAULT_SHRINK_STEPS as i64)),
         shrink_spectral = DEFAULT_SHRINK_SPECTRAL,
         heldout_min_span = Int::Small(DEFAULT_HELDOUT_MIN_SPAN as i64),
         heldout_adapt_rate = DEFAULT_RATE_ADAPT,
@@ -617,7 +651,8 @@ impl PyLedger {
         ema_decay: f64,
         heldout_decay: f64,
         heldout_horizon: f64,
-        heldout_shrink: f64,
+        heldout_shrink: Fractions,
+        heldout_shrink_steps: Counts,
         shrink_spectral: bool,
         heldout_min_span: Int,
         heldout_adapt_rate: bool,
@@ -636,7 +671,10 @@ impl PyLedger {
                 )?
                 .with_heldout_decay(heldout_decay)?
                 .with_heldout_horizon(heldout_horizon)?
-                .with_heldout_shrink(heldout_shrink)?
+                .with_heldout_shrink(&heldout_shrink.values())?
+                .with_heldout_shrink_steps(
+                    &heldout_shrink_steps.values("heldout_shrink_steps", 1)?,
+                )?
                 .with_shrink_spectral(shrink_spectral)
                 .with_heldout_min_span(heldout_min_span.count("heldout_min_span", 0)?)?
                 .with_heldout_rate(RateRule {
@@ -746,9 +784,15 @@ impl PyLedger {
             Ok(self.ledger().record_shrink(expert, base, trial)?)
         })
     }
+    /// Per expert: its shrink fraction.
     #[getter]
-    fn heldout_shrink(&self) -> f64 {
-        self.ledger().heldout().shrink()
+    fn heldout_shrink(&self) -> Vec<f64> {
+        self.ledger().heldout().shrink().to_vec()
+    }
+    /// Per expert: the most shrink trials per measurement.
+    #[getter]
+    fn heldout_shrink_steps(&self) -> Vec<u64> {
+        self.ledger().heldout().shrink_steps().to_vec()
     }
     #[getter]
     fn shrink_spectral(&self) -> bool {

@@ -19,15 +19,18 @@
 //! last_switch_step i64×M, no_winner u64×M, last_mask u8×(M·E) (0/1); then the held-out
 //! record: heldout_decay f64, heldout_windows u64, heldout_ema f64×(M·E), heldout_horizon
 //! f64, heldout_span u64×(M·E) (row-major: the consecutive held-out windows, up to the last,
-//! in which each expert moved), heldout_shrink f64, shrink_trials u64×E, shrinks u64×E (per
+//! in which each expert moved), heldout_shrink f64×E (per expert its shrink fraction; before
+//! version 4 one f64 for all), from version 4 heldout_shrink_steps u64×E (per expert its
+//! most shrink trials per measurement), shrink_trials u64×E, shrinks u64×E (per
 //! expert: held-out shrink trials and those kept), shrink_spectral u8 (0/1: how a shrink
 //! trial shrinks a LoRA product), heldout_min_span u64 (the span a record needs before it
 //! can drop its expert); from ledger version 2, the rate adaptation: rate_adapt u8 (0/1),
 //! rate_up f64, rate_down f64, rate_cap f64, from version 3 rate_floor f64 and rate_trust
 //! f64, then heldout_rate f64×(M·E) (row-major: each expert's learning-rate multiplier).
 //!
-//! Versions: a router is version 1; a ledger is written as version 3 and read as 1, 2 or 3.
-//! Each older ledger resumes as it ran: version 1, from before the rate adaptation, decodes
+//! Versions: a router is version 1; a ledger is written as version 4 and read as 1 to 4.
+//! Each older ledger resumes as it ran: up to version 3 its one shrink fraction is every
+//! expert's, with one shrink trial each per measurement; version 1, from before the rate adaptation, decodes
 //! with it off and every multiplier 1, the other rate settings at their defaults; version
 //! 2, from before the floor and the trust condition, with floor 0 and trust 0 where the
 //! adaptation is on (the rule it ran under) and the default floor and trust where it is off
@@ -40,7 +43,9 @@
 //! must satisfy every invariant the live object keeps.
 
 use crate::error::{Error, Result};
-use crate::heldout::{HeldoutParts, RateRule, DEFAULT_RATE_FLOOR, DEFAULT_RATE_TRUST};
+use crate::heldout::{
+    HeldoutParts, RateRule, DEFAULT_RATE_FLOOR, DEFAULT_RATE_TRUST, DEFAULT_SHRINK_STEPS,
+};
 use crate::ledger::{Ledger, LedgerParts};
 use crate::router::{Policy, Router, RouterConfig};
 
@@ -48,10 +53,10 @@ pub const MAGIC: &[u8; 4] = b"MOLF";
 /// The version a router is written as and read in.
 pub const ROUTER_VERSION: u16 = 1;
 /// The version a ledger is written as (2: the rate adaptation; 3: its floor and trust
-/// condition).
-pub const LEDGER_VERSION: u16 = 3;
+/// condition; 4: a shrink fraction and a number of shrink trials per expert).
+pub const LEDGER_VERSION: u16 = 4;
 /// The versions a ledger is read in.
-pub const LEDGER_VERSIONS: [u16; 3] = [1, 2, 3];
+pub const LEDGER_VERSIONS: [u16; 4] = [1, 2, 3, 4];
 
 const HEADER_LEN: usize = 4 + 1 + 2 + 8;
 const CHECKSUM_LEN: usize = 8;
@@ -400,7 +405,8 @@ impl Ledger {
         h.ema().iter().for_each(|&x| w.f64(x));
         w.f64(h.horizon());
         w.u64s(h.span());
-        w.f64(h.shrink());
+        h.shrink().iter().for_each(|&x| w.f64(x));
+        w.u64s(h.shrink_steps());
         w.u64s(h.shrink_trials());
         w.u64s(h.shrinks());
         w.bools(&[h.shrink_spectral()]);
@@ -431,11 +437,13 @@ impl Ledger {
         // of 1-byte cells; per module: 3 of 8 bytes; per expert: the 2 shrink counters;
         // held-out scalars: decay, windows, horizon, shrink, min span (8 bytes each) and the
         // spectral flag; from version 2 per entry a rate multiplier, and the rate flag and
-        // its up, down and cap; from version 3 its floor and trust.
+        // its up, down and cap; from version 3 its floor and trust; from version 4 the
+        // shrink per expert instead of one, and the shrink steps per expert.
         let sizes = match version {
             1 => [41, 24, 16, 41],
             2 => [49, 24, 16, 66],
-            _ => [49, 24, 16, 82],
+            3 => [49, 24, 16, 82],
+            _ => [49, 24, 32, 74],
         };
         let (m, entries) = r.shape(num_modules, num_experts, sizes)?;
         let floats = |v: Vec<u64>| v.into_iter().map(f64::from_bits).collect();
@@ -452,7 +460,12 @@ impl Ledger {
         let span = r.u64s(entries)?;
         // The shape check counted these bytes: num_experts fits in the buffer.
         let e = num_experts as usize;
-        let (shrink, shrink_trials, shrinks) = (r.f64()?, r.u64s(e)?, r.u64s(e)?);
+        let (shrink, shrink_steps) = if version >= 4 {
+            (floats(r.u64s(e)?), r.u64s(e)?)
+        } else {
+            (vec![r.f64()?; e], vec![DEFAULT_SHRINK_STEPS; e])
+        };
+        let (shrink_trials, shrinks) = (r.u64s(e)?, r.u64s(e)?);
         let shrink_spectral = r.flag("shrink_spectral")?;
         let min_span = r.u64()?;
         let (rate_rule, rate) = if version == 1 {
@@ -501,6 +514,7 @@ impl Ledger {
                 span,
                 min_span,
                 shrink,
+                shrink_steps,
                 shrink_trials,
                 shrinks,
                 shrink_spectral,
@@ -514,6 +528,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::heldout::MAX_SHRINK_STEPS;
     use crate::router::MAX_STEP;
 
     #[test]
@@ -619,9 +634,9 @@ mod tests {
     }
 
     /// Where a ledger payload's held-out spans end: before the shrink books
-    /// (heldout_shrink f64, shrink_trials and shrinks u64×E).
+    /// (heldout_shrink f64×E, heldout_shrink_steps, shrink_trials and shrinks u64×E).
     fn spans_end(l: &Ledger) -> usize {
-        ledger_payload(l).1 - 8 - 16 * l.num_experts()
+        ledger_payload(l).1 - 32 * l.num_experts()
     }
 
     /// A ledger (1 module × 3 experts, horizon 0.25) after 4 held-out windows: the first
@@ -646,7 +661,7 @@ mod tests {
         let l = paused_ledger();
         let bytes = l.to_bytes();
         assert_eq!(bytes[5..7], LEDGER_VERSION.to_le_bytes());
-        assert_eq!(LEDGER_VERSION, 3);
+        assert_eq!(LEDGER_VERSION, 4);
         // The held-out horizon f64, then heldout_span u64×(M·E), precede the shrink books.
         let (body, end) = (payload(&bytes), spans_end(&l));
         let tail: Vec<u64> = body[end - 8 * 3..end]
@@ -818,12 +833,14 @@ mod tests {
         ));
     }
 
-    /// A ledger (1 module × 2 experts, shrink 0.2) after three shrink trials: expert 0 kept
-    /// one of two, expert 1 its one.
+    /// A ledger (1 module × 2 experts, shrink 0.2 and 0.05, one and three trials per
+    /// measurement) after three shrink trials: expert 0 kept one of two, expert 1 its one.
     fn shrunk_ledger() -> Ledger {
         let mut l = Ledger::new(1, 2, 0.5)
             .unwrap()
-            .with_heldout_shrink(0.2)
+            .with_heldout_shrink(&[0.2, 0.05])
+            .unwrap()
+            .with_heldout_shrink_steps(&[1, 3])
             .unwrap();
         assert!(l.record_shrink(0, 1.0, 0.5).unwrap());
         assert!(!l.record_shrink(0, 0.5, 0.6).unwrap());
@@ -836,16 +853,20 @@ mod tests {
         let l = shrunk_ledger();
         let bytes = l.to_bytes();
         let (body, end) = ledger_payload(&l);
-        // The shrink books: heldout_shrink f64, shrink_trials u64×E, shrinks u64×E.
-        let tail: Vec<u64> = body[end - 8 * 4..end]
+        // The shrink books: heldout_shrink f64×E, heldout_shrink_steps, shrink_trials and
+        // shrinks u64×E.
+        let tail: Vec<u64> = body[end - 8 * 6..end]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        assert_eq!(tail, [2, 1, 1, 1]);
-        let shrink = &body[end - 8 * 5..end - 8 * 4];
-        assert_eq!(shrink, 0.2f64.to_bits().to_le_bytes());
+        assert_eq!(tail, [1, 3, 2, 1, 1, 1]);
+        let shrink = &body[end - 8 * 8..end - 8 * 6];
+        assert_eq!(shrink[..8], 0.2f64.to_bits().to_le_bytes());
+        assert_eq!(shrink[8..], 0.05f64.to_bits().to_le_bytes());
         let back = Ledger::from_bytes(&bytes).unwrap();
         assert_eq!(back, l);
+        assert_eq!(back.heldout().shrink(), [0.2, 0.05]);
+        assert_eq!(back.heldout().shrink_steps(), [1, 3]);
         assert_eq!(back.heldout().shrink_trials(), [2, 1]);
         assert_eq!(back.heldout().shrinks(), [1, 1]);
         assert_eq!(back.to_bytes(), bytes);
@@ -853,6 +874,33 @@ mod tests {
             assert!(matches!(
                 Ledger::from_bytes(&envelope(Kind::Ledger, LEDGER_VERSION, &body[..n])),
                 Err(Error::State(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn version_3_ledger_loads_with_one_shrink_for_every_expert() {
+        // A version-3 payload is today's with one shrink fraction for all experts and no
+        // shrink steps (one trial each per measurement).
+        let mut l = Ledger::new(1, 3, 0.5)
+            .unwrap()
+            .with_heldout_shrink(&[0.05])
+            .unwrap();
+        assert!(l.record_shrink(2, 1.0, 0.5).unwrap());
+        let (body, end) = ledger_payload(&l);
+        let s = end - 8 * 4 * 3; // the fractions, before the steps, trials and kept counts
+        let mut old = body[..s + 8].to_vec();
+        old.extend_from_slice(&body[s + 48..]);
+        let back = Ledger::from_bytes(&envelope(Kind::Ledger, 3, &old)).unwrap();
+        assert_eq!(back, l);
+        assert_eq!(back.heldout().shrink(), [0.05; 3]);
+        assert_eq!(back.heldout().shrink_steps(), [1; 3]);
+        assert_eq!(back.to_bytes(), l.to_bytes());
+        // Neither payload decodes under the other's version.
+        for (version, b) in [(3, &body[..]), (LEDGER_VERSION, &old[..])] {
+            assert!(matches!(
+                Ledger::from_bytes(&envelope(Kind::Ledger, version, b)),
+                Err(Error::State(m)) if m.contains("does not match its shape")
             ));
         }
     }
@@ -890,17 +938,29 @@ mod tests {
         // More kept than tried (expert 1: 2 kept of 1 tried), trials beyond MAX_STEP.
         assert!(matches!(with(n - 8, 2), Err(Error::State(m)) if m.contains("shrink")));
         assert!(matches!(with(n - 32, u64::MAX), Err(Error::State(m)) if m.contains("shrink")));
-        // Trials recorded under shrink 0, and a shrink outside [0, 1).
-        assert!(
-            matches!(with(n - 40, 0.0f64.to_bits()), Err(Error::State(m)) if m.contains("shrink"))
-        );
-        for x in [f64::NAN, 1.0, -0.1] {
+        // Shrink steps outside [1, MAX_SHRINK_STEPS] (either expert's).
+        for at in [n - 48, n - 40] {
+            for bad in [0, MAX_SHRINK_STEPS + 1, u64::MAX] {
+                assert!(
+                    matches!(with(at, bad), Err(Error::State(m)) if m.contains("heldout_shrink_steps"))
+                );
+            }
+        }
+        // Trials recorded under shrink 0 (either expert's), and a shrink outside [0, 1).
+        for at in [n - 64, n - 56] {
             assert!(
-                matches!(with(n - 40, x.to_bits()), Err(Error::State(m)) if m.contains("heldout_shrink"))
+                matches!(with(at, 0.0f64.to_bits()), Err(Error::State(m)) if m.contains("shrink"))
             );
+            for x in [f64::NAN, 1.0, -0.1] {
+                assert!(
+                    matches!(with(at, x.to_bits()), Err(Error::State(m)) if m.contains("heldout_shrink"))
+                );
+            }
         }
         // Consistent edits load.
         assert_eq!(with(n - 8, 0).unwrap().heldout().shrinks(), [1, 0]);
+        let steps = with(n - 48, MAX_SHRINK_STEPS).unwrap();
+        assert_eq!(steps.heldout().shrink_steps(), [MAX_SHRINK_STEPS, 3]);
     }
 
     #[test]
@@ -969,24 +1029,33 @@ mod tests {
         assert_eq!(l.heldout().rate_rule(), RateRule::default());
         assert!(!l.heldout().rate_rule().adapt);
         assert_eq!(l.heldout().rate(), [1.0, 1.0]);
-        // Written again, it is the current version: the old bytes plus the rate tail.
+        // Its one shrink fraction is both experts'.
+        assert_eq!(l.heldout().shrink(), [0.1, 0.1]);
+        assert_eq!(l.heldout().shrink_steps(), [1, 1]);
+        // Written again, it is the current version: the old bytes with the shrink once per
+        // expert and the shrink steps (1 each), plus the rate tail.
         let new = l.to_bytes();
         assert_eq!(new[5..7], LEDGER_VERSION.to_le_bytes());
         let (old_body, new_body) = (payload(&old), payload(&new));
-        assert_eq!(new_body[..old_body.len()], *old_body);
-        assert_eq!(new_body.len() - old_body.len(), rate_tail(&l));
+        let at = old_body.len() - 8 - 1 - 16 * 2 - 8; // the shrink, before the books, flag and span
+        let one: Vec<u8> = 1u64.to_le_bytes().repeat(2);
+        assert_eq!(new_body[..at + 8], old_body[..at + 8]);
+        assert_eq!(new_body[at + 8..at + 16], old_body[at..at + 8]);
+        assert_eq!(new_body[at + 16..at + 32], one[..]);
+        assert_eq!(new_body[at + 32..old_body.len() + 24], old_body[at + 8..]);
+        assert_eq!(new_body.len() - old_body.len() - 24, rate_tail(&l));
         assert_eq!(Ledger::from_bytes(&new).unwrap(), l);
         // A current payload under a version-1 header (and the reverse) does not decode.
-        for (version, body) in [(1, new_body), (3, old_body)] {
+        for (version, body) in [(1, new_body), (LEDGER_VERSION, old_body)] {
             assert!(matches!(
                 Ledger::from_bytes(&envelope(Kind::Ledger, version, body)),
                 Err(Error::State(m)) if m.contains("does not match its shape")
             ));
         }
-        for version in [0, 4, 7] {
+        for version in [0, 5, 7] {
             assert!(matches!(
                 Ledger::from_bytes(&envelope(Kind::Ledger, version, old_body)),
-                Err(Error::State(m)) if m.contains(&format!("version {version};")) && m.contains("[1, 2, 3]")
+                Err(Error::State(m)) if m.contains(&format!("version {version};")) && m.contains("[1, 2, 3, 4]")
             ));
         }
     }
@@ -1025,15 +1094,21 @@ mod tests {
             trust: 0.0,
         };
         assert_eq!(l.heldout().rate_rule(), rule);
-        // Written again, it is the current version: the old bytes with the floor and the
-        // trust after the cap, and it reads back the same.
+        // Written again, it is the current version: the old bytes with the shrink once per
+        // expert, the shrink steps (1 each), the floor and the trust after the cap, and it
+        // reads back the same.
         let new = l.to_bytes();
         assert_eq!(new[5..7], LEDGER_VERSION.to_le_bytes());
         let (old_body, new_body) = (payload(&old), payload(&new));
         let at = old_body.len() - 8 * 3; // the multipliers, after the cap
-        assert_eq!(new_body[..at], old_body[..at]);
-        assert_eq!(new_body[at..at + 16], [0u8; 16]);
-        assert_eq!(new_body[at + 16..], old_body[at..]);
+        let s = at - 24 - 1 - 8 - 1 - 48 - 8; // the shrink: before the books, flag, span and rule
+        assert_eq!(new_body[..s + 8], old_body[..s + 8]);
+        assert_eq!(new_body[s + 8..s + 16], old_body[s..s + 8]);
+        assert_eq!(new_body[s + 16..s + 24], old_body[s..s + 8]);
+        assert_eq!(new_body[s + 24..s + 48], 1u64.to_le_bytes().repeat(3)[..]);
+        assert_eq!(new_body[s + 48..at + 40], old_body[s + 8..at]);
+        assert_eq!(new_body[at + 40..at + 56], [0u8; 16]);
+        assert_eq!(new_body[at + 56..], old_body[at..]);
         assert_eq!(Ledger::from_bytes(&new).unwrap(), l);
         // It goes on as it ran: down below 1 (and to 0.125), up whatever the potential.
         l.record_heldout(&[-1.0; 3], &[true; 3]).unwrap();
@@ -1062,8 +1137,8 @@ mod tests {
                 ..rule
             }
         );
-        // A version-3 payload under a version-2 header (and the reverse) does not decode.
-        for (version, body) in [(2, new_body), (3, old_body)] {
+        // A current payload under a version-2 header (and the reverse) does not decode.
+        for (version, body) in [(2, new_body), (LEDGER_VERSION, old_body)] {
             assert!(matches!(
                 Ledger::from_bytes(&envelope(Kind::Ledger, version, body)),
                 Err(Error::State(m)) if m.contains("does not match its shape")

@@ -14,7 +14,10 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
         0.0f64..1.0,
         heldout_horizon(),
         any::<u8>(),
-        prop_oneof![Just(0.0), 0.0f64..1.0],
+        // One shrink fraction for every expert, or (cycled) one per expert.
+        prop::collection::vec(prop_oneof![Just(0.0), 0.0f64..1.0], 1..4),
+        // And likewise the shrink trials per measurement.
+        prop::collection::vec(1u64..=16, 1..4),
         prop::collection::vec((any::<u8>(), -1.0f64..1.0), 0..6),
         any::<bool>(),
         0u64..4,
@@ -28,8 +31,31 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
         ),
     )
         .prop_map(
-            |((cfg, steps), decay, horizon, windows, shrink, trials, spectral, min_span, rate)| {
+            |(
+                (cfg, steps),
+                decay,
+                horizon,
+                windows,
+                shrink,
+                shrink_steps,
+                trials,
+                spectral,
+                min_span,
+                rate,
+            )| {
                 let (adapt, up, down, cap, floor, trust) = rate;
+                let shrink: Vec<f64> = match shrink.len() {
+                    1 => shrink,
+                    n => (0..cfg.num_experts as usize)
+                        .map(|e| shrink[e % n])
+                        .collect(),
+                };
+                let shrink_steps: Vec<u64> = match shrink_steps.len() {
+                    1 => shrink_steps,
+                    n => (0..cfg.num_experts as usize)
+                        .map(|e| shrink_steps[e % n])
+                        .collect(),
+                };
                 let mut r = Router::new(cfg).unwrap();
                 let mut l = Ledger::new(cfg.num_modules, cfg.num_experts, decay)
                     .unwrap()
@@ -37,7 +63,9 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
                     .unwrap()
                     .with_heldout_horizon(horizon)
                     .unwrap()
-                    .with_heldout_shrink(shrink)
+                    .with_heldout_shrink(&shrink)
+                    .unwrap()
+                    .with_heldout_shrink_steps(&shrink_steps)
                     .unwrap()
                     .with_shrink_spectral(spectral)
                     .with_heldout_min_span(min_span)
@@ -51,10 +79,10 @@ fn states() -> impl Strategy<Value = (Router, Ledger)> {
                         trust,
                     })
                     .unwrap();
-                if shrink > 0.0 {
-                    for (e, loss) in trials {
-                        l.record_shrink(usize::from(e) % l.num_experts(), 0.0, loss)
-                            .unwrap();
+                for (e, loss) in trials {
+                    let e = usize::from(e) % l.num_experts();
+                    if shrink[e % shrink.len()] > 0.0 {
+                        l.record_shrink(e, 0.0, loss).unwrap();
                     }
                 }
                 for (i, s) in steps.iter().enumerate() {
@@ -110,13 +138,13 @@ proptest! {
         prop_assert_eq!(r2.to_bytes(), rb);
         prop_assert_eq!(&l2.to_bytes(), &lb);
         prop_assert_eq!(l2.heldout().span(), l.heldout().span());
-        // The ledger payload ends with the spans, u64 × (M·E), then the shrink,
-        // f64, the shrink counters, u64 × E twice, the kind of LoRA trial, one byte, the
+        // The ledger payload ends with the spans, u64 × (M·E), then the shrink per expert,
+        // f64 × E, the shrink steps and the shrink counters, u64 × E each, the kind of LoRA trial, one byte, the
         // minimum span, u64, and the rate adaptation: its flag, one byte, up, down, cap,
         // floor and trust, f64, and the multipliers, f64 × (M·E), before the checksum.
         let n = l.num_modules() * l.num_experts();
         let rate_tail = 1 + 40 + 8 * n;
-        let tail = 8 + 16 * l.num_experts() + 1 + 8 + rate_tail;
+        let tail = 32 * l.num_experts() + 1 + 8 + rate_tail;
         let r_at = lb.len() - 8 - rate_tail;
         let rule = l.heldout().rate_rule();
         prop_assert_eq!(lb[r_at], u8::from(rule.adapt));
@@ -139,6 +167,13 @@ proptest! {
             .collect();
         prop_assert_eq!(spans.as_slice(), l.heldout().span());
         prop_assert!(l.heldout().span().iter().all(|&s| s <= l.heldout().windows()));
+        let e = l.num_experts();
+        let steps: Vec<u64> = lb[end + 8 * e..end + 16 * e]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        prop_assert_eq!(steps.as_slice(), l.heldout().shrink_steps());
+        prop_assert_eq!(l2.heldout().shrink_steps(), l.heldout().shrink_steps());
         prop_assert_eq!(l2.heldout().shrink_trials(), l.heldout().shrink_trials());
         prop_assert_eq!(l2.heldout().shrinks(), l.heldout().shrinks());
         prop_assert!(l.heldout().shrinks().iter().zip(l.heldout().shrink_trials()).all(|(k, t)| k <= t));
@@ -203,11 +238,11 @@ proptest! {
     }
 
     #[test]
-    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 4u16..) {
+    fn wrong_kind_and_version_are_rejected((r, l) in states(), version in 5u16..) {
         let msg = |e: Error| e.to_string();
         prop_assert!(msg(Ledger::from_bytes(&r.to_bytes()).unwrap_err()).contains("is a router"));
         prop_assert!(msg(Router::from_bytes(&l.to_bytes()).unwrap_err()).contains("is a ledger"));
-        // A router is read in version 1, a ledger in 1, 2 and 3.
+        // A router is read in version 1, a ledger in 1 to 4.
         for (v, supported) in [(2, "[1]"), (version, "[1]")] {
             let mut rb = r.to_bytes();
             rb[5..7].copy_from_slice(&v.to_le_bytes());
@@ -217,7 +252,7 @@ proptest! {
         let mut lb = l.to_bytes();
         lb[5..7].copy_from_slice(&version.to_le_bytes());
         let m = msg(Ledger::from_bytes(&reseal(lb)).unwrap_err());
-        prop_assert!(m.contains(&format!("version {version}")) && m.contains("supported versions: [1, 2, 3]"), "{}", m);
+        prop_assert!(m.contains(&format!("version {version}")) && m.contains("supported versions: [1, 2, 3, 4]"), "{}", m);
     }
 }
 

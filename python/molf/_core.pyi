@@ -8,6 +8,7 @@ No Rust panic ever reaches Python: a panic is reported as :class:`InternalError`
 Objects are not meant to be shared between threads while a call is running.
 """
 
+from collections.abc import Sequence
 from typing import Final, Literal, Self, TypedDict, final
 
 import numpy as np
@@ -271,8 +272,13 @@ class Ledger:
             once. 0: the fixed ``heldout_decay``.
         heldout_shrink: in ``[0, 1)``, the fraction by which a held-out shrink trial
             scales an expert's update back (see :meth:`record_shrink`); 0: no trials.
+            One value for every expert, or a sequence of one per expert.
+        heldout_shrink_steps: in ``[1, 16]``, an expert's most shrink trials per
+            measurement, each from where the last kept one left the update (the
+            optimizer stops at the first refused). One value for every expert, or a
+            sequence of one per expert.
         shrink_spectral: how a shrink trial shrinks a LoRA expert's product (the
-            optimizer applies it): True soft-thresholds its singular values by
+            optimizer applies it): True soft-thresholds its singular values by its
             ``heldout_shrink`` x the largest, False scales it by ``1 - heldout_shrink``.
         heldout_min_span: >= 0, the windows an expert's span must reach before its
             record can drop it (see :meth:`heldout_descent`); 0: from the first window.
@@ -299,7 +305,8 @@ class Ledger:
         ema_decay: float = 0.9,
         heldout_decay: float = 0.5,
         heldout_horizon: float = 0.25,
-        heldout_shrink: float = 0.1,
+        heldout_shrink: float | Sequence[float] = 0.1,
+        heldout_shrink_steps: int | Sequence[int] = 1,
         shrink_spectral: bool = True,
         heldout_min_span: int = 0,
         heldout_adapt_rate: bool = False,
@@ -312,7 +319,11 @@ class Ledger:
     @property
     def heldout_decay(self) -> float: ...
     @property
-    def heldout_shrink(self) -> float: ...
+    def heldout_shrink(self) -> list[float]:
+        """Per expert: its shrink fraction."""
+    @property
+    def heldout_shrink_steps(self) -> list[int]:
+        """Per expert: its most shrink trials per measurement."""
     @property
     def shrink_spectral(self) -> bool: ...
     def record_shrink(self, expert: int, base: float, trial: float) -> bool:
@@ -323,8 +334,8 @@ class Ledger:
         :meth:`shrink_trials` and :meth:`shrinks`.
 
         Raises:
-            ConfigError: ``heldout_shrink`` is 0, or ``expert`` is out of range; nothing
-                is counted.
+            ConfigError: ``expert`` is out of range, or its ``heldout_shrink`` is 0;
+                nothing is counted.
         """
     def shrink_trials(self) -> npt.NDArray[np.uint64]:
         """Copy, ``(E,)``: shrink trials recorded per expert."""

@@ -292,7 +292,8 @@ class _Trial:
 
 def run_trials(
     by_expert: list[list[tuple]],
-    delta: float,
+    deltas: list[float],
+    steps: list[int],
     base: Callable[[], float],
     value: Callable[[], float],
     keep: Callable[[int, float, float], bool],
@@ -300,16 +301,18 @@ def run_trials(
     offload: bool,
     ready: dict | None = None,
 ) -> set[torch.Tensor]:
-    """Each expert index's shrink trial in turn (`HeldoutProbe._shrink`): `by_expert[e]` its
-    entries (parameter, origin or None, LoRA A or None, inactive), `base()` the held-out loss
-    before any trial (already under way), `value()` the closure's held-out loss now,
-    `keep(e, base, trial)` the Ledger's decision, `ready` the weights' events (`weights_mark`;
-    None: the spectral trials' side stream waits for all the current stream's work). Appends
-    to `undo` the tensors and saved values of every kept trial (undone by an exception until
-    the measurement ends); with `offload`, the saved values go to host memory. Returns the
-    tensors of inactive experts that a kept trial moved."""
+    """Each expert index's shrink trials in turn (`HeldoutProbe._shrink`): `by_expert[e]` its
+    entries (parameter, origin or None, LoRA A or None, inactive), `deltas[e]` its shrink
+    fraction (0: no trial), `steps[e]` its most trials (each from where the last kept one
+    left the update, stopping at the first refused), `base()` the held-out loss before any
+    trial (already under way), `value()` the closure's held-out loss now, `keep(e, base,
+    trial)` the Ledger's decision, `ready` the weights' events (`weights_mark`; None: the
+    spectral trials' side stream waits for all the current stream's work). Appends to `undo`
+    the tensors and saved values of every kept trial (undone by an exception until the
+    measurement ends, the last first); with `offload`, the saved values go to host memory.
+    Returns the tensors of inactive experts that a kept trial moved."""
     # Origins in host memory (`offload`) start on their way to the device now, and so does
-    # every spectral trial (on CUDA its work runs beside the baseline's forward).
+    # every first spectral trial (on CUDA its work runs beside the baseline's forward).
     hosted = sorted(
         (e, i)
         for e, entries in enumerate(by_expert)
@@ -317,7 +320,7 @@ def run_trials(
         if origin is not None and origin.device != p.device
     )
     fetched = fetch([(by_expert[e][i][1], by_expert[e][i][0].device) for e, i in hosted]) if hosted else None
-    trials = [_Trial(entries, delta, ready) for entries in by_expert]
+    trials = [_Trial(entries, d, ready) if d else None for entries, d in zip(by_expert, deltas)]
     rebased: set[torch.Tensor] = set()
     current = base()
     if fetched is not None:
@@ -325,23 +328,39 @@ def run_trials(
             p, _, a, inactive = by_expert[e][i]
             by_expert[e][i] = (p, origin, a, inactive)
         del fetched
-    for e, (entries, trial) in enumerate(zip(by_expert, trials)):
+    for e, (entries, trial, delta) in enumerate(zip(by_expert, trials, deltas)):
+        if trial is None:  # shrink 0: this expert has no trials
+            continue
         local = [distributed.to_local(p) for p, _, _, _ in entries]
-        saved = _backup(local)
-        undo.append((local, saved))  # before the trial writes: an exception restores them
-        trial.apply(entries, local)
-        for i in [i for h, i in hosted if h == e]:  # their device copies have served: the memory goes
-            p, _, a, inactive = entries[i]
-            entries[i] = (p, None, a, inactive)
-        trial_value = value()
-        if keep(e, current, trial_value):
-            current = trial_value  # kept; `undo` keeps its saved values until the measurement ends
-            rebased.update(p for p, _, _, inactive in entries if inactive)
-            if offload and any(t.is_cuda for t in saved):
-                # (in host memory, so they are not on the device at the held-out backward's peak)
-                undo[-1] = (local, _backup(saved, pinned=True))
-        else:
-            _copy(local, saved)
-            undo.pop()
-        del saved
+        for step in range(steps[e]):
+            if step:  # the next trial starts from the update the kept one left
+                trial = _Trial(entries, delta)
+            saved = _backup(local)
+            undo.append((local, saved))  # before the trial writes: an exception restores them
+            trial.apply(entries, local)
+            if step == steps[e] - 1:
+                _drop_hosted(entries, hosted, e)
+            trial_value = value()
+            kept = keep(e, current, trial_value)
+            if kept:
+                current = trial_value  # `undo` keeps its saved values until the measurement ends
+                rebased.update(p for p, _, _, inactive in entries if inactive)
+                if offload and any(t.is_cuda for t in saved):
+                    # (in host memory, so they are not on the device at the held-out backward's peak)
+                    undo[-1] = (local, _backup(saved, pinned=True))
+            else:
+                _copy(local, saved)
+                undo.pop()
+            del saved
+            if not kept:
+                break
+        _drop_hosted(entries, hosted, e)
     return rebased
+
+
+def _drop_hosted(entries: list[tuple], hosted: list[tuple[int, int]], e: int) -> None:
+    """Forget the device copies of expert `e`'s origins fetched from host memory: its trials
+    have applied them, and the memory goes before the closure runs again."""
+    for i in [i for h, i in hosted if h == e]:
+        p, _, a, inactive = entries[i]
+        entries[i] = (p, None, a, inactive)

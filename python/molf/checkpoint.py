@@ -148,6 +148,7 @@ _LEDGER_SETTINGS = (
     "heldout_decay",
     "heldout_horizon",
     "heldout_shrink",
+    "heldout_shrink_steps",
     "shrink_spectral",
     "heldout_min_span",
     "heldout_adapt_rate",
@@ -372,7 +373,7 @@ def check_checkpoint(
         raise StateError(f"checkpoint has {len(groups)} param groups, this optimizer {len(param_groups)}")
     stripped = dict(state_dict)
     stripped["param_groups"] = [{k: v for k, v in g.items() if k != META_KEY} for g in groups]
-    shrink = ledger.heldout_shrink > 0
+    shrink = any(ledger.heldout_shrink)
     for gi, (mine, saved) in enumerate(zip(param_groups, stripped["param_groups"])):
         check_saved_group(gi, mine, saved, saved_state, heldout=heldout, shrink=shrink)
     return CheckedCheckpoint(router, ledger, changed, skipped, pending, heldout_step, stripped, saved_state)

@@ -20,8 +20,8 @@ expert's potential (the loss near linear along the update), ×`down` (to `floor`
 by default the set rate) where negative; the optimizer's every step path scales
 the expert's AdamW update by c.
 
-Before each measurement, held-out shrinkage (`heldout_shrink` δ; default 0.1 beside a dense
-expert, 0.05 where every expert is a LoRA expert, `LORA_ONLY_SHRINK`):
+Before each measurement, held-out shrinkage (`heldout_shrink` δ, per expert; by default
+0.1 for a dense expert, `DENSE_SHRINK`, and 0.05 for a LoRA expert, `LORA_SHRINK`):
 for each expert index in turn (all modules together), its update since the
 start is shrunk, the closure is evaluated once more (no backward), and the
 shrunk update is kept if the held-out loss fell (the Ledger decides and
@@ -33,6 +33,9 @@ largest shrinks by 1 − δ as under scaling, the others by the same amount, so
 the weakest directions — where a low-rank update fits the training set's noise
 — vanish first; a nuclear-norm proximal step towards a lower rank.
 (`heldout_shrink_spectral=False` scales the product by 1 − δ instead.)
+A kept trial is followed by another from where it left the update, up to
+`heldout_shrink_steps` per expert (by default 2 for a LoRA expert beside a dense
+expert, `LORA_SHRINK_STEPS`, else 1), stopping at the first refused.
 The held-out data chooses the strength per expert:
 where an expert's update fits noise (little data, noisy labels), it shrinks
 window after window while the other expert goes on learning; where it helps,
@@ -53,7 +56,7 @@ span"). Beside a dense expert, which carries a module while its LoRA expert is
 out, it is 0.
 
 Cost: one forward and backward of the closure per window, plus one forward
-per expert index for the shrink trials; two extra copies of every routed expert
+per expert index for the shrink trials (and per repeated trial); two extra copies of every routed expert
 tensor (θ at the last measurement and the held-out gradient there) and, with
 shrinkage on, a third of every dense expert tensor (where training began), kept
 in the parameter dtype as per-parameter state `heldout_theta` / `heldout_grad` /
@@ -88,15 +91,20 @@ __all__ = [
     "HeldoutProbe",
     "spectral_shrink_b",
     "LORA_ONLY_MIN_SPAN",
-    "LORA_ONLY_SHRINK",
+    "DENSE_SHRINK",
+    "LORA_SHRINK",
+    "LORA_SHRINK_STEPS",
     "THETA_KEY",
     "GRAD_KEY",
     "ORIGIN_KEY",
 ]
 
-# heldout_min_span and heldout_shrink where every expert is a LoRA expert (see the module docstring).
+# heldout_min_span where every expert is a LoRA expert, and each kind of expert's heldout_shrink
+# (see the module docstring).
 LORA_ONLY_MIN_SPAN = 10
-LORA_ONLY_SHRINK = 0.05
+DENSE_SHRINK = 0.1
+LORA_SHRINK = 0.05
+LORA_SHRINK_STEPS = 2  # a LoRA expert's trials per measurement beside a dense expert
 
 THETA_KEY = "heldout_theta"
 GRAD_KEY = "heldout_grad"
@@ -181,7 +189,7 @@ class HeldoutProbe:
         undo = _Undo(view, self, params)
         commit = None
         try:
-            if view.ledger.heldout_shrink > 0:
+            if any(view.ledger.heldout_shrink):
                 # The trials' baseline, the held-out loss as it is, launched first: the trials' setup
                 # runs while the device computes it (on CUDA their tensor work too, from `ready`).
                 ready = weights_mark(params)
@@ -258,7 +266,7 @@ class HeldoutProbe:
         experts that a kept trial moved: the window counts them as not moved (an inactive
         expert has not moved since the last measurement; its record takes in training movement
         only, and its span pauses)."""
-        delta = view.ledger.heldout_shrink
+        deltas = view.ledger.heldout_shrink
         spectral = view.ledger.shrink_spectral
         E = view.shape[1]
         active = view.router.incumbents().reshape(-1)
@@ -283,8 +291,9 @@ class HeldoutProbe:
                 by_expert[slot % E].append((p, distributed.to_local(state[ORIGIN_KEY]), None, inactive))
             elif tag.part == "B":
                 by_expert[slot % E].append((p, None, lora_a.get(slot), inactive))
+        steps = view.ledger.heldout_shrink_steps
         return run_trials(
-            by_expert, delta, base, self._value, view.ledger.record_shrink, undo.weights, self.offload, ready
+            by_expert, deltas, steps, base, self._value, view.ledger.record_shrink, undo.weights, self.offload, ready
         )
 
     @torch.no_grad()
@@ -295,7 +304,7 @@ class HeldoutProbe:
         that copy the Triton pass's items over its tables); writes nothing but the held-out
         keys of a tensor that has none yet. The sums: `molf._window_sums`. One device-to-host
         transfer."""
-        shrink = view.ledger.heldout_shrink > 0
+        shrink = any(view.ledger.heldout_shrink)
         rate = view.ledger.heldout_rate().reshape(-1)  # the potential is a step at the expert's rate
         dst, src, copies = remember
         pairs: list[tuple] = []  # (θ, g, their held-out state's tensors, whether the window starts at θ)

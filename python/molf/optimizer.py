@@ -140,7 +140,8 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
         self._hold_meta_key()
         M, E = self._shape
         self._router = Router(M, E, **routing.router_settings())
-        self._ledger = Ledger(M, E, **routing.ledger_settings(lora_only=not self._has_dense_expert()))
+        dense = self._has_dense_expert()  # expert 0 where there is one
+        self._ledger = Ledger(M, E, **routing.ledger_settings(dense=[dense and e == 0 for e in range(E)]))
         if self._probe is None and routing.topk >= E:
             warnings.warn(
                 f"topk={routing.topk} >= {E} experts per module: routing is off and every "
@@ -193,7 +194,7 @@ class MoLFAdamW(_Routing, _Checkpointing, torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 if self._probe is not None and group["molf_role"] != "plain" and THETA_KEY not in state:
-                    self._probe.init_state(state, p, self._ledger.heldout_shrink > 0)
+                    self._probe.init_state(state, p, any(self._ledger.heldout_shrink))
             # The math runs on the local shards of FSDP2's DTensors (views: writes land in them).
             w.idx.append(i)
             w.params.append(distributed.to_local(p))

@@ -26,12 +26,12 @@ the core's settings (`topk` for `k`, `heldout_decay` for `decay`, ...).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ._core import ConfigError, Ledger, Router
-from .heldout import LORA_ONLY_MIN_SPAN, LORA_ONLY_SHRINK, HeldoutProbe
+from .heldout import DENSE_SHRINK, LORA_ONLY_MIN_SPAN, LORA_SHRINK, LORA_SHRINK_STEPS, HeldoutProbe
 
 __all__ = ["SCORES", "TopK", "Hysteresis", "Heldout", "RateRule", "Policy", "POLICY_CLASSES", "policy_by_name"]
 
@@ -79,7 +79,7 @@ class _TrainingScoreRouting:
     def topk(self) -> int:
         return self.k
 
-    def ledger_settings(self, lora_only: bool) -> dict:
+    def ledger_settings(self, dense: Sequence[bool]) -> dict:
         return dict(ema_decay=self.ema_decay)
 
     def probe(self) -> HeldoutProbe | None:
@@ -175,7 +175,8 @@ class Heldout:
     one back `min_dwell` steps after its drop, once a step of it would lower the held-out
     loss. Before each measurement each expert's update is shrunk by `shrink` (0: off;
     `shrink_spectral`: a LoRA product's singular values soft-thresholded, else scaled)
-    and kept if the held-out loss falls. Scores ("epd") are still computed for the log
+    and kept if the held-out loss falls, then shrunk again while kept, up to `shrink_steps`
+    trials (so the held-out data chooses the strength per window). Scores ("epd") are still computed for the log
     and the summary.
 
     `adapt_rate` (on by default): after each window, each expert's learning rate is scaled up
@@ -196,14 +197,17 @@ class Heldout:
 
     Defaults resolved here and nowhere else: `min_dwell` None is 3 x `every`
     (`default_min_dwell`); `min_span` None is 10 where every expert is a LoRA expert, 0
-    beside a dense expert (`default_min_span`); `shrink` None is 0.05 where every expert is
-    a LoRA expert, 0.1 beside a dense expert (`default_shrink`)."""
+    beside a dense expert (`default_min_span`); `shrink` None is, per expert, 0.1 for a
+    dense expert and 0.05 for a LoRA expert (`default_shrink`), a number every expert's;
+    `shrink_steps` None is 2 for a LoRA expert beside a dense expert, 1 otherwise
+    (`default_shrink_steps`), a number every expert's."""
 
     loss_fn: Callable[[], Any]
     every: int = 10
     decay: float = 0.5
     horizon: float = 0.25
     shrink: float | None = None
+    shrink_steps: int | None = None
     shrink_spectral: bool = True
     min_span: int | None = None
     min_dwell: int | None = None
@@ -224,6 +228,9 @@ class Heldout:
             raise ConfigError(f"heldout_every must be an integer >= 1, got {self.every!r}")
         if not isinstance(self.shrink_spectral, bool):
             raise ConfigError(f"heldout_shrink_spectral must be True or False, got {self.shrink_spectral!r}")
+        steps = self.shrink_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ConfigError(f"heldout_shrink_steps must be an integer >= 1 (or None), got {steps!r}")
         span = self.min_span
         if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 0):
             raise ConfigError(f"heldout_min_span must be an integer >= 0 (or None), got {span!r}")
@@ -231,7 +238,7 @@ class Heldout:
             raise ConfigError(f"heldout offload must be True or False, got {self.offload!r}")
         if not isinstance(self.adapt_rate, RateRule | bool):
             raise ConfigError(f"heldout adapt_rate must be a molf.RateRule, True or False, got {self.adapt_rate!r}")
-        _check_core(self, self.router_settings(), self.ledger_settings(lora_only=False))
+        _check_core(self, self.router_settings(), self.ledger_settings(dense=(True, False)))
 
     __repr__ = _repr
 
@@ -246,11 +253,20 @@ class Heldout:
         return LORA_ONLY_MIN_SPAN if lora_only else 0
 
     @staticmethod
-    def default_shrink(lora_only: bool) -> float:
-        # Chosen on the generalization suite's tuning instances, at both scales, for models of
-        # LoRA experts only (research/results/generalization-tuning/policy-35.md §20); beside a
-        # dense expert the trials also pull the dense update back, where 0.1 stays.
-        return LORA_ONLY_SHRINK if lora_only else 0.1
+    def default_shrink(dense: bool) -> float:
+        # Per kind of expert, chosen on the generalization suite's tuning instances
+        # (research/results/generalization-tuning/policy-35.md §20–21): a LoRA expert's
+        # spectral trial at 0.05, with or without a dense expert beside it; a dense expert's
+        # pull towards its start at 0.1 (0.05 there lost on scarce noisy data).
+        return DENSE_SHRINK if dense else LORA_SHRINK
+
+    @staticmethod
+    def default_shrink_steps(dense: bool, lora_only: bool) -> int:
+        # A LoRA expert's trial beside a dense expert, again while kept: the strength found
+        # per window, 0.05 where a second step hurts and about 0.1 where both help (chosen on
+        # the tuning instances, policy-35.md §22). Models of LoRA experts only keep the one
+        # trial their defaults were chosen with (§20); a dense expert's pull, once.
+        return 1 if dense or lora_only else LORA_SHRINK_STEPS
 
     def rate_rule(self) -> RateRule | None:
         """`adapt_rate` as a rule (None: off)."""
@@ -267,22 +283,32 @@ class Heldout:
         """`min_span`, resolved for a model whose experts are all LoRA experts or not."""
         return self.default_min_span(lora_only) if self.min_span is None else self.min_span
 
-    def shrink_for(self, lora_only: bool) -> float:
-        """`shrink`, resolved for a model whose experts are all LoRA experts or not."""
-        return self.default_shrink(lora_only) if self.shrink is None else self.shrink
+    def shrinks(self, dense: Sequence[bool]) -> list[float]:
+        """`shrink`, resolved per expert: `dense[e]` whether expert `e` is a dense expert."""
+        return [self.default_shrink(d) if self.shrink is None else self.shrink for d in dense]
+
+    def shrink_steps_for(self, dense: Sequence[bool]) -> list[int]:
+        """`shrink_steps`, resolved per expert: `dense[e]` whether expert `e` is a dense expert."""
+        lora_only = not any(dense)
+        if self.shrink_steps is not None:
+            return [self.shrink_steps] * len(dense)
+        return [self.default_shrink_steps(d, lora_only) for d in dense]
 
     def router_settings(self) -> dict:
         return dict(
             policy="heldout", min_dwell=self.dwell, warmup_steps=self.warmup_steps, freeze_after=self.freeze_after
         )
 
-    def ledger_settings(self, lora_only: bool) -> dict:
+    def ledger_settings(self, dense: Sequence[bool]) -> dict:
+        """The Ledger's settings for experts of these kinds (`dense[e]`: expert `e` is dense)."""
         rule = self.rate_rule()
+        lora_only = not any(dense)
         return dict(
             ema_decay=self.ema_decay,
             heldout_decay=self.decay,
             heldout_horizon=self.horizon,
-            heldout_shrink=self.shrink_for(lora_only),
+            heldout_shrink=self.shrinks(dense),
+            heldout_shrink_steps=self.shrink_steps_for(dense),
             shrink_spectral=self.shrink_spectral,
             heldout_min_span=self.span(lora_only),
             **(rule or RateRule()).ledger_settings(adapt=rule is not None),
