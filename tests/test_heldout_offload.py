@@ -41,7 +41,7 @@ class Run:
     """A wrapped Net whose held-out loss every update raises (the distance from the untouched
     model's outputs), so shrink trials are kept, the dense one too."""
 
-    def __init__(self, device, offload, width=16, rows=16, raise_in_backward_at=None):
+    def __init__(self, device, offload, width=16, rows=16, raise_in_backward_at=None, shrink_steps=None):
         torch.manual_seed(0)
         self.model = molf.wrap(Net(width), molf.MoLFConfig(ranks=(2,), exclude_modules=("head",))).to(device)
         with torch.no_grad():
@@ -56,7 +56,9 @@ class Run:
         self.boom = raise_in_backward_at  # the measurement (1-based) whose gradient's backward raises
         self.measurements = 0
         self.opt = molf.MoLFAdamW(
-            self.model, lr=1e-2, routing=molf.Heldout(self.heldout, every=K, min_span=0, offload=offload)
+            self.model,
+            lr=1e-2,
+            routing=molf.Heldout(self.heldout, every=K, min_span=0, offload=offload, shrink_steps=shrink_steps),
         )
 
     def heldout(self):
@@ -129,14 +131,20 @@ def test_on_the_cpu_offload_changes_nothing():
 
 
 @cuda
-@pytest.mark.parametrize("stage_bytes", [_window_sums.STAGE_BYTES, 1])
-def test_offloaded_run_is_bitwise_the_same_and_keeps_its_copies_on_the_host(monkeypatch, stage_bytes):
-    # stage_bytes 1: the sums copy the host operands to the device one tensor at a time.
+@pytest.mark.parametrize(
+    "stage_bytes,shrink_steps", [(_window_sums.STAGE_BYTES, None), (1, None), (_window_sums.STAGE_BYTES, 3)]
+)
+def test_offloaded_run_is_bitwise_the_same_and_keeps_its_copies_on_the_host(monkeypatch, stage_bytes, shrink_steps):
+    # stage_bytes 1: the sums copy the host operands to the device one tensor at a time;
+    # shrink_steps 3: every expert's trial repeated while kept, the dense one's from its
+    # origin fetched once from the host.
     monkeypatch.setattr(_window_sums, "STAGE_BYTES", stage_bytes)
-    a, b = Run("cuda", offload=False), Run("cuda", offload=True)
+    a, b = (Run("cuda", offload=offload, shrink_steps=shrink_steps) for offload in (False, True))
     lockstep(a, b, range(1, 5 * K + 1))
     shrinks = b.opt.ledger.shrinks()
     assert shrinks[0] > 0 and shrinks[1] > 0  # dense and LoRA trials kept: their undo copies went to the host
+    if shrink_steps:
+        assert b.opt.ledger.shrink_trials()[0] > b.opt.ledger.heldout_windows + 1  # the dense trial repeated
     assert_same_run(a, b)
     assert copies(a.opt) and all(t.is_cuda for t in copies(a.opt))
     assert on_host(copies(b.opt)) and origins(b.opt)
