@@ -835,6 +835,10 @@ def ok_heldout():
         dict(shrink=1.0),
         dict(shrink=-0.1),
         dict(shrink=float("nan")),
+        dict(shrink_steps=0),
+        dict(shrink_steps=True),
+        dict(shrink_steps=2.0),
+        dict(shrink_steps=17),
         dict(shrink_spectral=1),
         dict(shrink_spectral="yes"),
         dict(min_span=-1),
@@ -878,6 +882,14 @@ def test_heldout_defaults():
         for model in (tiny(), make_net((2, 4), False)):
             opt = molf.MoLFAdamW(model, lr=1e-2, routing=molf.Heldout(ok_heldout, shrink=given))
             assert opt.ledger.heldout_shrink == [given] * len(opt.ledger.shrinks())
+
+    # The trials per measurement: up to 2 for a LoRA expert beside a dense expert, 1 otherwise
+    # (LoRA experts only too), or as given for every expert.
+    def steps(model, **kw):
+        return molf.MoLFAdamW(model, lr=1e-2, routing=molf.Heldout(ok_heldout, **kw)).ledger.heldout_shrink_steps
+
+    assert steps(tiny()) == [1, 2] and steps(with_dense) == [1, 2, 2] and steps(lora_only) == [1, 1]
+    assert steps(with_dense, shrink_steps=3) == [3] * 3 and steps(lora_only, shrink_steps=1) == [1] * 2
     assert repr(molf.Heldout(ok_heldout)).count("shrink") == 0  # None, the default, is not shown
     assert molf.MoLFAdamW(lora_only, lr=1e-2, routing=molf.Heldout(ok_heldout, min_span=0)).ledger.heldout_min_span == 0
     assert molf.MoLFAdamW(tiny(), lr=1e-2, routing=molf.Heldout(ok_heldout, min_span=4)).ledger.heldout_min_span == 4
@@ -1316,7 +1328,10 @@ def test_checkpoint_from_before_the_shrink_defaults_resumes_with_its_own(fft, ra
     every expert, one trial each per measurement) resumes with them, says which, and
     continues bitwise as it ran."""
     old = dict(shrink=0.1, shrink_steps=1)
-    policy = lambda model, **kw: molf.Heldout(shifted_heldout(model), every=4, min_span=1, **kw)  # noqa: E731
+
+    def policy(model, **kw):
+        return molf.Heldout(shifted_heldout(model), every=4, min_span=1, **kw)
+
     model = make_net(ranks, fft)
     whole = molf.MoLFAdamW(model, lr=3e-2, routing=policy(model, **old))
     train(model, whole, range(1, 17))
