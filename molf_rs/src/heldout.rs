@@ -244,6 +244,17 @@ pub(crate) fn check_unit(name: &str, value: f64) -> Result<()> {
     Ok(())
 }
 
+/// A setting of `experts` experts given as one value for all, or one per expert.
+fn per_expert<T: Copy>(name: &str, values: &[T], experts: usize) -> Result<Vec<T>> {
+    match values.len() {
+        1 => Ok(vec![values[0]; experts]),
+        n if n == experts => Ok(values.to_vec()),
+        n => Err(Error::Config(format!(
+            "{name} needs one value or one per expert ({experts}), got {n}"
+        ))),
+    }
+}
+
 /// Checks an expert's shrink trials per measurement: 1 to `MAX_SHRINK_STEPS`.
 fn check_shrink_steps(steps: u64) -> Result<()> {
     if !(1..=MAX_SHRINK_STEPS).contains(&steps) {
@@ -313,16 +324,7 @@ impl Heldout {
 
     /// Every expert's shrink fraction (one value, or one per expert).
     pub(crate) fn set_shrink(&mut self, shrink: &[f64]) -> Result<()> {
-        let e = self.shrink.len();
-        let values = match shrink.len() {
-            1 => vec![shrink[0]; e],
-            n if n == e => shrink.to_vec(),
-            n => {
-                return Err(Error::Config(format!(
-                    "heldout_shrink needs one value or one per expert ({e}), got {n}"
-                )))
-            }
-        };
+        let values = per_expert("heldout_shrink", shrink, self.shrink.len())?;
         values
             .iter()
             .try_for_each(|&x| check_unit("heldout_shrink", x))?;
@@ -332,16 +334,7 @@ impl Heldout {
 
     /// Every expert's shrink trials per measurement (one value, or one per expert).
     pub(crate) fn set_shrink_steps(&mut self, steps: &[u64]) -> Result<()> {
-        let e = self.shrink_steps.len();
-        let values = match steps.len() {
-            1 => vec![steps[0]; e],
-            n if n == e => steps.to_vec(),
-            n => {
-                return Err(Error::Config(format!(
-                    "heldout_shrink_steps needs one value or one per expert ({e}), got {n}"
-                )))
-            }
-        };
+        let values = per_expert("heldout_shrink_steps", steps, self.shrink_steps.len())?;
         values.iter().try_for_each(|&n| check_shrink_steps(n))?;
         self.shrink_steps = values;
         Ok(())
