@@ -147,19 +147,28 @@ class JobBook:
     def __init__(self, out: Path, scale: quality.Scale, device: str, resume: bool) -> None:
         self.path = out / "runs.jsonl"
         self.fingerprint = _fingerprint(scale, device)
+        self.stamps = quality.LMStamps(scale)
         self.done: dict[Job, dict] = {}
         kept = []
         if resume and self.path.exists():
             for line, rec in quality.run_records(self.path):
                 kept.append(line)
-                if rec["fingerprint"] == self.fingerprint:
-                    self.done[Job(**rec["job"])] = rec["result"]
+                job = Job(**rec["job"])
+                if rec["fingerprint"] == self.fingerprint and self.stamps.reusable(rec, _world(job)):
+                    self.done[job] = rec["result"]
+            self.stamps.warn(self.path)
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def put(self, job: Job, result: dict) -> None:
         self.done[job] = result
+        record = self.stamps.stamp({"job": asdict(job), "fingerprint": self.fingerprint, "result": result}, _world(job))
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"job": asdict(job), "fingerprint": self.fingerprint, "result": result}) + "\n")
+            f.write(json.dumps(record) + "\n")
+
+
+def _world(job: Job) -> int | None:
+    """The world whose pre-trained LM an LM job trains (None: a synthetic job)."""
+    return next(iter(fam.worlds([spec(job.instance)])), None)
 
 
 def run_jobs(jobs: list[Job], scale: quality.Scale, device: str, book: JobBook, n_jobs: int, progress: bool) -> dict:

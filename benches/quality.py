@@ -641,6 +641,52 @@ def execute(run: Run, scale: Scale, device: str, out: Path, tick: Callable[[], N
     )
 
 
+class LMStamps:
+    """The pre-trained LM each LM run trained, by its checkpoint's digest
+    (`quality_lm.checkpoint_digest`), stamped on its record (`"lm"`): a resumed suite reruns
+    a run stamped with another pre-training of its LM instead of mixing it with runs on this
+    one (the checkpoint's name hashes its settings, not the machine's arithmetic). A record
+    from before the stamps is reused and counted in `legacy`. `world`: an LM run's world,
+    None for a synthetic run."""
+
+    def __init__(self, scale: Scale) -> None:
+        self.scale = scale
+        self.digests: dict[int, str] = {}
+        self.legacy = 0
+
+    def digest(self, world: int) -> str | None:
+        """None where that world's LM is not cached: no run of it runs here (the suites
+        pre-train every LM their runs need before they open the book)."""
+        if world not in self.digests:
+            cached = lm.checkpoint_path(self.scale.lm, self.scale.cache_dir, world).exists()
+            self.digests[world] = lm.checkpoint_digest(self.scale.lm, self.scale.cache_dir, world) if cached else None
+        return self.digests[world]
+
+    def reusable(self, record: dict, world: int | None) -> bool:
+        if world is None:
+            return True
+        if "lm" not in record:
+            self.legacy += 1
+            return True
+        current = self.digest(world)
+        return current is None or record["lm"] == current
+
+    def stamp(self, record: dict, world: int | None) -> dict:
+        return record if world is None else {**record, "lm": self.digest(world)}
+
+    def warn(self, path: Path) -> None:
+        if self.legacy:
+            print(
+                f"{path}: {self.legacy} LM runs recorded without their LM's digest are reused: they are "
+                "only comparable to new runs if their LM's checkpoint is the one cached now",
+                file=sys.stderr,
+            )
+
+
+def _world(regime: str) -> int | None:
+    return lm.WORLD_SEED if REGIMES[regime].family == "lm" else None
+
+
 def run_records(path: Path) -> list[tuple[str, dict]]:
     """A runs.jsonl's whole lines and their records, whatever the fingerprint; a line
     cut short by a kill is left out (its run reruns)."""
@@ -668,13 +714,16 @@ class RunBook:
     def __init__(self, out: Path, scale: Scale, device: str, resume: bool) -> None:
         self.path, self.out = out / "runs.jsonl", out
         self.fingerprint = _fingerprint(scale, device)
+        self.stamps = LMStamps(scale)
         self.done: dict[Run, dict] = {}
         kept = []
         if resume and self.path.exists():
             for line, rec in run_records(self.path):
                 kept.append(line)
-                if rec["fingerprint"] == self.fingerprint:
-                    self.done[Run(**rec["run"])] = rec["result"]
+                run = Run(**rec["run"])
+                if rec["fingerprint"] == self.fingerprint and self.stamps.reusable(rec, _world(run.regime)):
+                    self.done[run] = rec["result"]
+            self.stamps.warn(self.path)
         # rewritten whole, so that no torn line is left for the next record to join
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
@@ -695,7 +744,8 @@ class RunBook:
 
     def put(self, run: Run, result: dict) -> None:
         self.done[run] = result
-        line = json.dumps({"run": asdict(run), "fingerprint": self.fingerprint, "result": result})
+        record = {"run": asdict(run), "fingerprint": self.fingerprint, "result": result}
+        line = json.dumps(self.stamps.stamp(record, _world(run.regime)))
         with self.path.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
 

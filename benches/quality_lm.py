@@ -186,17 +186,30 @@ def build_lm(scale: LMScale) -> nn.Module:
     return Qwen2ForCausalLM(cfg)
 
 
-def pretrained_lm(
-    scale: LMScale, cache_dir: Path, device: str, progress: bool = True, world_seed: int = WORLD_SEED
-) -> nn.Module:
-    """The pre-trained model for `scale` on the corpus of world `world_seed`, trained once and
-    cached under `cache_dir` (the file name hashes everything that determines the weights)."""
+def checkpoint_path(scale: LMScale, cache_dir: Path | str, world_seed: int = WORLD_SEED) -> Path:
+    """Where `pretrained_lm` caches its checkpoint: the file name hashes everything that
+    determines the weights but the machine's arithmetic (see `checkpoint_digest`)."""
     arch = {k: v for k, v in asdict(scale).items() if not k.startswith(("n_facts", "n_sql"))}  # task sizes: not weights
     identity = {"scale": arch, "world": [world_seed, WORLD_SIZE], "sql": PRETRAIN_SQL, "chars": TOKENIZER.chars, "v": 1}
     if world_seed != WORLD_SEED:  # the suite's world keeps the key its checkpoints were cached under
         identity["vocabulary"] = vocabulary(world_seed)
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
-    path = Path(cache_dir).expanduser() / f"qwen2-char-{key[:16]}.pt"
+    return Path(cache_dir).expanduser() / f"qwen2-char-{key[:16]}.pt"
+
+
+def checkpoint_digest(scale: LMScale, cache_dir: Path | str, world_seed: int = WORLD_SEED) -> str:
+    """The cached checkpoint's content hash (16 hex digits): which pre-training a run's LM came
+    from. Pre-training is not bitwise reproducible across machines, so a cache rebuilt
+    elsewhere holds other weights under the same name."""
+    return hashlib.sha256(checkpoint_path(scale, cache_dir, world_seed).read_bytes()).hexdigest()[:16]
+
+
+def pretrained_lm(
+    scale: LMScale, cache_dir: Path, device: str, progress: bool = True, world_seed: int = WORLD_SEED
+) -> nn.Module:
+    """The pre-trained model for `scale` on the corpus of world `world_seed`, trained once and
+    cached under `cache_dir` at `checkpoint_path`."""
+    path = checkpoint_path(scale, cache_dir, world_seed)
     torch.manual_seed(0)
     model = build_lm(scale)
     if path.exists():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -363,6 +363,46 @@ def test_resume_ignores_runs_of_another_scale_or_device(tmp_path, monkeypatch):
     book = q.RunBook(out, wider, "cpu", resume=True)  # longer's runs and the new ones; not TINY's
     assert len(book.done) == len(TINY.lrs) + TINY.seeds + len(ran)
     assert q.RunBook(out, wider, "cuda", resume=True).done == {}
+
+
+def test_resume_reruns_lm_runs_made_on_another_pre_training_of_their_lm(tmp_path, capsys):
+    """An LM run is reused only if it trained the LM cached now (its checkpoint's digest, stamped
+    on its record): pre-training is not bitwise reproducible across machines, and a cache rebuilt
+    elsewhere holds other weights under the same name. A record from before the stamps is reused
+    and reported; a synthetic run needs no stamp."""
+    scale = replace(TINY, cache_dir=str(tmp_path / "cache"))
+    checkpoint = lm.checkpoint_path(scale.lm, scale.cache_dir)
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"the LM cached now")
+    now = lm.checkpoint_digest(scale.lm, scale.cache_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    fingerprint = q._fingerprint(scale, "cpu")
+
+    def record(regime, seed, **stamp):
+        run = q.Run(regime, "FFT", 1e-3, seed, "test")
+        return run, json.dumps({"run": asdict(run), "fingerprint": fingerprint, "result": {"metric": seed}, **stamp})
+
+    rows = {
+        "same LM": record("facts", 0, lm=now),
+        "other LM": record("facts", 1, lm="0123456789abcdef"),
+        "unstamped": record("facts", 2),
+        "synthetic": record("shift", 3),
+    }
+    (out / "runs.jsonl").write_text("".join(line + "\n" for _, line in rows.values()))
+    book = q.RunBook(out, scale, "cpu", resume=True)
+    assert set(book.done) == {rows[k][0] for k in ("same LM", "unstamped", "synthetic")}
+    assert book.stamps.legacy == 1 and "1 LM runs recorded without their LM's digest" in capsys.readouterr().err
+    # A new run's record carries its LM's digest (a synthetic one none), and resumes.
+    book.put(rows["other LM"][0], {"metric": 1.0})
+    book.put(q.Run("shift", "FFT", 1e-3, 4, "test"), {"metric": 4.0})
+    *_, lm_line, synthetic_line = (out / "runs.jsonl").read_text().splitlines()
+    assert json.loads(lm_line)["lm"] == now and "lm" not in json.loads(synthetic_line)
+    assert q.RunBook(out, scale, "cpu", resume=True).done[rows["other LM"][0]] == {"metric": 1.0}
+    # A rebuilt cache: every stamped LM run reruns.
+    checkpoint.write_bytes(b"another pre-training")
+    again = q.RunBook(out, scale, "cpu", resume=True)
+    assert not any(run.regime == "facts" and run.seed in (0, 1) for run in again.done)
 
 
 def test_parallel_resume_matches_a_sequential_run(tmp_path):
